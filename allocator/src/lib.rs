@@ -1,0 +1,1 @@
+//! profalloc: a TCMalloc-style allocator (work in progress).

@@ -1,0 +1,23 @@
+//! Every type that crosses the kernel/user boundary of prof-bpf.
+//!
+//! Rules for this crate: `#[repr(C)]`, `Copy`, explicit padding fields, no
+//! `bool`/`Option`, every enum `#[repr(u32)]`, and a size assertion per
+//! struct, so that the eBPF side and user space agree byte for byte. The key
+//! and value types of each map are documented next to the map's name.
+#![no_std]
+
+pub mod count;
+
+/// Implements aya's `Pod` for user space (feature `user`), so maps holding
+/// these types can be read with aya.
+#[macro_export]
+macro_rules! impl_pod {
+    ($($t:ty),* $(,)?) => {
+        $(
+            #[cfg(feature = "user")]
+            // SAFETY: the type is `#[repr(C)]`, `Copy`, has no padding bytes
+            // (checked by a size assertion) and every bit pattern is valid.
+            unsafe impl aya::Pod for $t {}
+        )*
+    };
+}

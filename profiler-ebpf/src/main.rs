@@ -1,0 +1,17 @@
+//! The eBPF programs of prof-bpf, one module per concern.
+#![no_std]
+#![no_main]
+
+mod count;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that can reach this loop, so a panic
+    // path that survives compilation shows up as a load error, not a hang.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,11 @@
+//! prof-bpf: heap and CPU profiling of running processes through eBPF.
+//!
+//! The binary (`src/main.rs`) is a thin clap front end over this library.
+//! Modules, following the data flow:
+//! - [`process`]: what a target process is made of (`/proc/PID/maps`, its files).
+//! - [`ebpf`]: loading the embedded eBPF object, the aya-log bridge.
+//! - [`count`]: the `count` session (malloc/free call counters).
+
+pub mod count;
+pub mod ebpf;
+pub mod process;

@@ -1,0 +1,51 @@
+//! `prof-bpf`: the command line front end. Parses arguments, runs one
+//! session, and turns any error into one line on stderr and a non-zero exit.
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Heap and CPU profiling of running processes through eBPF.
+#[derive(Debug, Parser)]
+#[command(name = "prof-bpf", version, about, long_about = None)]
+struct Cli {
+    /// More log output (-v: info, -vv: debug including the eBPF programs' own logs).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Count malloc and free calls of a running process (calls and bytes per second).
+    Count(profiler::count::CountArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp(None)
+        .init();
+    let result = match cli.command {
+        Command::Count(args) => profiler::count::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // A closed pipe (`prof-bpf ... | head`) is not an error.
+            if err.chain().any(|e| {
+                e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("prof-bpf: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! What a target process is made of: its existence, name and memory mappings
+//! as `/proc/PID` shows them, and paths to its files as it sees them.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+
+/// One line of `/proc/PID/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// First address of the mapping.
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+    /// `r`, `w`, `x` and `p`/`s` as in the file.
+    pub perms: String,
+    /// Offset in the mapped file.
+    pub offset: u64,
+    /// Device (major, minor) of the mapped file.
+    pub dev: (u32, u32),
+    /// Inode of the mapped file (0 for anonymous mappings).
+    pub inode: u64,
+    /// Path of the mapped file as the process sees it, or a pseudo name
+    /// such as `[heap]`; empty for anonymous mappings.
+    pub path: String,
+}
+
+impl Mapping {
+    /// Whether the mapping is executable.
+    pub fn is_executable(&self) -> bool {
+        self.perms.as_bytes().get(2) == Some(&b'x')
+    }
+
+    /// Whether the mapping is backed by a file (not anonymous or `[...]`).
+    pub fn is_file(&self) -> bool {
+        self.inode != 0 && self.path.starts_with('/')
+    }
+
+    /// The mapped file's name without directories.
+    pub fn file_name(&self) -> &str {
+        self.path.rsplit('/').next().unwrap_or(&self.path)
+    }
+}
+
+/// Fails with "no process with pid N" unless `pid` names a live process.
+pub fn check_pid(pid: u32) -> anyhow::Result<()> {
+    if pid == 0 || !Path::new(&format!("/proc/{pid}")).exists() {
+        bail!("no process with pid {pid}");
+    }
+    Ok(())
+}
+
+/// The process's command name (`/proc/PID/comm`), or `?` once it is gone.
+pub fn comm(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_owned())
+        .unwrap_or_else(|_| "?".to_owned())
+}
+
+/// Reads and parses `/proc/PID/maps`.
+pub fn maps(pid: u32) -> anyhow::Result<Vec<Mapping>> {
+    check_pid(pid)?;
+    let text = fs::read_to_string(format!("/proc/{pid}/maps"))
+        .with_context(|| format!("reading /proc/{pid}/maps (did the process exit?)"))?;
+    Ok(parse_maps(&text))
+}
+
+/// Parses the text of a `/proc/PID/maps` file; malformed lines are skipped.
+pub fn parse_maps(text: &str) -> Vec<Mapping> {
+    text.lines().filter_map(parse_maps_line).collect()
+}
+
+fn parse_maps_line(line: &str) -> Option<Mapping> {
+    let mut fields = line.splitn(6, ' ');
+    let (start, end) = fields.next()?.split_once('-')?;
+    let perms = fields.next()?.to_owned();
+    let offset = fields.next()?;
+    let (major, minor) = fields.next()?.split_once(':')?;
+    let inode = fields.next()?.parse().ok()?;
+    let path = fields.next().unwrap_or("").trim_start().to_owned();
+    Some(Mapping {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        perms,
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        dev: (
+            u32::from_str_radix(major, 16).ok()?,
+            u32::from_str_radix(minor, 16).ok()?,
+        ),
+        inode,
+        path,
+    })
+}
+
+/// The path through which this process reaches `path` as the target sees it:
+/// through `/proc/PID/root`, so targets in other mount namespaces (containers)
+/// resolve to their own files.
+pub fn path_in_root(pid: u32, path: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/root{path}"))
+}
+
+/// The executable mapping of the target's C library (glibc's `libc.so.6`).
+pub fn find_libc(maps: &[Mapping]) -> Option<&Mapping> {
+    maps.iter().find(|m| {
+        m.is_executable() && {
+            let name = m.file_name();
+            name.starts_with("libc.so") || (name.starts_with("libc-") && name.ends_with(".so"))
+        }
+    })
+}
+
+/// A descriptor that becomes readable when the process exits (pidfd).
+pub struct ExitWatcher {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+impl ExitWatcher {
+    /// Watches `pid`; must be called inside a tokio runtime.
+    pub fn new(pid: u32) -> anyhow::Result<Self> {
+        use std::os::fd::FromRawFd as _;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if raw < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ESRCH) {
+                bail!("no process with pid {pid}");
+            }
+            return Err(err).context("pidfd_open");
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw as i32) };
+        // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open
+        // and unchanged until it is dropped.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.into_parts().1)
+        .context("watching the target's pidfd")?;
+        Ok(Self { fd })
+    }
+
+    /// Completes when the process has exited.
+    pub async fn exited(&self) {
+        // A pidfd only ever reports readiness for exit; an error means the
+        // descriptor is unusable, in which case we never complete.
+        match self.fd.readable().await {
+            Ok(_) => {}
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_maps_lines() {
+        let text = "\
+55d0c0a00000-55d0c0a02000 r--p 00000000 fe:01 1311 /usr/bin/cat
+7f1c2e228000-7f1c2e3bd000 r-xp 00028000 fe:01 2097 /usr/lib/x86_64-linux-gnu/libc.so.6
+7ffd1a5f0000-7ffd1a611000 rw-p 00000000 00:00 0                          [stack]
+7f1c2e400000-7f1c2e401000 rw-p 00000000 00:00 0 
+";
+        let maps = parse_maps(text);
+        assert_eq!(maps.len(), 4);
+        assert_eq!(maps[1].start, 0x7f1c2e228000);
+        assert_eq!(maps[1].offset, 0x28000);
+        assert_eq!(maps[1].dev, (0xfe, 1));
+        assert_eq!(maps[1].inode, 2097);
+        assert!(maps[1].is_executable());
+        assert_eq!(maps[2].path, "[stack]");
+        assert!(!maps[2].is_file());
+        assert_eq!(maps[3].path, "");
+        assert_eq!(find_libc(&maps).map(|m| m.inode), Some(2097));
+    }
+
+    #[test]
+    fn path_in_root_goes_through_proc() {
+        assert_eq!(
+            path_in_root(42, "/usr/lib/libc.so.6"),
+            PathBuf::from("/proc/42/root/usr/lib/libc.so.6")
+        );
+    }
+}

@@ -1,0 +1,62 @@
+//! `prof-bpf count`: exact malloc/free counts of a running process, and the
+//! errors for bad input.
+use std::time::Duration;
+
+use prof_bpf_tests::{Proc, assert_one_line_error, build_workload, require_bpf, run_prof_bpf, start_prof_bpf};
+
+const FLAGS: &[&str] = &["-O1", "-g", "-fno-builtin"];
+
+#[test]
+fn counts_exact_malloc_and_free_calls() {
+    require_bpf!();
+    let n: u64 = 100_000;
+    let mut workload = Proc::spawn(
+        std::process::Command::new(build_workload("malloc_count", FLAGS)).arg(n.to_string()),
+    );
+    workload.expect_line("ready");
+    let pid = workload.pid().to_string();
+    let (prof, _) = start_prof_bpf(&["count", "--pid", &pid], "counting malloc/free");
+    workload.send_line("go");
+    workload.expect_line("done");
+    let out = prof.wait_with_output().expect("wait for prof-bpf");
+    assert!(out.status.success(), "prof-bpf count failed: {:?}", out.status);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let total = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("total: "))
+        .unwrap_or_else(|| panic!("no total line in: {stdout}"));
+    let field = |name: &str| -> u64 {
+        total
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in `{total}`"))
+    };
+    let bytes: u64 = (0..n).map(|i| 100 + i % 7).sum();
+    assert_eq!(field("malloc_calls"), n);
+    assert_eq!(field("malloc_bytes"), bytes);
+    assert_eq!(field("free_calls"), n);
+    drop(workload.wait_output(Duration::from_secs(10)));
+}
+
+#[test]
+fn nonexistent_pid_is_one_line_error() {
+    require_bpf!();
+    // pid_max is at most 2^22, so this pid cannot exist.
+    let (_, stderr, code) = run_prof_bpf(&["count", "--pid", "4999999"]);
+    assert_one_line_error(&stderr, code, "no process with pid 4999999");
+}
+
+#[test]
+fn non_root_is_one_line_error() {
+    require_bpf!();
+    // Drop to the `nobody` user for this one command.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(prof_bpf_tests::prof_bpf())
+        .args(["count", "--pid", "1"])
+        .output()
+        .expect("run setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_one_line_error(&stderr, out.status.code().unwrap_or(-1), "must run as root");
+}

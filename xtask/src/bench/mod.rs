@@ -1,0 +1,15 @@
+//! `cargo xtask bench <name>`: benchmarks that run prof-bpf or profalloc and
+//! the peers (Debian packages) in the same run and print ratios.
+
+/// Benchmark names, in the order `cargo xtask help` lists them.
+pub const NAMES: &[&str] = &[];
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let Some(name) = args.first() else {
+        anyhow::bail!("which benchmark? one of: {}", NAMES.join(", "));
+    };
+    crate::setup::run()?;
+    match name.as_str() {
+        other => anyhow::bail!("unknown benchmark `{other}`; one of: {}", NAMES.join(", ")),
+    }
+}
