@@ -3,6 +3,8 @@
 #![no_main]
 
 mod count;
+mod cpu;
+pub mod stack;
 
 #[cfg(not(test))]
 #[panic_handler]
