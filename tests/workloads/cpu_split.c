@@ -6,7 +6,7 @@
 // usage: cpu_split SECONDS [threads]
 //   one thread (named "splitmain"), or with "threads" two workers named
 //   "split-w1" (a/b/c = 50/30/20) and "split-w2" (a/b/c = 20/30/50).
-// Prints "ready" when started and "done" at the end.
+// Prints "ready", waits for a line on stdin, runs, prints "done".
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdint.h>
@@ -62,6 +62,10 @@ int main(int argc, char **argv) {
     prctl(PR_SET_NAME, "splitmain");
     printf("ready\n");
     fflush(stdout);
+    // Start when told, so that the profiler is attached for the whole run.
+    char line[16];
+    if (!fgets(line, sizeof line, stdin))
+        return 1;
     if (!threads) {
         struct job job = {"splitmain", {5, 3, 2}, seconds};
         run(&job);

@@ -1,5 +1,6 @@
 // Spends most of its time in the kernel: reads /dev/zero (the kernel clears
 // the buffer) from `read_zeros`. usage: cpu_syscalls SECONDS
+// Prints "ready", waits for a line on stdin, runs, prints "done".
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,6 +25,10 @@ int main(int argc, char **argv) {
         return 1;
     printf("ready\n");
     fflush(stdout);
+    // Start when told, so that the profiler is attached for the whole run.
+    char line[16];
+    if (!fgets(line, sizeof line, stdin))
+        return 1;
     struct timespec start, t;
     clock_gettime(CLOCK_MONOTONIC, &start);
     do {

@@ -1,8 +1,9 @@
 //! `cargo xtask bench <name>`: benchmarks that run prof-bpf or profalloc and
 //! the peers (Debian packages) in the same run and print ratios.
+mod cpu;
 
 /// Benchmark names, in the order `cargo xtask help` lists them.
-pub const NAMES: &[&str] = &[];
+pub const NAMES: &[&str] = &["cpu"];
 
 #[allow(clippy::match_single_binding, reason = "each benchmark adds an arm")]
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -11,6 +12,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     };
     crate::setup::run()?;
     match name.as_str() {
+        "cpu" => cpu::run(),
         other => anyhow::bail!("unknown benchmark `{other}`; one of: {}", NAMES.join(", ")),
     }
 }
