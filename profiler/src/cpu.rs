@@ -238,10 +238,13 @@ async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<
     let mut tick = tokio::time::interval_at(started + period, period);
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
-    let mut events = tokio::io::unix::AsyncFd::with_interest(
-        sampler.task_events.take().context("task event ring buffer")?,
-        tokio::io::Interest::READABLE,
-    )
+    let ring = sampler.task_events.take().context("task event ring buffer")?;
+    // SAFETY: the ring buffer owns its descriptor and keeps it open and
+    // unchanged until it is dropped with the AsyncFd.
+    let mut events = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)
     .context("watching the task event ring buffer")?;
 
     loop {
