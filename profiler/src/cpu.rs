@@ -51,6 +51,16 @@ pub enum Event {
     Cycles,
 }
 
+impl Event {
+    /// The event's name as perf spells it.
+    fn name(self) -> &'static str {
+        match self {
+            Event::CpuClock => "cpu-clock",
+            Event::Cycles => "cycles",
+        }
+    }
+}
+
 /// Options of `prof-bpf cpu`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "EXAMPLES:\n  \
@@ -213,10 +223,7 @@ async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<
         "prof-bpf: sampling {scope} at {} Hz on {} CPUs ({}); Ctrl-C to stop",
         settings.frequency,
         sampler.cpus,
-        match settings.event {
-            Event::CpuClock => "cpu-clock",
-            Event::Cycles => "cycles",
-        }
+        settings.event.name()
     );
 
     let mut exits = Vec::new();
@@ -238,6 +245,10 @@ async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<
     let mut tick = tokio::time::interval_at(started + period, period);
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    // A polite kill (SIGTERM, e.g. from a service manager) also ends the
+    // session with a report.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let ring = sampler.task_events.take().context("task event ring buffer")?;
     // SAFETY: the ring buffer owns its descriptor and keeps it open and
     // unchanged until it is dropped with the AsyncFd.
@@ -264,6 +275,7 @@ async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<
             }
             () = sleep_until(next_resnapshot) => state.resnapshot_due(),
             _ = &mut ctrl_c => break,
+            _ = terminate.recv() => break,
             () = &mut all_exited => break,
             () = sleep_until(deadline) => break,
         }
@@ -276,12 +288,11 @@ async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<
     sampler.drain(&mut state)?;
     let stats = sampler.stats()?;
     let mut collector = state.total;
-    for comment in stats.comments(settings.frequency, started.elapsed()) {
+    let event = settings.event.name();
+    for comment in stats.comments(event, started.elapsed()) {
         collector.add_comment(comment);
     }
-    if stats.lost() > 0 {
-        eprintln!("prof-bpf: warning: {}", stats.lost_summary());
-    }
+    eprintln!("prof-bpf: {}", stats.summary(event, started.elapsed()));
     let profile = collector.finish()?;
     output::write(&profile, &output_args)
 }
@@ -663,38 +674,48 @@ impl Stats {
         self.values[stat as usize]
     }
 
-    /// Samples or names lost.
-    fn lost(&self) -> u64 {
-        self.get(Stat::CountsFull) + self.get(Stat::TaskEventsLost)
+    /// Samples of the selected tasks (counted in the profile or lost).
+    fn selected(&self) -> u64 {
+        self.get(Stat::Samples) - self.get(Stat::Idle) - self.get(Stat::Filtered)
     }
 
-    fn lost_summary(&self) -> String {
+    /// One line for stderr: what was sampled and everything lost.
+    fn summary(&self, event: &str, elapsed: Duration) -> String {
         format!(
-            "{} samples lost (count map full), {} task events lost (ring buffer full)",
+            "{} samples of {} taken ({event} at {} Hz on {} CPUs for {:.1} s); \
+             lost: {} (count map full); stacks not recorded: {} kernel, {} user; \
+             task events lost: {}",
+            self.selected(),
+            self.get(Stat::Samples),
+            self.frequency,
+            self.cpus,
+            elapsed.as_secs_f64(),
             self.get(Stat::CountsFull),
-            self.get(Stat::TaskEventsLost)
+            self.get(Stat::KernelStackFailed),
+            self.get(Stat::UserStackFailed),
+            self.get(Stat::TaskEventsLost),
         )
     }
 
     /// The profile's comments: how it was taken and everything lost.
-    fn comments(&self, frequency: u64, elapsed: Duration) -> Vec<String> {
+    fn comments(&self, event: &str, elapsed: Duration) -> Vec<String> {
         vec![
             format!(
-                "prof-bpf cpu: {frequency} Hz on {} CPUs for {:.1} s",
+                "prof-bpf cpu: {event} at {} Hz on {} CPUs for {:.1} s",
+                self.frequency,
                 self.cpus,
                 elapsed.as_secs_f64()
             ),
             format!(
-                "samples taken: {} (idle excluded: {}, other processes: {})",
+                "samples: {} taken, {} of idle tasks not counted, {} of other processes",
                 self.get(Stat::Samples),
                 self.get(Stat::Idle),
                 self.get(Stat::Filtered)
             ),
-            format!("samples lost (count map full): {}", self.get(Stat::CountsFull)),
+            format!("lost samples (count map full): {}", self.get(Stat::CountsFull)),
             format!("kernel stacks not recorded: {}", self.get(Stat::KernelStackFailed)),
             format!("user stacks not recorded: {}", self.get(Stat::UserStackFailed)),
-            format!("task events lost: {}", self.get(Stat::TaskEventsLost)),
-            format!("expected samples per CPU-second: {}", self.frequency),
+            format!("task events lost (ring buffer full): {}", self.get(Stat::TaskEventsLost)),
         ]
     }
 }
