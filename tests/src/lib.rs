@@ -167,6 +167,15 @@ impl Proc {
         }
     }
 
+    /// Reads one stdout line, without its newline (panics at end of output).
+    pub fn read_line(&mut self) -> String {
+        let stdout = self.stdout.as_mut().expect("stdout is piped");
+        let mut line = String::new();
+        let n = stdout.read_line(&mut line).expect("read child stdout");
+        assert!(n > 0, "child exited before printing a line");
+        line.trim_end().to_owned()
+    }
+
     /// Writes one line to the child's stdin.
     pub fn send_line(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin is piped");
@@ -188,7 +197,10 @@ impl Proc {
             if let Some(status) = self.child.try_wait().expect("wait for child") {
                 return (rest, status.code().unwrap_or(-1));
             }
-            assert!(Instant::now() < deadline, "child did not exit in {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "child did not exit in {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -251,7 +263,10 @@ pub fn start_until(program: &Path, args: &[&str], marker: &str) -> (Child, Vec<S
             }
             Err(_) => {
                 let _ = child.kill();
-                panic!("{} did not print `{marker}` in time; stderr: {seen:#?}", program.display());
+                panic!(
+                    "{} did not print `{marker}` in time; stderr: {seen:#?}",
+                    program.display()
+                );
             }
         }
     }
@@ -283,5 +298,8 @@ pub fn assert_one_line_error(stderr: &str, code: i32, needle: &str) {
         lines[0]
     );
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    assert!(!stderr.contains("RUST_BACKTRACE"), "backtrace hint: {stderr}");
+    assert!(
+        !stderr.contains("RUST_BACKTRACE"),
+        "backtrace hint: {stderr}"
+    );
 }
