@@ -168,7 +168,15 @@ impl Filter {
     pub fn new(args: &OutputArgs) -> anyhow::Result<Self> {
         let compile = |flag: &str, re: &Option<String>| {
             re.as_deref()
-                .map(|re| Regex::new(re).with_context(|| format!("bad {flag} regex `{re}`")))
+                .map(|re| {
+                    // regex's own message spans several lines (pattern, caret,
+                    // error); keep the last one.
+                    Regex::new(re).map_err(|e| {
+                        let e = e.to_string();
+                        let why = e.lines().last().unwrap_or("").trim_start_matches("error: ");
+                        anyhow::anyhow!("bad {flag} regex `{re}`: {why}")
+                    })
+                })
                 .transpose()
         };
         Ok(Self {

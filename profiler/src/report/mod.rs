@@ -110,7 +110,9 @@ fn find_local_objects(profile: &mut Profile) {
     }
     let mut notes = Vec::new();
     for (m, wanted) in profile.mappings.iter_mut().zip(wanted) {
-        if !wanted || m.local_path.is_some() || !m.file.starts_with('/') {
+        // Pseudo files (`[vdso]`, `[jit]`) are not on disk; a relative path
+        // (`go tool pprof ./prog`) is taken from the current directory.
+        if !wanted || m.local_path.is_some() || m.file.is_empty() || m.file.starts_with('[') {
             continue;
         }
         let path = PathBuf::from(&m.file);
