@@ -9,6 +9,7 @@
 //! - [`count`]: the `count` session (malloc/free call counters).
 
 pub mod count;
+pub mod cpu;
 pub mod ebpf;
 pub mod output;
 pub mod process;

@@ -21,6 +21,8 @@ enum Command {
     Count(profiler::count::CountArgs),
     /// Show a saved profile (pprof, gperftools heap or CPU profile) in any format.
     Report(profiler::report::ReportArgs),
+    /// Sample where CPUs spend their time: whole host or some processes, user and kernel stacks.
+    Cpu(profiler::cpu::CpuArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Count(args) => profiler::count::run(args),
         Command::Report(args) => profiler::report::run(args),
+        Command::Cpu(args) => profiler::cpu::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -171,7 +171,7 @@ fn measure(
     let mut profiler = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(if tool == Tool::ProfBpf { Stdio::piped() } else { Stdio::null() })
         .spawn()
         .with_context(|| format!("starting {}", tool.name()))?;
     wait_until_sampling(tool, &mut profiler)?;
@@ -207,13 +207,28 @@ fn measure(
 
 /// Waits until the profiler is sampling: its perf events are open.
 fn wait_until_sampling(tool: Tool, child: &mut Child) -> anyhow::Result<()> {
+    let said_sampling = child.stderr.take().map(|stderr| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        rx
+    });
     let deadline = Instant::now() + Duration::from_secs(120);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     loop {
         if let Some(status) = child.try_wait()? {
             bail!("{} exited before sampling ({status})", tool.name());
         }
-        if perf_event_fds(child.id()) >= cpus {
+        let ready = match &said_sampling {
+            // prof-bpf's links hold its perf events without descriptors;
+            // it says when it samples.
+            Some(lines) => lines.try_iter().any(|l| l.contains("prof-bpf: sampling")),
+            None => perf_event_fds(child.id()) >= cpus,
+        };
+        if ready {
             // Let start-up work (symbol loading, map reads) finish.
             std::thread::sleep(Duration::from_secs(1));
             return Ok(());
@@ -226,15 +241,15 @@ fn wait_until_sampling(tool: Tool, child: &mut Child) -> anyhow::Result<()> {
     }
 }
 
-/// Number of perf-event descriptors the process holds.
+/// Number of perf-event descriptors the process holds (perf and bcc keep
+/// one per CPU).
 fn perf_event_fds(pid: u32) -> usize {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return 0;
     };
     dir.filter_map(Result::ok)
         .filter(|e| {
-            std::fs::read_link(e.path())
-                .is_ok_and(|t| t.to_string_lossy().contains("perf_event"))
+            std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().contains("perf_event"))
         })
         .count()
 }
