@@ -8,7 +8,6 @@
 
 pub mod count;
 pub mod cpu;
-pub mod stack;
 
 /// Implements aya's `Pod` for user space (feature `user`), so maps holding
 /// these types can be read with aya.

@@ -4,7 +4,6 @@
 
 mod count;
 mod cpu;
-pub mod stack;
 
 #[cfg(not(test))]
 #[panic_handler]
