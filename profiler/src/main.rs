@@ -19,6 +19,9 @@ struct Cli {
 enum Command {
     /// Count malloc and free calls of a running process (calls and bytes per second).
     Count(profiler::count::CountArgs),
+    /// Walk one process's user stacks and print them (unwinder diagnostics).
+    #[command(hide = true)]
+    DebugUnwind(profiler::unwind::debug::DebugArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Count(args) => profiler::count::run(args),
+        Command::DebugUnwind(args) => profiler::unwind::debug::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
