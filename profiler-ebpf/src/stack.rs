@@ -52,6 +52,9 @@ pub(crate) struct Walk {
     /// 1 when `frame.pc` is an exact pc (the sampled pc, or one interrupted
     /// by a signal) rather than a return address.
     pub exact: u32,
+    /// 1 when `frame.bp` was read from a frame-pointer chain.
+    pub bp_chained: u32,
+    pub _pad: u32,
 }
 
 #[map(name = "UNWIND_WALK")]
@@ -100,6 +103,7 @@ pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, Stac
     walk.stack.status = STACK_MISSING;
     walk.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     walk.exact = 1;
+    walk.bp_chained = 0;
     // SAFETY: `regs` is the program's context (pt_regs) or the start of a
     // bpf_perf_event_data, which begins with the registers.
     walk.frame = unsafe { start_frame(regs) };
@@ -200,10 +204,15 @@ extern "C" fn walk_frame(_index: u64, _ctx: *mut c_void) -> i64 {
     };
     *slot = walk.frame.pc;
     walk.stack.len += 1;
-    match unwind::step(walk.pid, &walk.frame, walk.exact != 0) {
-        StepResult::Caller { frame, exact } => {
+    match unwind::step(walk.pid, &walk.frame, walk.exact != 0, walk.bp_chained != 0) {
+        StepResult::Caller {
+            frame,
+            exact,
+            bp_chained,
+        } => {
             walk.frame = frame;
             walk.exact = exact as u32;
+            walk.bp_chained = bp_chained as u32;
             0
         }
         StepResult::End => {

@@ -40,8 +40,13 @@ static REFRESH: HashMap<u32, u64> = HashMap::with_max_entries(REFRESH_MAX, 0);
 
 /// Outcome of one step of the walk.
 pub(crate) enum StepResult {
-    /// The caller's frame.
-    Caller { frame: Frame, exact: bool },
+    /// The caller's frame; `bp_chained`: its rbp came from a frame-pointer
+    /// chain.
+    Caller {
+        frame: Frame,
+        exact: bool,
+        bp_chained: bool,
+    },
     /// The outermost frame was reached: the stack is complete.
     End,
     /// The frame cannot be unwound (counted by reason): the stack is truncated.
@@ -62,31 +67,35 @@ pub(crate) fn read_user(addr: u64) -> Option<u64> {
 
 /// Finds the caller of `frame` in process `pid`. `exact`: `frame.pc` is the
 /// pc itself, not a return address (whose call instruction ends before it).
+/// `bp_chained`: `frame.bp` was read from a frame-pointer chain (the
+/// previous step followed frame pointers), so a zero there really ends the
+/// chain; a zero rbp found in a register proves nothing in code that uses
+/// rbp as a general register.
 #[inline(always)]
-pub(crate) fn step(pid: u32, frame: &Frame, exact: bool) -> StepResult {
+pub(crate) fn step(pid: u32, frame: &Frame, exact: bool, bp_chained: bool) -> StepResult {
     let lookup_pc = if exact {
         frame.pc
     } else {
         frame.pc.wrapping_sub(1)
     };
-    let step = match find_row(pid, lookup_pc) {
+    let (step, via_fp) = match find_row(pid, lookup_pc) {
         Some(row) if row.kind() != CFA_NONE => {
             count(STAT_FRAMES_CFI);
             if row.kind() == CFA_SIGNAL {
                 count(STAT_SIGNAL_FRAMES);
             }
-            rows::step(&row, frame, read_user)
+            (rows::step(&row, frame, read_user), false)
         }
         _ => {
             count(STAT_FRAMES_FP);
-            rows::step_frame_pointer(frame, read_user)
+            (rows::step_frame_pointer(frame, read_user), true)
         }
     };
     match step {
         Step::Caller { frame: next, exact } => {
             if next.pc == 0 {
                 // A zeroed return address marks the outermost frame.
-                return StepResult::End;
+                return end_unless(via_fp && !bp_chained);
             }
             // The stack grows down: a caller's frame lies above (a signal
             // frame may sit anywhere, e.g. on an alternate stack).
@@ -95,9 +104,13 @@ pub(crate) fn step(pid: u32, frame: &Frame, exact: bool) -> StepResult {
                 count(STAT_BAD_FRAME);
                 return StepResult::Stop;
             }
-            StepResult::Caller { frame: next, exact }
+            StepResult::Caller {
+                frame: next,
+                exact,
+                bp_chained: via_fp,
+            }
         }
-        Step::End => StepResult::End,
+        Step::End => end_unless(via_fp && !bp_chained),
         Step::Unsupported => {
             count(STAT_UNSUPPORTED_RULE);
             StepResult::Stop
@@ -106,6 +119,18 @@ pub(crate) fn step(pid: u32, frame: &Frame, exact: bool) -> StepResult {
             count(STAT_READ_FAILED);
             StepResult::Stop
         }
+    }
+}
+
+/// The walk ends here: complete, unless the end was only suggested by an
+/// untrusted frame pointer.
+#[inline(always)]
+fn end_unless(untrusted: bool) -> StepResult {
+    if untrusted {
+        count(STAT_BAD_FRAME);
+        StepResult::Stop
+    } else {
+        StepResult::End
     }
 }
 

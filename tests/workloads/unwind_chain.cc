@@ -22,7 +22,7 @@ __attribute__((noinline)) int leaf(int n) {
         return (*v)[n % v->size()];
     }
     unsigned long x = n;
-    for (int i = 0; i < 20000; i++) x = x * 6364136223846793005UL + 1442695040888963407UL;
+    for (int i = 0; i < 300; i++) x = x * 6364136223846793005UL + 1442695040888963407UL;
     spin_sink = x;
     return static_cast<int>(x & 1);
 }

@@ -28,6 +28,11 @@ use profiler_common::{
 use super::{Tables, read_stats};
 use crate::{ebpf, process};
 
+/// How often the walker's requests for fresh tables are served. Until a
+/// library loaded by `dlopen` is in the tables, its frames are walked by
+/// frame pointers (and usually truncated), so this bounds that window.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Options of `prof-bpf debug-unwind`.
 #[derive(Debug, clap::Args)]
 pub struct DebugArgs {
@@ -123,7 +128,7 @@ async fn session(args: DebugArgs, pid: NonZeroU32) -> anyhow::Result<()> {
     let deadline = args
         .duration
         .map(|d| tokio::time::Instant::now() + Duration::from_secs_f64(d));
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let mut exited = false;

@@ -41,6 +41,12 @@ use profiler_common::{
 
 use crate::process::{self, Mapping};
 
+/// Name of the kernel's vDSO mapping (`clock_gettime` and friends), which
+/// has CFI like any shared object but no file: it is read from memory. Its
+/// key is device 0, inode 0: every process of this kernel maps the same
+/// image.
+const VDSO: &str = "[vdso]";
+
 /// Identity of a mapped file: device and inode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct ObjectKey {
@@ -229,7 +235,7 @@ impl Tables {
         };
         let wanted: HashSet<Installed> = maps
             .iter()
-            .filter(|m| m.is_executable() && m.is_file())
+            .filter(|m| m.is_executable() && (m.is_file() || m.path == VDSO))
             .map(|m| Installed {
                 start: m.start,
                 end: m.end,
@@ -362,20 +368,7 @@ impl Tables {
     }
 
     fn load_object(&mut self, pid: u32, mapping: &Mapping) -> anyhow::Result<Object> {
-        // map_files reaches the very file mapped, even if it was replaced or
-        // lives in another mount namespace; the path is the fallback.
-        let by_map = format!(
-            "/proc/{pid}/map_files/{:x}-{:x}",
-            mapping.start, mapping.end
-        );
-        let file = File::open(&by_map)
-            .or_else(|_| File::open(process::path_in_root(pid, &mapping.path)))
-            .with_context(|| format!("opening {}", mapping.path))?;
-        // SAFETY: the file is mapped read-only and only parsed; a concurrent
-        // truncation could fault, which no profiled program does to its own
-        // loaded code.
-        let data = unsafe { memmap2::Mmap::map(&file) }
-            .with_context(|| format!("mapping {}", mapping.path))?;
+        let data = read_object(pid, mapping)?;
         let segments = cfi::load_segments(&data)?;
         let compiled =
             cfi::compile(&data).with_context(|| format!("reading the CFI of {}", mapping.path))?;
@@ -475,6 +468,49 @@ impl Tables {
         if i > 0 && self.free[i - 1].0 + self.free[i - 1].1 == self.free[i].0 {
             self.free[i - 1].1 += self.free[i].1;
             self.free.remove(i);
+        }
+    }
+}
+
+/// The bytes of a mapped object: the file, or the vDSO from memory.
+fn read_object(pid: u32, mapping: &Mapping) -> anyhow::Result<ObjectBytes> {
+    if mapping.path == VDSO {
+        let mut data = vec![0; (mapping.end - mapping.start) as usize];
+        let mem = File::open(format!("/proc/{pid}/mem")).context("opening the process's memory")?;
+        std::os::unix::fs::FileExt::read_exact_at(&mem, &mut data, mapping.start)
+            .context("reading the vDSO")?;
+        return Ok(ObjectBytes::Memory(data));
+    }
+    // map_files reaches the very file mapped, even if it was replaced or
+    // lives in another mount namespace; the path is the fallback.
+    let by_map = format!(
+        "/proc/{pid}/map_files/{:x}-{:x}",
+        mapping.start, mapping.end
+    );
+    let file = File::open(&by_map)
+        .or_else(|_| File::open(process::path_in_root(pid, &mapping.path)))
+        .with_context(|| format!("opening {}", mapping.path))?;
+    // SAFETY: the file is mapped read-only and only parsed; a concurrent
+    // truncation could fault, which no profiled program does to its own
+    // loaded code.
+    let data = unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("mapping {}", mapping.path))?;
+    Ok(ObjectBytes::File(data))
+}
+
+/// An object's bytes, mapped from its file or copied from memory.
+enum ObjectBytes {
+    File(memmap2::Mmap),
+    Memory(Vec<u8>),
+}
+
+impl std::ops::Deref for ObjectBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::File(m) => m,
+            Self::Memory(v) => v,
         }
     }
 }
