@@ -209,6 +209,57 @@ fn cpu_stacks_of_c_without_frame_pointers() {
     );
 }
 
+/// A signal handler's stack continues, through the kernel's signal frame
+/// and the `__restore_rt` trampoline, at the exact instruction the signal
+/// interrupted (any instruction of the chain, prologues included).
+#[test]
+fn cpu_stacks_through_signal_frames() {
+    require_bpf!();
+    let mut w = chain_workload("unwind_chain", "signal");
+    let samples = profile(&mut w, &["--perf"]);
+    let in_handler = |s: &Sample| s.leaf() == "signal_leaf";
+    let good = |s: &Sample| {
+        let Some(p) = s.frames.iter().position(|f| f == "on_signal") else {
+            return false;
+        };
+        // frames[p - 1] is the trampoline; before it the interrupted code.
+        let interrupted = &s.frames[..p.saturating_sub(1)];
+        let chain_ok = match interrupted
+            .last()
+            .and_then(|f| C_CHAIN.iter().position(|c| c == f))
+        {
+            Some(k) => has_chain(interrupted, &C_CHAIN[..=k], true),
+            // Interrupted in main's loop, clock_gettime, ...
+            None => interrupted.iter().any(|f| f == "main"),
+        };
+        s.status == "complete" && p >= 2 && s.frames[0] == "_start" && chain_ok
+    };
+    let total: u64 = samples
+        .iter()
+        .filter(|s| in_handler(s))
+        .map(|s| s.count)
+        .sum();
+    let ok: u64 = samples
+        .iter()
+        .filter(|s| in_handler(s) && good(s))
+        .map(|s| s.count)
+        .sum();
+    let bad: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| in_handler(s) && !good(s))
+        .take(5)
+        .collect();
+    eprintln!("{ok} of {total} signal-handler samples unwound through the signal frame");
+    assert!(
+        total >= 100,
+        "only {total} samples in the handler: {samples:#?}"
+    );
+    assert!(
+        ok as f64 >= 0.99 * total as f64,
+        "only {ok} of {total}; e.g. {bad:#?}"
+    );
+}
+
 #[test]
 fn heap_stacks_of_cxx_without_frame_pointers() {
     require_bpf!();
