@@ -310,7 +310,7 @@ fn push_page(out: &mut ObjectRows, page: u64, first: usize) {
 mod tests {
     use super::*;
 
-    fn r(kind: u8, off: i32) -> Rule {
+    fn r(kind: u8, off: i64) -> Rule {
         Rule {
             cfa_kind: kind,
             cfa_offset: off,

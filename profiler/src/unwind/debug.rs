@@ -201,7 +201,7 @@ async fn session(args: DebugArgs, pid: NonZeroU32) -> anyhow::Result<()> {
         let folded: Vec<&str> = names.iter().rev().map(String::as_str).collect();
         lines.push((n, format!("{n} {status} {}", folded.join(";"))));
     }
-    lines.sort_by(|a, b| b.0.cmp(&a.0));
+    lines.sort_by_key(|l| std::cmp::Reverse(l.0));
     for (_, line) in lines {
         println!("{line}");
     }
