@@ -4,6 +4,9 @@
 
 mod count;
 mod cpu;
+pub mod stack;
+mod unwind;
+mod unwind_test;
 
 #[cfg(not(test))]
 #[panic_handler]

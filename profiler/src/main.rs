@@ -23,6 +23,9 @@ enum Command {
     Report(profiler::report::ReportArgs),
     /// Sample where CPUs spend their time: whole host or some processes, user and kernel stacks.
     Cpu(profiler::cpu::CpuArgs),
+    /// Walk one process's user stacks and print them (unwinder diagnostics).
+    #[command(hide = true)]
+    DebugUnwind(profiler::unwind::debug::DebugArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Command::Count(args) => profiler::count::run(args),
         Command::Report(args) => profiler::report::run(args),
         Command::Cpu(args) => profiler::cpu::run(args),
+        Command::DebugUnwind(args) => profiler::unwind::debug::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
