@@ -31,7 +31,10 @@ use profiler_common::{
         KEY_USER_STACK, KEY_USER_STACK_FAILED, PIDS_MAP, STATS_MAP, SampleCounts, SampleKey, Stat,
         TASK_EVENTS_MAP, TASK_EXEC, TASK_EXIT, TaskEvent,
     },
-    stack::{KERNEL_STACKS_MAP, STACK_COMPLETE, STACK_MISSING, STACK_TRUNCATED, USER_STACKS_MAP, UserStack},
+    stack::{
+        KERNEL_STACKS_MAP, STACK_COMPLETE, STACK_MISSING, STACK_TRUNCATED, STAT_NAMES, USER_STACKS_MAP,
+        UserStack,
+    },
 };
 
 use crate::{
@@ -39,6 +42,7 @@ use crate::{
     output::{self, OutputArgs},
     process,
     profile::{Collector, RawSample, SampleType, StackStatus},
+    unwind::{self, Tables},
 };
 
 /// The sampling event.
@@ -183,6 +187,13 @@ pub fn run(args: CpuArgs) -> anyhow::Result<()> {
 async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<()> {
     let mut ebpf = ebpf::load()?;
     ebpf::spawn_logger(&mut ebpf);
+    // Unwind tables first: the targets' first samples get complete stacks.
+    let mut tables = Tables::new(&mut ebpf)?;
+    for &pid in &settings.pids {
+        tables
+            .add_process(pid)
+            .with_context(|| format!("building the unwind tables of pid {pid}"))?;
+    }
     let mut sampler = Sampler::new(&mut ebpf, &settings)?;
     let (sample_types, default_type, period_type) = match settings.event {
         Event::CpuClock => (vec![SampleType::samples(), SampleType::cpu()], "cpu", SampleType::cpu()),
@@ -211,6 +222,8 @@ async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<
         kernel_stacks: HashMap::new(),
         user_stacks: HashMap::new(),
         resnapshots: Vec::new(),
+        tables,
+        whole_host: settings.pids.is_empty(),
     };
 
     let scope = if settings.pids.is_empty() {
@@ -262,6 +275,7 @@ async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<
         let next_resnapshot = state.resnapshots.iter().map(|(at, _)| *at).min();
         tokio::select! {
             _ = tick.tick() => {
+                state.update_tables();
                 sampler.drain(&mut state)?;
                 if let Some(collector) = state.interval.take() {
                     state.interval = Some(new_collector());
@@ -280,6 +294,7 @@ async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<
             () = sleep_until(deadline) => break,
         }
     }
+    let unwind_stats = unwind::read_stats(&ebpf)?;
     // Detach (the maps stay open), then drain everything that was counted.
     drop(ebpf);
     // Events already queued (exits of the last moments) name the last samples.
@@ -292,6 +307,12 @@ async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<
     for comment in stats.comments(event, started.elapsed()) {
         collector.add_comment(comment);
     }
+    let unwind_counts: Vec<String> = STAT_NAMES
+        .iter()
+        .zip(unwind_stats)
+        .map(|(name, value)| format!("{name} {value}"))
+        .collect();
+    collector.add_comment(format!("user stack walks: {}", unwind_counts.join(", ")));
     eprintln!("prof-bpf: {}", stats.summary(event, started.elapsed()));
     let profile = collector.finish()?;
     output::write(&profile, &output_args)
@@ -336,6 +357,10 @@ struct State {
     user_stacks: HashMap<u64, UserStack>,
     /// Mapping reads scheduled after an exec.
     resnapshots: Vec<(tokio::time::Instant, u32)>,
+    /// The unwinder's tables of the sampled processes.
+    tables: Tables,
+    /// Sampling every process (no `--pid`).
+    whole_host: bool,
 }
 
 impl State {
@@ -345,6 +370,21 @@ impl State {
             c.note_process(pid);
         }
         self.noted.insert(pid);
+    }
+
+    /// Gives unwind tables to the sampled processes that have none yet
+    /// (their walks asked for them) and refreshes those that mapped new
+    /// code. Whole-host sessions build tables only for processes that are
+    /// actually sampled.
+    fn update_tables(&mut self) {
+        for pid in self.tables.poll() {
+            if self.exited.contains(&pid) {
+                continue;
+            }
+            if let Err(err) = self.tables.add_process(pid) {
+                debug!("no unwind tables for pid {pid}: {err:#}");
+            }
+        }
     }
 
     fn resnapshot_due(&mut self) {
@@ -419,6 +459,11 @@ fn read_task_events(ring: &mut RingBuf<MapData>, state: &mut State) {
                 state.exited.remove(&event.pid);
                 state.kthreads.insert(event.pid, false);
                 state.note_process(event.pid);
+                if state.tables.has_process(event.pid) || !state.whole_host {
+                    if let Err(err) = state.tables.refresh_process(event.pid) {
+                        debug!("unwind tables of pid {} after exec: {err:#}", event.pid);
+                    }
+                }
                 let now = tokio::time::Instant::now();
                 for delay in EXEC_RESNAPSHOTS {
                     state.resnapshots.push((now + delay, event.pid));
@@ -428,6 +473,7 @@ fn read_task_events(ring: &mut RingBuf<MapData>, state: &mut State) {
                 state.names.insert(event.tid, comm);
                 if event.tid == event.pid {
                     state.exited.insert(event.pid);
+                    state.tables.remove_process(event.pid);
                 }
             }
             _ => {}
