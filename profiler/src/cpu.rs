@@ -32,8 +32,8 @@ use profiler_common::{
         TASK_EVENTS_MAP, TASK_EXEC, TASK_EXIT, TaskEvent,
     },
     stack::{
-        KERNEL_STACKS_MAP, STACK_COMPLETE, STACK_MISSING, STACK_TRUNCATED, STAT_NAMES, USER_STACKS_MAP,
-        UserStack,
+        KERNEL_STACKS_MAP, STACK_COMPLETE, STACK_MISSING, STACK_TRUNCATED, STAT_NAMES,
+        USER_STACKS_MAP, UserStack,
     },
 };
 
@@ -80,7 +80,12 @@ pub struct CpuArgs {
     #[arg(long, conflicts_with = "pids")]
     pub all: bool,
     /// Samples per second on each CPU.
-    #[arg(short = 'F', long = "frequency", value_name = "HZ", default_value_t = 99)]
+    #[arg(
+        short = 'F',
+        long = "frequency",
+        value_name = "HZ",
+        default_value_t = 99
+    )]
     pub frequency: u64,
     /// Stop after this many seconds [default: until Ctrl-C, or until every --pid exited].
     #[arg(long, short = 'd', value_name = "SECS")]
@@ -160,7 +165,9 @@ fn validate(args: &CpuArgs) -> anyhow::Result<Settings> {
 fn max_sample_rate() -> anyhow::Result<u64> {
     let path = "/proc/sys/kernel/perf_event_max_sample_rate";
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-    text.trim().parse().with_context(|| format!("parsing {path}: `{}`", text.trim()))
+    text.trim()
+        .parse()
+        .with_context(|| format!("parsing {path}: `{}`", text.trim()))
 }
 
 /// Fails now, not after the whole run, when the output file cannot be written.
@@ -196,8 +203,16 @@ async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<
     }
     let mut sampler = Sampler::new(&mut ebpf, &settings)?;
     let (sample_types, default_type, period_type) = match settings.event {
-        Event::CpuClock => (vec![SampleType::samples(), SampleType::cpu()], "cpu", SampleType::cpu()),
-        Event::Cycles => (vec![SampleType::samples(), SampleType::cycles()], "cycles", SampleType::cycles()),
+        Event::CpuClock => (
+            vec![SampleType::samples(), SampleType::cpu()],
+            "cpu",
+            SampleType::cpu(),
+        ),
+        Event::Cycles => (
+            vec![SampleType::samples(), SampleType::cycles()],
+            "cycles",
+            SampleType::cycles(),
+        ),
     };
     // cpu-clock samples at a fixed period; cycles at a frequency, where
     // each sample carries its own period.
@@ -229,7 +244,11 @@ async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<
     let scope = if settings.pids.is_empty() {
         "all processes".to_owned()
     } else {
-        let list: Vec<String> = settings.pids.iter().map(|p| format!("{p} ({})", process::comm(*p))).collect();
+        let list: Vec<String> = settings
+            .pids
+            .iter()
+            .map(|p| format!("{p} ({})", process::comm(*p)))
+            .collect();
         format!("pid {}", list.join(", "))
     };
     eprintln!(
@@ -262,7 +281,10 @@ async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<
     // session with a report.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    let ring = sampler.task_events.take().context("task event ring buffer")?;
+    let ring = sampler
+        .task_events
+        .take()
+        .context("task event ring buffer")?;
     // SAFETY: the ring buffer owns its descriptor and keeps it open and
     // unchanged until it is dropped with the AsyncFd.
     let mut events = unsafe {
@@ -326,7 +348,11 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 /// Prints the top table of one interval.
-fn print_interval(collector: Collector, args: &OutputArgs, elapsed: Duration) -> anyhow::Result<()> {
+fn print_interval(
+    collector: Collector,
+    args: &OutputArgs,
+    elapsed: Duration,
+) -> anyhow::Result<()> {
     let profile = collector.finish()?;
     let table = OutputArgs {
         format: Some(output::Format::Text),
@@ -389,7 +415,12 @@ impl State {
 
     fn resnapshot_due(&mut self) {
         let now = tokio::time::Instant::now();
-        let due: Vec<u32> = self.resnapshots.iter().filter(|(at, _)| *at <= now).map(|(_, p)| *p).collect();
+        let due: Vec<u32> = self
+            .resnapshots
+            .iter()
+            .filter(|(at, _)| *at <= now)
+            .map(|(_, p)| *p)
+            .collect();
         self.resnapshots.retain(|(at, _)| *at > now);
         for pid in due {
             // A process that has exited shows empty maps; keep what was read.
@@ -502,7 +533,8 @@ struct Sampler {
 impl Sampler {
     fn new(ebpf: &mut aya::Ebpf, settings: &Settings) -> anyhow::Result<Self> {
         let take = |ebpf: &mut aya::Ebpf, name: &str| {
-            ebpf.take_map(name).with_context(|| format!("map {name} missing from the eBPF object"))
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))
         };
         let mut config: Array<MapData, CpuConfig> = take(ebpf, CONFIG_MAP)?.try_into()?;
         let config_value = CpuConfig {
@@ -511,7 +543,9 @@ impl Sampler {
             filter_pids: u32::from(!settings.pids.is_empty()),
             user_stacks: 1,
         };
-        config.set(0, config_value, 0).context("writing the sampler configuration")?;
+        config
+            .set(0, config_value, 0)
+            .context("writing the sampler configuration")?;
         let mut pids: BpfHashMap<MapData, u32, u32> = take(ebpf, PIDS_MAP)?.try_into()?;
         for &pid in &settings.pids {
             pids.insert(pid, 0, 0).context("writing the pid filter")?;
@@ -526,12 +560,16 @@ impl Sampler {
         let task_events = Some(take(ebpf, TASK_EVENTS_MAP)?.try_into()?);
 
         // Task events first, so no exec in the first samples goes unseen.
-        for (program, name) in [("cpu_task_exec", "sched_process_exec"), ("cpu_task_exit", "sched_process_exit")] {
+        for (program, name) in [
+            ("cpu_task_exec", "sched_process_exec"),
+            ("cpu_task_exit", "sched_process_exit"),
+        ] {
             let tp: &mut TracePoint = ebpf::program(ebpf, program)?;
             tp.attach("sched", name)
                 .with_context(|| format!("attaching to the tracepoint sched:{name}"))?;
         }
-        let cpus = aya::util::online_cpus().map_err(|(path, e)| anyhow::anyhow!("reading {path}: {e}"))?;
+        let cpus =
+            aya::util::online_cpus().map_err(|(path, e)| anyhow::anyhow!("reading {path}: {e}"))?;
         let perf: &mut PerfEvent = ebpf::program(ebpf, "cpu_sample")?;
         let (event, policy) = match settings.event {
             // cpu-clock counts nanoseconds: a fixed period gives exactly
@@ -546,8 +584,13 @@ impl Sampler {
             ),
         };
         for &cpu in &cpus {
-            perf.attach(event, PerfEventScope::AllProcessesOneCpu { cpu }, policy, false)
-                .map_err(|e| attach_error(&e, settings.event, cpu))?;
+            perf.attach(
+                event,
+                PerfEventScope::AllProcessesOneCpu { cpu },
+                policy,
+                false,
+            )
+            .map_err(|e| attach_error(&e, settings.event, cpu))?;
         }
         info!("sampler attached on {} CPUs", cpus.len());
         Ok(Self {
@@ -576,10 +619,12 @@ fn attach_error(err: &aya::programs::ProgramError, event: Event, cpu: u32) -> an
         _ => None,
     };
     match (event, io) {
-        (Event::Cycles, Some(libc::ENOENT | libc::EOPNOTSUPP | libc::ENODEV | libc::EINVAL)) => anyhow::anyhow!(
-            "--event cycles is not available: this machine offers no hardware cycle counter \
+        (Event::Cycles, Some(libc::ENOENT | libc::EOPNOTSUPP | libc::ENODEV | libc::EINVAL)) => {
+            anyhow::anyhow!(
+                "--event cycles is not available: this machine offers no hardware cycle counter \
              (virtual machine without a PMU?); use --event cpu-clock"
-        ),
+            )
+        }
         _ => anyhow::anyhow!("attaching the sampler to CPU {cpu}: {err}"),
     }
 }
@@ -599,10 +644,12 @@ impl Sampler {
         for item in map.iter() {
             match item {
                 Ok((key, per_cpu)) => {
-                    let sum = per_cpu.iter().fold(SampleCounts::default(), |acc, c| SampleCounts {
-                        samples: acc.samples + c.samples,
-                        period: acc.period + c.period,
-                    });
+                    let sum = per_cpu
+                        .iter()
+                        .fold(SampleCounts::default(), |acc, c| SampleCounts {
+                            samples: acc.samples + c.samples,
+                            period: acc.period + c.period,
+                        });
                     entries.push((key, sum));
                 }
                 Err(e) => {
@@ -633,7 +680,9 @@ impl Sampler {
         };
         let (user, user_status) = if key.flags & KEY_USER_STACK != 0 {
             match self.user_stack(state, key.user_stack) {
-                Some(stack) if stack.status == STACK_MISSING && stack.len == 0 && state.is_kthread(pid) => {
+                Some(stack)
+                    if stack.status == STACK_MISSING && stack.len == 0 && state.is_kthread(pid) =>
+                {
                     (Vec::new(), StackStatus::Complete)
                 }
                 Some(stack) => (
@@ -701,10 +750,17 @@ impl Sampler {
     fn stats(&self) -> anyhow::Result<Stats> {
         let mut values = [0u64; profiler_common::cpu::STATS_LEN as usize];
         for (i, v) in values.iter_mut().enumerate() {
-            let per_cpu = self.stats.get(&(i as u32), 0).context("reading the sampler statistics")?;
+            let per_cpu = self
+                .stats
+                .get(&(i as u32), 0)
+                .context("reading the sampler statistics")?;
             *v = per_cpu.iter().sum();
         }
-        Ok(Stats { values, cpus: self.cpus, frequency: self.frequency })
+        Ok(Stats {
+            values,
+            cpus: self.cpus,
+            frequency: self.frequency,
+        })
     }
 }
 
@@ -758,10 +814,22 @@ impl Stats {
                 self.get(Stat::Idle),
                 self.get(Stat::Filtered)
             ),
-            format!("lost samples (count map full): {}", self.get(Stat::CountsFull)),
-            format!("kernel stacks not recorded: {}", self.get(Stat::KernelStackFailed)),
-            format!("user stacks not recorded: {}", self.get(Stat::UserStackFailed)),
-            format!("task events lost (ring buffer full): {}", self.get(Stat::TaskEventsLost)),
+            format!(
+                "lost samples (count map full): {}",
+                self.get(Stat::CountsFull)
+            ),
+            format!(
+                "kernel stacks not recorded: {}",
+                self.get(Stat::KernelStackFailed)
+            ),
+            format!(
+                "user stacks not recorded: {}",
+                self.get(Stat::UserStackFailed)
+            ),
+            format!(
+                "task events lost (ring buffer full): {}",
+                self.get(Stat::TaskEventsLost)
+            ),
         ]
     }
 }

@@ -61,6 +61,7 @@ fn split_of<'a>(stacks: impl Iterator<Item = &'a (Vec<String>, u64)>) -> ([f64; 
 }
 
 fn assert_split(what: &str, got: [f64; 3], want: [f64; 3]) {
+    eprintln!("{what}: split {got:.2?}, expected {want:?}");
     for i in 0..3 {
         assert!(
             (got[i] - want[i]).abs() <= TOLERANCE,
@@ -69,12 +70,20 @@ fn assert_split(what: &str, got: [f64; 3], want: [f64; 3]) {
     }
 }
 
+/// Wall seconds of the split runs (sampling lasts at least this long).
+const SPLIT_SECONDS: &str = "10";
+/// CPU seconds each worker gets at least, however busy the machine: 5000
+/// samples at 999 Hz put one standard deviation of a share under 0.7 points.
+const SPLIT_CPU_SECONDS: &str = "5";
+/// Nanoseconds of CPU sampled per worker at least (a margin under 5 s).
+const SPLIT_MIN_NS: u64 = 4_500_000_000;
+
 /// Runs the split workload under `prof-bpf cpu --pid` at 999 Hz until it
 /// exits, and returns the folded stacks (values in nanoseconds).
-fn profile_split(mode: &[&str], group_by: &str, seconds: u32) -> (Vec<(Vec<String>, u64)>, u32) {
+fn profile_split(mode: &[&str], group_by: &str) -> (Vec<(Vec<String>, u64)>, u32) {
     let mut workload = Proc::spawn(
         Command::new(build_workload("cpu_split", FLAGS))
-            .arg(seconds.to_string())
+            .args([SPLIT_SECONDS, SPLIT_CPU_SECONDS])
             .args(mode),
     );
     workload.expect_line("ready");
@@ -83,7 +92,14 @@ fn profile_split(mode: &[&str], group_by: &str, seconds: u32) -> (Vec<(Vec<Strin
     let pid_arg = pid.to_string();
     let (prof, _) = start_prof_bpf(
         &[
-            "cpu", "--pid", &pid_arg, "-F", "999", "--group-by", group_by, "-o",
+            "cpu",
+            "--pid",
+            &pid_arg,
+            "-F",
+            "999",
+            "--group-by",
+            group_by,
+            "-o",
             out.to_str().unwrap(),
         ],
         "sampling",
@@ -100,7 +116,7 @@ fn profile_split(mode: &[&str], group_by: &str, seconds: u32) -> (Vec<(Vec<Strin
 #[test]
 fn single_thread_split_is_50_30_20() {
     require_bpf!();
-    let (stacks, pid) = profile_split(&[], "process", 12);
+    let (stacks, pid) = profile_split(&[], "process");
     // The process is named by its comm, set by the workload.
     let root = format!("splitmain-{pid}");
     assert!(
@@ -109,8 +125,7 @@ fn single_thread_split_is_50_30_20() {
         stacks.iter().map(|(f, _)| &f[0]).collect::<Vec<_>>()
     );
     let (split, total_ns) = split_of(stacks.iter());
-    // At least 5 s of CPU sampled (the machine may be busy).
-    assert!(total_ns >= 5_000_000_000, "only {total_ns} ns sampled");
+    assert!(total_ns >= SPLIT_MIN_NS, "only {total_ns} ns sampled");
     assert_split("single thread", split, [50.0, 30.0, 20.0]);
     // The stacks are complete down to main.
     let with_main: u64 = stacks
@@ -124,7 +139,7 @@ fn single_thread_split_is_50_30_20() {
 #[test]
 fn per_thread_splits_are_exact() {
     require_bpf!();
-    let (stacks, pid) = profile_split(&["threads"], "thread", 12);
+    let (stacks, pid) = profile_split(&["threads"], "thread");
     let mut by_root: HashMap<&str, Vec<&(Vec<String>, u64)>> = HashMap::new();
     for s in &stacks {
         by_root.entry(s.0[0].as_str()).or_default().push(s);
@@ -133,15 +148,25 @@ fn per_thread_splits_are_exact() {
     for (root, stacks) in &by_root {
         let (split, total) = split_of(stacks.iter().copied());
         if total > 0 {
-            assert!(root.starts_with(&format!("splitmain-{pid}/")), "root {root}");
+            assert!(
+                root.starts_with(&format!("splitmain-{pid}/")),
+                "root {root}"
+            );
             splits.push((split, total));
         }
     }
     assert_eq!(splits.len(), 2, "two worker threads expected: {by_root:?}");
     for (split, total) in &splits {
-        assert!(*total >= 2_000_000_000, "only {total} ns sampled for a thread");
+        assert!(
+            *total >= SPLIT_MIN_NS,
+            "only {total} ns sampled for a thread"
+        );
         // Worker 1 runs a/b/c at 50/30/20, worker 2 at 20/30/50.
-        let want = if split[0] > split[2] { [50.0, 30.0, 20.0] } else { [20.0, 30.0, 50.0] };
+        let want = if split[0] > split[2] {
+            [50.0, 30.0, 20.0]
+        } else {
+            [20.0, 30.0, 50.0]
+        };
         assert_split("per thread", *split, want);
     }
 }
@@ -149,14 +174,21 @@ fn per_thread_splits_are_exact() {
 #[test]
 fn thread_names_are_labels_in_pprof() {
     require_bpf!();
-    let mut workload = Proc::spawn(
-        Command::new(build_workload("cpu_split", FLAGS)).args(["2", "threads"]),
-    );
+    let mut workload =
+        Proc::spawn(Command::new(build_workload("cpu_split", FLAGS)).args(["2", "0", "threads"]));
     workload.expect_line("ready");
     let pid = workload.pid().to_string();
     let out = out_file(&format!("names-{pid}.pb.gz"));
     let (prof, _) = start_prof_bpf(
-        &["cpu", "--pid", &pid, "-F", "999", "-o", out.to_str().unwrap()],
+        &[
+            "cpu",
+            "--pid",
+            &pid,
+            "-F",
+            "999",
+            "-o",
+            out.to_str().unwrap(),
+        ],
         "sampling",
     );
     workload.send_line("go");
@@ -177,7 +209,15 @@ fn syscall_heavy_workload_has_kernel_frames() {
     let pid = workload.pid().to_string();
     let out = out_file(&format!("syscalls-{pid}.folded"));
     let (prof, _) = start_prof_bpf(
-        &["cpu", "--pid", &pid, "-F", "999", "-o", out.to_str().unwrap()],
+        &[
+            "cpu",
+            "--pid",
+            &pid,
+            "-F",
+            "999",
+            "-o",
+            out.to_str().unwrap(),
+        ],
         "sampling",
     );
     workload.send_line("go");
@@ -197,8 +237,14 @@ fn syscall_heavy_workload_has_kernel_frames() {
         .sum();
     assert!(total > 0, "no samples");
     // Reading /dev/zero spends most of its time clearing user memory.
-    assert!(kernel * 2 >= total, "kernel frames in {kernel} of {total} ns");
-    assert!(read_path * 2 >= total, "read syscall frames in {read_path} of {total} ns");
+    assert!(
+        kernel * 2 >= total,
+        "kernel frames in {kernel} of {total} ns"
+    );
+    assert!(
+        read_path * 2 >= total,
+        "read syscall frames in {read_path} of {total} ns"
+    );
     // The user side of kernel samples is there too: the kernel frames sit
     // on top of the user stack.
     let with_user: u64 = stacks
@@ -206,7 +252,10 @@ fn syscall_heavy_workload_has_kernel_frames() {
         .filter(|(f, _)| f.iter().any(|x| x.ends_with("_[k]")) && f.iter().any(|x| x == "main"))
         .map(|(_, v)| v)
         .sum();
-    assert!(with_user * 2 >= kernel, "user frames under kernel frames in {with_user} of {kernel} ns");
+    assert!(
+        with_user * 2 >= kernel,
+        "user frames under kernel frames in {with_user} of {kernel} ns"
+    );
     drop(workload.wait_output(Duration::from_secs(10)));
 }
 
@@ -226,7 +275,10 @@ fn short_lived_process_is_named_and_symbolized() {
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(prof.id() as i32, libc::SIGINT) };
     let status = prof.wait_with_output().expect("wait").status;
-    assert!(status.success(), "prof-bpf cpu failed on Ctrl-C: {status:?}");
+    assert!(
+        status.success(),
+        "prof-bpf cpu failed on Ctrl-C: {status:?}"
+    );
     let stacks = parse_folded(&std::fs::read_to_string(&out).expect("read output"));
     // comm is the executable's name, cut at 15 bytes.
     let name = program.file_name().unwrap().to_str().unwrap();
@@ -242,7 +294,10 @@ fn short_lived_process_is_named_and_symbolized() {
         .filter(|(f, _)| f.iter().any(|x| x == "short_lived_work") && f.iter().any(|x| x == "main"))
         .map(|(_, v)| v)
         .sum();
-    assert!(symbolized * 10 >= total * 8, "short_lived_work/main in {symbolized} of {total} ns");
+    assert!(
+        symbolized * 10 >= total * 8,
+        "short_lived_work/main in {symbolized} of {total} ns"
+    );
 }
 
 fn go_pprof(args: &[&str], file: &Path) -> String {
@@ -263,12 +318,21 @@ fn go_pprof(args: &[&str], file: &Path) -> String {
 #[test]
 fn pprof_file_is_read_by_go_pprof() {
     require_bpf!();
-    let mut workload = Proc::spawn(Command::new(build_workload("cpu_split", FLAGS)).arg("3"));
+    let mut workload =
+        Proc::spawn(Command::new(build_workload("cpu_split", FLAGS)).args(["3", "0"]));
     workload.expect_line("ready");
     let pid = workload.pid().to_string();
     let out = out_file(&format!("split-{pid}.pb.gz"));
     let (prof, _) = start_prof_bpf(
-        &["cpu", "--pid", &pid, "-F", "999", "-o", out.to_str().unwrap()],
+        &[
+            "cpu",
+            "--pid",
+            &pid,
+            "-F",
+            "999",
+            "-o",
+            out.to_str().unwrap(),
+        ],
         "sampling",
     );
     workload.send_line("go");
@@ -276,10 +340,16 @@ fn pprof_file_is_read_by_go_pprof() {
     assert!(prof.wait_with_output().expect("wait").status.success());
     let top = go_pprof(&["-top", "-sample_index=cpu"], &out);
     for f in ["burn", "func_a", "func_b", "func_c", "main"] {
-        assert!(top.contains(f), "{f} missing from go tool pprof -top:\n{top}");
+        assert!(
+            top.contains(f),
+            "{f} missing from go tool pprof -top:\n{top}"
+        );
     }
     // burn is the leaf of nearly everything: its flat share dominates.
-    let burn = top.lines().find(|l| l.trim_end().ends_with(" burn")).expect("burn line");
+    let burn = top
+        .lines()
+        .find(|l| l.trim_end().ends_with(" burn"))
+        .expect("burn line");
     let flat_pct: f64 = burn
         .split_whitespace()
         .nth(1)

@@ -3,9 +3,11 @@
 // are 50%, 30% and 20% whatever the machine. Unit sizes are pseudo-random so
 // the switching is not locked to any sampling period.
 //
-// usage: cpu_split SECONDS [threads]
-//   one thread (named "splitmain"), or with "threads" two workers named
-//   "split-w1" (a/b/c = 50/30/20) and "split-w2" (a/b/c = 20/30/50).
+// usage: cpu_split SECONDS MIN_CPU_SECONDS [threads]
+//   runs for at least SECONDS of wall time and, on a busy machine, until
+//   each worker has had MIN_CPU_SECONDS of CPU; one thread (named
+//   "splitmain"), or with "threads" two workers named "split-w1"
+//   (a/b/c = 50/30/20) and "split-w2" (a/b/c = 20/30/50).
 // Prints "ready", waits for a line on stdin, runs, prints "done".
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -28,9 +30,9 @@ __attribute__((noinline)) void func_a(uint64_t n) { sink = burn(n, sink); }
 __attribute__((noinline)) void func_b(uint64_t n) { sink = burn(n, sink + 1); }
 __attribute__((noinline)) void func_c(uint64_t n) { sink = burn(n, sink + 2); }
 
-static double now(void) {
+static double clock_seconds(clockid_t clock) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(clock, &ts);
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
@@ -38,14 +40,16 @@ struct job {
     const char *name;
     int shares[3];
     double seconds;
+    double cpu_seconds;
 };
 
 static void *run(void *arg) {
     struct job *job = arg;
     prctl(PR_SET_NAME, job->name);
     uint64_t rng = (uintptr_t)job ^ 0x9e3779b97f4a7c15ULL;
-    double end = now() + job->seconds;
-    while (now() < end) {
+    double end = clock_seconds(CLOCK_MONOTONIC) + job->seconds;
+    double cpu_end = clock_seconds(CLOCK_THREAD_CPUTIME_ID) + job->cpu_seconds;
+    while (clock_seconds(CLOCK_MONOTONIC) < end || clock_seconds(CLOCK_THREAD_CPUTIME_ID) < cpu_end) {
         // 20k..60k iterations per unit: tens of microseconds, varying.
         rng = rng * 6364136223846793005ULL + 1;
         uint64_t unit = 20000 + (rng >> 33) % 40000;
@@ -58,7 +62,8 @@ static void *run(void *arg) {
 
 int main(int argc, char **argv) {
     double seconds = argc > 1 ? atof(argv[1]) : 10;
-    int threads = argc > 2 && strcmp(argv[2], "threads") == 0;
+    double cpu_seconds = argc > 2 ? atof(argv[2]) : 0;
+    int threads = argc > 3 && strcmp(argv[3], "threads") == 0;
     prctl(PR_SET_NAME, "splitmain");
     printf("ready\n");
     fflush(stdout);
@@ -67,10 +72,11 @@ int main(int argc, char **argv) {
     if (!fgets(line, sizeof line, stdin))
         return 1;
     if (!threads) {
-        struct job job = {"splitmain", {5, 3, 2}, seconds};
+        struct job job = {"splitmain", {5, 3, 2}, seconds, cpu_seconds};
         run(&job);
     } else {
-        struct job jobs[2] = {{"split-w1", {5, 3, 2}, seconds}, {"split-w2", {2, 3, 5}, seconds}};
+        struct job jobs[2] = {{"split-w1", {5, 3, 2}, seconds, cpu_seconds},
+                              {"split-w2", {2, 3, 5}, seconds, cpu_seconds}};
         pthread_t t[2];
         for (int i = 0; i < 2; i++)
             pthread_create(&t[i], NULL, run, &jobs[i]);

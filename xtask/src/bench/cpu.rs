@@ -58,7 +58,8 @@ pub fn run() -> anyhow::Result<()> {
     }
     util::build_release()?;
     let prof_bpf = util::root().join("target/release/prof-bpf");
-    let spin = prof_bpf_tests::build_workload("cpu_spin", &["-O2", "-g", "-fno-omit-frame-pointer"]);
+    let spin =
+        prof_bpf_tests::build_workload("cpu_spin", &["-O2", "-g", "-fno-omit-frame-pointer"]);
     let headers = bcc_kernel_headers()?;
     let scratch = util::root().join("target/bench-cpu");
     std::fs::create_dir_all(&scratch)?;
@@ -75,7 +76,8 @@ pub fn run() -> anyhow::Result<()> {
                 tool.name(),
                 hz,
                 m.agent_cpu,
-                m.bpf_cpu.map_or("-".to_owned(), |b| format!("{b:.4} CPU s/s")),
+                m.bpf_cpu
+                    .map_or("-".to_owned(), |b| format!("{b:.4} CPU s/s")),
                 m.slowdown
             );
             results.push(m);
@@ -102,7 +104,8 @@ pub fn run() -> anyhow::Result<()> {
             m.tool.name(),
             m.hz,
             m.agent_cpu * 100.0,
-            m.bpf_cpu.map_or("-".to_owned(), |b| format!("{:.3}", b * 100.0)),
+            m.bpf_cpu
+                .map_or("-".to_owned(), |b| format!("{:.3}", b * 100.0)),
             slowdown,
             match perf {
                 Some(p) if p > 0.0 => format!("{:.2}x", m.agent_cpu / p),
@@ -110,7 +113,9 @@ pub fn run() -> anyhow::Result<()> {
             }
         );
     }
-    println!("\nagent CPU %: percent of one core used by the profiler process while 2 threads are busy");
+    println!(
+        "\nagent CPU %: percent of one core used by the profiler process while 2 threads are busy"
+    );
     println!("goal: prof-bpf under 1% at 99 Hz, and below perf at equal frequency");
     Ok(())
 }
@@ -158,20 +163,35 @@ fn measure(
         }
         Tool::Perf => {
             let mut c = Command::new("perf");
-            c.args(["record", "-e", "cpu-clock", "-F", &hz_arg, "-a", "-g", "-q", "-o"])
-                .arg(scratch.join(format!("perf-{hz}.data")));
+            c.args([
+                "record",
+                "-e",
+                "cpu-clock",
+                "-F",
+                &hz_arg,
+                "-a",
+                "-g",
+                "-q",
+                "-o",
+            ])
+            .arg(scratch.join(format!("perf-{hz}.data")));
             c
         }
         Tool::Bcc => {
             let mut c = Command::new("profile-bpfcc");
-            c.args(["-F", &hz_arg, "-f"]).env("BCC_KERNEL_SOURCE", headers);
+            c.args(["-F", &hz_arg, "-f"])
+                .env("BCC_KERNEL_SOURCE", headers);
             c
         }
     };
     let mut profiler = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(if tool == Tool::ProfBpf { Stdio::piped() } else { Stdio::null() })
+        .stderr(if tool == Tool::ProfBpf {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .spawn()
         .with_context(|| format!("starting {}", tool.name()))?;
     wait_until_sampling(tool, &mut profiler)?;
@@ -258,7 +278,10 @@ fn perf_event_fds(pid: u32) -> usize {
 fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("malformed stat")?;
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed stat")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15; `rest` starts at field 3.
     let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
@@ -278,7 +301,10 @@ fn bpf_run_time(pid: u32) -> Option<f64> {
             continue;
         };
         // BPF_PROG_TYPE_PERF_EVENT is 7.
-        if !info.lines().any(|l| l.split_whitespace().eq(["prog_type:", "7"])) {
+        if !info
+            .lines()
+            .any(|l| l.split_whitespace().eq(["prog_type:", "7"]))
+        {
             continue;
         }
         if let Some(ns) = info
@@ -348,7 +374,10 @@ fn bcc_kernel_headers() -> anyhow::Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&tree);
     std::fs::create_dir_all(&tree)?;
     util::run(
-        Command::new("cp").arg("-rs").arg(format!("{}/.", common.display())).arg(&tree),
+        Command::new("cp")
+            .arg("-rs")
+            .arg(format!("{}/.", common.display()))
+            .arg(&tree),
         "linking the common kernel headers",
     )?;
     util::run(
