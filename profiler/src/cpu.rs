@@ -236,6 +236,7 @@ async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<
         kthreads: HashMap::new(),
         kernel_stacks: HashMap::new(),
         user_stacks: HashMap::new(),
+        user_stacks_read: Vec::new(),
         resnapshots: Vec::new(),
         tables,
         whole_host: settings.pids.is_empty(),
@@ -377,10 +378,15 @@ struct State {
     exited: HashSet<u32>,
     /// Whether each process is a kernel thread (no user memory).
     kthreads: HashMap<u32, bool>,
-    /// Stacks read so far, by id (an id always names the same stack: the
-    /// maps are never cleared during a session).
+    /// Kernel stacks read so far, by id. The kernel's stack map is never
+    /// cleared during a session, so an id always names the same stack.
     kernel_stacks: HashMap<u32, Vec<u64>>,
-    user_stacks: HashMap<u64, UserStack>,
+    /// User stacks read so far: frames and status by id. The id is a hash
+    /// of the content, so the entry stays right after the map's copy is
+    /// deleted (see [`Sampler::drain`]).
+    user_stacks: HashMap<u64, (Vec<u64>, u32)>,
+    /// User stacks read from the map during the current drain.
+    user_stacks_read: Vec<u64>,
     /// Mapping reads scheduled after an exec.
     resnapshots: Vec<(tokio::time::Instant, u32)>,
     /// The unwinder's tables of the sampled processes.
@@ -665,6 +671,14 @@ impl Sampler {
         for (key, counts) in entries {
             self.add_sample(state, &key, &counts);
         }
+        // The user stacks read are cached here by their content hash, so
+        // the map's copies can go: the map then only holds the stacks of
+        // the current interval and never fills up on long sessions. A
+        // sample already counted under a deleted id finds it in the cache;
+        // a new sample with that stack stores it again.
+        for id in std::mem::take(&mut state.user_stacks_read) {
+            let _ = self.user_stacks.remove(&id);
+        }
         Ok(())
     }
 
@@ -680,14 +694,14 @@ impl Sampler {
         };
         let (user, user_status) = if key.flags & KEY_USER_STACK != 0 {
             match self.user_stack(state, key.user_stack) {
-                Some(stack)
-                    if stack.status == STACK_MISSING && stack.len == 0 && state.is_kthread(pid) =>
+                Some((frames, status))
+                    if status == STACK_MISSING && frames.is_empty() && state.is_kthread(pid) =>
                 {
                     (Vec::new(), StackStatus::Complete)
                 }
-                Some(stack) => (
-                    stack.frames().to_vec(),
-                    match stack.status {
+                Some((frames, status)) => (
+                    frames,
+                    match status {
                         STACK_COMPLETE => StackStatus::Complete,
                         STACK_TRUNCATED => StackStatus::Truncated,
                         _ => StackStatus::Missing,
@@ -738,13 +752,15 @@ impl Sampler {
         }
     }
 
-    fn user_stack(&self, state: &mut State, id: u64) -> Option<UserStack> {
+    fn user_stack(&self, state: &mut State, id: u64) -> Option<(Vec<u64>, u32)> {
         if let Some(stack) = state.user_stacks.get(&id) {
-            return Some(*stack);
+            return Some(stack.clone());
         }
         let stack = self.user_stacks.get(&id, 0).ok()?;
-        state.user_stacks.insert(id, stack);
-        Some(stack)
+        let entry = (stack.frames().to_vec(), stack.status);
+        state.user_stacks.insert(id, entry.clone());
+        state.user_stacks_read.push(id);
+        Some(entry)
     }
 
     fn stats(&self) -> anyhow::Result<Stats> {

@@ -414,3 +414,44 @@ fn non_root_is_one_line_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_one_line_error(&stderr, out.status.code().unwrap_or(-1), "must run as root");
 }
+
+#[test]
+fn interval_prints_top_tables() {
+    require_bpf!();
+    let mut workload =
+        Proc::spawn(Command::new(build_workload("cpu_split", FLAGS)).args(["4", "0"]));
+    workload.expect_line("ready");
+    let pid = workload.pid().to_string();
+    let out = out_file(&format!("interval-{pid}.folded"));
+    workload.send_line("go");
+    let (stdout, stderr, code) = run_prof_bpf(&[
+        "cpu",
+        "--pid",
+        &pid,
+        "-F",
+        "999",
+        "--duration",
+        "2.5",
+        "--interval",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "prof-bpf cpu failed: {stderr}");
+    // One table per full interval, each led by its time and headed like pprof -top.
+    let tables = stdout.lines().filter(|l| l.starts_with("--- ")).count();
+    assert!(tables >= 2, "expected 2 interval tables:\n{stdout}");
+    let headers = stdout
+        .lines()
+        .filter(|l| l.contains("flat%") && l.contains("cum%"))
+        .count();
+    assert_eq!(headers, tables, "a header per table:\n{stdout}");
+    assert!(
+        stdout.contains(" burn"),
+        "burn missing from the tables:\n{stdout}"
+    );
+    // The final report still goes to the file.
+    let stacks = parse_folded(&std::fs::read_to_string(&out).expect("read output"));
+    assert!(stacks.iter().any(|(f, _)| f.iter().any(|x| x == "burn")));
+    drop(workload.wait_output(Duration::from_secs(20)));
+}
