@@ -419,7 +419,7 @@ fn non_root_is_one_line_error() {
 fn interval_prints_top_tables() {
     require_bpf!();
     let mut workload =
-        Proc::spawn(Command::new(build_workload("cpu_split", FLAGS)).args(["4", "0"]));
+        Proc::spawn(Command::new(build_workload("cpu_split", FLAGS)).args(["6", "0"]));
     workload.expect_line("ready");
     let pid = workload.pid().to_string();
     let out = out_file(&format!("interval-{pid}.folded"));
@@ -438,7 +438,8 @@ fn interval_prints_top_tables() {
         out.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "prof-bpf cpu failed: {stderr}");
-    // One table per full interval, each led by its time and headed like pprof -top.
+    // A table per interval (a busy machine may delay some), each led by its
+    // time and headed like pprof -top.
     let tables = stdout.lines().filter(|l| l.starts_with("--- ")).count();
     assert!(tables >= 2, "expected 2 interval tables:\n{stdout}");
     let headers = stdout
