@@ -11,7 +11,7 @@
 use std::{
     collections::{HashMap, HashSet},
     path::Path,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -240,6 +240,8 @@ async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<
         resnapshots: Vec::new(),
         tables,
         whole_host: settings.pids.is_empty(),
+        table_budget: Budget::new(),
+        interval_samples: HashMap::new(),
     };
 
     let scope = if settings.pids.is_empty() {
@@ -298,8 +300,8 @@ async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<
         let next_resnapshot = state.resnapshots.iter().map(|(at, _)| *at).min();
         tokio::select! {
             _ = tick.tick() => {
-                state.update_tables();
                 sampler.drain(&mut state)?;
+                state.update_tables();
                 if let Some(collector) = state.interval.take() {
                     state.interval = Some(new_collector());
                     print_interval(collector, &output_args, started.elapsed())?;
@@ -393,6 +395,47 @@ struct State {
     tables: Tables,
     /// Sampling every process (no `--pid`).
     whole_host: bool,
+    /// CPU time left for building unwind tables.
+    table_budget: Budget,
+    /// Samples per process in the last drain.
+    interval_samples: HashMap<u32, u64>,
+}
+
+/// Share of one core that building unwind tables may use on average in a
+/// whole-host session.
+const TABLE_BUDGET_SHARE: f64 = 0.005;
+/// Time that may be spent at once (start-up, or a large object).
+const TABLE_BUDGET_BURST: Duration = Duration::from_millis(500);
+/// Samples in an interval before a process is worth tables (whole host).
+const TABLE_MIN_SAMPLES: u64 = 2;
+
+/// A token bucket of CPU time: refills at a share of wall time, may go
+/// into debt by one large piece of work, which later work then waits out.
+struct Budget {
+    /// Seconds available (negative: debt).
+    seconds: f64,
+    refilled: Instant,
+}
+
+impl Budget {
+    fn new() -> Self {
+        Self {
+            seconds: TABLE_BUDGET_BURST.as_secs_f64(),
+            refilled: Instant::now(),
+        }
+    }
+
+    fn available(&mut self) -> bool {
+        let now = Instant::now();
+        let earned = (now - self.refilled).as_secs_f64() * TABLE_BUDGET_SHARE;
+        self.seconds = (self.seconds + earned).min(TABLE_BUDGET_BURST.as_secs_f64());
+        self.refilled = now;
+        self.seconds > 0.0
+    }
+
+    fn spend(&mut self, used: Duration) {
+        self.seconds -= used.as_secs_f64();
+    }
 }
 
 impl State {
@@ -406,17 +449,31 @@ impl State {
 
     /// Gives unwind tables to the sampled processes that have none yet
     /// (their walks asked for them) and refreshes those that mapped new
-    /// code. Whole-host sessions build tables only for processes that are
-    /// actually sampled.
+    /// code. With `--pid` every target gets them; a whole-host session
+    /// gives them to the busiest processes of the last interval first, and
+    /// only within [`TABLE_BUDGET_SHARE`] of one core on average, since
+    /// compiling the CFI of large objects costs far more than sampling.
+    /// Processes left out keep frame-pointer stacks (cut stacks are shown
+    /// as such) and are considered again at the next interval.
     fn update_tables(&mut self) {
-        for pid in self.tables.poll() {
-            if self.exited.contains(&pid) {
+        let started = Instant::now();
+        let mut unknown = self.tables.poll();
+        self.table_budget.spend(started.elapsed());
+        unknown.retain(|pid| !self.exited.contains(pid));
+        let busy = |pid: &u32| self.interval_samples.get(pid).copied().unwrap_or(0);
+        unknown.sort_by_key(|pid| std::cmp::Reverse(busy(pid)));
+        for pid in unknown {
+            if self.whole_host && (busy(&pid) < TABLE_MIN_SAMPLES || !self.table_budget.available())
+            {
                 continue;
             }
+            let started = Instant::now();
             if let Err(err) = self.tables.add_process(pid) {
                 debug!("no unwind tables for pid {pid}: {err:#}");
             }
+            self.table_budget.spend(started.elapsed());
         }
+        self.interval_samples.clear();
     }
 
     fn resnapshot_due(&mut self) {
@@ -684,6 +741,7 @@ impl Sampler {
 
     fn add_sample(&self, state: &mut State, key: &SampleKey, counts: &SampleCounts) {
         let pid = key.pid;
+        *state.interval_samples.entry(pid).or_default() += counts.samples;
         if pid != 0 && !state.noted.contains(&pid) && !state.exited.contains(&pid) {
             state.note_process(pid);
         }
