@@ -553,10 +553,10 @@ fn read_task_events(ring: &mut RingBuf<MapData>, state: &mut State) {
                 state.exited.remove(&event.pid);
                 state.kthreads.insert(event.pid, false);
                 state.note_process(event.pid);
-                if state.tables.has_process(event.pid) || !state.whole_host {
-                    if let Err(err) = state.tables.refresh_process(event.pid) {
-                        debug!("unwind tables of pid {} after exec: {err:#}", event.pid);
-                    }
+                if (state.tables.has_process(event.pid) || !state.whole_host)
+                    && let Err(err) = state.tables.refresh_process(event.pid)
+                {
+                    debug!("unwind tables of pid {} after exec: {err:#}", event.pid);
                 }
                 let now = tokio::time::Instant::now();
                 for delay in EXEC_RESNAPSHOTS {
