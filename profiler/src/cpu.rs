@@ -405,7 +405,7 @@ struct State {
 /// whole-host session.
 const TABLE_BUDGET_SHARE: f64 = 0.005;
 /// Time that may be spent at once (start-up, or a large object).
-const TABLE_BUDGET_BURST: Duration = Duration::from_millis(500);
+const TABLE_BUDGET_BURST: Duration = Duration::from_millis(200);
 /// Samples in an interval before a process is worth tables (whole host).
 const TABLE_MIN_SAMPLES: u64 = 2;
 
@@ -456,6 +456,12 @@ impl State {
     /// Processes left out keep frame-pointer stacks (cut stacks are shown
     /// as such) and are considered again at the next interval.
     fn update_tables(&mut self) {
+        // Whole host: even refreshing known processes (dlopen) compiles
+        // new objects, so polling waits for the budget too.
+        if self.whole_host && !self.table_budget.available() {
+            self.interval_samples.clear();
+            return;
+        }
         let started = Instant::now();
         let mut unknown = self.tables.poll();
         self.table_budget.spend(started.elapsed());
@@ -553,9 +559,12 @@ fn read_task_events(ring: &mut RingBuf<MapData>, state: &mut State) {
                 state.exited.remove(&event.pid);
                 state.kthreads.insert(event.pid, false);
                 state.note_process(event.pid);
-                if (state.tables.has_process(event.pid) || !state.whole_host)
-                    && let Err(err) = state.tables.refresh_process(event.pid)
-                {
+                // The old program's tables are useless now. A target gets
+                // the new ones at once; on the whole host, the process waits
+                // its turn within the budget like any other.
+                if state.whole_host {
+                    state.tables.remove_process(event.pid);
+                } else if let Err(err) = state.tables.refresh_process(event.pid) {
                     debug!("unwind tables of pid {} after exec: {err:#}", event.pid);
                 }
                 let now = tokio::time::Instant::now();
