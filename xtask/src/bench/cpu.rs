@@ -22,8 +22,12 @@ use anyhow::{Context as _, bail};
 
 use crate::util;
 
-/// Work per thread, in millions of iterations (a few seconds per thread).
-const WORK: &str = "2000";
+/// Work per thread, in millions of iterations (about ten seconds per thread).
+const WORK: &str = "4000";
+/// Time from the start of sampling to the start of the measured window:
+/// start-up work (attaching, the first unwind tables) is a one-off cost,
+/// not the steady cost this benchmark reports.
+const WARM_UP: Duration = Duration::from_secs(3);
 const THREADS: &str = "2";
 const FREQUENCIES: [u32; 2] = [99, 999];
 
@@ -249,8 +253,7 @@ fn wait_until_sampling(tool: Tool, child: &mut Child) -> anyhow::Result<()> {
             None => perf_event_fds(child.id()) >= cpus,
         };
         if ready {
-            // Let start-up work (symbol loading, map reads) finish.
-            std::thread::sleep(Duration::from_secs(1));
+            std::thread::sleep(WARM_UP);
             return Ok(());
         }
         if Instant::now() > deadline {
