@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod count;
+pub mod hooks;
 
 /// Implements aya's `Pod` for user space (feature `user`), so maps holding
 /// these types can be read with aya.
