@@ -30,7 +30,7 @@ impl SpinLock {
         let mut spins = 0u32;
         loop {
             while self.locked.load(Ordering::Relaxed) {
-                if spins < 64 {
+                if spins < 256 {
                     core::hint::spin_loop();
                     spins += 1;
                 } else {

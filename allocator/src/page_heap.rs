@@ -42,6 +42,8 @@ struct Heap {
     meta_end: usize,
     /// Pages freed into the heap since the last rate-driven release.
     release_credit: usize,
+    /// Release epochs so far (see `deallocate`).
+    epoch: u64,
     free_normal_pages: usize,
     free_returned_pages: usize,
 }
@@ -59,6 +61,7 @@ static HEAP: HeapCell = HeapCell(core::cell::UnsafeCell::new(Heap {
     meta_next: 0,
     meta_end: 0,
     release_credit: 0,
+    epoch: 2,
     free_normal_pages: 0,
     free_returned_pages: 0,
 }));
@@ -116,12 +119,13 @@ pub unsafe fn deallocate(s: *mut Span) {
         h.release_credit += n;
         let rate = RELEASE_BYTES.load(core::sync::atomic::Ordering::Relaxed) >> PAGE_SHIFT;
         if rate != 0 && h.release_credit >= rate {
+            // An epoch ends each time `rate` pages were freed into the
+            // heap; spans that stayed free for two whole epochs are idle
+            // and go back to the OS. Busy spans are reused (LIFO) before
+            // they get that old, so churn never pays for madvise.
             h.release_credit = 0;
-            // Keep half of the resident free pages (at least 1 MiB) for reuse.
-            let keep = (h.free_normal_pages / 2).max(MIN_GROW_PAGES);
-            if h.free_normal_pages > keep {
-                release_locked(h.free_normal_pages - keep);
-            }
+            h.epoch += 1;
+            release_idle_locked(h.epoch - 2);
         }
     }
     LOCK.unlock();
@@ -166,6 +170,35 @@ unsafe fn release_locked(want: usize) -> usize {
     }
     stats::RELEASED_BYTES.add(done << PAGE_SHIFT);
     done
+}
+
+/// Releases resident free spans last freed in epoch `before` or earlier.
+///
+/// # Safety
+/// LOCK must be held.
+unsafe fn release_idle_locked(before: u64) {
+    // SAFETY: LOCK is held (caller contract).
+    let h = unsafe { heap() };
+    let mut released = 0;
+    for i in 0..LISTS {
+        let mut s = h.normal[i].head;
+        while !s.is_null() {
+            // SAFETY: spans on heap lists are live; `next` is read before
+            // the span moves to another list.
+            unsafe {
+                let next = (*s).next;
+                if (*s).free_epoch <= before {
+                    remove_free(s);
+                    os::release((*s).start_addr() as *mut u8, (*s).npages << PAGE_SHIFT);
+                    released += (*s).npages;
+                    (*s).returned = true;
+                    insert_free(s);
+                }
+                s = next;
+            }
+        }
+    }
+    stats::RELEASED_BYTES.add(released << PAGE_SHIFT);
 }
 
 /// # Safety
@@ -385,6 +418,7 @@ unsafe fn insert_free(s: *mut Span) {
         pagemap::set_span((*s).start, s);
         pagemap::set_span((*s).start + (*s).npages - 1, s);
         let h = heap();
+        (*s).free_epoch = h.epoch;
         let i = (*s).npages.min(LISTS - 1);
         if (*s).returned {
             h.returned[i].push(s);

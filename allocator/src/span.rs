@@ -30,6 +30,8 @@ pub struct Span {
     /// Huge: also the mapping's base address is `base`.
     pub requested: usize,
     pub base: usize,
+    /// Free: the page heap's release epoch when it was last freed.
+    pub free_epoch: u64,
     /// Small: objects handed out of the span.
     pub allocated: u32,
     pub class: u8,
@@ -52,6 +54,7 @@ impl Span {
             limit: 0,
             requested: 0,
             base: 0,
+            free_epoch: 0,
             allocated: 0,
             class: 0,
             state: 0,
