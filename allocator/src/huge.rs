@@ -72,6 +72,7 @@ pub fn alloc(size: usize, align: usize, sampled: bool) -> *mut u8 {
     }
     pagemap::set_span(user >> PAGE_SHIFT, s);
     stats::HUGE_BYTES.add(len);
+    stats::HUGE_OBJECTS.add(1);
     user as *mut u8
 }
 
@@ -103,6 +104,7 @@ pub unsafe fn free(s: *mut Span) {
         let len = (*s).npages;
         pagemap::set_span(user(s) >> PAGE_SHIFT, ptr::null_mut());
         stats::HUGE_BYTES.sub(len);
+        stats::HUGE_OBJECTS.sub(1);
         os::unmap((*s).base as *mut u8, len);
     }
 }

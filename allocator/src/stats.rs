@@ -54,6 +54,8 @@ pub static SMALL_SPAN_BYTES: Counter = Counter::new();
 pub static LARGE_BYTES: Counter = Counter::new();
 /// Huge mappings, in bytes (including their header page).
 pub static HUGE_BYTES: Counter = Counter::new();
+/// Huge objects alive.
+pub static HUGE_OBJECTS: Counter = Counter::new();
 /// Per class: objects handed out of the central lists (to the transfer
 /// cache, thread caches or the program).
 pub static OUTSTANDING: [Counter; NUM_CLASSES] = [const { Counter::new() }; NUM_CLASSES];
@@ -68,7 +70,7 @@ pub static SAMPLED: Counter = Counter::new();
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Held by the program: small objects at their class size, large
-    /// objects at their page-rounded size, huge ones at their mapping size.
+    /// objects at their page-rounded size, huge ones at their usable size.
     pub in_use: u64,
     /// Free objects in thread caches.
     pub thread_caches: u64,
@@ -103,7 +105,8 @@ pub fn stats() -> Stats {
     let small_in_use = outstanding.saturating_sub(transfer + thread);
     let central = SMALL_SPAN_BYTES.load().saturating_sub(outstanding) + transfer;
     Stats {
-        in_use: (small_in_use + LARGE_BYTES.load() + HUGE_BYTES.load()) as u64,
+        in_use: (small_in_use + LARGE_BYTES.load() + HUGE_BYTES.load()
+            - HUGE_OBJECTS.load() * crate::huge::HEADER) as u64,
         thread_caches: thread as u64,
         central: central as u64,
         page_heap: (free_normal << size_class::PAGE_SHIFT) as u64,
