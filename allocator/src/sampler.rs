@@ -26,7 +26,7 @@ pub extern "C" fn profalloc_sample_alloc(ptr: *mut libc::c_void, size: usize, we
     // function keeps its body and its call sites.
     unsafe {
         core::arch::asm!("/* {0} {1} {2} */", in(reg) ptr, in(reg) size, in(reg) weight,
-            options(nomem, nostack, preserves_flags));
+            options(nostack, preserves_flags));
     }
 }
 
@@ -36,7 +36,7 @@ pub extern "C" fn profalloc_sample_alloc(ptr: *mut libc::c_void, size: usize, we
 pub extern "C" fn profalloc_sample_free(ptr: *mut libc::c_void) {
     // SAFETY: as above.
     unsafe {
-        core::arch::asm!("/* {0} */", in(reg) ptr, options(nomem, nostack, preserves_flags));
+        core::arch::asm!("/* {0} */", in(reg) ptr, options(nostack, preserves_flags));
     }
 }
 
