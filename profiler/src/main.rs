@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Count malloc and free calls of a running process (calls and bytes per second).
     Count(profiler::count::CountArgs),
+    /// Show a saved profile (pprof, gperftools heap or CPU profile) in any format.
+    Report(profiler::report::ReportArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Count(args) => profiler::count::run(args),
+        Command::Report(args) => profiler::report::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
