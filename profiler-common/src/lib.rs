@@ -8,6 +8,9 @@
 
 pub mod count;
 pub mod hooks;
+pub mod stack;
+pub mod unwind;
+pub mod unwind_test;
 
 /// Implements aya's `Pod` for user space (feature `user`), so maps holding
 /// these types can be read with aya.

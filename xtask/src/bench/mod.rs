@@ -2,8 +2,10 @@
 //! the peers (Debian packages) in the same run and print ratios.
 mod alloc;
 
+mod unwind;
+
 /// Benchmark names, in the order `cargo xtask help` lists them.
-pub const NAMES: &[&str] = &["alloc"];
+pub const NAMES: &[&str] = &["alloc", "unwind"];
 
 #[allow(clippy::match_single_binding, reason = "each benchmark adds an arm")]
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -13,6 +15,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     crate::setup::run()?;
     match name.as_str() {
         "alloc" => alloc::run(),
+        "unwind" => unwind::run(),
         other => anyhow::bail!("unknown benchmark `{other}`; one of: {}", NAMES.join(", ")),
     }
 }
