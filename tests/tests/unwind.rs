@@ -205,7 +205,7 @@ fn cpu_stacks_of_c_without_frame_pointers() {
         Some("_start"),
         C_CHAIN,
         true,
-        300,
+        100,
     );
 }
 
@@ -288,7 +288,7 @@ fn cpu_stacks_of_cxx_without_frame_pointers() {
         Some("_start"),
         CC_CHAIN,
         false,
-        300,
+        100,
     );
 }
 
