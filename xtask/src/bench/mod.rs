@@ -1,8 +1,9 @@
 //! `cargo xtask bench <name>`: benchmarks that run prof-bpf or profalloc and
 //! the peers (Debian packages) in the same run and print ratios.
+mod symbolize;
 
 /// Benchmark names, in the order `cargo xtask help` lists them.
-pub const NAMES: &[&str] = &[];
+pub const NAMES: &[&str] = &["symbolize"];
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let Some(name) = args.first() else {
@@ -10,6 +11,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     };
     crate::setup::run()?;
     match name.as_str() {
+        "symbolize" => symbolize::run(),
         other => anyhow::bail!("unknown benchmark `{other}`; one of: {}", NAMES.join(", ")),
     }
 }
