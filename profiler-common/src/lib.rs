@@ -7,6 +7,10 @@
 #![no_std]
 
 pub mod count;
+pub mod hooks;
+pub mod stack;
+pub mod unwind;
+pub mod unwind_test;
 
 /// Implements aya's `Pod` for user space (feature `user`), so maps holding
 /// these types can be read with aya.

@@ -3,6 +3,9 @@
 #![no_main]
 
 mod count;
+pub mod stack;
+mod unwind;
+mod unwind_test;
 
 #[cfg(not(test))]
 #[panic_handler]

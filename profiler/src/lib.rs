@@ -7,6 +7,7 @@
 //! - [`profile`]: the one profile model; [`symbolize`]: addresses to names;
 //!   [`output`]: its writers; [`report`]: the `report` session (files in).
 //! - [`count`]: the `count` session (malloc/free call counters).
+//! - [`unwind`]: CFI tables for the kernel-side user stack walker.
 
 pub mod count;
 pub mod ebpf;
@@ -15,3 +16,4 @@ pub mod process;
 pub mod profile;
 pub mod report;
 pub mod symbolize;
+pub mod unwind;

@@ -21,10 +21,16 @@ enum Command {
     Count(profiler::count::CountArgs),
     /// Show a saved profile (pprof, gperftools heap or CPU profile) in any format.
     Report(profiler::report::ReportArgs),
+    /// Walk one process's user stacks and print them (unwinder diagnostics).
+    #[command(hide = true)]
+    DebugUnwind(profiler::unwind::debug::DebugArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(&err),
+    };
     let level = match cli.verbose {
         0 => "warn",
         1 => "info",
@@ -36,6 +42,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Count(args) => profiler::count::run(args),
         Command::Report(args) => profiler::report::run(args),
+        Command::DebugUnwind(args) => profiler::unwind::debug::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -51,4 +58,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints `--help`/`--version` as clap does, and any usage error as one line.
+fn usage_error(err: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match err.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = err.print();
+            return ExitCode::from(2);
+        }
+        _ => {}
+    }
+    // clap's message runs until the usage block; fold it onto one line.
+    let text = err.render().to_string();
+    let message: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let message = message.join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    eprintln!("prof-bpf: {message} (see `prof-bpf --help`)");
+    ExitCode::from(2)
 }
