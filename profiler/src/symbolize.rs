@@ -287,59 +287,84 @@ pub const KALLSYMS: &str = "/proc/kallsyms";
 /// `local_path` [`KALLSYMS`]. Objects that cannot be read are noted in the
 /// profile's comments; their addresses stay unresolved.
 pub fn symbolize(profile: &mut Profile) {
-    let symbolizer = Symbolizer::new();
-    // Locations to look up, per mapping.
-    let mut per_mapping: HashMap<usize, Vec<usize>> = HashMap::new();
-    for (i, loc) in profile.locations.iter().enumerate() {
-        if !loc.frames.is_empty() || loc.kind == LocationKind::Marker {
-            continue;
-        }
-        if let Some(m) = loc.mapping
-            && profile.mappings[m].local_path.is_some()
-        {
-            per_mapping.entry(m).or_default().push(i);
+    SymbolCache::new().symbolize(profile);
+}
+
+/// Parsed objects (symbol tables, DWARF) kept across [`SymbolCache::symbolize`]
+/// calls. Holds `Rc`s: one per thread.
+pub struct SymbolCache {
+    symbolizer: Symbolizer,
+}
+
+impl Default for SymbolCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SymbolCache {
+    pub fn new() -> Self {
+        Self {
+            symbolizer: Symbolizer::new(),
         }
     }
-    let mut mapping_ids: Vec<usize> = per_mapping.keys().copied().collect();
-    mapping_ids.sort_unstable();
-    for m in mapping_ids {
-        let locations = &per_mapping[&m];
-        let mapping = &profile.mappings[m];
-        let local = mapping.local_path.clone().expect("filtered above");
-        let kernel = mapping.is_kernel();
-        let inputs: Vec<u64> = locations
-            .iter()
-            .map(|&l| {
-                let a = profile.locations[l].address;
-                if kernel {
-                    a
-                } else {
-                    a.wrapping_sub(mapping.start).wrapping_add(mapping.offset)
-                }
-            })
-            .collect();
-        let result = if kernel {
-            let src = Source::Kernel(Kernel {
-                kallsyms: blazesym::MaybeDefault::Some(local.clone()),
-                vmlinux: blazesym::MaybeDefault::None,
-                ..Kernel::default()
-            });
-            symbolizer.symbolize(&src, Input::AbsAddr(&inputs))
-        } else {
-            let src = Source::Elf(Elf::new(local.clone()));
-            symbolizer.symbolize(&src, Input::FileOffset(&inputs))
-        };
-        match result {
-            Ok(symbols) => {
-                for (&l, sym) in locations.iter().zip(symbols) {
-                    profile.locations[l].frames = frames_of(sym);
-                }
+
+    /// See [`symbolize`].
+    pub fn symbolize(&self, profile: &mut Profile) {
+        let symbolizer = &self.symbolizer;
+        // Locations to look up, per mapping.
+        let mut per_mapping: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (i, loc) in profile.locations.iter().enumerate() {
+            if !loc.frames.is_empty() || loc.kind == LocationKind::Marker {
+                continue;
             }
-            Err(err) => {
-                let name = profile.mappings[m].file.clone();
-                profile
-                    .comments
-                    .push(format!("could not symbolize {name}: {err}"));
+            if let Some(m) = loc.mapping
+                && profile.mappings[m].local_path.is_some()
+            {
+                per_mapping.entry(m).or_default().push(i);
+            }
+        }
+        let mut mapping_ids: Vec<usize> = per_mapping.keys().copied().collect();
+        mapping_ids.sort_unstable();
+        for m in mapping_ids {
+            let locations = &per_mapping[&m];
+            let mapping = &profile.mappings[m];
+            let local = mapping.local_path.clone().expect("filtered above");
+            let kernel = mapping.is_kernel();
+            let inputs: Vec<u64> = locations
+                .iter()
+                .map(|&l| {
+                    let a = profile.locations[l].address;
+                    if kernel {
+                        a
+                    } else {
+                        a.wrapping_sub(mapping.start).wrapping_add(mapping.offset)
+                    }
+                })
+                .collect();
+            let result = if kernel {
+                let src = Source::Kernel(Kernel {
+                    kallsyms: blazesym::MaybeDefault::Some(local.clone()),
+                    vmlinux: blazesym::MaybeDefault::None,
+                    ..Kernel::default()
+                });
+                symbolizer.symbolize(&src, Input::AbsAddr(&inputs))
+            } else {
+                let src = Source::Elf(Elf::new(local.clone()));
+                symbolizer.symbolize(&src, Input::FileOffset(&inputs))
+            };
+            match result {
+                Ok(symbols) => {
+                    for (&l, sym) in locations.iter().zip(symbols) {
+                        profile.locations[l].frames = frames_of(sym);
+                    }
+                }
+                Err(err) => {
+                    let name = profile.mappings[m].file.clone();
+                    profile
+                        .comments
+                        .push(format!("could not symbolize {name}: {err}"));
+                }
             }
         }
     }
