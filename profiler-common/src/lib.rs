@@ -7,6 +7,8 @@
 #![no_std]
 
 pub mod count;
+pub mod heap;
+pub mod stack;
 
 /// Implements aya's `Pod` for user space (feature `user`), so maps holding
 /// these types can be read with aya.

@@ -3,6 +3,8 @@
 #![no_main]
 
 mod count;
+mod heap;
+mod stack;
 
 #[cfg(not(test))]
 #[panic_handler]

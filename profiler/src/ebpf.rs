@@ -16,6 +16,11 @@ pub fn require_root() -> anyhow::Result<()> {
 
 /// Loads the eBPF object (programs are loaded individually by each session).
 pub fn load() -> anyhow::Result<aya::Ebpf> {
+    load_with(|_| {})
+}
+
+/// [`load`] with loader settings (map sizes, globals) applied by `configure`.
+pub fn load_with(configure: impl FnOnce(&mut aya::EbpfLoader<'_>)) -> anyhow::Result<aya::Ebpf> {
     require_root()?;
     if OBJECT.is_empty() {
         bail!("this prof-bpf was built without its eBPF programs (PROF_SKIP_EBPF=1); rebuild with `cargo xtask build`");
@@ -30,7 +35,9 @@ pub fn load() -> anyhow::Result<aya::Ebpf> {
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
         debug!("could not lift RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
     }
-    aya::Ebpf::load(OBJECT).context("loading the eBPF object")
+    let mut loader = aya::EbpfLoader::new();
+    configure(&mut loader);
+    loader.load(OBJECT).context("loading the eBPF object")
 }
 
 /// Forwards the programs' aya-log records to this process's logger (shown

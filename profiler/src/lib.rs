@@ -5,7 +5,9 @@
 //! - [`process`]: what a target process is made of (`/proc/PID/maps`, its files).
 //! - [`ebpf`]: loading the embedded eBPF object, the aya-log bridge.
 //! - [`count`]: the `count` session (malloc/free call counters).
+//! - [`heap`]: the `heap` session (heap profiles and leak reports).
 
 pub mod count;
 pub mod ebpf;
+pub mod heap;
 pub mod process;

@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Count malloc and free calls of a running process (calls and bytes per second).
     Count(profiler::count::CountArgs),
+    /// Heap profile or leak report of running processes (or of a command after `--`).
+    Heap(Box<profiler::heap::HeapArgs>),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Count(args) => profiler::count::run(args),
+        Command::Heap(args) => profiler::heap::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,7 +2,9 @@
 //! the peers (Debian packages) in the same run and print ratios.
 
 /// Benchmark names, in the order `cargo xtask help` lists them.
-pub const NAMES: &[&str] = &[];
+pub const NAMES: &[&str] = &["heap"];
+
+mod heap;
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let Some(name) = args.first() else {
@@ -10,6 +12,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     };
     crate::setup::run()?;
     match name.as_str() {
+        "heap" => heap::run(),
         other => anyhow::bail!("unknown benchmark `{other}`; one of: {}", NAMES.join(", ")),
     }
 }
