@@ -115,6 +115,10 @@ struct Session {
     maps: HashMap<u32, Vec<Mapping>>,
     comms: HashMap<u32, String>,
     exited: HashSet<u32>,
+    /// The final report's collector, created at attach and told the targets'
+    /// mappings while they live, so that it can place their addresses after
+    /// they exit.
+    live: Option<Collector>,
 }
 
 impl Session {
@@ -139,6 +143,7 @@ impl Session {
             maps: HashMap::new(),
             comms: HashMap::new(),
             exited: HashSet::new(),
+            live: None,
         };
         for (allocator, scope) in plan {
             session.attach(&allocator, scope)?;
@@ -149,6 +154,7 @@ impl Session {
         for &pid in &session.pids.clone() {
             session.refresh_process(pid);
         }
+        session.live = Some(session.new_collector());
         Ok(session)
     }
 
@@ -241,8 +247,18 @@ impl Session {
         let tty = std::io::stderr().is_terminal();
         let mut status = Status::default();
         let mut ticks = 0u64;
+        // A launched program maps its libraries after exec and may exit soon:
+        // its mappings are reread often, as they are needed once it is gone.
+        let mut maps_tick = launched.then(|| tokio::time::interval(Duration::from_millis(100)));
         loop {
             tokio::select! {
+                _ = next_tick(&mut maps_tick) => {
+                    for pid in self.pids.clone() {
+                        if !self.exited.contains(&pid) {
+                            self.refresh_process(pid);
+                        }
+                    }
+                }
                 _ = tick.tick() => {
                     ticks += 1;
                     if launched && (ticks == 1 || ticks % 5 == 0) {
@@ -259,7 +275,8 @@ impl Session {
                     if self.settings.leaks {
                         self.snapshot()?;
                     } else {
-                        let profile = self.heap_profile()?;
+                        let c = self.new_collector();
+                        let profile = self.heap_profile(c)?;
                         if tty { eprint!("\r\x1b[K"); }
                         eprintln!("prof-bpf: report after {:.0} s", started.elapsed().as_secs_f64());
                         output::write(&profile, output)?;
@@ -312,6 +329,9 @@ impl Session {
         if let Ok(maps) = process::maps(pid) {
             self.maps.insert(pid, maps);
             self.comms.insert(pid, process::comm(pid));
+            if let Some(c) = &mut self.live {
+                c.note_process(pid);
+            }
         }
     }
 
@@ -370,11 +390,33 @@ impl Session {
                 self.refresh_process(pid);
             }
         }
-        if self.settings.leaks { self.leak_profile() } else { self.heap_profile() }
+        let c = match self.live.take() {
+            Some(c) => c,
+            None => self.new_collector(),
+        };
+        if self.settings.leaks { self.leak_profile(c) } else { self.heap_profile(c) }
     }
 
-    fn collector(&mut self, types: Vec<SampleType>) -> anyhow::Result<Collector> {
+    /// A collector for this session's report, knowing the targets' mappings.
+    fn new_collector(&self) -> Collector {
+        let types = if self.settings.leaks {
+            vec![SampleType::inuse_objects(), SampleType::inuse_space()]
+        } else {
+            vec![
+                SampleType::alloc_objects(),
+                SampleType::alloc_space(),
+                SampleType::inuse_objects(),
+                SampleType::inuse_space(),
+            ]
+        };
         let mut c = Collector::new(types, "inuse_space");
+        for &pid in &self.pids {
+            c.note_process(pid);
+        }
+        c
+    }
+
+    fn add_comments(&mut self, c: &mut Collector) -> anyhow::Result<()> {
         if self.settings.sample_bytes == 0 {
             c.add_comment("mode: every allocation tracked");
         } else {
@@ -395,20 +437,12 @@ impl Session {
         if counters.stack_errors > 0 {
             c.add_comment(format!("allocations without a user stack: {}", counters.stack_errors));
         }
-        for &pid in &self.pids {
-            c.note_process(pid);
-        }
-        Ok(c)
+        Ok(())
     }
 
     /// alloc_objects, alloc_space, inuse_objects, inuse_space per stack.
-    fn heap_profile(&mut self) -> anyhow::Result<Profile> {
-        let mut c = self.collector(vec![
-            SampleType::alloc_objects(),
-            SampleType::alloc_space(),
-            SampleType::inuse_objects(),
-            SampleType::inuse_space(),
-        ])?;
+    fn heap_profile(&mut self, mut c: Collector) -> anyhow::Result<Profile> {
+        self.add_comments(&mut c)?;
         let stats = self.stack_stats()?;
         let stacks = self.user_stacks(&stats)?;
         for (key, s) in stats {
@@ -426,8 +460,8 @@ impl Session {
 
     /// Leaking stacks (and, with --min-age, stacks holding old allocations)
     /// with their outstanding objects and bytes.
-    fn leak_profile(&mut self) -> anyhow::Result<Profile> {
-        let mut c = self.collector(vec![SampleType::inuse_objects(), SampleType::inuse_space()])?;
+    fn leak_profile(&mut self, mut c: Collector) -> anyhow::Result<Profile> {
+        self.add_comments(&mut c)?;
         let launched_exit = matches!(self.settings.targets, Targets::Launch(_)) && !self.exited.is_empty();
         let decided = self.history.len() >= leaks::MIN_SNAPSHOTS;
         c.add_comment(format!("leak rule: {}", leaks::RULE));
@@ -444,7 +478,7 @@ impl Session {
         let mut keys: Vec<(StackKey, StackStats)> = stats.clone();
         keys.extend(old.keys().map(|k| (*k, StackStats::default())));
         let stacks = self.user_stacks(&keys)?;
-        let mut leaking = 0;
+        let (mut leaking, mut listed) = (0, 0);
         for (key, s) in stats {
             let outstanding = (objects(s.alloc_objects) - objects(s.free_objects), s.alloc_bytes as i64 - s.free_bytes as i64);
             let growth = self.history.classify(&key);
@@ -468,13 +502,22 @@ impl Session {
             } else {
                 continue;
             };
+            listed += 1;
             let sample = self.sample(&key, &stacks, values, labels);
             c.add(sample);
         }
-        eprintln!(
-            "prof-bpf: {leaking} leaking stack(s){}",
-            if old.is_empty() { String::new() } else { format!(", {} stack(s) holding old allocations", old.len()) }
-        );
+        let old_note = if old.is_empty() {
+            String::new()
+        } else {
+            format!(", {} stack(s) holding allocations older than the minimum age", old.len())
+        };
+        if launched_exit {
+            eprintln!("prof-bpf: {listed} stack(s) hold memory the program never freed{old_note}");
+        } else if decided {
+            eprintln!("prof-bpf: {leaking} leaking stack(s){old_note}");
+        } else {
+            eprintln!("prof-bpf: {listed} stack(s) hold memory (too few snapshots to measure growth){old_note}");
+        }
         c.finish()
     }
 
@@ -560,27 +603,21 @@ impl Session {
         }
     }
 
-    /// Index of the first frame outside every executable mapping of `pid`.
-    fn first_bad_frame(&mut self, pid: u32, user: &[u64]) -> Option<usize> {
-        // The uprobes page holds the uretprobe trampoline: a return address
-        // there was replaced by the kernel and says nothing about the caller.
-        let in_exec = |maps: &[Mapping], ip: u64| {
-            maps.iter()
-                .any(|m| m.is_executable() && ip >= m.start && ip < m.end && m.path != "[uprobes]")
-        };
-        let bad = |maps: &[Mapping]| user.iter().position(|&ip| !in_exec(maps, ip));
-        let first = bad(self.maps.get(&pid).map_or(&[][..], Vec::as_slice))?;
-        // Perhaps mapped since we last looked (dlopen).
-        if !self.exited.contains(&pid) {
-            self.refresh_process(pid);
-        }
-        let maps = self.maps.get(&pid)?;
-        if maps.is_empty() {
-            return Some(first);
-        }
-        bad(maps)
+    /// Index of the first frame that is the kernel's uretprobe trampoline
+    /// (a return address replaced by the kernel says nothing about the caller;
+    /// the collector ends stacks at frames outside executable mappings).
+    fn first_bad_frame(&self, pid: u32, user: &[u64]) -> Option<usize> {
+        let uprobes = self
+            .maps
+            .get(&pid)
+            .and_then(|maps| maps.iter().find(|m| m.path == "[uprobes]"))
+            .map_or(UPROBES_PAGE, |m| (m.start, m.end));
+        user.iter().position(|&ip| ip >= uprobes.0 && ip < uprobes.1)
     }
 }
+
+/// Where x86-64 Linux places the uprobes page (`[uprobes]`) unless taken.
+const UPROBES_PAGE: (u64, u64) = (0x7fff_ffff_e000, 0x7fff_ffff_f000);
 
 #[derive(Default)]
 struct OldAllocs {
