@@ -96,9 +96,14 @@ impl EntryKind {
 pub struct HeapConfig {
     /// Mean bytes between samples; 0 tracks every allocation.
     pub sample_bytes: u64,
+    /// The agent's own pid, never tracked (it allocates while reading maps,
+    /// and `--all` would otherwise profile it).
+    pub agent_pid: u32,
+    /// Explicit padding (zero).
+    pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<HeapConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<HeapConfig>() == 16);
 
 /// Key of [`LIVE_MAP`]: an address in one process.
 #[repr(C)]

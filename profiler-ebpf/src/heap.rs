@@ -72,10 +72,14 @@ pub fn heap_alloc_return(ctx: RetProbeContext) -> u32 {
 
 #[uprobe]
 pub fn heap_free_entry(ctx: ProbeContext) -> u32 {
+    let pid = current_pid();
+    if pid == config().agent_pid {
+        return 0;
+    }
     count(|c| c.frees += 1);
     let addr: u64 = ctx.arg(0).unwrap_or(0);
     if addr != 0 {
-        untrack(current_pid(), addr);
+        untrack(pid, addr);
     }
     0
 }
@@ -87,6 +91,9 @@ fn alloc_entry(ctx: &ProbeContext) {
     let Some(kind) = EntryKind::from_cookie(cookie) else {
         return;
     };
+    if current_pid() == config().agent_pid {
+        return;
+    }
     let Some(state) = thread_state() else {
         count(|c| c.threads_full += 1);
         return;

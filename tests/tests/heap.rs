@@ -311,3 +311,57 @@ fn workload_checksum_is_known_without_profiler() {
     w.expect_line(&format!("sum {}", expected_sum(&[3])));
     drop(w.wait_output(Duration::from_secs(1)).1);
 }
+
+#[test]
+fn frame_pointer_walk_through_glibc_shows_no_garbage_frames() {
+    require_bpf!();
+    let mut w = Proc::spawn(&mut Command::new(build_workload("heap_qsort", FLAGS)));
+    w.expect_line("ready");
+    let pid = w.pid().to_string();
+    let (prof, _) = start_prof_bpf(
+        &["heap", "--pid", &pid, "--sample-bytes", "0", "--format", "folded", "--group-by", "none"],
+        ATTACHED,
+    );
+    w.send_line("go");
+    let line = w.read_line();
+    let calls: i64 = line
+        .strip_prefix("done calls ")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected workload output {line}"));
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(prof.id() as i32, libc::SIGINT) };
+    let out = prof.wait_with_output().expect("wait for prof-bpf");
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stacks = parse_folded(&stdout);
+    assert_eq!(leaf_total(&stacks, "cmp_leak"), calls * 24, "{stdout}");
+    for s in stacks.iter().filter(|s| s.frames.last().is_some_and(|f| f == "cmp_leak")) {
+        // The caller of the comparison function is glibc's merge sort.
+        let caller = &s.frames[s.frames.len() - 2];
+        assert!(caller.contains("msort") || caller.contains("qsort"), "caller {caller}: {stdout}");
+        // Beyond it, rbp is not a frame pointer: the walk must stop (visibly)
+        // or find real code, never show an address outside the process's code.
+        for f in &s.frames {
+            assert!(!f.starts_with("0x") && !f.contains("[uprobes]"), "garbage frame {f}: {stdout}");
+        }
+    }
+}
+
+#[test]
+fn preloaded_jemalloc_and_tcmalloc_are_probed() {
+    require_bpf!();
+    for lib in ["/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4"] {
+        let mut w = Proc::spawn(Command::new(build_workload("heap_leaks", FLAGS)).env("LD_PRELOAD", lib));
+        w.expect_line("ready");
+        let out = profile_rounds(
+            &mut w,
+            &["--sample-bytes", "0", "--format", "folded", "--group-by", "none", "--sample-type", "inuse_space"],
+            5,
+        );
+        let stacks = parse_folded(&out);
+        assert_eq!(leaf_total(&stacks, "leak_small"), 5 * SMALL, "{lib}: {out}");
+        assert_eq!(leaf_total(&stacks, "leak_big_calloc"), 5 * BIG_CALLOC, "{lib}: {out}");
+        assert_eq!(leaf_total(&stacks, "realloc_null"), 5 * REALLOC_NULL, "{lib}: {out}");
+        assert_eq!(leaf_total(&stacks, "churn"), 0, "{lib}: {out}");
+    }
+}

@@ -679,7 +679,12 @@ fn objects(fixed: u64) -> i64 {
 fn configure(ebpf: &mut Ebpf, sample_bytes: u64) -> anyhow::Result<()> {
     let mut config: Array<&mut MapData, HeapConfig> =
         Array::try_from(ebpf.map_mut(CONFIG_MAP).context("config map missing")?)?;
-    config.set(0, HeapConfig { sample_bytes }, 0).context("writing the heap config")?;
+    let settings = HeapConfig {
+        sample_bytes,
+        agent_pid: std::process::id(),
+        _pad: 0,
+    };
+    config.set(0, settings, 0).context("writing the heap config")?;
     if sample_bytes == 0 {
         return Ok(());
     }

@@ -52,7 +52,7 @@ pub fn run() -> anyhow::Result<()> {
             "prof-bpf heap --sample-bytes 524288",
             Some((
                 PathBuf::from(&prof_s),
-                args(&["heap", "--pid", "{pid}", "--sample-bytes", "524288", "-o", "/dev/null"]),
+                args(&["heap", "--pid", "{pid}", "--sample-bytes", "524288", "--format", "folded", "-o", "/dev/null"]),
                 "attached",
             )),
         ),
@@ -60,7 +60,7 @@ pub fn run() -> anyhow::Result<()> {
             "prof-bpf heap (every allocation)",
             Some((
                 PathBuf::from(&prof_s),
-                args(&["heap", "--pid", "{pid}", "--sample-bytes", "0", "-o", "/dev/null"]),
+                args(&["heap", "--pid", "{pid}", "--sample-bytes", "0", "--format", "folded", "-o", "/dev/null"]),
                 "attached",
             )),
         ),
@@ -144,7 +144,7 @@ fn hold_million(prof: &Path, workload: &Path) -> anyhow::Result<()> {
     let prof_s = prof.to_string_lossy().into_owned();
     let (mut agent, _) = start_until(
         Path::new(&prof_s),
-        &["heap", "--pid", &pid, "--sample-bytes", "0", "-o", "/dev/null"],
+        &["heap", "--pid", &pid, "--sample-bytes", "0", "--format", "folded", "-o", "/dev/null"],
         "attached",
     );
     w.send_line("go");
