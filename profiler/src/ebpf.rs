@@ -9,7 +9,9 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pr
 pub fn require_root() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("must run as root (BPF programs and uprobes need CAP_BPF and CAP_PERFMON): try `sudo prof-bpf ...`");
+        bail!(
+            "must run as root (BPF programs and uprobes need CAP_BPF and CAP_PERFMON): try `sudo prof-bpf ...`"
+        );
     }
     Ok(())
 }
@@ -23,7 +25,9 @@ pub fn load() -> anyhow::Result<aya::Ebpf> {
 pub fn load_with(configure: impl FnOnce(&mut aya::EbpfLoader<'_>)) -> anyhow::Result<aya::Ebpf> {
     require_root()?;
     if OBJECT.is_empty() {
-        bail!("this prof-bpf was built without its eBPF programs (PROF_SKIP_EBPF=1); rebuild with `cargo xtask build`");
+        bail!(
+            "this prof-bpf was built without its eBPF programs (PROF_SKIP_EBPF=1); rebuild with `cargo xtask build`"
+        );
     }
     // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use
     // memory cgroups and ignore it, so a failure here is only worth a debug line.
@@ -33,7 +37,10 @@ pub fn load_with(configure: impl FnOnce(&mut aya::EbpfLoader<'_>)) -> anyhow::Re
     };
     // SAFETY: setrlimit reads a valid, initialised rlimit struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        debug!("could not lift RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+        debug!(
+            "could not lift RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
     }
     let mut loader = aya::EbpfLoader::new();
     configure(&mut loader);

@@ -4,10 +4,16 @@
 //! Modules, following the data flow:
 //! - [`process`]: what a target process is made of (`/proc/PID/maps`, its files).
 //! - [`ebpf`]: loading the embedded eBPF object, the aya-log bridge.
+//! - [`profile`]: the one profile model; [`symbolize`]: addresses to names;
+//!   [`output`]: its writers; [`report`]: the `report` session (files in).
 //! - [`count`]: the `count` session (malloc/free call counters).
 //! - [`heap`]: the `heap` session (heap profiles and leak reports).
 
 pub mod count;
 pub mod ebpf;
 pub mod heap;
+pub mod output;
 pub mod process;
+pub mod profile;
+pub mod report;
+pub mod symbolize;

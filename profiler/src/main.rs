@@ -21,6 +21,8 @@ enum Command {
     Count(profiler::count::CountArgs),
     /// Heap profile or leak report of running processes (or of a command after `--`).
     Heap(Box<profiler::heap::HeapArgs>),
+    /// Show a saved profile (pprof, gperftools heap or CPU profile) in any format.
+    Report(profiler::report::ReportArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Count(args) => profiler::count::run(args),
         Command::Heap(args) => profiler::heap::run(*args),
+        Command::Report(args) => profiler::report::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

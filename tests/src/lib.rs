@@ -167,7 +167,7 @@ impl Proc {
         }
     }
 
-    /// Reads the next stdout line, without its newline (panics at end of output).
+    /// Reads one stdout line, without its newline (panics at end of output).
     pub fn read_line(&mut self) -> String {
         let stdout = self.stdout.as_mut().expect("stdout is piped");
         let mut line = String::new();
@@ -197,7 +197,10 @@ impl Proc {
             if let Some(status) = self.child.try_wait().expect("wait for child") {
                 return (rest, status.code().unwrap_or(-1));
             }
-            assert!(Instant::now() < deadline, "child did not exit in {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "child did not exit in {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -260,7 +263,10 @@ pub fn start_until(program: &Path, args: &[&str], marker: &str) -> (Child, Vec<S
             }
             Err(_) => {
                 let _ = child.kill();
-                panic!("{} did not print `{marker}` in time; stderr: {seen:#?}", program.display());
+                panic!(
+                    "{} did not print `{marker}` in time; stderr: {seen:#?}",
+                    program.display()
+                );
             }
         }
     }
@@ -292,5 +298,8 @@ pub fn assert_one_line_error(stderr: &str, code: i32, needle: &str) {
         lines[0]
     );
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    assert!(!stderr.contains("RUST_BACKTRACE"), "backtrace hint: {stderr}");
+    assert!(
+        !stderr.contains("RUST_BACKTRACE"),
+        "backtrace hint: {stderr}"
+    );
 }
