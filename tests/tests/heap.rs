@@ -206,7 +206,7 @@ fn pprof_file_is_read_by_go_pprof_with_the_same_top_functions() {
     let file_arg = file.to_string_lossy().into_owned();
     profile_rounds(&mut w, &["--sample-bytes", "0", "-o", &file_arg], 10);
     let out = Command::new("go")
-        .args(["tool", "pprof", "-top", "-sample_index=inuse_space"])
+        .args(["tool", "pprof", "-top", "-nodefraction=0", "-sample_index=inuse_space"])
         .arg(&file)
         .env("HOME", &dir)
         .output()
