@@ -221,4 +221,12 @@ pub struct HeapCounters {
 
 const _: () = assert!(core::mem::size_of::<HeapCounters>() == 64);
 
-crate::impl_pod!(HeapConfig, LiveKey, LiveAlloc, StackKey, StackStats, ThreadState, HeapCounters);
+crate::impl_pod!(
+    HeapConfig,
+    LiveKey,
+    LiveAlloc,
+    StackKey,
+    StackStats,
+    ThreadState,
+    HeapCounters
+);

@@ -9,6 +9,8 @@
 pub mod count;
 pub mod heap;
 pub mod stack;
+pub mod unwind;
+pub mod unwind_test;
 
 /// Implements aya's `Pod` for user space (feature `user`), so maps holding
 /// these types can be read with aya.

@@ -25,8 +25,8 @@ use aya_ebpf::{
 };
 use profiler_common::heap::{
     DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS, EntryKind, HeapConfig, HeapCounters, LiveAlloc, LiveKey,
-    MAX_THREADS, SAMPLE_TABLE_LEN, STACK_ID_MISSING, StackKey, StackStats, ThreadState,
-    WEIGHT_ONE, WEIGHT_STEPS_PER_UNIT, WEIGHT_TABLE_LEN,
+    MAX_THREADS, SAMPLE_TABLE_LEN, STACK_ID_MISSING, StackKey, StackStats, ThreadState, WEIGHT_ONE,
+    WEIGHT_STEPS_PER_UNIT, WEIGHT_TABLE_LEN,
 };
 
 use crate::stack::user_stack_id;
@@ -301,7 +301,10 @@ fn weight(size: u64) -> (u64, u64) {
         size
     } else {
         let index = index as u32;
-        let lo = HEAP_SAMPLE_WEIGHTS.get(index).copied().unwrap_or(WEIGHT_ONE);
+        let lo = HEAP_SAMPLE_WEIGHTS
+            .get(index)
+            .copied()
+            .unwrap_or(WEIGHT_ONE);
         let hi = HEAP_SAMPLE_WEIGHTS.get(index + 1).copied().unwrap_or(lo);
         let h = lo + (hi.saturating_sub(lo) * (x & 1023) >> 10);
         (rate * h) >> 16

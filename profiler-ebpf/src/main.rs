@@ -4,7 +4,9 @@
 
 mod count;
 mod heap;
-mod stack;
+pub mod stack;
+mod unwind;
+mod unwind_test;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -8,6 +8,7 @@
 //!   [`output`]: its writers; [`report`]: the `report` session (files in).
 //! - [`count`]: the `count` session (malloc/free call counters).
 //! - [`heap`]: the `heap` session (heap profiles and leak reports).
+//! - [`unwind`]: CFI tables for the kernel-side user stack walker.
 
 pub mod count;
 pub mod ebpf;
@@ -17,3 +18,4 @@ pub mod process;
 pub mod profile;
 pub mod report;
 pub mod symbolize;
+pub mod unwind;

@@ -23,6 +23,9 @@ enum Command {
     Heap(Box<profiler::heap::HeapArgs>),
     /// Show a saved profile (pprof, gperftools heap or CPU profile) in any format.
     Report(profiler::report::ReportArgs),
+    /// Walk one process's user stacks and print them (unwinder diagnostics).
+    #[command(hide = true)]
+    DebugUnwind(profiler::unwind::debug::DebugArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
         Command::Count(args) => profiler::count::run(args),
         Command::Heap(args) => profiler::heap::run(*args),
         Command::Report(args) => profiler::report::run(args),
+        Command::DebugUnwind(args) => profiler::unwind::debug::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

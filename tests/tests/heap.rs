@@ -5,7 +5,8 @@
 use std::{process::Command, time::Duration};
 
 use prof_bpf_tests::{
-    Proc, assert_one_line_error, build_workload, prof_bpf, require_bpf, run_prof_bpf, start_prof_bpf,
+    Proc, assert_one_line_error, build_workload, prof_bpf, require_bpf, run_prof_bpf,
+    start_prof_bpf,
 };
 
 const FLAGS: &[&str] = &["-O1", "-g", "-fno-omit-frame-pointer", "-fno-builtin"];
@@ -19,7 +20,13 @@ const REALLOC_NULL: i64 = 500;
 const CACHE_BLOCK: i64 = 2048;
 const CACHE_ROUNDS: i64 = 3;
 /// Functions whose memory is always freed.
-const FREED: &[&str] = &["churn", "handoff", "realloc_zero", "churn_background", "free_prealloc"];
+const FREED: &[&str] = &[
+    "churn",
+    "handoff",
+    "realloc_zero",
+    "churn_background",
+    "free_prealloc",
+];
 
 /// One folded line: frames outermost first, and the value.
 struct Stack {
@@ -71,7 +78,11 @@ fn profile_rounds(w: &mut Proc, args: &[&str], rounds: u32) -> String {
     unsafe { libc::kill(prof.id() as i32, libc::SIGINT) };
     let out = prof.wait_with_output().expect("wait for prof-bpf");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "prof-bpf heap failed ({}); stdout: {stdout}", out.status);
+    assert!(
+        out.status.success(),
+        "prof-bpf heap failed ({}); stdout: {stdout}",
+        out.status
+    );
     stdout
 }
 
@@ -93,7 +104,16 @@ fn exact_inuse_bytes_and_call_chains_when_tracking_everything() {
     let rounds = 10;
     let out = profile_rounds(
         &mut w,
-        &["--sample-bytes", "0", "--format", "folded", "--group-by", "none", "--sample-type", "inuse_space"],
+        &[
+            "--sample-bytes",
+            "0",
+            "--format",
+            "folded",
+            "--group-by",
+            "none",
+            "--sample-type",
+            "inuse_space",
+        ],
         rounds,
     );
     let stacks = parse_folded(&out);
@@ -101,10 +121,22 @@ fn exact_inuse_bytes_and_call_chains_when_tracking_everything() {
     assert_eq!(leaf_total(&stacks, "leak_small"), r * SMALL, "{out}");
     // calloc from its real caller with its real size (glibc serves the big one by mmap).
     assert_eq!(leaf_total(&stacks, "leak_calloc"), r * CALLOC, "{out}");
-    assert_eq!(leaf_total(&stacks, "leak_big_calloc"), r * BIG_CALLOC, "{out}");
+    assert_eq!(
+        leaf_total(&stacks, "leak_big_calloc"),
+        r * BIG_CALLOC,
+        "{out}"
+    );
     // realloc(NULL, n) is one allocation of n from its caller, not a nested malloc.
-    assert_eq!(leaf_total(&stacks, "realloc_null"), r * REALLOC_NULL, "{out}");
-    assert_eq!(leaf_total(&stacks, "cache_fill"), CACHE_ROUNDS * CACHE_BLOCK, "{out}");
+    assert_eq!(
+        leaf_total(&stacks, "realloc_null"),
+        r * REALLOC_NULL,
+        "{out}"
+    );
+    assert_eq!(
+        leaf_total(&stacks, "cache_fill"),
+        CACHE_ROUNDS * CACHE_BLOCK,
+        "{out}"
+    );
     for f in FREED {
         // The background thread may be between its malloc and free at the end.
         let limit = if *f == "churn_background" { 48 } else { 0 };
@@ -117,13 +149,26 @@ fn exact_inuse_bytes_and_call_chains_when_tracking_everything() {
     for s in stacks.iter().filter(|s| s.value > 0) {
         let leaf = s.frames.last().unwrap();
         assert!(
-            ["leak_small", "leak_calloc", "leak_big_calloc", "realloc_null", "cache_fill", "churn_background"]
-                .contains(&leaf.as_str()),
+            [
+                "leak_small",
+                "leak_calloc",
+                "leak_big_calloc",
+                "realloc_null",
+                "cache_fill",
+                "churn_background"
+            ]
+            .contains(&leaf.as_str()),
             "unexpected leaf {leaf}: {out}"
         );
     }
-    assert!(has_chain(&stacks, "main;run_rounds;run_round;leak_path;leak_small"), "{out}");
-    assert!(has_chain(&stacks, "main;run_rounds;run_round;leak_big_calloc"), "{out}");
+    assert!(
+        has_chain(&stacks, "main;run_rounds;run_round;leak_path;leak_small"),
+        "{out}"
+    );
+    assert!(
+        has_chain(&stacks, "main;run_rounds;run_round;leak_big_calloc"),
+        "{out}"
+    );
 
     // The target runs on unchanged after detach.
     w.send_line("go 2");
@@ -139,7 +184,16 @@ fn sampled_profile_is_within_ten_percent() {
     let rounds = 20;
     let out = profile_rounds(
         &mut w,
-        &["--sample-bytes", "1024", "--format", "folded", "--group-by", "none", "--sample-type", "inuse_space"],
+        &[
+            "--sample-bytes",
+            "1024",
+            "--format",
+            "folded",
+            "--group-by",
+            "none",
+            "--sample-type",
+            "inuse_space",
+        ],
         rounds,
     );
     let stacks = parse_folded(&out);
@@ -147,7 +201,10 @@ fn sampled_profile_is_within_ten_percent() {
     // 400 blocks of 1000 bytes, each sampled with probability 0.62: the
     // estimate's relative deviation is about 3%. Blocks of 200000 bytes are
     // always sampled.
-    for (func, want) in [("leak_small", r * SMALL), ("leak_big_calloc", r * BIG_CALLOC)] {
+    for (func, want) in [
+        ("leak_small", r * SMALL),
+        ("leak_big_calloc", r * BIG_CALLOC),
+    ] {
         let got = leaf_total(&stacks, func);
         let error = (got - want).abs() as f64 / want as f64;
         assert!(error < 0.10, "{func}: estimated {got}, true {want}: {out}");
@@ -161,20 +218,41 @@ fn leak_mode_reports_exactly_the_leaks() {
     let rounds = 40;
     let out = profile_rounds(
         &mut w,
-        &["--leaks", "--interval", "0.4", "--format", "folded", "--group-by", "none", "--sample-type", "inuse_space"],
+        &[
+            "--leaks",
+            "--interval",
+            "0.4",
+            "--format",
+            "folded",
+            "--group-by",
+            "none",
+            "--sample-type",
+            "inuse_space",
+        ],
         rounds,
     );
     let stacks = parse_folded(&out);
     let r = i64::from(rounds);
     assert_eq!(leaf_total(&stacks, "leak_small"), r * SMALL, "{out}");
     assert_eq!(leaf_total(&stacks, "leak_calloc"), r * CALLOC, "{out}");
-    assert_eq!(leaf_total(&stacks, "leak_big_calloc"), r * BIG_CALLOC, "{out}");
-    assert_eq!(leaf_total(&stacks, "realloc_null"), r * REALLOC_NULL, "{out}");
+    assert_eq!(
+        leaf_total(&stacks, "leak_big_calloc"),
+        r * BIG_CALLOC,
+        "{out}"
+    );
+    assert_eq!(
+        leaf_total(&stacks, "realloc_null"),
+        r * REALLOC_NULL,
+        "{out}"
+    );
     // Churn, cross-thread frees, realloc(p, 0) and a cache that stopped growing are not leaks.
     for f in FREED.iter().chain(&["cache_fill"]) {
         assert_eq!(leaf_total(&stacks, f), 0, "{f} reported as a leak: {out}");
     }
-    assert!(has_chain(&stacks, "run_round;leak_path;leak_small"), "{out}");
+    assert!(
+        has_chain(&stacks, "run_round;leak_path;leak_small"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -185,13 +263,26 @@ fn min_age_lists_a_cache_that_stopped_growing() {
     let out = profile_rounds(
         &mut w,
         &[
-            "--leaks", "--min-age", "2", "--interval", "0.5", "--format", "folded", "--group-by", "none",
-            "--sample-type", "inuse_space",
+            "--leaks",
+            "--min-age",
+            "2",
+            "--interval",
+            "0.5",
+            "--format",
+            "folded",
+            "--group-by",
+            "none",
+            "--sample-type",
+            "inuse_space",
         ],
         55,
     );
     let stacks = parse_folded(&out);
-    assert_eq!(leaf_total(&stacks, "cache_fill"), CACHE_ROUNDS * CACHE_BLOCK, "{out}");
+    assert_eq!(
+        leaf_total(&stacks, "cache_fill"),
+        CACHE_ROUNDS * CACHE_BLOCK,
+        "{out}"
+    );
     assert!(leaf_total(&stacks, "leak_small") > 0, "{out}");
     assert_eq!(leaf_total(&stacks, "churn"), 0, "{out}");
 }
@@ -206,22 +297,47 @@ fn pprof_file_is_read_by_go_pprof_with_the_same_top_functions() {
     let file_arg = file.to_string_lossy().into_owned();
     profile_rounds(&mut w, &["--sample-bytes", "0", "-o", &file_arg], 10);
     let out = Command::new("go")
-        .args(["tool", "pprof", "-top", "-nodefraction=0", "-sample_index=inuse_space"])
+        .args([
+            "tool",
+            "pprof",
+            "-top",
+            "-nodefraction=0",
+            "-sample_index=inuse_space",
+        ])
         .arg(&file)
         .env("HOME", &dir)
         .output()
         .expect("run go tool pprof");
     let top = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "go tool pprof failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "go tool pprof failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Flat order by construction: big calloc, small leaks, calloc, cache, realloc(NULL).
     let names: Vec<&str> = top
         .lines()
         .filter_map(|l| l.split_whitespace().last())
-        .filter(|n| ["leak_big_calloc", "leak_small", "leak_calloc", "cache_fill", "realloc_null"].contains(n))
+        .filter(|n| {
+            [
+                "leak_big_calloc",
+                "leak_small",
+                "leak_calloc",
+                "cache_fill",
+                "realloc_null",
+            ]
+            .contains(n)
+        })
         .collect();
     assert_eq!(
         names,
-        ["leak_big_calloc", "leak_small", "leak_calloc", "cache_fill", "realloc_null"],
+        [
+            "leak_big_calloc",
+            "leak_small",
+            "leak_calloc",
+            "cache_fill",
+            "realloc_null"
+        ],
         "{top}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
@@ -233,7 +349,17 @@ fn launch_mode_reports_what_was_never_freed() {
     let program = build_workload("heap_leaks", FLAGS);
     let program = program.to_string_lossy().into_owned();
     let (stdout, stderr, code) = run_prof_bpf(&[
-        "heap", "--leaks", "--format", "folded", "--group-by", "none", "--sample-type", "inuse_space", "--", &program, "8",
+        "heap",
+        "--leaks",
+        "--format",
+        "folded",
+        "--group-by",
+        "none",
+        "--sample-type",
+        "inuse_space",
+        "--",
+        &program,
+        "8",
     ]);
     assert_eq!(code, 0, "{stderr}");
     let stacks = parse_folded(&stdout);
@@ -241,8 +367,16 @@ fn launch_mode_reports_what_was_never_freed() {
     // 1000 blocks of 4000 bytes, 8 of them freed.
     assert_eq!(leaf_total(&stacks, "main"), (1000 - 8) * 4000, "{stdout}");
     assert_eq!(leaf_total(&stacks, "leak_small"), 8 * SMALL, "{stdout}");
-    assert_eq!(leaf_total(&stacks, "leak_big_calloc"), 8 * BIG_CALLOC, "{stdout}");
-    assert_eq!(leaf_total(&stacks, "cache_fill"), CACHE_ROUNDS * CACHE_BLOCK, "{stdout}");
+    assert_eq!(
+        leaf_total(&stacks, "leak_big_calloc"),
+        8 * BIG_CALLOC,
+        "{stdout}"
+    );
+    assert_eq!(
+        leaf_total(&stacks, "cache_fill"),
+        CACHE_ROUNDS * CACHE_BLOCK,
+        "{stdout}"
+    );
     assert_eq!(leaf_total(&stacks, "churn"), 0, "{stdout}");
 }
 
@@ -284,7 +418,8 @@ fn unwritable_output_is_one_line_error() {
     require_bpf!();
     let w = start_workload();
     let pid = w.pid().to_string();
-    let (_, stderr, code) = run_prof_bpf(&["heap", "--pid", &pid, "-o", "/nonexistent-dir/heap.pb.gz"]);
+    let (_, stderr, code) =
+        run_prof_bpf(&["heap", "--pid", &pid, "-o", "/nonexistent-dir/heap.pb.gz"]);
     assert_one_line_error(&stderr, code, "/nonexistent-dir/heap.pb.gz");
 }
 
@@ -319,7 +454,17 @@ fn frame_pointer_walk_through_glibc_shows_no_garbage_frames() {
     w.expect_line("ready");
     let pid = w.pid().to_string();
     let (prof, _) = start_prof_bpf(
-        &["heap", "--pid", &pid, "--sample-bytes", "0", "--format", "folded", "--group-by", "none"],
+        &[
+            "heap",
+            "--pid",
+            &pid,
+            "--sample-bytes",
+            "0",
+            "--format",
+            "folded",
+            "--group-by",
+            "none",
+        ],
         ATTACHED,
     );
     w.send_line("go");
@@ -335,14 +480,23 @@ fn frame_pointer_walk_through_glibc_shows_no_garbage_frames() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stacks = parse_folded(&stdout);
     assert_eq!(leaf_total(&stacks, "cmp_leak"), calls * 24, "{stdout}");
-    for s in stacks.iter().filter(|s| s.frames.last().is_some_and(|f| f == "cmp_leak")) {
+    for s in stacks
+        .iter()
+        .filter(|s| s.frames.last().is_some_and(|f| f == "cmp_leak"))
+    {
         // The caller of the comparison function is glibc's merge sort.
         let caller = &s.frames[s.frames.len() - 2];
-        assert!(caller.contains("msort") || caller.contains("qsort"), "caller {caller}: {stdout}");
+        assert!(
+            caller.contains("msort") || caller.contains("qsort"),
+            "caller {caller}: {stdout}"
+        );
         // Beyond it, rbp is not a frame pointer: the walk must stop (visibly)
         // or find real code, never show an address outside the process's code.
         for f in &s.frames {
-            assert!(!f.starts_with("0x") && !f.contains("[uprobes]"), "garbage frame {f}: {stdout}");
+            assert!(
+                !f.starts_with("0x") && !f.contains("[uprobes]"),
+                "garbage frame {f}: {stdout}"
+            );
         }
     }
 }
@@ -350,18 +504,39 @@ fn frame_pointer_walk_through_glibc_shows_no_garbage_frames() {
 #[test]
 fn preloaded_jemalloc_and_tcmalloc_are_probed() {
     require_bpf!();
-    for lib in ["/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4"] {
-        let mut w = Proc::spawn(Command::new(build_workload("heap_leaks", FLAGS)).env("LD_PRELOAD", lib));
+    for lib in [
+        "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+        "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
+    ] {
+        let mut w =
+            Proc::spawn(Command::new(build_workload("heap_leaks", FLAGS)).env("LD_PRELOAD", lib));
         w.expect_line("ready");
         let out = profile_rounds(
             &mut w,
-            &["--sample-bytes", "0", "--format", "folded", "--group-by", "none", "--sample-type", "inuse_space"],
+            &[
+                "--sample-bytes",
+                "0",
+                "--format",
+                "folded",
+                "--group-by",
+                "none",
+                "--sample-type",
+                "inuse_space",
+            ],
             5,
         );
         let stacks = parse_folded(&out);
         assert_eq!(leaf_total(&stacks, "leak_small"), 5 * SMALL, "{lib}: {out}");
-        assert_eq!(leaf_total(&stacks, "leak_big_calloc"), 5 * BIG_CALLOC, "{lib}: {out}");
-        assert_eq!(leaf_total(&stacks, "realloc_null"), 5 * REALLOC_NULL, "{lib}: {out}");
+        assert_eq!(
+            leaf_total(&stacks, "leak_big_calloc"),
+            5 * BIG_CALLOC,
+            "{lib}: {out}"
+        );
+        assert_eq!(
+            leaf_total(&stacks, "realloc_null"),
+            5 * REALLOC_NULL,
+            "{lib}: {out}"
+        );
         assert_eq!(leaf_total(&stacks, "churn"), 0, "{lib}: {out}");
     }
 }

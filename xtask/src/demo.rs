@@ -15,26 +15,57 @@ pub fn run() -> anyhow::Result<()> {
         anyhow::bail!("the demo attaches eBPF probes: run it as root (sudo -E cargo xtask demo)");
     }
     let prof = util::release_artifact("prof-bpf");
-    let program = build_workload("heap_leaks", &["-O1", "-g", "-fno-omit-frame-pointer", "-fno-builtin"]);
+    let program = build_workload(
+        "heap_leaks",
+        &["-O1", "-g", "-fno-omit-frame-pointer", "-fno-builtin"],
+    );
     let mut workload = Proc::spawn(&mut Command::new(&program));
     workload.expect_line("ready");
     let pid = workload.pid().to_string();
 
-    println!("demo: {} (pid {pid}) leaks in four places, churns, caches and frees across threads", program.display());
-    println!("\n$ prof-bpf heap --pid {pid} --duration 4 --nodecount 12      # where is the memory held?");
+    println!(
+        "demo: {} (pid {pid}) leaks in four places, churns, caches and frees across threads",
+        program.display()
+    );
+    println!(
+        "\n$ prof-bpf heap --pid {pid} --duration 4 --nodecount 12      # where is the memory held?"
+    );
     let (profiler, _) = start_until(
         &prof,
-        &["heap", "--pid", &pid, "--duration", "4", "--sample-bytes", "0", "--nodecount", "12"],
+        &[
+            "heap",
+            "--pid",
+            &pid,
+            "--duration",
+            "4",
+            "--sample-bytes",
+            "0",
+            "--nodecount",
+            "12",
+        ],
         "attached",
     );
     workload.send_line("go 50");
     workload.expect_line("done");
     print_output(profiler)?;
 
-    println!("\n$ prof-bpf heap --pid {pid} --leaks --interval 1 --duration 6 --format folded   # what leaks?");
+    println!(
+        "\n$ prof-bpf heap --pid {pid} --leaks --interval 1 --duration 6 --format folded   # what leaks?"
+    );
     let (profiler, _) = start_until(
         &prof,
-        &["heap", "--pid", &pid, "--leaks", "--interval", "1", "--duration", "6", "--format", "folded"],
+        &[
+            "heap",
+            "--pid",
+            &pid,
+            "--leaks",
+            "--interval",
+            "1",
+            "--duration",
+            "6",
+            "--format",
+            "folded",
+        ],
         "attached",
     );
     workload.send_line("go 80");
@@ -44,8 +75,14 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 fn print_output(profiler: std::process::Child) -> anyhow::Result<()> {
-    let out = profiler.wait_with_output().context("waiting for prof-bpf")?;
+    let out = profiler
+        .wait_with_output()
+        .context("waiting for prof-bpf")?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
-    anyhow::ensure!(out.status.success(), "prof-bpf heap failed ({})", out.status);
+    anyhow::ensure!(
+        out.status.success(),
+        "prof-bpf heap failed ({})",
+        out.status
+    );
     Ok(())
 }

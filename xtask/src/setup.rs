@@ -191,11 +191,13 @@ fn bpf_linker(nightly: &Nightly) -> anyhow::Result<()> {
         format!("-C link-arg=-Wl,-rpath,{}", toolchain_lib.display()),
     )
     .env_remove("CARGO_TARGET_DIR");
-    util::run(&mut cmd, "cargo install bpf-linker").context(
-        "bpf-linker could not be built; it needs crates.io and the nightly's libLLVM",
-    )?;
-    let version = util::output(Command::new(&binary).arg("--version"), "bpf-linker --version")
-        .context("the freshly built bpf-linker does not run")?;
+    util::run(&mut cmd, "cargo install bpf-linker")
+        .context("bpf-linker could not be built; it needs crates.io and the nightly's libLLVM")?;
+    let version = util::output(
+        Command::new(&binary).arg("--version"),
+        "bpf-linker --version",
+    )
+    .context("the freshly built bpf-linker does not run")?;
     eprintln!("xtask: installed {}", version.trim());
     fs::write(&stamp_path, stamp).with_context(|| format!("writing {}", stamp_path.display()))?;
     Ok(())
@@ -228,7 +230,9 @@ fn package_installed(name: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", name])
         .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("ok installed"))
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("ok installed")
+        })
 }
 
 fn kernel() -> anyhow::Result<()> {
@@ -242,7 +246,9 @@ fn kernel() -> anyhow::Result<()> {
     let tracefs = Path::new("/sys/kernel/tracing");
     if !tracefs.join("events").exists() {
         util::run(
-            Command::new("mount").args(["-t", "tracefs", "tracefs"]).arg(tracefs),
+            Command::new("mount")
+                .args(["-t", "tracefs", "tracefs"])
+                .arg(tracefs),
             "mount -t tracefs tracefs /sys/kernel/tracing",
         )?;
     }

@@ -23,8 +23,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let quick = args.iter().any(|a| a == "--no-lint");
     setup::run()?;
     if !quick {
-        util::run(util::cargo().args(["fmt", "--all", "--", "--check"]), "cargo fmt --check")
-            .context("run `cargo fmt --all` to fix the formatting")?;
+        util::run(
+            util::cargo().args(["fmt", "--all", "--", "--check"]),
+            "cargo fmt --check",
+        )
+        .context("run `cargo fmt --all` to fix the formatting")?;
         util::run(
             util::cargo().args([
                 "clippy",
@@ -53,7 +56,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     };
     let mut totals = Totals::default();
     let unit = cargo_test(
-        &["--workspace", "--exclude", "profiler-ebpf", "--exclude", "prof-bpf-tests"],
+        &[
+            "--workspace",
+            "--exclude",
+            "profiler-ebpf",
+            "--exclude",
+            "prof-bpf-tests",
+        ],
         &[],
         require_bpf,
         &mut totals,

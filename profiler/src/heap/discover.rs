@@ -55,8 +55,14 @@ pub const ENTRY_POINTS: &[(&str, Role)] = &[
     ("_ZnamRKSt9nothrow_t", Role::Alloc(EntryKind::Malloc)),
     ("_ZnwmSt11align_val_t", Role::Alloc(EntryKind::Malloc)),
     ("_ZnamSt11align_val_t", Role::Alloc(EntryKind::Malloc)),
-    ("_ZnwmSt11align_val_tRKSt9nothrow_t", Role::Alloc(EntryKind::Malloc)),
-    ("_ZnamSt11align_val_tRKSt9nothrow_t", Role::Alloc(EntryKind::Malloc)),
+    (
+        "_ZnwmSt11align_val_tRKSt9nothrow_t",
+        Role::Alloc(EntryKind::Malloc),
+    ),
+    (
+        "_ZnamSt11align_val_tRKSt9nothrow_t",
+        Role::Alloc(EntryKind::Malloc),
+    ),
     ("_ZdlPv", Role::Free),
     ("_ZdaPv", Role::Free),
     ("_ZdlPvm", Role::Free),
@@ -103,10 +109,13 @@ impl Allocator {
         let inode = std::fs::metadata(&open_path)
             .with_context(|| format!("reading {path}"))?
             .ino();
-        let points = entry_points(&data).with_context(|| format!("reading the ELF symbols of {path}"))?;
+        let points =
+            entry_points(&data).with_context(|| format!("reading the ELF symbols of {path}"))?;
         for needed in ["malloc", "free"] {
             if !points.iter().any(|p| p.symbol == needed) {
-                bail!("{path} defines no `{needed}` function: not an allocator (use --lib with the library that provides malloc)");
+                bail!(
+                    "{path} defines no `{needed}` function: not an allocator (use --lib with the library that provides malloc)"
+                );
             }
         }
         Ok(Self {
@@ -125,7 +134,10 @@ pub fn entry_points(data: &[u8]) -> anyhow::Result<Vec<AttachPoint>> {
     let file = object::File::parse(data).context("not an ELF object")?;
     let mut addresses: BTreeMap<&str, u64> = BTreeMap::new();
     for symbol in file.dynamic_symbols().chain(file.symbols()) {
-        if !symbol.is_definition() || symbol.kind() != object::SymbolKind::Text || symbol.address() == 0 {
+        if !symbol.is_definition()
+            || symbol.kind() != object::SymbolKind::Text
+            || symbol.address() == 0
+        {
             continue;
         }
         let Ok(name) = symbol.name() else { continue };
@@ -137,13 +149,19 @@ pub fn entry_points(data: &[u8]) -> anyhow::Result<Vec<AttachPoint>> {
     }
     let mut points: Vec<AttachPoint> = Vec::new();
     for &(symbol, role) in ENTRY_POINTS {
-        let Some(&address) = addresses.get(symbol) else { continue };
+        let Some(&address) = addresses.get(symbol) else {
+            continue;
+        };
         let offset = file_offset(&file, address)
             .with_context(|| format!("`{symbol}` at {address:#x} lies in no loadable segment"))?;
         if points.iter().any(|p| p.offset == offset) {
             continue;
         }
-        points.push(AttachPoint { symbol, offset, role });
+        points.push(AttachPoint {
+            symbol,
+            offset,
+            role,
+        });
     }
     points.sort_by_key(|p| !matches!(p.role, Role::Free));
     Ok(points)
@@ -154,7 +172,8 @@ fn file_offset(file: &object::File<'_>, address: u64) -> Option<u64> {
     file.segments().find_map(|segment| {
         let (start, size) = (segment.address(), segment.size());
         let (file_start, file_size) = segment.file_range();
-        (address >= start && address < start + size.min(file_size)).then(|| address - start + file_start)
+        (address >= start && address < start + size.min(file_size))
+            .then(|| address - start + file_start)
     })
 }
 
@@ -172,7 +191,8 @@ pub fn for_process(pid: u32, lib: Option<&Path>) -> anyhow::Result<Allocator> {
     // The executable (first file mapping) when it has its own malloc:
     // statically linked, or linked with an allocator.
     if let Some(exe) = objects.first()
-        && let Ok(allocator) = Allocator::from_file(&exe.path, process::path_in_root(pid, &exe.path))
+        && let Ok(allocator) =
+            Allocator::from_file(&exe.path, process::path_in_root(pid, &exe.path))
     {
         return Ok(allocator);
     }
@@ -191,7 +211,11 @@ pub fn for_process(pid: u32, lib: Option<&Path>) -> anyhow::Result<Allocator> {
 fn library(pid: u32, lib: &Path) -> anyhow::Result<Allocator> {
     let shown = lib.to_string_lossy().into_owned();
     let in_root = process::path_in_root(pid, &shown);
-    let open = if lib.is_absolute() && in_root.exists() { in_root } else { lib.to_path_buf() };
+    let open = if lib.is_absolute() && in_root.exists() {
+        in_root
+    } else {
+        lib.to_path_buf()
+    };
     if !open.exists() {
         bail!("--lib {shown}: no such file");
     }
@@ -216,7 +240,8 @@ fn mapped_objects(maps: &[Mapping]) -> Vec<&Mapping> {
 /// default library for `--all`.
 pub fn own_libc() -> anyhow::Result<Allocator> {
     let maps = process::maps(std::process::id())?;
-    let libc = process::find_libc(&maps).context("prof-bpf maps no libc.so.6; name the library with --lib PATH")?;
+    let libc = process::find_libc(&maps)
+        .context("prof-bpf maps no libc.so.6; name the library with --lib PATH")?;
     Allocator::from_file(&libc.path, PathBuf::from(&libc.path))
 }
 
@@ -233,10 +258,21 @@ mod tests {
         let mut unique = offsets.clone();
         unique.sort_unstable();
         unique.dedup();
-        assert_eq!(offsets.len(), unique.len(), "duplicate offsets: {:?}", allocator.points);
+        assert_eq!(
+            offsets.len(),
+            unique.len(),
+            "duplicate offsets: {:?}",
+            allocator.points
+        );
         let symbols: Vec<&str> = allocator.points.iter().map(|p| p.symbol).collect();
         assert_eq!(symbols[0], "free", "frees come first: {symbols:?}");
-        for s in ["malloc", "calloc", "realloc", "posix_memalign", "aligned_alloc"] {
+        for s in [
+            "malloc",
+            "calloc",
+            "realloc",
+            "posix_memalign",
+            "aligned_alloc",
+        ] {
             assert!(symbols.contains(&s), "{s} missing: {symbols:?}");
         }
         // glibc 2.36: cfree is free, memalign is aligned_alloc.
@@ -247,6 +283,9 @@ mod tests {
     #[test]
     fn library_without_malloc_is_rejected() {
         let err = Allocator::from_file("/bin/true", PathBuf::from("/bin/true")).unwrap_err();
-        assert!(format!("{err:#}").contains("defines no `malloc`"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("defines no `malloc`"),
+            "{err:#}"
+        );
     }
 }

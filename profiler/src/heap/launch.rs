@@ -38,7 +38,9 @@ impl Suspended {
             program,
             ..
         } = self;
-        release.write_all(b"g").context("releasing the launched program")?;
+        release
+            .write_all(b"g")
+            .context("releasing the launched program")?;
         drop(release);
         let child = spawner
             .join()
@@ -50,7 +52,9 @@ impl Suspended {
 
 /// Forks `command`, which stops before exec until [`Suspended::resume`].
 pub fn spawn_suspended(command: &[OsString]) -> anyhow::Result<Suspended> {
-    let (name, args) = command.split_first().context("no command to launch after `--`")?;
+    let (name, args) = command
+        .split_first()
+        .context("no command to launch after `--`")?;
     let program = find_program(name)?;
     let (pid_rx, pid_tx) = pipe()?;
     let (go_rx, go_tx) = pipe()?;
@@ -69,7 +73,9 @@ pub fn spawn_suspended(command: &[OsString]) -> anyhow::Result<Suspended> {
             let mut go = [0u8; 1];
             // EOF: the agent is gone; do not run unprofiled.
             if libc::read(go_fd, go.as_mut_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::other("prof-bpf exited before the probes were attached"));
+                return Err(std::io::Error::other(
+                    "prof-bpf exited before the probes were attached",
+                ));
             }
             Ok(())
         });
@@ -105,7 +111,12 @@ fn pipe() -> anyhow::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
         return Err(std::io::Error::last_os_error()).context("pipe2");
     }
     // SAFETY: both descriptors are fresh and owned by nobody else.
-    Ok(unsafe { (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])) })
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
 }
 
 /// `name` as exec would find it (through PATH when it has no slash).
@@ -126,7 +137,8 @@ fn find_program(name: &OsString) -> anyhow::Result<PathBuf> {
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
-    path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    path.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// The allocator `program` will use once executed with our environment.
@@ -134,7 +146,11 @@ pub fn allocator_of_program(program: &Path) -> anyhow::Result<Allocator> {
     let elf = follow_interpreters(program)?;
     let mut candidates = vec![elf.clone()];
     if let Some(preload) = std::env::var_os("LD_PRELOAD") {
-        for lib in preload.to_string_lossy().split([':', ' ']).filter(|s| !s.is_empty()) {
+        for lib in preload
+            .to_string_lossy()
+            .split([':', ' '])
+            .filter(|s| !s.is_empty())
+        {
             candidates.push(resolve_library(lib, &[]));
         }
     }
@@ -142,7 +158,9 @@ pub fn allocator_of_program(program: &Path) -> anyhow::Result<Allocator> {
     let mut queue = vec![elf];
     let mut seen = candidates.clone();
     while let Some(object) = (!queue.is_empty()).then(|| queue.remove(0)) {
-        let Ok(data) = std::fs::read(&object) else { continue };
+        let Ok(data) = std::fs::read(&object) else {
+            continue;
+        };
         let (needed, runpath) = dynamic_info(&data, &object);
         for name in needed {
             let lib = resolve_library(&name, &runpath);
@@ -182,7 +200,9 @@ fn follow_interpreters(program: &Path) -> anyhow::Result<PathBuf> {
         let mut words = line.split_whitespace();
         let interpreter = words.next().context("empty #! line")?;
         current = if interpreter.ends_with("/env") {
-            let name = words.find(|w| !w.starts_with('-')).context("`#!/usr/bin/env` without a program")?;
+            let name = words
+                .find(|w| !w.starts_with('-'))
+                .context("`#!/usr/bin/env` without a program")?;
             find_program(&name.into())?
         } else {
             PathBuf::from(interpreter)
@@ -212,7 +232,9 @@ fn dynamic_info(data: &[u8], path: &Path) -> (Vec<String>, Vec<PathBuf>) {
     let origin = path.parent().map(Path::to_path_buf).unwrap_or_default();
     for entry in entries {
         let tag = entry.d_tag(endian) as i64;
-        let Ok(value) = entry.string(endian, strings) else { continue };
+        let Ok(value) = entry.string(endian, strings) else {
+            continue;
+        };
         let value = String::from_utf8_lossy(value).into_owned();
         match tag {
             object::elf::DT_NEEDED => needed.push(value),

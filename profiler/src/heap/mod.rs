@@ -123,21 +123,32 @@ impl Settings {
             (false, false, true) => Targets::Pids(args.pid.clone()),
             (true, true, true) => Targets::All,
             (true, false, false) => Targets::Launch(args.command.clone()),
-            (true, false, true) => bail!("nothing to profile: give --pid PID, --all, or `-- CMD ARGS`"),
+            (true, false, true) => {
+                bail!("nothing to profile: give --pid PID, --all, or `-- CMD ARGS`")
+            }
             _ => bail!("--pid, --all and `-- CMD` exclude each other: give one"),
         };
-        for (flag, value) in [("--duration", args.duration), ("--interval", args.interval), ("--min-age", args.min_age)] {
+        for (flag, value) in [
+            ("--duration", args.duration),
+            ("--interval", args.interval),
+            ("--min-age", args.min_age),
+        ] {
             if let Some(v) = value
                 && !(v.is_finite() && (v > 0.0 || (flag == "--min-age" && v == 0.0)))
             {
                 bail!("{flag} must be a positive number of seconds, got {v}");
             }
         }
-        let sample_bytes = args
-            .sample_bytes
-            .unwrap_or(if args.leaks { 0 } else { sampling::DEFAULT_SAMPLE_BYTES });
+        let sample_bytes = args.sample_bytes.unwrap_or(if args.leaks {
+            0
+        } else {
+            sampling::DEFAULT_SAMPLE_BYTES
+        });
         if sample_bytes > sampling::MAX_SAMPLE_BYTES {
-            bail!("--sample-bytes must be at most {}, got {sample_bytes}", sampling::MAX_SAMPLE_BYTES);
+            bail!(
+                "--sample-bytes must be at most {}, got {sample_bytes}",
+                sampling::MAX_SAMPLE_BYTES
+            );
         }
         if args.max_live == 0 || args.max_stacks == 0 {
             bail!("--max-live and --max-stacks must be positive");

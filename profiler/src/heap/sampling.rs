@@ -8,7 +8,9 @@
 //! weighting it by S / (1 - exp(-S/N)) bytes and 1 / (1 - exp(-S/N)) objects
 //! makes every total an unbiased estimate — the formula libprofalloc.so's
 //! sampler uses too.
-use profiler_common::heap::{SAMPLE_TABLE_LEN, WEIGHT_ONE, WEIGHT_STEPS_PER_UNIT, WEIGHT_TABLE_LEN};
+use profiler_common::heap::{
+    SAMPLE_TABLE_LEN, WEIGHT_ONE, WEIGHT_STEPS_PER_UNIT, WEIGHT_TABLE_LEN,
+};
 
 /// Default mean bytes between samples for heap profiles.
 pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
@@ -33,7 +35,9 @@ pub fn intervals(rate: u64) -> Vec<u64> {
 /// entries and weighs a sample of size S at rate N as N * h(S/N) bytes.
 pub fn weights() -> Vec<u64> {
     (0..WEIGHT_TABLE_LEN)
-        .map(|i| (h(f64::from(i) / f64::from(WEIGHT_STEPS_PER_UNIT)) * WEIGHT_ONE as f64).round() as u64)
+        .map(|i| {
+            (h(f64::from(i) / f64::from(WEIGHT_STEPS_PER_UNIT)) * WEIGHT_ONE as f64).round() as u64
+        })
         .collect()
 }
 

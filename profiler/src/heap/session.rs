@@ -12,14 +12,16 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
-    programs::{UProbe, uprobe::UProbeAttachLocation, uprobe::UProbeAttachPoint, uprobe::UProbeScope},
+    programs::{
+        UProbe, uprobe::UProbeAttachLocation, uprobe::UProbeAttachPoint, uprobe::UProbeScope,
+    },
 };
 use log::{debug, info, warn};
 use profiler_common::{
     heap::{
         CONFIG_MAP, COUNTERS_MAP, HeapConfig, HeapCounters, LIVE_MAP, LiveAlloc, LiveKey,
-        SAMPLE_INTERVALS_MAP, SAMPLE_WEIGHTS_MAP, STACK_ID_MISSING, STACK_STATS_MAP, StackKey, StackStats,
-        WEIGHT_ONE,
+        SAMPLE_INTERVALS_MAP, SAMPLE_WEIGHTS_MAP, STACK_ID_MISSING, STACK_STATS_MAP, StackKey,
+        StackStats, WEIGHT_ONE,
     },
     stack::{STACK_COMPLETE, STACK_MISSING, USER_STACKS_MAP, UserStack},
 };
@@ -34,6 +36,7 @@ use crate::{
     output::{self, OutputArgs},
     process::{self, Mapping},
     profile::{Collector, Profile, RawSample, SampleType, StackStatus},
+    unwind::Tables,
 };
 
 const ENTRY_PROGRAM: &str = "heap_alloc_entry";
@@ -119,16 +122,25 @@ struct Session {
     /// mappings while they live, so that it can place their addresses after
     /// they exit.
     live: Option<Collector>,
+    /// CFI tables of the targets for the kernel-side unwinder.
+    tables: Tables,
 }
 
 impl Session {
-    fn start(settings: Settings, plan: Vec<(Allocator, UProbeScope)>, pids: Vec<u32>) -> anyhow::Result<Self> {
+    fn start(
+        settings: Settings,
+        plan: Vec<(Allocator, UProbeScope)>,
+        pids: Vec<u32>,
+    ) -> anyhow::Result<Self> {
         let (max_live, max_stacks) = (settings.max_live, settings.max_stacks);
         let mut ebpf = ebpf::load_with(|loader| {
-            loader.map_max_entries(LIVE_MAP, max_live).map_max_entries(STACK_STATS_MAP, max_stacks);
+            loader
+                .map_max_entries(LIVE_MAP, max_live)
+                .map_max_entries(STACK_STATS_MAP, max_stacks);
         })?;
         ebpf::spawn_logger(&mut ebpf);
         configure(&mut ebpf, settings.sample_bytes)?;
+        let tables = Tables::new(&mut ebpf)?;
         for name in [FREE_PROGRAM, RETURN_PROGRAM, ENTRY_PROGRAM] {
             let _: &mut UProbe = ebpf::program(&mut ebpf, name)?;
         }
@@ -144,7 +156,15 @@ impl Session {
             comms: HashMap::new(),
             exited: HashSet::new(),
             live: None,
+            tables,
         };
+        // Unwind tables before the probes: the first stacks are complete too.
+        // A launched child has not exec'd yet; its tables come after exec.
+        if !matches!(session.settings.targets, Targets::Launch(_)) {
+            for pid in session.pids.clone() {
+                session.add_unwind_tables(pid);
+            }
+        }
         for (allocator, scope) in plan {
             session.attach(&allocator, scope)?;
             session.allocators.push((allocator, scope));
@@ -193,7 +213,12 @@ impl Session {
                     {
                         bail!("pid {pid} exited while the probes were being attached");
                     }
-                    return Err(err).with_context(|| format!("attaching to {} in {} for {what}", point.symbol, allocator.path));
+                    return Err(err).with_context(|| {
+                        format!(
+                            "attaching to {} in {} for {what}",
+                            point.symbol, allocator.path
+                        )
+                    });
                 }
             }
         }
@@ -217,7 +242,11 @@ impl Session {
                 .collect::<Vec<_>>()
                 .join(", "),
         };
-        let allocator = self.allocators.first().map(|(a, _)| a.path.clone()).unwrap_or_default();
+        let allocator = self
+            .allocators
+            .first()
+            .map(|(a, _)| a.path.clone())
+            .unwrap_or_default();
         let mode = if self.settings.sample_bytes == 0 {
             "every allocation".to_owned()
         } else {
@@ -225,12 +254,17 @@ impl Session {
         };
         eprintln!(
             "prof-bpf: heap: attached to {allocator} of {targets}, tracking {mode}{}; Ctrl-C to stop",
-            if self.settings.leaks { ", leak mode" } else { "" }
+            if self.settings.leaks {
+                ", leak mode"
+            } else {
+                ""
+            }
         );
 
         let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel();
         for &pid in &self.pids {
-            let watcher = process::ExitWatcher::new(pid).with_context(|| format!("pid {pid} exited while attaching"))?;
+            let watcher = process::ExitWatcher::new(pid)
+                .with_context(|| format!("pid {pid} exited while attaching"))?;
             let tx = exit_tx.clone();
             tokio::spawn(async move {
                 watcher.exited().await;
@@ -238,8 +272,12 @@ impl Session {
             });
         }
         let started = self.started;
-        let deadline = self.settings.duration.map(|d| started + Duration::from_secs_f64(d));
-        let mut tick = tokio::time::interval_at(started + Duration::from_secs(1), Duration::from_secs(1));
+        let deadline = self
+            .settings
+            .duration
+            .map(|d| started + Duration::from_secs_f64(d));
+        let mut tick =
+            tokio::time::interval_at(started + Duration::from_secs(1), Duration::from_secs(1));
         let period = self.settings.interval.map(Duration::from_secs_f64);
         let mut interval = period.map(|p| tokio::time::interval_at(started + p, p));
         let ctrl_c = tokio::signal::ctrl_c();
@@ -256,11 +294,26 @@ impl Session {
                     for pid in self.pids.clone() {
                         if !self.exited.contains(&pid) {
                             self.refresh_process(pid);
+                            if self.tables.has_process(pid) {
+                                if ticks < 3 {
+                                    // The loader is still mapping libraries.
+                                    let _ = self.tables.refresh_process(pid);
+                                }
+                            } else {
+                                self.add_unwind_tables(pid);
+                            }
                         }
                     }
                 }
                 _ = tick.tick() => {
                     ticks += 1;
+                    // Processes whose walks met code outside their tables
+                    // (dlopen) are refreshed; with --all, new processes get tables.
+                    for pid in self.tables.poll() {
+                        if matches!(self.settings.targets, Targets::All) || self.pids.contains(&pid) {
+                            self.add_unwind_tables(pid);
+                        }
+                    }
                     if launched && (ticks == 1 || ticks % 5 == 0) {
                         self.check_launched();
                     }
@@ -286,6 +339,7 @@ impl Session {
                 () = sleep_until(deadline) => break,
                 Some(pid) = exit_rx.recv() => {
                     self.exited.insert(pid);
+                    self.tables.remove_process(pid);
                     if self.exited.len() == self.pids.len() {
                         break;
                     }
@@ -315,12 +369,23 @@ impl Session {
             if self.allocators.iter().any(|(a, _)| a.inode == found.inode) {
                 continue;
             }
-            warn!("pid {pid} uses {} rather than the allocator found before exec; probing it too", found.path);
-            let Some(nz) = NonZeroU32::new(pid) else { continue };
+            warn!(
+                "pid {pid} uses {} rather than the allocator found before exec; probing it too",
+                found.path
+            );
+            let Some(nz) = NonZeroU32::new(pid) else {
+                continue;
+            };
             match self.attach(&found, UProbeScope::OneProcess(nz)) {
                 Ok(()) => self.allocators.push((found, UProbeScope::OneProcess(nz))),
                 Err(err) => warn!("{err:#}"),
             }
+        }
+    }
+
+    fn add_unwind_tables(&mut self, pid: u32) {
+        if let Err(err) = self.tables.add_process(pid) {
+            warn!("pid {pid}: no unwind tables, stacks follow frame pointers only: {err:#}");
         }
     }
 
@@ -336,18 +401,23 @@ impl Session {
     }
 
     fn stack_stats(&self) -> anyhow::Result<Vec<(StackKey, StackStats)>> {
-        let map: PerCpuHashMap<&MapData, StackKey, StackStats> =
-            PerCpuHashMap::try_from(self.ebpf.map(STACK_STATS_MAP).context("stack map missing")?)?;
+        let map: PerCpuHashMap<&MapData, StackKey, StackStats> = PerCpuHashMap::try_from(
+            self.ebpf
+                .map(STACK_STATS_MAP)
+                .context("stack map missing")?,
+        )?;
         let mut out = Vec::new();
         for entry in map.iter() {
             match entry {
                 Ok((key, per_cpu)) => {
-                    let sum = per_cpu.iter().fold(StackStats::default(), |a, s| StackStats {
-                        alloc_objects: a.alloc_objects + s.alloc_objects,
-                        alloc_bytes: a.alloc_bytes + s.alloc_bytes,
-                        free_objects: a.free_objects + s.free_objects,
-                        free_bytes: a.free_bytes + s.free_bytes,
-                    });
+                    let sum = per_cpu
+                        .iter()
+                        .fold(StackStats::default(), |a, s| StackStats {
+                            alloc_objects: a.alloc_objects + s.alloc_objects,
+                            alloc_bytes: a.alloc_bytes + s.alloc_bytes,
+                            free_objects: a.free_objects + s.free_objects,
+                            free_bytes: a.free_bytes + s.free_bytes,
+                        });
                     out.push((key, sum));
                 }
                 // An entry deleted while iterating.
@@ -362,24 +432,34 @@ impl Session {
         let map: PerCpuArray<&MapData, HeapCounters> =
             PerCpuArray::try_from(self.ebpf.map(COUNTERS_MAP).context("counter map missing")?)?;
         let values = map.get(&0, 0).context("reading the counters")?;
-        Ok(values.iter().fold(HeapCounters::default(), |a, c| HeapCounters {
-            allocs: a.allocs + c.allocs,
-            frees: a.frees + c.frees,
-            tracked: a.tracked + c.tracked,
-            live_full: a.live_full + c.live_full,
-            stacks_full: a.stacks_full + c.stacks_full,
-            stack_errors: a.stack_errors + c.stack_errors,
-            threads_full: a.threads_full + c.threads_full,
-            _reserved: 0,
-        }))
+        Ok(values
+            .iter()
+            .fold(HeapCounters::default(), |a, c| HeapCounters {
+                allocs: a.allocs + c.allocs,
+                frees: a.frees + c.frees,
+                tracked: a.tracked + c.tracked,
+                live_full: a.live_full + c.live_full,
+                stacks_full: a.stacks_full + c.stacks_full,
+                stack_errors: a.stack_errors + c.stack_errors,
+                threads_full: a.threads_full + c.threads_full,
+                _reserved: 0,
+            }))
     }
 
     fn snapshot(&mut self) -> anyhow::Result<()> {
         let stats = self.stack_stats()?;
         let time = self.started.elapsed().as_secs_f64();
-        self.history
-            .push(time, stats.iter().map(|(k, s)| (*k, s.alloc_bytes as i64 - s.free_bytes as i64)));
-        debug!("leak snapshot {} at {time:.1} s: {} stacks", self.history.len(), stats.len());
+        self.history.push(
+            time,
+            stats
+                .iter()
+                .map(|(k, s)| (*k, s.alloc_bytes as i64 - s.free_bytes as i64)),
+        );
+        debug!(
+            "leak snapshot {} at {time:.1} s: {} stacks",
+            self.history.len(),
+            stats.len()
+        );
         Ok(())
     }
 
@@ -394,7 +474,11 @@ impl Session {
             Some(c) => c,
             None => self.new_collector(),
         };
-        if self.settings.leaks { self.leak_profile(c) } else { self.heap_profile(c) }
+        if self.settings.leaks {
+            self.leak_profile(c)
+        } else {
+            self.heap_profile(c)
+        }
     }
 
     /// A collector for this session's report, knowing the targets' mappings.
@@ -420,22 +504,40 @@ impl Session {
         if self.settings.sample_bytes == 0 {
             c.add_comment("mode: every allocation tracked");
         } else {
-            c.add_comment(format!("mode: sampled, one allocation per {} bytes on average (values are estimates)", self.settings.sample_bytes));
+            c.add_comment(format!(
+                "mode: sampled, one allocation per {} bytes on average (values are estimates)",
+                self.settings.sample_bytes
+            ));
             c.set_period(SampleType::alloc_space(), self.settings.sample_bytes as i64);
         }
         let counters = self.counters()?;
-        c.add_comment(format!("allocations seen: {}, tracked: {}", counters.allocs, counters.tracked));
+        c.add_comment(format!(
+            "allocations seen: {}, tracked: {}",
+            counters.allocs, counters.tracked
+        ));
         if counters.live_full > 0 {
-            c.add_comment(format!("lost allocations: {} (live-allocation map full; raise --max-live)", counters.live_full));
+            c.add_comment(format!(
+                "lost allocations: {} (live-allocation map full; raise --max-live)",
+                counters.live_full
+            ));
         }
         if counters.stacks_full > 0 {
-            c.add_comment(format!("lost allocations: {} (stack map full; raise --max-stacks)", counters.stacks_full));
+            c.add_comment(format!(
+                "lost allocations: {} (stack map full; raise --max-stacks)",
+                counters.stacks_full
+            ));
         }
         if counters.threads_full > 0 {
-            c.add_comment(format!("lost allocations: {} (thread map full)", counters.threads_full));
+            c.add_comment(format!(
+                "lost allocations: {} (thread map full)",
+                counters.threads_full
+            ));
         }
         if counters.stack_errors > 0 {
-            c.add_comment(format!("allocations without a user stack: {}", counters.stack_errors));
+            c.add_comment(format!(
+                "allocations without a user stack: {}",
+                counters.stack_errors
+            ));
         }
         Ok(())
     }
@@ -462,13 +564,16 @@ impl Session {
     /// with their outstanding objects and bytes.
     fn leak_profile(&mut self, mut c: Collector) -> anyhow::Result<Profile> {
         self.add_comments(&mut c)?;
-        let launched_exit = matches!(self.settings.targets, Targets::Launch(_)) && !self.exited.is_empty();
+        let launched_exit =
+            matches!(self.settings.targets, Targets::Launch(_)) && !self.exited.is_empty();
         let decided = self.history.len() >= leaks::MIN_SNAPSHOTS;
         c.add_comment(format!("leak rule: {}", leaks::RULE));
         if launched_exit {
             c.add_comment("the program exited: everything it never freed is listed");
         } else if !decided {
-            c.add_comment("run too short to measure growth: every outstanding allocation is listed");
+            c.add_comment(
+                "run too short to measure growth: every outstanding allocation is listed",
+            );
         }
         let old = match self.settings.min_age {
             Some(age) => self.old_allocations(age)?,
@@ -480,12 +585,19 @@ impl Session {
         let stacks = self.user_stacks(&keys)?;
         let (mut leaking, mut listed) = (0, 0);
         for (key, s) in stats {
-            let outstanding = (objects(s.alloc_objects) - objects(s.free_objects), s.alloc_bytes as i64 - s.free_bytes as i64);
+            let outstanding = (
+                objects(s.alloc_objects) - objects(s.free_objects),
+                s.alloc_bytes as i64 - s.free_bytes as i64,
+            );
             let growth = self.history.classify(&key);
             let grows = growth.is_some_and(|g| g.leaking);
             let mut labels = Vec::new();
             if let Some(g) = growth {
-                labels.push(("growth".to_owned(), g.bytes_per_sec.round() as i64, "bytes/s".to_owned()));
+                labels.push((
+                    "growth".to_owned(),
+                    g.bytes_per_sec.round() as i64,
+                    "bytes/s".to_owned(),
+                ));
             }
             let old_here = old.get(&key);
             if let Some(o) = old_here {
@@ -509,14 +621,19 @@ impl Session {
         let old_note = if old.is_empty() {
             String::new()
         } else {
-            format!(", {} stack(s) holding allocations older than the minimum age", old.len())
+            format!(
+                ", {} stack(s) holding allocations older than the minimum age",
+                old.len()
+            )
         };
         if launched_exit {
             eprintln!("prof-bpf: {listed} stack(s) hold memory the program never freed{old_note}");
         } else if decided {
             eprintln!("prof-bpf: {leaking} leaking stack(s){old_note}");
         } else {
-            eprintln!("prof-bpf: {listed} stack(s) hold memory (too few snapshots to measure growth){old_note}");
+            eprintln!(
+                "prof-bpf: {listed} stack(s) hold memory (too few snapshots to measure growth){old_note}"
+            );
         }
         c.finish()
     }
@@ -548,9 +665,15 @@ impl Session {
     }
 
     /// The user stacks of `stats`' keys, from the unwinder's map.
-    fn user_stacks(&self, stats: &[(StackKey, StackStats)]) -> anyhow::Result<HashMap<u64, UserStack>> {
-        let map: BpfHashMap<&MapData, u64, UserStack> =
-            BpfHashMap::try_from(self.ebpf.map(USER_STACKS_MAP).context("user stack map missing")?)?;
+    fn user_stacks(
+        &self,
+        stats: &[(StackKey, StackStats)],
+    ) -> anyhow::Result<HashMap<u64, UserStack>> {
+        let map: BpfHashMap<&MapData, u64, UserStack> = BpfHashMap::try_from(
+            self.ebpf
+                .map(USER_STACKS_MAP)
+                .context("user stack map missing")?,
+        )?;
         let mut out = HashMap::new();
         for (key, _) in stats {
             if key.stack_id != STACK_ID_MISSING
@@ -580,7 +703,11 @@ impl Session {
         let (mut user, mut status) = match stacks.get(&key.stack_id).copied() {
             Some(stack) if stack.status != STACK_MISSING => {
                 let len = (stack.len as usize).min(stack.ips.len());
-                let status = if stack.status == STACK_COMPLETE { StackStatus::Complete } else { StackStatus::Truncated };
+                let status = if stack.status == STACK_COMPLETE {
+                    StackStatus::Complete
+                } else {
+                    StackStatus::Truncated
+                };
                 (stack.ips[..len].to_vec(), status)
             }
             _ => (Vec::new(), StackStatus::Missing),
@@ -592,7 +719,11 @@ impl Session {
         RawSample {
             pid,
             tid: None,
-            comm: self.comms.get(&pid).cloned().unwrap_or_else(|| "?".to_owned()),
+            comm: self
+                .comms
+                .get(&pid)
+                .cloned()
+                .unwrap_or_else(|| "?".to_owned()),
             thread_comm: None,
             user,
             user_status: status,
@@ -612,7 +743,8 @@ impl Session {
             .get(&pid)
             .and_then(|maps| maps.iter().find(|m| m.path == "[uprobes]"))
             .map_or(UPROBES_PAGE, |m| (m.start, m.end));
-        user.iter().position(|&ip| ip >= uprobes.0 && ip < uprobes.1)
+        user.iter()
+            .position(|&ip| ip >= uprobes.0 && ip < uprobes.1)
     }
 }
 
@@ -684,19 +816,29 @@ fn configure(ebpf: &mut Ebpf, sample_bytes: u64) -> anyhow::Result<()> {
         agent_pid: std::process::id(),
         _pad: 0,
     };
-    config.set(0, settings, 0).context("writing the heap config")?;
+    config
+        .set(0, settings, 0)
+        .context("writing the heap config")?;
     if sample_bytes == 0 {
         return Ok(());
     }
-    let mut intervals: Array<&mut MapData, u64> =
-        Array::try_from(ebpf.map_mut(SAMPLE_INTERVALS_MAP).context("interval table missing")?)?;
+    let mut intervals: Array<&mut MapData, u64> = Array::try_from(
+        ebpf.map_mut(SAMPLE_INTERVALS_MAP)
+            .context("interval table missing")?,
+    )?;
     for (i, v) in sampling::intervals(sample_bytes).into_iter().enumerate() {
-        intervals.set(i as u32, v, 0).context("writing the interval table")?;
+        intervals
+            .set(i as u32, v, 0)
+            .context("writing the interval table")?;
     }
-    let mut weights: Array<&mut MapData, u64> =
-        Array::try_from(ebpf.map_mut(SAMPLE_WEIGHTS_MAP).context("weight table missing")?)?;
+    let mut weights: Array<&mut MapData, u64> = Array::try_from(
+        ebpf.map_mut(SAMPLE_WEIGHTS_MAP)
+            .context("weight table missing")?,
+    )?;
     for (i, v) in sampling::weights().into_iter().enumerate() {
-        weights.set(i as u32, v, 0).context("writing the weight table")?;
+        weights
+            .set(i as u32, v, 0)
+            .context("writing the weight table")?;
     }
     Ok(())
 }
@@ -717,7 +859,10 @@ fn check_writable(path: Option<&std::path::Path>) -> anyhow::Result<()> {
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes a timespec; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

@@ -23,11 +23,16 @@ const HOLD: u64 = 1_000_000;
 
 pub fn run() -> anyhow::Result<()> {
     if !util::is_root() {
-        bail!("the heap benchmark attaches uprobes: run it as root (sudo -E cargo xtask bench heap)");
+        bail!(
+            "the heap benchmark attaches uprobes: run it as root (sudo -E cargo xtask bench heap)"
+        );
     }
     util::build_release()?;
     let prof = util::release_artifact("prof-bpf");
-    let workload = build_workload("heap_bench", &["-O2", "-g", "-fno-omit-frame-pointer", "-fno-builtin"]);
+    let workload = build_workload(
+        "heap_bench",
+        &["-O2", "-g", "-fno-omit-frame-pointer", "-fno-builtin"],
+    );
     let libc = own_libc()?;
     let kernel_headers = bcc_headers()?;
     // SAFETY: set before this process starts any thread; every tool inherits it.
@@ -46,13 +51,27 @@ pub fn run() -> anyhow::Result<()> {
         ("plain", None),
         (
             "bpftrace count (floor)",
-            Some((PathBuf::from("bpftrace"), vec!["-p".into(), "{pid}".into(), "-e".into(), bpftrace_script], "Attaching")),
+            Some((
+                PathBuf::from("bpftrace"),
+                vec!["-p".into(), "{pid}".into(), "-e".into(), bpftrace_script],
+                "Attaching",
+            )),
         ),
         (
             "prof-bpf heap --sample-bytes 524288",
             Some((
                 PathBuf::from(&prof_s),
-                args(&["heap", "--pid", "{pid}", "--sample-bytes", "524288", "--format", "folded", "-o", "/dev/null"]),
+                args(&[
+                    "heap",
+                    "--pid",
+                    "{pid}",
+                    "--sample-bytes",
+                    "524288",
+                    "--format",
+                    "folded",
+                    "-o",
+                    "/dev/null",
+                ]),
                 "attached",
             )),
         ),
@@ -60,18 +79,35 @@ pub fn run() -> anyhow::Result<()> {
             "prof-bpf heap (every allocation)",
             Some((
                 PathBuf::from(&prof_s),
-                args(&["heap", "--pid", "{pid}", "--sample-bytes", "0", "--format", "folded", "-o", "/dev/null"]),
+                args(&[
+                    "heap",
+                    "--pid",
+                    "{pid}",
+                    "--sample-bytes",
+                    "0",
+                    "--format",
+                    "folded",
+                    "-o",
+                    "/dev/null",
+                ]),
                 "attached",
             )),
         ),
         (
             "memleak-bpfcc",
-            Some((PathBuf::from("memleak-bpfcc"), args(&["-p", "{pid}", "60"]), "Attaching to pid")),
+            Some((
+                PathBuf::from("memleak-bpfcc"),
+                args(&["-p", "{pid}", "60"]),
+                "Attaching to pid",
+            )),
         ),
     ];
     let mut plain_ns = 0f64;
     let mut floor = None;
-    println!("{:<38} {:>10} {:>10} {:>10} {:>14}", "run", "time (s)", "vs plain", "vs floor", "ns/traced call");
+    println!(
+        "{:<38} {:>10} {:>10} {:>10} {:>14}",
+        "run", "time (s)", "vs plain", "vs floor", "ns/traced call"
+    );
     for (name, tool) in &tools {
         let result = run_once(&workload, tool.as_ref());
         let (ns, calls) = match result {
@@ -87,7 +123,11 @@ pub fn run() -> anyhow::Result<()> {
         if name.starts_with("bpftrace") {
             floor = Some(ns);
         }
-        let per_call = if tool.is_some() && calls > 0.0 { format!("{:.0}", (ns - plain_ns) / calls) } else { "-".into() };
+        let per_call = if tool.is_some() && calls > 0.0 {
+            format!("{:.0}", (ns - plain_ns) / calls)
+        } else {
+            "-".into()
+        };
         println!(
             "{name:<38} {:>10.3} {:>9.1}x {:>10} {:>14}",
             ns / 1e9,
@@ -129,7 +169,9 @@ fn run_once(
     }
     w.send_line("exit");
     let mut it = line.split_whitespace();
-    let (Some("elapsed_ns"), Some(ns), Some("calls"), Some(calls)) = (it.next(), it.next(), it.next(), it.next()) else {
+    let (Some("elapsed_ns"), Some(ns), Some("calls"), Some(calls)) =
+        (it.next(), it.next(), it.next(), it.next())
+    else {
         bail!("unexpected workload output `{line}`");
     };
     Ok((ns.parse()?, calls.parse()?))
@@ -144,7 +186,17 @@ fn hold_million(prof: &Path, workload: &Path) -> anyhow::Result<()> {
     let prof_s = prof.to_string_lossy().into_owned();
     let (mut agent, _) = start_until(
         Path::new(&prof_s),
-        &["heap", "--pid", &pid, "--sample-bytes", "0", "--format", "folded", "-o", "/dev/null"],
+        &[
+            "heap",
+            "--pid",
+            &pid,
+            "--sample-bytes",
+            "0",
+            "--format",
+            "folded",
+            "-o",
+            "/dev/null",
+        ],
         "attached",
     );
     w.send_line("go");
@@ -179,8 +231,15 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 
 fn status_kib(pid: u32, key: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with(key)).context("no VmRSS")?;
-    Ok(line.split_whitespace().nth(1).context("bad VmRSS")?.parse()?)
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .context("no VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("bad VmRSS")?
+        .parse()?)
 }
 
 /// Sum of the `memlock` of the BPF maps the process holds (fdinfo), in KiB.
@@ -190,7 +249,9 @@ fn bpf_map_kib(pid: u32) -> u64 {
     };
     let mut bytes = 0;
     for entry in dir.flatten() {
-        let Ok(info) = std::fs::read_to_string(entry.path()) else { continue };
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
         if !info.contains("map_type:") {
             continue;
         }
@@ -226,14 +287,19 @@ fn bcc_headers() -> anyhow::Result<PathBuf> {
                 let name = p.file_name().unwrap_or_default().to_string_lossy();
                 name.starts_with("linux-headers-") && name.ends_with(suffix)
             })
-            .with_context(|| format!("no /usr/src/linux-headers-*{suffix}: install linux-headers-amd64"))
+            .with_context(|| {
+                format!("no /usr/src/linux-headers-*{suffix}: install linux-headers-amd64")
+            })
     };
     let common = find("-common")?;
     let amd64 = find("-amd64")?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     util::run(
-        Command::new("cp").arg("-rs").arg(format!("{}/.", common.display())).arg(&dir),
+        Command::new("cp")
+            .arg("-rs")
+            .arg(format!("{}/.", common.display()))
+            .arg(&dir),
         "linking the common kernel headers",
     )?;
     util::run(

@@ -1,10 +1,11 @@
 //! `cargo xtask bench <name>`: benchmarks that run prof-bpf or profalloc and
 //! the peers (Debian packages) in the same run and print ratios.
 
-/// Benchmark names, in the order `cargo xtask help` lists them.
-pub const NAMES: &[&str] = &["heap"];
-
 mod heap;
+mod unwind;
+
+/// Benchmark names, in the order `cargo xtask help` lists them.
+pub const NAMES: &[&str] = &["heap", "unwind"];
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let Some(name) = args.first() else {
@@ -13,6 +14,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     crate::setup::run()?;
     match name.as_str() {
         "heap" => heap::run(),
+        "unwind" => unwind::run(),
         other => anyhow::bail!("unknown benchmark `{other}`; one of: {}", NAMES.join(", ")),
     }
 }

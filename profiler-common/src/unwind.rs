@@ -1,0 +1,424 @@
+//! The compact unwind-row format: the project's one description of how to
+//! unwind an x86-64 user stack frame.
+//!
+//! User space compiles each object's call-frame information (`.eh_frame`,
+//! `.debug_frame`) into rows: from a row's pc up to the next row's pc, the
+//! caller's frame is found by the row's rules. The kernel walker (and any
+//! other unwinder, such as an in-process one) finds the row of a pc and
+//! applies [`step`].
+//!
+//! Rows are grouped by 64 KiB page of the object's virtual addresses, so a
+//! row stores only the low 16 bits of its pc and a binary search within a
+//! page takes at most 16 steps. Each page's rows start with a row at offset
+//! 0 (the rule in force where the page begins), so a search always finds a
+//! row.
+//!
+//! Maps:
+//! - [`ROWS_MAP`]: `Array<UnwindRow>` (`BPF_F_MMAPABLE`), rows of every loaded
+//!   object; each object owns a contiguous range.
+//! - [`PAGES_MAP`]: `HashMap<PageKey, PageRows>`: where a page's rows are.
+//! - [`MAPPINGS_MAP`]: `LpmTrie<MappingKey, MappingInfo>`: per process,
+//!   which object (and load bias) an address belongs to.
+//! - [`REFRESH_MAP`]: processes whose walk met a pc outside their mappings.
+
+/// log2 of the page size that groups rows.
+pub const PAGE_SHIFT: u32 = 16;
+/// Mask of a pc's offset within its page.
+pub const PAGE_MASK: u64 = (1 << PAGE_SHIFT) - 1;
+/// Binary-search steps that cover any page (2^16 possible offsets + 1).
+pub const SEARCH_STEPS: u32 = 17;
+
+/// No call-frame information covers the pc: fall back to the frame pointer.
+pub const CFA_NONE: u8 = 0;
+/// CFA = rsp + `cfa_offset`.
+pub const CFA_RSP: u8 = 1;
+/// CFA = rbp + `cfa_offset`.
+pub const CFA_RBP: u8 = 2;
+/// A lazy-binding PLT stub: CFA = rsp + `cfa_offset`, plus 8 when
+/// `(pc & 15) >= rbp_offset` (after the stub's push); the standard
+/// expression of x86-64 `.plt` sections.
+pub const CFA_PLT: u8 = 3;
+/// The signal trampoline (`__restore_rt`): rsp points at a `ucontext_t`
+/// whose saved registers give the interrupted frame.
+pub const CFA_SIGNAL: u8 = 4;
+/// The return address is undefined: the outermost frame (`_start`, thread
+/// start). The stack is complete.
+pub const CFA_END: u8 = 5;
+/// A rule the walker cannot evaluate (another base register, a general
+/// DWARF expression, an offset that does not fit): the stack is truncated.
+pub const CFA_UNSUPPORTED: u8 = 6;
+
+/// The caller's rbp is the same as the callee's.
+pub const RBP_SAME: u8 = 0;
+/// The caller's rbp is saved at CFA + `rbp_offset`.
+pub const RBP_OFFSET: u8 = 1;
+/// The caller's rbp is unknown (set to 0, so nothing uses it unnoticed).
+pub const RBP_UNDEFINED: u8 = 2;
+
+/// `cfa_kind` flag: `cfa_offset` counts 8-byte units (large frames).
+pub const CFA_OFFSET_X8: u8 = 0x80;
+
+/// One unwind rule, in force from `pc_low` (within its page) to the next
+/// row. 8 bytes, the element size of the BPF array that holds them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindRow {
+    /// Low 16 bits of the first pc the row covers.
+    pub pc_low: u16,
+    /// Offset of the CFA from its base register (see `cfa_kind`), in bytes
+    /// or, with [`CFA_OFFSET_X8`], in 8-byte units.
+    pub cfa_offset: i16,
+    /// Where the caller's rbp is saved, relative to the CFA (`RBP_OFFSET`),
+    /// or the PLT threshold (`CFA_PLT`).
+    pub rbp_offset: i16,
+    /// One of the `CFA_*` constants, possibly with [`CFA_OFFSET_X8`].
+    pub cfa_kind: u8,
+    /// One of the `RBP_*` constants.
+    pub rbp_kind: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<UnwindRow>() == 8);
+
+impl UnwindRow {
+    /// A row at `pc_low`; `None` when `cfa_offset` or `rbp_offset` cannot be
+    /// represented.
+    pub const fn new(
+        pc_low: u16,
+        cfa_kind: u8,
+        cfa_offset: i64,
+        rbp_kind: u8,
+        rbp_offset: i64,
+    ) -> Option<Self> {
+        if rbp_offset < i16::MIN as i64 || rbp_offset > i16::MAX as i64 {
+            return None;
+        }
+        let (cfa_kind, cfa_offset) =
+            if cfa_offset >= i16::MIN as i64 && cfa_offset <= i16::MAX as i64 {
+                (cfa_kind, cfa_offset)
+            } else if cfa_offset % 8 == 0
+                && cfa_offset / 8 >= i16::MIN as i64
+                && cfa_offset / 8 <= i16::MAX as i64
+            {
+                (cfa_kind | CFA_OFFSET_X8, cfa_offset / 8)
+            } else {
+                return None;
+            };
+        Some(Self {
+            pc_low,
+            cfa_offset: cfa_offset as i16,
+            rbp_offset: rbp_offset as i16,
+            cfa_kind,
+            rbp_kind,
+        })
+    }
+
+    /// The rule kind without flags (one of the `CFA_*` constants).
+    #[inline(always)]
+    pub const fn kind(&self) -> u8 {
+        self.cfa_kind & !CFA_OFFSET_X8
+    }
+
+    /// The CFA offset in bytes.
+    #[inline(always)]
+    pub const fn cfa_offset(&self) -> i64 {
+        if self.cfa_kind & CFA_OFFSET_X8 != 0 {
+            self.cfa_offset as i64 * 8
+        } else {
+            self.cfa_offset as i64
+        }
+    }
+}
+
+/// Key of [`PAGES_MAP`]: one 64 KiB page of one object's virtual addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PageKey {
+    /// Object id assigned by user space (never 0).
+    pub object: u32,
+    /// Virtual address >> [`PAGE_SHIFT`].
+    pub page: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<PageKey>() == 8);
+
+/// Value of [`PAGES_MAP`]: the page's rows are `ROWS[first..first + count]`,
+/// sorted by `pc_low`, the first one at `pc_low` 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageRows {
+    /// Index of the first row in [`ROWS_MAP`].
+    pub first: u32,
+    /// Number of rows (at least 1, at most 65536).
+    pub count: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<PageRows>() == 8);
+
+/// Data of a [`MAPPINGS_MAP`] key, all big-endian so that the trie's
+/// longest-prefix match runs over (pid, address): prefix length 32 + the
+/// number of significant address bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MappingKey {
+    /// Process id (tgid), big-endian.
+    pub pid_be: u32,
+    /// Address bits 63..32, big-endian.
+    pub addr_high_be: u32,
+    /// Address bits 31..0, big-endian.
+    pub addr_low_be: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<MappingKey>() == 12);
+
+impl MappingKey {
+    /// The key of `addr` in process `pid`.
+    pub const fn new(pid: u32, addr: u64) -> Self {
+        Self {
+            pid_be: pid.to_be(),
+            addr_high_be: ((addr >> 32) as u32).to_be(),
+            addr_low_be: (addr as u32).to_be(),
+        }
+    }
+}
+
+/// Value of [`MAPPINGS_MAP`]: the object an address range belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MappingInfo {
+    /// Address minus bias = the object's virtual address (as in its ELF
+    /// headers and CFI).
+    pub bias: u64,
+    /// Object id whose pages are in [`PAGES_MAP`]; 0 when the object has no
+    /// call-frame information (frame pointers are followed there).
+    pub object: u32,
+    /// Zero.
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<MappingInfo>() == 16);
+
+crate::impl_pod!(UnwindRow, PageKey, PageRows, MappingKey, MappingInfo);
+
+/// Name of the row array.
+pub const ROWS_MAP: &str = "UNWIND_ROWS";
+/// Capacity of [`ROWS_MAP`] (8 bytes each: 16 MiB).
+pub const ROWS_MAX: u32 = 1 << 21;
+/// Name of the page index.
+pub const PAGES_MAP: &str = "UNWIND_PAGES";
+/// Capacity of [`PAGES_MAP`].
+pub const PAGES_MAX: u32 = 1 << 16;
+/// Name of the per-process address trie.
+pub const MAPPINGS_MAP: &str = "UNWIND_MAPPINGS";
+/// Capacity of [`MAPPINGS_MAP`] (prefixes; a mapping takes up to ~60).
+pub const MAPPINGS_MAX: u32 = 1 << 18;
+
+/// Name of the map where the walker asks for a process's tables to be
+/// refreshed: `HashMap<u32 (pid), u64 (a pc outside its known mappings)>`.
+pub const REFRESH_MAP: &str = "UNWIND_REFRESH";
+/// Capacity of [`REFRESH_MAP`].
+pub const REFRESH_MAX: u32 = 4096;
+
+/// Registers that matter for unwinding one frame.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frame {
+    /// Instruction pointer (a return address for every frame but the first).
+    pub pc: u64,
+    /// Stack pointer.
+    pub sp: u64,
+    /// Frame pointer.
+    pub bp: u64,
+}
+
+/// What one unwinding step found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The caller's frame; `pc` is a return address unless the frame was
+    /// interrupted by a signal (`exact`).
+    Caller { frame: Frame, exact: bool },
+    /// The outermost frame: the stack is complete.
+    End,
+    /// The row's rule cannot be evaluated.
+    Unsupported,
+    /// Reading the stack failed.
+    ReadFailed,
+}
+
+/// Offsets in the `ucontext_t` that rsp points to in `__restore_rt`
+/// (`uc_mcontext` starts at 40; `struct sigcontext` order r8..r15, rdi, rsi,
+/// rbp, rbx, rdx, rax, rcx, rsp, rip).
+pub const SIGNAL_RBP: u64 = 40 + 10 * 8;
+/// See [`SIGNAL_RBP`].
+pub const SIGNAL_RSP: u64 = 40 + 15 * 8;
+/// See [`SIGNAL_RBP`].
+pub const SIGNAL_RIP: u64 = 40 + 16 * 8;
+
+/// Unwinds one frame with `row`, the row in force at `frame.pc` (or at
+/// `frame.pc - 1` for a return address). `read` reads 8 bytes of the stack.
+#[inline(always)]
+pub fn step(row: &UnwindRow, frame: &Frame, mut read: impl FnMut(u64) -> Option<u64>) -> Step {
+    let cfa = match row.kind() {
+        CFA_RSP => frame.sp.wrapping_add(row.cfa_offset() as u64),
+        CFA_RBP => frame.bp.wrapping_add(row.cfa_offset() as u64),
+        CFA_PLT => {
+            let extra = if (frame.pc & 15) >= row.rbp_offset as u64 {
+                8
+            } else {
+                0
+            };
+            frame
+                .sp
+                .wrapping_add(row.cfa_offset() as u64)
+                .wrapping_add(extra)
+        }
+        CFA_SIGNAL => {
+            let (Some(bp), Some(sp), Some(pc)) = (
+                read(frame.sp.wrapping_add(SIGNAL_RBP)),
+                read(frame.sp.wrapping_add(SIGNAL_RSP)),
+                read(frame.sp.wrapping_add(SIGNAL_RIP)),
+            ) else {
+                return Step::ReadFailed;
+            };
+            return Step::Caller {
+                frame: Frame { pc, sp, bp },
+                exact: true,
+            };
+        }
+        CFA_END => return Step::End,
+        _ => return Step::Unsupported,
+    };
+    let Some(pc) = read(cfa.wrapping_sub(8)) else {
+        return Step::ReadFailed;
+    };
+    let bp = match row.rbp_kind {
+        RBP_SAME => frame.bp,
+        RBP_OFFSET => match read(cfa.wrapping_add(row.rbp_offset as i64 as u64)) {
+            Some(bp) => bp,
+            None => return Step::ReadFailed,
+        },
+        _ => 0,
+    };
+    Step::Caller {
+        frame: Frame { pc, sp: cfa, bp },
+        exact: false,
+    }
+}
+
+/// Unwinds one frame by the frame-pointer convention (`push rbp; mov rbp,
+/// rsp`): the caller's rbp is at [rbp], the return address at [rbp + 8].
+#[inline(always)]
+pub fn step_frame_pointer(frame: &Frame, mut read: impl FnMut(u64) -> Option<u64>) -> Step {
+    if frame.bp == 0 {
+        // The outermost frame clears rbp (x86-64 ABI).
+        return Step::End;
+    }
+    let (Some(bp), Some(pc)) = (read(frame.bp), read(frame.bp.wrapping_add(8))) else {
+        return Step::ReadFailed;
+    };
+    Step::Caller {
+        frame: Frame {
+            pc,
+            sp: frame.bp.wrapping_add(16),
+            bp,
+        },
+        exact: false,
+    }
+}
+
+/// Index of the row in force at page offset `pc_low` among a page's rows
+/// (sorted, the first at offset 0).
+pub fn find_row(rows: &[UnwindRow], pc_low: u16) -> usize {
+    // The last row whose pc_low <= the target.
+    rows.partition_point(|r| r.pc_low <= pc_low)
+        .saturating_sub(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_big_endian() {
+        let k = MappingKey::new(0x01020304, 0x1122334455667788);
+        // SAFETY: MappingKey is repr(C) of three u32, 12 bytes, no padding.
+        let bytes: [u8; 12] = unsafe { core::mem::transmute(k) };
+        assert_eq!(
+            bytes,
+            [1, 2, 3, 4, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88]
+        );
+    }
+
+    #[test]
+    fn step_rsp_and_saved_rbp() {
+        let row = UnwindRow::new(0, CFA_RSP, 24, RBP_OFFSET, -24).unwrap();
+        let frame = Frame {
+            pc: 0x1000,
+            sp: 0x7000,
+            bp: 1,
+        };
+        let step = step(&row, &frame, |a| match a {
+            0x7010 => Some(0x4242),
+            0x7000 => Some(0x7100),
+            _ => None,
+        });
+        assert_eq!(
+            step,
+            Step::Caller {
+                frame: Frame {
+                    pc: 0x4242,
+                    sp: 0x7018,
+                    bp: 0x7100
+                },
+                exact: false
+            }
+        );
+    }
+
+    #[test]
+    fn plt_rule_adds_push() {
+        let row = UnwindRow::new(0, CFA_PLT, 8, RBP_SAME, 11).unwrap();
+        let read = |a: u64| Some(a);
+        let Step::Caller { frame, .. } = step(
+            &row,
+            &Frame {
+                pc: 0x100a,
+                sp: 0x7000,
+                bp: 0,
+            },
+            read,
+        ) else {
+            panic!()
+        };
+        assert_eq!(frame.sp, 0x7008);
+        let Step::Caller { frame, .. } = step(
+            &row,
+            &Frame {
+                pc: 0x100b,
+                sp: 0x7000,
+                bp: 0,
+            },
+            read,
+        ) else {
+            panic!()
+        };
+        assert_eq!(frame.sp, 0x7010);
+    }
+
+    #[test]
+    fn large_offsets_are_scaled() {
+        let row = UnwindRow::new(0, CFA_RSP, 8 * 30_000, RBP_SAME, 0).unwrap();
+        assert_eq!((row.kind(), row.cfa_offset()), (CFA_RSP, 240_000));
+        assert_eq!(
+            UnwindRow::new(0, CFA_RSP, 8 * 30_000 + 4, RBP_SAME, 0),
+            None
+        );
+    }
+
+    #[test]
+    fn find_row_takes_last_row_at_or_before() {
+        let rows = [0u16, 4, 9].map(|pc| UnwindRow::new(pc, CFA_RSP, 8, RBP_SAME, 0).unwrap());
+        assert_eq!(find_row(&rows, 0), 0);
+        assert_eq!(find_row(&rows, 3), 0);
+        assert_eq!(find_row(&rows, 4), 1);
+        assert_eq!(find_row(&rows, 65535), 2);
+    }
+}

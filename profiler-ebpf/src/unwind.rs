@@ -1,0 +1,179 @@
+//! One step of the user-stack walk: find the caller of a frame with the CFI
+//! rows user space compiled for the frame's object
+//! (`profiler_common::unwind` describes the rows and maps), or by the frame
+//! pointer where no rows cover the pc.
+use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
+    helpers::bpf_probe_read_user,
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
+};
+use profiler_common::{
+    stack::{
+        STAT_BAD_FRAME, STAT_FRAMES_CFI, STAT_FRAMES_FP, STAT_READ_FAILED, STAT_SIGNAL_FRAMES,
+        STAT_UNKNOWN_MAPPING, STAT_UNSUPPORTED_RULE,
+    },
+    unwind::{
+        self as rows, CFA_NONE, CFA_SIGNAL, Frame, MAPPINGS_MAX, MappingInfo, MappingKey,
+        PAGE_MASK, PAGE_SHIFT, PAGES_MAX, PageKey, PageRows, REFRESH_MAX, ROWS_MAX, SEARCH_STEPS,
+        Step, UnwindRow,
+    },
+};
+
+use crate::stack::count;
+
+/// `UNWIND_ROWS`: the rows of every loaded object.
+#[map(name = "UNWIND_ROWS")]
+static ROWS: Array<UnwindRow> = Array::with_max_entries(ROWS_MAX, BPF_F_MMAPABLE);
+
+/// `UNWIND_PAGES`: (object, 64 KiB page) -> its rows.
+#[map(name = "UNWIND_PAGES")]
+static PAGES: HashMap<PageKey, PageRows> = HashMap::with_max_entries(PAGES_MAX, 0);
+
+/// `UNWIND_MAPPINGS`: (pid, address) -> object and load bias.
+#[map(name = "UNWIND_MAPPINGS")]
+static MAPPINGS: LpmTrie<MappingKey, MappingInfo> = LpmTrie::with_max_entries(MAPPINGS_MAX, 0);
+
+/// `UNWIND_REFRESH`: pid -> a pc found outside its known mappings.
+#[map(name = "UNWIND_REFRESH")]
+static REFRESH: HashMap<u32, u64> = HashMap::with_max_entries(REFRESH_MAX, 0);
+
+/// Outcome of one step of the walk.
+pub(crate) enum StepResult {
+    /// The caller's frame; `bp_chained`: its rbp came from a frame-pointer
+    /// chain.
+    Caller {
+        frame: Frame,
+        exact: bool,
+        bp_chained: bool,
+    },
+    /// The outermost frame was reached: the stack is complete.
+    End,
+    /// The frame cannot be unwound (counted by reason): the stack is truncated.
+    Stop,
+}
+
+/// Lowest address that can hold user code (the zero page is never mapped).
+const MIN_USER_ADDR: u64 = 4096;
+/// Lowest kernel address on x86-64.
+const KERNEL_START: u64 = 0xffff_8000_0000_0000;
+
+/// Reads 8 bytes of user memory.
+#[inline(always)]
+pub(crate) fn read_user(addr: u64) -> Option<u64> {
+    // SAFETY: bpf_probe_read_user checks the address and fails cleanly.
+    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
+/// Finds the caller of `frame` in process `pid`. `exact`: `frame.pc` is the
+/// pc itself, not a return address (whose call instruction ends before it).
+/// `bp_chained`: `frame.bp` was read from a frame-pointer chain (the
+/// previous step followed frame pointers), so a zero there really ends the
+/// chain; a zero rbp found in a register proves nothing in code that uses
+/// rbp as a general register.
+#[inline(always)]
+pub(crate) fn step(pid: u32, frame: &Frame, exact: bool, bp_chained: bool) -> StepResult {
+    let lookup_pc = if exact {
+        frame.pc
+    } else {
+        frame.pc.wrapping_sub(1)
+    };
+    let (step, via_fp) = match find_row(pid, lookup_pc) {
+        Some(row) if row.kind() != CFA_NONE => {
+            count(STAT_FRAMES_CFI);
+            if row.kind() == CFA_SIGNAL {
+                count(STAT_SIGNAL_FRAMES);
+            }
+            (rows::step(&row, frame, read_user), false)
+        }
+        _ => {
+            count(STAT_FRAMES_FP);
+            (rows::step_frame_pointer(frame, read_user), true)
+        }
+    };
+    match step {
+        Step::Caller { frame: next, exact } => {
+            if next.pc == 0 {
+                // A zeroed return address marks the outermost frame.
+                return end_unless(via_fp && !bp_chained);
+            }
+            // The stack grows down: a caller's frame lies above (a signal
+            // frame may sit anywhere, e.g. on an alternate stack).
+            if (!exact && next.sp <= frame.sp) || next.pc < MIN_USER_ADDR || next.pc >= KERNEL_START
+            {
+                count(STAT_BAD_FRAME);
+                return StepResult::Stop;
+            }
+            StepResult::Caller {
+                frame: next,
+                exact,
+                bp_chained: via_fp,
+            }
+        }
+        Step::End => end_unless(via_fp && !bp_chained),
+        Step::Unsupported => {
+            count(STAT_UNSUPPORTED_RULE);
+            StepResult::Stop
+        }
+        Step::ReadFailed => {
+            count(STAT_READ_FAILED);
+            StepResult::Stop
+        }
+    }
+}
+
+/// The walk ends here: complete, unless the end was only suggested by an
+/// untrusted frame pointer.
+#[inline(always)]
+fn end_unless(untrusted: bool) -> StepResult {
+    if untrusted {
+        count(STAT_BAD_FRAME);
+        StepResult::Stop
+    } else {
+        StepResult::End
+    }
+}
+
+/// The row in force at `pc` in process `pid`, if user space loaded rows for
+/// the object mapped there.
+#[inline(always)]
+fn find_row(pid: u32, pc: u64) -> Option<UnwindRow> {
+    let key = Key::new(32 + 64, MappingKey::new(pid, pc));
+    let Some(mapping) = MAPPINGS.get(&key) else {
+        // New code (dlopen) or a process without tables: ask user space once.
+        count(STAT_UNKNOWN_MAPPING);
+        if REFRESH.get_ptr(pid).is_none() {
+            let _ = REFRESH.insert(pid, pc, 0);
+        }
+        return None;
+    };
+    if mapping.object == 0 {
+        return None;
+    }
+    let vaddr = pc.wrapping_sub(mapping.bias);
+    let page = PAGES.get_ptr(&PageKey {
+        object: mapping.object,
+        page: (vaddr >> PAGE_SHIFT) as u32,
+    })?;
+    // SAFETY: a pointer from a successful map lookup.
+    let page = unsafe { *page };
+    let target = (vaddr & PAGE_MASK) as u16;
+    // Find the last row whose pc_low <= target; the first row is at 0.
+    let (mut lo, mut hi) = (0u32, page.count);
+    for _ in 0..SEARCH_STEPS {
+        if lo >= hi {
+            break;
+        }
+        let mid = lo + (hi - lo) / 2;
+        let row = ROWS.get(page.first.wrapping_add(mid))?;
+        if row.pc_low <= target {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    if lo == 0 {
+        return None;
+    }
+    ROWS.get(page.first.wrapping_add(lo - 1)).copied()
+}

@@ -1,0 +1,373 @@
+//! Compiles an ELF object's call-frame information (`.eh_frame`, else
+//! `.debug_frame`) into the compact rows of `profiler_common::unwind`,
+//! grouped by 64 KiB page.
+use anyhow::{Context as _, bail};
+use gimli::{
+    BaseAddresses, CfaRule, CieOrFde, DebugFrame, EhFrame, EndianSlice, LittleEndian, RegisterRule,
+    UnwindContext, UnwindSection, X86_64,
+};
+use object::{Object as _, ObjectSection as _, ObjectSegment as _};
+use profiler_common::unwind::{
+    CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, CFA_SIGNAL, CFA_UNSUPPORTED, PAGE_MASK,
+    PAGE_SHIFT, RBP_OFFSET, RBP_SAME, RBP_UNDEFINED, UnwindRow,
+};
+
+/// The rows of one object, ready to load.
+#[derive(Debug, Default)]
+pub struct ObjectRows {
+    /// All rows, page after page.
+    pub rows: Vec<UnwindRow>,
+    /// (page number, index of its first row in `rows`, row count).
+    pub pages: Vec<(u32, u32, u32)>,
+    /// Rows whose rule the kernel walker cannot evaluate.
+    pub unsupported: usize,
+}
+
+/// A rule at a virtual address, before paging.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Rule {
+    cfa_kind: u8,
+    cfa_offset: i64,
+    rbp_kind: u8,
+    rbp_offset: i64,
+}
+
+const NO_CFI: Rule = Rule {
+    cfa_kind: CFA_NONE,
+    cfa_offset: 0,
+    rbp_kind: RBP_SAME,
+    rbp_offset: 0,
+};
+
+const UNSUPPORTED: Rule = Rule {
+    cfa_kind: CFA_UNSUPPORTED,
+    cfa_offset: 0,
+    rbp_kind: RBP_SAME,
+    rbp_offset: 0,
+};
+
+/// The load segments of an ELF file: (file offset, file size, virtual address).
+pub fn load_segments(data: &[u8]) -> anyhow::Result<Vec<(u64, u64, u64)>> {
+    let file = object::File::parse(data).context("parsing ELF")?;
+    Ok(file
+        .segments()
+        .map(|s| {
+            let (off, size) = s.file_range();
+            (off, size, s.address())
+        })
+        .collect())
+}
+
+/// The object's GNU build id, if it has one.
+pub fn build_id(data: &[u8]) -> Option<Vec<u8>> {
+    let file = object::File::parse(data).ok()?;
+    file.build_id().ok().flatten().map(<[u8]>::to_vec)
+}
+
+/// Compiles the rows of the ELF object in `data`.
+pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
+    let file = object::File::parse(data).context("parsing ELF")?;
+    if file.architecture() != object::Architecture::X86_64 {
+        bail!("not an x86-64 object");
+    }
+    let section = |name: &str| {
+        file.section_by_name(name)
+            .and_then(|s| Some((s.address(), s.data().ok()?)))
+            .filter(|(_, d)| !d.is_empty())
+    };
+    let mut rules = Vec::new();
+    if let Some((addr, bytes)) = section(".eh_frame") {
+        let mut bases = BaseAddresses::default().set_eh_frame(addr);
+        if let Some((text, _)) = section(".text") {
+            bases = bases.set_text(text);
+        }
+        if let Some((hdr, _)) = section(".eh_frame_hdr") {
+            bases = bases.set_eh_frame_hdr(hdr);
+        }
+        if let Some((got, _)) = section(".got") {
+            bases = bases.set_got(got);
+        }
+        let eh = EhFrame::new(bytes, LittleEndian);
+        collect(&eh, &bases, &mut rules)?;
+    }
+    if rules.is_empty()
+        && let Some((_, bytes)) = section(".debug_frame")
+    {
+        let mut df = DebugFrame::new(bytes, LittleEndian);
+        df.set_address_size(8);
+        collect(&df, &BaseAddresses::default(), &mut rules)?;
+    }
+    Ok(paginate(rules))
+}
+
+/// Appends (address, priority, rule) for every row of every FDE; the end of
+/// each FDE gets a `NO_CFI` entry of lower priority than any row starting
+/// at the same address.
+fn collect<'a, S>(
+    section: &S,
+    bases: &BaseAddresses,
+    out: &mut Vec<(u64, u8, Rule)>,
+) -> anyhow::Result<()>
+where
+    S: UnwindSection<EndianSlice<'a, LittleEndian>>,
+{
+    let mut ctx = Box::new(UnwindContext::new());
+    let mut entries = section.entries(bases);
+    while let Some(entry) = entries.next().context("reading CFI entries")? {
+        let CieOrFde::Fde(partial) = entry else {
+            continue;
+        };
+        // A malformed FDE only loses its own rows.
+        let Ok(fde) = partial.parse(|s, b, o| s.cie_from_offset(b, o)) else {
+            continue;
+        };
+        if fde.len() == 0 {
+            continue;
+        }
+        let signal = fde.is_signal_trampoline();
+        let Ok(mut table) = fde.rows(section, bases, &mut ctx) else {
+            continue;
+        };
+        let mut last_end = fde.initial_address();
+        loop {
+            let row = match table.next_row() {
+                Ok(Some(row)) => row,
+                Ok(None) => break,
+                Err(_) => {
+                    // Rows past an evaluation error are unknown.
+                    out.push((last_end, 1, UNSUPPORTED));
+                    break;
+                }
+            };
+            let rule = if signal {
+                signal_rule()
+            } else {
+                convert(section, row)
+            };
+            out.push((row.start_address(), 1, rule));
+            last_end = row.end_address();
+        }
+        out.push((fde.end_address(), 0, NO_CFI));
+    }
+    Ok(())
+}
+
+fn signal_rule() -> Rule {
+    Rule {
+        cfa_kind: CFA_SIGNAL,
+        ..NO_CFI
+    }
+}
+
+/// The standard CFA expression of x86-64 lazy-binding `.plt` entries:
+/// `rsp + 8 + ((rip & 15) >= N) << 3`, N being 10 or 11.
+fn plt_threshold(expr: &[u8]) -> Option<i16> {
+    match expr {
+        // breg7 8; breg16 0; lit15; and; litN; ge; lit3; shl; plus
+        [
+            0x77,
+            0x08,
+            0x80,
+            0x00,
+            0x3f,
+            0x1a,
+            lit @ 0x30..=0x4f,
+            0x2a,
+            0x33,
+            0x24,
+            0x22,
+        ] => Some(i16::from(*lit - 0x30)),
+        _ => None,
+    }
+}
+
+fn convert<'a, S>(section: &S, row: &gimli::UnwindTableRow<usize>) -> Rule
+where
+    S: UnwindSection<EndianSlice<'a, LittleEndian>>,
+{
+    match row.register(X86_64::RA) {
+        Some(RegisterRule::Undefined) => {
+            return Rule {
+                cfa_kind: CFA_END,
+                ..NO_CFI
+            };
+        }
+        Some(RegisterRule::Offset(-8)) | None => {}
+        Some(_) => return UNSUPPORTED,
+    }
+    let (cfa_kind, cfa_offset, plt) = match *row.cfa() {
+        CfaRule::RegisterAndOffset { register, offset } => match register {
+            X86_64::RSP => (CFA_RSP, offset, 0),
+            X86_64::RBP => (CFA_RBP, offset, 0),
+            _ => return UNSUPPORTED,
+        },
+        CfaRule::Expression(ref e) => {
+            match e.get(section).ok().and_then(|e| plt_threshold(e.0.slice())) {
+                Some(threshold) => (CFA_PLT, 8, i64::from(threshold)),
+                None => return UNSUPPORTED,
+            }
+        }
+    };
+    let (rbp_kind, rbp_offset) = match row.register(X86_64::RBP) {
+        None | Some(RegisterRule::SameValue) => (RBP_SAME, plt),
+        Some(RegisterRule::Offset(off)) if cfa_kind != CFA_PLT => (RBP_OFFSET, off),
+        Some(RegisterRule::Offset(_)) => return UNSUPPORTED,
+        Some(_) => (RBP_UNDEFINED, plt),
+    };
+    let rule = Rule {
+        cfa_kind,
+        cfa_offset,
+        rbp_kind,
+        rbp_offset,
+    };
+    // Offsets the row format cannot hold make the rule unsupported.
+    if UnwindRow::new(
+        0,
+        rule.cfa_kind,
+        rule.cfa_offset,
+        rule.rbp_kind,
+        rule.rbp_offset,
+    )
+    .is_none()
+    {
+        return UNSUPPORTED;
+    }
+    rule
+}
+
+/// Sorts the rules, drops redundant ones and splits them into pages whose
+/// first row is at page offset 0.
+fn paginate(mut rules: Vec<(u64, u8, Rule)>) -> ObjectRows {
+    // At one address the higher priority (a row starting there) wins over
+    // the end of the previous FDE.
+    rules.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    rules.dedup_by_key(|r| r.0);
+    let mut flat: Vec<(u64, Rule)> = Vec::with_capacity(rules.len());
+    for (addr, _, rule) in rules {
+        if flat.last().is_some_and(|(_, last)| *last == rule) {
+            continue;
+        }
+        flat.push((addr, rule));
+    }
+    let mut out = ObjectRows {
+        unsupported: flat
+            .iter()
+            .filter(|(_, r)| r.cfa_kind == CFA_UNSUPPORTED)
+            .count(),
+        ..ObjectRows::default()
+    };
+    let row = |addr: u64, r: &Rule| {
+        UnwindRow::new(
+            (addr & PAGE_MASK) as u16,
+            r.cfa_kind,
+            r.cfa_offset,
+            r.rbp_kind,
+            r.rbp_offset,
+        )
+        .expect("rules are checked to fit when converted")
+    };
+    let mut i = 0;
+    while i < flat.len() {
+        let page = flat[i].0 >> PAGE_SHIFT;
+        let page_start = page << PAGE_SHIFT;
+        let first = out.rows.len();
+        // The rule in force where the page begins.
+        if flat[i].0 != page_start {
+            let carried = if i > 0 { flat[i - 1].1 } else { NO_CFI };
+            out.rows.push(row(page_start, &carried));
+        }
+        while i < flat.len() && flat[i].0 >> PAGE_SHIFT == page {
+            out.rows.push(row(flat[i].0, &flat[i].1));
+            i += 1;
+        }
+        push_page(&mut out, page, first);
+        // Pages entirely covered by the last rule (a function > 64 KiB).
+        let carried = flat[i - 1].1;
+        let next = flat.get(i).map_or(page + 1, |(a, _)| a >> PAGE_SHIFT);
+        if carried != NO_CFI {
+            for p in page + 1..next {
+                let first = out.rows.len();
+                out.rows.push(row(p << PAGE_SHIFT, &carried));
+                push_page(&mut out, p, first);
+            }
+        }
+    }
+    out
+}
+
+fn push_page(out: &mut ObjectRows, page: u64, first: usize) {
+    let rows = &out.rows[first..];
+    // A page with no CFI at all needs no entry: missing pages mean the same.
+    if rows.iter().all(|r| r.kind() == CFA_NONE) {
+        out.rows.truncate(first);
+        return;
+    }
+    out.pages
+        .push((page as u32, first as u32, (out.rows.len() - first) as u32));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(kind: u8, off: i64) -> Rule {
+        Rule {
+            cfa_kind: kind,
+            cfa_offset: off,
+            rbp_kind: RBP_SAME,
+            rbp_offset: 0,
+        }
+    }
+
+    #[test]
+    fn pages_start_with_the_rule_in_force() {
+        let rules = vec![
+            (0x1_fff0, 1, r(CFA_RSP, 8)),
+            (0x1_fff4, 1, r(CFA_RSP, 16)),
+            (0x2_0010, 1, r(CFA_RSP, 8)),
+            (0x4_0000, 0, NO_CFI),
+        ];
+        let out = paginate(rules);
+        // Page 1: two rows, the first carried from nothing (no CFI) at 0.
+        assert_eq!(out.pages[0].0, 1);
+        assert_eq!(out.rows[out.pages[0].1 as usize].kind(), CFA_NONE);
+        // Page 2 starts with the rsp+16 rule carried over.
+        let (p, first, count) = out.pages[1];
+        assert_eq!((p, count), (2, 2));
+        assert_eq!(
+            out.rows[first as usize],
+            UnwindRow::new(0, CFA_RSP, 16, RBP_SAME, 0).unwrap()
+        );
+        assert_eq!(out.rows[first as usize + 1].pc_low, 0x10);
+        // Page 3 is covered by the rsp+8 rule alone; page 4 has no CFI.
+        assert_eq!(out.pages[2], (3, first + 2, 1));
+        assert_eq!(out.pages.len(), 3);
+    }
+
+    #[test]
+    fn recognises_plt_expression() {
+        let expr = [
+            0x77, 0x08, 0x80, 0x00, 0x3f, 0x1a, 0x3b, 0x2a, 0x33, 0x24, 0x22,
+        ];
+        assert_eq!(plt_threshold(&expr), Some(11));
+        assert_eq!(plt_threshold(&expr[1..]), None);
+    }
+
+    #[test]
+    fn compiles_own_libc() {
+        let Ok(data) = std::fs::read("/usr/lib/x86_64-linux-gnu/libc.so.6") else {
+            return;
+        };
+        let rows = compile(&data).expect("libc compiles");
+        assert!(rows.rows.len() > 1000, "{} rows", rows.rows.len());
+        // Every page starts at offset 0 and is sorted.
+        for &(_, first, count) in &rows.pages {
+            let page = &rows.rows[first as usize..(first + count) as usize];
+            assert_eq!(page[0].pc_low, 0);
+            assert!(page.windows(2).all(|w| w[0].pc_low < w[1].pc_low));
+        }
+        // _start-style outermost frames exist (clone3's child marks rip undefined).
+        assert!(rows.rows.iter().any(|r| r.kind() == CFA_END));
+        assert!(rows.rows.iter().any(|r| r.kind() == CFA_SIGNAL));
+    }
+}

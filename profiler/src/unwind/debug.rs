@@ -1,0 +1,230 @@
+//! `prof-bpf debug-unwind` (hidden): runs the stack walker alone on one
+//! process, from a uprobe at a function's entry or from a CPU-clock perf
+//! event, and prints every distinct user stack with its count. Used by the
+//! unwinder's tests and benchmark, and to inspect a process's stacks.
+//!
+//! Output: one line per stack on stdout, `COUNT STATUS root;...;leaf`, with
+//! STATUS `complete`, `truncated` or `missing`, then `# `-prefixed lines:
+//! the walker's counters and the program's run-time statistics (when
+//! `kernel.bpf_stats_enabled` is on). The table sizes go to stderr when
+//! attached.
+use std::{num::NonZeroU32, time::Duration};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    maps::{HashMap as BpfHashMap, PerCpuHashMap},
+    programs::{
+        PerfEvent, UProbe,
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+        uprobe::UProbeScope,
+    },
+};
+use blazesym::symbolize::{Input, Symbolized, Symbolizer, source};
+use profiler_common::{
+    stack::{STACK_COMPLETE, STACK_TRUNCATED, STAT_NAMES, USER_STACKS_MAP, UserStack},
+    unwind_test::{TEST_COUNTS_MAP, TEST_STACK_FAILED},
+};
+
+use super::{Tables, read_stats};
+use crate::{ebpf, process};
+
+/// How often the walker's requests for fresh tables are served. Until a
+/// library loaded by `dlopen` is in the tables, its frames are walked by
+/// frame pointers (and usually truncated), so this bounds that window.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Options of `prof-bpf debug-unwind`.
+#[derive(Debug, clap::Args)]
+pub struct DebugArgs {
+    /// Process whose stacks are walked.
+    #[arg(long, short)]
+    pub pid: u32,
+    /// Walk from a uprobe at the entry of this function (default: malloc).
+    #[arg(long, default_value = "malloc", conflicts_with = "perf")]
+    pub uprobe: String,
+    /// Object that defines the function (default: the process's libc).
+    #[arg(long)]
+    pub lib: Option<String>,
+    /// Walk from CPU-clock samples of the process instead of a uprobe.
+    #[arg(long)]
+    pub perf: bool,
+    /// Sampling frequency with --perf.
+    #[arg(long, short = 'F', default_value_t = 999)]
+    pub freq: u64,
+    /// Seconds to run (default: until the process exits).
+    #[arg(long, short)]
+    pub duration: Option<f64>,
+    /// Load no CFI tables: follow frame pointers only.
+    #[arg(long)]
+    pub fp_only: bool,
+    /// Print addresses, not symbols.
+    #[arg(long)]
+    pub raw: bool,
+}
+
+/// Runs the session.
+pub fn run(args: DebugArgs) -> anyhow::Result<()> {
+    ebpf::require_root()?;
+    let pid = NonZeroU32::new(args.pid).context("no process with pid 0")?;
+    process::check_pid(pid.get())?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(session(args, pid))
+}
+
+async fn session(args: DebugArgs, pid: NonZeroU32) -> anyhow::Result<()> {
+    let exit = process::ExitWatcher::new(pid.get())?;
+    let mut ebpf = ebpf::load()?;
+    ebpf::spawn_logger(&mut ebpf);
+    let mut tables = Tables::new(&mut ebpf)?;
+    if !args.fp_only {
+        tables.add_process(pid.get())?;
+    }
+    let stats = tables.stats();
+    eprintln!(
+        "debug-unwind: tables objects={} rows={} pages={} prefixes={} unsupported_rows={} bytes={} build_ms={:.1}",
+        stats.objects,
+        stats.rows,
+        stats.pages,
+        stats.prefixes,
+        stats.unsupported_rows,
+        stats.bytes(),
+        stats.build_time.as_secs_f64() * 1e3
+    );
+    if args.perf {
+        let program: &mut PerfEvent = ebpf::program(&mut ebpf, "unwind_test_perf")?;
+        program
+            .attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::OneProcess {
+                    pid: pid.get(),
+                    cpu: None,
+                },
+                SamplePolicy::Frequency(args.freq),
+                true,
+            )
+            .context("attaching the cpu-clock perf event")?;
+    } else {
+        let lib = match &args.lib {
+            Some(lib) => lib.clone(),
+            None => {
+                let maps = process::maps(pid.get())?;
+                process::find_libc(&maps)
+                    .with_context(|| format!("pid {pid} maps no libc.so.6; pass --lib"))?
+                    .path
+                    .clone()
+            }
+        };
+        let target = process::path_in_root(pid.get(), &lib);
+        let program: &mut UProbe = ebpf::program(&mut ebpf, "unwind_test_uprobe")?;
+        program
+            .attach(args.uprobe.as_str(), &target, UProbeScope::OneProcess(pid))
+            .with_context(|| format!("attaching a uprobe to {} in {lib}", args.uprobe))?;
+    }
+    eprintln!("debug-unwind: attached to pid {pid}");
+
+    let deadline = args
+        .duration
+        .map(|d| tokio::time::Instant::now() + Duration::from_secs_f64(d));
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut exited = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if !args.fp_only {
+                    tables.poll();
+                }
+            }
+            _ = &mut ctrl_c => break,
+            () = exit.exited() => { exited = true; break }
+            () = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
+        }
+    }
+
+    let counts: PerCpuHashMap<_, u64, u64> = PerCpuHashMap::try_from(
+        ebpf.map(TEST_COUNTS_MAP)
+            .context("test count map missing")?,
+    )?;
+    let stacks: BpfHashMap<_, u64, UserStack> = BpfHashMap::try_from(
+        ebpf.map(USER_STACKS_MAP)
+            .context("user stack map missing")?,
+    )?;
+    let symbolizer = Symbolizer::new();
+    let src = source::Source::Process(source::Process::new(pid.get().into()));
+    let mut lines = Vec::new();
+    let mut failed = 0;
+    for entry in counts.iter() {
+        let (id, per_cpu) = entry.context("reading the count map")?;
+        let n: u64 = per_cpu.iter().sum();
+        if id == TEST_STACK_FAILED {
+            failed = n;
+            continue;
+        }
+        let stack = stacks.get(&id, 0).context("a counted stack is missing")?;
+        let status = match stack.status {
+            STACK_COMPLETE => "complete",
+            STACK_TRUNCATED => "truncated",
+            _ => "missing",
+        };
+        // Return addresses are looked up one byte back (inside the call);
+        // a perf sample's first frame is the pc itself.
+        let addrs: Vec<u64> = stack
+            .frames()
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| {
+                if i == 0 && args.perf {
+                    a
+                } else {
+                    a.saturating_sub(1)
+                }
+            })
+            .collect();
+        let names: Vec<String> = if args.raw || exited {
+            addrs.iter().map(|a| format!("{a:#x}")).collect()
+        } else {
+            symbolizer
+                .symbolize(&src, Input::AbsAddr(&addrs))
+                .context("symbolizing")?
+                .into_iter()
+                .zip(&addrs)
+                .map(|(s, a)| match s {
+                    Symbolized::Sym(sym) => sym.name.into_owned(),
+                    Symbolized::Unknown(_) => format!("{a:#x}"),
+                })
+                .collect()
+        };
+        let folded: Vec<&str> = names.iter().rev().map(String::as_str).collect();
+        lines.push((n, format!("{n} {status} {}", folded.join(";"))));
+    }
+    lines.sort_by_key(|l| std::cmp::Reverse(l.0));
+    for (_, line) in lines {
+        println!("{line}");
+    }
+    let stats = read_stats(&ebpf)?;
+    let mut text = format!("# stats failed_to_store={failed}");
+    for (name, value) in STAT_NAMES.iter().zip(stats) {
+        text.push_str(&format!(" {name}={value}"));
+    }
+    println!("{text}");
+    let name = if args.perf {
+        "unwind_test_perf"
+    } else {
+        "unwind_test_uprobe"
+    };
+    if let Some(info) = ebpf.program(name).and_then(|p| p.info().ok()) {
+        println!(
+            "# program run_count={} run_time_ns={}",
+            info.run_count(),
+            info.run_time().as_nanos()
+        );
+    }
+    if exited && !args.raw {
+        bail!("pid {pid} exited before its stacks could be symbolized (use --duration)");
+    }
+    Ok(())
+}
