@@ -444,7 +444,8 @@ fn workload_checksum_is_known_without_profiler() {
     w.expect_line("done");
     w.send_line("sum");
     w.expect_line(&format!("sum {}", expected_sum(&[3])));
-    drop(w.wait_output(Duration::from_secs(1)).1);
+    let (_, code) = w.wait_output(Duration::from_secs(5));
+    assert_eq!(code, 0);
 }
 
 #[test]

@@ -231,7 +231,7 @@ fn dynamic_info(data: &[u8], path: &Path) -> (Vec<String>, Vec<PathBuf>) {
     };
     let origin = path.parent().map(Path::to_path_buf).unwrap_or_default();
     for entry in entries {
-        let tag = entry.d_tag(endian) as i64;
+        let tag = entry.d_tag(endian);
         let Ok(value) = entry.string(endian, strings) else {
             continue;
         };

@@ -76,7 +76,7 @@ mod tests {
                 size
             } else {
                 let (lo, hi) = (table[index], table[index + 1]);
-                let h = lo + ((hi - lo) * (x & 1023) >> 10);
+                let h = lo + (((hi - lo) * (x & 1023)) >> 10);
                 (rate * h) >> 16
             };
             let exact = weight_bytes(size, rate);

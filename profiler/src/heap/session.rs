@@ -314,13 +314,13 @@ impl Session {
                             self.add_unwind_tables(pid);
                         }
                     }
-                    if launched && (ticks == 1 || ticks % 5 == 0) {
+                    if launched && (ticks == 1 || ticks.is_multiple_of(5)) {
                         self.check_launched();
                     }
                     let line = status.update(self)?;
                     if tty {
                         eprint!("\r\x1b[K{line}");
-                    } else if ticks % 10 == 0 {
+                    } else if ticks.is_multiple_of(10) {
                         eprintln!("{line}");
                     }
                 }
