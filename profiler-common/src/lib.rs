@@ -8,6 +8,7 @@
 
 pub mod count;
 pub mod heap;
+pub mod hooks;
 pub mod stack;
 pub mod unwind;
 pub mod unwind_test;

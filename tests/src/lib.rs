@@ -263,6 +263,7 @@ pub fn start_until(program: &Path, args: &[&str], marker: &str) -> (Child, Vec<S
             }
             Err(_) => {
                 let _ = child.kill();
+                let _ = child.wait();
                 panic!(
                     "{} did not print `{marker}` in time; stderr: {seen:#?}",
                     program.display()

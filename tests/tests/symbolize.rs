@@ -291,3 +291,126 @@ fn stripped_binary_gap_is_not_given_a_wrong_name() {
         [(before.2.as_str(), false)]
     );
 }
+
+/// Kernel addresses are named from /proc/kallsyms and suffixed `_[k]`.
+#[test]
+fn kernel_addresses_from_kallsyms() {
+    if !prof_bpf_tests::is_root() {
+        // kallsyms shows zero addresses to other users.
+        assert!(
+            std::env::var_os("PROF_BPF_TESTS_REQUIRE_BPF").is_none(),
+            "kernel symbolization needs root"
+        );
+        eprintln!("SKIPPED kernel_addresses_from_kallsyms: not root");
+        return;
+    }
+    let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap();
+    let mut text: Vec<(u64, &str)> = kallsyms
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 3 && (f[1] == "T" || f[1] == "t"))
+                .then(|| Some((u64::from_str_radix(f[0], 16).ok()?, f[2])))?
+        })
+        .collect();
+    text.sort();
+    let i = text
+        .iter()
+        .position(|(_, n)| *n == "do_sys_openat2")
+        .expect("do_sys_openat2 in kallsyms");
+    let (start, next) = (text[i].0, text[i + 1].0);
+    assert!(next > start + 2);
+    let mut collector = Collector::new(vec![SampleType::samples()], "samples");
+    collector.add(RawSample {
+        pid: 1,
+        comm: "init".to_owned(),
+        // kernel[0] is a pc; kernel[1] a return address (looked up minus 1).
+        kernel: vec![start + 1, next],
+        user_status: StackStatus::Missing,
+        values: vec![3],
+        ..RawSample::default()
+    });
+    let profile = collector.finish().unwrap();
+    let s = &profile.samples[0];
+    let names: Vec<String> = s
+        .locations
+        .iter()
+        .flat_map(|&l| profile.frame_names(&profile.locations[l]))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "do_sys_openat2_[k]",
+            "do_sys_openat2_[k]",
+            "[missing user stack]"
+        ]
+    );
+}
+
+/// `go tool pprof` reads the collector's pprof output (its synthetic
+/// per-object mappings included) and agrees with our text output.
+#[test]
+fn go_pprof_reads_collector_profiles() {
+    let program = build_workload("sym_known", FLAGS);
+    let (mut proc, sites) = sites(&program);
+    let pid = proc.pid();
+    let mut collector = Collector::new(vec![SampleType::samples(), SampleType::cpu()], "cpu");
+    collector.set_period(SampleType::cpu(), 10_000_000);
+    collector.add_comment("test profile");
+    collector.note_process(pid);
+    let stack = vec![sites["site_pc"], sites["site_middle"], sites["site_outer"]];
+    collector.add(RawSample {
+        values: vec![3, 30_000_000],
+        ..sample(pid, stack, true, 0)
+    });
+    collector.add(RawSample {
+        values: vec![2, 20_000_000],
+        ..sample(pid, vec![sites["site_inlined"]], false, 0)
+    });
+    proc.send_line("exit");
+    proc.wait_output(Duration::from_secs(10));
+    let profile = collector.finish().unwrap();
+    let dir = std::env::temp_dir().join(format!("prof-bpf-sym-go-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pb = dir.join("p.pb.gz");
+    output::write(
+        &profile,
+        &OutputArgs {
+            output: Some(pb.clone()),
+            ..OutputArgs::default()
+        },
+    )
+    .unwrap();
+    let out = Command::new("go")
+        .args([
+            "tool",
+            "pprof",
+            "-symbolize=none",
+            "-top",
+            "-sample_index=samples",
+        ])
+        .arg(&pb)
+        .env("HOME", &dir)
+        .env("GOCACHE", dir.join("gocache"))
+        .env("PPROF_BINARY_PATH", dir.join("nothing"))
+        .output()
+        .unwrap();
+    let top = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = |name: &str| {
+        top.lines()
+            .find(|l| l.ends_with(&format!(" {name}")))
+            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .unwrap_or_else(|| panic!("{name} not in go's top:\n{top}"))
+    };
+    assert_eq!(row("leaf_function")[0], "3");
+    assert_eq!(row("outer_function")[3], "3");
+    // go marks inlined frames its own way.
+    assert_eq!(row("inlined_helper (inline)")[0], "2");
+    assert_eq!(row("with_inlined_caller")[3], "2");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -322,3 +322,6 @@ pub fn format_value(v: i64, unit: &str) -> String {
         _ => v.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests;

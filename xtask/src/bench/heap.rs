@@ -35,8 +35,12 @@ pub fn run() -> anyhow::Result<()> {
     );
     let libc = own_libc()?;
     let kernel_headers = bcc_headers()?;
-    // SAFETY: set before this process starts any thread; every tool inherits it.
-    unsafe { std::env::set_var("BCC_KERNEL_SOURCE", &kernel_headers) };
+    // SAFETY: set before this process starts any thread; every tool inherits
+    // them. memleak is Python: unbuffered, its "Attaching" line shows at once.
+    unsafe {
+        std::env::set_var("BCC_KERNEL_SOURCE", &kernel_headers);
+        std::env::set_var("PYTHONUNBUFFERED", "1");
+    }
 
     println!(
         "heap bench: {} threads x {} malloc/free steps, mixed sizes 16 B - 32 KiB",
@@ -156,7 +160,11 @@ fn run_once(
         let pid = w.pid().to_string();
         let args: Vec<String> = args.iter().map(|a| a.replace("{pid}", &pid)).collect();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (child, _) = start_until(program, &args, marker);
+        // bpftrace and memleak report on stdout: run them with stdout on
+        // stderr, where start_until looks for the marker.
+        let mut wrapped = vec!["-c", "exec \"$@\" 1>&2", "sh", program.to_str().context("tool path")?];
+        wrapped.extend(args);
+        let (child, _) = start_until(Path::new("/bin/sh"), &wrapped, marker);
         // bpftrace and memleak print their marker just before the probes are live.
         std::thread::sleep(Duration::from_secs(2));
         attached = Some(child);

@@ -1,18 +1,20 @@
 //! `cargo xtask bench <name>`: benchmarks that run prof-bpf or profalloc and
 //! the peers (Debian packages) in the same run and print ratios.
-
+mod alloc;
 mod heap;
 mod unwind;
 
 /// Benchmark names, in the order `cargo xtask help` lists them.
-pub const NAMES: &[&str] = &["heap", "unwind"];
+pub const NAMES: &[&str] = &["alloc", "heap", "unwind"];
 
+#[allow(clippy::match_single_binding, reason = "each benchmark adds an arm")]
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let Some(name) = args.first() else {
         anyhow::bail!("which benchmark? one of: {}", NAMES.join(", "));
     };
     crate::setup::run()?;
     match name.as_str() {
+        "alloc" => alloc::run(),
         "heap" => heap::run(),
         "unwind" => unwind::run(),
         other => anyhow::bail!("unknown benchmark `{other}`; one of: {}", NAMES.join(", ")),
