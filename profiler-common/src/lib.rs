@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod count;
+pub mod heap;
 pub mod hooks;
 pub mod stack;
 pub mod unwind;

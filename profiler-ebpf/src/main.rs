@@ -6,6 +6,7 @@
 #![allow(internal_features)]
 
 mod count;
+mod heap;
 pub mod stack;
 mod unwind;
 mod unwind_test;
