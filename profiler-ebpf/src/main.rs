@@ -7,6 +7,7 @@
 
 mod count;
 mod heap;
+mod cpu;
 pub mod stack;
 mod unwind;
 mod unwind_test;

@@ -1,12 +1,13 @@
 //! `cargo xtask bench <name>`: benchmarks that run prof-bpf or profalloc and
 //! the peers (Debian packages) in the same run and print ratios.
 mod alloc;
+mod cpu;
 mod heap;
 mod symbolize;
 mod unwind;
 
 /// Benchmark names, in the order `cargo xtask help` lists them.
-pub const NAMES: &[&str] = &["alloc", "heap", "symbolize", "unwind"];
+pub const NAMES: &[&str] = &["alloc", "cpu", "heap", "symbolize", "unwind"];
 
 #[allow(clippy::match_single_binding, reason = "each benchmark adds an arm")]
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -16,6 +17,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     crate::setup::run()?;
     match name.as_str() {
         "alloc" => alloc::run(),
+        "cpu" => cpu::run(),
         "heap" => heap::run(),
         "symbolize" => symbolize::run(),
         "unwind" => unwind::run(),
