@@ -252,15 +252,27 @@ static DEFERRED: AtomicPtr<u8> = AtomicPtr::new(ptr::null_mut());
 fn checked_span(what: &str, p: *mut u8) -> *mut span::Span {
     let s = pagemap::span(p as usize >> PAGE_SHIFT);
     if s.is_null() {
-        os::fatal(what, p as usize, "invalid pointer (not allocated by profalloc: not in the page map)");
+        os::fatal(
+            what,
+            p as usize,
+            "invalid pointer (not allocated by profalloc: not in the page map)",
+        );
     }
     // SAFETY: the page map only holds live span records.
     unsafe {
         match (*s).state {
             span::LARGE if (*s).start_addr() == p as usize => s,
             span::HUGE if huge::user(s) == p as usize => s,
-            span::FREE => os::fatal(what, p as usize, "double free (the object's pages are free)"),
-            _ => os::fatal(what, p as usize, "invalid pointer (not the start of an allocation)"),
+            span::FREE => os::fatal(
+                what,
+                p as usize,
+                "double free (the object's pages are free)",
+            ),
+            _ => os::fatal(
+                what,
+                p as usize,
+                "invalid pointer (not the start of an allocation)",
+            ),
         }
     }
 }
@@ -371,7 +383,9 @@ fn alloc_sampled(size: usize, align: usize, rate: u64) -> *mut u8 {
     let p = alloc_large(size, align, true);
     if !p.is_null() {
         stats::SAMPLED.add(1);
-        sampler::profalloc_sample_alloc(p.cast(), size, sampler::weight(size, rate));
+        let weight = sampler::weight(size, rate);
+        sampler::profalloc_sample_alloc(p.cast(), size, weight);
+        crate::preload::sampled_alloc(p, size, weight);
     }
     p
 }
@@ -407,7 +421,11 @@ unsafe extern "C" fn free_slow(p: *mut u8) {
             }
             let list = &mut (*tc).lists[c];
             if list.head == p {
-                os::fatal("free", p as usize, "double free (the object is already free)");
+                os::fatal(
+                    "free",
+                    p as usize,
+                    "double free (the object is already free)",
+                );
             }
             if (*tc).state == DEAD {
                 *p.cast::<*mut u8>() = ptr::null_mut();
@@ -463,6 +481,7 @@ unsafe fn free_large(p: *mut u8) {
     unsafe {
         if (*s).sampled {
             sampler::profalloc_sample_free(p.cast());
+            crate::preload::sampled_free(p, false);
         }
         if (*s).state == span::HUGE {
             huge::free(s);
@@ -485,6 +504,7 @@ unsafe fn reentrant_free(p: *mut u8) {
             if (*s).state == span::HUGE {
                 if (*s).sampled {
                     sampler::profalloc_sample_free(p.cast());
+                    crate::preload::sampled_free(p, true);
                 }
                 return huge::free(s);
             }
@@ -538,6 +558,7 @@ unsafe fn init_thread(tc: *mut ThreadCache) {
         (*tc).rng = (tc as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ now_nanos();
         (*tc).countdown = sampler::next_distance(&mut (*tc).rng, sampler::rate());
         thread_cache::register(tc);
+        crate::preload::thread_started();
         if INIT.load(Ordering::Acquire) == INIT_DONE {
             // May call calloc (keys past the first 32): a re-entrant call.
             libc::pthread_setspecific(*KEY.0.get(), tc.cast());
@@ -586,7 +607,11 @@ fn global_init() {
     // SAFETY: KEY is written only here, before INIT_DONE is published.
     unsafe {
         libc::pthread_key_create(KEY.0.get(), Some(thread_cache::thread_exit));
-        libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child));
+        libc::pthread_atfork(
+            Some(before_fork),
+            Some(after_fork_parent),
+            Some(after_fork_child),
+        );
     }
     INIT.store(INIT_DONE, Ordering::Release);
 }
@@ -620,6 +645,7 @@ fn read_env() {
     if env_u64(c"PROFALLOC_STATS").is_some_and(|v| v != 0) {
         STATS_AT_EXIT.store(1, Ordering::Relaxed);
     }
+    crate::preload::init();
 }
 
 extern "C" fn before_fork() {
@@ -641,6 +667,7 @@ extern "C" fn after_fork_child() {
 }
 
 extern "C" fn report_at_exit() {
+    crate::preload::at_exit();
     if STATS_AT_EXIT.load(Ordering::Relaxed) != 0 {
         stats::write_report();
     }
@@ -657,7 +684,22 @@ mod tests {
     #[test]
     fn objects_are_aligned_sized_and_distinct() {
         let mut ptrs = Vec::new();
-        for size in [0usize, 1, 15, 16, 17, 100, 1000, 1024, 1025, 5000, 65536, 262144, 262145, 2 << 20] {
+        for size in [
+            0usize,
+            1,
+            15,
+            16,
+            17,
+            100,
+            1000,
+            1024,
+            1025,
+            5000,
+            65536,
+            262144,
+            262145,
+            2 << 20,
+        ] {
             let p = malloc(size);
             assert!(!p.is_null());
             assert_eq!(p as usize % 16, 0);
