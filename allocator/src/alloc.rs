@@ -252,27 +252,15 @@ static DEFERRED: AtomicPtr<u8> = AtomicPtr::new(ptr::null_mut());
 fn checked_span(what: &str, p: *mut u8) -> *mut span::Span {
     let s = pagemap::span(p as usize >> PAGE_SHIFT);
     if s.is_null() {
-        os::fatal(
-            what,
-            p as usize,
-            "invalid pointer (not allocated by profalloc: not in the page map)",
-        );
+        os::fatal(what, p as usize, "invalid pointer (not allocated by profalloc: not in the page map)");
     }
     // SAFETY: the page map only holds live span records.
     unsafe {
         match (*s).state {
             span::LARGE if (*s).start_addr() == p as usize => s,
             span::HUGE if huge::user(s) == p as usize => s,
-            span::FREE => os::fatal(
-                what,
-                p as usize,
-                "double free (the object's pages are free)",
-            ),
-            _ => os::fatal(
-                what,
-                p as usize,
-                "invalid pointer (not the start of an allocation)",
-            ),
+            span::FREE => os::fatal(what, p as usize, "double free (the object's pages are free)"),
+            _ => os::fatal(what, p as usize, "invalid pointer (not the start of an allocation)"),
         }
     }
 }
@@ -421,11 +409,7 @@ unsafe extern "C" fn free_slow(p: *mut u8) {
             }
             let list = &mut (*tc).lists[c];
             if list.head == p {
-                os::fatal(
-                    "free",
-                    p as usize,
-                    "double free (the object is already free)",
-                );
+                os::fatal("free", p as usize, "double free (the object is already free)");
             }
             if (*tc).state == DEAD {
                 *p.cast::<*mut u8>() = ptr::null_mut();
@@ -607,11 +591,7 @@ fn global_init() {
     // SAFETY: KEY is written only here, before INIT_DONE is published.
     unsafe {
         libc::pthread_key_create(KEY.0.get(), Some(thread_cache::thread_exit));
-        libc::pthread_atfork(
-            Some(before_fork),
-            Some(after_fork_parent),
-            Some(after_fork_child),
-        );
+        libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child));
     }
     INIT.store(INIT_DONE, Ordering::Release);
 }
@@ -684,22 +664,7 @@ mod tests {
     #[test]
     fn objects_are_aligned_sized_and_distinct() {
         let mut ptrs = Vec::new();
-        for size in [
-            0usize,
-            1,
-            15,
-            16,
-            17,
-            100,
-            1000,
-            1024,
-            1025,
-            5000,
-            65536,
-            262144,
-            262145,
-            2 << 20,
-        ] {
+        for size in [0usize, 1, 15, 16, 17, 100, 1000, 1024, 1025, 5000, 65536, 262144, 262145, 2 << 20] {
             let p = malloc(size);
             assert!(!p.is_null());
             assert_eq!(p as usize % 16, 0);

@@ -98,11 +98,7 @@ const fn build() -> Tables {
     let mut i = 0;
     let mut c = 1;
     while i < LOOKUP_LEN {
-        let largest = if i <= 128 {
-            i * 8
-        } else {
-            i * 128 - (120 << 7)
-        };
+        let largest = if i <= 128 { i * 8 } else { i * 128 - (120 << 7) };
         while (t.size[c] as usize) < largest {
             c += 1;
         }
@@ -172,11 +168,7 @@ mod tests {
             assert!(c >= 1 && c < NUM_CLASSES, "size {size} -> class {c}");
             assert!(size_of_class(c) >= size, "size {size} -> class {c}");
             if c > 1 {
-                assert!(
-                    size_of_class(c - 1) < size,
-                    "size {size} could use class {}",
-                    c - 1
-                );
+                assert!(size_of_class(c - 1) < size, "size {size} could use class {}", c - 1);
             }
             assert!(c >= prev_class);
             prev_class = c;
