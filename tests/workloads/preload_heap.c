@@ -24,8 +24,8 @@
 struct node { struct node *next; char pad[40]; };
 struct big_node { struct big_node *next; char pad[56]; };
 
-static void *kept[10000];
-static struct big_node *kept_list;
+void *kept[10000]; // not static: the compiler must keep the stores
+struct big_node *kept_list;
 static volatile int stop;
 
 NOINLINE static void *alloc_page(void) { void *p = malloc(4096); ESCAPE(p); return p; }

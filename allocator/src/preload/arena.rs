@@ -62,6 +62,15 @@ impl<T: Copy> Table<T> {
         self.len = 0;
     }
 
+    pub fn pop(&mut self) -> Option<T> {
+        if self.len == 0 {
+            return None;
+        }
+        self.len -= 1;
+        // SAFETY: the element at len was written.
+        Some(unsafe { self.base.add(self.len).read() })
+    }
+
     /// The whole reserved capacity as a slice (for hash tables: zeroed
     /// until written).
     pub fn slots(&mut self) -> &mut [T] {

@@ -98,6 +98,12 @@ pub fn sampled_free(ptr: *mut u8, reentrant: bool) {
 /// A thread set up its cache (its first allocation).
 #[inline]
 pub fn thread_started() {
+    if env::settings().heap_check {
+        // The heap checker records every allocation, this thread's first
+        // one too: make the slow path that set up the cache sample it.
+        // SAFETY: this thread's own cache, inside its slow path.
+        unsafe { (*crate::thread_cache::tls()).countdown = -1 };
+    }
     if cpu_profile::ON.load(Ordering::Relaxed) {
         cpu_profile::start_thread();
     }
