@@ -95,7 +95,9 @@ pub fn sampled_free(ptr: *mut u8, reentrant: bool) {
     }
 }
 
-/// A thread set up its cache (its first allocation).
+/// A thread set up its cache (its first allocation). CPU timers of new
+/// threads are armed by `pthread_create` instead (threads that never
+/// allocate are sampled too).
 #[inline]
 pub fn thread_started() {
     if env::settings().heap_check {
@@ -103,9 +105,6 @@ pub fn thread_started() {
         // one too: make the slow path that set up the cache sample it.
         // SAFETY: this thread's own cache, inside its slow path.
         unsafe { (*crate::thread_cache::tls()).countdown = -1 };
-    }
-    if cpu_profile::ON.load(Ordering::Relaxed) {
-        cpu_profile::start_thread();
     }
 }
 
@@ -198,3 +197,16 @@ pub fn errno_text() -> &'static str {
         _ => "I/O error",
     }
 }
+
+/// Makes sure the allocator (and with it the preload mode) is set up
+/// before the program runs, even if it never allocates before creating
+/// its first thread.
+extern "C" fn init_before_main() {
+    let p = crate::alloc::malloc(1);
+    // SAFETY: p was just allocated (or is null).
+    unsafe { crate::alloc::free(p) };
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static INIT_BEFORE_MAIN: extern "C" fn() = init_before_main;
