@@ -333,28 +333,25 @@ impl Heap {
 
     fn maybe_dump(&mut self) {
         let s = env::settings();
-        if s.heap_prefix_len == 0 {
+        if s.heap_prefix_len == 0 || self.warned {
             return;
         }
-        let mut why: Option<(&str, u64)> = None;
         if s.alloc_interval > 0 && self.allocated >= self.next_alloc_dump {
-            why = Some(("MB allocated cumulatively", self.allocated >> 20));
+            self.dump(self.allocated >> 20, "MB allocated");
         } else if s.inuse_interval > 0 && self.in_use >= self.next_inuse_dump {
-            why = Some(("MB in use", self.in_use >> 20));
+            self.dump(self.in_use >> 20, "MB in use");
         } else if s.time_interval > 0 && env::now_secs() >= self.last_dump_secs + s.time_interval {
-            why = Some((
-                "seconds since the last dump",
-                env::now_secs() - self.last_dump_secs,
-            ));
-        }
-        if let Some((what, n)) = why {
-            self.dump(what, n);
+            self.dump(env::now_secs() - self.last_dump_secs, "s since the last dump");
         }
     }
 
-    /// Writes `prefix.NNNN.heap`; `why` and `n` say what triggered it.
-    pub fn dump(&mut self, why: &str, n: u64) {
+    /// Writes `prefix.NNNN.heap`; `n` and `why` say what triggered it. A
+    /// failure is reported once, and no dump is tried after it.
+    pub fn dump(&mut self, n: u64, why: &str) {
         let s = env::settings();
+        if self.warned {
+            return;
+        }
         self.dumps += 1;
         if s.alloc_interval > 0 {
             while self.next_alloc_dump <= self.allocated {
@@ -372,30 +369,34 @@ impl Heap {
             path.dec(u64::from(d / div % 10));
         }
         path.str(".heap");
-        let mut msg = Message::new();
-        msg.str("profalloc: dumping heap profile to ")
-            .str(path_str(&path))
-            .str(" (")
-            .dec(n)
-            .str(" ")
-            .str(why)
-            .str(")\n");
-        msg.write_stderr();
-        let Some(bytes) = self.encode(env::sample_rate(), why, false) else {
-            return;
+        let mut reason = Message::new();
+        if n != u64::MAX {
+            reason.dec(n).str(" ");
+        }
+        reason.str(why);
+        let result = match self.encode(env::sample_rate(), path_str(&reason), false) {
+            Some(bytes) => write_file(path_str(&path), bytes),
+            None => Err("out of memory"),
         };
-        if let Err(e) = write_file(path_str(&path), bytes) {
-            if !self.warned {
+        let mut m = Message::new();
+        match result {
+            Ok(()) => {
+                m.str("profalloc: dumped heap profile to ")
+                    .str(path_str(&path))
+                    .str(" (")
+                    .str(path_str(&reason))
+                    .str(")\n");
+            }
+            Err(e) => {
                 self.warned = true;
-                let mut m = Message::new();
                 m.str("profalloc: warning: cannot write HEAPPROFILE dump ")
                     .str(path_str(&path))
                     .str(": ")
                     .str(e)
                     .str("; the program continues without heap profile dumps\n");
-                m.write_stderr();
             }
         }
+        m.write_stderr();
     }
 
     /// The pprof bytes of the buckets: everything, or (`leaks`) only the
@@ -419,7 +420,7 @@ impl Heap {
             .str(" bytes on average");
         self.enc.comment(path_str(&c));
         let mut c = Message::new();
-        c.str("trigger: ").str(why);
+        c.str("dumped: ").str(why);
         self.enc.comment(path_str(&c));
         if self.dropped > 0 || self.lost_frees > 0 {
             let mut c = Message::new();
@@ -476,6 +477,6 @@ pub fn at_exit() {
     }
     LOCK.lock();
     // SAFETY: under LOCK.
-    unsafe { heap().dump("exiting", 0) };
+    unsafe { heap().dump(u64::MAX, "at exit") };
     LOCK.unlock();
 }

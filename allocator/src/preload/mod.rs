@@ -46,7 +46,15 @@ pub fn init() {
             OWN_END.store(o.end, Ordering::Relaxed);
         }
     }
-    if s.heap_prefix_len > 0 || s.heap_check {
+    if s.heap_prefix_len > 0 && !s.heap_check && !prefix_dir_writable(s.heap_prefix()) {
+        let mut m = Message::new();
+        m.str("profalloc: warning: HEAPPROFILE=")
+            .str(s.heap_prefix())
+            .str(": cannot write in its directory (")
+            .str(errno_text())
+            .str("); heap profiling is off\n");
+        m.write_stderr();
+    } else if s.heap_prefix_len > 0 || s.heap_check {
         if heap_profile::start(s) {
             let mut m = Message::new();
             if s.heap_check {
@@ -66,6 +74,19 @@ pub fn init() {
     if s.cpu_file_len > 0 {
         cpu_profile::start(s);
     }
+}
+
+/// Whether the directory of a dump prefix exists and is writable.
+fn prefix_dir_writable(prefix: &str) -> bool {
+    let dir = match prefix.rfind('/') {
+        Some(0) => "/",
+        Some(i) => &prefix[..i],
+        None => ".",
+    };
+    let mut c = [0u8; env::PATH_MAX + 1];
+    c[..dir.len()].copy_from_slice(dir.as_bytes());
+    // SAFETY: c is NUL-terminated.
+    unsafe { libc::access(c.as_ptr().cast(), libc::W_OK | libc::X_OK) == 0 }
 }
 
 static OWN_START: AtomicUsize = AtomicUsize::new(0);
