@@ -642,19 +642,28 @@ fn read_env() {
     }
 }
 
+// Between these handlers this thread holds every lock; `busy` sends any
+// allocation in between (glibc's own fork code) down the lock-free
+// re-entrant path instead of deadlocking on them.
 extern "C" fn before_fork() {
     thread_cache::lock_registry();
     central::lock_all();
     page_heap::LOCK.lock();
+    // SAFETY: this thread's cache; only its owner writes `busy`.
+    unsafe { (*tls()).busy += 1 };
 }
 
 extern "C" fn after_fork_parent() {
+    // SAFETY: as above.
+    unsafe { (*tls()).busy -= 1 };
     page_heap::LOCK.unlock();
     central::unlock_all();
     thread_cache::unlock_registry();
 }
 
 extern "C" fn after_fork_child() {
+    // SAFETY: as above.
+    unsafe { (*tls()).busy -= 1 };
     page_heap::LOCK.reset();
     central::reset_all();
     thread_cache::reset_registry_in_child();
