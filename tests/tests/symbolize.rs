@@ -414,3 +414,89 @@ fn go_pprof_reads_collector_profiles() {
     assert_eq!(row("with_inlined_caller")[3], "2");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// An unsymbolized pprof file (raw addresses, mappings with build-ids, as
+/// libprofalloc.so writes them) is symbolized by `prof-bpf report` against
+/// the binaries on this machine, only where the build-id matches.
+#[test]
+fn report_symbolizes_raw_pprof_by_build_id() {
+    let program = build_workload("sym_known", FLAGS);
+    let (mut proc, sites) = sites(&program);
+    let pid = proc.pid();
+    // Where the program is mapped, as /proc/PID/maps says.
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    proc.send_line("exit");
+    proc.wait_output(Duration::from_secs(10));
+    let path = program.to_str().unwrap();
+    let build_id = profiler::symbolize::hex(
+        &blazesym::helper::read_elf_build_id(&program)
+            .unwrap()
+            .expect("a build-id"),
+    );
+    let mappings: Vec<Mapping> = profiler::process::parse_maps(&maps)
+        .into_iter()
+        .filter(|m| m.path == path)
+        .map(|m| Mapping {
+            start: m.start,
+            limit: m.end,
+            offset: m.offset,
+            file: m.path.clone(),
+            build_id: build_id.clone(),
+            local_path: None,
+        })
+        .collect();
+    let mapping_of = |addr: u64| {
+        mappings
+            .iter()
+            .position(|m| m.start <= addr && addr < m.limit)
+            .unwrap()
+    };
+    let mut profile = Profile {
+        sample_types: vec![SampleType::inuse_space()],
+        default_sample_type: "inuse_space".to_owned(),
+        mappings: mappings.clone(),
+        ..Profile::default()
+    };
+    // Return addresses minus one, as the format's addresses are.
+    let stack = [sites["site_middle"] - 1, sites["site_outer"] - 1];
+    for &a in &stack {
+        profile.locations.push(profiler::profile::Location {
+            mapping: Some(mapping_of(a)),
+            address: a,
+            ..Default::default()
+        });
+    }
+    profile.samples.push(profiler::profile::Sample {
+        locations: vec![0, 1],
+        values: vec![4096],
+        labels: vec![],
+    });
+    let dir = std::env::temp_dir().join(format!("prof-bpf-rawpprof-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |profile: &Profile, name: &str| {
+        let file = dir.join(name);
+        std::fs::write(&file, profiler::output::pprof::encode(profile).unwrap()).unwrap();
+        file
+    };
+    let good = write(&profile, "raw.pb.gz");
+    let (stdout, stderr, code) =
+        prof_bpf_tests::run_prof_bpf(&["report", good.to_str().unwrap(), "--format", "folded"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout, "outer_function;middle_function 4096\n");
+    // Another build of the program: not symbolized, and the text says why.
+    for m in &mut profile.mappings {
+        m.build_id = "0123456789abcdef".to_owned();
+    }
+    let other = write(&profile, "other.pb.gz");
+    let (stdout, _, code) =
+        prof_bpf_tests::run_prof_bpf(&["report", other.to_str().unwrap(), "--format", "folded"]);
+    assert_eq!(code, 0);
+    let name = program.file_name().unwrap().to_str().unwrap();
+    assert!(stdout.starts_with(&format!("{name}+0x")), "{stdout}");
+    let (text, _, _) = prof_bpf_tests::run_prof_bpf(&["report", other.to_str().unwrap()]);
+    assert!(
+        text.contains("but the profile's has 0123456789abcdef: not symbolized"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
