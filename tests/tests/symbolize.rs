@@ -500,3 +500,22 @@ fn report_symbolizes_raw_pprof_by_build_id() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// JIT code is named from the process's perf map; other anonymous code is
+/// `[anon]+0xOFFSET`.
+#[test]
+fn jit_code_from_perf_map() {
+    let program = build_workload("sym_jit", FLAGS);
+    let (mut proc, sites) = sites(&program);
+    let pid = proc.pid();
+    let mut collector = Collector::new(vec![SampleType::samples()], "samples");
+    collector.note_process(pid);
+    collector.add(sample(pid, vec![sites["site_jit"]], true, 1));
+    collector.add(sample(pid, vec![sites["site_anon"]], true, 1));
+    proc.send_line("exit");
+    proc.wait_output(Duration::from_secs(10));
+    let profile = collector.finish().unwrap();
+    let name = |i: usize| profile.frame_names(&profile.locations[profile.samples[i].locations[0]]);
+    assert_eq!(name(0), ["jit_compiled_fn"]);
+    assert_eq!(name(1), ["[anon]+0x800"]);
+}
