@@ -519,3 +519,58 @@ fn jit_code_from_perf_map() {
     assert_eq!(name(0), ["jit_compiled_fn"]);
     assert_eq!(name(1), ["[anon]+0x800"]);
 }
+
+/// Addresses in the vDSO are symbolized (it is no file on disk).
+#[test]
+fn vdso_functions_are_named() {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    // Our own vDSO image (the same kernel maps the same one everywhere) and
+    // the offset of clock_gettime in it, from nm.
+    let range = |pid: &str| {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        let line = maps
+            .lines()
+            .find(|l| l.ends_with("[vdso]"))
+            .expect("a [vdso] mapping")
+            .to_owned();
+        let (a, b) = line
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .split_once('-')
+            .unwrap();
+        (
+            u64::from_str_radix(a, 16).unwrap(),
+            u64::from_str_radix(b, 16).unwrap(),
+        )
+    };
+    let (start, end) = range("self");
+    let mut image = vec![0; (end - start) as usize];
+    let mut mem = std::fs::File::open("/proc/self/mem").unwrap();
+    mem.seek(SeekFrom::Start(start)).unwrap();
+    mem.read_exact(&mut image).unwrap();
+    let dump = std::env::temp_dir().join(format!("prof-bpf-test-vdso-{}.so", std::process::id()));
+    std::fs::write(&dump, &image).unwrap();
+    let nm = Command::new("nm").arg("-D").arg(&dump).output().unwrap();
+    std::fs::remove_file(&dump).ok();
+    let nm = String::from_utf8_lossy(&nm.stdout);
+    let offset = nm
+        .lines()
+        .find(|l| l.contains(" __vdso_clock_gettime@"))
+        .and_then(|l| u64::from_str_radix(l.split_whitespace().next()?, 16).ok())
+        .unwrap_or_else(|| panic!("no __vdso_clock_gettime in {nm}"));
+
+    let program = build_workload("sym_known", FLAGS);
+    let (mut proc, _) = sites(&program);
+    let pid = proc.pid();
+    let (target_start, _) = range(&pid.to_string());
+    let mut collector = Collector::new(vec![SampleType::samples()], "samples");
+    collector.note_process(pid);
+    collector.add(sample(pid, vec![target_start + offset + 4], true, 1));
+    proc.send_line("exit");
+    proc.wait_output(Duration::from_secs(10));
+    let profile = collector.finish().unwrap();
+    let names = profile.frame_names(&profile.locations[profile.samples[0].locations[0]]);
+    assert_eq!(names.len(), 1);
+    assert!(names[0].contains("clock_gettime"), "{names:?}");
+}
