@@ -574,3 +574,41 @@ fn vdso_functions_are_named() {
     assert_eq!(names.len(), 1);
     assert!(names[0].contains("clock_gettime"), "{names:?}");
 }
+
+/// Debug info split off with objcopy and found through `.gnu_debuglink`
+/// (next to the binary, as Debian's -dbgsym files are found under
+/// /usr/lib/debug): names, file:line and inlined frames come from it.
+#[test]
+fn debuglink_debug_info() {
+    let program = build_workload("sym_known", FLAGS);
+    let dir = std::env::temp_dir().join(format!("prof-bpf-debuglink-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let stripped = dir.join("sym_stripped");
+    let debug = dir.join("sym_stripped.debug");
+    let run = |cmd: &mut Command| assert!(cmd.status().unwrap().success(), "{cmd:?}");
+    run(Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(&program)
+        .arg(&debug));
+    run(Command::new("objcopy")
+        .arg("--strip-all")
+        .arg(format!("--add-gnu-debuglink={}", debug.display()))
+        .arg(&program)
+        .arg(&stripped));
+    let (mut proc, sites) = sites(&stripped);
+    let pid = proc.pid();
+    let mut collector = Collector::new(vec![SampleType::samples()], "samples");
+    collector.note_process(pid);
+    collector.add(sample(pid, vec![sites["site_middle"]], false, 1));
+    collector.add(sample(pid, vec![sites["site_inlined"]], false, 1));
+    proc.send_line("exit");
+    proc.wait_output(Duration::from_secs(10));
+    let profile = collector.finish().unwrap();
+    assert_eq!(names(frames(&profile, 0)), [("middle_function", false)]);
+    assert!(frames(&profile, 0)[0].line > 0);
+    assert_eq!(
+        names(frames(&profile, 1)),
+        [("inlined_helper", true), ("with_inlined_caller", false)]
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
