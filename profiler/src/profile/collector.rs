@@ -159,16 +159,20 @@ impl Collector {
     }
 
     /// Symbolizes every location and returns the profile.
-    pub fn finish(self) -> anyhow::Result<Profile> {
+    pub fn finish(mut self) -> anyhow::Result<Profile> {
+        let profile = std::mem::take(&mut self.profile);
         // The normalizer (and its open files) lives until this returns.
-        self.snapshot()
+        Ok(self.symbolized(profile))
     }
 
     /// The profile so far, symbolized, leaving the collector running (for
     /// periodic reports). Each call parses the objects afresh: a symbol
     /// cache would hold `Rc`s and make the collector unsendable.
     pub fn snapshot(&self) -> anyhow::Result<Profile> {
-        let mut profile = self.profile.clone();
+        Ok(self.symbolized(self.profile.clone()))
+    }
+
+    fn symbolized(&self, mut profile: Profile) -> Profile {
         for (&object, &mapping) in &self.object_mappings {
             profile.mappings[mapping].local_path = self.normalizer.objects[object].local_path();
         }
@@ -177,7 +181,7 @@ impl Collector {
             .elapsed()
             .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
         symbolize::symbolize(&mut profile);
-        Ok(profile)
+        profile
     }
 
     fn location(&mut self, key: LocationKey, make: impl FnOnce(&mut Self) -> Location) -> usize {
