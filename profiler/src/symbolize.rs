@@ -113,6 +113,8 @@ pub struct Normalizer {
     /// (device, inode) of each opened object.
     by_identity: HashMap<(u64, u64), usize>,
     processes: HashMap<u32, ProcessState>,
+    /// The vDSO as an object, once dumped (`Some(None)`: dumping failed).
+    vdso: Option<Option<usize>>,
 }
 
 impl Normalizer {
@@ -127,7 +129,12 @@ impl Normalizer {
         };
         let mut mappings = Vec::new();
         for m in maps.iter().filter(|m| m.is_executable()) {
-            let target = if m.is_file() {
+            let target = if m.path == "[vdso]" {
+                match self.vdso_object() {
+                    Some(o) => MappingTarget::Object(o),
+                    None => MappingTarget::Anon(m.path.clone()),
+                }
+            } else if m.is_file() {
                 match self.object_for(pid, m) {
                     Some(o) => MappingTarget::Object(o),
                     None => MappingTarget::Anon(m.path.clone()),
@@ -223,6 +230,33 @@ impl Normalizer {
         find(&state.perf_map)
     }
 
+    /// The vDSO, which is no file: every 64-bit process of this kernel maps
+    /// the same image, so this process's copy, saved to an unlinked file,
+    /// symbolizes everyone's (`__vdso_clock_gettime`...).
+    fn vdso_object(&mut self) -> Option<usize> {
+        if let Some(done) = self.vdso {
+            return done;
+        }
+        let object = dump_own_vdso().ok().map(|file| {
+            use std::os::fd::AsRawFd as _;
+            let fd_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+            let build_id = blazesym::helper::read_elf_build_id(&fd_path)
+                .ok()
+                .flatten()
+                .map(|id| hex(&id))
+                .unwrap_or_default();
+            self.objects.push(Object {
+                path: "[vdso]".to_owned(),
+                build_id,
+                size: file.metadata().map_or(0, |m| m.len()),
+                file: Some(file),
+            });
+            self.objects.len() - 1
+        });
+        self.vdso = Some(object);
+        object
+    }
+
     fn object_for(&mut self, pid: u32, m: &process::Mapping) -> Option<usize> {
         // /proc/PID/map_files reaches the mapped file even when it was
         // deleted or lives in another mount namespace; it needs root, so
@@ -257,6 +291,30 @@ impl Normalizer {
         self.by_identity.insert(identity, i);
         Some(i)
     }
+}
+
+/// Copies this process's vDSO image into an unlinked temporary file.
+fn dump_own_vdso() -> std::io::Result<File> {
+    use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+    let maps = process::maps(std::process::id()).map_err(std::io::Error::other)?;
+    let vdso = maps
+        .iter()
+        .find(|m| m.path == "[vdso]")
+        .ok_or_else(|| std::io::Error::other("no [vdso] mapping"))?;
+    let mut image = vec![0; usize::try_from(vdso.end - vdso.start).map_err(std::io::Error::other)?];
+    let mut mem = File::open("/proc/self/mem")?;
+    mem.seek(SeekFrom::Start(vdso.start))?;
+    mem.read_exact(&mut image)?;
+    let path = std::env::temp_dir().join(format!("prof-bpf-vdso-{}.so", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    file.write_all(&image)?;
+    Ok(file)
 }
 
 /// Parses perf map lines `START SIZE NAME` (hex numbers), sorted by start.

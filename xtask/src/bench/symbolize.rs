@@ -18,24 +18,21 @@ const ADDRESSES: usize = 20_000;
 pub fn run() -> anyhow::Result<()> {
     let root = util::root();
     let binary = root.join("target/debug/prof-bpf");
-    // The eBPF object is irrelevant here; skipping it keeps the build short.
+    // Built as `cargo xtask test` builds them (with the eBPF object), so the
+    // benchmark never leaves a different prof-bpf behind.
     util::run(
-        util::cargo()
-            .args(["build", "-p", "profiler"])
-            .env("PROF_SKIP_EBPF", "1"),
+        util::cargo().args(["build", "-p", "profiler"]),
         "building the debug prof-bpf (the binary to symbolize)",
     )?;
     util::run(
-        util::cargo()
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "profiler",
-                "--example",
-                "symbolize_bench",
-            ])
-            .env("PROF_SKIP_EBPF", "1"),
+        util::cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "profiler",
+            "--example",
+            "symbolize_bench",
+        ]),
         "building the symbolize benchmark",
     )?;
     let bench = root.join("target/release/examples/symbolize_bench");
