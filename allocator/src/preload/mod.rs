@@ -85,8 +85,15 @@ fn prefix_dir_writable(prefix: &str) -> bool {
     };
     let mut c = [0u8; env::PATH_MAX + 1];
     c[..dir.len()].copy_from_slice(dir.as_bytes());
-    // SAFETY: c is NUL-terminated.
-    unsafe { libc::access(c.as_ptr().cast(), libc::W_OK | libc::X_OK) == 0 }
+    // SAFETY: c is NUL-terminated; the descriptor is closed at once.
+    unsafe {
+        let fd = libc::open(c.as_ptr().cast(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return false;
+        }
+        libc::close(fd);
+        libc::access(c.as_ptr().cast(), libc::W_OK | libc::X_OK) == 0
+    }
 }
 
 static OWN_START: AtomicUsize = AtomicUsize::new(0);
