@@ -119,7 +119,7 @@ pub fn memalign(align: usize, size: usize) -> *mut u8 {
         // A class whose size is a multiple of `align` has aligned objects
         // (spans start on page boundaries).
         let mut c = size_class::class_of(size.max(align));
-        while c < NUM_CLASSES && size_class::size_of_class(c) % align != 0 {
+        while c < NUM_CLASSES && !size_class::size_of_class(c).is_multiple_of(align) {
             c += 1;
         }
         if c < NUM_CLASSES {
@@ -252,15 +252,27 @@ static DEFERRED: AtomicPtr<u8> = AtomicPtr::new(ptr::null_mut());
 fn checked_span(what: &str, p: *mut u8) -> *mut span::Span {
     let s = pagemap::span(p as usize >> PAGE_SHIFT);
     if s.is_null() {
-        os::fatal(what, p as usize, "invalid pointer (not allocated by profalloc: not in the page map)");
+        os::fatal(
+            what,
+            p as usize,
+            "invalid pointer (not allocated by profalloc: not in the page map)",
+        );
     }
     // SAFETY: the page map only holds live span records.
     unsafe {
         match (*s).state {
             span::LARGE if (*s).start_addr() == p as usize => s,
             span::HUGE if huge::user(s) == p as usize => s,
-            span::FREE => os::fatal(what, p as usize, "double free (the object's pages are free)"),
-            _ => os::fatal(what, p as usize, "invalid pointer (not the start of an allocation)"),
+            span::FREE => os::fatal(
+                what,
+                p as usize,
+                "double free (the object's pages are free)",
+            ),
+            _ => os::fatal(
+                what,
+                p as usize,
+                "invalid pointer (not the start of an allocation)",
+            ),
         }
     }
 }
@@ -409,7 +421,11 @@ unsafe extern "C" fn free_slow(p: *mut u8) {
             }
             let list = &mut (*tc).lists[c];
             if list.head == p {
-                os::fatal("free", p as usize, "double free (the object is already free)");
+                os::fatal(
+                    "free",
+                    p as usize,
+                    "double free (the object is already free)",
+                );
             }
             if (*tc).state == DEAD {
                 *p.cast::<*mut u8>() = ptr::null_mut();
@@ -591,7 +607,11 @@ fn global_init() {
     // SAFETY: KEY is written only here, before INIT_DONE is published.
     unsafe {
         libc::pthread_key_create(KEY.0.get(), Some(thread_cache::thread_exit));
-        libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child));
+        libc::pthread_atfork(
+            Some(before_fork),
+            Some(after_fork_parent),
+            Some(after_fork_child),
+        );
     }
     INIT.store(INIT_DONE, Ordering::Release);
 }
@@ -628,19 +648,28 @@ fn read_env() {
     crate::preload::init();
 }
 
+// Between these handlers this thread holds every lock; `busy` sends any
+// allocation in between (glibc's own fork code) down the lock-free
+// re-entrant path instead of deadlocking on them.
 extern "C" fn before_fork() {
     thread_cache::lock_registry();
     central::lock_all();
     page_heap::LOCK.lock();
+    // SAFETY: this thread's cache; only its owner writes `busy`.
+    unsafe { (*tls()).busy += 1 };
 }
 
 extern "C" fn after_fork_parent() {
+    // SAFETY: as above.
+    unsafe { (*tls()).busy -= 1 };
     page_heap::LOCK.unlock();
     central::unlock_all();
     thread_cache::unlock_registry();
 }
 
 extern "C" fn after_fork_child() {
+    // SAFETY: as above.
+    unsafe { (*tls()).busy -= 1 };
     page_heap::LOCK.reset();
     central::reset_all();
     thread_cache::reset_registry_in_child();
@@ -664,7 +693,22 @@ mod tests {
     #[test]
     fn objects_are_aligned_sized_and_distinct() {
         let mut ptrs = Vec::new();
-        for size in [0usize, 1, 15, 16, 17, 100, 1000, 1024, 1025, 5000, 65536, 262144, 262145, 2 << 20] {
+        for size in [
+            0usize,
+            1,
+            15,
+            16,
+            17,
+            100,
+            1000,
+            1024,
+            1025,
+            5000,
+            65536,
+            262144,
+            262145,
+            2 << 20,
+        ] {
             let p = malloc(size);
             assert!(!p.is_null());
             assert_eq!(p as usize % 16, 0);

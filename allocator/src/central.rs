@@ -189,6 +189,10 @@ unsafe fn release_locked(c: usize, k: *mut Class, p: *mut u8) {
 /// Moves every batch in the transfer caches to the central lists (and so
 /// empty spans to the page heap): part of malloc_trim.
 pub fn drain_transfer_caches() {
+    #[expect(
+        clippy::needless_range_loop,
+        reason = "c names the class in several tables"
+    )]
     for c in 1..NUM_CLASSES {
         let k = class(c);
         loop {

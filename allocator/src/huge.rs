@@ -18,7 +18,8 @@ pub const HEADER: usize = 4096;
 const SYS_PAGE: usize = 4096;
 
 fn mapping_len(size: usize) -> Option<usize> {
-    size.checked_add(HEADER + SYS_PAGE - 1).map(|n| n & !(SYS_PAGE - 1))
+    size.checked_add(HEADER + SYS_PAGE - 1)
+        .map(|n| n & !(SYS_PAGE - 1))
 }
 
 /// Maps a huge object of `size` bytes aligned to `align` (a power of two);

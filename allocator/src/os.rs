@@ -162,9 +162,7 @@ impl Message {
         let mut done = 0;
         while done < self.len {
             // SAFETY: the buffer range is initialised and in bounds.
-            let n = unsafe {
-                libc::write(2, self.buf[done..].as_ptr().cast(), self.len - done)
-            };
+            let n = unsafe { libc::write(2, self.buf[done..].as_ptr().cast(), self.len - done) };
             if n <= 0 {
                 break;
             }
@@ -203,7 +201,14 @@ mod tests {
     #[test]
     fn message_formats_numbers() {
         let mut m = Message::new();
-        m.str("a ").dec(0).str(" ").dec(1234567890).str(" ").hex(0xdead00).str(" ").hex(0);
+        m.str("a ")
+            .dec(0)
+            .str(" ")
+            .dec(1234567890)
+            .str(" ")
+            .hex(0xdead00)
+            .str(" ")
+            .hex(0);
         assert_eq!(m.as_bytes(), b"a 0 1234567890 0xdead00 0x0");
     }
 

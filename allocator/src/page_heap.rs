@@ -526,6 +526,6 @@ mod tests {
             deallocate(small);
             assert_eq!(pagemap::class_of_addr((*small).start_addr()), 0);
         }
-        assert!(release_all() % PAGE_SIZE == 0);
+        assert!(release_all().is_multiple_of(PAGE_SIZE));
     }
 }

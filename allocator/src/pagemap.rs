@@ -134,7 +134,7 @@ mod tests {
 
     #[test]
     fn entries_round_trip_and_foreign_pages_are_empty() {
-        let page = 0x7abc_1234_5usize;
+        let page = 0x0007_abc1_2345_usize;
         assert!(ensure(page));
         let s = 0x1000 as *mut Span;
         set_span(page, s);

@@ -26,7 +26,7 @@ pub extern "C" fn profalloc_sample_alloc(ptr: *mut libc::c_void, size: usize, we
     // function keeps its body and its call sites.
     unsafe {
         core::arch::asm!("/* {0} {1} {2} */", in(reg) ptr, in(reg) size, in(reg) weight,
-            options(nomem, nostack, preserves_flags));
+            options(nostack, preserves_flags));
     }
 }
 
@@ -36,7 +36,7 @@ pub extern "C" fn profalloc_sample_alloc(ptr: *mut libc::c_void, size: usize, we
 pub extern "C" fn profalloc_sample_free(ptr: *mut libc::c_void) {
     // SAFETY: as above.
     unsafe {
-        core::arch::asm!("/* {0} */", in(reg) ptr, options(nomem, nostack, preserves_flags));
+        core::arch::asm!("/* {0} */", in(reg) ptr, options(nostack, preserves_flags));
     }
 }
 
@@ -63,7 +63,7 @@ pub fn next_distance(rng: &mut u64, rate: u64) -> isize {
     let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
     // Uniform in (0, 1].
     let u = ((r >> 11) + 1) as f64 / (1u64 << 53) as f64;
-    let d = -u.ln() * rate as f64;
+    let d = -ln(u) * rate as f64;
     (d as isize).clamp(1, isize::MAX / 2)
 }
 
@@ -74,8 +74,55 @@ pub fn weight(size: usize, rate: u64) -> u64 {
         return size as u64;
     }
     let s = size.max(1) as f64;
-    let p = 1.0 - (-s / rate as f64).exp();
-    (s / p).round() as u64
+    let p = 1.0 - exp(-s / rate as f64);
+    (s / p + 0.5) as u64
+}
+
+// ln and exp without libm: the library must not pull libm into every
+// process (it costs ~0.5 MiB of resident pages), and sampling needs only
+// about 1e-7 relative accuracy.
+
+/// Natural logarithm of `x` in (0, 1] (or any positive normal number).
+fn ln(x: f64) -> f64 {
+    let bits = x.to_bits();
+    let mut e = ((bits >> 52) & 0x7ff) as i64 - 1023;
+    // m in [1, 2), then in [sqrt(1/2), sqrt(2)).
+    let mut m = f64::from_bits((bits & ((1u64 << 52) - 1)) | (1023u64 << 52));
+    if m > core::f64::consts::SQRT_2 {
+        m /= 2.0;
+        e += 1;
+    }
+    // ln(m) = 2 atanh(t), t = (m-1)/(m+1), |t| < 0.172.
+    let t = (m - 1.0) / (m + 1.0);
+    let t2 = t * t;
+    let series = t
+        * (1.0
+            + t2 * (1.0 / 3.0
+                + t2 * (1.0 / 5.0
+                    + t2 * (1.0 / 7.0 + t2 * (1.0 / 9.0 + t2 * (1.0 / 11.0 + t2 / 13.0))))));
+    e as f64 * core::f64::consts::LN_2 + 2.0 * series
+}
+
+/// e^x for x <= 0.
+fn exp(x: f64) -> f64 {
+    if x < -700.0 {
+        return 0.0;
+    }
+    // x = k ln2 + r, |r| <= ln2 / 2.
+    let k = (x / core::f64::consts::LN_2 - 0.5) as i64;
+    let k = if (x - k as f64 * core::f64::consts::LN_2) > core::f64::consts::LN_2 / 2.0 {
+        k + 1
+    } else {
+        k
+    };
+    let r = x - k as f64 * core::f64::consts::LN_2;
+    let mut term = 1.0;
+    let mut sum = 1.0;
+    for i in 1..=12 {
+        term *= r / i as f64;
+        sum += term;
+    }
+    sum * f64::from_bits(((k + 1023) as u64) << 52)
 }
 
 #[cfg(test)]
@@ -92,6 +139,18 @@ mod tests {
         // Standard error of the mean: rate / sqrt(n) ~ 0.22% of rate.
         assert!((mean / rate as f64 - 1.0).abs() < 0.01, "mean {mean}");
         assert_eq!(next_distance(&mut rng, 0), isize::MAX / 2);
+    }
+
+    #[test]
+    fn ln_and_exp_are_accurate() {
+        for i in 1..10_000 {
+            let x = i as f64 / 10_000.0;
+            assert!((ln(x) - x.ln()).abs() < 1e-9, "ln {x}");
+            let y = -(i as f64) / 100.0;
+            assert!((exp(y) - y.exp()).abs() <= 1e-9 * y.exp(), "exp {y}");
+        }
+        assert_eq!(ln(1.0), 0.0);
+        assert_eq!(exp(-1000.0), 0.0);
     }
 
     #[test]

@@ -11,11 +11,12 @@
 //!   most 1/8 of the span.
 //! - `BATCH[c]`: objects moved at once between a thread cache and the
 //!   transfer cache or central list: 64 KiB worth, clamped to [2, 32].
-//! - `TRANSFER_SLOTS[c]`: batches the transfer cache keeps (about 1 MiB).
-//! - `MAX_CACHED[c]`: the largest length a thread's list may grow to.
+//! - `transfer_slots(c)`: batches the transfer cache keeps (about 512 KiB).
+//! - `max_cached(c)`: the largest length a thread's list may grow to.
 //!
-//! Sizes: 16-byte steps up to 256 B, then 32, 64 and 128-byte steps up to
-//! 2 KiB, then four classes per power of two up to [`MAX_SMALL`].
+//! Sizes: 16-byte steps up to 256 B, then 32 and 64-byte steps up to 1 KiB,
+//! then eight classes per power of two up to [`MAX_SMALL`] (rounding costs
+//! at most 12.5%).
 //! Class 0 means "not a small object" everywhere (page map, tables).
 
 /// log2 of the allocator's page (the unit of spans and of the page map).
@@ -29,7 +30,7 @@ pub const MIN_ALIGN: usize = 16;
 /// Number of classes, including the unused class 0.
 pub const NUM_CLASSES: usize = build().count;
 
-const MAX_CLASSES: usize = 96;
+const MAX_CLASSES: usize = 128;
 /// Entries of the size-to-class lookup table (see [`lookup_index`]).
 const LOOKUP_LEN: usize = lookup_index(MAX_SMALL) + 1;
 
@@ -85,11 +86,9 @@ const fn build() -> Tables {
             32
         } else if size < 1024 {
             64
-        } else if size < 2048 {
-            128
         } else {
-            // Four classes per power of two.
-            (1usize << (usize::BITS - 1 - size.leading_zeros())) / 4
+            // Eight classes per power of two: at most 12.5% rounding.
+            (1usize << (usize::BITS - 1 - size.leading_zeros())) / 8
         };
         size += step;
     }
@@ -98,7 +97,11 @@ const fn build() -> Tables {
     let mut i = 0;
     let mut c = 1;
     while i < LOOKUP_LEN {
-        let largest = if i <= 128 { i * 8 } else { i * 128 - (120 << 7) };
+        let largest = if i <= 128 {
+            i * 8
+        } else {
+            i * 128 - (120 << 7)
+        };
         while (t.size[c] as usize) < largest {
             c += 1;
         }
@@ -138,16 +141,16 @@ pub fn size_of_class(c: usize) -> usize {
     unsafe { *SIZE.get_unchecked(c) as usize }
 }
 
-/// Batches the transfer cache of class `c` holds: about 1 MiB, in [2, 64].
+/// Batches the transfer cache of class `c` holds: about 512 KiB, in [2, 64].
 pub fn transfer_slots(c: usize) -> usize {
     let batch_bytes = BATCH[c] as usize * size_of_class(c);
-    (1024 * 1024 / batch_bytes).clamp(2, 64)
+    (512 * 1024 / batch_bytes).clamp(2, 64)
 }
 
-/// The longest a thread's list for class `c` may grow: 256 KiB worth,
+/// The longest a thread's list for class `c` may grow: 128 KiB worth,
 /// at least one batch, at most 2048 objects.
 pub fn max_cached(c: usize) -> u32 {
-    let by_bytes = 256 * 1024 / size_of_class(c);
+    let by_bytes = 128 * 1024 / size_of_class(c);
     by_bytes.clamp(BATCH[c] as usize, 2048) as u32
 }
 
@@ -165,10 +168,14 @@ mod tests {
         let mut prev_class = 1;
         for size in 0..=MAX_SMALL {
             let c = class_of(size);
-            assert!(c >= 1 && c < NUM_CLASSES, "size {size} -> class {c}");
+            assert!((1..NUM_CLASSES).contains(&c), "size {size} -> class {c}");
             assert!(size_of_class(c) >= size, "size {size} -> class {c}");
             if c > 1 {
-                assert!(size_of_class(c - 1) < size, "size {size} could use class {}", c - 1);
+                assert!(
+                    size_of_class(c - 1) < size,
+                    "size {size} could use class {}",
+                    c - 1
+                );
             }
             assert!(c >= prev_class);
             prev_class = c;
@@ -187,9 +194,9 @@ mod tests {
             assert!(max_cached(c) >= u32::from(BATCH[c]));
             if c > 1 {
                 assert!(size > size_of_class(c - 1));
-                // Neighbouring classes are at most 25% apart above 256 B.
-                if size > 256 {
-                    assert!(size * 4 <= size_of_class(c - 1) * 5 + 4 * 16 * 8);
+                // Neighbouring classes are at most 12.5% apart above 1 KiB.
+                if size > 1024 {
+                    assert!(size * 8 <= size_of_class(c - 1) * 9, "class {c}");
                 }
             }
         }

@@ -21,7 +21,11 @@ use core::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use crate::{central, lock::SpinLock, size_class::{self, NUM_CLASSES}};
+use crate::{
+    central,
+    lock::SpinLock,
+    size_class::{self, NUM_CLASSES},
+};
 
 /// The cache has not been set up (all lists empty, limits zero).
 pub const UNINIT: u8 = 0;

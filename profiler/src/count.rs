@@ -13,7 +13,9 @@ use crate::{ebpf, process};
 
 /// Options of `prof-bpf count`.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "EXAMPLES:\n  sudo prof-bpf count --pid 1234\n  sudo prof-bpf count --pid 1234 --duration 10")]
+#[command(
+    after_help = "EXAMPLES:\n  sudo prof-bpf count --pid 1234\n  sudo prof-bpf count --pid 1234 --duration 10"
+)]
 pub struct CountArgs {
     /// Process to count.
     #[arg(long, short)]
@@ -33,8 +35,9 @@ pub fn run(args: CountArgs) -> anyhow::Result<()> {
         bail!("--duration must be a positive number of seconds, got {d}");
     }
     let maps = process::maps(pid.get())?;
-    let libc = process::find_libc(&maps)
-        .with_context(|| format!("pid {pid} maps no C library (libc.so.6); is it statically linked?"))?;
+    let libc = process::find_libc(&maps).with_context(|| {
+        format!("pid {pid} maps no C library (libc.so.6); is it statically linked?")
+    })?;
     let libc_path = process::path_in_root(pid.get(), &libc.path);
 
     tokio::runtime::Builder::new_current_thread()
@@ -53,18 +56,23 @@ pub fn run(args: CountArgs) -> anyhow::Result<()> {
                     .with_context(|| format!("attaching a uprobe to {symbol} in {}", libc.path))?;
             }
             let counts: PerCpuHashMap<_, u32, AllocCounts> = PerCpuHashMap::try_from(
-                ebpf.map(COUNTS_MAP).context("counter map missing from the eBPF object")?,
+                ebpf.map(COUNTS_MAP)
+                    .context("counter map missing from the eBPF object")?,
             )?;
             eprintln!(
                 "prof-bpf: counting malloc/free of pid {pid} ({}) in {}; Ctrl-C to stop",
                 process::comm(pid.get()),
                 libc.path
             );
-            println!("{:>8} {:>12} {:>12} {:>12}", "TIME(s)", "MALLOC/s", "BYTES/s", "FREE/s");
+            println!(
+                "{:>8} {:>12} {:>12} {:>12}",
+                "TIME(s)", "MALLOC/s", "BYTES/s", "FREE/s"
+            );
 
             let started = tokio::time::Instant::now();
             let deadline = args.duration.map(|d| started + Duration::from_secs_f64(d));
-            let mut tick = tokio::time::interval_at(started + Duration::from_secs(1), Duration::from_secs(1));
+            let mut tick =
+                tokio::time::interval_at(started + Duration::from_secs(1), Duration::from_secs(1));
             let mut last = AllocCounts::default();
             let mut last_at = started;
             let ctrl_c = tokio::signal::ctrl_c();
@@ -121,9 +129,11 @@ fn read_counts(
         Err(aya::maps::MapError::KeyNotFound) => return Ok(AllocCounts::default()),
         Err(err) => return Err(err).context("reading the counter map"),
     };
-    Ok(per_cpu.iter().fold(AllocCounts::default(), |acc, c| AllocCounts {
-        malloc_calls: acc.malloc_calls + c.malloc_calls,
-        malloc_bytes: acc.malloc_bytes + c.malloc_bytes,
-        free_calls: acc.free_calls + c.free_calls,
-    }))
+    Ok(per_cpu
+        .iter()
+        .fold(AllocCounts::default(), |acc, c| AllocCounts {
+            malloc_calls: acc.malloc_calls + c.malloc_calls,
+            malloc_bytes: acc.malloc_bytes + c.malloc_bytes,
+            free_calls: acc.free_calls + c.free_calls,
+        }))
 }

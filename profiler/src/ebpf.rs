@@ -9,7 +9,9 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pr
 pub fn require_root() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("must run as root (BPF programs and uprobes need CAP_BPF and CAP_PERFMON): try `sudo prof-bpf ...`");
+        bail!(
+            "must run as root (BPF programs and uprobes need CAP_BPF and CAP_PERFMON): try `sudo prof-bpf ...`"
+        );
     }
     Ok(())
 }
@@ -18,7 +20,9 @@ pub fn require_root() -> anyhow::Result<()> {
 pub fn load() -> anyhow::Result<aya::Ebpf> {
     require_root()?;
     if OBJECT.is_empty() {
-        bail!("this prof-bpf was built without its eBPF programs (PROF_SKIP_EBPF=1); rebuild with `cargo xtask build`");
+        bail!(
+            "this prof-bpf was built without its eBPF programs (PROF_SKIP_EBPF=1); rebuild with `cargo xtask build`"
+        );
     }
     // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use
     // memory cgroups and ignore it, so a failure here is only worth a debug line.
@@ -28,7 +32,10 @@ pub fn load() -> anyhow::Result<aya::Ebpf> {
     };
     // SAFETY: setrlimit reads a valid, initialised rlimit struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        debug!("could not lift RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+        debug!(
+            "could not lift RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
     }
     aya::Ebpf::load(OBJECT).context("loading the eBPF object")
 }

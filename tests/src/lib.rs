@@ -188,7 +188,10 @@ impl Proc {
             if let Some(status) = self.child.try_wait().expect("wait for child") {
                 return (rest, status.code().unwrap_or(-1));
             }
-            assert!(Instant::now() < deadline, "child did not exit in {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "child did not exit in {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -251,7 +254,11 @@ pub fn start_until(program: &Path, args: &[&str], marker: &str) -> (Child, Vec<S
             }
             Err(_) => {
                 let _ = child.kill();
-                panic!("{} did not print `{marker}` in time; stderr: {seen:#?}", program.display());
+                let _ = child.wait();
+                panic!(
+                    "{} did not print `{marker}` in time; stderr: {seen:#?}",
+                    program.display()
+                );
             }
         }
     }
@@ -283,5 +290,8 @@ pub fn assert_one_line_error(stderr: &str, code: i32, needle: &str) {
         lines[0]
     );
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    assert!(!stderr.contains("RUST_BACKTRACE"), "backtrace hint: {stderr}");
+    assert!(
+        !stderr.contains("RUST_BACKTRACE"),
+        "backtrace hint: {stderr}"
+    );
 }

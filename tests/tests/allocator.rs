@@ -51,7 +51,10 @@ fn assert_ok(out: &Output, what: &str) {
 }
 
 fn api(mode: &str, env: &[(&str, &str)]) -> Output {
-    preloaded(Command::new(build_workload("alloc_api", FLAGS)).arg(mode), env)
+    preloaded(
+        Command::new(build_workload("alloc_api", FLAGS)).arg(mode),
+        env,
+    )
 }
 
 /// A `key N` field of a line of `out`.
@@ -78,23 +81,51 @@ fn exports_the_malloc_family_and_imports_none_of_it() {
     assert_ok(&out, "nm");
     let undefined = stdout(&out);
     let family = [
-        "malloc", "free", "calloc", "realloc", "reallocarray", "memalign", "posix_memalign",
-        "aligned_alloc", "valloc", "pvalloc", "malloc_usable_size", "_Znwm", "_ZdlPv",
+        "malloc",
+        "free",
+        "calloc",
+        "realloc",
+        "reallocarray",
+        "memalign",
+        "posix_memalign",
+        "aligned_alloc",
+        "valloc",
+        "pvalloc",
+        "malloc_usable_size",
+        "_Znwm",
+        "_ZdlPv",
     ];
     for line in undefined.lines() {
         let name = line.split_whitespace().last().unwrap_or("");
         let name = name.split('@').next().unwrap_or(name);
         assert!(!family.contains(&name), "libprofalloc.so imports {name}");
     }
-    let out = Command::new("nm").args(["-D", "--defined-only"]).arg(lib()).output().expect("nm");
+    let out = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(lib())
+        .output()
+        .expect("nm");
     let defined = stdout(&out);
     for name in family.iter().chain(&[
-        "mallopt", "mallinfo", "mallinfo2", "malloc_trim", "cfree", "_Znam", "_ZnwmSt11align_val_t",
-        "_ZnamSt11align_val_tRKSt9nothrow_t", "_ZdlPvmSt11align_val_t", "_ZdaPvSt11align_val_tRKSt9nothrow_t",
-        "profalloc_stats", "profalloc_sample_alloc", "profalloc_sample_free", "profalloc_sample_bytes",
+        "mallopt",
+        "mallinfo",
+        "mallinfo2",
+        "malloc_trim",
+        "cfree",
+        "_Znam",
+        "_ZnwmSt11align_val_t",
+        "_ZnamSt11align_val_tRKSt9nothrow_t",
+        "_ZdlPvmSt11align_val_t",
+        "_ZdaPvSt11align_val_tRKSt9nothrow_t",
+        "profalloc_stats",
+        "profalloc_sample_alloc",
+        "profalloc_sample_free",
+        "profalloc_sample_bytes",
     ]) {
         assert!(
-            defined.lines().any(|l| l.split_whitespace().last() == Some(name)),
+            defined
+                .lines()
+                .any(|l| l.split_whitespace().last() == Some(name)),
             "libprofalloc.so does not export {name}"
         );
     }
@@ -106,7 +137,10 @@ fn dladdr_names_libprofalloc_for_malloc_free_and_new() {
     assert_ok(&out, "alloc_api dladdr");
     let text = stdout(&out);
     for sym in ["malloc", "free"] {
-        let line = text.lines().find(|l| l.starts_with(sym)).expect("dladdr line");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(sym))
+            .expect("dladdr line");
         assert!(line.ends_with("libprofalloc.so"), "{line}");
     }
 }
@@ -139,7 +173,10 @@ fn stats_in_use_matches_the_live_set() {
     assert_ok(&out, "alloc_api stats");
     let text = stdout(&out);
     assert_eq!(field(&text, "live"), field(&text, "expected"), "{text}");
-    assert!(text.contains("after 0"), "freeing the set leaves in-use unchanged: {text}");
+    assert!(
+        text.contains("after 0"),
+        "freeing the set leaves in-use unchanged: {text}"
+    );
 }
 
 #[test]
@@ -174,7 +211,12 @@ fn allocating_signal_handlers_do_not_deadlock() {
 
 fn assert_aborts(mode: &str, message: &str) {
     let out = api(mode, &[]);
-    assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{mode}: {:?}", out.status);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "{mode}: {:?}",
+        out.status
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(message), "{mode}: stderr {stderr}");
     assert!(!stdout(&out).contains("survived"));
@@ -198,10 +240,17 @@ fn same_output(make: impl Fn() -> Command, what: &str) -> String {
     assert_ok(&plain, what);
     let with = preloaded(&mut make(), &[("PROFALLOC_STATS", "1")]);
     assert_ok(&with, &format!("{what} under LD_PRELOAD"));
-    assert_eq!(stdout(&plain), stdout(&with), "{what}: output differs under libprofalloc.so");
+    assert_eq!(
+        stdout(&plain),
+        stdout(&with),
+        "{what}: output differs under libprofalloc.so"
+    );
     // The exit report proves the program really ran on the allocator.
     let stderr = String::from_utf8_lossy(&with.stderr);
-    assert!(stderr.contains("profalloc: stats at exit"), "{what}: {stderr}");
+    assert!(
+        stderr.contains("profalloc: stats at exit"),
+        "{what}: {stderr}"
+    );
     stdout(&with)
 }
 
@@ -269,7 +318,9 @@ fn git_runs_identically() {
     same_output(
         || {
             let mut c = Command::new("git");
-            c.arg("-C").arg(&root).args(["log", "--stat", "--format=%H %s", "-n", "50"]);
+            c.arg("-C")
+                .arg(&root)
+                .args(["log", "--stat", "--format=%H %s", "-n", "50"]);
             c
         },
         "git log --stat",
@@ -277,9 +328,47 @@ fn git_runs_identically() {
     same_output(
         || {
             let mut c = Command::new("git");
-            c.arg("-C").arg(&root).args(["grep", "-c", "fn ", "HEAD", "--"]);
+            c.arg("-C")
+                .arg(&root)
+                .args(["grep", "-c", "fn ", "HEAD", "--"]);
             c
         },
         "git grep",
+    );
+}
+
+#[test]
+fn python_regression_tests_pass() {
+    // A slice of CPython's own tests (Debian's libpython3.11-testsuite)
+    // that allocate heavily: containers, strings, regexes, gc, weakrefs.
+    let tests = [
+        "test_list",
+        "test_dict",
+        "test_set",
+        "test_bytes",
+        "test_re",
+        "test_json",
+        "test_collections",
+        "test_gc",
+        "test_weakref",
+        "test_deque",
+    ];
+    assert!(
+        std::path::Path::new("/usr/lib/python3.11/test/test_dict.py").exists(),
+        "CPython's tests are missing (cargo xtask setup installs libpython3.11-testsuite)"
+    );
+    // No PROFALLOC_STATS here: some tests require their subprocesses'
+    // stderr to be empty.
+    let out = preloaded(
+        Command::new("/usr/bin/python3.11")
+            .args(["-m", "test", "-q"])
+            .args(tests),
+        &[],
+    );
+    assert_ok(&out, "python3.11 -m test");
+    assert!(
+        stdout(&out).contains("Tests result: SUCCESS"),
+        "{}",
+        stdout(&out)
     );
 }

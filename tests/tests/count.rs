@@ -2,7 +2,9 @@
 //! errors for bad input.
 use std::time::Duration;
 
-use prof_bpf_tests::{Proc, assert_one_line_error, build_workload, require_bpf, run_prof_bpf, start_prof_bpf};
+use prof_bpf_tests::{
+    Proc, assert_one_line_error, build_workload, require_bpf, run_prof_bpf, start_prof_bpf,
+};
 
 const FLAGS: &[&str] = &["-O1", "-g", "-fno-builtin"];
 
@@ -19,7 +21,11 @@ fn counts_exact_malloc_and_free_calls() {
     workload.send_line("go");
     workload.expect_line("done");
     let out = prof.wait_with_output().expect("wait for prof-bpf");
-    assert!(out.status.success(), "prof-bpf count failed: {:?}", out.status);
+    assert!(
+        out.status.success(),
+        "prof-bpf count failed: {:?}",
+        out.status
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let total = stdout
         .lines()

@@ -17,7 +17,10 @@ pub fn run() -> anyhow::Result<()> {
     let mut workload = Proc::spawn(Command::new(&program).arg("30000000"));
     workload.expect_line("ready");
     let pid = workload.pid();
-    println!("demo: counting malloc/free of {} (pid {pid}) for 3 s", program.display());
+    println!(
+        "demo: counting malloc/free of {} (pid {pid}) for 3 s",
+        program.display()
+    );
     let (counter, _) = start_until(
         &prof,
         &["count", "--pid", &pid.to_string(), "--duration", "3"],
@@ -26,6 +29,10 @@ pub fn run() -> anyhow::Result<()> {
     workload.send_line("go");
     let out = counter.wait_with_output().context("waiting for prof-bpf")?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
-    anyhow::ensure!(out.status.success(), "prof-bpf count failed ({})", out.status);
+    anyhow::ensure!(
+        out.status.success(),
+        "prof-bpf count failed ({})",
+        out.status
+    );
     Ok(())
 }

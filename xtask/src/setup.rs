@@ -30,6 +30,7 @@ const PACKAGES: &[&str] = &[
     "graphviz",
     "golang-go",
     "python3.11",
+    "libpython3.11-testsuite",
     "sqlite3",
     "git",
     "google-perftools",
@@ -100,7 +101,9 @@ fn nightly() -> anyhow::Result<Nightly> {
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libLLVM") && n.contains(".so"))
+                // The real library (`libLLVM.so.22.1-rust-...`); the toolchain
+                // also ships a `libLLVM-22-...so` linker script naming it.
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
         })
         .min()
         .with_context(|| format!("no libLLVM shared library in {}", lib.display()))?;
@@ -191,11 +194,13 @@ fn bpf_linker(nightly: &Nightly) -> anyhow::Result<()> {
         format!("-C link-arg=-Wl,-rpath,{}", toolchain_lib.display()),
     )
     .env_remove("CARGO_TARGET_DIR");
-    util::run(&mut cmd, "cargo install bpf-linker").context(
-        "bpf-linker could not be built; it needs crates.io and the nightly's libLLVM",
-    )?;
-    let version = util::output(Command::new(&binary).arg("--version"), "bpf-linker --version")
-        .context("the freshly built bpf-linker does not run")?;
+    util::run(&mut cmd, "cargo install bpf-linker")
+        .context("bpf-linker could not be built; it needs crates.io and the nightly's libLLVM")?;
+    let version = util::output(
+        Command::new(&binary).arg("--version"),
+        "bpf-linker --version",
+    )
+    .context("the freshly built bpf-linker does not run")?;
     eprintln!("xtask: installed {}", version.trim());
     fs::write(&stamp_path, stamp).with_context(|| format!("writing {}", stamp_path.display()))?;
     Ok(())
@@ -228,7 +233,9 @@ fn package_installed(name: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", name])
         .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("ok installed"))
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("ok installed")
+        })
 }
 
 fn kernel() -> anyhow::Result<()> {
@@ -242,7 +249,9 @@ fn kernel() -> anyhow::Result<()> {
     let tracefs = Path::new("/sys/kernel/tracing");
     if !tracefs.join("events").exists() {
         util::run(
-            Command::new("mount").args(["-t", "tracefs", "tracefs"]).arg(tracefs),
+            Command::new("mount")
+                .args(["-t", "tracefs", "tracefs"])
+                .arg(tracefs),
             "mount -t tracefs tracefs /sys/kernel/tracing",
         )?;
     }

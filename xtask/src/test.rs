@@ -23,8 +23,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let quick = args.iter().any(|a| a == "--no-lint");
     setup::run()?;
     if !quick {
-        util::run(util::cargo().args(["fmt", "--all", "--", "--check"]), "cargo fmt --check")
-            .context("run `cargo fmt --all` to fix the formatting")?;
+        util::run(
+            util::cargo().args(["fmt", "--all", "--", "--check"]),
+            "cargo fmt --check",
+        )
+        .context("run `cargo fmt --all` to fix the formatting")?;
         util::run(
             util::cargo().args([
                 "clippy",
@@ -41,7 +44,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
     // The integration tests run the prof-bpf binary and load libprofalloc.so.
     util::run(
-        util::cargo().args(["build", "-p", "profiler", "-p", "allocator", "-p", "profalloc-preload"]),
+        util::cargo().args([
+            "build",
+            "-p",
+            "profiler",
+            "-p",
+            "allocator",
+            "-p",
+            "profalloc-preload",
+        ]),
         "building prof-bpf",
     )?;
     let require_bpf = match util::bpf_unavailable_reason() {
@@ -53,7 +64,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     };
     let mut totals = Totals::default();
     let unit = cargo_test(
-        &["--workspace", "--exclude", "profiler-ebpf", "--exclude", "prof-bpf-tests"],
+        &[
+            "--workspace",
+            "--exclude",
+            "profiler-ebpf",
+            "--exclude",
+            "prof-bpf-tests",
+        ],
         &[],
         require_bpf,
         &mut totals,

@@ -97,7 +97,7 @@ pub extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
 /// `out` is a valid pointer.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
-    if !align.is_power_of_two() || align % core::mem::size_of::<usize>() != 0 {
+    if !align.is_power_of_two() || !align.is_multiple_of(core::mem::size_of::<usize>()) {
         return libc::EINVAL;
     }
     let p = memalign(align, size);
@@ -226,7 +226,11 @@ fn new_failed() {
     }
     let throw = cxx_symbol(c"_ZSt17__throw_bad_allocv");
     if throw.is_null() {
-        engine::os::fatal("operator new", 0, "out of memory and no std::bad_alloc to throw");
+        engine::os::fatal(
+            "operator new",
+            0,
+            "out of memory and no std::bad_alloc to throw",
+        );
     }
     // SAFETY: std::__throw_bad_alloc() throws; the "C-unwind" ABI lets the
     // exception pass through these frames to the caller.

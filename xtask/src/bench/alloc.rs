@@ -57,13 +57,17 @@ select substr(name, 1, 2), count(*) from t group by 1 order by 2 desc limit 3;";
 /// (seconds, peak RSS in KiB) of one run.
 fn run_once(argv: &[String], lib: Option<&Path>, reports_time: bool) -> anyhow::Result<(f64, u64)> {
     let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..]).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    cmd.args(&argv[1..])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
     cmd.env_remove("LD_PRELOAD");
     if let Some(lib) = lib {
         cmd.env("LD_PRELOAD", lib);
     }
     let start = Instant::now();
-    let mut child = cmd.spawn().with_context(|| format!("starting {}", argv[0]))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", argv[0]))?;
     let mut stdout = child.stdout.take().context("stdout")?;
     let mut out = String::new();
     std::io::Read::read_to_string(&mut stdout, &mut out).context("reading benchmark output")?;
@@ -75,7 +79,10 @@ fn run_once(argv: &[String], lib: Option<&Path>, reports_time: bool) -> anyhow::
     let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
     let wall = start.elapsed().as_secs_f64();
     if pid < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        bail!("{} failed (status {status:#x}) with {lib:?}", argv.join(" "));
+        bail!(
+            "{} failed (status {status:#x}) with {lib:?}",
+            argv.join(" ")
+        );
     }
     let seconds = if reports_time {
         out.split_whitespace()
@@ -106,7 +113,9 @@ fn peer_lib(package: &str, prefix: &str) -> anyhow::Result<PathBuf> {
                 .is_some_and(|n| n.starts_with(prefix))
         })
         .min_by_key(|p| p.as_os_str().len())
-        .with_context(|| format!("no {prefix}* in package {package} (cargo xtask setup installs it)"))
+        .with_context(|| {
+            format!("no {prefix}* in package {package} (cargo xtask setup installs it)")
+        })
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -118,24 +127,59 @@ pub fn run() -> anyhow::Result<()> {
     let bench = prof_bpf_tests::build_workload("alloc_bench", &["-O2", "-fno-builtin"]);
     let bench = bench.to_string_lossy().into_owned();
     let mut allocators = vec![
-        Allocator { name: "glibc", lib: None },
-        Allocator { name: "profalloc", lib: Some(ours) },
+        Allocator {
+            name: "glibc",
+            lib: None,
+        },
+        Allocator {
+            name: "profalloc",
+            lib: Some(ours),
+        },
     ];
     for (name, package, prefix) in PEERS {
-        allocators.push(Allocator { name, lib: Some(peer_lib(package, prefix)?) });
+        allocators.push(Allocator {
+            name,
+            lib: Some(peer_lib(package, prefix)?),
+        });
     }
     let c = |args: &[&str]| -> Vec<String> {
-        std::iter::once(bench.clone()).chain(args.iter().map(|s| s.to_string())).collect()
+        std::iter::once(bench.clone())
+            .chain(args.iter().map(|s| s.to_string()))
+            .collect()
     };
-    let workloads = vec![
-        Workload { name: "churn 1 thread", argv: c(&["churn", "1", "4000000"]), reports_time: true },
-        Workload { name: "churn 2 threads", argv: c(&["churn", "2", "4000000"]), reports_time: true },
-        Workload { name: "producer/consumer", argv: c(&["prodcons", "3000000"]), reports_time: true },
-        Workload { name: "larson-like", argv: c(&["larson", "20", "200000"]), reports_time: true },
-        Workload { name: "realloc growth", argv: c(&["realloc", "1"]), reports_time: true },
+    let workloads = [
+        Workload {
+            name: "churn 1 thread",
+            argv: c(&["churn", "1", "4000000"]),
+            reports_time: true,
+        },
+        Workload {
+            name: "churn 2 threads",
+            argv: c(&["churn", "2", "4000000"]),
+            reports_time: true,
+        },
+        Workload {
+            name: "producer/consumer",
+            argv: c(&["prodcons", "3000000"]),
+            reports_time: true,
+        },
+        Workload {
+            name: "larson-like",
+            argv: c(&["larson", "20", "200000"]),
+            reports_time: true,
+        },
+        Workload {
+            name: "realloc growth",
+            argv: c(&["realloc", "1"]),
+            reports_time: true,
+        },
         Workload {
             name: "python3.11",
-            argv: vec!["/usr/bin/python3.11".into(), "-c".into(), PYTHON_WORKLOAD.into()],
+            argv: vec![
+                "/usr/bin/python3.11".into(),
+                "-c".into(),
+                PYTHON_WORKLOAD.into(),
+            ],
             reports_time: false,
         },
         Workload {
