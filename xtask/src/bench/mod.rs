@@ -1,9 +1,10 @@
 //! `cargo xtask bench <name>`: benchmarks that run prof-bpf or profalloc and
 //! the peers (Debian packages) in the same run and print ratios.
 mod alloc;
+mod preload;
 
 /// Benchmark names, in the order `cargo xtask help` lists them.
-pub const NAMES: &[&str] = &["alloc"];
+pub const NAMES: &[&str] = &["alloc", "preload"];
 
 #[allow(clippy::match_single_binding, reason = "each benchmark adds an arm")]
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -13,6 +14,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     crate::setup::run()?;
     match name.as_str() {
         "alloc" => alloc::run(),
+        "preload" => preload::run(),
         other => anyhow::bail!("unknown benchmark `{other}`; one of: {}", NAMES.join(", ")),
     }
 }
