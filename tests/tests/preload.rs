@@ -51,7 +51,13 @@ fn text(b: &[u8]) -> String {
 fn pprof(args: &[&str], file: &Path) -> String {
     let home = scratch("gohome");
     let out = Command::new("go")
-        .args(["tool", "pprof", "-nodefraction=0", "-edgefraction=0", "-nodecount=1000"])
+        .args([
+            "tool",
+            "pprof",
+            "-nodefraction=0",
+            "-edgefraction=0",
+            "-nodecount=1000",
+        ])
         .args(args)
         .arg(file)
         .env("HOME", &home)

@@ -37,7 +37,7 @@ int main(int argc, char **argv) {
     } else {
         for (long i = 0; i < n; i++) {
             unsigned long x = i;
-            for (int j = 0; j < 2200; j++) x = x * 6364136223846793005UL + 1442695040888963407UL;
+            for (int j = 0; j < 8400; j++) x = x * 6364136223846793005UL + 1442695040888963407UL;
             sink += x;
             size_t size = 64 + (next() & 1983);
             unsigned k = next() & 4095;

@@ -87,7 +87,10 @@ fn prefix_dir_writable(prefix: &str) -> bool {
     c[..dir.len()].copy_from_slice(dir.as_bytes());
     // SAFETY: c is NUL-terminated; the descriptor is closed at once.
     unsafe {
-        let fd = libc::open(c.as_ptr().cast(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC);
+        let fd = libc::open(
+            c.as_ptr().cast(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
         if fd < 0 {
             return false;
         }
