@@ -131,8 +131,9 @@ extern "C" fn on_sigprof(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::
     if !ON.load(Ordering::Relaxed) {
         return;
     }
-    // SAFETY: errno is this thread's; the kernel passes a valid ucontext.
+    // SAFETY: errno is this thread's.
     let saved_errno = unsafe { *libc::__errno_location() };
+    // SAFETY: the kernel passes a valid ucontext.
     let regs = unsafe {
         let g = &(*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs;
         Regs {

@@ -245,10 +245,10 @@ impl Marker<'_> {
         if w < 4096 {
             return;
         }
-        if let Some(obj) = self.object_of(w) {
-            if !self.work.push(obj) {
-                self.overflow = true;
-            }
+        if let Some(obj) = self.object_of(w)
+            && !self.work.push(obj)
+        {
+            self.overflow = true;
         }
     }
 

@@ -141,7 +141,7 @@ fn step(obj: &Object, pc: usize, regs: &Regs) -> Step {
 /// process_vm_readv, so a bad rbp cannot fault.
 fn frame_pointer_step(regs: &Regs) -> Step {
     let bp = regs.bp;
-    if bp % 8 != 0 || bp <= regs.sp || bp - regs.sp > 64 << 20 {
+    if !bp.is_multiple_of(8) || bp <= regs.sp || bp - regs.sp > 64 << 20 {
         return Step::Fail;
     }
     let mut words = [0u64; 2];
@@ -214,7 +214,7 @@ fn apply(r: &Rules, regs: &Regs) -> Step {
         },
     };
     // The CFA is the caller's rsp: above ours, on the same stack.
-    if cfa <= regs.sp || cfa - regs.sp > 256 << 20 || cfa % 8 != 0 {
+    if cfa <= regs.sp || cfa - regs.sp > 256 << 20 || !cfa.is_multiple_of(8) {
         return Step::Fail;
     }
     let load = |off: i64| -> usize {
