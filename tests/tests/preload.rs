@@ -187,9 +187,10 @@ fn heap_profile_finds_the_known_sites_and_sizes() {
         .split("-----------+")
         .find(|t| t.contains("alloc_page"))
         .unwrap_or_else(|| panic!("no alloc_page trace in {traces}"));
+    // The frames start at the line with the value (labels come before).
     let frames: Vec<&str> = trace
         .lines()
-        .skip(1)
+        .skip_while(|l| !l.contains("alloc_page"))
         .filter(|l| !l.trim().is_empty())
         .collect();
     assert!(

@@ -235,8 +235,7 @@ pub fn at_exit() {
             c.str("lost samples: ").dec(t.dropped);
             t.enc.comment(path_str(&c));
         }
-        // SAFETY: getpid has no preconditions.
-        let pid = i64::from(unsafe { libc::getpid() });
+        let process = super::pprof::ProcessLabels::read();
         let mut truncated = 0u64;
         for i in 0..t.entries.len() {
             let e = t.entries.as_slice()[i];
@@ -244,7 +243,8 @@ pub fn at_exit() {
             t.enc.sample(
                 &e.frames[..e.depth as usize],
                 &[e.count as i64, e.count as i64 * period],
-                &[("pid", pid), ("tid", i64::from(e.tid))],
+                &[("pid", process.pid), ("tid", i64::from(e.tid))],
+                &[("comm", process.comm())],
             );
         }
         if truncated > 0 {

@@ -432,6 +432,7 @@ impl Heap {
                 .str(" frees not recorded");
             self.enc.comment(path_str(&c));
         }
+        let process = super::pprof::ProcessLabels::read();
         let n = self.buckets.len();
         let mut truncated = 0u64;
         for b in 0..n {
@@ -454,8 +455,12 @@ impl Heap {
                 ]
             };
             truncated += u64::from(bk.truncated);
-            self.enc
-                .sample(&bk.frames[..bk.depth as usize], &values, &[]);
+            self.enc.sample(
+                &bk.frames[..bk.depth as usize],
+                &values,
+                &[("pid", process.pid)],
+                &[("comm", process.comm())],
+            );
         }
         if truncated > 0 {
             let mut c = Message::new();
