@@ -191,6 +191,12 @@ pub unsafe fn realloc(p: *mut u8, size: usize) -> *mut u8 {
         unsafe {
             if (*s).state == span::HUGE {
                 if size > HUGE_THRESHOLD {
+                    if (*s).sampled {
+                        // The object may move: its sample ends here.
+                        sampler::profalloc_sample_free(p.cast());
+                        crate::preload::sampled_free(p, false);
+                        (*s).sampled = false;
+                    }
                     let q = huge::resize(s, size);
                     if q.is_null() {
                         os::set_enomem();

@@ -131,8 +131,9 @@ extern "C" fn on_sigprof(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::
     if !ON.load(Ordering::Relaxed) {
         return;
     }
-    // SAFETY: errno is this thread's; the kernel passes a valid ucontext.
+    // SAFETY: errno is this thread's.
     let saved_errno = unsafe { *libc::__errno_location() };
+    // SAFETY: the kernel passes a valid ucontext.
     let regs = unsafe {
         let g = &(*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs;
         Regs {
@@ -234,8 +235,7 @@ pub fn at_exit() {
             c.str("lost samples: ").dec(t.dropped);
             t.enc.comment(path_str(&c));
         }
-        // SAFETY: getpid has no preconditions.
-        let pid = i64::from(unsafe { libc::getpid() });
+        let process = super::pprof::ProcessLabels::read();
         let mut truncated = 0u64;
         for i in 0..t.entries.len() {
             let e = t.entries.as_slice()[i];
@@ -243,7 +243,8 @@ pub fn at_exit() {
             t.enc.sample(
                 &e.frames[..e.depth as usize],
                 &[e.count as i64, e.count as i64 * period],
-                &[("pid", pid), ("tid", i64::from(e.tid))],
+                &[("pid", process.pid), ("tid", i64::from(e.tid))],
+                &[("comm", process.comm())],
             );
         }
         if truncated > 0 {

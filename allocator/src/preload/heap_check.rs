@@ -245,10 +245,10 @@ impl Marker<'_> {
         if w < 4096 {
             return;
         }
-        if let Some(obj) = self.object_of(w) {
-            if !self.work.push(obj) {
-                self.overflow = true;
-            }
+        if let Some(obj) = self.object_of(w)
+            && !self.work.push(obj)
+        {
+            self.overflow = true;
         }
     }
 
@@ -333,11 +333,18 @@ pub fn at_exit() {
     unsafe { libc::dl_iterate_phdr(Some(visit_segments), (&raw mut roots).cast()) };
     marker.drain();
 
-    // This thread: stack from here up, and its TLS.
+    // This thread: its stack from the frame that called the allocator's
+    // exit handler (the checker's own frames are not roots), and its TLS.
     let here = thread_pointer();
-    let sp: usize;
-    // SAFETY: reads rsp.
-    unsafe { core::arch::asm!("mov {}, rsp", out(reg) sp, options(nomem, nostack)) };
+    let sp = match super::own_code().and_then(|(lo, hi)| super::unwind::sp_outside(lo, hi)) {
+        Some(sp) => sp,
+        None => {
+            let sp: usize;
+            // SAFETY: reads rsp.
+            unsafe { core::arch::asm!("mov {}, rsp", out(reg) sp, options(nomem, nostack)) };
+            sp
+        }
+    };
     let stopped = NEXT_SLOT.load(Ordering::Acquire).min(MAX_THREADS);
     for i in 0..=stopped {
         let (sp, fs) = if i == stopped {
@@ -350,7 +357,8 @@ pub fn at_exit() {
             }
             (slot.sp, slot.fs)
         };
-        // The stack, including the 128-byte red zone below rsp; for
+        // The stack (a stopped thread's with the 128-byte red zone below
+        // its rsp; our own from the caller's frame); for
         // threads other than the main one the mapping also holds the
         // thread's TLS and descriptor.
         if let Some((_, end)) = mapping_of(&maps, sp) {

@@ -61,8 +61,6 @@ pub struct Heap {
     pub in_use: u64,
     /// Objects whose stack did not fit (tables full).
     pub dropped: u64,
-    /// Frees that found the table locked by their own thread.
-    pub lost_frees: u64,
     dumps: u32,
     next_alloc_dump: u64,
     next_inuse_dump: u64,
@@ -83,7 +81,6 @@ static HEAP: Shared = Shared(core::cell::UnsafeCell::new(Heap {
     allocated: 0,
     in_use: 0,
     dropped: 0,
-    lost_frees: 0,
     dumps: 0,
     next_alloc_dump: 0,
     next_inuse_dump: 0,
@@ -96,6 +93,9 @@ static HEAP: Shared = Shared(core::cell::UnsafeCell::new(Heap {
 pub static ON: AtomicBool = AtomicBool::new(false);
 /// Sampled allocations seen, for the benchmark and reports.
 pub static EVENTS: AtomicU64 = AtomicU64::new(0);
+/// Frees of sampled objects on a re-entrant path that found the table
+/// locked (their objects stay in use in the profile).
+static LOST_FREES: AtomicU64 = AtomicU64::new(0);
 
 /// The tables; the caller holds LOCK.
 ///
@@ -174,9 +174,7 @@ pub fn record_free(ptr: *mut u8, may_wait: bool) {
     if may_wait {
         LOCK.lock();
     } else if !try_lock() {
-        // SAFETY: a racy increment of a diagnostic counter is acceptable;
-        // it is only reported.
-        unsafe { heap().lost_frees += 1 };
+        LOST_FREES.fetch_add(1, Ordering::Relaxed);
         return;
     }
     // SAFETY: under LOCK.
@@ -341,7 +339,10 @@ impl Heap {
         } else if s.inuse_interval > 0 && self.in_use >= self.next_inuse_dump {
             self.dump(self.in_use >> 20, "MB in use");
         } else if s.time_interval > 0 && env::now_secs() >= self.last_dump_secs + s.time_interval {
-            self.dump(env::now_secs() - self.last_dump_secs, "s since the last dump");
+            self.dump(
+                env::now_secs() - self.last_dump_secs,
+                "s since the last dump",
+            );
         }
     }
 
@@ -422,15 +423,16 @@ impl Heap {
         let mut c = Message::new();
         c.str("dumped: ").str(why);
         self.enc.comment(path_str(&c));
-        if self.dropped > 0 || self.lost_frees > 0 {
+        if self.dropped > 0 || LOST_FREES.load(Ordering::Relaxed) > 0 {
             let mut c = Message::new();
             c.str("lost events: ")
                 .dec(self.dropped)
                 .str(" allocations not recorded (tables full), ")
-                .dec(self.lost_frees)
+                .dec(LOST_FREES.load(Ordering::Relaxed))
                 .str(" frees not recorded");
             self.enc.comment(path_str(&c));
         }
+        let process = super::pprof::ProcessLabels::read();
         let n = self.buckets.len();
         let mut truncated = 0u64;
         for b in 0..n {
@@ -453,8 +455,12 @@ impl Heap {
                 ]
             };
             truncated += u64::from(bk.truncated);
-            self.enc
-                .sample(&bk.frames[..bk.depth as usize], &values, &[]);
+            self.enc.sample(
+                &bk.frames[..bk.depth as usize],
+                &values,
+                &[("pid", process.pid)],
+                &[("comm", process.comm())],
+            );
         }
         if truncated > 0 {
             let mut c = Message::new();

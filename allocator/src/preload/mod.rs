@@ -10,6 +10,22 @@
 //! - `CPUPROFILE=file`: per-thread CPU-time timers and a SIGPROF handler
 //!   ([`cpu_profile`]).
 //!
+//! Environment (read once, at the first allocation):
+//! `HEAPPROFILE=prefix`; `HEAP_PROFILE_ALLOCATION_INTERVAL` (bytes,
+//! default 1 GiB), `HEAP_PROFILE_INUSE_INTERVAL` (bytes, default 100 MiB),
+//! `HEAP_PROFILE_TIME_INTERVAL` (seconds, default off), 0 turns a trigger
+//! off; `PROFALLOC_SAMPLE_BYTES` (mean sampling distance, default 512 KiB);
+//! `HEAPCHECK=normal` or `PROFALLOC_HEAPCHECK=1` (leak profile in
+//! `$TMPDIR/profalloc.PID.leaks.heap`, rendered by `$PROFBPF_PATH` or
+//! `prof-bpf` on PATH); `CPUPROFILE=file`, `CPUPROFILE_FREQUENCY` (Hz per
+//! thread, default 100).
+//!
+//! Known limits: a program exec'd with the same environment writes the
+//! same file names; the heap checker gives every object its own page
+//! span (about 8 KiB of address space and one touched page each); as any
+//! conservative scan, a word of the roots that happens to equal an
+//! object's address keeps that object alive.
+//!
 //! Everything here runs inside the allocator (slow paths, exit) or in a
 //! signal handler: no allocation on the profiled heap (memory comes from
 //! [`arena`]), no libc call that may allocate, no lock the interrupted
@@ -85,8 +101,18 @@ fn prefix_dir_writable(prefix: &str) -> bool {
     };
     let mut c = [0u8; env::PATH_MAX + 1];
     c[..dir.len()].copy_from_slice(dir.as_bytes());
-    // SAFETY: c is NUL-terminated.
-    unsafe { libc::access(c.as_ptr().cast(), libc::W_OK | libc::X_OK) == 0 }
+    // SAFETY: c is NUL-terminated; the descriptor is closed at once.
+    unsafe {
+        let fd = libc::open(
+            c.as_ptr().cast(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return false;
+        }
+        libc::close(fd);
+        libc::access(c.as_ptr().cast(), libc::W_OK | libc::X_OK) == 0
+    }
 }
 
 static OWN_START: AtomicUsize = AtomicUsize::new(0);

@@ -189,8 +189,14 @@ impl Encoder {
     }
 
     /// Adds a sample: `stack` leaf first, one value per sample type,
-    /// numeric labels as (key, value).
-    pub fn sample(&mut self, stack: &[u64], values: &[i64], labels: &[(&str, i64)]) {
+    /// numeric labels as (key, value), string labels as (key, value).
+    pub fn sample(
+        &mut self,
+        stack: &[u64],
+        values: &[i64],
+        labels: &[(&str, i64)],
+        str_labels: &[(&str, &str)],
+    ) {
         self.packed.clear();
         for &addr in stack {
             let id = self.location(addr);
@@ -210,6 +216,13 @@ impl Encoder {
             int_field(&mut self.packed, 1, k);
             key(&mut self.packed, 3, VARINT);
             varint(&mut self.packed, v as u64);
+            bytes_field(&mut sample, 3, self.packed.as_slice());
+        }
+        for &(k, v) in str_labels {
+            let (k, v) = (self.string(k), self.string(v));
+            self.packed.clear();
+            int_field(&mut self.packed, 1, k);
+            int_field(&mut self.packed, 2, v);
             bytes_field(&mut sample, 3, self.packed.as_slice());
         }
         bytes_field(&mut self.body, 2, sample.as_slice());
@@ -258,6 +271,45 @@ impl Encoder {
         } else {
             Some(self.out.as_slice())
         }
+    }
+}
+
+/// This process's id and name (/proc/self/comm), for the pid and comm
+/// labels of every sample.
+pub struct ProcessLabels {
+    pub pid: i64,
+    comm: [u8; 32],
+    len: usize,
+}
+
+impl ProcessLabels {
+    pub fn read() -> Self {
+        let mut l = Self {
+            // SAFETY: getpid has no preconditions.
+            pid: i64::from(unsafe { libc::getpid() }),
+            comm: [0; 32],
+            len: 0,
+        };
+        // SAFETY: open/read/close into our buffer.
+        unsafe {
+            let fd = libc::open(
+                c"/proc/self/comm".as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            );
+            if fd >= 0 {
+                let n = libc::read(fd, l.comm.as_mut_ptr().cast(), l.comm.len());
+                libc::close(fd);
+                l.len = n.max(0) as usize;
+            }
+        }
+        while l.len > 0 && l.comm[l.len - 1] == b'\n' {
+            l.len -= 1;
+        }
+        l
+    }
+
+    pub fn comm(&self) -> &str {
+        core::str::from_utf8(&self.comm[..self.len]).unwrap_or("?")
     }
 }
 

@@ -86,6 +86,39 @@ pub fn walk_here(out: &mut [u64]) -> (usize, Status) {
     walk(Regs { pc, sp, bp }, out, true)
 }
 
+/// The stack pointer of the first frame, counting from the caller's,
+/// whose pc lies outside `lo..hi`: where the code that called into that
+/// range has its frame. None when the walk fails first.
+#[inline(never)]
+pub fn sp_outside(lo: usize, hi: usize) -> Option<usize> {
+    let (pc, sp, bp): (usize, usize, usize);
+    // SAFETY: reads rip, rsp and rbp; writes nothing.
+    unsafe {
+        core::arch::asm!(
+            "lea {pc}, [rip]",
+            "mov {sp}, rsp",
+            "mov {bp}, rbp",
+            pc = out(reg) pc, sp = out(reg) sp, bp = out(reg) bp,
+            options(nomem, nostack, preserves_flags),
+        );
+    }
+    let mut regs = Regs { pc, sp, bp };
+    let mut leaf = true;
+    for _ in 0..256 {
+        if !(lo..hi).contains(&regs.pc) {
+            return Some(regs.sp);
+        }
+        let lookup = if leaf { regs.pc } else { regs.pc - 1 };
+        leaf = false;
+        let obj = objects::find_or_refresh(lookup)?;
+        match step(obj, lookup, &regs) {
+            Step::Next(next) => regs = next,
+            _ => return None,
+        }
+    }
+    None
+}
+
 enum Step {
     Next(Regs),
     Outermost,
@@ -108,7 +141,7 @@ fn step(obj: &Object, pc: usize, regs: &Regs) -> Step {
 /// process_vm_readv, so a bad rbp cannot fault.
 fn frame_pointer_step(regs: &Regs) -> Step {
     let bp = regs.bp;
-    if bp % 8 != 0 || bp <= regs.sp || bp - regs.sp > 64 << 20 {
+    if !bp.is_multiple_of(8) || bp <= regs.sp || bp - regs.sp > 64 << 20 {
         return Step::Fail;
     }
     let mut words = [0u64; 2];
@@ -181,7 +214,7 @@ fn apply(r: &Rules, regs: &Regs) -> Step {
         },
     };
     // The CFA is the caller's rsp: above ours, on the same stack.
-    if cfa <= regs.sp || cfa - regs.sp > 256 << 20 || cfa % 8 != 0 {
+    if cfa <= regs.sp || cfa - regs.sp > 256 << 20 || !cfa.is_multiple_of(8) {
         return Step::Fail;
     }
     let load = |off: i64| -> usize {

@@ -3,11 +3,12 @@
 mod alloc;
 mod cpu;
 mod heap;
+mod preload;
 mod symbolize;
 mod unwind;
 
 /// Benchmark names, in the order `cargo xtask help` lists them.
-pub const NAMES: &[&str] = &["alloc", "cpu", "heap", "symbolize", "unwind"];
+pub const NAMES: &[&str] = &["alloc", "cpu", "heap", "preload", "symbolize", "unwind"];
 
 #[allow(clippy::match_single_binding, reason = "each benchmark adds an arm")]
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -19,6 +20,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         "alloc" => alloc::run(),
         "cpu" => cpu::run(),
         "heap" => heap::run(),
+        "preload" => preload::run(),
         "symbolize" => symbolize::run(),
         "unwind" => unwind::run(),
         other => anyhow::bail!("unknown benchmark `{other}`; one of: {}", NAMES.join(", ")),
