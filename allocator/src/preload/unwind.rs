@@ -7,11 +7,17 @@
 //! reads only memory the CFI says holds saved registers, so it may run
 //! inside malloc and inside a SIGPROF handler.
 //!
+//! The CFI in force at a pc is turned into the project's compact unwind row
+//! (`profiler_common::unwind`) and applied by the same step function the
+//! kernel walker follows, so there is one description of how to unwind.
+//!
 //! Rules understood (all that gcc, clang and rustc emit for x86-64 code):
 //! CFA = rsp/rbp + offset, or the PLT's expression (breg/lit/and/ge/shl/
 //! plus); rbp and the return address saved at CFA + n, unchanged, or
 //! undefined (the outermost frame: `_start`, `clone3`). A frame any other
 //! rule describes ends the stack as truncated.
+use profiler_common::unwind::{self, Frame, UnwindRow};
+
 use super::objects::{self, Object};
 
 const RSP: u64 = 7;
@@ -130,10 +136,61 @@ fn step(obj: &Object, pc: usize, regs: &Regs) -> Step {
         // SAFETY: the eh_frame_hdr and eh_frame of a loaded object are
         // mapped read-only for its lifetime.
         if let Some(rules) = unsafe { find_rules(obj.eh_frame_hdr, pc) } {
-            return apply(&rules, regs);
+            return match row_at(&rules, regs) {
+                Some(row) => apply_row(&row, regs),
+                None => Step::Fail,
+            };
         }
     }
     frame_pointer_step(regs)
+}
+
+/// The compact unwind row (the project's one description of how to unwind
+/// a frame, `profiler_common::unwind`) for the rules in force at this pc, so
+/// that this unwinder and the kernel walker apply the same rules the same way.
+fn row_at(r: &Rules, regs: &Regs) -> Option<UnwindRow> {
+    if r.ra == Rule::Undefined {
+        return UnwindRow::new(0, unwind::CFA_END, 0, unwind::RBP_SAME, 0);
+    }
+    // x86-64 code always saves the return address just below the CFA.
+    if r.ra != Rule::At(-8) {
+        return None;
+    }
+    let (cfa_kind, cfa_offset) = match r.cfa {
+        Cfa::Reg(RSP, off) => (unwind::CFA_RSP, off),
+        Cfa::Reg(RBP, off) => (unwind::CFA_RBP, off),
+        Cfa::Reg(..) => return None,
+        // A DWARF expression (the PLT's): evaluated at this very pc it is
+        // rsp plus a constant, which is what the row records.
+        // SAFETY: the expression lies in mapped CFI.
+        Cfa::Expr(p, len) => (
+            unwind::CFA_RSP,
+            (unsafe { eval(p, len, regs) }? as i64).wrapping_sub(regs.sp as i64),
+        ),
+    };
+    let (rbp_kind, rbp_offset) = match r.rbp {
+        Rule::At(off) => (unwind::RBP_OFFSET, off),
+        Rule::Undefined => (unwind::RBP_UNDEFINED, 0),
+        // rbp is callee-saved: a rule this unwinder does not follow leaves
+        // the caller's value where it was.
+        Rule::Same | Rule::Other => (unwind::RBP_SAME, 0),
+    };
+    UnwindRow::new(0, cfa_kind, cfa_offset, rbp_kind, rbp_offset)
+}
+
+/// Applies `row` with the shared step, reading only slots of this frame:
+/// between rsp and 256 MiB above it, 8-byte aligned.
+fn apply_row(row: &UnwindRow, regs: &Regs) -> Step {
+    let sp = regs.sp as u64;
+    let read = |addr: u64| -> Option<u64> {
+        if addr < sp || addr - sp > 256 << 20 || !addr.is_multiple_of(8) {
+            return None;
+        }
+        // SAFETY: the CFI says a register is saved there, in this thread's
+        // stack between rsp and the caller's frame (checked above).
+        Some(unsafe { *(addr as *const u64) })
+    };
+    next(unwind::step(row, &frame_of(regs), read), regs)
 }
 
 /// A frame-pointer step, for code without CFI: rbp points to the saved
@@ -144,19 +201,38 @@ fn frame_pointer_step(regs: &Regs) -> Step {
     if !bp.is_multiple_of(8) || bp <= regs.sp || bp - regs.sp > 64 << 20 {
         return Step::Fail;
     }
-    let mut words = [0u64; 2];
-    if !safe_read(bp, &mut words) {
-        return Step::Fail;
+    let read = |addr: u64| -> Option<u64> {
+        let mut word = [0u64; 1];
+        safe_read(addr as usize, &mut word).then_some(word[0])
+    };
+    next(unwind::step_frame_pointer(&frame_of(regs), read), regs)
+}
+
+fn frame_of(regs: &Regs) -> Frame {
+    Frame {
+        pc: regs.pc as u64,
+        sp: regs.sp as u64,
+        bp: regs.bp as u64,
     }
-    let [next_bp, ra] = words;
-    if ra == 0 {
-        return Step::Outermost;
+}
+
+/// This walker's view of a shared step: the caller's frame must lie above
+/// ours on the same stack.
+fn next(step: unwind::Step, regs: &Regs) -> Step {
+    match step {
+        unwind::Step::Caller { frame, .. } if frame.pc == 0 => Step::Outermost,
+        unwind::Step::Caller { frame, .. }
+            if frame.sp > regs.sp as u64 && frame.sp.is_multiple_of(8) =>
+        {
+            Step::Next(Regs {
+                pc: frame.pc as usize,
+                sp: frame.sp as usize,
+                bp: frame.bp as usize,
+            })
+        }
+        unwind::Step::End => Step::Outermost,
+        _ => Step::Fail,
     }
-    Step::Next(Regs {
-        pc: ra as usize,
-        sp: bp + 16,
-        bp: next_bp as usize,
-    })
 }
 
 fn safe_read(addr: usize, out: &mut [u64]) -> bool {
@@ -197,45 +273,6 @@ struct Rules {
     cfa: Cfa,
     rbp: Rule,
     ra: Rule,
-}
-
-fn apply(r: &Rules, regs: &Regs) -> Step {
-    if r.ra == Rule::Undefined {
-        return Step::Outermost;
-    }
-    let cfa = match r.cfa {
-        Cfa::Reg(RSP, off) => regs.sp.wrapping_add(off as usize),
-        Cfa::Reg(RBP, off) => regs.bp.wrapping_add(off as usize),
-        Cfa::Reg(..) => return Step::Fail,
-        // SAFETY: the expression lies in mapped CFI.
-        Cfa::Expr(p, len) => match unsafe { eval(p, len, regs) } {
-            Some(v) => v,
-            None => return Step::Fail,
-        },
-    };
-    // The CFA is the caller's rsp: above ours, on the same stack.
-    if cfa <= regs.sp || cfa - regs.sp > 256 << 20 || !cfa.is_multiple_of(8) {
-        return Step::Fail;
-    }
-    let load = |off: i64| -> usize {
-        // SAFETY: the CFI says a register is saved there: a slot of this
-        // frame, between our rsp and the CFA (or just above it).
-        unsafe { *(cfa.wrapping_add(off as usize) as *const usize) }
-    };
-    let ra = match r.ra {
-        Rule::At(off) => load(off),
-        _ => return Step::Fail,
-    };
-    let bp = match r.rbp {
-        Rule::Same => regs.bp,
-        Rule::At(off) => load(off),
-        _ => regs.bp,
-    };
-    Step::Next(Regs {
-        pc: ra,
-        sp: cfa,
-        bp,
-    })
 }
 
 /// A cursor over CFI bytes.
