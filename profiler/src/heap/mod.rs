@@ -26,9 +26,10 @@ SAMPLING:
 
 LEAKS:
   --leaks snapshots the outstanding bytes of every allocation stack (from
-  allocations made while attached) every --interval seconds (default 2);
-  LEAK_RULE. The report lists the leaking stacks with their outstanding
-  objects and bytes and their growth rate (numeric label `growth`, bytes/s).
+  allocations made while attached) every --interval seconds (default 2).
+LEAK_RULE
+  The report lists the leaking stacks with their outstanding objects and
+  bytes and their growth rate (numeric label `growth`, bytes/s).
   --min-age SECS also lists every stack holding allocations outstanding for at
   least SECS (label `age`: the oldest, in seconds). In launch mode everything
   the program never freed is reported when it exits.
@@ -40,9 +41,24 @@ EXAMPLES:
   sudo prof-bpf heap --all --lib /usr/lib/x86_64-linux-gnu/libjemalloc.so.2
   sudo prof-bpf heap --leaks -- ./server --port 8080";
 
+/// The help epilogue, with the leak rule wrapped to the text's width.
+fn after_help() -> String {
+    let mut lines = Vec::new();
+    let mut line = String::from(" ");
+    for word in leaks::RULE.split_whitespace() {
+        if line.len() + word.len() + 1 > 76 {
+            lines.push(std::mem::replace(&mut line, String::from(" ")));
+        }
+        line.push(' ');
+        line.push_str(word);
+    }
+    lines.push(line);
+    AFTER_HELP.replace("LEAK_RULE", &lines.join("\n"))
+}
+
 /// Options of `prof-bpf heap`.
 #[derive(Debug, clap::Args)]
-#[command(after_help = AFTER_HELP.replace("LEAK_RULE", leaks::RULE))]
+#[command(after_help = after_help())]
 pub struct HeapArgs {
     /// Process to profile (repeat for several).
     #[arg(long, short, value_name = "PID", conflicts_with = "all")]
