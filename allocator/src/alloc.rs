@@ -191,6 +191,12 @@ pub unsafe fn realloc(p: *mut u8, size: usize) -> *mut u8 {
         unsafe {
             if (*s).state == span::HUGE {
                 if size > HUGE_THRESHOLD {
+                    if (*s).sampled {
+                        // The object may move: its sample ends here.
+                        sampler::profalloc_sample_free(p.cast());
+                        crate::preload::sampled_free(p, false);
+                        (*s).sampled = false;
+                    }
                     let q = huge::resize(s, size);
                     if q.is_null() {
                         os::set_enomem();
@@ -383,7 +389,9 @@ fn alloc_sampled(size: usize, align: usize, rate: u64) -> *mut u8 {
     let p = alloc_large(size, align, true);
     if !p.is_null() {
         stats::SAMPLED.add(1);
-        sampler::profalloc_sample_alloc(p.cast(), size, sampler::weight(size, rate));
+        let weight = sampler::weight(size, rate);
+        sampler::profalloc_sample_alloc(p.cast(), size, weight);
+        crate::preload::sampled_alloc(p, size, weight);
     }
     p
 }
@@ -479,6 +487,7 @@ unsafe fn free_large(p: *mut u8) {
     unsafe {
         if (*s).sampled {
             sampler::profalloc_sample_free(p.cast());
+            crate::preload::sampled_free(p, false);
         }
         if (*s).state == span::HUGE {
             huge::free(s);
@@ -501,6 +510,7 @@ unsafe fn reentrant_free(p: *mut u8) {
             if (*s).state == span::HUGE {
                 if (*s).sampled {
                     sampler::profalloc_sample_free(p.cast());
+                    crate::preload::sampled_free(p, true);
                 }
                 return huge::free(s);
             }
@@ -554,6 +564,7 @@ unsafe fn init_thread(tc: *mut ThreadCache) {
         (*tc).rng = (tc as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ now_nanos();
         (*tc).countdown = sampler::next_distance(&mut (*tc).rng, sampler::rate());
         thread_cache::register(tc);
+        crate::preload::thread_started();
         if INIT.load(Ordering::Acquire) == INIT_DONE {
             // May call calloc (keys past the first 32): a re-entrant call.
             libc::pthread_setspecific(*KEY.0.get(), tc.cast());
@@ -640,27 +651,38 @@ fn read_env() {
     if env_u64(c"PROFALLOC_STATS").is_some_and(|v| v != 0) {
         STATS_AT_EXIT.store(1, Ordering::Relaxed);
     }
+    crate::preload::init();
 }
 
+// Between these handlers this thread holds every lock; `busy` sends any
+// allocation in between (glibc's own fork code) down the lock-free
+// re-entrant path instead of deadlocking on them.
 extern "C" fn before_fork() {
     thread_cache::lock_registry();
     central::lock_all();
     page_heap::LOCK.lock();
+    // SAFETY: this thread's cache; only its owner writes `busy`.
+    unsafe { (*tls()).busy += 1 };
 }
 
 extern "C" fn after_fork_parent() {
+    // SAFETY: as above.
+    unsafe { (*tls()).busy -= 1 };
     page_heap::LOCK.unlock();
     central::unlock_all();
     thread_cache::unlock_registry();
 }
 
 extern "C" fn after_fork_child() {
+    // SAFETY: as above.
+    unsafe { (*tls()).busy -= 1 };
     page_heap::LOCK.reset();
     central::reset_all();
     thread_cache::reset_registry_in_child();
 }
 
 extern "C" fn report_at_exit() {
+    crate::preload::at_exit();
     if STATS_AT_EXIT.load(Ordering::Relaxed) != 0 {
         stats::write_report();
     }

@@ -34,6 +34,7 @@ pub mod lock;
 pub mod os;
 pub mod page_heap;
 pub mod pagemap;
+pub mod preload;
 pub mod sampler;
 pub mod size_class;
 pub mod span;

@@ -345,7 +345,7 @@ unsafe fn grow(n: usize) -> bool {
             unsafe { add_fresh(h.reserve_next, left) };
             h.reserve_next = h.reserve_end;
         }
-        let bytes = (want << PAGE_SHIFT).max(RESERVE_BYTES);
+        let bytes = ((want + 2) << PAGE_SHIFT).max(RESERVE_BYTES);
         let p = os::map_aligned(bytes, PAGE_SIZE);
         if p.is_null() {
             return false;
@@ -356,8 +356,12 @@ unsafe fn grow(n: usize) -> bool {
             unsafe { os::unmap(p, bytes) };
             return false;
         }
-        h.reserve_next = first;
-        h.reserve_end = first + (bytes >> PAGE_SHIFT);
+        // The first and last page of a reservation are never used: so the
+        // neighbour lookups of coalescing never leave the reservation, and
+        // never read the header of a huge object (which its owner may be
+        // unmapping without a lock) that the kernel placed next to it.
+        h.reserve_next = first + 1;
+        h.reserve_end = first + (bytes >> PAGE_SHIFT) - 1;
     }
     let take = want.min(h.reserve_end - h.reserve_next);
     let start = h.reserve_next;

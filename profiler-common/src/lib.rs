@@ -9,6 +9,7 @@
 pub mod count;
 pub mod heap;
 pub mod hooks;
+pub mod cpu;
 pub mod stack;
 pub mod unwind;
 pub mod unwind_test;

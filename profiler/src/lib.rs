@@ -11,6 +11,7 @@
 //! - [`unwind`]: CFI tables for the kernel-side user stack walker.
 
 pub mod count;
+pub mod cpu;
 pub mod ebpf;
 pub mod heap;
 pub mod output;

@@ -23,6 +23,8 @@ enum Command {
     Heap(Box<profiler::heap::HeapArgs>),
     /// Show a saved profile (pprof, gperftools heap or CPU profile) in any format.
     Report(profiler::report::ReportArgs),
+    /// Sample where CPUs spend their time: whole host or some processes, user and kernel stacks.
+    Cpu(profiler::cpu::CpuArgs),
     /// Walk one process's user stacks and print them (unwinder diagnostics).
     #[command(hide = true)]
     DebugUnwind(profiler::unwind::debug::DebugArgs),
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
         Command::Count(args) => profiler::count::run(args),
         Command::Heap(args) => profiler::heap::run(*args),
         Command::Report(args) => profiler::report::run(args),
+        Command::Cpu(args) => profiler::cpu::run(args),
         Command::DebugUnwind(args) => profiler::unwind::debug::run(args),
     };
     match result {

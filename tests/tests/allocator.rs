@@ -336,3 +336,39 @@ fn git_runs_identically() {
         "git grep",
     );
 }
+
+#[test]
+fn python_regression_tests_pass() {
+    // A slice of CPython's own tests (Debian's libpython3.11-testsuite)
+    // that allocate heavily: containers, strings, regexes, gc, weakrefs.
+    let tests = [
+        "test_list",
+        "test_dict",
+        "test_set",
+        "test_bytes",
+        "test_re",
+        "test_json",
+        "test_collections",
+        "test_gc",
+        "test_weakref",
+        "test_deque",
+    ];
+    assert!(
+        std::path::Path::new("/usr/lib/python3.11/test/test_dict.py").exists(),
+        "CPython's tests are missing (cargo xtask setup installs libpython3.11-testsuite)"
+    );
+    // No PROFALLOC_STATS here: some tests require their subprocesses'
+    // stderr to be empty.
+    let out = preloaded(
+        Command::new("/usr/bin/python3.11")
+            .args(["-m", "test", "-q"])
+            .args(tests),
+        &[],
+    );
+    assert_ok(&out, "python3.11 -m test");
+    assert!(
+        stdout(&out).contains("Tests result: SUCCESS"),
+        "{}",
+        stdout(&out)
+    );
+}

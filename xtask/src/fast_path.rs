@@ -71,7 +71,10 @@ fn fast_path(insns: &[Insn]) -> anyhow::Result<Vec<&Insn>> {
                     .and_then(|t| u64::from_str_radix(t, 16).ok());
                 match target.and_then(|t| insns.iter().position(|x| x.addr == t)) {
                     Some(j) => i = j,
-                    None => bail!("the fast path ends in a jump out of the function: {}", insn.operands),
+                    None => bail!(
+                        "the fast path ends in a jump out of the function: {}",
+                        insn.operands
+                    ),
                 }
             }
             _ => i += 1,
@@ -102,7 +105,10 @@ fn classify(path: &[&Insn]) -> BTreeMap<&'static str, usize> {
         if m == "lea" || m.starts_with("nop") {
             continue;
         }
-        let (dst, src) = insn.operands.split_once(',').unwrap_or((&insn.operands, ""));
+        let (dst, src) = insn
+            .operands
+            .split_once(',')
+            .unwrap_or((&insn.operands, ""));
         let read_modify_write = matches!(m, "add" | "sub" | "inc" | "dec" | "and" | "or" | "xor");
         if dst.contains("PTR") {
             if m != "cmp" && m != "test" {

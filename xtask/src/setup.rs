@@ -30,6 +30,7 @@ const PACKAGES: &[&str] = &[
     "graphviz",
     "golang-go",
     "python3.11",
+    "libpython3.11-testsuite",
     "sqlite3",
     "git",
     "google-perftools",
