@@ -72,6 +72,11 @@ pub fn heap_alloc_return(ctx: RetProbeContext) -> u32 {
 
 #[uprobe]
 pub fn heap_free_entry(ctx: ProbeContext) -> u32 {
+    free(&ctx)
+}
+
+#[inline(always)]
+fn free(ctx: &ProbeContext) -> u32 {
     let pid = current_pid();
     if pid == config().agent_pid {
         return 0;
@@ -82,6 +87,48 @@ pub fn heap_free_entry(ctx: ProbeContext) -> u32 {
         untrack(pid, addr);
     }
     0
+}
+
+/// libprofalloc.so's `profalloc_sample_alloc(ptr, size, weight)`: called
+/// only for the allocations its own sampler picked, with their weight.
+#[uprobe]
+pub fn heap_hook_alloc(ctx: ProbeContext) -> u32 {
+    let pid = current_pid();
+    if pid == config().agent_pid {
+        return 0;
+    }
+    let arg = |n: usize| -> u64 { ctx.arg(n).unwrap_or(0) };
+    let (addr, size, weight_bytes) = (arg(0), arg(1), arg(2));
+    count(|c| c.allocs += 1);
+    if addr == 0 {
+        return 0;
+    }
+    let stack_id = match user_stack_id(ctx.regs, true) {
+        Ok(id) => id,
+        Err(_) => {
+            count(|c| c.stack_errors += 1);
+            STACK_ID_MISSING
+        }
+    };
+    track(
+        pid,
+        addr,
+        LiveAlloc {
+            size,
+            weight_bytes,
+            weight_objects: weight_bytes * WEIGHT_ONE / size.max(1),
+            // SAFETY: bpf_ktime_get_ns has no preconditions.
+            timestamp_ns: unsafe { bpf_ktime_get_ns() },
+            stack_id,
+        },
+    );
+    0
+}
+
+/// libprofalloc.so's `profalloc_sample_free(ptr)`: a sampled block is freed.
+#[uprobe]
+pub fn heap_hook_free(ctx: ProbeContext) -> u32 {
+    free(&ctx)
 }
 
 #[inline(always)]

@@ -541,3 +541,57 @@ fn preloaded_jemalloc_and_tcmalloc_are_probed() {
         assert_eq!(leaf_total(&stacks, "churn"), 0, "{lib}: {out}");
     }
 }
+
+#[test]
+fn libprofalloc_processes_are_profiled_through_the_sampling_hooks() {
+    require_bpf!();
+    let lib = std::env::var_os("PROFALLOC_LIB").map_or_else(
+        || prof_bpf_tests::workspace_root().join("target/debug/libprofalloc.so"),
+        std::path::PathBuf::from,
+    );
+    assert!(
+        lib.exists(),
+        "{} missing: build it with `cargo build -p profalloc-preload`",
+        lib.display()
+    );
+    let mut w = Proc::spawn(
+        Command::new(build_workload("heap_leaks", FLAGS))
+            .env("LD_PRELOAD", &lib)
+            .env("PROFALLOC_SAMPLE_BYTES", "1024"),
+    );
+    w.expect_line("ready");
+    let pid = w.pid().to_string();
+    let (prof, stderr) = start_prof_bpf(
+        &[
+            "heap",
+            "--pid",
+            &pid,
+            "--format",
+            "folded",
+            "--group-by",
+            "none",
+            "--sample-type",
+            "inuse_space",
+        ],
+        ATTACHED,
+    );
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.contains("sampling hooks (one sample per 1024 bytes)")),
+        "{stderr:?}"
+    );
+    let rounds = 20;
+    w.send_line(&format!("go {rounds}"));
+    w.expect_line("done");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(prof.id() as i32, libc::SIGINT) };
+    let out = prof.wait_with_output().expect("wait for prof-bpf");
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let total: i64 = parse_folded(&stdout).iter().map(|s| s.value).sum();
+    // Everything the rounds keep (the background churn holds at most 48 bytes).
+    let want = rounds * (SMALL + CALLOC + BIG_CALLOC + REALLOC_NULL) + CACHE_ROUNDS * CACHE_BLOCK;
+    let error = (total - want).abs() as f64 / want as f64;
+    assert!(error < 0.10, "estimated {total}, true {want}: {stdout}");
+}

@@ -99,6 +99,19 @@ pub struct Allocator {
     pub inode: u64,
     /// Entry points, one per distinct offset, frees first.
     pub points: Vec<AttachPoint>,
+    /// libprofalloc.so's sampling hooks, when the object has them.
+    pub hooks: Option<Hooks>,
+}
+
+/// The sampling hooks of libprofalloc.so (`profiler_common::hooks`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hooks {
+    /// File offset of `profalloc_sample_alloc`.
+    pub alloc_offset: u64,
+    /// File offset of `profalloc_sample_free`.
+    pub free_offset: u64,
+    /// Virtual address (in the object) of `profalloc_sample_bytes`.
+    pub rate_address: u64,
 }
 
 impl Allocator {
@@ -111,6 +124,7 @@ impl Allocator {
             .ino();
         let points =
             entry_points(&data).with_context(|| format!("reading the ELF symbols of {path}"))?;
+        let hooks = hooks(&data);
         for needed in ["malloc", "free"] {
             if !points.iter().any(|p| p.symbol == needed) {
                 bail!(
@@ -123,6 +137,7 @@ impl Allocator {
             open_path,
             inode,
             points,
+            hooks,
         })
     }
 }
@@ -165,6 +180,40 @@ pub fn entry_points(data: &[u8]) -> anyhow::Result<Vec<AttachPoint>> {
     }
     points.sort_by_key(|p| !matches!(p.role, Role::Free));
     Ok(points)
+}
+
+/// The sampling hooks defined in the ELF image `data`, if all are there.
+fn hooks(data: &[u8]) -> Option<Hooks> {
+    use profiler_common::hooks::{SAMPLE_ALLOC_SYMBOL, SAMPLE_BYTES_SYMBOL, SAMPLE_FREE_SYMBOL};
+    let file = object::File::parse(data).ok()?;
+    let address = |name: &str| {
+        file.dynamic_symbols()
+            .find(|s| s.is_definition() && s.name() == Ok(name))
+            .map(|s| s.address())
+    };
+    Some(Hooks {
+        alloc_offset: file_offset(&file, address(SAMPLE_ALLOC_SYMBOL)?)?,
+        free_offset: file_offset(&file, address(SAMPLE_FREE_SYMBOL)?)?,
+        rate_address: address(SAMPLE_BYTES_SYMBOL)?,
+    })
+}
+
+/// The sampling rate libprofalloc.so runs with in `pid` (0: sampler off),
+/// read from its exported variable through `/proc/PID/mem`.
+pub fn hook_rate(pid: u32, allocator: &Allocator, hooks: &Hooks) -> anyhow::Result<u64> {
+    use std::os::unix::fs::FileExt as _;
+    let maps = process::maps(pid)?;
+    let base = maps
+        .iter()
+        .find(|m| m.inode == allocator.inode && m.offset == 0)
+        .with_context(|| format!("pid {pid} does not map {}", allocator.path))?
+        .start;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
+        .with_context(|| format!("opening /proc/{pid}/mem"))?;
+    let mut value = [0u8; 8];
+    mem.read_exact_at(&mut value, base + hooks.rate_address)
+        .with_context(|| format!("reading the sampling rate of pid {pid}"))?;
+    Ok(u64::from_ne_bytes(value))
 }
 
 /// The file offset of virtual address `address` (through the segment that maps it).

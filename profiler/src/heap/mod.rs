@@ -26,9 +26,10 @@ SAMPLING:
 
 LEAKS:
   --leaks snapshots the outstanding bytes of every allocation stack (from
-  allocations made while attached) every --interval seconds (default 2);
-  LEAK_RULE. The report lists the leaking stacks with their outstanding
-  objects and bytes and their growth rate (numeric label `growth`, bytes/s).
+  allocations made while attached) every --interval seconds (default 2).
+LEAK_RULE
+  The report lists the leaking stacks with their outstanding objects and
+  bytes and their growth rate (numeric label `growth`, bytes/s).
   --min-age SECS also lists every stack holding allocations outstanding for at
   least SECS (label `age`: the oldest, in seconds). In launch mode everything
   the program never freed is reported when it exits.
@@ -40,9 +41,24 @@ EXAMPLES:
   sudo prof-bpf heap --all --lib /usr/lib/x86_64-linux-gnu/libjemalloc.so.2
   sudo prof-bpf heap --leaks -- ./server --port 8080";
 
+/// The help epilogue, with the leak rule wrapped to the text's width.
+fn after_help() -> String {
+    let mut lines = Vec::new();
+    let mut line = String::from(" ");
+    for word in leaks::RULE.split_whitespace() {
+        if line.len() + word.len() + 1 > 76 {
+            lines.push(std::mem::replace(&mut line, String::from(" ")));
+        }
+        line.push(' ');
+        line.push_str(word);
+    }
+    lines.push(line);
+    AFTER_HELP.replace("LEAK_RULE", &lines.join("\n"))
+}
+
 /// Options of `prof-bpf heap`.
 #[derive(Debug, clap::Args)]
-#[command(after_help = AFTER_HELP.replace("LEAK_RULE", leaks::RULE))]
+#[command(after_help = after_help())]
 pub struct HeapArgs {
     /// Process to profile (repeat for several).
     #[arg(long, short, value_name = "PID", conflicts_with = "all")]
@@ -69,6 +85,12 @@ pub struct HeapArgs {
     /// Seconds between reports (heap profiles), or between snapshots (--leaks, default 2).
     #[arg(long, value_name = "SECS")]
     pub interval: Option<f64>,
+    /// What to probe: libprofalloc.so's sampling hooks (cheap: only sampled
+    /// allocations trap), the malloc family, or `auto`: the hooks when the
+    /// target runs libprofalloc.so with its sampler on and neither --leaks nor
+    /// --sample-bytes asks for more than they give.
+    #[arg(long, value_enum, default_value_t = Probe::Auto)]
+    pub probe: Probe,
     /// Capacity for live allocations tracked at once; more are counted as lost.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_LIVE)]
     pub max_live: u32,
@@ -80,6 +102,17 @@ pub struct HeapArgs {
     /// Program to launch and profile until it exits (after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
+}
+
+/// `--probe`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Probe {
+    /// Hooks when possible, else the malloc family.
+    Auto,
+    /// libprofalloc.so's sampling hooks.
+    Hooks,
+    /// The allocator's malloc family.
+    Malloc,
 }
 
 /// What to profile.
@@ -110,6 +143,8 @@ pub struct Settings {
     pub duration: Option<f64>,
     /// Seconds between snapshots (leak mode) or reports.
     pub interval: Option<f64>,
+    /// `--probe`, already `Malloc` when --leaks or --sample-bytes rule the hooks out.
+    pub probe: Probe,
     /// Map capacities.
     pub max_live: u32,
     /// Map capacities.
@@ -150,6 +185,13 @@ impl Settings {
                 sampling::MAX_SAMPLE_BYTES
             );
         }
+        let probe = match args.probe {
+            Probe::Hooks if args.leaks || args.sample_bytes.is_some() => bail!(
+                "--probe hooks records only what libprofalloc.so samples: it excludes --leaks and --sample-bytes"
+            ),
+            Probe::Auto if args.leaks || args.sample_bytes.is_some() => Probe::Malloc,
+            p => p,
+        };
         if args.max_live == 0 || args.max_stacks == 0 {
             bail!("--max-live and --max-stacks must be positive");
         }
@@ -161,6 +203,7 @@ impl Settings {
             min_age: args.min_age,
             duration: args.duration,
             interval: args.interval.or(args.leaks.then_some(2.0)),
+            probe,
             max_live: args.max_live,
             max_stacks: args.max_stacks,
         })

@@ -27,7 +27,7 @@ use profiler_common::{
 };
 
 use super::{
-    Settings, Targets,
+    Probe, Settings, Targets,
     discover::{self, Allocator, Role},
     launch, leaks, sampling,
 };
@@ -42,9 +42,11 @@ use crate::{
 const ENTRY_PROGRAM: &str = "heap_alloc_entry";
 const RETURN_PROGRAM: &str = "heap_alloc_return";
 const FREE_PROGRAM: &str = "heap_free_entry";
+const HOOK_ALLOC_PROGRAM: &str = "heap_hook_alloc";
+const HOOK_FREE_PROGRAM: &str = "heap_hook_free";
 
 /// Runs a heap session to its end and writes the report.
-pub fn run(settings: Settings, output: OutputArgs) -> anyhow::Result<()> {
+pub fn run(mut settings: Settings, output: OutputArgs) -> anyhow::Result<()> {
     check_writable(output.output.as_deref())?;
     // Resolve targets before loading anything, so bad input fails fast.
     let mut suspended = None;
@@ -59,8 +61,13 @@ pub fn run(settings: Settings, output: OutputArgs) -> anyhow::Result<()> {
                 plan.push((allocator, UProbeScope::OneProcess(nz)));
                 pids.push(pid);
             }
+            choose_hooks(&mut settings, &plan)?;
+        }
+        Targets::All | Targets::Launch(_) if settings.probe == Probe::Hooks => {
+            bail!("--probe hooks works with --pid targets only")
         }
         Targets::All => {
+            settings.probe = Probe::Malloc;
             let allocator = match &settings.lib {
                 Some(lib) => Allocator::from_file(&lib.to_string_lossy(), lib.clone())?,
                 None => discover::own_libc()?,
@@ -68,6 +75,7 @@ pub fn run(settings: Settings, output: OutputArgs) -> anyhow::Result<()> {
             plan.push((allocator, UProbeScope::AllProcesses));
         }
         Targets::Launch(command) => {
+            settings.probe = Probe::Malloc;
             let child = launch::spawn_suspended(command)?;
             let allocator = match &settings.lib {
                 Some(lib) => Allocator::from_file(&lib.to_string_lossy(), lib.clone()),
@@ -139,9 +147,19 @@ impl Session {
                 .map_max_entries(STACK_STATS_MAP, max_stacks);
         })?;
         ebpf::spawn_logger(&mut ebpf);
-        configure(&mut ebpf, settings.sample_bytes)?;
+        let kernel_sampling = if settings.probe == Probe::Hooks {
+            0
+        } else {
+            settings.sample_bytes
+        };
+        configure(&mut ebpf, kernel_sampling)?;
         let tables = Tables::new(&mut ebpf)?;
-        for name in [FREE_PROGRAM, RETURN_PROGRAM, ENTRY_PROGRAM] {
+        let programs: &[&str] = if settings.probe == Probe::Hooks {
+            &[HOOK_FREE_PROGRAM, HOOK_ALLOC_PROGRAM]
+        } else {
+            &[FREE_PROGRAM, RETURN_PROGRAM, ENTRY_PROGRAM]
+        };
+        for name in programs {
             let _: &mut UProbe = ebpf::program(&mut ebpf, name)?;
         }
         let mut session = Self {
@@ -186,6 +204,36 @@ impl Session {
             UProbeScope::OneProcess(pid) => format!("pid {pid}"),
             _ => "all processes".to_owned(),
         };
+        if self.settings.probe == Probe::Hooks {
+            let hooks = allocator
+                .hooks
+                .context("the allocator has no sampling hooks")?;
+            // The free hook first, as with the malloc family.
+            for (program, offset) in [
+                (HOOK_FREE_PROGRAM, hooks.free_offset),
+                (HOOK_ALLOC_PROGRAM, hooks.alloc_offset),
+            ] {
+                let probe: &mut UProbe = self
+                    .ebpf
+                    .program_mut(program)
+                    .context("heap program missing")?
+                    .try_into()
+                    .context("heap program has the wrong type")?;
+                probe
+                    .attach(
+                        UProbeAttachLocation::AbsoluteOffset(offset),
+                        &allocator.open_path,
+                        scope,
+                    )
+                    .with_context(|| {
+                        format!(
+                            "attaching to the sampling hooks of {} for {what}",
+                            allocator.path
+                        )
+                    })?;
+            }
+            return Ok(());
+        }
         for program in [FREE_PROGRAM, RETURN_PROGRAM, ENTRY_PROGRAM] {
             for point in &allocator.points {
                 let cookie = match (program, point.role) {
@@ -247,7 +295,12 @@ impl Session {
             .first()
             .map(|(a, _)| a.path.clone())
             .unwrap_or_default();
-        let mode = if self.settings.sample_bytes == 0 {
+        let mode = if self.settings.probe == Probe::Hooks {
+            format!(
+                "libprofalloc.so's sampling hooks (one sample per {} bytes)",
+                self.settings.sample_bytes
+            )
+        } else if self.settings.sample_bytes == 0 {
             "every allocation".to_owned()
         } else {
             format!("one sample per {} bytes", self.settings.sample_bytes)
@@ -501,7 +554,13 @@ impl Session {
     }
 
     fn add_comments(&mut self, c: &mut Collector) -> anyhow::Result<()> {
-        if self.settings.sample_bytes == 0 {
+        if self.settings.probe == Probe::Hooks {
+            c.add_comment(format!(
+                "mode: libprofalloc.so sampling hooks, one allocation per {} bytes on average (values are estimates)",
+                self.settings.sample_bytes
+            ));
+            c.set_period(SampleType::alloc_space(), self.settings.sample_bytes as i64);
+        } else if self.settings.sample_bytes == 0 {
             c.add_comment("mode: every allocation tracked");
         } else {
             c.add_comment(format!(
@@ -716,6 +775,19 @@ impl Session {
             user.truncate(cut);
             status = StackStatus::Truncated;
         }
+        if self.settings.probe == Probe::Hooks {
+            // A hook's caller is the allocator itself: the stack starts at
+            // the first frame outside it, the allocation's real caller.
+            let inodes: Vec<u64> = self.allocators.iter().map(|(a, _)| a.inode).collect();
+            if let Some(maps) = self.maps.get(&pid) {
+                let inside = |ip: u64| {
+                    maps.iter()
+                        .any(|m| inodes.contains(&m.inode) && ip >= m.start && ip < m.end)
+                };
+                let skip = user.iter().take_while(|&&ip| inside(ip)).count();
+                user.drain(..skip.min(user.len().saturating_sub(1)));
+            }
+        }
         RawSample {
             pid,
             tid: None,
@@ -839,6 +911,47 @@ fn configure(ebpf: &mut Ebpf, sample_bytes: u64) -> anyhow::Result<()> {
         weights
             .set(i as u32, v, 0)
             .context("writing the weight table")?;
+    }
+    Ok(())
+}
+
+/// Resolves `--probe auto` for running processes: the hooks when every
+/// target runs libprofalloc.so with its sampler on (the report then uses its
+/// rate), else the malloc family.
+fn choose_hooks(settings: &mut Settings, plan: &[(Allocator, UProbeScope)]) -> anyhow::Result<()> {
+    if settings.probe == Probe::Malloc {
+        return Ok(());
+    }
+    let mut rates = Vec::new();
+    for (allocator, scope) in plan {
+        let UProbeScope::OneProcess(pid) = scope else {
+            continue;
+        };
+        let rate = match allocator.hooks {
+            Some(hooks) => discover::hook_rate(pid.get(), allocator, &hooks)?,
+            None if settings.probe == Probe::Hooks => {
+                bail!(
+                    "--probe hooks: pid {pid} does not run libprofalloc.so (its allocator is {})",
+                    allocator.path
+                )
+            }
+            None => 0,
+        };
+        if rate == 0 && settings.probe == Probe::Hooks {
+            bail!(
+                "--probe hooks: the sampler of libprofalloc.so is off in pid {pid} (PROFALLOC_SAMPLE_BYTES=0)"
+            );
+        }
+        rates.push(rate);
+    }
+    if rates.is_empty() || rates.contains(&0) {
+        settings.probe = Probe::Malloc;
+        return Ok(());
+    }
+    settings.probe = Probe::Hooks;
+    settings.sample_bytes = rates[0];
+    if rates.iter().any(|&r| r != rates[0]) {
+        warn!("the targets sample at different rates; the report states the first one's");
     }
     Ok(())
 }
