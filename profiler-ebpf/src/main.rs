@@ -6,6 +6,8 @@
 #![allow(internal_features)]
 
 mod count;
+mod heap;
+mod cpu;
 pub mod stack;
 mod unwind;
 mod unwind_test;

@@ -19,13 +19,22 @@ struct Cli {
 enum Command {
     /// Count malloc and free calls of a running process (calls and bytes per second).
     Count(profiler::count::CountArgs),
+    /// Heap profile or leak report of running processes (or of a command after `--`).
+    Heap(Box<profiler::heap::HeapArgs>),
+    /// Show a saved profile (pprof, gperftools heap or CPU profile) in any format.
+    Report(profiler::report::ReportArgs),
+    /// Sample where CPUs spend their time: whole host or some processes, user and kernel stacks.
+    Cpu(profiler::cpu::CpuArgs),
     /// Walk one process's user stacks and print them (unwinder diagnostics).
     #[command(hide = true)]
     DebugUnwind(profiler::unwind::debug::DebugArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(&err),
+    };
     let level = match cli.verbose {
         0 => "warn",
         1 => "info",
@@ -36,6 +45,9 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Count(args) => profiler::count::run(args),
+        Command::Heap(args) => profiler::heap::run(*args),
+        Command::Report(args) => profiler::report::run(args),
+        Command::Cpu(args) => profiler::cpu::run(args),
         Command::DebugUnwind(args) => profiler::unwind::debug::run(args),
     };
     match result {
@@ -52,4 +64,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints `--help`/`--version` as clap does, and any usage error as one line.
+fn usage_error(err: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match err.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = err.print();
+            return ExitCode::from(2);
+        }
+        _ => {}
+    }
+    // clap's message runs until the usage block; fold it onto one line.
+    let text = err.render().to_string();
+    let message: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let message = message.join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    eprintln!("prof-bpf: {message} (see `prof-bpf --help`)");
+    ExitCode::from(2)
 }

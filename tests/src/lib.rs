@@ -167,6 +167,15 @@ impl Proc {
         }
     }
 
+    /// Reads one stdout line, without its newline (panics at end of output).
+    pub fn read_line(&mut self) -> String {
+        let stdout = self.stdout.as_mut().expect("stdout is piped");
+        let mut line = String::new();
+        let n = stdout.read_line(&mut line).expect("read child stdout");
+        assert!(n > 0, "child exited before printing a line");
+        line.trim_end().to_owned()
+    }
+
     /// Writes one line to the child's stdin.
     pub fn send_line(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin is piped");
@@ -254,6 +263,7 @@ pub fn start_until(program: &Path, args: &[&str], marker: &str) -> (Child, Vec<S
             }
             Err(_) => {
                 let _ = child.kill();
+                let _ = child.wait();
                 panic!(
                     "{} did not print `{marker}` in time; stderr: {seen:#?}",
                     program.display()

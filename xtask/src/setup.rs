@@ -30,6 +30,7 @@ const PACKAGES: &[&str] = &[
     "graphviz",
     "golang-go",
     "python3.11",
+    "libpython3.11-testsuite",
     "sqlite3",
     "git",
     "google-perftools",
@@ -100,7 +101,9 @@ fn nightly() -> anyhow::Result<Nightly> {
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libLLVM") && n.contains(".so"))
+                // The real library (`libLLVM.so.22.1-rust-...`); the toolchain
+                // also ships a `libLLVM-22-...so` linker script naming it.
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
         })
         .min()
         .with_context(|| format!("no libLLVM shared library in {}", lib.display()))?;

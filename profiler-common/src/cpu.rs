@@ -1,0 +1,144 @@
+//! `prof-bpf cpu`: the perf-event sampler's maps and records.
+//!
+//! The sampler counts samples in the kernel, keyed by [`SampleKey`], in one of
+//! two maps ([`COUNTS_MAPS`]); user space flips [`CpuConfig::active_counts`]
+//! once per interval and drains the map no longer written to, so no count is
+//! lost between reading a key and deleting it.
+//!
+//! - [`CONFIG_MAP`]: `Array<CpuConfig>`, one entry written before attaching
+//!   and on every interval flip.
+//! - [`COUNTS_MAPS`]: two `PerCpuHashMap<SampleKey, SampleCounts>` (no
+//!   atomics in the sampler; user space sums the CPUs).
+//! - [`PIDS_MAP`]: `HashMap<u32 (tgid), u32 (unused)>`, the processes sampled
+//!   when [`CpuConfig::filter_pids`] is set.
+//! - [`STATS_MAP`]: `PerCpuArray<u64>` indexed by [`Stat`].
+//! - [`TASK_EVENTS_MAP`]: `RingBuf` of [`TaskEvent`] (exec and exit of tasks),
+//!   so that short-lived processes are named and their mappings read while
+//!   they still exist.
+
+/// Name of the configuration map.
+pub const CONFIG_MAP: &str = "CPU_CONFIG";
+/// Names of the two sample-count maps; [`CpuConfig::active_counts`] selects
+/// the one the sampler writes.
+pub const COUNTS_MAPS: [&str; 2] = ["CPU_COUNTS_0", "CPU_COUNTS_1"];
+/// Capacity of each count map: distinct (thread, stacks) keys per interval.
+pub const COUNTS_MAX_ENTRIES: u32 = 16 * 1024;
+/// Name of the pid filter map.
+pub const PIDS_MAP: &str = "CPU_PIDS";
+/// Capacity of [`PIDS_MAP`].
+pub const PIDS_MAX_ENTRIES: u32 = 1024;
+/// Name of the statistics map.
+pub const STATS_MAP: &str = "CPU_STATS";
+/// Name of the task event ring buffer.
+pub const TASK_EVENTS_MAP: &str = "CPU_TASK_EVENTS";
+/// Size in bytes of [`TASK_EVENTS_MAP`] (a power of two, a page multiple).
+pub const TASK_EVENTS_BYTES: u32 = 256 * 1024;
+
+/// Sampler settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuConfig {
+    /// Index into [`COUNTS_MAPS`] of the map samples go to (0 or 1).
+    pub active_counts: u32,
+    /// Non-zero: count samples of the idle tasks (pid 0) as well.
+    pub include_idle: u32,
+    /// Non-zero: sample only the processes listed in [`PIDS_MAP`].
+    pub filter_pids: u32,
+    /// Non-zero: walk user stacks (zero only for diagnosis).
+    pub user_stacks: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<CpuConfig>() == 16);
+
+/// `SampleKey::flags`: the user stack was walked; `user_stack` is its id in
+/// the user stack map.
+pub const KEY_USER_STACK: u32 = 1 << 0;
+/// `SampleKey::flags`: the task has user memory but its user stack could not
+/// be read.
+pub const KEY_USER_STACK_FAILED: u32 = 1 << 1;
+/// `SampleKey::flags`: the sample was taken in the kernel and
+/// `kernel_stack` is its id in the kernel stack map.
+pub const KEY_KERNEL_STACK: u32 = 1 << 2;
+/// `SampleKey::flags`: the sample was taken in the kernel but its stack
+/// could not be recorded (see [`Stat::KernelStackFailed`]).
+pub const KEY_KERNEL_STACK_FAILED: u32 = 1 << 3;
+
+/// What samples are counted by: thread and both stacks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SampleKey {
+    /// Process id (tgid); 0 for the idle tasks.
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// Id of the user stack (valid with [`KEY_USER_STACK`]).
+    pub user_stack: u64,
+    /// Id of the kernel stack (valid with [`KEY_KERNEL_STACK`]).
+    pub kernel_stack: u32,
+    /// `KEY_*` bits.
+    pub flags: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<SampleKey>() == 24);
+
+/// What is counted per key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SampleCounts {
+    /// Number of samples.
+    pub samples: u64,
+    /// Sum of the samples' periods (nanoseconds for cpu-clock, events for
+    /// hardware counters).
+    pub period: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<SampleCounts>() == 16);
+
+/// Indexes of [`STATS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Samples taken (every run of the program).
+    Samples = 0,
+    /// Samples of the idle tasks, not counted (without `--idle`).
+    Idle = 1,
+    /// Samples of processes not selected by `--pid`.
+    Filtered = 2,
+    /// Samples lost because the count map was full.
+    CountsFull = 3,
+    /// Samples whose kernel stack could not be recorded (stack map full,
+    /// bucket collision, or an unwinding error).
+    KernelStackFailed = 4,
+    /// Samples whose user stack could not be read.
+    UserStackFailed = 5,
+    /// Task events lost because the ring buffer was full.
+    TaskEventsLost = 6,
+}
+
+/// Number of entries of [`STATS_MAP`].
+pub const STATS_LEN: u32 = 7;
+
+/// [`TaskEvent::kind`]: the task called exec (its comm is the new one).
+pub const TASK_EXEC: u32 = 1;
+/// [`TaskEvent::kind`]: the task is exiting (its comm is the final one).
+pub const TASK_EXIT: u32 = 2;
+
+/// A task exec or exit, sent through [`TASK_EVENTS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskEvent {
+    /// [`TASK_EXEC`] or [`TASK_EXIT`].
+    pub kind: u32,
+    /// Process id (tgid).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// The task's comm, NUL-padded.
+    pub comm: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<TaskEvent>() == 32);
+
+crate::impl_pod!(CpuConfig, SampleKey, SampleCounts, TaskEvent);

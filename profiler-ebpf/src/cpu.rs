@@ -1,0 +1,191 @@
+//! `prof-bpf cpu`: the perf-event sampler and the task exec/exit tracker.
+//!
+//! `cpu_sample` runs on every sample of a per-CPU perf event (cpu-clock or
+//! cycles). It counts the sample in the kernel under (pid, tid, user stack,
+//! kernel stack), so user space reads aggregated counts once per interval,
+//! whatever the sample rate. Map layout: `profiler_common::cpu`.
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_NOEXIST, pt_regs},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    macros::{map, perf_event, tracepoint},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{PerfEventContext, TracePointContext},
+};
+use profiler_common::cpu::{
+    COUNTS_MAX_ENTRIES, CpuConfig, KEY_KERNEL_STACK, KEY_KERNEL_STACK_FAILED, KEY_USER_STACK,
+    KEY_USER_STACK_FAILED, PIDS_MAX_ENTRIES, STATS_LEN, SampleCounts, SampleKey, Stat, TASK_EVENTS_BYTES,
+    TASK_EXEC, TASK_EXIT, TaskEvent,
+};
+
+use crate::stack;
+
+#[map(name = "CPU_CONFIG")]
+static CPU_CONFIG: Array<CpuConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "CPU_COUNTS_0")]
+static CPU_COUNTS_0: PerCpuHashMap<SampleKey, SampleCounts> =
+    PerCpuHashMap::with_max_entries(COUNTS_MAX_ENTRIES, 0);
+
+#[map(name = "CPU_COUNTS_1")]
+static CPU_COUNTS_1: PerCpuHashMap<SampleKey, SampleCounts> =
+    PerCpuHashMap::with_max_entries(COUNTS_MAX_ENTRIES, 0);
+
+#[map(name = "CPU_PIDS")]
+static CPU_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(PIDS_MAX_ENTRIES, 0);
+
+#[map(name = "CPU_STATS")]
+static CPU_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+
+#[map(name = "CPU_TASK_EVENTS")]
+static CPU_TASK_EVENTS: RingBuf = RingBuf::with_byte_size(TASK_EVENTS_BYTES, 0);
+
+/// Adds one to a statistics counter.
+#[inline(always)]
+fn count(stat: Stat) {
+    if let Some(c) = CPU_STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: a per-CPU array slot; this program is its only writer on
+        // this CPU while it runs.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn config() -> CpuConfig {
+    CPU_CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// Whether the process is sampled at all (`--pid`, `--idle`).
+#[inline(always)]
+fn selected(config: &CpuConfig, pid: u32, tid: u32) -> bool {
+    // tid 0 is the per-CPU idle task ("swapper/N").
+    if tid == 0 && config.include_idle == 0 {
+        count(Stat::Idle);
+        return false;
+    }
+    // SAFETY: the value is not used, only whether the key exists.
+    if config.filter_pids != 0 && unsafe { CPU_PIDS.get(pid) }.is_none() {
+        count(Stat::Filtered);
+        return false;
+    }
+    true
+}
+
+#[perf_event]
+pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
+    count(Stat::Samples);
+    let config = config();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if !selected(&config, pid, tid) {
+        return 0;
+    }
+    let mut key = SampleKey {
+        pid,
+        tid,
+        ..SampleKey::default()
+    };
+    // SAFETY: the context of a perf_event program is a
+    // bpf_perf_event_data, which begins with the interrupted registers.
+    let regs = unsafe { &(*ctx.ctx).regs } as *const pt_regs;
+    // SAFETY: as above; `cs` is a plain field of the context.
+    let in_kernel = unsafe { (*regs).cs } & 3 == 0;
+    if in_kernel {
+        match stack::kernel_stack_id(&ctx) {
+            Ok(id) => {
+                key.kernel_stack = id;
+                key.flags |= KEY_KERNEL_STACK;
+            }
+            Err(_) => {
+                count(Stat::KernelStackFailed);
+                key.flags |= KEY_KERNEL_STACK_FAILED;
+            }
+        }
+    }
+    // Kernel threads (and the idle tasks) have no user stack at all.
+    if tid != 0 && config.user_stacks != 0 {
+        match stack::user_stack_id(regs, false) {
+            Ok(id) => {
+                key.user_stack = id;
+                key.flags |= KEY_USER_STACK;
+            }
+            Err(_) => {
+                count(Stat::UserStackFailed);
+                key.flags |= KEY_USER_STACK_FAILED;
+            }
+        }
+    }
+    // SAFETY: reading a field of the perf_event context.
+    let period = unsafe { (*ctx.ctx).sample_period };
+    add_sample(&config, &key, period);
+    0
+}
+
+/// Adds one sample of `period` to `key` in the active count map.
+#[inline(always)]
+fn add_sample(config: &CpuConfig, key: &SampleKey, period: u64) {
+    let counts = if config.active_counts == 0 {
+        &CPU_COUNTS_0
+    } else {
+        &CPU_COUNTS_1
+    };
+    // Two attempts: the key may be inserted by another CPU between our
+    // lookup and our insert (then the insert fails with EEXIST and the
+    // second lookup finds it, with this CPU's slot at zero).
+    for _ in 0..2 {
+        if let Some(c) = counts.get_ptr_mut(key) {
+            // SAFETY: this CPU's slot of a live per-CPU map value; this
+            // program is its only writer on this CPU while it runs.
+            unsafe {
+                (*c).samples += 1;
+                (*c).period += period;
+            }
+            return;
+        }
+        let first = SampleCounts { samples: 1, period };
+        match counts.insert(key, &first, BPF_NOEXIST as u64) {
+            Ok(()) => return,
+            Err(e) if e == -17 => continue, // EEXIST
+            Err(_) => break,
+        }
+    }
+    count(Stat::CountsFull);
+}
+
+/// Sends an exec or exit of the current task to user space.
+#[inline(always)]
+fn task_event(kind: u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let config = config();
+    // SAFETY: the value is not used, only whether the key exists.
+    if config.filter_pids != 0 && unsafe { CPU_PIDS.get(pid) }.is_none() {
+        return;
+    }
+    let event = TaskEvent {
+        kind,
+        pid,
+        tid,
+        _pad: 0,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    };
+    if CPU_TASK_EVENTS.output::<TaskEvent>(&event, 0).is_err() {
+        count(Stat::TaskEventsLost);
+    }
+}
+
+/// `sched:sched_process_exec`: runs in the new program, after its comm was set.
+#[tracepoint]
+pub fn cpu_task_exec(ctx: TracePointContext) -> u32 {
+    let _ = ctx.as_ptr();
+    task_event(TASK_EXEC);
+    0
+}
+
+/// `sched:sched_process_exit`: runs in each exiting thread.
+#[tracepoint]
+pub fn cpu_task_exit(ctx: TracePointContext) -> u32 {
+    let _ = ctx.as_ptr();
+    task_event(TASK_EXIT);
+    0
+}

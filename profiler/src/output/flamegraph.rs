@@ -1,0 +1,62 @@
+//! SVG flamegraph through inferno (as a library).
+use anyhow::Context as _;
+
+use super::{View, format_value};
+use crate::profile::Profile;
+
+pub fn render(profile: &Profile, view: &View) -> anyhow::Result<Vec<u8>> {
+    let unit = &view.sample_type.unit;
+    // A flamegraph has no negative widths: a difference (--base) shows growth.
+    let lines: Vec<String> = view
+        .stacks
+        .iter()
+        .filter(|s| s.value > 0)
+        .map(|s| {
+            // `;` separates frames in the folded format inferno reads.
+            let frames: Vec<String> = s.frames.iter().map(|f| f.replace(';', ":")).collect();
+            format!("{} {}", frames.join(";"), s.value)
+        })
+        .collect();
+    let total: i64 = view
+        .stacks
+        .iter()
+        .filter(|s| s.value > 0)
+        .map(|s| s.value)
+        .sum();
+    let mut options = inferno::flamegraph::Options::default();
+    options.title = format!("{} ({})", what_was_measured(profile), view.sample_type.kind);
+    options.subtitle = Some(format!(
+        "total {}{}",
+        format_value(total, unit),
+        if view.stacks.iter().any(|s| s.value < 0) {
+            "; growth only (stacks that shrank are not shown)"
+        } else {
+            ""
+        }
+    ));
+    options.count_name = unit.clone();
+    options.deterministic = true;
+    let mut out = Vec::new();
+    if lines.is_empty() {
+        // inferno refuses empty input; an empty profile is still a valid answer.
+        options.title.push_str(": no samples");
+        inferno::flamegraph::from_lines(&mut options, ["no-samples 1"], &mut out)
+            .context("rendering the flamegraph")?;
+        return Ok(out);
+    }
+    inferno::flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), &mut out)
+        .context("rendering the flamegraph")?;
+    Ok(out)
+}
+
+/// "Heap profile" / "CPU profile" from the sample types.
+pub fn what_was_measured(profile: &Profile) -> &'static str {
+    let has = |k: &str| profile.sample_types.iter().any(|t| t.kind == k);
+    if has("inuse_space") || has("alloc_space") {
+        "Heap profile"
+    } else if has("cpu") || has("samples") || has("cycles") {
+        "CPU profile"
+    } else {
+        "Profile"
+    }
+}

@@ -1,0 +1,272 @@
+//! Writers on a hand-built profile whose stacks and values are known.
+use super::*;
+use crate::profile::{Frame, Label, Location, LocationKind, Mapping, SampleType};
+
+/// Two processes; `app` (pid 10) has threads 11 and 12.
+///   app/11: main -> work -> hot           5 (cpu 50)
+///   app/12: main -> work -> (inlined) fast_[i], in work   3
+///   app/12: main -> lib.so+0x1a2b (unresolved)            1
+///   app/11: read_[k] <- main   (kernel frame under main)  2
+///   db/20:  [truncated] -> query                          4
+fn profile() -> Profile {
+    let loc = |mapping, address, kind, frames: Vec<Frame>| Location {
+        mapping,
+        address,
+        kind,
+        frames,
+    };
+    let f = Frame::named;
+    let inlined = Frame {
+        inlined: true,
+        ..Frame::named("fast")
+    };
+    let locations = vec![
+        loc(Some(0), 0x1100, LocationKind::User, vec![f("main")]),
+        loc(Some(0), 0x1200, LocationKind::User, vec![f("work")]),
+        loc(Some(0), 0x1300, LocationKind::User, vec![f("hot")]),
+        loc(
+            Some(0),
+            0x1210,
+            LocationKind::User,
+            vec![inlined, f("work")],
+        ),
+        loc(Some(1), 0x7000 + 0x1a2b, LocationKind::User, vec![]),
+        loc(
+            Some(2),
+            0xffff_ffff_8100_0000,
+            LocationKind::Kernel,
+            vec![f("read")],
+        ),
+        loc(
+            None,
+            0,
+            LocationKind::Marker,
+            vec![f(crate::profile::TRUNCATED)],
+        ),
+        loc(Some(0), 0x1400, LocationKind::User, vec![f("query")]),
+    ];
+    let labels = |comm: &str, pid: i64, tid: i64| {
+        vec![
+            Label::num("pid", pid, ""),
+            Label::str("comm", comm),
+            Label::num("tid", tid, ""),
+        ]
+    };
+    let sample = |locations: Vec<usize>, v: i64, l| Sample {
+        locations,
+        values: vec![v, v * 10],
+        labels: l,
+    };
+    Profile {
+        sample_types: vec![SampleType::samples(), SampleType::cpu()],
+        default_sample_type: "samples".to_owned(),
+        mappings: vec![
+            Mapping {
+                start: 0x1000,
+                limit: 0x2000,
+                file: "/usr/bin/app".into(),
+                ..Mapping::default()
+            },
+            Mapping {
+                start: 0x7000,
+                limit: 0x9000,
+                file: "/usr/lib/lib.so".into(),
+                ..Mapping::default()
+            },
+            Mapping {
+                start: 0xffff_8000_0000_0000,
+                limit: u64::MAX,
+                file: Mapping::KERNEL.into(),
+                ..Mapping::default()
+            },
+        ],
+        locations,
+        samples: vec![
+            sample(vec![2, 1, 0], 5, labels("app", 10, 11)),
+            sample(vec![3, 0], 3, labels("app", 10, 12)),
+            sample(vec![4, 0], 1, labels("app", 10, 12)),
+            sample(vec![5, 0], 2, labels("app", 10, 11)),
+            sample(vec![7, 6], 4, labels("db", 20, 20)),
+        ],
+        ..Profile::default()
+    }
+}
+
+fn stacks_of(p: &Profile, group_by: GroupBy, args: &OutputArgs) -> Vec<(String, i64)> {
+    let filter = Filter::new(args).unwrap();
+    stacks(p, 0, group_by, &filter)
+        .into_iter()
+        .map(|s| (s.frames.join(";"), s.value))
+        .collect()
+}
+
+#[test]
+fn folded_stacks_follow_the_naming_rules() {
+    let p = profile();
+    let got = stacks_of(&p, GroupBy::Process, &OutputArgs::default());
+    let want = [
+        ("app-10;main;work;hot", 5),
+        ("app-10;main;work;fast_[i]", 3),
+        ("app-10;main;lib.so+0x1a2b", 1),
+        ("app-10;main;read_[k]", 2),
+        ("db-20;[truncated];query", 4),
+    ];
+    assert_eq!(got, want.map(|(s, v)| (s.to_owned(), v)));
+    let threads = stacks_of(&p, GroupBy::Thread, &OutputArgs::default());
+    assert_eq!(threads[0].0, "app-10/11;main;work;hot");
+    assert_eq!(threads[1].0, "app-10/12;main;work;fast_[i]");
+    let none = stacks_of(&p, GroupBy::None, &OutputArgs::default());
+    assert_eq!(none[0].0, "main;work;hot");
+    let view = View {
+        stacks: stacks(
+            &p,
+            0,
+            GroupBy::None,
+            &Filter::new(&OutputArgs::default()).unwrap(),
+        ),
+        sample_type: SampleType::samples(),
+    };
+    assert!(folded(&view).starts_with("main;work;hot 5\nmain;work;fast_[i] 3\n"));
+}
+
+#[test]
+fn focus_and_ignore_filter_stacks() {
+    let p = profile();
+    let args = OutputArgs {
+        focus: Some("^work$".into()),
+        ..OutputArgs::default()
+    };
+    let got = stacks_of(&p, GroupBy::None, &args);
+    assert_eq!(got.iter().map(|s| s.1).sum::<i64>(), 8);
+    let args = OutputArgs {
+        ignore: Some(r"_\[k\]$".into()),
+        ..OutputArgs::default()
+    };
+    let got = stacks_of(&p, GroupBy::None, &args);
+    assert_eq!(got.iter().map(|s| s.1).sum::<i64>(), 13);
+}
+
+#[test]
+fn text_table_flat_and_cum() {
+    let p = profile();
+    let args = OutputArgs {
+        group_by: GroupBy::None,
+        ..OutputArgs::default()
+    };
+    let view = view(&p, 0, &args, &Filter::new(&args).unwrap());
+    let text = text::render(&p, &view, None);
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .skip(3)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    // name -> (flat, cum), total 15.
+    let find = |name: &str| {
+        let r = rows
+            .iter()
+            .find(|r| r.last() == Some(&name))
+            .unwrap_or_else(|| panic!("{name} in\n{text}"));
+        (r[0].parse::<i64>().unwrap(), r[3].parse::<i64>().unwrap())
+    };
+    assert_eq!(find("hot"), (5, 5));
+    assert_eq!(find("query"), (4, 4));
+    assert_eq!(find("fast_[i]"), (3, 3));
+    assert_eq!(find("work"), (0, 8));
+    assert_eq!(find("main"), (0, 11));
+    assert_eq!(find("[truncated]"), (0, 4));
+    assert!(text.contains("of 15 total"), "{text}");
+    // Largest flat first.
+    assert_eq!(rows[0].last(), Some(&"hot"));
+    assert!(rows[0][1] == "33.33%", "{text}");
+    let two = text::render(&p, &view, Some(2));
+    assert!(
+        two.contains("Showing 2 of 8 functions, accounting for 9, 60.00% of 15 total"),
+        "{two}"
+    );
+}
+
+#[test]
+fn callgraph_nodes_and_edges() {
+    let p = profile();
+    let args = OutputArgs {
+        group_by: GroupBy::None,
+        ..OutputArgs::default()
+    };
+    let view = view(&p, 0, &args, &Filter::new(&args).unwrap());
+    let dot = callgraph::render(&p, &view, None);
+    let node = |name: &str| {
+        dot.lines()
+            .find(|l| l.contains(&format!("label=\"{name}\\n")))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no node {name} in {dot}"))
+            .to_owned()
+    };
+    let (main, work, hot) = (node("main"), node("work"), node("hot"));
+    assert!(
+        dot.contains(&format!("{main} -> {work} [label=\" 8\"")),
+        "{dot}"
+    );
+    assert!(
+        dot.contains(&format!("{work} -> {hot} [label=\" 5\"")),
+        "{dot}"
+    );
+    // Pruning keeps the biggest nodes and says how many went.
+    let small = callgraph::render(&p, &view, Some(2));
+    assert!(small.contains("Dropped 6 nodes"), "{small}");
+    assert!(!small.contains("label=\"hot\\n"), "{small}");
+    // A pruned node between two kept ones leaves a dotted edge.
+    let stack = |frames: &[&str], value| Stack {
+        frames: frames.iter().map(|f| f.to_string()).collect(),
+        value,
+    };
+    let skip = View {
+        stacks: vec![stack(&["a", "b", "c"], 10), stack(&["c"], 100)],
+        sample_type: SampleType::samples(),
+    };
+    let dot = callgraph::render(&p, &skip, Some(2));
+    assert!(dot.contains("N1 -> N0 [label=\" 10\""), "{dot}");
+    assert!(dot.contains("style=dotted"), "{dot}");
+}
+
+#[test]
+fn pprof_round_trip() {
+    let p = profile();
+    let bytes = pprof::encode(&p).unwrap();
+    let q = pprof::decode(&bytes).unwrap();
+    assert_eq!(q.sample_types, p.sample_types);
+    assert_eq!(q.default_sample_type, "samples");
+    let none = OutputArgs::default();
+    assert_eq!(
+        stacks_of(&q, GroupBy::Thread, &none),
+        stacks_of(&p, GroupBy::Thread, &none)
+    );
+    assert_eq!(q.samples[0].values, vec![5, 50]);
+}
+
+#[test]
+fn format_from_extension() {
+    let f = |name: &str| {
+        OutputArgs {
+            output: Some(name.into()),
+            ..OutputArgs::default()
+        }
+        .format()
+        .map_err(|e| e.to_string())
+    };
+    assert_eq!(f("a.pb.gz"), Ok(Format::Pprof));
+    assert_eq!(f("a.svg"), Ok(Format::Svg));
+    assert_eq!(f("a.folded"), Ok(Format::Folded));
+    assert_eq!(f("a.dot"), Ok(Format::Callgraph));
+    assert_eq!(f("a.txt"), Ok(Format::Text));
+    assert!(f("a.png").unwrap_err().contains("--format"));
+    assert_eq!(OutputArgs::default().format().unwrap(), Format::Text);
+}
+
+#[test]
+fn values_with_units() {
+    assert_eq!(format_value(1_000_000, "bytes"), "976.56KiB");
+    assert_eq!(format_value(-2048, "bytes"), "-2.00KiB");
+    assert_eq!(format_value(512, "bytes"), "512B");
+    assert_eq!(format_value(1_500_000_000, "nanoseconds"), "1.50s");
+    assert_eq!(format_value(42, "count"), "42");
+}

@@ -1,0 +1,297 @@
+//! [`Collector`]: builds a [`Profile`] from raw samples of live processes.
+//!
+//! Addresses are normalized when a sample is added (the process may exit
+//! right after), identical stacks are merged, and symbolization happens once
+//! in [`Collector::finish`], one blazesym batch per object.
+use std::collections::HashMap;
+
+use super::{
+    Frame, Label, Location, LocationKind, MISSING_USER_STACK, Mapping, Profile, RawSample, Sample,
+    SampleType, StackStatus, TRUNCATED,
+};
+use crate::symbolize::{self, Normalized, Normalizer};
+
+/// Synthetic address space of the profile's mappings: object `i` is placed
+/// at `(i + 1) << OBJECT_SHIFT`, so that a location's address minus its
+/// mapping's start is its file offset (pprof's rule) and mappings of
+/// different objects never overlap. Objects are far smaller than 1 TiB.
+const OBJECT_SHIFT: u32 = 40;
+/// The kernel mapping covers the upper half of the address space.
+const KERNEL_START: u64 = 0xffff_8000_0000_0000;
+
+/// What a location is, for deduplication.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum LocationKey {
+    File { object: usize, offset: u64 },
+    Jit { name: String },
+    Anon { name: String, offset: u64 },
+    Kernel(u64),
+    Marker(&'static str),
+}
+
+/// Identity of a merged sample.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct SampleKey {
+    locations: Vec<usize>,
+    labels: Vec<Label>,
+}
+
+/// Accumulates raw samples into a profile (see the module docs).
+pub struct Collector {
+    profile: Profile,
+    normalizer: Normalizer,
+    locations: HashMap<LocationKey, usize>,
+    samples: HashMap<SampleKey, usize>,
+    /// Mapping index of each normalizer object, of each pseudo mapping
+    /// (`[vdso]`, `[jit]`), and of the kernel.
+    object_mappings: HashMap<usize, usize>,
+    pseudo_mappings: HashMap<String, usize>,
+    kernel_mapping: Option<usize>,
+    started: std::time::SystemTime,
+}
+
+impl Collector {
+    /// A collector whose samples carry `sample_types` values, shown by
+    /// default as `default_sample_type` (a kind, e.g. `inuse_space`).
+    pub fn new(sample_types: Vec<SampleType>, default_sample_type: &str) -> Self {
+        let started = std::time::SystemTime::now();
+        let profile = Profile {
+            sample_types,
+            default_sample_type: default_sample_type.to_owned(),
+            time_nanos: started
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)),
+            ..Profile::default()
+        };
+        Self {
+            profile,
+            normalizer: Normalizer::new(),
+            locations: HashMap::new(),
+            samples: HashMap::new(),
+            object_mappings: HashMap::new(),
+            pseudo_mappings: HashMap::new(),
+            kernel_mapping: None,
+            started,
+        }
+    }
+
+    /// What one event stands for, e.g. (cpu/nanoseconds, 10101010) at 99 Hz.
+    pub fn set_period(&mut self, ty: SampleType, period: i64) {
+        self.profile.period_type = Some(ty);
+        self.profile.period = period;
+    }
+
+    /// A note shown with the profile ("lost events: 3", "mode: ...").
+    pub fn add_comment(&mut self, c: impl Into<String>) {
+        self.profile.comments.push(c.into());
+    }
+
+    /// Snapshot `pid`'s mappings now (call when a process is first seen or
+    /// execs), so its addresses can be normalized after it exits.
+    pub fn note_process(&mut self, pid: u32) {
+        self.normalizer.note_process(pid);
+    }
+
+    /// Adds one sample, normalizing its user addresses now. User frames
+    /// outside every executable mapping of the process (garbage from a
+    /// broken unwind) end the stack, which is then marked truncated.
+    pub fn add(&mut self, s: RawSample) {
+        let mut locations = Vec::with_capacity(s.kernel.len() + s.user.len() + 1);
+        for (i, &addr) in s.kernel.iter().enumerate() {
+            // kernel[0] is the interrupted pc; the others return addresses.
+            let lookup = if i == 0 { addr } else { addr.wrapping_sub(1) };
+            locations.push(self.kernel_location(lookup));
+        }
+        let mut status = s.user_status;
+        if status == StackStatus::Missing {
+            locations.push(self.marker(MISSING_USER_STACK));
+        } else {
+            for (i, &addr) in s.user.iter().enumerate() {
+                let lookup = if i == 0 && s.leaf_is_pc {
+                    addr
+                } else {
+                    addr.wrapping_sub(1)
+                };
+                match self.normalizer.normalize(s.pid, lookup) {
+                    Some(n) => locations.push(self.user_location(n)),
+                    None => {
+                        status = StackStatus::Truncated;
+                        break;
+                    }
+                }
+            }
+            if status == StackStatus::Truncated {
+                locations.push(self.marker(TRUNCATED));
+            }
+        }
+        let mut labels = vec![
+            Label::num("pid", i64::from(s.pid), ""),
+            Label::str("comm", s.comm),
+        ];
+        if let Some(tid) = s.tid {
+            labels.push(Label::num("tid", i64::from(tid), ""));
+        }
+        if let Some(name) = s.thread_comm {
+            labels.push(Label::str("thread_comm", name));
+        }
+        for (key, value, unit) in s.numeric_labels {
+            labels.push(Label::num(key, value, unit));
+        }
+        let key = SampleKey { locations, labels };
+        let n = self.profile.sample_types.len();
+        let index = match self.samples.get(&key) {
+            Some(&i) => i,
+            None => {
+                self.profile.samples.push(Sample {
+                    locations: key.locations.clone(),
+                    values: vec![0; n],
+                    labels: key.labels.clone(),
+                });
+                let i = self.profile.samples.len() - 1;
+                self.samples.insert(key, i);
+                i
+            }
+        };
+        let values = &mut self.profile.samples[index].values;
+        for (v, add) in values.iter_mut().zip(&s.values) {
+            *v += add;
+        }
+    }
+
+    /// Symbolizes every location and returns the profile.
+    pub fn finish(mut self) -> anyhow::Result<Profile> {
+        for (&object, &mapping) in &self.object_mappings {
+            self.profile.mappings[mapping].local_path =
+                self.normalizer.objects[object].local_path();
+        }
+        self.profile.duration_nanos = self
+            .started
+            .elapsed()
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        symbolize::symbolize(&mut self.profile);
+        // Keep the normalizer (and its open files) alive until symbolized.
+        drop(self.normalizer);
+        Ok(self.profile)
+    }
+
+    fn location(&mut self, key: LocationKey, make: impl FnOnce(&mut Self) -> Location) -> usize {
+        if let Some(&i) = self.locations.get(&key) {
+            return i;
+        }
+        let loc = make(self);
+        self.profile.locations.push(loc);
+        let i = self.profile.locations.len() - 1;
+        self.locations.insert(key, i);
+        i
+    }
+
+    fn marker(&mut self, name: &'static str) -> usize {
+        self.location(LocationKey::Marker(name), |_| Location {
+            kind: LocationKind::Marker,
+            frames: vec![Frame::named(name)],
+            ..Location::default()
+        })
+    }
+
+    fn kernel_location(&mut self, addr: u64) -> usize {
+        self.location(LocationKey::Kernel(addr), |c| {
+            let mapping = *c.kernel_mapping.get_or_insert_with(|| {
+                c.profile.mappings.push(Mapping {
+                    start: KERNEL_START,
+                    limit: u64::MAX,
+                    offset: 0,
+                    file: Mapping::KERNEL.to_owned(),
+                    local_path: Some(symbolize::KALLSYMS.into()),
+                    ..Mapping::default()
+                });
+                c.profile.mappings.len() - 1
+            });
+            Location {
+                mapping: Some(mapping),
+                address: addr,
+                kind: LocationKind::Kernel,
+                frames: Vec::new(),
+            }
+        })
+    }
+
+    fn user_location(&mut self, n: Normalized) -> usize {
+        match n {
+            Normalized::File { object, offset } => {
+                self.location(LocationKey::File { object, offset }, |c| {
+                    let mapping = c.object_mapping(object);
+                    Location {
+                        mapping: Some(mapping),
+                        address: c.profile.mappings[mapping].start + offset,
+                        ..Location::default()
+                    }
+                })
+            }
+            Normalized::Jit { name } => {
+                self.location(LocationKey::Jit { name: name.clone() }, |c| {
+                    let mapping = c.pseudo_mapping("[jit]");
+                    Location {
+                        mapping: Some(mapping),
+                        address: 0,
+                        frames: vec![Frame::named(name)],
+                        ..Location::default()
+                    }
+                })
+            }
+            Normalized::Anon { name, offset } => self.location(
+                LocationKey::Anon {
+                    name: name.clone(),
+                    offset,
+                },
+                |c| {
+                    let mapping = c.pseudo_mapping(&name);
+                    Location {
+                        mapping: Some(mapping),
+                        address: c.profile.mappings[mapping].start + offset,
+                        ..Location::default()
+                    }
+                },
+            ),
+        }
+    }
+
+    /// The profile mapping of normalizer object `object`.
+    fn object_mapping(&mut self, object: usize) -> usize {
+        if let Some(&m) = self.object_mappings.get(&object) {
+            return m;
+        }
+        let o = &self.normalizer.objects[object];
+        let start = self.next_base();
+        self.profile.mappings.push(Mapping {
+            start,
+            limit: start + o.size.max(1),
+            offset: 0,
+            file: o.path.clone(),
+            build_id: o.build_id.clone(),
+            local_path: None,
+        });
+        let m = self.profile.mappings.len() - 1;
+        self.object_mappings.insert(object, m);
+        m
+    }
+
+    fn pseudo_mapping(&mut self, name: &str) -> usize {
+        if let Some(&m) = self.pseudo_mappings.get(name) {
+            return m;
+        }
+        let start = self.next_base();
+        self.profile.mappings.push(Mapping {
+            start,
+            limit: start + (1 << OBJECT_SHIFT) - 1,
+            file: name.to_owned(),
+            ..Mapping::default()
+        });
+        let m = self.profile.mappings.len() - 1;
+        self.pseudo_mappings.insert(name.to_owned(), m);
+        m
+    }
+
+    fn next_base(&self) -> u64 {
+        (self.profile.mappings.len() as u64 + 1) << OBJECT_SHIFT
+    }
+}

@@ -1,0 +1,425 @@
+//! Addresses to names, in two steps.
+//!
+//! 1. [`Normalizer`]: while a process is alive, an absolute address becomes
+//!    (object, file offset), using a cached copy of the process's executable
+//!    mappings. The object file is opened at that moment, so it can still be
+//!    read after the process exited or the file was replaced or deleted, and
+//!    inside other mount namespaces. JIT code is named from the process's
+//!    perf map (`/tmp/perf-PID.map`) at the same time.
+//! 2. [`symbolize`]: later, every unresolved location of a [`Profile`] whose
+//!    mapping can be read on this machine is looked up with blazesym, one
+//!    batch per object: ELF symbols, DWARF (file:line, inlined functions),
+//!    `.gnu_debuglink` and `/usr/lib/debug/.build-id` files, demangled C++ and
+//!    Rust names; kernel addresses through `/proc/kallsyms`.
+//!
+//! An address that no symbol covers stays unresolved (`lib.so+0x1a2b`): blazesym
+//! only gives a name when the address lies inside the symbol's extent (or is
+//! the exact start of a sizeless symbol), so a stripped binary's static
+//! function is never labelled with the nearest exported one.
+use std::{
+    collections::HashMap,
+    fs::File,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use blazesym::symbolize::{
+    Input, Symbolized, Symbolizer,
+    source::{Elf, Kernel, Source},
+};
+
+use crate::{
+    process,
+    profile::{Frame, LocationKind, Profile},
+};
+
+/// An object file mapped by profiled processes, opened when first seen.
+#[derive(Debug)]
+pub struct Object {
+    /// The path as the process saw it.
+    pub path: String,
+    /// GNU build-id, lower-case hex; empty when the file has none.
+    pub build_id: String,
+    /// Size of the file, bounding its file offsets.
+    pub size: u64,
+    /// The open file (kept open so that it outlives the process).
+    file: Option<File>,
+}
+
+impl Object {
+    /// Where to read the object now: its own path when that is still the
+    /// same file (so blazesym finds debug links next to it), else the
+    /// descriptor opened while the process lived.
+    pub fn local_path(&self) -> Option<PathBuf> {
+        let file = self.file.as_ref()?;
+        let opened = file.metadata().ok()?;
+        let same = Path::new(&self.path)
+            .metadata()
+            .is_ok_and(|m| m.dev() == opened.dev() && m.ino() == opened.ino());
+        if same {
+            Some(PathBuf::from(&self.path))
+        } else {
+            use std::os::fd::AsRawFd as _;
+            Some(PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())))
+        }
+    }
+}
+
+/// Where an absolute user address landed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Normalized {
+    /// In an object file: index into [`Normalizer::objects`] and file offset.
+    File { object: usize, offset: u64 },
+    /// JIT code named by the process's perf map.
+    Jit { name: String },
+    /// In an executable mapping that is not a file (`[vdso]`, anonymous code
+    /// without a perf map entry): its name and the offset into it.
+    Anon { name: String, offset: u64 },
+}
+
+/// One executable mapping of a process.
+#[derive(Clone, Debug)]
+struct ExecMapping {
+    start: u64,
+    end: u64,
+    offset: u64,
+    target: MappingTarget,
+}
+
+#[derive(Clone, Debug)]
+enum MappingTarget {
+    Object(usize),
+    /// Not a file: pseudo name (`[vdso]`) or empty for anonymous memory.
+    Anon(String),
+}
+
+#[derive(Debug, Default)]
+struct ProcessState {
+    mappings: Vec<ExecMapping>,
+    read_at: Option<Instant>,
+    perf_map: Vec<(u64, u64, String)>,
+    perf_map_read_at: Option<Instant>,
+}
+
+/// Do not re-read a process's maps more often than this when addresses miss
+/// (garbage frames would otherwise cost a maps read each).
+const REFRESH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Normalizes absolute addresses of live processes (see the module docs).
+#[derive(Debug, Default)]
+pub struct Normalizer {
+    pub objects: Vec<Object>,
+    /// (device, inode) of each opened object.
+    by_identity: HashMap<(u64, u64), usize>,
+    processes: HashMap<u32, ProcessState>,
+}
+
+impl Normalizer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads `pid`'s mappings now; returns false when the process is gone.
+    pub fn note_process(&mut self, pid: u32) -> bool {
+        let Ok(maps) = process::maps(pid) else {
+            return false;
+        };
+        let mut mappings = Vec::new();
+        for m in maps.iter().filter(|m| m.is_executable()) {
+            let target = if m.is_file() {
+                match self.object_for(pid, m) {
+                    Some(o) => MappingTarget::Object(o),
+                    None => MappingTarget::Anon(m.path.clone()),
+                }
+            } else {
+                MappingTarget::Anon(m.path.clone())
+            };
+            mappings.push(ExecMapping {
+                start: m.start,
+                end: m.end,
+                offset: m.offset,
+                target,
+            });
+        }
+        let state = self.processes.entry(pid).or_default();
+        state.mappings = mappings;
+        state.read_at = Some(Instant::now());
+        true
+    }
+
+    /// Forgets a process (it exited); its objects stay open.
+    pub fn forget_process(&mut self, pid: u32) {
+        self.processes.remove(&pid);
+    }
+
+    /// Normalizes `addr` of `pid`, re-reading the process's maps once when it
+    /// falls outside every known executable mapping. `None`: not code.
+    pub fn normalize(&mut self, pid: u32, addr: u64) -> Option<Normalized> {
+        if let Some(n) = self.lookup(pid, addr) {
+            return Some(n);
+        }
+        let stale = self
+            .processes
+            .get(&pid)
+            .and_then(|s| s.read_at)
+            .is_none_or(|t| t.elapsed() >= REFRESH_INTERVAL);
+        if stale && self.note_process(pid) {
+            return self.lookup(pid, addr);
+        }
+        None
+    }
+
+    fn lookup(&mut self, pid: u32, addr: u64) -> Option<Normalized> {
+        let state = self.processes.get(&pid)?;
+        let i = state.mappings.partition_point(|m| m.end <= addr);
+        let m = state.mappings.get(i).filter(|m| m.start <= addr)?;
+        let offset = addr - m.start + m.offset;
+        match &m.target {
+            MappingTarget::Object(object) => Some(Normalized::File {
+                object: *object,
+                offset,
+            }),
+            MappingTarget::Anon(name) => {
+                let name = name.clone();
+                let start = m.start;
+                if name.is_empty() || name.starts_with("[anon") {
+                    if let Some(jit) = self.perf_map_name(pid, addr) {
+                        return Some(Normalized::Jit { name: jit });
+                    }
+                    return Some(Normalized::Anon {
+                        name: "[anon]".to_owned(),
+                        offset: addr - start,
+                    });
+                }
+                Some(Normalized::Anon { name, offset })
+            }
+        }
+    }
+
+    /// The JIT symbol covering `addr` in `/tmp/perf-PID.map` (the perf map
+    /// convention of V8, the JVM's perf-map-agent, Python 3.12's -X perf...).
+    fn perf_map_name(&mut self, pid: u32, addr: u64) -> Option<String> {
+        let state = self.processes.get_mut(&pid)?;
+        let find = |map: &[(u64, u64, String)]| {
+            let i = map.partition_point(|(start, _, _)| *start <= addr);
+            let (start, size, name) = map.get(i.checked_sub(1)?)?;
+            (addr < start + size).then(|| name.clone())
+        };
+        if let Some(name) = find(&state.perf_map) {
+            return Some(name);
+        }
+        // JIT compilers append to the map as they go: re-read on a miss.
+        if state
+            .perf_map_read_at
+            .is_some_and(|t| t.elapsed() < REFRESH_INTERVAL)
+        {
+            return None;
+        }
+        state.perf_map_read_at = Some(Instant::now());
+        let path = process::path_in_root(pid, &format!("/tmp/perf-{pid}.map"));
+        let text = std::fs::read_to_string(path).ok()?;
+        state.perf_map = parse_perf_map(&text);
+        find(&state.perf_map)
+    }
+
+    fn object_for(&mut self, pid: u32, m: &process::Mapping) -> Option<usize> {
+        // /proc/PID/map_files reaches the mapped file even when it was
+        // deleted or lives in another mount namespace; it needs root, so
+        // fall back to the path through the process's root.
+        let file = File::open(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
+            .or_else(|_| File::open(process::path_in_root(pid, &m.path)))
+            .ok()?;
+        let meta = file.metadata().ok()?;
+        let identity = (meta.dev(), meta.ino());
+        if let Some(&i) = self.by_identity.get(&identity) {
+            return Some(i);
+        }
+        use std::os::fd::AsRawFd as _;
+        let fd_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let build_id = blazesym::helper::read_elf_build_id(&fd_path)
+            .ok()
+            .flatten()
+            .map(|id| hex(&id))
+            .unwrap_or_default();
+        let path = m
+            .path
+            .strip_suffix(" (deleted)")
+            .unwrap_or(&m.path)
+            .to_owned();
+        self.objects.push(Object {
+            path,
+            build_id,
+            size: meta.len(),
+            file: Some(file),
+        });
+        let i = self.objects.len() - 1;
+        self.by_identity.insert(identity, i);
+        Some(i)
+    }
+}
+
+/// Parses perf map lines `START SIZE NAME` (hex numbers), sorted by start.
+pub fn parse_perf_map(text: &str) -> Vec<(u64, u64, String)> {
+    let mut entries: Vec<(u64, u64, String)> = text
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, ' ');
+            let start = u64::from_str_radix(parts.next()?.trim_start_matches("0x"), 16).ok()?;
+            let size = u64::from_str_radix(parts.next()?.trim_start_matches("0x"), 16).ok()?;
+            Some((start, size, parts.next()?.trim().to_owned()))
+        })
+        .collect();
+    entries.sort_by_key(|e| e.0);
+    entries
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Where the kernel's symbols are read from.
+pub const KALLSYMS: &str = "/proc/kallsyms";
+
+/// Gives frames to every location of `profile` that has none and whose
+/// mapping has a `local_path` (user objects) or is the kernel's with
+/// `local_path` [`KALLSYMS`]. Objects that cannot be read are noted in the
+/// profile's comments; their addresses stay unresolved.
+pub fn symbolize(profile: &mut Profile) {
+    SymbolCache::new().symbolize(profile);
+}
+
+/// Parsed objects (symbol tables, DWARF) kept across [`SymbolCache::symbolize`]
+/// calls. Holds `Rc`s: one per thread.
+pub struct SymbolCache {
+    symbolizer: Symbolizer,
+}
+
+impl Default for SymbolCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SymbolCache {
+    pub fn new() -> Self {
+        Self {
+            symbolizer: Symbolizer::new(),
+        }
+    }
+
+    /// See [`symbolize`].
+    pub fn symbolize(&self, profile: &mut Profile) {
+        let symbolizer = &self.symbolizer;
+        // Locations to look up, per mapping.
+        let mut per_mapping: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (i, loc) in profile.locations.iter().enumerate() {
+            if !loc.frames.is_empty() || loc.kind == LocationKind::Marker {
+                continue;
+            }
+            if let Some(m) = loc.mapping
+                && profile.mappings[m].local_path.is_some()
+            {
+                per_mapping.entry(m).or_default().push(i);
+            }
+        }
+        let mut mapping_ids: Vec<usize> = per_mapping.keys().copied().collect();
+        mapping_ids.sort_unstable();
+        for m in mapping_ids {
+            let locations = &per_mapping[&m];
+            let mapping = &profile.mappings[m];
+            let local = mapping.local_path.clone().expect("filtered above");
+            let kernel = mapping.is_kernel();
+            let inputs: Vec<u64> = locations
+                .iter()
+                .map(|&l| {
+                    let a = profile.locations[l].address;
+                    if kernel {
+                        a
+                    } else {
+                        a.wrapping_sub(mapping.start).wrapping_add(mapping.offset)
+                    }
+                })
+                .collect();
+            let result = if kernel {
+                let src = Source::Kernel(Kernel {
+                    kallsyms: blazesym::MaybeDefault::Some(local.clone()),
+                    vmlinux: blazesym::MaybeDefault::None,
+                    ..Kernel::default()
+                });
+                symbolizer.symbolize(&src, Input::AbsAddr(&inputs))
+            } else {
+                let src = Source::Elf(Elf::new(local.clone()));
+                symbolizer.symbolize(&src, Input::FileOffset(&inputs))
+            };
+            match result {
+                Ok(symbols) => {
+                    for (&l, sym) in locations.iter().zip(symbols) {
+                        profile.locations[l].frames = frames_of(sym);
+                    }
+                }
+                Err(err) => {
+                    let name = profile.mappings[m].file.clone();
+                    profile
+                        .comments
+                        .push(format!("could not symbolize {name}: {err}"));
+                }
+            }
+        }
+    }
+}
+
+/// A blazesym result as frames, innermost first.
+fn frames_of(sym: Symbolized<'_>) -> Vec<Frame> {
+    let Symbolized::Sym(sym) = sym else {
+        return Vec::new();
+    };
+    let code = |c: Option<&blazesym::symbolize::CodeInfo<'_>>| {
+        c.map_or((String::new(), 0), |c| {
+            (
+                c.to_path().display().to_string(),
+                i64::from(c.line.unwrap_or(0)),
+            )
+        })
+    };
+    let mut frames = Vec::with_capacity(sym.inlined.len() + 1);
+    // blazesym lists inlined calls outermost first; each carries the source
+    // location inside that inlined function.
+    for f in sym.inlined.iter().rev() {
+        let (file, line) = code(f.code_info.as_ref());
+        frames.push(Frame {
+            function: f.name.to_string(),
+            file,
+            line,
+            inlined: true,
+        });
+    }
+    let (file, line) = code(sym.code_info.as_deref());
+    frames.push(Frame {
+        function: sym.name.to_string(),
+        file,
+        line,
+        inlined: false,
+    });
+    frames
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_perf_maps() {
+        let map = parse_perf_map(
+            "7f0000001000 20 LazyCompile:~foo a.js:1\n7f0000000000 100 stub\nbad line\n",
+        );
+        assert_eq!(
+            map,
+            vec![
+                (0x7f0000000000, 0x100, "stub".to_owned()),
+                (0x7f0000001000, 0x20, "LazyCompile:~foo a.js:1".to_owned()),
+            ]
+        );
+    }
+}

@@ -1,0 +1,416 @@
+//! `prof-bpf cpu`: CPU splits known by construction, names, kernel frames,
+//! short-lived processes, pprof output, and the errors for bad input.
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use prof_bpf_tests::{
+    Proc, assert_one_line_error, build_workload, require_bpf, run_prof_bpf, start_prof_bpf,
+};
+
+/// Frame pointers for the frame-pointer walk; -O2 as a real build.
+const FLAGS: &[&str] = &["-O2", "-g", "-fno-omit-frame-pointer"];
+/// Tolerance of a share, in percentage points.
+const TOLERANCE: f64 = 3.0;
+
+fn out_file(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join("prof-bpf-cpu-tests");
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    let path = dir.join(name);
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+/// Parses folded output: (frames root first, value) per line.
+fn parse_folded(text: &str) -> Vec<(Vec<String>, u64)> {
+    text.lines()
+        .filter_map(|line| {
+            let (stack, value) = line.rsplit_once(' ')?;
+            Some((
+                stack.split(';').map(str::to_owned).collect(),
+                value.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// The function of `func_a`, `func_b`, `func_c` nearest the leaf, if any.
+fn split_function(frames: &[String]) -> Option<usize> {
+    frames.iter().rev().find_map(|f| match f.as_str() {
+        "func_a" => Some(0),
+        "func_b" => Some(1),
+        "func_c" => Some(2),
+        _ => None,
+    })
+}
+
+/// Percentages of func_a/b/c among the stacks that contain one of them.
+fn split_of<'a>(stacks: impl Iterator<Item = &'a (Vec<String>, u64)>) -> ([f64; 3], u64) {
+    let mut sums = [0u64; 3];
+    for (frames, value) in stacks {
+        if let Some(i) = split_function(frames) {
+            sums[i] += value;
+        }
+    }
+    let total: u64 = sums.iter().sum();
+    let pct = sums.map(|s| 100.0 * s as f64 / total.max(1) as f64);
+    (pct, total)
+}
+
+fn assert_split(what: &str, got: [f64; 3], want: [f64; 3]) {
+    eprintln!("{what}: split {got:.2?}, expected {want:?}");
+    for i in 0..3 {
+        assert!(
+            (got[i] - want[i]).abs() <= TOLERANCE,
+            "{what}: split {got:.1?} differs from {want:?} by more than {TOLERANCE} points"
+        );
+    }
+}
+
+/// Wall seconds of the split runs (sampling lasts at least this long).
+const SPLIT_SECONDS: &str = "10";
+/// CPU seconds each worker gets at least, however busy the machine: 5000
+/// samples at 999 Hz put one standard deviation of a share under 0.7 points.
+const SPLIT_CPU_SECONDS: &str = "5";
+/// Nanoseconds of CPU sampled per worker at least (a margin under 5 s).
+const SPLIT_MIN_NS: u64 = 4_500_000_000;
+
+/// Runs the split workload under `prof-bpf cpu --pid` at 999 Hz until it
+/// exits, and returns the folded stacks (values in nanoseconds).
+fn profile_split(mode: &[&str], group_by: &str) -> (Vec<(Vec<String>, u64)>, u32) {
+    let mut workload = Proc::spawn(
+        Command::new(build_workload("cpu_split", FLAGS))
+            .args([SPLIT_SECONDS, SPLIT_CPU_SECONDS])
+            .args(mode),
+    );
+    workload.expect_line("ready");
+    let pid = workload.pid();
+    let out = out_file(&format!("split-{pid}.folded"));
+    let pid_arg = pid.to_string();
+    let (prof, _) = start_prof_bpf(
+        &[
+            "cpu",
+            "--pid",
+            &pid_arg,
+            "-F",
+            "999",
+            "--group-by",
+            group_by,
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        "sampling",
+    );
+    workload.send_line("go");
+    workload.expect_line("done");
+    let status = prof.wait_with_output().expect("wait for prof-bpf").status;
+    assert!(status.success(), "prof-bpf cpu failed: {status:?}");
+    let text = std::fs::read_to_string(&out).expect("read folded output");
+    drop(workload.wait_output(Duration::from_secs(10)));
+    (parse_folded(&text), pid)
+}
+
+#[test]
+fn single_thread_split_is_50_30_20() {
+    require_bpf!();
+    let (stacks, pid) = profile_split(&[], "process");
+    // The process is named by its comm, set by the workload.
+    let root = format!("splitmain-{pid}");
+    assert!(
+        stacks.iter().all(|(f, _)| f[0] == root),
+        "every stack should start at {root}: {:?}",
+        stacks.iter().map(|(f, _)| &f[0]).collect::<Vec<_>>()
+    );
+    let (split, total_ns) = split_of(stacks.iter());
+    assert!(total_ns >= SPLIT_MIN_NS, "only {total_ns} ns sampled");
+    assert_split("single thread", split, [50.0, 30.0, 20.0]);
+    // The stacks are complete down to main.
+    let with_main: u64 = stacks
+        .iter()
+        .filter(|(f, _)| split_function(f).is_some() && f.iter().any(|x| x == "main"))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(with_main * 100 >= total_ns * 95, "main missing from stacks");
+}
+
+#[test]
+fn per_thread_splits_are_exact() {
+    require_bpf!();
+    let (stacks, pid) = profile_split(&["threads"], "thread");
+    let mut by_root: HashMap<&str, Vec<&(Vec<String>, u64)>> = HashMap::new();
+    for s in &stacks {
+        by_root.entry(s.0[0].as_str()).or_default().push(s);
+    }
+    let mut splits = Vec::new();
+    for (root, stacks) in &by_root {
+        let (split, total) = split_of(stacks.iter().copied());
+        if total > 0 {
+            assert!(
+                root.starts_with(&format!("splitmain-{pid}/")),
+                "root {root}"
+            );
+            splits.push((split, total));
+        }
+    }
+    assert_eq!(splits.len(), 2, "two worker threads expected: {by_root:?}");
+    for (split, total) in &splits {
+        assert!(
+            *total >= SPLIT_MIN_NS,
+            "only {total} ns sampled for a thread"
+        );
+        // Worker 1 runs a/b/c at 50/30/20, worker 2 at 20/30/50.
+        let want = if split[0] > split[2] {
+            [50.0, 30.0, 20.0]
+        } else {
+            [20.0, 30.0, 50.0]
+        };
+        assert_split("per thread", *split, want);
+    }
+}
+
+#[test]
+fn thread_names_are_labels_in_pprof() {
+    require_bpf!();
+    let mut workload =
+        Proc::spawn(Command::new(build_workload("cpu_split", FLAGS)).args(["2", "0", "threads"]));
+    workload.expect_line("ready");
+    let pid = workload.pid().to_string();
+    let out = out_file(&format!("names-{pid}.pb.gz"));
+    let (prof, _) = start_prof_bpf(
+        &[
+            "cpu",
+            "--pid",
+            &pid,
+            "-F",
+            "999",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        "sampling",
+    );
+    workload.send_line("go");
+    workload.expect_line("done");
+    assert!(prof.wait_with_output().expect("wait").status.success());
+    let tags = go_pprof(&["-tags"], &out);
+    for name in ["splitmain", "split-w1", "split-w2"] {
+        assert!(tags.contains(name), "{name} missing from labels:\n{tags}");
+    }
+    drop(workload.wait_output(Duration::from_secs(10)));
+}
+
+#[test]
+fn syscall_heavy_workload_has_kernel_frames() {
+    require_bpf!();
+    let mut workload = Proc::spawn(Command::new(build_workload("cpu_syscalls", FLAGS)).arg("3"));
+    workload.expect_line("ready");
+    let pid = workload.pid().to_string();
+    let out = out_file(&format!("syscalls-{pid}.folded"));
+    let (prof, _) = start_prof_bpf(
+        &[
+            "cpu",
+            "--pid",
+            &pid,
+            "-F",
+            "999",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        "sampling",
+    );
+    workload.send_line("go");
+    workload.expect_line("done");
+    assert!(prof.wait_with_output().expect("wait").status.success());
+    let stacks = parse_folded(&std::fs::read_to_string(&out).expect("read output"));
+    let total: u64 = stacks.iter().map(|(_, v)| v).sum();
+    let kernel: u64 = stacks
+        .iter()
+        .filter(|(f, _)| f.iter().any(|x| x.ends_with("_[k]")))
+        .map(|(_, v)| v)
+        .sum();
+    let read_path: u64 = stacks
+        .iter()
+        .filter(|(f, _)| f.iter().any(|x| x.ends_with("_[k]") && x.contains("read")))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(total > 0, "no samples");
+    // Reading /dev/zero spends most of its time clearing user memory.
+    assert!(
+        kernel * 2 >= total,
+        "kernel frames in {kernel} of {total} ns"
+    );
+    assert!(
+        read_path * 2 >= total,
+        "read syscall frames in {read_path} of {total} ns"
+    );
+    // The user side of kernel samples is there too: the kernel frames sit
+    // on top of the user stack.
+    let with_user: u64 = stacks
+        .iter()
+        .filter(|(f, _)| f.iter().any(|x| x.ends_with("_[k]")) && f.iter().any(|x| x == "main"))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(
+        with_user * 2 >= kernel,
+        "user frames under kernel frames in {with_user} of {kernel} ns"
+    );
+    drop(workload.wait_output(Duration::from_secs(10)));
+}
+
+#[test]
+fn short_lived_process_is_named_and_symbolized() {
+    require_bpf!();
+    let program = build_workload("cpu_short", FLAGS);
+    let out = out_file("short.folded");
+    let (prof, _) = start_prof_bpf(
+        &["cpu", "--all", "-F", "999", "-o", out.to_str().unwrap()],
+        "sampling",
+    );
+    let child = Command::new(&program).status().expect("run cpu_short");
+    assert!(child.success());
+    // The next drain happens within a second; Ctrl-C must still write it all.
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(prof.id() as i32, libc::SIGINT) };
+    let status = prof.wait_with_output().expect("wait").status;
+    assert!(
+        status.success(),
+        "prof-bpf cpu failed on Ctrl-C: {status:?}"
+    );
+    let stacks = parse_folded(&std::fs::read_to_string(&out).expect("read output"));
+    // comm is the executable's name, cut at 15 bytes.
+    let name = program.file_name().unwrap().to_str().unwrap();
+    let comm = &name[..name.len().min(15)];
+    let ours: Vec<_> = stacks
+        .iter()
+        .filter(|(f, _)| f[0].starts_with(&format!("{comm}-")))
+        .collect();
+    assert!(!ours.is_empty(), "no samples of {comm}");
+    let total: u64 = ours.iter().map(|(_, v)| v).sum();
+    let symbolized: u64 = ours
+        .iter()
+        .filter(|(f, _)| f.iter().any(|x| x == "short_lived_work") && f.iter().any(|x| x == "main"))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(
+        symbolized * 10 >= total * 8,
+        "short_lived_work/main in {symbolized} of {total} ns"
+    );
+}
+
+fn go_pprof(args: &[&str], file: &Path) -> String {
+    let out = Command::new("go")
+        .args(["tool", "pprof"])
+        .args(args)
+        .arg(file)
+        .output()
+        .expect("run go tool pprof");
+    assert!(
+        out.status.success(),
+        "go tool pprof failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn pprof_file_is_read_by_go_pprof() {
+    require_bpf!();
+    let mut workload =
+        Proc::spawn(Command::new(build_workload("cpu_split", FLAGS)).args(["3", "0"]));
+    workload.expect_line("ready");
+    let pid = workload.pid().to_string();
+    let out = out_file(&format!("split-{pid}.pb.gz"));
+    let (prof, _) = start_prof_bpf(
+        &[
+            "cpu",
+            "--pid",
+            &pid,
+            "-F",
+            "999",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        "sampling",
+    );
+    workload.send_line("go");
+    workload.expect_line("done");
+    assert!(prof.wait_with_output().expect("wait").status.success());
+    let top = go_pprof(&["-top", "-sample_index=cpu"], &out);
+    for f in ["burn", "func_a", "func_b", "func_c", "main"] {
+        assert!(
+            top.contains(f),
+            "{f} missing from go tool pprof -top:\n{top}"
+        );
+    }
+    // burn is the leaf of nearly everything: its flat share dominates.
+    let burn = top
+        .lines()
+        .find(|l| l.trim_end().ends_with(" burn"))
+        .expect("burn line");
+    let flat_pct: f64 = burn
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.trim_end_matches('%').parse().ok())
+        .expect("flat% of burn");
+    assert!(flat_pct > 90.0, "burn flat {flat_pct}%:\n{top}");
+    drop(workload.wait_output(Duration::from_secs(10)));
+}
+
+#[test]
+fn unknown_pid_is_one_line_error() {
+    require_bpf!();
+    let (_, stderr, code) = run_prof_bpf(&["cpu", "--pid", "4999999"]);
+    assert_one_line_error(&stderr, code, "no process with pid 4999999");
+}
+
+#[test]
+fn bad_frequency_is_one_line_error() {
+    require_bpf!();
+    let (_, stderr, code) = run_prof_bpf(&["cpu", "-F", "0"]);
+    assert_one_line_error(&stderr, code, "-F 0 is out of range");
+    let max: u64 = std::fs::read_to_string("/proc/sys/kernel/perf_event_max_sample_rate")
+        .expect("read max sample rate")
+        .trim()
+        .parse()
+        .expect("parse max sample rate");
+    let above = (max + 1).to_string();
+    let (_, stderr, code) = run_prof_bpf(&["cpu", "-F", &above]);
+    assert_one_line_error(&stderr, code, &format!("-F {above} is out of range"));
+}
+
+#[test]
+fn unwritable_output_is_one_line_error() {
+    require_bpf!();
+    let (_, stderr, code) =
+        run_prof_bpf(&["cpu", "--duration", "1", "-o", "/nonexistent-dir/cpu.pb.gz"]);
+    assert_one_line_error(&stderr, code, "cannot write /nonexistent-dir/cpu.pb.gz");
+}
+
+#[test]
+fn cycles_without_hardware_counters_is_one_line_error() {
+    require_bpf!();
+    let has_pmu = Path::new("/sys/bus/event_source/devices/cpu").exists()
+        || Path::new("/sys/bus/event_source/devices/cpu_core").exists();
+    let (_, stderr, code) = run_prof_bpf(&["cpu", "--event", "cycles", "--duration", "0.5"]);
+    if has_pmu {
+        assert_eq!(code, 0, "cycles with a PMU: {stderr}");
+    } else {
+        assert_one_line_error(&stderr, code, "--event cycles is not available");
+    }
+}
+
+#[test]
+fn non_root_is_one_line_error() {
+    require_bpf!();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(prof_bpf_tests::prof_bpf())
+        .args(["cpu", "--duration", "1"])
+        .output()
+        .expect("run setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_one_line_error(&stderr, out.status.code().unwrap_or(-1), "must run as root");
+}
