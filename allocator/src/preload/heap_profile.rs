@@ -341,7 +341,10 @@ impl Heap {
         } else if s.inuse_interval > 0 && self.in_use >= self.next_inuse_dump {
             self.dump(self.in_use >> 20, "MB in use");
         } else if s.time_interval > 0 && env::now_secs() >= self.last_dump_secs + s.time_interval {
-            self.dump(env::now_secs() - self.last_dump_secs, "s since the last dump");
+            self.dump(
+                env::now_secs() - self.last_dump_secs,
+                "s since the last dump",
+            );
         }
     }
 

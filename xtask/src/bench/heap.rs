@@ -162,7 +162,12 @@ fn run_once(
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         // bpftrace and memleak report on stdout: run them with stdout on
         // stderr, where start_until looks for the marker.
-        let mut wrapped = vec!["-c", "exec \"$@\" 1>&2", "sh", program.to_str().context("tool path")?];
+        let mut wrapped = vec![
+            "-c",
+            "exec \"$@\" 1>&2",
+            "sh",
+            program.to_str().context("tool path")?,
+        ];
         wrapped.extend(args);
         let (child, _) = start_until(Path::new("/bin/sh"), &wrapped, marker);
         // bpftrace and memleak print their marker just before the probes are live.
