@@ -7,9 +7,9 @@
 #![no_std]
 
 pub mod count;
+pub mod cpu;
 pub mod heap;
 pub mod hooks;
-pub mod cpu;
 pub mod stack;
 pub mod unwind;
 pub mod unwind_test;

@@ -14,8 +14,8 @@ use aya_ebpf::{
 };
 use profiler_common::cpu::{
     COUNTS_MAX_ENTRIES, CpuConfig, KEY_KERNEL_STACK, KEY_KERNEL_STACK_FAILED, KEY_USER_STACK,
-    KEY_USER_STACK_FAILED, PIDS_MAX_ENTRIES, STATS_LEN, SampleCounts, SampleKey, Stat, TASK_EVENTS_BYTES,
-    TASK_EXEC, TASK_EXIT, TaskEvent,
+    KEY_USER_STACK_FAILED, PIDS_MAX_ENTRIES, STATS_LEN, SampleCounts, SampleKey, Stat,
+    TASK_EVENTS_BYTES, TASK_EXEC, TASK_EXIT, TaskEvent,
 };
 
 use crate::stack;

@@ -6,8 +6,8 @@
 #![allow(internal_features)]
 
 mod count;
-mod heap;
 mod cpu;
+mod heap;
 pub mod stack;
 mod unwind;
 mod unwind_test;

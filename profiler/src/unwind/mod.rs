@@ -339,10 +339,19 @@ impl Tables {
         if object.id == 0 {
             return Ok(());
         }
+        // The kernel maps each load segment from its offset rounded down to
+        // a page; segments can share a page (lld), so match that exactly
+        // before falling back to containment.
         let Some(&(seg_off, _, seg_vaddr)) = object
             .segments
             .iter()
-            .find(|&&(off, size, _)| off & !0xfff <= m.offset && m.offset < off + size)
+            .find(|&&(off, _, _)| off & !0xfff == m.offset)
+            .or_else(|| {
+                object
+                    .segments
+                    .iter()
+                    .find(|&&(off, size, _)| off <= m.offset && m.offset < off + size)
+            })
         else {
             bail!(
                 "offset {:#x} is in no load segment of {}",
