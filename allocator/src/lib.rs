@@ -1,1 +1,45 @@
-//! profalloc: a TCMalloc-style allocator (work in progress).
+//! profalloc: a TCMalloc-style allocator.
+//!
+//! # Overview
+//! Front end: per-thread caches ([`thread_cache`]) of free objects per size
+//! class ([`size_class`]), reached without locks. Middle: per class, a
+//! transfer cache of whole batches and a central list of spans
+//! ([`central`]). Back end: the page heap of spans ([`page_heap`]), the page
+//! map from address to span ([`pagemap`]), huge objects in their own
+//! mappings ([`huge`]), and the OS ([`os`]). Every allocation also counts
+//! down a per-thread sampler ([`sampler`]) whose hooks an agent can probe.
+//!
+//! Two ways in: the C ABI of `libprofalloc.so` (package `profalloc-preload`
+//! in `allocator/preload`, for `LD_PRELOAD`) and [`ProfAlloc`] as a Rust
+//! `#[global_allocator]`:
+//!
+//! ```no_run
+//! #[global_allocator]
+//! static GLOBAL: profalloc::ProfAlloc = profalloc::ProfAlloc;
+//! ```
+//!
+//! # Your responsibilities vs ours
+//! Ours: memory safety of correct programs, errors as null (and ENOMEM),
+//! detecting the double free of a class's most recently freed object and
+//! frees of pointers we never handed out (abort with a message). Yours:
+//! use LD_PRELOAD or static linking (the library uses initial-exec TLS and
+//! may fail to `dlopen`); do not allocate in a signal handler that may
+//! interrupt an allocation fast path (a handler that interrupts a slow path
+//! is handled, and never deadlocks).
+pub mod alloc;
+pub mod central;
+mod global;
+pub mod huge;
+pub mod lock;
+pub mod os;
+pub mod page_heap;
+pub mod pagemap;
+pub mod preload;
+pub mod sampler;
+pub mod size_class;
+pub mod span;
+pub mod stats;
+pub mod thread_cache;
+
+pub use global::ProfAlloc;
+pub use stats::{Stats, stats};

@@ -8,6 +8,8 @@
 
 pub mod count;
 pub mod cpu;
+pub mod heap;
+pub mod hooks;
 pub mod stack;
 pub mod unwind;
 pub mod unwind_test;

@@ -1,6 +1,6 @@
 //! The walker's own test programs (`unwind_test_uprobe`, `unwind_test_perf`).
 //!
-//! Map [`TEST_COUNTS_MAP`]: `PerCpuHashMap<u64 (user stack id), u64 (times seen)>`;
+//! Map [`TEST_COUNTS_MAP`]: `HashMap<u64 (user stack id), u64 (times seen)>`;
 //! the key [`TEST_STACK_FAILED`] counts samples whose stack was not stored.
 
 /// Name of the count map.

@@ -1,9 +1,13 @@
 //! The eBPF programs of prof-bpf, one module per concern.
 #![no_std]
 #![no_main]
+// Atomic adds (BPF_XADD): core's atomics lack fetch_add on the BPF target.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod count;
 mod cpu;
+mod heap;
 pub mod stack;
 mod unwind;
 mod unwind_test;

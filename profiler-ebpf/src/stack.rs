@@ -14,7 +14,7 @@ use aya_ebpf::{
         generated::{bpf_get_current_task_btf, bpf_loop, bpf_task_pt_regs},
     },
     macros::map,
-    maps::{HashMap, PerCpuArray, StackTrace},
+    maps::{HashMap, LruHashMap, PerCpuArray, StackTrace},
     programs::tracing::StackIdContext,
 };
 use profiler_common::{
@@ -41,8 +41,8 @@ pub static KERNEL_STACKS: StackTrace = StackTrace::with_max_entries(KERNEL_STACK
 #[map(name = "UNWIND_STATS")]
 static UNWIND_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
 
-/// The walk in progress on this CPU. The BPF stack (512 bytes) cannot hold a
-/// `UserStack`, and the `bpf_loop` callback reaches its state through here.
+/// A walk in progress. The BPF stack (512 bytes) cannot hold a `UserStack`,
+/// so the state lives in a map value.
 #[repr(C)]
 pub(crate) struct Walk {
     pub stack: UserStack,
@@ -54,11 +54,49 @@ pub(crate) struct Walk {
     pub exact: u32,
     /// 1 when `frame.bp` was read from a frame-pointer chain.
     pub bp_chained: u32,
-    pub _pad: u32,
+    /// 1 while a walk uses this record.
+    pub busy: u32,
 }
 
+/// Walk state per thread. Uprobe programs run preemptibly (only migration
+/// is disabled), so two threads can interleave their programs on one CPU
+/// and a per-CPU record would be shared; a thread's own record cannot be.
+/// LRU: records of threads that stopped walking make room for new ones.
+#[map(name = "UNWIND_WALKS")]
+static WALKS: LruHashMap<u64, Walk> = LruHashMap::with_max_entries(WALKS_MAX, 0);
+
+/// Per-CPU record for a walk that interrupts its own thread's walk (a perf
+/// event during a uprobe program; perf-event programs never nest on a CPU),
+/// and the initial value of new per-thread records.
 #[map(name = "UNWIND_WALK")]
 static WALK: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
+
+/// Threads whose walk state is kept at once.
+const WALKS_MAX: u32 = 8192;
+
+/// What the `bpf_loop` callback gets: the record of this walk.
+#[repr(C)]
+struct LoopCtx {
+    walk: *mut Walk,
+}
+
+/// The record this walk may use: its thread's, unless that one is busy
+/// (this program interrupted its own thread's walk).
+#[inline(always)]
+fn walk_record(tid: u64) -> Option<*mut Walk> {
+    if let Some(w) = WALKS.get_ptr_mut(tid) {
+        // SAFETY: a pointer from a successful lookup.
+        if unsafe { (*w).busy } == 0 {
+            return Some(w);
+        }
+        return WALK.get_ptr_mut(0);
+    }
+    let template = WALK.get_ptr(0)?;
+    // SAFETY: a pointer from a successful lookup; only its header fields
+    // matter and they are reset before use.
+    let _ = WALKS.insert(tid, unsafe { &*template }, 0);
+    WALKS.get_ptr_mut(tid)
+}
 
 /// Why no stack id could be produced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,14 +132,16 @@ pub fn kernel_stack_id<C: StackIdContext>(ctx: &C) -> Result<u32, i32> {
 /// kernel); the task's saved user registers are used then.
 #[inline(always)]
 pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, StackError> {
-    let walk = WALK.get_ptr_mut(0).ok_or(StackError::NoScratch)?;
-    // SAFETY: the per-CPU slot is valid for the whole program run and only
-    // this program touches it on this CPU.
-    let walk = unsafe { &mut *walk };
+    let tid = bpf_get_current_pid_tgid();
+    let walk_ptr = walk_record(tid).ok_or(StackError::NoScratch)?;
+    // SAFETY: the record is this thread's (or this CPU's, for a walk that
+    // interrupted its thread's walk) and stays valid while the program runs.
+    let walk = unsafe { &mut *walk_ptr };
+    walk.busy = 1;
     count(STAT_STACKS);
     walk.stack.len = 0;
     walk.stack.status = STACK_MISSING;
-    walk.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    walk.pid = (tid >> 32) as u32;
     walk.exact = 1;
     walk.bp_chained = 0;
     // SAFETY: `regs` is the program's context (pt_regs) or the start of a
@@ -123,13 +163,14 @@ pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, Stac
         count(STAT_MISSING);
     } else {
         walk.stack.status = STACK_TRUNCATED;
+        let mut ctx = LoopCtx { walk: walk_ptr };
         // SAFETY: `walk_frame` has the callback signature bpf_loop expects
-        // and takes its state from the per-CPU record, not from the context.
+        // and `ctx` outlives the loop.
         unsafe {
             bpf_loop(
                 MAX_USER_FRAMES as u32,
                 walk_frame as *const () as *mut c_void,
-                core::ptr::null_mut(),
+                (&raw mut ctx).cast(),
                 0,
             );
         }
@@ -141,17 +182,19 @@ pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, Stac
     }
 
     let id = hash_stack(&walk.stack);
+    let mut result = Ok(id);
     if USER_STACKS.get_ptr(id).is_none() {
         match USER_STACKS.insert(id, &walk.stack, BPF_NOEXIST as u64) {
             // -EEXIST: another CPU stored the same stack meanwhile.
             Ok(()) | Err(-17) => {}
             Err(_) => {
                 count(STAT_MAP_FULL);
-                return Err(StackError::MapFull);
+                result = Err(StackError::MapFull);
             }
         }
     }
-    Ok(id)
+    walk.busy = 0;
+    result
 }
 
 /// The user registers to start from.
@@ -191,12 +234,10 @@ const KERNEL_START: u64 = 0xffff_8000_0000_0000;
 /// One iteration of the walk (a `bpf_loop` callback): records the current
 /// frame and finds its caller. Returns 1 to stop.
 #[inline(never)]
-extern "C" fn walk_frame(_index: u64, _ctx: *mut c_void) -> i64 {
-    let Some(walk) = WALK.get_ptr_mut(0) else {
-        return 1;
-    };
-    // SAFETY: see `user_stack_id`.
-    let walk = unsafe { &mut *walk };
+extern "C" fn walk_frame(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes the LoopCtx given by `user_stack_id`, whose
+    // record is valid for the whole program run (see there).
+    let walk = unsafe { &mut *(*ctx.cast::<LoopCtx>()).walk };
     let len = walk.stack.len as usize;
     let Some(slot) = walk.stack.ips.get_mut(len) else {
         // Depth limit: status stays STACK_TRUNCATED.

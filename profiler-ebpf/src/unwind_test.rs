@@ -1,19 +1,21 @@
 //! Programs that exercise the stack walker alone (`prof-bpf debug-unwind`,
 //! the unwinder's tests and benchmark): count how often each user stack is
 //! seen, from a uprobe at a function's entry or from a perf event.
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
     bindings::pt_regs,
     macros::{map, perf_event, uprobe},
-    maps::PerCpuHashMap,
+    maps::HashMap,
     programs::{PerfEventContext, ProbeContext},
 };
 use profiler_common::unwind_test::{TEST_COUNTS_MAX, TEST_STACK_FAILED};
 
 use crate::stack::user_stack_id;
 
-/// `UNWIND_TEST_COUNTS`: user stack id -> times seen (per CPU).
+/// `UNWIND_TEST_COUNTS`: user stack id -> times seen.
 #[map(name = "UNWIND_TEST_COUNTS")]
-static COUNTS: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(TEST_COUNTS_MAX, 0);
+static COUNTS: HashMap<u64, u64> = HashMap::with_max_entries(TEST_COUNTS_MAX, 0);
 
 #[uprobe]
 pub fn unwind_test_uprobe(ctx: ProbeContext) -> u32 {
@@ -31,9 +33,10 @@ pub fn unwind_test_perf(ctx: PerfEventContext) -> u32 {
 #[inline(always)]
 fn record(id: u64) {
     if let Some(n) = COUNTS.get_ptr_mut(id) {
-        // SAFETY: this CPU's slot of a per-CPU map value; this program is
-        // its only writer while it runs.
-        unsafe { *n += 1 };
+        // An atomic add: uprobe programs are preemptible, so two threads can
+        // update one counter from the same CPU.
+        // SAFETY: a pointer from a successful lookup into an 8-byte value.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1) };
         return;
     }
     // A full map shows up as missing samples in the totals user space reads.

@@ -18,6 +18,11 @@ pub fn require_root() -> anyhow::Result<()> {
 
 /// Loads the eBPF object (programs are loaded individually by each session).
 pub fn load() -> anyhow::Result<aya::Ebpf> {
+    load_with(|_| {})
+}
+
+/// [`load`] with loader settings (map sizes, globals) applied by `configure`.
+pub fn load_with(configure: impl FnOnce(&mut aya::EbpfLoader<'_>)) -> anyhow::Result<aya::Ebpf> {
     require_root()?;
     if OBJECT.is_empty() {
         bail!(
@@ -37,7 +42,9 @@ pub fn load() -> anyhow::Result<aya::Ebpf> {
             std::io::Error::last_os_error()
         );
     }
-    aya::Ebpf::load(OBJECT).context("loading the eBPF object")
+    let mut loader = aya::EbpfLoader::new();
+    configure(&mut loader);
+    loader.load(OBJECT).context("loading the eBPF object")
 }
 
 /// Forwards the programs' aya-log records to this process's logger (shown

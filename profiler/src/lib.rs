@@ -7,11 +7,13 @@
 //! - [`profile`]: the one profile model; [`symbolize`]: addresses to names;
 //!   [`output`]: its writers; [`report`]: the `report` session (files in).
 //! - [`count`]: the `count` session (malloc/free call counters).
+//! - [`heap`]: the `heap` session (heap profiles and leak reports).
 //! - [`unwind`]: CFI tables for the kernel-side user stack walker.
 
 pub mod count;
 pub mod cpu;
 pub mod ebpf;
+pub mod heap;
 pub mod output;
 pub mod process;
 pub mod profile;

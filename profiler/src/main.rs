@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Count malloc and free calls of a running process (calls and bytes per second).
     Count(profiler::count::CountArgs),
+    /// Heap profile or leak report of running processes (or of a command after `--`).
+    Heap(Box<profiler::heap::HeapArgs>),
     /// Show a saved profile (pprof, gperftools heap or CPU profile) in any format.
     Report(profiler::report::ReportArgs),
     /// Sample where CPUs spend their time: whole host or some processes, user and kernel stacks.
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Count(args) => profiler::count::run(args),
+        Command::Heap(args) => profiler::heap::run(*args),
         Command::Report(args) => profiler::report::run(args),
         Command::Cpu(args) => profiler::cpu::run(args),
         Command::DebugUnwind(args) => profiler::unwind::debug::run(args),

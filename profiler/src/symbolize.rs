@@ -113,6 +113,8 @@ pub struct Normalizer {
     /// (device, inode) of each opened object.
     by_identity: HashMap<(u64, u64), usize>,
     processes: HashMap<u32, ProcessState>,
+    /// The vDSO as an object, once dumped (`Some(None)`: dumping failed).
+    vdso: Option<Option<usize>>,
 }
 
 impl Normalizer {
@@ -127,7 +129,12 @@ impl Normalizer {
         };
         let mut mappings = Vec::new();
         for m in maps.iter().filter(|m| m.is_executable()) {
-            let target = if m.is_file() {
+            let target = if m.path == "[vdso]" {
+                match self.vdso_object() {
+                    Some(o) => MappingTarget::Object(o),
+                    None => MappingTarget::Anon(m.path.clone()),
+                }
+            } else if m.is_file() {
                 match self.object_for(pid, m) {
                     Some(o) => MappingTarget::Object(o),
                     None => MappingTarget::Anon(m.path.clone()),
@@ -223,6 +230,33 @@ impl Normalizer {
         find(&state.perf_map)
     }
 
+    /// The vDSO, which is no file: every 64-bit process of this kernel maps
+    /// the same image, so this process's copy, saved to an unlinked file,
+    /// symbolizes everyone's (`__vdso_clock_gettime`...).
+    fn vdso_object(&mut self) -> Option<usize> {
+        if let Some(done) = self.vdso {
+            return done;
+        }
+        let object = dump_own_vdso().ok().map(|file| {
+            use std::os::fd::AsRawFd as _;
+            let fd_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+            let build_id = blazesym::helper::read_elf_build_id(&fd_path)
+                .ok()
+                .flatten()
+                .map(|id| hex(&id))
+                .unwrap_or_default();
+            self.objects.push(Object {
+                path: "[vdso]".to_owned(),
+                build_id,
+                size: file.metadata().map_or(0, |m| m.len()),
+                file: Some(file),
+            });
+            self.objects.len() - 1
+        });
+        self.vdso = Some(object);
+        object
+    }
+
     fn object_for(&mut self, pid: u32, m: &process::Mapping) -> Option<usize> {
         // /proc/PID/map_files reaches the mapped file even when it was
         // deleted or lives in another mount namespace; it needs root, so
@@ -259,6 +293,30 @@ impl Normalizer {
     }
 }
 
+/// Copies this process's vDSO image into an unlinked temporary file.
+fn dump_own_vdso() -> std::io::Result<File> {
+    use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+    let maps = process::maps(std::process::id()).map_err(std::io::Error::other)?;
+    let vdso = maps
+        .iter()
+        .find(|m| m.path == "[vdso]")
+        .ok_or_else(|| std::io::Error::other("no [vdso] mapping"))?;
+    let mut image = vec![0; usize::try_from(vdso.end - vdso.start).map_err(std::io::Error::other)?];
+    let mut mem = File::open("/proc/self/mem")?;
+    mem.seek(SeekFrom::Start(vdso.start))?;
+    mem.read_exact(&mut image)?;
+    let path = std::env::temp_dir().join(format!("prof-bpf-vdso-{}.so", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    file.write_all(&image)?;
+    Ok(file)
+}
+
 /// Parses perf map lines `START SIZE NAME` (hex numbers), sorted by start.
 pub fn parse_perf_map(text: &str) -> Vec<(u64, u64, String)> {
     let mut entries: Vec<(u64, u64, String)> = text
@@ -287,59 +345,84 @@ pub const KALLSYMS: &str = "/proc/kallsyms";
 /// `local_path` [`KALLSYMS`]. Objects that cannot be read are noted in the
 /// profile's comments; their addresses stay unresolved.
 pub fn symbolize(profile: &mut Profile) {
-    let symbolizer = Symbolizer::new();
-    // Locations to look up, per mapping.
-    let mut per_mapping: HashMap<usize, Vec<usize>> = HashMap::new();
-    for (i, loc) in profile.locations.iter().enumerate() {
-        if !loc.frames.is_empty() || loc.kind == LocationKind::Marker {
-            continue;
-        }
-        if let Some(m) = loc.mapping
-            && profile.mappings[m].local_path.is_some()
-        {
-            per_mapping.entry(m).or_default().push(i);
+    SymbolCache::new().symbolize(profile);
+}
+
+/// Parsed objects (symbol tables, DWARF) kept across [`SymbolCache::symbolize`]
+/// calls. Holds `Rc`s: one per thread.
+pub struct SymbolCache {
+    symbolizer: Symbolizer,
+}
+
+impl Default for SymbolCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SymbolCache {
+    pub fn new() -> Self {
+        Self {
+            symbolizer: Symbolizer::new(),
         }
     }
-    let mut mapping_ids: Vec<usize> = per_mapping.keys().copied().collect();
-    mapping_ids.sort_unstable();
-    for m in mapping_ids {
-        let locations = &per_mapping[&m];
-        let mapping = &profile.mappings[m];
-        let local = mapping.local_path.clone().expect("filtered above");
-        let kernel = mapping.is_kernel();
-        let inputs: Vec<u64> = locations
-            .iter()
-            .map(|&l| {
-                let a = profile.locations[l].address;
-                if kernel {
-                    a
-                } else {
-                    a.wrapping_sub(mapping.start).wrapping_add(mapping.offset)
-                }
-            })
-            .collect();
-        let result = if kernel {
-            let src = Source::Kernel(Kernel {
-                kallsyms: blazesym::MaybeDefault::Some(local.clone()),
-                vmlinux: blazesym::MaybeDefault::None,
-                ..Kernel::default()
-            });
-            symbolizer.symbolize(&src, Input::AbsAddr(&inputs))
-        } else {
-            let src = Source::Elf(Elf::new(local.clone()));
-            symbolizer.symbolize(&src, Input::FileOffset(&inputs))
-        };
-        match result {
-            Ok(symbols) => {
-                for (&l, sym) in locations.iter().zip(symbols) {
-                    profile.locations[l].frames = frames_of(sym);
-                }
+
+    /// See [`symbolize`].
+    pub fn symbolize(&self, profile: &mut Profile) {
+        let symbolizer = &self.symbolizer;
+        // Locations to look up, per mapping.
+        let mut per_mapping: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (i, loc) in profile.locations.iter().enumerate() {
+            if !loc.frames.is_empty() || loc.kind == LocationKind::Marker {
+                continue;
             }
-            Err(err) => {
-                let name = profile.mappings[m].file.clone();
-                profile
-                    .comments
-                    .push(format!("could not symbolize {name}: {err}"));
+            if let Some(m) = loc.mapping
+                && profile.mappings[m].local_path.is_some()
+            {
+                per_mapping.entry(m).or_default().push(i);
+            }
+        }
+        let mut mapping_ids: Vec<usize> = per_mapping.keys().copied().collect();
+        mapping_ids.sort_unstable();
+        for m in mapping_ids {
+            let locations = &per_mapping[&m];
+            let mapping = &profile.mappings[m];
+            let local = mapping.local_path.clone().expect("filtered above");
+            let kernel = mapping.is_kernel();
+            let inputs: Vec<u64> = locations
+                .iter()
+                .map(|&l| {
+                    let a = profile.locations[l].address;
+                    if kernel {
+                        a
+                    } else {
+                        a.wrapping_sub(mapping.start).wrapping_add(mapping.offset)
+                    }
+                })
+                .collect();
+            let result = if kernel {
+                let src = Source::Kernel(Kernel {
+                    kallsyms: blazesym::MaybeDefault::Some(local.clone()),
+                    vmlinux: blazesym::MaybeDefault::None,
+                    ..Kernel::default()
+                });
+                symbolizer.symbolize(&src, Input::AbsAddr(&inputs))
+            } else {
+                let src = Source::Elf(Elf::new(local.clone()));
+                symbolizer.symbolize(&src, Input::FileOffset(&inputs))
+            };
+            match result {
+                Ok(symbols) => {
+                    for (&l, sym) in locations.iter().zip(symbols) {
+                        profile.locations[l].frames = frames_of(sym);
+                    }
+                }
+                Err(err) => {
+                    let name = profile.mappings[m].file.clone();
+                    profile
+                        .comments
+                        .push(format!("could not symbolize {name}: {err}"));
+                }
             }
         }
     }

@@ -142,7 +142,8 @@ fn gperftools_cpu_profile_matches_google_pprof() {
         );
     }
     let cum = |f: &str| ours_rows[f].1;
-    assert!(cum("spin") > 0 && cum("spin") == cum("burn_long") + cum("burn_short"));
+    // A sample in a prologue may lose its caller, never gain one.
+    assert!(cum("spin") > 0 && cum("spin") >= cum("burn_long") + cum("burn_short"));
     assert!(cum("burn_long") > cum("burn_short"), "{ours}");
     // cpu = samples x period (10 ms at the default 100 Hz).
     let stacks = folded(&[cpu.to_str().unwrap(), "--group-by", "none"]);

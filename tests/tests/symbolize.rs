@@ -414,3 +414,201 @@ fn go_pprof_reads_collector_profiles() {
     assert_eq!(row("with_inlined_caller")[3], "2");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// An unsymbolized pprof file (raw addresses, mappings with build-ids, as
+/// libprofalloc.so writes them) is symbolized by `prof-bpf report` against
+/// the binaries on this machine, only where the build-id matches.
+#[test]
+fn report_symbolizes_raw_pprof_by_build_id() {
+    let program = build_workload("sym_known", FLAGS);
+    let (mut proc, sites) = sites(&program);
+    let pid = proc.pid();
+    // Where the program is mapped, as /proc/PID/maps says.
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    proc.send_line("exit");
+    proc.wait_output(Duration::from_secs(10));
+    let path = program.to_str().unwrap();
+    let build_id = profiler::symbolize::hex(
+        &blazesym::helper::read_elf_build_id(&program)
+            .unwrap()
+            .expect("a build-id"),
+    );
+    let mappings: Vec<Mapping> = profiler::process::parse_maps(&maps)
+        .into_iter()
+        .filter(|m| m.path == path)
+        .map(|m| Mapping {
+            start: m.start,
+            limit: m.end,
+            offset: m.offset,
+            file: m.path.clone(),
+            build_id: build_id.clone(),
+            local_path: None,
+        })
+        .collect();
+    let mapping_of = |addr: u64| {
+        mappings
+            .iter()
+            .position(|m| m.start <= addr && addr < m.limit)
+            .unwrap()
+    };
+    let mut profile = Profile {
+        sample_types: vec![SampleType::inuse_space()],
+        default_sample_type: "inuse_space".to_owned(),
+        mappings: mappings.clone(),
+        ..Profile::default()
+    };
+    // Return addresses minus one, as the format's addresses are.
+    let stack = [sites["site_middle"] - 1, sites["site_outer"] - 1];
+    for &a in &stack {
+        profile.locations.push(profiler::profile::Location {
+            mapping: Some(mapping_of(a)),
+            address: a,
+            ..Default::default()
+        });
+    }
+    profile.samples.push(profiler::profile::Sample {
+        locations: vec![0, 1],
+        values: vec![4096],
+        labels: vec![],
+    });
+    let dir = std::env::temp_dir().join(format!("prof-bpf-rawpprof-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |profile: &Profile, name: &str| {
+        let file = dir.join(name);
+        std::fs::write(&file, profiler::output::pprof::encode(profile).unwrap()).unwrap();
+        file
+    };
+    let good = write(&profile, "raw.pb.gz");
+    let (stdout, stderr, code) =
+        prof_bpf_tests::run_prof_bpf(&["report", good.to_str().unwrap(), "--format", "folded"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout, "outer_function;middle_function 4096\n");
+    // Another build of the program: not symbolized, and the text says why.
+    for m in &mut profile.mappings {
+        m.build_id = "0123456789abcdef".to_owned();
+    }
+    let other = write(&profile, "other.pb.gz");
+    let (stdout, _, code) =
+        prof_bpf_tests::run_prof_bpf(&["report", other.to_str().unwrap(), "--format", "folded"]);
+    assert_eq!(code, 0);
+    let name = program.file_name().unwrap().to_str().unwrap();
+    assert!(stdout.starts_with(&format!("{name}+0x")), "{stdout}");
+    let (text, _, _) = prof_bpf_tests::run_prof_bpf(&["report", other.to_str().unwrap()]);
+    assert!(
+        text.contains("but the profile's has 0123456789abcdef: not symbolized"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// JIT code is named from the process's perf map; other anonymous code is
+/// `[anon]+0xOFFSET`.
+#[test]
+fn jit_code_from_perf_map() {
+    let program = build_workload("sym_jit", FLAGS);
+    let (mut proc, sites) = sites(&program);
+    let pid = proc.pid();
+    let mut collector = Collector::new(vec![SampleType::samples()], "samples");
+    collector.note_process(pid);
+    collector.add(sample(pid, vec![sites["site_jit"]], true, 1));
+    collector.add(sample(pid, vec![sites["site_anon"]], true, 1));
+    proc.send_line("exit");
+    proc.wait_output(Duration::from_secs(10));
+    let profile = collector.finish().unwrap();
+    let name = |i: usize| profile.frame_names(&profile.locations[profile.samples[i].locations[0]]);
+    assert_eq!(name(0), ["jit_compiled_fn"]);
+    assert_eq!(name(1), ["[anon]+0x800"]);
+}
+
+/// Addresses in the vDSO are symbolized (it is no file on disk).
+#[test]
+fn vdso_functions_are_named() {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    // Our own vDSO image (the same kernel maps the same one everywhere) and
+    // the offset of clock_gettime in it, from nm.
+    let range = |pid: &str| {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        let line = maps
+            .lines()
+            .find(|l| l.ends_with("[vdso]"))
+            .expect("a [vdso] mapping")
+            .to_owned();
+        let (a, b) = line
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .split_once('-')
+            .unwrap();
+        (
+            u64::from_str_radix(a, 16).unwrap(),
+            u64::from_str_radix(b, 16).unwrap(),
+        )
+    };
+    let (start, end) = range("self");
+    let mut image = vec![0; (end - start) as usize];
+    let mut mem = std::fs::File::open("/proc/self/mem").unwrap();
+    mem.seek(SeekFrom::Start(start)).unwrap();
+    mem.read_exact(&mut image).unwrap();
+    let dump = std::env::temp_dir().join(format!("prof-bpf-test-vdso-{}.so", std::process::id()));
+    std::fs::write(&dump, &image).unwrap();
+    let nm = Command::new("nm").arg("-D").arg(&dump).output().unwrap();
+    std::fs::remove_file(&dump).ok();
+    let nm = String::from_utf8_lossy(&nm.stdout);
+    let offset = nm
+        .lines()
+        .find(|l| l.contains(" __vdso_clock_gettime@"))
+        .and_then(|l| u64::from_str_radix(l.split_whitespace().next()?, 16).ok())
+        .unwrap_or_else(|| panic!("no __vdso_clock_gettime in {nm}"));
+
+    let program = build_workload("sym_known", FLAGS);
+    let (mut proc, _) = sites(&program);
+    let pid = proc.pid();
+    let (target_start, _) = range(&pid.to_string());
+    let mut collector = Collector::new(vec![SampleType::samples()], "samples");
+    collector.note_process(pid);
+    collector.add(sample(pid, vec![target_start + offset + 4], true, 1));
+    proc.send_line("exit");
+    proc.wait_output(Duration::from_secs(10));
+    let profile = collector.finish().unwrap();
+    let names = profile.frame_names(&profile.locations[profile.samples[0].locations[0]]);
+    assert_eq!(names.len(), 1);
+    assert!(names[0].contains("clock_gettime"), "{names:?}");
+}
+
+/// Debug info split off with objcopy and found through `.gnu_debuglink`
+/// (next to the binary, as Debian's -dbgsym files are found under
+/// /usr/lib/debug): names, file:line and inlined frames come from it.
+#[test]
+fn debuglink_debug_info() {
+    let program = build_workload("sym_known", FLAGS);
+    let dir = std::env::temp_dir().join(format!("prof-bpf-debuglink-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let stripped = dir.join("sym_stripped");
+    let debug = dir.join("sym_stripped.debug");
+    let run = |cmd: &mut Command| assert!(cmd.status().unwrap().success(), "{cmd:?}");
+    run(Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(&program)
+        .arg(&debug));
+    run(Command::new("objcopy")
+        .arg("--strip-all")
+        .arg(format!("--add-gnu-debuglink={}", debug.display()))
+        .arg(&program)
+        .arg(&stripped));
+    let (mut proc, sites) = sites(&stripped);
+    let pid = proc.pid();
+    let mut collector = Collector::new(vec![SampleType::samples()], "samples");
+    collector.note_process(pid);
+    collector.add(sample(pid, vec![sites["site_middle"]], false, 1));
+    collector.add(sample(pid, vec![sites["site_inlined"]], false, 1));
+    proc.send_line("exit");
+    proc.wait_output(Duration::from_secs(10));
+    let profile = collector.finish().unwrap();
+    assert_eq!(names(frames(&profile, 0)), [("middle_function", false)]);
+    assert!(frames(&profile, 0)[0].line > 0);
+    assert_eq!(
+        names(frames(&profile, 1)),
+        [("inlined_helper", true), ("with_inlined_caller", false)]
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

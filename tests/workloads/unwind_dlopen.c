@@ -40,6 +40,13 @@ int main(int argc, char **argv) {
     }
     int (*fn)(int) = (int (*)(int))dlsym(lib, "dl_level1");
     if (!fn) return 1;
+    /* One call, then a pause: the walker meets the new library's code, asks
+     * for the process's tables to be refreshed, and the agent loads the
+     * library's rows. The samples of that first call end in [truncated]
+     * (visibly); every later one must be complete. */
+    call_lib(fn, 0);
+    struct timespec settle = {0, 300000000};
+    nanosleep(&settle, NULL);
     double end = now() + atof(argv[2]);
     long calls = 0;
     struct timespec pause = {0, 1000000};

@@ -4,6 +4,7 @@
 //! so a fresh machine needs nothing but `cargo xtask test` or `cargo xtask demo`.
 mod bench;
 mod demo;
+mod fast_path;
 mod setup;
 mod test;
 mod util;
@@ -19,6 +20,7 @@ commands:
   test             rustfmt check, clippy, unit tests, root/BPF integration tests
   demo             profile a bundled demo workload with prof-bpf
   bench <name>     benchmarks against the peers; names: {BENCHES}
+  check-fast-path  compare malloc/free fast-path instruction counts with the golden file
 ";
 
 fn main() -> ExitCode {
@@ -29,6 +31,7 @@ fn main() -> ExitCode {
         Some("test") => test::run(&args[1..]),
         Some("demo") => demo::run(),
         Some("bench") => bench::run(&args[1..]),
+        Some("check-fast-path") => fast_path::run(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{}", USAGE.replace("{BENCHES}", &bench::NAMES.join(", ")));
             return ExitCode::SUCCESS;

@@ -30,6 +30,7 @@ const PACKAGES: &[&str] = &[
     "graphviz",
     "golang-go",
     "python3.11",
+    "libpython3.11-testsuite",
     "sqlite3",
     "git",
     "google-perftools",
@@ -150,7 +151,13 @@ fn bpf_linker(nightly: &Nightly) -> anyhow::Result<()> {
         nightly.libllvm.display(),
         meta.len()
     );
-    if binary.exists() && fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp) {
+    let runs = || {
+        Command::new(&binary)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp) && runs() {
         return Ok(());
     }
     eprintln!(

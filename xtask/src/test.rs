@@ -44,7 +44,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
     // The integration tests run the prof-bpf binary and load libprofalloc.so.
     util::run(
-        util::cargo().args(["build", "-p", "profiler", "-p", "allocator"]),
+        util::cargo().args([
+            "build",
+            "-p",
+            "profiler",
+            "-p",
+            "allocator",
+            "-p",
+            "profalloc-preload",
+        ]),
         "building prof-bpf",
     )?;
     let require_bpf = match util::bpf_unavailable_reason() {

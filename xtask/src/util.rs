@@ -76,7 +76,16 @@ pub fn output(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
 /// Builds the release binaries (prof-bpf, libprofalloc.so).
 pub fn build_release() -> anyhow::Result<()> {
     run(
-        cargo().args(["build", "--release", "-p", "profiler", "-p", "allocator"]),
+        cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "profiler",
+            "-p",
+            "allocator",
+            "-p",
+            "profalloc-preload",
+        ]),
         "release build",
     )
 }

@@ -160,18 +160,28 @@ impl Collector {
 
     /// Symbolizes every location and returns the profile.
     pub fn finish(mut self) -> anyhow::Result<Profile> {
+        let profile = std::mem::take(&mut self.profile);
+        // The normalizer (and its open files) lives until this returns.
+        Ok(self.symbolized(profile))
+    }
+
+    /// The profile so far, symbolized, leaving the collector running (for
+    /// periodic reports). Each call parses the objects afresh: a symbol
+    /// cache would hold `Rc`s and make the collector unsendable.
+    pub fn snapshot(&self) -> anyhow::Result<Profile> {
+        Ok(self.symbolized(self.profile.clone()))
+    }
+
+    fn symbolized(&self, mut profile: Profile) -> Profile {
         for (&object, &mapping) in &self.object_mappings {
-            self.profile.mappings[mapping].local_path =
-                self.normalizer.objects[object].local_path();
+            profile.mappings[mapping].local_path = self.normalizer.objects[object].local_path();
         }
-        self.profile.duration_nanos = self
+        profile.duration_nanos = self
             .started
             .elapsed()
             .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
-        symbolize::symbolize(&mut self.profile);
-        // Keep the normalizer (and its open files) alive until symbolized.
-        drop(self.normalizer);
-        Ok(self.profile)
+        symbolize::symbolize(&mut profile);
+        profile
     }
 
     fn location(&mut self, key: LocationKey, make: impl FnOnce(&mut Self) -> Location) -> usize {
@@ -295,3 +305,9 @@ impl Collector {
         (self.profile.mappings.len() as u64 + 1) << OBJECT_SHIFT
     }
 }
+
+// Sessions move the collector between tasks and threads.
+const _: () = {
+    const fn sendable<T: Send>() {}
+    sendable::<Collector>();
+};

@@ -233,3 +233,67 @@ pub fn parse_cpu(data: &[u8]) -> anyhow::Result<Profile> {
     }
     Ok(space.profile)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heap_profile_with_maps() {
+        let text = "heap profile:      2:      300 [     5:      900] @ heapprofile\n\
+                    \x20    2:      300 [     5:      900] @ 0x401005 0x7f0000001234\n\
+                    \n\
+                    MAPPED_LIBRARIES:\n\
+                    00400000-00402000 r-xp 00000000 fe:01 11 /usr/bin/app\n\
+                    7f0000000000-7f0000010000 r-xp 00001000 fe:01 12 /usr/lib/libx.so\n";
+        let p = parse_heap(text.as_bytes()).unwrap();
+        assert_eq!(p.samples.len(), 1);
+        assert_eq!(p.samples[0].values, vec![5, 900, 2, 300]);
+        assert_eq!(p.default_sample_type, "inuse_space");
+        // Return addresses minus one, placed in their mappings.
+        let locs: Vec<_> = p.samples[0]
+            .locations
+            .iter()
+            .map(|&l| &p.locations[l])
+            .collect();
+        assert_eq!(locs[0].address, 0x401004);
+        assert_eq!(
+            p.mappings[locs[1].mapping.unwrap()].file,
+            "/usr/lib/libx.so"
+        );
+        assert_eq!(p.unresolved_name(locs[1]), "libx.so+0x2233");
+    }
+
+    #[test]
+    fn sampled_heap_profile_is_scaled_up() {
+        // Average size equal to the period: probability 1 - 1/e.
+        let text = "heap profile: 3: 1572864 [ 3: 1572864] @ heap_v2/524288\n\
+                    \x20 3: 1572864 [ 3: 1572864] @ 0x1000\n";
+        let p = parse_heap(text.as_bytes()).unwrap();
+        assert_eq!(p.samples[0].values, vec![5, 2_488_234, 5, 2_488_234]);
+        assert_eq!(p.period, 524288);
+    }
+
+    #[test]
+    fn cpu_profile_words() {
+        let words: [u64; 14] = [0, 3, 0, 10_000, 0, 7, 2, 0x401000, 0x401100, 0, 1, 0, 0, 0];
+        let mut data: Vec<u8> = words[..12].iter().flat_map(|w| w.to_ne_bytes()).collect();
+        data.extend_from_slice(b"00400000-00402000 r-xp 00000000 fe:01 11 /usr/bin/app\n");
+        assert!(is_cpu_profile(&data));
+        let p = parse_cpu(&data).unwrap();
+        assert_eq!(p.samples[0].values, vec![7, 70_000_000]);
+        let addrs: Vec<u64> = p.samples[0]
+            .locations
+            .iter()
+            .map(|&l| p.locations[l].address)
+            .collect();
+        // The pc as is, the return address minus one.
+        assert_eq!(addrs, vec![0x401000, 0x4010ff]);
+        assert!(
+            parse_cpu(&data[..60])
+                .unwrap_err()
+                .to_string()
+                .contains("truncated")
+        );
+    }
+}

@@ -16,17 +16,18 @@ use crate::{
     symbolize,
 };
 
+const EXAMPLES: &str = "\
+EXAMPLES:
+  prof-bpf report heap.pb.gz                        top table
+  prof-bpf report heap.pb.gz -o heap.svg            flamegraph
+  prof-bpf report new.pb.gz --base old.pb.gz        growth since old
+  prof-bpf report cpu.prof --format callgraph -o cpu.png
+  prof-bpf report prog.0003.heap --sample-type alloc_space --focus parse";
+
 /// Show a saved profile: pprof files (ours or other tools', symbolized or
 /// not), gperftools heap profiles (`heap profile:` text) and CPU profiles.
-///
-/// EXAMPLES:
-///   prof-bpf report heap.pb.gz                      top table
-///   prof-bpf report heap.pb.gz -o heap.svg          flamegraph
-///   prof-bpf report new.pb.gz --base old.pb.gz      growth since old
-///   prof-bpf report cpu.prof --format callgraph -o cpu.png
-///   prof-bpf report prog.0003.heap --sample-type alloc_space --focus parse
 #[derive(Debug, clap::Args)]
-#[command(verbatim_doc_comment)]
+#[command(after_help = EXAMPLES)]
 pub struct ReportArgs {
     /// The profile to show.
     #[arg(value_name = "FILE")]

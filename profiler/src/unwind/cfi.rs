@@ -97,6 +97,26 @@ pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
         df.set_address_size(8);
         collect(&df, &BaseAddresses::default(), &mut rules)?;
     }
+    // These PLT stubs only jump (`endbr64; jmp *GOT`): the return address
+    // is at [rsp] throughout, but linkers do not always describe them. (The
+    // lazy-binding .plt pushes, and has the expression handled above.)
+    for name in [".plt.sec", ".plt.got"] {
+        if let Some(s) = file.section_by_name(name) {
+            let (start, end) = (s.address(), s.address() + s.size());
+            if start < end && !rules.iter().any(|&(a, _, _)| (start..end).contains(&a)) {
+                rules.push((
+                    start,
+                    1,
+                    Rule {
+                        cfa_kind: CFA_RSP,
+                        cfa_offset: 8,
+                        ..NO_CFI
+                    },
+                ));
+                rules.push((end, 0, NO_CFI));
+            }
+        }
+    }
     Ok(paginate(rules))
 }
 

@@ -12,7 +12,7 @@ use std::{num::NonZeroU32, time::Duration};
 
 use anyhow::{Context as _, bail};
 use aya::{
-    maps::{HashMap as BpfHashMap, PerCpuHashMap},
+    maps::HashMap as BpfHashMap,
     programs::{
         PerfEvent, UProbe,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
@@ -145,7 +145,7 @@ async fn session(args: DebugArgs, pid: NonZeroU32) -> anyhow::Result<()> {
         }
     }
 
-    let counts: PerCpuHashMap<_, u64, u64> = PerCpuHashMap::try_from(
+    let counts: BpfHashMap<_, u64, u64> = BpfHashMap::try_from(
         ebpf.map(TEST_COUNTS_MAP)
             .context("test count map missing")?,
     )?;
@@ -158,8 +158,7 @@ async fn session(args: DebugArgs, pid: NonZeroU32) -> anyhow::Result<()> {
     let mut lines = Vec::new();
     let mut failed = 0;
     for entry in counts.iter() {
-        let (id, per_cpu) = entry.context("reading the count map")?;
-        let n: u64 = per_cpu.iter().sum();
+        let (id, n) = entry.context("reading the count map")?;
         if id == TEST_STACK_FAILED {
             failed = n;
             continue;

@@ -70,6 +70,21 @@ struct Object {
     name: String,
 }
 
+impl Object {
+    /// An object whose code is unwound by frame pointers only.
+    fn without_tables(name: String) -> Self {
+        Self {
+            id: 0,
+            first: 0,
+            len: 0,
+            pages: Vec::new(),
+            segments: Vec::new(),
+            users: 0,
+            name,
+        }
+    }
+}
+
 /// A mapping entered in the trie for one process.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Installed {
@@ -306,7 +321,17 @@ impl Tables {
 
     fn install(&mut self, pid: u32, mapping: &Mapping, m: &Installed) -> anyhow::Result<()> {
         if !self.objects.contains_key(&m.key) {
-            let object = self.load_object(pid, mapping)?;
+            let object = self.load_object(pid, mapping).unwrap_or_else(|err| {
+                // Remembered as an object without tables, so that every
+                // other process mapping it does not rebuild and fail again
+                // (whole-host sessions meet the same large objects in many
+                // processes); frame pointers are followed in its code.
+                warn!(
+                    "no unwind tables for {}: {err:#}; following frame pointers there",
+                    mapping.path
+                );
+                Object::without_tables(mapping.path.clone())
+            });
             self.objects.insert(m.key, object);
         }
         let object = self.objects.get_mut(&m.key).expect("inserted above");
@@ -314,10 +339,19 @@ impl Tables {
         if object.id == 0 {
             return Ok(());
         }
+        // The kernel maps each load segment from its offset rounded down to
+        // a page; segments can share a page (lld), so match that exactly
+        // before falling back to containment.
         let Some(&(seg_off, _, seg_vaddr)) = object
             .segments
             .iter()
-            .find(|&&(off, size, _)| off & !0xfff <= m.offset && m.offset < off + size)
+            .find(|&&(off, _, _)| off & !0xfff == m.offset)
+            .or_else(|| {
+                object
+                    .segments
+                    .iter()
+                    .find(|&&(off, size, _)| off <= m.offset && m.offset < off + size)
+            })
         else {
             bail!(
                 "offset {:#x} is in no load segment of {}",

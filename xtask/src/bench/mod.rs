@@ -1,10 +1,14 @@
 //! `cargo xtask bench <name>`: benchmarks that run prof-bpf or profalloc and
 //! the peers (Debian packages) in the same run and print ratios.
+mod alloc;
 mod cpu;
+mod heap;
+mod preload;
+mod symbolize;
 mod unwind;
 
 /// Benchmark names, in the order `cargo xtask help` lists them.
-pub const NAMES: &[&str] = &["cpu", "unwind"];
+pub const NAMES: &[&str] = &["alloc", "cpu", "heap", "preload", "symbolize", "unwind"];
 
 #[allow(clippy::match_single_binding, reason = "each benchmark adds an arm")]
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -13,7 +17,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     };
     crate::setup::run()?;
     match name.as_str() {
+        "alloc" => alloc::run(),
         "cpu" => cpu::run(),
+        "heap" => heap::run(),
+        "preload" => preload::run(),
+        "symbolize" => symbolize::run(),
         "unwind" => unwind::run(),
         other => anyhow::bail!("unknown benchmark `{other}`; one of: {}", NAMES.join(", ")),
     }

@@ -51,6 +51,10 @@ pub fn run() -> anyhow::Result<()> {
 
     println!("unwind benchmark: {RUN_SECONDS} s per run; stacks must be complete and contain main");
     println!(
+        "ns/event: the BPF program's own run time (kernel.bpf_stats_enabled), without the \
+         uprobe trap or perf interrupt around it; fp = frame pointers only, as bcc/bpftrace"
+    );
+    println!(
         "{:<6} {:<6} {:<5} {:>9} {:>9} {:>8} {:>10} {:>10} {:>9} {:>9} {:>8}",
         "lang",
         "event",

@@ -1,0 +1,535 @@
+//! The page heap: hands out spans of pages and takes them back, coalescing
+//! free neighbours; gets address space from the OS in large reservations
+//! and gives physical pages back (madvise) on a release rate and on
+//! `malloc_trim`.
+//!
+//! Lock: one global lock, [`LOCK`], around every function here. Lock order:
+//! a class's central lock may be held when taking it, never the reverse.
+//!
+//! Free spans sit on `normal` (resident) or `returned` (given back) lists,
+//! indexed by length in pages; the last list holds every span of
+//! `LISTS - 1` pages or more. Neighbours merge only when both are in the
+//! same state, so freeing never needs a syscall.
+use core::ptr;
+
+use crate::{
+    lock::SpinLock,
+    os, pagemap,
+    size_class::{PAGE_SHIFT, PAGE_SIZE},
+    span::{self, Span, SpanList},
+    stats,
+};
+
+const LISTS: usize = 129;
+/// Address space reserved at a time (touched only as spans are used).
+const RESERVE_BYTES: usize = 64 << 20;
+/// Smallest growth of the heap, in pages (1 MiB).
+const MIN_GROW_PAGES: usize = 128;
+/// Metadata arena chunk.
+const META_CHUNK: usize = 256 << 10;
+
+pub static LOCK: SpinLock = SpinLock::new();
+
+struct Heap {
+    normal: [SpanList; LISTS],
+    returned: [SpanList; LISTS],
+    /// Unused part of the current reservation (page numbers).
+    reserve_next: usize,
+    reserve_end: usize,
+    /// Recycled span records, and the metadata arena's unused part.
+    spare_spans: *mut Span,
+    meta_next: usize,
+    meta_end: usize,
+    /// Pages freed into the heap since the last rate-driven release.
+    release_credit: usize,
+    /// Release epochs so far (see `deallocate`).
+    epoch: u64,
+    free_normal_pages: usize,
+    free_returned_pages: usize,
+}
+
+struct HeapCell(core::cell::UnsafeCell<Heap>);
+// SAFETY: the heap is only touched with LOCK held.
+unsafe impl Sync for HeapCell {}
+
+static HEAP: HeapCell = HeapCell(core::cell::UnsafeCell::new(Heap {
+    normal: [const { SpanList::new() }; LISTS],
+    returned: [const { SpanList::new() }; LISTS],
+    reserve_next: 0,
+    reserve_end: 0,
+    spare_spans: ptr::null_mut(),
+    meta_next: 0,
+    meta_end: 0,
+    release_credit: 0,
+    epoch: 2,
+    free_normal_pages: 0,
+    free_returned_pages: 0,
+}));
+
+/// Bytes freed into the heap that trigger a release (0 = release only on
+/// malloc_trim). Set from PROFALLOC_RELEASE_BYTES at start-up.
+pub static RELEASE_BYTES: core::sync::atomic::AtomicUsize =
+    core::sync::atomic::AtomicUsize::new(16 << 20);
+
+/// # Safety
+/// LOCK must be held.
+unsafe fn heap() -> &'static mut Heap {
+    // SAFETY: LOCK is held (caller contract), so this is the only reference.
+    unsafe { &mut *HEAP.0.get() }
+}
+
+/// Allocates a span of `npages` for small objects of class `class` (all
+/// pages registered with the class) or, with class 0, a large span (first
+/// and last page registered). `align_pages` (a power of two) aligns its
+/// start. Null when out of memory. Takes LOCK.
+pub fn allocate(npages: usize, class: u8, align_pages: usize) -> *mut Span {
+    LOCK.lock();
+    // SAFETY: LOCK is held.
+    let s = unsafe { allocate_locked(npages, class, align_pages) };
+    LOCK.unlock();
+    s
+}
+
+/// Gives a small or large span back to the heap. Takes LOCK.
+///
+/// # Safety
+/// `s` is a live SMALL or LARGE span nobody uses any more.
+pub unsafe fn deallocate(s: *mut Span) {
+    LOCK.lock();
+    // SAFETY: LOCK is held; the caller gives up `s`.
+    unsafe {
+        let n = (*s).npages;
+        if (*s).state == span::SMALL {
+            // Interior pages leave the map; first/last stay for coalescing.
+            for p in (*s).start..(*s).start + n {
+                pagemap::set_class(p, 0);
+                if p != (*s).start && p != (*s).start + n - 1 {
+                    pagemap::set_span(p, ptr::null_mut());
+                }
+            }
+            stats::SMALL_SPAN_BYTES.sub(n << PAGE_SHIFT);
+        } else {
+            stats::LARGE_BYTES.sub(n << PAGE_SHIFT);
+        }
+        (*s).state = span::FREE;
+        (*s).returned = false;
+        (*s).sampled = false;
+        insert_free(s);
+        let h = heap();
+        h.release_credit += n;
+        let rate = RELEASE_BYTES.load(core::sync::atomic::Ordering::Relaxed) >> PAGE_SHIFT;
+        if rate != 0 && h.release_credit >= rate {
+            // An epoch ends each time `rate` pages were freed into the
+            // heap; spans that stayed free for two whole epochs are idle
+            // and go back to the OS. Busy spans are reused (LIFO) before
+            // they get that old, so churn never pays for madvise.
+            h.release_credit = 0;
+            h.epoch += 1;
+            release_idle_locked(h.epoch - 2);
+        }
+    }
+    LOCK.unlock();
+}
+
+/// Gives every resident free page back to the OS; returns the bytes
+/// released. Takes LOCK.
+pub fn release_all() -> usize {
+    LOCK.lock();
+    // SAFETY: LOCK is held.
+    let n = unsafe { release_locked(usize::MAX) };
+    LOCK.unlock();
+    n << PAGE_SHIFT
+}
+
+/// Releases resident free spans, largest first, until at least `want`
+/// pages were released. Returns the pages released.
+///
+/// # Safety
+/// LOCK must be held.
+unsafe fn release_locked(want: usize) -> usize {
+    // SAFETY: LOCK is held (caller contract).
+    let h = unsafe { heap() };
+    let mut done = 0;
+    let mut i = LISTS;
+    while i > 0 && done < want {
+        i -= 1;
+        while done < want {
+            let s = h.normal[i].head;
+            if s.is_null() {
+                break;
+            }
+            // SAFETY: s is a free span on this list, owned by the heap.
+            unsafe {
+                remove_free(s);
+                os::release((*s).start_addr() as *mut u8, (*s).npages << PAGE_SHIFT);
+                done += (*s).npages;
+                (*s).returned = true;
+                insert_free(s);
+            }
+        }
+    }
+    stats::RELEASED_BYTES.add(done << PAGE_SHIFT);
+    done
+}
+
+/// Releases resident free spans last freed in epoch `before` or earlier.
+///
+/// # Safety
+/// LOCK must be held.
+unsafe fn release_idle_locked(before: u64) {
+    // SAFETY: LOCK is held (caller contract).
+    let h = unsafe { heap() };
+    let mut released = 0;
+    for i in 0..LISTS {
+        let mut s = h.normal[i].head;
+        while !s.is_null() {
+            // SAFETY: spans on heap lists are live; `next` is read before
+            // the span moves to another list.
+            unsafe {
+                let next = (*s).next;
+                if (*s).free_epoch <= before {
+                    remove_free(s);
+                    os::release((*s).start_addr() as *mut u8, (*s).npages << PAGE_SHIFT);
+                    released += (*s).npages;
+                    (*s).returned = true;
+                    insert_free(s);
+                }
+                s = next;
+            }
+        }
+    }
+    stats::RELEASED_BYTES.add(released << PAGE_SHIFT);
+}
+
+/// # Safety
+/// LOCK must be held.
+unsafe fn allocate_locked(npages: usize, class: u8, align_pages: usize) -> *mut Span {
+    let want = npages + align_pages.max(1) - 1;
+    // SAFETY: LOCK is held.
+    let mut s = unsafe { find_free(want) };
+    if s.is_null() {
+        // SAFETY: LOCK is held.
+        if !unsafe { grow(want) } {
+            return ptr::null_mut();
+        }
+        // SAFETY: LOCK is held.
+        s = unsafe { find_free(want) };
+        if s.is_null() {
+            return ptr::null_mut();
+        }
+    }
+    // SAFETY: s is a free span just taken off its list; its pieces are
+    // registered below before the lock is dropped. Marking it in use
+    // first keeps insert_free() from merging the pieces back into it.
+    unsafe {
+        remove_free(s);
+        (*s).state = 0;
+        // Cut an aligned run of `npages` out of s; head and tail go back.
+        let align = align_pages.max(1);
+        let aligned_start = ((*s).start + align - 1) & !(align - 1);
+        if aligned_start > (*s).start {
+            let head = split_front(s, aligned_start - (*s).start);
+            (*head).state = span::FREE;
+            insert_free(head);
+        }
+        if (*s).npages > npages {
+            let front = split_front(s, npages);
+            (*s).state = span::FREE;
+            insert_free(s);
+            s = front;
+        }
+        let n = (*s).npages;
+        debug_assert_eq!(n, npages);
+        if (*s).returned {
+            stats::RELEASED_BYTES.sub(n << PAGE_SHIFT);
+        }
+        (*s).returned = false;
+        (*s).class = class;
+        (*s).freelist = ptr::null_mut();
+        (*s).allocated = 0;
+        (*s).sampled = false;
+        (*s).next = ptr::null_mut();
+        (*s).prev = ptr::null_mut();
+        if class != 0 {
+            (*s).state = span::SMALL;
+            for p in (*s).start..(*s).start + n {
+                pagemap::set_span(p, s);
+                pagemap::set_class(p, class);
+            }
+            stats::SMALL_SPAN_BYTES.add(n << PAGE_SHIFT);
+        } else {
+            (*s).state = span::LARGE;
+            pagemap::set_span((*s).start, s);
+            pagemap::set_span((*s).start + n - 1, s);
+            stats::LARGE_BYTES.add(n << PAGE_SHIFT);
+        }
+    }
+    s
+}
+
+/// Splits the first `n` pages off span `s` into a new span (state 0, in
+/// transition) and returns it; `s` keeps the rest. Both are registered.
+///
+/// # Safety
+/// LOCK held; `s` is off every list and longer than `n` pages.
+unsafe fn split_front(s: *mut Span, n: usize) -> *mut Span {
+    // SAFETY: caller contract; new_span is called under LOCK.
+    unsafe {
+        let front = new_span();
+        if front.is_null() {
+            os::fatal("page heap", s as usize, "out of memory for span metadata");
+        }
+        *front = Span::zeroed();
+        (*front).start = (*s).start;
+        (*front).npages = n;
+        (*front).returned = (*s).returned;
+        (*s).start += n;
+        (*s).npages -= n;
+        pagemap::set_span((*front).start, front);
+        pagemap::set_span((*front).start + n - 1, front);
+        pagemap::set_span((*s).start, s);
+        pagemap::set_span((*s).start + (*s).npages - 1, s);
+        front
+    }
+}
+
+/// Finds the best-fitting free span of at least `n` pages, preferring
+/// resident spans at each length.
+///
+/// # Safety
+/// LOCK must be held.
+unsafe fn find_free(n: usize) -> *mut Span {
+    // SAFETY: LOCK is held.
+    let h = unsafe { heap() };
+    for i in n.min(LISTS - 1)..LISTS - 1 {
+        if !h.normal[i].head.is_null() {
+            return h.normal[i].head;
+        }
+        if !h.returned[i].head.is_null() {
+            return h.returned[i].head;
+        }
+    }
+    // Best fit among the long spans.
+    let mut best: *mut Span = ptr::null_mut();
+    for list in [&h.normal[LISTS - 1], &h.returned[LISTS - 1]] {
+        let mut s = list.head;
+        while !s.is_null() {
+            // SAFETY: spans on heap lists are live.
+            unsafe {
+                if (*s).npages >= n && (best.is_null() || (*s).npages < (*best).npages) {
+                    best = s;
+                }
+                s = (*s).next;
+            }
+        }
+        if !best.is_null() {
+            return best;
+        }
+    }
+    best
+}
+
+/// Adds at least `n` pages of fresh address space to the free lists.
+///
+/// # Safety
+/// LOCK must be held.
+unsafe fn grow(n: usize) -> bool {
+    // SAFETY: LOCK is held.
+    let h = unsafe { heap() };
+    let want = n.max(MIN_GROW_PAGES);
+    if h.reserve_end - h.reserve_next < want {
+        // Whatever is left of the old reservation becomes a free span.
+        if h.reserve_end > h.reserve_next {
+            let left = h.reserve_end - h.reserve_next;
+            // SAFETY: LOCK is held.
+            unsafe { add_fresh(h.reserve_next, left) };
+            h.reserve_next = h.reserve_end;
+        }
+        let bytes = ((want + 2) << PAGE_SHIFT).max(RESERVE_BYTES);
+        let p = os::map_aligned(bytes, PAGE_SIZE);
+        if p.is_null() {
+            return false;
+        }
+        let first = p as usize >> PAGE_SHIFT;
+        if !pagemap::ensure_range(first, bytes >> PAGE_SHIFT) {
+            // SAFETY: the mapping was just created and is unused.
+            unsafe { os::unmap(p, bytes) };
+            return false;
+        }
+        // The first and last page of a reservation are never used: so the
+        // neighbour lookups of coalescing never leave the reservation, and
+        // never read the header of a huge object (which its owner may be
+        // unmapping without a lock) that the kernel placed next to it.
+        h.reserve_next = first + 1;
+        h.reserve_end = first + (bytes >> PAGE_SHIFT) - 1;
+    }
+    let take = want.min(h.reserve_end - h.reserve_next);
+    let start = h.reserve_next;
+    h.reserve_next += take;
+    // SAFETY: LOCK is held.
+    unsafe { add_fresh(start, take) }
+}
+
+/// Registers never-touched pages as a free (returned: not resident) span.
+///
+/// # Safety
+/// LOCK must be held; the pages are ours and unused.
+unsafe fn add_fresh(start: usize, n: usize) -> bool {
+    // SAFETY: LOCK is held.
+    let s = unsafe { new_span() };
+    if s.is_null() {
+        return false;
+    }
+    stats::MAPPED_BYTES.add(n << PAGE_SHIFT);
+    stats::RELEASED_BYTES.add(n << PAGE_SHIFT);
+    // SAFETY: s is a fresh record; LOCK is held.
+    unsafe {
+        *s = Span::zeroed();
+        (*s).start = start;
+        (*s).npages = n;
+        (*s).state = span::FREE;
+        (*s).returned = true;
+        insert_free(s);
+    }
+    true
+}
+
+/// Puts free span `s` on its list after merging it with free neighbours in
+/// the same state, keeping the page map invariants.
+///
+/// # Safety
+/// LOCK held; `s` is a FREE span on no list.
+unsafe fn insert_free(s: *mut Span) {
+    // SAFETY: LOCK is held; neighbours found through the map are live.
+    unsafe {
+        let prev = pagemap::span((*s).start.wrapping_sub(1));
+        if !prev.is_null() && (*prev).state == span::FREE && (*prev).returned == (*s).returned {
+            remove_free(prev);
+            pagemap::set_span((*prev).start + (*prev).npages - 1, ptr::null_mut());
+            pagemap::set_span((*s).start, ptr::null_mut());
+            (*s).start = (*prev).start;
+            (*s).npages += (*prev).npages;
+            free_span_record(prev);
+        }
+        let next = pagemap::span((*s).start + (*s).npages);
+        if !next.is_null() && (*next).state == span::FREE && (*next).returned == (*s).returned {
+            remove_free(next);
+            pagemap::set_span((*s).start + (*s).npages - 1, ptr::null_mut());
+            pagemap::set_span((*next).start, ptr::null_mut());
+            (*s).npages += (*next).npages;
+            free_span_record(next);
+        }
+        pagemap::set_span((*s).start, s);
+        pagemap::set_span((*s).start + (*s).npages - 1, s);
+        let h = heap();
+        (*s).free_epoch = h.epoch;
+        let i = (*s).npages.min(LISTS - 1);
+        if (*s).returned {
+            h.returned[i].push(s);
+            h.free_returned_pages += (*s).npages;
+        } else {
+            h.normal[i].push(s);
+            h.free_normal_pages += (*s).npages;
+        }
+        stats::HEAP_FREE_BYTES.store((h.free_normal_pages) << PAGE_SHIFT);
+    }
+}
+
+/// # Safety
+/// LOCK held; `s` is a FREE span on its list.
+unsafe fn remove_free(s: *mut Span) {
+    // SAFETY: LOCK is held; s is on the list its state and length name.
+    unsafe {
+        let h = heap();
+        let i = (*s).npages.min(LISTS - 1);
+        if (*s).returned {
+            h.returned[i].remove(s);
+            h.free_returned_pages -= (*s).npages;
+        } else {
+            h.normal[i].remove(s);
+            h.free_normal_pages -= (*s).npages;
+        }
+        stats::HEAP_FREE_BYTES.store((h.free_normal_pages) << PAGE_SHIFT);
+    }
+}
+
+/// A span record from the metadata arena, or null.
+///
+/// # Safety
+/// LOCK must be held.
+unsafe fn new_span() -> *mut Span {
+    // SAFETY: LOCK is held.
+    let h = unsafe { heap() };
+    if !h.spare_spans.is_null() {
+        let s = h.spare_spans;
+        // SAFETY: spare records are linked through `next`.
+        h.spare_spans = unsafe { (*s).next };
+        return s;
+    }
+    let size = core::mem::size_of::<Span>();
+    if h.meta_end - h.meta_next < size {
+        let p = os::map(META_CHUNK);
+        if p.is_null() {
+            return ptr::null_mut();
+        }
+        stats::METADATA.add(META_CHUNK);
+        h.meta_next = p as usize;
+        h.meta_end = p as usize + META_CHUNK;
+    }
+    let s = h.meta_next as *mut Span;
+    h.meta_next += size;
+    s
+}
+
+/// # Safety
+/// LOCK held; nothing refers to `s` any more.
+unsafe fn free_span_record(s: *mut Span) {
+    // SAFETY: LOCK is held; s is unused.
+    unsafe {
+        let h = heap();
+        (*s).state = 0;
+        (*s).next = h.spare_spans;
+        h.spare_spans = s;
+    }
+}
+
+/// Pages in free spans: (resident, returned). Takes LOCK.
+pub fn free_pages() -> (usize, usize) {
+    LOCK.lock();
+    // SAFETY: LOCK is held.
+    let h = unsafe { heap() };
+    let r = (h.free_normal_pages, h.free_returned_pages);
+    LOCK.unlock();
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_are_reused_coalesced_and_aligned() {
+        let a = allocate(3, 0, 1);
+        let b = allocate(5, 0, 1);
+        assert!(!a.is_null() && !b.is_null());
+        // SAFETY: spans just allocated, used only here.
+        unsafe {
+            assert_eq!((*a).npages, 3);
+            assert_eq!((*b).npages, 5);
+            assert_eq!(pagemap::span((*a).start), a);
+            assert_eq!(pagemap::span((*b).start + 4), b);
+            let c = allocate(4, 0, 8);
+            assert_eq!((*c).start % 8, 0);
+            let pa = (*a).start_addr() as *mut u8;
+            pa.write_bytes(1, 3 * PAGE_SIZE);
+            deallocate(c);
+            deallocate(a);
+            deallocate(b);
+            let small = allocate(2, 5, 1);
+            assert_eq!(pagemap::class_of_addr((*small).start_addr() + PAGE_SIZE), 5);
+            deallocate(small);
+            assert_eq!(pagemap::class_of_addr((*small).start_addr()), 0);
+        }
+        assert!(release_all().is_multiple_of(PAGE_SIZE));
+    }
+}

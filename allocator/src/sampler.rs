@@ -1,0 +1,165 @@
+//! The always-on allocation sampler and the hooks it calls.
+//!
+//! Each thread counts down the bytes it allocates (one subtraction and a
+//! branch on the fast path); when the count goes below zero, the slow path
+//! samples that allocation and draws the next distance from an exponential
+//! distribution of mean `PROFALLOC_SAMPLE_BYTES` (default 512 KiB, 0 = off),
+//! which makes the sampled bytes a Poisson process over allocated bytes.
+//! A sampled object gets its own span (or huge mapping) marked `sampled`,
+//! so its free is recognised by the free slow path at no cost to the fast
+//! path. The hooks are the ABI described in `profiler_common::hooks`.
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use profiler_common::hooks;
+
+/// Mean sampling distance in bytes; 0 = sampling off. Exported so that an
+/// agent can read the rate of a running process.
+#[unsafe(no_mangle)]
+pub static profalloc_sample_bytes: AtomicU64 = AtomicU64::new(hooks::DEFAULT_SAMPLE_BYTES);
+
+/// Called for every sampled allocation, after it succeeded. Does nothing:
+/// it exists to be probed. Never inlined, never removed.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn profalloc_sample_alloc(ptr: *mut libc::c_void, size: usize, weight: u64) {
+    // SAFETY: an empty asm block that only "uses" the arguments, so the
+    // function keeps its body and its call sites.
+    unsafe {
+        core::arch::asm!("/* {0} {1} {2} */", in(reg) ptr, in(reg) size, in(reg) weight,
+            options(nostack, preserves_flags));
+    }
+}
+
+/// Called when a sampled allocation is freed, before its memory is reused.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn profalloc_sample_free(ptr: *mut libc::c_void) {
+    // SAFETY: as above.
+    unsafe {
+        core::arch::asm!("/* {0} */", in(reg) ptr, options(nostack, preserves_flags));
+    }
+}
+
+const _: hooks::SampleAllocFn = profalloc_sample_alloc;
+const _: hooks::SampleFreeFn = profalloc_sample_free;
+
+/// The current mean sampling distance (0 = off).
+pub fn rate() -> u64 {
+    profalloc_sample_bytes.load(Ordering::Relaxed)
+}
+
+/// Draws the distance to the next sample: exponential with mean `rate`
+/// (never 0, so one allocation is never sampled twice). Off: far away.
+pub fn next_distance(rng: &mut u64, rate: u64) -> isize {
+    if rate == 0 {
+        return isize::MAX / 2;
+    }
+    // xorshift64*: good enough for sampling, no allocation, no lock.
+    let mut x = *rng | 1;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *rng = x;
+    let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+    // Uniform in (0, 1].
+    let u = ((r >> 11) + 1) as f64 / (1u64 << 53) as f64;
+    let d = -ln(u) * rate as f64;
+    (d as isize).clamp(1, isize::MAX / 2)
+}
+
+/// The unbiased weight of a sampled allocation of `size` bytes at mean
+/// rate `rate`: size / P(sampled) = S / (1 - exp(-S/R)).
+pub fn weight(size: usize, rate: u64) -> u64 {
+    if rate == 0 {
+        return size as u64;
+    }
+    let s = size.max(1) as f64;
+    let p = 1.0 - exp(-s / rate as f64);
+    (s / p + 0.5) as u64
+}
+
+// ln and exp without libm: the library must not pull libm into every
+// process (it costs ~0.5 MiB of resident pages), and sampling needs only
+// about 1e-7 relative accuracy.
+
+/// Natural logarithm of `x` in (0, 1] (or any positive normal number).
+fn ln(x: f64) -> f64 {
+    let bits = x.to_bits();
+    let mut e = ((bits >> 52) & 0x7ff) as i64 - 1023;
+    // m in [1, 2), then in [sqrt(1/2), sqrt(2)).
+    let mut m = f64::from_bits((bits & ((1u64 << 52) - 1)) | (1023u64 << 52));
+    if m > core::f64::consts::SQRT_2 {
+        m /= 2.0;
+        e += 1;
+    }
+    // ln(m) = 2 atanh(t), t = (m-1)/(m+1), |t| < 0.172.
+    let t = (m - 1.0) / (m + 1.0);
+    let t2 = t * t;
+    let series = t
+        * (1.0
+            + t2 * (1.0 / 3.0
+                + t2 * (1.0 / 5.0
+                    + t2 * (1.0 / 7.0 + t2 * (1.0 / 9.0 + t2 * (1.0 / 11.0 + t2 / 13.0))))));
+    e as f64 * core::f64::consts::LN_2 + 2.0 * series
+}
+
+/// e^x for x <= 0.
+fn exp(x: f64) -> f64 {
+    if x < -700.0 {
+        return 0.0;
+    }
+    // x = k ln2 + r, |r| <= ln2 / 2.
+    let k = (x / core::f64::consts::LN_2 - 0.5) as i64;
+    let k = if (x - k as f64 * core::f64::consts::LN_2) > core::f64::consts::LN_2 / 2.0 {
+        k + 1
+    } else {
+        k
+    };
+    let r = x - k as f64 * core::f64::consts::LN_2;
+    let mut term = 1.0;
+    let mut sum = 1.0;
+    for i in 1..=12 {
+        term *= r / i as f64;
+        sum += term;
+    }
+    sum * f64::from_bits(((k + 1023) as u64) << 52)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distances_have_the_requested_mean() {
+        let mut rng = 0x1234_5678;
+        let n = 200_000;
+        let rate = 524_288;
+        let sum: f64 = (0..n).map(|_| next_distance(&mut rng, rate) as f64).sum();
+        let mean = sum / n as f64;
+        // Standard error of the mean: rate / sqrt(n) ~ 0.22% of rate.
+        assert!((mean / rate as f64 - 1.0).abs() < 0.01, "mean {mean}");
+        assert_eq!(next_distance(&mut rng, 0), isize::MAX / 2);
+    }
+
+    #[test]
+    fn ln_and_exp_are_accurate() {
+        for i in 1..10_000 {
+            let x = i as f64 / 10_000.0;
+            assert!((ln(x) - x.ln()).abs() < 1e-9, "ln {x}");
+            let y = -(i as f64) / 100.0;
+            assert!((exp(y) - y.exp()).abs() <= 1e-9 * y.exp(), "exp {y}");
+        }
+        assert_eq!(ln(1.0), 0.0);
+        assert_eq!(exp(-1000.0), 0.0);
+    }
+
+    #[test]
+    fn weights_are_unbiased() {
+        // Large objects are always sampled: weight = size.
+        assert_eq!(weight(64 << 20, 524_288), 64 << 20);
+        // Small ones: about R (S / (S/R) for S << R).
+        let w = weight(16, 524_288);
+        assert!((524_288..=524_304).contains(&w), "{w}");
+        assert_eq!(weight(1000, 0), 1000);
+    }
+}

@@ -1,0 +1,425 @@
+//! `prof-bpf heap`: uprobes on the allocator's entry points that track live
+//! allocations and per-stack totals in the kernel.
+//!
+//! - `heap_alloc_entry` (uprobe, attach cookie = [`EntryKind`]) runs at the
+//!   first instruction of every allocation function. Only the outermost
+//!   allocator call of a thread records anything (realloc(NULL, n) calls
+//!   malloc, tcmalloc's operator new calls its own malloc ...): it keeps the
+//!   requested size, decides whether the call is sampled, and captures the user
+//!   stack there, where `[rsp]` is the return address into the direct caller.
+//! - `heap_alloc_return` (uretprobe, all allocation functions) completes the
+//!   outermost call: it records the returned block in the live map and adds it
+//!   to its stack's totals (realloc first retires the old block).
+//! - `heap_free_entry` (uprobe, every free function) retires a tracked block;
+//!   untracked pointers (allocated before attach, unsampled, NULL) are ignored.
+//!
+//! Nothing is sent to user space per event: the agent reads the maps.
+use aya_ebpf::{
+    helpers::{
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns,
+        bpf_probe_read_user,
+    },
+    macros::{map, uprobe, uretprobe},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    programs::{ProbeContext, RetProbeContext},
+};
+use profiler_common::heap::{
+    DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS, EntryKind, HeapConfig, HeapCounters, LiveAlloc, LiveKey,
+    MAX_THREADS, SAMPLE_TABLE_LEN, STACK_ID_MISSING, StackKey, StackStats, ThreadState, WEIGHT_ONE,
+    WEIGHT_STEPS_PER_UNIT, WEIGHT_TABLE_LEN,
+};
+
+use crate::stack::user_stack_id;
+
+/// Elements are allocated on insert, so an unused capacity costs nothing.
+const BPF_F_NO_PREALLOC: u32 = 1;
+const BPF_NOEXIST: u64 = 1;
+
+#[map(name = "HEAP_LIVE")]
+static HEAP_LIVE: HashMap<LiveKey, LiveAlloc> =
+    HashMap::with_max_entries(DEFAULT_MAX_LIVE, BPF_F_NO_PREALLOC);
+
+#[map(name = "HEAP_STACK_STATS")]
+static HEAP_STACK_STATS: PerCpuHashMap<StackKey, StackStats> =
+    PerCpuHashMap::with_max_entries(DEFAULT_MAX_STACKS, BPF_F_NO_PREALLOC);
+
+#[map(name = "HEAP_THREADS")]
+static HEAP_THREADS: LruHashMap<u64, ThreadState> = LruHashMap::with_max_entries(MAX_THREADS, 0);
+
+#[map(name = "HEAP_CONFIG")]
+static HEAP_CONFIG: Array<HeapConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "HEAP_SAMPLE_INTERVALS")]
+static HEAP_SAMPLE_INTERVALS: Array<u64> = Array::with_max_entries(SAMPLE_TABLE_LEN, 0);
+
+#[map(name = "HEAP_SAMPLE_WEIGHTS")]
+static HEAP_SAMPLE_WEIGHTS: Array<u64> = Array::with_max_entries(WEIGHT_TABLE_LEN, 0);
+
+#[map(name = "HEAP_COUNTERS")]
+static HEAP_COUNTERS: PerCpuArray<HeapCounters> = PerCpuArray::with_max_entries(1, 0);
+
+#[uprobe]
+pub fn heap_alloc_entry(ctx: ProbeContext) -> u32 {
+    alloc_entry(&ctx);
+    0
+}
+
+#[uretprobe]
+pub fn heap_alloc_return(ctx: RetProbeContext) -> u32 {
+    alloc_return(&ctx);
+    0
+}
+
+#[uprobe]
+pub fn heap_free_entry(ctx: ProbeContext) -> u32 {
+    free(&ctx)
+}
+
+#[inline(always)]
+fn free(ctx: &ProbeContext) -> u32 {
+    let pid = current_pid();
+    if pid == config().agent_pid {
+        return 0;
+    }
+    count(|c| c.frees += 1);
+    let addr: u64 = ctx.arg(0).unwrap_or(0);
+    if addr != 0 {
+        untrack(pid, addr);
+    }
+    0
+}
+
+/// libprofalloc.so's `profalloc_sample_alloc(ptr, size, weight)`: called
+/// only for the allocations its own sampler picked, with their weight.
+#[uprobe]
+pub fn heap_hook_alloc(ctx: ProbeContext) -> u32 {
+    let pid = current_pid();
+    if pid == config().agent_pid {
+        return 0;
+    }
+    let arg = |n: usize| -> u64 { ctx.arg(n).unwrap_or(0) };
+    let (addr, size, weight_bytes) = (arg(0), arg(1), arg(2));
+    count(|c| c.allocs += 1);
+    if addr == 0 {
+        return 0;
+    }
+    let stack_id = match user_stack_id(ctx.regs, true) {
+        Ok(id) => id,
+        Err(_) => {
+            count(|c| c.stack_errors += 1);
+            STACK_ID_MISSING
+        }
+    };
+    track(
+        pid,
+        addr,
+        LiveAlloc {
+            size,
+            weight_bytes,
+            weight_objects: weight_bytes * WEIGHT_ONE / size.max(1),
+            // SAFETY: bpf_ktime_get_ns has no preconditions.
+            timestamp_ns: unsafe { bpf_ktime_get_ns() },
+            stack_id,
+        },
+    );
+    0
+}
+
+/// libprofalloc.so's `profalloc_sample_free(ptr)`: a sampled block is freed.
+#[uprobe]
+pub fn heap_hook_free(ctx: ProbeContext) -> u32 {
+    free(&ctx)
+}
+
+#[inline(always)]
+fn alloc_entry(ctx: &ProbeContext) {
+    // SAFETY: the context of a uprobe program is its pt_regs, as the helper expects.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.regs.cast()) };
+    let Some(kind) = EntryKind::from_cookie(cookie) else {
+        return;
+    };
+    if current_pid() == config().agent_pid {
+        return;
+    }
+    let Some(state) = thread_state() else {
+        count(|c| c.threads_full += 1);
+        return;
+    };
+    // SAFETY: `ctx.regs` points at the probed task's saved registers.
+    let sp = unsafe { (*ctx.regs).rsp };
+    // SAFETY: the pointer comes from a successful lookup; only this thread
+    // (the key is its pid_tgid) touches the entry while it runs.
+    let state = unsafe { &mut *state };
+    if state.depth != 0 && sp > state.entry_sp {
+        // The outer call this thread was in has returned without its
+        // uretprobe firing (left by longjmp, say): this call is not nested in
+        // it. An equal stack pointer is a tail call from the outer call
+        // (glibc's realloc(NULL, n) jumps to malloc), which is nested.
+        state.depth = 0;
+    }
+    state.depth += 1;
+    if state.depth != 1 {
+        return;
+    }
+    count(|c| c.allocs += 1);
+    let arg = |n: usize| -> u64 { ctx.arg(n).unwrap_or(0) };
+    let (size, arg_ptr) = match kind {
+        EntryKind::Malloc => (arg(0), 0),
+        EntryKind::Calloc => (mul_saturating(arg(0), arg(1)), 0),
+        EntryKind::Realloc => (arg(1), arg(0)),
+        EntryKind::ReallocArray => (mul_saturating(arg(1), arg(2)), arg(0)),
+        EntryKind::Memalign => (arg(1), 0),
+        EntryKind::PosixMemalign => (arg(2), arg(0)),
+    };
+    state.kind = kind as u32;
+    state.size = size;
+    state.arg_ptr = arg_ptr;
+    state.entry_sp = sp;
+    state.sampled = u32::from(sample(state, size));
+    state.stack_id = STACK_ID_MISSING;
+    if state.sampled != 0 {
+        match user_stack_id(ctx.regs, true) {
+            Ok(id) => state.stack_id = id,
+            Err(_) => count(|c| c.stack_errors += 1),
+        }
+    }
+}
+
+#[inline(always)]
+fn alloc_return(ctx: &RetProbeContext) {
+    let Some(state) = HEAP_THREADS.get_ptr_mut(bpf_get_current_pid_tgid()) else {
+        return;
+    };
+    // SAFETY: as in `alloc_entry`, the entry belongs to this thread.
+    let state = unsafe { &mut *state };
+    if state.depth == 0 {
+        // A call entered before the entry probe was attached.
+        return;
+    }
+    state.depth -= 1;
+    if state.depth != 0 {
+        return;
+    }
+    let pid = current_pid();
+    let ret: u64 = ctx.ret();
+    let size = state.size;
+    let addr = match EntryKind::from_cookie(u64::from(state.kind)) {
+        Some(EntryKind::Realloc | EntryKind::ReallocArray) => {
+            // realloc retires the old block when it succeeds, and when asked
+            // for 0 bytes (it frees and may return NULL); on failure the
+            // old block stays valid.
+            if state.arg_ptr != 0 && (ret != 0 || size == 0) {
+                untrack(pid, state.arg_ptr);
+            }
+            ret
+        }
+        Some(EntryKind::PosixMemalign) => {
+            if ret != 0 {
+                return;
+            }
+            // SAFETY: reads user memory through the checked helper; the
+            // pointer is the one the caller passed to posix_memalign.
+            unsafe { bpf_probe_read_user(state.arg_ptr as *const u64) }.unwrap_or(0)
+        }
+        Some(_) => ret,
+        None => return,
+    };
+    if addr == 0 || state.sampled == 0 {
+        return;
+    }
+    let (weight_bytes, weight_objects) = weight(size);
+    track(
+        pid,
+        addr,
+        LiveAlloc {
+            size,
+            weight_bytes,
+            weight_objects,
+            // SAFETY: bpf_ktime_get_ns has no preconditions.
+            timestamp_ns: unsafe { bpf_ktime_get_ns() },
+            stack_id: state.stack_id,
+        },
+    );
+}
+
+/// Records a new live block and adds it to its stack's totals.
+#[inline(always)]
+fn track(pid: u32, addr: u64, alloc: LiveAlloc) {
+    let key = LiveKey { addr, pid, _pad: 0 };
+    // A block still recorded at this address was freed by a path we do not
+    // probe; retire it so its stack's totals stay balanced.
+    untrack(pid, addr);
+    if HEAP_LIVE.insert(&key, &alloc, BPF_NOEXIST).is_err() {
+        count(|c| c.live_full += 1);
+        return;
+    }
+    count(|c| c.tracked += 1);
+    let Some(stats) = stack_stats(pid, alloc.stack_id) else {
+        // The block stays out of every total; drop it so its free does not
+        // subtract what was never added.
+        let _ = HEAP_LIVE.remove(&key);
+        count(|c| c.stacks_full += 1);
+        return;
+    };
+    // SAFETY: `stats` points at this CPU's copy of the value, which only
+    // this CPU writes.
+    let stats = unsafe { &mut *stats };
+    stats.alloc_objects += alloc.weight_objects;
+    stats.alloc_bytes += alloc.weight_bytes;
+}
+
+/// Retires a tracked block; pointers that are not tracked are ignored.
+#[inline(always)]
+fn untrack(pid: u32, addr: u64) {
+    let key = LiveKey { addr, pid, _pad: 0 };
+    let Some(live) = HEAP_LIVE.get_ptr(&key) else {
+        return;
+    };
+    // SAFETY: the pointer comes from a successful lookup; the value is copied
+    // before the entry is deleted (the map is not preallocated, so the element
+    // stays valid until this program ends).
+    let live = unsafe { *live };
+    if HEAP_LIVE.remove(&key).is_err() {
+        // Another thread retired it first (a double free in the target).
+        return;
+    }
+    let stats_key = StackKey {
+        stack_id: live.stack_id,
+        pid,
+        _pad: 0,
+    };
+    if let Some(stats) = HEAP_STACK_STATS.get_ptr_mut(&stats_key) {
+        // SAFETY: as in `track`. A block freed on another CPU than the one
+        // that allocated it counts its free there; user space sums the CPUs.
+        let stats = unsafe { &mut *stats };
+        stats.free_objects += live.weight_objects;
+        stats.free_bytes += live.weight_bytes;
+    }
+}
+
+/// Decides whether an outermost allocation of `size` bytes is tracked:
+/// always when not sampling, else when it crosses the thread's byte countdown
+/// (exponential intervals with the sampling rate as mean, as tcmalloc does).
+#[inline(always)]
+fn sample(state: &mut ThreadState, size: u64) -> bool {
+    let rate = config().sample_bytes;
+    if rate == 0 {
+        return true;
+    }
+    if state.countdown_set == 0 {
+        state.countdown = next_interval();
+        state.countdown_set = 1;
+    }
+    state.countdown -= size as i64;
+    if state.countdown > 0 {
+        return false;
+    }
+    state.countdown = next_interval();
+    true
+}
+
+/// A random exponential interval in bytes from the agent's precomputed table.
+#[inline(always)]
+fn next_interval() -> i64 {
+    // SAFETY: bpf_get_prandom_u32 has no preconditions.
+    let index = unsafe { bpf_get_prandom_u32() } & (SAMPLE_TABLE_LEN - 1);
+    HEAP_SAMPLE_INTERVALS.get(index).map_or(1, |&v| v as i64)
+}
+
+/// The estimated (bytes, objects in WEIGHT_ONE units) a tracked block of
+/// `size` bytes stands for: itself when not sampling, else
+/// S / (1 - exp(-S/N)) bytes and 1 / (1 - exp(-S/N)) objects.
+#[inline(always)]
+fn weight(size: u64) -> (u64, u64) {
+    let rate = config().sample_bytes;
+    if rate == 0 {
+        return (size, WEIGHT_ONE);
+    }
+    let size = size.max(1);
+    // x = size / rate in 1/1024ths of a table step.
+    let x = if size >> 40 == 0 {
+        size * (u64::from(WEIGHT_STEPS_PER_UNIT) * 1024) / rate
+    } else {
+        u64::MAX
+    };
+    let index = x >> 10;
+    let bytes = if index >= u64::from(WEIGHT_TABLE_LEN - 1) {
+        // h(x) = x to within exp(-16): a block this large is always sampled.
+        size
+    } else {
+        let index = index as u32;
+        let lo = HEAP_SAMPLE_WEIGHTS
+            .get(index)
+            .copied()
+            .unwrap_or(WEIGHT_ONE);
+        let hi = HEAP_SAMPLE_WEIGHTS.get(index + 1).copied().unwrap_or(lo);
+        let h = lo + (hi.saturating_sub(lo) * (x & 1023) >> 10);
+        (rate * h) >> 16
+    };
+    (bytes, bytes * WEIGHT_ONE / size)
+}
+
+#[inline(always)]
+fn config() -> HeapConfig {
+    HEAP_CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// This thread's state, created on first use.
+#[inline(always)]
+fn thread_state() -> Option<*mut ThreadState> {
+    let id = bpf_get_current_pid_tgid();
+    if let Some(state) = HEAP_THREADS.get_ptr_mut(id) {
+        return Some(state);
+    }
+    HEAP_THREADS.insert(&id, &ThreadState::default(), 0).ok()?;
+    HEAP_THREADS.get_ptr_mut(id)
+}
+
+/// The totals of (pid, stack), created zeroed on first use.
+#[inline(always)]
+fn stack_stats(pid: u32, stack_id: u64) -> Option<*mut StackStats> {
+    let key = StackKey {
+        stack_id,
+        pid,
+        _pad: 0,
+    };
+    if let Some(stats) = HEAP_STACK_STATS.get_ptr_mut(&key) {
+        return Some(stats);
+    }
+    // Another CPU may create it at the same time: that insert failing with
+    // EEXIST is fine, the lookup below finds its entry.
+    let _ = HEAP_STACK_STATS.insert(&key, &StackStats::default(), BPF_NOEXIST);
+    HEAP_STACK_STATS.get_ptr_mut(&key)
+}
+
+/// `a * b` for calloc-style sizes, or u64::MAX when it might overflow
+/// (any overflow check LLVM recognizes becomes a 128-bit multiply, which BPF
+/// lacks). Exact whenever both are below 2^32 or one is 0 or 1.
+#[inline(always)]
+fn mul_saturating(a: u64, b: u64) -> u64 {
+    if (a | b) >> 32 == 0 {
+        a * b
+    } else if a == 0 || b == 0 {
+        0
+    } else if a == 1 {
+        b
+    } else if b == 1 {
+        a
+    } else {
+        u64::MAX
+    }
+}
+
+#[inline(always)]
+fn current_pid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+#[inline(always)]
+fn count(f: impl FnOnce(&mut HeapCounters)) {
+    if let Some(counters) = HEAP_COUNTERS.get_ptr_mut(0) {
+        // SAFETY: a per-CPU array entry; this CPU is its only writer while
+        // this program runs (programs are not preempted by each other here).
+        f(unsafe { &mut *counters });
+    }
+}

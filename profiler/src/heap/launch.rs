@@ -1,0 +1,299 @@
+//! Launch mode: `prof-bpf heap -- CMD ARGS...`.
+//!
+//! The child is forked and held before `exec` until the probes are in place,
+//! so that no allocation of the program escapes. Before exec the child's maps
+//! are still ours, so its allocator is found from the program file: `#!`
+//! interpreters are followed, then the linker's order is searched for the
+//! first object defining `malloc` — the executable, `LD_PRELOAD`, then
+//! `DT_NEEDED` libraries breadth first through the loader's search path.
+use std::{
+    ffi::OsString,
+    io::{Read as _, Write as _},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command},
+};
+
+use anyhow::{Context as _, bail};
+use object::read::elf::{Dyn as _, FileHeader as _};
+
+use super::discover::Allocator;
+
+/// A child forked and waiting before exec.
+pub struct Suspended {
+    /// Its pid.
+    pub pid: u32,
+    /// Program file that will be executed (after `#!` resolution).
+    pub program: PathBuf,
+    release: std::fs::File,
+    spawner: std::thread::JoinHandle<std::io::Result<Child>>,
+}
+
+impl Suspended {
+    /// Lets the child exec and returns it, or the exec error.
+    pub fn resume(self) -> anyhow::Result<Child> {
+        let Self {
+            mut release,
+            spawner,
+            program,
+            ..
+        } = self;
+        release
+            .write_all(b"g")
+            .context("releasing the launched program")?;
+        drop(release);
+        let child = spawner
+            .join()
+            .map_err(|_| anyhow::anyhow!("the launcher thread panicked"))?
+            .with_context(|| format!("cannot run {}", program.display()))?;
+        Ok(child)
+    }
+}
+
+/// Forks `command`, which stops before exec until [`Suspended::resume`].
+pub fn spawn_suspended(command: &[OsString]) -> anyhow::Result<Suspended> {
+    let (name, args) = command
+        .split_first()
+        .context("no command to launch after `--`")?;
+    let program = find_program(name)?;
+    let (pid_rx, pid_tx) = pipe()?;
+    let (go_rx, go_tx) = pipe()?;
+    let mut cmd = Command::new(&program);
+    cmd.arg0(name).args(args);
+    let (pid_fd, go_fd) = (pid_tx.as_raw_fd(), go_rx.as_raw_fd());
+    // SAFETY: the hook runs in the forked child before exec and only makes
+    // async-signal-safe calls (getpid, write, read) on descriptors that stay
+    // open in the child until exec (they are close-on-exec).
+    unsafe {
+        cmd.pre_exec(move || {
+            let pid = libc::getpid().to_ne_bytes();
+            if libc::write(pid_fd, pid.as_ptr().cast(), pid.len()) != pid.len() as isize {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut go = [0u8; 1];
+            // EOF: the agent is gone; do not run unprofiled.
+            if libc::read(go_fd, go.as_mut_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::other(
+                    "prof-bpf exited before the probes were attached",
+                ));
+            }
+            Ok(())
+        });
+    }
+    let spawner = std::thread::spawn(move || cmd.spawn());
+    let mut pid_rx = std::fs::File::from(pid_rx);
+    let mut pid = [0u8; 4];
+    let read = pid_rx.read_exact(&mut pid);
+    // The child has its own copies now; ours must close for EOF to work.
+    drop(pid_tx);
+    drop(go_rx);
+    if read.is_err() {
+        let err = spawner.join().ok().and_then(Result::err);
+        bail!(
+            "cannot run {}: {}",
+            program.display(),
+            err.map_or_else(|| "the child did not start".to_owned(), |e| e.to_string())
+        );
+    }
+    Ok(Suspended {
+        pid: i32::from_ne_bytes(pid) as u32,
+        program,
+        release: std::fs::File::from(go_tx),
+        spawner,
+    })
+}
+
+fn pipe() -> anyhow::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd as _;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe2");
+    }
+    // SAFETY: both descriptors are fresh and owned by nobody else.
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+/// `name` as exec would find it (through PATH when it has no slash).
+fn find_program(name: &OsString) -> anyhow::Result<PathBuf> {
+    let path = Path::new(name);
+    if name.as_encoded_bytes().contains(&b'/') {
+        if !path.exists() {
+            bail!("cannot run {}: no such file", path.display());
+        }
+        return Ok(path.to_path_buf());
+    }
+    let search = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&search)
+        .map(|dir| dir.join(path))
+        .find(|p| is_executable(p))
+        .with_context(|| format!("cannot run {}: not found in PATH", path.display()))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    path.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The allocator `program` will use once executed with our environment.
+pub fn allocator_of_program(program: &Path) -> anyhow::Result<Allocator> {
+    let elf = follow_interpreters(program)?;
+    let mut candidates = vec![elf.clone()];
+    if let Some(preload) = std::env::var_os("LD_PRELOAD") {
+        for lib in preload
+            .to_string_lossy()
+            .split([':', ' '])
+            .filter(|s| !s.is_empty())
+        {
+            candidates.push(resolve_library(lib, &[]));
+        }
+    }
+    // DT_NEEDED breadth first, as the loader searches symbols.
+    let mut queue = vec![elf];
+    let mut seen = candidates.clone();
+    while let Some(object) = (!queue.is_empty()).then(|| queue.remove(0)) {
+        let Ok(data) = std::fs::read(&object) else {
+            continue;
+        };
+        let (needed, runpath) = dynamic_info(&data, &object);
+        for name in needed {
+            let lib = resolve_library(&name, &runpath);
+            if !seen.contains(&lib) {
+                seen.push(lib.clone());
+                candidates.push(lib.clone());
+                queue.push(lib);
+            }
+        }
+    }
+    for candidate in &candidates {
+        let shown = candidate.to_string_lossy().into_owned();
+        if let Ok(allocator) = Allocator::from_file(&shown, candidate.clone()) {
+            return Ok(allocator);
+        }
+    }
+    bail!(
+        "{} and the libraries it needs define no malloc; name the allocator with --lib PATH",
+        program.display()
+    )
+}
+
+/// The ELF file that runs `program`: itself, or its `#!` interpreter's.
+fn follow_interpreters(program: &Path) -> anyhow::Result<PathBuf> {
+    let mut current = program.to_path_buf();
+    for _ in 0..4 {
+        let mut head = [0u8; 256];
+        let n = std::fs::File::open(&current)
+            .and_then(|mut f| f.read(&mut head))
+            .with_context(|| format!("reading {}", current.display()))?;
+        let head = &head[..n];
+        if !head.starts_with(b"#!") {
+            return Ok(current);
+        }
+        let line = head[2..].split(|&b| b == b'\n').next().unwrap_or_default();
+        let line = String::from_utf8_lossy(line);
+        let mut words = line.split_whitespace();
+        let interpreter = words.next().context("empty #! line")?;
+        current = if interpreter.ends_with("/env") {
+            let name = words
+                .find(|w| !w.starts_with('-'))
+                .context("`#!/usr/bin/env` without a program")?;
+            find_program(&name.into())?
+        } else {
+            PathBuf::from(interpreter)
+        };
+    }
+    bail!("{}: too many levels of #! interpreters", program.display())
+}
+
+/// DT_NEEDED names and the DT_RUNPATH/DT_RPATH directories of an ELF file.
+fn dynamic_info(data: &[u8], path: &Path) -> (Vec<String>, Vec<PathBuf>) {
+    let mut needed = Vec::new();
+    let mut runpath = Vec::new();
+    let Ok(file) = object::read::elf::ElfFile64::<object::Endianness>::parse(data) else {
+        return (needed, runpath);
+    };
+    let endian = file.endian();
+    let header = file.elf_header();
+    let Ok(sections) = header.sections(endian, data) else {
+        return (needed, runpath);
+    };
+    let Ok(Some((entries, link))) = sections.dynamic(endian, data) else {
+        return (needed, runpath);
+    };
+    let Ok(strings) = sections.strings(endian, data, link) else {
+        return (needed, runpath);
+    };
+    let origin = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    for entry in entries {
+        let tag = entry.d_tag(endian);
+        let Ok(value) = entry.string(endian, strings) else {
+            continue;
+        };
+        let value = String::from_utf8_lossy(value).into_owned();
+        match tag {
+            object::elf::DT_NEEDED => needed.push(value),
+            object::elf::DT_RUNPATH | object::elf::DT_RPATH => runpath.extend(
+                value
+                    .split(':')
+                    .map(|d| PathBuf::from(d.replace("$ORIGIN", &origin.to_string_lossy()))),
+            ),
+            _ => {}
+        }
+    }
+    (needed, runpath)
+}
+
+/// Where the loader finds library `name` (a path is taken as is).
+fn resolve_library(name: &str, runpath: &[PathBuf]) -> PathBuf {
+    if name.contains('/') {
+        return PathBuf::from(name);
+    }
+    let env_dirs: Vec<PathBuf> = std::env::var_os("LD_LIBRARY_PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    const SYSTEM: &[&str] = &[
+        "/lib/x86_64-linux-gnu",
+        "/usr/lib/x86_64-linux-gnu",
+        "/lib64",
+        "/usr/lib64",
+        "/lib",
+        "/usr/lib",
+        "/usr/local/lib",
+    ];
+    env_dirs
+        .iter()
+        .chain(runpath)
+        .cloned()
+        .chain(SYSTEM.iter().map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dynamic_program_uses_libc() {
+        let allocator = allocator_of_program(Path::new("/bin/true")).unwrap();
+        assert!(allocator.path.contains("libc.so"), "{}", allocator.path);
+    }
+
+    #[test]
+    fn script_follows_its_interpreter() {
+        let dir = std::env::temp_dir().join(format!("prof-bpf-launch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("s.sh");
+        std::fs::write(&script, "#!/usr/bin/env sh\necho hi\n").unwrap();
+        let allocator = allocator_of_program(&script).unwrap();
+        assert!(allocator.path.contains("libc.so"), "{}", allocator.path);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,218 @@
+//! `prof-bpf heap`: heap profiles and leak reports of running processes,
+//! without restarting them, through uprobes on their allocator.
+//!
+//! - [`discover`]: which allocator a process uses and its entry points.
+//! - [`launch`]: `-- CMD ARGS`, held before exec until the probes are in place.
+//! - [`sampling`]: the Poisson sampler's tables and weights.
+//! - [`leaks`]: growth-over-snapshots leak classification.
+//! - [`session`]: load, attach, read the maps, build the profile.
+use std::{ffi::OsString, path::PathBuf};
+
+use anyhow::bail;
+use profiler_common::heap::{DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS};
+
+pub mod discover;
+pub mod launch;
+pub mod leaks;
+pub mod sampling;
+pub mod session;
+
+const AFTER_HELP: &str = "\
+SAMPLING:
+  Heap profiles sample on average one allocation per --sample-bytes bytes
+  allocated (Poisson, as tcmalloc), weighting each sample of size S by
+  S / (1 - exp(-S/N)), so totals are unbiased estimates. --leaks and
+  --sample-bytes 0 track every allocation.
+
+LEAKS:
+  --leaks snapshots the outstanding bytes of every allocation stack (from
+  allocations made while attached) every --interval seconds (default 2).
+LEAK_RULE
+  The report lists the leaking stacks with their outstanding objects and
+  bytes and their growth rate (numeric label `growth`, bytes/s).
+  --min-age SECS also lists every stack holding allocations outstanding for at
+  least SECS (label `age`: the oldest, in seconds). In launch mode everything
+  the program never freed is reported when it exits.
+
+EXAMPLES:
+  sudo prof-bpf heap --pid 1234 --duration 30 -o heap.pb.gz
+  sudo prof-bpf heap --pid 1234 --leaks --duration 20
+  sudo prof-bpf heap --leaks --min-age 60 --pid 1234 --pid 5678
+  sudo prof-bpf heap --all --lib /usr/lib/x86_64-linux-gnu/libjemalloc.so.2
+  sudo prof-bpf heap --leaks -- ./server --port 8080";
+
+/// The help epilogue, with the leak rule wrapped to the text's width.
+fn after_help() -> String {
+    let mut lines = Vec::new();
+    let mut line = String::from(" ");
+    for word in leaks::RULE.split_whitespace() {
+        if line.len() + word.len() + 1 > 76 {
+            lines.push(std::mem::replace(&mut line, String::from(" ")));
+        }
+        line.push(' ');
+        line.push_str(word);
+    }
+    lines.push(line);
+    AFTER_HELP.replace("LEAK_RULE", &lines.join("\n"))
+}
+
+/// Options of `prof-bpf heap`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = after_help())]
+pub struct HeapArgs {
+    /// Process to profile (repeat for several).
+    #[arg(long, short, value_name = "PID", conflicts_with = "all")]
+    pub pid: Vec<u32>,
+    /// Every process that maps the allocator library (--lib, default: the C library).
+    #[arg(long)]
+    pub all: bool,
+    /// The allocator library to probe instead of the one found in the process's mappings.
+    #[arg(long, value_name = "PATH")]
+    pub lib: Option<PathBuf>,
+    /// Mean bytes allocated between samples; 0 tracks every allocation
+    /// [default: 524288, or 0 with --leaks].
+    #[arg(long, value_name = "BYTES")]
+    pub sample_bytes: Option<u64>,
+    /// Report what is leaking: stacks whose outstanding memory keeps growing.
+    #[arg(long)]
+    pub leaks: bool,
+    /// With --leaks: also list stacks holding allocations at least this old.
+    #[arg(long, value_name = "SECS", requires = "leaks")]
+    pub min_age: Option<f64>,
+    /// Stop after this many seconds (default: until Ctrl-C or the targets exit).
+    #[arg(long, short, value_name = "SECS")]
+    pub duration: Option<f64>,
+    /// Seconds between reports (heap profiles), or between snapshots (--leaks, default 2).
+    #[arg(long, value_name = "SECS")]
+    pub interval: Option<f64>,
+    /// What to probe: libprofalloc.so's sampling hooks (cheap: only sampled
+    /// allocations trap), the malloc family, or `auto`: the hooks when the
+    /// target runs libprofalloc.so with its sampler on and neither --leaks nor
+    /// --sample-bytes asks for more than they give.
+    #[arg(long, value_enum, default_value_t = Probe::Auto)]
+    pub probe: Probe,
+    /// Capacity for live allocations tracked at once; more are counted as lost.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_LIVE)]
+    pub max_live: u32,
+    /// Capacity for distinct allocation stacks; more are counted as lost.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_STACKS)]
+    pub max_stacks: u32,
+    #[command(flatten)]
+    pub output: crate::output::OutputArgs,
+    /// Program to launch and profile until it exits (after `--`).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+/// `--probe`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Probe {
+    /// Hooks when possible, else the malloc family.
+    Auto,
+    /// libprofalloc.so's sampling hooks.
+    Hooks,
+    /// The allocator's malloc family.
+    Malloc,
+}
+
+/// What to profile.
+#[derive(Debug, Clone)]
+pub enum Targets {
+    /// Running processes.
+    Pids(Vec<u32>),
+    /// Every process mapping the library.
+    All,
+    /// A program to start.
+    Launch(Vec<OsString>),
+}
+
+/// Validated settings of a heap session.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// What to profile.
+    pub targets: Targets,
+    /// `--lib`.
+    pub lib: Option<PathBuf>,
+    /// Mean bytes between samples, 0 = every allocation.
+    pub sample_bytes: u64,
+    /// Leak mode.
+    pub leaks: bool,
+    /// `--min-age` in seconds.
+    pub min_age: Option<f64>,
+    /// `--duration` in seconds.
+    pub duration: Option<f64>,
+    /// Seconds between snapshots (leak mode) or reports.
+    pub interval: Option<f64>,
+    /// `--probe`, already `Malloc` when --leaks or --sample-bytes rule the hooks out.
+    pub probe: Probe,
+    /// Map capacities.
+    pub max_live: u32,
+    /// Map capacities.
+    pub max_stacks: u32,
+}
+
+impl Settings {
+    /// Checks the flags and their combinations.
+    pub fn from_args(args: &HeapArgs) -> anyhow::Result<Self> {
+        let targets = match (args.pid.is_empty(), args.all, args.command.is_empty()) {
+            (false, false, true) => Targets::Pids(args.pid.clone()),
+            (true, true, true) => Targets::All,
+            (true, false, false) => Targets::Launch(args.command.clone()),
+            (true, false, true) => {
+                bail!("nothing to profile: give --pid PID, --all, or `-- CMD ARGS`")
+            }
+            _ => bail!("--pid, --all and `-- CMD` exclude each other: give one"),
+        };
+        for (flag, value) in [
+            ("--duration", args.duration),
+            ("--interval", args.interval),
+            ("--min-age", args.min_age),
+        ] {
+            if let Some(v) = value
+                && !(v.is_finite() && (v > 0.0 || (flag == "--min-age" && v == 0.0)))
+            {
+                bail!("{flag} must be a positive number of seconds, got {v}");
+            }
+        }
+        let sample_bytes = args.sample_bytes.unwrap_or(if args.leaks {
+            0
+        } else {
+            sampling::DEFAULT_SAMPLE_BYTES
+        });
+        if sample_bytes > sampling::MAX_SAMPLE_BYTES {
+            bail!(
+                "--sample-bytes must be at most {}, got {sample_bytes}",
+                sampling::MAX_SAMPLE_BYTES
+            );
+        }
+        let probe = match args.probe {
+            Probe::Hooks if args.leaks || args.sample_bytes.is_some() => bail!(
+                "--probe hooks records only what libprofalloc.so samples: it excludes --leaks and --sample-bytes"
+            ),
+            Probe::Auto if args.leaks || args.sample_bytes.is_some() => Probe::Malloc,
+            p => p,
+        };
+        if args.max_live == 0 || args.max_stacks == 0 {
+            bail!("--max-live and --max-stacks must be positive");
+        }
+        Ok(Self {
+            targets,
+            lib: args.lib.clone(),
+            sample_bytes,
+            leaks: args.leaks,
+            min_age: args.min_age,
+            duration: args.duration,
+            interval: args.interval.or(args.leaks.then_some(2.0)),
+            probe,
+            max_live: args.max_live,
+            max_stacks: args.max_stacks,
+        })
+    }
+}
+
+/// Runs `prof-bpf heap`.
+pub fn run(args: HeapArgs) -> anyhow::Result<()> {
+    crate::ebpf::require_root()?;
+    let settings = Settings::from_args(&args)?;
+    session::run(settings, args.output)
+}

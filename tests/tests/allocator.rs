@@ -1,0 +1,374 @@
+//! libprofalloc.so under LD_PRELOAD: stress with content checks, the
+//! glibc API's corner cases, statistics against known live sets, misuse
+//! detection, and real programs giving the same results as without it.
+//! The library is `$PROFALLOC_LIB` (set by `cargo xtask test`), else the
+//! debug build in the target directory.
+use std::{
+    os::unix::process::ExitStatusExt as _,
+    path::PathBuf,
+    process::{Command, Output},
+};
+
+use prof_bpf_tests::{build_workload, workspace_root};
+
+const FLAGS: &[&str] = &["-O1", "-g", "-fno-builtin"];
+
+fn lib() -> PathBuf {
+    let path = std::env::var_os("PROFALLOC_LIB").map_or_else(
+        || workspace_root().join("target/debug/libprofalloc.so"),
+        PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} does not exist: run `cargo build -p profalloc-preload` (or `cargo xtask test`)",
+        path.display()
+    );
+    path
+}
+
+/// Runs `cmd` with the library preloaded (and `extra` environment).
+fn preloaded(cmd: &mut Command, extra: &[(&str, &str)]) -> Output {
+    cmd.env("LD_PRELOAD", lib());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.output()
+        .unwrap_or_else(|e| panic!("running {:?}: {e}", cmd.get_program()))
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn assert_ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?}); stdout: {}; stderr: {}",
+        out.status,
+        stdout(out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn api(mode: &str, env: &[(&str, &str)]) -> Output {
+    preloaded(
+        Command::new(build_workload("alloc_api", FLAGS)).arg(mode),
+        env,
+    )
+}
+
+/// A `key N` field of a line of `out`.
+fn field(out: &str, key: &str) -> u64 {
+    let mut words = out.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == key {
+            return words
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("bad `{key}` in {out}"));
+        }
+    }
+    panic!("no `{key}` in {out}")
+}
+
+#[test]
+fn exports_the_malloc_family_and_imports_none_of_it() {
+    let out = Command::new("nm")
+        .args(["-D", "--undefined-only"])
+        .arg(lib())
+        .output()
+        .expect("run nm");
+    assert_ok(&out, "nm");
+    let undefined = stdout(&out);
+    let family = [
+        "malloc",
+        "free",
+        "calloc",
+        "realloc",
+        "reallocarray",
+        "memalign",
+        "posix_memalign",
+        "aligned_alloc",
+        "valloc",
+        "pvalloc",
+        "malloc_usable_size",
+        "_Znwm",
+        "_ZdlPv",
+    ];
+    for line in undefined.lines() {
+        let name = line.split_whitespace().last().unwrap_or("");
+        let name = name.split('@').next().unwrap_or(name);
+        assert!(!family.contains(&name), "libprofalloc.so imports {name}");
+    }
+    let out = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(lib())
+        .output()
+        .expect("nm");
+    let defined = stdout(&out);
+    for name in family.iter().chain(&[
+        "mallopt",
+        "mallinfo",
+        "mallinfo2",
+        "malloc_trim",
+        "cfree",
+        "_Znam",
+        "_ZnwmSt11align_val_t",
+        "_ZnamSt11align_val_tRKSt9nothrow_t",
+        "_ZdlPvmSt11align_val_t",
+        "_ZdaPvSt11align_val_tRKSt9nothrow_t",
+        "profalloc_stats",
+        "profalloc_sample_alloc",
+        "profalloc_sample_free",
+        "profalloc_sample_bytes",
+    ]) {
+        assert!(
+            defined
+                .lines()
+                .any(|l| l.split_whitespace().last() == Some(name)),
+            "libprofalloc.so does not export {name}"
+        );
+    }
+}
+
+#[test]
+fn dladdr_names_libprofalloc_for_malloc_free_and_new() {
+    let out = api("dladdr", &[]);
+    assert_ok(&out, "alloc_api dladdr");
+    let text = stdout(&out);
+    for sym in ["malloc", "free"] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(sym))
+            .expect("dladdr line");
+        assert!(line.ends_with("libprofalloc.so"), "{line}");
+    }
+}
+
+#[test]
+fn glibc_api_corner_cases() {
+    let out = api("api", &[]);
+    assert_ok(&out, "alloc_api api");
+    assert_eq!(stdout(&out).trim(), "ok");
+}
+
+#[test]
+fn stress_random_operations_across_threads_and_forks() {
+    let stress = build_workload("alloc_stress", &["-O2", "-fno-builtin"]);
+    // 4 threads x 400,000 random operations, cross-thread frees, forks.
+    let out = preloaded(Command::new(&stress).args(["4", "400000", "fork"]), &[]);
+    assert_ok(&out, "alloc_stress");
+    assert_eq!(stdout(&out).trim(), "ok 1600000");
+    // Again with every allocation sampled, so sampled spans are exercised.
+    let out = preloaded(
+        Command::new(&stress).args(["2", "200000"]),
+        &[("PROFALLOC_SAMPLE_BYTES", "1")],
+    );
+    assert_ok(&out, "alloc_stress, everything sampled");
+}
+
+#[test]
+fn stats_in_use_matches_the_live_set() {
+    let out = api("stats", &[("PROFALLOC_SAMPLE_BYTES", "0")]);
+    assert_ok(&out, "alloc_api stats");
+    let text = stdout(&out);
+    assert_eq!(field(&text, "live"), field(&text, "expected"), "{text}");
+    assert!(
+        text.contains("after 0"),
+        "freeing the set leaves in-use unchanged: {text}"
+    );
+}
+
+#[test]
+fn exiting_threads_return_their_caches() {
+    let out = api("threads", &[]);
+    assert_ok(&out, "alloc_api threads");
+    let text = stdout(&out);
+    // Four threads each freed 2000 objects of 112 bytes and keep at least
+    // half of them cached; once they exited, only the main thread's remain.
+    assert!(field(&text, "running") >= 4 * 1000 * 112, "{text}");
+    assert!(field(&text, "exited") < 1000 * 112, "{text}");
+}
+
+#[test]
+fn the_sampler_samples_at_its_rate() {
+    // 64 MiB in 64-byte objects at a 512 KiB mean: 128 samples expected
+    // (Poisson, standard deviation ~11).
+    let out = api("sampled", &[]);
+    assert_ok(&out, "alloc_api sampled");
+    let n = field(&stdout(&out), "sampled");
+    assert!((80..=180).contains(&n), "{n} samples");
+    let out = api("sampled", &[("PROFALLOC_SAMPLE_BYTES", "0")]);
+    assert_eq!(field(&stdout(&out), "sampled"), 0);
+}
+
+#[test]
+fn allocating_signal_handlers_do_not_deadlock() {
+    let out = api("signal", &[]);
+    assert_ok(&out, "alloc_api signal");
+    assert_eq!(stdout(&out).trim(), "ok 1");
+}
+
+fn assert_aborts(mode: &str, message: &str) {
+    let out = api(mode, &[]);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "{mode}: {:?}",
+        out.status
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(message), "{mode}: stderr {stderr}");
+    assert!(!stdout(&out).contains("survived"));
+}
+
+#[test]
+fn double_free_aborts_with_a_message() {
+    assert_aborts("double-free", "profalloc: free 0x");
+    assert_aborts("double-free", "double free");
+}
+
+#[test]
+fn freeing_a_foreign_pointer_aborts_with_a_message() {
+    assert_aborts("foreign", "invalid pointer (not allocated by profalloc");
+}
+
+/// Runs `cmd` with and without the library; both must succeed with the
+/// same stdout.
+fn same_output(make: impl Fn() -> Command, what: &str) -> String {
+    let plain = make().output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_ok(&plain, what);
+    let with = preloaded(&mut make(), &[("PROFALLOC_STATS", "1")]);
+    assert_ok(&with, &format!("{what} under LD_PRELOAD"));
+    assert_eq!(
+        stdout(&plain),
+        stdout(&with),
+        "{what}: output differs under libprofalloc.so"
+    );
+    // The exit report proves the program really ran on the allocator.
+    let stderr = String::from_utf8_lossy(&with.stderr);
+    assert!(
+        stderr.contains("profalloc: stats at exit"),
+        "{what}: {stderr}"
+    );
+    stdout(&with)
+}
+
+#[test]
+fn cxx_program_runs_identically() {
+    let bin = build_workload("alloc_cxx", &["-O2"]);
+    let out = same_output(|| Command::new(&bin), "alloc_cxx");
+    assert!(out.contains("bad_alloc 1 nothrow-null 1"), "{out}");
+}
+
+const PYTHON_WORKLOAD: &str = r#"
+import collections, hashlib, json, re, threading
+d = {}
+for i in range(200000):
+    d[str(i)] = [i] * (i % 7)
+words = collections.Counter(re.findall(r"\w+", json.dumps(d)[:2000000]))
+def worker(n, out):
+    out.append(sum(len(str(x)) for x in range(n)))
+out = []
+ts = [threading.Thread(target=worker, args=(100000 + k, out)) for k in range(4)]
+for t in ts: t.start()
+for t in ts: t.join()
+print(len(d), sum(len(v) for v in d.values()), words.most_common(3), sorted(out))
+print(hashlib.sha256(json.dumps(sorted(d.items())[:5000]).encode()).hexdigest())
+"#;
+
+#[test]
+fn python_runs_identically() {
+    let python = "/usr/bin/python3.11";
+    if !std::path::Path::new(python).exists() {
+        panic!("{python} is missing (cargo xtask setup installs it)");
+    }
+    same_output(
+        || {
+            let mut c = Command::new(python);
+            c.args(["-c", PYTHON_WORKLOAD]);
+            c
+        },
+        "python3.11 workload",
+    );
+}
+
+#[test]
+fn sqlite3_runs_identically() {
+    let sql = "\
+        create table t(id integer primary key, name text, v real);\n\
+        with recursive c(x) as (select 1 union all select x + 1 from c where x < 200000)\n\
+        insert into t select x, hex(x * 7919), x * 0.5 from c;\n\
+        create index t_name on t(name);\n\
+        select count(*), sum(v), min(name), max(name) from t;\n\
+        select name, count(*) from t group by substr(name, 1, 2) order by 2 desc limit 5;\n";
+    same_output(
+        || {
+            let mut c = Command::new("sqlite3");
+            c.args([":memory:", sql]);
+            c
+        },
+        "sqlite3",
+    );
+}
+
+#[test]
+fn git_runs_identically() {
+    let root = workspace_root();
+    same_output(
+        || {
+            let mut c = Command::new("git");
+            c.arg("-C")
+                .arg(&root)
+                .args(["log", "--stat", "--format=%H %s", "-n", "50"]);
+            c
+        },
+        "git log --stat",
+    );
+    same_output(
+        || {
+            let mut c = Command::new("git");
+            c.arg("-C")
+                .arg(&root)
+                .args(["grep", "-c", "fn ", "HEAD", "--"]);
+            c
+        },
+        "git grep",
+    );
+}
+
+#[test]
+fn python_regression_tests_pass() {
+    // A slice of CPython's own tests (Debian's libpython3.11-testsuite)
+    // that allocate heavily: containers, strings, regexes, gc, weakrefs.
+    let tests = [
+        "test_list",
+        "test_dict",
+        "test_set",
+        "test_bytes",
+        "test_re",
+        "test_json",
+        "test_collections",
+        "test_gc",
+        "test_weakref",
+        "test_deque",
+    ];
+    assert!(
+        std::path::Path::new("/usr/lib/python3.11/test/test_dict.py").exists(),
+        "CPython's tests are missing (cargo xtask setup installs libpython3.11-testsuite)"
+    );
+    // No PROFALLOC_STATS here: some tests require their subprocesses'
+    // stderr to be empty.
+    let out = preloaded(
+        Command::new("/usr/bin/python3.11")
+            .args(["-m", "test", "-q"])
+            .args(tests),
+        &[],
+    );
+    assert_ok(&out, "python3.11 -m test");
+    assert!(
+        stdout(&out).contains("Tests result: SUCCESS"),
+        "{}",
+        stdout(&out)
+    );
+}

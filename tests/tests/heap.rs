@@ -1,0 +1,597 @@
+//! `prof-bpf heap`: profiles and leak reports of a running workload whose
+//! allocations, call chains and leaks are known by construction
+//! (tests/workloads/heap_leaks.c), the allocator corner cases, launch mode,
+//! and the errors for bad input.
+use std::{process::Command, time::Duration};
+
+use prof_bpf_tests::{
+    Proc, assert_one_line_error, build_workload, prof_bpf, require_bpf, run_prof_bpf,
+    start_prof_bpf,
+};
+
+const FLAGS: &[&str] = &["-O1", "-g", "-fno-omit-frame-pointer", "-fno-builtin"];
+const ATTACHED: &str = "prof-bpf: heap: attached";
+
+// Per round of heap_leaks.c.
+const SMALL: i64 = 20 * 1000;
+const CALLOC: i64 = 3000;
+const BIG_CALLOC: i64 = 200_000;
+const REALLOC_NULL: i64 = 500;
+const CACHE_BLOCK: i64 = 2048;
+const CACHE_ROUNDS: i64 = 3;
+/// Functions whose memory is always freed.
+const FREED: &[&str] = &[
+    "churn",
+    "handoff",
+    "realloc_zero",
+    "churn_background",
+    "free_prealloc",
+];
+
+/// One folded line: frames outermost first, and the value.
+struct Stack {
+    frames: Vec<String>,
+    value: i64,
+}
+
+fn parse_folded(text: &str) -> Vec<Stack> {
+    text.lines()
+        .filter_map(|line| {
+            let (frames, value) = line.rsplit_once(' ')?;
+            Some(Stack {
+                frames: frames.split(';').map(str::to_owned).collect(),
+                value: value.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// Sum of the values of stacks whose leaf (innermost) frame is `func`.
+fn leaf_total(stacks: &[Stack], func: &str) -> i64 {
+    stacks
+        .iter()
+        .filter(|s| s.frames.last().is_some_and(|f| f == func))
+        .map(|s| s.value)
+        .sum()
+}
+
+fn has_chain(stacks: &[Stack], chain: &str) -> bool {
+    stacks.iter().any(|s| s.frames.join(";").contains(chain))
+}
+
+fn start_workload() -> Proc {
+    let mut w = Proc::spawn(&mut Command::new(build_workload("heap_leaks", FLAGS)));
+    w.expect_line("ready");
+    w
+}
+
+/// Runs `prof-bpf heap --pid W ARGS` while the workload does `rounds`
+/// rounds, stops it with SIGINT, and returns its stdout.
+fn profile_rounds(w: &mut Proc, args: &[&str], rounds: u32) -> String {
+    let pid = w.pid().to_string();
+    let mut all = vec!["heap", "--pid", &pid];
+    all.extend_from_slice(args);
+    let (prof, _) = start_prof_bpf(&all, ATTACHED);
+    w.send_line(&format!("go {rounds}"));
+    w.expect_line("done");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(prof.id() as i32, libc::SIGINT) };
+    let out = prof.wait_with_output().expect("wait for prof-bpf");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "prof-bpf heap failed ({}); stdout: {stdout}",
+        out.status
+    );
+    stdout
+}
+
+/// The workload's checksum after `rounds` rounds of `go` from a fresh start.
+fn expected_sum(go_commands: &[i64]) -> i64 {
+    go_commands
+        .iter()
+        .map(|&rounds| {
+            let per_round = SMALL + CALLOC + BIG_CALLOC + REALLOC_NULL + 700 + 1000 * 64 + 333;
+            rounds * per_round + rounds.min(CACHE_ROUNDS) * CACHE_BLOCK
+        })
+        .sum()
+}
+
+#[test]
+fn exact_inuse_bytes_and_call_chains_when_tracking_everything() {
+    require_bpf!();
+    let mut w = start_workload();
+    let rounds = 10;
+    let out = profile_rounds(
+        &mut w,
+        &[
+            "--sample-bytes",
+            "0",
+            "--format",
+            "folded",
+            "--group-by",
+            "none",
+            "--sample-type",
+            "inuse_space",
+        ],
+        rounds,
+    );
+    let stacks = parse_folded(&out);
+    let r = i64::from(rounds);
+    assert_eq!(leaf_total(&stacks, "leak_small"), r * SMALL, "{out}");
+    // calloc from its real caller with its real size (glibc serves the big one by mmap).
+    assert_eq!(leaf_total(&stacks, "leak_calloc"), r * CALLOC, "{out}");
+    assert_eq!(
+        leaf_total(&stacks, "leak_big_calloc"),
+        r * BIG_CALLOC,
+        "{out}"
+    );
+    // realloc(NULL, n) is one allocation of n from its caller, not a nested malloc.
+    assert_eq!(
+        leaf_total(&stacks, "realloc_null"),
+        r * REALLOC_NULL,
+        "{out}"
+    );
+    assert_eq!(
+        leaf_total(&stacks, "cache_fill"),
+        CACHE_ROUNDS * CACHE_BLOCK,
+        "{out}"
+    );
+    for f in FREED {
+        // The background thread may be between its malloc and free at the end.
+        let limit = if *f == "churn_background" { 48 } else { 0 };
+        assert!(leaf_total(&stacks, f) <= limit, "{f} holds memory: {out}");
+    }
+    // Frees of blocks allocated before the attach are ignored: nothing negative.
+    assert!(stacks.iter().all(|s| s.value >= 0), "{out}");
+    // Every stack starts at a workload function: no allocator-internal leaf
+    // (a nested malloc inside realloc would show up as one).
+    for s in stacks.iter().filter(|s| s.value > 0) {
+        let leaf = s.frames.last().unwrap();
+        assert!(
+            [
+                "leak_small",
+                "leak_calloc",
+                "leak_big_calloc",
+                "realloc_null",
+                "cache_fill",
+                "churn_background"
+            ]
+            .contains(&leaf.as_str()),
+            "unexpected leaf {leaf}: {out}"
+        );
+    }
+    assert!(
+        has_chain(&stacks, "main;run_rounds;run_round;leak_path;leak_small"),
+        "{out}"
+    );
+    assert!(
+        has_chain(&stacks, "main;run_rounds;run_round;leak_big_calloc"),
+        "{out}"
+    );
+
+    // The target runs on unchanged after detach.
+    w.send_line("go 2");
+    w.expect_line("done");
+    w.send_line("sum");
+    w.expect_line(&format!("sum {}", expected_sum(&[i64::from(rounds), 2])));
+}
+
+#[test]
+fn sampled_profile_is_within_ten_percent() {
+    require_bpf!();
+    let mut w = start_workload();
+    let rounds = 20;
+    let out = profile_rounds(
+        &mut w,
+        &[
+            "--sample-bytes",
+            "1024",
+            "--format",
+            "folded",
+            "--group-by",
+            "none",
+            "--sample-type",
+            "inuse_space",
+        ],
+        rounds,
+    );
+    let stacks = parse_folded(&out);
+    let r = i64::from(rounds);
+    // 400 blocks of 1000 bytes, each sampled with probability 0.62: the
+    // estimate's relative deviation is about 3%. Blocks of 200000 bytes are
+    // always sampled.
+    for (func, want) in [
+        ("leak_small", r * SMALL),
+        ("leak_big_calloc", r * BIG_CALLOC),
+    ] {
+        let got = leaf_total(&stacks, func);
+        let error = (got - want).abs() as f64 / want as f64;
+        assert!(error < 0.10, "{func}: estimated {got}, true {want}: {out}");
+    }
+}
+
+#[test]
+fn leak_mode_reports_exactly_the_leaks() {
+    require_bpf!();
+    let mut w = start_workload();
+    let rounds = 40;
+    let out = profile_rounds(
+        &mut w,
+        &[
+            "--leaks",
+            "--interval",
+            "0.4",
+            "--format",
+            "folded",
+            "--group-by",
+            "none",
+            "--sample-type",
+            "inuse_space",
+        ],
+        rounds,
+    );
+    let stacks = parse_folded(&out);
+    let r = i64::from(rounds);
+    assert_eq!(leaf_total(&stacks, "leak_small"), r * SMALL, "{out}");
+    assert_eq!(leaf_total(&stacks, "leak_calloc"), r * CALLOC, "{out}");
+    assert_eq!(
+        leaf_total(&stacks, "leak_big_calloc"),
+        r * BIG_CALLOC,
+        "{out}"
+    );
+    assert_eq!(
+        leaf_total(&stacks, "realloc_null"),
+        r * REALLOC_NULL,
+        "{out}"
+    );
+    // Churn, cross-thread frees, realloc(p, 0) and a cache that stopped growing are not leaks.
+    for f in FREED.iter().chain(&["cache_fill"]) {
+        assert_eq!(leaf_total(&stacks, f), 0, "{f} reported as a leak: {out}");
+    }
+    assert!(
+        has_chain(&stacks, "run_round;leak_path;leak_small"),
+        "{out}"
+    );
+}
+
+#[test]
+fn min_age_lists_a_cache_that_stopped_growing() {
+    require_bpf!();
+    let mut w = start_workload();
+    // ~3 s of rounds: the cache (rounds 0-2) is then over 2 s old.
+    let out = profile_rounds(
+        &mut w,
+        &[
+            "--leaks",
+            "--min-age",
+            "2",
+            "--interval",
+            "0.5",
+            "--format",
+            "folded",
+            "--group-by",
+            "none",
+            "--sample-type",
+            "inuse_space",
+        ],
+        55,
+    );
+    let stacks = parse_folded(&out);
+    assert_eq!(
+        leaf_total(&stacks, "cache_fill"),
+        CACHE_ROUNDS * CACHE_BLOCK,
+        "{out}"
+    );
+    assert!(leaf_total(&stacks, "leak_small") > 0, "{out}");
+    assert_eq!(leaf_total(&stacks, "churn"), 0, "{out}");
+}
+
+#[test]
+fn pprof_file_is_read_by_go_pprof_with_the_same_top_functions() {
+    require_bpf!();
+    let mut w = start_workload();
+    let dir = std::env::temp_dir().join(format!("prof-bpf-heap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("heap.pb.gz");
+    let file_arg = file.to_string_lossy().into_owned();
+    profile_rounds(&mut w, &["--sample-bytes", "0", "-o", &file_arg], 10);
+    let out = Command::new("go")
+        .args([
+            "tool",
+            "pprof",
+            "-top",
+            "-nodefraction=0",
+            "-sample_index=inuse_space",
+        ])
+        .arg(&file)
+        .env("HOME", &dir)
+        .output()
+        .expect("run go tool pprof");
+    let top = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "go tool pprof failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Flat order by construction: big calloc, small leaks, calloc, cache, realloc(NULL).
+    let names: Vec<&str> = top
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .filter(|n| {
+            [
+                "leak_big_calloc",
+                "leak_small",
+                "leak_calloc",
+                "cache_fill",
+                "realloc_null",
+            ]
+            .contains(n)
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "leak_big_calloc",
+            "leak_small",
+            "leak_calloc",
+            "cache_fill",
+            "realloc_null"
+        ],
+        "{top}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn launch_mode_reports_what_was_never_freed() {
+    require_bpf!();
+    let program = build_workload("heap_leaks", FLAGS);
+    let program = program.to_string_lossy().into_owned();
+    let (stdout, stderr, code) = run_prof_bpf(&[
+        "heap",
+        "--leaks",
+        "--format",
+        "folded",
+        "--group-by",
+        "none",
+        "--sample-type",
+        "inuse_space",
+        "--",
+        &program,
+        "8",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let stacks = parse_folded(&stdout);
+    // Allocated before main's rounds, so tracked from the first instruction:
+    // 1000 blocks of 4000 bytes, 8 of them freed.
+    assert_eq!(leaf_total(&stacks, "main"), (1000 - 8) * 4000, "{stdout}");
+    assert_eq!(leaf_total(&stacks, "leak_small"), 8 * SMALL, "{stdout}");
+    assert_eq!(
+        leaf_total(&stacks, "leak_big_calloc"),
+        8 * BIG_CALLOC,
+        "{stdout}"
+    );
+    assert_eq!(
+        leaf_total(&stacks, "cache_fill"),
+        CACHE_ROUNDS * CACHE_BLOCK,
+        "{stdout}"
+    );
+    assert_eq!(leaf_total(&stacks, "churn"), 0, "{stdout}");
+}
+
+#[test]
+fn launch_of_a_missing_program_is_one_line_error() {
+    require_bpf!();
+    let (_, stderr, code) = run_prof_bpf(&["heap", "--", "/nonexistent/program"]);
+    assert_one_line_error(&stderr, code, "cannot run /nonexistent/program");
+}
+
+#[test]
+fn nonexistent_pid_is_one_line_error() {
+    require_bpf!();
+    let (_, stderr, code) = run_prof_bpf(&["heap", "--pid", "4999999"]);
+    assert_one_line_error(&stderr, code, "no process with pid 4999999");
+}
+
+#[test]
+fn pid_that_exits_at_once_is_one_line_error() {
+    require_bpf!();
+    let mut child = Command::new("true").spawn().expect("run true");
+    let pid = child.id().to_string();
+    child.wait().expect("wait for true");
+    let (_, stderr, code) = run_prof_bpf(&["heap", "--pid", &pid]);
+    assert_one_line_error(&stderr, code, &pid);
+}
+
+#[test]
+fn library_without_malloc_is_one_line_error() {
+    require_bpf!();
+    let w = start_workload();
+    let pid = w.pid().to_string();
+    let (_, stderr, code) = run_prof_bpf(&["heap", "--pid", &pid, "--lib", "/bin/true"]);
+    assert_one_line_error(&stderr, code, "defines no `malloc`");
+}
+
+#[test]
+fn unwritable_output_is_one_line_error() {
+    require_bpf!();
+    let w = start_workload();
+    let pid = w.pid().to_string();
+    let (_, stderr, code) =
+        run_prof_bpf(&["heap", "--pid", &pid, "-o", "/nonexistent-dir/heap.pb.gz"]);
+    assert_one_line_error(&stderr, code, "/nonexistent-dir/heap.pb.gz");
+}
+
+#[test]
+fn non_root_is_one_line_error() {
+    require_bpf!();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(prof_bpf())
+        .args(["heap", "--pid", "1"])
+        .output()
+        .expect("run setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_one_line_error(&stderr, out.status.code().unwrap_or(-1), "must run as root");
+}
+
+#[test]
+fn workload_checksum_is_known_without_profiler() {
+    // Guards the by-construction numbers the other tests rely on.
+    let mut w = start_workload();
+    w.send_line("go 3");
+    w.expect_line("done");
+    w.send_line("sum");
+    w.expect_line(&format!("sum {}", expected_sum(&[3])));
+    let (_, code) = w.wait_output(Duration::from_secs(5));
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn frame_pointer_walk_through_glibc_shows_no_garbage_frames() {
+    require_bpf!();
+    let mut w = Proc::spawn(&mut Command::new(build_workload("heap_qsort", FLAGS)));
+    w.expect_line("ready");
+    let pid = w.pid().to_string();
+    let (prof, _) = start_prof_bpf(
+        &[
+            "heap",
+            "--pid",
+            &pid,
+            "--sample-bytes",
+            "0",
+            "--format",
+            "folded",
+            "--group-by",
+            "none",
+        ],
+        ATTACHED,
+    );
+    w.send_line("go");
+    let line = w.read_line();
+    let calls: i64 = line
+        .strip_prefix("done calls ")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected workload output {line}"));
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(prof.id() as i32, libc::SIGINT) };
+    let out = prof.wait_with_output().expect("wait for prof-bpf");
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stacks = parse_folded(&stdout);
+    assert_eq!(leaf_total(&stacks, "cmp_leak"), calls * 24, "{stdout}");
+    for s in stacks
+        .iter()
+        .filter(|s| s.frames.last().is_some_and(|f| f == "cmp_leak"))
+    {
+        // The caller of the comparison function is glibc's merge sort.
+        let caller = &s.frames[s.frames.len() - 2];
+        assert!(
+            caller.contains("msort") || caller.contains("qsort"),
+            "caller {caller}: {stdout}"
+        );
+        // Beyond it, rbp is not a frame pointer: the walk must stop (visibly)
+        // or find real code, never show an address outside the process's code.
+        for f in &s.frames {
+            assert!(
+                !f.starts_with("0x") && !f.contains("[uprobes]"),
+                "garbage frame {f}: {stdout}"
+            );
+        }
+    }
+}
+
+#[test]
+fn preloaded_jemalloc_and_tcmalloc_are_probed() {
+    require_bpf!();
+    for lib in [
+        "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+        "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
+    ] {
+        let mut w =
+            Proc::spawn(Command::new(build_workload("heap_leaks", FLAGS)).env("LD_PRELOAD", lib));
+        w.expect_line("ready");
+        let out = profile_rounds(
+            &mut w,
+            &[
+                "--sample-bytes",
+                "0",
+                "--format",
+                "folded",
+                "--group-by",
+                "none",
+                "--sample-type",
+                "inuse_space",
+            ],
+            5,
+        );
+        let stacks = parse_folded(&out);
+        assert_eq!(leaf_total(&stacks, "leak_small"), 5 * SMALL, "{lib}: {out}");
+        assert_eq!(
+            leaf_total(&stacks, "leak_big_calloc"),
+            5 * BIG_CALLOC,
+            "{lib}: {out}"
+        );
+        assert_eq!(
+            leaf_total(&stacks, "realloc_null"),
+            5 * REALLOC_NULL,
+            "{lib}: {out}"
+        );
+        assert_eq!(leaf_total(&stacks, "churn"), 0, "{lib}: {out}");
+    }
+}
+
+#[test]
+fn libprofalloc_processes_are_profiled_through_the_sampling_hooks() {
+    require_bpf!();
+    let lib = std::env::var_os("PROFALLOC_LIB").map_or_else(
+        || prof_bpf_tests::workspace_root().join("target/debug/libprofalloc.so"),
+        std::path::PathBuf::from,
+    );
+    assert!(
+        lib.exists(),
+        "{} missing: build it with `cargo build -p profalloc-preload`",
+        lib.display()
+    );
+    let mut w = Proc::spawn(
+        Command::new(build_workload("heap_leaks", FLAGS))
+            .env("LD_PRELOAD", &lib)
+            .env("PROFALLOC_SAMPLE_BYTES", "1024"),
+    );
+    w.expect_line("ready");
+    let pid = w.pid().to_string();
+    let (prof, stderr) = start_prof_bpf(
+        &[
+            "heap",
+            "--pid",
+            &pid,
+            "--format",
+            "folded",
+            "--group-by",
+            "none",
+            "--sample-type",
+            "inuse_space",
+        ],
+        ATTACHED,
+    );
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.contains("sampling hooks (one sample per 1024 bytes)")),
+        "{stderr:?}"
+    );
+    let rounds = 20;
+    w.send_line(&format!("go {rounds}"));
+    w.expect_line("done");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(prof.id() as i32, libc::SIGINT) };
+    let out = prof.wait_with_output().expect("wait for prof-bpf");
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let total: i64 = parse_folded(&stdout).iter().map(|s| s.value).sum();
+    // Everything the rounds keep (the background churn holds at most 48 bytes).
+    let want = rounds * (SMALL + CALLOC + BIG_CALLOC + REALLOC_NULL) + CACHE_ROUNDS * CACHE_BLOCK;
+    let error = (total - want).abs() as f64 / want as f64;
+    assert!(error < 0.10, "estimated {total}, true {want}: {stdout}");
+}
