@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::util;
+use crate::{bench::measure, util};
 
 /// An allocator under test: a name and the library to preload (None: glibc).
 struct Allocator {
@@ -94,11 +94,6 @@ fn run_once(argv: &[String], lib: Option<&Path>, reports_time: bool) -> anyhow::
         wall
     };
     Ok((seconds, usage.ru_maxrss as u64))
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// The library file of a Debian package, found with `dpkg -L`.
@@ -219,12 +214,12 @@ pub fn run() -> anyhow::Result<()> {
     }
     println!();
     for (w, wl) in workloads.iter().enumerate() {
-        let base_t = median(&mut times[w][0]);
-        let base_r = median(&mut rss[w][0]);
+        let base_t = measure::median(&mut times[w][0]);
+        let base_r = measure::median(&mut rss[w][0]);
         print!("{:<20} {:>7.3}s {:>4.0}M", wl.name, base_t, base_r / 1024.0);
         for a in 1..allocators.len() {
-            let t = median(&mut times[w][a]);
-            let r = median(&mut rss[w][a]);
+            let t = measure::median(&mut times[w][a]);
+            let r = measure::median(&mut rss[w][a]);
             print!(" {:>7.2}x /{:>5.2}x", base_t / t, r / base_r);
         }
         println!();

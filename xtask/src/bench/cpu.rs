@@ -13,14 +13,14 @@
 //!   which includes everything sampling costs on the busy CPUs.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 
-use crate::util;
+use crate::{bench::measure, util};
 
 /// Work per thread, in millions of iterations (about ten seconds per thread).
 const WORK: &str = "4000";
@@ -64,7 +64,7 @@ pub fn run() -> anyhow::Result<()> {
     let prof_bpf = util::root().join("target/release/prof-bpf");
     let spin =
         prof_bpf_tests::build_workload("cpu_spin", &["-O2", "-g", "-fno-omit-frame-pointer"]);
-    let headers = bcc_kernel_headers()?;
+    let headers = measure::bcc_kernel_headers()?;
     let scratch = util::root().join("target/bench-cpu");
     std::fs::create_dir_all(&scratch)?;
     let _stats = BpfStats::enable();
@@ -200,12 +200,12 @@ fn measure(
         .with_context(|| format!("starting {}", tool.name()))?;
     wait_until_sampling(tool, &mut profiler)?;
     let pid = profiler.id();
-    let cpu_before = process_cpu_seconds(pid)?;
+    let cpu_before = measure::process_cpu_seconds(pid)?;
     let bpf_before = bpf_run_time(pid);
     let started = Instant::now();
     let elapsed = run_workload(spin)?;
     let wall = started.elapsed().as_secs_f64();
-    let agent_cpu = (process_cpu_seconds(pid)? - cpu_before) / wall;
+    let agent_cpu = (measure::process_cpu_seconds(pid)? - cpu_before) / wall;
     let bpf_cpu = match (bpf_before, bpf_run_time(pid)) {
         (Some(a), Some(b)) if tool != Tool::Perf => Some((b - a) / wall),
         _ => None,
@@ -277,22 +277,6 @@ fn perf_event_fds(pid: u32) -> usize {
         .count()
 }
 
-/// User + system CPU seconds of a process (all its threads).
-fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("malformed stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15; `rest` starts at field 3.
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks / hz)
-}
-
 /// Total run time in seconds of the perf-event BPF programs the process
 /// holds (needs kernel.bpf_stats_enabled).
 fn bpf_run_time(pid: u32) -> Option<f64> {
@@ -346,49 +330,4 @@ impl Drop for BpfStats {
             let _ = std::fs::write(BPF_STATS, p.trim());
         }
     }
-}
-
-/// A kernel header tree bcc accepts: the kernel ships none, so bcc gets
-/// Debian's generic headers, the `-common` tree overlaid with the `-amd64`
-/// one (pointing bcc at `-amd64` alone fails). Built once, as symlinks.
-fn bcc_kernel_headers() -> anyhow::Result<PathBuf> {
-    let tree = util::root().join("target/bcc-kernel-headers");
-    if tree.join("include/linux/kconfig.h").exists() && tree.join("include/generated").exists() {
-        return Ok(tree);
-    }
-    let src = Path::new("/usr/src");
-    let find = |suffix: &str| -> anyhow::Result<PathBuf> {
-        std::fs::read_dir(src)?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name().is_some_and(|n| {
-                    let n = n.to_string_lossy();
-                    n.starts_with("linux-headers-") && n.ends_with(suffix)
-                })
-            })
-            .max()
-            .with_context(|| {
-                format!("no /usr/src/linux-headers-*{suffix}: install linux-headers-amd64 (cargo xtask setup)")
-            })
-    };
-    let common = find("-common")?;
-    let amd64 = find("-amd64")?;
-    let _ = std::fs::remove_dir_all(&tree);
-    std::fs::create_dir_all(&tree)?;
-    util::run(
-        Command::new("cp")
-            .arg("-rs")
-            .arg(format!("{}/.", common.display()))
-            .arg(&tree),
-        "linking the common kernel headers",
-    )?;
-    util::run(
-        Command::new("cp")
-            .args(["-rs", "--remove-destination"])
-            .arg(format!("{}/.", amd64.display()))
-            .arg(&tree),
-        "linking the amd64 kernel headers",
-    )?;
-    Ok(tree)
 }

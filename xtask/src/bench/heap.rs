@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use prof_bpf_tests::{Proc, build_workload, start_until};
 
-use crate::util;
+use crate::{bench::measure, util};
 
 const THREADS: &str = "4";
 const ITERATIONS: &str = "200000";
@@ -34,7 +34,7 @@ pub fn run() -> anyhow::Result<()> {
         &["-O2", "-g", "-fno-omit-frame-pointer", "-fno-builtin"],
     );
     let libc = own_libc()?;
-    let kernel_headers = bcc_headers()?;
+    let kernel_headers = measure::bcc_kernel_headers()?;
     // SAFETY: set before this process starts any thread; every tool inherits
     // them. memleak is Python: unbuffered, its "Attaching" line shows at once.
     unsafe {
@@ -214,10 +214,10 @@ fn hold_million(prof: &Path, workload: &Path) -> anyhow::Result<()> {
     );
     w.send_line("go");
     w.expect_line("held");
-    let cpu_before = cpu_seconds(agent.id())?;
+    let cpu_before = measure::process_cpu_seconds(agent.id())?;
     let window = Duration::from_secs(10);
     std::thread::sleep(window);
-    let cpu = cpu_seconds(agent.id())? - cpu_before;
+    let cpu = measure::process_cpu_seconds(agent.id())? - cpu_before;
     let rss = status_kib(agent.id(), "VmRSS:")?;
     let maps = bpf_map_kib(agent.id());
     println!(
@@ -231,15 +231,6 @@ fn hold_million(prof: &Path, workload: &Path) -> anyhow::Result<()> {
     let _ = wait_timeout(&mut agent, Duration::from_secs(120));
     w.send_line("exit");
     Ok(())
-}
-
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').context("bad /proc stat")?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 (1-based); `after` starts at field 3.
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    Ok(ticks / 100.0)
 }
 
 fn status_kib(pid: u32, key: &str) -> anyhow::Result<u64> {
@@ -283,47 +274,6 @@ fn own_libc() -> anyhow::Result<String> {
         .find(|p| p.contains("/libc.so"))
         .map(str::to_owned)
         .context("no libc.so.6 in /proc/self/maps")
-}
-
-/// bcc needs kernel headers; this kernel ships none, so it gets Debian's 6.1
-/// headers merged into one tree (see TOOLCHAIN.md), made once under target/.
-fn bcc_headers() -> anyhow::Result<PathBuf> {
-    let dir = util::target_dir().join("bcc-kernel-headers");
-    if dir.join(".complete").exists() {
-        return Ok(dir);
-    }
-    let find = |suffix: &str| -> anyhow::Result<PathBuf> {
-        std::fs::read_dir("/usr/src")?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                let name = p.file_name().unwrap_or_default().to_string_lossy();
-                name.starts_with("linux-headers-") && name.ends_with(suffix)
-            })
-            .with_context(|| {
-                format!("no /usr/src/linux-headers-*{suffix}: install linux-headers-amd64")
-            })
-    };
-    let common = find("-common")?;
-    let amd64 = find("-amd64")?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    util::run(
-        Command::new("cp")
-            .arg("-rs")
-            .arg(format!("{}/.", common.display()))
-            .arg(&dir),
-        "linking the common kernel headers",
-    )?;
-    util::run(
-        Command::new("cp")
-            .args(["-rs", "--remove-destination"])
-            .arg(format!("{}/.", amd64.display()))
-            .arg(&dir),
-        "linking the amd64 kernel headers",
-    )?;
-    std::fs::write(dir.join(".complete"), "")?;
-    Ok(dir)
 }
 
 /// SIGINT, as Ctrl-C would send.

@@ -3,6 +3,7 @@
 mod alloc;
 mod cpu;
 mod heap;
+mod measure;
 mod preload;
 mod symbolize;
 mod unwind;

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::util;
+use crate::{bench::measure, util};
 
 struct Run {
     seconds: f64,
@@ -89,11 +89,6 @@ fn run_once(
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 struct Cell {
     name: &'static str,
     lib: bool,
@@ -111,10 +106,10 @@ impl Cell {
         }
     }
     fn seconds(&self) -> f64 {
-        median(self.runs.iter().map(|r| r.seconds).collect())
+        measure::median(&mut self.runs.iter().map(|r| r.seconds).collect::<Vec<f64>>())
     }
     fn sampled(&self) -> f64 {
-        median(self.runs.iter().map(|r| r.sampled).collect())
+        measure::median(&mut self.runs.iter().map(|r| r.sampled).collect::<Vec<f64>>())
     }
 }
 
