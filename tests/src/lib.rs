@@ -34,6 +34,19 @@ pub fn prof_bpf() -> PathBuf {
     path
 }
 
+/// The `libprofalloc.so` under test: `$PROFALLOC_LIB` (set by `cargo xtask
+/// test`), else the debug build in the target directory.
+pub fn profalloc_lib() -> PathBuf {
+    let path = std::env::var_os("PROFALLOC_LIB")
+        .map_or_else(|| target_dir().join("debug/libprofalloc.so"), PathBuf::from);
+    assert!(
+        path.exists(),
+        "{} does not exist: run `cargo build -p profalloc-preload` (or `cargo xtask test`)",
+        path.display()
+    );
+    path
+}
+
 /// Returns `true` when root-and-BPF tests can run. Otherwise prints why the
 /// test is skipped and returns `false`, or panics when the environment says
 /// BPF is required (`cargo xtask test` as root on a BPF kernel).

@@ -5,30 +5,16 @@
 //! debug build in the target directory.
 use std::{
     os::unix::process::ExitStatusExt as _,
-    path::PathBuf,
     process::{Command, Output},
 };
 
-use prof_bpf_tests::{build_workload, workspace_root};
+use prof_bpf_tests::{build_workload, profalloc_lib, workspace_root};
 
 const FLAGS: &[&str] = &["-O1", "-g", "-fno-builtin"];
 
-fn lib() -> PathBuf {
-    let path = std::env::var_os("PROFALLOC_LIB").map_or_else(
-        || workspace_root().join("target/debug/libprofalloc.so"),
-        PathBuf::from,
-    );
-    assert!(
-        path.exists(),
-        "{} does not exist: run `cargo build -p profalloc-preload` (or `cargo xtask test`)",
-        path.display()
-    );
-    path
-}
-
 /// Runs `cmd` with the library preloaded (and `extra` environment).
 fn preloaded(cmd: &mut Command, extra: &[(&str, &str)]) -> Output {
-    cmd.env("LD_PRELOAD", lib());
+    cmd.env("LD_PRELOAD", profalloc_lib());
     for (k, v) in extra {
         cmd.env(k, v);
     }
@@ -75,7 +61,7 @@ fn field(out: &str, key: &str) -> u64 {
 fn exports_the_malloc_family_and_imports_none_of_it() {
     let out = Command::new("nm")
         .args(["-D", "--undefined-only"])
-        .arg(lib())
+        .arg(profalloc_lib())
         .output()
         .expect("run nm");
     assert_ok(&out, "nm");
@@ -102,7 +88,7 @@ fn exports_the_malloc_family_and_imports_none_of_it() {
     }
     let out = Command::new("nm")
         .args(["-D", "--defined-only"])
-        .arg(lib())
+        .arg(profalloc_lib())
         .output()
         .expect("nm");
     let defined = stdout(&out);

@@ -545,15 +545,7 @@ fn preloaded_jemalloc_and_tcmalloc_are_probed() {
 #[test]
 fn libprofalloc_processes_are_profiled_through_the_sampling_hooks() {
     require_bpf!();
-    let lib = std::env::var_os("PROFALLOC_LIB").map_or_else(
-        || prof_bpf_tests::workspace_root().join("target/debug/libprofalloc.so"),
-        std::path::PathBuf::from,
-    );
-    assert!(
-        lib.exists(),
-        "{} missing: build it with `cargo build -p profalloc-preload`",
-        lib.display()
-    );
+    let lib = prof_bpf_tests::profalloc_lib();
     let mut w = Proc::spawn(
         Command::new(build_workload("heap_leaks", FLAGS))
             .env("LD_PRELOAD", &lib)

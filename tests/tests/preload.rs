@@ -8,22 +8,9 @@ use std::{
     process::{Command, Output},
 };
 
-use prof_bpf_tests::{build_workload, workspace_root};
+use prof_bpf_tests::{build_workload, profalloc_lib};
 
 const FLAGS: &[&str] = &["-O2", "-g", "-fomit-frame-pointer"];
-
-fn lib() -> PathBuf {
-    let path = std::env::var_os("PROFALLOC_LIB").map_or_else(
-        || workspace_root().join("target/debug/libprofalloc.so"),
-        PathBuf::from,
-    );
-    assert!(
-        path.exists(),
-        "{} does not exist: run `cargo build -p profalloc-preload`",
-        path.display()
-    );
-    path
-}
 
 /// A fresh scratch directory.
 fn scratch(name: &str) -> PathBuf {
@@ -35,7 +22,7 @@ fn scratch(name: &str) -> PathBuf {
 
 fn run_preloaded(program: &Path, env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(program);
-    cmd.env("LD_PRELOAD", lib());
+    cmd.env("LD_PRELOAD", profalloc_lib());
     for (k, v) in env {
         cmd.env(k, v);
     }
