@@ -55,6 +55,25 @@ fn leaf_total(stacks: &[Stack], func: &str) -> i64 {
         .sum()
 }
 
+/// The workload's four leak sites hold exactly what `rounds` rounds leaked.
+fn assert_leak_sites(stacks: &[Stack], rounds: u32, out: &str) {
+    let r = i64::from(rounds);
+    assert_eq!(leaf_total(stacks, "leak_small"), r * SMALL, "{out}");
+    // calloc from its real caller with its real size (glibc serves the big one by mmap).
+    assert_eq!(leaf_total(stacks, "leak_calloc"), r * CALLOC, "{out}");
+    assert_eq!(
+        leaf_total(stacks, "leak_big_calloc"),
+        r * BIG_CALLOC,
+        "{out}"
+    );
+    // realloc(NULL, n) is one allocation of n from its caller, not a nested malloc.
+    assert_eq!(
+        leaf_total(stacks, "realloc_null"),
+        r * REALLOC_NULL,
+        "{out}"
+    );
+}
+
 fn has_chain(stacks: &[Stack], chain: &str) -> bool {
     stacks.iter().any(|s| s.frames.join(";").contains(chain))
 }
@@ -117,21 +136,7 @@ fn exact_inuse_bytes_and_call_chains_when_tracking_everything() {
         rounds,
     );
     let stacks = parse_folded(&out);
-    let r = i64::from(rounds);
-    assert_eq!(leaf_total(&stacks, "leak_small"), r * SMALL, "{out}");
-    // calloc from its real caller with its real size (glibc serves the big one by mmap).
-    assert_eq!(leaf_total(&stacks, "leak_calloc"), r * CALLOC, "{out}");
-    assert_eq!(
-        leaf_total(&stacks, "leak_big_calloc"),
-        r * BIG_CALLOC,
-        "{out}"
-    );
-    // realloc(NULL, n) is one allocation of n from its caller, not a nested malloc.
-    assert_eq!(
-        leaf_total(&stacks, "realloc_null"),
-        r * REALLOC_NULL,
-        "{out}"
-    );
+    assert_leak_sites(&stacks, rounds, &out);
     assert_eq!(
         leaf_total(&stacks, "cache_fill"),
         CACHE_ROUNDS * CACHE_BLOCK,
@@ -232,19 +237,7 @@ fn leak_mode_reports_exactly_the_leaks() {
         rounds,
     );
     let stacks = parse_folded(&out);
-    let r = i64::from(rounds);
-    assert_eq!(leaf_total(&stacks, "leak_small"), r * SMALL, "{out}");
-    assert_eq!(leaf_total(&stacks, "leak_calloc"), r * CALLOC, "{out}");
-    assert_eq!(
-        leaf_total(&stacks, "leak_big_calloc"),
-        r * BIG_CALLOC,
-        "{out}"
-    );
-    assert_eq!(
-        leaf_total(&stacks, "realloc_null"),
-        r * REALLOC_NULL,
-        "{out}"
-    );
+    assert_leak_sites(&stacks, rounds, &out);
     // Churn, cross-thread frees, realloc(p, 0) and a cache that stopped growing are not leaks.
     for f in FREED.iter().chain(&["cache_fill"]) {
         assert_eq!(leaf_total(&stacks, f), 0, "{f} reported as a leak: {out}");
