@@ -9,7 +9,9 @@
  *   go R   runs R rounds, ROUND_US apart, then prints "done"
  *   sum    prints "sum N": a checksum of what the rounds wrote (the same
  *          with or without a profiler attached)
- *   exit   exits
+ *   exit   exits at once (_exit: no exit handlers run)
+ *   quit   exits through exit(), so exit handlers run (a preloaded
+ *          allocator's final heap profile)
  * Each round, by construction:
  *   leak_small      leaks SMALL_PER_ROUND blocks of 1000 bytes  (main;run_round;leak_path;leak_small)
  *   leak_calloc     leaks calloc(10, 300)        = 3000 bytes
@@ -208,6 +210,8 @@ int main(int argc, char **argv) {
             say_number("sum ", checksum);
         } else if (!strcmp(line, "exit")) {
             _exit(0);
+        } else if (!strcmp(line, "quit")) {
+            exit(0);
         }
     }
     return 0;

@@ -242,6 +242,7 @@ pub fn at_exit() {
             truncated += u64::from(e.truncated) * e.count;
             t.enc.sample(
                 &e.frames[..e.depth as usize],
+                true,
                 &[e.count as i64, e.count as i64 * period],
                 &[("pid", process.pid), ("tid", i64::from(e.tid))],
                 &[("comm", process.comm())],

@@ -457,6 +457,7 @@ impl Heap {
             truncated += u64::from(bk.truncated);
             self.enc.sample(
                 &bk.frames[..bk.depth as usize],
+                false,
                 &values,
                 &[("pid", process.pid)],
                 &[("comm", process.comm())],

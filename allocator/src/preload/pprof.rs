@@ -190,16 +190,27 @@ impl Encoder {
 
     /// Adds a sample: `stack` leaf first, one value per sample type,
     /// numeric labels as (key, value), string labels as (key, value).
+    /// Every frame is a return address except `stack[0]` when
+    /// `leaf_is_pc` (a CPU sample's interrupted pc). Locations hold return
+    /// addresses minus one, the call instruction, as pprof expects: a
+    /// return address can belong to the next line, or past the end of a
+    /// function that calls a noreturn one.
     pub fn sample(
         &mut self,
         stack: &[u64],
+        leaf_is_pc: bool,
         values: &[i64],
         labels: &[(&str, i64)],
         str_labels: &[(&str, &str)],
     ) {
         self.packed.clear();
-        for &addr in stack {
-            let id = self.location(addr);
+        for (i, &addr) in stack.iter().enumerate() {
+            let call = if i == 0 && leaf_is_pc {
+                addr
+            } else {
+                addr.saturating_sub(1)
+            };
+            let id = self.location(call);
             varint(&mut self.packed, id);
         }
         let mut sample = core::mem::take(&mut self.sample);
