@@ -29,7 +29,7 @@ use profiler_common::heap::{
     WEIGHT_STEPS_PER_UNIT, WEIGHT_TABLE_LEN,
 };
 
-use crate::stack::user_stack_id;
+use crate::{atomic::add, stack::user_stack_id};
 
 /// Elements are allocated on insert, so an unused capacity costs nothing.
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -58,6 +58,16 @@ static HEAP_SAMPLE_WEIGHTS: Array<u64> = Array::with_max_entries(WEIGHT_TABLE_LE
 #[map(name = "HEAP_COUNTERS")]
 static HEAP_COUNTERS: PerCpuArray<HeapCounters> = PerCpuArray::with_max_entries(1, 0);
 
+/// Adds one to a field of this CPU's [`HeapCounters`].
+macro_rules! count {
+    ($field:ident) => {
+        if let Some(c) = HEAP_COUNTERS.get_ptr_mut(0) {
+            // SAFETY: a pointer into this CPU's live array entry.
+            unsafe { add(&raw mut (*c).$field, 1) };
+        }
+    };
+}
+
 #[uprobe]
 pub fn heap_alloc_entry(ctx: ProbeContext) -> u32 {
     alloc_entry(&ctx);
@@ -81,7 +91,7 @@ fn free(ctx: &ProbeContext) -> u32 {
     if pid == config().agent_pid {
         return 0;
     }
-    count(|c| c.frees += 1);
+    count!(frees);
     let addr: u64 = ctx.arg(0).unwrap_or(0);
     if addr != 0 {
         untrack(pid, addr);
@@ -99,14 +109,14 @@ pub fn heap_hook_alloc(ctx: ProbeContext) -> u32 {
     }
     let arg = |n: usize| -> u64 { ctx.arg(n).unwrap_or(0) };
     let (addr, size, weight_bytes) = (arg(0), arg(1), arg(2));
-    count(|c| c.allocs += 1);
+    count!(allocs);
     if addr == 0 {
         return 0;
     }
     let stack_id = match user_stack_id(ctx.regs, true) {
         Ok(id) => id,
         Err(_) => {
-            count(|c| c.stack_errors += 1);
+            count!(stack_errors);
             STACK_ID_MISSING
         }
     };
@@ -142,7 +152,7 @@ fn alloc_entry(ctx: &ProbeContext) {
         return;
     }
     let Some(state) = thread_state() else {
-        count(|c| c.threads_full += 1);
+        count!(threads_full);
         return;
     };
     // SAFETY: `ctx.regs` points at the probed task's saved registers.
@@ -161,7 +171,7 @@ fn alloc_entry(ctx: &ProbeContext) {
     if state.depth != 1 {
         return;
     }
-    count(|c| c.allocs += 1);
+    count!(allocs);
     let arg = |n: usize| -> u64 { ctx.arg(n).unwrap_or(0) };
     let (size, arg_ptr) = match kind {
         EntryKind::Malloc => (arg(0), 0),
@@ -180,7 +190,7 @@ fn alloc_entry(ctx: &ProbeContext) {
     if state.sampled != 0 {
         match user_stack_id(ctx.regs, true) {
             Ok(id) => state.stack_id = id,
-            Err(_) => count(|c| c.stack_errors += 1),
+            Err(_) => count!(stack_errors),
         }
     }
 }
@@ -250,22 +260,22 @@ fn track(pid: u32, addr: u64, alloc: LiveAlloc) {
     // probe; retire it so its stack's totals stay balanced.
     untrack(pid, addr);
     if HEAP_LIVE.insert(&key, &alloc, BPF_NOEXIST).is_err() {
-        count(|c| c.live_full += 1);
+        count!(live_full);
         return;
     }
-    count(|c| c.tracked += 1);
+    count!(tracked);
     let Some(stats) = stack_stats(pid, alloc.stack_id) else {
         // The block stays out of every total; drop it so its free does not
         // subtract what was never added.
         let _ = HEAP_LIVE.remove(&key);
-        count(|c| c.stacks_full += 1);
+        count!(stacks_full);
         return;
     };
-    // SAFETY: `stats` points at this CPU's copy of the value, which only
-    // this CPU writes.
-    let stats = unsafe { &mut *stats };
-    stats.alloc_objects += alloc.weight_objects;
-    stats.alloc_bytes += alloc.weight_bytes;
+    // SAFETY: pointers into this CPU's copy of a live map value.
+    unsafe {
+        add(&raw mut (*stats).alloc_objects, alloc.weight_objects);
+        add(&raw mut (*stats).alloc_bytes, alloc.weight_bytes);
+    }
 }
 
 /// Retires a tracked block; pointers that are not tracked are ignored.
@@ -291,9 +301,10 @@ fn untrack(pid: u32, addr: u64) {
     if let Some(stats) = HEAP_STACK_STATS.get_ptr_mut(&stats_key) {
         // SAFETY: as in `track`. A block freed on another CPU than the one
         // that allocated it counts its free there; user space sums the CPUs.
-        let stats = unsafe { &mut *stats };
-        stats.free_objects += live.weight_objects;
-        stats.free_bytes += live.weight_bytes;
+        unsafe {
+            add(&raw mut (*stats).free_objects, live.weight_objects);
+            add(&raw mut (*stats).free_bytes, live.weight_bytes);
+        }
     }
 }
 
@@ -392,34 +403,29 @@ fn stack_stats(pid: u32, stack_id: u64) -> Option<*mut StackStats> {
     HEAP_STACK_STATS.get_ptr_mut(&key)
 }
 
-/// `a * b` for calloc-style sizes, or u64::MAX when it might overflow
-/// (any overflow check LLVM recognizes becomes a 128-bit multiply, which BPF
-/// lacks). Exact whenever both are below 2^32 or one is 0 or 1.
+/// `a * b` for calloc-style sizes, or u64::MAX when it overflows (calloc
+/// then fails). Built from 32x32-bit products because any overflow check
+/// LLVM recognizes on a 64-bit multiply becomes a 128-bit one, which BPF
+/// lacks.
 #[inline(always)]
 fn mul_saturating(a: u64, b: u64) -> u64 {
-    if (a | b) >> 32 == 0 {
-        a * b
-    } else if a == 0 || b == 0 {
-        0
-    } else if a == 1 {
-        b
-    } else if b == 1 {
-        a
-    } else {
-        u64::MAX
+    let (small, big) = if a <= b { (a, b) } else { (b, a) };
+    if small >> 32 != 0 {
+        // Both are at least 2^32.
+        return u64::MAX;
     }
+    // small * big = small * hi * 2^32 + small * lo, each product of two
+    // 32-bit numbers fitting 64 bits.
+    let high = small * (big >> 32);
+    if high >> 32 != 0 {
+        return u64::MAX;
+    }
+    let low = small * (big & 0xffff_ffff);
+    let sum = (high << 32).wrapping_add(low);
+    if sum < low { u64::MAX } else { sum }
 }
 
 #[inline(always)]
 fn current_pid() -> u32 {
     (bpf_get_current_pid_tgid() >> 32) as u32
-}
-
-#[inline(always)]
-fn count(f: impl FnOnce(&mut HeapCounters)) {
-    if let Some(counters) = HEAP_COUNTERS.get_ptr_mut(0) {
-        // SAFETY: a per-CPU array entry; this CPU is its only writer while
-        // this program runs (programs are not preempted by each other here).
-        f(unsafe { &mut *counters });
-    }
 }

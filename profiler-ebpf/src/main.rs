@@ -5,6 +5,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod atomic;
 mod count;
 mod cpu;
 mod heap;

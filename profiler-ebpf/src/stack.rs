@@ -111,9 +111,8 @@ pub enum StackError {
 #[inline(always)]
 pub(crate) fn count(index: u32) {
     if let Some(c) = UNWIND_STATS.get_ptr_mut(index) {
-        // SAFETY: a per-CPU array slot; this program is its only writer
-        // on this CPU while it runs.
-        unsafe { *c += 1 };
+        // SAFETY: a pointer from a successful lookup into an 8-byte value.
+        unsafe { crate::atomic::add(c, 1) };
     }
 }
 

@@ -1,8 +1,6 @@
 //! Programs that exercise the stack walker alone (`prof-bpf debug-unwind`,
 //! the unwinder's tests and benchmark): count how often each user stack is
 //! seen, from a uprobe at a function's entry or from a perf event.
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
-
 use aya_ebpf::{
     bindings::pt_regs,
     macros::{map, perf_event, uprobe},
@@ -33,10 +31,8 @@ pub fn unwind_test_perf(ctx: PerfEventContext) -> u32 {
 #[inline(always)]
 fn record(id: u64) {
     if let Some(n) = COUNTS.get_ptr_mut(id) {
-        // An atomic add: uprobe programs are preemptible, so two threads can
-        // update one counter from the same CPU.
         // SAFETY: a pointer from a successful lookup into an 8-byte value.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1) };
+        unsafe { crate::atomic::add(n, 1) };
         return;
     }
     // A full map shows up as missing samples in the totals user space reads.
