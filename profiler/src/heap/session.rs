@@ -249,7 +249,7 @@ impl Session {
                     .context("heap program has the wrong type")?;
                 let result = probe.attach(
                     UProbeAttachPoint {
-                        location: UProbeAttachLocation::AbsoluteOffset(point.offset),
+                        location: UProbeAttachLocation::AbsoluteOffset(point.probe_offset),
                         cookie,
                     },
                     &allocator.open_path,
