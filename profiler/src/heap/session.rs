@@ -5,6 +5,7 @@ use std::{
     collections::{HashMap, HashSet},
     io::IsTerminal as _,
     num::NonZeroU32,
+    path::Path,
     time::Duration,
 };
 
@@ -44,6 +45,10 @@ const RETURN_PROGRAM: &str = "heap_alloc_return";
 const FREE_PROGRAM: &str = "heap_free_entry";
 const HOOK_ALLOC_PROGRAM: &str = "heap_hook_alloc";
 const HOOK_FREE_PROGRAM: &str = "heap_hook_free";
+/// How often the walker's requests for unwind tables (a new process under
+/// --all, code loaded by dlopen) are served: this bounds how long such code
+/// is walked by frame pointers only.
+const TABLES_POLL: Duration = Duration::from_millis(100);
 
 /// Runs a heap session to its end and writes the report.
 pub fn run(mut settings: Settings, output: OutputArgs) -> anyhow::Result<()> {
@@ -126,6 +131,10 @@ struct Session {
     maps: HashMap<u32, Vec<Mapping>>,
     comms: HashMap<u32, String>,
     exited: HashSet<u32>,
+    /// With --all: processes that exited and whose live blocks were dropped
+    /// from the kernel's table. They hold nothing any more; what they
+    /// allocated stays in the alloc_* totals.
+    purged: HashSet<u32>,
     /// The final report's collector, created at attach and told the targets'
     /// mappings while they live, so that it can place their addresses after
     /// they exit.
@@ -173,6 +182,7 @@ impl Session {
             maps: HashMap::new(),
             comms: HashMap::new(),
             exited: HashSet::new(),
+            purged: HashSet::new(),
             live: None,
             tables,
         };
@@ -331,6 +341,7 @@ impl Session {
             .map(|d| started + Duration::from_secs_f64(d));
         let mut tick =
             tokio::time::interval_at(started + Duration::from_secs(1), Duration::from_secs(1));
+        let mut tables_tick = tokio::time::interval(TABLES_POLL);
         let period = self.settings.interval.map(Duration::from_secs_f64);
         let mut interval = period.map(|p| tokio::time::interval_at(started + p, p));
         let ctrl_c = tokio::signal::ctrl_c();
@@ -358,17 +369,29 @@ impl Session {
                         }
                     }
                 }
-                _ = tick.tick() => {
-                    ticks += 1;
+                _ = tables_tick.tick() => {
                     // Processes whose walks met code outside their tables
-                    // (dlopen) are refreshed; with --all, new processes get tables.
+                    // (dlopen) are refreshed; with --all, new processes get
+                    // tables. Until then their stacks follow frame pointers.
                     for pid in self.tables.poll() {
-                        if matches!(self.settings.targets, Targets::All) || self.pids.contains(&pid) {
+                        let all = matches!(self.settings.targets, Targets::All);
+                        if all || self.pids.contains(&pid) {
                             self.add_unwind_tables(pid);
                         }
+                        if all {
+                            // Its mappings, so that its stacks can be placed
+                            // and named after it exits.
+                            self.refresh_process(pid);
+                        }
                     }
+                }
+                _ = tick.tick() => {
+                    ticks += 1;
                     if launched && (ticks == 1 || ticks.is_multiple_of(5)) {
                         self.check_launched();
+                    }
+                    if matches!(self.settings.targets, Targets::All) && ticks.is_multiple_of(2) {
+                        self.purge_exited()?;
                     }
                     let line = status.update(self)?;
                     if tty {
@@ -451,6 +474,54 @@ impl Session {
                 c.note_process(pid);
             }
         }
+    }
+
+    /// With --all, processes come and go: the live blocks of those that
+    /// exited are dropped from the kernel's table, which they would
+    /// otherwise fill, and their unwind tables are released.
+    ///
+    /// A pid reused by a new process while the old one's entries are being
+    /// dropped could lose blocks allocated in that window (pids are reused
+    /// only after the whole pid space, so this needs a very busy host).
+    fn purge_exited(&mut self) -> anyhow::Result<()> {
+        let dead: HashSet<u32> = self
+            .stack_stats()?
+            .iter()
+            .map(|(k, _)| k.pid)
+            .filter(|&pid| {
+                !self.purged.contains(&pid) && !Path::new(&format!("/proc/{pid}")).exists()
+            })
+            .collect();
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let mut live: BpfHashMap<&mut MapData, LiveKey, LiveAlloc> =
+            BpfHashMap::try_from(self.ebpf.map_mut(LIVE_MAP).context("live map missing")?)?;
+        let keys: Vec<LiveKey> = live
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| dead.contains(&k.pid))
+            .collect();
+        for key in &keys {
+            // Gone already: a free raced with this pass.
+            let _ = live.remove(key);
+        }
+        debug!(
+            "dropped {} live blocks of {} exited processes",
+            keys.len(),
+            dead.len()
+        );
+        for pid in dead {
+            self.tables.remove_process(pid);
+            self.purged.insert(pid);
+        }
+        Ok(())
+    }
+
+    /// Bytes and objects still held by the process of `key`: none when it
+    /// exited and was purged (--all).
+    fn holds(&self, key: &StackKey) -> bool {
+        !self.purged.contains(&key.pid)
     }
 
     fn stack_stats(&self) -> anyhow::Result<Vec<(StackKey, StackStats)>> {
@@ -598,6 +669,12 @@ impl Session {
                 counters.stack_errors
             ));
         }
+        if !self.purged.is_empty() {
+            c.add_comment(format!(
+                "processes that exited while recording: {} (they hold nothing; their allocations count in alloc_*)",
+                self.purged.len()
+            ));
+        }
         Ok(())
     }
 
@@ -607,11 +684,19 @@ impl Session {
         let stats = self.stack_stats()?;
         let stacks = self.user_stacks(&stats)?;
         for (key, s) in stats {
+            let (inuse_objects, inuse_bytes) = if self.holds(&key) {
+                (
+                    objects(s.alloc_objects) - objects(s.free_objects),
+                    s.alloc_bytes as i64 - s.free_bytes as i64,
+                )
+            } else {
+                (0, 0)
+            };
             let values = vec![
                 objects(s.alloc_objects),
                 s.alloc_bytes as i64,
-                objects(s.alloc_objects) - objects(s.free_objects),
-                s.alloc_bytes as i64 - s.free_bytes as i64,
+                inuse_objects,
+                inuse_bytes,
             ];
             let sample = self.sample(&key, &stacks, values, Vec::new());
             c.add(sample);
@@ -644,6 +729,9 @@ impl Session {
         let stacks = self.user_stacks(&keys)?;
         let (mut leaking, mut listed) = (0, 0);
         for (key, s) in stats {
+            if !self.holds(&key) {
+                continue;
+            }
             let outstanding = (
                 objects(s.alloc_objects) - objects(s.free_objects),
                 s.alloc_bytes as i64 - s.free_bytes as i64,
