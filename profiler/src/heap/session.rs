@@ -14,7 +14,8 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
-        UProbe, uprobe::UProbeAttachLocation, uprobe::UProbeAttachPoint, uprobe::UProbeScope,
+        UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
 use log::{debug, info, warn};
@@ -45,6 +46,7 @@ const RETURN_PROGRAM: &str = "heap_alloc_return";
 const FREE_PROGRAM: &str = "heap_free_entry";
 const HOOK_ALLOC_PROGRAM: &str = "heap_hook_alloc";
 const HOOK_FREE_PROGRAM: &str = "heap_hook_free";
+const LOADER_STOP_PROGRAM: &str = "heap_loader_stop";
 /// How often the walker's requests for unwind tables (a new process under
 /// --all, code loaded by dlopen) are served: this bounds how long such code
 /// is walked by frame pointers only.
@@ -55,6 +57,7 @@ pub fn run(mut settings: Settings, output: OutputArgs) -> anyhow::Result<()> {
     check_writable(output.output.as_deref())?;
     // Resolve targets before loading anything, so bad input fails fast.
     let mut suspended = None;
+    let mut loader = None;
     let mut plan: Vec<(Allocator, UProbeScope)> = Vec::new();
     let mut pids = Vec::new();
     match &settings.targets {
@@ -91,6 +94,7 @@ pub fn run(mut settings: Settings, output: OutputArgs) -> anyhow::Result<()> {
             let pid = NonZeroU32::new(child.pid).context("fork returned pid 0")?;
             plan.push((allocator, UProbeScope::OneProcess(pid)));
             pids.push(child.pid);
+            loader = launch::loader_of_program(&child.program);
             suspended = Some(child);
         }
     }
@@ -103,7 +107,12 @@ pub fn run(mut settings: Settings, output: OutputArgs) -> anyhow::Result<()> {
             let mut session = Session::start(settings, plan, pids)?;
             let mut child = None;
             if let Some(suspended) = suspended {
+                let pid = suspended.pid;
+                if let Some((path, offset)) = &loader {
+                    session.attach_loader_stop(pid, path, *offset)?;
+                }
                 child = Some(suspended.resume()?);
+                session.serve_loader_stops(pid);
             }
             session.record(child.is_some(), &output).await?;
             let profile = session.report()?;
@@ -141,6 +150,8 @@ struct Session {
     live: Option<Collector>,
     /// CFI tables of the targets for the kernel-side unwinder.
     tables: Tables,
+    /// Launch mode: the probe that stops the program in its loader.
+    loader_stop: Option<UProbeLinkId>,
 }
 
 impl Session {
@@ -185,6 +196,7 @@ impl Session {
             purged: HashSet::new(),
             live: None,
             tables,
+            loader_stop: None,
         };
         // Unwind tables before the probes: the first stacks are complete too.
         // A launched child has not exec'd yet; its tables come after exec.
@@ -204,6 +216,70 @@ impl Session {
         }
         session.live = Some(session.new_collector());
         Ok(session)
+    }
+
+    /// Launch mode: makes the program stop each time its loader calls
+    /// `_dl_debug_state` (file `loader`, at `offset`), before and after it
+    /// maps the libraries (see `heap_loader_stop`).
+    fn attach_loader_stop(&mut self, pid: u32, loader: &Path, offset: u64) -> anyhow::Result<()> {
+        let nz = NonZeroU32::new(pid).context("no process with pid 0")?;
+        let probe: &mut UProbe = ebpf::program(&mut self.ebpf, LOADER_STOP_PROGRAM)?;
+        let link = probe
+            .attach(
+                UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(offset),
+                    cookie: None,
+                },
+                loader,
+                UProbeScope::OneProcess(nz),
+            )
+            .with_context(|| format!("attaching a uprobe to {}", loader.display()))?;
+        self.loader_stop = Some(link);
+        Ok(())
+    }
+
+    /// Serves the launched program's stops in its loader: each time, loads
+    /// the unwind tables of what it has mapped and continues it. The second
+    /// stop comes once every library is mapped, before any of their code
+    /// (constructors, main) runs: from there on its stacks are complete.
+    /// The program is never left stopped.
+    fn serve_loader_stops(&mut self, pid: u32) {
+        let Some(link) = self.loader_stop.take() else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + LOADER_STOP_WAIT;
+        let mut stops = 0;
+        while stops < 2 && std::time::Instant::now() < deadline {
+            match process::state(pid) {
+                Some('T') => {
+                    stops += 1;
+                    self.refresh_process(pid);
+                    if self.tables.has_process(pid) {
+                        if let Err(err) = self.tables.refresh_process(pid) {
+                            debug!("refreshing the unwind tables of pid {pid}: {err:#}");
+                        }
+                    } else {
+                        self.add_unwind_tables(pid);
+                    }
+                    resume(pid);
+                    // Not the same stop twice: wait until it runs again.
+                    while process::state(pid) == Some('T') && std::time::Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+                Some(_) => std::thread::sleep(Duration::from_micros(200)),
+                None => break,
+            }
+        }
+        if let Ok(probe) = ebpf::program::<UProbe>(&mut self.ebpf, LOADER_STOP_PROGRAM)
+            && let Err(err) = probe.detach(link)
+        {
+            debug!("detaching the loader probe: {err}");
+        }
+        // A stop that came after the wait ended.
+        if process::state(pid) == Some('T') {
+            resume(pid);
+        }
     }
 
     /// Attaches frees first, then the allocation returns, then the
@@ -1042,6 +1118,15 @@ fn choose_hooks(settings: &mut Settings, plan: &[(Allocator, UProbeScope)]) -> a
         warn!("the targets sample at different rates; the report states the first one's");
     }
     Ok(())
+}
+
+/// How long the launched program may take to reach its loader's stops.
+const LOADER_STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// Continues a stopped process.
+fn resume(pid: u32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
 }
 
 /// Fails now, not after the whole recording, when `-o FILE` cannot be written.
