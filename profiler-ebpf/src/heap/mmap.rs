@@ -16,6 +16,7 @@
 //! - The stack is captured at syscall entry from the task's saved user
 //!   registers: frame 0 is the syscall's wrapper (libc's mmap); the agent
 //!   removes it so that, like malloc stacks, the stack starts at the caller.
+//!   A walk from there needs the wrapper's CFI (see `begin`).
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint},
@@ -30,7 +31,10 @@ use profiler_common::heap::{
 use super::{
     HEAP_COUNTERS, HEAP_LIVE, HEAP_THREADS, add, add_freed, current_pid, track, tracked, untrack,
 };
-use crate::stack::{saved_user_frame, user_stack_id};
+use crate::{
+    stack::{saved_user_frame, user_stack_id},
+    unwind::has_cfi,
+};
 
 #[map(name = "HEAP_MMAP_TARGETS")]
 static HEAP_MMAP_TARGETS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_MMAP_TARGETS, 0);
@@ -139,11 +143,21 @@ fn begin(call: MappingCall, size: u64, old_addr: u64, old_len: u64) {
         count!(mmaps_in_allocator);
         return;
     }
-    let stack_id = match user_stack_id(core::ptr::null(), false) {
-        Ok(id) => id,
-        Err(_) => {
-            count!(stack_errors);
-            STACK_ID_MISSING
+    // Frame 0 is in the syscall's wrapper, which sets up no frame (glibc's
+    // mmap) or one only its CFI describes (mremap): without CFI the walk
+    // would skip the wrapper's caller, so the stack is reported missing
+    // rather than wrong (until the agent loads the process's tables).
+    let pc = saved_user_frame().pc;
+    let stack_id = if !has_cfi(current_pid(), pc) {
+        count!(stack_errors);
+        STACK_ID_MISSING
+    } else {
+        match user_stack_id(core::ptr::null(), false) {
+            Ok(id) => id,
+            Err(_) => {
+                count!(stack_errors);
+                STACK_ID_MISSING
+            }
         }
     };
     let pending = PendingMapping {

@@ -43,11 +43,13 @@ MAPPINGS:
   Stacks of mappings end in the marker frame `[mmap]` below the function that
   called mmap. Every mapping is tracked (never sampled), with its size in
   whole pages: address space mapped, not memory touched. mremap moves the
-  mapping to the stack that called it, as realloc does. An unmap of a
-  tracked mapping's front part is followed; one that starts inside a mapping
-  is found only by comparing with the process's maps at report time (the
-  report says how many). With --all, a process's mappings are tracked from
-  its first allocator call after the attach.
+  mapping to the stack that called it, as realloc does. An unmap that starts
+  at a tracked mapping is followed (all of it, or its front part: the rest
+  stays tracked); one that starts inside a mapping is not seen: the report
+  compares the tracked mappings with the process's maps and says how many are
+  no longer wholly mapped (they stay counted). With --all, the processes
+  that map the allocator at the attach are tracked, and later ones from their
+  first allocator call.
 
 EXAMPLES:
   sudo prof-bpf heap --pid 1234 --duration 30 -o heap.pb.gz

@@ -295,15 +295,21 @@ impl Session {
         Ok(())
     }
 
-    /// `--mmap`: marks the targets (with --all the allocator probes do) and
-    /// attaches the syscall tracepoints.
+    /// `--mmap`: marks the targets and attaches the syscall tracepoints.
+    /// With --all, the processes that map the allocator now are marked here,
+    /// later ones by the allocator probes at their first call.
     fn attach_mmap(&mut self) -> anyhow::Result<()> {
+        let mut pids = self.pids.clone();
+        if matches!(self.settings.targets, Targets::All) {
+            let inodes: Vec<u64> = self.allocators.iter().map(|(a, _)| a.inode).collect();
+            pids.extend(processes_mapping(&inodes));
+        }
         let mut targets: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(
             self.ebpf
                 .map_mut(MMAP_TARGETS_MAP)
                 .context("mapping target map missing")?,
         )?;
-        for &pid in &self.pids {
+        for pid in pids {
             targets
                 .insert(pid, 1, 0)
                 .context("writing the mapping targets")?;
@@ -615,8 +621,14 @@ impl Session {
         }
         let counters = self.counters()?;
         c.add_comment(format!(
-            "allocations seen: {}, tracked: {}",
-            counters.allocs, counters.tracked
+            "allocations seen: {}, tracked: {}{}",
+            counters.allocs,
+            counters.tracked,
+            if self.settings.mmap {
+                " (with the mappings)"
+            } else {
+                ""
+            }
         ));
         if counters.live_full > 0 {
             c.add_comment(format!(
@@ -932,6 +944,20 @@ impl Session {
         user.iter()
             .position(|&ip| ip >= uprobes.0 && ip < uprobes.1)
     }
+}
+
+/// The processes (but this one) that map a file with one of `inodes`.
+fn processes_mapping(inodes: &[u64]) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|&pid| {
+            process::maps(pid).is_ok_and(|maps| maps.iter().any(|m| inodes.contains(&m.inode)))
+        })
+        .collect()
 }
 
 /// Where x86-64 Linux places the uprobes page (`[uprobes]`) unless taken.
