@@ -20,7 +20,7 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns,
-        bpf_probe_read_user,
+        bpf_probe_read_user, generated::bpf_send_signal,
     },
     macros::{map, uprobe, uretprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
@@ -141,6 +141,20 @@ pub fn heap_hook_alloc(ctx: ProbeContext) -> u32 {
             stack_id,
         },
     );
+    0
+}
+
+/// Launch mode: a uprobe on the dynamic loader's `_dl_debug_state`, which it
+/// calls before and after mapping the program's libraries. The program
+/// stops itself there (the signal is taken on the way back to user mode),
+/// so that the agent loads the unwind tables of what is mapped before any
+/// of that code runs; the agent then continues it.
+#[uprobe]
+pub fn heap_loader_stop(_ctx: ProbeContext) -> u32 {
+    const SIGSTOP: u32 = 19;
+    // SAFETY: bpf_send_signal has no memory-safety preconditions; it
+    // signals the current process.
+    unsafe { bpf_send_signal(SIGSTOP) };
     0
 }
 

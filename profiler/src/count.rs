@@ -5,11 +5,14 @@ use std::{num::NonZeroU32, time::Duration};
 use anyhow::{Context as _, bail};
 use aya::{
     maps::PerCpuHashMap,
-    programs::{UProbe, uprobe::UProbeScope},
+    programs::{
+        UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+    },
 };
 use profiler_common::count::{AllocCounts, COUNTS_MAP};
 
-use crate::{ebpf, process};
+use crate::{ebpf, heap::discover::Allocator, process};
 
 /// Options of `prof-bpf count`.
 #[derive(Debug, clap::Args)]
@@ -39,6 +42,7 @@ pub fn run(args: CountArgs) -> anyhow::Result<()> {
         format!("pid {pid} maps no C library (libc.so.6); is it statically linked?")
     })?;
     let libc_path = process::path_in_root(pid.get(), &libc.path);
+    let allocator = Allocator::from_file(&libc.path, libc_path.clone())?;
 
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -50,9 +54,21 @@ pub fn run(args: CountArgs) -> anyhow::Result<()> {
             ebpf::spawn_logger(&mut ebpf);
             // free first: a free must never be missed for an allocation counted.
             for (program, symbol) in [("count_free", "free"), ("count_malloc", "malloc")] {
+                let point = allocator
+                    .points
+                    .iter()
+                    .find(|p| p.symbol == symbol)
+                    .with_context(|| format!("{} defines no `{symbol}`", libc.path))?;
                 let probe: &mut UProbe = ebpf::program(&mut ebpf, program)?;
                 probe
-                    .attach(symbol, &libc_path, UProbeScope::OneProcess(pid))
+                    .attach(
+                        UProbeAttachPoint {
+                            location: UProbeAttachLocation::AbsoluteOffset(point.probe_offset),
+                            cookie: None,
+                        },
+                        &libc_path,
+                        UProbeScope::OneProcess(pid),
+                    )
                     .with_context(|| format!("attaching a uprobe to {symbol} in {}", libc.path))?;
             }
             let counts: PerCpuHashMap<_, u32, AllocCounts> = PerCpuHashMap::try_from(

@@ -15,6 +15,7 @@ pub mod cpu;
 pub mod ebpf;
 pub mod heap;
 pub mod output;
+pub mod probe_point;
 pub mod process;
 pub mod profile;
 pub mod report;

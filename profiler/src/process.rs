@@ -59,6 +59,15 @@ pub fn comm(pid: u32) -> String {
         .unwrap_or_else(|_| "?".to_owned())
 }
 
+/// The process's state letter from `/proc/PID/stat` (`R`, `S`, `T` for
+/// stopped, `Z` ...), or None once it is gone.
+pub fn state(pid: u32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name in parentheses may contain anything: the state
+    // follows the last `)`.
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
 /// Reads and parses `/proc/PID/maps`.
 pub fn maps(pid: u32) -> anyhow::Result<Vec<Mapping>> {
     check_pid(pid)?;

@@ -371,6 +371,14 @@ fn launch_mode_reports_what_was_never_freed() {
         "{stdout}"
     );
     assert_eq!(leaf_total(&stacks, "churn"), 0, "{stdout}");
+    // The program is held in its loader until the unwind tables of its
+    // libraries are in: even its first allocations have complete stacks.
+    for s in &stacks {
+        assert!(
+            ["_start", "clone3"].contains(&s.frames[0].as_str()),
+            "{stdout}"
+        );
+    }
 }
 
 #[test]
@@ -597,11 +605,23 @@ fn libprofalloc_processes_are_profiled_through_the_sampling_hooks() {
         run_prof_bpf(&["report", "--format", "folded", "--group-by", "none", dump]);
     assert_eq!(code, 0, "{err}");
 
-    // The rounds' stacks, identical in both, with identical bytes.
+    // The rounds' leaks, identical in both, with identical bytes (what is
+    // freed, by another thread too, may be caught in flight by one of them).
     let rounds_only = |text: &str| {
         let mut lines: Vec<String> = text
             .lines()
-            .filter(|l| l.contains(";run_round;"))
+            .filter(|l| {
+                l.contains(";run_round;")
+                    && [
+                        "leak_small ",
+                        "leak_calloc ",
+                        "leak_big_calloc ",
+                        "realloc_null ",
+                        "cache_fill ",
+                    ]
+                    .iter()
+                    .any(|leaf| l.contains(leaf))
+            })
             .map(str::to_owned)
             .collect();
         lines.sort();
@@ -644,6 +664,95 @@ fn libprofalloc_processes_are_profiled_through_the_sampling_hooks() {
         r * BIG_CALLOC,
         "{live}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--all` follows every process that maps the library, including ones
+/// started after attaching, and forgets what exited processes held.
+#[test]
+fn all_follows_new_processes_and_releases_exited_ones() {
+    require_bpf!();
+    let lib = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+    let program = build_workload("heap_leaks", FLAGS);
+    let spawn = || {
+        let mut w = Proc::spawn(Command::new(&program).env("LD_PRELOAD", lib));
+        w.expect_line("ready");
+        w
+    };
+    let dir = std::env::temp_dir().join(format!("prof-bpf-all-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("heap.pb.gz");
+    let mut before = spawn();
+    let (prof, _) = start_prof_bpf(
+        &[
+            "heap",
+            "--all",
+            "--lib",
+            lib,
+            "--sample-bytes",
+            "0",
+            "-o",
+            file.to_str().unwrap(),
+        ],
+        ATTACHED,
+    );
+    let mut after = spawn();
+    // A new process's first allocation asks for its unwind tables; until
+    // they are in (a fraction of a second) its stacks follow frame pointers.
+    std::thread::sleep(Duration::from_secs(1));
+    for w in [&mut before, &mut after] {
+        w.send_line("go 3");
+        w.expect_line("done");
+    }
+    // The first exits: its memory goes back to the system.
+    let gone = before.pid();
+    before.send_line("exit");
+    let _ = before.wait_output(Duration::from_secs(10));
+    // Exited processes are looked for every 2 s.
+    std::thread::sleep(Duration::from_secs(5));
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(prof.id() as i32, libc::SIGINT) };
+    let out = prof.wait_with_output().expect("wait for prof-bpf");
+    assert!(out.status.success());
+    after.send_line("exit");
+
+    let report = |sample_type: &str| {
+        let (text, err, code) = run_prof_bpf(&[
+            "report",
+            "--format",
+            "folded",
+            "--group-by",
+            "process",
+            "--sample-type",
+            sample_type,
+            file.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        text
+    };
+    let of = |text: &str, pid: u32| -> Vec<Stack> {
+        parse_folded(text)
+            .into_iter()
+            .filter(|s| s.frames[0].ends_with(&format!("-{pid}")))
+            .collect()
+    };
+    let inuse = report("inuse_space");
+    // The process started after attaching: its leaks exactly, full stacks.
+    let later = of(&inuse, after.pid());
+    assert_leak_sites(&later, 3, &inuse);
+    assert!(
+        has_chain(
+            &later,
+            "_start;__libc_start_main_impl;__libc_start_call_main;main;run_rounds;run_round;leak_path;leak_small"
+        ),
+        "{inuse}"
+    );
+    // The one that exited allocated the same, and holds nothing.
+    let allocated = report("alloc_space");
+    assert_leak_sites(&of(&allocated, gone), 3, &allocated);
+    let held: i64 = of(&inuse, gone).iter().map(|s| s.value).sum();
+    assert_eq!(held, 0, "{inuse}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -352,3 +352,48 @@ fn cpu_profile_finds_the_known_split_per_thread() {
         }
     }
 }
+
+/// Programs started by a profiled program inherit HEAPPROFILE and
+/// CPUPROFILE; as with gperftools, each appends its pid to the name, so
+/// that no process overwrites another's profiles.
+#[test]
+fn child_processes_write_their_own_profiles() {
+    let program = build_workload("preload_heap", FLAGS);
+    let dir = scratch("children");
+    let prefix = dir.join("p");
+    let cpu = dir.join("cpu.prof");
+    let program = program.to_str().unwrap();
+    // The shell is the first process; it runs the workload twice.
+    let out = Command::new("/bin/sh")
+        .args(["-c", &format!("{program} && {program} && echo done")])
+        .env("LD_PRELOAD", profalloc_lib())
+        .env("HEAPPROFILE", &prefix)
+        .env("CPUPROFILE", &cpu)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let own = |stem: &str, rest: &str| {
+        names
+            .iter()
+            .filter(|n| {
+                n.strip_prefix(stem)
+                    .and_then(|n| n.strip_suffix(rest))
+                    .is_some_and(|pid| pid.is_empty() || pid.parse::<u32>().is_ok())
+            })
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    // The two children's, each with its pid (the plain names belong to
+    // the shell, which ends without running exit handlers).
+    assert_eq!(own("p_", ".0001.heap").len(), 2, "{names:?}");
+    assert_eq!(own("cpu.prof_", "").len(), 2, "{names:?}");
+    assert!(
+        !names.contains(&"p.0001.heap".to_owned()) && !names.contains(&"cpu.prof".to_owned()),
+        "{names:?}"
+    );
+}

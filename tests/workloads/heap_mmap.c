@@ -1,9 +1,7 @@
 /* Known anonymous mappings, on demand (prof-bpf heap --mmap).
  *
  * usage: heap_mmap [once]
- * With "once", runs one round after a second, prints "done" and exits
- * (launch mode: mapping stacks need the unwind tables the agent reads after
- * exec, within 100 ms when the machine is not loaded).
+ * With "once", runs one round, prints "done" and exits (launch mode).
  * Otherwise prints "ready" and obeys stdin lines (raw read/write only, so
  * nothing is allocated or mapped between rounds):
  *   go R   runs R rounds, then prints "done"
@@ -138,7 +136,6 @@ static void say_number(const char *prefix, unsigned long v) {
 
 int main(int argc, char **argv) {
     if (argc > 1 && !strcmp(argv[1], "once")) {
-        sleep(1);
         run_round();
         say("done\n");
         _exit(0);

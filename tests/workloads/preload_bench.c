@@ -5,6 +5,8 @@
 //             after a fixed slice of computation sized so that the program
 //             allocates about 100 MiB/s; 4096 objects stay live. Prints
 //             "ops N seconds S bytes B".
+// With PRELOAD_BENCH_WAIT set, prints "ready" and waits for a line on stdin
+// before starting (so that a profiler can attach first).
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,6 +27,12 @@ int main(int argc, char **argv) {
     void *live[4096] = {0};
     volatile unsigned long sink = 0;
     unsigned long bytes = 0;
+    if (getenv("PRELOAD_BENCH_WAIT")) {
+        char line[16];
+        printf("ready\n");
+        fflush(stdout);
+        if (!fgets(line, sizeof line, stdin)) return 3;
+    }
     double t0 = now();
     if (strcmp(argv[1], "churn") == 0) {
         for (long i = 0; i < n; i++) {

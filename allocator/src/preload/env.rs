@@ -80,6 +80,54 @@ fn copy(dst: &mut [u8; PATH_MAX], src: &[u8]) -> usize {
     n
 }
 
+/// A file name or prefix from `name` that is this process's own, as
+/// gperftools makes it: the first process to read the variable uses it as
+/// is and sets the high bit of its first byte in the environment; programs
+/// it runs inherit the marked value and append `_PID`, so that parent and
+/// children never write the same files. Returns the length written to
+/// `dst` (0 when the variable is unset or empty).
+fn unique_path(name: &core::ffi::CStr, dst: &mut [u8; PATH_MAX]) -> usize {
+    // SAFETY: getenv returns null or a NUL-terminated string in the
+    // environment, which is writable memory (the initial stack, or a
+    // string given to putenv/setenv).
+    let value = unsafe { libc::getenv(name.as_ptr()) };
+    if value.is_null() {
+        return 0;
+    }
+    // SAFETY: as above.
+    let bytes = unsafe { core::ffi::CStr::from_ptr(value) }.to_bytes();
+    let Some(&first) = bytes.first() else {
+        return 0;
+    };
+    let mut n = copy(dst, bytes);
+    if first & 0x80 != 0 {
+        dst[0] = first & 0x7f;
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() } as u32;
+        let mut digits = [0u8; 10];
+        let mut len = 0;
+        let mut v = pid;
+        loop {
+            digits[len] = b'0' + (v % 10) as u8;
+            len += 1;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        for &b in core::iter::once(&b'_').chain(digits[..len].iter().rev()) {
+            if n < PATH_MAX - 1 {
+                dst[n] = b;
+                n += 1;
+            }
+        }
+    } else {
+        // SAFETY: `value` points at the variable's first byte (non-empty).
+        unsafe { *value = (first | 0x80) as libc::c_char };
+    }
+    n
+}
+
 /// Reads the settings.
 ///
 /// # Safety
@@ -87,9 +135,7 @@ fn copy(dst: &mut [u8; PATH_MAX], src: &[u8]) -> usize {
 pub unsafe fn read() {
     // SAFETY: the caller's contract.
     let s = unsafe { &mut *SETTINGS.0.get() };
-    if let Some(p) = var(c"HEAPPROFILE").filter(|p| !p.is_empty()) {
-        s.heap_prefix_len = copy(&mut s.heap_prefix, p);
-    }
+    s.heap_prefix_len = unique_path(c"HEAPPROFILE", &mut s.heap_prefix);
     if let Some(n) = number(c"HEAP_PROFILE_ALLOCATION_INTERVAL") {
         s.alloc_interval = n;
     }
@@ -102,9 +148,7 @@ pub unsafe fn read() {
     let check = var(c"HEAPCHECK").is_some_and(|v| !v.is_empty() && v != b"0")
         || number(c"PROFALLOC_HEAPCHECK").is_some_and(|n| n != 0);
     s.heap_check = check;
-    if let Some(p) = var(c"CPUPROFILE").filter(|p| !p.is_empty()) {
-        s.cpu_file_len = copy(&mut s.cpu_file, p);
-    }
+    s.cpu_file_len = unique_path(c"CPUPROFILE", &mut s.cpu_file);
     if let Some(n) = number(c"CPUPROFILE_FREQUENCY").filter(|&n| n > 0) {
         s.cpu_frequency = n.min(4000);
     }

@@ -82,8 +82,11 @@ pub const ENTRY_POINTS: &[(&str, Role)] = &[
 pub struct AttachPoint {
     /// Symbol it was found by (the first of its aliases).
     pub symbol: &'static str,
-    /// Offset of its first instruction in the file (what uprobes take).
+    /// Offset of its first instruction in the file (what identifies it).
     pub offset: u64,
+    /// Offset of the instruction to probe: the first one, or a later one
+    /// with the same state that is cheaper to hit (see `probe_point`).
+    pub probe_offset: u64,
     /// What it does.
     pub role: Role,
 }
@@ -147,7 +150,8 @@ impl Allocator {
 /// never be missed for a block whose allocation was recorded).
 pub fn entry_points(data: &[u8]) -> anyhow::Result<Vec<AttachPoint>> {
     let file = object::File::parse(data).context("not an ELF object")?;
-    let mut addresses: BTreeMap<&str, u64> = BTreeMap::new();
+    // Name -> (address, size).
+    let mut addresses: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
     for symbol in file.dynamic_symbols().chain(file.symbols()) {
         if !symbol.is_definition()
             || symbol.kind() != object::SymbolKind::Text
@@ -159,12 +163,14 @@ pub fn entry_points(data: &[u8]) -> anyhow::Result<Vec<AttachPoint>> {
         // Versioned names (`malloc@@GLIBC_2.2.5`) in .symtab of some builds.
         let name = name.split('@').next().unwrap_or(name);
         if ENTRY_POINTS.iter().any(|(n, _)| *n == name) {
-            addresses.entry(name).or_insert(symbol.address());
+            addresses
+                .entry(name)
+                .or_insert((symbol.address(), symbol.size()));
         }
     }
     let mut points: Vec<AttachPoint> = Vec::new();
     for &(symbol, role) in ENTRY_POINTS {
-        let Some(&address) = addresses.get(symbol) else {
+        let Some(&(address, size)) = addresses.get(symbol) else {
             continue;
         };
         let offset = file_offset(&file, address)
@@ -175,11 +181,24 @@ pub fn entry_points(data: &[u8]) -> anyhow::Result<Vec<AttachPoint>> {
         points.push(AttachPoint {
             symbol,
             offset,
+            probe_offset: offset + probe_skip(data, offset, address, size),
             role,
         });
     }
     points.sort_by_key(|p| !matches!(p.role, Role::Free));
     Ok(points)
+}
+
+/// How far into the function at file `offset` (virtual `address`, `size`
+/// bytes) its uprobe goes: see `probe_point`. 0 when its extent is unknown.
+fn probe_skip(data: &[u8], offset: u64, address: u64, size: u64) -> u64 {
+    let code = usize::try_from(offset)
+        .ok()
+        .and_then(|start| data.get(start..start.checked_add(usize::try_from(size).ok()?)?));
+    match code {
+        Some(code) if size > 0 => crate::probe_point::cheap_offset(code, address),
+        _ => 0,
+    }
 }
 
 /// The sampling hooks defined in the ELF image `data`, if all are there.
@@ -217,7 +236,7 @@ pub fn hook_rate(pid: u32, allocator: &Allocator, hooks: &Hooks) -> anyhow::Resu
 }
 
 /// The file offset of virtual address `address` (through the segment that maps it).
-fn file_offset(file: &object::File<'_>, address: u64) -> Option<u64> {
+pub(super) fn file_offset(file: &object::File<'_>, address: u64) -> Option<u64> {
     file.segments().find_map(|segment| {
         let (start, size) = (segment.address(), segment.size());
         let (file_start, file_size) = segment.file_range();

@@ -183,6 +183,34 @@ pub fn allocator_of_program(program: &Path) -> anyhow::Result<Allocator> {
     )
 }
 
+/// The dynamic loader (PT_INTERP) that will map `program`'s libraries, and
+/// the file offset of its `_dl_debug_state`: the function it calls before
+/// and after mapping them (for debuggers). None for a static program.
+pub fn loader_of_program(program: &Path) -> Option<(PathBuf, u64)> {
+    use object::{Object as _, ObjectSymbol as _, read::elf::ProgramHeader as _};
+    let elf = follow_interpreters(program).ok()?;
+    let data = std::fs::read(&elf).ok()?;
+    let file = object::read::elf::ElfFile64::<object::Endianness>::parse(&*data).ok()?;
+    let endian = file.endian();
+    let interp = file
+        .elf_program_headers()
+        .iter()
+        .find_map(|ph| ph.interpreter(endian, &*data).ok().flatten())?;
+    let loader = PathBuf::from(String::from_utf8_lossy(interp).into_owned());
+    let loader_data = std::fs::read(&loader).ok()?;
+    let loader_file = object::File::parse(&*loader_data).ok()?;
+    let address = loader_file
+        .dynamic_symbols()
+        .chain(loader_file.symbols())
+        .find(|s| {
+            s.name()
+                .is_ok_and(|n| n.split('@').next() == Some("_dl_debug_state"))
+        })?
+        .address();
+    let offset = super::discover::file_offset(&loader_file, address)?;
+    Some((loader, offset))
+}
+
 /// The ELF file that runs `program`: itself, or its `#!` interpreter's.
 fn follow_interpreters(program: &Path) -> anyhow::Result<PathBuf> {
     let mut current = program.to_path_buf();

@@ -5,6 +5,7 @@ use std::{
     collections::{HashMap, HashSet},
     io::IsTerminal as _,
     num::NonZeroU32,
+    path::Path,
     time::Duration,
 };
 
@@ -13,8 +14,8 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
-        TracePoint, UProbe, uprobe::UProbeAttachLocation, uprobe::UProbeAttachPoint,
-        uprobe::UProbeScope,
+        TracePoint, UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
 use log::{debug, info, warn};
@@ -45,6 +46,11 @@ const RETURN_PROGRAM: &str = "heap_alloc_return";
 const FREE_PROGRAM: &str = "heap_free_entry";
 const HOOK_ALLOC_PROGRAM: &str = "heap_hook_alloc";
 const HOOK_FREE_PROGRAM: &str = "heap_hook_free";
+const LOADER_STOP_PROGRAM: &str = "heap_loader_stop";
+/// How often the walker's requests for unwind tables (a new process under
+/// --all, code loaded by dlopen) are served: this bounds how long such code
+/// is walked by frame pointers only.
+const TABLES_POLL: Duration = Duration::from_millis(100);
 /// `--mmap`: (program, syscall tracepoint), exits and munmap before the
 /// entries that start calls, so that every call started has its end seen.
 const MMAP_PROGRAMS: [(&str, &str); 5] = [
@@ -60,6 +66,7 @@ pub fn run(mut settings: Settings, output: OutputArgs) -> anyhow::Result<()> {
     check_writable(output.output.as_deref())?;
     // Resolve targets before loading anything, so bad input fails fast.
     let mut suspended = None;
+    let mut loader = None;
     let mut plan: Vec<(Allocator, UProbeScope)> = Vec::new();
     let mut pids = Vec::new();
     match &settings.targets {
@@ -96,6 +103,7 @@ pub fn run(mut settings: Settings, output: OutputArgs) -> anyhow::Result<()> {
             let pid = NonZeroU32::new(child.pid).context("fork returned pid 0")?;
             plan.push((allocator, UProbeScope::OneProcess(pid)));
             pids.push(child.pid);
+            loader = launch::loader_of_program(&child.program);
             suspended = Some(child);
         }
     }
@@ -108,7 +116,12 @@ pub fn run(mut settings: Settings, output: OutputArgs) -> anyhow::Result<()> {
             let mut session = Session::start(settings, plan, pids)?;
             let mut child = None;
             if let Some(suspended) = suspended {
+                let pid = suspended.pid;
+                if let Some((path, offset)) = &loader {
+                    session.attach_loader_stop(pid, path, *offset)?;
+                }
                 child = Some(suspended.resume()?);
+                session.serve_loader_stops(pid);
             }
             session.record(child.is_some(), &output).await?;
             let profile = session.report()?;
@@ -136,12 +149,18 @@ struct Session {
     maps: HashMap<u32, Vec<Mapping>>,
     comms: HashMap<u32, String>,
     exited: HashSet<u32>,
+    /// With --all: processes that exited and whose live blocks were dropped
+    /// from the kernel's table. They hold nothing any more; what they
+    /// allocated stays in the alloc_* totals.
+    purged: HashSet<u32>,
     /// The final report's collector, created at attach and told the targets'
     /// mappings while they live, so that it can place their addresses after
     /// they exit.
     live: Option<Collector>,
     /// CFI tables of the targets for the kernel-side unwinder.
     tables: Tables,
+    /// Launch mode: the probe that stops the program in its loader.
+    loader_stop: Option<UProbeLinkId>,
 }
 
 impl Session {
@@ -184,8 +203,10 @@ impl Session {
             maps: HashMap::new(),
             comms: HashMap::new(),
             exited: HashSet::new(),
+            purged: HashSet::new(),
             live: None,
             tables,
+            loader_stop: None,
         };
         // Unwind tables before the probes: the first stacks are complete too.
         // A launched child has not exec'd yet; its tables come after exec.
@@ -210,6 +231,70 @@ impl Session {
         }
         session.live = Some(session.new_collector());
         Ok(session)
+    }
+
+    /// Launch mode: makes the program stop each time its loader calls
+    /// `_dl_debug_state` (file `loader`, at `offset`), before and after it
+    /// maps the libraries (see `heap_loader_stop`).
+    fn attach_loader_stop(&mut self, pid: u32, loader: &Path, offset: u64) -> anyhow::Result<()> {
+        let nz = NonZeroU32::new(pid).context("no process with pid 0")?;
+        let probe: &mut UProbe = ebpf::program(&mut self.ebpf, LOADER_STOP_PROGRAM)?;
+        let link = probe
+            .attach(
+                UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(offset),
+                    cookie: None,
+                },
+                loader,
+                UProbeScope::OneProcess(nz),
+            )
+            .with_context(|| format!("attaching a uprobe to {}", loader.display()))?;
+        self.loader_stop = Some(link);
+        Ok(())
+    }
+
+    /// Serves the launched program's stops in its loader: each time, loads
+    /// the unwind tables of what it has mapped and continues it. The second
+    /// stop comes once every library is mapped, before any of their code
+    /// (constructors, main) runs: from there on its stacks are complete.
+    /// The program is never left stopped.
+    fn serve_loader_stops(&mut self, pid: u32) {
+        let Some(link) = self.loader_stop.take() else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + LOADER_STOP_WAIT;
+        let mut stops = 0;
+        while stops < 2 && std::time::Instant::now() < deadline {
+            match process::state(pid) {
+                Some('T') => {
+                    stops += 1;
+                    self.refresh_process(pid);
+                    if self.tables.has_process(pid) {
+                        if let Err(err) = self.tables.refresh_process(pid) {
+                            debug!("refreshing the unwind tables of pid {pid}: {err:#}");
+                        }
+                    } else {
+                        self.add_unwind_tables(pid);
+                    }
+                    resume(pid);
+                    // Not the same stop twice: wait until it runs again.
+                    while process::state(pid) == Some('T') && std::time::Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+                Some(_) => std::thread::sleep(Duration::from_micros(200)),
+                None => break,
+            }
+        }
+        if let Ok(probe) = ebpf::program::<UProbe>(&mut self.ebpf, LOADER_STOP_PROGRAM)
+            && let Err(err) = probe.detach(link)
+        {
+            debug!("detaching the loader probe: {err}");
+        }
+        // A stop that came after the wait ended.
+        if process::state(pid) == Some('T') {
+            resume(pid);
+        }
     }
 
     /// Attaches frees first, then the allocation returns, then the
@@ -265,7 +350,7 @@ impl Session {
                     .context("heap program has the wrong type")?;
                 let result = probe.attach(
                     UProbeAttachPoint {
-                        location: UProbeAttachLocation::AbsoluteOffset(point.offset),
+                        location: UProbeAttachLocation::AbsoluteOffset(point.probe_offset),
                         cookie,
                     },
                     &allocator.open_path,
@@ -379,6 +464,7 @@ impl Session {
             .map(|d| started + Duration::from_secs_f64(d));
         let mut tick =
             tokio::time::interval_at(started + Duration::from_secs(1), Duration::from_secs(1));
+        let mut tables_tick = tokio::time::interval(TABLES_POLL);
         let period = self.settings.interval.map(Duration::from_secs_f64);
         let mut interval = period.map(|p| tokio::time::interval_at(started + p, p));
         let ctrl_c = tokio::signal::ctrl_c();
@@ -406,17 +492,29 @@ impl Session {
                         }
                     }
                 }
-                _ = tick.tick() => {
-                    ticks += 1;
+                _ = tables_tick.tick() => {
                     // Processes whose walks met code outside their tables
-                    // (dlopen) are refreshed; with --all, new processes get tables.
+                    // (dlopen) are refreshed; with --all, new processes get
+                    // tables. Until then their stacks follow frame pointers.
                     for pid in self.tables.poll() {
-                        if matches!(self.settings.targets, Targets::All) || self.pids.contains(&pid) {
+                        let all = matches!(self.settings.targets, Targets::All);
+                        if all || self.pids.contains(&pid) {
                             self.add_unwind_tables(pid);
                         }
+                        if all {
+                            // Its mappings, so that its stacks can be placed
+                            // and named after it exits.
+                            self.refresh_process(pid);
+                        }
                     }
+                }
+                _ = tick.tick() => {
+                    ticks += 1;
                     if launched && (ticks == 1 || ticks.is_multiple_of(5)) {
                         self.check_launched();
+                    }
+                    if matches!(self.settings.targets, Targets::All) && ticks.is_multiple_of(2) {
+                        self.purge_exited()?;
                     }
                     let line = status.update(self)?;
                     if tty {
@@ -499,6 +597,54 @@ impl Session {
                 c.note_process(pid);
             }
         }
+    }
+
+    /// With --all, processes come and go: the live blocks of those that
+    /// exited are dropped from the kernel's table, which they would
+    /// otherwise fill, and their unwind tables are released.
+    ///
+    /// A pid reused by a new process while the old one's entries are being
+    /// dropped could lose blocks allocated in that window (pids are reused
+    /// only after the whole pid space, so this needs a very busy host).
+    fn purge_exited(&mut self) -> anyhow::Result<()> {
+        let dead: HashSet<u32> = self
+            .stack_stats()?
+            .iter()
+            .map(|(k, _)| k.pid)
+            .filter(|&pid| {
+                !self.purged.contains(&pid) && !Path::new(&format!("/proc/{pid}")).exists()
+            })
+            .collect();
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let mut live: BpfHashMap<&mut MapData, LiveKey, LiveAlloc> =
+            BpfHashMap::try_from(self.ebpf.map_mut(LIVE_MAP).context("live map missing")?)?;
+        let keys: Vec<LiveKey> = live
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| dead.contains(&k.pid))
+            .collect();
+        for key in &keys {
+            // Gone already: a free raced with this pass.
+            let _ = live.remove(key);
+        }
+        debug!(
+            "dropped {} live blocks of {} exited processes",
+            keys.len(),
+            dead.len()
+        );
+        for pid in dead {
+            self.tables.remove_process(pid);
+            self.purged.insert(pid);
+        }
+        Ok(())
+    }
+
+    /// Bytes and objects still held by the process of `key`: none when it
+    /// exited and was purged (--all).
+    fn holds(&self, key: &StackKey) -> bool {
+        !self.purged.contains(&key.pid)
     }
 
     fn stack_stats(&self) -> anyhow::Result<Vec<(StackKey, StackStats)>> {
@@ -670,6 +816,12 @@ impl Session {
                 ));
             }
         }
+        if !self.purged.is_empty() {
+            c.add_comment(format!(
+                "processes that exited while recording: {} (they hold nothing; their allocations count in alloc_*)",
+                self.purged.len()
+            ));
+        }
         Ok(())
     }
 
@@ -679,11 +831,19 @@ impl Session {
         let stats = self.stack_stats()?;
         let stacks = self.user_stacks(&stats)?;
         for (key, s) in stats {
+            let (inuse_objects, inuse_bytes) = if self.holds(&key) {
+                (
+                    objects(s.alloc_objects) - objects(s.free_objects),
+                    s.alloc_bytes as i64 - s.free_bytes as i64,
+                )
+            } else {
+                (0, 0)
+            };
             let values = vec![
                 objects(s.alloc_objects),
                 s.alloc_bytes as i64,
-                objects(s.alloc_objects) - objects(s.free_objects),
-                s.alloc_bytes as i64 - s.free_bytes as i64,
+                inuse_objects,
+                inuse_bytes,
             ];
             let sample = self.sample(&key, &stacks, values, Vec::new());
             c.add(sample);
@@ -716,6 +876,9 @@ impl Session {
         let stacks = self.user_stacks(&keys)?;
         let (mut leaking, mut listed) = (0, 0);
         for (key, s) in stats {
+            if !self.holds(&key) {
+                continue;
+            }
             let outstanding = (
                 objects(s.alloc_objects) - objects(s.free_objects),
                 s.alloc_bytes as i64 - s.free_bytes as i64,
@@ -1102,6 +1265,15 @@ fn choose_hooks(settings: &mut Settings, plan: &[(Allocator, UProbeScope)]) -> a
         warn!("the targets sample at different rates; the report states the first one's");
     }
     Ok(())
+}
+
+/// How long the launched program may take to reach its loader's stops.
+const LOADER_STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// Continues a stopped process.
+fn resume(pid: u32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
 }
 
 /// Fails now, not after the whole recording, when `-o FILE` cannot be written.

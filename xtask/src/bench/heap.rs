@@ -140,6 +140,11 @@ pub fn run() -> anyhow::Result<()> {
             per_call
         );
     }
+    println!(
+        "note: prof-bpf places each uprobe on an instruction the kernel emulates (glibc's free: \
+         on the `je` after its `test rdi, rdi`), where bpftrace and memleak probe the first \
+         instruction, which the kernel single-steps out of line on every call"
+    );
     hold_million(&prof, &workload)
 }
 
