@@ -947,3 +947,55 @@ fn mmap_with_hooks_is_one_line_error() {
     let (_, stderr, code) = run_prof_bpf(&["heap", "--pid", "1", "--probe", "hooks", "--mmap"]);
     assert_one_line_error(&stderr, code, "--mmap needs --probe malloc");
 }
+
+#[test]
+fn all_tracks_the_mappings_of_processes_running_at_attach() {
+    require_bpf!();
+    let mut w = start_mmap_workload();
+    let pid = w.pid();
+    let (prof, _) = start_prof_bpf(
+        &[
+            "heap",
+            "--all",
+            "--mmap",
+            "--sample-bytes",
+            "0",
+            "--format",
+            "folded",
+            "--group-by",
+            "process",
+            "--sample-type",
+            "inuse_space",
+        ],
+        ATTACHED,
+    );
+    // With --all a process's unwind tables are read when its first walk
+    // asks for them; mapping stacks made before are reported missing, not
+    // guessed. The second round has its tables.
+    w.send_line("go 1");
+    w.expect_line("done");
+    std::thread::sleep(Duration::from_secs(1));
+    w.send_line("go 1");
+    w.expect_line("done");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(prof.id() as i32, libc::SIGINT) };
+    let out = prof.wait_with_output().expect("wait for prof-bpf");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}");
+    let stacks: Vec<Stack> = parse_folded(&stdout)
+        .into_iter()
+        .filter(|s| s.frames[0].ends_with(&format!("-{pid}")))
+        .collect();
+    let mapped: i64 = stacks
+        .iter()
+        .filter(|s| s.frames.last().unwrap() == "[mmap]")
+        .map(|s| s.value)
+        .sum();
+    let per_round: i64 = MAPPED.iter().map(|(_, b)| b).sum();
+    assert_eq!(mapped, 2 * per_round, "{stdout}");
+    for &(func, bytes) in MAPPED {
+        let got = mmap_total(&stacks, func);
+        assert!(got == bytes || got == 2 * bytes, "{func}: {stdout}");
+    }
+    assert_eq!(leaf_total(&stacks, "big_malloc"), 2 * MIB, "{stdout}");
+}
