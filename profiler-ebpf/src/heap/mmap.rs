@@ -61,7 +61,9 @@ const RET_OFFSET: usize = 16;
 
 #[tracepoint]
 pub fn heap_mmap_enter(ctx: TracePointContext) -> u32 {
-    let Some(_) = target() else { return 0 };
+    if target().is_none() {
+        return 0;
+    }
     let (len, flags) = (arg(&ctx, 1), arg(&ctx, 3));
     if flags & MAP_TYPE != MAP_PRIVATE || flags & MAP_ANONYMOUS == 0 {
         return 0;
@@ -139,7 +141,8 @@ fn target() -> Option<u32> {
 /// Records a mapping call at its entry, unless the allocator makes it.
 #[inline(always)]
 fn begin(call: MappingCall, size: u64, old_addr: u64, old_len: u64) {
-    if in_allocator_call() {
+    let user = saved_user_frame();
+    if in_allocator_call(user.sp) {
         count!(mmaps_in_allocator);
         return;
     }
@@ -147,8 +150,7 @@ fn begin(call: MappingCall, size: u64, old_addr: u64, old_len: u64) {
     // mmap) or one only its CFI describes (mremap): without CFI the walk
     // would skip the wrapper's caller, so the stack is reported missing
     // rather than wrong (until the agent loads the process's tables).
-    let pc = saved_user_frame().pc;
-    let stack_id = if !has_cfi(current_pid(), pc) {
+    let stack_id = if !has_cfi(current_pid(), user.pc) {
         count!(stack_errors);
         STACK_ID_MISSING
     } else {
@@ -272,19 +274,20 @@ fn trim_front(pid: u32, addr: u64, live: LiveAlloc, cut: u64) {
     }
 }
 
-/// Whether this thread is inside an allocator call. A call whose return
-/// was never seen (left by longjmp) leaves the depth set; the syscall's
-/// stack pointer is then above that call's entry and it does not count
-/// (equal is an allocator that jumps to the syscall's wrapper: inside).
+/// Whether this thread, making a syscall with user stack pointer `sp`, is
+/// inside an allocator call. A call whose return was never seen (left by
+/// longjmp) leaves the depth set; `sp` is then above that call's entry and
+/// it does not count (equal is an allocator that jumps to the syscall's
+/// wrapper: inside).
 #[inline(always)]
-fn in_allocator_call() -> bool {
+fn in_allocator_call(sp: u64) -> bool {
     let Some(state) = HEAP_THREADS.get_ptr(bpf_get_current_pid_tgid()) else {
         return false;
     };
     // SAFETY: the pointer comes from a successful lookup; this thread's
     // entry, read while the thread is in this syscall.
     let (depth, entry_sp) = unsafe { ((*state).depth, (*state).entry_sp) };
-    depth != 0 && saved_user_frame().sp <= entry_sp
+    depth != 0 && sp <= entry_sp
 }
 
 /// `len` rounded up to whole pages, or None for a length no mapping has.
