@@ -247,3 +247,34 @@ pub fn run(args: HeapArgs) -> anyhow::Result<()> {
     let settings = Settings::from_args(&args)?;
     session::run(settings, args.output)
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        heap: HeapArgs,
+    }
+
+    fn settings(args: &[&str]) -> anyhow::Result<Settings> {
+        let cli = Cli::try_parse_from(std::iter::once("heap").chain(args.iter().copied()))?;
+        Settings::from_args(&cli.heap)
+    }
+
+    #[test]
+    fn mmap_rules_out_the_hooks() {
+        assert_eq!(settings(&["--pid", "1"]).unwrap().probe, Probe::Auto);
+        let s = settings(&["--pid", "1", "--mmap"]).unwrap();
+        assert_eq!(s.probe, Probe::Malloc);
+        assert!(s.mmap);
+        let err = settings(&["--pid", "1", "--mmap", "--probe", "hooks"]).unwrap_err();
+        assert!(
+            err.to_string().contains("--mmap needs --probe malloc"),
+            "{err}"
+        );
+    }
+}
