@@ -19,6 +19,15 @@
 //!   at rate N weighs N * h(S/N) = S / (1 - exp(-S/N)) bytes.
 //! - [`COUNTERS_MAP`]: `PerCpuArray<HeapCounters>` (one entry): events and
 //!   losses, summed over CPUs by the agent.
+//! - [`MMAP_TARGETS_MAP`]: `LruHashMap<u32 (tgid), u32>`, the processes whose
+//!   mappings are tracked (`--mmap`): the syscall tracepoints fire for every
+//!   process, uprobes only for the probed ones.
+//! - [`MMAP_PENDING_MAP`]: `LruHashMap<u64 (pid_tgid), PendingMapping>`, a
+//!   mapping call between its syscall entry and exit.
+//!
+//! Live blocks and stack totals carry a [`LiveKey::source`]: what made them
+//! ([`SOURCE_ALLOCATOR`] or [`SOURCE_MMAP`]). The sources are separate key
+//! spaces: free() never retires a mapping, munmap() never a malloc block.
 
 /// Name of the live-allocation map.
 pub const LIVE_MAP: &str = "HEAP_LIVE";
@@ -34,13 +43,26 @@ pub const SAMPLE_INTERVALS_MAP: &str = "HEAP_SAMPLE_INTERVALS";
 pub const SAMPLE_WEIGHTS_MAP: &str = "HEAP_SAMPLE_WEIGHTS";
 /// Name of the counter map.
 pub const COUNTERS_MAP: &str = "HEAP_COUNTERS";
+/// Name of the map of processes whose mappings are tracked.
+pub const MMAP_TARGETS_MAP: &str = "HEAP_MMAP_TARGETS";
+/// Name of the map of mapping calls in progress.
+pub const MMAP_PENDING_MAP: &str = "HEAP_MMAP_PENDING";
 
 /// Default capacity of [`LIVE_MAP`] (live allocations tracked at once).
 pub const DEFAULT_MAX_LIVE: u32 = 1 << 21;
 /// Capacity of [`STACK_STATS_MAP`] (distinct (process, stack) pairs).
 pub const DEFAULT_MAX_STACKS: u32 = 1 << 16;
-/// Capacity of [`THREADS_MAP`]; least recently used threads are evicted.
+/// Capacity of [`THREADS_MAP`] and [`MMAP_PENDING_MAP`]; least recently
+/// used threads are evicted.
 pub const MAX_THREADS: u32 = 1 << 14;
+/// Capacity of [`MMAP_TARGETS_MAP`]; with `--all`, processes that stopped
+/// calling the allocator are evicted first.
+pub const MAX_MMAP_TARGETS: u32 = 1 << 14;
+
+/// [`LiveKey::source`] of blocks from the allocator's functions.
+pub const SOURCE_ALLOCATOR: u32 = 0;
+/// [`LiveKey::source`] of anonymous private mappings (`--mmap`).
+pub const SOURCE_MMAP: u32 = 1;
 
 /// Entries of [`SAMPLE_INTERVALS_MAP`] (a power of two: indexed by a random mask).
 pub const SAMPLE_TABLE_LEN: u32 = 4096;
@@ -99,8 +121,9 @@ pub struct HeapConfig {
     /// The agent's own pid, never tracked (it allocates while reading maps,
     /// and `--all` would otherwise profile it).
     pub agent_pid: u32,
-    /// Explicit padding (zero).
-    pub _pad: u32,
+    /// 1 with `--all --mmap`: a process becomes a mapping target
+    /// ([`MMAP_TARGETS_MAP`]) at its first allocator call.
+    pub mmap_new_targets: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<HeapConfig>() == 16);
@@ -113,8 +136,8 @@ pub struct LiveKey {
     pub addr: u64,
     /// Process (tgid) that owns it.
     pub pid: u32,
-    /// Explicit padding (zero).
-    pub _pad: u32,
+    /// What made it: [`SOURCE_ALLOCATOR`] or [`SOURCE_MMAP`].
+    pub source: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<LiveKey>() == 16);
@@ -145,8 +168,8 @@ pub struct StackKey {
     pub stack_id: u64,
     /// Process (tgid).
     pub pid: u32,
-    /// Explicit padding (zero).
-    pub _pad: u32,
+    /// What made the blocks (see [`LiveKey::source`]).
+    pub source: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<StackKey>() == 16);
@@ -196,6 +219,38 @@ pub struct ThreadState {
 
 const _: () = assert!(core::mem::size_of::<ThreadState>() == 56);
 
+/// What a mapping call in progress is.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MappingCall {
+    /// `mmap`: the result is a new mapping of `size` bytes.
+    Mmap = 1,
+    /// `mremap` of a tracked mapping: on success, `old_len` bytes at
+    /// `old_addr` are released and the result is a mapping of `size` bytes.
+    Mremap = 2,
+}
+
+/// Value of [`MMAP_PENDING_MAP`]: a mapping call seen at syscall entry,
+/// completed at its exit (where the result address is known).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingMapping {
+    /// Bytes of the new mapping (the length rounded up to whole pages).
+    pub size: u64,
+    /// mremap's old address.
+    pub old_addr: u64,
+    /// mremap's old length, rounded up to whole pages.
+    pub old_len: u64,
+    /// Stack id captured at the call.
+    pub stack_id: u64,
+    /// [`MappingCall`] as a number.
+    pub call: u32,
+    /// Explicit padding (zero).
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<PendingMapping>() == 40);
+
 /// Value of [`COUNTERS_MAP`]: per-CPU event and loss counters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -215,11 +270,19 @@ pub struct HeapCounters {
     pub stack_errors: u64,
     /// Threads whose state could not be stored.
     pub threads_full: u64,
-    /// Explicit padding (zero).
-    pub _reserved: u64,
+    /// Anonymous private mappings made (mmap, mremap of a tracked mapping)
+    /// outside allocator calls, each tracked (`--mmap`).
+    pub mmaps: u64,
+    /// Anonymous private mappings made inside an allocator call: the
+    /// allocator's own (glibc serves big mallocs by mmap), already counted
+    /// as the allocation that asked for them.
+    pub mmaps_in_allocator: u64,
+    /// munmap/mremap calls that released only the front part of a tracked
+    /// mapping (the rest stays tracked with its new start and size).
+    pub unmaps_partial: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<HeapCounters>() == 64);
+const _: () = assert!(core::mem::size_of::<HeapCounters>() == 80);
 
 crate::impl_pod!(
     HeapConfig,
@@ -228,5 +291,6 @@ crate::impl_pod!(
     StackKey,
     StackStats,
     ThreadState,
-    HeapCounters
+    HeapCounters,
+    PendingMapping
 );

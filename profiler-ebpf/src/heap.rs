@@ -13,6 +13,9 @@
 //! - `heap_free_entry` (uprobe, every free function) retires a tracked block;
 //!   untracked pointers (allocated before attach, unsampled, NULL) are ignored.
 //!
+//! - [`mmap`] (`--mmap`): anonymous private mappings made outside allocator
+//!   calls, tracked in the same maps from the syscall tracepoints.
+//!
 //! Nothing is sent to user space per event: the agent reads the maps.
 use aya_ebpf::{
     helpers::{
@@ -25,8 +28,8 @@ use aya_ebpf::{
 };
 use profiler_common::heap::{
     DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS, EntryKind, HeapConfig, HeapCounters, LiveAlloc, LiveKey,
-    MAX_THREADS, SAMPLE_TABLE_LEN, STACK_ID_MISSING, StackKey, StackStats, ThreadState, WEIGHT_ONE,
-    WEIGHT_STEPS_PER_UNIT, WEIGHT_TABLE_LEN,
+    MAX_THREADS, SAMPLE_TABLE_LEN, SOURCE_ALLOCATOR, STACK_ID_MISSING, StackKey, StackStats,
+    ThreadState, WEIGHT_ONE, WEIGHT_STEPS_PER_UNIT, WEIGHT_TABLE_LEN,
 };
 
 use crate::{atomic::add, stack::user_stack_id};
@@ -68,6 +71,9 @@ macro_rules! count {
     };
 }
 
+// After `count!`, which it uses.
+mod mmap;
+
 #[uprobe]
 pub fn heap_alloc_entry(ctx: ProbeContext) -> u32 {
     alloc_entry(&ctx);
@@ -88,13 +94,15 @@ pub fn heap_free_entry(ctx: ProbeContext) -> u32 {
 #[inline(always)]
 fn free(ctx: &ProbeContext) -> u32 {
     let pid = current_pid();
-    if pid == config().agent_pid {
+    let config = config();
+    if pid == config.agent_pid {
         return 0;
     }
+    mmap::note_target(&config, pid);
     count!(frees);
     let addr: u64 = ctx.arg(0).unwrap_or(0);
     if addr != 0 {
-        untrack(pid, addr);
+        untrack(pid, addr, SOURCE_ALLOCATOR);
     }
     0
 }
@@ -123,6 +131,7 @@ pub fn heap_hook_alloc(ctx: ProbeContext) -> u32 {
     track(
         pid,
         addr,
+        SOURCE_ALLOCATOR,
         LiveAlloc {
             size,
             weight_bytes,
@@ -162,9 +171,12 @@ fn alloc_entry(ctx: &ProbeContext) {
     let Some(kind) = EntryKind::from_cookie(cookie) else {
         return;
     };
-    if current_pid() == config().agent_pid {
+    let pid = current_pid();
+    let config = config();
+    if pid == config.agent_pid {
         return;
     }
+    mmap::note_target(&config, pid);
     let Some(state) = thread_state() else {
         count!(threads_full);
         return;
@@ -233,7 +245,7 @@ fn alloc_return(ctx: &RetProbeContext) {
             // for 0 bytes (it frees and may return NULL); on failure the
             // old block stays valid.
             if state.arg_ptr != 0 && (ret != 0 || size == 0) {
-                untrack(pid, state.arg_ptr);
+                untrack(pid, state.arg_ptr, SOURCE_ALLOCATOR);
             }
             ret
         }
@@ -255,6 +267,7 @@ fn alloc_return(ctx: &RetProbeContext) {
     track(
         pid,
         addr,
+        SOURCE_ALLOCATOR,
         LiveAlloc {
             size,
             weight_bytes,
@@ -268,17 +281,17 @@ fn alloc_return(ctx: &RetProbeContext) {
 
 /// Records a new live block and adds it to its stack's totals.
 #[inline(always)]
-fn track(pid: u32, addr: u64, alloc: LiveAlloc) {
-    let key = LiveKey { addr, pid, _pad: 0 };
+fn track(pid: u32, addr: u64, source: u32, alloc: LiveAlloc) {
+    let key = LiveKey { addr, pid, source };
     // A block still recorded at this address was freed by a path we do not
     // probe; retire it so its stack's totals stay balanced.
-    untrack(pid, addr);
+    untrack(pid, addr, source);
     if HEAP_LIVE.insert(&key, &alloc, BPF_NOEXIST).is_err() {
         count!(live_full);
         return;
     }
     count!(tracked);
-    let Some(stats) = stack_stats(pid, alloc.stack_id) else {
+    let Some(stats) = stack_stats(pid, alloc.stack_id, source) else {
         // The block stays out of every total; drop it so its free does not
         // subtract what was never added.
         let _ = HEAP_LIVE.remove(&key);
@@ -292,32 +305,49 @@ fn track(pid: u32, addr: u64, alloc: LiveAlloc) {
     }
 }
 
+/// The tracked block at `addr`, copied.
+#[inline(always)]
+fn tracked(pid: u32, addr: u64, source: u32) -> Option<LiveAlloc> {
+    let key = LiveKey { addr, pid, source };
+    // SAFETY: the pointer comes from a successful lookup; the value is copied
+    // at once (the map is not preallocated, so the element stays valid until
+    // this program ends even if another CPU deletes it).
+    HEAP_LIVE.get_ptr(&key).map(|live| unsafe { *live })
+}
+
 /// Retires a tracked block; pointers that are not tracked are ignored.
 #[inline(always)]
-fn untrack(pid: u32, addr: u64) {
-    let key = LiveKey { addr, pid, _pad: 0 };
-    let Some(live) = HEAP_LIVE.get_ptr(&key) else {
+fn untrack(pid: u32, addr: u64, source: u32) {
+    let Some(live) = tracked(pid, addr, source) else {
         return;
     };
-    // SAFETY: the pointer comes from a successful lookup; the value is copied
-    // before the entry is deleted (the map is not preallocated, so the element
-    // stays valid until this program ends).
-    let live = unsafe { *live };
-    if HEAP_LIVE.remove(&key).is_err() {
+    if HEAP_LIVE.remove(&LiveKey { addr, pid, source }).is_err() {
         // Another thread retired it first (a double free in the target).
         return;
     }
-    let stats_key = StackKey {
-        stack_id: live.stack_id,
+    add_freed(
         pid,
-        _pad: 0,
+        source,
+        live.stack_id,
+        live.weight_bytes,
+        live.weight_objects,
+    );
+}
+
+/// Adds freed bytes and objects to a stack's totals.
+#[inline(always)]
+fn add_freed(pid: u32, source: u32, stack_id: u64, bytes: u64, objects: u64) {
+    let stats_key = StackKey {
+        stack_id,
+        pid,
+        source,
     };
     if let Some(stats) = HEAP_STACK_STATS.get_ptr_mut(&stats_key) {
         // SAFETY: as in `track`. A block freed on another CPU than the one
         // that allocated it counts its free there; user space sums the CPUs.
         unsafe {
-            add(&raw mut (*stats).free_objects, live.weight_objects);
-            add(&raw mut (*stats).free_bytes, live.weight_bytes);
+            add(&raw mut (*stats).free_objects, objects);
+            add(&raw mut (*stats).free_bytes, bytes);
         }
     }
 }
@@ -400,13 +430,13 @@ fn thread_state() -> Option<*mut ThreadState> {
     HEAP_THREADS.get_ptr_mut(id)
 }
 
-/// The totals of (pid, stack), created zeroed on first use.
+/// The totals of (pid, stack, source), created zeroed on first use.
 #[inline(always)]
-fn stack_stats(pid: u32, stack_id: u64) -> Option<*mut StackStats> {
+fn stack_stats(pid: u32, stack_id: u64, source: u32) -> Option<*mut StackStats> {
     let key = StackKey {
         stack_id,
         pid,
-        _pad: 0,
+        source,
     };
     if let Some(stats) = HEAP_STACK_STATS.get_ptr_mut(&key) {
         return Some(stats);

@@ -128,7 +128,8 @@ pub fn kernel_stack_id<C: StackIdContext>(ctx: &C) -> Result<u32, i32> {
 /// `USER_STACKS` and returns its id.
 ///
 /// `regs` may be kernel registers (a perf event that interrupted the
-/// kernel); the task's saved user registers are used then.
+/// kernel), or null (a tracepoint, whose context is not registers); the
+/// task's saved user registers are used then.
 #[inline(always)]
 pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, StackError> {
     let tid = bpf_get_current_pid_tgid();
@@ -143,8 +144,8 @@ pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, Stac
     walk.pid = (tid >> 32) as u32;
     walk.exact = 1;
     walk.bp_chained = 0;
-    // SAFETY: `regs` is the program's context (pt_regs) or the start of a
-    // bpf_perf_event_data, which begins with the registers.
+    // SAFETY: `regs` is the program's context (pt_regs), the start of a
+    // bpf_perf_event_data, which begins with the registers, or null.
     walk.frame = unsafe { start_frame(regs) };
 
     if walk.frame.pc != 0 && from_entry {
@@ -199,16 +200,27 @@ pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, Stac
 /// The user registers to start from.
 ///
 /// # Safety
-/// `regs` must point at a `pt_regs` readable by the program.
+/// `regs` must be null or point at a `pt_regs` readable by the program.
 #[inline(always)]
 unsafe fn start_frame(regs: *const pt_regs) -> Frame {
-    // SAFETY: guaranteed by the caller.
-    let r = unsafe { &*regs };
-    let (pc, sp, bp) = (r.rip, r.rsp, r.rbp);
-    if pc < KERNEL_START {
-        return Frame { pc, sp, bp };
+    if !regs.is_null() {
+        // SAFETY: guaranteed by the caller.
+        let r = unsafe { &*regs };
+        if r.rip < KERNEL_START {
+            return Frame {
+                pc: r.rip,
+                sp: r.rsp,
+                bp: r.rbp,
+            };
+        }
     }
-    // Interrupted in the kernel: the user registers were saved on entry.
+    saved_user_frame()
+}
+
+/// The current task's user registers, saved when it entered the kernel
+/// (a zero frame for a kernel thread).
+#[inline(always)]
+pub fn saved_user_frame() -> Frame {
     // SAFETY: helper calls; the pointer they return is only read through
     // bpf_probe_read_kernel, which checks it.
     let user = unsafe {

@@ -122,6 +122,15 @@ pub(crate) fn step(pid: u32, frame: &Frame, exact: bool, bp_chained: bool) -> St
     }
 }
 
+/// Whether a walk from the exact pc `pc` of process `pid` would use call
+/// frame information rather than guess with frame pointers (which skips
+/// the caller of a function that set up no frame, such as a syscall
+/// wrapper). Unknown code asks user space for tables, as a walk does.
+#[inline(always)]
+pub(crate) fn has_cfi(pid: u32, pc: u64) -> bool {
+    find_row(pid, pc).is_some_and(|row| row.kind() != CFA_NONE)
+}
+
 /// The walk ends here: complete, unless the end was only suggested by an
 /// untrusted frame pointer.
 #[inline(always)]

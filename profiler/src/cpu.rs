@@ -798,6 +798,7 @@ impl Sampler {
             kernel,
             values: vec![counts.samples as i64, counts.period as i64],
             numeric_labels: Vec::new(),
+            leaf_marker: None,
         };
         state.add(sample);
     }

@@ -34,10 +34,28 @@ LEAK_RULE
   least SECS (label `age`: the oldest, in seconds). In launch mode everything
   the program never freed is reported when it exits.
 
+MAPPINGS:
+  --mmap also tracks the anonymous private mappings (mmap with MAP_PRIVATE |
+  MAP_ANONYMOUS, mremap, munmap) the targets make outside allocator calls,
+  through the syscall tracepoints. File and shared mappings are not heap and
+  are not tracked; mappings the allocator makes for its own allocations
+  (glibc serves big mallocs by mmap) count once, as those allocations.
+  Stacks of mappings end in the marker frame `[mmap]` below the function that
+  called mmap. Every mapping is tracked (never sampled), with its size in
+  whole pages: address space mapped, not memory touched. mremap moves the
+  mapping to the stack that called it, as realloc does. An unmap that starts
+  at a tracked mapping is followed (all of it, or its front part: the rest
+  stays tracked); one that starts inside a mapping is not seen: the report
+  compares the tracked mappings with the process's maps and says how many are
+  no longer wholly mapped (they stay counted). With --all, the processes
+  that map the allocator at the attach are tracked, and later ones from their
+  first allocator call.
+
 EXAMPLES:
   sudo prof-bpf heap --pid 1234 --duration 30 -o heap.pb.gz
   sudo prof-bpf heap --pid 1234 --leaks --duration 20
   sudo prof-bpf heap --leaks --min-age 60 --pid 1234 --pid 5678
+  sudo prof-bpf heap --pid 1234 --mmap --format folded
   sudo prof-bpf heap --all --lib /usr/lib/x86_64-linux-gnu/libjemalloc.so.2
   sudo prof-bpf heap --leaks -- ./server --port 8080";
 
@@ -85,10 +103,14 @@ pub struct HeapArgs {
     /// Seconds between reports (heap profiles), or between snapshots (--leaks, default 2).
     #[arg(long, value_name = "SECS")]
     pub interval: Option<f64>,
+    /// Also track anonymous private mappings (mmap/mremap/munmap) made
+    /// outside allocator calls; see MAPPINGS below.
+    #[arg(long)]
+    pub mmap: bool,
     /// What to probe: libprofalloc.so's sampling hooks (cheap: only sampled
     /// allocations trap), the malloc family, or `auto`: the hooks when the
-    /// target runs libprofalloc.so with its sampler on and neither --leaks nor
-    /// --sample-bytes asks for more than they give.
+    /// target runs libprofalloc.so with its sampler on and neither --leaks,
+    /// --sample-bytes nor --mmap asks for more than they give.
     #[arg(long, value_enum, default_value_t = Probe::Auto)]
     pub probe: Probe,
     /// Capacity for live allocations tracked at once; more are counted as lost.
@@ -143,8 +165,11 @@ pub struct Settings {
     pub duration: Option<f64>,
     /// Seconds between snapshots (leak mode) or reports.
     pub interval: Option<f64>,
-    /// `--probe`, already `Malloc` when --leaks or --sample-bytes rule the hooks out.
+    /// `--probe`, already `Malloc` when --leaks, --sample-bytes or --mmap
+    /// rule the hooks out.
     pub probe: Probe,
+    /// `--mmap`.
+    pub mmap: bool,
     /// Map capacities.
     pub max_live: u32,
     /// Map capacities.
@@ -189,7 +214,12 @@ impl Settings {
             Probe::Hooks if args.leaks || args.sample_bytes.is_some() => bail!(
                 "--probe hooks records only what libprofalloc.so samples: it excludes --leaks and --sample-bytes"
             ),
-            Probe::Auto if args.leaks || args.sample_bytes.is_some() => Probe::Malloc,
+            // The hooks see only sampled blocks, not when the allocator is
+            // inside a call, so its own mappings would count twice.
+            Probe::Hooks if args.mmap => bail!(
+                "--probe hooks cannot tell the allocator's own mappings from the program's: --mmap needs --probe malloc"
+            ),
+            Probe::Auto if args.leaks || args.sample_bytes.is_some() || args.mmap => Probe::Malloc,
             p => p,
         };
         if args.max_live == 0 || args.max_stacks == 0 {
@@ -204,6 +234,7 @@ impl Settings {
             duration: args.duration,
             interval: args.interval.or(args.leaks.then_some(2.0)),
             probe,
+            mmap: args.mmap,
             max_live: args.max_live,
             max_stacks: args.max_stacks,
         })
@@ -215,4 +246,35 @@ pub fn run(args: HeapArgs) -> anyhow::Result<()> {
     crate::ebpf::require_root()?;
     let settings = Settings::from_args(&args)?;
     session::run(settings, args.output)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        heap: HeapArgs,
+    }
+
+    fn settings(args: &[&str]) -> anyhow::Result<Settings> {
+        let cli = Cli::try_parse_from(std::iter::once("heap").chain(args.iter().copied()))?;
+        Settings::from_args(&cli.heap)
+    }
+
+    #[test]
+    fn mmap_rules_out_the_hooks() {
+        assert_eq!(settings(&["--pid", "1"]).unwrap().probe, Probe::Auto);
+        let s = settings(&["--pid", "1", "--mmap"]).unwrap();
+        assert_eq!(s.probe, Probe::Malloc);
+        assert!(s.mmap);
+        let err = settings(&["--pid", "1", "--mmap", "--probe", "hooks"]).unwrap_err();
+        assert!(
+            err.to_string().contains("--mmap needs --probe malloc"),
+            "{err}"
+        );
+    }
 }

@@ -14,7 +14,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
-        UProbe,
+        TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
@@ -22,8 +22,8 @@ use log::{debug, info, warn};
 use profiler_common::{
     heap::{
         CONFIG_MAP, COUNTERS_MAP, HeapConfig, HeapCounters, LIVE_MAP, LiveAlloc, LiveKey,
-        SAMPLE_INTERVALS_MAP, SAMPLE_WEIGHTS_MAP, STACK_ID_MISSING, STACK_STATS_MAP, StackKey,
-        StackStats, WEIGHT_ONE,
+        MMAP_TARGETS_MAP, SAMPLE_INTERVALS_MAP, SAMPLE_WEIGHTS_MAP, SOURCE_MMAP, STACK_ID_MISSING,
+        STACK_STATS_MAP, StackKey, StackStats, WEIGHT_ONE,
     },
     stack::{STACK_COMPLETE, STACK_MISSING, USER_STACKS_MAP, UserStack},
 };
@@ -37,7 +37,7 @@ use crate::{
     ebpf,
     output::{self, OutputArgs},
     process::{self, Mapping},
-    profile::{Collector, Profile, RawSample, SampleType, StackStatus},
+    profile::{self, Collector, Profile, RawSample, SampleType, StackStatus},
     unwind::Tables,
 };
 
@@ -51,6 +51,15 @@ const LOADER_STOP_PROGRAM: &str = "heap_loader_stop";
 /// --all, code loaded by dlopen) are served: this bounds how long such code
 /// is walked by frame pointers only.
 const TABLES_POLL: Duration = Duration::from_millis(100);
+/// `--mmap`: (program, syscall tracepoint), exits and munmap before the
+/// entries that start calls, so that every call started has its end seen.
+const MMAP_PROGRAMS: [(&str, &str); 5] = [
+    ("heap_mmap_exit", "sys_exit_mmap"),
+    ("heap_mremap_exit", "sys_exit_mremap"),
+    ("heap_munmap_enter", "sys_enter_munmap"),
+    ("heap_mmap_enter", "sys_enter_mmap"),
+    ("heap_mremap_enter", "sys_enter_mremap"),
+];
 
 /// Runs a heap session to its end and writes the report.
 pub fn run(mut settings: Settings, output: OutputArgs) -> anyhow::Result<()> {
@@ -172,7 +181,8 @@ impl Session {
         } else {
             settings.sample_bytes
         };
-        configure(&mut ebpf, kernel_sampling)?;
+        let mmap_new_targets = settings.mmap && matches!(settings.targets, Targets::All);
+        configure(&mut ebpf, kernel_sampling, mmap_new_targets)?;
         let tables = Tables::new(&mut ebpf)?;
         let programs: &[&str] = if settings.probe == Probe::Hooks {
             &[HOOK_FREE_PROGRAM, HOOK_ALLOC_PROGRAM]
@@ -208,6 +218,11 @@ impl Session {
         for (allocator, scope) in plan {
             session.attach(&allocator, scope)?;
             session.allocators.push((allocator, scope));
+        }
+        // After the allocator's probes: a mapping made inside an allocator
+        // call must find the call's depth recorded.
+        if session.settings.mmap {
+            session.attach_mmap()?;
         }
         session.attached_ns = monotonic_ns();
         session.started = tokio::time::Instant::now();
@@ -365,6 +380,33 @@ impl Session {
         Ok(())
     }
 
+    /// `--mmap`: marks the targets and attaches the syscall tracepoints.
+    /// With --all, the processes that map the allocator now are marked here,
+    /// later ones by the allocator probes at their first call.
+    fn attach_mmap(&mut self) -> anyhow::Result<()> {
+        let mut pids = self.pids.clone();
+        if matches!(self.settings.targets, Targets::All) {
+            let inodes: Vec<u64> = self.allocators.iter().map(|(a, _)| a.inode).collect();
+            pids.extend(processes_mapping(&inodes));
+        }
+        let mut targets: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut(MMAP_TARGETS_MAP)
+                .context("mapping target map missing")?,
+        )?;
+        for pid in pids {
+            targets
+                .insert(pid, 1, 0)
+                .context("writing the mapping targets")?;
+        }
+        for (program, name) in MMAP_PROGRAMS {
+            let tp: &mut TracePoint = ebpf::program(&mut self.ebpf, program)?;
+            tp.attach("syscalls", name)
+                .with_context(|| format!("attaching to the tracepoint syscalls:{name}"))?;
+        }
+        Ok(())
+    }
+
     /// Records until Ctrl-C, --duration or the targets' exit.
     async fn record(&mut self, launched: bool, output: &OutputArgs) -> anyhow::Result<()> {
         let targets = match self.settings.targets {
@@ -392,7 +434,12 @@ impl Session {
             format!("one sample per {} bytes", self.settings.sample_bytes)
         };
         eprintln!(
-            "prof-bpf: heap: attached to {allocator} of {targets}, tracking {mode}{}; Ctrl-C to stop",
+            "prof-bpf: heap: attached to {allocator} of {targets}, tracking {mode}{}{}; Ctrl-C to stop",
+            if self.settings.mmap {
+                " and every anonymous mapping"
+            } else {
+                ""
+            },
             if self.settings.leaks {
                 ", leak mode"
             } else {
@@ -642,7 +689,9 @@ impl Session {
                 stacks_full: a.stacks_full + c.stacks_full,
                 stack_errors: a.stack_errors + c.stack_errors,
                 threads_full: a.threads_full + c.threads_full,
-                _reserved: 0,
+                mmaps: a.mmaps + c.mmaps,
+                mmaps_in_allocator: a.mmaps_in_allocator + c.mmaps_in_allocator,
+                unmaps_partial: a.unmaps_partial + c.unmaps_partial,
             }))
     }
 
@@ -718,8 +767,14 @@ impl Session {
         }
         let counters = self.counters()?;
         c.add_comment(format!(
-            "allocations seen: {}, tracked: {}",
-            counters.allocs, counters.tracked
+            "allocations seen: {}, tracked: {}{}",
+            counters.allocs,
+            counters.tracked,
+            if self.settings.mmap {
+                " (with the mappings)"
+            } else {
+                ""
+            }
         ));
         if counters.live_full > 0 {
             c.add_comment(format!(
@@ -744,6 +799,22 @@ impl Session {
                 "allocations without a user stack: {}",
                 counters.stack_errors
             ));
+        }
+        if self.settings.mmap {
+            c.add_comment(format!(
+                "anonymous mappings tracked: {} (stacks end in {}); made by the allocator, counted as its allocations: {}; unmaps of a mapping's front part: {}",
+                counters.mmaps,
+                profile::MMAP,
+                counters.mmaps_in_allocator,
+                counters.unmaps_partial
+            ));
+            let (holes, bytes) = self.unmapped_mappings()?;
+            if holes > 0 {
+                c.add_comment(format!(
+                    "tracked mappings partly or wholly unmapped by calls that did not start at them: {holes} ({} no longer mapped, still counted)",
+                    human_bytes(bytes as i64)
+                ));
+            }
         }
         if !self.purged.is_empty() {
             c.add_comment(format!(
@@ -877,7 +948,7 @@ impl Session {
             let stack = StackKey {
                 stack_id: live.stack_id,
                 pid: key.pid,
-                _pad: 0,
+                source: key.source,
             };
             let o = out.entry(stack).or_default();
             o.objects += live.weight_objects;
@@ -939,6 +1010,12 @@ impl Session {
             user.truncate(cut);
             status = StackStatus::Truncated;
         }
+        if key.source == SOURCE_MMAP && user.len() > 1 && self.in_libc(pid, user[0]) {
+            // Frame 0 is the pc at the syscall instruction, in libc's
+            // wrapper (mmap, mremap): like malloc stacks, mapping stacks start
+            // at the caller. A program's own syscall instruction stays.
+            user.remove(0);
+        }
         if self.settings.probe == Probe::Hooks {
             // A hook's caller is the allocator itself: the stack starts at
             // the first frame outside it, the allocation's real caller.
@@ -967,7 +1044,55 @@ impl Session {
             values,
             numeric_labels,
             leaf_is_pc: false,
+            leaf_marker: (key.source == SOURCE_MMAP).then_some(profile::MMAP),
         }
+    }
+
+    /// Whether `ip` is in the C library of `pid`.
+    fn in_libc(&self, pid: u32, ip: u64) -> bool {
+        let Some(maps) = self.maps.get(&pid) else {
+            return false;
+        };
+        let Some(libc) = process::find_libc(maps) else {
+            return false;
+        };
+        maps.iter()
+            .any(|m| m.inode == libc.inode && m.dev == libc.dev && ip >= m.start && ip < m.end)
+    }
+
+    /// Tracked mappings of live targets that are no longer wholly mapped
+    /// (an unmap that started inside one, or covered more than the kernel
+    /// side follows): their number and the bytes missing. They stay
+    /// counted; this makes the error visible.
+    fn unmapped_mappings(&mut self) -> anyhow::Result<(u64, u64)> {
+        let map: BpfHashMap<&MapData, LiveKey, LiveAlloc> =
+            BpfHashMap::try_from(self.ebpf.map(LIVE_MAP).context("live map missing")?)?;
+        let mut current: HashMap<u32, Option<Vec<Mapping>>> = HashMap::new();
+        let (mut holes, mut missing) = (0, 0);
+        for entry in map.iter() {
+            let Ok((key, live)) = entry else { continue };
+            if key.source != SOURCE_MMAP {
+                continue;
+            }
+            let Some(maps) = current
+                .entry(key.pid)
+                .or_insert_with(|| process::maps(key.pid).ok())
+            else {
+                // Gone: nothing to compare with.
+                continue;
+            };
+            let (start, end) = (key.addr, key.addr + live.size);
+            let covered: u64 = maps
+                .iter()
+                .filter(|m| m.inode == 0)
+                .map(|m| m.end.min(end).saturating_sub(m.start.max(start)))
+                .sum();
+            if covered < live.size {
+                holes += 1;
+                missing += live.size - covered;
+            }
+        }
+        Ok((holes, missing))
     }
 
     /// Index of the first frame that is the kernel's uretprobe trampoline
@@ -982,6 +1107,20 @@ impl Session {
         user.iter()
             .position(|&ip| ip >= uprobes.0 && ip < uprobes.1)
     }
+}
+
+/// The processes (but this one) that map a file with one of `inodes`.
+fn processes_mapping(inodes: &[u64]) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|&pid| {
+            process::maps(pid).is_ok_and(|maps| maps.iter().any(|m| inodes.contains(&m.inode)))
+        })
+        .collect()
 }
 
 /// Where x86-64 Linux places the uprobes page (`[uprobes]`) unless taken.
@@ -1003,7 +1142,7 @@ struct Status {
 impl Status {
     fn update(&mut self, session: &Session) -> anyhow::Result<String> {
         let counters = session.counters()?;
-        let events = counters.allocs + counters.frees;
+        let events = counters.allocs + counters.frees + counters.mmaps;
         let now = tokio::time::Instant::now();
         let rate = match self.last {
             Some((at, before)) => (events - before) as f64 / (now - at).as_secs_f64().max(1e-3),
@@ -1016,8 +1155,16 @@ impl Status {
             objs += objects(s.alloc_objects) - objects(s.free_objects);
         }
         let lost = counters.live_full + counters.stacks_full + counters.threads_full;
+        let mappings = if session.settings.mmap {
+            format!(
+                ", {} mappings ({} front unmaps)",
+                counters.mmaps, counters.unmaps_partial
+            )
+        } else {
+            String::new()
+        };
         Ok(format!(
-            "prof-bpf: heap {:.0} s: {:.0} events/s, live {} in {} objects, lost {}",
+            "prof-bpf: heap {:.0} s: {:.0} events/s, live {} in {} objects{mappings}, lost {}",
             session.started.elapsed().as_secs_f64(),
             rate,
             human_bytes(bytes),
@@ -1044,13 +1191,13 @@ fn objects(fixed: u64) -> i64 {
 }
 
 /// Writes the sampler settings and tables before any probe is attached.
-fn configure(ebpf: &mut Ebpf, sample_bytes: u64) -> anyhow::Result<()> {
+fn configure(ebpf: &mut Ebpf, sample_bytes: u64, mmap_new_targets: bool) -> anyhow::Result<()> {
     let mut config: Array<&mut MapData, HeapConfig> =
         Array::try_from(ebpf.map_mut(CONFIG_MAP).context("config map missing")?)?;
     let settings = HeapConfig {
         sample_bytes,
         agent_pid: std::process::id(),
-        _pad: 0,
+        mmap_new_targets: u32::from(mmap_new_targets),
     };
     config
         .set(0, settings, 0)

@@ -96,7 +96,10 @@ impl Collector {
     /// outside every executable mapping of the process (garbage from a
     /// broken unwind) end the stack, which is then marked truncated.
     pub fn add(&mut self, s: RawSample) {
-        let mut locations = Vec::with_capacity(s.kernel.len() + s.user.len() + 1);
+        let mut locations = Vec::with_capacity(s.kernel.len() + s.user.len() + 2);
+        if let Some(name) = s.leaf_marker {
+            locations.push(self.marker(name));
+        }
         for (i, &addr) in s.kernel.iter().enumerate() {
             // kernel[0] is the interrupted pc; the others return addresses.
             let lookup = if i == 0 { addr } else { addr.wrapping_sub(1) };

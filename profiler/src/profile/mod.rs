@@ -99,6 +99,9 @@ pub struct RawSample {
     pub values: Vec<i64>,
     /// Extra numeric labels: (key, value, unit), e.g. ("age", 12, "seconds").
     pub numeric_labels: Vec<(String, i64, String)>,
+    /// A marker frame below the leaf saying what the leaf did (`[mmap]`:
+    /// the values are memory mappings the leaf function made).
+    pub leaf_marker: Option<&'static str>,
 }
 
 /// A profile: what every writer takes.
@@ -260,6 +263,8 @@ impl Label {
 /// The names shown for markers.
 pub const TRUNCATED: &str = "[truncated]";
 pub const MISSING_USER_STACK: &str = "[missing user stack]";
+/// Leaf marker of heap samples that are memory mappings (`heap --mmap`).
+pub const MMAP: &str = "[mmap]";
 
 impl Profile {
     /// Index of the sample type called `kind`, or a one-line error listing

@@ -1,0 +1,154 @@
+/* Known anonymous mappings, on demand (prof-bpf heap --mmap).
+ *
+ * usage: heap_mmap [once]
+ * With "once", runs one round, prints "done" and exits (launch mode).
+ * Otherwise prints "ready" and obeys stdin lines (raw read/write only, so
+ * nothing is allocated or mapped between rounds):
+ *   go R   runs R rounds, then prints "done"
+ *   sum    prints "sum N": a checksum of what the rounds wrote
+ * Each round, by construction (MiB = 1048576 bytes):
+ *   map_leak    maps 3 x 1 MiB anonymous, kept                (main;run_round;map_leak)
+ *   map_churn   maps and unmaps 64 KiB, 100 times: nothing kept
+ *   map_grow    maps 1 MiB and grows it by mremap to 3 MiB, kept
+ *   map_trim    maps 1 MiB and unmaps its first 256 KiB: 768 KiB kept
+ *   map_hole    maps 1 MiB and unmaps 64 KiB in its middle: 960 KiB kept
+ *   map_file    maps one page of a file (not heap), kept
+ *   big_malloc  malloc(1 MiB), kept: glibc serves it by mmap, which is
+ *               the allocator's own mapping
+ * Built with frame pointers and -fno-builtin; functions are noinline so the
+ * call chains are exactly the ones above.
+ */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define NOINLINE __attribute__((noinline))
+#define MIB (1024 * 1024)
+#define KIB 1024
+
+static void *volatile sink;
+static unsigned long checksum;
+
+static void say(const char *s) {
+    if (write(1, s, strlen(s)) < 0) _exit(1);
+}
+
+static void touch(void *p, size_t n) {
+    memset(p, 1, n);
+    checksum += n;
+}
+
+NOINLINE void map_leak(void) {
+    for (int i = 0; i < 3; i++) {
+        void *p = mmap(NULL, MIB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) _exit(2);
+        touch(p, MIB);
+        sink = p;
+    }
+}
+
+NOINLINE void map_churn(void) {
+    for (int i = 0; i < 100; i++) {
+        void *p = mmap(NULL, 64 * KIB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) _exit(2);
+        touch(p, 64 * KIB);
+        munmap(p, 64 * KIB);
+    }
+}
+
+NOINLINE void map_grow(void) {
+    void *p = mmap(NULL, MIB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) _exit(2);
+    touch(p, MIB);
+    p = mremap(p, MIB, 3 * MIB, MREMAP_MAYMOVE);
+    if (p == MAP_FAILED) _exit(2);
+    touch((char *)p + MIB, 2 * MIB);
+    sink = p;
+}
+
+NOINLINE void map_trim(void) {
+    char *p = mmap(NULL, MIB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) _exit(2);
+    munmap(p, 256 * KIB);
+    touch(p + 256 * KIB, 768 * KIB);
+    sink = p;
+}
+
+NOINLINE void map_hole(void) {
+    char *p = mmap(NULL, MIB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) _exit(2);
+    munmap(p + 512 * KIB, 64 * KIB);
+    touch(p, 512 * KIB);
+    sink = p;
+}
+
+NOINLINE void map_file(void) {
+    int fd = open("/proc/self/exe", O_RDONLY);
+    if (fd < 0) _exit(3);
+    void *p = mmap(NULL, 4096, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) _exit(2);
+    close(fd);
+    checksum += ((unsigned char *)p)[1];
+    sink = p;
+}
+
+NOINLINE void big_malloc(void) {
+    void *p = malloc(MIB);
+    touch(p, MIB);
+    sink = p;
+}
+
+NOINLINE void run_round(void) {
+    map_leak();
+    map_churn();
+    map_grow();
+    map_trim();
+    map_hole();
+    map_file();
+    big_malloc();
+}
+
+static long read_line(char *buf, long cap) {
+    long n = 0;
+    while (n < cap - 1) {
+        long r = read(0, buf + n, 1);
+        if (r <= 0) return -1;
+        if (buf[n] == '\n') break;
+        n++;
+    }
+    buf[n] = 0;
+    return n;
+}
+
+static void say_number(const char *prefix, unsigned long v) {
+    char out[64], digits[32];
+    int n = 0;
+    do digits[n++] = (char)('0' + v % 10); while ((v /= 10) && n < 31);
+    size_t len = strlen(prefix);
+    memcpy(out, prefix, len);
+    while (n) out[len++] = digits[--n];
+    out[len++] = '\n';
+    if (write(1, out, len) < 0) _exit(1);
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && !strcmp(argv[1], "once")) {
+        run_round();
+        say("done\n");
+        _exit(0);
+    }
+    say("ready\n");
+    char line[64];
+    while (read_line(line, sizeof line) >= 0) {
+        if (!strncmp(line, "go ", 3)) {
+            for (int r = atoi(line + 3); r > 0; r--) run_round();
+            say("done\n");
+        } else if (!strcmp(line, "sum")) {
+            say_number("sum ", checksum);
+        }
+    }
+    return 0;
+}
