@@ -114,12 +114,20 @@ pub fn build_workload(name: &str, flags: &[&str]) -> PathBuf {
     });
     let stamp = out.with_extension("flags");
     let wanted = flags.join(" ");
+    // Newer than its source and the headers it may include.
+    let inputs = std::fs::read_dir(&dir)
+        .expect("list tests/workloads")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p == &source || p.extension().is_some_and(|e| e == "h"))
+        .filter_map(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .max();
     let fresh = out
         .metadata()
         .and_then(|m| m.modified())
         .ok()
-        .zip(source.metadata().and_then(|m| m.modified()).ok())
-        .is_some_and(|(built, src)| built >= src)
+        .zip(inputs)
+        .is_some_and(|(built, newest)| built >= newest)
         && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted);
     if !fresh {
         let status = Command::new(compiler)

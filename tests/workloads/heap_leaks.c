@@ -32,6 +32,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "line_io.h"
+
 #define NOINLINE __attribute__((noinline))
 #define SMALL_PER_ROUND 20
 #define CHURN 1000
@@ -49,10 +51,6 @@ static int cache_len;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
 static void *slot;
-
-static void say(const char *s) {
-    if (write(1, s, strlen(s)) < 0) _exit(1);
-}
 
 static void touch(void *p, size_t n) {
     memset(p, 1, n);
@@ -158,29 +156,6 @@ static void *background(void *arg) {
         usleep(100);
     }
     return NULL;
-}
-
-static long read_line(char *buf, long cap) {
-    long n = 0;
-    while (n < cap - 1) {
-        long r = read(0, buf + n, 1);
-        if (r <= 0) return -1;
-        if (buf[n] == '\n') break;
-        n++;
-    }
-    buf[n] = 0;
-    return n;
-}
-
-static void say_number(const char *prefix, unsigned long v) {
-    char out[64], digits[32];
-    int n = 0;
-    do digits[n++] = (char)('0' + v % 10); while ((v /= 10) && n < 31);
-    size_t len = strlen(prefix);
-    memcpy(out, prefix, len);
-    while (n) out[len++] = digits[--n];
-    out[len++] = '\n';
-    if (write(1, out, len) < 0) _exit(1);
 }
 
 NOINLINE void run_rounds(int rounds) {

@@ -25,16 +25,14 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "line_io.h"
+
 #define NOINLINE __attribute__((noinline))
 #define MIB (1024 * 1024)
 #define KIB 1024
 
 static void *volatile sink;
 static unsigned long checksum;
-
-static void say(const char *s) {
-    if (write(1, s, strlen(s)) < 0) _exit(1);
-}
 
 static void touch(void *p, size_t n) {
     memset(p, 1, n);
@@ -109,29 +107,6 @@ NOINLINE void run_round(void) {
     map_hole();
     map_file();
     big_malloc();
-}
-
-static long read_line(char *buf, long cap) {
-    long n = 0;
-    while (n < cap - 1) {
-        long r = read(0, buf + n, 1);
-        if (r <= 0) return -1;
-        if (buf[n] == '\n') break;
-        n++;
-    }
-    buf[n] = 0;
-    return n;
-}
-
-static void say_number(const char *prefix, unsigned long v) {
-    char out[64], digits[32];
-    int n = 0;
-    do digits[n++] = (char)('0' + v % 10); while ((v /= 10) && n < 31);
-    size_t len = strlen(prefix);
-    memcpy(out, prefix, len);
-    while (n) out[len++] = digits[--n];
-    out[len++] = '\n';
-    if (write(1, out, len) < 0) _exit(1);
 }
 
 int main(int argc, char **argv) {

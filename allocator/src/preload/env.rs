@@ -103,19 +103,10 @@ fn unique_path(name: &core::ffi::CStr, dst: &mut [u8; PATH_MAX]) -> usize {
     if first & 0x80 != 0 {
         dst[0] = first & 0x7f;
         // SAFETY: getpid has no preconditions.
-        let pid = unsafe { libc::getpid() } as u32;
-        let mut digits = [0u8; 10];
-        let mut len = 0;
-        let mut v = pid;
-        loop {
-            digits[len] = b'0' + (v % 10) as u8;
-            len += 1;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        for &b in core::iter::once(&b'_').chain(digits[..len].iter().rev()) {
+        let pid = unsafe { libc::getpid() } as u64;
+        let mut suffix = crate::os::Message::new();
+        suffix.str("_").dec(pid);
+        for &b in suffix.as_bytes() {
             if n < PATH_MAX - 1 {
                 dst[n] = b;
                 n += 1;
