@@ -269,8 +269,13 @@ pub fn run() -> anyhow::Result<()> {
         );
     }
     println!(
-        "  sampler cost: {:+.2} ns per malloc/free pair (goal: at most 1 ns)",
-        on - off
+        "  sampler cost: {:+.2} ns per malloc/free pair{} (goal: at most 1 ns)",
+        on - off,
+        if on <= off {
+            ", below the run-to-run noise"
+        } else {
+            ""
+        }
     );
 
     println!("\n== a workload allocating about 100 MiB/s ({runs} runs, medians)");
