@@ -301,7 +301,9 @@ unsafe extern "C" fn alloc_slow(size: usize, c: usize, align: usize, counted: bo
         } else if !counted {
             (*tc).countdown -= size.min(isize::MAX as usize) as isize;
         }
-        let p = if (*tc).countdown < 0 {
+        let p = if sampler::RECORD_ALL.load(Ordering::Relaxed) && (*tc).state == ACTIVE {
+            alloc_recorded(size, c, align)
+        } else if (*tc).countdown < 0 {
             let rate = sampler::rate();
             (*tc).countdown = sampler::next_distance(&mut (*tc).rng, rate);
             if rate != 0 && (*tc).state == ACTIVE {
@@ -384,6 +386,25 @@ fn alloc_large(size: usize, align: usize, sampled: bool) -> *mut u8 {
     }
 }
 
+/// An allocation under [`sampler::RECORD_ALL`]: where it would go anyway
+/// (a small object straight from the class's central list, so that the
+/// thread's list never fills and every free of the class takes the slow
+/// path), recorded with weight = size and reported to the hook.
+fn alloc_recorded(size: usize, c: usize, align: usize) -> *mut u8 {
+    let p = if c != 0 {
+        let (head, n) = central::remove_range(c, 1);
+        if n == 0 { ptr::null_mut() } else { head }
+    } else {
+        alloc_large(size, align, true)
+    };
+    if !p.is_null() {
+        stats::SAMPLED.add(1);
+        sampler::profalloc_sample_alloc(p.cast(), size, size as u64);
+        crate::preload::sampled_alloc(p, size, size as u64);
+    }
+    p
+}
+
 /// A sampled allocation: on its own span, reported to the hook.
 fn alloc_sampled(size: usize, align: usize, rate: u64) -> *mut u8 {
     let p = alloc_large(size, align, true);
@@ -433,7 +454,13 @@ unsafe extern "C" fn free_slow(p: *mut u8) {
                     "double free (the object is already free)",
                 );
             }
-            if (*tc).state == DEAD {
+            if sampler::RECORD_ALL.load(Ordering::Relaxed) {
+                // Every object was recorded (see `alloc_recorded`).
+                sampler::profalloc_sample_free(p.cast());
+                crate::preload::sampled_free(p, false);
+                *p.cast::<*mut u8>() = ptr::null_mut();
+                central::insert_range(c, p, 1);
+            } else if (*tc).state == DEAD {
                 *p.cast::<*mut u8>() = ptr::null_mut();
                 central::insert_range(c, p, 1);
             } else {
@@ -544,6 +571,10 @@ unsafe fn drain_deferred() {
             if c == 0 {
                 free_large(p);
             } else {
+                if sampler::RECORD_ALL.load(Ordering::Relaxed) {
+                    sampler::profalloc_sample_free(p.cast());
+                    crate::preload::sampled_free(p, false);
+                }
                 *p.cast::<*mut u8>() = ptr::null_mut();
                 central::insert_range(c, p, 1);
             }

@@ -5,7 +5,8 @@
 //! samples that allocation and draws the next distance from an exponential
 //! distribution of mean `PROFALLOC_SAMPLE_BYTES` (default 512 KiB, 0 = off),
 //! which makes the sampled bytes a Poisson process over allocated bytes.
-//! A sampled object gets its own span (or huge mapping) marked `sampled`,
+//! A sampled object gets its own span (or huge mapping) marked `sampled`
+//! (except under `RECORD_ALL`, where every object is recorded in place),
 //! so its free is recognised by the free slow path at no cost to the fast
 //! path. The hooks are the ABI described in `profiler_common::hooks`.
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +17,11 @@ use profiler_common::hooks;
 /// agent can read the rate of a running process.
 #[unsafe(no_mangle)]
 pub static profalloc_sample_bytes: AtomicU64 = AtomicU64::new(hooks::DEFAULT_SAMPLE_BYTES);
+
+/// Every allocation is recorded in place (the heap checker): no sampling,
+/// no span of its own; every free takes the slow path, which tells the
+/// profiler. Set once at start, before any thread cache fills.
+pub static RECORD_ALL: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
 /// Called for every sampled allocation, after it succeeded. Does nothing:
 /// it exists to be probed. Never inlined, never removed.

@@ -35,6 +35,16 @@ impl<T: Copy> Table<T> {
         true
     }
 
+    /// Gives the memory back; the table is empty afterwards.
+    pub fn release(&mut self) {
+        if !self.base.is_null() {
+            let bytes = (self.cap * core::mem::size_of::<T>()).next_multiple_of(4096);
+            // SAFETY: our own mapping of that length, no longer used.
+            unsafe { os::unmap(self.base.cast(), bytes) };
+        }
+        *self = Self::empty();
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

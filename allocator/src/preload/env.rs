@@ -144,8 +144,10 @@ pub unsafe fn read() {
         s.cpu_frequency = n.min(4000);
     }
     if check {
-        // Every allocation is sampled: a stack for each, weight = size.
+        // Every allocation is recorded: a stack for each, weight = size,
+        // in place (see `sampler::RECORD_ALL`).
         sampler::profalloc_sample_bytes.store(1, Ordering::Relaxed);
+        sampler::RECORD_ALL.store(true, Ordering::Relaxed);
     }
 }
 

@@ -212,19 +212,27 @@ impl Marker<'_> {
         }
         // SAFETY: the page map only holds live span records; other threads
         // are stopped.
-        let start = unsafe {
+        // The object's start and usable size: realloc within the usable
+        // size keeps the object (and its record's smaller size), so the
+        // scan covers all of it.
+        let (start, usable) = unsafe {
             match (*s).state {
-                span::LARGE if (*s).sampled => (*s).start_addr(),
-                span::HUGE if (*s).sampled => crate::huge::user(s),
+                span::SMALL => {
+                    let size = crate::size_class::size_of_class((*s).class as usize);
+                    let base = (*s).start_addr();
+                    (base + (w - base) / size * size, size)
+                }
+                span::LARGE if (*s).sampled => ((*s).start_addr(), (*s).npages << PAGE_SHIFT),
+                span::HUGE if (*s).sampled => (crate::huge::user(s), crate::huge::usable(s)),
                 _ => return None,
             }
         };
         let live = self.heap.find(start)?;
-        if w < live.ptr || w >= live.ptr + live.size.max(1) || live.marked {
+        if w < live.ptr || w >= live.ptr + usable.max(1) || live.marked {
             return None;
         }
         live.marked = true;
-        Some((live.ptr, live.size))
+        Some((live.ptr, usable.max(live.size)))
     }
 
     /// Scans `[from, to)` word by word.

@@ -22,7 +22,11 @@ use crate::os::Message;
 pub const MAX_FRAMES: usize = 64;
 const BUCKET_CAP: usize = 1 << 16;
 const BUCKET_SLOTS: usize = 1 << 17;
-const LIVE_SLOTS: usize = 1 << 23;
+/// The live table starts small and doubles (rehashing) at 3/4 full: a
+/// hash table touches its pages at random, so a table sized for the worst
+/// case up front would cost a resident page per recorded object.
+const LIVE_SLOTS_START: usize = 1 << 16;
+const LIVE_SLOTS_MAX: usize = 1 << 26;
 
 #[derive(Clone, Copy)]
 pub struct Bucket {
@@ -113,7 +117,7 @@ pub fn start(s: &Settings) -> bool {
         let h = heap();
         let ok = h.buckets.reserve(BUCKET_CAP)
             && h.index.reserve(BUCKET_SLOTS)
-            && h.live.reserve(LIVE_SLOTS);
+            && h.live.reserve(LIVE_SLOTS_START);
         h.next_alloc_dump = s.alloc_interval;
         h.next_inuse_dump = s.inuse_interval;
         h.last_dump_secs = env::now_secs();
@@ -236,7 +240,7 @@ impl Heap {
             self.dropped += 1;
             return;
         };
-        if self.live_count * 4 >= self.live.capacity() * 3 {
+        if self.live_count * 4 >= self.live.capacity() * 3 && !self.grow_live() {
             self.dropped += 1;
             return;
         }
@@ -262,6 +266,27 @@ impl Heap {
             bucket: b,
             marked: false,
         };
+    }
+
+    /// Doubles the live table; false at the maximum size or out of memory.
+    fn grow_live(&mut self) -> bool {
+        let cap = self.live.capacity() * 2;
+        let mut bigger = Table::<Live>::empty();
+        if cap > LIVE_SLOTS_MAX || !bigger.reserve(cap) {
+            return false;
+        }
+        let slots = bigger.slots();
+        let mask = slots.len() - 1;
+        for old in self.live.slots().iter().filter(|l| l.ptr != 0) {
+            let mut i = slot_of(old.ptr, mask);
+            while slots[i].ptr != 0 {
+                i = (i + 1) & mask;
+            }
+            slots[i] = *old;
+        }
+        self.live.release();
+        self.live = bigger;
+        true
     }
 
     /// Removes `ptr` from the live table (backward-shift deletion, so
