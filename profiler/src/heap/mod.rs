@@ -45,9 +45,11 @@ MAPPINGS:
   whole pages: address space mapped, not memory touched. mremap moves the
   mapping to the stack that called it, as realloc does. An unmap that starts
   at a tracked mapping is followed (all of it, or its front part: the rest
-  stays tracked); one that starts inside a mapping is not seen: the report
-  compares the tracked mappings with the process's maps and says how many are
-  no longer wholly mapped (they stay counted). With --all, the processes
+  stays tracked); one that starts inside a mapping is not seen by the probes:
+  each report compares the tracked mappings with the maps of the processes
+  still running and takes what is no longer mapped out of the in-use values,
+  saying how much (a program that exited is reported as it was then). With
+  --all, the processes
   that map the allocator at the attach are tracked, and later ones from their
   first allocator call.
 

@@ -749,7 +749,7 @@ impl Session {
         c
     }
 
-    fn add_comments(&mut self, c: &mut Collector) -> anyhow::Result<()> {
+    fn add_comments(&mut self, c: &mut Collector, unmapped: &Unmapped) -> anyhow::Result<()> {
         if self.settings.probe == Probe::Hooks {
             c.add_comment(format!(
                 "mode: libprofalloc.so sampling hooks, one allocation per {} bytes on average (values are estimates)",
@@ -808,11 +808,11 @@ impl Session {
                 counters.mmaps_in_allocator,
                 counters.unmaps_partial
             ));
-            let (holes, bytes) = self.unmapped_mappings()?;
-            if holes > 0 {
+            if unmapped.mappings > 0 {
                 c.add_comment(format!(
-                    "tracked mappings partly or wholly unmapped by calls that did not start at them: {holes} ({} no longer mapped, still counted)",
-                    human_bytes(bytes as i64)
+                    "tracked mappings partly or wholly unmapped by calls that did not start at them: {} ({} no longer mapped, taken out of the in-use values by comparing with the process's maps)",
+                    unmapped.mappings,
+                    human_bytes(unmapped.bytes as i64)
                 ));
             }
         }
@@ -827,8 +827,8 @@ impl Session {
 
     /// alloc_objects, alloc_space, inuse_objects, inuse_space per stack.
     fn heap_profile(&mut self, mut c: Collector) -> anyhow::Result<Profile> {
-        self.add_comments(&mut c)?;
-        let stats = self.stack_stats()?;
+        let (stats, unmapped) = self.report_stats()?;
+        self.add_comments(&mut c, &unmapped)?;
         let stacks = self.user_stacks(&stats)?;
         for (key, s) in stats {
             let (inuse_objects, inuse_bytes) = if self.holds(&key) {
@@ -854,7 +854,8 @@ impl Session {
     /// Leaking stacks (and, with --min-age, stacks holding old allocations)
     /// with their outstanding objects and bytes.
     fn leak_profile(&mut self, mut c: Collector) -> anyhow::Result<Profile> {
-        self.add_comments(&mut c)?;
+        let (stats, unmapped) = self.report_stats()?;
+        self.add_comments(&mut c, &unmapped)?;
         let launched_exit =
             matches!(self.settings.targets, Targets::Launch(_)) && !self.exited.is_empty();
         let decided = self.history.len() >= leaks::MIN_SNAPSHOTS;
@@ -870,7 +871,6 @@ impl Session {
             Some(age) => self.old_allocations(age)?,
             None => HashMap::new(),
         };
-        let stats = self.stack_stats()?;
         let mut keys: Vec<(StackKey, StackStats)> = stats.clone();
         keys.extend(old.keys().map(|k| (*k, StackStats::default())));
         let stacks = self.user_stacks(&keys)?;
@@ -1060,25 +1060,51 @@ impl Session {
             .any(|m| m.inode == libc.inode && m.dev == libc.dev && ip >= m.start && ip < m.end)
     }
 
-    /// Tracked mappings of live targets that are no longer wholly mapped
-    /// (an unmap that started inside one, or covered more than the kernel
-    /// side follows): their number and the bytes missing. They stay
-    /// counted; this makes the error visible.
-    fn unmapped_mappings(&mut self) -> anyhow::Result<(u64, u64)> {
+    /// The per-stack totals for a report: with --mmap, corrected for the
+    /// tracked mappings that are no longer wholly mapped.
+    fn report_stats(&mut self) -> anyhow::Result<(Vec<(StackKey, StackStats)>, Unmapped)> {
+        let mut stats = self.stack_stats()?;
+        let unmapped = if self.settings.mmap {
+            self.unmapped_mappings()?
+        } else {
+            Unmapped::default()
+        };
+        for (key, s) in &mut stats {
+            if let Some(gone) = unmapped.per_stack.get(key) {
+                s.free_objects += gone.free_objects;
+                s.free_bytes += gone.free_bytes;
+            }
+        }
+        Ok((stats, unmapped))
+    }
+
+    /// Tracked mappings that are no longer wholly mapped: an unmap that
+    /// started inside one (the kernel side finds mappings by their start)
+    /// or covered more than it follows. Compared with the maps of the
+    /// processes still running; what is gone counts as freed (the whole
+    /// object once nothing of it is left).
+    ///
+    /// A range unmapped and then mapped again by a mapping that is not
+    /// tracked (MAP_FIXED over a hole) still counts as the old mapping's.
+    fn unmapped_mappings(&mut self) -> anyhow::Result<Unmapped> {
         let map: BpfHashMap<&MapData, LiveKey, LiveAlloc> =
             BpfHashMap::try_from(self.ebpf.map(LIVE_MAP).context("live map missing")?)?;
         let mut current: HashMap<u32, Option<Vec<Mapping>>> = HashMap::new();
-        let (mut holes, mut missing) = (0, 0);
+        let mut unmapped = Unmapped::default();
         for entry in map.iter() {
             let Ok((key, live)) = entry else { continue };
             if key.source != SOURCE_MMAP {
                 continue;
             }
+            // An exited process (a zombie too) has no maps left to compare
+            // with: it is reported as it was when it exited.
+            if self.exited.contains(&key.pid) {
+                continue;
+            }
             let Some(maps) = current
                 .entry(key.pid)
-                .or_insert_with(|| process::maps(key.pid).ok())
+                .or_insert_with(|| process::maps(key.pid).ok().filter(|m| !m.is_empty()))
             else {
-                // Gone: nothing to compare with.
                 continue;
             };
             let (start, end) = (key.addr, key.addr + live.size);
@@ -1087,12 +1113,25 @@ impl Session {
                 .filter(|m| m.inode == 0)
                 .map(|m| m.end.min(end).saturating_sub(m.start.max(start)))
                 .sum();
-            if covered < live.size {
-                holes += 1;
-                missing += live.size - covered;
+            if covered >= live.size {
+                continue;
+            }
+            unmapped.mappings += 1;
+            unmapped.bytes += live.size - covered;
+            let gone = unmapped
+                .per_stack
+                .entry(StackKey {
+                    stack_id: live.stack_id,
+                    pid: key.pid,
+                    source: SOURCE_MMAP,
+                })
+                .or_default();
+            gone.free_bytes += live.size - covered;
+            if covered == 0 {
+                gone.free_objects += live.weight_objects;
             }
         }
-        Ok((holes, missing))
+        Ok(unmapped)
     }
 
     /// Index of the first frame that is the kernel's uretprobe trampoline
@@ -1265,6 +1304,15 @@ fn choose_hooks(settings: &mut Settings, plan: &[(Allocator, UProbeScope)]) -> a
         warn!("the targets sample at different rates; the report states the first one's");
     }
     Ok(())
+}
+
+/// Tracked mappings found partly or wholly unmapped (see
+/// `Session::unmapped_mappings`), and what is gone per stack, as frees.
+#[derive(Default)]
+struct Unmapped {
+    mappings: u64,
+    bytes: u64,
+    per_stack: HashMap<StackKey, StackStats>,
 }
 
 /// How long the launched program may take to reach its loader's stops.
