@@ -26,17 +26,19 @@ pub static RECORD_ALL: core::sync::atomic::AtomicBool = core::sync::atomic::Atom
 /// Called for every sampled allocation, after it succeeded. Does nothing:
 /// it exists to be probed. Never inlined, never removed.
 ///
-/// The body is a `nop` before the `ret`: the kernel emulates a probed
-/// `nop` in place, whereas a probed `ret` is single-stepped out of line, a
-/// second trap that costs many microseconds more per probe hit (in a
-/// virtual machine especially).
+/// The body is a 5-byte `nop`, a 1-byte `nop`, then `ret`. A uprobe on the
+/// 5-byte nop is turned by recent kernels (6.18) into a call to a trampoline
+/// and a syscall, with no trap at all; older kernels emulate a probed 1-byte
+/// `nop` in place. Either is far cheaper than a probed `ret`, which is
+/// single-stepped out of line (a second trap). The agent picks the
+/// instruction (see `prof-bpf`'s probe placement).
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn profalloc_sample_alloc(ptr: *mut libc::c_void, size: usize, weight: u64) {
-    // SAFETY: a `nop` that only "uses" the arguments, so the function keeps
-    // its body and its call sites.
+    // SAFETY: nops that only "use" the arguments, so the function keeps its
+    // body and its call sites.
     unsafe {
-        core::arch::asm!("nop /* {0} {1} {2} */", in(reg) ptr, in(reg) size, in(reg) weight,
+        core::arch::asm!(".byte 0x0f, 0x1f, 0x44, 0x00, 0x00", "nop /* {0} {1} {2} */", in(reg) ptr, in(reg) size, in(reg) weight,
             options(nostack, preserves_flags));
     }
 }
@@ -47,7 +49,7 @@ pub extern "C" fn profalloc_sample_alloc(ptr: *mut libc::c_void, size: usize, we
 pub extern "C" fn profalloc_sample_free(ptr: *mut libc::c_void) {
     // SAFETY: as above.
     unsafe {
-        core::arch::asm!("nop /* {0} */", in(reg) ptr, options(nostack, preserves_flags));
+        core::arch::asm!(".byte 0x0f, 0x1f, 0x44, 0x00, 0x00", "nop /* {0} */", in(reg) ptr, options(nostack, preserves_flags));
     }
 }
 

@@ -109,9 +109,9 @@ pub struct Allocator {
 /// The sampling hooks of libprofalloc.so (`profiler_common::hooks`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hooks {
-    /// File offset of `profalloc_sample_alloc`.
+    /// File offset of the instruction probed in `profalloc_sample_alloc`.
     pub alloc_offset: u64,
-    /// File offset of `profalloc_sample_free`.
+    /// File offset of the instruction probed in `profalloc_sample_free`.
     pub free_offset: u64,
     /// Virtual address (in the object) of `profalloc_sample_bytes`.
     pub rate_address: u64,
@@ -205,15 +205,21 @@ fn probe_skip(data: &[u8], offset: u64, address: u64, size: u64) -> u64 {
 fn hooks(data: &[u8]) -> Option<Hooks> {
     use profiler_common::hooks::{SAMPLE_ALLOC_SYMBOL, SAMPLE_BYTES_SYMBOL, SAMPLE_FREE_SYMBOL};
     let file = object::File::parse(data).ok()?;
-    let address = |name: &str| {
+    let symbol = |name: &str| {
         file.dynamic_symbols()
             .find(|s| s.is_definition() && s.name() == Ok(name))
-            .map(|s| s.address())
+            .map(|s| (s.address(), s.size()))
+    };
+    // Where to probe each hook: its cheapest instruction (see `probe_point`).
+    let probe_offset = |name: &str| {
+        let (address, size) = symbol(name)?;
+        let offset = file_offset(&file, address)?;
+        Some(offset + probe_skip(data, offset, address, size))
     };
     Some(Hooks {
-        alloc_offset: file_offset(&file, address(SAMPLE_ALLOC_SYMBOL)?)?,
-        free_offset: file_offset(&file, address(SAMPLE_FREE_SYMBOL)?)?,
-        rate_address: address(SAMPLE_BYTES_SYMBOL)?,
+        alloc_offset: probe_offset(SAMPLE_ALLOC_SYMBOL)?,
+        free_offset: probe_offset(SAMPLE_FREE_SYMBOL)?,
+        rate_address: symbol(SAMPLE_BYTES_SYMBOL)?.0,
     })
 }
 
