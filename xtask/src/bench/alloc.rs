@@ -11,7 +11,7 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 use crate::{bench::measure, util};
 
@@ -71,19 +71,9 @@ fn run_once(argv: &[String], lib: Option<&Path>, reports_time: bool) -> anyhow::
     let mut stdout = child.stdout.take().context("stdout")?;
     let mut out = String::new();
     std::io::Read::read_to_string(&mut stdout, &mut out).context("reading benchmark output")?;
-    let mut status = 0;
-    // SAFETY: rusage is plain data; wait4 fills it for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for the child we spawned (its pid is valid until
-    // reaped, which happens here).
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    let usage = measure::wait_usage(child.id())
+        .with_context(|| format!("{} failed with {lib:?}", argv.join(" ")))?;
     let wall = start.elapsed().as_secs_f64();
-    if pid < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        bail!(
-            "{} failed (status {status:#x}) with {lib:?}",
-            argv.join(" ")
-        );
-    }
     let seconds = if reports_time {
         out.split_whitespace()
             .skip_while(|w| *w != "seconds")
@@ -93,7 +83,7 @@ fn run_once(argv: &[String], lib: Option<&Path>, reports_time: bool) -> anyhow::
     } else {
         wall
     };
-    Ok((seconds, usage.ru_maxrss as u64))
+    Ok((seconds, usage.max_rss_kib))
 }
 
 /// The library file of a Debian package, found with `dpkg -L`.

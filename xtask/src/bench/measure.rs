@@ -25,6 +25,32 @@ pub fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks / hz)
 }
 
+/// What wait4 tells of a finished child.
+pub struct Usage {
+    /// User + system CPU seconds, all threads.
+    pub cpu_seconds: f64,
+    /// Peak resident set, KiB.
+    pub max_rss_kib: u64,
+}
+
+/// Waits for our child `pid` and returns its resource usage; an error
+/// naming the status unless it exited with status 0.
+pub fn wait_usage(pid: u32) -> anyhow::Result<Usage> {
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for a child of ours (its pid is valid until reaped here).
+    let reaped = unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) };
+    if reaped < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        anyhow::bail!("exit status {status:#x}");
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok(Usage {
+        cpu_seconds: tv(usage.ru_utime) + tv(usage.ru_stime),
+        max_rss_kib: usage.ru_maxrss as u64,
+    })
+}
+
 /// The median of `values` (the upper one of an even count).
 pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);

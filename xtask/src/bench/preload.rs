@@ -100,32 +100,17 @@ fn run_once(
         .take()
         .context("stderr")?
         .read_to_string(&mut stderr)?;
-    let mut status = 0;
-    // SAFETY: rusage is plain data; wait4 fills it for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for the child we spawned (its pid is valid until reaped here).
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    if pid < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        bail!("{bench} {args:?} {env:?} failed (status {status:#x}): {stderr}");
-    }
     // CPU time (user + system) of the whole process: steadier than wall
     // time on a shared machine, and it includes the exit-time dumps.
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    let cpu = tv(usage.ru_utime) + tv(usage.ru_stime);
+    let cpu = measure::wait_usage(child.id())
+        .with_context(|| format!("{bench} {args:?} {env:?} failed: {stderr}"))?
+        .cpu_seconds;
     // The agent ends with its target; its CPU time from wait4 too.
     let agent_seconds = match attached {
         Some(agent) => {
-            let mut status = 0;
-            // SAFETY: as above, for the agent we spawned.
-            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-            // SAFETY: waits for our own child process.
-            if unsafe { libc::wait4(agent.id() as i32, &mut status, 0, &mut usage) } < 0
-                || !libc::WIFEXITED(status)
-                || libc::WEXITSTATUS(status) != 0
-            {
-                bail!("prof-bpf heap attached to {bench} failed (status {status:#x})");
-            }
-            tv(usage.ru_utime) + tv(usage.ru_stime)
+            measure::wait_usage(agent.id())
+                .with_context(|| format!("prof-bpf heap attached to {bench} failed"))?
+                .cpu_seconds
         }
         None => 0.0,
     };
