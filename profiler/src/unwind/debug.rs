@@ -70,7 +70,7 @@ pub struct DebugArgs {
 pub fn run(args: DebugArgs) -> anyhow::Result<()> {
     ebpf::require_root()?;
     let pid = NonZeroU32::new(args.pid).context("no process with pid 0")?;
-    process::check_pid(pid.get())?;
+    process::check_user_process(pid.get())?;
     runtime::block_on(session(args, pid))
 }
 
