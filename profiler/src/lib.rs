@@ -17,6 +17,7 @@ pub mod cpu;
 pub mod ebpf;
 pub mod heap;
 pub mod output;
+pub mod probe_conflict;
 pub mod probe_point;
 pub mod process;
 pub mod profile;
