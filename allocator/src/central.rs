@@ -16,11 +16,11 @@
 use core::ptr;
 
 use crate::{
+    counters,
     lock::SpinLock,
     page_heap, pagemap,
     size_class::{self, BATCH, NUM_CLASSES, PAGE_SHIFT, PAGES},
     span::{Span, SpanList},
-    stats,
 };
 
 const MAX_SLOTS: usize = 64;
@@ -68,7 +68,7 @@ pub fn remove_range(c: usize, want: usize) -> (*mut u8, usize) {
                 (*k).used -= 1;
                 let head = (*k).slots[(*k).used];
                 (*k).transfer_lock.unlock();
-                stats::TRANSFER_OBJECTS[c].sub(want);
+                counters::TRANSFER_OBJECTS[c].sub(want);
                 return (head, want);
             }
             (*k).transfer_lock.unlock();
@@ -100,7 +100,7 @@ pub unsafe fn insert_range(c: usize, head: *mut u8, n: usize) {
                 (*k).slots[(*k).used] = head;
                 (*k).used += 1;
                 (*k).transfer_lock.unlock();
-                stats::TRANSFER_OBJECTS[c].add(n);
+                counters::TRANSFER_OBJECTS[c].add(n);
                 return;
             }
             (*k).transfer_lock.unlock();
@@ -160,7 +160,7 @@ unsafe fn fetch_locked(c: usize, k: *mut Class, want: usize) -> (*mut u8, usize)
             }
         }
     }
-    stats::OUTSTANDING[c].add(n);
+    counters::OUTSTANDING[c].add(n);
     (head, n)
 }
 
@@ -174,7 +174,7 @@ unsafe fn release_locked(c: usize, k: *mut Class, p: *mut u8) {
         *(p as *mut *mut u8) = (*s).freelist;
         (*s).freelist = p;
         (*s).allocated -= 1;
-        stats::OUTSTANDING[c].sub(1);
+        counters::OUTSTANDING[c].sub(1);
         if (*s).allocated == 0 {
             if !was_full {
                 (*k).nonempty.remove(s);
@@ -212,7 +212,7 @@ pub fn drain_transfer_caches() {
                 break;
             }
             let n = BATCH[c] as usize;
-            stats::TRANSFER_OBJECTS[c].sub(n);
+            counters::TRANSFER_OBJECTS[c].sub(n);
             // SAFETY: central fields only under central_lock; the chain
             // holds free objects of class c.
             unsafe {

@@ -7,10 +7,9 @@
 use core::ptr;
 
 use crate::{
-    os, pagemap,
+    counters, os, pagemap,
     size_class::PAGE_SHIFT,
     span::{self, Span},
-    stats,
 };
 
 /// Bytes before the object: the header page.
@@ -72,8 +71,8 @@ pub fn alloc(size: usize, align: usize, sampled: bool) -> *mut u8 {
         (*s).sampled = sampled;
     }
     pagemap::set_span(user >> PAGE_SHIFT, s);
-    stats::HUGE_BYTES.add(len);
-    stats::HUGE_OBJECTS.add(1);
+    counters::HUGE_BYTES.add(len);
+    counters::HUGE_OBJECTS.add(1);
     user as *mut u8
 }
 
@@ -104,8 +103,8 @@ pub unsafe fn free(s: *mut Span) {
     unsafe {
         let len = (*s).npages;
         pagemap::set_span(user(s) >> PAGE_SHIFT, ptr::null_mut());
-        stats::HUGE_BYTES.sub(len);
-        stats::HUGE_OBJECTS.sub(1);
+        counters::HUGE_BYTES.sub(len);
+        counters::HUGE_OBJECTS.sub(1);
         os::unmap((*s).base as *mut u8, len);
     }
 }
@@ -140,8 +139,8 @@ pub unsafe fn resize(s: *mut Span, size: usize) -> *mut u8 {
         (*ns).npages = len;
         (*ns).requested = size;
         pagemap::set_span(new_user >> PAGE_SHIFT, ns);
-        stats::HUGE_BYTES.add(len);
-        stats::HUGE_BYTES.sub(old_len);
+        counters::HUGE_BYTES.add(len);
+        counters::HUGE_BYTES.sub(old_len);
         new_user as *mut u8
     }
 }

@@ -84,7 +84,7 @@ pub fn ensure(page: usize) -> bool {
     if fresh.is_null() {
         return false;
     }
-    crate::stats::METADATA.add(size);
+    crate::counters::METADATA.add(size);
     if ROOT[i]
         .compare_exchange(ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
@@ -92,7 +92,7 @@ pub fn ensure(page: usize) -> bool {
         // Another thread installed one first.
         // SAFETY: `fresh` was never published.
         unsafe { os::unmap(fresh.cast(), size) };
-        crate::stats::METADATA.sub(size);
+        crate::counters::METADATA.sub(size);
     }
     true
 }
