@@ -5,6 +5,8 @@
 //!
 //! Lock: one global lock, [`LOCK`], around every function here. Lock order:
 //! a class's central lock may be held when taking it, never the reverse.
+//! Owner: the central lists (spans for small objects) and the slow paths
+//! (large objects); the fork handlers take and reset its lock.
 //!
 //! Free spans sit on `normal` (resident) or `returned` (given back) lists,
 //! indexed by length in pages; the last list holds every span of

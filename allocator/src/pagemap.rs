@@ -14,6 +14,8 @@
 //!
 //! Locking: reads take no lock. Entries are written under the page heap
 //! lock, except huge mappings' entries, which only their owner writes.
+//! Owner: the page heap and the huge objects write it; the free paths, the
+//! central lists and the heap checker read it.
 //! Leaves are installed with a compare-and-swap, so a reader sees either
 //! null or a complete (zeroed) leaf.
 use core::{

@@ -1,4 +1,4 @@
-//! Memory for the preload mode's own data, straight from mmap: the
+//! Memory for gperftools mode's own data, straight from mmap: the
 //! profiler never allocates on the heap it profiles, and its tables are
 //! never seen by the heap checker's scan (they are not roots).
 use crate::os;

@@ -199,7 +199,7 @@ fn run_report(file: &str) -> bool {
         .str(file)
         .str("):\n");
     m.write_stderr();
-    // The report runs without our preload settings (it would check itself).
+    // The report runs without gperftools mode's settings (it would check itself).
     let mut envp: Table<*const libc::c_char> = Table::empty();
     // SAFETY: environ is a null-terminated array of C strings.
     unsafe {
