@@ -57,6 +57,14 @@ pub(crate) fn start(s: &Settings) {
             OWN_END.store(o.end, Ordering::Relaxed);
         }
     }
+    // The dynamic loader is the object loaded at AT_BASE (none in a
+    // static program).
+    // SAFETY: getauxval has no preconditions and does not allocate.
+    let base = unsafe { libc::getauxval(libc::AT_BASE) } as usize;
+    if let Some(ld) = objects::all().iter().find(|o| base != 0 && o.bias == base) {
+        LOADER_START.store(ld.start, Ordering::Relaxed);
+        LOADER_END.store(ld.end, Ordering::Relaxed);
+    }
     let heap_prefix = s.heap_prefix.as_str();
     if !heap_prefix.is_empty() && !s.heap_check && !prefix_dir_writable(heap_prefix) {
         let mut m = Message::new();
@@ -119,6 +127,15 @@ static OWN_END: AtomicUsize = AtomicUsize::new(0);
 pub(crate) fn own_code() -> Option<(usize, usize)> {
     let end = OWN_END.load(Ordering::Relaxed);
     (end != 0).then(|| (OWN_START.load(Ordering::Relaxed), end))
+}
+
+static LOADER_START: AtomicUsize = AtomicUsize::new(0);
+static LOADER_END: AtomicUsize = AtomicUsize::new(0);
+
+/// The code range of the dynamic loader (ld.so), when there is one.
+pub(crate) fn loader_code() -> Option<(usize, usize)> {
+    let end = LOADER_END.load(Ordering::Relaxed);
+    (end != 0).then(|| (LOADER_START.load(Ordering::Relaxed), end))
 }
 
 /// A sampled (or recorded) allocation succeeded.

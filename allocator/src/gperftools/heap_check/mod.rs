@@ -10,7 +10,9 @@
 //! Roots: writable segments (data, bss) of every loaded object except this
 //! library (the allocator's metadata), the stack, registers and static TLS
 //! of every thread. Threads still running at exit are stopped
-//! ([`threads`]).
+//! ([`threads`]). Objects the dynamic loader allocated are not leaks and
+//! are scanned as roots (see [`made_by_loader`]): that is what keeps
+//! joined and detached threads from leaving false leaks behind.
 //!
 //! Unmarked objects are leaks ([`report`]): grouped by allocation stack,
 //! as a leak profile symbolized by `prof-bpf report` (PROFBPF_PATH or
@@ -82,6 +84,26 @@ struct Marker<'a> {
 }
 
 impl Marker<'_> {
+    /// Marks the objects the dynamic loader allocated (see
+    /// [`made_by_loader`]) and queues them for scanning: they are not
+    /// leaks, and what they point to is reachable.
+    fn mark_loader_objects(&mut self, loader: (usize, usize)) {
+        let buckets = self.heap.buckets.as_slice();
+        for l in self.heap.live.slots().iter_mut() {
+            if l.ptr == 0 || l.marked {
+                continue;
+            }
+            let b = &buckets[l.bucket as usize];
+            if made_by_loader(&b.frames[..b.depth as usize], loader) {
+                l.marked = true;
+                let usable = crate::alloc::recorded_block_at(l.ptr).map_or(l.size, |(_, u)| u);
+                if !self.work.push((l.ptr, usable.max(l.size))) {
+                    self.overflow = true;
+                }
+            }
+        }
+    }
+
     /// The live recorded object `w` points into, if any.
     fn object_of(&mut self, w: usize) -> Option<(usize, usize)> {
         // The block's start and usable size: realloc within the usable
@@ -127,6 +149,20 @@ impl Marker<'_> {
             unsafe { self.scan(p, p + size) };
         }
     }
+}
+
+/// Whether an allocation's stack (the allocator's own frames dropped,
+/// caller first) says the dynamic loader made it: its caller, or the
+/// caller's caller, is code of the loader (`loader`: its code range), as
+/// gperftools' checker decides. Such objects live in the loader's own
+/// structures, some of which no scan can see: the dynamic thread vector
+/// (`allocate_dtv`, in `pthread_create`) of a joined or exited thread stays
+/// with glibc's cached thread stacks.
+fn made_by_loader(stack: &[u64], (lo, hi): (usize, usize)) -> bool {
+    stack
+        .iter()
+        .take(2)
+        .any(|&pc| (lo..hi).contains(&(pc as usize)))
 }
 
 struct Roots<'a, 'b> {
@@ -200,6 +236,9 @@ pub(crate) fn at_exit() {
     };
     // SAFETY: the callback only reads the loaded objects' segments.
     unsafe { libc::dl_iterate_phdr(Some(visit_segments), (&raw mut roots).cast()) };
+    if let Some(loader) = super::loader_code() {
+        marker.mark_loader_objects(loader);
+    }
     marker.drain();
 
     // This thread: its stack from the frame that called the allocator's
@@ -249,4 +288,19 @@ pub(crate) fn at_exit() {
         heap_profile::LOCK.unlock();
     }
     threads::release_threads();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loader_made_what_its_code_called_up_to_two_frames_deep() {
+        let ld = (0x7000, 0x9000);
+        assert!(made_by_loader(&[0x7000, 0x100, 0x200], ld));
+        assert!(made_by_loader(&[0x100, 0x8fff, 0x200], ld));
+        assert!(!made_by_loader(&[0x100, 0x200, 0x8000], ld));
+        assert!(!made_by_loader(&[0x9000, 0x6fff], ld));
+        assert!(!made_by_loader(&[], ld));
+    }
 }
