@@ -7,6 +7,7 @@
 //!
 //! Owner: `alloc::lifecycle` reads them; everything else only reads the
 //! result through [`settings`]. No lock: written once before any reader.
+//! [`for_each_entry`] walks the environment as it is now, for a child's.
 
 pub(crate) const PATH_MAX: usize = 1024;
 
@@ -114,6 +115,23 @@ fn var(name: &core::ffi::CStr) -> Option<&'static [u8]> {
             None
         } else {
             Some(core::ffi::CStr::from_ptr(v).to_bytes())
+        }
+    }
+}
+
+/// Calls `f` with each `NAME=value` entry of the environment as the
+/// program has it now (the C string and its bytes): what a child
+/// inherits.
+pub(crate) fn for_each_entry(mut f: impl FnMut(*const libc::c_char, &[u8])) {
+    unsafe extern "C" {
+        static environ: *const *const libc::c_char;
+    }
+    // SAFETY: environ is null or a null-terminated array of C strings.
+    unsafe {
+        let mut e = environ;
+        while !e.is_null() && !(*e).is_null() {
+            f(*e, core::ffi::CStr::from_ptr(*e).to_bytes());
+            e = e.add(1);
         }
     }
 }

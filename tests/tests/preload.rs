@@ -1,4 +1,4 @@
-//! Preload mode of libprofalloc.so: HEAPPROFILE, HEAPCHECK and CPUPROFILE
+//! gperftools mode of libprofalloc.so (LD_PRELOAD): HEAPPROFILE, HEAPCHECK and CPUPROFILE
 //! on workloads whose heap and CPU split are known by construction
 //! (tests/workloads/preload_*.c, built without frame pointers). The
 //! profiles are read with Debian's `go tool pprof`, which is also the

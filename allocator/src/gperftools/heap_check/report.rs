@@ -201,29 +201,20 @@ fn run_report(file: &str) -> bool {
     m.write_stderr();
     // The report runs without gperftools mode's settings (it would check itself).
     let mut envp: Table<*const libc::c_char> = Table::empty();
-    // SAFETY: environ is a null-terminated array of C strings.
-    unsafe {
-        unsafe extern "C" {
-            static environ: *const *const libc::c_char;
+    envp.reserve(1 << 16);
+    env::for_each_entry(|entry, text| {
+        let ours = [
+            &b"LD_PRELOAD="[..],
+            b"HEAPCHECK=",
+            b"PROFALLOC_HEAPCHECK=",
+            b"HEAPPROFILE=",
+            b"CPUPROFILE=",
+        ];
+        if !ours.iter().any(|p| text.starts_with(p)) && envp.len() + 1 < envp.capacity() {
+            envp.push(entry);
         }
-        envp.reserve(1 << 16);
-        let mut e = environ;
-        while !e.is_null() && !(*e).is_null() && envp.len() + 1 < envp.capacity() {
-            let var = core::ffi::CStr::from_ptr(*e).to_bytes();
-            let ours = [
-                &b"LD_PRELOAD="[..],
-                b"HEAPCHECK=",
-                b"PROFALLOC_HEAPCHECK=",
-                b"HEAPPROFILE=",
-                b"CPUPROFILE=",
-            ];
-            if !ours.iter().any(|p| var.starts_with(p)) {
-                envp.push(*e);
-            }
-            e = e.add(1);
-        }
-        envp.push(core::ptr::null());
-    }
+    });
+    envp.push(core::ptr::null());
     // SAFETY: vfork (no fork handlers: stopped threads may hold the
     // allocator's locks), then in the child only dup2/exec/_exit.
     unsafe {
