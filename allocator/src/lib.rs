@@ -26,9 +26,10 @@
 //! detecting the double free of a class's most recently freed object and
 //! frees of pointers we never handed out (abort with a message). Yours:
 //! use LD_PRELOAD or static linking (the library uses initial-exec TLS and
-//! may fail to `dlopen`); do not allocate in a signal handler that may
-//! interrupt an allocation fast path (a handler that interrupts a slow path
-//! is handled, and never deadlocks).
+//! may fail to `dlopen`). A signal handler may allocate and free: a call
+//! that interrupts the allocator on its thread (fast or slow path) takes
+//! the re-entrant path, which neither touches the interrupted lists nor
+//! waits for a lock.
 pub mod alloc;
 mod central;
 mod counters;

@@ -24,8 +24,8 @@
 //! objects of a class keeps few). The middle tier is reached through
 //! [`MiddleTier`], so that tests can stand in for it.
 //!
-//! Lock: none for the lists (only the owner thread touches them, on the
-//! fast paths and inside its slow paths with `busy` set); the registry of
+//! Lock: none for the lists (only the owner thread touches them, with
+//! `busy` set, on the fast paths and inside its slow paths); the registry of
 //! caches (for statistics) has its own lock. Owner: the thread.
 use core::{
     ptr,
@@ -184,12 +184,14 @@ impl FreeList {
 pub(crate) struct ThreadCache {
     /// Bytes left until the next sampled allocation (see `sampler`).
     pub(crate) countdown: isize,
-    pub(crate) lists: [FreeList; NUM_CLASSES],
-    pub(crate) state: u8,
-    /// Set while the thread runs an allocator slow path: a signal handler
-    /// (or a library the slow path calls) that re-enters the allocator on
-    /// this thread must not touch the lists or locks this thread holds.
+    /// Non-zero while the thread is inside the allocator, on a fast path
+    /// (a list operation) or a slow path: a signal handler (or a library
+    /// the slow path calls) that re-enters the allocator on this thread
+    /// must not touch the lists or locks this thread holds. Beside
+    /// `countdown` so that the fast paths touch one cache line of it.
     pub(crate) busy: u8,
+    pub(crate) state: u8,
+    pub(crate) lists: [FreeList; NUM_CLASSES],
     pub(crate) rng: u64,
     pub(crate) next: *mut ThreadCache,
     pub(crate) prev: *mut ThreadCache,

@@ -10,7 +10,19 @@
 //!   foreign pointers); the list is at its length limit (always the case
 //!   for uninitialised and exiting threads, and in record-all mode); the
 //!   object is the list's head (a double free).
-use core::sync::atomic::Ordering;
+//! - both: the thread is already inside the allocator (`busy`): a signal
+//!   handler that interrupted a list operation or a slow path, or a library
+//!   a slow path calls. The slow path sends such calls to the re-entrant
+//!   path, which never touches the thread's lists.
+//!
+//! Async-signal safety: a list operation reads the head, then the head's
+//! link, then writes both back; a handler that ran in between and popped
+//! or pushed on the same list (or gave a batch back to the central tier)
+//! would leave the interrupted operation writing a stale head: an object
+//! handed out twice, or a list through user data. So each operation runs
+//! with `busy` set, bracketed by compiler fences (a handler runs on this
+//! thread, which sees its own stores in program order).
+use core::sync::atomic::{Ordering, compiler_fence};
 
 use super::slow_path::{alloc_slow, free_slow};
 use crate::{
@@ -36,17 +48,26 @@ pub(super) fn alloc_class(c: usize, size: usize) -> *mut u8 {
     // SAFETY: tc is this thread's cache; c < NUM_CLASSES; a non-null head
     // is a free object whose first word links to the next one.
     unsafe {
+        if (*tc).busy != 0 {
+            return alloc_slow(size, c, MIN_ALIGN, false);
+        }
+        (*tc).busy = 1;
+        compiler_fence(Ordering::SeqCst);
         let countdown = (*tc).countdown - size as isize;
         (*tc).countdown = countdown;
         let list = (*tc).lists.as_mut_ptr().add(c);
         let head = (*list).head;
         if countdown < 0 || head.is_null() {
+            compiler_fence(Ordering::SeqCst);
+            (*tc).busy = 0;
             return alloc_slow(size, c, MIN_ALIGN, true);
         }
         let next = *head.cast::<*mut u8>();
         (*list).head = next;
         let len = (*list).len.load(Ordering::Relaxed);
         (*list).len.store(len - 1, Ordering::Relaxed);
+        compiler_fence(Ordering::SeqCst);
+        (*tc).busy = 0;
         // The next malloc of this class reads `next`'s first word: start
         // fetching it now (a free list's objects are often cold).
         prefetch(next);
@@ -80,14 +101,66 @@ pub unsafe fn free(p: *mut u8) {
     let tc = tls();
     // SAFETY: tc is this thread's cache; c is p's class from the page map.
     unsafe {
+        if (*tc).busy != 0 {
+            return free_slow(p);
+        }
+        (*tc).busy = 1;
+        compiler_fence(Ordering::SeqCst);
         let list = (*tc).lists.as_mut_ptr().add(c);
         let len = (*list).len.load(Ordering::Relaxed);
         let head = (*list).head;
         if len >= (*list).max_len || head == p {
+            compiler_fence(Ordering::SeqCst);
+            (*tc).busy = 0;
             return free_slow(p);
         }
         *p.cast::<*mut u8>() = head;
         (*list).head = p;
         (*list).len.store(len + 1, Ordering::Relaxed);
+        compiler_fence(Ordering::SeqCst);
+        (*tc).busy = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call that finds `busy` set (as a signal handler interrupting a
+    /// list operation does) leaves the thread's list alone: its allocation
+    /// is a huge mapping, its free of a small object is deferred.
+    #[test]
+    fn a_nested_call_does_not_touch_the_interrupted_list() {
+        let c = size_class::class_of(24);
+        let warm: Vec<*mut u8> = (0..8).map(|_| malloc(24)).collect();
+        let small = malloc(24);
+        for &p in &warm {
+            // SAFETY: live allocations.
+            unsafe { free(p) };
+        }
+        let tc = tls();
+        // SAFETY: this thread's cache; only this thread touches it.
+        unsafe {
+            let list = &(*tc).lists[c];
+            let (head, len) = (list.head, list.len.load(Ordering::Relaxed));
+            assert!(!head.is_null(), "the frees filled the list");
+            (*tc).busy = 1;
+            compiler_fence(Ordering::SeqCst);
+            let nested = malloc(24);
+            free(small);
+            compiler_fence(Ordering::SeqCst);
+            (*tc).busy = 0;
+            let list = &(*tc).lists[c];
+            assert_eq!(list.head, head);
+            assert_eq!(list.len.load(Ordering::Relaxed), len);
+            assert!(!nested.is_null());
+            assert_ne!(nested, head);
+            assert_eq!(
+                pagemap::class_of_addr(nested as usize),
+                0,
+                "not a small object"
+            );
+            free(nested);
+        }
     }
 }
