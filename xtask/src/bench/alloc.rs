@@ -1,11 +1,20 @@
-//! `cargo xtask bench alloc`: the same allocation benchmarks under
-//! LD_PRELOAD of glibc (nothing preloaded), libprofalloc.so (release, its
-//! sampler on at the default rate), gperftools tcmalloc, jemalloc and
-//! mimalloc, interleaved run by run; prints the median throughput and peak
-//! RSS of each as ratios to glibc.
+//! `cargo xtask bench alloc`: the workloads of [`alloc_workloads`] under
+//! glibc (nothing preloaded), libprofalloc.so (release, its sampler on at
+//! the default rate), gperftools' tcmalloc and tcmalloc_minimal, jemalloc
+//! and mimalloc, interleaved run by run. Prints, per workload and
+//! allocator, the median time, its spread and the median peak RSS, then
+//! profalloc's ratios to tcmalloc and to the best peer against the bars
+//! (throughput at least 1.0x tcmalloc, 1.1x on small churn and larson,
+//! 0.9x the best peer; peak RSS at most 1.1x tcmalloc, 1.25x the best
+//! peer).
 //!
-//! `PROFALLOC_BENCH_RUNS` sets the runs per cell (default 5).
+//! A real program's run under profalloc counts only if the library served
+//! it (its `PROFALLOC_STATS` exit report shows mapped bytes); other runs
+//! are reported and left out.
+//!
+//! `PROFALLOC_BENCH_RUNS` sets the runs per cell (default 9).
 use std::{
+    io::Read as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Instant,
@@ -13,77 +22,120 @@ use std::{
 
 use anyhow::Context as _;
 
+use super::alloc_workloads::{self, Workload};
 use crate::{bench::measure, util};
 
 /// An allocator under test: a name and the library to preload (None: glibc).
 struct Allocator {
     name: &'static str,
     lib: Option<PathBuf>,
+    ours: bool,
 }
 
 /// Peers from Debian packages: (column name, package, library file prefix).
 const PEERS: &[(&str, &str, &str)] = &[
-    ("tcmalloc", "libtcmalloc-minimal4", "libtcmalloc_minimal.so"),
+    ("tcmalloc", "libgoogle-perftools4", "libtcmalloc.so"),
+    (
+        "tc_minimal",
+        "libtcmalloc-minimal4",
+        "libtcmalloc_minimal.so",
+    ),
     ("jemalloc", "libjemalloc2", "libjemalloc.so"),
     ("mimalloc", "libmimalloc2.0", "libmimalloc.so"),
 ];
 
-struct Workload {
-    name: &'static str,
-    /// Program and arguments; `{bench}` is the benchmark binary.
-    argv: Vec<String>,
-    /// Whether the program prints `ops N seconds S` (else wall time counts).
-    reports_time: bool,
+/// The peer the bars compare with first.
+const TCMALLOC: &str = "tcmalloc";
+
+/// Workloads where profalloc must beat tcmalloc by 10%.
+const LEAD_WORKLOADS: &[&str] = &["small churn", "larson"];
+
+/// One run's measurements.
+struct Run {
+    seconds: f64,
+    max_rss_kib: u64,
+    /// `final_rss_kib` and `live_kib` when the workload prints them.
+    final_rss_kib: Option<u64>,
+    live_kib: Option<u64>,
 }
 
-const PYTHON_WORKLOAD: &str = r#"
-import collections, json, re
-d = {}
-for i in range(300000):
-    d[str(i)] = [i] * (i % 7)
-words = collections.Counter(re.findall(r"\w+", json.dumps(d)[:3000000]))
-s = sorted(d.items(), key=lambda kv: (len(kv[1]), kv[0]))
-print(len(d), len(words), s[0][0])
-"#;
+/// A `key N` field of `text`.
+fn field(text: &str, key: &str) -> Option<u64> {
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == key)?;
+    words.next()?.parse().ok()
+}
 
-const SQLITE_WORKLOAD: &str = "\
-create table t(id integer primary key, name text, v real);
-with recursive c(x) as (select 1 union all select x + 1 from c where x < 300000)
-insert into t select x, hex(x * 7919), x * 0.5 from c;
-create index t_name on t(name);
-select count(*), sum(v), min(name), max(name) from t;
-select substr(name, 1, 2), count(*) from t group by 1 order by 2 desc limit 3;";
+/// Bytes profalloc mapped, from its exit report (None: no report).
+fn mapped_bytes(stderr: &str) -> Option<u64> {
+    stderr
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("profalloc:")?
+                .trim()
+                .strip_prefix("mapped:")
+        })
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
 
-/// (seconds, peak RSS in KiB) of one run.
-fn run_once(argv: &[String], lib: Option<&Path>, reports_time: bool) -> anyhow::Result<(f64, u64)> {
-    let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..])
+/// One run; Ok(None) when a real program did not run on our library.
+fn run_once(wl: &Workload, al: &Allocator) -> anyhow::Result<Option<Run>> {
+    let mut cmd = Command::new(&wl.argv[0]);
+    cmd.args(&wl.argv[1..])
+        .envs(wl.env.iter().copied())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    cmd.env_remove("LD_PRELOAD");
-    if let Some(lib) = lib {
+        .stderr(Stdio::piped())
+        .env_remove("LD_PRELOAD");
+    if let Some(lib) = &al.lib {
         cmd.env("LD_PRELOAD", lib);
+    }
+    if al.ours && wl.real {
+        cmd.env("PROFALLOC_STATS", "1");
     }
     let start = Instant::now();
     let mut child = cmd
         .spawn()
-        .with_context(|| format!("starting {}", argv[0]))?;
-    let mut stdout = child.stdout.take().context("stdout")?;
+        .with_context(|| format!("starting {}", wl.argv[0]))?;
+    let mut stderr = child.stderr.take().context("stderr")?;
+    let errs = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
     let mut out = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut out).context("reading benchmark output")?;
-    let usage = measure::wait_usage(child.id())
-        .with_context(|| format!("{} failed with {lib:?}", argv.join(" ")))?;
+    child
+        .stdout
+        .take()
+        .context("stdout")?
+        .read_to_string(&mut out)
+        .context("reading benchmark output")?;
+    let usage = measure::wait_usage(child.id());
     let wall = start.elapsed().as_secs_f64();
-    let seconds = if reports_time {
+    let err = errs.join().unwrap_or_default();
+    let usage = usage.with_context(|| format!("{} under {}: {err}", wl.name, al.name))?;
+    if al.ours && wl.real && !mapped_bytes(&err).is_some_and(|m| m > 0) {
+        eprintln!(
+            "xtask: {} did not run on profalloc (no mapped bytes in its exit report); run left out",
+            wl.name
+        );
+        return Ok(None);
+    }
+    let seconds = if wl.reports_time {
         out.split_whitespace()
             .skip_while(|w| *w != "seconds")
             .nth(1)
             .and_then(|s| s.parse().ok())
-            .with_context(|| format!("no `seconds` in output of {}: {out}", argv.join(" ")))?
+            .with_context(|| format!("no `seconds` in output of {}: {out}", wl.name))?
     } else {
         wall
     };
-    Ok((seconds, usage.max_rss_kib))
+    Ok(Some(Run {
+        seconds,
+        max_rss_kib: usage.max_rss_kib,
+        final_rss_kib: field(&out, "final_rss_kib"),
+        live_kib: field(&out, "live_kib"),
+    }))
 }
 
 /// The library file of a Debian package, found with `dpkg -L`.
@@ -103,116 +155,239 @@ fn peer_lib(package: &str, prefix: &str) -> anyhow::Result<PathBuf> {
         })
 }
 
-pub fn run() -> anyhow::Result<()> {
+/// Median, relative spread ((max - min) / median) of `v`; None when empty.
+fn summary(v: &[f64]) -> Option<(f64, f64)> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut v = v.to_vec();
+    let med = measure::median(&mut v);
+    let spread = (v[v.len() - 1] - v[0]) / med;
+    Some((med, spread))
+}
+
+/// profalloc's ratios on one workload and whether they meet the bars:
+/// (throughput vs tcmalloc, vs best peer, RSS vs tcmalloc, vs best peer).
+struct Verdict {
+    thr_tc: f64,
+    thr_best: f64,
+    rss_tc: f64,
+    rss_best: f64,
+}
+
+impl Verdict {
+    /// The bars this workload misses (empty: all met).
+    fn misses(&self, workload: &str) -> Vec<String> {
+        let lead = if LEAD_WORKLOADS.contains(&workload) {
+            1.1
+        } else {
+            1.0
+        };
+        let mut m = Vec::new();
+        if self.thr_tc < lead {
+            m.push(format!("throughput {:.2}x tcmalloc < {lead}x", self.thr_tc));
+        }
+        if self.thr_best < 0.9 {
+            m.push(format!("throughput {:.2}x best peer < 0.9x", self.thr_best));
+        }
+        if self.rss_tc > 1.1 {
+            m.push(format!("peak RSS {:.2}x tcmalloc > 1.1x", self.rss_tc));
+        }
+        if self.rss_best > 1.25 {
+            m.push(format!("peak RSS {:.2}x best peer > 1.25x", self.rss_best));
+        }
+        m
+    }
+}
+
+fn allocators() -> anyhow::Result<Vec<Allocator>> {
     util::run(
         util::cargo().args(["build", "--release", "-p", "profalloc-preload"]),
         "building libprofalloc.so (release)",
     )?;
-    let ours = util::target_dir().join("release/libprofalloc.so");
-    let bench = prof_bpf_tests::build_workload("alloc_bench", &["-O2", "-fno-builtin"]);
-    let bench = bench.to_string_lossy().into_owned();
-    let mut allocators = vec![
+    let mut all = vec![
         Allocator {
             name: "glibc",
             lib: None,
+            ours: false,
         },
         Allocator {
             name: "profalloc",
-            lib: Some(ours),
+            lib: Some(util::target_dir().join("release/libprofalloc.so")),
+            ours: true,
         },
     ];
     for (name, package, prefix) in PEERS {
-        allocators.push(Allocator {
+        all.push(Allocator {
             name,
             lib: Some(peer_lib(package, prefix)?),
+            ours: false,
         });
     }
-    let c = |args: &[&str]| -> Vec<String> {
-        std::iter::once(bench.clone())
-            .chain(args.iter().map(|s| s.to_string()))
-            .collect()
-    };
-    let workloads = [
-        Workload {
-            name: "churn 1 thread",
-            argv: c(&["churn", "1", "4000000"]),
-            reports_time: true,
-        },
-        Workload {
-            name: "churn 2 threads",
-            argv: c(&["churn", "2", "4000000"]),
-            reports_time: true,
-        },
-        Workload {
-            name: "producer/consumer",
-            argv: c(&["prodcons", "3000000"]),
-            reports_time: true,
-        },
-        Workload {
-            name: "larson-like",
-            argv: c(&["larson", "20", "200000"]),
-            reports_time: true,
-        },
-        Workload {
-            name: "realloc growth",
-            argv: c(&["realloc", "1"]),
-            reports_time: true,
-        },
-        Workload {
-            name: "python3.11",
-            argv: vec![
-                "/usr/bin/python3.11".into(),
-                "-c".into(),
-                PYTHON_WORKLOAD.into(),
-            ],
-            reports_time: false,
-        },
-        Workload {
-            name: "sqlite3",
-            argv: vec!["sqlite3".into(), ":memory:".into(), SQLITE_WORKLOAD.into()],
-            reports_time: false,
-        },
-    ];
+    Ok(all)
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let allocators = allocators()?;
+    let bench = prof_bpf_tests::build_workload("alloc_bench", &["-O2", "-fno-builtin"]);
+    let scratch = util::target_dir().join("alloc-bench");
+    let workloads =
+        alloc_workloads::all(&bench.to_string_lossy(), &scratch, Path::new(&util::root()))?;
     let runs: usize = std::env::var("PROFALLOC_BENCH_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(5)
+        .unwrap_or(9)
         .max(1);
     eprintln!(
         "xtask: {} workloads x {} allocators x {runs} runs (interleaved)",
         workloads.len(),
         allocators.len()
     );
-    // times[w][a], rss[w][a]: one entry per run.
-    let mut times = vec![vec![Vec::new(); allocators.len()]; workloads.len()];
-    let mut rss = vec![vec![Vec::new(); allocators.len()]; workloads.len()];
+    // cells[w][a]: the counted runs.
+    let mut cells: Vec<Vec<Vec<Run>>> = (0..workloads.len())
+        .map(|_| (0..allocators.len()).map(|_| Vec::new()).collect())
+        .collect();
     for _ in 0..runs {
         for (w, wl) in workloads.iter().enumerate() {
             for (a, al) in allocators.iter().enumerate() {
-                let (t, r) = run_once(&wl.argv, al.lib.as_deref(), wl.reports_time)?;
-                times[w][a].push(t);
-                rss[w][a].push(r as f64);
+                if let Some(r) = run_once(wl, al)? {
+                    cells[w][a].push(r);
+                }
             }
         }
     }
+    print_table(&workloads, &allocators, &cells, runs);
+    Ok(())
+}
+
+fn print_table(
+    workloads: &[Workload],
+    allocators: &[Allocator],
+    cells: &[Vec<Vec<Run>>],
+    runs: usize,
+) {
     println!(
-        "\nthroughput (x glibc, higher is better) / peak RSS (x glibc, lower is better); median of {runs}"
+        "\nmedian seconds ±spread (max-min over median) / median peak RSS MiB; {runs} interleaved runs"
     );
-    print!("{:<20} {:>14}", "workload", "glibc");
-    for al in &allocators[1..] {
-        print!(" {:>16}", al.name);
+    print!("{:<20}", "workload");
+    for al in allocators {
+        print!(" {:>22}", al.name);
     }
     println!();
+    let tc = allocators.iter().position(|a| a.name == TCMALLOC);
+    let ours = allocators.iter().position(|a| a.ours);
+    let mut verdicts = Vec::new();
     for (w, wl) in workloads.iter().enumerate() {
-        let base_t = measure::median(&mut times[w][0]);
-        let base_r = measure::median(&mut rss[w][0]);
-        print!("{:<20} {:>7.3}s {:>4.0}M", wl.name, base_t, base_r / 1024.0);
-        for a in 1..allocators.len() {
-            let t = measure::median(&mut times[w][a]);
-            let r = measure::median(&mut rss[w][a]);
-            print!(" {:>7.2}x /{:>5.2}x", base_t / t, r / base_r);
+        print!("{:<20}", wl.name);
+        // (median seconds, median RSS KiB) per allocator.
+        let mut med = Vec::new();
+        for cell in &cells[w] {
+            let t: Vec<f64> = cell.iter().map(|r| r.seconds).collect();
+            let r: Vec<f64> = cell.iter().map(|r| r.max_rss_kib as f64).collect();
+            match (summary(&t), summary(&r)) {
+                (Some((t, spread)), Some((r, _))) => {
+                    print!(
+                        " {:>7.3}s ±{:>3.0}% {:>6.1}M",
+                        t,
+                        spread * 100.0,
+                        r / 1024.0
+                    );
+                    med.push(Some((t, r)));
+                }
+                _ => {
+                    print!(" {:>22}", "no counted run");
+                    med.push(None);
+                }
+            }
         }
         println!();
+        if cells[w].iter().flatten().any(|r| r.final_rss_kib.is_some()) {
+            print!("{:<20}", "  final RSS / live");
+            for cell in &cells[w] {
+                let f: Vec<f64> = cell
+                    .iter()
+                    .filter_map(|r| r.final_rss_kib)
+                    .map(|v| v as f64)
+                    .collect();
+                let l: Vec<f64> = cell
+                    .iter()
+                    .filter_map(|r| r.live_kib)
+                    .map(|v| v as f64)
+                    .collect();
+                match (summary(&f), summary(&l)) {
+                    (Some((f, _)), Some((l, _))) => {
+                        print!(" {:>13.1}M / {:>5.1}M", f / 1024.0, l / 1024.0)
+                    }
+                    _ => print!(" {:>22}", "-"),
+                }
+            }
+            println!();
+        }
+        if let (Some(o), Some(t)) = (ours, tc)
+            && let (Some((ot, or)), Some((tt, tr))) = (med[o], med[t])
+        {
+            let peers = med
+                .iter()
+                .enumerate()
+                .filter(|(a, _)| *a != o)
+                .filter_map(|(_, m)| *m);
+            let best_t = peers.clone().map(|m| m.0).fold(f64::INFINITY, f64::min);
+            let best_r = peers.map(|m| m.1).fold(f64::INFINITY, f64::min);
+            verdicts.push((
+                wl.name,
+                Verdict {
+                    thr_tc: tt / ot,
+                    thr_best: best_t / ot,
+                    rss_tc: or / tr,
+                    rss_best: or / best_r,
+                },
+            ));
+        }
     }
-    Ok(())
+    println!("\nprofalloc: throughput x tcmalloc, x best peer; peak RSS x tcmalloc, x best peer");
+    for (name, v) in &verdicts {
+        let misses = v.misses(name);
+        println!(
+            "{:<20} {:>6.2}x {:>6.2}x {:>6.2}x {:>6.2}x  {}",
+            name,
+            v.thr_tc,
+            v.thr_best,
+            v.rss_tc,
+            v.rss_best,
+            if misses.is_empty() {
+                "all bars met".to_owned()
+            } else {
+                misses.join("; ")
+            }
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exit_report_and_fields_parse() {
+        let report = "profalloc: stats at exit\nprofalloc:   mapped: 4194304 bytes\n";
+        assert_eq!(mapped_bytes(report), Some(4_194_304));
+        assert_eq!(mapped_bytes("nothing here"), None);
+        assert_eq!(
+            field("final_rss_kib 12 live_kib 3 ops 5", "live_kib"),
+            Some(3)
+        );
+        assert_eq!(summary(&[3.0, 1.0, 2.0]), Some((2.0, 1.0)));
+    }
+
+    #[test]
+    fn bars_name_what_they_miss() {
+        let v = Verdict {
+            thr_tc: 1.05,
+            thr_best: 0.95,
+            rss_tc: 1.0,
+            rss_best: 1.3,
+        };
+        assert_eq!(v.misses("larson").len(), 2);
+        assert_eq!(v.misses("sqlite3"), ["peak RSS 1.30x best peer > 1.25x"]);
+    }
 }

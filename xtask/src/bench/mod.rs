@@ -1,6 +1,7 @@
 //! `cargo xtask bench <name>`: benchmarks that run prof-bpf or profalloc and
 //! the peers (Debian packages) in the same run and print ratios.
 mod alloc;
+mod alloc_workloads;
 mod cpu;
 mod heap;
 mod measure;
