@@ -1,7 +1,8 @@
 //! The settings, read once from the environment at the allocator's first
 //! initialisation (its first slow path, single-threaded). This is the only
 //! place that calls `getenv`: the core's knobs (`PROFALLOC_SAMPLE_BYTES`,
-//! `PROFALLOC_RELEASE_BYTES`, `PROFALLOC_STATS`) and gperftools mode's
+//! `PROFALLOC_RELEASE_BYTES`, `PROFALLOC_STATS`,
+//! `PROFALLOC_MAX_TOTAL_THREAD_CACHE_BYTES`) and gperftools mode's
 //! (the gperftools names, `PROFALLOC_HEAPCHECK`, `PROFBPF_PATH` and
 //! `TMPDIR`).
 //!
@@ -52,6 +53,9 @@ pub(crate) struct Settings {
     pub(crate) release_bytes: Option<u64>,
     /// PROFALLOC_STATS=1: statistics on stderr at exit.
     pub(crate) stats_at_exit: bool,
+    /// PROFALLOC_MAX_TOTAL_THREAD_CACHE_BYTES: the budget of all thread
+    /// caches.
+    pub(crate) max_total_thread_cache_bytes: Option<u64>,
     /// HEAPPROFILE: the dump prefix (this process's own, see `unique_path`).
     pub(crate) heap_prefix: Text,
     /// HEAP_PROFILE_ALLOCATION_INTERVAL, HEAP_PROFILE_INUSE_INTERVAL
@@ -76,6 +80,7 @@ impl Settings {
             sample_bytes: None,
             release_bytes: None,
             stats_at_exit: false,
+            max_total_thread_cache_bytes: None,
             heap_prefix: Text::empty(),
             alloc_interval: 1 << 30,
             inuse_interval: 100 << 20,
@@ -204,6 +209,7 @@ pub(crate) unsafe fn read() {
     s.sample_bytes = number(c"PROFALLOC_SAMPLE_BYTES");
     s.release_bytes = number(c"PROFALLOC_RELEASE_BYTES");
     s.stats_at_exit = number(c"PROFALLOC_STATS").is_some_and(|v| v != 0);
+    s.max_total_thread_cache_bytes = number(c"PROFALLOC_MAX_TOTAL_THREAD_CACHE_BYTES");
     unique_path(c"HEAPPROFILE", &mut s.heap_prefix);
     if let Some(n) = number(c"HEAP_PROFILE_ALLOCATION_INTERVAL") {
         s.alloc_interval = n;

@@ -31,6 +31,7 @@
 //! the re-entrant path, which neither touches the interrupted lists nor
 //! waits for a lock.
 pub mod alloc;
+mod cache_budget;
 mod central;
 mod counters;
 mod env;

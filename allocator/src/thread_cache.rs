@@ -21,8 +21,9 @@
 //! batch back when it grows past its limit; the limit starts at zero and
 //! grows by one per refill or free up to a batch, then by a batch per
 //! refill up to `max_cached` (slow start: a thread that allocates a few
-//! objects of a class keeps few). The middle tier is reached through
-//! [`MiddleTier`], so that tests can stand in for it.
+//! objects of a class keeps few). Every growth is granted by the caller
+//! (the budget of all thread caches, see `cache_budget`). The middle tier
+//! is reached through [`MiddleTier`], so that tests can stand in for it.
 //!
 //! Lock: none for the lists (only the owner thread touches them, with
 //! `busy` set, on the fast paths and inside its slow paths); the registry of
@@ -33,6 +34,7 @@ use core::{
 };
 
 use crate::{
+    cache_budget::BUDGET,
     central,
     lock::SpinLock,
     size_class::{self, BATCH, NUM_CLASSES},
@@ -88,11 +90,17 @@ pub(crate) struct FreeList {
 
 impl FreeList {
     /// Pops an object, refilling the list from the middle tier first when
-    /// empty (and growing its limit: slow start). Null when out of memory.
+    /// empty (and growing its limit: slow start, as far as `grant(old,
+    /// wanted)` allows). Null when out of memory.
     ///
     /// # Safety
     /// The list is this thread's list of class `c`.
-    pub(crate) unsafe fn pop_or_refill<M: MiddleTier>(&mut self, m: &M, c: usize) -> *mut u8 {
+    pub(crate) unsafe fn pop_or_refill<M: MiddleTier>(
+        &mut self,
+        m: &M,
+        c: usize,
+        grant: &mut impl FnMut(u32, u32) -> u32,
+    ) -> *mut u8 {
         // SAFETY: the list's objects are free objects linked through their
         // first word.
         unsafe {
@@ -104,12 +112,15 @@ impl FreeList {
                 return head;
             }
             let batch = u32::from(BATCH[c]);
-            if self.max_len < batch {
-                self.max_len += 1;
+            let wanted = if self.max_len < batch {
+                self.max_len + 1
             } else {
-                self.max_len = (self.max_len + batch).min(size_class::max_cached(c));
-            }
-            let want = self.max_len.min(batch) as usize;
+                (self.max_len + batch).min(size_class::max_cached(c))
+            };
+            self.max_len = grant(self.max_len, wanted);
+            // The first object goes to the caller, the rest (at most the
+            // limit) stay on the list.
+            let want = self.max_len.min(batch).max(1) as usize;
             let (head, n) = m.remove_range(c, want);
             if n == 0 {
                 return ptr::null_mut();
@@ -121,12 +132,18 @@ impl FreeList {
     }
 
     /// Pushes a freed object; past the limit, gives a batch from the head
-    /// back to the middle tier.
+    /// back to the middle tier. `grant` as for [`Self::pop_or_refill`].
     ///
     /// # Safety
     /// The list is this thread's list of class `c`; `p` is a free object
     /// of class `c` that is not on it.
-    pub(crate) unsafe fn push_or_release<M: MiddleTier>(&mut self, m: &M, c: usize, p: *mut u8) {
+    pub(crate) unsafe fn push_or_release<M: MiddleTier>(
+        &mut self,
+        m: &M,
+        c: usize,
+        p: *mut u8,
+        grant: &mut impl FnMut(u32, u32) -> u32,
+    ) {
         // SAFETY: p is a free object of at least 16 bytes.
         unsafe { *p.cast::<*mut u8>() = self.head };
         self.head = p;
@@ -135,11 +152,25 @@ impl FreeList {
         let batch = u32::from(BATCH[c]);
         if self.max_len < batch {
             // Slow start: let the list grow before giving back.
-            self.max_len += 1;
+            self.max_len = grant(self.max_len, self.max_len + 1);
         }
         if len > self.max_len {
             // SAFETY: the list holds len >= min(batch, len) objects.
             unsafe { self.release(m, c, batch.min(len) as usize) };
+        }
+    }
+
+    /// Lowers the limit to `limit`, giving the objects past it to the
+    /// middle tier.
+    ///
+    /// # Safety
+    /// The list is this thread's list of class `c`.
+    pub(crate) unsafe fn shrink<M: MiddleTier>(&mut self, m: &M, c: usize, limit: u32) {
+        self.max_len = limit;
+        let len = self.len.load(Ordering::Relaxed);
+        if len > limit {
+            // SAFETY: the list holds len objects.
+            unsafe { self.release(m, c, (len - limit) as usize) };
         }
     }
 
@@ -192,6 +223,8 @@ pub(crate) struct ThreadCache {
     pub(crate) busy: u8,
     pub(crate) state: u8,
     pub(crate) lists: [FreeList; NUM_CLASSES],
+    /// Bytes reserved from the budget: Σ max_len × class size.
+    pub(crate) capacity: usize,
     pub(crate) rng: u64,
     pub(crate) next: *mut ThreadCache,
     pub(crate) prev: *mut ThreadCache,
@@ -317,6 +350,55 @@ pub(crate) unsafe fn flush(tc: *mut ThreadCache) {
     }
 }
 
+/// The limit list `c` of `tc` may grow to, from `old` toward `wanted`:
+/// `wanted` if the budget grants the bytes, after taking back half the
+/// limit of this thread's largest other list when the budget is spent;
+/// else `old`.
+///
+/// # Safety
+/// `tc` is this thread's cache, `busy` set.
+pub(crate) unsafe fn grant(tc: *mut ThreadCache, c: usize, old: u32, wanted: u32) -> u32 {
+    if wanted <= old {
+        return old;
+    }
+    let bytes = (wanted - old) as usize * size_class::size_of_class(c);
+    // SAFETY: the owner thread works on its own cache.
+    unsafe {
+        if !BUDGET.reserve((*tc).capacity, bytes) {
+            shrink_largest_other(tc, c);
+            if !BUDGET.reserve((*tc).capacity, bytes) {
+                return old;
+            }
+        }
+        (*tc).capacity += bytes;
+    }
+    wanted
+}
+
+/// Halves the limit of `tc`'s list with the largest capacity other than
+/// `c`, giving its excess objects and the bytes back.
+///
+/// # Safety
+/// `tc` is this thread's cache, `busy` set.
+unsafe fn shrink_largest_other(tc: *mut ThreadCache, c: usize) {
+    // SAFETY: the owner thread works on its own cache.
+    unsafe {
+        let cap = |k: usize| (*tc).lists[k].max_len as usize * size_class::size_of_class(k);
+        let Some(victim) = (1..NUM_CLASSES).filter(|&k| k != c).max_by_key(|&k| cap(k)) else {
+            return;
+        };
+        let old = (*tc).lists[victim].max_len;
+        if old == 0 {
+            return;
+        }
+        let new = old / 2;
+        (*tc).lists[victim].shrink(&Central, victim, new);
+        let freed = (old - new) as usize * size_class::size_of_class(victim);
+        (*tc).capacity -= freed;
+        BUDGET.give_back(freed);
+    }
+}
+
 /// The pthread key destructor: the thread is exiting.
 ///
 /// # Safety
@@ -334,6 +416,8 @@ pub(crate) unsafe extern "C" fn thread_exit(arg: *mut libc::c_void) {
         for c in 1..NUM_CLASSES {
             (*tc).lists[c].max_len = 0;
         }
+        BUDGET.give_back((*tc).capacity);
+        (*tc).capacity = 0;
         (*tc).state = DEAD;
         unregister(tc);
         core::sync::atomic::compiler_fence(Ordering::SeqCst);
@@ -361,6 +445,7 @@ pub(crate) fn reset_registry_in_child() {
     // SAFETY: single-threaded child; the registry is ours.
     unsafe {
         *REGISTRY.0.get() = ptr::null_mut();
+        BUDGET.reset((*me).capacity);
         if (*me).state == ACTIVE {
             (*me).next = ptr::null_mut();
             (*me).prev = ptr::null_mut();
@@ -454,7 +539,7 @@ mod tests {
         let mut got = Vec::new();
         while m.removes.borrow().len() < 18 {
             // SAFETY: the list is ours, of class c.
-            let p = unsafe { list.pop_or_refill(&m, c) };
+            let p = unsafe { list.pop_or_refill(&m, c, &mut |_, w| w) };
             assert!(!p.is_null());
             got.push(p);
         }
@@ -487,7 +572,7 @@ mod tests {
         // back until the 17th free, which gives back the 16 most recent.
         for (i, &o) in objs.iter().enumerate().take(17) {
             // SAFETY: o is a free object of class c, not on the list.
-            unsafe { list.push_or_release(&m, c, o) };
+            unsafe { list.push_or_release(&m, c, o, &mut |_, w| w) };
             let expected_inserts = if i < 16 { 0 } else { 1 };
             assert_eq!(m.inserts.borrow().len(), expected_inserts, "free {i}");
         }
@@ -503,10 +588,42 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_growth_keeps_the_limit_and_shrinking_gives_the_excess_back() {
+        let (c, m, mut list) = (class_4k(), FakeMiddle::with(100), empty_list());
+        let (head, n) = m.remove_range(c, 12);
+        assert_eq!(n, 12);
+        let mut p = head;
+        while !p.is_null() {
+            // SAFETY: the fake's chain; each object is pushed once.
+            unsafe {
+                let next = *p.cast::<*mut u8>();
+                list.push_or_release(&m, c, p, &mut |old, w| if old < 10 { w } else { old });
+                p = next;
+            }
+        }
+        // The limit stopped at 10: the 11th free gave the 11 objects back,
+        // the 12th stays.
+        assert_eq!(list.max_len, 10);
+        assert_eq!(*m.inserts.borrow(), [11]);
+        assert_eq!(list.len.load(Ordering::Relaxed), 1);
+        // SAFETY: the list is ours, of class c.
+        unsafe { list.pop_or_refill(&m, c, &mut |_, w| w) };
+        // SAFETY: as above.
+        unsafe { list.pop_or_refill(&m, c, &mut |_, w| w) };
+        let len = list.len.load(Ordering::Relaxed);
+        assert_eq!(len, list.max_len.min(16) - 1);
+        // SAFETY: as above.
+        unsafe { list.shrink(&m, c, 3) };
+        assert_eq!(list.max_len, 3);
+        assert_eq!(list.len.load(Ordering::Relaxed), 3);
+        assert_eq!(*m.inserts.borrow(), [11, len as usize - 3]);
+    }
+
+    #[test]
     fn an_empty_middle_tier_gives_null_and_an_empty_list() {
         let (c, m, mut list) = (class_4k(), FakeMiddle::with(0), empty_list());
         // SAFETY: the list is ours, of class c.
-        let p = unsafe { list.pop_or_refill(&m, c) };
+        let p = unsafe { list.pop_or_refill(&m, c, &mut |_, w| w) };
         assert!(p.is_null());
         assert!(list.head.is_null());
         assert_eq!(list.len.load(Ordering::Relaxed), 0);

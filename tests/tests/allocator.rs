@@ -195,6 +195,34 @@ fn allocating_signal_handlers_do_not_deadlock() {
     assert_eq!(stdout(&out).trim(), "ok 1");
 }
 
+/// 256 threads fill their caches with objects of 16-1024 bytes and stay
+/// alive: the bytes cached in all of them stay within the budget plus one
+/// batch per class (at most 64 classes up to 1 KiB, a batch at most 32
+/// objects of at most 1 KiB), where without a budget each would keep
+/// about a batch per class (hundreds of MiB in all).
+#[test]
+fn thread_caches_stay_within_their_total_budget() {
+    const BUDGET: u64 = 8 << 20;
+    const SLACK: u64 = 64 * 32 * 1024;
+    let out = preloaded(
+        Command::new(build_workload("alloc_budget", FLAGS)).arg("256"),
+        &[(
+            "PROFALLOC_MAX_TOTAL_THREAD_CACHE_BYTES",
+            &BUDGET.to_string(),
+        )],
+    );
+    assert_ok(&out, "alloc_budget 256");
+    let text = stdout(&out);
+    assert_eq!(field(&text, "threads"), 256);
+    let cached = field(&text, "cached_bytes");
+    assert!(
+        cached <= BUDGET + SLACK,
+        "cached {cached} > budget {BUDGET} + {SLACK}: {text}"
+    );
+    // The caches are used at all: the budget fills up.
+    assert!(cached >= BUDGET / 2, "cached only {cached}: {text}");
+}
+
 fn assert_aborts(mode: &str, message: &str) {
     let out = api(mode, &[]);
     assert_eq!(

@@ -5,7 +5,7 @@
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::{
-    central, env, page_heap, sampler, stats,
+    cache_budget, central, env, page_heap, sampler, stats,
     thread_cache::{self, ACTIVE, ThreadCache, tls},
 };
 
@@ -83,6 +83,9 @@ fn apply_settings() {
     let s = env::settings();
     if let Some(n) = s.release_bytes {
         page_heap::RELEASE_BYTES.store(n as usize, Ordering::Relaxed);
+    }
+    if let Some(n) = s.max_total_thread_cache_bytes {
+        cache_budget::BUDGET.set_total(n as usize);
     }
     sampler::start(s);
 }

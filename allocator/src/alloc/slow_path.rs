@@ -21,7 +21,7 @@ use crate::{
     central, huge, os, page_heap, pagemap, sampler,
     size_class::{PAGE_SHIFT, PAGE_SIZE},
     span,
-    thread_cache::{ACTIVE, Central, DEAD, ThreadCache, UNINIT, tls},
+    thread_cache::{self, ACTIVE, Central, DEAD, ThreadCache, UNINIT, tls},
 };
 #[cold]
 #[inline(never)]
@@ -83,7 +83,9 @@ unsafe fn alloc_unsampled(tc: *mut ThreadCache, size: usize, c: usize, align: us
             let (head, n) = central::remove_range(c, 1);
             return if n == 0 { ptr::null_mut() } else { head };
         }
-        (*tc).lists[c].pop_or_refill(&Central, c)
+        (*tc).lists[c].pop_or_refill(&Central, c, &mut |old, wanted| {
+            thread_cache::grant(tc, c, old, wanted)
+        })
     }
 }
 
@@ -190,7 +192,9 @@ unsafe fn free_small(tc: *mut ThreadCache, c: usize, p: *mut u8) {
             *p.cast::<*mut u8>() = ptr::null_mut();
             central::insert_range(c, p, 1);
         } else {
-            list.push_or_release(&Central, c, p);
+            list.push_or_release(&Central, c, p, &mut |old, wanted| {
+                thread_cache::grant(tc, c, old, wanted)
+            });
         }
     }
 }
