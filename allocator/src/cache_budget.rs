@@ -5,13 +5,18 @@
 //! more objects than its limit, the bytes cached in all threads stay within
 //! the total. Limits grow only in slow paths, so the fast paths pay nothing.
 //!
-//! A thread that finds the total spent takes the capacity back from its
-//! own lists of other classes (the least recently grown first: their
-//! limits shrink and their excess goes to the central tier), and a thread
-//! that exits gives its capacity back; an idle thread keeps what it holds.
+//! A thread that finds the budget spent takes capacity back from its own
+//! largest other list (its limit halves and its excess goes to the central
+//! tier) before it gives up growing; a thread that exits gives its
+//! capacity back; an idle thread keeps what it holds.
 //!
 //! Lock: none; the total reserved is one atomic counter.
 use core::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::{
+    size_class::{self, NUM_CLASSES},
+    thread_cache::{Central, ThreadCache},
+};
 
 /// The default total of all thread caches.
 pub(crate) const DEFAULT_TOTAL: usize = 32 << 20;
@@ -83,6 +88,55 @@ impl Budget {
 
 /// The budget of this process's thread caches.
 pub(crate) static BUDGET: Budget = Budget::new(DEFAULT_TOTAL);
+
+/// The limit list `c` of `tc` may grow to, from `old` toward `wanted`:
+/// `wanted` if the budget grants the bytes, after taking back half the
+/// limit of this thread's largest other list when the budget is spent;
+/// else `old`.
+///
+/// # Safety
+/// `tc` is this thread's cache, `busy` set.
+pub(crate) unsafe fn grant(tc: *mut ThreadCache, c: usize, old: u32, wanted: u32) -> u32 {
+    if wanted <= old {
+        return old;
+    }
+    let bytes = (wanted - old) as usize * size_class::size_of_class(c);
+    // SAFETY: the owner thread works on its own cache.
+    unsafe {
+        if !BUDGET.reserve((*tc).capacity, bytes) {
+            shrink_largest_other(tc, c);
+            if !BUDGET.reserve((*tc).capacity, bytes) {
+                return old;
+            }
+        }
+        (*tc).capacity += bytes;
+    }
+    wanted
+}
+
+/// Halves the limit of `tc`'s list with the largest capacity other than
+/// `c`, giving its excess objects and the bytes back.
+///
+/// # Safety
+/// `tc` is this thread's cache, `busy` set.
+unsafe fn shrink_largest_other(tc: *mut ThreadCache, c: usize) {
+    // SAFETY: the owner thread works on its own cache.
+    unsafe {
+        let cap = |k: usize| (*tc).lists[k].max_len as usize * size_class::size_of_class(k);
+        let Some(victim) = (1..NUM_CLASSES).filter(|&k| k != c).max_by_key(|&k| cap(k)) else {
+            return;
+        };
+        let old = (*tc).lists[victim].max_len;
+        if old == 0 {
+            return;
+        }
+        let new = old / 2;
+        (*tc).lists[victim].shrink(&Central, victim, new);
+        let freed = (old - new) as usize * size_class::size_of_class(victim);
+        (*tc).capacity -= freed;
+        BUDGET.give_back(freed);
+    }
+}
 
 #[cfg(test)]
 mod tests {
