@@ -8,12 +8,15 @@
 //!   [`output`]: its writers; [`report`]: the `report` session (files in).
 //! - [`count`]: the `count` session (malloc/free call counters).
 //! - [`heap`]: the `heap` session (heap profiles and leak reports).
+//! - [`cpu`]: the `cpu` session (CPU samples of the host or some processes).
+//! - `launch`: `heap|cpu -- CMD`, a launched program that is never harmed.
 //! - [`unwind`]: CFI tables for the kernel-side user stack walker.
 
 pub mod count;
 pub mod cpu;
 pub mod ebpf;
 pub mod heap;
+mod launch;
 pub mod output;
 pub mod probe_point;
 pub mod process;

@@ -2,7 +2,6 @@
 //! without restarting them, through uprobes on their allocator.
 //!
 //! - [`discover`]: which allocator a process uses and its entry points.
-//! - [`launch`]: `-- CMD ARGS`, held before exec until the probes are in place.
 //! - [`sampling`]: the Poisson sampler's tables and weights.
 //! - [`leaks`]: growth-over-snapshots leak classification.
 //! - [`session`]: load, attach, read the maps, build the profile.
@@ -12,7 +11,6 @@ use anyhow::bail;
 use profiler_common::heap::{DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS};
 
 pub mod discover;
-pub mod launch;
 pub mod leaks;
 pub mod sampling;
 pub mod session;
@@ -244,7 +242,8 @@ impl Settings {
 }
 
 /// Runs `prof-bpf heap`.
-pub fn run(args: HeapArgs) -> anyhow::Result<()> {
+/// In launch mode the exit code is the program's.
+pub fn run(args: HeapArgs) -> anyhow::Result<std::process::ExitCode> {
     crate::ebpf::require_root()?;
     let settings = Settings::from_args(&args)?;
     session::run(settings, args.output)

@@ -31,10 +31,10 @@ use profiler_common::{
 use super::{
     Probe, Settings, Targets,
     discover::{self, Allocator, Role},
-    launch, leaks, sampling,
+    leaks, sampling,
 };
 use crate::{
-    ebpf,
+    ebpf, launch,
     output::{self, OutputArgs},
     process::{self, Mapping},
     profile::{self, Collector, Profile, RawSample, SampleType, StackStatus},
@@ -62,7 +62,10 @@ const MMAP_PROGRAMS: [(&str, &str); 5] = [
 ];
 
 /// Runs a heap session to its end and writes the report.
-pub fn run(mut settings: Settings, output: OutputArgs) -> anyhow::Result<()> {
+pub fn run(
+    mut settings: Settings,
+    output: OutputArgs,
+) -> anyhow::Result<std::process::ExitCode> {
     check_writable(output.output.as_deref())?;
     // Resolve targets before loading anything, so bad input fails fast.
     let mut suspended = None;
@@ -94,16 +97,17 @@ pub fn run(mut settings: Settings, output: OutputArgs) -> anyhow::Result<()> {
         Targets::Launch(command) => {
             settings.probe = Probe::Malloc;
             let child = launch::spawn_suspended(command)?;
+            launch::report_to_stderr()?;
             let allocator = match &settings.lib {
                 Some(lib) => Allocator::from_file(&lib.to_string_lossy(), lib.clone()),
-                None => launch::allocator_of_program(&child.program),
+                None => launch::program::allocator_of_program(&child.program),
             };
             // On error the child sees EOF on its pipe and never runs.
             let allocator = allocator?;
             let pid = NonZeroU32::new(child.pid).context("fork returned pid 0")?;
             plan.push((allocator, UProbeScope::OneProcess(pid)));
             pids.push(child.pid);
-            loader = launch::loader_of_program(&child.program);
+            loader = launch::program::loader_of_program(&child.program);
             suspended = Some(child);
         }
     }
@@ -114,24 +118,29 @@ pub fn run(mut settings: Settings, output: OutputArgs) -> anyhow::Result<()> {
         .context("starting the tokio runtime")?
         .block_on(async move {
             let mut session = Session::start(settings, plan, pids)?;
-            let mut child = None;
+            let mut launched = None;
             if let Some(suspended) = suspended {
                 let pid = suspended.pid;
                 if let Some((path, offset)) = &loader {
                     session.attach_loader_stop(pid, path, *offset)?;
                 }
-                child = Some(suspended.resume()?);
+                let mut program = suspended.resume()?;
                 session.serve_loader_stops(pid);
+                program.attached();
+                launched = Some(program);
             }
-            session.record(child.is_some(), &output).await?;
-            let profile = session.report()?;
-            drop(session); // detaches every probe
-            if let Some(mut child) = child
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                eprintln!("prof-bpf: the program exited ({status})");
+            let result = async {
+                session.record(launched.is_some(), &output).await?;
+                let profile = session.report()?;
+                drop(session); // detaches every probe
+                output::write(&profile, &output)
             }
-            output::write(&profile, &output)
+            .await;
+            match launched {
+                // The program's status, whatever happened to the session.
+                Some(program) => Ok(program.finish(result)),
+                None => result.map(|()| std::process::ExitCode::SUCCESS),
+            }
         })
 }
 
@@ -268,6 +277,7 @@ impl Session {
             match process::state(pid) {
                 Some('T') => {
                     stops += 1;
+                    launch::test_pause("loader-stop");
                     self.refresh_process(pid);
                     if self.tables.has_process(pid) {
                         if let Err(err) = self.tables.refresh_process(pid) {
