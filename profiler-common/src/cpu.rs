@@ -54,9 +54,12 @@ pub struct CpuConfig {
     /// Offset of `child_pid` in the `sched:sched_process_fork` record, as
     /// its `format` file gives it (it differs between kernel versions).
     pub fork_child_pid_offset: u32,
+    /// `--duration`: samples taken at or after this CLOCK_MONOTONIC time
+    /// (ns) are not counted, however late user space stops; 0: no end.
+    pub stop_at_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<CpuConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<CpuConfig>() == 32);
 
 /// `SampleKey::flags`: the user stack was walked; `user_stack` is its id in
 /// the user stack map.
@@ -123,6 +126,9 @@ crate::counter_set! {
         TaskEventsLost = "task_events_lost",
         /// Forked tasks not followed because [`PIDS_MAP`] was full.
         PidsFull = "pids_full",
+        /// Samples after the end of `--duration` ([`CpuConfig::stop_at_ns`]),
+        /// not counted.
+        AfterDuration = "after_duration",
     }
 }
 

@@ -7,7 +7,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_NOEXIST, pt_regs},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, perf_event, tracepoint},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{PerfEventContext, TracePointContext},
@@ -74,6 +74,11 @@ fn selected(config: &CpuConfig, pid: u32, tid: u32) -> bool {
 pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
     count(CpuCounter::Samples);
     let config = config();
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    if config.stop_at_ns != 0 && unsafe { bpf_ktime_get_ns() } >= config.stop_at_ns {
+        count(CpuCounter::AfterDuration);
+        return 0;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     if !selected(&config, pid, tid) {

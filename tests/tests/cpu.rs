@@ -510,8 +510,7 @@ fn bad_output_extension_is_rejected_before_attaching() {
     require_bpf!();
     let out = out_file("report.unknown-extension");
     let started = std::time::Instant::now();
-    let (_, stderr, code) =
-        run_prof_bpf(&["cpu", "--duration", "5", "-o", out.to_str().unwrap()]);
+    let (_, stderr, code) = run_prof_bpf(&["cpu", "--duration", "5", "-o", out.to_str().unwrap()]);
     assert_one_line_error(&stderr, code, "cannot tell the format");
     assert!(!out.exists(), "a file was left at {}", out.display());
     assert!(
@@ -523,28 +522,55 @@ fn bad_output_extension_is_rejected_before_attaching() {
 #[test]
 fn interval_with_duration_ends_on_time() {
     require_bpf!();
-    for (interval, duration) in [("0.1", "1"), ("0.7", "2")] {
+    for (interval, duration) in [("0.1", 1.0), ("0.7", 2.0)] {
+        let mut workload =
+            Proc::spawn(Command::new(build_workload("cpu_split", FLAGS)).args(["8", "0"]));
+        workload.expect_line("ready");
+        let pid = workload.pid().to_string();
+        workload.send_line("go");
+        let out = out_file(&format!("interval-duration-{pid}.folded"));
         let started = std::time::Instant::now();
         let (_, stderr, code) = run_prof_bpf(&[
             "cpu",
+            "--pid",
+            &pid,
+            "-F",
+            "999",
             "--interval",
             interval,
             "--duration",
-            duration,
+            &duration.to_string(),
+            "--sample-type",
+            "samples",
             "-o",
-            out_file("interval-duration.folded").to_str().unwrap(),
+            out.to_str().unwrap(),
         ]);
         let took = started.elapsed().as_secs_f64();
         assert_eq!(code, 0, "{stderr}");
-        let want: f64 = duration.parse().unwrap();
-        // Loading and attaching take a moment, and the report is written
-        // after the last interval.
+        // Loading, attaching and the last report take a moment.
         assert!(
-            took < want + 4.0,
+            took < duration + 4.0,
             "--interval {interval} --duration {duration} took {took:.1} s"
         );
+        // One busy thread at 999 Hz: at most `duration` s of samples (the
+        // kernel stops counting at the end, whenever user space stops), and
+        // a fair share of them on a shared machine.
+        let samples: u64 = parse_folded(&std::fs::read_to_string(&out).expect("read output"))
+            .iter()
+            .map(|(_, v)| v)
+            .sum();
+        let most = (duration * 999.0 * 1.02) as u64;
+        assert!(
+            samples <= most && samples * 5 >= most,
+            "--interval {interval} --duration {duration}: {samples} samples"
+        );
+        drop(workload);
     }
     // An interval longer than the whole run is a mistake.
     let (_, stderr, code) = run_prof_bpf(&["cpu", "--interval", "5", "--duration", "1"]);
-    assert_one_line_error(&stderr, code, "--interval");
+    assert_one_line_error(
+        &stderr,
+        code,
+        "--interval (5 s) is longer than --duration (1 s)",
+    );
 }

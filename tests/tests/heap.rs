@@ -341,8 +341,16 @@ fn launch_mode_reports_what_was_never_freed() {
     require_bpf!();
     let program = build_workload("heap_leaks", FLAGS);
     let program = program.to_string_lossy().into_owned();
-    let (stdout, stderr, code) = run_prof_bpf(&[
+    // In launch mode the program's stdout is its own: the report goes to a file.
+    let out = std::env::temp_dir().join(format!(
+        "prof-bpf-{}-{}.folded",
+        "never-freed",
+        std::process::id()
+    ));
+    let (_, stderr, code) = run_prof_bpf(&[
         "heap",
+        "-o",
+        out.to_str().unwrap(),
         "--leaks",
         "--format",
         "folded",
@@ -355,28 +363,30 @@ fn launch_mode_reports_what_was_never_freed() {
         "8",
     ]);
     assert_eq!(code, 0, "{stderr}");
-    let stacks = parse_folded(&stdout);
+    let report = std::fs::read_to_string(&out).expect("read the report");
+    let _ = std::fs::remove_file(&out);
+    let stacks = parse_folded(&report);
     // Allocated before main's rounds, so tracked from the first instruction:
     // 1000 blocks of 4000 bytes, 8 of them freed.
-    assert_eq!(leaf_total(&stacks, "main"), (1000 - 8) * 4000, "{stdout}");
-    assert_eq!(leaf_total(&stacks, "leak_small"), 8 * SMALL, "{stdout}");
+    assert_eq!(leaf_total(&stacks, "main"), (1000 - 8) * 4000, "{report}");
+    assert_eq!(leaf_total(&stacks, "leak_small"), 8 * SMALL, "{report}");
     assert_eq!(
         leaf_total(&stacks, "leak_big_calloc"),
         8 * BIG_CALLOC,
-        "{stdout}"
+        "{report}"
     );
     assert_eq!(
         leaf_total(&stacks, "cache_fill"),
         CACHE_ROUNDS * CACHE_BLOCK,
-        "{stdout}"
+        "{report}"
     );
-    assert_eq!(leaf_total(&stacks, "churn"), 0, "{stdout}");
+    assert_eq!(leaf_total(&stacks, "churn"), 0, "{report}");
     // The program is held in its loader until the unwind tables of its
     // libraries are in: even its first allocations have complete stacks.
     for s in &stacks {
         assert!(
             ["_start", "clone3"].contains(&s.frames[0].as_str()),
-            "{stdout}"
+            "{report}"
         );
     }
 }
@@ -914,8 +924,16 @@ fn launch_mode_tracks_the_mappings_of_the_program() {
     require_bpf!();
     let program = build_workload("heap_mmap", FLAGS);
     let program = program.to_string_lossy().into_owned();
-    let (stdout, stderr, code) = run_prof_bpf(&[
+    // In launch mode the program's stdout is its own: the report goes to a file.
+    let out = std::env::temp_dir().join(format!(
+        "prof-bpf-{}-{}.folded",
+        "launch-mmap",
+        std::process::id()
+    ));
+    let (_, stderr, code) = run_prof_bpf(&[
         "heap",
+        "-o",
+        out.to_str().unwrap(),
         "--mmap",
         "--sample-bytes",
         "0",
@@ -930,19 +948,21 @@ fn launch_mode_tracks_the_mappings_of_the_program() {
         "once",
     ]);
     assert_eq!(code, 0, "{stderr}");
-    let stacks = parse_folded(&stdout);
+    let report = std::fs::read_to_string(&out).expect("read the report");
+    let _ = std::fs::remove_file(&out);
+    let stacks = parse_folded(&report);
     for &(func, bytes) in MAPPED {
         let got = mmap_total(&stacks, func);
         // The hole is found in a running process's maps; the program
         // exited, so its mapping counts as it was mapped.
         let want = if func == "map_hole" { MIB } else { bytes };
-        assert_eq!(got, want, "{func}: {stdout}");
+        assert_eq!(got, want, "{func}: {report}");
     }
     assert!(
         has_chain(&stacks, "main;run_round;map_grow;[mmap]"),
-        "{stdout}"
+        "{report}"
     );
-    assert_eq!(leaf_total(&stacks, "big_malloc"), MIB, "{stdout}");
+    assert_eq!(leaf_total(&stacks, "big_malloc"), MIB, "{report}");
 }
 
 #[test]

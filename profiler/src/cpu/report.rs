@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 
 use profiler_common::cpu::{
-    KEY_KERNEL_STACK, KEY_KERNEL_STACK_FAILED, KEY_USER_STACK, KEY_USER_STACK_FAILED,
-    SampleCounts, SampleKey,
+    KEY_KERNEL_STACK, KEY_KERNEL_STACK_FAILED, KEY_USER_STACK, KEY_USER_STACK_FAILED, SampleCounts,
+    SampleKey,
 };
 
 use super::{
@@ -183,11 +183,7 @@ mod tests {
         let got = user_side(&key(5, 5, KEY_USER_STACK), &Stacks::default(), never);
         assert_eq!(got, (vec![], StackStatus::Missing));
         // The walk could not start.
-        let got = user_side(
-            &key(5, 5, KEY_USER_STACK_FAILED),
-            &Stacks::default(),
-            never,
-        );
+        let got = user_side(&key(5, 5, KEY_USER_STACK_FAILED), &Stacks::default(), never);
         assert_eq!(got, (vec![], StackStatus::Missing));
         // The idle tasks: no user side.
         let got = user_side(&key(0, 0, KEY_KERNEL_STACK), &Stacks::default(), never);

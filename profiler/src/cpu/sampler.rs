@@ -4,9 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use aya::{
-    maps::{
-        Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, RingBuf, StackTraceMap,
-    },
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, RingBuf, StackTraceMap},
     programs::{
         PerfEvent, TracePoint,
         perf_event::{HardwareEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
@@ -15,7 +13,8 @@ use aya::{
 use log::{debug, info, warn};
 use profiler_common::{
     cpu::{
-        CONFIG_MAP, COUNTS_MAPS, CpuConfig, KEY_KERNEL_STACK, KEY_USER_STACK, PIDS_MAP, SampleCounts, SampleKey, TASK_EVENTS_MAP, TaskEvent,
+        CONFIG_MAP, COUNTS_MAPS, CpuConfig, KEY_KERNEL_STACK, KEY_USER_STACK, PIDS_MAP,
+        SampleCounts, SampleKey, TASK_EVENTS_MAP, TaskEvent,
     },
     stack::{KERNEL_STACKS_MAP, USER_STACKS_MAP, UserStack},
 };
@@ -61,6 +60,7 @@ impl Sampler {
             } else {
                 0
             },
+            stop_at_ns: 0,
         };
         config
             .set(0, config_value, 0)
@@ -124,6 +124,17 @@ impl Sampler {
         Ok(sampler)
     }
 
+    /// Stops counting samples `duration` from now, in the kernel: the
+    /// profile covers `--duration` even when user space is late to stop
+    /// (building a large unwind table, say).
+    pub fn stop_after(&mut self, duration: Duration) -> anyhow::Result<()> {
+        let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        self.config_value.stop_at_ns = monotonic_ns().saturating_add(nanos);
+        self.config
+            .set(0, self.config_value, 0)
+            .context("writing the sampler's end time")
+    }
+
     /// Samples process `pid` too (with a pid filter).
     pub fn add_pid(&mut self, pid: u32) -> anyhow::Result<()> {
         self.pids
@@ -134,10 +145,7 @@ impl Sampler {
     /// Moves the sampler to the other count map and returns every count of
     /// the previous one, deleting them, with the stacks they refer to read
     /// into `stacks`.
-    pub fn drain(
-        &mut self,
-        stacks: &mut Stacks,
-    ) -> anyhow::Result<Vec<(SampleKey, SampleCounts)>> {
+    pub fn drain(&mut self, stacks: &mut Stacks) -> anyhow::Result<Vec<(SampleKey, SampleCounts)>> {
         // The user stacks read last time are cached in `stacks` by their
         // content hash, so the map's copies can go: the map then only holds
         // the stacks of the current interval and never fills up on long
@@ -202,6 +210,17 @@ impl Sampler {
     }
 }
 
+/// CLOCK_MONOTONIC now, in ns: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes a timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// The tracepoint through which a launched command's descendants are followed.
 const FORK_TRACEPOINT: &str = "sched_process_fork";
 
@@ -215,8 +234,7 @@ fn fork_child_pid_offset() -> anyhow::Result<u32> {
         .iter()
         .find_map(|p| std::fs::read_to_string(p).ok())
         .with_context(|| format!("reading {} (is tracefs mounted?)", paths[0]))?;
-    field_offset(&text, "child_pid")
-        .with_context(|| format!("no child_pid field in {}", paths[0]))
+    field_offset(&text, "child_pid").with_context(|| format!("no child_pid field in {}", paths[0]))
 }
 
 /// The offset of field `name` in a tracepoint `format` file.

@@ -43,7 +43,7 @@ const DRAIN_EVERY: Duration = Duration::from_secs(1);
 /// gone before its samples are drained.
 const EXEC_RESNAPSHOTS: [Duration; 2] = [Duration::from_millis(15), Duration::from_millis(100)];
 /// Status lines on stderr when it is not a terminal: one per this many
-/// drains (10 s).
+/// status ticks of a second.
 const STATUS_EVERY_LINES: u64 = 10;
 
 /// Runs a session to its end and writes the report; in launch mode,
@@ -56,21 +56,21 @@ pub(crate) fn run(settings: Settings, output: OutputArgs) -> anyhow::Result<Exit
         // First: a signal from now on ends the session with a report.
         let mut stop = Stop::new()?;
         if let Targets::Launch(command) = &settings.targets {
-            return launch(&settings, &output, &mut stop, command).await;
+            return record_launched(&settings, &output, &mut stop, command).await;
         }
         let mut session = Session::start(&settings)?;
         for &pid in settings.pids() {
             stop.watch(pid)?;
         }
         session.record(&mut stop, &output).await?;
-        session.finish(&output)?;
+        session.finish(&output).await?;
         Ok(ExitCode::SUCCESS)
     })
 }
 
 /// `cpu -- CMD`: samples the command and every process it starts until it
 /// exits; its status is prof-bpf's.
-async fn launch(
+async fn record_launched(
     settings: &Settings,
     output: &OutputArgs,
     stop: &mut Stop,
@@ -91,7 +91,7 @@ async fn launch(
     .await;
     let result = match recorded {
         Ok(reason) => {
-            let written = session.finish(output);
+            let written = session.finish(output).await;
             launched.pass_on(reason);
             written
         }
@@ -108,6 +108,8 @@ struct Session {
     events: AsyncFd<RingBuf<MapData>>,
     settings: Settings,
     started: tokio::time::Instant,
+    /// The interval table being printed (`--interval`).
+    printing: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 /// What the drains feed.
@@ -150,9 +152,10 @@ impl Session {
             .context("task event ring buffer")?;
         // SAFETY: the ring buffer owns its descriptor and keeps it open and
         // unchanged until it is dropped with the AsyncFd.
-        let events = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)
-            .context("watching the task event ring buffer")?;
+        let events =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)
+                .context("watching the task event ring buffer")?;
         let new_collector = || report::collector(settings.event, settings.frequency);
         let state = State {
             total: new_collector(),
@@ -180,6 +183,7 @@ impl Session {
             events,
             settings: settings.clone(),
             started: tokio::time::Instant::now(),
+            printing: None,
         })
     }
 
@@ -188,6 +192,7 @@ impl Session {
         self.started = tokio::time::Instant::now();
         if let Some(duration) = self.settings.duration {
             stop.set_deadline(self.started + duration);
+            self.sampler.stop_after(duration)?;
         }
         let period = self.settings.interval.unwrap_or(DRAIN_EVERY);
         let mut tick = tokio::time::interval_at(self.started + period, period);
@@ -203,17 +208,14 @@ impl Session {
                 _ = tick.tick() => {
                     self.drain()?;
                     self.state.update_tables();
-                    if let Some(collector) = self.state.interval.take() {
-                        self.state.interval = Some(self.new_collector());
-                        if tty { eprint!("\r\x1b[K"); }
-                        print_interval(collector, output, self.started.elapsed())?;
-                    }
+                    if tty { eprint!("\r\x1b[K"); }
+                    self.print_interval(output).await?;
                 }
                 _ = status_tick.tick() => {
                     lines += 1;
                     let counters = Counters::read(&self.ebpf, STATS_MAP)?;
                     let line = status.line(&counters, self.started.elapsed(), self.state.noted.len());
-                    if tty {
+                    if tty && !self.printing() {
                         eprint!("\r\x1b[K{line}");
                     } else if lines.is_multiple_of(STATUS_EVERY_LINES) {
                         eprintln!("{line}");
@@ -239,6 +241,40 @@ impl Session {
         Ok(reason)
     }
 
+    /// Starts printing the table of the interval that just ended, on a
+    /// thread of its own: symbolizing a busy host takes seconds, and the
+    /// session must keep sampling and stop on time meanwhile. While a table
+    /// is still being printed, the next interval goes on collecting and
+    /// its table covers both.
+    async fn print_interval(&mut self, output: &OutputArgs) -> anyhow::Result<()> {
+        if self.state.interval.is_none() || self.printing() {
+            return Ok(());
+        }
+        self.finish_printing().await?;
+        let fresh = self.new_collector();
+        let Some(collector) = self.state.interval.replace(fresh) else {
+            return Ok(());
+        };
+        let (output, elapsed) = (output.clone(), self.started.elapsed());
+        self.printing = Some(tokio::task::spawn_blocking(move || {
+            print_interval(collector, &output, elapsed)
+        }));
+        Ok(())
+    }
+
+    /// Whether an interval table is being printed.
+    fn printing(&self) -> bool {
+        self.printing.as_ref().is_some_and(|p| !p.is_finished())
+    }
+
+    /// Waits for the interval table being printed, if any.
+    async fn finish_printing(&mut self) -> anyhow::Result<()> {
+        match self.printing.take() {
+            Some(printing) => printing.await.context("printing an interval table")?,
+            None => Ok(()),
+        }
+    }
+
     fn new_collector(&self) -> Collector {
         report::collector(self.settings.event, self.settings.frequency)
     }
@@ -248,22 +284,31 @@ impl Session {
         self.state.drain(&mut self.sampler)
     }
 
-    /// Detaches the sampler, drains what it counted, and writes the report.
-    fn finish(self, output: &OutputArgs) -> anyhow::Result<()> {
+    /// Detaches the sampler, drains what it counted, and writes the report
+    /// (after the interval table being printed, if any).
+    async fn finish(self, output: &OutputArgs) -> anyhow::Result<()> {
         let unwind = Counts::<UnwindCounter>::read(&self.ebpf, UNWIND_STATS_MAP)?;
         // Read before detaching: the map goes with the programs.
         let counters = Counters::read(&self.ebpf, STATS_MAP)?;
-        let elapsed = self.started.elapsed();
+        // The kernel stopped counting at --duration.
+        let elapsed = self
+            .settings
+            .duration
+            .map_or(self.started.elapsed(), |d| d.min(self.started.elapsed()));
         let Self {
             ebpf,
             mut sampler,
             mut state,
             mut events,
             settings,
+            printing,
             ..
         } = self;
         // Detach (the maps stay open), then drain everything counted.
         drop(ebpf);
+        if let Some(printing) = printing {
+            printing.await.context("printing an interval table")??;
+        }
         // Events already queued (exits of the last moments) name the last samples.
         state.apply_task_events(&sampler::task_events(events.get_mut()));
         state.drain(&mut sampler)?;
@@ -400,12 +445,10 @@ impl State {
         let unknown = self.tables.poll();
         self.table_budget.spend(started.elapsed());
         let tasks = &self.tasks;
-        let candidates = budget::candidates(
-            unknown,
-            &self.interval_samples,
-            self.whole_host,
-            |pid| tasks.has_exited(pid),
-        );
+        let candidates =
+            budget::candidates(unknown, &self.interval_samples, self.whole_host, |pid| {
+                tasks.has_exited(pid)
+            });
         for pid in candidates {
             if self.whole_host && !self.table_budget.available(Instant::now()) {
                 break;

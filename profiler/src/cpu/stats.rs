@@ -9,10 +9,12 @@ use crate::runtime::counters::Counts;
 /// The sampler's counters, summed over the CPUs.
 pub(crate) type Counters = Counts<CpuCounter>;
 
-/// Samples of the selected tasks (counted in the profile or lost).
+/// Samples of the selected tasks within the duration (counted in the
+/// profile or lost).
 fn selected(c: &Counters) -> u64 {
-    c.get(CpuCounter::Samples)
-        .saturating_sub(c.get(CpuCounter::Idle) + c.get(CpuCounter::Filtered))
+    c.get(CpuCounter::Samples).saturating_sub(
+        c.get(CpuCounter::Idle) + c.get(CpuCounter::Filtered) + c.get(CpuCounter::AfterDuration),
+    )
 }
 
 /// Samples lost: the count map was full.
@@ -90,8 +92,8 @@ mod tests {
 
     fn counters() -> Counters {
         // Samples, Idle, Filtered, CountsFull, KernelStackFailed,
-        // UserStackFailed, TaskEventsLost, PidsFull.
-        Counters::from_values(vec![1000, 300, 100, 7, 2, 3, 1, 4])
+        // UserStackFailed, TaskEventsLost, PidsFull, AfterDuration.
+        Counters::from_values(vec![1000, 300, 100, 7, 2, 3, 1, 4, 9])
     }
 
     const SAMPLING: Sampling = Sampling {
@@ -105,7 +107,7 @@ mod tests {
     fn summary_counts_selected_samples_and_every_loss() {
         assert_eq!(
             summary(&counters(), &SAMPLING),
-            "600 samples of 1000 taken (cpu-clock at 99 Hz on 2 CPUs for 5.0 s); \
+            "591 samples of 1000 taken (cpu-clock at 99 Hz on 2 CPUs for 5.0 s); \
              lost: 7 (count map full); stacks not recorded: 2 kernel, 3 user; \
              task events lost: 1; forks not followed: 4"
         );
@@ -119,7 +121,8 @@ mod tests {
             [
                 "prof-bpf cpu: cpu-clock at 99 Hz on 2 CPUs for 5.0 s",
                 "sampler: samples 1000, idle 300, filtered 100, counts_full 7, \
-                 kernel_stack_failed 2, user_stack_failed 3, task_events_lost 1, pids_full 4"
+                 kernel_stack_failed 2, user_stack_failed 3, task_events_lost 1, pids_full 4, \
+                 after_duration 9"
             ]
         );
     }
@@ -127,16 +130,16 @@ mod tests {
     #[test]
     fn status_rate_is_since_the_previous_line() {
         let mut status = Status::default();
-        let first = status.line(&counters(), Duration::from_secs(2), 3);
+        let first = status.line(&counters(), Duration::from_secs(3), 3);
         assert_eq!(
             first,
-            "prof-bpf: cpu 2 s: 300 samples/s, 3 processes, lost 7"
+            "prof-bpf: cpu 3 s: 197 samples/s, 3 processes, lost 7"
         );
-        let later = Counters::from_values(vec![2000, 300, 100, 7, 2, 3, 1, 4]);
-        let second = status.line(&later, Duration::from_secs(12), 4);
+        let later = Counters::from_values(vec![2000, 300, 100, 7, 2, 3, 1, 4, 9]);
+        let second = status.line(&later, Duration::from_secs(13), 4);
         assert_eq!(
             second,
-            "prof-bpf: cpu 12 s: 100 samples/s, 4 processes, lost 7"
+            "prof-bpf: cpu 13 s: 140 samples/s, 4 processes, lost 7"
         );
     }
 }

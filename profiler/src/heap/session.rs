@@ -62,10 +62,7 @@ const MMAP_PROGRAMS: [(&str, &str); 5] = [
 ];
 
 /// Runs a heap session to its end and writes the report.
-pub fn run(
-    mut settings: Settings,
-    output: OutputArgs,
-) -> anyhow::Result<std::process::ExitCode> {
+pub fn run(mut settings: Settings, output: OutputArgs) -> anyhow::Result<std::process::ExitCode> {
     check_writable(output.output.as_deref())?;
     // Resolve targets before loading anything, so bad input fails fast.
     let mut suspended = None;

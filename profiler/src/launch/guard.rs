@@ -26,7 +26,7 @@ const PROGRAM_FD: RawFd = 2;
 /// Starts the guard of the calling process (the child, before exec), which
 /// watches `hold_rx` and prof-bpf's pidfd `profiler_pidfd`.
 pub(super) fn start(hold_rx: RawFd, profiler_pidfd: RawFd) -> std::io::Result<()> {
-    // SAFETY (every call below): async-signal-safe system calls made by the
+    // SAFETY: the calls below are async-signal-safe system calls made by the
     // single-threaded child between fork and exec.
     unsafe {
         let program = libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0);
@@ -58,7 +58,7 @@ pub(super) fn start(hold_rx: RawFd, profiler_pidfd: RawFd) -> std::io::Result<()
 
 /// The guard's whole life.
 fn run(hold_rx: RawFd, profiler_pidfd: RawFd, program_pidfd: RawFd) -> ! {
-    // SAFETY (every call below): async-signal-safe system calls on the
+    // SAFETY: the calls below are async-signal-safe system calls on the
     // guard's own descriptors and stack buffers.
     unsafe {
         libc::prctl(libc::PR_SET_NAME, NAME.as_ptr());
@@ -66,6 +66,8 @@ fn run(hold_rx: RawFd, profiler_pidfd: RawFd, program_pidfd: RawFd) -> ! {
         // guard leaves when prof-bpf does.
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        // prof-bpf's own handler (inherited) would write to its signal pipe.
+        libc::signal(libc::SIGTERM, libc::SIG_DFL);
         // Keep only the three descriptors watched, as 0, 1 and 2, and close
         // every other one: the guard must not keep pipes of prof-bpf or of
         // the program's readers open. Copies above 2 first, in case one of

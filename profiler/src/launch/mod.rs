@@ -58,6 +58,9 @@ pub(crate) fn test_pause(point: &str) {
     }
 }
 
+/// Exit status of a child that prof-bpf abandoned before its exec.
+const ABANDONED: i32 = 127;
+
 /// A child forked and waiting before exec. Dropped without
 /// [`Suspended::resume`], it exits without running the program.
 pub(crate) struct Suspended {
@@ -95,10 +98,13 @@ impl Suspended {
 
 impl Drop for Suspended {
     fn drop(&mut self) {
-        // End of file: the child exits; std's spawn then reaps it.
+        // End of file: the child exits without running the program; std's
+        // spawn sees no exec error and returns it, to be reaped here.
         drop(self.release.take());
-        if let Some(spawner) = self.spawner.take() {
-            let _ = spawner.join();
+        if let Some(spawner) = self.spawner.take()
+            && let Ok(Ok(mut child)) = spawner.join()
+        {
+            let _ = child.wait();
         }
     }
 }
@@ -316,7 +322,7 @@ impl ChildFds {
 /// The child's side, between fork and exec: closes prof-bpf's ends, starts
 /// the guard, reports its pid and waits for the go-ahead.
 fn before_exec(fds: &RawChildFds) -> std::io::Result<()> {
-    // SAFETY (every call below): async-signal-safe system calls on
+    // SAFETY: the calls below are async-signal-safe system calls on
     // descriptors and buffers owned by this single-threaded child.
     unsafe {
         libc::close(fds.pid_rx);
@@ -338,12 +344,10 @@ fn before_exec(fds: &RawChildFds) -> std::io::Result<()> {
             match libc::read(fds.go_rx, go.as_mut_ptr().cast(), 1) {
                 1 => return Ok(()),
                 -1 if *libc::__errno_location() == libc::EINTR => continue,
-                // End of file: prof-bpf is gone or gave up; never run unprofiled.
-                _ => {
-                    return Err(std::io::Error::other(
-                        "prof-bpf exited before the probes were attached",
-                    ));
-                }
+                // End of file: prof-bpf is gone or gave up; never run
+                // unprofiled. Exit at once: std's report of a failed hook
+                // would write to a pipe whose reader may be gone, and abort.
+                _ => libc::_exit(ABANDONED),
             }
         }
     }

@@ -16,7 +16,6 @@ use object::read::elf::{Dyn as _, FileHeader as _};
 
 use crate::heap::discover::{self, Allocator};
 
-
 /// `name` as exec would find it (through PATH when it has no slash).
 pub(crate) fn find_program(name: &OsString) -> anyhow::Result<PathBuf> {
     let path = Path::new(name);
