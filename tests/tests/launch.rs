@@ -124,18 +124,39 @@ fn assert_never_stopped(tag: &str, what: &str) {
     }
 }
 
-/// Runs prof-bpf to its end: (stdout, stderr, exit code).
+/// Runs prof-bpf to its end: (stdout, stderr, exit code). Its output goes
+/// to files, not pipes: a process it leaves behind would keep a pipe open
+/// and hang the test instead of failing it.
 fn run(args: &[&str]) -> (String, String, i32) {
-    let out = Command::new(prof_bpf())
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let out = temp_path(&format!("run-{}-{n}.out", std::process::id()));
+    let err = temp_path(&format!("run-{}-{n}.err", std::process::id()));
+    let file = |p: &PathBuf| std::fs::File::create(p).expect("create an output file");
+    let mut child = Command::new(prof_bpf())
         .args(args)
         .stdin(Stdio::null())
-        .output()
+        .stdout(file(&out))
+        .stderr(file(&err))
+        .spawn()
         .expect("run prof-bpf");
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        out.status.code().unwrap_or(-1),
-    )
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for prof-bpf") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("prof-bpf {args:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let read = |p: &PathBuf| {
+        let text = std::fs::read_to_string(p).unwrap_or_default();
+        let _ = std::fs::remove_file(p);
+        text
+    };
+    (read(&out), read(&err), status.code().unwrap_or(-1))
 }
 
 /// A launch that fails after the fork: an error, and nothing left.
