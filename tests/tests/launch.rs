@@ -422,3 +422,40 @@ fn sigterm_and_sighup_keep_the_report_of_a_launched_program() {
     signal_in_launch_mode(libc::SIGTERM, "SIGTERM");
     signal_in_launch_mode(libc::SIGHUP, "SIGHUP");
 }
+
+#[test]
+fn sigkill_at_any_time_of_the_launch_is_harmless() {
+    require_bpf!();
+    // Kill times spread over the launch (load, fork, attach, loader stops,
+    // recording): whatever the moment, a program that started finishes, and
+    // nothing is left behind or stopped.
+    for subcommand in ["heap", "cpu"] {
+        for delay_ms in (0..=600).step_by(40) {
+            let tag = unique_tag(&format!("{subcommand}-{delay_ms}ms"));
+            let started = temp_path(&format!("{tag}.started"));
+            let done = temp_path(&format!("{tag}.done"));
+            let script = format!(
+                "touch {}; sleep 0.2; touch {}",
+                started.display(),
+                done.display()
+            );
+            let mut prof = Command::new(prof_bpf())
+                .args([subcommand, "--", "sh", "-c", &script, &tag])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start prof-bpf");
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            let _ = prof.kill();
+            prof.wait().expect("reap prof-bpf");
+            let what = format!("{subcommand}: SIGKILL after {delay_ms} ms");
+            assert_never_stopped(&tag, &what);
+            assert_nothing_left(&tag, &what);
+            assert!(
+                !started.exists() || done.exists(),
+                "{what}: the program started but did not finish"
+            );
+        }
+    }
+}
