@@ -126,6 +126,11 @@ impl Launched {
     /// guard leaves without touching it.
     pub fn attached(&mut self) {
         test_pause("after-attach");
+        self.end_hold();
+    }
+
+    /// Tells the guard to leave without touching the program.
+    fn end_hold(&mut self) {
         if let Some(mut guard) = self.guard.take() {
             // A failed write (the guard died) leaves nothing to release.
             let _ = guard.write_all(b"r");
@@ -154,10 +159,7 @@ impl Launched {
     pub fn finish(mut self, session: anyhow::Result<()>) -> ExitCode {
         if let Err(err) = &session {
             eprintln!("prof-bpf: {err:#}");
-            eprintln!(
-                "prof-bpf: pid {} runs on unprofiled; waiting for it to exit",
-                self.pid
-            );
+            eprintln!("prof-bpf: the program runs on unprofiled");
         }
         // A hold the session did not end (an error) must not outlive it.
         if self.guard.is_some() && crate::process::state(self.pid) == Some('T') {
@@ -165,7 +167,13 @@ impl Launched {
             // is not reaped yet, so its pid is still its own.
             unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGCONT) };
         }
-        self.attached_quietly();
+        self.end_hold();
+        if matches!(self.child.try_wait(), Ok(None)) {
+            eprintln!(
+                "prof-bpf: waiting for the program (pid {}) to exit",
+                self.pid
+            );
+        }
         match self.child.wait() {
             Ok(status) => {
                 eprintln!("prof-bpf: the program exited ({status})");
@@ -175,12 +183,6 @@ impl Launched {
                 eprintln!("prof-bpf: waiting for pid {}: {err}", self.pid);
                 ExitCode::FAILURE
             }
-        }
-    }
-
-    fn attached_quietly(&mut self) {
-        if let Some(mut guard) = self.guard.take() {
-            let _ = guard.write_all(b"r");
         }
     }
 }
