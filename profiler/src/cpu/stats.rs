@@ -139,7 +139,7 @@ mod tests {
         let second = status.line(&later, Duration::from_secs(13), 4);
         assert_eq!(
             second,
-            "prof-bpf: cpu 13 s: 140 samples/s, 4 processes, lost 7"
+            "prof-bpf: cpu 13 s: 100 samples/s, 4 processes, lost 7"
         );
     }
 }
