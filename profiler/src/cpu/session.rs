@@ -208,15 +208,17 @@ impl Session {
                 _ = tick.tick() => {
                     self.drain()?;
                     self.state.update_tables();
-                    if tty { eprint!("\r\x1b[K"); }
-                    self.print_interval(output).await?;
+                    self.print_interval(output, tty).await?;
                 }
                 _ = status_tick.tick() => {
                     lines += 1;
                     let counters = Counters::read(&self.ebpf, STATS_MAP)?;
                     let line = status.line(&counters, self.started.elapsed(), self.state.noted.len());
-                    if tty && !self.printing() {
-                        eprint!("\r\x1b[K{line}");
+                    if tty {
+                        // Not over an interval table being printed.
+                        if !self.printing() {
+                            eprint!("\r\x1b[K{line}");
+                        }
                     } else if lines.is_multiple_of(STATUS_EVERY_LINES) {
                         eprintln!("{line}");
                     }
@@ -246,11 +248,15 @@ impl Session {
     /// session must keep sampling and stop on time meanwhile. While a table
     /// is still being printed, the next interval goes on collecting and
     /// its table covers both.
-    async fn print_interval(&mut self, output: &OutputArgs) -> anyhow::Result<()> {
+    async fn print_interval(&mut self, output: &OutputArgs, tty: bool) -> anyhow::Result<()> {
         if self.state.interval.is_none() || self.printing() {
             return Ok(());
         }
         self.finish_printing().await?;
+        if tty {
+            // Clear the status line.
+            eprint!("\r\x1b[K");
+        }
         let fresh = self.new_collector();
         let Some(collector) = self.state.interval.replace(fresh) else {
             return Ok(());
