@@ -11,6 +11,8 @@
 //! - [`cpu`]: the `cpu` session (CPU samples of the host or some processes).
 //! - `launch`: `heap|cpu -- CMD`, a launched program that is never harmed.
 //! - [`unwind`]: CFI tables for the kernel-side user stack walker.
+//! - [`runtime`]: what every subcommand shares (runtime, stop, option
+//!   parsers, counter sets).
 
 pub mod count;
 pub mod cpu;
@@ -18,9 +20,11 @@ pub mod ebpf;
 pub mod heap;
 mod launch;
 pub mod output;
+pub mod probe_conflict;
 pub mod probe_point;
 pub mod process;
 pub mod profile;
 pub mod report;
+pub mod runtime;
 pub mod symbolize;
 pub mod unwind;

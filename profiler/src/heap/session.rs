@@ -25,7 +25,7 @@ use profiler_common::{
         MMAP_TARGETS_MAP, SAMPLE_INTERVALS_MAP, SAMPLE_WEIGHTS_MAP, SOURCE_MMAP, STACK_ID_MISSING,
         STACK_STATS_MAP, StackKey, StackStats, WEIGHT_ONE,
     },
-    stack::{STACK_COMPLETE, STACK_MISSING, USER_STACKS_MAP, UserStack},
+    stack::{USER_STACKS_MAP, UserStack},
 };
 
 use super::{
@@ -369,12 +369,15 @@ impl Session {
                     {
                         bail!("pid {pid} exited while the probes were being attached");
                     }
-                    return Err(err).with_context(|| {
-                        format!(
-                            "attaching to {} in {} for {what}",
-                            point.symbol, allocator.path
-                        )
-                    });
+                    let err = anyhow::Error::from(err).context(format!(
+                        "attaching to {} in {} for {what}",
+                        point.symbol, allocator.path
+                    ));
+                    return Err(crate::probe_conflict::explain(
+                        err,
+                        &allocator.open_path,
+                        point.probe_offset,
+                    ));
                 }
             }
         }
@@ -1002,14 +1005,12 @@ impl Session {
             self.refresh_process(pid);
         }
         let (mut user, mut status) = match stacks.get(&key.stack_id).copied() {
-            Some(stack) if stack.status != STACK_MISSING => {
+            Some(stack) if StackStatus::from_kernel(stack.status) != StackStatus::Missing => {
                 let len = (stack.len as usize).min(stack.ips.len());
-                let status = if stack.status == STACK_COMPLETE {
-                    StackStatus::Complete
-                } else {
-                    StackStatus::Truncated
-                };
-                (stack.ips[..len].to_vec(), status)
+                (
+                    stack.ips[..len].to_vec(),
+                    StackStatus::from_kernel(stack.status),
+                )
             }
             _ => (Vec::new(), StackStatus::Missing),
         };
