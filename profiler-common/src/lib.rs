@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod count;
+pub mod counters;
 pub mod cpu;
 pub mod heap;
 pub mod hooks;

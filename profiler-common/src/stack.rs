@@ -7,19 +7,39 @@
 //! Map [`KERNEL_STACKS_MAP`]: the kernel's `StackTrace` map filled by
 //! `bpf_get_stackid` (key `u32` stack id, value `[u64; 127]`).
 //!
-//! Map [`UNWIND_STATS_MAP`]: `PerCpuArray<u64>` indexed by the `STAT_*`
-//! constants, so that every stack that ended early can be explained.
+//! Map [`UNWIND_STATS_MAP`]: the [`UnwindCounter`] set, so that every stack
+//! that ended early can be explained.
 
-/// Deepest user stack recorded; deeper stacks end with [`STACK_TRUNCATED`].
+/// Deepest user stack recorded; deeper stacks end [`StackStatus::Truncated`].
 pub const MAX_USER_FRAMES: usize = 127;
 
-/// The walk reached the outermost frame (`_start`, thread start, or a zero
-/// return address / frame pointer).
-pub const STACK_COMPLETE: u32 = 0;
-/// The walk stopped early: the depth limit, or a frame could not be unwound.
-pub const STACK_TRUNCATED: u32 = 1;
-/// Not even the first frame could be read.
-pub const STACK_MISSING: u32 = 2;
+/// How a user stack walk ended. Stored as `u32` in [`UserStack::status`];
+/// [`StackStatus::try_from`] is the one conversion back (an unknown value is
+/// returned as the error, for the reader to show and count).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StackStatus {
+    /// The walk reached the outermost frame (`_start`, thread start, or a
+    /// zero return address / frame pointer).
+    Complete = 0,
+    /// The walk stopped early: the depth limit, or a frame could not be unwound.
+    Truncated = 1,
+    /// Not even the first frame could be read.
+    Missing = 2,
+}
+
+impl TryFrom<u32> for StackStatus {
+    type Error = u32;
+
+    fn try_from(value: u32) -> Result<Self, u32> {
+        match value {
+            0 => Ok(Self::Complete),
+            1 => Ok(Self::Truncated),
+            2 => Ok(Self::Missing),
+            other => Err(other),
+        }
+    }
+}
 
 /// One user stack, leaf first. `ips[0]` is the sampled pc for a perf event,
 /// or the return address at `[rsp]` (the direct caller) for a probe at a
@@ -31,7 +51,7 @@ pub struct UserStack {
     pub ips: [u64; MAX_USER_FRAMES],
     /// Number of frames in `ips`.
     pub len: u32,
-    /// [`STACK_COMPLETE`], [`STACK_TRUNCATED`] or [`STACK_MISSING`].
+    /// A [`StackStatus`] as `u32`.
     pub status: u32,
 }
 
@@ -42,7 +62,7 @@ impl UserStack {
     pub const EMPTY: Self = Self {
         ips: [0; MAX_USER_FRAMES],
         len: 0,
-        status: STACK_MISSING,
+        status: StackStatus::Missing as u32,
     };
 
     /// The recorded frames.
@@ -70,50 +90,39 @@ pub const KERNEL_STACKS_MAP: &str = "KERNEL_STACKS";
 /// Capacity of [`KERNEL_STACKS_MAP`].
 pub const KERNEL_STACKS_MAX: u32 = 16384;
 
-/// Name of the per-CPU unwinder counters.
+/// Name of the per-CPU unwinder counters: `PerCpuArray<u64>` of
+/// [`UnwindCounter::LEN`](crate::counters::CounterSet::LEN) entries.
 pub const UNWIND_STATS_MAP: &str = "UNWIND_STATS";
-/// Stacks walked.
-pub const STAT_STACKS: u32 = 0;
-/// Stacks that reached the outermost frame.
-pub const STAT_COMPLETE: u32 = 1;
-/// Stacks cut at [`MAX_USER_FRAMES`].
-pub const STAT_TRUNCATED_DEPTH: u32 = 2;
-/// Stacks cut because a frame could not be unwound.
-pub const STAT_TRUNCATED_UNWIND: u32 = 3;
-/// Stacks whose first frame could not be read.
-pub const STAT_MISSING: u32 = 4;
-/// Frames unwound with CFI rows.
-pub const STAT_FRAMES_CFI: u32 = 5;
-/// Frames unwound by following the frame pointer (no CFI for the pc).
-pub const STAT_FRAMES_FP: u32 = 6;
-/// Stacks not stored because [`USER_STACKS_MAP`] was full.
-pub const STAT_MAP_FULL: u32 = 7;
-/// Walks stopped on a pc outside every known mapping of the process.
-pub const STAT_UNKNOWN_MAPPING: u32 = 8;
-/// Walks stopped on a CFI rule the kernel walker cannot evaluate.
-pub const STAT_UNSUPPORTED_RULE: u32 = 9;
-/// Walks stopped because reading the user stack failed.
-pub const STAT_READ_FAILED: u32 = 10;
-/// Walks stopped because the stack pointer did not move up.
-pub const STAT_BAD_FRAME: u32 = 11;
-/// Signal frames unwound.
-pub const STAT_SIGNAL_FRAMES: u32 = 12;
-/// Number of counters in [`UNWIND_STATS_MAP`].
-pub const STATS_LEN: u32 = 16;
 
-/// Names of the counters, indexed like the map (for logs and reports).
-pub const STAT_NAMES: [&str; 13] = [
-    "stacks",
-    "complete",
-    "truncated_depth",
-    "truncated_unwind",
-    "missing",
-    "frames_cfi",
-    "frames_fp",
-    "map_full",
-    "unknown_mapping",
-    "unsupported_rule",
-    "read_failed",
-    "bad_frame",
-    "signal_frames",
-];
+crate::counter_set! {
+    /// What the user stack walker did, so that every stack that ended early
+    /// can be explained.
+    pub enum UnwindCounter {
+        /// Stacks walked.
+        Stacks = "stacks",
+        /// Stacks that reached the outermost frame.
+        Complete = "complete",
+        /// Stacks cut at [`MAX_USER_FRAMES`].
+        TruncatedDepth = "truncated_depth",
+        /// Stacks cut because a frame could not be unwound.
+        TruncatedUnwind = "truncated_unwind",
+        /// Stacks whose first frame could not be read.
+        Missing = "missing",
+        /// Frames unwound with CFI rows.
+        FramesCfi = "frames_cfi",
+        /// Frames unwound by following the frame pointer (no CFI for the pc).
+        FramesFp = "frames_fp",
+        /// Stacks not stored because [`USER_STACKS_MAP`] was full.
+        MapFull = "map_full",
+        /// Walks stopped on a pc outside every known mapping of the process.
+        UnknownMapping = "unknown_mapping",
+        /// Walks stopped on a CFI rule the kernel walker cannot evaluate.
+        UnsupportedRule = "unsupported_rule",
+        /// Walks stopped because reading the user stack failed.
+        ReadFailed = "read_failed",
+        /// Walks stopped because the stack pointer did not move up.
+        BadFrame = "bad_frame",
+        /// Signal frames unwound.
+        SignalFrames = "signal_frames",
+    }
+}

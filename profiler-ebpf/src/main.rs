@@ -7,6 +7,7 @@
 
 mod atomic;
 mod count;
+mod counters;
 mod cpu;
 mod heap;
 pub mod stack;

@@ -18,10 +18,9 @@ use aya_ebpf::{
     programs::tracing::StackIdContext,
 };
 use profiler_common::{
+    counters::CounterSet as _,
     stack::{
-        KERNEL_STACKS_MAX, MAX_USER_FRAMES, STACK_COMPLETE, STACK_MISSING, STACK_TRUNCATED,
-        STAT_COMPLETE, STAT_MAP_FULL, STAT_MISSING, STAT_STACKS, STAT_TRUNCATED_DEPTH,
-        STAT_TRUNCATED_UNWIND, STATS_LEN, USER_STACKS_MAX, UserStack,
+        KERNEL_STACKS_MAX, MAX_USER_FRAMES, StackStatus, USER_STACKS_MAX, UnwindCounter, UserStack,
     },
     unwind::Frame,
 };
@@ -37,9 +36,9 @@ pub static USER_STACKS: HashMap<u64, UserStack> =
 #[map(name = "KERNEL_STACKS")]
 pub static KERNEL_STACKS: StackTrace = StackTrace::with_max_entries(KERNEL_STACKS_MAX, 0);
 
-/// `UNWIND_STATS`: per-CPU counters indexed by `profiler_common::stack::STAT_*`.
+/// `UNWIND_STATS`: the `UnwindCounter` set.
 #[map(name = "UNWIND_STATS")]
-static UNWIND_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+static UNWIND_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(UnwindCounter::LEN, 0);
 
 /// A walk in progress. The BPF stack (512 bytes) cannot hold a `UserStack`,
 /// so the state lives in a map value.
@@ -103,17 +102,14 @@ fn walk_record(tid: u64) -> Option<*mut Walk> {
 pub enum StackError {
     /// The per-CPU scratch record is missing (cannot happen once loaded).
     NoScratch,
-    /// `USER_STACKS` is full (counted in `STAT_MAP_FULL`).
+    /// `USER_STACKS` is full (counted in `UnwindCounter::MapFull`).
     MapFull,
 }
 
-/// Adds one to counter `index` of `UNWIND_STATS`.
+/// Adds one to `counter` of `UNWIND_STATS`.
 #[inline(always)]
-pub(crate) fn count(index: u32) {
-    if let Some(c) = UNWIND_STATS.get_ptr_mut(index) {
-        // SAFETY: a pointer from a successful lookup into an 8-byte value.
-        unsafe { crate::atomic::add(c, 1) };
-    }
+pub(crate) fn count(counter: UnwindCounter) {
+    crate::counters::count(&UNWIND_STATS, counter);
 }
 
 /// The kernel stack of the current context, from the kernel's unwinder.
@@ -138,9 +134,9 @@ pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, Stac
     // interrupted its thread's walk) and stays valid while the program runs.
     let walk = unsafe { &mut *walk_ptr };
     walk.busy = 1;
-    count(STAT_STACKS);
+    count(UnwindCounter::Stacks);
     walk.stack.len = 0;
-    walk.stack.status = STACK_MISSING;
+    walk.stack.status = StackStatus::Missing as u32;
     walk.pid = (tid >> 32) as u32;
     walk.exact = 1;
     walk.bp_chained = 0;
@@ -160,9 +156,9 @@ pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, Stac
         }
     }
     if walk.frame.pc == 0 {
-        count(STAT_MISSING);
+        count(UnwindCounter::Missing);
     } else {
-        walk.stack.status = STACK_TRUNCATED;
+        walk.stack.status = StackStatus::Truncated as u32;
         let mut ctx = LoopCtx { walk: walk_ptr };
         // SAFETY: `walk_frame` has the callback signature bpf_loop expects
         // and `ctx` outlives the loop.
@@ -174,10 +170,12 @@ pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, Stac
                 0,
             );
         }
-        match walk.stack.status {
-            STACK_COMPLETE => count(STAT_COMPLETE),
-            _ if walk.stack.len as usize >= MAX_USER_FRAMES => count(STAT_TRUNCATED_DEPTH),
-            _ => count(STAT_TRUNCATED_UNWIND),
+        if walk.stack.status == StackStatus::Complete as u32 {
+            count(UnwindCounter::Complete);
+        } else if walk.stack.len as usize >= MAX_USER_FRAMES {
+            count(UnwindCounter::TruncatedDepth);
+        } else {
+            count(UnwindCounter::TruncatedUnwind);
         }
     }
 
@@ -188,7 +186,7 @@ pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, Stac
             // -EEXIST: another CPU stored the same stack meanwhile.
             Ok(()) | Err(-17) => {}
             Err(_) => {
-                count(STAT_MAP_FULL);
+                count(UnwindCounter::MapFull);
                 result = Err(StackError::MapFull);
             }
         }
@@ -251,7 +249,7 @@ extern "C" fn walk_frame(_index: u64, ctx: *mut c_void) -> i64 {
     let walk = unsafe { &mut *(*ctx.cast::<LoopCtx>()).walk };
     let len = walk.stack.len as usize;
     let Some(slot) = walk.stack.ips.get_mut(len) else {
-        // Depth limit: status stays STACK_TRUNCATED.
+        // Depth limit: the status stays Truncated.
         return 1;
     };
     *slot = walk.frame.pc;
@@ -268,7 +266,7 @@ extern "C" fn walk_frame(_index: u64, ctx: *mut c_void) -> i64 {
             0
         }
         StepResult::End => {
-            walk.stack.status = STACK_COMPLETE;
+            walk.stack.status = StackStatus::Complete as u32;
             1
         }
         StepResult::Stop => 1,

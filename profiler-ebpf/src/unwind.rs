@@ -9,10 +9,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
 };
 use profiler_common::{
-    stack::{
-        STAT_BAD_FRAME, STAT_FRAMES_CFI, STAT_FRAMES_FP, STAT_READ_FAILED, STAT_SIGNAL_FRAMES,
-        STAT_UNKNOWN_MAPPING, STAT_UNSUPPORTED_RULE,
-    },
+    stack::UnwindCounter,
     unwind::{
         self as rows, CFA_NONE, CFA_SIGNAL, Frame, MAPPINGS_MAX, MappingInfo, MappingKey,
         PAGE_MASK, PAGE_SHIFT, PAGES_MAX, PageKey, PageRows, REFRESH_MAX, ROWS_MAX, SEARCH_STEPS,
@@ -80,14 +77,14 @@ pub(crate) fn step(pid: u32, frame: &Frame, exact: bool, bp_chained: bool) -> St
     };
     let (step, via_fp) = match find_row(pid, lookup_pc) {
         Some(row) if row.kind() != CFA_NONE => {
-            count(STAT_FRAMES_CFI);
+            count(UnwindCounter::FramesCfi);
             if row.kind() == CFA_SIGNAL {
-                count(STAT_SIGNAL_FRAMES);
+                count(UnwindCounter::SignalFrames);
             }
             (rows::step(&row, frame, read_user), false)
         }
         _ => {
-            count(STAT_FRAMES_FP);
+            count(UnwindCounter::FramesFp);
             (rows::step_frame_pointer(frame, read_user), true)
         }
     };
@@ -101,7 +98,7 @@ pub(crate) fn step(pid: u32, frame: &Frame, exact: bool, bp_chained: bool) -> St
             // frame may sit anywhere, e.g. on an alternate stack).
             if (!exact && next.sp <= frame.sp) || next.pc < MIN_USER_ADDR || next.pc >= KERNEL_START
             {
-                count(STAT_BAD_FRAME);
+                count(UnwindCounter::BadFrame);
                 return StepResult::Stop;
             }
             StepResult::Caller {
@@ -112,11 +109,11 @@ pub(crate) fn step(pid: u32, frame: &Frame, exact: bool, bp_chained: bool) -> St
         }
         Step::End => end_unless(via_fp && !bp_chained),
         Step::Unsupported => {
-            count(STAT_UNSUPPORTED_RULE);
+            count(UnwindCounter::UnsupportedRule);
             StepResult::Stop
         }
         Step::ReadFailed => {
-            count(STAT_READ_FAILED);
+            count(UnwindCounter::ReadFailed);
             StepResult::Stop
         }
     }
@@ -136,7 +133,7 @@ pub(crate) fn has_cfi(pid: u32, pc: u64) -> bool {
 #[inline(always)]
 fn end_unless(untrusted: bool) -> StepResult {
     if untrusted {
-        count(STAT_BAD_FRAME);
+        count(UnwindCounter::BadFrame);
         StepResult::Stop
     } else {
         StepResult::End
@@ -150,7 +147,7 @@ fn find_row(pid: u32, pc: u64) -> Option<UnwindRow> {
     let key = Key::new(32 + 64, MappingKey::new(pid, pc));
     let Some(mapping) = MAPPINGS.get(&key) else {
         // New code (dlopen) or a process without tables: ask user space once.
-        count(STAT_UNKNOWN_MAPPING);
+        count(UnwindCounter::UnknownMapping);
         if REFRESH.get_ptr(pid).is_none() {
             let _ = REFRESH.insert(pid, pc, 0);
         }

@@ -31,10 +31,7 @@ use profiler_common::{
         KEY_USER_STACK, KEY_USER_STACK_FAILED, PIDS_MAP, STATS_MAP, SampleCounts, SampleKey, Stat,
         TASK_EVENTS_MAP, TASK_EXEC, TASK_EXIT, TaskEvent,
     },
-    stack::{
-        KERNEL_STACKS_MAP, STACK_COMPLETE, STACK_MISSING, STACK_TRUNCATED, STAT_NAMES,
-        USER_STACKS_MAP, UserStack,
-    },
+    stack::{KERNEL_STACKS_MAP, UNWIND_STATS_MAP, USER_STACKS_MAP, UnwindCounter, UserStack},
 };
 
 use crate::{
@@ -42,7 +39,8 @@ use crate::{
     output::{self, OutputArgs},
     process,
     profile::{Collector, RawSample, SampleType, StackStatus},
-    unwind::{self, Tables},
+    runtime::counters::Counts,
+    unwind::Tables,
 };
 
 /// The sampling event.
@@ -319,7 +317,7 @@ async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<
             () = sleep_until(deadline) => break,
         }
     }
-    let unwind_stats = unwind::read_stats(&ebpf)?;
+    let unwind_stats = Counts::<UnwindCounter>::read(&ebpf, UNWIND_STATS_MAP)?;
     // Detach (the maps stay open), then drain everything that was counted.
     drop(ebpf);
     // Events already queued (exits of the last moments) name the last samples.
@@ -332,12 +330,7 @@ async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<
     for comment in stats.comments(event, started.elapsed()) {
         collector.add_comment(comment);
     }
-    let unwind_counts: Vec<String> = STAT_NAMES
-        .iter()
-        .zip(unwind_stats)
-        .map(|(name, value)| format!("{name} {value}"))
-        .collect();
-    collector.add_comment(format!("user stack walks: {}", unwind_counts.join(", ")));
+    collector.add_comment(unwind_stats.comment("user stack walks"));
     eprintln!("prof-bpf: {}", stats.summary(event, started.elapsed()));
     let profile = collector.finish()?;
     output::write(&profile, &output_args)
@@ -762,18 +755,13 @@ impl Sampler {
         let (user, user_status) = if key.flags & KEY_USER_STACK != 0 {
             match self.user_stack(state, key.user_stack) {
                 Some((frames, status))
-                    if status == STACK_MISSING && frames.is_empty() && state.is_kthread(pid) =>
+                    if StackStatus::from_kernel(status) == StackStatus::Missing
+                        && frames.is_empty()
+                        && state.is_kthread(pid) =>
                 {
                     (Vec::new(), StackStatus::Complete)
                 }
-                Some((frames, status)) => (
-                    frames,
-                    match status {
-                        STACK_COMPLETE => StackStatus::Complete,
-                        STACK_TRUNCATED => StackStatus::Truncated,
-                        _ => StackStatus::Missing,
-                    },
-                ),
+                Some((frames, status)) => (frames, StackStatus::from_kernel(status)),
                 None => (Vec::new(), StackStatus::Missing),
             }
         } else if key.flags & KEY_USER_STACK_FAILED != 0 {

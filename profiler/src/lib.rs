@@ -9,15 +9,19 @@
 //! - [`count`]: the `count` session (malloc/free call counters).
 //! - [`heap`]: the `heap` session (heap profiles and leak reports).
 //! - [`unwind`]: CFI tables for the kernel-side user stack walker.
+//! - [`runtime`]: what every subcommand shares (runtime, stop, option
+//!   parsers, counter sets).
 
 pub mod count;
 pub mod cpu;
 pub mod ebpf;
 pub mod heap;
 pub mod output;
+pub mod probe_conflict;
 pub mod probe_point;
 pub mod process;
 pub mod profile;
 pub mod report;
+pub mod runtime;
 pub mod symbolize;
 pub mod unwind;

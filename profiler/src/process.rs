@@ -44,12 +44,67 @@ impl Mapping {
     }
 }
 
-/// Fails with "no process with pid N" unless `pid` names a live process.
+/// Fails with a one-line reason unless `pid` names a live process: not
+/// found, a thread id rather than a process id (`/proc/TID` exists for
+/// threads too, though it is not listed), or a zombie.
 pub fn check_pid(pid: u32) -> anyhow::Result<()> {
     if pid == 0 || !Path::new(&format!("/proc/{pid}")).exists() {
         bail!("no process with pid {pid}");
     }
+    if let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status"))
+        && let Some(tgid) = status_field(&status, "Tgid")
+        && tgid != pid
+    {
+        bail!(
+            "{pid} is a thread of process {tgid} ({}), not a process: use --pid {tgid}",
+            comm(tgid)
+        );
+    }
+    if state(pid) == Some('Z') {
+        bail!(
+            "process {pid} ({}) has exited (a zombie waiting for its parent): nothing is left to profile",
+            comm(pid)
+        );
+    }
     Ok(())
+}
+
+/// [`check_pid`], and the process must have user memory: kernel threads
+/// have no allocator and no user stacks to probe.
+pub fn check_user_process(pid: u32) -> anyhow::Result<()> {
+    check_pid(pid)?;
+    if let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat"))
+        && is_kernel_thread(&stat)
+    {
+        bail!(
+            "pid {pid} ({}) is a kernel thread: it has no user-space memory to profile",
+            comm(pid)
+        );
+    }
+    Ok(())
+}
+
+/// A numeric field of `/proc/PID/status` (`Tgid:\t123`).
+fn status_field(status: &str, name: &str) -> Option<u32> {
+    status.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        (key == name).then(|| value.trim().parse().ok())?
+    })
+}
+
+/// Whether a `/proc/PID/stat` line is a kernel thread's (flag PF_KTHREAD in
+/// the ninth field).
+fn is_kernel_thread(stat: &str) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    // Fields after the command name, which may contain anything, start
+    // after the last `)`: state is the first of them, flags the seventh.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return false;
+    };
+    rest.split_whitespace()
+        .nth(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
 }
 
 /// The process's command name (`/proc/PID/comm`), or `?` once it is gone.
@@ -71,8 +126,16 @@ pub fn state(pid: u32) -> Option<char> {
 /// Reads and parses `/proc/PID/maps`.
 pub fn maps(pid: u32) -> anyhow::Result<Vec<Mapping>> {
     check_pid(pid)?;
-    let text = fs::read_to_string(format!("/proc/{pid}/maps"))
-        .with_context(|| format!("reading /proc/{pid}/maps (did the process exit?)"))?;
+    let text = fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|err| {
+        let why = match err.kind() {
+            std::io::ErrorKind::PermissionDenied => {
+                "permission denied: run as root (with CAP_SYS_PTRACE)".to_owned()
+            }
+            std::io::ErrorKind::NotFound => "the process exited".to_owned(),
+            _ => err.to_string(),
+        };
+        anyhow::anyhow!("cannot read /proc/{pid}/maps: {why}")
+    })?;
     Ok(parse_maps(&text))
 }
 
@@ -133,10 +196,16 @@ impl ExitWatcher {
         let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
         if raw < 0 {
             let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ESRCH) {
+            // ESRCH: gone; ENOENT/EINVAL: a thread id, which has no pidfd.
+            if matches!(
+                err.raw_os_error(),
+                Some(libc::ESRCH | libc::ENOENT | libc::EINVAL)
+            ) {
+                check_pid(pid)?;
                 bail!("no process with pid {pid}");
             }
-            return Err(err).context("pidfd_open");
+            return Err(err)
+                .with_context(|| format!("watching pid {pid} for its exit (pidfd_open)"));
         }
         // SAFETY: `raw` is a fresh descriptor that nothing else owns.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw as i32) };
@@ -184,6 +253,59 @@ mod tests {
         assert!(!maps[2].is_file());
         assert_eq!(maps[3].path, "");
         assert_eq!(find_libc(&maps).map(|m| m.inode), Some(2097));
+    }
+
+    #[test]
+    fn status_and_stat_fields() {
+        let status =
+            "Name:\tworker\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t100\nNgid:\t0\nPid:\t104\n";
+        assert_eq!(status_field(status, "Tgid"), Some(100));
+        assert_eq!(status_field(status, "Pid"), Some(104));
+        assert_eq!(status_field(status, "Missing"), None);
+        let kthread = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0";
+        let user = "77 (a (weird) name) S 1 77 77 0 -1 4194560 100 0 0 0 3 1";
+        assert!(is_kernel_thread(kthread));
+        assert!(!is_kernel_thread(user));
+        assert!(!is_kernel_thread("garbage"));
+    }
+
+    #[test]
+    fn own_threads_and_processes_are_told_apart() {
+        assert!(check_user_process(std::process::id()).is_ok());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            // SAFETY: gettid takes no arguments and cannot fail.
+            tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        });
+        let tid = rx.recv().unwrap();
+        let err = check_pid(tid).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!(
+                "{tid} is a thread of process {}",
+                std::process::id()
+            )),
+            "{err}"
+        );
+        t.join().unwrap();
+        if Path::new("/proc/2/stat").exists() && comm(2) == "kthreadd" {
+            let err = check_user_process(2).unwrap_err().to_string();
+            assert!(err.contains("is a kernel thread"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_zombie_is_named_as_such() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Not yet reaped: it stays a zombie until wait().
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while state(pid) != Some('Z') && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let err = check_pid(pid).unwrap_err().to_string();
+        child.wait().unwrap();
+        assert!(err.contains("has exited (a zombie"), "{err}");
     }
 
     #[test]

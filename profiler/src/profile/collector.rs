@@ -48,6 +48,8 @@ pub struct Collector {
     pseudo_mappings: HashMap<String, usize>,
     kernel_mapping: Option<usize>,
     started: std::time::SystemTime,
+    /// Stacks whose kernel-side status value was unknown (shown and counted).
+    unknown_statuses: u64,
 }
 
 impl Collector {
@@ -72,6 +74,7 @@ impl Collector {
             pseudo_mappings: HashMap::new(),
             kernel_mapping: None,
             started,
+            unknown_statuses: 0,
         }
     }
 
@@ -123,8 +126,13 @@ impl Collector {
                     }
                 }
             }
-            if status == StackStatus::Truncated {
-                locations.push(self.marker(TRUNCATED));
+            match status {
+                StackStatus::Truncated => locations.push(self.marker(TRUNCATED)),
+                StackStatus::Unknown(value) => {
+                    self.unknown_statuses += 1;
+                    locations.push(self.marker(super::unknown_status_marker(value)));
+                }
+                StackStatus::Complete | StackStatus::Missing => {}
             }
         }
         let mut labels = vec![
@@ -163,6 +171,10 @@ impl Collector {
 
     /// Symbolizes every location and returns the profile.
     pub fn finish(mut self) -> anyhow::Result<Profile> {
+        if self.unknown_statuses > 0 {
+            let n = self.unknown_statuses;
+            self.add_comment(format!("stacks with an unknown status value: {n}"));
+        }
         let profile = std::mem::take(&mut self.profile);
         // The normalizer (and its open files) lives until this returns.
         Ok(self.symbolized(profile))

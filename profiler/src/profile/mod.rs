@@ -75,6 +75,23 @@ pub enum StackStatus {
     Truncated,
     /// The user stack could not be read at all (`[missing user stack]`).
     Missing,
+    /// A status value the kernel side wrote that this build does not know:
+    /// shown as `[unknown stack status N]` and counted, never guessed.
+    Unknown(u32),
+}
+
+impl StackStatus {
+    /// The status of a stack recorded by the kernel walker
+    /// (`profiler_common::stack::UserStack::status`).
+    pub fn from_kernel(raw: u32) -> Self {
+        use profiler_common::stack::StackStatus as Kernel;
+        match Kernel::try_from(raw) {
+            Ok(Kernel::Complete) => Self::Complete,
+            Ok(Kernel::Truncated) => Self::Truncated,
+            Ok(Kernel::Missing) => Self::Missing,
+            Err(value) => Self::Unknown(value),
+        }
+    }
 }
 
 /// One sample as a profiler captured it: absolute addresses of one process.
@@ -263,6 +280,23 @@ impl Label {
 /// The names shown for markers.
 pub const TRUNCATED: &str = "[truncated]";
 pub const MISSING_USER_STACK: &str = "[missing user stack]";
+
+/// The marker of a stack whose status value is unknown: `[unknown stack
+/// status N]`, one name per distinct value (the kernel side writes a few
+/// known values, so the set stays tiny even if a mismatched build writes
+/// others).
+pub fn unknown_status_marker(value: u32) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<(u32, &'static str)>> = std::sync::Mutex::new(Vec::new());
+    let mut names = NAMES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(&(_, name)) = names.iter().find(|(v, _)| *v == value) {
+        return name;
+    }
+    let name: &'static str = Box::leak(format!("[unknown stack status {value}]").into_boxed_str());
+    names.push((value, name));
+    name
+}
 /// Leaf marker of heap samples that are memory mappings (`heap --mmap`).
 pub const MMAP: &str = "[mmap]";
 
@@ -376,5 +410,24 @@ impl Profile {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod stack_status_tests {
+    use super::*;
+
+    #[test]
+    fn kernel_values_map_to_statuses_and_unknown_ones_are_kept() {
+        assert_eq!(StackStatus::from_kernel(0), StackStatus::Complete);
+        assert_eq!(StackStatus::from_kernel(1), StackStatus::Truncated);
+        assert_eq!(StackStatus::from_kernel(2), StackStatus::Missing);
+        assert_eq!(StackStatus::from_kernel(9), StackStatus::Unknown(9));
+        assert_eq!(unknown_status_marker(9), "[unknown stack status 9]");
+        // One name per value, the same each time.
+        assert!(std::ptr::eq(
+            unknown_status_marker(9),
+            unknown_status_marker(9)
+        ));
     }
 }

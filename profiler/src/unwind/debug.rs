@@ -21,12 +21,16 @@ use aya::{
 };
 use blazesym::symbolize::{Input, Symbolized, Symbolizer, source};
 use profiler_common::{
-    stack::{STACK_COMPLETE, STACK_TRUNCATED, STAT_NAMES, USER_STACKS_MAP, UserStack},
+    counters::CounterSet as _,
+    stack::{StackStatus, UNWIND_STATS_MAP, USER_STACKS_MAP, UnwindCounter, UserStack},
     unwind_test::{TEST_COUNTS_MAP, TEST_STACK_FAILED},
 };
 
-use super::{Tables, read_stats};
-use crate::{ebpf, process};
+use super::Tables;
+use crate::{
+    ebpf, process,
+    runtime::{self, StopEvent, counters::Counts},
+};
 
 /// How often the walker's requests for fresh tables are served. Until a
 /// library loaded by `dlopen` is in the tables, its frames are walked by
@@ -52,8 +56,8 @@ pub struct DebugArgs {
     #[arg(long, short = 'F', default_value_t = 999)]
     pub freq: u64,
     /// Seconds to run (default: until the process exits).
-    #[arg(long, short)]
-    pub duration: Option<f64>,
+    #[arg(long, short, value_parser = runtime::args::seconds)]
+    pub duration: Option<Duration>,
     /// Load no CFI tables: follow frame pointers only.
     #[arg(long)]
     pub fp_only: bool,
@@ -66,16 +70,13 @@ pub struct DebugArgs {
 pub fn run(args: DebugArgs) -> anyhow::Result<()> {
     ebpf::require_root()?;
     let pid = NonZeroU32::new(args.pid).context("no process with pid 0")?;
-    process::check_pid(pid.get())?;
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?
-        .block_on(session(args, pid))
+    process::check_user_process(pid.get())?;
+    runtime::block_on(session(args, pid))
 }
 
 async fn session(args: DebugArgs, pid: NonZeroU32) -> anyhow::Result<()> {
-    let exit = process::ExitWatcher::new(pid.get())?;
+    let mut stop = runtime::Stop::new()?;
+    stop.watch(pid.get())?;
     let mut ebpf = ebpf::load()?;
     ebpf::spawn_logger(&mut ebpf);
     let mut tables = Tables::new(&mut ebpf)?;
@@ -125,12 +126,10 @@ async fn session(args: DebugArgs, pid: NonZeroU32) -> anyhow::Result<()> {
     }
     eprintln!("debug-unwind: attached to pid {pid}");
 
-    let deadline = args
-        .duration
-        .map(|d| tokio::time::Instant::now() + Duration::from_secs_f64(d));
+    if let Some(d) = args.duration {
+        stop.set_deadline(tokio::time::Instant::now() + d);
+    }
     let mut tick = tokio::time::interval(POLL_INTERVAL);
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
     let mut exited = false;
     loop {
         tokio::select! {
@@ -139,9 +138,10 @@ async fn session(args: DebugArgs, pid: NonZeroU32) -> anyhow::Result<()> {
                     tables.poll();
                 }
             }
-            _ = &mut ctrl_c => break,
-            () = exit.exited() => { exited = true; break }
-            () = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
+            event = stop.next() => match event {
+                StopEvent::Exited(_) => exited = true,
+                StopEvent::Stop(_) => break,
+            },
         }
     }
 
@@ -164,10 +164,11 @@ async fn session(args: DebugArgs, pid: NonZeroU32) -> anyhow::Result<()> {
             continue;
         }
         let stack = stacks.get(&id, 0).context("a counted stack is missing")?;
-        let status = match stack.status {
-            STACK_COMPLETE => "complete",
-            STACK_TRUNCATED => "truncated",
-            _ => "missing",
+        let status = match StackStatus::try_from(stack.status) {
+            Ok(StackStatus::Complete) => "complete".to_owned(),
+            Ok(StackStatus::Truncated) => "truncated".to_owned(),
+            Ok(StackStatus::Missing) => "missing".to_owned(),
+            Err(value) => format!("unknown-status-{value}"),
         };
         // Return addresses are looked up one byte back (inside the call);
         // a perf sample's first frame is the pc itself.
@@ -204,10 +205,10 @@ async fn session(args: DebugArgs, pid: NonZeroU32) -> anyhow::Result<()> {
     for (_, line) in lines {
         println!("{line}");
     }
-    let stats = read_stats(&ebpf)?;
+    let stats = Counts::<UnwindCounter>::read(&ebpf, UNWIND_STATS_MAP)?;
     let mut text = format!("# stats failed_to_store={failed}");
-    for (name, value) in STAT_NAMES.iter().zip(stats) {
-        text.push_str(&format!(" {name}={value}"));
+    for &counter in UnwindCounter::ALL {
+        text.push_str(&format!(" {}={}", counter.name(), stats.get(counter)));
     }
     println!("{text}");
     let name = if args.perf {

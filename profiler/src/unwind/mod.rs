@@ -27,16 +27,13 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::maps::{
-    HashMap as BpfHashMap, Map, MapData, PerCpuArray,
+    HashMap as BpfHashMap, Map, MapData,
     lpm_trie::{Key, LpmTrie},
 };
 use log::{debug, warn};
-use profiler_common::{
-    stack::{STATS_LEN, UNWIND_STATS_MAP},
-    unwind::{
-        MAPPINGS_MAP, MappingInfo, MappingKey, PAGES_MAP, PageKey, PageRows, REFRESH_MAP, ROWS_MAP,
-        ROWS_MAX, UnwindRow,
-    },
+use profiler_common::unwind::{
+    MAPPINGS_MAP, MappingInfo, MappingKey, PAGES_MAP, PageKey, PageRows, REFRESH_MAP, ROWS_MAP,
+    ROWS_MAX, UnwindRow,
 };
 
 use crate::process::{self, Mapping};
@@ -565,19 +562,6 @@ fn prefixes(mut start: u64, end: u64) -> Vec<(u32, u64)> {
         start += 1 << bits;
     }
     out
-}
-
-/// The walker's counters (`profiler_common::stack::STAT_*`) summed over CPUs.
-pub fn read_stats(ebpf: &aya::Ebpf) -> anyhow::Result<[u64; STATS_LEN as usize]> {
-    let map: PerCpuArray<_, u64> = PerCpuArray::try_from(
-        ebpf.map(UNWIND_STATS_MAP)
-            .context("unwinder stats map missing")?,
-    )?;
-    let mut out = [0; STATS_LEN as usize];
-    for (i, slot) in out.iter_mut().enumerate() {
-        *slot = map.get(&(i as u32), 0)?.iter().sum();
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
