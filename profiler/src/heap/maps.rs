@@ -7,11 +7,11 @@ use std::collections::{HashMap, HashSet};
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap},
 };
 use profiler_common::{
     heap::{
-        CONFIG_MAP, COUNTERS_MAP, HeapConfig, HeapCounters, LIVE_MAP, LiveAlloc, LiveKey,
+        CONFIG_MAP, COUNTERS_MAP, HeapConfig, HeapCounter, LIVE_MAP, LiveAlloc, LiveKey,
         MMAP_TARGETS_MAP, SAMPLE_INTERVALS_MAP, SAMPLE_WEIGHTS_MAP, SOURCE_MMAP, STACK_ID_MISSING,
         STACK_STATS_MAP, StackKey, StackStats,
     },
@@ -19,6 +19,7 @@ use profiler_common::{
 };
 
 use super::sampling;
+use crate::runtime::counters::Counts;
 
 /// Writes the sampler settings and tables before any probe is attached.
 pub(crate) fn configure(
@@ -158,24 +159,8 @@ pub(crate) fn drop_live_blocks(ebpf: &mut Ebpf, dead: &HashSet<u32>) -> anyhow::
 }
 
 /// The event and loss counters, summed over CPUs.
-pub(crate) fn counters(ebpf: &Ebpf) -> anyhow::Result<HeapCounters> {
-    let map: PerCpuArray<&MapData, HeapCounters> =
-        PerCpuArray::try_from(ebpf.map(COUNTERS_MAP).context("counter map missing")?)?;
-    let values = map.get(&0, 0).context("reading the counters")?;
-    Ok(values
-        .iter()
-        .fold(HeapCounters::default(), |a, c| HeapCounters {
-            allocs: a.allocs + c.allocs,
-            frees: a.frees + c.frees,
-            tracked: a.tracked + c.tracked,
-            live_full: a.live_full + c.live_full,
-            stacks_full: a.stacks_full + c.stacks_full,
-            stack_errors: a.stack_errors + c.stack_errors,
-            threads_full: a.threads_full + c.threads_full,
-            mmaps: a.mmaps + c.mmaps,
-            mmaps_in_allocator: a.mmaps_in_allocator + c.mmaps_in_allocator,
-            unmaps_partial: a.unmaps_partial + c.unmaps_partial,
-        }))
+pub(crate) fn counters(ebpf: &Ebpf) -> anyhow::Result<Counts<HeapCounter>> {
+    Counts::read(ebpf, COUNTERS_MAP)
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of the kernel's timestamps.

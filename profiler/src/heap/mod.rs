@@ -18,6 +18,8 @@ use anyhow::bail;
 use profiler_common::heap::{DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS};
 use settings::{ProbeRequest, Settings, Targets};
 
+use crate::runtime;
+
 mod attach;
 pub(crate) mod discover;
 pub(crate) mod launch;
@@ -110,14 +112,14 @@ pub struct HeapArgs {
     #[arg(long)]
     pub leaks: bool,
     /// With --leaks: also list stacks holding allocations at least this old.
-    #[arg(long, value_name = "SECS", requires = "leaks")]
-    pub min_age: Option<f64>,
-    /// Stop after this many seconds (default: until Ctrl-C or the targets exit).
-    #[arg(long, short, value_name = "SECS")]
-    pub duration: Option<f64>,
+    #[arg(long, value_name = "SECS", requires = "leaks", value_parser = runtime::args::age)]
+    pub min_age: Option<Duration>,
+    /// Stop after this many seconds (default: until a signal or the targets exit).
+    #[arg(long, short, value_name = "SECS", value_parser = runtime::args::seconds)]
+    pub duration: Option<Duration>,
     /// Seconds between reports (heap profiles), or between snapshots (--leaks, default 2).
-    #[arg(long, value_name = "SECS")]
-    pub interval: Option<f64>,
+    #[arg(long, value_name = "SECS", value_parser = runtime::args::interval)]
+    pub interval: Option<Duration>,
     /// Also track anonymous private mappings (mmap/mremap/munmap) made
     /// outside allocator calls; see MAPPINGS below.
     #[arg(long)]
@@ -173,23 +175,7 @@ fn to_settings(args: &HeapArgs) -> anyhow::Result<Settings> {
         }
         _ => bail!("--pid, --all and `-- CMD` exclude each other: give one"),
     };
-    let mut seconds = [None; 3];
-    for (i, (flag, value)) in [
-        ("--duration", args.duration),
-        ("--interval", args.interval),
-        ("--min-age", args.min_age),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        if let Some(v) = value {
-            if !(v.is_finite() && (v > 0.0 || (flag == "--min-age" && v == 0.0))) {
-                bail!("{flag} must be a positive number of seconds, got {v}");
-            }
-            seconds[i] = Some(Duration::from_secs_f64(v));
-        }
-    }
-    let [duration, interval, min_age] = seconds;
+    runtime::args::check_interval(args.interval, args.duration)?;
     let sample_bytes = args.sample_bytes.unwrap_or(if args.leaks {
         0
     } else {
@@ -221,9 +207,11 @@ fn to_settings(args: &HeapArgs) -> anyhow::Result<Settings> {
         lib: args.lib.clone(),
         sample_bytes,
         leaks: args.leaks,
-        min_age,
-        duration,
-        interval: interval.or(args.leaks.then_some(DEFAULT_LEAK_INTERVAL)),
+        min_age: args.min_age,
+        duration: args.duration,
+        interval: args
+            .interval
+            .or(args.leaks.then_some(DEFAULT_LEAK_INTERVAL)),
         probe: probe.into(),
         mmap: args.mmap,
         max_live: args.max_live,

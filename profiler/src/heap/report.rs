@@ -10,14 +10,16 @@
 use std::collections::HashMap;
 
 use profiler_common::{
-    heap::{HeapCounters, LiveAlloc, LiveKey, SOURCE_MMAP, StackKey, StackStats, WEIGHT_ONE},
-    stack::{STACK_COMPLETE, STACK_MISSING, UserStack},
+    counters::CounterSet as _,
+    heap::{HeapCounter, LiveAlloc, LiveKey, SOURCE_MMAP, StackKey, StackStats, WEIGHT_ONE},
+    stack::UserStack,
 };
 
 use super::{leaks, processes::Processes, settings::Tracking};
 use crate::{
     process::{self, Mapping},
     profile::{self, Collector, Profile, RawSample, SampleType, StackStatus},
+    runtime::counters::Counts,
 };
 
 /// What a report is built from, read from the maps.
@@ -28,7 +30,7 @@ pub(crate) struct Totals {
     /// The user stacks of `stats` (and of `old`) by id.
     pub stacks: HashMap<u64, UserStack>,
     /// Event and loss counters.
-    pub counters: HeapCounters,
+    pub counters: Counts<HeapCounter>,
     /// `--mmap`: tracked mappings the targets no longer wholly map.
     pub unmapped: Unmapped,
     /// `--min-age`: per stack, the live allocations at least that old.
@@ -225,41 +227,35 @@ pub(crate) fn human_bytes(bytes: i64) -> String {
     }
 }
 
-/// The comments every report carries: the mode, the counters, the losses.
+/// The comments every report carries: the mode, the counters, and what
+/// each loss means.
 fn comments(totals: &Totals, ctx: &Context<'_>) -> Vec<String> {
     let counters = &totals.counters;
-    let mut out = vec![ctx.tracking.comment()];
-    out.push(format!(
-        "allocations seen: {}, tracked: {}{}",
-        counters.allocs,
-        counters.tracked,
-        if ctx.mmap { " (with the mappings)" } else { "" }
-    ));
-    for (lost, why) in [
+    let mut out = vec![ctx.tracking.comment(), counters.comment("heap counters")];
+    for (counter, meaning) in [
         (
-            counters.live_full,
-            "live-allocation map full; raise --max-live",
+            HeapCounter::LiveFull,
+            "allocations lost: the live-allocation map was full; raise --max-live",
         ),
-        (counters.stacks_full, "stack map full; raise --max-stacks"),
-        (counters.threads_full, "thread map full"),
+        (
+            HeapCounter::StacksFull,
+            "allocations lost: the stack map was full; raise --max-stacks",
+        ),
+        (
+            HeapCounter::ThreadsFull,
+            "allocations lost: the thread map was full",
+        ),
+        (HeapCounter::StackErrors, "allocations without a user stack"),
     ] {
-        if lost > 0 {
-            out.push(format!("lost allocations: {lost} ({why})"));
+        let n = counters.get(counter);
+        if n > 0 {
+            out.push(format!("{}: {n} ({meaning})", counter.name()));
         }
-    }
-    if counters.stack_errors > 0 {
-        out.push(format!(
-            "allocations without a user stack: {}",
-            counters.stack_errors
-        ));
     }
     if ctx.mmap {
         out.push(format!(
-            "anonymous mappings tracked: {} (stacks end in {}); made by the allocator, counted as its allocations: {}; unmaps of a mapping's front part: {}",
-            counters.mmaps,
+            "anonymous mappings: stacks end in {}; mmaps_in_allocator were made by the allocator and count as its allocations",
             profile::MMAP,
-            counters.mmaps_in_allocator,
-            counters.unmaps_partial
         ));
         let unmapped = &totals.unmapped;
         if unmapped.mappings > 0 {
@@ -383,18 +379,15 @@ pub(crate) fn leak_report(totals: &Totals, ctx: &Context<'_>, input: &LeakInput<
 }
 
 /// A captured stack's frames and how far it goes. A stack that is not
-/// there, or whose status says missing, has no frames.
+/// there, or whose status says missing, has no frames; one whose status is
+/// unknown keeps its frames and its status (the collector marks and counts it).
 pub(crate) fn stack_frames(stack: Option<&UserStack>) -> (Vec<u64>, StackStatus) {
-    match stack {
-        Some(stack) if stack.status != STACK_MISSING => {
-            let status = if stack.status == STACK_COMPLETE {
-                StackStatus::Complete
-            } else {
-                StackStatus::Truncated
-            };
-            (stack.frames().to_vec(), status)
-        }
-        _ => (Vec::new(), StackStatus::Missing),
+    let Some(stack) = stack else {
+        return (Vec::new(), StackStatus::Missing);
+    };
+    match StackStatus::from_kernel(stack.status) {
+        StackStatus::Missing => (Vec::new(), StackStatus::Missing),
+        status => (stack.frames().to_vec(), status),
     }
 }
 

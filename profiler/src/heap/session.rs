@@ -5,7 +5,7 @@ use std::{collections::HashSet, io::IsTerminal as _, num::NonZeroU32, path::Path
 
 use anyhow::Context as _;
 use aya::{Ebpf, programs::uprobe::UProbeScope};
-use log::{debug, warn};
+use log::{debug, info, warn};
 use profiler_common::heap::StackKey;
 
 use super::{
@@ -21,6 +21,7 @@ use crate::{
     output::{self, OutputArgs},
     process,
     profile::{Collector, Profile},
+    runtime::{self, Stop, StopEvent},
     unwind::Tables,
 };
 
@@ -33,34 +34,30 @@ const TABLES_POLL: Duration = Duration::from_millis(100);
 pub(crate) fn run(settings: Settings, output: OutputArgs) -> anyhow::Result<()> {
     output.format()?;
     check_writable(output.output.as_deref())?;
-    // Targets are resolved before anything is loaded: bad input fails fast.
-    let plan = attach::plan(&settings)?;
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?
-        .block_on(async move {
-            let Plan {
-                tracking,
-                allocators,
-                pids,
-                launch,
-            } = plan;
-            let mut session = Session::start(settings, tracking, allocators, pids)?;
-            let mut child = match launch {
-                Some(launch) => Some(session.release(launch)?),
-                None => None,
-            };
-            session.record(child.is_some(), &output).await?;
-            let profile = session.report()?;
-            drop(session); // detaches every probe
-            if let Some(child) = &mut child
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                eprintln!("prof-bpf: the program exited ({status})");
-            }
-            output::write(&profile, &output)
-        })
+    runtime::block_on(async move {
+        let mut stop = Stop::new()?;
+        // Targets are resolved before anything is loaded: bad input fails fast.
+        let Plan {
+            tracking,
+            allocators,
+            pids,
+            launch,
+        } = attach::plan(&settings)?;
+        let mut session = Session::start(settings, tracking, allocators, pids)?;
+        let mut child = match launch {
+            Some(launch) => Some(session.release(launch)?),
+            None => None,
+        };
+        session.record(&mut stop, child.is_some(), &output).await?;
+        let profile = session.report()?;
+        drop(session); // detaches every probe
+        if let Some(child) = &mut child
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            eprintln!("prof-bpf: the program exited ({status})");
+        }
+        output::write(&profile, &output)
+    })
 }
 
 struct Session {
@@ -197,21 +194,22 @@ impl Session {
         )
     }
 
-    /// Records until Ctrl-C, --duration or the targets' exit.
-    async fn record(&mut self, launched: bool, output: &OutputArgs) -> anyhow::Result<()> {
+    /// Records until a signal, --duration or the targets' exit.
+    async fn record(
+        &mut self,
+        stop: &mut Stop,
+        launched: bool,
+        output: &OutputArgs,
+    ) -> anyhow::Result<()> {
         eprintln!("{}", self.banner());
-        let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel();
         for &pid in &self.pids {
-            let watcher = process::ExitWatcher::new(pid)
+            stop.watch(pid)
                 .with_context(|| format!("pid {pid} exited while attaching"))?;
-            let tx = exit_tx.clone();
-            tokio::spawn(async move {
-                watcher.exited().await;
-                let _ = tx.send(pid);
-            });
         }
         let started = self.started;
-        let deadline = self.settings.duration.map(|d| started + d);
+        if let Some(duration) = self.settings.duration {
+            stop.set_deadline(started + duration);
+        }
         let second = Duration::from_secs(1);
         let mut tick = tokio::time::interval_at(started + second, second);
         let mut tables_tick = tokio::time::interval(TABLES_POLL);
@@ -219,8 +217,6 @@ impl Session {
             .settings
             .interval
             .map(|p| tokio::time::interval_at(started + p, p));
-        let ctrl_c = tokio::signal::ctrl_c();
-        tokio::pin!(ctrl_c);
         let tty = std::io::stderr().is_terminal();
         let mut status = Status::default();
         let mut ticks = 0u64;
@@ -229,7 +225,7 @@ impl Session {
         let mut maps_tick = launched.then(|| tokio::time::interval(Duration::from_millis(100)));
         loop {
             tokio::select! {
-                _ = next_tick(&mut maps_tick) => self.follow_launched(ticks),
+                _ = runtime::next_tick(&mut maps_tick) => self.follow_launched(ticks),
                 _ = tables_tick.tick() => self.serve_table_requests(),
                 _ = tick.tick() => {
                     ticks += 1;
@@ -251,7 +247,7 @@ impl Session {
                         eprintln!("{line}");
                     }
                 }
-                _ = next_tick(&mut interval) => {
+                _ = runtime::next_tick(&mut interval) => {
                     if self.settings.leaks {
                         self.snapshot()?;
                     } else {
@@ -261,15 +257,16 @@ impl Session {
                         output::write(&profile, output)?;
                     }
                 }
-                _ = &mut ctrl_c => break,
-                () = sleep_until(deadline) => break,
-                Some(pid) = exit_rx.recv() => {
-                    self.processes.exited.insert(pid);
-                    self.tables.remove_process(pid);
-                    if self.processes.exited.len() == self.pids.len() {
+                event = stop.next() => match event {
+                    StopEvent::Exited(pid) => {
+                        self.processes.exited.insert(pid);
+                        self.tables.remove_process(pid);
+                    }
+                    StopEvent::Stop(reason) => {
+                        info!("stopping: {reason}");
                         break;
                     }
-                }
+                },
             }
         }
         if tty {
@@ -505,20 +502,4 @@ fn check_writable(path: Option<&std::path::Path>) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(path);
     }
     Ok(())
-}
-
-async fn next_tick(interval: &mut Option<tokio::time::Interval>) {
-    match interval {
-        Some(i) => {
-            i.tick().await;
-        }
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }

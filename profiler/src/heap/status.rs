@@ -1,8 +1,9 @@
 //! The live status line printed while recording: event rate, what is
 //! live, what was lost.
-use profiler_common::heap::{HeapCounters, StackKey, StackStats};
+use profiler_common::heap::{HeapCounter, StackKey, StackStats};
 
 use super::report::{human_bytes, objects};
+use crate::runtime::counters::Counts;
 
 /// Keeps the last event count, for the rate.
 #[derive(Debug, Default)]
@@ -16,11 +17,14 @@ impl Status {
     pub fn line(
         &mut self,
         elapsed: f64,
-        counters: &HeapCounters,
+        counters: &Counts<HeapCounter>,
         stats: &[(StackKey, StackStats)],
         mmap: bool,
     ) -> String {
-        let events = counters.allocs + counters.frees + counters.mmaps;
+        let events = [HeapCounter::Allocs, HeapCounter::Frees, HeapCounter::Mmaps]
+            .map(|c| counters.get(c))
+            .iter()
+            .sum::<u64>();
         let (since, before) = self.last.unwrap_or((0.0, 0));
         let rate = events.saturating_sub(before) as f64 / (elapsed - since).max(1e-3);
         self.last = Some((elapsed, events));
@@ -29,11 +33,19 @@ impl Status {
             bytes += s.alloc_bytes as i64 - s.free_bytes as i64;
             objs += objects(s.alloc_objects) - objects(s.free_objects);
         }
-        let lost = counters.live_full + counters.stacks_full + counters.threads_full;
+        let lost: u64 = [
+            HeapCounter::LiveFull,
+            HeapCounter::StacksFull,
+            HeapCounter::ThreadsFull,
+        ]
+        .map(|c| counters.get(c))
+        .iter()
+        .sum();
         let mappings = if mmap {
             format!(
                 ", {} mappings ({} front unmaps)",
-                counters.mmaps, counters.unmaps_partial
+                counters.get(HeapCounter::Mmaps),
+                counters.get(HeapCounter::UnmapsPartial)
             )
         } else {
             String::new()
@@ -47,20 +59,26 @@ impl Status {
 
 #[cfg(test)]
 mod tests {
-    use profiler_common::heap::WEIGHT_ONE;
+    use profiler_common::{counters::CounterSet as _, heap::WEIGHT_ONE};
 
     use super::*;
 
     #[test]
     fn rate_is_over_the_last_interval() {
         let mut status = Status::default();
-        let mut counters = HeapCounters {
-            allocs: 300,
-            frees: 100,
-            live_full: 1,
-            stacks_full: 2,
-            ..HeapCounters::default()
+        let counts = |pairs: &[(HeapCounter, u64)]| {
+            let mut values = vec![0; HeapCounter::LEN as usize];
+            for &(c, v) in pairs {
+                values[c.index() as usize] = v;
+            }
+            Counts::<HeapCounter>::from_values(values)
         };
+        let counters = counts(&[
+            (HeapCounter::Allocs, 300),
+            (HeapCounter::Frees, 100),
+            (HeapCounter::LiveFull, 1),
+            (HeapCounter::StacksFull, 2),
+        ]);
         let stats = [(
             StackKey::default(),
             StackStats {
@@ -74,8 +92,13 @@ mod tests {
             status.line(2.0, &counters, &stats, false),
             "prof-bpf: heap 2 s: 200 events/s, live 2.0 MiB in 2 objects, lost 3"
         );
-        counters.allocs += 50;
-        counters.mmaps = 10;
+        let counters = counts(&[
+            (HeapCounter::Allocs, 350),
+            (HeapCounter::Frees, 100),
+            (HeapCounter::Mmaps, 10),
+            (HeapCounter::LiveFull, 1),
+            (HeapCounter::StacksFull, 2),
+        ]);
         assert_eq!(
             status.line(3.0, &counters, &[], true),
             "prof-bpf: heap 3 s: 60 events/s, live 0 B in 0 objects, 10 mappings (0 front unmaps), lost 3"

@@ -1,11 +1,12 @@
 use std::collections::HashMap;
 
 use profiler_common::{
+    counters::CounterSet as _,
     heap::{
-        HeapCounters, LiveAlloc, LiveKey, SOURCE_ALLOCATOR, SOURCE_MMAP, StackKey, StackStats,
+        HeapCounter, LiveAlloc, LiveKey, SOURCE_ALLOCATOR, SOURCE_MMAP, StackKey, StackStats,
         WEIGHT_ONE,
     },
-    stack::{MAX_USER_FRAMES, STACK_COMPLETE, STACK_MISSING, STACK_TRUNCATED, UserStack},
+    stack::{MAX_USER_FRAMES, StackStatus as Kernel, UserStack},
 };
 
 use super::*;
@@ -13,7 +14,12 @@ use crate::{
     heap::{leaks::History, processes::Processes, settings::Tracking},
     process::Mapping,
     profile::{Collector, StackStatus},
+    runtime::counters::Counts,
 };
+
+const STACK_COMPLETE: u32 = Kernel::Complete as u32;
+const STACK_TRUNCATED: u32 = Kernel::Truncated as u32;
+const STACK_MISSING: u32 = Kernel::Missing as u32;
 
 const PAGE: u64 = 4096;
 const PID: u32 = 100;
@@ -385,6 +391,12 @@ fn stack_status_maps_to_the_profile_and_trampolines_cut_stacks() {
         (Vec::new(), StackStatus::Missing)
     );
     assert_eq!(stack_frames(None), (Vec::new(), StackStatus::Missing));
+    // A value this build does not know keeps the frames, for the collector
+    // to mark `[unknown stack status 9]` and count.
+    assert_eq!(
+        stack_frames(Some(&stack(&ips, 9))),
+        (ips.to_vec(), StackStatus::Unknown(9))
+    );
     let mut deep = stack(&[], STACK_TRUNCATED);
     deep.len = u32::MAX;
     assert_eq!(stack_frames(Some(&deep)).0.len(), MAX_USER_FRAMES);
@@ -403,18 +415,21 @@ fn stack_status_maps_to_the_profile_and_trampolines_cut_stacks() {
 }
 
 #[test]
-fn comments_state_the_mode_and_every_loss() {
+fn comments_state_the_mode_the_counters_and_every_loss() {
     let processes = processes();
+    let mut values = vec![0; HeapCounter::LEN as usize];
+    for (counter, n) in [
+        (HeapCounter::Allocs, 10),
+        (HeapCounter::Tracked, 7),
+        (HeapCounter::LiveFull, 1),
+        (HeapCounter::StacksFull, 2),
+        (HeapCounter::ThreadsFull, 3),
+        (HeapCounter::StackErrors, 4),
+    ] {
+        values[counter.index() as usize] = n;
+    }
     let totals = Totals {
-        counters: HeapCounters {
-            allocs: 10,
-            tracked: 7,
-            live_full: 1,
-            stacks_full: 2,
-            threads_full: 3,
-            stack_errors: 4,
-            ..HeapCounters::default()
-        },
+        counters: Counts::from_values(values),
         ..Totals::default()
     };
     let sampled = Tracking::Malloc { sample_bytes: 1024 };
@@ -423,11 +438,11 @@ fn comments_state_the_mode_and_every_loss() {
         report.comments,
         [
             "mode: sampled, one allocation per 1024 bytes on average (values are estimates)",
-            "allocations seen: 10, tracked: 7",
-            "lost allocations: 1 (live-allocation map full; raise --max-live)",
-            "lost allocations: 2 (stack map full; raise --max-stacks)",
-            "lost allocations: 3 (thread map full)",
-            "allocations without a user stack: 4",
+            "heap counters: allocs 10, frees 0, tracked 7, live_full 1, stacks_full 2, stack_errors 4, threads_full 3, mmaps 0, mmaps_in_allocator 0, unmaps_partial 0",
+            "live_full: 1 (allocations lost: the live-allocation map was full; raise --max-live)",
+            "stacks_full: 2 (allocations lost: the stack map was full; raise --max-stacks)",
+            "threads_full: 3 (allocations lost: the thread map was full)",
+            "stack_errors: 4 (allocations without a user stack)",
         ]
     );
     let profile = report
