@@ -66,3 +66,32 @@ fn non_root_is_one_line_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_one_line_error(&stderr, out.status.code().unwrap_or(-1), "must run as root");
 }
+
+/// SIGTERM and SIGHUP end `count` like Ctrl-C: the totals are printed and
+/// the exit status is 0. The target is idle, so it made no call.
+#[test]
+fn sigterm_and_sighup_print_the_totals() {
+    require_bpf!();
+    for signal in [libc::SIGTERM, libc::SIGHUP] {
+        let idle = Proc::spawn(std::process::Command::new("sleep").arg("1000"));
+        let pid = idle.pid().to_string();
+        let (prof, _) = start_prof_bpf(&["count", "--pid", &pid], "counting malloc/free");
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(prof.id() as i32, signal) };
+        let out = prof.wait_with_output().expect("wait for prof-bpf");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "signal {signal}: {}; stdout: {stdout}",
+            out.status
+        );
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("total: malloc_calls=0 malloc_bytes=0 free_calls=0")),
+            "signal {signal}: {stdout}"
+        );
+        idle.signal(libc::SIGKILL);
+    }
+}
