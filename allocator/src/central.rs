@@ -12,252 +12,479 @@
 //!
 //! Central list: the spans of the class that still have free objects. An
 //! object goes back to its own span (found through the page map); a span
-//! whose objects are all back returns to the page heap.
+//! whose objects are all back returns to the page heap. The page heap and
+//! the page map are reached through [`PageSource`], so that tests can
+//! stand in for them.
+//!
+//! Owner: the thread caches' slow paths (and record-all mode's
+//! allocations), through [`remove_range`] and [`insert_range`].
 use core::ptr;
 
 use crate::{
+    counters,
     lock::SpinLock,
     page_heap, pagemap,
     size_class::{self, BATCH, NUM_CLASSES, PAGE_SHIFT, PAGES},
     span::{Span, SpanList},
-    stats,
 };
+
+/// What the central lists need from the tiers below them.
+pub(crate) trait PageSource {
+    /// A span of `npages` for objects of class `c`, or null.
+    fn allocate_span(&self, npages: usize, c: u8) -> *mut Span;
+    /// Takes back a span whose objects are all free.
+    ///
+    /// # Safety
+    /// `s` came from [`PageSource::allocate_span`]; nothing uses it.
+    unsafe fn free_span(&self, s: *mut Span);
+    /// The span holding object `p`.
+    fn span_of(&self, p: *mut u8) -> *mut Span;
+}
+
+/// The real tiers: the page heap and the page map.
+struct PageHeap;
+
+impl PageSource for PageHeap {
+    fn allocate_span(&self, npages: usize, c: u8) -> *mut Span {
+        page_heap::allocate(npages, c, 1)
+    }
+
+    unsafe fn free_span(&self, s: *mut Span) {
+        // SAFETY: the caller's contract.
+        unsafe { page_heap::deallocate(s) }
+    }
+
+    fn span_of(&self, p: *mut u8) -> *mut Span {
+        pagemap::span(p as usize >> PAGE_SHIFT)
+    }
+}
 
 const MAX_SLOTS: usize = 64;
 
+/// One class's middle tier. The transfer fields (`slots`, `used`,
+/// `capacity`) are touched only under `transfer_lock`, the span list only
+/// under `central_lock`.
 #[repr(C, align(64))]
 struct Class {
     transfer_lock: SpinLock,
-    slots: [*mut u8; MAX_SLOTS],
-    used: usize,
-    capacity: usize,
+    slots: core::cell::UnsafeCell<[*mut u8; MAX_SLOTS]>,
+    used: core::cell::Cell<usize>,
+    capacity: core::cell::Cell<usize>,
     central_lock: SpinLock,
-    nonempty: SpanList,
+    nonempty: core::cell::UnsafeCell<SpanList>,
 }
 
-struct Classes([core::cell::UnsafeCell<Class>; NUM_CLASSES]);
-// SAFETY: each Class's fields are only touched under its own locks.
-unsafe impl Sync for Classes {}
+// SAFETY: each field is only touched under the lock its comment names.
+unsafe impl Sync for Class {}
 
-static CLASSES: Classes = Classes(
-    [const {
-        core::cell::UnsafeCell::new(Class {
-            transfer_lock: SpinLock::new(),
-            slots: [ptr::null_mut(); MAX_SLOTS],
-            used: 0,
-            capacity: 0,
-            central_lock: SpinLock::new(),
-            nonempty: SpanList::new(),
-        })
-    }; NUM_CLASSES],
-);
+static CLASSES: [Class; NUM_CLASSES] = [const { Class::new() }; NUM_CLASSES];
 
-fn class(c: usize) -> *mut Class {
-    CLASSES.0[c].get()
+fn class(c: usize) -> &'static Class {
+    &CLASSES[c]
 }
 
 /// Takes a chain of up to `want` objects of class `c`. Returns (head, n);
 /// n == 0 means out of memory.
-pub fn remove_range(c: usize, want: usize) -> (*mut u8, usize) {
-    let k = class(c);
-    if want == BATCH[c] as usize {
-        // SAFETY: the transfer fields are touched only under transfer_lock.
-        unsafe {
-            (*k).transfer_lock.lock();
-            if (*k).used > 0 {
-                (*k).used -= 1;
-                let head = (*k).slots[(*k).used];
-                (*k).transfer_lock.unlock();
-                stats::TRANSFER_OBJECTS[c].sub(want);
-                return (head, want);
-            }
-            (*k).transfer_lock.unlock();
-        }
-    }
-    // SAFETY: central fields are touched only under central_lock.
-    unsafe {
-        (*k).central_lock.lock();
-        let r = fetch_locked(c, k, want);
-        (*k).central_lock.unlock();
-        r
-    }
+pub(crate) fn remove_range(c: usize, want: usize) -> (*mut u8, usize) {
+    class(c).remove_range(&PageHeap, c, want)
 }
 
-/// Gives back a chain of `n` objects of class `c`.
+/// Gives back a null-terminated chain of `n` objects of class `c`.
 ///
 /// # Safety
 /// Every object in the chain is a free object of class `c`.
-pub unsafe fn insert_range(c: usize, head: *mut u8, n: usize) {
-    let k = class(c);
-    if n == BATCH[c] as usize {
-        // SAFETY: transfer fields only under transfer_lock.
-        unsafe {
-            (*k).transfer_lock.lock();
-            if (*k).capacity == 0 {
-                (*k).capacity = size_class::transfer_slots(c);
-            }
-            if (*k).used < (*k).capacity {
-                (*k).slots[(*k).used] = head;
-                (*k).used += 1;
-                (*k).transfer_lock.unlock();
-                stats::TRANSFER_OBJECTS[c].add(n);
-                return;
-            }
-            (*k).transfer_lock.unlock();
-        }
-    }
-    // SAFETY: central fields only under central_lock; objects are ours.
-    unsafe {
-        (*k).central_lock.lock();
-        let mut p = head;
-        while !p.is_null() {
-            let next = *(p as *mut *mut u8);
-            release_locked(c, k, p);
-            p = next;
-        }
-        (*k).central_lock.unlock();
-    }
-}
-
-/// # Safety
-/// central_lock of `k` held.
-unsafe fn fetch_locked(c: usize, k: *mut Class, want: usize) -> (*mut u8, usize) {
-    let size = size_class::size_of_class(c);
-    let mut head: *mut u8 = ptr::null_mut();
-    let mut n = 0;
-    // SAFETY: central lock held; spans on the nonempty list are ours.
-    unsafe {
-        while n < want {
-            let mut s = (*k).nonempty.head;
-            if s.is_null() {
-                s = page_heap::allocate(PAGES[c] as usize, c as u8, 1);
-                if s.is_null() {
-                    break;
-                }
-                (*s).bump = (*s).start_addr();
-                (*s).limit = (*s).bump + size_class::objects_per_span(c) * size;
-                (*k).nonempty.push(s);
-            }
-            while n < want {
-                let obj = if !(*s).freelist.is_null() {
-                    let o = (*s).freelist;
-                    (*s).freelist = *(o as *mut *mut u8);
-                    o
-                } else if (*s).bump < (*s).limit {
-                    let o = (*s).bump as *mut u8;
-                    (*s).bump += size;
-                    o
-                } else {
-                    break;
-                };
-                *(obj as *mut *mut u8) = head;
-                head = obj;
-                n += 1;
-                (*s).allocated += 1;
-            }
-            if (*s).freelist.is_null() && (*s).bump >= (*s).limit {
-                (*k).nonempty.remove(s);
-            }
-        }
-    }
-    stats::OUTSTANDING[c].add(n);
-    (head, n)
-}
-
-/// # Safety
-/// central_lock of `k` held; `p` is a free object of class `c`.
-unsafe fn release_locked(c: usize, k: *mut Class, p: *mut u8) {
-    // SAFETY: the page map names p's live span (p is an object of ours).
-    unsafe {
-        let s: *mut Span = pagemap::span(p as usize >> PAGE_SHIFT);
-        let was_full = (*s).freelist.is_null() && (*s).bump >= (*s).limit;
-        *(p as *mut *mut u8) = (*s).freelist;
-        (*s).freelist = p;
-        (*s).allocated -= 1;
-        stats::OUTSTANDING[c].sub(1);
-        if (*s).allocated == 0 {
-            if !was_full {
-                (*k).nonempty.remove(s);
-            }
-            page_heap::deallocate(s);
-        } else if was_full {
-            (*k).nonempty.push(s);
-        }
-    }
+pub(crate) unsafe fn insert_range(c: usize, head: *mut u8, n: usize) {
+    // SAFETY: the caller's contract.
+    unsafe { class(c).insert_range(&PageHeap, c, head, n) }
 }
 
 /// Moves every batch in the transfer caches to the central lists (and so
 /// empty spans to the page heap): part of malloc_trim.
-pub fn drain_transfer_caches() {
-    #[expect(
-        clippy::needless_range_loop,
-        reason = "c names the class in several tables"
-    )]
+pub(crate) fn drain_transfer_caches() {
     for c in 1..NUM_CLASSES {
-        let k = class(c);
-        loop {
-            // SAFETY: transfer fields only under transfer_lock.
-            let head = unsafe {
-                (*k).transfer_lock.lock();
-                let h = if (*k).used > 0 {
-                    (*k).used -= 1;
-                    (*k).slots[(*k).used]
-                } else {
-                    ptr::null_mut()
-                };
-                (*k).transfer_lock.unlock();
-                h
-            };
-            if head.is_null() {
-                break;
+        class(c).drain_transfer(&PageHeap, c);
+    }
+}
+
+impl Class {
+    const fn new() -> Self {
+        Self {
+            transfer_lock: SpinLock::new(),
+            slots: core::cell::UnsafeCell::new([ptr::null_mut(); MAX_SLOTS]),
+            used: core::cell::Cell::new(0),
+            capacity: core::cell::Cell::new(0),
+            central_lock: SpinLock::new(),
+            nonempty: core::cell::UnsafeCell::new(SpanList::new()),
+        }
+    }
+
+    /// Takes a chain of up to `want` objects: a whole batch from the
+    /// transfer cache when there is one, else from the spans.
+    fn remove_range<P: PageSource>(&self, pages: &P, c: usize, want: usize) -> (*mut u8, usize) {
+        if want == BATCH[c] as usize {
+            self.transfer_lock.lock();
+            let used = self.used.get();
+            if used > 0 {
+                self.used.set(used - 1);
+                // SAFETY: the slots are touched only under transfer_lock.
+                let head = unsafe { (*self.slots.get())[used - 1] };
+                self.transfer_lock.unlock();
+                counters::TRANSFER_OBJECTS[c].sub(want);
+                return (head, want);
             }
-            let n = BATCH[c] as usize;
-            stats::TRANSFER_OBJECTS[c].sub(n);
-            // SAFETY: central fields only under central_lock; the chain
-            // holds free objects of class c.
+            self.transfer_lock.unlock();
+        }
+        self.central_lock.lock();
+        // SAFETY: central_lock is held.
+        let r = unsafe { self.fetch_locked(pages, c, want) };
+        self.central_lock.unlock();
+        r
+    }
+
+    /// Takes back a chain of `n` objects: into the transfer cache when it
+    /// is a whole batch and there is room, else each to its span.
+    ///
+    /// # Safety
+    /// Every object in the chain is a free object of class `c`.
+    unsafe fn insert_range<P: PageSource>(&self, pages: &P, c: usize, head: *mut u8, n: usize) {
+        if n == BATCH[c] as usize {
+            self.transfer_lock.lock();
+            if self.capacity.get() == 0 {
+                self.capacity.set(size_class::transfer_slots(c));
+            }
+            let used = self.used.get();
+            if used < self.capacity.get() {
+                // SAFETY: the slots are touched only under transfer_lock.
+                unsafe { (*self.slots.get())[used] = head };
+                self.used.set(used + 1);
+                self.transfer_lock.unlock();
+                counters::TRANSFER_OBJECTS[c].add(n);
+                return;
+            }
+            self.transfer_lock.unlock();
+        }
+        // SAFETY: the caller's contract.
+        unsafe { self.release_chain(pages, c, head) };
+    }
+
+    /// Gives each object of a chain back to its span.
+    ///
+    /// # Safety
+    /// Every object in the chain is a free object of class `c`.
+    unsafe fn release_chain<P: PageSource>(&self, pages: &P, c: usize, head: *mut u8) {
+        self.central_lock.lock();
+        let mut p = head;
+        while !p.is_null() {
+            // SAFETY: the chain's objects are ours, linked through their
+            // first word; central_lock is held.
             unsafe {
-                (*k).central_lock.lock();
-                let mut p = head;
-                while !p.is_null() {
-                    let next = *(p as *mut *mut u8);
-                    release_locked(c, k, p);
-                    p = next;
+                let next = *(p as *mut *mut u8);
+                self.release_locked(pages, c, p);
+                p = next;
+            }
+        }
+        self.central_lock.unlock();
+    }
+
+    /// Empties the transfer cache into the spans.
+    fn drain_transfer<P: PageSource>(&self, pages: &P, c: usize) {
+        loop {
+            self.transfer_lock.lock();
+            let used = self.used.get();
+            let head = if used > 0 {
+                self.used.set(used - 1);
+                // SAFETY: the slots are touched only under transfer_lock.
+                unsafe { (*self.slots.get())[used - 1] }
+            } else {
+                ptr::null_mut()
+            };
+            self.transfer_lock.unlock();
+            if head.is_null() {
+                return;
+            }
+            counters::TRANSFER_OBJECTS[c].sub(BATCH[c] as usize);
+            // SAFETY: a chain of free objects of class c.
+            unsafe { self.release_chain(pages, c, head) };
+        }
+    }
+
+    /// # Safety
+    /// central_lock held.
+    unsafe fn fetch_locked<P: PageSource>(
+        &self,
+        pages: &P,
+        c: usize,
+        want: usize,
+    ) -> (*mut u8, usize) {
+        let size = size_class::size_of_class(c);
+        let mut head: *mut u8 = ptr::null_mut();
+        let mut n = 0;
+        // SAFETY: central lock held; spans on the nonempty list are ours.
+        unsafe {
+            let nonempty = &mut *self.nonempty.get();
+            while n < want {
+                let mut s = nonempty.head;
+                if s.is_null() {
+                    s = pages.allocate_span(PAGES[c] as usize, c as u8);
+                    if s.is_null() {
+                        break;
+                    }
+                    (*s).bump = (*s).start_addr();
+                    (*s).limit = (*s).bump + size_class::objects_per_span(c) * size;
+                    nonempty.push(s);
                 }
-                (*k).central_lock.unlock();
+                while n < want {
+                    let obj = if !(*s).freelist.is_null() {
+                        let o = (*s).freelist;
+                        (*s).freelist = *(o as *mut *mut u8);
+                        o
+                    } else if (*s).bump < (*s).limit {
+                        let o = (*s).bump as *mut u8;
+                        (*s).bump += size;
+                        o
+                    } else {
+                        break;
+                    };
+                    *(obj as *mut *mut u8) = head;
+                    head = obj;
+                    n += 1;
+                    (*s).allocated += 1;
+                }
+                if (*s).freelist.is_null() && (*s).bump >= (*s).limit {
+                    nonempty.remove(s);
+                }
+            }
+        }
+        counters::OUTSTANDING[c].add(n);
+        (head, n)
+    }
+
+    /// # Safety
+    /// central_lock held; `p` is a free object of class `c`.
+    unsafe fn release_locked<P: PageSource>(&self, pages: &P, c: usize, p: *mut u8) {
+        // SAFETY: the page source names p's live span (p is an object of
+        // ours); central lock held.
+        unsafe {
+            let nonempty = &mut *self.nonempty.get();
+            let s = pages.span_of(p);
+            let was_full = (*s).freelist.is_null() && (*s).bump >= (*s).limit;
+            *(p as *mut *mut u8) = (*s).freelist;
+            (*s).freelist = p;
+            (*s).allocated -= 1;
+            counters::OUTSTANDING[c].sub(1);
+            if (*s).allocated == 0 {
+                if !was_full {
+                    nonempty.remove(s);
+                }
+                pages.free_span(s);
+            } else if was_full {
+                nonempty.push(s);
             }
         }
     }
 }
 
 /// Takes every lock of this tier (before fork).
-pub fn lock_all() {
+pub(crate) fn lock_all() {
     for c in 1..NUM_CLASSES {
-        // SAFETY: only the lock fields are touched.
-        unsafe {
-            (*class(c)).transfer_lock.lock();
-            (*class(c)).central_lock.lock();
-        }
+        class(c).transfer_lock.lock();
+        class(c).central_lock.lock();
     }
 }
 
 /// Releases every lock of this tier (after fork, in the parent).
-pub fn unlock_all() {
+pub(crate) fn unlock_all() {
     for c in 1..NUM_CLASSES {
-        // SAFETY: only the lock fields are touched.
-        unsafe {
-            (*class(c)).central_lock.unlock();
-            (*class(c)).transfer_lock.unlock();
-        }
+        class(c).central_lock.unlock();
+        class(c).transfer_lock.unlock();
     }
 }
 
 /// Resets every lock of this tier (after fork, in the child).
-pub fn reset_all() {
+pub(crate) fn reset_all() {
     for c in 1..NUM_CLASSES {
-        // SAFETY: only the lock fields are touched.
-        unsafe {
-            (*class(c)).central_lock.reset();
-            (*class(c)).transfer_lock.reset();
+        class(c).central_lock.reset();
+        class(c).transfer_lock.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use core::cell::{Cell, RefCell};
+
+    use super::*;
+    use crate::{
+        os::{Os, System},
+        size_class::PAGE_SIZE,
+    };
+
+    /// Spans in mappings of their own, found by address; counts what it
+    /// hands out and takes back.
+    #[derive(Default)]
+    struct FakePages {
+        #[expect(
+            clippy::vec_box,
+            reason = "span records must not move: the central list links them"
+        )]
+        spans: RefCell<Vec<Box<Span>>>,
+        allocated: Cell<usize>,
+        freed: Cell<usize>,
+        fail: Cell<bool>,
+    }
+
+    impl PageSource for FakePages {
+        fn allocate_span(&self, npages: usize, c: u8) -> *mut Span {
+            if self.fail.get() {
+                return ptr::null_mut();
+            }
+            let p = System.map_aligned(npages * PAGE_SIZE, PAGE_SIZE);
+            assert!(!p.is_null());
+            let mut s = Box::new(Span::zeroed());
+            s.start = p as usize >> PAGE_SHIFT;
+            s.npages = npages;
+            s.class = c;
+            let ptr: *mut Span = &mut *s;
+            self.spans.borrow_mut().push(s);
+            self.allocated.set(self.allocated.get() + 1);
+            ptr
         }
+
+        unsafe fn free_span(&self, s: *mut Span) {
+            let mut spans = self.spans.borrow_mut();
+            let i = spans
+                .iter()
+                .position(|b| ptr::eq(&**b, s))
+                .expect("a span of ours");
+            let b = spans.swap_remove(i);
+            assert_eq!(b.allocated, 0, "freed with objects in use");
+            // SAFETY: the span's pages are ours and unused.
+            unsafe { System.unmap(b.start_addr() as *mut u8, b.npages * PAGE_SIZE) };
+            self.freed.set(self.freed.get() + 1);
+        }
+
+        fn span_of(&self, p: *mut u8) -> *mut Span {
+            let a = p as usize;
+            let spans = self.spans.borrow();
+            let s = spans
+                .iter()
+                .find(|s| s.start_addr() <= a && a < s.start_addr() + s.npages * PAGE_SIZE)
+                .expect("an object of ours");
+            ptr::from_ref::<Span>(s).cast_mut()
+        }
+    }
+
+    /// The class of 1 KiB objects: one-page spans of 8 objects, batches of
+    /// 32 (four spans), 16 batches in the transfer cache.
+    fn class_1k() -> usize {
+        let c = size_class::class_of(1024);
+        assert_eq!(size_class::size_of_class(c), 1024);
+        assert_eq!(size_class::objects_per_span(c), 8);
+        assert_eq!(BATCH[c], 32);
+        assert_eq!(size_class::transfer_slots(c), 16);
+        c
+    }
+
+    fn chain(head: *mut u8) -> Vec<*mut u8> {
+        let mut v = Vec::new();
+        let mut p = head;
+        while !p.is_null() {
+            v.push(p);
+            // SAFETY: a chain of free objects linked through their first word.
+            p = unsafe { *p.cast::<*mut u8>() };
+        }
+        v
+    }
+
+    #[test]
+    fn spans_are_carved_lazily_and_go_back_when_empty() {
+        let (c, pages, k) = (class_1k(), FakePages::default(), Class::new());
+        let (a, n) = k.remove_range(&pages, c, 5);
+        assert_eq!((n, pages.allocated.get()), (5, 1));
+        // The next five: the first span's last three, then a new span.
+        let (b, m) = k.remove_range(&pages, c, 5);
+        assert_eq!((m, pages.allocated.get()), (5, 2));
+        let mut objs = chain(a);
+        objs.extend(chain(b));
+        assert_eq!(objs.len(), 10);
+        objs.sort();
+        objs.dedup();
+        assert_eq!(objs.len(), 10, "an object handed out twice");
+        assert!(objs.iter().all(|&p| (p as usize).is_multiple_of(1024)));
+        // Objects go back one at a time (not a whole batch): each to its
+        // span, and the empty spans to the page source.
+        // SAFETY: the chains hold free objects of class c.
+        unsafe {
+            k.insert_range(&pages, c, a, 5);
+            assert_eq!(pages.freed.get(), 0, "the first span still has 3 out");
+            k.insert_range(&pages, c, b, 5);
+        }
+        assert_eq!(pages.freed.get(), 2);
+    }
+
+    #[test]
+    fn freed_objects_are_handed_out_again_before_new_spans() {
+        let (c, pages, k) = (class_1k(), FakePages::default(), Class::new());
+        let (a, _) = k.remove_range(&pages, c, 3);
+        let first = chain(a);
+        // SAFETY: one free object of class c, alone on its chain.
+        unsafe {
+            *first[0].cast::<*mut u8>() = ptr::null_mut();
+            k.insert_range(&pages, c, first[0], 1);
+        }
+        let (again, n) = k.remove_range(&pages, c, 1);
+        assert_eq!((again, n), (first[0], 1));
+        assert_eq!(pages.allocated.get(), 1);
+    }
+
+    #[test]
+    fn whole_batches_move_through_the_transfer_cache() {
+        let (c, pages, k) = (class_1k(), FakePages::default(), Class::new());
+        // 17 batches of 32: 68 one-page spans, carved in order, so each
+        // batch is exactly four whole spans.
+        let batches: Vec<_> = (0..17)
+            .map(|_| {
+                let (head, n) = k.remove_range(&pages, c, 32);
+                assert_eq!(n, 32);
+                head
+            })
+            .collect();
+        assert_eq!(pages.allocated.get(), 68);
+        // SAFETY: each chain holds 32 free objects of class c.
+        unsafe {
+            for &b in &batches {
+                k.insert_range(&pages, c, b, 32);
+            }
+        }
+        // Sixteen fit in the transfer cache; the seventeenth went back to
+        // its four spans, which went back to the page source.
+        assert_eq!(pages.freed.get(), 4);
+        // A batch comes back out of the transfer cache as it went in.
+        let (head, n) = k.remove_range(&pages, c, 32);
+        assert_eq!((head, n), (batches[15], 32));
+        assert_eq!(pages.allocated.get(), 68);
+        // SAFETY: as above.
+        unsafe { k.insert_range(&pages, c, head, 32) };
+        // Draining gives every span back.
+        k.drain_transfer(&pages, c);
+        assert_eq!(pages.freed.get(), 68);
+        assert!(pages.spans.borrow().is_empty());
+    }
+
+    #[test]
+    fn out_of_pages_hands_out_what_there_is() {
+        let (c, pages, k) = (class_1k(), FakePages::default(), Class::new());
+        let (a, n) = k.remove_range(&pages, c, 6);
+        assert_eq!(n, 6);
+        pages.fail.set(true);
+        let (b, m) = k.remove_range(&pages, c, 5);
+        assert_eq!((m, chain(b).len()), (2, 2), "the span's last two");
+        let (none, zero) = k.remove_range(&pages, c, 1);
+        assert_eq!((none, zero), (ptr::null_mut(), 0));
+        // SAFETY: the chains hold free objects of class c.
+        unsafe {
+            k.insert_range(&pages, c, a, 6);
+            k.insert_range(&pages, c, b, 2);
+        }
+        assert_eq!(pages.freed.get(), 1);
     }
 }

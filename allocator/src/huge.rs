@@ -4,17 +4,22 @@
 //! path of re-entrant allocations (a signal handler interrupting a slow
 //! path on its own thread), which must not take the locks that thread may
 //! hold.
+//!
+//! Lock: none (the page map entry of the object's first page is written
+//! only by the object's owner). Owner: the thread that holds the object.
+//! The OS calls go through [`Os`], so that tests can count them.
 use core::ptr;
 
 use crate::{
-    os, pagemap,
+    counters,
+    os::{self, Os, System},
+    pagemap,
     size_class::PAGE_SHIFT,
     span::{self, Span},
-    stats,
 };
 
 /// Bytes before the object: the header page.
-pub const HEADER: usize = 4096;
+pub(crate) const HEADER: usize = 4096;
 const SYS_PAGE: usize = 4096;
 
 fn mapping_len(size: usize) -> Option<usize> {
@@ -24,12 +29,17 @@ fn mapping_len(size: usize) -> Option<usize> {
 
 /// Maps a huge object of `size` bytes aligned to `align` (a power of two);
 /// null when out of memory.
-pub fn alloc(size: usize, align: usize, sampled: bool) -> *mut u8 {
+pub(crate) fn alloc(size: usize, align: usize, sampled: bool) -> *mut u8 {
+    alloc_in(&System, size, align, sampled)
+}
+
+/// [`alloc`] through `os`.
+fn alloc_in<O: Os>(os: &O, size: usize, align: usize, sampled: bool) -> *mut u8 {
     let Some(len) = mapping_len(size) else {
         return ptr::null_mut();
     };
     let (hdr, user) = if align <= SYS_PAGE {
-        let base = os::map(len);
+        let base = os.map(len);
         if base.is_null() {
             return base;
         }
@@ -38,7 +48,7 @@ pub fn alloc(size: usize, align: usize, sampled: bool) -> *mut u8 {
         let Some(total) = len.checked_add(align) else {
             return ptr::null_mut();
         };
-        let base = os::map(total);
+        let base = os.map(total);
         if base.is_null() {
             return base;
         }
@@ -48,17 +58,17 @@ pub fn alloc(size: usize, align: usize, sampled: bool) -> *mut u8 {
         // SAFETY: both ranges are unused parts of the mapping just made.
         unsafe {
             if hdr > base {
-                os::unmap(base as *mut u8, hdr - base);
+                os.unmap(base as *mut u8, hdr - base);
             }
             if base + total > hdr + len {
-                os::unmap((hdr + len) as *mut u8, base + total - (hdr + len));
+                os.unmap((hdr + len) as *mut u8, base + total - (hdr + len));
             }
         }
         (hdr, user)
     };
     if !pagemap::ensure(user >> PAGE_SHIFT) {
         // SAFETY: the mapping is unused.
-        unsafe { os::unmap(hdr as *mut u8, len) };
+        unsafe { os.unmap(hdr as *mut u8, len) };
         return ptr::null_mut();
     }
     let s = hdr as *mut Span;
@@ -72,8 +82,8 @@ pub fn alloc(size: usize, align: usize, sampled: bool) -> *mut u8 {
         (*s).sampled = sampled;
     }
     pagemap::set_span(user >> PAGE_SHIFT, s);
-    stats::HUGE_BYTES.add(len);
-    stats::HUGE_OBJECTS.add(1);
+    counters::HUGE_BYTES.add(len);
+    counters::HUGE_OBJECTS.add(1);
     user as *mut u8
 }
 
@@ -81,7 +91,7 @@ pub fn alloc(size: usize, align: usize, sampled: bool) -> *mut u8 {
 ///
 /// # Safety
 /// `s` is a live huge span.
-pub unsafe fn user(s: *const Span) -> usize {
+pub(crate) unsafe fn user(s: *const Span) -> usize {
     // SAFETY: caller contract.
     unsafe { (*s).base + HEADER }
 }
@@ -90,7 +100,7 @@ pub unsafe fn user(s: *const Span) -> usize {
 ///
 /// # Safety
 /// `s` is a live huge span.
-pub unsafe fn usable(s: *const Span) -> usize {
+pub(crate) unsafe fn usable(s: *const Span) -> usize {
     // SAFETY: caller contract.
     unsafe { (*s).npages - HEADER }
 }
@@ -99,14 +109,23 @@ pub unsafe fn usable(s: *const Span) -> usize {
 ///
 /// # Safety
 /// `s` is a live huge span; nothing uses the object any more.
-pub unsafe fn free(s: *mut Span) {
+pub(crate) unsafe fn free(s: *mut Span) {
+    // SAFETY: caller contract.
+    unsafe { free_in(&System, s) }
+}
+
+/// [`free`] through `os`.
+///
+/// # Safety
+/// As [`free`].
+unsafe fn free_in<O: Os>(os: &O, s: *mut Span) {
     // SAFETY: caller contract.
     unsafe {
         let len = (*s).npages;
         pagemap::set_span(user(s) >> PAGE_SHIFT, ptr::null_mut());
-        stats::HUGE_BYTES.sub(len);
-        stats::HUGE_OBJECTS.sub(1);
-        os::unmap((*s).base as *mut u8, len);
+        counters::HUGE_BYTES.sub(len);
+        counters::HUGE_OBJECTS.sub(1);
+        os.unmap((*s).base as *mut u8, len);
     }
 }
 
@@ -115,7 +134,16 @@ pub unsafe fn free(s: *mut Span) {
 ///
 /// # Safety
 /// `s` is a live huge span owned by the caller.
-pub unsafe fn resize(s: *mut Span, size: usize) -> *mut u8 {
+pub(crate) unsafe fn resize(s: *mut Span, size: usize) -> *mut u8 {
+    // SAFETY: caller contract.
+    unsafe { resize_in(&System, s, size) }
+}
+
+/// [`resize`] through `os`.
+///
+/// # Safety
+/// As [`resize`].
+unsafe fn resize_in<O: Os>(os: &O, s: *mut Span, size: usize) -> *mut u8 {
     let Some(len) = mapping_len(size) else {
         return ptr::null_mut();
     };
@@ -123,7 +151,7 @@ pub unsafe fn resize(s: *mut Span, size: usize) -> *mut u8 {
     unsafe {
         let old_len = (*s).npages;
         let old_user = user(s);
-        let base = os::remap((*s).base as *mut u8, old_len, len);
+        let base = os.remap((*s).base as *mut u8, old_len, len);
         if base.is_null() {
             return base;
         }
@@ -140,8 +168,142 @@ pub unsafe fn resize(s: *mut Span, size: usize) -> *mut u8 {
         (*ns).npages = len;
         (*ns).requested = size;
         pagemap::set_span(new_user >> PAGE_SHIFT, ns);
-        stats::HUGE_BYTES.add(len);
-        stats::HUGE_BYTES.sub(old_len);
+        counters::HUGE_BYTES.add(len);
+        counters::HUGE_BYTES.sub(old_len);
         new_user as *mut u8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use core::cell::{Cell, RefCell};
+
+    use super::*;
+
+    /// The real system calls, counted; `fail_maps` makes every map fail.
+    #[derive(Default)]
+    struct Counting {
+        maps: RefCell<Vec<usize>>,
+        unmaps: RefCell<Vec<usize>>,
+        remaps: RefCell<Vec<(usize, usize)>>,
+        fail_maps: Cell<bool>,
+    }
+
+    impl Os for Counting {
+        fn map(&self, len: usize) -> *mut u8 {
+            self.maps.borrow_mut().push(len);
+            if self.fail_maps.get() {
+                return ptr::null_mut();
+            }
+            System.map(len)
+        }
+        unsafe fn unmap(&self, p: *mut u8, len: usize) {
+            self.unmaps.borrow_mut().push(len);
+            // SAFETY: the caller's contract.
+            unsafe { System.unmap(p, len) }
+        }
+        unsafe fn remap(&self, p: *mut u8, old: usize, new: usize) -> *mut u8 {
+            self.remaps.borrow_mut().push((old, new));
+            // SAFETY: the caller's contract.
+            unsafe { System.remap(p, old, new) }
+        }
+        unsafe fn release(&self, _p: *mut u8, _len: usize) {
+            unreachable!("huge objects are unmapped, never released");
+        }
+    }
+
+    fn span_of(p: *mut u8) -> *mut Span {
+        pagemap::span(p as usize >> PAGE_SHIFT)
+    }
+
+    #[test]
+    fn an_object_is_one_mapping_with_a_header_page() {
+        let os = Counting::default();
+        let size = 3 << 20;
+        let p = alloc_in(&os, size, 16, true);
+        assert!(!p.is_null());
+        // One mapping: the header page plus the object, page-rounded.
+        assert_eq!(*os.maps.borrow(), [size + HEADER]);
+        let s = span_of(p);
+        // SAFETY: s is the live span of the object just made.
+        unsafe {
+            assert_eq!(s as usize + HEADER, p as usize);
+            assert_eq!((*s).state, span::HUGE);
+            assert!((*s).sampled);
+            assert_eq!((*s).requested, size);
+            assert_eq!(user(s), p as usize);
+            assert_eq!(usable(s), size);
+            p.write_bytes(0x5a, size);
+            free_in(&os, s);
+        }
+        assert_eq!(*os.unmaps.borrow(), [size + HEADER]);
+        assert!(span_of(p).is_null());
+    }
+
+    #[test]
+    fn odd_sizes_round_up_to_the_system_page() {
+        let os = Counting::default();
+        let p = alloc_in(&os, (1 << 20) + 1, 16, false);
+        assert_eq!(*os.maps.borrow(), [(1 << 20) + 2 * 4096]);
+        // SAFETY: the live span of p.
+        unsafe {
+            assert_eq!(usable(span_of(p)), (1 << 20) + 4096);
+            free_in(&os, span_of(p));
+        }
+    }
+
+    #[test]
+    fn big_alignments_trim_exactly_the_excess() {
+        let os = Counting::default();
+        let (size, align) = (3 << 19, 2 << 20);
+        let p = alloc_in(&os, size, align, false);
+        assert_eq!(p as usize % align, 0);
+        let len = size + HEADER;
+        // One mapping with room to align, then the parts before the header
+        // and after the object go back: `align` bytes in all.
+        assert_eq!(*os.maps.borrow(), [len + align]);
+        assert_eq!(os.unmaps.borrow().iter().sum::<usize>(), align);
+        // SAFETY: the live span of p.
+        unsafe { free_in(&os, span_of(p)) };
+        assert_eq!(os.unmaps.borrow().last(), Some(&len));
+    }
+
+    #[test]
+    fn failures_return_null_and_leave_nothing_mapped() {
+        let os = Counting::default();
+        os.fail_maps.set(true);
+        assert!(alloc_in(&os, 2 << 20, 16, false).is_null());
+        assert!(alloc_in(&os, 2 << 20, 1 << 21, false).is_null());
+        assert_eq!(os.maps.borrow().len(), 2);
+        // A size whose mapping length overflows never reaches the OS.
+        assert!(alloc_in(&os, usize::MAX - 100, 16, false).is_null());
+        assert_eq!(os.maps.borrow().len(), 2);
+        assert!(os.unmaps.borrow().is_empty());
+    }
+
+    #[test]
+    fn resizing_remaps_and_moves_the_page_map_entry() {
+        let os = Counting::default();
+        let p = alloc_in(&os, 2 << 20, 16, false);
+        // SAFETY: p is a live huge object of ours, used only here.
+        unsafe {
+            p.write_bytes(7, 2 << 20);
+            let q = resize_in(&os, span_of(p), 64 << 20);
+            assert!(!q.is_null());
+            assert_eq!(
+                *os.remaps.borrow(),
+                [((2 << 20) + HEADER, (64 << 20) + HEADER)]
+            );
+            assert_eq!(*q, 7);
+            assert_eq!(*q.add((2 << 20) - 1), 7);
+            let s = span_of(q);
+            assert_eq!(usable(s), 64 << 20);
+            assert_eq!((*s).requested, 64 << 20);
+            if q != p {
+                assert!(span_of(p).is_null());
+            }
+            free_in(&os, s);
+        }
+        assert_eq!(os.unmaps.borrow().last(), Some(&((64 << 20) + HEADER)));
     }
 }

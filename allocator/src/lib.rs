@@ -8,6 +8,9 @@
 //! map from address to span ([`pagemap`]), huge objects in their own
 //! mappings ([`huge`]), and the OS ([`os`]). Every allocation also counts
 //! down a per-thread sampler ([`sampler`]) whose hooks an agent can probe.
+//! The sampler is the core's only way toward profiling: gperftools mode
+//! ([`gperftools`]: HEAPPROFILE, HEAPCHECK, CPUPROFILE) sits behind it.
+//! Settings come from the environment in one place ([`env`]).
 //!
 //! Two ways in: the C ABI of `libprofalloc.so` (package `profalloc-preload`
 //! in `allocator/preload`, for `LD_PRELOAD`) and [`ProfAlloc`] as a Rust
@@ -27,19 +30,21 @@
 //! interrupt an allocation fast path (a handler that interrupts a slow path
 //! is handled, and never deadlocks).
 pub mod alloc;
-pub mod central;
+mod central;
+mod counters;
+mod env;
 mod global;
-pub mod huge;
-pub mod lock;
+pub mod gperftools;
+mod huge;
+mod lock;
 pub mod os;
-pub mod page_heap;
-pub mod pagemap;
-pub mod preload;
-pub mod sampler;
+mod page_heap;
+mod pagemap;
+mod sampler;
 pub mod size_class;
-pub mod span;
+mod span;
 pub mod stats;
-pub mod thread_cache;
+mod thread_cache;
 
 pub use global::ProfAlloc;
 pub use stats::{Stats, stats};

@@ -2,89 +2,147 @@
 //! (mmap, munmap, mremap), returning pages (madvise), and writing messages
 //! to stderr. Nothing here allocates or takes a lock, so every function is
 //! safe to call from any path, including signal handlers and fork handlers.
+//! The memory calls sit behind the [`Os`] trait, the seam the tiers' tests
+//! use to count and fake mappings.
 use core::ptr;
 
-/// Maps `len` bytes of zeroed, private, read-write memory, or returns null.
-/// `MAP_NORESERVE`: address space reserved ahead of use costs nothing until
-/// touched.
-pub fn map(len: usize) -> *mut u8 {
-    // SAFETY: an anonymous mapping at a kernel-chosen address has no
-    // preconditions; the result is checked against MAP_FAILED.
-    let p = unsafe {
-        libc::mmap(
-            ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        ptr::null_mut()
-    } else {
-        p.cast()
-    }
-}
+/// The memory calls the allocator makes, behind a trait so that tests can
+/// count and fake mappings; [`System`] makes the real system calls.
+pub(crate) trait Os {
+    /// Maps `len` bytes of zeroed, private, read-write memory, or returns
+    /// null.
+    fn map(&self, len: usize) -> *mut u8;
 
-/// Maps `len` bytes whose start is a multiple of `align` (a power of two
-/// at least the system page), trimming the excess; null on failure.
-pub fn map_aligned(len: usize, align: usize) -> *mut u8 {
-    let Some(total) = len.checked_add(align) else {
-        return ptr::null_mut();
-    };
-    let p = map(total);
-    if p.is_null() {
-        return p;
-    }
-    let start = p as usize;
-    let aligned = (start + align - 1) & !(align - 1);
-    let end = start + total;
-    // SAFETY: both ranges lie inside the mapping just created and are
-    // page-aligned (align and len are multiples of the system page).
-    unsafe {
-        if aligned > start {
-            libc::munmap(p.cast(), aligned - start);
+    /// Unmaps a range obtained from [`Os::map`].
+    ///
+    /// # Safety
+    /// Nothing may use the range afterwards.
+    unsafe fn unmap(&self, p: *mut u8, len: usize);
+
+    /// Grows or shrinks a mapping, moving it if needed; null on failure
+    /// (the old mapping is then unchanged).
+    ///
+    /// # Safety
+    /// `p..p+old` must be a mapping the caller owns.
+    unsafe fn remap(&self, p: *mut u8, old: usize, new: usize) -> *mut u8;
+
+    /// Gives the physical pages of a range back; the range stays mapped
+    /// and reads as zeros when next touched.
+    ///
+    /// # Safety
+    /// Nothing may hold data in the range.
+    unsafe fn release(&self, p: *mut u8, len: usize);
+
+    /// Maps `len` bytes whose start is a multiple of `align` (a power of
+    /// two at least the system page), trimming the excess; null on failure.
+    fn map_aligned(&self, len: usize, align: usize) -> *mut u8 {
+        let Some(total) = len.checked_add(align) else {
+            return ptr::null_mut();
+        };
+        let p = self.map(total);
+        if p.is_null() {
+            return p;
         }
-        if end > aligned + len {
-            libc::munmap((aligned + len) as *mut libc::c_void, end - (aligned + len));
+        let start = p as usize;
+        let aligned = (start + align - 1) & !(align - 1);
+        let end = start + total;
+        // SAFETY: both ranges lie inside the mapping just created and are
+        // page-aligned (align and len are multiples of the system page).
+        unsafe {
+            if aligned > start {
+                self.unmap(p, aligned - start);
+            }
+            if end > aligned + len {
+                self.unmap((aligned + len) as *mut u8, end - (aligned + len));
+            }
+        }
+        aligned as *mut u8
+    }
+}
+
+/// The kernel: mmap, munmap, mremap, madvise.
+pub(crate) struct System;
+
+impl Os for System {
+    /// `MAP_NORESERVE`: address space reserved ahead of use costs nothing
+    /// until touched.
+    fn map(&self, len: usize) -> *mut u8 {
+        // SAFETY: an anonymous mapping at a kernel-chosen address has no
+        // preconditions; the result is checked against MAP_FAILED.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            ptr::null_mut()
+        } else {
+            p.cast()
         }
     }
-    aligned as *mut u8
-}
 
-/// Unmaps a range obtained from [`map`] or [`map_aligned`].
-///
-/// # Safety
-/// Nothing may use the range afterwards.
-pub unsafe fn unmap(p: *mut u8, len: usize) {
-    // SAFETY: the caller owns the range.
-    unsafe { libc::munmap(p.cast(), len) };
-}
+    unsafe fn unmap(&self, p: *mut u8, len: usize) {
+        // SAFETY: the caller owns the range.
+        unsafe { libc::munmap(p.cast(), len) };
+    }
 
-/// Grows or shrinks a mapping, moving it if needed; null on failure.
-///
-/// # Safety
-/// `p..p+old` must be a mapping the caller owns.
-pub unsafe fn remap(p: *mut u8, old: usize, new: usize) -> *mut u8 {
-    // SAFETY: the caller owns the old mapping; MREMAP_MAYMOVE keeps the
-    // contents.
-    let q = unsafe { libc::mremap(p.cast(), old, new, libc::MREMAP_MAYMOVE) };
-    if q == libc::MAP_FAILED {
-        ptr::null_mut()
-    } else {
-        q.cast()
+    unsafe fn remap(&self, p: *mut u8, old: usize, new: usize) -> *mut u8 {
+        // SAFETY: the caller owns the old mapping; MREMAP_MAYMOVE keeps the
+        // contents.
+        let q = unsafe { libc::mremap(p.cast(), old, new, libc::MREMAP_MAYMOVE) };
+        if q == libc::MAP_FAILED {
+            ptr::null_mut()
+        } else {
+            q.cast()
+        }
+    }
+
+    unsafe fn release(&self, p: *mut u8, len: usize) {
+        // SAFETY: the caller says the range holds no live data.
+        unsafe { libc::madvise(p.cast(), len, libc::MADV_DONTNEED) };
     }
 }
 
-/// Gives the physical pages of a range back to the OS; the range stays
-/// mapped and reads as zeros when next touched.
+/// [`Os::map`] of [`System`].
+pub(crate) fn map(len: usize) -> *mut u8 {
+    System.map(len)
+}
+
+/// [`Os::map_aligned`] of [`System`].
+pub(crate) fn map_aligned(len: usize, align: usize) -> *mut u8 {
+    System.map_aligned(len, align)
+}
+
+/// [`Os::unmap`] of [`System`].
 ///
 /// # Safety
-/// Nothing may hold data in the range.
-pub unsafe fn release(p: *mut u8, len: usize) {
-    // SAFETY: the caller says the range holds no live data.
-    unsafe { libc::madvise(p.cast(), len, libc::MADV_DONTNEED) };
+/// As [`Os::unmap`].
+pub(crate) unsafe fn unmap(p: *mut u8, len: usize) {
+    // SAFETY: the caller's contract.
+    unsafe { System.unmap(p, len) }
+}
+
+/// [`Os::remap`] of [`System`].
+///
+/// # Safety
+/// As [`Os::remap`].
+pub(crate) unsafe fn remap(p: *mut u8, old: usize, new: usize) -> *mut u8 {
+    // SAFETY: the caller's contract.
+    unsafe { System.remap(p, old, new) }
+}
+
+/// [`Os::release`] of [`System`].
+///
+/// # Safety
+/// As [`Os::release`].
+pub(crate) unsafe fn release(p: *mut u8, len: usize) {
+    // SAFETY: the caller's contract.
+    unsafe { System.release(p, len) }
 }
 
 /// Sets errno to ENOMEM (the C API's out-of-memory report).
@@ -95,20 +153,20 @@ pub fn set_enomem() {
 
 /// A fixed-size message buffer written with one write(2); formatting
 /// without allocating.
-pub struct Message {
+pub(crate) struct Message {
     buf: [u8; 256],
     len: usize,
 }
 
 impl Message {
-    pub const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Self {
             buf: [0; 256],
             len: 0,
         }
     }
 
-    pub fn str(&mut self, s: &str) -> &mut Self {
+    pub(crate) fn str(&mut self, s: &str) -> &mut Self {
         for &b in s.as_bytes() {
             if self.len < self.buf.len() {
                 self.buf[self.len] = b;
@@ -118,7 +176,7 @@ impl Message {
         self
     }
 
-    pub fn dec(&mut self, mut v: u64) -> &mut Self {
+    pub(crate) fn dec(&mut self, mut v: u64) -> &mut Self {
         let mut digits = [0u8; 20];
         let mut n = 0;
         loop {
@@ -138,7 +196,7 @@ impl Message {
         self
     }
 
-    pub fn hex(&mut self, v: u64) -> &mut Self {
+    pub(crate) fn hex(&mut self, v: u64) -> &mut Self {
         self.str("0x");
         let mut started = false;
         for shift in (0..16).rev() {
@@ -153,12 +211,12 @@ impl Message {
         self
     }
 
-    pub fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
 
     /// Writes the message to stderr (fd 2).
-    pub fn write_stderr(&self) {
+    pub(crate) fn write_stderr(&self) {
         let mut done = 0;
         while done < self.len {
             // SAFETY: the buffer range is initialised and in bounds.

@@ -5,6 +5,8 @@
 //!
 //! Lock: one global lock, [`LOCK`], around every function here. Lock order:
 //! a class's central lock may be held when taking it, never the reverse.
+//! Owner: the central lists (spans for small objects) and the slow paths
+//! (large objects); the fork handlers take and reset its lock.
 //!
 //! Free spans sit on `normal` (resident) or `returned` (given back) lists,
 //! indexed by length in pages; the last list holds every span of
@@ -13,11 +15,11 @@
 use core::ptr;
 
 use crate::{
+    counters,
     lock::SpinLock,
     os, pagemap,
     size_class::{PAGE_SHIFT, PAGE_SIZE},
     span::{self, Span, SpanList},
-    stats,
 };
 
 const LISTS: usize = 129;
@@ -107,9 +109,9 @@ pub unsafe fn deallocate(s: *mut Span) {
                     pagemap::set_span(p, ptr::null_mut());
                 }
             }
-            stats::SMALL_SPAN_BYTES.sub(n << PAGE_SHIFT);
+            counters::SMALL_SPAN_BYTES.sub(n << PAGE_SHIFT);
         } else {
-            stats::LARGE_BYTES.sub(n << PAGE_SHIFT);
+            counters::LARGE_BYTES.sub(n << PAGE_SHIFT);
         }
         (*s).state = span::FREE;
         (*s).returned = false;
@@ -168,7 +170,7 @@ unsafe fn release_locked(want: usize) -> usize {
             }
         }
     }
-    stats::RELEASED_BYTES.add(done << PAGE_SHIFT);
+    counters::RELEASED_BYTES.add(done << PAGE_SHIFT);
     done
 }
 
@@ -198,7 +200,7 @@ unsafe fn release_idle_locked(before: u64) {
             }
         }
     }
-    stats::RELEASED_BYTES.add(released << PAGE_SHIFT);
+    counters::RELEASED_BYTES.add(released << PAGE_SHIFT);
 }
 
 /// # Safety
@@ -241,7 +243,7 @@ unsafe fn allocate_locked(npages: usize, class: u8, align_pages: usize) -> *mut 
         let n = (*s).npages;
         debug_assert_eq!(n, npages);
         if (*s).returned {
-            stats::RELEASED_BYTES.sub(n << PAGE_SHIFT);
+            counters::RELEASED_BYTES.sub(n << PAGE_SHIFT);
         }
         (*s).returned = false;
         (*s).class = class;
@@ -256,12 +258,12 @@ unsafe fn allocate_locked(npages: usize, class: u8, align_pages: usize) -> *mut 
                 pagemap::set_span(p, s);
                 pagemap::set_class(p, class);
             }
-            stats::SMALL_SPAN_BYTES.add(n << PAGE_SHIFT);
+            counters::SMALL_SPAN_BYTES.add(n << PAGE_SHIFT);
         } else {
             (*s).state = span::LARGE;
             pagemap::set_span((*s).start, s);
             pagemap::set_span((*s).start + n - 1, s);
-            stats::LARGE_BYTES.add(n << PAGE_SHIFT);
+            counters::LARGE_BYTES.add(n << PAGE_SHIFT);
         }
     }
     s
@@ -380,8 +382,8 @@ unsafe fn add_fresh(start: usize, n: usize) -> bool {
     if s.is_null() {
         return false;
     }
-    stats::MAPPED_BYTES.add(n << PAGE_SHIFT);
-    stats::RELEASED_BYTES.add(n << PAGE_SHIFT);
+    counters::MAPPED_BYTES.add(n << PAGE_SHIFT);
+    counters::RELEASED_BYTES.add(n << PAGE_SHIFT);
     // SAFETY: s is a fresh record; LOCK is held.
     unsafe {
         *s = Span::zeroed();
@@ -431,7 +433,7 @@ unsafe fn insert_free(s: *mut Span) {
             h.normal[i].push(s);
             h.free_normal_pages += (*s).npages;
         }
-        stats::HEAP_FREE_BYTES.store((h.free_normal_pages) << PAGE_SHIFT);
+        counters::HEAP_FREE_BYTES.store((h.free_normal_pages) << PAGE_SHIFT);
     }
 }
 
@@ -449,7 +451,7 @@ unsafe fn remove_free(s: *mut Span) {
             h.normal[i].remove(s);
             h.free_normal_pages -= (*s).npages;
         }
-        stats::HEAP_FREE_BYTES.store((h.free_normal_pages) << PAGE_SHIFT);
+        counters::HEAP_FREE_BYTES.store((h.free_normal_pages) << PAGE_SHIFT);
     }
 }
 
@@ -472,7 +474,7 @@ unsafe fn new_span() -> *mut Span {
         if p.is_null() {
             return ptr::null_mut();
         }
-        stats::METADATA.add(META_CHUNK);
+        counters::METADATA.add(META_CHUNK);
         h.meta_next = p as usize;
         h.meta_end = p as usize + META_CHUNK;
     }

@@ -14,6 +14,8 @@
 //!
 //! Locking: reads take no lock. Entries are written under the page heap
 //! lock, except huge mappings' entries, which only their owner writes.
+//! Owner: the page heap and the huge objects write it; the free paths, the
+//! central lists and the heap checker read it.
 //! Leaves are installed with a compare-and-swap, so a reader sees either
 //! null or a complete (zeroed) leaf.
 use core::{
@@ -84,7 +86,7 @@ pub fn ensure(page: usize) -> bool {
     if fresh.is_null() {
         return false;
     }
-    crate::stats::METADATA.add(size);
+    crate::counters::METADATA.add(size);
     if ROOT[i]
         .compare_exchange(ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
@@ -92,7 +94,7 @@ pub fn ensure(page: usize) -> bool {
         // Another thread installed one first.
         // SAFETY: `fresh` was never published.
         unsafe { os::unmap(fresh.cast(), size) };
-        crate::stats::METADATA.sub(size);
+        crate::counters::METADATA.sub(size);
     }
     true
 }

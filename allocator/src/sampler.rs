@@ -1,4 +1,8 @@
-//! The always-on allocation sampler and the hooks it calls.
+//! The always-on allocation sampler: the allocator core's only way out
+//! toward profiling. The core calls [`on_alloc`] for every sampled (or
+//! recorded) allocation and [`on_free`] for its free; each calls the
+//! probed hook, then gperftools mode's recorder. gperftools mode sits
+//! behind this module: the core never names it.
 //!
 //! Each thread counts down the bytes it allocates (one subtraction and a
 //! branch on the fast path); when the count goes below zero, the slow path
@@ -6,12 +10,17 @@
 //! distribution of mean `PROFALLOC_SAMPLE_BYTES` (default 512 KiB, 0 = off),
 //! which makes the sampled bytes a Poisson process over allocated bytes.
 //! A sampled object gets its own span (or huge mapping) marked `sampled`
-//! (except under `RECORD_ALL`, where every object is recorded in place),
+//! (except in record-all mode, where every object is recorded in place),
 //! so its free is recognised by the free slow path at no cost to the fast
 //! path. The hooks are the ABI described in `profiler_common::hooks`.
-use core::sync::atomic::{AtomicU64, Ordering};
+//!
+//! Lock: none here (the rate and the mode are set once at start; the
+//! recorders behind take their own). Owner: the allocator's slow paths.
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use profiler_common::hooks;
+
+use crate::{counters, env::Settings, gperftools};
 
 /// Mean sampling distance in bytes; 0 = sampling off. Exported so that an
 /// agent can read the rate of a running process.
@@ -21,7 +30,56 @@ pub static profalloc_sample_bytes: AtomicU64 = AtomicU64::new(hooks::DEFAULT_SAM
 /// Every allocation is recorded in place (the heap checker): no sampling,
 /// no span of its own; every free takes the slow path, which tells the
 /// profiler. Set once at start, before any thread cache fills.
-pub static RECORD_ALL: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+static RECORD_ALL: AtomicBool = AtomicBool::new(false);
+
+/// Sets the rate and the mode from the settings and starts what gperftools
+/// mode asks for. Called once, from the allocator's initialisation (busy
+/// set, before any thread cache fills).
+pub(crate) fn start(s: &Settings) {
+    if let Some(n) = s.sample_bytes {
+        profalloc_sample_bytes.store(n, Ordering::Relaxed);
+    }
+    if s.heap_check {
+        // Every allocation is recorded: a stack for each, weight = size,
+        // in place.
+        profalloc_sample_bytes.store(1, Ordering::Relaxed);
+        RECORD_ALL.store(true, Ordering::Relaxed);
+    }
+    if s.gperftools_mode() {
+        gperftools::start(s);
+    }
+}
+
+/// Record-all mode (the heap checker): every allocation goes through
+/// [`on_alloc`] with weight = size, and every free through [`on_free`].
+#[inline]
+pub(crate) fn record_all() -> bool {
+    RECORD_ALL.load(Ordering::Relaxed)
+}
+
+/// A sampled (or recorded) allocation succeeded: the hook, then the
+/// recorder.
+#[inline]
+pub(crate) fn on_alloc(p: *mut u8, size: usize, weight: u64) {
+    counters::SAMPLED.add(1);
+    profalloc_sample_alloc(p.cast(), size, weight);
+    gperftools::record_alloc(p, size, weight);
+}
+
+/// A sampled (or recorded) object is being freed, before its memory is
+/// reused. `reentrant`: the free runs on a thread already inside the
+/// allocator (a signal handler), which must not wait for a lock.
+#[inline]
+pub(crate) fn on_free(p: *mut u8, reentrant: bool) {
+    profalloc_sample_free(p.cast());
+    gperftools::record_free(p, reentrant);
+}
+
+/// The process exits: gperftools mode writes its files (and the heap
+/// checker may exit with status 1).
+pub(crate) fn at_exit() {
+    gperftools::at_exit();
+}
 
 /// Called for every sampled allocation, after it succeeded. Does nothing:
 /// it exists to be probed. Never inlined, never removed.
@@ -57,13 +115,13 @@ const _: hooks::SampleAllocFn = profalloc_sample_alloc;
 const _: hooks::SampleFreeFn = profalloc_sample_free;
 
 /// The current mean sampling distance (0 = off).
-pub fn rate() -> u64 {
+pub(crate) fn rate() -> u64 {
     profalloc_sample_bytes.load(Ordering::Relaxed)
 }
 
 /// Draws the distance to the next sample: exponential with mean `rate`
 /// (never 0, so one allocation is never sampled twice). Off: far away.
-pub fn next_distance(rng: &mut u64, rate: u64) -> isize {
+pub(crate) fn next_distance(rng: &mut u64, rate: u64) -> isize {
     if rate == 0 {
         return isize::MAX / 2;
     }
@@ -82,7 +140,7 @@ pub fn next_distance(rng: &mut u64, rate: u64) -> isize {
 
 /// The unbiased weight of a sampled allocation of `size` bytes at mean
 /// rate `rate`: size / P(sampled) = S / (1 - exp(-S/R)).
-pub fn weight(size: usize, rate: u64) -> u64 {
+pub(crate) fn weight(size: usize, rate: u64) -> u64 {
     if rate == 0 {
         return size as u64;
     }

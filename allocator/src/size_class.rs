@@ -18,6 +18,8 @@
 //! then eight classes per power of two up to [`MAX_SMALL`] (rounding costs
 //! at most 12.5%).
 //! Class 0 means "not a small object" everywhere (page map, tables).
+//!
+//! Lock: none (constant tables, built at compile time).
 
 /// log2 of the allocator's page (the unit of spans and of the page map).
 pub const PAGE_SHIFT: usize = 13;

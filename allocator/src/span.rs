@@ -1,6 +1,8 @@
 //! A span: a run of pages with one use. Span records for the page heap
 //! live in a metadata arena (see `page_heap`); huge mappings carry theirs
-//! in their first system page.
+//! in their first system page. A record is guarded by the lock of the
+//! tier that holds the span (page heap, central list) or by its owner
+//! (large and huge objects).
 
 /// The span is free in the page heap.
 pub const FREE: u8 = 1;

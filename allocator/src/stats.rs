@@ -1,68 +1,16 @@
-//! Statistics: counters kept by the tiers (relaxed atomics, updated on
-//! slow paths only) and the snapshot [`stats`] sums them into.
-use core::sync::atomic::{AtomicUsize, Ordering};
-
+//! Statistics: the snapshot [`stats`] takes of the tiers' counters
+//! ([`crate::counters`]), the thread caches' lengths and the page heap's
+//! free pages, and the report written from it. Reads only.
 use crate::{
+    counters::{
+        HUGE_BYTES, HUGE_OBJECTS, LARGE_BYTES, MAPPED_BYTES, METADATA, OUTSTANDING, SAMPLED,
+        SMALL_SPAN_BYTES, TRANSFER_OBJECTS,
+    },
     os::Message,
     page_heap,
     size_class::{self, NUM_CLASSES},
     thread_cache,
 };
-
-pub struct Counter(AtomicUsize);
-
-impl Counter {
-    pub const fn new() -> Self {
-        Self(AtomicUsize::new(0))
-    }
-    #[inline]
-    pub fn add(&self, n: usize) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    #[inline]
-    pub fn sub(&self, n: usize) {
-        self.0.fetch_sub(n, Ordering::Relaxed);
-    }
-    #[inline]
-    pub fn store(&self, n: usize) {
-        self.0.store(n, Ordering::Relaxed);
-    }
-    #[inline]
-    pub fn load(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-impl Default for Counter {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// Address space the page heap has put to use (reserved but never used
-/// address space is not counted).
-pub static MAPPED_BYTES: Counter = Counter::new();
-/// Page heap bytes given back to the OS (or never touched).
-pub static RELEASED_BYTES: Counter = Counter::new();
-/// Resident free bytes in the page heap.
-pub static HEAP_FREE_BYTES: Counter = Counter::new();
-/// Allocator metadata (page map leaves, span records).
-pub static METADATA: Counter = Counter::new();
-/// Pages of small-object spans, in bytes.
-pub static SMALL_SPAN_BYTES: Counter = Counter::new();
-/// Large objects from the page heap, in bytes (page-rounded).
-pub static LARGE_BYTES: Counter = Counter::new();
-/// Huge mappings, in bytes (including their header page).
-pub static HUGE_BYTES: Counter = Counter::new();
-/// Huge objects alive.
-pub static HUGE_OBJECTS: Counter = Counter::new();
-/// Per class: objects handed out of the central lists (to the transfer
-/// cache, thread caches or the program).
-pub static OUTSTANDING: [Counter; NUM_CLASSES] = [const { Counter::new() }; NUM_CLASSES];
-/// Per class: objects sitting in the transfer cache.
-pub static TRANSFER_OBJECTS: [Counter; NUM_CLASSES] = [const { Counter::new() }; NUM_CLASSES];
-/// Allocations sampled so far.
-pub static SAMPLED: Counter = Counter::new();
 
 /// A snapshot of where the allocator's memory is, in bytes. The same
 /// layout is returned by the C function `profalloc_stats`.

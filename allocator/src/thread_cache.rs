@@ -16,6 +16,17 @@
 //! Thread exit: a pthread key (created once) has the cache as value; its
 //! destructor flushes the lists to the central tier and marks the cache
 //! dead, so later allocations on that thread (other destructors) bypass it.
+//!
+//! Lists: a list refills from the middle tier when empty and gives a
+//! batch back when it grows past its limit; the limit starts at zero and
+//! grows by one per refill or free up to a batch, then by a batch per
+//! refill up to `max_cached` (slow start: a thread that allocates a few
+//! objects of a class keeps few). The middle tier is reached through
+//! [`MiddleTier`], so that tests can stand in for it.
+//!
+//! Lock: none for the lists (only the owner thread touches them, on the
+//! fast paths and inside its slow paths with `busy` set); the registry of
+//! caches (for statistics) has its own lock. Owner: the thread.
 use core::{
     ptr,
     sync::atomic::{AtomicU32, Ordering},
@@ -24,38 +35,164 @@ use core::{
 use crate::{
     central,
     lock::SpinLock,
-    size_class::{self, NUM_CLASSES},
+    size_class::{self, BATCH, NUM_CLASSES},
 };
 
-/// The cache has not been set up (all lists empty, limits zero).
-pub const UNINIT: u8 = 0;
-/// In use.
-pub const ACTIVE: u8 = 1;
-/// The thread is exiting: allocations go straight to the central tier.
-pub const DEAD: u8 = 2;
+/// The tier behind the thread caches: the transfer caches and central
+/// lists of [`central`].
+pub(crate) trait MiddleTier {
+    /// A chain of up to `want` objects of class `c`: (head, n), n == 0
+    /// when out of memory.
+    fn remove_range(&self, c: usize, want: usize) -> (*mut u8, usize);
+    /// Takes back a null-terminated chain of `n` objects of class `c`.
+    ///
+    /// # Safety
+    /// Every object of the chain is a free object of class `c`.
+    unsafe fn insert_range(&self, c: usize, head: *mut u8, n: usize);
+}
 
+/// The real middle tier.
+pub(crate) struct Central;
+
+impl MiddleTier for Central {
+    #[inline]
+    fn remove_range(&self, c: usize, want: usize) -> (*mut u8, usize) {
+        central::remove_range(c, want)
+    }
+
+    #[inline]
+    unsafe fn insert_range(&self, c: usize, head: *mut u8, n: usize) {
+        // SAFETY: the caller's contract.
+        unsafe { central::insert_range(c, head, n) }
+    }
+}
+
+/// The cache has not been set up (all lists empty, limits zero).
+pub(crate) const UNINIT: u8 = 0;
+/// In use.
+pub(crate) const ACTIVE: u8 = 1;
+/// The thread is exiting: allocations go straight to the central tier.
+pub(crate) const DEAD: u8 = 2;
+
+/// One class's free objects, linked through their first word. The fast
+/// paths read and write these fields directly (the layout is part of their
+/// instruction count).
 #[repr(C)]
-pub struct FreeList {
-    pub head: *mut u8,
+pub(crate) struct FreeList {
+    pub(crate) head: *mut u8,
     /// Atomic only so that statistics may read it from another thread;
     /// the owner uses plain loads and stores.
-    pub len: AtomicU32,
-    pub max_len: u32,
+    pub(crate) len: AtomicU32,
+    pub(crate) max_len: u32,
+}
+
+impl FreeList {
+    /// Pops an object, refilling the list from the middle tier first when
+    /// empty (and growing its limit: slow start). Null when out of memory.
+    ///
+    /// # Safety
+    /// The list is this thread's list of class `c`.
+    pub(crate) unsafe fn pop_or_refill<M: MiddleTier>(&mut self, m: &M, c: usize) -> *mut u8 {
+        // SAFETY: the list's objects are free objects linked through their
+        // first word.
+        unsafe {
+            if !self.head.is_null() {
+                let head = self.head;
+                self.head = *head.cast::<*mut u8>();
+                let len = self.len.load(Ordering::Relaxed);
+                self.len.store(len - 1, Ordering::Relaxed);
+                return head;
+            }
+            let batch = u32::from(BATCH[c]);
+            if self.max_len < batch {
+                self.max_len += 1;
+            } else {
+                self.max_len = (self.max_len + batch).min(size_class::max_cached(c));
+            }
+            let want = self.max_len.min(batch) as usize;
+            let (head, n) = m.remove_range(c, want);
+            if n == 0 {
+                return ptr::null_mut();
+            }
+            self.head = *head.cast::<*mut u8>();
+            self.len.store(n as u32 - 1, Ordering::Relaxed);
+            head
+        }
+    }
+
+    /// Pushes a freed object; past the limit, gives a batch from the head
+    /// back to the middle tier.
+    ///
+    /// # Safety
+    /// The list is this thread's list of class `c`; `p` is a free object
+    /// of class `c` that is not on it.
+    pub(crate) unsafe fn push_or_release<M: MiddleTier>(&mut self, m: &M, c: usize, p: *mut u8) {
+        // SAFETY: p is a free object of at least 16 bytes.
+        unsafe { *p.cast::<*mut u8>() = self.head };
+        self.head = p;
+        let len = self.len.load(Ordering::Relaxed) + 1;
+        self.len.store(len, Ordering::Relaxed);
+        let batch = u32::from(BATCH[c]);
+        if self.max_len < batch {
+            // Slow start: let the list grow before giving back.
+            self.max_len += 1;
+        }
+        if len > self.max_len {
+            // SAFETY: the list holds len >= min(batch, len) objects.
+            unsafe { self.release(m, c, batch.min(len) as usize) };
+        }
+    }
+
+    /// Gives `n` objects from the head to the middle tier.
+    ///
+    /// # Safety
+    /// The list is of class `c` and holds at least `n` objects.
+    unsafe fn release<M: MiddleTier>(&mut self, m: &M, c: usize, n: usize) {
+        let head = self.head;
+        let mut tail = head;
+        // SAFETY: the list holds at least n linked objects.
+        unsafe {
+            for _ in 1..n {
+                tail = *tail.cast::<*mut u8>();
+            }
+            self.head = *tail.cast::<*mut u8>();
+            *tail.cast::<*mut u8>() = ptr::null_mut();
+            let len = self.len.load(Ordering::Relaxed);
+            self.len.store(len - n as u32, Ordering::Relaxed);
+            m.insert_range(c, head, n);
+        }
+    }
+
+    /// Gives every object to the middle tier (the chain is null-terminated:
+    /// the list's last object links to null).
+    ///
+    /// # Safety
+    /// The list is of class `c`.
+    unsafe fn flush<M: MiddleTier>(&mut self, m: &M, c: usize) {
+        let n = self.len.load(Ordering::Relaxed) as usize;
+        if n > 0 {
+            let head = self.head;
+            self.head = ptr::null_mut();
+            self.len.store(0, Ordering::Relaxed);
+            // SAFETY: the list's n objects are free objects of class c.
+            unsafe { m.insert_range(c, head, n) };
+        }
+    }
 }
 
 #[repr(C, align(64))]
-pub struct ThreadCache {
+pub(crate) struct ThreadCache {
     /// Bytes left until the next sampled allocation (see `sampler`).
-    pub countdown: isize,
-    pub lists: [FreeList; NUM_CLASSES],
-    pub state: u8,
+    pub(crate) countdown: isize,
+    pub(crate) lists: [FreeList; NUM_CLASSES],
+    pub(crate) state: u8,
     /// Set while the thread runs an allocator slow path: a signal handler
     /// (or a library the slow path calls) that re-enters the allocator on
     /// this thread must not touch the lists or locks this thread holds.
-    pub busy: u8,
-    pub rng: u64,
-    pub next: *mut ThreadCache,
-    pub prev: *mut ThreadCache,
+    pub(crate) busy: u8,
+    pub(crate) rng: u64,
+    pub(crate) next: *mut ThreadCache,
+    pub(crate) prev: *mut ThreadCache,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -75,7 +212,7 @@ core::arch::global_asm!(
 /// This thread's cache.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub fn tls() -> *mut ThreadCache {
+pub(crate) fn tls() -> *mut ThreadCache {
     let p: usize;
     // SAFETY: reads the thread pointer and the symbol's TLS offset from
     // the GOT (initial-exec model); no memory is written.
@@ -99,7 +236,7 @@ std::thread_local! {
 /// This thread's cache.
 #[cfg(not(target_arch = "x86_64"))]
 #[inline(always)]
-pub fn tls() -> *mut ThreadCache {
+pub(crate) fn tls() -> *mut ThreadCache {
     CACHE.with(|c| c.get().cast())
 }
 
@@ -114,7 +251,7 @@ static REGISTRY: Registry = Registry(core::cell::UnsafeCell::new(ptr::null_mut()
 ///
 /// # Safety
 /// `tc` is this thread's cache, not registered.
-pub unsafe fn register(tc: *mut ThreadCache) {
+pub(crate) unsafe fn register(tc: *mut ThreadCache) {
     REGISTRY_LOCK.lock();
     // SAFETY: the registry is touched only under its lock.
     unsafe {
@@ -148,7 +285,7 @@ unsafe fn unregister(tc: *mut ThreadCache) {
 }
 
 /// Bytes of free objects in every thread cache (racy reads of the lengths).
-pub fn cached_bytes() -> usize {
+pub(crate) fn cached_bytes() -> usize {
     let mut total = 0;
     REGISTRY_LOCK.lock();
     // SAFETY: registered caches stay alive while registered (a thread
@@ -171,19 +308,10 @@ pub fn cached_bytes() -> usize {
 ///
 /// # Safety
 /// `tc` is this thread's cache and `busy` is set.
-pub unsafe fn flush(tc: *mut ThreadCache) {
+pub(crate) unsafe fn flush(tc: *mut ThreadCache) {
     for c in 1..NUM_CLASSES {
         // SAFETY: the owner thread flushes its own lists.
-        unsafe {
-            let list = &mut (*tc).lists[c];
-            let n = list.len.load(Ordering::Relaxed) as usize;
-            if n > 0 {
-                let head = list.head;
-                list.head = ptr::null_mut();
-                list.len.store(0, Ordering::Relaxed);
-                central::insert_range(c, head, n);
-            }
-        }
+        unsafe { (*tc).lists[c].flush(&Central, c) };
     }
 }
 
@@ -191,7 +319,7 @@ pub unsafe fn flush(tc: *mut ThreadCache) {
 ///
 /// # Safety
 /// Called by glibc with the value this thread set: its cache.
-pub unsafe extern "C" fn thread_exit(arg: *mut libc::c_void) {
+pub(crate) unsafe extern "C" fn thread_exit(arg: *mut libc::c_void) {
     let tc = arg.cast::<ThreadCache>();
     if tc.is_null() || tc != tls() {
         return;
@@ -212,12 +340,12 @@ pub unsafe extern "C" fn thread_exit(arg: *mut libc::c_void) {
 }
 
 /// Locks the registry (before fork).
-pub fn lock_registry() {
+pub(crate) fn lock_registry() {
     REGISTRY_LOCK.lock();
 }
 
 /// Unlocks the registry (after fork, parent).
-pub fn unlock_registry() {
+pub(crate) fn unlock_registry() {
     REGISTRY_LOCK.unlock();
 }
 
@@ -225,7 +353,7 @@ pub fn unlock_registry() {
 /// caches' memory is the dead threads' stacks; drop them from the registry
 /// (their cached objects stay unused, as in every thread-caching
 /// allocator).
-pub fn reset_registry_in_child() {
+pub(crate) fn reset_registry_in_child() {
     REGISTRY_LOCK.reset();
     let me = tls();
     // SAFETY: single-threaded child; the registry is ours.
@@ -236,5 +364,150 @@ pub fn reset_registry_in_child() {
             (*me).prev = ptr::null_mut();
             *REGISTRY.0.get() = me;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use core::cell::{Cell, RefCell};
+
+    use super::*;
+
+    /// A middle tier over a pool of test objects that records every call.
+    struct FakeMiddle {
+        pool: RefCell<Vec<*mut u8>>,
+        /// `want` of each remove_range call.
+        removes: RefCell<Vec<usize>>,
+        /// `n` of each insert_range call (checked against the chain).
+        inserts: RefCell<Vec<usize>>,
+        out: Cell<usize>,
+    }
+
+    impl FakeMiddle {
+        fn with(objects: usize) -> Self {
+            let pool = (0..objects)
+                .map(|_| Box::into_raw(Box::new([0u64; 2])).cast::<u8>())
+                .collect();
+            Self {
+                pool: RefCell::new(pool),
+                removes: RefCell::default(),
+                inserts: RefCell::default(),
+                out: Cell::new(0),
+            }
+        }
+    }
+
+    impl MiddleTier for FakeMiddle {
+        fn remove_range(&self, _c: usize, want: usize) -> (*mut u8, usize) {
+            self.removes.borrow_mut().push(want);
+            let mut head = ptr::null_mut();
+            let mut n = 0;
+            while n < want {
+                let Some(p) = self.pool.borrow_mut().pop() else {
+                    break;
+                };
+                // SAFETY: a pool object of 16 bytes.
+                unsafe { *p.cast::<*mut u8>() = head };
+                head = p;
+                n += 1;
+            }
+            self.out.set(self.out.get() + n);
+            (head, n)
+        }
+
+        unsafe fn insert_range(&self, _c: usize, head: *mut u8, n: usize) {
+            let mut p = head;
+            let mut seen = 0;
+            while !p.is_null() {
+                self.pool.borrow_mut().push(p);
+                // SAFETY: the caller's chain of free objects.
+                p = unsafe { *p.cast::<*mut u8>() };
+                seen += 1;
+            }
+            assert_eq!(seen, n, "the chain's length differs from n");
+            self.inserts.borrow_mut().push(n);
+            self.out.set(self.out.get() - n);
+        }
+    }
+
+    fn empty_list() -> FreeList {
+        FreeList {
+            head: ptr::null_mut(),
+            len: AtomicU32::new(0),
+            max_len: 0,
+        }
+    }
+
+    /// The class of 4 KiB objects: batches of 16, lists of at most 32.
+    fn class_4k() -> usize {
+        let c = size_class::class_of(4096);
+        assert_eq!(BATCH[c], 16);
+        assert_eq!(size_class::max_cached(c), 32);
+        c
+    }
+
+    #[test]
+    fn refills_start_slow_and_grow_to_a_batch() {
+        let (c, m, mut list) = (class_4k(), FakeMiddle::with(1000), empty_list());
+        let mut got = Vec::new();
+        while m.removes.borrow().len() < 18 {
+            // SAFETY: the list is ours, of class c.
+            let p = unsafe { list.pop_or_refill(&m, c) };
+            assert!(!p.is_null());
+            got.push(p);
+        }
+        // One more object per refill until a batch, then a batch each time
+        // while the limit grows by a batch to its maximum.
+        let expected: Vec<usize> = (1..=16).chain([16, 16]).collect();
+        assert_eq!(*m.removes.borrow(), expected);
+        assert_eq!(list.max_len, 32);
+        // Every object taken is either in the program's hands or the list.
+        let len = list.len.load(Ordering::Relaxed) as usize;
+        assert_eq!(m.out.get(), got.len() + len);
+        got.sort();
+        got.dedup();
+        assert_eq!(got.len() + len, m.out.get(), "an object handed out twice");
+    }
+
+    #[test]
+    fn frees_past_the_limit_give_a_batch_back() {
+        let (c, m, mut list) = (class_4k(), FakeMiddle::with(100), empty_list());
+        let (head, n) = m.remove_range(c, 40);
+        assert_eq!(n, 40);
+        let mut objs = Vec::new();
+        let mut p = head;
+        while !p.is_null() {
+            objs.push(p);
+            // SAFETY: the fake's chain.
+            p = unsafe { *p.cast::<*mut u8>() };
+        }
+        // The limit follows the length up to a batch (16): nothing goes
+        // back until the 17th free, which gives back the 16 most recent.
+        for (i, &o) in objs.iter().enumerate().take(17) {
+            // SAFETY: o is a free object of class c, not on the list.
+            unsafe { list.push_or_release(&m, c, o) };
+            let expected_inserts = if i < 16 { 0 } else { 1 };
+            assert_eq!(m.inserts.borrow().len(), expected_inserts, "free {i}");
+        }
+        assert_eq!(*m.inserts.borrow(), [16]);
+        assert_eq!(list.len.load(Ordering::Relaxed), 1);
+        assert_eq!(list.head, objs[0]);
+        // SAFETY: the list is ours, of class c.
+        unsafe { list.flush(&m, c) };
+        assert_eq!(*m.inserts.borrow(), [16, 1]);
+        assert!(list.head.is_null());
+        assert_eq!(list.len.load(Ordering::Relaxed), 0);
+        assert_eq!(m.out.get(), 40 - 17);
+    }
+
+    #[test]
+    fn an_empty_middle_tier_gives_null_and_an_empty_list() {
+        let (c, m, mut list) = (class_4k(), FakeMiddle::with(0), empty_list());
+        // SAFETY: the list is ours, of class c.
+        let p = unsafe { list.pop_or_refill(&m, c) };
+        assert!(p.is_null());
+        assert!(list.head.is_null());
+        assert_eq!(list.len.load(Ordering::Relaxed), 0);
+        assert_eq!(*m.removes.borrow(), [1]);
     }
 }

@@ -1,4 +1,4 @@
-//! Preload mode of libprofalloc.so: HEAPPROFILE, HEAPCHECK and CPUPROFILE
+//! gperftools mode of libprofalloc.so (LD_PRELOAD): HEAPPROFILE, HEAPCHECK and CPUPROFILE
 //! on workloads whose heap and CPU split are known by construction
 //! (tests/workloads/preload_*.c, built without frame pointers). The
 //! profiles are read with Debian's `go tool pprof`, which is also the
@@ -426,4 +426,35 @@ fn heap_check_of_many_small_objects_is_exact_and_compact() {
     // 6.4 MB of objects, their records (32 B each, table at most 3/4
     // full), the program and libraries: far below 100 MiB.
     assert!(hwm < 100 * 1024, "peak RSS {hwm} KiB");
+}
+
+/// Joined, detached and still-running threads leave nothing the heap
+/// checker calls a leak (the dynamic loader's per-thread data is not one):
+/// it reports exactly the deliberate leaks, in threads and in main.
+#[test]
+fn heap_check_of_threads_reports_only_the_deliberate_leaks() {
+    let program = build_workload("preload_threads", FLAGS);
+    let dir = scratch("threads");
+    let out = run_preloaded(
+        &program,
+        &[
+            ("HEAPCHECK", "normal"),
+            ("TMPDIR", dir.to_str().unwrap()),
+            ("PROFBPF_PATH", "/bin/false"),
+        ],
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    // 4 x 777 in the joined threads, 2 x 1234 in main.
+    assert!(
+        err.contains("found 6 leaked objects (5576 bytes) from 2 allocation stacks"),
+        "{err}"
+    );
+    for leak in [
+        "Leak of 3108 bytes in 4 objects",
+        "Leak of 2468 bytes in 2 objects",
+    ] {
+        assert!(err.contains(leak), "{leak}: {err}");
+    }
+    assert_eq!(err.matches("Leak of").count(), 2, "{err}");
 }

@@ -49,7 +49,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             "-p",
             "profiler",
             "-p",
-            "allocator",
+            "profalloc",
             "-p",
             "profalloc-preload",
         ]),

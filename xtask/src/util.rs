@@ -82,7 +82,7 @@ pub fn build_release() -> anyhow::Result<()> {
             "-p",
             "profiler",
             "-p",
-            "allocator",
+            "profalloc",
             "-p",
             "profalloc-preload",
         ]),

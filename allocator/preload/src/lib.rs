@@ -8,9 +8,15 @@
 //! alignment), `realloc(p, 0)` frees and returns null, `free(NULL)` does
 //! nothing; `operator new` calls the new-handler and throws
 //! `std::bad_alloc` (through libstdc++, found at run time).
+//!
+//! It also exports `pthread_create` ([`pthread`]), for CPUPROFILE's
+//! per-thread timers, and, from the `profalloc` crate, the sampler's hook
+//! functions and `profalloc_sample_bytes`.
 use core::ffi::{c_int, c_void};
 
-use engine::{alloc as a, size_class::MIN_ALIGN};
+use profalloc::{alloc as a, size_class::MIN_ALIGN};
+
+mod pthread;
 
 const SYS_PAGE: usize = 4096;
 
@@ -57,7 +63,7 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> *mut c_void {
     let Some(total) = n.checked_mul(size) else {
-        engine::os::set_enomem();
+        profalloc::os::set_enomem();
         return core::ptr::null_mut();
     };
     // SAFETY: caller contract.
@@ -117,7 +123,7 @@ pub extern "C" fn valloc(size: usize) -> *mut c_void {
 #[unsafe(no_mangle)]
 pub extern "C" fn pvalloc(size: usize) -> *mut c_void {
     let Some(rounded) = size.max(1).checked_add(SYS_PAGE - 1) else {
-        engine::os::set_enomem();
+        profalloc::os::set_enomem();
         return core::ptr::null_mut();
     };
     memalign(SYS_PAGE, rounded & !(SYS_PAGE - 1))
@@ -144,11 +150,11 @@ pub extern "C" fn mallopt(_param: c_int, _value: c_int) -> c_int {
 
 #[unsafe(no_mangle)]
 pub extern "C" fn malloc_stats() {
-    engine::stats::write_report();
+    profalloc::stats::write_report();
 }
 
 fn info2() -> libc::mallinfo2 {
-    let s = engine::stats();
+    let s = profalloc::stats();
     let free = s.thread_caches + s.central + s.page_heap;
     libc::mallinfo2 {
         arena: (s.mapped - s.returned) as usize,
@@ -194,10 +200,10 @@ pub extern "C" fn mallinfo() -> libc::mallinfo {
 /// # Safety
 /// `out` points to writable memory for the struct.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn profalloc_stats(out: *mut engine::Stats) {
+pub unsafe extern "C" fn profalloc_stats(out: *mut profalloc::Stats) {
     if !out.is_null() {
         // SAFETY: caller contract.
-        unsafe { *out = engine::stats() };
+        unsafe { *out = profalloc::stats() };
     }
 }
 
@@ -226,7 +232,7 @@ fn new_failed() {
     }
     let throw = cxx_symbol(c"_ZSt17__throw_bad_allocv");
     if throw.is_null() {
-        engine::os::fatal(
+        profalloc::os::fatal(
             "operator new",
             0,
             "out of memory and no std::bad_alloc to throw",

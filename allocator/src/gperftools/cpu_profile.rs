@@ -5,18 +5,25 @@
 //! SIGPROF handler unwinds the interrupted context with the in-process
 //! unwinder and counts (stack, thread) in an mmap'd table; the pprof
 //! file is written at exit.
+//!
+//! Lock: one spin lock around the sample table, held for a lookup and an
+//! insert (SIGPROF is blocked in its own handler, so a thread never waits
+//! for itself). Owner: started by [`super::start`]; new threads are armed
+//! by libprofalloc.so's `pthread_create` through [`on_thread_start`].
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::{
-    Lock,
     arena::Table,
-    env::{self, Settings},
     heap_profile::{MAX_FRAMES, path_str},
     pprof::Encoder,
     unwind::{self, Regs, Status},
     write_file,
 };
-use crate::os::Message;
+use crate::{
+    env::{self, Settings},
+    lock::SpinLock,
+    os::Message,
+};
 
 const ENTRIES: usize = 1 << 16;
 const SLOTS: usize = 1 << 17;
@@ -38,7 +45,7 @@ struct Samples {
     enc: Encoder,
 }
 
-static LOCK: Lock = Lock::new();
+static LOCK: SpinLock = SpinLock::new();
 struct Shared(core::cell::UnsafeCell<Samples>);
 // SAFETY: only touched under LOCK.
 unsafe impl Sync for Shared {}
@@ -49,13 +56,26 @@ static SAMPLES: Shared = Shared(core::cell::UnsafeCell::new(Samples {
     enc: Encoder::new(),
 }));
 
-pub static ON: AtomicBool = AtomicBool::new(false);
+static ON: AtomicBool = AtomicBool::new(false);
 /// Samples taken, for reports.
 static TAKEN: AtomicU64 = AtomicU64::new(0);
 /// Nanoseconds of CPU per sample.
 static PERIOD: AtomicU64 = AtomicU64::new(10_000_000);
 
-pub fn start(s: &Settings) {
+/// Whether CPU profiling is on: new threads must arm their timer.
+pub fn is_on() -> bool {
+    ON.load(Ordering::Relaxed)
+}
+
+/// A new thread starts its start routine (libprofalloc.so's
+/// `pthread_create`): arms its CPU-time timer when profiling is on.
+pub fn on_thread_start() {
+    if is_on() {
+        start_thread();
+    }
+}
+
+pub(crate) fn start(s: &Settings) {
     LOCK.lock();
     // SAFETY: under LOCK.
     let ok = unsafe {
@@ -81,7 +101,7 @@ pub fn start(s: &Settings) {
     ON.store(true, Ordering::Release);
     let mut m = Message::new();
     m.str("profalloc: CPU profile to ")
-        .str(s.cpu_file())
+        .str(s.cpu_file.as_str())
         .str(" at ")
         .dec(s.cpu_frequency)
         .str(" Hz per thread\n");
@@ -90,7 +110,7 @@ pub fn start(s: &Settings) {
 }
 
 /// Arms this thread's CPU-time timer.
-pub fn start_thread() {
+fn start_thread() {
     let period = PERIOD.load(Ordering::Relaxed) as i64;
     // SAFETY: raw timer_create/timer_settime (glibc's wrappers may
     // allocate for other notification kinds; these never do).
@@ -213,7 +233,7 @@ fn record(stack: &[u64], truncated: bool, tid: u32, periods: u64) {
 }
 
 /// Writes the profile.
-pub fn at_exit() {
+pub(crate) fn at_exit() {
     if !ON.swap(false, Ordering::AcqRel) {
         return;
     }
@@ -256,12 +276,12 @@ pub fn at_exit() {
     }
     let result = if ok { t.enc.finish() } else { None };
     ok = match result {
-        Some(bytes) => match write_file(s.cpu_file(), bytes) {
+        Some(bytes) => match write_file(s.cpu_file.as_str(), bytes) {
             Ok(()) => true,
             Err(e) => {
                 let mut m = Message::new();
                 m.str("profalloc: warning: cannot write CPUPROFILE ")
-                    .str(s.cpu_file())
+                    .str(s.cpu_file.as_str())
                     .str(": ")
                     .str(e)
                     .str("\n");
@@ -275,7 +295,7 @@ pub fn at_exit() {
     let mut m = Message::new();
     if ok {
         m.str("profalloc: wrote CPU profile ")
-            .str(s.cpu_file())
+            .str(s.cpu_file.as_str())
             .str(" (")
             .dec(TAKEN.load(Ordering::Relaxed))
             .str(" samples)\n");
@@ -283,81 +303,4 @@ pub fn at_exit() {
         m.str("profalloc: warning: out of memory writing the CPU profile\n");
     }
     m.write_stderr();
-}
-
-/// `pthread_create` of libprofalloc.so: new threads arm their CPU timer
-/// before running their start routine.
-#[cfg(feature = "preload")]
-mod interpose {
-    use core::{
-        ffi::c_void,
-        sync::atomic::{AtomicUsize, Ordering},
-    };
-
-    type Start = extern "C" fn(*mut c_void) -> *mut c_void;
-    type Create = unsafe extern "C" fn(
-        *mut libc::pthread_t,
-        *const libc::pthread_attr_t,
-        Start,
-        *mut c_void,
-    ) -> i32;
-
-    static REAL: AtomicUsize = AtomicUsize::new(0);
-
-    extern "C" fn trampoline(p: *mut c_void) -> *mut c_void {
-        // SAFETY: p is the two-word record made below, ours to free.
-        let (start, arg) = unsafe {
-            let rec = p.cast::<usize>();
-            let r = (*rec, *rec.add(1));
-            crate::alloc::free(p.cast());
-            r
-        };
-        if super::ON.load(Ordering::Relaxed) {
-            super::start_thread();
-        }
-        // SAFETY: the start routine the program passed.
-        let start: Start = unsafe { core::mem::transmute(start) };
-        start(arg as *mut c_void)
-    }
-
-    /// # Safety
-    /// pthread_create's contract.
-    #[unsafe(no_mangle)]
-    pub unsafe extern "C" fn pthread_create(
-        thread: *mut libc::pthread_t,
-        attr: *const libc::pthread_attr_t,
-        start: Start,
-        arg: *mut c_void,
-    ) -> i32 {
-        let mut real = REAL.load(Ordering::Relaxed);
-        if real == 0 {
-            // SAFETY: dlsym with a NUL-terminated name.
-            real = unsafe { libc::dlsym(libc::RTLD_NEXT, c"pthread_create".as_ptr()) } as usize;
-            if real == 0 {
-                return libc::EAGAIN;
-            }
-            REAL.store(real, Ordering::Relaxed);
-        }
-        // SAFETY: the next definition is glibc's pthread_create.
-        let real: Create = unsafe { core::mem::transmute(real) };
-        if !super::ON.load(Ordering::Relaxed) {
-            // SAFETY: forwarding the caller's arguments.
-            return unsafe { real(thread, attr, start, arg) };
-        }
-        let rec = crate::alloc::malloc(16).cast::<usize>();
-        if rec.is_null() {
-            return libc::EAGAIN;
-        }
-        // SAFETY: rec holds two words; ownership passes to the new thread,
-        // or comes back on failure.
-        unsafe {
-            *rec = start as usize;
-            *rec.add(1) = arg as usize;
-            let r = real(thread, attr, trampoline, rec.cast());
-            if r != 0 {
-                crate::alloc::free(rec.cast());
-            }
-            r
-        }
-    }
 }

@@ -1,25 +1,30 @@
 //! HEAPPROFILE: a stack per sampled allocation, aggregated into buckets
 //! (one per distinct stack), the live sampled objects, and the dumps
 //! (`prefix.NNNN.heap`, pprof) on the gperftools triggers. The heap
-//! checker reuses the same tables with every allocation sampled.
+//! checker reuses the same tables with every allocation recorded.
 //!
-//! Locking: one spin lock around the tables. It is taken only on sampled
+//! Lock: one spin lock around the tables. It is taken only on sampled
 //! allocations and their frees, after the allocator released its own
 //! locks; a re-entrant free (signal handler on a thread holding it) only
-//! tries it.
+//! tries it. Owner: the sampler's recorder ([`super::record_alloc`],
+//! [`super::record_free`]); the heap checker reads the tables at exit.
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::Lock;
 use super::{
     arena::Table,
-    env::{self, Settings},
+    now_secs,
     pprof::Encoder,
     unwind::{self, Status},
     write_file,
 };
-use crate::os::Message;
+use crate::{
+    env::{self, Settings},
+    lock::SpinLock,
+    os::Message,
+    sampler,
+};
 
-pub const MAX_FRAMES: usize = 64;
+pub(crate) const MAX_FRAMES: usize = 64;
 const BUCKET_CAP: usize = 1 << 16;
 const BUCKET_SLOTS: usize = 1 << 17;
 /// The live table starts small and doubles (rehashing) at 3/4 full: a
@@ -29,7 +34,7 @@ const LIVE_SLOTS_START: usize = 1 << 16;
 const LIVE_SLOTS_MAX: usize = 1 << 26;
 
 #[derive(Clone, Copy)]
-pub struct Bucket {
+pub(crate) struct Bucket {
     pub hash: u64,
     pub depth: u32,
     pub truncated: bool,
@@ -46,7 +51,7 @@ pub struct Bucket {
 
 /// A live sampled object. `ptr` 0 = empty slot.
 #[derive(Clone, Copy)]
-pub struct Live {
+pub(crate) struct Live {
     pub ptr: usize,
     pub size: usize,
     pub weight: u64,
@@ -55,7 +60,7 @@ pub struct Live {
     pub marked: bool,
 }
 
-pub struct Heap {
+pub(crate) struct Heap {
     pub buckets: Table<Bucket>,
     index: Table<u32>,
     pub live: Table<Live>,
@@ -73,7 +78,7 @@ pub struct Heap {
     enc: Encoder,
 }
 
-pub static LOCK: Lock = Lock::new();
+pub(crate) static LOCK: SpinLock = SpinLock::new();
 struct Shared(core::cell::UnsafeCell<Heap>);
 // SAFETY: only touched under LOCK.
 unsafe impl Sync for Shared {}
@@ -94,9 +99,7 @@ static HEAP: Shared = Shared(core::cell::UnsafeCell::new(Heap {
 }));
 
 /// Stacks are recorded (HEAPPROFILE or the heap checker).
-pub static ON: AtomicBool = AtomicBool::new(false);
-/// Sampled allocations seen, for the benchmark and reports.
-pub static EVENTS: AtomicU64 = AtomicU64::new(0);
+pub(crate) static ON: AtomicBool = AtomicBool::new(false);
 /// Frees of sampled objects on a re-entrant path that found the table
 /// locked (their objects stay in use in the profile).
 static LOST_FREES: AtomicU64 = AtomicU64::new(0);
@@ -105,12 +108,12 @@ static LOST_FREES: AtomicU64 = AtomicU64::new(0);
 ///
 /// # Safety
 /// LOCK is held by this thread.
-pub unsafe fn heap() -> &'static mut Heap {
+pub(crate) unsafe fn heap() -> &'static mut Heap {
     // SAFETY: the caller holds the lock.
     unsafe { &mut *HEAP.0.get() }
 }
 
-pub fn start(s: &Settings) -> bool {
+pub(crate) fn start(s: &Settings) -> bool {
     LOCK.lock();
     // SAFETY: under LOCK.
     let ok = unsafe {
@@ -120,7 +123,7 @@ pub fn start(s: &Settings) -> bool {
             && h.live.reserve(LIVE_SLOTS_START);
         h.next_alloc_dump = s.alloc_interval;
         h.next_inuse_dump = s.inuse_interval;
-        h.last_dump_secs = env::now_secs();
+        h.last_dump_secs = now_secs();
         ok
     };
     LOCK.unlock();
@@ -144,7 +147,7 @@ fn slot_of(ptr: usize, mask: usize) -> usize {
 }
 
 /// A sampled allocation of `size` bytes standing for `weight` bytes.
-pub fn record_alloc(ptr: *mut u8, size: usize, weight: u64) {
+pub(crate) fn record_alloc(ptr: *mut u8, size: usize, weight: u64) {
     let mut frames = [0u64; MAX_FRAMES + 1];
     let (n, status) = unwind::walk_here(&mut frames);
     // Drop the allocator's own frames: the stack starts at the caller of
@@ -161,7 +164,6 @@ pub fn record_alloc(ptr: *mut u8, size: usize, weight: u64) {
     } else {
         (&frames[skip..n], status == Status::Truncated)
     };
-    EVENTS.fetch_add(1, Ordering::Relaxed);
     LOCK.lock();
     // SAFETY: under LOCK.
     unsafe {
@@ -174,7 +176,7 @@ pub fn record_alloc(ptr: *mut u8, size: usize, weight: u64) {
 
 /// A sampled object is freed. `may_wait`: false on a re-entrant path
 /// (the lock may be held by this very thread).
-pub fn record_free(ptr: *mut u8, may_wait: bool) {
+pub(crate) fn record_free(ptr: *mut u8, may_wait: bool) {
     if may_wait {
         LOCK.lock();
     } else if !try_lock() {
@@ -336,7 +338,7 @@ impl Heap {
     }
 
     /// Finds the live object starting at `ptr`.
-    pub fn find(&mut self, ptr: usize) -> Option<&mut Live> {
+    pub(crate) fn find(&mut self, ptr: usize) -> Option<&mut Live> {
         let slots = self.live.slots();
         if slots.is_empty() {
             return None;
@@ -356,24 +358,21 @@ impl Heap {
 
     fn maybe_dump(&mut self) {
         let s = env::settings();
-        if s.heap_prefix_len == 0 || self.warned {
+        if s.heap_prefix.is_empty() || self.warned {
             return;
         }
         if s.alloc_interval > 0 && self.allocated >= self.next_alloc_dump {
             self.dump(self.allocated >> 20, "MB allocated");
         } else if s.inuse_interval > 0 && self.in_use >= self.next_inuse_dump {
             self.dump(self.in_use >> 20, "MB in use");
-        } else if s.time_interval > 0 && env::now_secs() >= self.last_dump_secs + s.time_interval {
-            self.dump(
-                env::now_secs() - self.last_dump_secs,
-                "s since the last dump",
-            );
+        } else if s.time_interval > 0 && now_secs() >= self.last_dump_secs + s.time_interval {
+            self.dump(now_secs() - self.last_dump_secs, "s since the last dump");
         }
     }
 
     /// Writes `prefix.NNNN.heap`; `n` and `why` say what triggered it. A
     /// failure is reported once, and no dump is tried after it.
-    pub fn dump(&mut self, n: u64, why: &str) {
+    pub(crate) fn dump(&mut self, n: u64, why: &str) {
         let s = env::settings();
         if self.warned {
             return;
@@ -387,9 +386,9 @@ impl Heap {
         if s.inuse_interval > 0 {
             self.next_inuse_dump = self.in_use + s.inuse_interval;
         }
-        self.last_dump_secs = env::now_secs();
+        self.last_dump_secs = now_secs();
         let mut path = Message::new();
-        path.str(s.heap_prefix()).str(".");
+        path.str(s.heap_prefix.as_str()).str(".");
         let d = self.dumps;
         for div in [1000, 100, 10, 1] {
             path.dec(u64::from(d / div % 10));
@@ -400,7 +399,7 @@ impl Heap {
             reason.dec(n).str(" ");
         }
         reason.str(why);
-        let result = match self.encode(env::sample_rate(), path_str(&reason), false) {
+        let result = match self.encode(sampler::rate(), path_str(&reason), false) {
             Some(bytes) => write_file(path_str(&path), bytes),
             None => Err("out of memory"),
         };
@@ -427,7 +426,7 @@ impl Heap {
 
     /// The pprof bytes of the buckets: everything, or (`leaks`) only the
     /// objects the heap checker found unreachable.
-    pub fn encode(&mut self, rate: u64, why: &str, leaks: bool) -> Option<&[u8]> {
+    pub(crate) fn encode(&mut self, rate: u64, why: &str, leaks: bool) -> Option<&[u8]> {
         let types = [
             ("alloc_objects", "count"),
             ("alloc_space", "bytes"),
@@ -498,13 +497,13 @@ impl Heap {
 }
 
 /// A message buffer's text.
-pub fn path_str(m: &Message) -> &str {
+pub(crate) fn path_str(m: &Message) -> &str {
     core::str::from_utf8(m.as_bytes()).unwrap_or("")
 }
 
 /// The final dump at exit.
-pub fn at_exit() {
-    if !ON.load(Ordering::Acquire) || env::settings().heap_prefix_len == 0 {
+pub(crate) fn at_exit() {
+    if !ON.load(Ordering::Acquire) || env::settings().heap_prefix.is_empty() {
         return;
     }
     LOCK.lock();

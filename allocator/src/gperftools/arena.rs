@@ -1,4 +1,4 @@
-//! Memory for the preload mode's own data, straight from mmap: the
+//! Memory for gperftools mode's own data, straight from mmap: the
 //! profiler never allocates on the heap it profiles, and its tables are
 //! never seen by the heap checker's scan (they are not roots).
 use crate::os;
@@ -6,14 +6,14 @@ use crate::os;
 /// A growable array of `T` in its own mapping. The whole capacity is
 /// reserved up front (`MAP_NORESERVE`), so pages cost memory only once
 /// touched and elements never move.
-pub struct Table<T> {
+pub(crate) struct Table<T> {
     base: *mut T,
     len: usize,
     cap: usize,
 }
 
 impl<T: Copy> Table<T> {
-    pub const fn empty() -> Self {
+    pub(crate) const fn empty() -> Self {
         Self {
             base: core::ptr::null_mut(),
             len: 0,
@@ -22,7 +22,7 @@ impl<T: Copy> Table<T> {
     }
 
     /// Reserves room for `cap` elements (zeroed); false when out of memory.
-    pub fn reserve(&mut self, cap: usize) -> bool {
+    pub(crate) fn reserve(&mut self, cap: usize) -> bool {
         if !self.base.is_null() {
             return true;
         }
@@ -36,7 +36,7 @@ impl<T: Copy> Table<T> {
     }
 
     /// Gives the memory back; the table is empty afterwards.
-    pub fn release(&mut self) {
+    pub(crate) fn release(&mut self) {
         if !self.base.is_null() {
             let bytes = (self.cap * core::mem::size_of::<T>()).next_multiple_of(4096);
             // SAFETY: our own mapping of that length, no longer used.
@@ -45,20 +45,16 @@ impl<T: Copy> Table<T> {
         *self = Self::empty();
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.cap
     }
 
     /// Appends `v`; false when full.
-    pub fn push(&mut self, v: T) -> bool {
+    pub(crate) fn push(&mut self, v: T) -> bool {
         if self.len >= self.cap {
             return false;
         }
@@ -68,11 +64,11 @@ impl<T: Copy> Table<T> {
         true
     }
 
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.len = 0;
     }
 
-    pub fn pop(&mut self) -> Option<T> {
+    pub(crate) fn pop(&mut self) -> Option<T> {
         if self.len == 0 {
             return None;
         }
@@ -83,7 +79,7 @@ impl<T: Copy> Table<T> {
 
     /// The whole reserved capacity as a slice (for hash tables: zeroed
     /// until written).
-    pub fn slots(&mut self) -> &mut [T] {
+    pub(crate) fn slots(&mut self) -> &mut [T] {
         if self.base.is_null() {
             return &mut [];
         }
@@ -92,7 +88,7 @@ impl<T: Copy> Table<T> {
         unsafe { core::slice::from_raw_parts_mut(self.base, self.cap) }
     }
 
-    pub fn as_slice(&self) -> &[T] {
+    pub(crate) fn as_slice(&self) -> &[T] {
         if self.base.is_null() {
             return &[];
         }
@@ -100,7 +96,7 @@ impl<T: Copy> Table<T> {
         unsafe { core::slice::from_raw_parts(self.base, self.len) }
     }
 
-    pub fn as_mut_slice(&mut self) -> &mut [T] {
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [T] {
         if self.base.is_null() {
             return &mut [];
         }
@@ -111,16 +107,16 @@ impl<T: Copy> Table<T> {
 
 /// A byte buffer in its own mapping that grows with mremap: the pprof
 /// encoder's output and scratch space.
-pub struct Buf {
+pub(crate) struct Buf {
     base: *mut u8,
     len: usize,
     cap: usize,
     /// A write did not fit (out of memory): the contents are incomplete.
-    pub failed: bool,
+    pub(crate) failed: bool,
 }
 
 impl Buf {
-    pub const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Self {
             base: core::ptr::null_mut(),
             len: 0,
@@ -149,7 +145,7 @@ impl Buf {
         true
     }
 
-    pub fn extend(&mut self, bytes: &[u8]) {
+    pub(crate) fn extend(&mut self, bytes: &[u8]) {
         if self.len + bytes.len() > self.cap && !self.grow(bytes.len()) {
             return;
         }
@@ -160,43 +156,25 @@ impl Buf {
         self.len += bytes.len();
     }
 
-    pub fn push(&mut self, b: u8) {
+    pub(crate) fn push(&mut self, b: u8) {
         self.extend(&[b]);
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.len = 0;
         self.failed = false;
     }
 
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
+    pub(crate) fn as_slice(&self) -> &[u8] {
         if self.base.is_null() {
             return &[];
         }
         // SAFETY: the first len bytes were written.
         unsafe { core::slice::from_raw_parts(self.base, self.len) }
-    }
-
-    /// Moves bytes `from..len` to start at `to` (to <= from).
-    pub fn copy_within(&mut self, from: usize, to: usize) {
-        if self.base.is_null() {
-            return;
-        }
-        // SAFETY: both ranges lie in the written part of the mapping.
-        unsafe { core::ptr::copy(self.base.add(from), self.base.add(to), self.len - from) };
-        self.len -= from - to;
     }
 }
 

@@ -1,0 +1,288 @@
+//! The in-process unwinder: x86-64 call-frame information (.eh_frame,
+//! found through each object's .eh_frame_hdr search table), with a
+//! checked frame-pointer walk for code that has none.
+//!
+//! It allocates nothing, takes no lock (the object table is read without
+//! one; a refresh after dlopen happens only outside signal handlers), and
+//! reads only memory the CFI says holds saved registers, so it may run
+//! inside malloc and inside a SIGPROF handler.
+//!
+//! The CFI in force at a pc is turned into the project's compact unwind row
+//! (`profiler_common::unwind`) and applied by the same step function the
+//! kernel walker follows, so there is one description of how to unwind.
+//!
+//! Rules understood (all that gcc, clang and rustc emit for x86-64 code):
+//! CFA = rsp/rbp + offset, or the PLT's expression (breg/lit/and/ge/shl/
+//! plus); rbp and the return address saved at CFA + n, unchanged, or
+//! undefined (the outermost frame: `_start`, `clone3`). A frame any other
+//! rule describes ends the stack as truncated.
+use profiler_common::unwind::{self, Frame, UnwindRow};
+
+use self::{
+    cfi::{Cfa, Rule, Rules, find_rules},
+    dwarf::eval,
+};
+use super::objects::{self, Object};
+
+mod cfi;
+mod dwarf;
+
+// DWARF register numbers of x86-64.
+const RSP: u64 = 7;
+const RBP: u64 = 6;
+const RIP: u64 = 16;
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Regs {
+    pub(crate) pc: usize,
+    pub(crate) sp: usize,
+    pub(crate) bp: usize,
+}
+
+/// How a stack walk ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Status {
+    /// Reached the outermost frame.
+    Complete,
+    /// The depth limit, or a frame that could not be unwound.
+    Truncated,
+}
+
+/// Walks the stack from `regs`, writing return addresses (and the leaf pc
+/// first) into `out`. `refresh`: the object table may be refreshed when a
+/// pc is unknown (false in signal handlers).
+pub(crate) fn walk(mut regs: Regs, out: &mut [u64], refresh: bool) -> (usize, Status) {
+    let mut n = 0;
+    let mut leaf = true;
+    loop {
+        if regs.pc == 0 {
+            return (n, Status::Complete);
+        }
+        if n == out.len() {
+            return (n, Status::Truncated);
+        }
+        out[n] = regs.pc as u64;
+        n += 1;
+        // A return address may point just past the end of its caller
+        // (a call to a noreturn function): look up the call instruction.
+        let lookup = if leaf { regs.pc } else { regs.pc - 1 };
+        leaf = false;
+        let obj = if refresh {
+            objects::find_or_refresh(lookup)
+        } else {
+            objects::find(lookup)
+        };
+        let Some(obj) = obj else {
+            return (n, Status::Truncated);
+        };
+        match step(obj, lookup, &regs) {
+            Step::Next(next) => regs = next,
+            Step::Outermost => return (n, Status::Complete),
+            Step::Fail => return (n, Status::Truncated),
+        }
+    }
+}
+
+/// Captures the caller's registers and walks from there.
+#[inline(never)]
+pub(crate) fn walk_here(out: &mut [u64]) -> (usize, Status) {
+    let (pc, sp, bp): (usize, usize, usize);
+    // SAFETY: reads rip, rsp and rbp; writes nothing.
+    unsafe {
+        core::arch::asm!(
+            "lea {pc}, [rip]",
+            "mov {sp}, rsp",
+            "mov {bp}, rbp",
+            pc = out(reg) pc, sp = out(reg) sp, bp = out(reg) bp,
+            options(nomem, nostack, preserves_flags),
+        );
+    }
+    walk(Regs { pc, sp, bp }, out, true)
+}
+
+/// The stack pointer of the first frame, counting from the caller's,
+/// whose pc lies outside `lo..hi`: where the code that called into that
+/// range has its frame. None when the walk fails first.
+#[inline(never)]
+pub(crate) fn sp_outside(lo: usize, hi: usize) -> Option<usize> {
+    let (pc, sp, bp): (usize, usize, usize);
+    // SAFETY: reads rip, rsp and rbp; writes nothing.
+    unsafe {
+        core::arch::asm!(
+            "lea {pc}, [rip]",
+            "mov {sp}, rsp",
+            "mov {bp}, rbp",
+            pc = out(reg) pc, sp = out(reg) sp, bp = out(reg) bp,
+            options(nomem, nostack, preserves_flags),
+        );
+    }
+    let mut regs = Regs { pc, sp, bp };
+    let mut leaf = true;
+    for _ in 0..256 {
+        if !(lo..hi).contains(&regs.pc) {
+            return Some(regs.sp);
+        }
+        let lookup = if leaf { regs.pc } else { regs.pc - 1 };
+        leaf = false;
+        let obj = objects::find_or_refresh(lookup)?;
+        match step(obj, lookup, &regs) {
+            Step::Next(next) => regs = next,
+            _ => return None,
+        }
+    }
+    None
+}
+
+enum Step {
+    Next(Regs),
+    Outermost,
+    Fail,
+}
+
+fn step(obj: &Object, pc: usize, regs: &Regs) -> Step {
+    if obj.eh_frame_hdr != 0 {
+        // SAFETY: the eh_frame_hdr and eh_frame of a loaded object are
+        // mapped read-only for its lifetime.
+        if let Some(rules) = unsafe { find_rules(obj.eh_frame_hdr, pc) } {
+            return match row_at(&rules, regs) {
+                Some(row) => apply_row(&row, regs),
+                None => Step::Fail,
+            };
+        }
+    }
+    frame_pointer_step(regs)
+}
+
+/// The compact unwind row (the project's one description of how to unwind
+/// a frame, `profiler_common::unwind`) for the rules in force at this pc, so
+/// that this unwinder and the kernel walker apply the same rules the same way.
+fn row_at(r: &Rules, regs: &Regs) -> Option<UnwindRow> {
+    if r.ra == Rule::Undefined {
+        return UnwindRow::new(0, unwind::CFA_END, 0, unwind::RBP_SAME, 0);
+    }
+    // x86-64 code always saves the return address just below the CFA.
+    if r.ra != Rule::At(-8) {
+        return None;
+    }
+    let (cfa_kind, cfa_offset) = match r.cfa {
+        Cfa::Reg(RSP, off) => (unwind::CFA_RSP, off),
+        Cfa::Reg(RBP, off) => (unwind::CFA_RBP, off),
+        Cfa::Reg(..) => return None,
+        // A DWARF expression (the PLT's): evaluated at this very pc it is
+        // rsp plus a constant, which is what the row records.
+        // SAFETY: the expression lies in mapped CFI.
+        Cfa::Expr(p, len) => (
+            unwind::CFA_RSP,
+            (unsafe { eval(p, len, regs) }? as i64).wrapping_sub(regs.sp as i64),
+        ),
+    };
+    let (rbp_kind, rbp_offset) = match r.rbp {
+        Rule::At(off) => (unwind::RBP_OFFSET, off),
+        Rule::Undefined => (unwind::RBP_UNDEFINED, 0),
+        // rbp is callee-saved: a rule this unwinder does not follow leaves
+        // the caller's value where it was.
+        Rule::Same | Rule::Other => (unwind::RBP_SAME, 0),
+    };
+    UnwindRow::new(0, cfa_kind, cfa_offset, rbp_kind, rbp_offset)
+}
+
+/// Applies `row` with the shared step, reading only slots of this frame:
+/// between rsp and 256 MiB above it, 8-byte aligned.
+fn apply_row(row: &UnwindRow, regs: &Regs) -> Step {
+    let sp = regs.sp as u64;
+    let read = |addr: u64| -> Option<u64> {
+        if addr < sp || addr - sp > 256 << 20 || !addr.is_multiple_of(8) {
+            return None;
+        }
+        // SAFETY: the CFI says a register is saved there, in this thread's
+        // stack between rsp and the caller's frame (checked above).
+        Some(unsafe { *(addr as *const u64) })
+    };
+    next(unwind::step(row, &frame_of(regs), read), regs)
+}
+
+/// A frame-pointer step, for code without CFI: rbp points to the saved
+/// rbp, the return address above it. Every read goes through
+/// process_vm_readv, so a bad rbp cannot fault.
+fn frame_pointer_step(regs: &Regs) -> Step {
+    let bp = regs.bp;
+    if !bp.is_multiple_of(8) || bp <= regs.sp || bp - regs.sp > 64 << 20 {
+        return Step::Fail;
+    }
+    let read = |addr: u64| -> Option<u64> {
+        let mut word = [0u64; 1];
+        safe_read(addr as usize, &mut word).then_some(word[0])
+    };
+    next(unwind::step_frame_pointer(&frame_of(regs), read), regs)
+}
+
+fn frame_of(regs: &Regs) -> Frame {
+    Frame {
+        pc: regs.pc as u64,
+        sp: regs.sp as u64,
+        bp: regs.bp as u64,
+    }
+}
+
+/// This walker's view of a shared step: the caller's frame must lie above
+/// ours on the same stack.
+fn next(step: unwind::Step, regs: &Regs) -> Step {
+    match step {
+        unwind::Step::Caller { frame, .. } if frame.pc == 0 => Step::Outermost,
+        unwind::Step::Caller { frame, .. }
+            if frame.sp > regs.sp as u64 && frame.sp.is_multiple_of(8) =>
+        {
+            Step::Next(Regs {
+                pc: frame.pc as usize,
+                sp: frame.sp as usize,
+                bp: frame.bp as usize,
+            })
+        }
+        unwind::Step::End => Step::Outermost,
+        _ => Step::Fail,
+    }
+}
+
+fn safe_read(addr: usize, out: &mut [u64]) -> bool {
+    let len = core::mem::size_of_val(out);
+    let local = libc::iovec {
+        iov_base: out.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: len,
+    };
+    // SAFETY: reads our own memory into `out`; the kernel checks the range.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    n == len as isize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[inline(never)]
+    fn recurse(n: usize, out: &mut [u64]) -> (usize, Status) {
+        // black_box after each call: no tail calls, one frame per level.
+        let r = if n == 0 {
+            walk_here(out)
+        } else {
+            recurse(n - 1, out)
+        };
+        core::hint::black_box(r)
+    }
+
+    #[test]
+    fn walks_through_recursive_frames_with_cfi() {
+        let mut frames = [0u64; 128];
+        let (n, status) = recurse(6, &mut frames);
+        // walk_here's own pc, then recurse(0)'s return into recurse(1),
+        // which repeats for every level above: the same return address
+        // six times in a row.
+        assert!(n > 8, "only {n} frames ({status:?})");
+        let ra = frames[2];
+        assert_eq!(frames[2..8], [ra; 6], "{:x?}", &frames[..n]);
+        assert_ne!(frames[8], ra);
+    }
+}
