@@ -217,12 +217,16 @@ pub(crate) fn allocator(
                 {
                     bail!("pid {pid} exited while the probes were being attached");
                 }
-                return Err(err).with_context(|| {
-                    format!(
-                        "attaching to {} in {} for {what}",
-                        point.symbol, allocator.path
-                    )
-                });
+                let err = anyhow::Error::from(err).context(format!(
+                    "attaching to {} in {} for {what}",
+                    point.symbol, allocator.path
+                ));
+                // Another tracer's probe at the same place is named.
+                return Err(crate::probe_conflict::explain(
+                    err,
+                    &allocator.open_path,
+                    point.probe_offset,
+                ));
             }
         }
     }
