@@ -9,7 +9,8 @@
 //! - `processes`: the session's view of its targets.
 //! - `sampling`: the Poisson sampler's tables and weights.
 //! - `leaks`: growth-over-snapshots leak classification.
-//! - `report`: the reports, built from what was read (pure).
+//! - `report`: the reports, built from what was read (pure);
+//!   `coverage`: what they cover, beside the targets' memory.
 //! - `status`: the live status line.
 //! - `session`: the recording loop tying them together.
 use std::{ffi::OsString, path::PathBuf, time::Duration};
@@ -21,6 +22,7 @@ use settings::{ProbeRequest, Settings, Targets};
 use crate::runtime;
 
 mod attach;
+mod coverage;
 pub(crate) mod discover;
 pub(crate) mod launch;
 mod leaks;

@@ -15,7 +15,12 @@ use profiler_common::{
     stack::UserStack,
 };
 
-use super::{leaks, processes::Processes, settings::Tracking};
+use super::{
+    coverage::{self, Coverage, ProcessMemory},
+    leaks,
+    processes::Processes,
+    settings::Tracking,
+};
 use crate::{
     process::{self, Mapping},
     profile::{self, Collector, Profile, RawSample, SampleType, StackStatus},
@@ -35,12 +40,16 @@ pub(crate) struct Totals {
     pub unmapped: Unmapped,
     /// `--min-age`: per stack, the live allocations at least that old.
     pub old: HashMap<StackKey, OldAllocs>,
+    /// The targets' memory now, beside what the profile covers.
+    pub memory: Vec<ProcessMemory>,
 }
 
 /// How the session ran, for the report.
 #[derive(Debug)]
 pub(crate) struct Context<'a> {
     pub tracking: Tracking,
+    /// From when allocations were seen.
+    pub coverage: Coverage,
     /// `--mmap`.
     pub mmap: bool,
     pub processes: &'a Processes,
@@ -61,6 +70,9 @@ pub(crate) struct LeakInput<'a> {
 #[derive(Debug, Default)]
 pub(crate) struct Report {
     pub comments: Vec<String>,
+    /// What the profile covers and the targets' memory now (also among
+    /// `comments`), for stderr.
+    pub coverage: Vec<String>,
     /// The mean bytes between samples, when sampled (pprof's period).
     pub period: Option<i64>,
     pub samples: Vec<RawSample>,
@@ -277,8 +289,14 @@ fn comments(totals: &Totals, ctx: &Context<'_>) -> Vec<String> {
 
 fn new_report(totals: &Totals, ctx: &Context<'_>) -> Report {
     let sample_bytes = ctx.tracking.sample_bytes();
+    let coverage: Vec<String> = std::iter::once(ctx.coverage.comment())
+        .chain(totals.memory.iter().map(coverage::memory_comment))
+        .collect();
+    let mut comments = comments(totals, ctx);
+    comments.splice(1..1, coverage.iter().cloned());
     Report {
-        comments: comments(totals, ctx),
+        comments,
+        coverage,
         period: (sample_bytes != 0).then_some(sample_bytes as i64),
         ..Report::default()
     }

@@ -6,10 +6,11 @@ use std::{collections::HashSet, io::IsTerminal as _, num::NonZeroU32, path::Path
 use anyhow::Context as _;
 use aya::{Ebpf, programs::uprobe::UProbeScope};
 use log::{debug, info, warn};
-use profiler_common::heap::StackKey;
+use profiler_common::heap::{StackKey, StackStats};
 
 use super::{
     attach::{self, Launch, Plan},
+    coverage::{Clock, Coverage, Memory, ProcessMemory},
     discover::{self, Allocator},
     leaks, maps,
     processes::{self, Processes},
@@ -25,6 +26,8 @@ use crate::{
     unwind::Tables,
 };
 
+/// With --all, the report gives the memory of this many processes.
+const MEMORY_LINES_WITH_ALL: usize = 8;
 /// How often the walker's requests for unwind tables (a new process under
 /// --all, code loaded by dlopen) are served: this bounds how long such code
 /// is walked by frame pointers only.
@@ -68,6 +71,8 @@ struct Session {
     pids: Vec<u32>,
     allocators: Vec<(Allocator, UProbeScope)>,
     started: tokio::time::Instant,
+    /// Wall-clock time of the attach, for the report's coverage.
+    attached_at: std::time::SystemTime,
     history: leaks::History<StackKey>,
     processes: Processes,
     /// The final report's collector, created at attach and told the targets'
@@ -95,6 +100,7 @@ impl Session {
             pids,
             allocators: Vec::new(),
             started: tokio::time::Instant::now(),
+            attached_at: std::time::SystemTime::now(),
             history: leaks::History::new(),
             processes: Processes::default(),
             live: None,
@@ -123,6 +129,7 @@ impl Session {
             attach::mmap_tracepoints(&mut session.ebpf, &targets)?;
         }
         session.started = tokio::time::Instant::now();
+        session.attached_at = std::time::SystemTime::now();
         for pid in session.pids.clone() {
             session.refresh_process(pid);
         }
@@ -251,7 +258,7 @@ impl Session {
                     if self.settings.leaks {
                         self.snapshot()?;
                     } else {
-                        let profile = self.build(self.new_collector())?;
+                        let profile = self.build(self.new_collector(), false)?;
                         if tty { eprint!("\r\x1b[K"); }
                         eprintln!("prof-bpf: report after {:.0} s", started.elapsed().as_secs_f64());
                         output::write(&profile, output)?;
@@ -415,7 +422,7 @@ impl Session {
             Some(c) => c,
             None => self.new_collector(),
         };
-        self.build(collector)
+        self.build(collector, true)
     }
 
     /// A collector for this session's report, knowing the targets' mappings.
@@ -453,6 +460,7 @@ impl Session {
             }
             None => std::collections::HashMap::new(),
         };
+        let memory = self.memory(&stats);
         let stacks = maps::user_stacks(&self.ebpf, stats.iter().map(|(k, _)| k).chain(old.keys()))?;
         Ok(Totals {
             stats,
@@ -460,14 +468,53 @@ impl Session {
             counters: maps::counters(&self.ebpf)?,
             unmapped,
             old,
+            memory,
         })
     }
 
-    /// The heap profile or leak report, into `collector`.
-    fn build(&mut self, collector: Collector) -> anyhow::Result<Profile> {
+    /// The memory of the targets now; with --all, of the first processes
+    /// (by pid) in the totals.
+    fn memory(&self, stats: &[(StackKey, StackStats)]) -> Vec<ProcessMemory> {
+        let pids = if self.settings.targets == Targets::All {
+            let mut pids: Vec<u32> = stats.iter().map(|(k, _)| k.pid).collect();
+            pids.sort_unstable();
+            pids.dedup();
+            pids.truncate(MEMORY_LINES_WITH_ALL);
+            pids
+        } else {
+            self.pids.clone()
+        };
+        pids.into_iter()
+            .map(|pid| ProcessMemory {
+                pid,
+                comm: self.processes.comm(pid),
+                memory: if self.processes.exited.contains(&pid) {
+                    None
+                } else {
+                    Memory::read(pid)
+                },
+            })
+            .collect()
+    }
+
+    /// From when the report's allocations were seen.
+    fn coverage(&self) -> Coverage {
+        match self.settings.targets {
+            Targets::Launch(_) => Coverage::SinceStart,
+            _ => Coverage::SinceAttach {
+                tracking: self.tracking,
+                at: Clock::local(self.attached_at),
+            },
+        }
+    }
+
+    /// The heap profile or leak report, into `collector`; the final one
+    /// also tells stderr what it covers.
+    fn build(&mut self, collector: Collector, last: bool) -> anyhow::Result<Profile> {
         let totals = self.totals()?;
         let ctx = Context {
             tracking: self.tracking,
+            coverage: self.coverage(),
             mmap: self.settings.mmap,
             processes: &self.processes,
             allocator_inodes: self.allocator_inodes(),
@@ -482,6 +529,11 @@ impl Session {
         } else {
             report::heap_report(&totals, &ctx)
         };
+        if last {
+            for line in &report.coverage {
+                eprintln!("prof-bpf: {line}");
+            }
+        }
         if let Some(summary) = &report.summary {
             eprintln!("prof-bpf: {summary}");
         }

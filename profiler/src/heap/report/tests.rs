@@ -11,7 +11,12 @@ use profiler_common::{
 
 use super::*;
 use crate::{
-    heap::{leaks::History, processes::Processes, settings::Tracking},
+    heap::{
+        coverage::{Coverage, Memory, ProcessMemory},
+        leaks::History,
+        processes::Processes,
+        settings::Tracking,
+    },
     process::Mapping,
     profile::{Collector, StackStatus},
     runtime::counters::Counts,
@@ -61,6 +66,7 @@ fn processes() -> Processes {
 fn context(processes: &Processes, tracking: Tracking, mmap: bool) -> Context<'_> {
     Context {
         tracking,
+        coverage: Coverage::SinceStart,
         mmap,
         processes,
         allocator_inodes: vec![7],
@@ -438,6 +444,7 @@ fn comments_state_the_mode_the_counters_and_every_loss() {
         report.comments,
         [
             "mode: sampled, one allocation per 1024 bytes on average (values are estimates)",
+            "coverage: allocations made since the program started",
             "heap counters: allocs 10, frees 0, tracked 7, live_full 1, stacks_full 2, stack_errors 4, threads_full 3, mmaps 0, mmaps_in_allocator 0, unmaps_partial 0",
             "live_full: 1 (allocations lost: the live-allocation map was full; raise --max-live)",
             "stacks_full: 2 (allocations lost: the stack map was full; raise --max-stacks)",
@@ -449,6 +456,29 @@ fn comments_state_the_mode_the_counters_and_every_loss() {
         .into_profile(Collector::new(sample_types(false), "inuse_space"))
         .unwrap();
     assert_eq!(profile.period, 1024);
-    assert_eq!(profile.comments.len(), 6);
+    assert_eq!(profile.comments.len(), 7);
     assert_eq!(profile.sample_types.len(), 4);
+}
+
+#[test]
+fn coverage_and_memory_come_after_the_mode() {
+    let processes = processes();
+    let totals = Totals {
+        memory: vec![ProcessMemory {
+            pid: PID,
+            comm: "prog".to_owned(),
+            memory: Some(Memory {
+                anonymous: Some(64 << 20),
+                heap_rss: Some(128 << 10),
+            }),
+        }],
+        ..Totals::default()
+    };
+    let report = heap_report(&totals, &context(&processes, EVERY, false));
+    let expected = [
+        "coverage: allocations made since the program started",
+        "memory of prog (100) now: Anonymous 64.0 MiB, [heap] Rss 128.0 KiB",
+    ];
+    assert_eq!(report.comments[1..3], expected);
+    assert_eq!(report.coverage, expected);
 }
