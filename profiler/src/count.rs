@@ -35,7 +35,7 @@ pub struct CountArgs {
     /// process's mappings (a path as the process sees it).
     #[arg(long, value_name = "PATH")]
     pub lib: Option<PathBuf>,
-    /// Stop after this many seconds (default: until Ctrl-C or the process exits).
+    /// Stop after this many seconds (default: until Ctrl-C, SIGTERM, SIGHUP or the process exits).
     #[arg(long, short, value_name = "SECS", value_parser = runtime::args::seconds)]
     pub duration: Option<Duration>,
 }
