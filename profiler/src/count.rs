@@ -44,7 +44,7 @@ pub struct CountArgs {
 pub fn run(args: CountArgs) -> anyhow::Result<()> {
     ebpf::require_root()?;
     let pid = NonZeroU32::new(args.pid).context("no process with pid 0")?;
-    process::check_pid(pid.get())?;
+    process::check_user_process(pid.get())?;
     let allocator = discover::for_process(pid.get(), args.lib.as_deref())?;
     runtime::block_on(async move {
         let mut stop = Stop::new()?;
@@ -116,7 +116,10 @@ fn attach(ebpf: &mut Ebpf, allocator: &Allocator, pid: NonZeroU32) -> anyhow::Re
                 &allocator.open_path,
                 UProbeScope::OneProcess(pid),
             )
-            .with_context(|| format!("attaching a uprobe to {symbol} in {}", allocator.path))?;
+            .with_context(|| format!("attaching a uprobe to {symbol} in {}", allocator.path))
+            .map_err(|err| {
+                crate::probe_conflict::explain(err, &allocator.open_path, point.probe_offset)
+            })?;
     }
     Ok(())
 }

@@ -79,7 +79,7 @@ pub(crate) fn plan(settings: &Settings) -> anyhow::Result<Plan> {
             let mut offers = Vec::new();
             for &pid in list {
                 let nz = NonZeroU32::new(pid).context("no process with pid 0")?;
-                process::check_pid(pid)?;
+                process::check_user_process(pid)?;
                 let allocator = discover::for_process(pid, settings.lib.as_deref())?;
                 if settings.probe != ProbeRequest::Malloc {
                     offers.push((pid, hook_offer(pid, &allocator)?));
