@@ -374,15 +374,13 @@ fn forked_workers_of_the_command_are_sampled() {
     );
 }
 
-/// Runs a busy python3 under `cpu -o FILE -- python3`, sends `signal` to
-/// prof-bpf, and checks the report and the status.
-fn signal_in_launch_mode(signal: i32, name: &str) {
-    let out = temp_path(&format!("launch-{name}.folded"));
+/// Runs a busy python3 under `SUBCOMMAND -o FILE -- python3`, sends
+/// `signal` to prof-bpf, and checks the report and the status.
+fn signal_in_launch_mode(subcommand: &str, signal: i32, name: &str) {
+    let out = temp_path(&format!("launch-{subcommand}-{name}.pb.gz"));
     let (prof, _) = start_prof_bpf(
         &[
-            "cpu",
-            "-F",
-            "199",
+            subcommand,
             "-o",
             out.to_str().unwrap(),
             "--",
@@ -390,26 +388,41 @@ fn signal_in_launch_mode(signal: i32, name: &str) {
             "-c",
             "def spin():\n    while True: pass\nspin()",
         ],
-        "sampling",
+        if subcommand == "cpu" {
+            "sampling"
+        } else {
+            "attached"
+        },
     );
     std::thread::sleep(Duration::from_millis(1500));
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(prof.id() as i32, signal) };
     let output = prof.wait_with_output().expect("wait for prof-bpf");
+    let what = format!("{subcommand}, {name}");
     // The signal is passed on: python3 dies of it, and so reports prof-bpf.
     assert_eq!(
         output.status.code(),
         Some(128 + signal),
-        "{name}: exit status"
+        "{what}: exit status"
     );
-    assert!(output.stdout.is_empty(), "{name}: stdout is the program's");
-    let roots = per_process(&std::fs::read_to_string(&out).expect("read the report"));
-    let python: u64 = roots
-        .iter()
-        .filter(|(root, _)| root.starts_with("python3-"))
-        .map(|(_, v)| v)
-        .sum();
-    assert!(python > 0, "{name}: python3 missing from {roots:?}");
+    assert!(output.stdout.is_empty(), "{what}: stdout is the program's");
+    let report = std::fs::read(&out).expect("read the report");
+    assert!(
+        report.starts_with(&[0x1f, 0x8b]),
+        "{what}: not a gzip'd pprof file"
+    );
+    if subcommand == "cpu" {
+        // The profile names python3: decoded by prof-bpf's own reader.
+        let folded = Command::new(prof_bpf())
+            .args(["report", out.to_str().unwrap(), "--format", "folded"])
+            .output()
+            .expect("run prof-bpf report");
+        let roots = per_process(&String::from_utf8_lossy(&folded.stdout));
+        assert!(
+            roots.keys().any(|root| root.starts_with("python3-")),
+            "{what}: python3 missing from {roots:?}"
+        );
+    }
 }
 
 #[test]
@@ -419,8 +432,10 @@ fn sigterm_and_sighup_keep_the_report_of_a_launched_program() {
         eprintln!("skipping: no python3");
         return;
     }
-    signal_in_launch_mode(libc::SIGTERM, "SIGTERM");
-    signal_in_launch_mode(libc::SIGHUP, "SIGHUP");
+    for subcommand in ["cpu", "heap"] {
+        signal_in_launch_mode(subcommand, libc::SIGTERM, "SIGTERM");
+        signal_in_launch_mode(subcommand, libc::SIGHUP, "SIGHUP");
+    }
 }
 
 #[test]

@@ -22,7 +22,7 @@ use crate::{
     output::{self, OutputArgs},
     process,
     profile::{Collector, Profile},
-    runtime::{self, Stop, StopEvent},
+    runtime::{self, Stop, StopEvent, StopReason},
     unwind::Tables,
 };
 
@@ -56,18 +56,25 @@ pub(crate) fn run(
             None => None,
         };
         let result = async {
-            session
+            let reason = session
                 .record(&mut stop, launched.is_some(), &output)
                 .await?;
             let profile = session.report()?;
             drop(session); // detaches every probe
-            output::write(&profile, &output)
+            output::write(&profile, &output)?;
+            Ok(reason)
         }
         .await;
         match launched {
-            // The program's status, whatever happened to the session.
-            Some(program) => Ok(program.finish(result)),
-            None => result.map(|()| std::process::ExitCode::SUCCESS),
+            // The program's status, whatever happened to the session; a
+            // signal that ended it is passed on once the report is written.
+            Some(program) => {
+                if let Ok(reason) = &result {
+                    program.pass_on(*reason);
+                }
+                Ok(program.finish(result.map(|_| ())))
+            }
+            None => result.map(|_| std::process::ExitCode::SUCCESS),
         }
     })
 }
@@ -211,13 +218,13 @@ impl Session {
         )
     }
 
-    /// Records until a signal, --duration or the targets' exit.
+    /// Records until a signal, --duration or the targets' exit; says which.
     async fn record(
         &mut self,
         stop: &mut Stop,
         launched: bool,
         output: &OutputArgs,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<StopReason> {
         eprintln!("{}", self.banner());
         for &pid in &self.pids {
             stop.watch(pid)
@@ -240,7 +247,7 @@ impl Session {
         // A launched program maps its libraries after exec and may exit soon:
         // its mappings are reread often, as they are needed once it is gone.
         let mut maps_tick = launched.then(|| tokio::time::interval(Duration::from_millis(100)));
-        loop {
+        let reason = loop {
             tokio::select! {
                 _ = runtime::next_tick(&mut maps_tick) => self.follow_launched(ticks),
                 _ = tables_tick.tick() => self.serve_table_requests(),
@@ -281,18 +288,18 @@ impl Session {
                     }
                     StopEvent::Stop(reason) => {
                         info!("stopping: {reason}");
-                        break;
+                        break reason;
                     }
                 },
             }
-        }
+        };
         if tty {
             eprint!("\r\x1b[K");
         }
         if self.settings.leaks {
             self.snapshot()?;
         }
-        Ok(())
+        Ok(reason)
     }
 
     /// Launch mode: rereads the program's mappings, and loads the tables
