@@ -35,7 +35,7 @@ use super::{
 };
 use crate::{
     ebpf,
-    output::{self, OutputArgs},
+    output::{OutputArgs, OutputPlan},
     process::{self, Mapping},
     profile::{self, Collector, Profile, RawSample, SampleType, StackStatus},
     unwind::Tables,
@@ -63,7 +63,16 @@ const MMAP_PROGRAMS: [(&str, &str); 5] = [
 
 /// Runs a heap session to its end and writes the report.
 pub fn run(mut settings: Settings, output: OutputArgs) -> anyhow::Result<()> {
-    check_writable(output.output.as_deref())?;
+    let output = output.check(if settings.leaks {
+        &["inuse_objects", "inuse_space"]
+    } else {
+        &[
+            "alloc_objects",
+            "alloc_space",
+            "inuse_objects",
+            "inuse_space",
+        ]
+    })?;
     // Resolve targets before loading anything, so bad input fails fast.
     let mut suspended = None;
     let mut loader = None;
@@ -131,7 +140,7 @@ pub fn run(mut settings: Settings, output: OutputArgs) -> anyhow::Result<()> {
             {
                 eprintln!("prof-bpf: the program exited ({status})");
             }
-            output::write(&profile, &output)
+            output.write(&profile)
         })
 }
 
@@ -408,7 +417,7 @@ impl Session {
     }
 
     /// Records until Ctrl-C, --duration or the targets' exit.
-    async fn record(&mut self, launched: bool, output: &OutputArgs) -> anyhow::Result<()> {
+    async fn record(&mut self, launched: bool, output: &OutputPlan) -> anyhow::Result<()> {
         let targets = match self.settings.targets {
             Targets::All => "all processes".to_owned(),
             _ => self
@@ -531,7 +540,7 @@ impl Session {
                         let profile = self.heap_profile(c)?;
                         if tty { eprint!("\r\x1b[K"); }
                         eprintln!("prof-bpf: report after {:.0} s", started.elapsed().as_secs_f64());
-                        output::write(&profile, output)?;
+                        output.write(&profile)?;
                     }
                 }
                 _ = &mut ctrl_c => break,
@@ -1322,21 +1331,6 @@ const LOADER_STOP_WAIT: Duration = Duration::from_secs(5);
 fn resume(pid: u32) {
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(pid as i32, libc::SIGCONT) };
-}
-
-/// Fails now, not after the whole recording, when `-o FILE` cannot be written.
-fn check_writable(path: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let Some(path) = path else { return Ok(()) };
-    let existed = path.exists();
-    std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    if !existed {
-        let _ = std::fs::remove_file(path);
-    }
-    Ok(())
 }
 
 fn monotonic_ns() -> u64 {

@@ -21,30 +21,40 @@ const NODE_FRACTION: f64 = 0.005;
 const EDGE_FRACTION: f64 = 0.001;
 const DEFAULT_NODECOUNT: usize = 80;
 
-pub fn render(profile: &Profile, view: &View, nodecount: Option<usize>) -> String {
+pub(crate) fn render(profile: &Profile, view: &View, nodecount: Option<usize>) -> String {
     let unit = view.sample_type.unit.as_str();
     let mut flat: HashMap<&str, i64> = HashMap::new();
     let mut cum: HashMap<&str, i64> = HashMap::new();
-    let total: i64 = view.stacks.iter().map(|s| s.value.abs()).sum();
+    let total = view
+        .stacks
+        .iter()
+        .fold(0i64, |t, s| t.saturating_add(s.value.saturating_abs()));
     for s in &view.stacks {
         if let Some(leaf) = s.frames.last() {
-            *flat.entry(leaf).or_default() += s.value;
+            let v = flat.entry(leaf).or_default();
+            *v = v.saturating_add(s.value);
         }
         let mut seen = HashSet::new();
         for f in &s.frames {
             if seen.insert(f.as_str()) {
-                *cum.entry(f).or_default() += s.value;
+                let v = cum.entry(f).or_default();
+                *v = v.saturating_add(s.value);
             }
         }
     }
     let mut nodes: Vec<&str> = cum.keys().copied().collect();
-    nodes.sort_by(|a, b| cum[b].abs().cmp(&cum[a].abs()).then(a.cmp(b)));
+    nodes.sort_by(|a, b| {
+        cum[b]
+            .saturating_abs()
+            .cmp(&cum[a].saturating_abs())
+            .then(a.cmp(b))
+    });
     let min_cum = (total as f64 * NODE_FRACTION) as i64;
     let limit = nodecount.unwrap_or(DEFAULT_NODECOUNT);
     let kept: Vec<&str> = nodes
         .iter()
         .copied()
-        .filter(|n| cum[n].abs() > min_cum)
+        .filter(|n| cum[n].saturating_abs() > min_cum)
         .take(limit)
         .collect();
     let dropped = nodes.len() - kept.len();
@@ -64,7 +74,7 @@ pub fn render(profile: &Profile, view: &View, nodecount: Option<usize>) -> Strin
                 && seen.insert((from, to))
             {
                 let e = edges.entry((from, to)).or_insert((0, true));
-                e.0 += s.value;
+                e.0 = e.0.saturating_add(s.value);
                 e.1 &= at + 1 == pos;
             }
             prev = Some((to, pos));
@@ -73,7 +83,7 @@ pub fn render(profile: &Profile, view: &View, nodecount: Option<usize>) -> Strin
     let min_edge = (total as f64 * EDGE_FRACTION) as i64;
     let max_flat = kept
         .iter()
-        .map(|n| flat.get(n).copied().unwrap_or(0).abs())
+        .map(|n| flat.get(n).copied().unwrap_or(0).saturating_abs())
         .max()
         .unwrap_or(0);
     let share = |v: i64| {
@@ -116,7 +126,7 @@ pub fn render(profile: &Profile, view: &View, nodecount: Option<usize>) -> Strin
         let size = if max_flat == 0 {
             8.0
         } else {
-            8.0 + 24.0 * (f.abs() as f64 / max_flat as f64).sqrt()
+            8.0 + 24.0 * (f.saturating_abs() as f64 / max_flat as f64).sqrt()
         };
         let label = if f == 0 {
             format!(
@@ -146,18 +156,21 @@ pub fn render(profile: &Profile, view: &View, nodecount: Option<usize>) -> Strin
     }
     let mut edge_list: Vec<_> = edges.iter().collect();
     edge_list.sort_by(|a: &(&(usize, usize), &(i64, bool)), b| {
-        b.1.0.abs().cmp(&a.1.0.abs()).then(a.0.cmp(b.0))
+        b.1.0
+            .saturating_abs()
+            .cmp(&a.1.0.saturating_abs())
+            .then(a.0.cmp(b.0))
     });
     for ((from, to), (w, direct)) in edge_list {
-        if w.abs() <= min_edge {
+        if w.saturating_abs() <= min_edge {
             continue;
         }
-        let width = 1.0 + 5.0 * share(w.abs());
+        let width = 1.0 + 5.0 * share(w.saturating_abs());
         let _ = writeln!(
             dot,
             "N{from} -> N{to} [label=\" {}\" weight={} penwidth={width:.2} color=\"{}\"{}]",
             format_value(*w, unit),
-            (100.0 * share(w.abs())).ceil() as i64 + 1,
+            (100.0 * share(w.saturating_abs())).ceil() as i64 + 1,
             color(share(*w), 0.5),
             if *direct { "" } else { " style=dotted" },
         );
@@ -185,7 +198,7 @@ fn escape(s: &str) -> String {
 }
 
 /// Renders dot text to `format` (svg, png, gif, pdf) with Graphviz's `dot`.
-pub fn run_dot(dot: &str, format: &str) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn run_dot(dot: &str, format: &str) -> anyhow::Result<Vec<u8>> {
     let mut child = match Command::new("dot")
         .arg(format!("-T{format}"))
         .stdin(Stdio::piped())

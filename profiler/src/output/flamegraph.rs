@@ -4,7 +4,7 @@ use anyhow::Context as _;
 use super::{View, format_value};
 use crate::profile::Profile;
 
-pub fn render(profile: &Profile, view: &View) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn render(profile: &Profile, view: &View) -> anyhow::Result<Vec<u8>> {
     let unit = &view.sample_type.unit;
     // A flamegraph has no negative widths: a difference (--base) shows growth.
     let lines: Vec<String> = view
@@ -12,17 +12,17 @@ pub fn render(profile: &Profile, view: &View) -> anyhow::Result<Vec<u8>> {
         .iter()
         .filter(|s| s.value > 0)
         .map(|s| {
-            // `;` separates frames in the folded format inferno reads.
-            let frames: Vec<String> = s.frames.iter().map(|f| f.replace(';', ":")).collect();
-            format!("{} {}", frames.join(";"), s.value)
+            // inferno reads the folded format.
+            let mut line = String::new();
+            super::folded::push_stack(&mut line, &s.frames);
+            format!("{line} {}", s.value)
         })
         .collect();
-    let total: i64 = view
+    let total = view
         .stacks
         .iter()
         .filter(|s| s.value > 0)
-        .map(|s| s.value)
-        .sum();
+        .fold(0i64, |t, s| t.saturating_add(s.value));
     let mut options = inferno::flamegraph::Options::default();
     options.title = format!("{} ({})", what_was_measured(profile), view.sample_type.kind);
     options.subtitle = Some(format!(
@@ -50,7 +50,7 @@ pub fn render(profile: &Profile, view: &View) -> anyhow::Result<Vec<u8>> {
 }
 
 /// "Heap profile" / "CPU profile" from the sample types.
-pub fn what_was_measured(profile: &Profile) -> &'static str {
+pub(crate) fn what_was_measured(profile: &Profile) -> &'static str {
     let has = |k: &str| profile.sample_types.iter().any(|t| t.kind == k);
     if has("inuse_space") || has("alloc_space") {
         "Heap profile"

@@ -5,21 +5,23 @@ use std::collections::HashMap;
 use super::{View, format_value};
 use crate::profile::Profile;
 
-pub fn render(profile: &Profile, view: &View, nodecount: Option<usize>) -> String {
+pub(crate) fn render(profile: &Profile, view: &View, nodecount: Option<usize>) -> String {
     let unit = view.sample_type.unit.as_str();
     let mut flat: HashMap<&str, i64> = HashMap::new();
     let mut cum: HashMap<&str, i64> = HashMap::new();
     let mut total: i64 = 0;
     for s in &view.stacks {
-        total += s.value.abs();
+        total = total.saturating_add(s.value.saturating_abs());
         if let Some(leaf) = s.frames.last() {
-            *flat.entry(leaf).or_default() += s.value;
+            let v = flat.entry(leaf).or_default();
+            *v = v.saturating_add(s.value);
         }
         let mut seen: Vec<&str> = Vec::with_capacity(s.frames.len());
         for f in &s.frames {
             if !seen.contains(&f.as_str()) {
                 seen.push(f);
-                *cum.entry(f).or_default() += s.value;
+                let v = cum.entry(f).or_default();
+                *v = v.saturating_add(s.value);
             }
         }
     }
@@ -28,9 +30,9 @@ pub fn render(profile: &Profile, view: &View, nodecount: Option<usize>) -> Strin
         .map(|(&name, &c)| (name, flat.get(name).copied().unwrap_or(0), c))
         .collect();
     rows.sort_by(|a, b| {
-        b.1.abs()
-            .cmp(&a.1.abs())
-            .then(b.2.abs().cmp(&a.2.abs()))
+        b.1.unsigned_abs()
+            .cmp(&a.1.unsigned_abs())
+            .then(b.2.unsigned_abs().cmp(&a.2.unsigned_abs()))
             .then(a.0.cmp(b.0))
     });
     let shown = nodecount.unwrap_or(rows.len()).min(rows.len());
@@ -49,7 +51,9 @@ pub fn render(profile: &Profile, view: &View, nodecount: Option<usize>) -> Strin
     for c in &profile.comments {
         out.push_str(&format!("Note: {c}\n"));
     }
-    let shown_flat: i64 = rows[..shown].iter().map(|r| r.1).sum();
+    let shown_flat = rows[..shown]
+        .iter()
+        .fold(0i64, |a, r| a.saturating_add(r.1));
     out.push_str(&format!(
         "Showing {shown} of {} functions, accounting for {}, {:.2}% of {} total\n",
         rows.len(),
@@ -61,9 +65,9 @@ pub fn render(profile: &Profile, view: &View, nodecount: Option<usize>) -> Strin
         "{:>12} {:>7} {:>7} {:>12} {:>7}  name\n",
         "flat", "flat%", "sum%", "cum", "cum%"
     ));
-    let mut sum = 0;
+    let mut sum = 0i64;
     for &(name, f, c) in &rows[..shown] {
-        sum += f;
+        sum = sum.saturating_add(f);
         out.push_str(&format!(
             "{:>12} {:>6.2}% {:>6.2}% {:>12} {:>6.2}%  {name}\n",
             format_value(f, unit),

@@ -157,7 +157,7 @@ impl Collector {
         };
         let values = &mut self.profile.samples[index].values;
         for (v, add) in values.iter_mut().zip(&s.values) {
-            *v += add;
+            *v = v.saturating_add(*add);
         }
     }
 

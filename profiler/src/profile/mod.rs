@@ -370,7 +370,7 @@ impl Profile {
                 locations: s.locations.iter().map(|l| l + location_base).collect(),
                 values: columns
                     .iter()
-                    .map(|&c| s.values.get(c).copied().unwrap_or(0) * factor)
+                    .map(|&c| s.values.get(c).copied().unwrap_or(0).saturating_mul(factor))
                     .collect(),
                 labels: s.labels.clone(),
             });

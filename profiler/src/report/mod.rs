@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    output::{self, OutputArgs, pprof},
+    output::{OutputArgs, pprof},
     profile::{LocationKind, Profile},
     symbolize,
 };
@@ -40,6 +40,7 @@ pub struct ReportArgs {
 }
 
 pub fn run(args: ReportArgs) -> anyhow::Result<()> {
+    let plan = args.output.check(&[])?;
     let mut profile = read(&args.file)?;
     if let Some(base) = &args.base {
         let base_profile = read(base)?;
@@ -55,7 +56,7 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
             .sample_type_index(kind)
             .with_context(|| args.file.display().to_string())?;
     }
-    output::write(&profile, &args.output)
+    plan.write(&profile)
 }
 
 /// Reads and symbolizes a profile file of any supported format; errors name

@@ -1,5 +1,5 @@
 //! Writers on a hand-built profile whose stacks and values are known.
-use super::*;
+use crate::output::*;
 use crate::profile::{Frame, Label, Location, LocationKind, Mapping, SampleType};
 
 /// Two processes; `app` (pid 10) has threads 11 and 12.
@@ -8,7 +8,7 @@ use crate::profile::{Frame, Label, Location, LocationKind, Mapping, SampleType};
 ///   app/12: main -> lib.so+0x1a2b (unresolved)            1
 ///   app/11: read_[k] <- main   (kernel frame under main)  2
 ///   db/20:  [truncated] -> query                          4
-fn profile() -> Profile {
+pub(super) fn profile() -> Profile {
     let loc = |mapping, address, kind, frames: Vec<Frame>| Location {
         mapping,
         address,
@@ -92,9 +92,20 @@ fn profile() -> Profile {
     }
 }
 
+fn filter(args: &OutputArgs) -> Filter {
+    Filter::new(args.focus.as_deref(), args.ignore.as_deref()).unwrap()
+}
+
+/// The stacks of the first sample type.
+fn view(p: &Profile, group_by: GroupBy) -> View {
+    View {
+        stacks: stacks(p, 0, group_by, &Filter::default()),
+        sample_type: p.sample_types[0].clone(),
+    }
+}
+
 fn stacks_of(p: &Profile, group_by: GroupBy, args: &OutputArgs) -> Vec<(String, i64)> {
-    let filter = Filter::new(args).unwrap();
-    stacks(p, 0, group_by, &filter)
+    stacks(p, 0, group_by, &filter(args))
         .into_iter()
         .map(|s| (s.frames.join(";"), s.value))
         .collect()
@@ -117,16 +128,8 @@ fn folded_stacks_follow_the_naming_rules() {
     assert_eq!(threads[1].0, "app-10/12;main;work;fast_[i]");
     let none = stacks_of(&p, GroupBy::None, &OutputArgs::default());
     assert_eq!(none[0].0, "main;work;hot");
-    let view = View {
-        stacks: stacks(
-            &p,
-            0,
-            GroupBy::None,
-            &Filter::new(&OutputArgs::default()).unwrap(),
-        ),
-        sample_type: SampleType::samples(),
-    };
-    assert!(folded(&view).starts_with("main;work;hot 5\nmain;work;fast_[i] 3\n"));
+    let view = view(&p, GroupBy::None);
+    assert!(folded::render(&view).starts_with("main;work;hot 5\nmain;work;fast_[i] 3\n"));
 }
 
 #[test]
@@ -149,11 +152,7 @@ fn focus_and_ignore_filter_stacks() {
 #[test]
 fn text_table_flat_and_cum() {
     let p = profile();
-    let args = OutputArgs {
-        group_by: GroupBy::None,
-        ..OutputArgs::default()
-    };
-    let view = view(&p, 0, &args, &Filter::new(&args).unwrap());
+    let view = view(&p, GroupBy::None);
     let text = text::render(&p, &view, None);
     let rows: Vec<Vec<&str>> = text
         .lines()
@@ -188,11 +187,7 @@ fn text_table_flat_and_cum() {
 #[test]
 fn callgraph_nodes_and_edges() {
     let p = profile();
-    let args = OutputArgs {
-        group_by: GroupBy::None,
-        ..OutputArgs::default()
-    };
-    let view = view(&p, 0, &args, &Filter::new(&args).unwrap());
+    let view = view(&p, GroupBy::None);
     let dot = callgraph::render(&p, &view, None);
     let node = |name: &str| {
         dot.lines()
@@ -244,29 +239,48 @@ fn pprof_round_trip() {
 }
 
 #[test]
-fn format_from_extension() {
-    let f = |name: &str| {
-        OutputArgs {
-            output: Some(name.into()),
-            ..OutputArgs::default()
-        }
-        .format()
-        .map_err(|e| e.to_string())
-    };
-    assert_eq!(f("a.pb.gz"), Ok(Format::Pprof));
-    assert_eq!(f("a.svg"), Ok(Format::Svg));
-    assert_eq!(f("a.folded"), Ok(Format::Folded));
-    assert_eq!(f("a.dot"), Ok(Format::Callgraph));
-    assert_eq!(f("a.txt"), Ok(Format::Text));
-    assert!(f("a.png").unwrap_err().contains("--format"));
-    assert_eq!(OutputArgs::default().format().unwrap(), Format::Text);
-}
-
-#[test]
 fn values_with_units() {
     assert_eq!(format_value(1_000_000, "bytes"), "976.56KiB");
     assert_eq!(format_value(-2048, "bytes"), "-2.00KiB");
     assert_eq!(format_value(512, "bytes"), "512B");
     assert_eq!(format_value(1_500_000_000, "nanoseconds"), "1.50s");
     assert_eq!(format_value(42, "count"), "42");
+}
+
+#[test]
+fn folded_lines_are_one_stack_each() {
+    let stack = |frames: &[&str], value| Stack {
+        frames: frames.iter().map(|f| f.to_string()).collect(),
+        value,
+    };
+    let view = View {
+        stacks: vec![
+            stack(&["main", "f;g", "line\nbreak\r"], 3),
+            stack(&["main", "a b"], 4),
+        ],
+        sample_type: SampleType::samples(),
+    };
+    assert_eq!(
+        folded::render(&view),
+        "main;f:g;line\\nbreak\\r 3\nmain;a b 4\n"
+    );
+}
+
+#[test]
+fn summed_values_saturate() {
+    let mut p = profile();
+    for s in &mut p.samples {
+        s.values[0] = i64::MAX / 2 + 1;
+    }
+    // Every sample of `app` under one root: three stacks of main merge
+    // with nothing, but all four app stacks share `main` in the table.
+    let view = view(&p, GroupBy::None);
+    let text = text::render(&p, &view, None);
+    assert!(!text.contains("-"), "{text}");
+    let merged = stacks(&p, 0, GroupBy::None, &Filter::default());
+    let mut twice = p.clone();
+    twice.samples.extend(p.samples.clone());
+    let doubled = stacks(&twice, 0, GroupBy::None, &Filter::default());
+    assert_eq!(merged.len(), doubled.len());
+    assert!(doubled.iter().all(|s| s.value == i64::MAX), "{doubled:?}");
 }
