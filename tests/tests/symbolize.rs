@@ -276,7 +276,7 @@ fn stripped_binary_gap_is_not_given_a_wrong_name() {
             ..Default::default()
         });
     }
-    profiler::symbolize::symbolize(&mut profile);
+    profile.symbolize();
     assert!(
         profile.locations[0].frames.is_empty(),
         "address {gap_addr:#x} after {} was named {:?}",

@@ -183,7 +183,7 @@ impl Collector {
             .started
             .elapsed()
             .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
-        symbolize::symbolize(&mut profile);
+        profile.symbolize();
         profile
     }
 

@@ -8,10 +8,17 @@
 //!
 //! Sources: the eBPF sessions go through [`Collector`], which takes raw
 //! addresses, normalizes them while the process is alive and symbolizes at
-//! the end; `prof-bpf report` reads files into the same [`Profile`].
+//! the end ([`Profile::symbolize`]); [`read`] turns files (pprof, gperftools
+//! heap and CPU profiles) into the same [`Profile`].
 mod collector;
+pub(crate) mod proto;
+pub mod read;
+mod symbolized;
 
 pub use collector::Collector;
+
+/// A function at a location; symbolization makes them.
+pub use crate::symbolize::Frame;
 
 /// One kind of value a sample carries, in pprof's vocabulary
 /// (`inuse_space`/`bytes`, `cpu`/`nanoseconds`, ...).
@@ -179,28 +186,6 @@ pub struct Location {
     /// Innermost first: the inlined frames, then the function they were
     /// inlined into. Empty when the address could not be symbolized.
     pub frames: Vec<Frame>,
-}
-
-/// A function at a location.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Frame {
-    /// Demangled function name.
-    pub function: String,
-    /// Source file, empty when unknown.
-    pub file: String,
-    /// Source line, 0 when unknown.
-    pub line: i64,
-    /// This call was inlined into the next frame of the location.
-    pub inlined: bool,
-}
-
-impl Frame {
-    pub fn named(function: impl Into<String>) -> Self {
-        Self {
-            function: function.into(),
-            ..Self::default()
-        }
-    }
 }
 
 /// One stack and its values.

@@ -227,7 +227,7 @@ fn callgraph_nodes_and_edges() {
 fn pprof_round_trip() {
     let p = profile();
     let bytes = pprof::encode(&p).unwrap();
-    let q = pprof::decode(&bytes).unwrap();
+    let q = crate::profile::read::from_bytes(&bytes, 1 << 20).unwrap();
     assert_eq!(q.sample_types, p.sample_types);
     assert_eq!(q.default_sample_type, "samples");
     let none = OutputArgs::default();
