@@ -175,6 +175,13 @@ impl Normalizer {
         true
     }
 
+    /// The object of `pid`'s executable (`/proc/PID/exe`), once
+    /// [`Normalizer::note_process`] has seen it mapped.
+    pub fn executable(&self, pid: u32) -> Option<usize> {
+        let meta = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
+        self.by_identity.get(&(meta.dev(), meta.ino())).copied()
+    }
+
     /// Forgets a process (it exited); its objects stay open.
     pub fn forget_process(&mut self, pid: u32) {
         self.processes.remove(&pid);

@@ -46,7 +46,37 @@ pub(crate) fn render(profile: &Profile, view: &View) -> anyhow::Result<Vec<u8>> 
     }
     inferno::flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), &mut out)
         .context("rendering the flamegraph")?;
-    Ok(out)
+    let root = format!(
+        "{}: {} total",
+        view.sample_type.kind,
+        format_value(total, unit)
+    );
+    Ok(label_root(out, &root))
+}
+
+/// Writes `label` into the root bar, which inferno leaves without text (it
+/// names it `all` in the tooltip only).
+fn label_root(svg: Vec<u8>, label: &str) -> Vec<u8> {
+    let text = match String::from_utf8(svg) {
+        Ok(text) => text,
+        Err(e) => return e.into_bytes(),
+    };
+    let empty_text = text.find("<title>all (").and_then(|title| {
+        let end = title + text[title..].find("</text>")?;
+        text[..end].ends_with('>').then_some(end)
+    });
+    let Some(at) = empty_text else {
+        return text.into_bytes();
+    };
+    let escaped = label
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;");
+    let mut out = String::with_capacity(text.len() + escaped.len());
+    out.push_str(&text[..at]);
+    out.push_str(&escaped);
+    out.push_str(&text[at..]);
+    out.into_bytes()
 }
 
 /// "Heap profile" / "CPU profile" from the sample types.

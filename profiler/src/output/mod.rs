@@ -16,6 +16,7 @@ mod flamegraph;
 mod folded;
 mod plan;
 pub mod pprof;
+mod sums;
 mod text;
 
 use std::collections::HashMap;

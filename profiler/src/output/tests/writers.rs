@@ -284,3 +284,100 @@ fn summed_values_saturate() {
     assert_eq!(merged.len(), doubled.len());
     assert!(doubled.iter().all(|s| s.value == i64::MAX), "{doubled:?}");
 }
+
+#[test]
+fn flamegraph_root_bar_has_a_label() {
+    let p = profile();
+    let svg = String::from_utf8(flamegraph::render(&p, &view(&p, GroupBy::None)).unwrap()).unwrap();
+    // The root bar: its tooltip, then its text, which names the sample
+    // type and the total (15 samples).
+    let root = svg.find("<title>all (15 count, 100%)</title>").expect(&svg);
+    let text_start = root + svg[root..].find("<text").unwrap();
+    let text_end = text_start + svg[text_start..].find("</text>").unwrap();
+    let inner = &svg[text_start..text_end];
+    assert!(inner.ends_with(">samples: 15 total"), "{inner}");
+}
+
+/// Relative luminance of `#rrggbb` (WCAG).
+fn luminance(hex: &str) -> f64 {
+    let channel = |i: usize| {
+        let c = f64::from(u8::from_str_radix(&hex[i..i + 2], 16).unwrap()) / 255.0;
+        if c <= 0.03928 {
+            c / 12.92
+        } else {
+            ((c + 0.055) / 1.055).powf(2.4)
+        }
+    };
+    0.2126 * channel(1) + 0.7152 * channel(3) + 0.0722 * channel(5)
+}
+
+/// The value of `key="..."` or `key=...` in a dot line.
+fn attr<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let rest = &line[line.find(&format!(" {key}="))? + key.len() + 2..];
+    Some(match rest.strip_prefix('"') {
+        Some(quoted) => &quoted[..quoted.find('"')?],
+        None => rest.split([' ', ']']).next()?,
+    })
+}
+
+#[test]
+fn callgraph_text_is_readable() {
+    let mut p = profile();
+    p.comments
+        .push(format!("a long note: {}", "word ".repeat(60)));
+    p.comments.push("x".repeat(200));
+    let dot = callgraph::render(&p, &view(&p, GroupBy::None), None);
+    assert!(dot.contains("fontcolor=\"#1a1a1a\""), "{dot}");
+    let nodes: Vec<&str> = dot
+        .lines()
+        .filter(|l| l.starts_with('N') && !l.contains("->"))
+        .collect();
+    assert_eq!(nodes.len(), 8, "{dot}");
+    for line in nodes {
+        let fill = attr(line, "fillcolor").unwrap();
+        // Contrast of the #1a1a1a text on the fill: at least 7:1 (WCAG AAA).
+        let contrast = (luminance(fill) + 0.05) / (luminance("#1a1a1a") + 0.05);
+        assert!(contrast >= 7.0, "{fill}: {contrast:.1} in {line}");
+        let size: f64 = attr(line, "fontsize").unwrap().parse().unwrap();
+        assert!(size >= 12.0, "{line}");
+    }
+    // Legend lines are wrapped: none longer than 80 characters.
+    let legend = dot.lines().find(|l| l.contains("\"legend\"")).unwrap();
+    let label = attr(legend, "label").unwrap();
+    let lines: Vec<&str> = label.split("\\l").filter(|l| !l.is_empty()).collect();
+    assert!(lines.iter().all(|l| l.chars().count() <= 80), "{lines:#?}");
+    assert!(lines.len() >= 6, "{lines:#?}");
+    assert!(lines.contains(&"x".repeat(80).as_str()), "{lines:#?}");
+}
+
+#[test]
+fn text_table_drops_small_nodes_as_pprof_does() {
+    // 1000 in `big`, 4 in `tiny` (0.4% of 1004, under pprof's 0.5%), 6 in
+    // `small` (0.6%: kept).
+    let stack = |frames: &[&str], value| Stack {
+        frames: frames.iter().map(|f| f.to_string()).collect(),
+        value,
+    };
+    let view = View {
+        stacks: vec![
+            stack(&["main", "big"], 1000),
+            stack(&["main", "tiny"], 4),
+            stack(&["main", "small"], 6),
+        ],
+        sample_type: SampleType::samples(),
+    };
+    let text = text::render(&profile(), &view, None);
+    assert!(
+        text.contains("Showing 3 of 4 functions, accounting for 1006"),
+        "{text}"
+    );
+    // cutoff = floor(1010 * 0.005) = 5
+    assert!(text.contains("Dropped 1 nodes (cum <= 5)\n"), "{text}");
+    assert!(
+        !text.contains(" tiny\n") && text.contains(" small\n"),
+        "{text}"
+    );
+    let one = text::render(&profile(), &view, Some(1));
+    assert!(one.contains("Showing 1 of 4 functions"), "{one}");
+    assert!(one.contains(" big\n") && !one.contains(" small\n"), "{one}");
+}
