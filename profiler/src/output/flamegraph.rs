@@ -4,26 +4,29 @@ use anyhow::Context as _;
 use super::{View, format_value};
 use crate::profile::Profile;
 
+/// inferno adds counts up in a `usize` and prints them through `f64`:
+/// larger totals are divided down, and its `factor` multiplies the
+/// printed numbers back.
+const MAX_TOTAL: u128 = 1 << 53;
+
 pub(crate) fn render(profile: &Profile, view: &View) -> anyhow::Result<Vec<u8>> {
     let unit = &view.sample_type.unit;
     // A flamegraph has no negative widths: a difference (--base) shows growth.
-    let lines: Vec<String> = view
-        .stacks
-        .iter()
-        .filter(|s| s.value > 0)
-        .map(|s| {
+    let positive = || view.stacks.iter().filter(|s| s.value > 0);
+    let sum: u128 = positive().map(|s| s.value.unsigned_abs() as u128).sum();
+    let divisor = sum.div_ceil(MAX_TOTAL).max(1);
+    let lines: Vec<String> = positive()
+        .filter_map(|s| {
+            let value = s.value.unsigned_abs() as u128 / divisor;
             // inferno reads the folded format.
             let mut line = String::new();
             super::folded::push_stack(&mut line, &s.frames);
-            format!("{line} {}", s.value)
+            (value > 0).then(|| format!("{line} {value}"))
         })
         .collect();
-    let total = view
-        .stacks
-        .iter()
-        .filter(|s| s.value > 0)
-        .fold(0i64, |t, s| t.saturating_add(s.value));
+    let total = i64::try_from(sum).unwrap_or(i64::MAX);
     let mut options = inferno::flamegraph::Options::default();
+    options.factor = divisor as f64;
     options.title = format!("{} ({})", what_was_measured(profile), view.sample_type.kind);
     options.subtitle = Some(format!(
         "total {}{}",

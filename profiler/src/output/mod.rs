@@ -59,6 +59,11 @@ pub(crate) fn stacks(
             frames.push(root);
         }
         frames.extend(leaf_first.into_iter().rev());
+        if frames.is_empty() {
+            // A sample without locations or labels still counts; writers
+            // need a frame to draw it.
+            frames.push(crate::profile::NO_STACK.to_owned());
+        }
         match index.get(&frames) {
             Some(&i) => out[i].value = out[i].value.saturating_add(v),
             None => {

@@ -248,6 +248,8 @@ impl Label {
 /// The names shown for markers.
 pub const TRUNCATED: &str = "[truncated]";
 pub const MISSING_USER_STACK: &str = "[missing user stack]";
+/// A sample that has no locations at all (allowed in pprof files).
+pub const NO_STACK: &str = "[no stack]";
 /// Leaf marker of heap samples that are memory mappings (`heap --mmap`).
 pub const MMAP: &str = "[mmap]";
 
@@ -290,6 +292,11 @@ impl Profile {
             .frames
             .iter()
             .map(|f| {
+                // A nameless function (other tools write some) reads as
+                // its address.
+                if f.function.is_empty() {
+                    return self.unresolved_name(location);
+                }
                 let suffix = if location.kind == LocationKind::Kernel {
                     "_[k]"
                 } else if f.inlined {

@@ -182,8 +182,10 @@ pub(super) fn parse_cpu(data: &[u8]) -> anyhow::Result<Profile> {
     if period_us == 0 {
         bail!("bad gperftools CPU profile: sampling period 0");
     }
-    let period_ns =
-        i64::try_from(period_us * 1000).context("bad gperftools CPU profile: period")?;
+    let period_ns = period_us
+        .checked_mul(1000)
+        .and_then(|ns| i64::try_from(ns).ok())
+        .with_context(|| format!("bad gperftools CPU profile: sampling period {period_us} us"))?;
     let header_words = 5;
     let mut records: Vec<(u64, Vec<u64>)> = Vec::new();
     let mut i = header_words;
@@ -227,7 +229,7 @@ pub(super) fn parse_cpu(data: &[u8]) -> anyhow::Result<Profile> {
             .collect();
         space.profile.samples.push(Sample {
             locations,
-            values: vec![count, count * period_ns],
+            values: vec![count, count.saturating_mul(period_ns)],
             labels: Vec::new(),
         });
     }
