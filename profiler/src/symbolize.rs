@@ -56,13 +56,13 @@ impl Frame {
 
 /// An object file mapped by profiled processes, opened when first seen.
 #[derive(Debug)]
-pub struct Object {
+pub(crate) struct Object {
     /// The path as the process saw it.
-    pub path: String,
+    pub(crate) path: String,
     /// GNU build-id, lower-case hex; empty when the file has none.
-    pub build_id: String,
+    pub(crate) build_id: String,
     /// Size of the file, bounding its file offsets.
-    pub size: u64,
+    pub(crate) size: u64,
     /// The open file (kept open so that it outlives the process).
     file: Option<File>,
 }
@@ -71,7 +71,7 @@ impl Object {
     /// Where to read the object now: its own path when that is still the
     /// same file (so blazesym finds debug links next to it), else the
     /// descriptor opened while the process lived.
-    pub fn local_path(&self) -> Option<PathBuf> {
+    pub(crate) fn local_path(&self) -> Option<PathBuf> {
         let file = self.file.as_ref()?;
         let opened = file.metadata().ok()?;
         let same = Path::new(&self.path)
@@ -88,7 +88,7 @@ impl Object {
 
 /// Where an absolute user address landed.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Normalized {
+pub(crate) enum Normalized {
     /// In an object file: index into [`Normalizer::objects`] and file offset.
     File { object: usize, offset: u64 },
     /// JIT code named by the process's perf map.
@@ -128,8 +128,8 @@ const REFRESH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Normalizes absolute addresses of live processes (see the module docs).
 #[derive(Debug, Default)]
-pub struct Normalizer {
-    pub objects: Vec<Object>,
+pub(crate) struct Normalizer {
+    pub(crate) objects: Vec<Object>,
     /// (device, inode) of each opened object.
     by_identity: HashMap<(u64, u64), usize>,
     processes: HashMap<u32, ProcessState>,
@@ -138,12 +138,12 @@ pub struct Normalizer {
 }
 
 impl Normalizer {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Reads `pid`'s mappings now; returns false when the process is gone.
-    pub fn note_process(&mut self, pid: u32) -> bool {
+    pub(crate) fn note_process(&mut self, pid: u32) -> bool {
         let Ok(maps) = process::maps(pid) else {
             return false;
         };
@@ -177,19 +177,14 @@ impl Normalizer {
 
     /// The object of `pid`'s executable (`/proc/PID/exe`), once
     /// [`Normalizer::note_process`] has seen it mapped.
-    pub fn executable(&self, pid: u32) -> Option<usize> {
+    pub(crate) fn executable(&self, pid: u32) -> Option<usize> {
         let meta = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
         self.by_identity.get(&(meta.dev(), meta.ino())).copied()
     }
 
-    /// Forgets a process (it exited); its objects stay open.
-    pub fn forget_process(&mut self, pid: u32) {
-        self.processes.remove(&pid);
-    }
-
     /// Normalizes `addr` of `pid`, re-reading the process's maps once when it
     /// falls outside every known executable mapping. `None`: not code.
-    pub fn normalize(&mut self, pid: u32, addr: u64) -> Option<Normalized> {
+    pub(crate) fn normalize(&mut self, pid: u32, addr: u64) -> Option<Normalized> {
         if let Some(n) = self.lookup(pid, addr) {
             return Some(n);
         }
@@ -345,7 +340,7 @@ fn dump_own_vdso() -> std::io::Result<File> {
 }
 
 /// Parses perf map lines `START SIZE NAME` (hex numbers), sorted by start.
-pub fn parse_perf_map(text: &str) -> Vec<(u64, u64, String)> {
+pub(crate) fn parse_perf_map(text: &str) -> Vec<(u64, u64, String)> {
     let mut entries: Vec<(u64, u64, String)> = text
         .lines()
         .filter_map(|line| {
@@ -365,7 +360,7 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// Where the kernel's symbols are read from.
-pub const KALLSYMS: &str = "/proc/kallsyms";
+pub(crate) const KALLSYMS: &str = "/proc/kallsyms";
 
 /// What a batch of addresses is looked up in.
 #[derive(Clone, Copy, Debug)]

@@ -214,8 +214,12 @@ fn build(
     }
 }
 
-/// What a profile says, independent of how its tables are ordered.
-fn meaning(p: &Profile) -> Vec<(Vec<i64>, Vec<(String, Vec<String>, u64)>, Vec<Label>)> {
+/// A location as (mapping file, function names, address).
+type PlacedLocation = (String, Vec<String>, u64);
+
+/// What a profile says, independent of how its tables are ordered: per
+/// sample its values, stack and labels.
+fn meaning(p: &Profile) -> Vec<(Vec<i64>, Vec<PlacedLocation>, Vec<Label>)> {
     p.samples
         .iter()
         .map(|s| {

@@ -11,7 +11,12 @@ impl Profile {
     /// file). Objects that cannot be read are noted in the comments; their
     /// addresses stay unresolved.
     pub fn symbolize(&mut self) {
-        let cache = SymbolCache::new();
+        self.symbolize_with(&SymbolCache::new());
+    }
+
+    /// [`Profile::symbolize`] with objects parsed by earlier calls kept in
+    /// `cache`.
+    pub fn symbolize_with(&mut self, cache: &SymbolCache) {
         // Locations to look up, per mapping.
         let mut per_mapping: HashMap<usize, Vec<usize>> = HashMap::new();
         for (i, loc) in self.locations.iter().enumerate() {
