@@ -133,11 +133,14 @@ fn extension(path: &Path) -> Option<String> {
 }
 
 /// Whether `path` is written in place rather than through a temporary file:
-/// `/dev/stdout`, `/proc/self/fd/N`, FIFOs, devices.
+/// the process's own descriptors (`/dev/stdout`, `/dev/fd/N`,
+/// `/proc/self/fd/N`, which may name a redirected regular file), FIFOs,
+/// devices and sockets.
 pub(super) fn is_special(path: &Path) -> bool {
-    path.starts_with("/dev") || path.starts_with("/proc") || {
-        std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir())
-    }
+    let descriptor = path.starts_with("/proc")
+        || path.starts_with("/dev/fd")
+        || ["/dev/stdout", "/dev/stderr"].contains(&path.to_string_lossy().as_ref());
+    descriptor || std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir())
 }
 
 /// What to produce for `--format` and `-o` (see [`OutputArgs::format`]).

@@ -266,3 +266,16 @@ fn plan_writes_the_chosen_format() {
     assert!(err.contains("no sample type `inuse_space`"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn descriptors_and_devices_are_written_in_place() {
+    use crate::output::args::is_special;
+    assert!(is_special(Path::new("/dev/stdout")));
+    assert!(is_special(Path::new("/dev/fd/1")));
+    assert!(is_special(Path::new("/proc/self/fd/1")));
+    assert!(is_special(Path::new("/dev/null")));
+    // A regular file on a tmpfs under /dev is still replaced whole.
+    assert!(!is_special(Path::new("/dev/shm/prof-bpf-no-such-file.txt")));
+    let dir = Scratch::new("special");
+    assert!(!is_special(&dir.path().join("x.txt")));
+}
