@@ -391,8 +391,10 @@ fn readers_and_writers_survive_fuzzing() {
             read_checked(&gzip(&data))
         },
     );
-    // Random bytes, with and without a format's first bytes.
-    let prefixes: [&[u8]; 4] = [b"", b"heap profile:", &[0x1f, 0x8b, 8, 0], &[0; 24]];
+    // Random bytes, with and without a format's first bytes (the CPU
+    // profile's are the words 0, 3, 0).
+    let cpu_header: Vec<u8> = [0u64, 3, 0].iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let prefixes: [&[u8]; 4] = [b"", b"heap profile:", &[0x1f, 0x8b, 8, 0], &cpu_header];
     run_for(
         third,
         3,
