@@ -143,7 +143,12 @@ pub(super) fn is_special(path: &Path) -> bool {
     descriptor || std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir())
 }
 
-/// What to produce for `--format` and `-o` (see [`OutputArgs::format`]).
+/// What to produce for `--format` and `-o`. Without `--format`, the
+/// extension decides, and an unknown or missing one is an error; with it,
+/// any name holds that format, except that an image (`.png`, `.gif`,
+/// `.pdf`) is only ever the call graph, and the call graph only ever dot
+/// text or an image Graphviz writes. `-o` to a FIFO or descriptor without
+/// an extension gets stdout's default.
 fn rendering(format: Option<Format>, output: Option<&Path>) -> anyhow::Result<Rendering> {
     // Where no file name can carry the format, stdout's defaults apply.
     let ext = output.and_then(extension);

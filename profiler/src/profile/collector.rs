@@ -47,6 +47,9 @@ pub struct Collector {
     object_mappings: HashMap<usize, usize>,
     pseudo_mappings: HashMap<String, usize>,
     kernel_mapping: Option<usize>,
+    /// The first noted process and the normalizer object of its executable
+    /// as last seen (it changes when the process execs).
+    main: Option<(u32, Option<usize>)>,
     started: std::time::SystemTime,
 }
 
@@ -71,6 +74,7 @@ impl Collector {
             object_mappings: HashMap::new(),
             pseudo_mappings: HashMap::new(),
             kernel_mapping: None,
+            main: None,
             started,
         }
     }
@@ -90,13 +94,8 @@ impl Collector {
     /// execs), so its addresses can be normalized after it exits.
     pub fn note_process(&mut self, pid: u32) {
         self.normalizer.note_process(pid);
-        // pprof takes the first file mapping for the main binary: make it
-        // the first noted process's executable, not whichever object its
-        // first sample's leaf happened to be in.
-        if self.object_mappings.is_empty()
-            && let Some(exe) = self.normalizer.executable(pid)
-        {
-            self.object_mapping(exe);
+        if self.main.is_none_or(|(first, _)| first == pid) {
+            self.main = Some((pid, self.normalizer.executable(pid)));
         }
     }
 
@@ -186,6 +185,11 @@ impl Collector {
     fn symbolized(&self, mut profile: Profile) -> Profile {
         for (&object, &mapping) in &self.object_mappings {
             profile.mappings[mapping].local_path = self.normalizer.objects[object].local_path();
+        }
+        if let Some((_, Some(exe))) = self.main
+            && let Some(&mapping) = self.object_mappings.get(&exe)
+        {
+            move_mapping_first(&mut profile, mapping);
         }
         profile.duration_nanos = self
             .started
@@ -317,6 +321,23 @@ impl Collector {
     }
 }
 
+/// Makes mapping `m` the first, keeping the others' order: pprof takes the
+/// first mapping for the main binary, which is the first noted process's
+/// executable, not whichever object (or the kernel) a first sample hit.
+fn move_mapping_first(profile: &mut Profile, m: usize) {
+    let mapping = profile.mappings.remove(m);
+    profile.mappings.insert(0, mapping);
+    for loc in &mut profile.locations {
+        if let Some(l) = &mut loc.mapping {
+            *l = match *l {
+                l if l == m => 0,
+                l if l < m => l + 1,
+                l => l,
+            };
+        }
+    }
+}
+
 // Sessions move the collector between tasks and threads.
 const _: () = {
     const fn sendable<T: Send>() {}
@@ -336,15 +357,16 @@ mod tests {
         let mut c = Collector::new(vec![SampleType::samples()], "samples");
         c.note_process(pid);
         let in_libc = libc::getpid as *const () as usize as u64;
+        let in_exe = the_executable_is_the_main_binary as *const () as usize as u64;
         c.add(RawSample {
             pid,
             comm: "test".into(),
-            user: vec![in_libc + 1],
+            user: vec![in_libc + 1, in_exe + 1],
             kernel: vec![KERNEL_START + 0x1000],
             values: vec![1],
             ..RawSample::default()
         });
-        let profile = std::mem::take(&mut c.profile);
+        let profile = c.finish().unwrap();
         let message = crate::output::pprof::to_proto(&profile);
         let file = |m: &crate::profile::proto::Mapping| {
             String::from_utf8_lossy(&message.string_table[m.filename as usize]).into_owned()
