@@ -386,6 +386,10 @@ fn malformed_input_is_one_line_error_naming_the_file() {
 /// RSS in bytes.
 fn run_measured(args: &[&str]) -> (String, i32, u64) {
     use std::io::Read as _;
+    #[expect(
+        clippy::zombie_processes,
+        reason = "reaped by wait4 below, which also gives the peak RSS"
+    )]
     let mut child = Command::new(prof_bpf_tests::prof_bpf())
         .args(args)
         .stdin(std::process::Stdio::null())
