@@ -10,7 +10,6 @@
 //! they exist: short-lived processes are still named and symbolized.
 use std::{
     collections::{HashMap, HashSet},
-    path::Path,
     time::{Duration, Instant},
 };
 
@@ -36,7 +35,7 @@ use profiler_common::{
 
 use crate::{
     ebpf,
-    output::{self, OutputArgs},
+    output::{OutputArgs, OutputPlan},
     process,
     profile::{Collector, RawSample, SampleType, StackStatus},
     runtime::counters::Counts,
@@ -122,6 +121,7 @@ struct Settings {
     interval: Option<Duration>,
     idle: bool,
     event: Event,
+    output: OutputPlan,
 }
 
 fn validate(args: &CpuArgs) -> anyhow::Result<Settings> {
@@ -146,9 +146,10 @@ fn validate(args: &CpuArgs) -> anyhow::Result<Settings> {
     for &pid in &args.pids {
         process::check_pid(pid)?;
     }
-    if let Some(path) = &args.output.output {
-        check_writable(path)?;
-    }
+    let output = args.output.check(match args.event {
+        Event::CpuClock => &["samples", "cpu"],
+        Event::Cycles => &["samples", "cycles"],
+    })?;
     Ok(Settings {
         pids: args.pids.clone(),
         frequency: args.frequency,
@@ -156,6 +157,7 @@ fn validate(args: &CpuArgs) -> anyhow::Result<Settings> {
         interval,
         idle: args.idle,
         event: args.event,
+        output,
     })
 }
 
@@ -168,17 +170,6 @@ fn max_sample_rate() -> anyhow::Result<u64> {
         .with_context(|| format!("parsing {path}: `{}`", text.trim()))
 }
 
-/// Fails now, not after the whole run, when the output file cannot be written.
-fn check_writable(path: &Path) -> anyhow::Result<()> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
-}
-
 /// Runs the session until Ctrl-C, `--duration`, or the exit of every `--pid`.
 pub fn run(args: CpuArgs) -> anyhow::Result<()> {
     let settings = validate(&args)?;
@@ -186,10 +177,10 @@ pub fn run(args: CpuArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?
-        .block_on(session(settings, args.output))
+        .block_on(session(settings))
 }
 
-async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<()> {
+async fn session(settings: Settings) -> anyhow::Result<()> {
     let mut ebpf = ebpf::load()?;
     ebpf::spawn_logger(&mut ebpf);
     // Unwind tables first: the targets' first samples get complete stacks.
@@ -302,7 +293,7 @@ async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<
                 state.update_tables();
                 if let Some(collector) = state.interval.take() {
                     state.interval = Some(new_collector());
-                    print_interval(collector, &output_args, started.elapsed())?;
+                    print_interval(collector, &settings.output, started.elapsed())?;
                 }
             }
             guard = events.readable_mut() => {
@@ -333,7 +324,7 @@ async fn session(settings: Settings, output_args: OutputArgs) -> anyhow::Result<
     collector.add_comment(unwind_stats.comment("user stack walks"));
     eprintln!("prof-bpf: {}", stats.summary(event, started.elapsed()));
     let profile = collector.finish()?;
-    output::write(&profile, &output_args)
+    settings.output.write(&profile)
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -346,18 +337,12 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 /// Prints the top table of one interval.
 fn print_interval(
     collector: Collector,
-    args: &OutputArgs,
+    output: &OutputPlan,
     elapsed: Duration,
 ) -> anyhow::Result<()> {
     let profile = collector.finish()?;
-    let table = OutputArgs {
-        format: Some(output::Format::Text),
-        output: None,
-        nodecount: Some(args.nodecount.unwrap_or(15)),
-        ..args.clone()
-    };
     println!("--- {:.1} s", elapsed.as_secs_f64());
-    output::write(&profile, &table)
+    output.top_table(15).write(&profile)
 }
 
 /// What the session knows besides the counts.
