@@ -341,11 +341,13 @@ fn launch_mode_reports_what_was_never_freed() {
     require_bpf!();
     let program = build_workload("heap_leaks", FLAGS);
     let program = program.to_string_lossy().into_owned();
-    let (stdout, stderr, code) = run_prof_bpf(&[
+    // In launch mode the report never goes to the program's stdout: -o.
+    let out = launch_report_path("never_freed");
+    let (_, stderr, code) = run_prof_bpf(&[
         "heap",
         "--leaks",
-        "--format",
-        "folded",
+        "-o",
+        &out,
         "--group-by",
         "none",
         "--sample-type",
@@ -355,6 +357,7 @@ fn launch_mode_reports_what_was_never_freed() {
         "8",
     ]);
     assert_eq!(code, 0, "{stderr}");
+    let stdout = std::fs::read_to_string(&out).expect("the report file");
     let stacks = parse_folded(&stdout);
     // Allocated before main's rounds, so tracked from the first instruction:
     // 1000 blocks of 4000 bytes, 8 of them freed.
@@ -918,13 +921,14 @@ fn launch_mode_tracks_the_mappings_of_the_program() {
     require_bpf!();
     let program = build_workload("heap_mmap", FLAGS);
     let program = program.to_string_lossy().into_owned();
-    let (stdout, stderr, code) = run_prof_bpf(&[
+    let out = launch_report_path("mmap");
+    let (_, stderr, code) = run_prof_bpf(&[
         "heap",
         "--mmap",
         "--sample-bytes",
         "0",
-        "--format",
-        "folded",
+        "-o",
+        &out,
         "--group-by",
         "none",
         "--sample-type",
@@ -934,6 +938,7 @@ fn launch_mode_tracks_the_mappings_of_the_program() {
         "once",
     ]);
     assert_eq!(code, 0, "{stderr}");
+    let stdout = std::fs::read_to_string(&out).expect("the report file");
     let stacks = parse_folded(&stdout);
     for &(func, bytes) in MAPPED {
         let got = mmap_total(&stacks, func);
@@ -1006,4 +1011,14 @@ fn all_tracks_the_mappings_of_processes_running_at_attach() {
         assert!(got == bytes || got == 2 * bytes, "{func}: {stdout}");
     }
     assert_eq!(leaf_total(&stacks, "big_malloc"), 2 * MIB, "{stdout}");
+}
+
+/// A fresh `.folded` path for a launch-mode report (launch mode never writes
+/// the report into the program's stdout).
+fn launch_report_path(name: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("prof-bpf-heap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(format!("{name}.folded"));
+    let _ = std::fs::remove_file(&path);
+    path.to_string_lossy().into_owned()
 }

@@ -38,7 +38,12 @@ pub(crate) fn run(settings: Settings, output: OutputArgs) -> anyhow::Result<()> 
     let mut output = output.check(if settings.leaks {
         &["inuse_objects", "inuse_space"]
     } else {
-        &["alloc_objects", "alloc_space", "inuse_objects", "inuse_space"]
+        &[
+            "alloc_objects",
+            "alloc_space",
+            "inuse_objects",
+            "inuse_space",
+        ]
     })?;
     if matches!(settings.targets, Targets::Launch(_)) {
         // The program owns stdout (`heap -- gzip -c f > f.gz`).
