@@ -4,8 +4,12 @@
 //! Modules, following the data flow:
 //! - [`process`]: what a target process is made of (`/proc/PID/maps`, its files).
 //! - [`ebpf`]: loading the embedded eBPF object, the aya-log bridge.
-//! - [`profile`]: the one profile model; [`symbolize`]: addresses to names;
-//!   [`output`]: its writers; [`report`]: the `report` session (files in).
+//! - [`symbolize`]: addresses to names (normalized while a process lives,
+//!   looked up later, per object).
+//! - [`profile`]: the one profile model, built from live samples
+//!   ([`profile::Collector`]) or read from files ([`profile::read`]).
+//! - [`output`]: its writers, with options checked before a run.
+//! - [`report`]: the `report` subcommand (show a saved profile).
 //! - [`count`]: the `count` session (malloc/free call counters).
 //! - [`heap`]: the `heap` session (heap profiles and leak reports).
 //! - [`cpu`]: the `cpu` session (CPU samples of the host or some processes).

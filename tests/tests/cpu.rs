@@ -511,7 +511,7 @@ fn bad_output_extension_is_rejected_before_attaching() {
     let out = out_file("report.unknown-extension");
     let started = std::time::Instant::now();
     let (_, stderr, code) = run_prof_bpf(&["cpu", "--duration", "5", "-o", out.to_str().unwrap()]);
-    assert_one_line_error(&stderr, code, "cannot tell the format");
+    assert_one_line_error(&stderr, code, "unknown extension .unknown-extension");
     assert!(!out.exists(), "a file was left at {}", out.display());
     assert!(
         started.elapsed() < Duration::from_secs(4),

@@ -341,19 +341,13 @@ fn launch_mode_reports_what_was_never_freed() {
     require_bpf!();
     let program = build_workload("heap_leaks", FLAGS);
     let program = program.to_string_lossy().into_owned();
-    // In launch mode the program's stdout is its own: the report goes to a file.
-    let out = std::env::temp_dir().join(format!(
-        "prof-bpf-{}-{}.folded",
-        "never-freed",
-        std::process::id()
-    ));
+    // In launch mode the report never goes to the program's stdout: -o.
+    let out = launch_report_path("never_freed");
     let (_, stderr, code) = run_prof_bpf(&[
         "heap",
-        "-o",
-        out.to_str().unwrap(),
         "--leaks",
-        "--format",
-        "folded",
+        "-o",
+        &out,
         "--group-by",
         "none",
         "--sample-type",
@@ -363,30 +357,29 @@ fn launch_mode_reports_what_was_never_freed() {
         "8",
     ]);
     assert_eq!(code, 0, "{stderr}");
-    let report = std::fs::read_to_string(&out).expect("read the report");
-    let _ = std::fs::remove_file(&out);
-    let stacks = parse_folded(&report);
+    let stdout = std::fs::read_to_string(&out).expect("the report file");
+    let stacks = parse_folded(&stdout);
     // Allocated before main's rounds, so tracked from the first instruction:
     // 1000 blocks of 4000 bytes, 8 of them freed.
-    assert_eq!(leaf_total(&stacks, "main"), (1000 - 8) * 4000, "{report}");
-    assert_eq!(leaf_total(&stacks, "leak_small"), 8 * SMALL, "{report}");
+    assert_eq!(leaf_total(&stacks, "main"), (1000 - 8) * 4000, "{stdout}");
+    assert_eq!(leaf_total(&stacks, "leak_small"), 8 * SMALL, "{stdout}");
     assert_eq!(
         leaf_total(&stacks, "leak_big_calloc"),
         8 * BIG_CALLOC,
-        "{report}"
+        "{stdout}"
     );
     assert_eq!(
         leaf_total(&stacks, "cache_fill"),
         CACHE_ROUNDS * CACHE_BLOCK,
-        "{report}"
+        "{stdout}"
     );
-    assert_eq!(leaf_total(&stacks, "churn"), 0, "{report}");
+    assert_eq!(leaf_total(&stacks, "churn"), 0, "{stdout}");
     // The program is held in its loader until the unwind tables of its
     // libraries are in: even its first allocations have complete stacks.
     for s in &stacks {
         assert!(
             ["_start", "clone3"].contains(&s.frames[0].as_str()),
-            "{report}"
+            "{stdout}"
         );
     }
 }
@@ -928,21 +921,14 @@ fn launch_mode_tracks_the_mappings_of_the_program() {
     require_bpf!();
     let program = build_workload("heap_mmap", FLAGS);
     let program = program.to_string_lossy().into_owned();
-    // In launch mode the program's stdout is its own: the report goes to a file.
-    let out = std::env::temp_dir().join(format!(
-        "prof-bpf-{}-{}.folded",
-        "launch-mmap",
-        std::process::id()
-    ));
+    let out = launch_report_path("mmap");
     let (_, stderr, code) = run_prof_bpf(&[
         "heap",
-        "-o",
-        out.to_str().unwrap(),
         "--mmap",
         "--sample-bytes",
         "0",
-        "--format",
-        "folded",
+        "-o",
+        &out,
         "--group-by",
         "none",
         "--sample-type",
@@ -952,21 +938,20 @@ fn launch_mode_tracks_the_mappings_of_the_program() {
         "once",
     ]);
     assert_eq!(code, 0, "{stderr}");
-    let report = std::fs::read_to_string(&out).expect("read the report");
-    let _ = std::fs::remove_file(&out);
-    let stacks = parse_folded(&report);
+    let stdout = std::fs::read_to_string(&out).expect("the report file");
+    let stacks = parse_folded(&stdout);
     for &(func, bytes) in MAPPED {
         let got = mmap_total(&stacks, func);
         // The hole is found in a running process's maps; the program
         // exited, so its mapping counts as it was mapped.
         let want = if func == "map_hole" { MIB } else { bytes };
-        assert_eq!(got, want, "{func}: {report}");
+        assert_eq!(got, want, "{func}: {stdout}");
     }
     assert!(
         has_chain(&stacks, "main;run_round;map_grow;[mmap]"),
-        "{report}"
+        "{stdout}"
     );
-    assert_eq!(leaf_total(&stacks, "big_malloc"), MIB, "{report}");
+    assert_eq!(leaf_total(&stacks, "big_malloc"), MIB, "{stdout}");
 }
 
 #[test]
@@ -1026,4 +1011,14 @@ fn all_tracks_the_mappings_of_processes_running_at_attach() {
         assert!(got == bytes || got == 2 * bytes, "{func}: {stdout}");
     }
     assert_eq!(leaf_total(&stacks, "big_malloc"), 2 * MIB, "{stdout}");
+}
+
+/// A fresh `.folded` path for a launch-mode report (launch mode never writes
+/// the report into the program's stdout).
+fn launch_report_path(name: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("prof-bpf-heap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(format!("{name}.folded"));
+    let _ = std::fs::remove_file(&path);
+    path.to_string_lossy().into_owned()
 }

@@ -131,8 +131,13 @@ impl Settings {
 /// Runs the session until Ctrl-C, `--duration`, or the exit of the targets.
 /// In launch mode the exit code is the program's.
 pub fn run(args: CpuArgs) -> anyhow::Result<ExitCode> {
+    // Bad output options fail before anything is attached.
+    let output = args.output.check(match args.event {
+        Event::CpuClock => &["samples", "cpu"],
+        Event::Cycles => &["samples", "cycles"],
+    })?;
     let settings = validate(&args)?;
-    session::run(settings, args.output)
+    session::run(settings, output)
 }
 
 fn validate(args: &CpuArgs) -> anyhow::Result<Settings> {

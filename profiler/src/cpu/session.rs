@@ -28,7 +28,7 @@ use super::{
 };
 use crate::{
     ebpf, launch,
-    output::{self, OutputArgs},
+    output::OutputPlan,
     process,
     profile::Collector,
     runtime::{self, Stop, StopEvent, StopReason, counters::Counts},
@@ -42,16 +42,19 @@ const DRAIN_EVERY: Duration = Duration::from_secs(1);
 /// read again after these delays so that they are known if the program is
 /// gone before its samples are drained.
 const EXEC_RESNAPSHOTS: [Duration; 2] = [Duration::from_millis(15), Duration::from_millis(100)];
+/// Rows of an interval's top table (unless --nodecount says otherwise).
+const INTERVAL_ROWS: usize = 15;
 /// Status lines on stderr when it is not a terminal: one per this many
 /// status ticks of a second.
 const STATUS_EVERY_LINES: u64 = 10;
 
 /// Runs a session to its end and writes the report; in launch mode,
 /// returns the program's status.
-pub(crate) fn run(settings: Settings, output: OutputArgs) -> anyhow::Result<ExitCode> {
-    // Bad output options fail before anything is attached.
-    output.format()?;
-    check_writable(output.output.as_deref())?;
+pub(crate) fn run(settings: Settings, mut output: OutputPlan) -> anyhow::Result<ExitCode> {
+    if matches!(settings.targets, Targets::Launch(_)) {
+        // The program owns stdout.
+        output.stdout_to_stderr();
+    }
     runtime::block_on(async move {
         // First: a signal from now on ends the session with a report.
         let mut stop = Stop::new()?;
@@ -72,12 +75,11 @@ pub(crate) fn run(settings: Settings, output: OutputArgs) -> anyhow::Result<Exit
 /// exits; its status is prof-bpf's.
 async fn record_launched(
     settings: &Settings,
-    output: &OutputArgs,
+    output: &OutputPlan,
     stop: &mut Stop,
     command: &[OsString],
 ) -> anyhow::Result<ExitCode> {
     let suspended = launch::spawn_suspended(command)?;
-    launch::report_to_stderr()?;
     // On an error before the exec, `suspended` is dropped: the child exits
     // without running the program.
     let mut session = Session::start(settings)?;
@@ -188,7 +190,7 @@ impl Session {
     }
 
     /// Records until `stop` says why to stop.
-    async fn record(&mut self, stop: &mut Stop, output: &OutputArgs) -> anyhow::Result<StopReason> {
+    async fn record(&mut self, stop: &mut Stop, output: &OutputPlan) -> anyhow::Result<StopReason> {
         self.started = tokio::time::Instant::now();
         if let Some(duration) = self.settings.duration {
             stop.set_deadline(self.started + duration);
@@ -248,7 +250,7 @@ impl Session {
     /// session must keep sampling and stop on time meanwhile. While a table
     /// is still being printed, the next interval goes on collecting and
     /// its table covers both.
-    async fn print_interval(&mut self, output: &OutputArgs, tty: bool) -> anyhow::Result<()> {
+    async fn print_interval(&mut self, output: &OutputPlan, tty: bool) -> anyhow::Result<()> {
         if self.state.interval.is_none() || self.printing() {
             return Ok(());
         }
@@ -261,9 +263,11 @@ impl Session {
         let Some(collector) = self.state.interval.replace(fresh) else {
             return Ok(());
         };
-        let (output, elapsed) = (output.clone(), self.started.elapsed());
+        let table = output.top_table(INTERVAL_ROWS);
+        let to_stderr = matches!(self.settings.targets, Targets::Launch(_));
+        let elapsed = self.started.elapsed();
         self.printing = Some(tokio::task::spawn_blocking(move || {
-            print_interval(collector, &output, elapsed)
+            print_interval(collector, table, to_stderr, elapsed)
         }));
         Ok(())
     }
@@ -292,7 +296,7 @@ impl Session {
 
     /// Detaches the sampler, drains what it counted, and writes the report
     /// (after the interval table being printed, if any).
-    async fn finish(self, output: &OutputArgs) -> anyhow::Result<()> {
+    async fn finish(self, output: &OutputPlan) -> anyhow::Result<()> {
         let unwind = Counts::<UnwindCounter>::read(&self.ebpf, UNWIND_STATS_MAP)?;
         // Read before detaching: the map goes with the programs.
         let counters = Counters::read(&self.ebpf, STATS_MAP)?;
@@ -332,7 +336,7 @@ impl Session {
         collector.add_comment(unwind.comment("user stack walks"));
         eprintln!("prof-bpf: {}", stats::summary(&counters, &sampling));
         let profile = collector.finish()?;
-        output::write(&profile, output)
+        output.write(&profile)
     }
 }
 
@@ -358,21 +362,23 @@ fn scope(targets: &Targets) -> String {
     }
 }
 
-/// Prints the top table of one interval.
+/// Prints the top table of one interval: on stdout, or on stderr in
+/// launch mode (the program owns stdout).
 fn print_interval(
     collector: Collector,
-    args: &OutputArgs,
+    mut table: OutputPlan,
+    to_stderr: bool,
     elapsed: Duration,
 ) -> anyhow::Result<()> {
     let profile = collector.finish()?;
-    let table = OutputArgs {
-        format: Some(output::Format::Text),
-        output: None,
-        nodecount: Some(args.nodecount.unwrap_or(15)),
-        ..args.clone()
-    };
-    println!("--- {:.1} s", elapsed.as_secs_f64());
-    output::write(&profile, &table)
+    let header = format!("--- {:.1} s", elapsed.as_secs_f64());
+    if to_stderr {
+        table.stdout_to_stderr();
+        eprintln!("{header}");
+    } else {
+        println!("{header}");
+    }
+    table.write(&profile)
 }
 
 impl State {
@@ -484,20 +490,4 @@ impl State {
             }
         }
     }
-}
-
-/// Fails now, not after the whole run, when the output file cannot be
-/// written; leaves no file behind.
-fn check_writable(path: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let Some(path) = path else { return Ok(()) };
-    let existed = path.exists();
-    std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    if !existed {
-        let _ = std::fs::remove_file(path);
-    }
-    Ok(())
 }

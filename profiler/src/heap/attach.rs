@@ -107,7 +107,6 @@ pub(crate) fn plan(settings: &Settings) -> anyhow::Result<Plan> {
         }
         Targets::Launch(command) => {
             let child = launch::spawn_suspended(command)?;
-            launch::report_to_stderr()?;
             let allocator = match &settings.lib {
                 Some(lib) => given_lib(lib),
                 None => launch::program::allocator_of_program(&child.program),

@@ -19,7 +19,7 @@ use super::{
     status::Status,
 };
 use crate::{
-    output::{self, OutputArgs},
+    output::{OutputArgs, OutputPlan},
     process,
     profile::{Collector, Profile},
     runtime::{self, Stop, StopEvent, StopReason},
@@ -39,8 +39,20 @@ pub(crate) fn run(
     settings: Settings,
     output: OutputArgs,
 ) -> anyhow::Result<std::process::ExitCode> {
-    output.format()?;
-    check_writable(output.output.as_deref())?;
+    let mut output = output.check(if settings.leaks {
+        &["inuse_objects", "inuse_space"]
+    } else {
+        &[
+            "alloc_objects",
+            "alloc_space",
+            "inuse_objects",
+            "inuse_space",
+        ]
+    })?;
+    if matches!(settings.targets, Targets::Launch(_)) {
+        // The program owns stdout (`heap -- gzip -c f > f.gz`).
+        output.stdout_to_stderr();
+    }
     runtime::block_on(async move {
         let mut stop = Stop::new()?;
         // Targets are resolved before anything is loaded: bad input fails fast.
@@ -61,7 +73,7 @@ pub(crate) fn run(
                 .await?;
             let profile = session.report()?;
             drop(session); // detaches every probe
-            output::write(&profile, &output)?;
+            output.write(&profile)?;
             Ok(reason)
         }
         .await;
@@ -223,7 +235,7 @@ impl Session {
         &mut self,
         stop: &mut Stop,
         launched: bool,
-        output: &OutputArgs,
+        output: &OutputPlan,
     ) -> anyhow::Result<StopReason> {
         eprintln!("{}", self.banner());
         for &pid in &self.pids {
@@ -278,7 +290,7 @@ impl Session {
                         let profile = self.build(self.new_collector(), false)?;
                         if tty { eprint!("\r\x1b[K"); }
                         eprintln!("prof-bpf: report after {:.0} s", started.elapsed().as_secs_f64());
-                        output::write(&profile, output)?;
+                        output.write(&profile)?;
                     }
                 }
                 event = stop.next() => match event {
@@ -556,19 +568,4 @@ impl Session {
         }
         report.into_profile(collector)
     }
-}
-
-/// Fails now, not after the whole recording, when `-o FILE` cannot be written.
-fn check_writable(path: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let Some(path) = path else { return Ok(()) };
-    let existed = path.exists();
-    std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    if !existed {
-        let _ = std::fs::remove_file(path);
-    }
-    Ok(())
 }

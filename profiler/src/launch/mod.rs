@@ -18,7 +18,8 @@
 //! - The program's exit status becomes prof-bpf's (128+N when killed by
 //!   signal N); if the session fails, prof-bpf says so on stderr and still
 //!   waits for the program and returns its status ([`Launched::finish`]).
-//! - Reports never go into the program's stdout ([`report_to_stderr`]).
+//! - Reports never go into the program's stdout: the sessions send them to
+//!   stderr or `-o` (`OutputPlan::stdout_to_stderr`).
 //! - A signal that stops the session (SIGINT, SIGTERM, SIGHUP) is passed on
 //!   to the program after the report, as a wrapper does.
 //!
@@ -195,20 +196,6 @@ pub(crate) fn exit_code(status: ExitStatus) -> u8 {
         (None, Some(signal)) => 128u8.saturating_add(signal as u8),
         (None, None) => 1,
     }
-}
-
-/// From now on what prof-bpf writes to stdout goes to its stderr: stdout is
-/// the launched program's, and stays its own. Call it after the fork (the
-/// child keeps the real stdout).
-pub(crate) fn report_to_stderr() -> anyhow::Result<()> {
-    std::io::stdout().flush().ok();
-    // SAFETY: dup2 on two descriptors this process has open; Rust's stdout
-    // handle keeps using descriptor 1, which now names stderr's file.
-    if unsafe { libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO) } < 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("sending the reports to stderr in launch mode");
-    }
-    Ok(())
 }
 
 /// Forks `command`, which stops before exec until [`Suspended::resume`].
