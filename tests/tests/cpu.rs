@@ -584,14 +584,14 @@ fn interval_with_duration_ends_on_time() {
         );
         // One busy thread at 999 Hz: at most `duration` s of samples (the
         // kernel stops counting at the end, whenever user space stops), and
-        // a fair share of them on a shared machine.
+        // some of them even on an overloaded machine.
         let samples: u64 = parse_folded(&std::fs::read_to_string(&out).expect("read output"))
             .iter()
             .map(|(_, v)| v)
             .sum();
         let most = (duration * 999.0 * 1.02) as u64;
         assert!(
-            samples <= most && samples * 5 >= most,
+            samples <= most && samples * 20 >= most,
             "--interval {interval} --duration {duration}: {samples} samples"
         );
         drop(workload);
