@@ -279,25 +279,46 @@ pub(crate) fn loader_stop(
 /// continues it. The second stop comes once every library is mapped, before
 /// any of their code (constructors, main) runs: from there on its stacks
 /// are complete.
+///
+/// Stops are taken from the kernel's stop reports for this child
+/// (`waitid(WSTOPPED)`, one report per stop), not from its state: a program
+/// that runs from one stop to the next between two looks would otherwise
+/// seem never to have left the first.
 pub(crate) fn serve_loader_stops(pid: u32, mut on_stop: impl FnMut()) {
     let deadline = std::time::Instant::now() + LOADER_STOP_WAIT;
     let mut stops = 0;
     while stops < 2 && std::time::Instant::now() < deadline {
+        if take_stop_report(pid) {
+            stops += 1;
+            launch::test_pause("loader-stop");
+            on_stop();
+            resume(pid);
+            continue;
+        }
         match process::state(pid) {
-            Some('T') => {
-                stops += 1;
-                launch::test_pause("loader-stop");
-                on_stop();
-                resume(pid);
-                // Not the same stop twice: wait until it runs again.
-                while process::state(pid) == Some('T') && std::time::Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-            }
+            None | Some('Z' | 'X') => break,
             Some(_) => std::thread::sleep(Duration::from_micros(200)),
-            None => break,
         }
     }
+}
+
+/// Whether child `pid` has stopped since the last report taken, consuming
+/// that report. Exits are not reported (nor reaped) here.
+fn take_stop_report(pid: u32) -> bool {
+    // SAFETY: a zeroed siginfo_t is a valid output buffer for waitid.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid writes only into `info`.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &raw mut info,
+            libc::WSTOPPED | libc::WNOHANG,
+        )
+    };
+    // SAFETY: after a successful waitid, si_pid is the field it filled (0
+    // when no child had a report).
+    rc == 0 && unsafe { info.si_pid() } == pid as libc::pid_t
 }
 
 /// Detaches the loader probe, and continues the program if it stopped
