@@ -9,6 +9,7 @@
 //! - [`count`]: the `count` session (malloc/free call counters).
 //! - [`heap`]: the `heap` session (heap profiles and leak reports).
 //! - [`unwind`]: CFI tables for the kernel-side user stack walker.
+//! - [`sinks`]: where finished profiles go (files, Pyroscope, OTLP, Parca).
 //! - [`runtime`]: what every subcommand shares (runtime, stop, option
 //!   parsers, counter sets).
 
@@ -23,5 +24,6 @@ pub mod process;
 pub mod profile;
 pub mod report;
 pub mod runtime;
+pub mod sinks;
 pub mod symbolize;
 pub mod unwind;
