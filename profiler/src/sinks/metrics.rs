@@ -67,66 +67,70 @@ impl Counters {
     }
 }
 
-/// The metrics: name, type, help, and how to read the value.
-const METRICS: &[(&str, &str, &str, fn(&SinkCounters) -> u64)] = &[
-    (
-        "prof_bpf_sink_sent_total",
-        "counter",
-        "Profiles delivered.",
-        |c| c.sent,
-    ),
-    (
-        "prof_bpf_sink_failed_total",
-        "counter",
-        "Profiles refused for good by the backend.",
-        |c| c.failed,
-    ),
-    (
-        "prof_bpf_sink_retries_total",
-        "counter",
-        "Delivery attempts to be retried.",
-        |c| c.retried,
-    ),
-    (
-        "prof_bpf_sink_dropped_total",
-        "counter",
-        "Profiles dropped because the queue was full.",
-        |c| c.dropped,
-    ),
-    (
-        "prof_bpf_sink_sent_bytes_total",
-        "counter",
-        "Bytes of delivered request bodies.",
-        |c| c.bytes,
-    ),
-    (
-        "prof_bpf_sink_queue_profiles",
-        "gauge",
-        "Profiles waiting in the queue.",
-        |c| c.queued,
-    ),
-    (
-        "prof_bpf_sink_queue_bytes",
-        "gauge",
-        "Bytes waiting in the queue.",
-        |c| c.queued_bytes,
-    ),
+/// One exposed metric.
+struct Metric {
+    name: &'static str,
+    /// `counter` or `gauge`.
+    kind: &'static str,
+    help: &'static str,
+    value: fn(&SinkCounters) -> u64,
+}
+
+const METRICS: &[Metric] = &[
+    Metric {
+        name: "prof_bpf_sink_sent_total",
+        kind: "counter",
+        help: "Profiles delivered.",
+        value: |c| c.sent,
+    },
+    Metric {
+        name: "prof_bpf_sink_failed_total",
+        kind: "counter",
+        help: "Profiles refused for good by the backend.",
+        value: |c| c.failed,
+    },
+    Metric {
+        name: "prof_bpf_sink_retries_total",
+        kind: "counter",
+        help: "Delivery attempts to be retried.",
+        value: |c| c.retried,
+    },
+    Metric {
+        name: "prof_bpf_sink_dropped_total",
+        kind: "counter",
+        help: "Profiles dropped because the queue was full.",
+        value: |c| c.dropped,
+    },
+    Metric {
+        name: "prof_bpf_sink_sent_bytes_total",
+        kind: "counter",
+        help: "Bytes of delivered request bodies.",
+        value: |c| c.bytes,
+    },
+    Metric {
+        name: "prof_bpf_sink_queue_profiles",
+        kind: "gauge",
+        help: "Profiles waiting in the queue.",
+        value: |c| c.queued,
+    },
+    Metric {
+        name: "prof_bpf_sink_queue_bytes",
+        kind: "gauge",
+        help: "Bytes waiting in the queue.",
+        value: |c| c.queued_bytes,
+    },
 ];
 
 /// Prometheus text format (version 0.0.4), one series per sink labelled
 /// `sink="NAME"`.
 pub(crate) fn prometheus_text(sinks: &[(String, SinkCounters)]) -> String {
     let mut out = String::new();
-    for (name, kind, help, value) in METRICS {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
+    for m in METRICS {
+        let _ = writeln!(out, "# HELP {} {}", m.name, m.help);
+        let _ = writeln!(out, "# TYPE {} {}", m.name, m.kind);
         for (sink, counters) in sinks {
-            let _ = writeln!(
-                out,
-                "{name}{{sink=\"{}\"}} {}",
-                escape(sink),
-                value(counters)
-            );
+            let value = (m.value)(counters);
+            let _ = writeln!(out, "{}{{sink=\"{}\"}} {value}", m.name, escape(sink));
         }
     }
     out

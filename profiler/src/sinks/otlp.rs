@@ -23,7 +23,8 @@ pub const HTTP_PATH: &str = "/v1development/profiles";
 pub const GRPC_PATH: &str =
     "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export";
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How OTLP is carried (`--otlp-protocol`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum OtlpProtocol {
     /// HTTP with protobuf bodies (`http/protobuf`).
     #[default]

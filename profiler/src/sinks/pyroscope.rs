@@ -107,7 +107,8 @@ impl Pyroscope {
     }
 
     pub(crate) fn name(&self) -> String {
-        format!("pyroscope {}", self.uri)
+        let base = self.uri.to_string();
+        format!("pyroscope {}", base.trim_end_matches(PUSH_PATH))
     }
 
     pub(crate) fn encode(message: &Prepared) -> Bytes {

@@ -98,6 +98,99 @@ fn otlp_expected(kind: ProfileKind) -> String {
     )
 }
 
+/// Pyroscope: Connect unary over HTTP/1.1, credentials, one series per
+/// profile. Returns the pprof bytes, CPU then heap.
+fn check_pyroscope(pyroscope: &Receiver, dir: &std::path::Path) -> Vec<Vec<u8>> {
+    let requests = pyroscope.requests();
+    assert_eq!(requests.len(), 2);
+    let mut pprofs = Vec::new();
+    for (request, (kind, name)) in requests.iter().zip(KINDS) {
+        assert_eq!(request.path, "/push.v1.PusherService/Push");
+        assert_eq!(request.headers["content-type"], "application/proto");
+        // base64("user:secret")
+        assert_eq!(request.headers["authorization"], "Basic dXNlcjpzZWNyZXQ=");
+        assert_eq!(request.headers["x-scope-orgid"], "team-a");
+        let push = Message::decode(&request.body);
+        let series = push.messages(1);
+        assert_eq!(series.len(), 1);
+        assert_eq!(labels(&series[0].messages(1)), series_labels(name));
+        let samples = series[0].messages(2);
+        assert_eq!(samples.len(), 1);
+        assert_eq!(samples[0].string(2).len(), 36, "a UUID as the profile's ID");
+        let pprof = samples[0].bytes(1);
+        check_pprof(&pprof, kind, T0, &dir.join(kind.name()));
+        pprofs.push(pprof);
+    }
+    pprofs
+}
+
+/// Parca: gRPC WriteRaw with the same pprof bytes and labels.
+fn check_parca(parca: &Receiver, pprofs: &[Vec<u8>]) {
+    let requests = parca.requests();
+    assert_eq!(requests.len(), 2);
+    for ((request, (_, name)), pprof) in requests.iter().zip(KINDS).zip(pprofs) {
+        assert_eq!(
+            request.path,
+            "/parca.profilestore.v1alpha1.ProfileStoreService/WriteRaw"
+        );
+        assert_eq!(request.headers["authorization"], "Bearer tok");
+        let write = Message::decode(grpc_message(request));
+        assert_eq!(
+            write.varint(3),
+            0,
+            "normalized: addresses are as the process saw them"
+        );
+        let series = write.messages(2);
+        assert_eq!(series.len(), 1);
+        assert_eq!(
+            labels(&series[0].message(1).messages(1)),
+            series_labels(name)
+        );
+        assert_eq!(&series[0].messages(2)[0].bytes(1), pprof);
+    }
+}
+
+/// OTLP over HTTP and gRPC, decoded by opentelemetry-proto.
+fn check_otlp(otlp_http: &Receiver, otlp_grpc: &Receiver, dir: &std::path::Path) {
+    let http = otlp_http.requests();
+    let grpc = otlp_grpc.requests();
+    assert_eq!((http.len(), grpc.len()), (2, 2));
+    for ((h, g), (kind, _)) in http.iter().zip(&grpc).zip(KINDS) {
+        assert_eq!(h.path, "/v1development/profiles");
+        assert_eq!(h.headers["content-type"], "application/x-protobuf");
+        assert_eq!(h.headers["x-api-key"], "k1");
+        assert_eq!(
+            g.path,
+            "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export"
+        );
+        let want = otlp_expected(kind);
+        assert_eq!(check::otlp_summary(&h.body, &dir.join("http")), want);
+        assert_eq!(
+            check::otlp_summary(grpc_message(g), &dir.join("grpc")),
+            want
+        );
+    }
+}
+
+/// The directory: one file per profile, named by interval, pid and kind.
+fn check_directory(files: &std::path::Path, pprofs: &[Vec<u8>]) {
+    let mut names: Vec<String> = std::fs::read_dir(files)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "20270115T080000.000Z-checkout-4242-cpu.pb.gz",
+            "20270115T080000.000Z-checkout-4242-heap.pb.gz"
+        ]
+    );
+    for (name, pprof) in names.iter().zip(pprofs) {
+        assert_eq!(&std::fs::read(files.join(name)).unwrap(), pprof);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_sink_at_once_delivers_what_each_backend_expects() {
     capture_logs();
@@ -143,88 +236,10 @@ async fn every_sink_at_once_delivers_what_each_backend_expects() {
         sinks.counters()
     );
 
-    // Pyroscope: Connect unary over HTTP/1.1, credentials, one series each.
-    let requests = pyroscope.requests();
-    assert_eq!(requests.len(), 2);
-    let mut pprofs = Vec::new();
-    for (request, (kind, name)) in requests.iter().zip(KINDS) {
-        assert_eq!(request.path, "/push.v1.PusherService/Push");
-        assert_eq!(request.headers["content-type"], "application/proto");
-        // base64("user:secret")
-        assert_eq!(request.headers["authorization"], "Basic dXNlcjpzZWNyZXQ=");
-        assert_eq!(request.headers["x-scope-orgid"], "team-a");
-        let push = Message::decode(&request.body);
-        let series = push.messages(1);
-        assert_eq!(series.len(), 1);
-        assert_eq!(labels(&series[0].messages(1)), series_labels(name));
-        let samples = series[0].messages(2);
-        assert_eq!(samples.len(), 1);
-        assert_eq!(samples[0].string(2).len(), 36, "a UUID as the profile's ID");
-        let pprof = samples[0].bytes(1);
-        check_pprof(&pprof, kind, T0, &dir.join(kind.name()));
-        pprofs.push(pprof);
-    }
-
-    // Parca: gRPC WriteRaw with the same pprof bytes and labels.
-    let requests = parca.requests();
-    assert_eq!(requests.len(), 2);
-    for ((request, (_, name)), pprof) in requests.iter().zip(KINDS).zip(&pprofs) {
-        assert_eq!(
-            request.path,
-            "/parca.profilestore.v1alpha1.ProfileStoreService/WriteRaw"
-        );
-        assert_eq!(request.headers["authorization"], "Bearer tok");
-        let write = Message::decode(grpc_message(request));
-        assert_eq!(
-            write.varint(3),
-            0,
-            "normalized: addresses are as the process saw them"
-        );
-        let series = write.messages(2);
-        assert_eq!(series.len(), 1);
-        assert_eq!(
-            labels(&series[0].message(1).messages(1)),
-            series_labels(name)
-        );
-        assert_eq!(&series[0].messages(2)[0].bytes(1), pprof);
-    }
-
-    // OTLP over HTTP and gRPC, decoded by opentelemetry-proto.
-    let http = otlp_http.requests();
-    let grpc = otlp_grpc.requests();
-    assert_eq!((http.len(), grpc.len()), (2, 2));
-    for ((h, g), (kind, _)) in http.iter().zip(&grpc).zip(KINDS) {
-        assert_eq!(h.path, "/v1development/profiles");
-        assert_eq!(h.headers["content-type"], "application/x-protobuf");
-        assert_eq!(h.headers["x-api-key"], "k1");
-        assert_eq!(
-            g.path,
-            "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export"
-        );
-        let want = otlp_expected(kind);
-        assert_eq!(check::otlp_summary(&h.body, &dir.join("http")), want);
-        assert_eq!(
-            check::otlp_summary(grpc_message(g), &dir.join("grpc")),
-            want
-        );
-    }
-
-    // The directory: one file per profile, named by interval, pid and kind.
-    let mut names: Vec<String> = std::fs::read_dir(&files)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
-    assert_eq!(
-        names,
-        [
-            "20270115T080000.000Z-checkout-4242-cpu.pb.gz",
-            "20270115T080000.000Z-checkout-4242-heap.pb.gz"
-        ]
-    );
-    for (name, pprof) in names.iter().zip(&pprofs) {
-        assert_eq!(&std::fs::read(files.join(name)).unwrap(), pprof);
-    }
+    let pprofs = check_pyroscope(&pyroscope, &dir);
+    check_parca(&parca, &pprofs);
+    check_otlp(&otlp_http, &otlp_grpc, &dir);
+    check_directory(&files, &pprofs);
 
     // Counters: two profiles each, bytes as the receivers got them (the
     // gRPC frame's 5-byte prefix is not part of the message).
@@ -243,14 +258,12 @@ async fn every_sink_at_once_delivers_what_each_backend_expects() {
         file_bytes,
     ];
     for (counters, bytes) in counters_of(&sinks).into_iter().zip(expected_bytes) {
-        assert_eq!(
-            counters,
-            SinkCounters {
-                sent: 2,
-                bytes,
-                ..SinkCounters::default()
-            }
-        );
+        let want = SinkCounters {
+            sent: 2,
+            bytes,
+            ..SinkCounters::default()
+        };
+        assert_eq!(counters, want);
     }
     let metrics = sinks.metrics_text();
     let line = format!(

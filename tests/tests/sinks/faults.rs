@@ -82,7 +82,7 @@ async fn a_receiver_killed_mid_run_loses_nothing_within_the_queue_bound() {
     sinks.send(message(ProfileKind::Cpu, T0));
     assert!(sinks.flush(Duration::from_secs(10)).await);
 
-    receiver.kill();
+    receiver.kill().await;
     // The next interval fails on the cut connection and stays in flight...
     sinks.send(message(ProfileKind::Cpu, T0 + 15));
     wait_for(&sinks, "the first failed attempt", |c| c.retried >= 1).await;
@@ -98,7 +98,7 @@ async fn a_receiver_killed_mid_run_loses_nothing_within_the_queue_bound() {
     );
     assert!(c.queued_bytes <= (size * 7 / 2) as u64);
 
-    receiver.restart().await;
+    receiver.restart();
     assert!(
         sinks.flush(Duration::from_secs(20)).await,
         "{:?}",

@@ -142,29 +142,28 @@ impl Receiver {
         self.state.requests.lock().unwrap().clone()
     }
 
-    /// Stops listening and cuts every open connection.
-    pub fn kill(&mut self) {
+    /// Stops listening and cuts every open connection; returns once both
+    /// are closed.
+    pub async fn kill(&mut self) {
         if let Some(task) = self.task.take() {
             task.abort();
+            let _ = task.await;
         }
     }
 
     /// Listens again on the same port (after [`Receiver::kill`]).
-    pub async fn restart(&mut self) {
-        // The aborted task releases the socket when it is next polled.
-        let listener = loop {
-            match std::net::TcpListener::bind(self.addr) {
-                Ok(l) => break l,
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-            }
-        };
+    pub fn restart(&mut self) {
+        let listener = std::net::TcpListener::bind(self.addr)
+            .unwrap_or_else(|e| panic!("rebind {}: {e}", self.addr));
         self.serve(listener);
     }
 }
 
 impl Drop for Receiver {
     fn drop(&mut self) {
-        self.kill();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
     }
 }
 
