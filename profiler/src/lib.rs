@@ -15,6 +15,7 @@
 //! - [`cpu`]: the `cpu` session (CPU samples of the host or some processes).
 //! - `launch`: `heap|cpu -- CMD`, a launched program that is never harmed.
 //! - [`unwind`]: CFI tables for the kernel-side user stack walker.
+//! - [`sinks`]: where finished profiles go (files, Pyroscope, OTLP, Parca).
 //! - [`runtime`]: what every subcommand shares (runtime, stop, option
 //!   parsers, counter sets).
 
@@ -30,5 +31,6 @@ pub mod process;
 pub mod profile;
 pub mod report;
 pub mod runtime;
+pub mod sinks;
 pub mod symbolize;
 pub mod unwind;

@@ -65,7 +65,53 @@ pub fn run() -> anyhow::Result<Setup> {
              building, linting and unit tests still work, BPF tests will be skipped"
         );
     }
+    python_tools().context("Python tools")?;
     Ok(Setup { root })
+}
+
+/// PyPI packages in `target/tools/venv`: `opentelemetry-proto` decodes what
+/// the OTLP sink sends, as an independent generator of the same messages
+/// (1.45.2 has the v1development profiles of OTLP 1.10, as the Rust crate).
+const PYTHON_TOOLS: &[&str] = &["opentelemetry-proto==1.45.2"];
+
+/// The virtual environment of [`PYTHON_TOOLS`].
+fn tools_venv() -> PathBuf {
+    util::target_dir().join("tools/venv")
+}
+
+fn python_tools() -> anyhow::Result<()> {
+    let venv = tools_venv();
+    let python = venv.join("bin/python");
+    let stamp = venv.join("prof-bpf-tools.txt");
+    let wanted = PYTHON_TOOLS.join("\n");
+    if fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) && python.exists() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing {} into {}",
+        PYTHON_TOOLS.join(" "),
+        venv.display()
+    );
+    util::run(
+        Command::new("python3").args(["-m", "venv"]).arg(&venv),
+        "python3 -m venv",
+    )
+    .context("python3 with its venv module is needed")?;
+    util::run(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(PYTHON_TOOLS),
+        "pip install",
+    )
+    .context("the Python tools could not be installed; pip needs PyPI")?;
+    fs::write(&stamp, wanted).with_context(|| format!("writing {}", stamp.display()))?;
+    Ok(())
 }
 
 struct Nightly {
