@@ -9,6 +9,7 @@
 //! - [`count`]: the `count` session (malloc/free call counters).
 //! - [`heap`]: the `heap` session (heap profiles and leak reports).
 //! - [`unwind`]: CFI tables for the kernel-side user stack walker.
+//! - [`python`]: CPython threads and frames read from user space.
 //! - [`runtime`]: what every subcommand shares (runtime, stop, option
 //!   parsers, counter sets).
 
@@ -21,6 +22,7 @@ pub mod probe_conflict;
 pub mod probe_point;
 pub mod process;
 pub mod profile;
+pub mod python;
 pub mod report;
 pub mod runtime;
 pub mod symbolize;
