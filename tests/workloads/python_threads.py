@@ -6,8 +6,8 @@
 #
 # A line ending in a `# at:NAME` marker is where the chain's frame NAME
 # stands while it is blocked; the test reads the line numbers from these
-# markers. Prints "thread ROLE NATIVE_TID" for every thread, then "ready",
-# then exits when stdin closes (or a line arrives).
+# markers. Once every thread is in place, prints "thread ROLE NATIVE_TID"
+# for each, then "ready", then exits when stdin closes (or a line arrives).
 import sys
 import threading
 import time
@@ -82,9 +82,14 @@ def burn_d1():
     burn_d2()  # at:burn_d1
 
 
+tids = {}
+idents = {}
+
+
 def spawn(role, target):
     def run():
-        print(f"thread {role} {threading.get_native_id()}", flush=True)
+        tids[role] = threading.get_native_id()
+        idents[role] = threading.get_ident()
         target()  # at:run
 
     thread = threading.Thread(target=run, name=role, daemon=True)
@@ -100,7 +105,31 @@ for role, target in [
 ]:
     spawn(role, target)
 started.wait()
-print(f"thread main {threading.get_native_id()}", flush=True)
+
+
+def in_place(role, leaf, past):
+    """Whether thread ROLE runs LEAF at least PAST lines after its `def`."""
+    frame = sys._current_frames().get(idents[role])
+    while frame is not None:
+        code = leaf.__code__
+        if frame.f_code is code and frame.f_lineno >= code.co_firstlineno + past:
+            return True
+        frame = frame.f_back
+    return False
+
+
+# Leaving the barrier takes a while: wait until every thread blocks (or
+# burns) where its chain says.
+while not (
+    in_place("sleep", sleep_a4, 2)
+    and in_place("event", event_b4, 2)
+    and in_place("gen", gen_c4, 2)
+    and in_place("burn", burn_d2, 3)
+):
+    time.sleep(0.01)
+tids["main"] = threading.get_native_id()
+for role, tid in tids.items():
+    print(f"thread {role} {tid}")
 print("ready", flush=True)
 sys.stdin.readline()  # at:main
 stop.set()

@@ -165,7 +165,10 @@ mod tests {
     #[test]
     fn version_from_object_names() {
         let cases = [
-            ("/root/.pyenv/versions/3.10.13/lib/libpython3.10.so.1.0", Some("3.10")),
+            (
+                "/root/.pyenv/versions/3.10.13/lib/libpython3.10.so.1.0",
+                Some("3.10"),
+            ),
             ("/usr/bin/python3.9", Some("3.9")),
             ("/usr/lib/libpython3.so", None),
             ("/usr/bin/python", None),

@@ -76,15 +76,7 @@ pub fn dump(pid: u32) -> anyhow::Result<Vec<ThreadStack>> {
     let memory = ProcessMemory::new(pid);
     let gone = |err: anyhow::Error| exited_or(pid, err);
     let py = discover::find(pid, &memory).map_err(gone)?;
-    let threads = threads::threads(&memory, &py)
-        .map_err(|err| match err {
-            threads::ThreadsError::LayoutMismatch { .. } => anyhow::Error::new(Unsupported {
-                version: py.version.to_string(),
-                object: py.object.clone(),
-                why: err.to_string(),
-            }),
-            other => anyhow::Error::new(other),
-        })
+    let threads = thread_states(&memory, &py)
         .map_err(gone)
         .with_context(|| format!("pid {pid}"))?;
     let mut symbolizer = Symbolizer::default();
@@ -120,6 +112,43 @@ pub fn dump(pid: u32) -> anyhow::Result<Vec<ThreadStack>> {
         });
     }
     Ok(stacks)
+}
+
+/// Attempts at walking the thread list, which threads starting and exiting
+/// change under the reader.
+const THREAD_WALK_ATTEMPTS: usize = 5;
+
+/// The thread states of the process, walked again when the list changed
+/// under the reader. A thread state that persistently does not point back
+/// at its interpreter means an unexpected layout: [`Unsupported`].
+fn thread_states(
+    memory: &ProcessMemory,
+    py: &discover::Interpreter,
+) -> anyhow::Result<Vec<threads::PyThread>> {
+    let mut attempt = 1;
+    loop {
+        let err = match threads::threads(memory, py) {
+            Ok(threads) => return Ok(threads),
+            Err(err) => err,
+        };
+        let lasting = matches!(
+            err,
+            threads::ThreadsError::Read(ReadError::ProcessGone | ReadError::PermissionDenied)
+        );
+        if !lasting && attempt < THREAD_WALK_ATTEMPTS {
+            attempt += 1;
+            continue;
+        }
+        return Err(match err {
+            threads::ThreadsError::LayoutMismatch { .. } => Unsupported {
+                version: py.version.to_string(),
+                object: py.object.clone(),
+                why: err.to_string(),
+            }
+            .into(),
+            other => other.into(),
+        });
+    }
 }
 
 fn thread_name(pid: u32, tid: u32) -> String {

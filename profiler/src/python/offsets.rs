@@ -385,7 +385,11 @@ mod tests {
 
     #[test]
     fn tables_exist_for_311_and_312_only() {
-        for (hex, has) in [(0x030b_07f0, true), (0x030c_01f0, true), (0x030a_0df0, false)] {
+        for (hex, has) in [
+            (0x030b_07f0, true),
+            (0x030c_01f0, true),
+            (0x030a_0df0, false),
+        ] {
             assert_eq!(table(PythonVersion { hex }).is_some(), has, "{hex:#x}");
         }
         assert_eq!(PythonVersion { hex: 0x030b_07f0 }.to_string(), "3.11.7");

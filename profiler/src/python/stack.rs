@@ -218,8 +218,14 @@ mod tests {
         assert_eq!(
             stack.frames,
             [
-                RawFrame { code: CODE_A, instr_offset: 20 },
-                RawFrame { code: CODE_B, instr_offset: 6 },
+                RawFrame {
+                    code: CODE_A,
+                    instr_offset: 20
+                },
+                RawFrame {
+                    code: CODE_B,
+                    instr_offset: 6
+                },
             ]
         );
         assert_eq!((stack.cstack_frames, stack.incomplete_frames), (1, 1));
@@ -250,7 +256,11 @@ mod tests {
         frame(&mut m, 0x30_0000, CODE_A, 0x40_0000, CODE_A + 220, 0);
         let stack = walk(&m, &interpreter(), TSTATE);
         assert_eq!(stack.frames.len(), 1);
-        assert!(matches!(stack.end, WalkEnd::ReadFailed(_)), "{:?}", stack.end);
+        assert!(
+            matches!(stack.end, WalkEnd::ReadFailed(_)),
+            "{:?}",
+            stack.end
+        );
         frame(&mut m, 0x30_0000, CODE_A, 0x30_0000, CODE_A + 220, 0);
         let stack = walk(&m, &interpreter(), TSTATE);
         assert_eq!(stack.frames.len(), MAX_DEPTH);

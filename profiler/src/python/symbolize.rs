@@ -73,7 +73,11 @@ impl Symbolizer {
     ) -> Result<PyFrame, ReadError> {
         let identity = identity(memory, py, frame.code)?;
         let key = (pid, frame.code);
-        if self.codes.get(&key).is_none_or(|info| info.identity != identity) {
+        if self
+            .codes
+            .get(&key)
+            .is_none_or(|info| info.identity != identity)
+        {
             let info = CodeInfo {
                 identity,
                 qualname: read_string(memory, py, identity.qualname)?,

@@ -31,7 +31,11 @@ pub enum ThreadsError {
     Read(ReadError),
     /// A thread state does not point back at its interpreter: the layout
     /// is not the one the offsets describe.
-    LayoutMismatch { tstate: u64, interp: u64, found: u64 },
+    LayoutMismatch {
+        tstate: u64,
+        interp: u64,
+        found: u64,
+    },
     /// A list is longer than the bound (most likely a cycle).
     TooLong,
 }
