@@ -280,7 +280,9 @@ fn py_spy() -> anyhow::Result<()> {
     let installed = Command::new(&binary)
         .arg("--version")
         .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == format!("py-spy {PY_SPY_VERSION}"));
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout).trim() == format!("py-spy {PY_SPY_VERSION}")
+        });
     if installed {
         return Ok(());
     }
@@ -291,7 +293,9 @@ fn py_spy() -> anyhow::Result<()> {
             Command::new("python3").args(["-m", "venv", PY_SPY_VENV]),
             "python3 -m venv",
         )
-        .context("creating the py-spy virtualenv needs python3-venv (`apt-get install python3-venv`)")?;
+        .context(
+            "creating the py-spy virtualenv needs python3-venv (`apt-get install python3-venv`)",
+        )?;
     }
     util::run(
         Command::new(&pip).args(["install", "-q", &format!("py-spy=={PY_SPY_VERSION}")]),
