@@ -66,7 +66,8 @@ pub trait Memory {
 
 /// Accepts only a non-null, `align`-aligned user-space address.
 pub fn check_pointer(address: u64, align: u64) -> Result<(), ReadError> {
-    if address < 4096 || address >= USER_SPACE_END || address % align != 0 {
+    // The first page is never mapped: small values are null plus a field.
+    if !(4096..USER_SPACE_END).contains(&address) || !address.is_multiple_of(align) {
         return Err(ReadError::BadPointer(address));
     }
     Ok(())
