@@ -246,6 +246,71 @@ impl TableReader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::python::{
+        memory::fake::FakeMemory,
+        offsets::{PY312, PythonVersion},
+    };
+
+    /// A compact ASCII string of 3.12 (length at 16, state at 32, data at 40).
+    fn ascii(m: &mut FakeMemory, at: u64, text: &str) {
+        let mut bytes = vec![0u8; 40];
+        bytes[16..24].copy_from_slice(&(text.len() as u64).to_le_bytes());
+        // kind 1, compact, ascii.
+        bytes[32] = (1 << 2) | (1 << 5) | (1 << 6);
+        bytes.extend_from_slice(text.as_bytes());
+        m.put(at, &bytes);
+    }
+
+    /// A 3.12 code object at `at` named `name`, its strings and location
+    /// table (one entry: 8 code units on the first line) at `at + 0x1000..`.
+    fn code(m: &mut FakeMemory, at: u64, name: &str, firstlineno: u32) {
+        let (qualname, filename, linetable) = (at + 0x1000, at + 0x2000, at + 0x3000);
+        let mut bytes = vec![0u8; 192];
+        bytes[68..72].copy_from_slice(&firstlineno.to_le_bytes());
+        bytes[112..120].copy_from_slice(&filename.to_le_bytes());
+        bytes[128..136].copy_from_slice(&qualname.to_le_bytes());
+        bytes[136..144].copy_from_slice(&linetable.to_le_bytes());
+        m.put(at, &bytes);
+        ascii(m, qualname, name);
+        ascii(m, filename, "/src/mod.py");
+        let mut table = vec![0u8; 32];
+        table[16] = 2;
+        // Code 13 (line delta only), 8 units; delta 0.
+        table.extend_from_slice(&[0x80 | (13 << 3) | 7, 0]);
+        m.put(linetable, &table);
+    }
+
+    #[test]
+    fn a_code_object_replaced_at_the_same_address_is_named_anew() {
+        let py = Interpreter {
+            object: "test".to_owned(),
+            version: PythonVersion { hex: 0x030c_01f0 },
+            runtime: 0,
+            code_type: 0,
+            offsets: PY312,
+        };
+        let at = 0x10_0000;
+        let frame = RawFrame {
+            code: at,
+            instr_offset: 4,
+        };
+        let mut m = FakeMemory::default();
+        code(&mut m, at, "first", 10);
+        let mut symbolizer = Symbolizer::default();
+        let named = symbolizer.frame(1, &m, &py, frame).unwrap();
+        assert_eq!(named.to_string(), "first (mod.py:10)");
+        // Same address and string addresses, another first line: the
+        // identity differs, so the cached name is not used.
+        let mut m = FakeMemory::default();
+        code(&mut m, at, "second", 20);
+        let named = symbolizer.frame(1, &m, &py, frame).unwrap();
+        assert_eq!(named.to_string(), "second (mod.py:20)");
+        assert_eq!(
+            line_of(&[0x80 | (13 << 3) | 7, 0], 20, 16),
+            None,
+            "past 8 units"
+        );
+    }
 
     fn hex(s: &str) -> Vec<u8> {
         (0..s.len())
