@@ -16,6 +16,7 @@
 //! - `launch`: `heap|cpu -- CMD`, a launched program that is never harmed.
 //! - [`unwind`]: CFI tables for the kernel-side user stack walker.
 //! - [`sinks`]: where finished profiles go (files, Pyroscope, OTLP, Parca).
+//! - [`python`]: CPython threads and frames read from user space.
 //! - [`runtime`]: what every subcommand shares (runtime, stop, option
 //!   parsers, counter sets).
 
@@ -29,6 +30,7 @@ pub mod probe_conflict;
 pub mod probe_point;
 pub mod process;
 pub mod profile;
+pub mod python;
 pub mod report;
 pub mod runtime;
 pub mod sinks;

@@ -7,7 +7,9 @@
 //!    can be downloaded, and its LLVM major must match the nightly's), rebuilt
 //!    only when that libLLVM file changes;
 //! 3. Debian packages the tests and benchmarks run (root only);
-//! 4. kernel facilities: BTF, the uprobe PMU, tracefs (root only).
+//! 4. kernel facilities: BTF, the uprobe PMU, tracefs (root only);
+//! 5. py-spy, the Python tests' oracle, in a virtualenv of the project's own
+//!    (root only: the Python tests need root anyway).
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -45,6 +47,12 @@ const PACKAGES: &[&str] = &[
     "linux-headers-amd64",
 ];
 
+/// The virtualenv that holds py-spy; `tests/tests/python.rs` runs
+/// `PY_SPY_VENV/bin/py-spy`.
+const PY_SPY_VENV: &str = "/var/cache/prof-bpf-tools/venv";
+/// py-spy release the Python tests are checked against.
+const PY_SPY_VERSION: &str = "0.4.3";
+
 /// What setup found out, for the commands that run after it.
 pub struct Setup {
     /// Whether root-only steps ran (packages, kernel checks).
@@ -52,13 +60,14 @@ pub struct Setup {
 }
 
 pub fn run() -> anyhow::Result<Setup> {
-    let nightly = nightly().context("step 1/4 (nightly toolchain)")?;
-    rust_src().context("step 1/4 (rust-src)")?;
-    bpf_linker(&nightly).context("step 2/4 (bpf-linker)")?;
+    let nightly = nightly().context("step 1/5 (nightly toolchain)")?;
+    rust_src().context("step 1/5 (rust-src)")?;
+    bpf_linker(&nightly).context("step 2/5 (bpf-linker)")?;
     let root = util::is_root();
     if root {
-        packages().context("step 3/4 (Debian packages)")?;
-        kernel().context("step 4/4 (kernel)")?;
+        packages().context("step 3/5 (Debian packages)")?;
+        kernel().context("step 4/5 (kernel)")?;
+        py_spy().context("step 5/5 (py-spy)")?;
     } else {
         eprintln!(
             "xtask: warning: not root: skipping Debian packages and kernel setup; \
@@ -308,4 +317,35 @@ fn kernel() -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Installs py-spy from PyPI into [`PY_SPY_VENV`] unless it is there at the
+/// expected version.
+fn py_spy() -> anyhow::Result<()> {
+    let binary = Path::new(PY_SPY_VENV).join("bin/py-spy");
+    let installed = Command::new(&binary)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout).trim() == format!("py-spy {PY_SPY_VERSION}")
+        });
+    if installed {
+        return Ok(());
+    }
+    eprintln!("xtask: installing py-spy {PY_SPY_VERSION} into {PY_SPY_VENV}");
+    let pip = Path::new(PY_SPY_VENV).join("bin/pip");
+    if !pip.exists() {
+        util::run(
+            Command::new("python3").args(["-m", "venv", PY_SPY_VENV]),
+            "python3 -m venv",
+        )
+        .context(
+            "creating the py-spy virtualenv needs python3-venv (`apt-get install python3-venv`)",
+        )?;
+    }
+    util::run(
+        Command::new(&pip).args(["install", "-q", &format!("py-spy=={PY_SPY_VERSION}")]),
+        "pip install py-spy",
+    )
+    .context("py-spy could not be installed; it needs PyPI")
 }
