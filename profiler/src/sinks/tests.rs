@@ -88,7 +88,7 @@ fn message() -> ProfileMessage {
 #[test]
 fn prepared_profiles_carry_the_interval_and_only_numeric_labels() {
     let prepared = Prepared::new(message()).unwrap();
-    let decoded = crate::output::pprof::decode(&prepared.pprof).unwrap();
+    let decoded = crate::profile::read::from_bytes(&prepared.pprof, 1 << 30).unwrap();
     assert_eq!(decoded.time_nanos, 1_700_000_000_000_000_000);
     assert_eq!(decoded.duration_nanos, 15_000_000_000);
     let labels: Vec<Vec<Label>> = decoded.samples.iter().map(|s| s.labels.clone()).collect();
