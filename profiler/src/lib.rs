@@ -9,6 +9,9 @@
 //! - [`count`]: the `count` session (malloc/free call counters).
 //! - [`heap`]: the `heap` session (heap profiles and leak reports).
 //! - [`unwind`]: CFI tables for the kernel-side user stack walker.
+//! - [`usdt`]: USDT probes of an ELF file (`.note.stapsdt`), their
+//!   arguments and attach offsets; [`live_heap`]: reading libprofalloc.so's
+//!   sampled live heap out of a running process.
 //! - [`runtime`]: what every subcommand shares (runtime, stop, option
 //!   parsers, counter sets).
 
@@ -16,6 +19,7 @@ pub mod count;
 pub mod cpu;
 pub mod ebpf;
 pub mod heap;
+pub mod live_heap;
 pub mod output;
 pub mod probe_conflict;
 pub mod probe_point;
@@ -25,3 +29,4 @@ pub mod report;
 pub mod runtime;
 pub mod symbolize;
 pub mod unwind;
+pub mod usdt;
