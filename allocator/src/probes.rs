@@ -10,7 +10,8 @@
 //! no semaphore (address 0): the probes cost a call on the sampled path
 //! only, whether or not a tracer is attached.
 //!
-//! Why the first instruction: Linux 6.18 turns a uprobe on a 5-byte `nop`
+//! The sites are naked functions: nothing runs before the nop. Why the
+//! first instruction: Linux 6.18 turns a uprobe on a 5-byte `nop`
 //! into a call to a trampoline (no trap), and that call pushes its return
 //! address below `rsp`. At a function's entry nothing lives below `rsp`
 //! (the red zone is empty), so the push clobbers nothing. The arguments
@@ -56,31 +57,24 @@ core::arch::global_asm!(
     ".popsection",
 );
 
-/// The `alloc` probe site: a sampled allocation succeeded.
-#[inline(never)]
+/// The `alloc` probe site: a sampled allocation succeeded. Naked, so that
+/// the site is the first instruction in every build (no prologue) and the
+/// arguments are in the registers the System V ABI passes them in.
+#[unsafe(naked)]
 pub(crate) extern "C" fn alloc(ptr: *mut u8, size: usize, weight: u64) {
-    // SAFETY: a nop; the registers are only named so that the arguments
-    // are where the note says, and the note goes to a section of its own.
-    unsafe {
-        core::arch::asm!(
-            "990: .byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
-            stapsdt_note!("alloc", "8@%rdi 8@%rsi 8@%rdx"),
-            in("rdi") ptr, in("rsi") size, in("rdx") weight,
-            options(nostack, preserves_flags, readonly),
-        );
-    }
+    core::arch::naked_asm!(
+        "990: .byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+        stapsdt_note!("alloc", "8@%rdi 8@%rsi 8@%rdx"),
+        "ret",
+    )
 }
 
 /// The `free` probe site: a sampled allocation is being freed.
-#[inline(never)]
+#[unsafe(naked)]
 pub(crate) extern "C" fn free(ptr: *mut u8) {
-    // SAFETY: as above.
-    unsafe {
-        core::arch::asm!(
-            "990: .byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
-            stapsdt_note!("free", "8@%rdi"),
-            in("rdi") ptr,
-            options(nostack, preserves_flags, readonly),
-        );
-    }
+    core::arch::naked_asm!(
+        "990: .byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+        stapsdt_note!("free", "8@%rdi"),
+        "ret",
+    )
 }

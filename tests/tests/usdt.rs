@@ -130,6 +130,25 @@ fn libprofalloc_notes_are_read_and_each_site_starts_its_function() {
 }
 
 #[test]
+fn bpftrace_lists_libprofallocs_probes() {
+    if !bpf_available("bpftrace_lists_libprofallocs_probes") {
+        return;
+    }
+    let lib = profalloc_lib();
+    let lib = lib.to_string_lossy();
+    let listed = run("bpftrace", &["-l", &format!("usdt:{lib}:*")]);
+    let mut probes: Vec<&str> = listed.lines().map(str::trim).collect();
+    probes.sort_unstable();
+    assert_eq!(
+        probes,
+        [
+            format!("usdt:{lib}:{USDT_PROVIDER}:{USDT_ALLOC}"),
+            format!("usdt:{lib}:{USDT_PROVIDER}:{USDT_FREE}"),
+        ]
+    );
+}
+
+#[test]
 fn the_c_allocators_notes_are_read_and_decoded() {
     let program = build_workload("usdt_alloc", FLAGS);
     let probes = probes_agreeing_with_readelf(&program);
