@@ -100,7 +100,7 @@ const NO_SLOT: u64 = 0;
 
 fn entry(ptr: usize, slot: usize) -> Option<u64> {
     (ptr != 0 && ptr & 7 == 0 && ptr < 1 << 48)
-        .then(|| ((ptr as u64 >> 3) << SLOT_BITS) | slot as u64)
+        .then_some(((ptr as u64 >> 3) << SLOT_BITS) | slot as u64)
 }
 
 /// One live-heap table: the exported header and the memory behind it.

@@ -91,9 +91,12 @@ pub fn find_header(pid: u32) -> anyhow::Result<u64> {
     )
 }
 
-/// The symbol's address and the loadable segments (address, file size,
-/// file offset) of an ELF file, if it exports the header.
-fn header_symbol(data: &[u8]) -> Option<(u64, Vec<(u64, u64, u64)>)> {
+/// Loadable segments: (address, file size, file offset).
+type Segments = Vec<(u64, u64, u64)>;
+
+/// The symbol's address and the loadable segments of an ELF file, if it
+/// exports the header.
+fn header_symbol(data: &[u8]) -> Option<(u64, Segments)> {
     let file = object::File::parse(data).ok()?;
     let symbol = file
         .dynamic_symbols()
@@ -193,7 +196,7 @@ fn check_header(h: &LiveHeapHeader) -> anyhow::Result<()> {
 }
 
 enum Settled {
-    Sample(LiveSlot),
+    Sample(Box<LiveSlot>),
     Empty,
     Changing,
 }
@@ -209,7 +212,7 @@ fn settle(a: &[u8], b: &[u8]) -> Settled {
     } else if slot.ptr == 0 {
         Settled::Empty
     } else {
-        Settled::Sample(slot)
+        Settled::Sample(Box::new(slot))
     }
 }
 

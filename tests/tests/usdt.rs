@@ -179,14 +179,19 @@ fn bpftrace(script: &str, pid: u32) -> (std::process::Child, BufReader<std::proc
         .stdout(Stdio::piped())
         .spawn()
         .expect("running bpftrace");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let Some(stdout) = child.stdout.take() else {
+        let _ = child.kill();
+        let status = child.wait();
+        panic!("bpftrace has no stdout: {status:?}");
+    };
+    let mut out = BufReader::new(stdout);
     let mut line = String::new();
     loop {
         line.clear();
-        assert!(
-            out.read_line(&mut line).unwrap() > 0,
-            "bpftrace exited before attaching"
-        );
+        if out.read_line(&mut line).unwrap_or(0) == 0 {
+            let status = child.wait();
+            panic!("bpftrace exited before attaching: {status:?}");
+        }
         if line.trim() == "attached" {
             return (child, out);
         }
