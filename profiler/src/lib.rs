@@ -17,6 +17,9 @@
 //! - [`unwind`]: CFI tables for the kernel-side user stack walker.
 //! - [`sinks`]: where finished profiles go (files, Pyroscope, OTLP, Parca).
 //! - [`python`]: CPython threads and frames read from user space.
+//! - [`usdt`]: USDT probes of an ELF file (`.note.stapsdt`), their
+//!   arguments and attach offsets; [`live_heap`]: reading libprofalloc.so's
+//!   sampled live heap out of a running process.
 //! - [`runtime`]: what every subcommand shares (runtime, stop, option
 //!   parsers, counter sets).
 
@@ -25,6 +28,7 @@ pub mod cpu;
 pub mod ebpf;
 pub mod heap;
 mod launch;
+pub mod live_heap;
 pub mod output;
 pub mod probe_conflict;
 pub mod probe_point;
@@ -36,3 +40,4 @@ pub mod runtime;
 pub mod sinks;
 pub mod symbolize;
 pub mod unwind;
+pub mod usdt;

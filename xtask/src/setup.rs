@@ -43,6 +43,8 @@ const PACKAGES: &[&str] = &[
     "hyperfine",
     "linux-perf",
     "bpftrace",
+    // <sys/sdt.h>, for the C test allocator's USDT probes.
+    "systemtap-sdt-dev",
     "bpfcc-tools",
     "linux-headers-amd64",
 ];
