@@ -249,7 +249,7 @@ fn exit_dump(dir: &Path) -> profiler::profile::Profile {
         .collect();
     dumps.sort();
     let last = dumps.last().expect("no HEAPPROFILE dump");
-    profiler::report::read(last).unwrap()
+    profiler::profile::read::from_file(last, 1 << 30).unwrap()
 }
 
 #[test]

@@ -91,6 +91,11 @@ fn after_help() -> String {
     AFTER_HELP.replace("LEAK_RULE", &lines.join("\n"))
 }
 
+/// Largest capacity accepted for the heap's hash maps: the kernel sizes a
+/// hash map's buckets as the next power of two and refuses (E2BIG) tables
+/// past 2^28 buckets; 2^26 keeps every map well within that.
+const MAX_MAP_ENTRIES: u32 = 1 << 26;
+
 /// Options of `prof-bpf heap`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = after_help())]
@@ -130,11 +135,15 @@ pub struct HeapArgs {
     /// --sample-bytes nor --mmap asks for more than they give.
     #[arg(long, value_enum, default_value_t = Probe::Auto)]
     pub probe: Probe,
-    /// Capacity for live allocations tracked at once; more are counted as lost.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_LIVE)]
+    /// Capacity for live allocations tracked at once; more are counted as
+    /// lost [at most 67108864: the kernel refuses bigger hash maps].
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_LIVE,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_MAP_ENTRIES)))]
     pub max_live: u32,
-    /// Capacity for distinct allocation stacks; more are counted as lost.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_STACKS)]
+    /// Capacity for distinct allocation stacks; more are counted as lost
+    /// [at most 67108864].
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_STACKS,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_MAP_ENTRIES)))]
     pub max_stacks: u32,
     #[command(flatten)]
     pub output: crate::output::OutputArgs,
@@ -199,9 +208,6 @@ fn to_settings(args: &HeapArgs) -> anyhow::Result<Settings> {
         Probe::Auto if args.leaks || args.sample_bytes.is_some() || args.mmap => Probe::Malloc,
         p => p,
     };
-    if args.max_live == 0 || args.max_stacks == 0 {
-        bail!("--max-live and --max-stacks must be positive");
-    }
     Ok(Settings {
         targets,
         lib: args.lib.clone(),
@@ -257,5 +263,20 @@ mod tests {
             err.to_string().contains("--mmap needs --probe malloc"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn map_capacities_are_bounded_before_anything_is_loaded() {
+        assert_eq!(
+            parse(&["--pid", "1", "--max-live", "67108864"])
+                .unwrap()
+                .max_live,
+            1 << 26
+        );
+        for bad in ["0", "67108865", "4000000000"] {
+            let err = parse(&["--pid", "1", "--max-live", bad]).unwrap_err();
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+        assert!(parse(&["--pid", "1", "--max-stacks", "0"]).is_err());
     }
 }
