@@ -51,6 +51,8 @@ pub(crate) struct Settings {
     pub(crate) sample_bytes: Option<u64>,
     /// PROFALLOC_RELEASE_BYTES: page heap release rate.
     pub(crate) release_bytes: Option<u64>,
+    /// PROFALLOC_LIVE_HEAP_BYTES: cap of the sampled live heap (0 = off).
+    pub(crate) live_heap_bytes: Option<u64>,
     /// PROFALLOC_STATS=1: statistics on stderr at exit.
     pub(crate) stats_at_exit: bool,
     /// PROFALLOC_MAX_TOTAL_THREAD_CACHE_BYTES: the budget of all thread
@@ -79,6 +81,7 @@ impl Settings {
         Self {
             sample_bytes: None,
             release_bytes: None,
+            live_heap_bytes: None,
             stats_at_exit: false,
             max_total_thread_cache_bytes: None,
             heap_prefix: Text::empty(),
@@ -208,6 +211,7 @@ pub(crate) unsafe fn read() {
     let s = unsafe { &mut *SETTINGS.0.get() };
     s.sample_bytes = number(c"PROFALLOC_SAMPLE_BYTES");
     s.release_bytes = number(c"PROFALLOC_RELEASE_BYTES");
+    s.live_heap_bytes = number(c"PROFALLOC_LIVE_HEAP_BYTES");
     s.stats_at_exit = number(c"PROFALLOC_STATS").is_some_and(|v| v != 0);
     s.max_total_thread_cache_bytes = number(c"PROFALLOC_MAX_TOTAL_THREAD_CACHE_BYTES");
     unique_path(c"HEAPPROFILE", &mut s.heap_prefix);

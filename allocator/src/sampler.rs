@@ -1,8 +1,10 @@
 //! The always-on allocation sampler: the allocator core's only way out
 //! toward profiling. The core calls [`on_alloc`] for every sampled (or
 //! recorded) allocation and [`on_free`] for its free; each calls the
-//! probed hook, then gperftools mode's recorder. gperftools mode sits
-//! behind this module: the core never names it.
+//! probed hook, the `otel_memory` USDT probe ([`probes`]), the sampled
+//! live heap an agent reads from outside ([`live_set`]), then gperftools
+//! mode's recorder. gperftools mode sits behind this module: the core
+//! never names it.
 //!
 //! Each thread counts down the bytes it allocates (one subtraction and a
 //! branch on the fast path); when the count goes below zero, the slow path
@@ -20,7 +22,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use profiler_common::hooks;
 
-use crate::{counters, env::Settings, gperftools};
+use crate::{counters, env::Settings, gperftools, live_set, probes};
 
 /// Mean sampling distance in bytes; 0 = sampling off. Exported so that an
 /// agent can read the rate of a running process.
@@ -45,6 +47,17 @@ pub(crate) fn start(s: &Settings) {
         profalloc_sample_bytes.store(1, Ordering::Relaxed);
         RECORD_ALL.store(true, Ordering::Relaxed);
     }
+    // The live set keeps samples; the heap checker records every object
+    // in its own table instead.
+    let live = !s.heap_check
+        && rate() != 0
+        && live_set::live().start(
+            s.live_heap_bytes.unwrap_or(hooks::DEFAULT_LIVE_HEAP_BYTES),
+            rate(),
+        );
+    if live || s.gperftools_mode() {
+        gperftools::start_stacks();
+    }
     if s.gperftools_mode() {
         gperftools::start(s);
     }
@@ -57,21 +70,31 @@ pub(crate) fn record_all() -> bool {
     RECORD_ALL.load(Ordering::Relaxed)
 }
 
-/// A sampled (or recorded) allocation succeeded: the hook, then the
+/// A sampled (or recorded) allocation succeeded: the hook, the USDT
+/// probe, then (with the allocation's stack) the live set and the
 /// recorder.
 #[inline]
 pub(crate) fn on_alloc(p: *mut u8, size: usize, weight: u64) {
     counters::SAMPLED.add(1);
     profalloc_sample_alloc(p.cast(), size, weight);
-    gperftools::record_alloc(p, size, weight);
+    probes::alloc(p, size, weight);
+    let live = live_set::live();
+    if live.on() || gperftools::records_stacks() {
+        let stack = gperftools::Stack::capture();
+        live.insert(p as usize, size, weight, stack.frames(), stack.truncated());
+        gperftools::record_alloc(p, size, weight, &stack);
+    }
 }
 
 /// A sampled (or recorded) object is being freed, before its memory is
 /// reused. `reentrant`: the free runs on a thread already inside the
-/// allocator (a signal handler), which must not wait for a lock.
+/// allocator (a signal handler), which must not wait for a lock (the
+/// live set takes none).
 #[inline]
 pub(crate) fn on_free(p: *mut u8, reentrant: bool) {
     profalloc_sample_free(p.cast());
+    probes::free(p);
+    live_set::live().remove(p as usize);
     gperftools::record_free(p, reentrant);
 }
 

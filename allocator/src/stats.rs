@@ -90,4 +90,12 @@ pub fn write_report() {
         m.str("\n");
         m.write_stderr();
     }
+    let (dropped, live) = crate::live_set::counts();
+    let mut m = Message::new();
+    m.str("profalloc:   live heap samples: ")
+        .dec(live)
+        .str(" kept, ")
+        .dec(dropped)
+        .str(" dropped (table full)\n");
+    m.write_stderr();
 }

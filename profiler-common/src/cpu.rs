@@ -10,8 +10,10 @@
 //! - [`COUNTS_MAPS`]: two `PerCpuHashMap<SampleKey, SampleCounts>` (no
 //!   atomics in the sampler; user space sums the CPUs).
 //! - [`PIDS_MAP`]: `HashMap<u32 (tgid), u32 (unused)>`, the processes sampled
-//!   when [`CpuConfig::filter_pids`] is set.
-//! - [`STATS_MAP`]: `PerCpuArray<u64>` indexed by [`Stat`].
+//!   when [`CpuConfig::filter_pids`] is set. With [`CpuConfig::follow_forks`]
+//!   the fork tracepoint adds every task its members fork (threads too,
+//!   since the tracepoint cannot tell them apart; they leave when they exit).
+//! - [`STATS_MAP`]: the [`CpuCounter`] set (`PerCpuArray<u64>`).
 //! - [`TASK_EVENTS_MAP`]: `RingBuf` of [`TaskEvent`] (exec and exit of tasks),
 //!   so that short-lived processes are named and their mappings read while
 //!   they still exist.
@@ -26,7 +28,7 @@ pub const COUNTS_MAX_ENTRIES: u32 = 16 * 1024;
 /// Name of the pid filter map.
 pub const PIDS_MAP: &str = "CPU_PIDS";
 /// Capacity of [`PIDS_MAP`].
-pub const PIDS_MAX_ENTRIES: u32 = 1024;
+pub const PIDS_MAX_ENTRIES: u32 = 8192;
 /// Name of the statistics map.
 pub const STATS_MAP: &str = "CPU_STATS";
 /// Name of the task event ring buffer.
@@ -46,9 +48,18 @@ pub struct CpuConfig {
     pub filter_pids: u32,
     /// Non-zero: walk user stacks (zero only for diagnosis).
     pub user_stacks: u32,
+    /// Non-zero: a process forked by one in [`PIDS_MAP`] joins it, and
+    /// leaves it when it exits (a launched command and its descendants).
+    pub follow_forks: u32,
+    /// Offset of `child_pid` in the `sched:sched_process_fork` record, as
+    /// its `format` file gives it (it differs between kernel versions).
+    pub fork_child_pid_offset: u32,
+    /// `--duration`: samples taken at or after this CLOCK_MONOTONIC time
+    /// (ns) are not counted, however late user space stops; 0: no end.
+    pub stop_at_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<CpuConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<CpuConfig>() == 32);
 
 /// `SampleKey::flags`: the user stack was walked; `user_stack` is its id in
 /// the user stack map.
@@ -60,7 +71,7 @@ pub const KEY_USER_STACK_FAILED: u32 = 1 << 1;
 /// `kernel_stack` is its id in the kernel stack map.
 pub const KEY_KERNEL_STACK: u32 = 1 << 2;
 /// `SampleKey::flags`: the sample was taken in the kernel but its stack
-/// could not be recorded (see [`Stat::KernelStackFailed`]).
+/// could not be recorded (see [`CpuCounter::KernelStackFailed`]).
 pub const KEY_KERNEL_STACK_FAILED: u32 = 1 << 3;
 
 /// What samples are counted by: thread and both stacks.
@@ -94,29 +105,32 @@ pub struct SampleCounts {
 
 const _: () = assert!(core::mem::size_of::<SampleCounts>() == 16);
 
-/// Indexes of [`STATS_MAP`].
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stat {
-    /// Samples taken (every run of the program).
-    Samples = 0,
-    /// Samples of the idle tasks, not counted (without `--idle`).
-    Idle = 1,
-    /// Samples of processes not selected by `--pid`.
-    Filtered = 2,
-    /// Samples lost because the count map was full.
-    CountsFull = 3,
-    /// Samples whose kernel stack could not be recorded (stack map full,
-    /// bucket collision, or an unwinding error).
-    KernelStackFailed = 4,
-    /// Samples whose user stack could not be read.
-    UserStackFailed = 5,
-    /// Task events lost because the ring buffer was full.
-    TaskEventsLost = 6,
+crate::counter_set! {
+    /// What the sampler counted besides the samples' stacks, kept in
+    /// [`STATS_MAP`]: every sample left out or lost is counted here.
+    pub enum CpuCounter {
+        /// Samples taken (every run of the program).
+        Samples = "samples",
+        /// Samples of the idle tasks, not counted (without `--idle`).
+        Idle = "idle",
+        /// Samples of processes not selected (`--pid`, a launched command).
+        Filtered = "filtered",
+        /// Samples lost because the count map was full.
+        CountsFull = "counts_full",
+        /// Samples whose kernel stack could not be recorded (stack map
+        /// full, bucket collision, or an unwinding error).
+        KernelStackFailed = "kernel_stack_failed",
+        /// Samples whose user stack could not be read.
+        UserStackFailed = "user_stack_failed",
+        /// Task events lost because the ring buffer was full.
+        TaskEventsLost = "task_events_lost",
+        /// Forked tasks not followed because [`PIDS_MAP`] was full.
+        PidsFull = "pids_full",
+        /// Samples after the end of `--duration` ([`CpuConfig::stop_at_ns`]),
+        /// not counted.
+        AfterDuration = "after_duration",
+    }
 }
-
-/// Number of entries of [`STATS_MAP`].
-pub const STATS_LEN: u32 = 7;
 
 /// [`TaskEvent::kind`]: the task called exec (its comm is the new one).
 pub const TASK_EXEC: u32 = 1;

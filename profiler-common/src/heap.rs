@@ -17,8 +17,8 @@
 //!   h(x) = x / (1 - exp(-x)) in [`WEIGHT_ONE`] fixed point at
 //!   x = i / [`WEIGHT_STEPS_PER_UNIT`], so that a sampled allocation of size S
 //!   at rate N weighs N * h(S/N) = S / (1 - exp(-S/N)) bytes.
-//! - [`COUNTERS_MAP`]: `PerCpuArray<HeapCounters>` (one entry): events and
-//!   losses, summed over CPUs by the agent.
+//! - [`COUNTERS_MAP`]: `PerCpuArray<u64>` of the [`HeapCounter`] set:
+//!   events and losses, summed over CPUs by the agent.
 //! - [`MMAP_TARGETS_MAP`]: `LruHashMap<u32 (tgid), u32>`, the processes whose
 //!   mappings are tracked (`--mmap`): the syscall tracepoints fire for every
 //!   process, uprobes only for the probed ones.
@@ -251,38 +251,36 @@ pub struct PendingMapping {
 
 const _: () = assert!(core::mem::size_of::<PendingMapping>() == 40);
 
-/// Value of [`COUNTERS_MAP`]: per-CPU event and loss counters.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HeapCounters {
-    /// Allocation calls seen (outermost calls only).
-    pub allocs: u64,
-    /// Calls to a free function seen (including `free(NULL)` and untracked pointers).
-    pub frees: u64,
-    /// Allocations sampled and tracked.
-    pub tracked: u64,
-    /// Tracked allocations lost because [`LIVE_MAP`] was full.
-    pub live_full: u64,
-    /// Allocations whose stack could not be aggregated because
-    /// [`STACK_STATS_MAP`] was full.
-    pub stacks_full: u64,
-    /// Allocations whose user stack could not be captured.
-    pub stack_errors: u64,
-    /// Threads whose state could not be stored.
-    pub threads_full: u64,
-    /// Anonymous private mappings made (mmap, mremap of a tracked mapping)
-    /// outside allocator calls, each tracked (`--mmap`).
-    pub mmaps: u64,
-    /// Anonymous private mappings made inside an allocator call: the
-    /// allocator's own (glibc serves big mallocs by mmap), already counted
-    /// as the allocation that asked for them.
-    pub mmaps_in_allocator: u64,
-    /// munmap/mremap calls that released only the front part of a tracked
-    /// mapping (the rest stays tracked with its new start and size).
-    pub unmaps_partial: u64,
+crate::counter_set! {
+    /// Heap events and losses, kept in [`COUNTERS_MAP`].
+    pub enum HeapCounter {
+        /// Allocation calls seen (outermost calls only).
+        Allocs = "allocs",
+        /// Calls to a free function seen (including `free(NULL)` and untracked pointers).
+        Frees = "frees",
+        /// Allocations sampled and tracked.
+        Tracked = "tracked",
+        /// Tracked allocations lost because [`LIVE_MAP`] was full.
+        LiveFull = "live_full",
+        /// Allocations whose stack could not be aggregated because
+        /// [`STACK_STATS_MAP`] was full.
+        StacksFull = "stacks_full",
+        /// Allocations whose user stack could not be captured.
+        StackErrors = "stack_errors",
+        /// Threads whose state could not be stored.
+        ThreadsFull = "threads_full",
+        /// Anonymous private mappings made (mmap, mremap of a tracked
+        /// mapping) outside allocator calls, each tracked (`--mmap`).
+        Mmaps = "mmaps",
+        /// Anonymous private mappings made inside an allocator call: the
+        /// allocator's own (glibc serves big mallocs by mmap), already
+        /// counted as the allocation that asked for them.
+        MmapsInAllocator = "mmaps_in_allocator",
+        /// munmap/mremap calls that released only the front part of a
+        /// tracked mapping (the rest stays tracked with its new start and size).
+        UnmapsPartial = "unmaps_partial",
+    }
 }
-
-const _: () = assert!(core::mem::size_of::<HeapCounters>() == 80);
 
 crate::impl_pod!(
     HeapConfig,
@@ -291,6 +289,5 @@ crate::impl_pod!(
     StackKey,
     StackStats,
     ThreadState,
-    HeapCounters,
     PendingMapping
 );

@@ -33,3 +33,127 @@ pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
 pub type SampleAllocFn = extern "C" fn(ptr: *mut c_void, size: usize, weight: u64);
 /// Type of `profalloc_sample_free`.
 pub type SampleFreeFn = extern "C" fn(ptr: *mut c_void);
+
+// ---- USDT probes (the OpenTelemetry memory-profiling contract) ----
+
+/// The provider name of libprofalloc.so's USDT probes, as a literal (the
+/// allocator writes it into its ELF notes with `asm!`). The contract's
+/// final provider name is not fixed yet: this is the one place that
+/// names it.
+#[macro_export]
+macro_rules! usdt_provider {
+    () => {
+        "otel_memory"
+    };
+}
+/// The provider of libprofalloc.so's USDT probes ([`usdt_provider!`]).
+pub const USDT_PROVIDER: &str = usdt_provider!();
+/// `otel_memory:alloc(ptr, size, weight)`, fired for each sampled
+/// allocation after it succeeded; `weight` as in [`SampleAllocFn`].
+pub const USDT_ALLOC: &str = "alloc";
+/// `otel_memory:free(ptr)`, fired when a sampled allocation is freed,
+/// before its memory can be reused (never for unsampled pointers).
+pub const USDT_FREE: &str = "free";
+
+// ---- The sampled live heap, readable from outside ----
+//
+// libprofalloc.so keeps every sampled allocation that is still live in a
+// table of its own (outside the profiled heap), so that an agent attaching
+// late sees the sampled heap since process start. The exported symbol
+// [`LIVE_HEAP_SYMBOL`] is a [`LiveHeapHeader`]; `slots` is the address of
+// an array of `capacity` [`LiveSlot`]s, of which the first `used` have ever
+// been written (the rest are zero).
+//
+// Reading from another process (`process_vm_readv`), with no lock:
+// 1. read the header; check `magic`, `version`, `header_size`, `slot_size`
+//    and `max_frames` (a reader of another version stops there);
+// 2. copy slots `[0, used)` twice; a slot is a sample when both copies are
+//    byte-identical, its `generation` is even and its `ptr` is not 0. A
+//    slot that differs (a writer was inside it) is copied again.
+// A writer makes a slot's generation odd, writes the fields, then makes it
+// even again (release order), and bumps the header's `generation` after
+// each completed insert or remove: equal header generations around a copy
+// mean no change completed in between.
+
+/// Name of the exported [`LiveHeapHeader`] in `.dynsym`.
+pub const LIVE_HEAP_SYMBOL: &str = "profalloc_live_heap";
+/// The environment variable that caps the table's memory, in bytes
+/// (default [`DEFAULT_LIVE_HEAP_BYTES`]; 0 turns the live heap off).
+pub const LIVE_HEAP_BYTES_ENV: &str = "PROFALLOC_LIVE_HEAP_BYTES";
+/// Default cap of the live heap's table: 64 MiB (about 118,000 samples,
+/// which at the default rate is about 58 GiB of live heap).
+pub const DEFAULT_LIVE_HEAP_BYTES: u64 = 64 << 20;
+/// `LiveHeapHeader::magic`: "PALIVEHP" in memory order.
+pub const LIVE_HEAP_MAGIC: u64 = u64::from_le_bytes(*b"PALIVEHP");
+/// `LiveHeapHeader::version` of this layout.
+pub const LIVE_HEAP_VERSION: u32 = 1;
+/// Return addresses kept per sample (deeper stacks are truncated).
+pub const LIVE_MAX_FRAMES: usize = 64;
+/// `LiveSlot::flags`: the stack was cut (too deep, or a frame the
+/// unwinder could not step through).
+pub const LIVE_SLOT_TRUNCATED: u32 = 1;
+
+/// The header at [`LIVE_HEAP_SYMBOL`]. All fields are native-endian
+/// integers written with atomic stores.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveHeapHeader {
+    /// [`LIVE_HEAP_MAGIC`] once the table exists (0 before, or when the
+    /// live heap is off).
+    pub magic: u64,
+    /// [`LIVE_HEAP_VERSION`].
+    pub version: u32,
+    /// `size_of::<LiveHeapHeader>()`.
+    pub header_size: u32,
+    /// `size_of::<LiveSlot>()`.
+    pub slot_size: u32,
+    /// [`LIVE_MAX_FRAMES`].
+    pub max_frames: u32,
+    /// Slots in the table.
+    pub capacity: u64,
+    /// Address of slot 0 in the process.
+    pub slots: u64,
+    /// Slots `[0, used)` have been written at least once.
+    pub used: u64,
+    /// Completed inserts and removes since start.
+    pub generation: u64,
+    /// Samples in the table now.
+    pub live: u64,
+    /// Samples recorded since start.
+    pub inserted: u64,
+    /// Samples that did not fit (table full) since start.
+    pub dropped: u64,
+    /// Mean sampling distance in bytes when the table was made.
+    pub sample_bytes: u64,
+    /// CLOCK_MONOTONIC (ns) when the table was made; slot times use the
+    /// same clock.
+    pub start_ns: u64,
+}
+
+/// One sample. An empty slot has `ptr` 0 (its other fields are
+/// unspecified).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveSlot {
+    /// Odd while a writer is inside the slot, even otherwise.
+    pub generation: u64,
+    /// The allocation's address; 0 = empty.
+    pub ptr: u64,
+    /// Bytes asked for.
+    pub size: u64,
+    /// Unbiased estimate of the bytes this sample stands for.
+    pub weight: u64,
+    /// CLOCK_MONOTONIC (ns) at the allocation.
+    pub time_ns: u64,
+    /// Frames in `frames`: the caller of the allocation function first.
+    pub depth: u32,
+    /// [`LIVE_SLOT_TRUNCATED`].
+    pub flags: u32,
+    /// Writer-internal: the next empty slot (+1) while this one is empty.
+    pub link: u64,
+    /// Return addresses, innermost first.
+    pub frames: [u64; LIVE_MAX_FRAMES],
+}
+
+const _: () = assert!(core::mem::size_of::<LiveHeapHeader>() == 96);
+const _: () = assert!(core::mem::size_of::<LiveSlot>() == 56 + 8 * LIVE_MAX_FRAMES);

@@ -7,15 +7,18 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_NOEXIST, pt_regs},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, perf_event, tracepoint},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{PerfEventContext, TracePointContext},
 };
-use profiler_common::cpu::{
-    COUNTS_MAX_ENTRIES, CpuConfig, KEY_KERNEL_STACK, KEY_KERNEL_STACK_FAILED, KEY_USER_STACK,
-    KEY_USER_STACK_FAILED, PIDS_MAX_ENTRIES, STATS_LEN, SampleCounts, SampleKey, Stat,
-    TASK_EVENTS_BYTES, TASK_EXEC, TASK_EXIT, TaskEvent,
+use profiler_common::{
+    counters::CounterSet as _,
+    cpu::{
+        COUNTS_MAX_ENTRIES, CpuConfig, CpuCounter, KEY_KERNEL_STACK, KEY_KERNEL_STACK_FAILED,
+        KEY_USER_STACK, KEY_USER_STACK_FAILED, PIDS_MAX_ENTRIES, SampleCounts, SampleKey,
+        TASK_EVENTS_BYTES, TASK_EXEC, TASK_EXIT, TaskEvent,
+    },
 };
 
 use crate::stack;
@@ -35,19 +38,15 @@ static CPU_COUNTS_1: PerCpuHashMap<SampleKey, SampleCounts> =
 static CPU_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(PIDS_MAX_ENTRIES, 0);
 
 #[map(name = "CPU_STATS")]
-static CPU_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+static CPU_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CpuCounter::LEN, 0);
 
 #[map(name = "CPU_TASK_EVENTS")]
 static CPU_TASK_EVENTS: RingBuf = RingBuf::with_byte_size(TASK_EVENTS_BYTES, 0);
 
-/// Adds one to a statistics counter.
+/// Adds one to a sampler counter.
 #[inline(always)]
-fn count(stat: Stat) {
-    if let Some(c) = CPU_STATS.get_ptr_mut(stat as u32) {
-        // SAFETY: a per-CPU array slot; this program is its only writer on
-        // this CPU while it runs.
-        unsafe { *c += 1 };
-    }
+fn count(counter: CpuCounter) {
+    crate::counters::count(&CPU_STATS, counter);
 }
 
 #[inline(always)]
@@ -60,12 +59,12 @@ fn config() -> CpuConfig {
 fn selected(config: &CpuConfig, pid: u32, tid: u32) -> bool {
     // tid 0 is the per-CPU idle task ("swapper/N").
     if tid == 0 && config.include_idle == 0 {
-        count(Stat::Idle);
+        count(CpuCounter::Idle);
         return false;
     }
     // SAFETY: the value is not used, only whether the key exists.
     if config.filter_pids != 0 && unsafe { CPU_PIDS.get(pid) }.is_none() {
-        count(Stat::Filtered);
+        count(CpuCounter::Filtered);
         return false;
     }
     true
@@ -73,8 +72,13 @@ fn selected(config: &CpuConfig, pid: u32, tid: u32) -> bool {
 
 #[perf_event]
 pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
-    count(Stat::Samples);
+    count(CpuCounter::Samples);
     let config = config();
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    if config.stop_at_ns != 0 && unsafe { bpf_ktime_get_ns() } >= config.stop_at_ns {
+        count(CpuCounter::AfterDuration);
+        return 0;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     if !selected(&config, pid, tid) {
@@ -97,7 +101,7 @@ pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
                 key.flags |= KEY_KERNEL_STACK;
             }
             Err(_) => {
-                count(Stat::KernelStackFailed);
+                count(CpuCounter::KernelStackFailed);
                 key.flags |= KEY_KERNEL_STACK_FAILED;
             }
         }
@@ -110,7 +114,7 @@ pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
                 key.flags |= KEY_USER_STACK;
             }
             Err(_) => {
-                count(Stat::UserStackFailed);
+                count(CpuCounter::UserStackFailed);
                 key.flags |= KEY_USER_STACK_FAILED;
             }
         }
@@ -149,7 +153,7 @@ fn add_sample(config: &CpuConfig, key: &SampleKey, period: u64) {
             Err(_) => break,
         }
     }
-    count(Stat::CountsFull);
+    count(CpuCounter::CountsFull);
 }
 
 /// Sends an exec or exit of the current task to user space.
@@ -162,6 +166,12 @@ fn task_event(kind: u32) {
     if config.filter_pids != 0 && unsafe { CPU_PIDS.get(pid) }.is_none() {
         return;
     }
+    // A followed task leaves the filter when it exits: a thread by its
+    // own id (the fork tracepoint added it), a process at its main
+    // thread's exit.
+    if kind == TASK_EXIT && config.follow_forks != 0 {
+        let _ = CPU_PIDS.remove(&tid);
+    }
     let event = TaskEvent {
         kind,
         pid,
@@ -170,7 +180,7 @@ fn task_event(kind: u32) {
         comm: bpf_get_current_comm().unwrap_or_default(),
     };
     if CPU_TASK_EVENTS.output::<TaskEvent>(&event, 0).is_err() {
-        count(Stat::TaskEventsLost);
+        count(CpuCounter::TaskEventsLost);
     }
 }
 
@@ -179,6 +189,31 @@ fn task_event(kind: u32) {
 pub fn cpu_task_exec(ctx: TracePointContext) -> u32 {
     let _ = ctx.as_ptr();
     task_event(TASK_EXEC);
+    0
+}
+
+/// `sched:sched_process_fork`: runs in the parent. With
+/// [`CpuConfig::follow_forks`], a task forked by a sampled process is
+/// sampled too.
+#[tracepoint]
+pub fn cpu_task_fork(ctx: TracePointContext) -> u32 {
+    let config = config();
+    if config.follow_forks == 0 {
+        return 0;
+    }
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: the value is not used, only whether the key exists.
+    if unsafe { CPU_PIDS.get(parent) }.is_none() {
+        return 0;
+    }
+    // SAFETY: reads a pid_t of the tracepoint record at the offset its
+    // format file gives; the helper checks the access.
+    let Ok(child) = (unsafe { ctx.read_at::<u32>(config.fork_child_pid_offset as usize) }) else {
+        return 0;
+    };
+    if CPU_PIDS.insert(&child, &0, 0).is_err() {
+        count(CpuCounter::PidsFull);
+    }
     0
 }
 

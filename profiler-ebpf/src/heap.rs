@@ -26,13 +26,16 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
-use profiler_common::heap::{
-    DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS, EntryKind, HeapConfig, HeapCounters, LiveAlloc, LiveKey,
-    MAX_THREADS, SAMPLE_TABLE_LEN, SOURCE_ALLOCATOR, STACK_ID_MISSING, StackKey, StackStats,
-    ThreadState, WEIGHT_ONE, WEIGHT_STEPS_PER_UNIT, WEIGHT_TABLE_LEN,
+use profiler_common::{
+    counters::CounterSet as _,
+    heap::{
+        DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS, EntryKind, HeapConfig, HeapCounter, LiveAlloc,
+        LiveKey, MAX_THREADS, SAMPLE_TABLE_LEN, SOURCE_ALLOCATOR, STACK_ID_MISSING, StackKey,
+        StackStats, ThreadState, WEIGHT_ONE, WEIGHT_STEPS_PER_UNIT, WEIGHT_TABLE_LEN,
+    },
 };
 
-use crate::{atomic::add, stack::user_stack_id};
+use crate::{atomic::add, counters::count, stack::user_stack_id};
 
 /// Elements are allocated on insert, so an unused capacity costs nothing.
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -59,19 +62,8 @@ static HEAP_SAMPLE_INTERVALS: Array<u64> = Array::with_max_entries(SAMPLE_TABLE_
 static HEAP_SAMPLE_WEIGHTS: Array<u64> = Array::with_max_entries(WEIGHT_TABLE_LEN, 0);
 
 #[map(name = "HEAP_COUNTERS")]
-static HEAP_COUNTERS: PerCpuArray<HeapCounters> = PerCpuArray::with_max_entries(1, 0);
+static HEAP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(HeapCounter::LEN, 0);
 
-/// Adds one to a field of this CPU's [`HeapCounters`].
-macro_rules! count {
-    ($field:ident) => {
-        if let Some(c) = HEAP_COUNTERS.get_ptr_mut(0) {
-            // SAFETY: a pointer into this CPU's live array entry.
-            unsafe { add(&raw mut (*c).$field, 1) };
-        }
-    };
-}
-
-// After `count!`, which it uses.
 mod mmap;
 
 #[uprobe]
@@ -99,7 +91,7 @@ fn free(ctx: &ProbeContext) -> u32 {
         return 0;
     }
     mmap::note_target(&config, pid);
-    count!(frees);
+    count(&HEAP_COUNTERS, HeapCounter::Frees);
     let addr: u64 = ctx.arg(0).unwrap_or(0);
     if addr != 0 {
         untrack(pid, addr, SOURCE_ALLOCATOR);
@@ -117,14 +109,14 @@ pub fn heap_hook_alloc(ctx: ProbeContext) -> u32 {
     }
     let arg = |n: usize| -> u64 { ctx.arg(n).unwrap_or(0) };
     let (addr, size, weight_bytes) = (arg(0), arg(1), arg(2));
-    count!(allocs);
+    count(&HEAP_COUNTERS, HeapCounter::Allocs);
     if addr == 0 {
         return 0;
     }
     let stack_id = match user_stack_id(ctx.regs, true) {
         Ok(id) => id,
         Err(_) => {
-            count!(stack_errors);
+            count(&HEAP_COUNTERS, HeapCounter::StackErrors);
             STACK_ID_MISSING
         }
     };
@@ -178,7 +170,7 @@ fn alloc_entry(ctx: &ProbeContext) {
     }
     mmap::note_target(&config, pid);
     let Some(state) = thread_state() else {
-        count!(threads_full);
+        count(&HEAP_COUNTERS, HeapCounter::ThreadsFull);
         return;
     };
     // SAFETY: `ctx.regs` points at the probed task's saved registers.
@@ -197,7 +189,7 @@ fn alloc_entry(ctx: &ProbeContext) {
     if state.depth != 1 {
         return;
     }
-    count!(allocs);
+    count(&HEAP_COUNTERS, HeapCounter::Allocs);
     let arg = |n: usize| -> u64 { ctx.arg(n).unwrap_or(0) };
     let (size, arg_ptr) = match kind {
         EntryKind::Malloc => (arg(0), 0),
@@ -216,7 +208,7 @@ fn alloc_entry(ctx: &ProbeContext) {
     if state.sampled != 0 {
         match user_stack_id(ctx.regs, true) {
             Ok(id) => state.stack_id = id,
-            Err(_) => count!(stack_errors),
+            Err(_) => count(&HEAP_COUNTERS, HeapCounter::StackErrors),
         }
     }
 }
@@ -287,15 +279,15 @@ fn track(pid: u32, addr: u64, source: u32, alloc: LiveAlloc) {
     // probe; retire it so its stack's totals stay balanced.
     untrack(pid, addr, source);
     if HEAP_LIVE.insert(&key, &alloc, BPF_NOEXIST).is_err() {
-        count!(live_full);
+        count(&HEAP_COUNTERS, HeapCounter::LiveFull);
         return;
     }
-    count!(tracked);
+    count(&HEAP_COUNTERS, HeapCounter::Tracked);
     let Some(stats) = stack_stats(pid, alloc.stack_id, source) else {
         // The block stays out of every total; drop it so its free does not
         // subtract what was never added.
         let _ = HEAP_LIVE.remove(&key);
-        count!(stacks_full);
+        count(&HEAP_COUNTERS, HeapCounter::StacksFull);
         return;
     };
     // SAFETY: pointers into this CPU's copy of a live map value.

@@ -44,11 +44,11 @@ fn main() -> anyhow::Result<()> {
     let cache = SymbolCache::new();
     let mut cold = profile();
     let t = Instant::now();
-    cache.symbolize(&mut cold);
+    cold.symbolize_with(&cache);
     let cold_seconds = t.elapsed().as_secs_f64();
     let mut warm = profile();
     let t = Instant::now();
-    cache.symbolize(&mut warm);
+    warm.symbolize_with(&cache);
     let warm_seconds = t.elapsed().as_secs_f64();
     let resolved = warm
         .locations

@@ -44,7 +44,18 @@ pub fn load_with(configure: impl FnOnce(&mut aya::EbpfLoader<'_>)) -> anyhow::Re
     }
     let mut loader = aya::EbpfLoader::new();
     configure(&mut loader);
-    loader.load(OBJECT).context("loading the eBPF object")
+    loader.load(OBJECT).map_err(|err| {
+        // aya names the map in the error and again in its source: say it once.
+        let root =
+            std::error::Error::source(&err).map_or_else(|| err.to_string(), ToString::to_string);
+        let too_big = root.contains("os error 7");
+        let hint = if too_big {
+            ": the kernel refused a map that large (E2BIG); ask for fewer entries"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("loading the eBPF object: {root}{hint}")
+    })
 }
 
 /// Forwards the programs' aya-log records to this process's logger (shown

@@ -43,15 +43,17 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_timestamp(None)
         .init();
+    let success = |()| ExitCode::SUCCESS;
     let result = match cli.command {
-        Command::Count(args) => profiler::count::run(args),
+        Command::Count(args) => profiler::count::run(args).map(success),
+        // Launch mode returns the program's status.
         Command::Heap(args) => profiler::heap::run(*args),
-        Command::Report(args) => profiler::report::run(args),
+        Command::Report(args) => profiler::report::run(args).map(success),
         Command::Cpu(args) => profiler::cpu::run(args),
-        Command::DebugUnwind(args) => profiler::unwind::debug::run(args),
+        Command::DebugUnwind(args) => profiler::unwind::debug::run(args).map(success),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             // A closed pipe (`prof-bpf ... | head`) is not an error.
             if err.chain().any(|e| {

@@ -6,11 +6,12 @@
 //!    read after the process exited or the file was replaced or deleted, and
 //!    inside other mount namespaces. JIT code is named from the process's
 //!    perf map (`/tmp/perf-PID.map`) at the same time.
-//! 2. [`symbolize`]: later, every unresolved location of a [`Profile`] whose
-//!    mapping can be read on this machine is looked up with blazesym, one
-//!    batch per object: ELF symbols, DWARF (file:line, inlined functions),
-//!    `.gnu_debuglink` and `/usr/lib/debug/.build-id` files, demangled C++ and
-//!    Rust names; kernel addresses through `/proc/kallsyms`.
+//! 2. [`SymbolCache::frames`]: later, addresses of one object are looked up
+//!    with blazesym in one batch: ELF symbols, DWARF (file:line, inlined
+//!    functions), `.gnu_debuglink` and `/usr/lib/debug/.build-id` files,
+//!    demangled C++ and Rust names; kernel addresses through `/proc/kallsyms`.
+//!    The profile model drives it (`Profile::symbolize`); this module knows
+//!    nothing of profiles, and its [`Frame`] is what their locations hold.
 //!
 //! An address that no symbol covers stays unresolved (`lib.so+0x1a2b`): blazesym
 //! only gives a name when the address lies inside the symbol's extent (or is
@@ -29,20 +30,39 @@ use blazesym::symbolize::{
     source::{Elf, Kernel, Source},
 };
 
-use crate::{
-    process,
-    profile::{Frame, LocationKind, Profile},
-};
+use crate::process;
+
+/// A function at an address: what symbolization yields.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Frame {
+    /// Demangled function name.
+    pub function: String,
+    /// Source file, empty when unknown.
+    pub file: String,
+    /// Source line, 0 when unknown.
+    pub line: i64,
+    /// This call was inlined into the next frame of the location.
+    pub inlined: bool,
+}
+
+impl Frame {
+    pub fn named(function: impl Into<String>) -> Self {
+        Self {
+            function: function.into(),
+            ..Self::default()
+        }
+    }
+}
 
 /// An object file mapped by profiled processes, opened when first seen.
 #[derive(Debug)]
-pub struct Object {
+pub(crate) struct Object {
     /// The path as the process saw it.
-    pub path: String,
+    pub(crate) path: String,
     /// GNU build-id, lower-case hex; empty when the file has none.
-    pub build_id: String,
+    pub(crate) build_id: String,
     /// Size of the file, bounding its file offsets.
-    pub size: u64,
+    pub(crate) size: u64,
     /// The open file (kept open so that it outlives the process).
     file: Option<File>,
 }
@@ -51,7 +71,7 @@ impl Object {
     /// Where to read the object now: its own path when that is still the
     /// same file (so blazesym finds debug links next to it), else the
     /// descriptor opened while the process lived.
-    pub fn local_path(&self) -> Option<PathBuf> {
+    pub(crate) fn local_path(&self) -> Option<PathBuf> {
         let file = self.file.as_ref()?;
         let opened = file.metadata().ok()?;
         let same = Path::new(&self.path)
@@ -68,7 +88,7 @@ impl Object {
 
 /// Where an absolute user address landed.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Normalized {
+pub(crate) enum Normalized {
     /// In an object file: index into [`Normalizer::objects`] and file offset.
     File { object: usize, offset: u64 },
     /// JIT code named by the process's perf map.
@@ -108,8 +128,8 @@ const REFRESH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Normalizes absolute addresses of live processes (see the module docs).
 #[derive(Debug, Default)]
-pub struct Normalizer {
-    pub objects: Vec<Object>,
+pub(crate) struct Normalizer {
+    pub(crate) objects: Vec<Object>,
     /// (device, inode) of each opened object.
     by_identity: HashMap<(u64, u64), usize>,
     processes: HashMap<u32, ProcessState>,
@@ -118,12 +138,12 @@ pub struct Normalizer {
 }
 
 impl Normalizer {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Reads `pid`'s mappings now; returns false when the process is gone.
-    pub fn note_process(&mut self, pid: u32) -> bool {
+    pub(crate) fn note_process(&mut self, pid: u32) -> bool {
         let Ok(maps) = process::maps(pid) else {
             return false;
         };
@@ -155,14 +175,16 @@ impl Normalizer {
         true
     }
 
-    /// Forgets a process (it exited); its objects stay open.
-    pub fn forget_process(&mut self, pid: u32) {
-        self.processes.remove(&pid);
+    /// The object of `pid`'s executable (`/proc/PID/exe`), once
+    /// [`Normalizer::note_process`] has seen it mapped.
+    pub(crate) fn executable(&self, pid: u32) -> Option<usize> {
+        let meta = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
+        self.by_identity.get(&(meta.dev(), meta.ino())).copied()
     }
 
     /// Normalizes `addr` of `pid`, re-reading the process's maps once when it
     /// falls outside every known executable mapping. `None`: not code.
-    pub fn normalize(&mut self, pid: u32, addr: u64) -> Option<Normalized> {
+    pub(crate) fn normalize(&mut self, pid: u32, addr: u64) -> Option<Normalized> {
         if let Some(n) = self.lookup(pid, addr) {
             return Some(n);
         }
@@ -318,7 +340,7 @@ fn dump_own_vdso() -> std::io::Result<File> {
 }
 
 /// Parses perf map lines `START SIZE NAME` (hex numbers), sorted by start.
-pub fn parse_perf_map(text: &str) -> Vec<(u64, u64, String)> {
+pub(crate) fn parse_perf_map(text: &str) -> Vec<(u64, u64, String)> {
     let mut entries: Vec<(u64, u64, String)> = text
         .lines()
         .filter_map(|line| {
@@ -338,18 +360,19 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// Where the kernel's symbols are read from.
-pub const KALLSYMS: &str = "/proc/kallsyms";
+pub(crate) const KALLSYMS: &str = "/proc/kallsyms";
 
-/// Gives frames to every location of `profile` that has none and whose
-/// mapping has a `local_path` (user objects) or is the kernel's with
-/// `local_path` [`KALLSYMS`]. Objects that cannot be read are noted in the
-/// profile's comments; their addresses stay unresolved.
-pub fn symbolize(profile: &mut Profile) {
-    SymbolCache::new().symbolize(profile);
+/// What a batch of addresses is looked up in.
+#[derive(Clone, Copy, Debug)]
+pub enum SymbolSource<'a> {
+    /// An ELF object; the addresses are file offsets.
+    Elf(&'a Path),
+    /// The kernel, through a kallsyms file; the addresses are absolute.
+    Kernel(&'a Path),
 }
 
-/// Parsed objects (symbol tables, DWARF) kept across [`SymbolCache::symbolize`]
-/// calls. Holds `Rc`s: one per thread.
+/// Parsed objects (symbol tables, DWARF) kept across lookups. Holds `Rc`s:
+/// one per thread.
 pub struct SymbolCache {
     symbolizer: Symbolizer,
 }
@@ -367,64 +390,28 @@ impl SymbolCache {
         }
     }
 
-    /// See [`symbolize`].
-    pub fn symbolize(&self, profile: &mut Profile) {
-        let symbolizer = &self.symbolizer;
-        // Locations to look up, per mapping.
-        let mut per_mapping: HashMap<usize, Vec<usize>> = HashMap::new();
-        for (i, loc) in profile.locations.iter().enumerate() {
-            if !loc.frames.is_empty() || loc.kind == LocationKind::Marker {
-                continue;
-            }
-            if let Some(m) = loc.mapping
-                && profile.mappings[m].local_path.is_some()
-            {
-                per_mapping.entry(m).or_default().push(i);
-            }
-        }
-        let mut mapping_ids: Vec<usize> = per_mapping.keys().copied().collect();
-        mapping_ids.sort_unstable();
-        for m in mapping_ids {
-            let locations = &per_mapping[&m];
-            let mapping = &profile.mappings[m];
-            let local = mapping.local_path.clone().expect("filtered above");
-            let kernel = mapping.is_kernel();
-            let inputs: Vec<u64> = locations
-                .iter()
-                .map(|&l| {
-                    let a = profile.locations[l].address;
-                    if kernel {
-                        a
-                    } else {
-                        a.wrapping_sub(mapping.start).wrapping_add(mapping.offset)
-                    }
-                })
-                .collect();
-            let result = if kernel {
+    /// The frames at each address, innermost first; empty where no symbol
+    /// covers the address.
+    pub fn frames(
+        &self,
+        source: SymbolSource<'_>,
+        addrs: &[u64],
+    ) -> anyhow::Result<Vec<Vec<Frame>>> {
+        let symbols = match source {
+            SymbolSource::Kernel(kallsyms) => {
                 let src = Source::Kernel(Kernel {
-                    kallsyms: blazesym::MaybeDefault::Some(local.clone()),
+                    kallsyms: blazesym::MaybeDefault::Some(kallsyms.to_path_buf()),
                     vmlinux: blazesym::MaybeDefault::None,
                     ..Kernel::default()
                 });
-                symbolizer.symbolize(&src, Input::AbsAddr(&inputs))
-            } else {
-                let src = Source::Elf(Elf::new(local.clone()));
-                symbolizer.symbolize(&src, Input::FileOffset(&inputs))
-            };
-            match result {
-                Ok(symbols) => {
-                    for (&l, sym) in locations.iter().zip(symbols) {
-                        profile.locations[l].frames = frames_of(sym);
-                    }
-                }
-                Err(err) => {
-                    let name = profile.mappings[m].file.clone();
-                    profile
-                        .comments
-                        .push(format!("could not symbolize {name}: {err}"));
-                }
+                self.symbolizer.symbolize(&src, Input::AbsAddr(addrs))
             }
-        }
+            SymbolSource::Elf(path) => {
+                let src = Source::Elf(Elf::new(path));
+                self.symbolizer.symbolize(&src, Input::FileOffset(addrs))
+            }
+        }?;
+        Ok(symbols.into_iter().map(frames_of).collect())
     }
 }
 

@@ -370,7 +370,7 @@ fn unknown_pid_is_one_line_error() {
 fn bad_frequency_is_one_line_error() {
     require_bpf!();
     let (_, stderr, code) = run_prof_bpf(&["cpu", "-F", "0"]);
-    assert_one_line_error(&stderr, code, "-F 0 is out of range");
+    assert_one_line_error(&stderr, code, "from 1 to 100000, got 0");
     let max: u64 = std::fs::read_to_string("/proc/sys/kernel/perf_event_max_sample_rate")
         .expect("read max sample rate")
         .trim()
@@ -378,7 +378,13 @@ fn bad_frequency_is_one_line_error() {
         .expect("parse max sample rate");
     let above = (max + 1).to_string();
     let (_, stderr, code) = run_prof_bpf(&["cpu", "-F", &above]);
-    assert_one_line_error(&stderr, code, &format!("-F {above} is out of range"));
+    // Above the kernel's limit, or above what the option accepts at all.
+    let needle = if max < 100_000 {
+        format!("-F {above} is above the kernel's limit of {max}")
+    } else {
+        format!("got {above}")
+    };
+    assert_one_line_error(&stderr, code, &needle);
 }
 
 #[test]
@@ -455,4 +461,146 @@ fn interval_prints_top_tables() {
     let stacks = parse_folded(&std::fs::read_to_string(&out).expect("read output"));
     assert!(stacks.iter().any(|(f, _)| f.iter().any(|x| x == "burn")));
     drop(workload.wait_output(Duration::from_secs(20)));
+}
+
+/// Starts `cpu ARGS` on the whole host, sends `signal` once it samples, and
+/// returns (stdout, exit code).
+fn cpu_until_signal(args: &[&str], signal: i32) -> (String, Option<i32>) {
+    let mut all = vec!["cpu", "-F", "199"];
+    all.extend_from_slice(args);
+    let (prof, _) = start_prof_bpf(&all, "sampling");
+    std::thread::sleep(Duration::from_millis(1200));
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(prof.id() as i32, signal) };
+    let output = prof.wait_with_output().expect("wait for prof-bpf");
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        output.status.code(),
+    )
+}
+
+#[test]
+fn sigterm_and_sighup_write_the_report() {
+    require_bpf!();
+    for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGHUP, "SIGHUP")] {
+        // To stdout: the text table.
+        let (stdout, code) = cpu_until_signal(&[], signal);
+        assert_eq!(code, Some(0), "{name}: exit status");
+        assert!(
+            stdout.contains("flat%") && stdout.contains("prof-bpf cpu: cpu-clock"),
+            "{name}: no report on stdout:\n{stdout}"
+        );
+        // To a file.
+        let out = out_file(&format!("signal-{name}.pb.gz"));
+        let (stdout, code) = cpu_until_signal(&["-o", out.to_str().unwrap()], signal);
+        assert_eq!(code, Some(0), "{name}: exit status");
+        assert!(stdout.is_empty(), "{name}: {stdout}");
+        let bytes = std::fs::read(&out).expect("read the report file");
+        // gzip magic: a whole pprof file, not an empty one.
+        assert!(
+            bytes.len() > 100 && bytes.starts_with(&[0x1f, 0x8b]),
+            "{name}: report file of {} bytes",
+            bytes.len()
+        );
+    }
+}
+
+#[test]
+fn bad_output_extension_is_rejected_before_attaching() {
+    require_bpf!();
+    let out = out_file("report.unknown-extension");
+    let started = std::time::Instant::now();
+    let (_, stderr, code) = run_prof_bpf(&["cpu", "--duration", "5", "-o", out.to_str().unwrap()]);
+    assert_one_line_error(&stderr, code, "unknown extension .unknown-extension");
+    assert!(!out.exists(), "a file was left at {}", out.display());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "rejected only after sampling"
+    );
+}
+
+/// Runs `prof-bpf ARGS` to its end; returns its exit code and its stderr
+/// lines with the time each was read.
+fn run_with_line_times(args: &[&str]) -> (i32, Vec<(std::time::Instant, String)>) {
+    use std::io::BufRead as _;
+    let mut child = Command::new(prof_bpf_tests::prof_bpf())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start prof-bpf");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let lines = std::io::BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .map(|line| (std::time::Instant::now(), line))
+        .collect();
+    let status = child.wait().expect("wait for prof-bpf");
+    (status.code().unwrap_or(-1), lines)
+}
+
+#[test]
+fn interval_with_duration_ends_on_time() {
+    require_bpf!();
+    for (interval, duration) in [("0.1", 1.0), ("0.7", 2.0)] {
+        let mut workload =
+            Proc::spawn(Command::new(build_workload("cpu_split", FLAGS)).args(["8", "0"]));
+        workload.expect_line("ready");
+        let pid = workload.pid().to_string();
+        workload.send_line("go");
+        let out = out_file(&format!("interval-duration-{pid}.folded"));
+        let duration_arg = duration.to_string();
+        let args = [
+            "cpu",
+            "--pid",
+            &pid,
+            "-F",
+            "999",
+            "--interval",
+            interval,
+            "--duration",
+            &duration_arg,
+            "--sample-type",
+            "samples",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        // From the start of sampling to the stop (loading, attaching and
+        // writing the report take their own time on a busy machine).
+        let (code, lines) = run_with_line_times(&args);
+        assert_eq!(code, 0, "prof-bpf cpu failed: {lines:?}");
+        let at = |needle: &str| {
+            lines
+                .iter()
+                .find(|(_, l)| l.contains(needle))
+                .map(|(t, _)| *t)
+                .unwrap_or_else(|| panic!("no `{needle}` in {lines:?}"))
+        };
+        let took = (at("stopping: --duration reached") - at("sampling")).as_secs_f64();
+        assert!(
+            took < duration + 1.0,
+            "--interval {interval} --duration {duration} stopped after {took:.1} s"
+        );
+        // One busy thread at 999 Hz: at most `duration` s of samples (the
+        // kernel stops counting at the end, whenever user space stops), and
+        // some of them even on an overloaded machine.
+        let samples: u64 = parse_folded(&std::fs::read_to_string(&out).expect("read output"))
+            .iter()
+            .map(|(_, v)| v)
+            .sum();
+        let most = (duration * 999.0 * 1.02) as u64;
+        assert!(
+            samples <= most && samples * 20 >= most,
+            "--interval {interval} --duration {duration}: {samples} samples"
+        );
+        drop(workload);
+    }
+    // An interval longer than the whole run is a mistake.
+    let (_, stderr, code) = run_prof_bpf(&["cpu", "--interval", "5", "--duration", "1"]);
+    assert_one_line_error(
+        &stderr,
+        code,
+        "--interval (5 s) is longer than --duration (1 s)",
+    );
 }

@@ -381,3 +381,173 @@ fn malformed_input_is_one_line_error_naming_the_file() {
     assert_one_line_error(&stderr, code, "/nonexistent/x.txt");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs prof-bpf with `args`; returns stderr, the exit code and the peak
+/// RSS in bytes.
+fn run_measured(args: &[&str]) -> (String, i32, u64) {
+    use std::io::Read as _;
+    #[expect(
+        clippy::zombie_processes,
+        reason = "reaped by wait4 below, which also gives the peak RSS"
+    )]
+    let mut child = Command::new(prof_bpf_tests::prof_bpf())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run prof-bpf");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: rusage is plain data; all-zero is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; both out-pointers are valid.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    (stderr, code, usage.ru_maxrss as u64 * 1024)
+}
+
+#[test]
+fn input_is_bounded() {
+    let dir = scratch("bounded");
+    // /dev/zero never ends: reading stops at the cap.
+    let (stderr, code, rss) = run_measured(&["report", "/dev/zero", "--max-input", "256M"]);
+    assert_one_line_error(
+        &stderr,
+        code,
+        "/dev/zero: larger than 256MiB (raise the cap with --max-input)",
+    );
+    assert!(rss < 512 << 20, "peak RSS {rss} for a 256 MiB cap");
+    // 9 MB of gzip members of zeros: about 9 GB decompressed. The default
+    // cap (1 GiB) stops it.
+    let member = Command::new("sh")
+        .args(["-c", "head -c 64M /dev/zero | gzip -9"])
+        .output()
+        .expect("gzip");
+    assert!(member.status.success());
+    let members = (9 << 20) / member.stdout.len() + 1;
+    let bomb = dir.join("zeros.pb.gz");
+    std::fs::write(&bomb, member.stdout.repeat(members)).unwrap();
+    let size = std::fs::metadata(&bomb).unwrap().len();
+    assert!(size >= 9 << 20, "{size}");
+    let (stderr, code, rss) = run_measured(&["report", bomb.to_str().unwrap()]);
+    assert_one_line_error(
+        &stderr,
+        code,
+        "zeros.pb.gz: decompresses to larger than 1GiB (raise the cap with --max-input)",
+    );
+    assert!(rss < 2 << 30, "peak RSS {rss} for the default 1 GiB cap");
+    // A small cap refuses a real profile, a bad size is a usage error.
+    let heap = gperftools_profile(&dir, "heap");
+    let (_, stderr, code) = run_prof_bpf(&["report", heap.to_str().unwrap(), "--max-input", "100"]);
+    assert_one_line_error(&stderr, code, "larger than 100B");
+    let (_, stderr, code) = run_prof_bpf(&["report", heap.to_str().unwrap(), "--max-input", "1X"]);
+    assert_one_line_error(&stderr, code, "--max-input");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Files in `dir`, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn rejected_options_leave_no_file() {
+    let dir = scratch("rejected");
+    let heap = gperftools_profile(&dir, "heap");
+    let heap = heap.to_str().unwrap();
+    let out = dir.join("out");
+    std::fs::create_dir(&out).unwrap();
+    let at = |name: &str| out.join(name).to_str().unwrap().to_owned();
+    let cases: [(Vec<String>, &str); 5] = [
+        (
+            vec![
+                "--format".into(),
+                "callgraph".into(),
+                "-o".into(),
+                at("g.jpg"),
+            ],
+            "the call graph cannot be written as .jpg; use one of .dot, .svg, .png, .gif, .pdf",
+        ),
+        (vec!["-o".into(), at("g.jpg")], "unknown extension .jpg"),
+        (vec!["-o".into(), at("profile")], "no extension"),
+        (
+            vec!["--focus".into(), "(".into(), "-o".into(), at("x.txt")],
+            "bad --focus regex",
+        ),
+        (
+            vec![
+                "--sample-type".into(),
+                "cpu".into(),
+                "-o".into(),
+                at("x.txt"),
+            ],
+            "no sample type `cpu`",
+        ),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (_, stderr, code) = run_prof_bpf(&[&["report", heap], &args[..]].concat());
+        assert_one_line_error(&stderr, code, needle);
+        assert!(
+            entries(&out).is_empty(),
+            "{args:?} left {:?}",
+            entries(&out)
+        );
+    }
+    // A good run writes exactly the file asked for.
+    report(&[heap, "-o", &at("g.png")]);
+    assert_eq!(entries(&out), ["g.png"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn non_utf8_names_are_read_lossily_like_go_pprof() {
+    let dir = scratch("utf8");
+    let heap = gperftools_profile(&dir, "heap");
+    let pb = dir.join("p.pb.gz");
+    report(&[heap.to_str().unwrap(), "-o", pb.to_str().unwrap()]);
+    // Uncompressed, with one byte of `keep_blocks` made invalid UTF-8 (the
+    // same length keeps the message valid).
+    let raw = Command::new("gzip")
+        .arg("-dc")
+        .arg(&pb)
+        .output()
+        .expect("gzip -dc");
+    let mut bytes = raw.stdout;
+    let at = bytes
+        .windows(11)
+        .position(|w| w == b"keep_blocks")
+        .expect("keep_blocks in the string table");
+    bytes[at + 4] = 0xff;
+    let bad = dir.join("bad.pb");
+    std::fs::write(&bad, &bytes).unwrap();
+    let theirs = go_pprof(
+        &dir,
+        &["-top", "-sample_index=inuse_space", bad.to_str().unwrap()],
+    );
+    assert!(theirs.contains("Type: inuse_space"), "{theirs}");
+    let stacks = folded(&[bad.to_str().unwrap(), "--group-by", "none"]);
+    assert_eq!(
+        leaf_value(&stacks, "keep\u{fffd}blocks"),
+        1_000_000,
+        "{stacks:#?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -5,7 +5,7 @@ use std::{collections::HashMap, process::Command, time::Duration};
 
 use prof_bpf_tests::{Proc, build_workload};
 use profiler::{
-    output::{self, OutputArgs},
+    output::OutputArgs,
     profile::{Collector, Frame, Mapping, Profile, RawSample, SampleType, StackStatus},
 };
 
@@ -108,7 +108,9 @@ fn c_functions_and_inlined_frames_after_exit() {
         output: Some(out.clone()),
         ..OutputArgs::default()
     };
-    output::write(&profile, &args).expect("write folded");
+    args.check(&[])
+        .and_then(|plan| plan.write(&profile))
+        .expect("write folded");
     let folded = std::fs::read_to_string(&out).unwrap();
     let root = format!("sym_known-{pid}");
     assert!(
@@ -177,13 +179,12 @@ fn garbage_frames_end_the_stack_as_truncated() {
     let folded = |args: OutputArgs| {
         let out =
             std::env::temp_dir().join(format!("prof-bpf-trunc-{}.folded", std::process::id()));
-        output::write(
-            &profile,
-            &OutputArgs {
-                output: Some(out.clone()),
-                ..args
-            },
-        )
+        OutputArgs {
+            output: Some(out.clone()),
+            ..args
+        }
+        .check(&[])
+        .and_then(|plan| plan.write(&profile))
         .unwrap();
         let text = std::fs::read_to_string(&out).unwrap();
         std::fs::remove_file(&out).ok();
@@ -275,7 +276,7 @@ fn stripped_binary_gap_is_not_given_a_wrong_name() {
             ..Default::default()
         });
     }
-    profiler::symbolize::symbolize(&mut profile);
+    profile.symbolize();
     assert!(
         profile.locations[0].frames.is_empty(),
         "address {gap_addr:#x} after {} was named {:?}",
@@ -373,13 +374,12 @@ fn go_pprof_reads_collector_profiles() {
     let dir = std::env::temp_dir().join(format!("prof-bpf-sym-go-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let pb = dir.join("p.pb.gz");
-    output::write(
-        &profile,
-        &OutputArgs {
-            output: Some(pb.clone()),
-            ..OutputArgs::default()
-        },
-    )
+    OutputArgs {
+        output: Some(pb.clone()),
+        ..OutputArgs::default()
+    }
+    .check(&[])
+    .and_then(|plan| plan.write(&profile))
     .unwrap();
     let out = Command::new("go")
         .args([

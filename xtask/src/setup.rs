@@ -7,7 +7,9 @@
 //!    can be downloaded, and its LLVM major must match the nightly's), rebuilt
 //!    only when that libLLVM file changes;
 //! 3. Debian packages the tests and benchmarks run (root only);
-//! 4. kernel facilities: BTF, the uprobe PMU, tracefs (root only).
+//! 4. kernel facilities: BTF, the uprobe PMU, tracefs (root only);
+//! 5. py-spy, the Python tests' oracle, in a virtualenv of the project's own
+//!    (root only: the Python tests need root anyway).
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -41,9 +43,17 @@ const PACKAGES: &[&str] = &[
     "hyperfine",
     "linux-perf",
     "bpftrace",
+    // <sys/sdt.h>, for the C test allocator's USDT probes.
+    "systemtap-sdt-dev",
     "bpfcc-tools",
     "linux-headers-amd64",
 ];
+
+/// The virtualenv that holds py-spy; `tests/tests/python.rs` runs
+/// `PY_SPY_VENV/bin/py-spy`.
+const PY_SPY_VENV: &str = "/var/cache/prof-bpf-tools/venv";
+/// py-spy release the Python tests are checked against.
+const PY_SPY_VERSION: &str = "0.4.3";
 
 /// What setup found out, for the commands that run after it.
 pub struct Setup {
@@ -52,20 +62,67 @@ pub struct Setup {
 }
 
 pub fn run() -> anyhow::Result<Setup> {
-    let nightly = nightly().context("step 1/4 (nightly toolchain)")?;
-    rust_src().context("step 1/4 (rust-src)")?;
-    bpf_linker(&nightly).context("step 2/4 (bpf-linker)")?;
+    let nightly = nightly().context("step 1/5 (nightly toolchain)")?;
+    rust_src().context("step 1/5 (rust-src)")?;
+    bpf_linker(&nightly).context("step 2/5 (bpf-linker)")?;
     let root = util::is_root();
     if root {
-        packages().context("step 3/4 (Debian packages)")?;
-        kernel().context("step 4/4 (kernel)")?;
+        packages().context("step 3/5 (Debian packages)")?;
+        kernel().context("step 4/5 (kernel)")?;
+        py_spy().context("step 5/5 (py-spy)")?;
     } else {
         eprintln!(
             "xtask: warning: not root: skipping Debian packages and kernel setup; \
              building, linting and unit tests still work, BPF tests will be skipped"
         );
     }
+    python_tools().context("Python tools")?;
     Ok(Setup { root })
+}
+
+/// PyPI packages in `target/tools/venv`: `opentelemetry-proto` decodes what
+/// the OTLP sink sends, as an independent generator of the same messages
+/// (1.45.2 has the v1development profiles of OTLP 1.10, as the Rust crate).
+const PYTHON_TOOLS: &[&str] = &["opentelemetry-proto==1.45.2"];
+
+/// The virtual environment of [`PYTHON_TOOLS`].
+fn tools_venv() -> PathBuf {
+    util::target_dir().join("tools/venv")
+}
+
+fn python_tools() -> anyhow::Result<()> {
+    let venv = tools_venv();
+    let python = venv.join("bin/python");
+    let stamp = venv.join("prof-bpf-tools.txt");
+    let wanted = PYTHON_TOOLS.join("\n");
+    if fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) && python.exists() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing {} into {}",
+        PYTHON_TOOLS.join(" "),
+        venv.display()
+    );
+    util::run(
+        Command::new("python3").args(["-m", "venv"]).arg(&venv),
+        "python3 -m venv",
+    )
+    .context("python3 with its venv module is needed")?;
+    util::run(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(PYTHON_TOOLS),
+        "pip install",
+    )
+    .context("the Python tools could not be installed; pip needs PyPI")?;
+    fs::write(&stamp, wanted).with_context(|| format!("writing {}", stamp.display()))?;
+    Ok(())
 }
 
 struct Nightly {
@@ -262,4 +319,35 @@ fn kernel() -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Installs py-spy from PyPI into [`PY_SPY_VENV`] unless it is there at the
+/// expected version.
+fn py_spy() -> anyhow::Result<()> {
+    let binary = Path::new(PY_SPY_VENV).join("bin/py-spy");
+    let installed = Command::new(&binary)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout).trim() == format!("py-spy {PY_SPY_VERSION}")
+        });
+    if installed {
+        return Ok(());
+    }
+    eprintln!("xtask: installing py-spy {PY_SPY_VERSION} into {PY_SPY_VENV}");
+    let pip = Path::new(PY_SPY_VENV).join("bin/pip");
+    if !pip.exists() {
+        util::run(
+            Command::new("python3").args(["-m", "venv", PY_SPY_VENV]),
+            "python3 -m venv",
+        )
+        .context(
+            "creating the py-spy virtualenv needs python3-venv (`apt-get install python3-venv`)",
+        )?;
+    }
+    util::run(
+        Command::new(&pip).args(["install", "-q", &format!("py-spy=={PY_SPY_VERSION}")]),
+        "pip install py-spy",
+    )
+    .context("py-spy could not be installed; it needs PyPI")
 }

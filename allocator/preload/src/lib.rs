@@ -11,7 +11,8 @@
 //!
 //! It also exports `pthread_create` ([`pthread`]), for CPUPROFILE's
 //! per-thread timers, and, from the `profalloc` crate, the sampler's hook
-//! functions and `profalloc_sample_bytes`.
+//! functions, `profalloc_sample_bytes` and `profalloc_live_heap` (the
+//! sampled live heap's header), with the `otel_memory` USDT notes.
 use core::ffi::{c_int, c_void};
 
 use profalloc::{alloc as a, size_class::MIN_ALIGN};

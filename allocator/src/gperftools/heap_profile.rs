@@ -10,13 +10,7 @@
 //! [`super::record_free`]); the heap checker reads the tables at exit.
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::{
-    arena::Table,
-    now_secs,
-    pprof::Encoder,
-    unwind::{self, Status},
-    write_file,
-};
+use super::{Stack, arena::Table, now_secs, pprof::Encoder, write_file};
 use crate::{
     env::{self, Settings},
     lock::SpinLock,
@@ -24,7 +18,7 @@ use crate::{
     sampler,
 };
 
-pub(crate) const MAX_FRAMES: usize = 64;
+pub(crate) const MAX_FRAMES: usize = profiler_common::hooks::LIVE_MAX_FRAMES;
 const BUCKET_CAP: usize = 1 << 16;
 const BUCKET_SLOTS: usize = 1 << 17;
 /// The live table starts small and doubles (rehashing) at 3/4 full: a
@@ -146,29 +140,20 @@ fn slot_of(ptr: usize, mask: usize) -> usize {
     ((ptr as u64 >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize & mask
 }
 
-/// A sampled allocation of `size` bytes standing for `weight` bytes.
-pub(crate) fn record_alloc(ptr: *mut u8, size: usize, weight: u64) {
-    let mut frames = [0u64; MAX_FRAMES + 1];
-    let (n, status) = unwind::walk_here(&mut frames);
-    // Drop the allocator's own frames: the stack starts at the caller of
-    // malloc (or operator new).
-    let skip = match super::own_code() {
-        Some((lo, hi)) => frames[..n]
-            .iter()
-            .take_while(|&&pc| (lo..hi).contains(&(pc as usize)))
-            .count(),
-        None => 0,
-    };
-    let (stack, truncated) = if n - skip > MAX_FRAMES {
-        (&frames[skip..skip + MAX_FRAMES], true)
-    } else {
-        (&frames[skip..n], status == Status::Truncated)
-    };
+/// A sampled allocation of `size` bytes standing for `weight` bytes,
+/// allocated from `stack`.
+pub(crate) fn record_alloc(ptr: *mut u8, size: usize, weight: u64, stack: &Stack) {
     LOCK.lock();
     // SAFETY: under LOCK.
     unsafe {
         let h = heap();
-        h.add(ptr as usize, size, weight, stack, truncated);
+        h.add(
+            ptr as usize,
+            size,
+            weight,
+            stack.frames(),
+            stack.truncated(),
+        );
         h.maybe_dump();
     }
     LOCK.unlock();

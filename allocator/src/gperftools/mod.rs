@@ -44,9 +44,11 @@ use crate::{
     os::Message,
 };
 
-/// Starts what the settings ask for. Called once by the sampler, from the
-/// allocator's initialisation (first allocation, busy set).
-pub(crate) fn start(s: &Settings) {
+/// Makes allocation stacks available ([`Stack::capture`]): the object
+/// table, and the code ranges of this library and of the dynamic loader.
+/// Called once, from the allocator's initialisation (first allocation,
+/// busy set), when stacks are wanted (the live set or gperftools mode).
+pub(crate) fn start_stacks() {
     objects::refresh();
     if let Some(o) = objects::this_library() {
         // Inside a program that links the allocator statically, its own
@@ -65,6 +67,12 @@ pub(crate) fn start(s: &Settings) {
         LOADER_START.store(ld.start, Ordering::Relaxed);
         LOADER_END.store(ld.end, Ordering::Relaxed);
     }
+}
+
+/// Starts what the settings ask for. Called once by the sampler, from the
+/// allocator's initialisation (first allocation, busy set), after
+/// [`start_stacks`].
+pub(crate) fn start(s: &Settings) {
     let heap_prefix = s.heap_prefix.as_str();
     if !heap_prefix.is_empty() && !s.heap_check && !prefix_dir_writable(heap_prefix) {
         let mut m = Message::new();
@@ -138,11 +146,63 @@ pub(crate) fn loader_code() -> Option<(usize, usize)> {
     (end != 0).then(|| (LOADER_START.load(Ordering::Relaxed), end))
 }
 
-/// A sampled (or recorded) allocation succeeded.
+/// Whether gperftools mode records allocation stacks (HEAPPROFILE or the
+/// heap checker).
 #[inline]
-pub(crate) fn record_alloc(ptr: *mut u8, size: usize, weight: u64) {
-    if heap_profile::ON.load(Ordering::Relaxed) {
-        heap_profile::record_alloc(ptr, size, weight);
+pub(crate) fn records_stacks() -> bool {
+    heap_profile::ON.load(Ordering::Relaxed)
+}
+
+/// A sampled (or recorded) allocation succeeded, allocated from `stack`.
+#[inline]
+pub(crate) fn record_alloc(ptr: *mut u8, size: usize, weight: u64, stack: &Stack) {
+    if records_stacks() {
+        heap_profile::record_alloc(ptr, size, weight, stack);
+    }
+}
+
+/// The stack of an allocation: return addresses, innermost first, from the
+/// caller of the allocator's entry point (this library's own frames are
+/// dropped when it is a library of its own).
+pub(crate) struct Stack {
+    frames: [u64; heap_profile::MAX_FRAMES + 1],
+    start: usize,
+    end: usize,
+    truncated: bool,
+}
+
+impl Stack {
+    /// The current thread's stack, from the in-process unwinder.
+    #[inline(never)]
+    pub(crate) fn capture() -> Self {
+        let mut frames = [0u64; heap_profile::MAX_FRAMES + 1];
+        let (n, status) = unwind::walk_here(&mut frames);
+        let start = match own_code() {
+            Some((lo, hi)) => frames[..n]
+                .iter()
+                .take_while(|&&pc| (lo..hi).contains(&(pc as usize)))
+                .count(),
+            None => 0,
+        };
+        let (end, truncated) = if n - start > heap_profile::MAX_FRAMES {
+            (start + heap_profile::MAX_FRAMES, true)
+        } else {
+            (n, status == unwind::Status::Truncated)
+        };
+        Self {
+            frames,
+            start,
+            end,
+            truncated,
+        }
+    }
+
+    pub(crate) fn frames(&self) -> &[u64] {
+        &self.frames[self.start..self.end]
+    }
+
+    pub(crate) fn truncated(&self) -> bool {
+        self.truncated
     }
 }
 

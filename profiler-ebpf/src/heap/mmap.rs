@@ -24,14 +24,15 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use profiler_common::heap::{
-    HeapConfig, LiveAlloc, LiveKey, MAX_MMAP_TARGETS, MAX_THREADS, MappingCall, PendingMapping,
-    SOURCE_MMAP, STACK_ID_MISSING, WEIGHT_ONE,
+    HeapConfig, HeapCounter, LiveAlloc, LiveKey, MAX_MMAP_TARGETS, MAX_THREADS, MappingCall,
+    PendingMapping, SOURCE_MMAP, STACK_ID_MISSING, WEIGHT_ONE,
 };
 
 use super::{
-    HEAP_COUNTERS, HEAP_LIVE, HEAP_THREADS, add, add_freed, current_pid, track, tracked, untrack,
+    HEAP_COUNTERS, HEAP_LIVE, HEAP_THREADS, add_freed, current_pid, track, tracked, untrack,
 };
 use crate::{
+    counters::count,
     stack::{saved_user_frame, user_stack_id},
     unwind::has_cfi,
 };
@@ -143,7 +144,7 @@ fn target() -> Option<u32> {
 fn begin(call: MappingCall, size: u64, old_addr: u64, old_len: u64) {
     let user = saved_user_frame();
     if in_allocator_call(user.sp) {
-        count!(mmaps_in_allocator);
+        count(&HEAP_COUNTERS, HeapCounter::MmapsInAllocator);
         return;
     }
     // Frame 0 is in the syscall's wrapper, which sets up no frame (glibc's
@@ -151,13 +152,13 @@ fn begin(call: MappingCall, size: u64, old_addr: u64, old_len: u64) {
     // would skip the wrapper's caller, so the stack is reported missing
     // rather than wrong (until the agent loads the process's tables).
     let stack_id = if !has_cfi(current_pid(), user.pc) {
-        count!(stack_errors);
+        count(&HEAP_COUNTERS, HeapCounter::StackErrors);
         STACK_ID_MISSING
     } else {
         match user_stack_id(core::ptr::null(), false) {
             Ok(id) => id,
             Err(_) => {
-                count!(stack_errors);
+                count(&HEAP_COUNTERS, HeapCounter::StackErrors);
                 STACK_ID_MISSING
             }
         }
@@ -174,7 +175,7 @@ fn begin(call: MappingCall, size: u64, old_addr: u64, old_len: u64) {
         .insert(&bpf_get_current_pid_tgid(), &pending, 0)
         .is_err()
     {
-        count!(threads_full);
+        count(&HEAP_COUNTERS, HeapCounter::ThreadsFull);
     }
 }
 
@@ -197,7 +198,7 @@ fn finish(ctx: &TracePointContext, call: MappingCall) -> Option<(PendingMapping,
 
 #[inline(always)]
 fn track_mapping(addr: u64, pending: &PendingMapping) {
-    count!(mmaps);
+    count(&HEAP_COUNTERS, HeapCounter::Mmaps);
     track(
         current_pid(),
         addr,
@@ -241,7 +242,7 @@ fn release(pid: u32, addr: u64, len: u64) {
 /// smaller, and counts those bytes as freed.
 #[inline(always)]
 fn trim_front(pid: u32, addr: u64, live: LiveAlloc, cut: u64) {
-    count!(unmaps_partial);
+    count(&HEAP_COUNTERS, HeapCounter::UnmapsPartial);
     let key = LiveKey {
         addr,
         pid,
@@ -263,7 +264,7 @@ fn trim_front(pid: u32, addr: u64, live: LiveAlloc, cut: u64) {
     if HEAP_LIVE.insert(&moved, &rest, 0).is_err() {
         // The rest can no longer be retired by its unmap: take it out of
         // the totals now, as a lost block.
-        count!(live_full);
+        count(&HEAP_COUNTERS, HeapCounter::LiveFull);
         add_freed(
             pid,
             SOURCE_MMAP,

@@ -242,7 +242,7 @@ pub fn hook_rate(pid: u32, allocator: &Allocator, hooks: &Hooks) -> anyhow::Resu
 }
 
 /// The file offset of virtual address `address` (through the segment that maps it).
-pub(super) fn file_offset(file: &object::File<'_>, address: u64) -> Option<u64> {
+pub(crate) fn file_offset(file: &object::File<'_>, address: u64) -> Option<u64> {
     file.segments().find_map(|segment| {
         let (start, size) = (segment.address(), segment.size());
         let (file_start, file_size) = segment.file_range();

@@ -82,11 +82,6 @@ impl<K: std::hash::Hash + Eq + Clone> History<K> {
         self.times.len()
     }
 
-    /// Whether only the attach snapshot exists.
-    pub fn is_empty(&self) -> bool {
-        self.times.len() <= 1
-    }
-
     /// The verdict for `key` (a stack never seen has no growth).
     pub fn classify(&self, key: &K) -> Option<Growth> {
         match self.series.get(key) {

@@ -1,21 +1,36 @@
 //! `prof-bpf heap`: heap profiles and leak reports of running processes,
 //! without restarting them, through uprobes on their allocator.
 //!
+//! - `settings`: the session's plain settings; `--probe` resolved.
 //! - [`discover`]: which allocator a process uses and its entry points.
-//! - [`launch`]: `-- CMD ARGS`, held before exec until the probes are in place.
-//! - [`sampling`]: the Poisson sampler's tables and weights.
-//! - [`leaks`]: growth-over-snapshots leak classification.
-//! - [`session`]: load, attach, read the maps, build the profile.
-use std::{ffi::OsString, path::PathBuf};
+//! - `attach`: what to probe, loading and attaching.
+//! - `maps`: reading the kernel's maps.
+//! - `processes`: the session's view of its targets.
+//! - `sampling`: the Poisson sampler's tables and weights.
+//! - `leaks`: growth-over-snapshots leak classification.
+//! - `report`: the reports, built from what was read (pure);
+//!   `coverage`: what they cover, beside the targets' memory.
+//! - `status`: the live status line.
+//! - `session`: the recording loop tying them together.
+use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use anyhow::bail;
 use profiler_common::heap::{DEFAULT_MAX_LIVE, DEFAULT_MAX_STACKS};
+use settings::{ProbeRequest, Settings, Targets};
 
-pub mod discover;
-pub mod launch;
-pub mod leaks;
-pub mod sampling;
-pub mod session;
+use crate::runtime;
+
+mod attach;
+mod coverage;
+pub(crate) mod discover;
+mod leaks;
+mod maps;
+mod processes;
+mod report;
+mod sampling;
+mod session;
+mod settings;
+mod status;
 
 const AFTER_HELP: &str = "\
 SAMPLING:
@@ -76,6 +91,11 @@ fn after_help() -> String {
     AFTER_HELP.replace("LEAK_RULE", &lines.join("\n"))
 }
 
+/// Largest capacity accepted for the heap's hash maps: the kernel sizes a
+/// hash map's buckets as the next power of two and refuses (E2BIG) tables
+/// past 2^28 buckets; 2^26 keeps every map well within that.
+const MAX_MAP_ENTRIES: u32 = 1 << 26;
+
 /// Options of `prof-bpf heap`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = after_help())]
@@ -97,14 +117,14 @@ pub struct HeapArgs {
     #[arg(long)]
     pub leaks: bool,
     /// With --leaks: also list stacks holding allocations at least this old.
-    #[arg(long, value_name = "SECS", requires = "leaks")]
-    pub min_age: Option<f64>,
-    /// Stop after this many seconds (default: until Ctrl-C or the targets exit).
-    #[arg(long, short, value_name = "SECS")]
-    pub duration: Option<f64>,
+    #[arg(long, value_name = "SECS", requires = "leaks", value_parser = runtime::args::age)]
+    pub min_age: Option<Duration>,
+    /// Stop after this many seconds (default: until a signal or the targets exit).
+    #[arg(long, short, value_name = "SECS", value_parser = runtime::args::seconds)]
+    pub duration: Option<Duration>,
     /// Seconds between reports (heap profiles), or between snapshots (--leaks, default 2).
-    #[arg(long, value_name = "SECS")]
-    pub interval: Option<f64>,
+    #[arg(long, value_name = "SECS", value_parser = runtime::args::interval)]
+    pub interval: Option<Duration>,
     /// Also track anonymous private mappings (mmap/mremap/munmap) made
     /// outside allocator calls; see MAPPINGS below.
     #[arg(long)]
@@ -115,11 +135,15 @@ pub struct HeapArgs {
     /// --sample-bytes nor --mmap asks for more than they give.
     #[arg(long, value_enum, default_value_t = Probe::Auto)]
     pub probe: Probe,
-    /// Capacity for live allocations tracked at once; more are counted as lost.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_LIVE)]
+    /// Capacity for live allocations tracked at once; more are counted as
+    /// lost [at most 67108864: the kernel refuses bigger hash maps].
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_LIVE,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_MAP_ENTRIES)))]
     pub max_live: u32,
-    /// Capacity for distinct allocation stacks; more are counted as lost.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_STACKS)]
+    /// Capacity for distinct allocation stacks; more are counted as lost
+    /// [at most 67108864].
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_STACKS,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_MAP_ENTRIES)))]
     pub max_stacks: u32,
     #[command(flatten)]
     pub output: crate::output::OutputArgs,
@@ -139,114 +163,75 @@ pub enum Probe {
     Malloc,
 }
 
-/// What to profile.
-#[derive(Debug, Clone)]
-pub enum Targets {
-    /// Running processes.
-    Pids(Vec<u32>),
-    /// Every process mapping the library.
-    All,
-    /// A program to start.
-    Launch(Vec<OsString>),
-}
-
-/// Validated settings of a heap session.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// What to profile.
-    pub targets: Targets,
-    /// `--lib`.
-    pub lib: Option<PathBuf>,
-    /// Mean bytes between samples, 0 = every allocation.
-    pub sample_bytes: u64,
-    /// Leak mode.
-    pub leaks: bool,
-    /// `--min-age` in seconds.
-    pub min_age: Option<f64>,
-    /// `--duration` in seconds.
-    pub duration: Option<f64>,
-    /// Seconds between snapshots (leak mode) or reports.
-    pub interval: Option<f64>,
-    /// `--probe`, already `Malloc` when --leaks, --sample-bytes or --mmap
-    /// rule the hooks out.
-    pub probe: Probe,
-    /// `--mmap`.
-    pub mmap: bool,
-    /// Map capacities.
-    pub max_live: u32,
-    /// Map capacities.
-    pub max_stacks: u32,
-}
-
-impl Settings {
-    /// Checks the flags and their combinations.
-    pub fn from_args(args: &HeapArgs) -> anyhow::Result<Self> {
-        let targets = match (args.pid.is_empty(), args.all, args.command.is_empty()) {
-            (false, false, true) => Targets::Pids(args.pid.clone()),
-            (true, true, true) => Targets::All,
-            (true, false, false) => Targets::Launch(args.command.clone()),
-            (true, false, true) => {
-                bail!("nothing to profile: give --pid PID, --all, or `-- CMD ARGS`")
-            }
-            _ => bail!("--pid, --all and `-- CMD` exclude each other: give one"),
-        };
-        for (flag, value) in [
-            ("--duration", args.duration),
-            ("--interval", args.interval),
-            ("--min-age", args.min_age),
-        ] {
-            if let Some(v) = value
-                && !(v.is_finite() && (v > 0.0 || (flag == "--min-age" && v == 0.0)))
-            {
-                bail!("{flag} must be a positive number of seconds, got {v}");
-            }
+impl From<Probe> for ProbeRequest {
+    fn from(probe: Probe) -> Self {
+        match probe {
+            Probe::Auto => Self::Auto,
+            Probe::Hooks => Self::Hooks,
+            Probe::Malloc => Self::Malloc,
         }
-        let sample_bytes = args.sample_bytes.unwrap_or(if args.leaks {
-            0
-        } else {
-            sampling::DEFAULT_SAMPLE_BYTES
-        });
-        if sample_bytes > sampling::MAX_SAMPLE_BYTES {
-            bail!(
-                "--sample-bytes must be at most {}, got {sample_bytes}",
-                sampling::MAX_SAMPLE_BYTES
-            );
-        }
-        let probe = match args.probe {
-            Probe::Hooks if args.leaks || args.sample_bytes.is_some() => bail!(
-                "--probe hooks records only what libprofalloc.so samples: it excludes --leaks and --sample-bytes"
-            ),
-            // The hooks see only sampled blocks, not when the allocator is
-            // inside a call, so its own mappings would count twice.
-            Probe::Hooks if args.mmap => bail!(
-                "--probe hooks cannot tell the allocator's own mappings from the program's: --mmap needs --probe malloc"
-            ),
-            Probe::Auto if args.leaks || args.sample_bytes.is_some() || args.mmap => Probe::Malloc,
-            p => p,
-        };
-        if args.max_live == 0 || args.max_stacks == 0 {
-            bail!("--max-live and --max-stacks must be positive");
-        }
-        Ok(Self {
-            targets,
-            lib: args.lib.clone(),
-            sample_bytes,
-            leaks: args.leaks,
-            min_age: args.min_age,
-            duration: args.duration,
-            interval: args.interval.or(args.leaks.then_some(2.0)),
-            probe,
-            mmap: args.mmap,
-            max_live: args.max_live,
-            max_stacks: args.max_stacks,
-        })
     }
 }
 
-/// Runs `prof-bpf heap`.
-pub fn run(args: HeapArgs) -> anyhow::Result<()> {
+/// Checks the flags and their combinations, and turns them into settings.
+fn to_settings(args: &HeapArgs) -> anyhow::Result<Settings> {
+    let targets = match (args.pid.is_empty(), args.all, args.command.is_empty()) {
+        (false, false, true) => Targets::Pids(args.pid.clone()),
+        (true, true, true) => Targets::All,
+        (true, false, false) => Targets::Launch(args.command.clone()),
+        (true, false, true) => {
+            bail!("nothing to profile: give --pid PID, --all, or `-- CMD ARGS`")
+        }
+        _ => bail!("--pid, --all and `-- CMD` exclude each other: give one"),
+    };
+    runtime::args::check_interval(args.interval, args.duration)?;
+    let sample_bytes = args.sample_bytes.unwrap_or(if args.leaks {
+        0
+    } else {
+        sampling::DEFAULT_SAMPLE_BYTES
+    });
+    if sample_bytes > sampling::MAX_SAMPLE_BYTES {
+        bail!(
+            "--sample-bytes must be at most {}, got {sample_bytes}",
+            sampling::MAX_SAMPLE_BYTES
+        );
+    }
+    let probe = match args.probe {
+        Probe::Hooks if args.leaks || args.sample_bytes.is_some() => bail!(
+            "--probe hooks records only what libprofalloc.so samples: it excludes --leaks and --sample-bytes"
+        ),
+        // The hooks see only sampled blocks, not when the allocator is
+        // inside a call, so its own mappings would count twice.
+        Probe::Hooks if args.mmap => bail!(
+            "--probe hooks cannot tell the allocator's own mappings from the program's: --mmap needs --probe malloc"
+        ),
+        Probe::Auto if args.leaks || args.sample_bytes.is_some() || args.mmap => Probe::Malloc,
+        p => p,
+    };
+    Ok(Settings {
+        targets,
+        lib: args.lib.clone(),
+        sample_bytes,
+        leaks: args.leaks,
+        min_age: args.min_age,
+        duration: args.duration,
+        interval: args
+            .interval
+            .or(args.leaks.then_some(DEFAULT_LEAK_INTERVAL)),
+        probe: probe.into(),
+        mmap: args.mmap,
+        max_live: args.max_live,
+        max_stacks: args.max_stacks,
+    })
+}
+
+/// Time between leak snapshots unless --interval says otherwise.
+const DEFAULT_LEAK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Runs `prof-bpf heap`; in launch mode the exit code is the program's.
+pub fn run(args: HeapArgs) -> anyhow::Result<std::process::ExitCode> {
     crate::ebpf::require_root()?;
-    let settings = Settings::from_args(&args)?;
+    let settings = to_settings(&args)?;
     session::run(settings, args.output)
 }
 
@@ -262,21 +247,36 @@ mod tests {
         heap: HeapArgs,
     }
 
-    fn settings(args: &[&str]) -> anyhow::Result<Settings> {
+    fn parse(args: &[&str]) -> anyhow::Result<Settings> {
         let cli = Cli::try_parse_from(std::iter::once("heap").chain(args.iter().copied()))?;
-        Settings::from_args(&cli.heap)
+        to_settings(&cli.heap)
     }
 
     #[test]
     fn mmap_rules_out_the_hooks() {
-        assert_eq!(settings(&["--pid", "1"]).unwrap().probe, Probe::Auto);
-        let s = settings(&["--pid", "1", "--mmap"]).unwrap();
-        assert_eq!(s.probe, Probe::Malloc);
+        assert_eq!(parse(&["--pid", "1"]).unwrap().probe, ProbeRequest::Auto);
+        let s = parse(&["--pid", "1", "--mmap"]).unwrap();
+        assert_eq!(s.probe, ProbeRequest::Malloc);
         assert!(s.mmap);
-        let err = settings(&["--pid", "1", "--mmap", "--probe", "hooks"]).unwrap_err();
+        let err = parse(&["--pid", "1", "--mmap", "--probe", "hooks"]).unwrap_err();
         assert!(
             err.to_string().contains("--mmap needs --probe malloc"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn map_capacities_are_bounded_before_anything_is_loaded() {
+        assert_eq!(
+            parse(&["--pid", "1", "--max-live", "67108864"])
+                .unwrap()
+                .max_live,
+            1 << 26
+        );
+        for bad in ["0", "67108865", "4000000000"] {
+            let err = parse(&["--pid", "1", "--max-live", bad]).unwrap_err();
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+        assert!(parse(&["--pid", "1", "--max-stacks", "0"]).is_err());
     }
 }

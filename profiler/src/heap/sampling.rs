@@ -45,8 +45,10 @@ fn h(x: f64) -> f64 {
     if x == 0.0 { 1.0 } else { x / -(-x).exp_m1() }
 }
 
-/// The weight in bytes of a sample of `size` at `rate`, exactly.
-pub fn weight_bytes(size: u64, rate: u64) -> f64 {
+/// The weight in bytes of a sample of `size` at `rate`, exactly: the
+/// oracle the table is checked against.
+#[cfg(test)]
+fn weight_bytes(size: u64, rate: u64) -> f64 {
     let s = size as f64;
     s / -(-s / rate as f64).exp_m1()
 }

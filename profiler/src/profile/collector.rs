@@ -47,6 +47,9 @@ pub struct Collector {
     object_mappings: HashMap<usize, usize>,
     pseudo_mappings: HashMap<String, usize>,
     kernel_mapping: Option<usize>,
+    /// The first noted process and the normalizer object of its executable
+    /// as last seen (it changes when the process execs).
+    main: Option<(u32, Option<usize>)>,
     started: std::time::SystemTime,
     /// Stacks whose kernel-side status value was unknown (shown and counted).
     unknown_statuses: u64,
@@ -73,6 +76,7 @@ impl Collector {
             object_mappings: HashMap::new(),
             pseudo_mappings: HashMap::new(),
             kernel_mapping: None,
+            main: None,
             started,
             unknown_statuses: 0,
         }
@@ -93,6 +97,9 @@ impl Collector {
     /// execs), so its addresses can be normalized after it exits.
     pub fn note_process(&mut self, pid: u32) {
         self.normalizer.note_process(pid);
+        if self.main.is_none_or(|(first, _)| first == pid) {
+            self.main = Some((pid, self.normalizer.executable(pid)));
+        }
     }
 
     /// Adds one sample, normalizing its user addresses now. User frames
@@ -165,7 +172,7 @@ impl Collector {
         };
         let values = &mut self.profile.samples[index].values;
         for (v, add) in values.iter_mut().zip(&s.values) {
-            *v += add;
+            *v = v.saturating_add(*add);
         }
     }
 
@@ -191,11 +198,16 @@ impl Collector {
         for (&object, &mapping) in &self.object_mappings {
             profile.mappings[mapping].local_path = self.normalizer.objects[object].local_path();
         }
+        if let Some((_, Some(exe))) = self.main
+            && let Some(&mapping) = self.object_mappings.get(&exe)
+        {
+            move_mapping_first(&mut profile, mapping);
+        }
         profile.duration_nanos = self
             .started
             .elapsed()
             .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
-        symbolize::symbolize(&mut profile);
+        profile.symbolize();
         profile
     }
 
@@ -321,8 +333,119 @@ impl Collector {
     }
 }
 
+/// Makes mapping `m` the first, keeping the others' order: pprof takes the
+/// first mapping for the main binary, which is the first noted process's
+/// executable, not whichever object (or the kernel) a first sample hit.
+fn move_mapping_first(profile: &mut Profile, m: usize) {
+    let mapping = profile.mappings.remove(m);
+    profile.mappings.insert(0, mapping);
+    for loc in &mut profile.locations {
+        if let Some(l) = &mut loc.mapping {
+            *l = match *l {
+                l if l == m => 0,
+                l if l < m => l + 1,
+                l => l,
+            };
+        }
+    }
+}
+
 // Sessions move the collector between tasks and threads.
 const _: () = {
     const fn sendable<T: Send>() {}
     sendable::<Collector>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::Frame;
+
+    /// pprof's main binary is the first mapping: the target's executable,
+    /// even when the first sample starts in the kernel and then libc.
+    #[test]
+    fn the_executable_is_the_main_binary() {
+        let pid = std::process::id();
+        let mut c = Collector::new(vec![SampleType::samples()], "samples");
+        c.note_process(pid);
+        let in_libc = libc::getpid as *const () as usize as u64;
+        let in_exe = the_executable_is_the_main_binary as *const () as usize as u64;
+        c.add(RawSample {
+            pid,
+            comm: "test".into(),
+            user: vec![in_libc + 1, in_exe + 1],
+            kernel: vec![KERNEL_START + 0x1000],
+            values: vec![1],
+            ..RawSample::default()
+        });
+        let profile = c.finish().unwrap();
+        let message = crate::output::pprof::to_proto(&profile);
+        let file = |m: &crate::profile::proto::Mapping| {
+            String::from_utf8_lossy(&message.string_table[m.filename as usize]).into_owned()
+        };
+        let exe = std::fs::canonicalize("/proc/self/exe").unwrap();
+        assert_eq!(file(&message.mapping[0]), exe.to_string_lossy());
+        assert_eq!(message.mapping.len(), 3, "exe, libc, kernel");
+        assert!(file(&message.mapping[1]).contains("libc"));
+        assert_eq!(file(&message.mapping[2]), Mapping::KERNEL);
+        // Locations keep pointing at their own mappings after the reorder.
+        let kernel_loc = &message.location[profile.samples[0].locations[0]];
+        assert_eq!(kernel_loc.mapping_id, 3);
+    }
+
+    /// Kernel functions keep their names in pprof; the mapping marks them
+    /// and readers show `_[k]` again.
+    #[test]
+    fn kernel_function_names_have_no_display_suffix() {
+        let profile = Profile {
+            sample_types: vec![SampleType::samples()],
+            mappings: vec![
+                Mapping {
+                    start: KERNEL_START,
+                    limit: u64::MAX,
+                    file: Mapping::KERNEL.into(),
+                    ..Mapping::default()
+                },
+                Mapping {
+                    start: 1 << 40,
+                    limit: 2 << 40,
+                    file: "/usr/bin/app".into(),
+                    ..Mapping::default()
+                },
+            ],
+            locations: vec![
+                Location {
+                    mapping: Some(0),
+                    address: KERNEL_START + 0x10,
+                    kind: LocationKind::Kernel,
+                    frames: vec![Frame::named("vfs_read")],
+                },
+                Location {
+                    mapping: Some(1),
+                    address: (1 << 40) + 0x10,
+                    frames: vec![Frame::named("main")],
+                    ..Location::default()
+                },
+            ],
+            samples: vec![Sample {
+                locations: vec![0, 1],
+                values: vec![1],
+                labels: vec![],
+            }],
+            ..Profile::default()
+        };
+        let message = crate::output::pprof::to_proto(&profile);
+        let names: Vec<String> = message
+            .function
+            .iter()
+            .map(|f| String::from_utf8_lossy(&message.string_table[f.name as usize]).into_owned())
+            .collect();
+        assert_eq!(names, ["vfs_read", "main"]);
+        let bytes = crate::output::pprof::encode(&profile).unwrap();
+        let back = crate::profile::read::from_bytes(&bytes, 1 << 20).unwrap();
+        assert_eq!(back.mappings[0].file, "/usr/bin/app");
+        let leaf = &back.locations[back.samples[0].locations[0]];
+        assert_eq!(leaf.kind, LocationKind::Kernel);
+        assert_eq!(back.frame_names(leaf), ["vfs_read_[k]"]);
+    }
+}

@@ -8,10 +8,17 @@
 //!
 //! Sources: the eBPF sessions go through [`Collector`], which takes raw
 //! addresses, normalizes them while the process is alive and symbolizes at
-//! the end; `prof-bpf report` reads files into the same [`Profile`].
+//! the end ([`Profile::symbolize`]); [`read`] turns files (pprof, gperftools
+//! heap and CPU profiles) into the same [`Profile`].
 mod collector;
+pub(crate) mod proto;
+pub mod read;
+mod symbolized;
 
 pub use collector::Collector;
+
+/// A function at a location; symbolization makes them.
+pub use crate::symbolize::Frame;
 
 /// One kind of value a sample carries, in pprof's vocabulary
 /// (`inuse_space`/`bytes`, `cpu`/`nanoseconds`, ...).
@@ -198,28 +205,6 @@ pub struct Location {
     pub frames: Vec<Frame>,
 }
 
-/// A function at a location.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Frame {
-    /// Demangled function name.
-    pub function: String,
-    /// Source file, empty when unknown.
-    pub file: String,
-    /// Source line, 0 when unknown.
-    pub line: i64,
-    /// This call was inlined into the next frame of the location.
-    pub inlined: bool,
-}
-
-impl Frame {
-    pub fn named(function: impl Into<String>) -> Self {
-        Self {
-            function: function.into(),
-            ..Self::default()
-        }
-    }
-}
-
 /// One stack and its values.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Sample {
@@ -297,6 +282,8 @@ pub fn unknown_status_marker(value: u32) -> &'static str {
     names.push((value, name));
     name
 }
+/// A sample that has no locations at all (allowed in pprof files).
+pub const NO_STACK: &str = "[no stack]";
 /// Leaf marker of heap samples that are memory mappings (`heap --mmap`).
 pub const MMAP: &str = "[mmap]";
 
@@ -339,6 +326,11 @@ impl Profile {
             .frames
             .iter()
             .map(|f| {
+                // A nameless function (other tools write some) reads as
+                // its address.
+                if f.function.is_empty() {
+                    return self.unresolved_name(location);
+                }
                 let suffix = if location.kind == LocationKind::Kernel {
                     "_[k]"
                 } else if f.inlined {
@@ -404,7 +396,7 @@ impl Profile {
                 locations: s.locations.iter().map(|l| l + location_base).collect(),
                 values: columns
                     .iter()
-                    .map(|&c| s.values.get(c).copied().unwrap_or(0) * factor)
+                    .map(|&c| s.values.get(c).copied().unwrap_or(0).saturating_mul(factor))
                     .collect(),
                 labels: s.labels.clone(),
             });

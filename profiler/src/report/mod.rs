@@ -1,18 +1,13 @@
 //! `prof-bpf report`: reads a saved profile (pprof from any tool, symbolized
 //! or not; gperftools heap and CPU profiles), optionally subtracts a base
 //! profile, and writes it in any output format.
-mod gperftools;
+use std::path::{Path, PathBuf};
 
-use std::{
-    io::Read as _,
-    path::{Path, PathBuf},
-};
-
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 use crate::{
-    output::{self, OutputArgs, pprof},
-    profile::{LocationKind, Profile},
+    output::OutputArgs,
+    profile::{LocationKind, Profile, read},
     symbolize,
 };
 
@@ -35,14 +30,20 @@ pub struct ReportArgs {
     /// Subtract this profile (same kind) to show the difference.
     #[arg(long, value_name = "FILE")]
     pub base: Option<PathBuf>,
+    /// Refuse files larger than this, compressed or decompressed (K, M, G
+    /// suffixes; 1024-based) [default: 1G].
+    #[arg(long, value_name = "SIZE", value_parser = read::parse_size)]
+    pub max_input: Option<u64>,
     #[command(flatten)]
     pub output: OutputArgs,
 }
 
 pub fn run(args: ReportArgs) -> anyhow::Result<()> {
-    let mut profile = read(&args.file)?;
+    let plan = args.output.check(&[])?;
+    let max_input = args.max_input.unwrap_or(read::DEFAULT_MAX_INPUT);
+    let mut profile = open(&args.file, max_input)?;
     if let Some(base) = &args.base {
-        let base_profile = read(base)?;
+        let base_profile = open(base, max_input)?;
         profile
             .merge(&base_profile, -1)
             .with_context(|| format!("{} as base for {}", base.display(), args.file.display()))?;
@@ -55,45 +56,16 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
             .sample_type_index(kind)
             .with_context(|| args.file.display().to_string())?;
     }
-    output::write(&profile, &args.output)
+    plan.write(&profile)
 }
 
-/// Reads and symbolizes a profile file of any supported format; errors name
-/// the file.
-pub fn read(path: &Path) -> anyhow::Result<Profile> {
-    let name = path.display().to_string();
-    let data = std::fs::read(path).with_context(|| format!("cannot read {name}"))?;
-    let mut profile = parse(&data).with_context(|| name.clone())?;
+/// Reads a profile file of any supported format and symbolizes what this
+/// machine can; errors name the file.
+fn open(path: &Path, max_input: u64) -> anyhow::Result<Profile> {
+    let mut profile = read::from_file(path, max_input)?;
     find_local_objects(&mut profile);
-    symbolize::symbolize(&mut profile);
+    profile.symbolize();
     Ok(profile)
-}
-
-/// Detects the format from the content.
-pub fn parse(data: &[u8]) -> anyhow::Result<Profile> {
-    if data.is_empty() {
-        bail!("empty file, not a profile");
-    }
-    let unzipped;
-    let bytes = if pprof::is_gzip(data) {
-        let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(data)
-            .read_to_end(&mut out)
-            .context("bad gzip data (truncated or corrupt)")?;
-        unzipped = out;
-        &unzipped[..]
-    } else {
-        data
-    };
-    if bytes.starts_with(b"heap profile:") {
-        return gperftools::parse_heap(bytes);
-    }
-    if gperftools::is_cpu_profile(bytes) {
-        return gperftools::parse_cpu(bytes);
-    }
-    pprof::decode(bytes).map_err(|e| {
-        anyhow::anyhow!("not a profile (pprof, gperftools heap or CPU profile): {e:#}")
-    })
 }
 
 /// Points unsymbolized mappings at the same object on this machine: the

@@ -1,9 +1,11 @@
 //! `cargo xtask bench preload`: the cost of libprofalloc.so's preload
 //! mode, in one run with its peers, interleaved run by run (medians):
 //! - the always-on sampler per malloc/free pair with nothing attached
-//!   (default mean 512 KiB against the sampler off);
+//!   (default mean 512 KiB against the sampler off), and the sampled live
+//!   heap's share of it (against `PROFALLOC_LIVE_HEAP_BYTES=0`);
 //! - on a workload allocating about 100 MiB/s: libprofalloc.so alone, with
-//!   HEAPPROFILE (slowdown and cost per sampled event), with `prof-bpf heap`
+//!   its live heap off, with HEAPPROFILE (slowdown and cost per sampled
+//!   event), with `prof-bpf heap`
 //!   attached through the sampling hooks (as root), the same through
 //!   malloc/free uprobes for comparison, with HEAPCHECK, and glibc for
 //!   reference.
@@ -241,12 +243,18 @@ pub fn run() -> anyhow::Result<()> {
             &[("PROFALLOC_SAMPLE_BYTES", "0")],
         ),
         Cell::new("sampler on (default 512 KiB)", true, &[]),
+        Cell::new(
+            "sampler on, live heap off",
+            true,
+            &[("PROFALLOC_LIVE_HEAP_BYTES", "0")],
+        ),
     ];
     measure(&bench, &["churn", pairs], &lib, &prof, &mut cells, runs)?;
     let n: f64 = pairs.parse()?;
     let off = cells[0].seconds() / n * 1e9;
     let on = cells[1].seconds() / n * 1e9;
-    for (c, ns) in cells.iter().zip([off, on]) {
+    let no_live = cells[2].seconds() / n * 1e9;
+    for (c, ns) in cells.iter().zip([off, on, no_live]) {
         println!(
             "  {:<44} {ns:8.2} ns per pair  ({:.0} samples)",
             c.name,
@@ -263,10 +271,21 @@ pub fn run() -> anyhow::Result<()> {
         }
     );
 
+    println!(
+        "  live heap cost: {:+.2}% ({:+.2} ns per pair; goal: at most 1%)",
+        100.0 * (on - no_live) / no_live,
+        on - no_live
+    );
+
     println!("\n== a workload allocating about 100 MiB/s ({runs} runs, medians)");
     let mut cells = vec![
         Cell::new("glibc (reference)", false, &[]),
         Cell::new("profalloc, nothing attached", true, &[]),
+        Cell::new(
+            "profalloc, live heap off",
+            true,
+            &[("PROFALLOC_LIVE_HEAP_BYTES", "0")],
+        ),
         Cell::new(
             "profalloc + HEAPPROFILE",
             true,
@@ -346,6 +365,11 @@ pub fn run() -> anyhow::Result<()> {
             100.0 * extra / alone
         );
     }
+    let no_live = cells[2].seconds();
+    println!(
+        "  live heap cost: {:+.2}% (profalloc against profalloc with PROFALLOC_LIVE_HEAP_BYTES=0; goal: at most 1%)",
+        100.0 * (base - no_live) / no_live
+    );
     println!(
         "  goal: HEAPPROFILE and prof-bpf through the hooks each under 2% slowdown; HEAPCHECK: reported only"
     );

@@ -26,6 +26,7 @@ use super::objects::{self, Object};
 
 mod cfi;
 mod dwarf;
+mod row_cache;
 
 // DWARF register numbers of x86-64.
 const RSP: u64 = 7;
@@ -140,12 +141,20 @@ enum Step {
 }
 
 fn step(obj: &Object, pc: usize, regs: &Regs) -> Step {
+    if let Some(row) = row_cache::get(pc) {
+        return apply_row(&row, regs);
+    }
     if obj.eh_frame_hdr != 0 {
         // SAFETY: the eh_frame_hdr and eh_frame of a loaded object are
         // mapped read-only for its lifetime.
         if let Some(rules) = unsafe { find_rules(obj.eh_frame_hdr, pc) } {
             return match row_at(&rules, regs) {
-                Some(row) => apply_row(&row, regs),
+                Some(row) => {
+                    if !matches!(rules.cfa, Cfa::Expr(..)) {
+                        row_cache::put(pc, &row);
+                    }
+                    apply_row(&row, regs)
+                }
                 None => Step::Fail,
             };
         }

@@ -1,5 +1,5 @@
 //! Writers on a hand-built profile whose stacks and values are known.
-use super::*;
+use crate::output::*;
 use crate::profile::{Frame, Label, Location, LocationKind, Mapping, SampleType};
 
 /// Two processes; `app` (pid 10) has threads 11 and 12.
@@ -8,7 +8,7 @@ use crate::profile::{Frame, Label, Location, LocationKind, Mapping, SampleType};
 ///   app/12: main -> lib.so+0x1a2b (unresolved)            1
 ///   app/11: read_[k] <- main   (kernel frame under main)  2
 ///   db/20:  [truncated] -> query                          4
-fn profile() -> Profile {
+pub(super) fn profile() -> Profile {
     let loc = |mapping, address, kind, frames: Vec<Frame>| Location {
         mapping,
         address,
@@ -92,9 +92,20 @@ fn profile() -> Profile {
     }
 }
 
+fn filter(args: &OutputArgs) -> Filter {
+    Filter::new(args.focus.as_deref(), args.ignore.as_deref()).unwrap()
+}
+
+/// The stacks of the first sample type.
+fn view(p: &Profile, group_by: GroupBy) -> View {
+    View {
+        stacks: stacks(p, 0, group_by, &Filter::default()),
+        sample_type: p.sample_types[0].clone(),
+    }
+}
+
 fn stacks_of(p: &Profile, group_by: GroupBy, args: &OutputArgs) -> Vec<(String, i64)> {
-    let filter = Filter::new(args).unwrap();
-    stacks(p, 0, group_by, &filter)
+    stacks(p, 0, group_by, &filter(args))
         .into_iter()
         .map(|s| (s.frames.join(";"), s.value))
         .collect()
@@ -117,16 +128,8 @@ fn folded_stacks_follow_the_naming_rules() {
     assert_eq!(threads[1].0, "app-10/12;main;work;fast_[i]");
     let none = stacks_of(&p, GroupBy::None, &OutputArgs::default());
     assert_eq!(none[0].0, "main;work;hot");
-    let view = View {
-        stacks: stacks(
-            &p,
-            0,
-            GroupBy::None,
-            &Filter::new(&OutputArgs::default()).unwrap(),
-        ),
-        sample_type: SampleType::samples(),
-    };
-    assert!(folded(&view).starts_with("main;work;hot 5\nmain;work;fast_[i] 3\n"));
+    let view = view(&p, GroupBy::None);
+    assert!(folded::render(&view).starts_with("main;work;hot 5\nmain;work;fast_[i] 3\n"));
 }
 
 #[test]
@@ -149,11 +152,7 @@ fn focus_and_ignore_filter_stacks() {
 #[test]
 fn text_table_flat_and_cum() {
     let p = profile();
-    let args = OutputArgs {
-        group_by: GroupBy::None,
-        ..OutputArgs::default()
-    };
-    let view = view(&p, 0, &args, &Filter::new(&args).unwrap());
+    let view = view(&p, GroupBy::None);
     let text = text::render(&p, &view, None);
     let rows: Vec<Vec<&str>> = text
         .lines()
@@ -188,11 +187,7 @@ fn text_table_flat_and_cum() {
 #[test]
 fn callgraph_nodes_and_edges() {
     let p = profile();
-    let args = OutputArgs {
-        group_by: GroupBy::None,
-        ..OutputArgs::default()
-    };
-    let view = view(&p, 0, &args, &Filter::new(&args).unwrap());
+    let view = view(&p, GroupBy::None);
     let dot = callgraph::render(&p, &view, None);
     let node = |name: &str| {
         dot.lines()
@@ -232,7 +227,7 @@ fn callgraph_nodes_and_edges() {
 fn pprof_round_trip() {
     let p = profile();
     let bytes = pprof::encode(&p).unwrap();
-    let q = pprof::decode(&bytes).unwrap();
+    let q = crate::profile::read::from_bytes(&bytes, 1 << 20).unwrap();
     assert_eq!(q.sample_types, p.sample_types);
     assert_eq!(q.default_sample_type, "samples");
     let none = OutputArgs::default();
@@ -244,29 +239,145 @@ fn pprof_round_trip() {
 }
 
 #[test]
-fn format_from_extension() {
-    let f = |name: &str| {
-        OutputArgs {
-            output: Some(name.into()),
-            ..OutputArgs::default()
-        }
-        .format()
-        .map_err(|e| e.to_string())
-    };
-    assert_eq!(f("a.pb.gz"), Ok(Format::Pprof));
-    assert_eq!(f("a.svg"), Ok(Format::Svg));
-    assert_eq!(f("a.folded"), Ok(Format::Folded));
-    assert_eq!(f("a.dot"), Ok(Format::Callgraph));
-    assert_eq!(f("a.txt"), Ok(Format::Text));
-    assert!(f("a.png").unwrap_err().contains("--format"));
-    assert_eq!(OutputArgs::default().format().unwrap(), Format::Text);
-}
-
-#[test]
 fn values_with_units() {
     assert_eq!(format_value(1_000_000, "bytes"), "976.56KiB");
     assert_eq!(format_value(-2048, "bytes"), "-2.00KiB");
     assert_eq!(format_value(512, "bytes"), "512B");
     assert_eq!(format_value(1_500_000_000, "nanoseconds"), "1.50s");
     assert_eq!(format_value(42, "count"), "42");
+}
+
+#[test]
+fn folded_lines_are_one_stack_each() {
+    let stack = |frames: &[&str], value| Stack {
+        frames: frames.iter().map(|f| f.to_string()).collect(),
+        value,
+    };
+    let view = View {
+        stacks: vec![
+            stack(&["main", "f;g", "line\nbreak\r"], 3),
+            stack(&["main", "a b"], 4),
+        ],
+        sample_type: SampleType::samples(),
+    };
+    assert_eq!(
+        folded::render(&view),
+        "main;f:g;line\\nbreak\\r 3\nmain;a b 4\n"
+    );
+}
+
+#[test]
+fn summed_values_saturate() {
+    let mut p = profile();
+    for s in &mut p.samples {
+        s.values[0] = i64::MAX / 2 + 1;
+    }
+    // Every sample of `app` under one root: three stacks of main merge
+    // with nothing, but all four app stacks share `main` in the table.
+    let view = view(&p, GroupBy::None);
+    let text = text::render(&p, &view, None);
+    assert!(!text.contains("-"), "{text}");
+    let merged = stacks(&p, 0, GroupBy::None, &Filter::default());
+    let mut twice = p.clone();
+    twice.samples.extend(p.samples.clone());
+    let doubled = stacks(&twice, 0, GroupBy::None, &Filter::default());
+    assert_eq!(merged.len(), doubled.len());
+    assert!(doubled.iter().all(|s| s.value == i64::MAX), "{doubled:?}");
+}
+
+#[test]
+fn flamegraph_root_bar_has_a_label() {
+    let p = profile();
+    let svg = String::from_utf8(flamegraph::render(&p, &view(&p, GroupBy::None)).unwrap()).unwrap();
+    // The root bar: its tooltip, then its text, which names the sample
+    // type and the total (15 samples).
+    let root = svg.find("<title>all (15 count, 100%)</title>").expect(&svg);
+    let text_start = root + svg[root..].find("<text").unwrap();
+    let text_end = text_start + svg[text_start..].find("</text>").unwrap();
+    let inner = &svg[text_start..text_end];
+    assert!(inner.ends_with(">samples: 15 total"), "{inner}");
+}
+
+/// Relative luminance of `#rrggbb` (WCAG).
+fn luminance(hex: &str) -> f64 {
+    let channel = |i: usize| {
+        let c = f64::from(u8::from_str_radix(&hex[i..i + 2], 16).unwrap()) / 255.0;
+        if c <= 0.03928 {
+            c / 12.92
+        } else {
+            ((c + 0.055) / 1.055).powf(2.4)
+        }
+    };
+    0.2126 * channel(1) + 0.7152 * channel(3) + 0.0722 * channel(5)
+}
+
+/// The value of `key="..."` or `key=...` in a dot line.
+fn attr<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let rest = &line[line.find(&format!(" {key}="))? + key.len() + 2..];
+    Some(match rest.strip_prefix('"') {
+        Some(quoted) => &quoted[..quoted.find('"')?],
+        None => rest.split([' ', ']']).next()?,
+    })
+}
+
+#[test]
+fn callgraph_text_is_readable() {
+    let mut p = profile();
+    p.comments
+        .push(format!("a long note: {}", "word ".repeat(60)));
+    p.comments.push("x".repeat(200));
+    let dot = callgraph::render(&p, &view(&p, GroupBy::None), None);
+    assert!(dot.contains("fontcolor=\"#1a1a1a\""), "{dot}");
+    let nodes: Vec<&str> = dot
+        .lines()
+        .filter(|l| l.starts_with('N') && !l.contains("->"))
+        .collect();
+    assert_eq!(nodes.len(), 8, "{dot}");
+    for line in nodes {
+        let fill = attr(line, "fillcolor").unwrap();
+        // Contrast of the #1a1a1a text on the fill: at least 7:1 (WCAG AAA).
+        let contrast = (luminance(fill) + 0.05) / (luminance("#1a1a1a") + 0.05);
+        assert!(contrast >= 7.0, "{fill}: {contrast:.1} in {line}");
+        let size: f64 = attr(line, "fontsize").unwrap().parse().unwrap();
+        assert!(size >= 12.0, "{line}");
+    }
+    // Legend lines are wrapped: none longer than 80 characters.
+    let legend = dot.lines().find(|l| l.contains("\"legend\"")).unwrap();
+    let label = attr(legend, "label").unwrap();
+    let lines: Vec<&str> = label.split("\\l").filter(|l| !l.is_empty()).collect();
+    assert!(lines.iter().all(|l| l.chars().count() <= 80), "{lines:#?}");
+    assert!(lines.len() >= 6, "{lines:#?}");
+    assert!(lines.contains(&"x".repeat(80).as_str()), "{lines:#?}");
+}
+
+#[test]
+fn text_table_drops_small_nodes_as_pprof_does() {
+    // 1000 in `big`, 4 in `tiny` (0.4% of 1004, under pprof's 0.5%), 6 in
+    // `small` (0.6%: kept).
+    let stack = |frames: &[&str], value| Stack {
+        frames: frames.iter().map(|f| f.to_string()).collect(),
+        value,
+    };
+    let view = View {
+        stacks: vec![
+            stack(&["main", "big"], 1000),
+            stack(&["main", "tiny"], 4),
+            stack(&["main", "small"], 6),
+        ],
+        sample_type: SampleType::samples(),
+    };
+    let text = text::render(&profile(), &view, None);
+    assert!(
+        text.contains("Showing 3 of 4 functions, accounting for 1006"),
+        "{text}"
+    );
+    // cutoff = floor(1010 * 0.005) = 5
+    assert!(text.contains("Dropped 1 nodes (cum <= 5)\n"), "{text}");
+    assert!(
+        !text.contains(" tiny\n") && text.contains(" small\n"),
+        "{text}"
+    );
+    let one = text::render(&profile(), &view, Some(1));
+    assert!(one.contains("Showing 1 of 4 functions"), "{one}");
+    assert!(one.contains(" big\n") && !one.contains(" small\n"), "{one}");
 }

@@ -72,7 +72,7 @@ impl AddressSpace {
     }
 }
 
-pub fn parse_heap(data: &[u8]) -> anyhow::Result<Profile> {
+pub(super) fn parse_heap(data: &[u8]) -> anyhow::Result<Profile> {
     let text = std::str::from_utf8(data).context("bad gperftools heap profile: not text")?;
     let (body, maps) = match text.find("\nMAPPED_LIBRARIES:") {
         Some(i) => {
@@ -172,18 +172,20 @@ fn word(data: &[u8], i: usize) -> Option<u64> {
 }
 
 /// Whether `data` starts with the header of a 64-bit gperftools CPU profile.
-pub fn is_cpu_profile(data: &[u8]) -> bool {
+pub(super) fn is_cpu_profile(data: &[u8]) -> bool {
     word(data, 0) == Some(0) && word(data, 1) == Some(3) && word(data, 2) == Some(0)
 }
 
-pub fn parse_cpu(data: &[u8]) -> anyhow::Result<Profile> {
+pub(super) fn parse_cpu(data: &[u8]) -> anyhow::Result<Profile> {
     let truncated = || "bad gperftools CPU profile: truncated";
     let period_us = word(data, 3).with_context(truncated)?;
     if period_us == 0 {
         bail!("bad gperftools CPU profile: sampling period 0");
     }
-    let period_ns =
-        i64::try_from(period_us * 1000).context("bad gperftools CPU profile: period")?;
+    let period_ns = period_us
+        .checked_mul(1000)
+        .and_then(|ns| i64::try_from(ns).ok())
+        .with_context(|| format!("bad gperftools CPU profile: sampling period {period_us} us"))?;
     let header_words = 5;
     let mut records: Vec<(u64, Vec<u64>)> = Vec::new();
     let mut i = header_words;
@@ -227,7 +229,7 @@ pub fn parse_cpu(data: &[u8]) -> anyhow::Result<Profile> {
             .collect();
         space.profile.samples.push(Sample {
             locations,
-            values: vec![count, count * period_ns],
+            values: vec![count, count.saturating_mul(period_ns)],
             labels: Vec::new(),
         });
     }

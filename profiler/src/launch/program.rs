@@ -1,126 +1,23 @@
-//! Launch mode: `prof-bpf heap -- CMD ARGS...`.
+//! What a launched command will run, found from its files before exec:
+//! the program (through `PATH` and `#!` interpreters), its dynamic loader,
+//! and the allocator it will use.
 //!
-//! The child is forked and held before `exec` until the probes are in place,
-//! so that no allocation of the program escapes. Before exec the child's maps
-//! are still ours, so its allocator is found from the program file: `#!`
-//! interpreters are followed, then the linker's order is searched for the
-//! first object defining `malloc` — the executable, `LD_PRELOAD`, then
-//! `DT_NEEDED` libraries breadth first through the loader's search path.
+//! The allocator is the first object defining `malloc` in the linker's
+//! order: the executable, `LD_PRELOAD`, then `DT_NEEDED` libraries breadth
+//! first through the loader's search path.
 use std::{
     ffi::OsString,
-    io::{Read as _, Write as _},
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    io::Read as _,
     path::{Path, PathBuf},
-    process::{Child, Command},
 };
 
 use anyhow::{Context as _, bail};
 use object::read::elf::{Dyn as _, FileHeader as _};
 
-use super::discover::Allocator;
-
-/// A child forked and waiting before exec.
-pub struct Suspended {
-    /// Its pid.
-    pub pid: u32,
-    /// Program file that will be executed (after `#!` resolution).
-    pub program: PathBuf,
-    release: std::fs::File,
-    spawner: std::thread::JoinHandle<std::io::Result<Child>>,
-}
-
-impl Suspended {
-    /// Lets the child exec and returns it, or the exec error.
-    pub fn resume(self) -> anyhow::Result<Child> {
-        let Self {
-            mut release,
-            spawner,
-            program,
-            ..
-        } = self;
-        release
-            .write_all(b"g")
-            .context("releasing the launched program")?;
-        drop(release);
-        let child = spawner
-            .join()
-            .map_err(|_| anyhow::anyhow!("the launcher thread panicked"))?
-            .with_context(|| format!("cannot run {}", program.display()))?;
-        Ok(child)
-    }
-}
-
-/// Forks `command`, which stops before exec until [`Suspended::resume`].
-pub fn spawn_suspended(command: &[OsString]) -> anyhow::Result<Suspended> {
-    let (name, args) = command
-        .split_first()
-        .context("no command to launch after `--`")?;
-    let program = find_program(name)?;
-    let (pid_rx, pid_tx) = pipe()?;
-    let (go_rx, go_tx) = pipe()?;
-    let mut cmd = Command::new(&program);
-    cmd.arg0(name).args(args);
-    let (pid_fd, go_fd) = (pid_tx.as_raw_fd(), go_rx.as_raw_fd());
-    // SAFETY: the hook runs in the forked child before exec and only makes
-    // async-signal-safe calls (getpid, write, read) on descriptors that stay
-    // open in the child until exec (they are close-on-exec).
-    unsafe {
-        cmd.pre_exec(move || {
-            let pid = libc::getpid().to_ne_bytes();
-            if libc::write(pid_fd, pid.as_ptr().cast(), pid.len()) != pid.len() as isize {
-                return Err(std::io::Error::last_os_error());
-            }
-            let mut go = [0u8; 1];
-            // EOF: the agent is gone; do not run unprofiled.
-            if libc::read(go_fd, go.as_mut_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::other(
-                    "prof-bpf exited before the probes were attached",
-                ));
-            }
-            Ok(())
-        });
-    }
-    let spawner = std::thread::spawn(move || cmd.spawn());
-    let mut pid_rx = std::fs::File::from(pid_rx);
-    let mut pid = [0u8; 4];
-    let read = pid_rx.read_exact(&mut pid);
-    // The child has its own copies now; ours must close for EOF to work.
-    drop(pid_tx);
-    drop(go_rx);
-    if read.is_err() {
-        let err = spawner.join().ok().and_then(Result::err);
-        bail!(
-            "cannot run {}: {}",
-            program.display(),
-            err.map_or_else(|| "the child did not start".to_owned(), |e| e.to_string())
-        );
-    }
-    Ok(Suspended {
-        pid: i32::from_ne_bytes(pid) as u32,
-        program,
-        release: std::fs::File::from(go_tx),
-        spawner,
-    })
-}
-
-fn pipe() -> anyhow::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
-    use std::os::fd::FromRawFd as _;
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 writes two descriptors into the array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("pipe2");
-    }
-    // SAFETY: both descriptors are fresh and owned by nobody else.
-    Ok(unsafe {
-        (
-            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
-            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
-        )
-    })
-}
+use crate::heap::discover::{self, Allocator};
 
 /// `name` as exec would find it (through PATH when it has no slash).
-fn find_program(name: &OsString) -> anyhow::Result<PathBuf> {
+pub(crate) fn find_program(name: &OsString) -> anyhow::Result<PathBuf> {
     let path = Path::new(name);
     if name.as_encoded_bytes().contains(&b'/') {
         if !path.exists() {
@@ -142,7 +39,7 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// The allocator `program` will use once executed with our environment.
-pub fn allocator_of_program(program: &Path) -> anyhow::Result<Allocator> {
+pub(crate) fn allocator_of_program(program: &Path) -> anyhow::Result<Allocator> {
     let elf = follow_interpreters(program)?;
     let mut candidates = vec![elf.clone()];
     if let Some(preload) = std::env::var_os("LD_PRELOAD") {
@@ -186,7 +83,7 @@ pub fn allocator_of_program(program: &Path) -> anyhow::Result<Allocator> {
 /// The dynamic loader (PT_INTERP) that will map `program`'s libraries, and
 /// the file offset of its `_dl_debug_state`: the function it calls before
 /// and after mapping them (for debuggers). None for a static program.
-pub fn loader_of_program(program: &Path) -> Option<(PathBuf, u64)> {
+pub(crate) fn loader_of_program(program: &Path) -> Option<(PathBuf, u64)> {
     use object::{Object as _, ObjectSymbol as _, read::elf::ProgramHeader as _};
     let elf = follow_interpreters(program).ok()?;
     let data = std::fs::read(&elf).ok()?;
@@ -207,7 +104,7 @@ pub fn loader_of_program(program: &Path) -> Option<(PathBuf, u64)> {
                 .is_ok_and(|n| n.split('@').next() == Some("_dl_debug_state"))
         })?
         .address();
-    let offset = super::discover::file_offset(&loader_file, address)?;
+    let offset = discover::file_offset(&loader_file, address)?;
     Some((loader, offset))
 }
 

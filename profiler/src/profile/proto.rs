@@ -1,7 +1,6 @@
 //! pprof's `profile.proto` (github.com/google/pprof, proto/profile.proto) as
 //! prost messages, written out by hand in the form prost-build generates, so
 //! that no protoc is needed to build. Field numbers follow the .proto file.
-#![allow(clippy::doc_markdown)]
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Profile {
@@ -15,9 +14,11 @@ pub struct Profile {
     pub location: Vec<Location>,
     #[prost(message, repeated, tag = "5")]
     pub function: Vec<Function>,
-    /// Index 0 must be "".
-    #[prost(string, repeated, tag = "6")]
-    pub string_table: Vec<String>,
+    /// Index 0 must be "". Bytes rather than `String`: other tools write
+    /// whatever bytes their symbols hold, and one invalid UTF-8 string must
+    /// not make the whole file unreadable.
+    #[prost(bytes = "vec", repeated, tag = "6")]
+    pub string_table: Vec<Vec<u8>>,
     #[prost(int64, tag = "7")]
     pub drop_frames: i64,
     #[prost(int64, tag = "8")]

@@ -1,0 +1,125 @@
+use std::collections::BTreeSet;
+
+use super::*;
+
+fn table(slots: usize) -> (&'static Header, LiveSet) {
+    let h: &'static Header = Box::leak(Box::new(Header::zeroed()));
+    let set = LiveSet::new(h);
+    assert!(set.start((slots * size_of::<Slot>()) as u64, 4096));
+    (h, set)
+}
+
+/// The live samples as a reader sees them: (ptr, size, weight, stack).
+fn samples(h: &Header, set: &LiveSet) -> BTreeSet<(u64, u64, u64, Vec<u64>)> {
+    (0..h.used.load(Ordering::Relaxed) as usize)
+        .map(|i| read_slot(set, i))
+        .filter(|s| s.ptr != 0)
+        .inspect(|s| assert_eq!(s.generation % 2, 0))
+        .map(|s| {
+            (
+                s.ptr,
+                s.size,
+                s.weight,
+                s.frames[..s.depth as usize].to_vec(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn header_describes_the_table() {
+    let (h, _set) = table(10);
+    assert_eq!(h.magic.load(Ordering::Relaxed), LIVE_HEAP_MAGIC);
+    assert_eq!(h.capacity.load(Ordering::Relaxed), 10);
+    assert_eq!(
+        h.slot_size.load(Ordering::Relaxed) as usize,
+        size_of::<LiveSlot>()
+    );
+    assert_eq!(h.sample_bytes.load(Ordering::Relaxed), 4096);
+    assert!(!LiveSet::new(Box::leak(Box::new(Header::zeroed()))).start(100, 1));
+}
+
+#[test]
+fn inserts_and_removes_keep_exactly_the_live_samples() {
+    let (h, set) = table(16);
+    set.insert(0x1000, 100, 4096, &[1, 2, 3], false);
+    set.insert(0x2000, 200, 8192, &[4], true);
+    set.insert(0x3000, 300, 12288, &[], false);
+    assert_eq!(h.live.load(Ordering::Relaxed), 3);
+    set.remove(0x2000);
+    set.remove(0x9000); // never inserted: nothing happens
+    assert_eq!(h.live.load(Ordering::Relaxed), 2);
+    assert_eq!(h.generation.load(Ordering::Relaxed), 4);
+    let want: BTreeSet<_> = [
+        (0x1000, 100, 4096, vec![1, 2, 3]),
+        (0x3000, 300, 12288, vec![]),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(samples(h, &set), want);
+    // The freed slot is the next one used.
+    set.insert(0x4000, 1, 1, &[7], false);
+    assert_eq!(h.used.load(Ordering::Relaxed), 3);
+    assert_eq!(read_slot(&set, 1).ptr, 0x4000);
+    assert_eq!(read_slot(&set, 0).flags, 0);
+}
+
+#[test]
+fn a_full_table_counts_what_it_drops() {
+    let (h, set) = table(3);
+    for k in 1..=5 {
+        set.insert(k * 0x1000, 10, 10, &[k as u64], false);
+    }
+    assert_eq!(h.live.load(Ordering::Relaxed), 3);
+    assert_eq!(h.dropped.load(Ordering::Relaxed), 2);
+    set.remove(0x1000);
+    set.insert(0x6000, 10, 10, &[6], false);
+    assert_eq!(h.live.load(Ordering::Relaxed), 3);
+    let ptrs: Vec<u64> = samples(h, &set).into_iter().map(|s| s.0).collect();
+    assert_eq!(ptrs, [0x2000, 0x3000, 0x6000]);
+    // A pointer that cannot be indexed is dropped too.
+    set.remove(0x2000);
+    set.insert(0x1001, 1, 1, &[], false);
+    assert_eq!(h.dropped.load(Ordering::Relaxed), 3);
+}
+
+#[test]
+fn deep_stacks_are_cut_and_marked() {
+    let (_h, set) = table(2);
+    let deep: Vec<u64> = (0..100).collect();
+    set.insert(0x1000, 1, 1, &deep, false);
+    let s = read_slot(&set, 0);
+    assert_eq!(s.depth as usize, LIVE_MAX_FRAMES);
+    assert_eq!(s.flags, LIVE_SLOT_TRUNCATED);
+    assert_eq!(s.frames[LIVE_MAX_FRAMES - 1], LIVE_MAX_FRAMES as u64 - 1);
+}
+
+#[test]
+fn concurrent_threads_leave_a_consistent_table() {
+    let (h, set) = table(4096);
+    let set = &set;
+    let threads = 4u64;
+    let per = 20_000u64;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            s.spawn(move || {
+                // Each thread keeps a window of 64 live pointers of its own.
+                for k in 0..per {
+                    let p = ((t << 32) | (k + 1)) << 4;
+                    set.insert(p as usize, k as usize, k, &[t, k], false);
+                    if k >= 64 {
+                        set.remove((((t << 32) | (k - 63)) << 4) as usize);
+                    }
+                }
+            });
+        }
+    });
+    let want: BTreeSet<u64> = (0..threads)
+        .flat_map(|t| (per - 63..=per).map(move |k| ((t << 32) | k) << 4))
+        .collect();
+    let got: BTreeSet<u64> = samples(h, set).into_iter().map(|s| s.0).collect();
+    assert_eq!(got, want);
+    assert_eq!(h.live.load(Ordering::Relaxed), threads * 64);
+    assert_eq!(h.dropped.load(Ordering::Relaxed), 0);
+    assert!(h.used.load(Ordering::Relaxed) <= threads * 64 + threads);
+}

@@ -1,0 +1,493 @@
+//! One `cpu` session: attach the sampler, drain its counts every interval
+//! into the profile collectors, keep task names and unwind tables up to
+//! date, show a live status line, and write the report when it stops.
+use std::{
+    collections::HashSet,
+    ffi::OsString,
+    io::IsTerminal as _,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use log::debug;
+use profiler_common::{
+    cpu::STATS_MAP,
+    stack::{UNWIND_STATS_MAP, UnwindCounter},
+};
+use tokio::io::unix::AsyncFd;
+
+use super::{
+    Settings, Targets,
+    budget::{self, Budget},
+    report::{self, Stacks},
+    sampler::{self, Sampler},
+    stats::{self, Counters, Sampling, Status},
+    tasks::{Change, LiveProc, Tasks},
+};
+use crate::{
+    ebpf, launch,
+    output::OutputPlan,
+    process,
+    profile::Collector,
+    runtime::{self, Stop, StopEvent, StopReason, counters::Counts},
+    unwind::Tables,
+};
+
+/// How often counts are drained when `--interval` is not given: keeps the
+/// count maps small whatever the run length.
+const DRAIN_EVERY: Duration = Duration::from_secs(1);
+/// After an exec, the dynamic loader maps the libraries; the mappings are
+/// read again after these delays so that they are known if the program is
+/// gone before its samples are drained.
+const EXEC_RESNAPSHOTS: [Duration; 2] = [Duration::from_millis(15), Duration::from_millis(100)];
+/// Rows of an interval's top table (unless --nodecount says otherwise).
+const INTERVAL_ROWS: usize = 15;
+/// Status lines on stderr when it is not a terminal: one per this many
+/// status ticks of a second.
+const STATUS_EVERY_LINES: u64 = 10;
+
+/// Runs a session to its end and writes the report; in launch mode,
+/// returns the program's status.
+pub(crate) fn run(settings: Settings, mut output: OutputPlan) -> anyhow::Result<ExitCode> {
+    if matches!(settings.targets, Targets::Launch(_)) {
+        // The program owns stdout.
+        output.stdout_to_stderr();
+    }
+    runtime::block_on(async move {
+        // First: a signal from now on ends the session with a report.
+        let mut stop = Stop::new()?;
+        if let Targets::Launch(command) = &settings.targets {
+            return record_launched(&settings, &output, &mut stop, command).await;
+        }
+        let mut session = Session::start(&settings)?;
+        for &pid in settings.pids() {
+            stop.watch(pid)?;
+        }
+        session.record(&mut stop, &output).await?;
+        session.finish(&output).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `cpu -- CMD`: samples the command and every process it starts until it
+/// exits; its status is prof-bpf's.
+async fn record_launched(
+    settings: &Settings,
+    output: &OutputPlan,
+    stop: &mut Stop,
+    command: &[OsString],
+) -> anyhow::Result<ExitCode> {
+    let suspended = launch::spawn_suspended(command)?;
+    // On an error before the exec, `suspended` is dropped: the child exits
+    // without running the program.
+    let mut session = Session::start(settings)?;
+    session.sampler.add_pid(suspended.pid)?;
+    let mut launched = suspended.resume()?;
+    launched.attached();
+    let recorded = async {
+        stop.watch(launched.pid())?;
+        session.record(stop, output).await
+    }
+    .await;
+    let result = match recorded {
+        Ok(reason) => {
+            let written = session.finish(output).await;
+            launched.pass_on(reason);
+            written
+        }
+        Err(err) => Err(err),
+    };
+    Ok(launched.finish(result))
+}
+
+/// The sampler and everything known besides its counts.
+struct Session {
+    ebpf: aya::Ebpf,
+    sampler: Sampler,
+    state: State,
+    events: AsyncFd<RingBuf<MapData>>,
+    settings: Settings,
+    started: tokio::time::Instant,
+    /// The interval table being printed (`--interval`).
+    printing: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// What the drains feed.
+struct State {
+    total: Collector,
+    /// The current interval's profile (with `--interval`).
+    interval: Option<Collector>,
+    tasks: Tasks,
+    stacks: Stacks,
+    /// Processes whose mappings were read at least once.
+    noted: HashSet<u32>,
+    /// Mapping reads scheduled after an exec.
+    resnapshots: Vec<(tokio::time::Instant, u32)>,
+    /// The unwinder's tables of the sampled processes.
+    tables: Tables,
+    /// Sampling every process (no `--pid`, no command).
+    whole_host: bool,
+    /// CPU time left for building unwind tables (whole host).
+    table_budget: Budget<Instant>,
+    /// Samples per process in the last drain.
+    interval_samples: std::collections::HashMap<u32, u64>,
+}
+
+impl Session {
+    /// Loads the programs, builds the targets' unwind tables (so that their
+    /// first samples get complete stacks) and attaches the sampler.
+    fn start(settings: &Settings) -> anyhow::Result<Self> {
+        let mut ebpf = ebpf::load()?;
+        ebpf::spawn_logger(&mut ebpf);
+        let mut tables = Tables::new(&mut ebpf)?;
+        for &pid in settings.pids() {
+            tables
+                .add_process(pid)
+                .with_context(|| format!("building the unwind tables of pid {pid}"))?;
+        }
+        let mut sampler = Sampler::new(&mut ebpf, settings)?;
+        let ring = sampler
+            .task_events
+            .take()
+            .context("task event ring buffer")?;
+        // SAFETY: the ring buffer owns its descriptor and keeps it open and
+        // unchanged until it is dropped with the AsyncFd.
+        let events =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)
+                .context("watching the task event ring buffer")?;
+        let new_collector = || report::collector(settings.event, settings.frequency);
+        let state = State {
+            total: new_collector(),
+            interval: settings.interval.map(|_| new_collector()),
+            tasks: Tasks::default(),
+            stacks: Stacks::default(),
+            noted: HashSet::new(),
+            resnapshots: Vec::new(),
+            tables,
+            whole_host: settings.targets == Targets::All,
+            table_budget: Budget::new(Instant::now()),
+            interval_samples: std::collections::HashMap::new(),
+        };
+        eprintln!(
+            "prof-bpf: sampling {} at {} Hz on {} CPUs ({}); Ctrl-C to stop",
+            scope(&settings.targets),
+            settings.frequency,
+            sampler.cpus,
+            settings.event.name()
+        );
+        Ok(Self {
+            ebpf,
+            sampler,
+            state,
+            events,
+            settings: settings.clone(),
+            started: tokio::time::Instant::now(),
+            printing: None,
+        })
+    }
+
+    /// Records until `stop` says why to stop.
+    async fn record(&mut self, stop: &mut Stop, output: &OutputPlan) -> anyhow::Result<StopReason> {
+        self.started = tokio::time::Instant::now();
+        if let Some(duration) = self.settings.duration {
+            stop.set_deadline(self.started + duration);
+            self.sampler.stop_after(duration)?;
+        }
+        let period = self.settings.interval.unwrap_or(DRAIN_EVERY);
+        let mut tick = tokio::time::interval_at(self.started + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Status lines come every second whatever --interval is.
+        let mut status_tick = tokio::time::interval_at(self.started + DRAIN_EVERY, DRAIN_EVERY);
+        let tty = std::io::stderr().is_terminal();
+        let mut status = Status::default();
+        let mut lines = 0u64;
+        let reason = loop {
+            let next_resnapshot = self.state.resnapshots.iter().map(|(at, _)| *at).min();
+            tokio::select! {
+                _ = tick.tick() => {
+                    self.drain()?;
+                    self.state.update_tables();
+                    self.print_interval(output, tty).await?;
+                }
+                _ = status_tick.tick() => {
+                    lines += 1;
+                    let counters = Counters::read(&self.ebpf, STATS_MAP)?;
+                    let line = status.line(&counters, self.started.elapsed(), self.state.noted.len());
+                    if tty {
+                        // Not over an interval table being printed.
+                        if !self.printing() {
+                            eprint!("\r\x1b[K{line}");
+                        }
+                    } else if lines.is_multiple_of(STATUS_EVERY_LINES) {
+                        eprintln!("{line}");
+                    }
+                }
+                guard = self.events.readable_mut() => {
+                    let mut guard = guard.context("waiting for task events")?;
+                    let events = sampler::task_events(guard.get_inner_mut());
+                    guard.clear_ready();
+                    self.state.apply_task_events(&events);
+                }
+                () = runtime::sleep_until(next_resnapshot) => self.state.resnapshot_due(),
+                event = stop.next() => match event {
+                    StopEvent::Exited(pid) => debug!("pid {pid} exited"),
+                    StopEvent::Stop(reason) => break reason,
+                },
+            }
+        };
+        if tty {
+            eprint!("\r\x1b[K");
+        }
+        eprintln!("prof-bpf: stopping: {reason}");
+        Ok(reason)
+    }
+
+    /// Starts printing the table of the interval that just ended, on a
+    /// thread of its own: symbolizing a busy host takes seconds, and the
+    /// session must keep sampling and stop on time meanwhile. While a table
+    /// is still being printed, the next interval goes on collecting and
+    /// its table covers both.
+    async fn print_interval(&mut self, output: &OutputPlan, tty: bool) -> anyhow::Result<()> {
+        if self.state.interval.is_none() || self.printing() {
+            return Ok(());
+        }
+        self.finish_printing().await?;
+        if tty {
+            // Clear the status line.
+            eprint!("\r\x1b[K");
+        }
+        let fresh = self.new_collector();
+        let Some(collector) = self.state.interval.replace(fresh) else {
+            return Ok(());
+        };
+        let table = output.top_table(INTERVAL_ROWS);
+        let to_stderr = matches!(self.settings.targets, Targets::Launch(_));
+        let elapsed = self.started.elapsed();
+        self.printing = Some(tokio::task::spawn_blocking(move || {
+            print_interval(collector, table, to_stderr, elapsed)
+        }));
+        Ok(())
+    }
+
+    /// Whether an interval table is being printed.
+    fn printing(&self) -> bool {
+        self.printing.as_ref().is_some_and(|p| !p.is_finished())
+    }
+
+    /// Waits for the interval table being printed, if any.
+    async fn finish_printing(&mut self) -> anyhow::Result<()> {
+        match self.printing.take() {
+            Some(printing) => printing.await.context("printing an interval table")?,
+            None => Ok(()),
+        }
+    }
+
+    fn new_collector(&self) -> Collector {
+        report::collector(self.settings.event, self.settings.frequency)
+    }
+
+    /// Feeds every count of the sampler's previous map to the collectors.
+    fn drain(&mut self) -> anyhow::Result<()> {
+        self.state.drain(&mut self.sampler)
+    }
+
+    /// Detaches the sampler, drains what it counted, and writes the report
+    /// (after the interval table being printed, if any).
+    async fn finish(self, output: &OutputPlan) -> anyhow::Result<()> {
+        let unwind = Counts::<UnwindCounter>::read(&self.ebpf, UNWIND_STATS_MAP)?;
+        // Read before detaching: the map goes with the programs.
+        let counters = Counters::read(&self.ebpf, STATS_MAP)?;
+        // The kernel stopped counting at --duration.
+        let elapsed = self
+            .settings
+            .duration
+            .map_or(self.started.elapsed(), |d| d.min(self.started.elapsed()));
+        let Self {
+            ebpf,
+            mut sampler,
+            mut state,
+            mut events,
+            settings,
+            printing,
+            ..
+        } = self;
+        // Detach (the maps stay open), then drain everything counted.
+        drop(ebpf);
+        if let Some(printing) = printing {
+            printing.await.context("printing an interval table")??;
+        }
+        // Events already queued (exits of the last moments) name the last samples.
+        state.apply_task_events(&sampler::task_events(events.get_mut()));
+        state.drain(&mut sampler)?;
+        state.drain(&mut sampler)?;
+        let sampling = Sampling {
+            event: settings.event.name(),
+            frequency: settings.frequency,
+            cpus: sampler.cpus,
+            elapsed,
+        };
+        let mut collector = state.total;
+        for comment in stats::comments(&counters, &sampling) {
+            collector.add_comment(comment);
+        }
+        collector.add_comment(unwind.comment("user stack walks"));
+        eprintln!("prof-bpf: {}", stats::summary(&counters, &sampling));
+        let profile = collector.finish()?;
+        output.write(&profile)
+    }
+}
+
+/// What `targets` means, for the start line.
+fn scope(targets: &Targets) -> String {
+    match targets {
+        Targets::All => "all processes".to_owned(),
+        Targets::Pids(pids) => {
+            let list: Vec<String> = pids
+                .iter()
+                .map(|p| format!("{p} ({})", process::comm(*p)))
+                .collect();
+            format!("pid {}", list.join(", "))
+        }
+        Targets::Launch(command) => format!(
+            "`{}` and its children",
+            command
+                .iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    }
+}
+
+/// Prints the top table of one interval: on stdout, or on stderr in
+/// launch mode (the program owns stdout).
+fn print_interval(
+    collector: Collector,
+    mut table: OutputPlan,
+    to_stderr: bool,
+    elapsed: Duration,
+) -> anyhow::Result<()> {
+    let profile = collector.finish()?;
+    let header = format!("--- {:.1} s", elapsed.as_secs_f64());
+    if to_stderr {
+        table.stdout_to_stderr();
+        eprintln!("{header}");
+    } else {
+        println!("{header}");
+    }
+    table.write(&profile)
+}
+
+impl State {
+    /// Feeds every count of the sampler's previous map to the collectors.
+    fn drain(&mut self, sampler: &mut Sampler) -> anyhow::Result<()> {
+        for (key, counts) in sampler.drain(&mut self.stacks)? {
+            self.add(&key, &counts);
+        }
+        Ok(())
+    }
+
+    fn note_process(&mut self, pid: u32) {
+        self.total.note_process(pid);
+        if let Some(c) = &mut self.interval {
+            c.note_process(pid);
+        }
+        self.noted.insert(pid);
+    }
+
+    fn add(
+        &mut self,
+        key: &profiler_common::cpu::SampleKey,
+        counts: &profiler_common::cpu::SampleCounts,
+    ) {
+        let pid = key.pid;
+        *self.interval_samples.entry(pid).or_default() += counts.samples;
+        if pid != 0 && !self.noted.contains(&pid) && !self.tasks.has_exited(pid) {
+            self.note_process(pid);
+        }
+        let sample = report::sample(key, counts, &self.stacks, &mut self.tasks, &LiveProc);
+        if let Some(c) = &mut self.interval {
+            c.add(sample.clone());
+        }
+        self.total.add(sample);
+    }
+
+    fn apply_task_events(&mut self, events: &[profiler_common::cpu::TaskEvent]) {
+        for event in events {
+            match self.tasks.apply(event) {
+                Change::Exec(pid) => self.exec(pid),
+                Change::ProcessExit(pid) => self.tables.remove_process(pid),
+                Change::None => {}
+            }
+        }
+    }
+
+    /// Process `pid` runs a new program.
+    fn exec(&mut self, pid: u32) {
+        debug!("exec pid {pid}");
+        self.note_process(pid);
+        // The old program's tables are useless now. A target gets the new
+        // ones at once; on the whole host, the process waits its turn
+        // within the budget like any other.
+        if self.whole_host {
+            self.tables.remove_process(pid);
+        } else if let Err(err) = self.tables.add_process(pid) {
+            debug!("unwind tables of pid {pid} after exec: {err:#}");
+        }
+        let now = tokio::time::Instant::now();
+        for delay in EXEC_RESNAPSHOTS {
+            self.resnapshots.push((now + delay, pid));
+        }
+    }
+
+    /// Gives unwind tables to the sampled processes that have none yet
+    /// (their walks asked for them) and refreshes those that mapped new
+    /// code, within the budget on the whole host (see [`budget`]).
+    fn update_tables(&mut self) {
+        // Whole host: even refreshing known processes (dlopen) compiles
+        // new objects, so polling waits for the budget too.
+        if self.whole_host && !self.table_budget.available(Instant::now()) {
+            self.interval_samples.clear();
+            return;
+        }
+        let started = Instant::now();
+        let unknown = self.tables.poll();
+        self.table_budget.spend(started.elapsed());
+        let tasks = &self.tasks;
+        let candidates =
+            budget::candidates(unknown, &self.interval_samples, self.whole_host, |pid| {
+                tasks.has_exited(pid)
+            });
+        for pid in candidates {
+            if self.whole_host && !self.table_budget.available(Instant::now()) {
+                break;
+            }
+            let started = Instant::now();
+            if let Err(err) = self.tables.add_process(pid) {
+                debug!("no unwind tables for pid {pid}: {err:#}");
+            }
+            self.table_budget.spend(started.elapsed());
+        }
+        self.interval_samples.clear();
+    }
+
+    fn resnapshot_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<u32> = self
+            .resnapshots
+            .iter()
+            .filter(|(at, _)| *at <= now)
+            .map(|(_, p)| *p)
+            .collect();
+        self.resnapshots.retain(|(at, _)| *at > now);
+        for pid in due {
+            // A process that has exited shows empty maps; keep what was read.
+            if !self.tasks.has_exited(pid) && process::maps(pid).is_ok_and(|m| !m.is_empty()) {
+                self.note_process(pid);
+            }
+        }
+    }
+}

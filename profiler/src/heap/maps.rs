@@ -1,0 +1,175 @@
+//! Reading and writing the heap programs' maps (see
+//! `profiler_common::heap` for their layout). Everything here is a thin
+//! copy between a map and plain values; what the values mean is decided in
+//! [`super::report`].
+use std::collections::{HashMap, HashSet};
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap},
+};
+use profiler_common::{
+    heap::{
+        CONFIG_MAP, COUNTERS_MAP, HeapConfig, HeapCounter, LIVE_MAP, LiveAlloc, LiveKey,
+        MMAP_TARGETS_MAP, SAMPLE_INTERVALS_MAP, SAMPLE_WEIGHTS_MAP, SOURCE_MMAP, STACK_ID_MISSING,
+        STACK_STATS_MAP, StackKey, StackStats,
+    },
+    stack::{USER_STACKS_MAP, UserStack},
+};
+
+use super::sampling;
+use crate::runtime::counters::Counts;
+
+/// Writes the sampler settings and tables before any probe is attached.
+pub(crate) fn configure(
+    ebpf: &mut Ebpf,
+    sample_bytes: u64,
+    mmap_new_targets: bool,
+) -> anyhow::Result<()> {
+    let mut config: Array<&mut MapData, HeapConfig> =
+        Array::try_from(ebpf.map_mut(CONFIG_MAP).context("config map missing")?)?;
+    let settings = HeapConfig {
+        sample_bytes,
+        agent_pid: std::process::id(),
+        mmap_new_targets: u32::from(mmap_new_targets),
+    };
+    config
+        .set(0, settings, 0)
+        .context("writing the heap config")?;
+    if sample_bytes == 0 {
+        return Ok(());
+    }
+    let mut intervals: Array<&mut MapData, u64> = Array::try_from(
+        ebpf.map_mut(SAMPLE_INTERVALS_MAP)
+            .context("interval table missing")?,
+    )?;
+    for (i, v) in sampling::intervals(sample_bytes).into_iter().enumerate() {
+        intervals
+            .set(i as u32, v, 0)
+            .context("writing the interval table")?;
+    }
+    let mut weights: Array<&mut MapData, u64> = Array::try_from(
+        ebpf.map_mut(SAMPLE_WEIGHTS_MAP)
+            .context("weight table missing")?,
+    )?;
+    for (i, v) in sampling::weights().into_iter().enumerate() {
+        weights
+            .set(i as u32, v, 0)
+            .context("writing the weight table")?;
+    }
+    Ok(())
+}
+
+/// Marks the processes whose anonymous mappings are tracked (`--mmap`).
+pub(crate) fn add_mmap_targets(ebpf: &mut Ebpf, pids: &[u32]) -> anyhow::Result<()> {
+    let mut targets: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(
+        ebpf.map_mut(MMAP_TARGETS_MAP)
+            .context("mapping target map missing")?,
+    )?;
+    for &pid in pids {
+        targets
+            .insert(pid, 1, 0)
+            .context("writing the mapping targets")?;
+    }
+    Ok(())
+}
+
+/// The per-(process, stack) totals since attach, summed over CPUs.
+pub(crate) fn stack_stats(ebpf: &Ebpf) -> anyhow::Result<Vec<(StackKey, StackStats)>> {
+    let map: PerCpuHashMap<&MapData, StackKey, StackStats> =
+        PerCpuHashMap::try_from(ebpf.map(STACK_STATS_MAP).context("stack map missing")?)?;
+    let mut out = Vec::new();
+    for entry in map.iter() {
+        match entry {
+            Ok((key, per_cpu)) => {
+                let sum = per_cpu
+                    .iter()
+                    .fold(StackStats::default(), |a, s| StackStats {
+                        alloc_objects: a.alloc_objects + s.alloc_objects,
+                        alloc_bytes: a.alloc_bytes + s.alloc_bytes,
+                        free_objects: a.free_objects + s.free_objects,
+                        free_bytes: a.free_bytes + s.free_bytes,
+                    });
+                out.push((key, sum));
+            }
+            // An entry deleted while iterating.
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(err) => return Err(err).context("reading the stack totals"),
+        }
+    }
+    Ok(out)
+}
+
+/// The user stacks of `keys`, from the unwinder's map.
+pub(crate) fn user_stacks<'a>(
+    ebpf: &Ebpf,
+    keys: impl IntoIterator<Item = &'a StackKey>,
+) -> anyhow::Result<HashMap<u64, UserStack>> {
+    let map: BpfHashMap<&MapData, u64, UserStack> = BpfHashMap::try_from(
+        ebpf.map(USER_STACKS_MAP)
+            .context("user stack map missing")?,
+    )?;
+    let mut out = HashMap::new();
+    for key in keys {
+        if key.stack_id != STACK_ID_MISSING
+            && !out.contains_key(&key.stack_id)
+            && let Ok(stack) = map.get(&key.stack_id, 0)
+        {
+            out.insert(key.stack_id, stack);
+        }
+    }
+    Ok(out)
+}
+
+/// The live blocks for which `keep` holds.
+pub(crate) fn live_blocks(
+    ebpf: &Ebpf,
+    keep: impl Fn(&LiveKey, &LiveAlloc) -> bool,
+) -> anyhow::Result<Vec<(LiveKey, LiveAlloc)>> {
+    let map: BpfHashMap<&MapData, LiveKey, LiveAlloc> =
+        BpfHashMap::try_from(ebpf.map(LIVE_MAP).context("live map missing")?)?;
+    Ok(map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(key, live)| keep(key, live))
+        .collect())
+}
+
+/// The tracked anonymous mappings (`--mmap`) still live.
+pub(crate) fn live_mappings(ebpf: &Ebpf) -> anyhow::Result<Vec<(LiveKey, LiveAlloc)>> {
+    live_blocks(ebpf, |key, _| key.source == SOURCE_MMAP)
+}
+
+/// Drops the live blocks of processes `dead` from the kernel's table;
+/// returns how many there were.
+pub(crate) fn drop_live_blocks(ebpf: &mut Ebpf, dead: &HashSet<u32>) -> anyhow::Result<usize> {
+    let mut live: BpfHashMap<&mut MapData, LiveKey, LiveAlloc> =
+        BpfHashMap::try_from(ebpf.map_mut(LIVE_MAP).context("live map missing")?)?;
+    let keys: Vec<LiveKey> = live
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| dead.contains(&k.pid))
+        .collect();
+    for key in &keys {
+        // Gone already: a free raced with this pass.
+        let _ = live.remove(key);
+    }
+    Ok(keys.len())
+}
+
+/// The event and loss counters, summed over CPUs.
+pub(crate) fn counters(ebpf: &Ebpf) -> anyhow::Result<Counts<HeapCounter>> {
+    Counts::read(ebpf, COUNTERS_MAP)
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of the kernel's timestamps.
+pub(crate) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes a timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,180 @@
+//! Finding the CPython interpreter in a process: the executable or a mapped
+//! libpython that exports `_PyRuntime`, its version and its layout.
+use std::{collections::HashSet, fs::File};
+
+use anyhow::{Context as _, bail};
+use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
+
+use super::{
+    Unsupported,
+    memory::Memory,
+    offsets::{self, Offsets, PythonVersion},
+};
+use crate::process::{self, Mapping};
+
+/// The interpreter of one process, with everything the walkers need.
+#[derive(Clone, Debug)]
+pub struct Interpreter {
+    /// The object that holds the interpreter, as the target sees it.
+    pub object: String,
+    pub version: PythonVersion,
+    /// Address of `_PyRuntime` in the process.
+    pub runtime: u64,
+    /// Address of `PyCode_Type`: a frame's code pointer must point at an
+    /// object of this type.
+    pub code_type: u64,
+    pub offsets: Offsets,
+}
+
+/// Addresses of the interpreter's symbols in one object (before relocation).
+struct Exports {
+    runtime: u64,
+    code_type: Option<u64>,
+    version: Option<u64>,
+}
+
+/// Finds the interpreter of `pid`. Fails with [`Unsupported`] (downcastable)
+/// for a CPython that is not 3.11 to 3.13 or whose layout is not the
+/// expected one, and with a plain error when the process has no CPython.
+pub fn find(pid: u32, memory: &impl Memory) -> anyhow::Result<Interpreter> {
+    let maps = process::maps(pid)?;
+    let mut seen = HashSet::new();
+    for mapping in maps.iter().filter(|m| m.is_file() && m.is_executable()) {
+        if !seen.insert(mapping.path.as_str()) {
+            continue;
+        }
+        let path = process::path_in_root(pid, &mapping.path);
+        let Ok(file) = File::open(&path) else {
+            continue;
+        };
+        // SAFETY: the file is only read; a concurrent truncation could
+        // fault, as for every tool that maps binaries.
+        let Ok(data) = (unsafe { memmap2::Mmap::map(&file) }) else {
+            continue;
+        };
+        let Ok(elf) = object::File::parse(&*data) else {
+            continue;
+        };
+        let Some(exports) = exports(&elf) else {
+            continue;
+        };
+        let bias = load_bias(&elf, &maps, mapping)
+            .with_context(|| format!("locating {} in pid {pid}", mapping.path))?;
+        return interpreter(memory, &mapping.path, &exports, bias);
+    }
+    bail!("pid {pid} runs no CPython (no mapped object exports _PyRuntime)")
+}
+
+fn exports(elf: &object::File<'_>) -> Option<Exports> {
+    let mut runtime = None;
+    let mut code_type = None;
+    let mut version = None;
+    for symbol in elf.dynamic_symbols() {
+        match symbol.name() {
+            Ok("_PyRuntime") => runtime = Some(symbol.address()),
+            Ok("PyCode_Type") => code_type = Some(symbol.address()),
+            Ok("Py_Version") => version = Some(symbol.address()),
+            _ => {}
+        }
+    }
+    Some(Exports {
+        runtime: runtime.filter(|&a| a != 0)?,
+        code_type,
+        version,
+    })
+}
+
+/// What to add to a virtual address of the object to get its address in
+/// the process: from the mapping of the object's first load segment.
+fn load_bias(elf: &object::File<'_>, maps: &[Mapping], any: &Mapping) -> anyhow::Result<u64> {
+    let first = elf
+        .segments()
+        .find(|s| s.file_range().0 == 0)
+        .context("no load segment starts at file offset 0")?;
+    let base = maps
+        .iter()
+        .find(|m| m.inode == any.inode && m.dev == any.dev && m.offset == 0)
+        .context("the object's first page is not mapped")?;
+    Ok(base.start.wrapping_sub(first.address() & !0xfff))
+}
+
+fn interpreter(
+    memory: &impl Memory,
+    object: &str,
+    exports: &Exports,
+    bias: u64,
+) -> anyhow::Result<Interpreter> {
+    let Some(version_address) = exports.version else {
+        // 3.10 and older have no Py_Version: name the version from the
+        // object's name (libpython3.10.so.1.0, python3.10) and stop.
+        return Err(Unsupported {
+            version: version_from_name(object).unwrap_or_else(|| "older than 3.11".to_owned()),
+            object: object.to_owned(),
+            why: "only 3.11 to 3.13 are supported".to_owned(),
+        }
+        .into());
+    };
+    let hex = memory
+        .read_u32(version_address.wrapping_add(bias))
+        .with_context(|| format!("reading Py_Version in {object}"))?;
+    let version = PythonVersion { hex };
+    let unsupported = |why: String| Unsupported {
+        version: version.to_string(),
+        object: object.to_owned(),
+        why,
+    };
+    let runtime = exports.runtime.wrapping_add(bias);
+    let offsets = if let Some(table) = offsets::table(version) {
+        table
+    } else if offsets::has_debug_offsets(version) {
+        let mut bytes = vec![0; offsets::DEBUG_OFFSETS_LEN];
+        memory
+            .read(runtime, &mut bytes)
+            .with_context(|| format!("reading _Py_DebugOffsets in {object}"))?;
+        offsets::from_debug_offsets(&bytes, version).map_err(|e| unsupported(format!("{e:#}")))?
+    } else {
+        return Err(unsupported("only 3.11 to 3.13 are supported".to_owned()).into());
+    };
+    let code_type = exports
+        .code_type
+        .ok_or_else(|| unsupported("PyCode_Type is not exported".to_owned()))?
+        .wrapping_add(bias);
+    Ok(Interpreter {
+        object: object.to_owned(),
+        version,
+        runtime,
+        code_type,
+        offsets,
+    })
+}
+
+/// `3.10` from `/x/libpython3.10.so.1.0` or `/x/python3.10`.
+fn version_from_name(path: &str) -> Option<String> {
+    let name = path.rsplit('/').next()?;
+    let rest = &name[name.find("python")? + "python".len()..];
+    let (major, rest) = rest.split_once('.')?;
+    let minor: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    (!major.is_empty() && major.chars().all(|c| c.is_ascii_digit()) && !minor.is_empty())
+        .then(|| format!("{major}.{minor}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_from_object_names() {
+        let cases = [
+            (
+                "/root/.pyenv/versions/3.10.13/lib/libpython3.10.so.1.0",
+                Some("3.10"),
+            ),
+            ("/usr/bin/python3.9", Some("3.9")),
+            ("/usr/lib/libpython3.so", None),
+            ("/usr/bin/python", None),
+        ];
+        for (path, want) in cases {
+            assert_eq!(version_from_name(path).as_deref(), want, "{path}");
+        }
+    }
+}

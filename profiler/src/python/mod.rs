@@ -1,0 +1,167 @@
+//! Python frames of a running CPython (3.11 to 3.13, x86-64, GIL builds),
+//! read from user space: the foundation the kernel-side frame walker builds
+//! on, and a snapshot dump of every thread's Python stack.
+//!
+//! - [`discover`]: which mapped object is the interpreter, its version, and
+//!   its structure [`offsets`] (tables for 3.11/3.12, `_Py_DebugOffsets`
+//!   for 3.13).
+//! - [`threads`]: kernel thread id → `PyThreadState`, walked from
+//!   `_PyRuntime`.
+//! - [`stack`]: a thread's frames as (code object, instruction offset).
+//! - [`symbolize`]: those as `qualname (file.py:LINE)`.
+//!
+//! The target keeps running while it is read (nothing stops it), so every
+//! walker validates what it reads and stops at the first inconsistency.
+use std::fmt;
+
+use anyhow::Context as _;
+
+pub mod discover;
+pub mod memory;
+pub mod offsets;
+pub mod stack;
+pub mod symbolize;
+pub mod threads;
+
+use memory::{ProcessMemory, ReadError};
+use stack::WalkEnd;
+use symbolize::{PyFrame, Symbolizer};
+
+/// A CPython this module cannot read: profiles of it show native frames
+/// only.
+#[derive(Debug)]
+pub struct Unsupported {
+    /// `3.10`, `3.14.0` ...
+    pub version: String,
+    /// The interpreter's object, as the target sees it.
+    pub object: String,
+    pub why: String,
+}
+
+impl fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Python {} ({}) is not supported ({}): only native frames are shown",
+            self.version, self.object, self.why
+        )
+    }
+}
+
+impl std::error::Error for Unsupported {}
+
+/// The Python stack of one thread at the time of a dump.
+#[derive(Clone, Debug)]
+pub struct ThreadStack {
+    /// Kernel thread id.
+    pub tid: u32,
+    /// The thread's name as the kernel has it (`/proc/PID/task/TID/comm`).
+    pub name: String,
+    /// Innermost frame first.
+    pub frames: Vec<PyFrame>,
+    /// Shim frames of C calling into Python that were skipped.
+    pub cstack_frames: u32,
+    /// Frames not yet started that were skipped.
+    pub incomplete_frames: u32,
+    /// How the walk ended (anything but `Complete` means frames may be
+    /// missing at the outer end).
+    pub end: WalkEnd,
+}
+
+/// Every Python thread's stack in process `pid`, in the order of the
+/// interpreter's thread list. Fails with one line when the process has no
+/// supported CPython ([`Unsupported`] can be downcast from the error), or
+/// exits during the dump.
+pub fn dump(pid: u32) -> anyhow::Result<Vec<ThreadStack>> {
+    let memory = ProcessMemory::new(pid);
+    let gone = |err: anyhow::Error| exited_or(pid, err);
+    let py = discover::find(pid, &memory).map_err(gone)?;
+    let threads = thread_states(&memory, &py)
+        .map_err(gone)
+        .with_context(|| format!("pid {pid}"))?;
+    let mut symbolizer = Symbolizer::default();
+    let mut stacks = Vec::with_capacity(threads.len());
+    for thread in threads {
+        let raw = stack::walk(&memory, &py, thread.tstate);
+        if let WalkEnd::ReadFailed(ReadError::ProcessGone) = raw.end {
+            return Err(gone(anyhow::Error::new(ReadError::ProcessGone)));
+        }
+        let mut end = raw.end;
+        let mut frames = Vec::with_capacity(raw.frames.len());
+        for &frame in &raw.frames {
+            match symbolizer.frame(pid, &memory, &py, frame) {
+                Ok(named) => frames.push(named),
+                Err(ReadError::ProcessGone) => {
+                    return Err(gone(anyhow::Error::new(ReadError::ProcessGone)));
+                }
+                // The code object changed under the reader: the frames
+                // from here on are not trustworthy.
+                Err(err) => {
+                    end = WalkEnd::ReadFailed(err);
+                    break;
+                }
+            }
+        }
+        stacks.push(ThreadStack {
+            tid: thread.tid,
+            name: thread_name(pid, thread.tid),
+            frames,
+            cstack_frames: raw.cstack_frames,
+            incomplete_frames: raw.incomplete_frames,
+            end,
+        });
+    }
+    Ok(stacks)
+}
+
+/// Attempts at walking the thread list, which threads starting and exiting
+/// change under the reader.
+const THREAD_WALK_ATTEMPTS: usize = 5;
+
+/// The thread states of the process, walked again when the list changed
+/// under the reader. A thread state that persistently does not point back
+/// at its interpreter means an unexpected layout: [`Unsupported`].
+fn thread_states(
+    memory: &ProcessMemory,
+    py: &discover::Interpreter,
+) -> anyhow::Result<Vec<threads::PyThread>> {
+    let mut attempt = 1;
+    loop {
+        let err = match threads::threads(memory, py) {
+            Ok(threads) => return Ok(threads),
+            Err(err) => err,
+        };
+        let lasting = matches!(
+            err,
+            threads::ThreadsError::Read(ReadError::ProcessGone | ReadError::PermissionDenied)
+        );
+        if !lasting && attempt < THREAD_WALK_ATTEMPTS {
+            attempt += 1;
+            continue;
+        }
+        return Err(match err {
+            threads::ThreadsError::LayoutMismatch { .. } => Unsupported {
+                version: py.version.to_string(),
+                object: py.object.clone(),
+                why: err.to_string(),
+            }
+            .into(),
+            other => other.into(),
+        });
+    }
+}
+
+fn thread_name(pid: u32, tid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+        .map(|s| s.trim_end().to_owned())
+        .unwrap_or_default()
+}
+
+/// `err`, or "exited" when the process is gone (or a zombie), which is
+/// what most failures in the middle of a dump come down to.
+fn exited_or(pid: u32, err: anyhow::Error) -> anyhow::Error {
+    match crate::process::state(pid) {
+        None | Some('Z' | 'X') => anyhow::anyhow!("pid {pid} exited during the Python stack dump"),
+        Some(_) => err,
+    }
+}
