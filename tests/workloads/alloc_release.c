@@ -1,4 +1,4 @@
-/* Memory given back: allocates 200 MiB in 4 KiB objects, frees the first
+/* Memory given back: allocates 800 MiB in 4 KiB objects, frees the first
  * 90% of them (whole spans become free), calls malloc_trim(0) and prints
  * `base_kib B live_kib L before_kib R0 after_kib R1`: resident KiB before
  * allocating, live KiB, resident KiB before and after the trim. */
@@ -19,7 +19,7 @@ static long rss_kib(void) {
 }
 
 int main(void) {
-    enum { SIZE = 4096, N = 200 * 256 };
+    enum { SIZE = 4096, N = 800 * 256 };
     static char *objs[N];
     long base = rss_kib();
     for (int i = 0; i < N; i++) {
