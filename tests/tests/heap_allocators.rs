@@ -72,6 +72,8 @@ fn libprofalloc_processes_are_profiled_through_the_sampling_hooks() {
             "heap",
             "--pid",
             &pid,
+            "--probe",
+            "hooks",
             "--format",
             "folded",
             "--group-by",

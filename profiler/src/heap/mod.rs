@@ -24,6 +24,7 @@ mod attach;
 mod coverage;
 pub(crate) mod discover;
 mod leaks;
+mod live_set;
 mod maps;
 mod processes;
 mod report;
@@ -31,6 +32,7 @@ mod sampling;
 mod session;
 mod settings;
 mod status;
+mod usdt_sites;
 
 const AFTER_HELP: &str = "\
 SAMPLING:
@@ -124,10 +126,12 @@ pub struct HeapArgs {
     /// outside allocator calls; see MAPPINGS below.
     #[arg(long)]
     pub mmap: bool,
-    /// What to probe: libprofalloc.so's sampling hooks (cheap: only sampled
-    /// allocations trap), the malloc family, or `auto`: the hooks when the
-    /// target runs libprofalloc.so with its sampler on and neither --leaks,
-    /// --sample-bytes nor --mmap asks for more than they give.
+    /// What to probe: the `otel_memory:alloc/free` USDT probes of the
+    /// target (any allocator that has them), libprofalloc.so's sampling
+    /// hooks (cheap: only sampled allocations trap), the malloc family, or
+    /// `auto`: the USDT probes, else the hooks, when every target has them
+    /// and neither --leaks, --sample-bytes nor --mmap asks for more than
+    /// they give.
     #[arg(long, value_enum, default_value_t = Probe::Auto)]
     pub probe: Probe,
     /// Capacity for live allocations tracked at once; more are counted as lost.
@@ -152,6 +156,8 @@ pub enum Probe {
     Hooks,
     /// The allocator's malloc family.
     Malloc,
+    /// The `otel_memory:alloc/free` USDT probes of the target.
+    Usdt,
 }
 
 impl From<Probe> for ProbeRequest {
@@ -160,6 +166,7 @@ impl From<Probe> for ProbeRequest {
             Probe::Auto => Self::Auto,
             Probe::Hooks => Self::Hooks,
             Probe::Malloc => Self::Malloc,
+            Probe::Usdt => Self::Usdt,
         }
     }
 }
@@ -190,6 +197,9 @@ fn to_settings(args: &HeapArgs) -> anyhow::Result<Settings> {
     let probe = match args.probe {
         Probe::Hooks if args.leaks || args.sample_bytes.is_some() => bail!(
             "--probe hooks records only what libprofalloc.so samples: it excludes --leaks and --sample-bytes"
+        ),
+        Probe::Usdt if args.leaks || args.sample_bytes.is_some() || args.mmap => bail!(
+            "--probe usdt records only what the allocator samples: it excludes --leaks, --sample-bytes and --mmap"
         ),
         // The hooks see only sampled blocks, not when the allocator is
         // inside a call, so its own mappings would count twice.
@@ -257,5 +267,20 @@ mod tests {
             err.to_string().contains("--mmap needs --probe malloc"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn usdt_excludes_what_the_allocators_samples_cannot_give() {
+        let s = parse(&["--pid", "1", "--probe", "usdt"]).unwrap();
+        assert_eq!(s.probe, ProbeRequest::Usdt);
+        for extra in [&["--leaks"][..], &["--sample-bytes", "64"], &["--mmap"]] {
+            let mut args = vec!["--pid", "1", "--probe", "usdt"];
+            args.extend_from_slice(extra);
+            let err = parse(&args).unwrap_err().to_string();
+            assert!(
+                err.contains("--probe usdt records only"),
+                "{extra:?}: {err}"
+            );
+        }
     }
 }

@@ -1,7 +1,13 @@
 //! One heap session: attach (see [`super::attach`]), read the kernel's
 //! aggregates every second (live status) and every interval (reports, leak
 //! snapshots), and write the final report (see [`super::report`]).
-use std::{collections::HashSet, io::IsTerminal as _, num::NonZeroU32, path::Path, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    io::IsTerminal as _,
+    num::NonZeroU32,
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use aya::{Ebpf, programs::uprobe::UProbeScope};
@@ -490,6 +496,7 @@ impl Session {
             None => std::collections::HashMap::new(),
         };
         let memory = self.memory(&stats);
+        let live = self.live_heaps();
         let stacks = maps::user_stacks(&self.ebpf, stats.iter().map(|(k, _)| k).chain(old.keys()))?;
         Ok(Totals {
             stats,
@@ -498,7 +505,31 @@ impl Session {
             unmapped,
             old,
             memory,
+            live,
         })
+    }
+
+    /// The live heaps of the targets whose allocator exports one, when the
+    /// probes are its sampling hooks or USDT probes (the same samples):
+    /// not in leak mode, which measures growth from the probes alone.
+    fn live_heaps(&self) -> HashMap<u32, crate::live_heap::LiveHeap> {
+        let mut live = HashMap::new();
+        if self.settings.leaks || !matches!(self.tracking, Tracking::Usdt | Tracking::Hooks { .. })
+        {
+            return live;
+        }
+        for &pid in &self.pids {
+            if self.processes.exited.contains(&pid) {
+                continue;
+            }
+            match crate::live_heap::read(pid) {
+                Ok(heap) => {
+                    live.insert(pid, heap);
+                }
+                Err(err) => debug!("no live heap read from pid {pid}: {err:#}"),
+            }
+        }
+        live
     }
 
     /// The memory of the targets now; with --all, of the first processes
@@ -527,7 +558,12 @@ impl Session {
     }
 
     /// From when the report's allocations were seen.
-    fn coverage(&self) -> Coverage {
+    fn coverage(&self, totals: &Totals) -> Coverage {
+        if !totals.live.is_empty() {
+            return Coverage::AllocatorSinceStart {
+                at: Clock::local(self.attached_at),
+            };
+        }
         match self.settings.targets {
             Targets::Launch(_) => Coverage::SinceStart,
             _ => Coverage::SinceAttach {
@@ -543,7 +579,7 @@ impl Session {
         let totals = self.totals()?;
         let ctx = Context {
             tracking: self.tracking,
-            coverage: self.coverage(),
+            coverage: self.coverage(&totals),
             mmap: self.settings.mmap,
             processes: &self.processes,
             allocator_inodes: self.allocator_inodes(),
