@@ -88,6 +88,7 @@ fn libprofalloc_targets_are_profiled_through_the_usdt_probes() {
     let out = prof.wait_with_output().expect("wait for prof-bpf");
     assert!(out.status.success());
     let live = folded_inuse(&file);
+    let allocated = folded(&file, "alloc_space");
     let (text, err, code) = run_prof_bpf(&["report", "--format", "text", &file]);
     assert_eq!(code, 0, "{err}");
     assert!(text.contains("mode: otel_memory USDT probes"), "{text}");
