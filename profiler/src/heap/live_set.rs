@@ -6,15 +6,37 @@
 //! (it is the allocator's exact view of its samples; each object, keyed by
 //! address, is counted once), and the probes give only the alloc_* values
 //! since the attach.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use profiler_common::heap::WEIGHT_ONE;
 
-use super::report::objects;
+use super::{report::objects, settings::Tracking};
 use crate::{
-    live_heap::LiveHeap,
+    live_heap::{self, LiveHeap},
     profile::{RawSample, StackStatus},
 };
+
+/// The live heaps of the running `pids` whose allocator exports one, when
+/// the probes are its sampling hooks or USDT probes (the same samples).
+pub(crate) fn read_targets(
+    tracking: Tracking,
+    pids: &[u32],
+    exited: &HashSet<u32>,
+) -> HashMap<u32, LiveHeap> {
+    let mut live = HashMap::new();
+    if !matches!(tracking, Tracking::Usdt | Tracking::Hooks { .. }) {
+        return live;
+    }
+    for &pid in pids.iter().filter(|pid| !exited.contains(pid)) {
+        match live_heap::read(pid) {
+            Ok(heap) => {
+                live.insert(pid, heap);
+            }
+            Err(err) => log::debug!("no live heap read from pid {pid}: {err:#}"),
+        }
+    }
+    live
+}
 
 /// The in-use samples of one process's live heap: one per distinct stack,
 /// values `[alloc_objects, alloc_space, inuse_objects, inuse_space]` with
@@ -22,7 +44,7 @@ use crate::{
 pub(crate) fn inuse_samples(pid: u32, comm: &str, heap: &LiveHeap) -> Vec<RawSample> {
     // (stack, truncated) -> (weighted objects in WEIGHT_ONE units, bytes).
     let mut by_stack: BTreeMap<(&[u64], bool), (u64, u64)> = BTreeMap::new();
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
     for s in &heap.samples {
         if !seen.insert(s.address) {
             continue;

@@ -3,13 +3,15 @@
 //!
 //! - `settings`: the session's plain settings; `--probe` resolved.
 //! - [`discover`]: which allocator a process uses and its entry points.
+//! - `usdt_sites`: a target's `otel_memory:alloc/free` USDT probes.
 //! - `attach`: what to probe, loading and attaching.
 //! - `maps`: reading the kernel's maps.
 //! - `processes`: the session's view of its targets.
 //! - `sampling`: the Poisson sampler's tables and weights.
 //! - `leaks`: growth-over-snapshots leak classification.
 //! - `report`: the reports, built from what was read (pure);
-//!   `coverage`: what they cover, beside the targets' memory.
+//!   `coverage`: what they cover, beside the targets' memory;
+//!   `live_set`: in-use values from libprofalloc.so's own live heap.
 //! - `status`: the live status line.
 //! - `session`: the recording loop tying them together.
 use std::{ffi::OsString, path::PathBuf, time::Duration};

@@ -18,7 +18,7 @@ use super::{
     attach::{self, Launch, Plan},
     coverage::{Clock, Coverage, Memory, ProcessMemory},
     discover::{self, Allocator},
-    leaks, maps,
+    leaks, live_set, maps,
     processes::{self, Processes},
     report::{self, Context, LeakInput, Totals},
     settings::{Settings, Targets, Tracking},
@@ -496,7 +496,11 @@ impl Session {
             None => std::collections::HashMap::new(),
         };
         let memory = self.memory(&stats);
-        let live = self.live_heaps();
+        let live = if self.settings.leaks {
+            HashMap::new()
+        } else {
+            live_set::read_targets(self.tracking, &self.pids, &self.processes.exited)
+        };
         let stacks = maps::user_stacks(&self.ebpf, stats.iter().map(|(k, _)| k).chain(old.keys()))?;
         Ok(Totals {
             stats,
@@ -507,29 +511,6 @@ impl Session {
             memory,
             live,
         })
-    }
-
-    /// The live heaps of the targets whose allocator exports one, when the
-    /// probes are its sampling hooks or USDT probes (the same samples):
-    /// not in leak mode, which measures growth from the probes alone.
-    fn live_heaps(&self) -> HashMap<u32, crate::live_heap::LiveHeap> {
-        let mut live = HashMap::new();
-        if self.settings.leaks || !matches!(self.tracking, Tracking::Usdt | Tracking::Hooks { .. })
-        {
-            return live;
-        }
-        for &pid in &self.pids {
-            if self.processes.exited.contains(&pid) {
-                continue;
-            }
-            match crate::live_heap::read(pid) {
-                Ok(heap) => {
-                    live.insert(pid, heap);
-                }
-                Err(err) => debug!("no live heap read from pid {pid}: {err:#}"),
-            }
-        }
-        live
     }
 
     /// The memory of the targets now; with --all, of the first processes
