@@ -23,6 +23,7 @@ use super::{
     discover::{self, Allocator, Role},
     maps,
     settings::{HookOffer, ProbeRequest, Settings, Targets, Tracking, resolve_probe},
+    usdt_sites::{self, PROVIDER},
 };
 use crate::{ebpf, launch, process};
 
@@ -69,6 +70,9 @@ pub(crate) fn plan(settings: &Settings) -> anyhow::Result<Plan> {
     if settings.probe == ProbeRequest::Hooks && !matches!(settings.targets, Targets::Pids(_)) {
         bail!("--probe hooks works with --pid targets only");
     }
+    if settings.probe == ProbeRequest::Usdt && !matches!(settings.targets, Targets::Pids(_)) {
+        bail!("--probe usdt works with --pid targets only");
+    }
     let malloc = Tracking::Malloc {
         sample_bytes: settings.sample_bytes,
     };
@@ -77,17 +81,26 @@ pub(crate) fn plan(settings: &Settings) -> anyhow::Result<Plan> {
         Targets::Pids(list) => {
             let mut allocators = Vec::new();
             let mut offers = Vec::new();
+            let mut every_target_has_usdt = true;
             for &pid in list {
                 let nz = NonZeroU32::new(pid).context("no process with pid 0")?;
                 process::check_user_process(pid)?;
-                let allocator = discover::for_process(pid, settings.lib.as_deref())?;
+                let mut allocator = discover::for_process(pid, settings.lib.as_deref())?;
                 if settings.probe != ProbeRequest::Malloc {
                     offers.push((pid, hook_offer(pid, &allocator)?));
                 }
+                if matches!(settings.probe, ProbeRequest::Auto | ProbeRequest::Usdt) {
+                    allocator.usdt = usdt_offer(pid, settings.probe)?;
+                    every_target_has_usdt &= !allocator.usdt.is_empty();
+                }
                 allocators.push((allocator, UProbeScope::OneProcess(nz)));
             }
+            let tracking = match settings.probe {
+                ProbeRequest::Auto if every_target_has_usdt && !list.is_empty() => Tracking::Usdt,
+                request => resolve_probe(request, settings.sample_bytes, &offers)?,
+            };
             Ok(Plan {
-                tracking: resolve_probe(settings.probe, settings.sample_bytes, &offers)?,
+                tracking,
                 allocators,
                 pids: list.clone(),
                 launch: None,
@@ -135,6 +148,23 @@ fn hook_offer(pid: u32, allocator: &Allocator) -> anyhow::Result<HookOffer> {
     })
 }
 
+/// The `otel_memory` USDT probe sites of running target `pid`. With
+/// `--probe usdt`, fails when it has none or has them in a form the
+/// programs cannot read; with `auto`, such a target just offers none.
+fn usdt_offer(pid: u32, request: ProbeRequest) -> anyhow::Result<Vec<usdt_sites::UsdtSites>> {
+    match (usdt_sites::for_process(pid), request) {
+        (Ok(sites), ProbeRequest::Usdt) if sites.is_empty() => bail!(
+            "--probe usdt: pid {pid} maps no object with {PROVIDER}:alloc and {PROVIDER}:free USDT probes"
+        ),
+        (Ok(sites), _) => Ok(sites),
+        (Err(err), ProbeRequest::Usdt) => Err(err.context("--probe usdt")),
+        (Err(err), _) => {
+            log::warn!("{err:#}; probing pid {pid} otherwise");
+            Ok(Vec::new())
+        }
+    }
+}
+
 /// Loads the programs with the maps sized and the sampler configured.
 pub(crate) fn load(
     settings: &Settings,
@@ -150,7 +180,7 @@ pub(crate) fn load(
     ebpf::spawn_logger(&mut ebpf);
     maps::configure(&mut ebpf, tracking.kernel_sample_bytes(), mmap_new_targets)?;
     let programs: &[&str] = match tracking {
-        Tracking::Hooks { .. } => &[HOOK_FREE_PROGRAM, HOOK_ALLOC_PROGRAM],
+        Tracking::Hooks { .. } | Tracking::Usdt => &[HOOK_FREE_PROGRAM, HOOK_ALLOC_PROGRAM],
         Tracking::Malloc { .. } => &[FREE_PROGRAM, RETURN_PROGRAM, ENTRY_PROGRAM],
     };
     for name in programs {
@@ -172,6 +202,9 @@ pub(crate) fn allocator(
         UProbeScope::OneProcess(pid) => format!("pid {pid}"),
         _ => "all processes".to_owned(),
     };
+    if let Tracking::Usdt = tracking {
+        return usdt_sites(ebpf, allocator, scope, &what);
+    }
     if let Tracking::Hooks { .. } = tracking {
         let hooks = allocator
             .hooks
@@ -235,6 +268,47 @@ pub(crate) fn allocator(
         allocator.points.len(),
         allocator.path,
         allocator.inode
+    );
+    Ok(())
+}
+
+/// Attaches the hook programs at the target's `otel_memory` USDT sites:
+/// every free site before any alloc site, as with the hooks.
+fn usdt_sites(
+    ebpf: &mut Ebpf,
+    allocator: &Allocator,
+    scope: UProbeScope,
+    what: &str,
+) -> anyhow::Result<()> {
+    if allocator.usdt.is_empty() {
+        bail!("{what} has no {PROVIDER} USDT probes");
+    }
+    for (program, name) in [(HOOK_FREE_PROGRAM, "free"), (HOOK_ALLOC_PROGRAM, "alloc")] {
+        for sites in &allocator.usdt {
+            let offsets = match name {
+                "free" => &sites.free_offsets,
+                _ => &sites.alloc_offsets,
+            };
+            for &offset in offsets {
+                uprobe(ebpf, program)?
+                    .attach(
+                        UProbeAttachLocation::AbsoluteOffset(offset),
+                        &sites.open_path,
+                        scope,
+                    )
+                    .with_context(|| {
+                        format!(
+                            "attaching to {PROVIDER}:{name} at offset {offset:#x} of {} for {what}",
+                            sites.path
+                        )
+                    })?;
+            }
+        }
+    }
+    let objects: Vec<&str> = allocator.usdt.iter().map(|s| s.path.as_str()).collect();
+    info!(
+        "attached to the {PROVIDER} USDT probes of {} for {what}",
+        objects.join(", ")
     );
     Ok(())
 }

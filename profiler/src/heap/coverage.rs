@@ -16,6 +16,9 @@ pub(crate) enum Coverage {
     SinceAttach { tracking: Tracking, at: Clock },
     /// A launched program: since it started (the probes came first).
     SinceStart,
+    /// In-use values from the allocator's sampled live heap, since the
+    /// process started; alloc values since the attach.
+    AllocatorSinceStart { at: Clock },
 }
 
 /// A local wall-clock time of day.
@@ -71,10 +74,19 @@ impl Coverage {
             } => format!(
                 "coverage: what libprofalloc.so sampled since the attach at {at} (earlier allocations are not seen)"
             ),
+            Self::SinceAttach {
+                tracking: Tracking::Usdt,
+                at,
+            } => format!(
+                "coverage: what the allocator sampled since the attach at {at} (earlier allocations are not seen)"
+            ),
             Self::SinceAttach { at, .. } => format!(
                 "coverage: allocations made since the attach at {at} (earlier allocations are not seen)"
             ),
             Self::SinceStart => "coverage: allocations made since the program started".to_owned(),
+            Self::AllocatorSinceStart { at } => format!(
+                "coverage: sampled heap since process start (from the allocator) for in-use values; allocations since the attach at {at} for alloc values"
+            ),
         }
     }
 }

@@ -16,6 +16,7 @@ use anyhow::{Context as _, bail};
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
 use profiler_common::heap::EntryKind;
 
+use super::usdt_sites::UsdtSites;
 use crate::process::{self, Mapping};
 
 /// What a probed function does.
@@ -104,6 +105,9 @@ pub struct Allocator {
     pub points: Vec<AttachPoint>,
     /// libprofalloc.so's sampling hooks, when the object has them.
     pub hooks: Option<Hooks>,
+    /// The target's `otel_memory` USDT probe sites (in any of its objects),
+    /// filled in when they are what is probed.
+    pub usdt: Vec<UsdtSites>,
 }
 
 /// The sampling hooks of libprofalloc.so (`profiler_common::hooks`).
@@ -141,6 +145,7 @@ impl Allocator {
             inode,
             points,
             hooks,
+            usdt: Vec::new(),
         })
     }
 }
@@ -298,7 +303,7 @@ fn library(pid: u32, lib: &Path) -> anyhow::Result<Allocator> {
 
 /// The distinct executable file mappings, in address order (the main
 /// executable is mapped first in practice).
-fn mapped_objects(maps: &[Mapping]) -> Vec<&Mapping> {
+pub(crate) fn mapped_objects(maps: &[Mapping]) -> Vec<&Mapping> {
     let mut seen = Vec::new();
     let mut objects = Vec::new();
     for m in maps.iter().filter(|m| m.is_file() && m.is_executable()) {

@@ -3,13 +3,15 @@
 //!
 //! - `settings`: the session's plain settings; `--probe` resolved.
 //! - [`discover`]: which allocator a process uses and its entry points.
+//! - `usdt_sites`: a target's `otel_memory:alloc/free` USDT probes.
 //! - `attach`: what to probe, loading and attaching.
 //! - `maps`: reading the kernel's maps.
 //! - `processes`: the session's view of its targets.
 //! - `sampling`: the Poisson sampler's tables and weights.
 //! - `leaks`: growth-over-snapshots leak classification.
 //! - `report`: the reports, built from what was read (pure);
-//!   `coverage`: what they cover, beside the targets' memory.
+//!   `coverage`: what they cover, beside the targets' memory;
+//!   `live_set`: in-use values from libprofalloc.so's own live heap.
 //! - `status`: the live status line.
 //! - `session`: the recording loop tying them together.
 use std::{ffi::OsString, path::PathBuf, time::Duration};
@@ -24,6 +26,7 @@ mod attach;
 mod coverage;
 pub(crate) mod discover;
 mod leaks;
+mod live_set;
 mod maps;
 mod processes;
 mod report;
@@ -31,6 +34,7 @@ mod sampling;
 mod session;
 mod settings;
 mod status;
+mod usdt_sites;
 
 const AFTER_HELP: &str = "\
 SAMPLING:
@@ -129,10 +133,12 @@ pub struct HeapArgs {
     /// outside allocator calls; see MAPPINGS below.
     #[arg(long)]
     pub mmap: bool,
-    /// What to probe: libprofalloc.so's sampling hooks (cheap: only sampled
-    /// allocations trap), the malloc family, or `auto`: the hooks when the
-    /// target runs libprofalloc.so with its sampler on and neither --leaks,
-    /// --sample-bytes nor --mmap asks for more than they give.
+    /// What to probe: the `otel_memory:alloc/free` USDT probes of the
+    /// target (any allocator that has them), libprofalloc.so's sampling
+    /// hooks (cheap: only sampled allocations trap), the malloc family, or
+    /// `auto`: the USDT probes, else the hooks, when every target has them
+    /// and neither --leaks, --sample-bytes nor --mmap asks for more than
+    /// they give.
     #[arg(long, value_enum, default_value_t = Probe::Auto)]
     pub probe: Probe,
     /// Capacity for live allocations tracked at once; more are counted as
@@ -161,6 +167,8 @@ pub enum Probe {
     Hooks,
     /// The allocator's malloc family.
     Malloc,
+    /// The `otel_memory:alloc/free` USDT probes of the target.
+    Usdt,
 }
 
 impl From<Probe> for ProbeRequest {
@@ -169,6 +177,7 @@ impl From<Probe> for ProbeRequest {
             Probe::Auto => Self::Auto,
             Probe::Hooks => Self::Hooks,
             Probe::Malloc => Self::Malloc,
+            Probe::Usdt => Self::Usdt,
         }
     }
 }
@@ -199,6 +208,9 @@ fn to_settings(args: &HeapArgs) -> anyhow::Result<Settings> {
     let probe = match args.probe {
         Probe::Hooks if args.leaks || args.sample_bytes.is_some() => bail!(
             "--probe hooks records only what libprofalloc.so samples: it excludes --leaks and --sample-bytes"
+        ),
+        Probe::Usdt if args.leaks || args.sample_bytes.is_some() || args.mmap => bail!(
+            "--probe usdt records only what the allocator samples: it excludes --leaks, --sample-bytes and --mmap"
         ),
         // The hooks see only sampled blocks, not when the allocator is
         // inside a call, so its own mappings would count twice.
@@ -278,5 +290,20 @@ mod tests {
             assert!(err.to_string().contains(bad), "{err}");
         }
         assert!(parse(&["--pid", "1", "--max-stacks", "0"]).is_err());
+    }
+
+    #[test]
+    fn usdt_excludes_what_the_allocators_samples_cannot_give() {
+        let s = parse(&["--pid", "1", "--probe", "usdt"]).unwrap();
+        assert_eq!(s.probe, ProbeRequest::Usdt);
+        for extra in [&["--leaks"][..], &["--sample-bytes", "64"], &["--mmap"]] {
+            let mut args = vec!["--pid", "1", "--probe", "usdt"];
+            args.extend_from_slice(extra);
+            let err = parse(&args).unwrap_err().to_string();
+            assert!(
+                err.contains("--probe usdt records only"),
+                "{extra:?}: {err}"
+            );
+        }
     }
 }

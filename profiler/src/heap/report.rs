@@ -42,6 +42,9 @@ pub(crate) struct Totals {
     pub old: HashMap<StackKey, OldAllocs>,
     /// The targets' memory now, beside what the profile covers.
     pub memory: Vec<ProcessMemory>,
+    /// The allocator's own live heap, per target that exports one: their
+    /// in-use values come from it (see `live_set`).
+    pub live: HashMap<u32, crate::live_heap::LiveHeap>,
 }
 
 /// How the session ran, for the report.
@@ -306,7 +309,8 @@ fn new_report(totals: &Totals, ctx: &Context<'_>) -> Report {
 pub(crate) fn heap_report(totals: &Totals, ctx: &Context<'_>) -> Report {
     let mut report = new_report(totals, ctx);
     for (key, s) in corrected(totals) {
-        let (inuse_objects, inuse_bytes) = if ctx.processes.holds(key.pid) {
+        let from_probes = !totals.live.contains_key(&key.pid);
+        let (inuse_objects, inuse_bytes) = if from_probes && ctx.processes.holds(key.pid) {
             outstanding(&s)
         } else {
             (0, 0)
@@ -320,6 +324,12 @@ pub(crate) fn heap_report(totals: &Totals, ctx: &Context<'_>) -> Report {
         report
             .samples
             .push(sample(&key, &totals.stacks, values, Vec::new(), ctx));
+    }
+    for (&pid, heap) in &totals.live {
+        let comm = ctx.processes.comm(pid);
+        report
+            .samples
+            .extend(super::live_set::inuse_samples(pid, &comm, heap));
     }
     report
 }
@@ -461,7 +471,7 @@ fn user_frames(
     if key.source == SOURCE_MMAP && user.len() > 1 && in_libc(maps, user[0]) {
         user.remove(0);
     }
-    if matches!(ctx.tracking, Tracking::Hooks { .. }) && !maps.is_empty() {
+    if matches!(ctx.tracking, Tracking::Hooks { .. } | Tracking::Usdt) && !maps.is_empty() {
         trim_allocator_frames(&mut user, maps, &ctx.allocator_inodes);
     }
     (user, status)

@@ -1,7 +1,13 @@
 //! One heap session: attach (see [`super::attach`]), read the kernel's
 //! aggregates every second (live status) and every interval (reports, leak
 //! snapshots), and write the final report (see [`super::report`]).
-use std::{collections::HashSet, io::IsTerminal as _, num::NonZeroU32, path::Path, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    io::IsTerminal as _,
+    num::NonZeroU32,
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use aya::{Ebpf, programs::uprobe::UProbeScope};
@@ -12,7 +18,7 @@ use super::{
     attach::{self, Launch, Plan},
     coverage::{Clock, Coverage, Memory, ProcessMemory},
     discover::{self, Allocator},
-    leaks, maps,
+    leaks, live_set, maps,
     processes::{self, Processes},
     report::{self, Context, LeakInput, Totals},
     settings::{Settings, Targets, Tracking},
@@ -490,6 +496,11 @@ impl Session {
             None => std::collections::HashMap::new(),
         };
         let memory = self.memory(&stats);
+        let live = if self.settings.leaks {
+            HashMap::new()
+        } else {
+            live_set::read_targets(self.tracking, &self.pids, &self.processes.exited)
+        };
         let stacks = maps::user_stacks(&self.ebpf, stats.iter().map(|(k, _)| k).chain(old.keys()))?;
         Ok(Totals {
             stats,
@@ -498,6 +509,7 @@ impl Session {
             unmapped,
             old,
             memory,
+            live,
         })
     }
 
@@ -527,7 +539,12 @@ impl Session {
     }
 
     /// From when the report's allocations were seen.
-    fn coverage(&self) -> Coverage {
+    fn coverage(&self, totals: &Totals) -> Coverage {
+        if !totals.live.is_empty() {
+            return Coverage::AllocatorSinceStart {
+                at: Clock::local(self.attached_at),
+            };
+        }
         match self.settings.targets {
             Targets::Launch(_) => Coverage::SinceStart,
             _ => Coverage::SinceAttach {
@@ -543,7 +560,7 @@ impl Session {
         let totals = self.totals()?;
         let ctx = Context {
             tracking: self.tracking,
-            coverage: self.coverage(),
+            coverage: self.coverage(&totals),
             mmap: self.settings.mmap,
             processes: &self.processes,
             allocator_inodes: self.allocator_inodes(),

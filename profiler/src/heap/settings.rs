@@ -24,6 +24,8 @@ pub(crate) enum ProbeRequest {
     Hooks,
     /// The malloc family.
     Malloc,
+    /// The `otel_memory` USDT probes, or an error.
+    Usdt,
 }
 
 /// Validated settings of a heap session.
@@ -63,6 +65,9 @@ pub(crate) enum Tracking {
     Hooks { sample_bytes: u64 },
     /// The malloc family, sampled in the kernel (0: every allocation).
     Malloc { sample_bytes: u64 },
+    /// The `otel_memory:alloc/free` USDT probes: the allocations the
+    /// target's allocator sampled, with the weights it gives them.
+    Usdt,
 }
 
 impl Tracking {
@@ -70,13 +75,15 @@ impl Tracking {
     pub fn sample_bytes(self) -> u64 {
         match self {
             Self::Hooks { sample_bytes } | Self::Malloc { sample_bytes } => sample_bytes,
+            // The allocator's rate is its own; the weights say what it is.
+            Self::Usdt => 0,
         }
     }
 
     /// What the kernel programs sample at: the hooks are sampled already.
     pub fn kernel_sample_bytes(self) -> u64 {
         match self {
-            Self::Hooks { .. } => 0,
+            Self::Hooks { .. } | Self::Usdt => 0,
             Self::Malloc { sample_bytes } => sample_bytes,
         }
     }
@@ -87,8 +94,13 @@ impl Tracking {
             Self::Hooks { sample_bytes } => {
                 format!("libprofalloc.so's sampling hooks (one sample per {sample_bytes} bytes)")
             }
-            Self::Malloc { sample_bytes: 0 } => "every allocation".to_owned(),
-            Self::Malloc { sample_bytes } => format!("one sample per {sample_bytes} bytes"),
+            Self::Usdt => {
+                "the otel_memory USDT probes (the allocator's samples and weights)".to_owned()
+            }
+            Self::Malloc { sample_bytes: 0 } => "every allocation (malloc uprobes)".to_owned(),
+            Self::Malloc { sample_bytes } => {
+                format!("one sample per {sample_bytes} bytes (malloc uprobes)")
+            }
         }
     }
 
@@ -98,9 +110,12 @@ impl Tracking {
             Self::Hooks { sample_bytes } => format!(
                 "mode: libprofalloc.so sampling hooks, one allocation per {sample_bytes} bytes on average (values are estimates)"
             ),
-            Self::Malloc { sample_bytes: 0 } => "mode: every allocation tracked".to_owned(),
+            Self::Usdt => "mode: otel_memory USDT probes, the allocations the allocator sampled with its weights (values are estimates)".to_owned(),
+            Self::Malloc { sample_bytes: 0 } => {
+                "mode: malloc uprobes, every allocation tracked".to_owned()
+            }
             Self::Malloc { sample_bytes } => format!(
-                "mode: sampled, one allocation per {sample_bytes} bytes on average (values are estimates)"
+                "mode: malloc uprobes, sampled, one allocation per {sample_bytes} bytes on average (values are estimates)"
             ),
         }
     }
@@ -125,8 +140,10 @@ pub(crate) fn resolve_probe(
     offers: &[(u32, HookOffer)],
 ) -> anyhow::Result<Tracking> {
     let malloc = Tracking::Malloc { sample_bytes };
-    if request == ProbeRequest::Malloc {
-        return Ok(malloc);
+    match request {
+        ProbeRequest::Malloc => return Ok(malloc),
+        ProbeRequest::Usdt => return Ok(Tracking::Usdt),
+        ProbeRequest::Auto | ProbeRequest::Hooks => {}
     }
     let mut rates = Vec::new();
     for (pid, offer) in offers {
@@ -219,7 +236,9 @@ mod tests {
         assert_eq!(malloc.kernel_sample_bytes(), 64);
         assert_eq!(
             Tracking::Malloc { sample_bytes: 0 }.comment(),
-            "mode: every allocation tracked"
+            "mode: malloc uprobes, every allocation tracked"
         );
+        assert!(Tracking::Usdt.comment().contains("otel_memory USDT probes"));
+        assert_eq!(Tracking::Usdt.kernel_sample_bytes(), 0);
     }
 }

@@ -443,7 +443,7 @@ fn comments_state_the_mode_the_counters_and_every_loss() {
     assert_eq!(
         report.comments,
         [
-            "mode: sampled, one allocation per 1024 bytes on average (values are estimates)",
+            "mode: malloc uprobes, sampled, one allocation per 1024 bytes on average (values are estimates)",
             "coverage: allocations made since the program started",
             "heap counters: allocs 10, frees 0, tracked 7, live_full 1, stacks_full 2, stack_errors 4, threads_full 3, mmaps 0, mmaps_in_allocator 0, unmaps_partial 0",
             "live_full: 1 (allocations lost: the live-allocation map was full; raise --max-live)",
