@@ -1,14 +1,13 @@
-/* Holds a uprobe on libc's malloc entry in one process, the way bcc makes
+/* Holds a uprobe at a file offset of libc in one process, the way bcc makes
  * USDT-style probes: a perf_event_open uprobe that carries a reference
  * counter (ref_ctr_offset) and has a BPF program attached. Another uprobe
  * at the same place without the same counter is then refused by the kernel.
  *
- * usage: uprobe_holder PID
- * Prints "ready OFFSET" (malloc's file offset in libc) once the probe is
- * in place, then holds it until stdin closes.
+ * usage: uprobe_holder PID OFFSET FILE
+ * Prints "ready OFFSET" once the probe is in place, then holds it until
+ * stdin closes.
  */
 #define _GNU_SOURCE
-#include <dlfcn.h>
 #include <linux/bpf.h>
 #include <linux/perf_event.h>
 #include <stdint.h>
@@ -39,15 +38,11 @@ static int load_program(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 2) return 2;
+    if (argc != 4) return 2;
     int pid = atoi(argv[1]);
-    Dl_info info;
-    void *sym = dlsym(RTLD_DEFAULT, "malloc");
-    if (!sym || !dladdr(sym, &info)) return 3;
-    /* In libc the executable segment's file offsets equal its addresses. */
-    uint64_t offset = (uint64_t)((char *)sym - (char *)info.dli_fbase);
+    uint64_t offset = strtoull(argv[2], NULL, 0);
     char path[4096];
-    if (!realpath(info.dli_fname, path)) return 4;
+    if (!realpath(argv[3], path)) return 4;
 
     FILE *f = fopen("/sys/bus/event_source/devices/uprobe/type", "r");
     int type;

@@ -83,47 +83,8 @@ async fn session(args: DebugArgs, pid: NonZeroU32) -> anyhow::Result<()> {
     if !args.fp_only {
         tables.add_process(pid.get())?;
     }
-    let stats = tables.stats();
-    eprintln!(
-        "debug-unwind: tables objects={} rows={} pages={} prefixes={} unsupported_rows={} bytes={} build_ms={:.1}",
-        stats.objects,
-        stats.rows,
-        stats.pages,
-        stats.prefixes,
-        stats.unsupported_rows,
-        stats.bytes(),
-        stats.build_time.as_secs_f64() * 1e3
-    );
-    if args.perf {
-        let program: &mut PerfEvent = ebpf::program(&mut ebpf, "unwind_test_perf")?;
-        program
-            .attach(
-                PerfEventConfig::Software(SoftwareEvent::CpuClock),
-                PerfEventScope::OneProcess {
-                    pid: pid.get(),
-                    cpu: None,
-                },
-                SamplePolicy::Frequency(args.freq),
-                true,
-            )
-            .context("attaching the cpu-clock perf event")?;
-    } else {
-        let lib = match &args.lib {
-            Some(lib) => lib.clone(),
-            None => {
-                let maps = process::maps(pid.get())?;
-                process::find_libc(&maps)
-                    .with_context(|| format!("pid {pid} maps no libc.so.6; pass --lib"))?
-                    .path
-                    .clone()
-            }
-        };
-        let target = process::path_in_root(pid.get(), &lib);
-        let program: &mut UProbe = ebpf::program(&mut ebpf, "unwind_test_uprobe")?;
-        program
-            .attach(args.uprobe.as_str(), &target, UProbeScope::OneProcess(pid))
-            .with_context(|| format!("attaching a uprobe to {} in {lib}", args.uprobe))?;
-    }
+    print_table_stats(&tables);
+    attach_walker(&mut ebpf, &args, pid)?;
     eprintln!("debug-unwind: attached to pid {pid}");
 
     if let Some(d) = args.duration {
@@ -225,6 +186,57 @@ async fn session(args: DebugArgs, pid: NonZeroU32) -> anyhow::Result<()> {
     }
     if exited && !args.raw {
         bail!("pid {pid} exited before its stacks could be symbolized (use --duration)");
+    }
+    Ok(())
+}
+
+/// The tables' size and build time, on stderr (the tests and the benchmark read it).
+fn print_table_stats(tables: &Tables) {
+    let stats = tables.stats();
+    eprintln!(
+        "debug-unwind: tables objects={} rows={} pages={} prefixes={} unsupported_rows={} bytes={} build_ms={:.1}",
+        stats.objects,
+        stats.rows,
+        stats.pages,
+        stats.prefixes,
+        stats.unsupported_rows,
+        stats.bytes(),
+        stats.build_time.as_secs_f64() * 1e3
+    );
+}
+
+/// Attaches the walker's test program: a CPU-clock perf event with
+/// `--perf`, else a uprobe at the entry of `--uprobe` in `--lib`.
+fn attach_walker(ebpf: &mut aya::Ebpf, args: &DebugArgs, pid: NonZeroU32) -> anyhow::Result<()> {
+    if args.perf {
+        let program: &mut PerfEvent = ebpf::program(ebpf, "unwind_test_perf")?;
+        program
+            .attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::OneProcess {
+                    pid: pid.get(),
+                    cpu: None,
+                },
+                SamplePolicy::Frequency(args.freq),
+                true,
+            )
+            .context("attaching the cpu-clock perf event")?;
+    } else {
+        let lib = match &args.lib {
+            Some(lib) => lib.clone(),
+            None => {
+                let maps = process::maps(pid.get())?;
+                process::find_libc(&maps)
+                    .with_context(|| format!("pid {pid} maps no libc.so.6; pass --lib"))?
+                    .path
+                    .clone()
+            }
+        };
+        let target = process::path_in_root(pid.get(), &lib);
+        let program: &mut UProbe = ebpf::program(ebpf, "unwind_test_uprobe")?;
+        program
+            .attach(args.uprobe.as_str(), &target, UProbeScope::OneProcess(pid))
+            .with_context(|| format!("attaching a uprobe to {} in {lib}", args.uprobe))?;
     }
     Ok(())
 }

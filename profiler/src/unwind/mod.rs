@@ -273,6 +273,7 @@ impl Tables {
                     installed.insert(new.clone());
                 }
                 // One unreadable object only costs its own frames.
+                Err(err) if process::state(pid).is_none() => debug!("{err:#}"),
                 Err(err) => warn!("pid {pid}: no unwind tables for {}: {err:#}", mapping.path),
             }
         }
@@ -318,17 +319,29 @@ impl Tables {
 
     fn install(&mut self, pid: u32, mapping: &Mapping, m: &Installed) -> anyhow::Result<()> {
         if !self.objects.contains_key(&m.key) {
-            let object = self.load_object(pid, mapping).unwrap_or_else(|err| {
-                // Remembered as an object without tables, so that every
-                // other process mapping it does not rebuild and fail again
-                // (whole-host sessions meet the same large objects in many
-                // processes); frame pointers are followed in its code.
-                warn!(
-                    "no unwind tables for {}: {err:#}; following frame pointers there",
-                    mapping.path
-                );
-                Object::without_tables(mapping.path.clone())
-            });
+            let object = match self.load_object(pid, mapping) {
+                Ok(object) => object,
+                // A process that exited meanwhile took its view of the file
+                // with it: that says nothing about the object, which the
+                // next process to map it loads as usual.
+                Err(_) if process::state(pid).is_none_or(|s| s == 'Z' || s == 'X') => {
+                    bail!(
+                        "pid {pid} exited before the tables of {} were built",
+                        mapping.path
+                    )
+                }
+                Err(err) => {
+                    // Remembered as an object without tables, so that every
+                    // other process mapping it does not rebuild and fail again
+                    // (whole-host sessions meet the same large objects in many
+                    // processes); frame pointers are followed in its code.
+                    warn!(
+                        "no unwind tables for {}: {err:#}; following frame pointers there",
+                        mapping.path
+                    );
+                    Object::without_tables(mapping.path.clone())
+                }
+            };
             self.objects.insert(m.key, object);
         }
         let object = self.objects.get_mut(&m.key).expect("inserted above");
