@@ -249,7 +249,8 @@ fn exit_dump(dir: &Path) -> profiler::profile::Profile {
         .collect();
     dumps.sort();
     let last = dumps.last().expect("no HEAPPROFILE dump");
-    profiler::profile::read::from_file(last, 1 << 30).unwrap()
+    // As `prof-bpf report` shows it: read, then symbolized.
+    profiler::report::open(last, 1 << 30).unwrap()
 }
 
 #[test]

@@ -60,8 +60,8 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
 }
 
 /// Reads a profile file of any supported format and symbolizes what this
-/// machine can; errors name the file.
-fn open(path: &Path, max_input: u64) -> anyhow::Result<Profile> {
+/// machine can, as `report` shows it; errors name the file.
+pub fn open(path: &Path, max_input: u64) -> anyhow::Result<Profile> {
     let mut profile = read::from_file(path, max_input)?;
     find_local_objects(&mut profile);
     profile.symbolize();
