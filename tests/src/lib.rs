@@ -226,6 +226,22 @@ impl Proc {
         }
     }
 
+    /// Waits until the child maps a file whose path contains `needle`:
+    /// right after exec only the loader and the executable are mapped, and
+    /// a tool that reads the maps then finds no libc (panics after 10 s).
+    pub fn wait_mapped(&self, needle: &str) {
+        let maps = format!("/proc/{}/maps", self.pid());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&maps).is_ok_and(|m| m.contains(needle)) {
+            assert!(
+                Instant::now() < deadline,
+                "pid {} did not map {needle} within 10 s",
+                self.pid()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Sends `signal` to the child.
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill has no memory-safety preconditions.

@@ -75,6 +75,7 @@ fn counts_the_calls_of_a_preloaded_libprofalloc() {
 fn lib_names_the_allocator_to_probe() {
     require_bpf!();
     let w = Proc::spawn(std::process::Command::new("sleep").arg("1000"));
+    w.wait_mapped("libc.so");
     let pid = w.pid().to_string();
     let (_, stderr, code) = run_prof_bpf(&["count", "--pid", &pid, "--lib", "/bin/true"]);
     assert_one_line_error(&stderr, code, "defines no `malloc`");
@@ -109,6 +110,7 @@ fn sigterm_and_sighup_print_the_totals() {
     require_bpf!();
     for signal in [libc::SIGTERM, libc::SIGHUP] {
         let idle = Proc::spawn(std::process::Command::new("sleep").arg("1000"));
+        idle.wait_mapped("libc.so");
         let pid = idle.pid().to_string();
         let (prof, _) = start_prof_bpf(&["count", "--pid", &pid], "counting malloc/free");
         // SAFETY: kill has no memory-safety preconditions.
