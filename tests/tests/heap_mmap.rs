@@ -186,12 +186,14 @@ fn all_tracks_the_mappings_of_processes_running_at_attach() {
     );
     // With --all a process's unwind tables are read when its first walk
     // asks for them; mapping stacks made before are reported missing, not
-    // guessed. The second round has its tables.
-    w.send_line("go 1");
-    w.expect_line("done");
-    std::thread::sleep(Duration::from_secs(1));
-    w.send_line("go 1");
-    w.expect_line("done");
+    // guessed. Later rounds have its tables: how soon depends on the
+    // machine's load, so several rounds run a second apart.
+    const ROUNDS: i64 = 4;
+    for _ in 0..ROUNDS {
+        w.send_line("go 1");
+        w.expect_line("done");
+        std::thread::sleep(Duration::from_secs(1));
+    }
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(prof.id() as i32, libc::SIGINT) };
     let out = prof.wait_with_output().expect("wait for prof-bpf");
@@ -207,10 +209,17 @@ fn all_tracks_the_mappings_of_processes_running_at_attach() {
         .map(|s| s.value)
         .sum();
     let per_round: i64 = MAPPED.iter().map(|(_, b)| b).sum();
-    assert_eq!(mapped, 2 * per_round, "{stdout}");
+    assert_eq!(mapped, ROUNDS * per_round, "{stdout}");
+    // Every round after the tables arrived is attributed in full; at least
+    // the last one is.
     for &(func, bytes) in MAPPED {
         let got = mmap_total(&stacks, func);
-        assert!(got == bytes || got == 2 * bytes, "{func}: {stdout}");
+        let whole_rounds = if bytes == 0 {
+            got == 0
+        } else {
+            got >= bytes && got % bytes == 0 && got <= ROUNDS * bytes
+        };
+        assert!(whole_rounds, "{func}: {got}: {stdout}");
     }
-    assert_eq!(leaf_total(&stacks, "big_malloc"), 2 * MIB, "{stdout}");
+    assert_eq!(leaf_total(&stacks, "big_malloc"), ROUNDS * MIB, "{stdout}");
 }
