@@ -375,15 +375,15 @@ fn interval_prints_top_tables() {
         "-F",
         "999",
         "--duration",
-        "2.5",
+        "4.5",
         "--interval",
         "1",
         "-o",
         out.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "prof-bpf cpu failed: {stderr}");
-    // A table per interval (a busy machine may delay some), each led by its
-    // time and headed like pprof -top.
+    // A table per interval (a busy machine may delay some: four are due,
+    // two are asked for), each led by its time and headed like pprof -top.
     let tables = stdout.lines().filter(|l| l.starts_with("--- ")).count();
     assert!(tables >= 2, "expected 2 interval tables:\n{stdout}");
     let headers = stdout
