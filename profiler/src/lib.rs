@@ -20,9 +20,11 @@
 //! - [`usdt`]: USDT probes of an ELF file (`.note.stapsdt`), their
 //!   arguments and attach offsets; [`live_heap`]: reading libprofalloc.so's
 //!   sampled live heap out of a running process.
+//! - [`agent`]: the `agent` subcommand (labels, config file, metrics).
 //! - [`runtime`]: what every subcommand shares (runtime, stop, option
 //!   parsers, counter sets).
 
+pub mod agent;
 pub mod count;
 pub mod cpu;
 pub mod ebpf;
