@@ -192,3 +192,40 @@ fn agent_arguments_of_a_whole_command_line() {
     let args = CommandLine::of_agent(argv.into_iter().map(OsString::from));
     assert_eq!(args, ["--config", "a.toml", "agent"].into_iter().collect());
 }
+
+#[test]
+fn the_packaged_example_is_a_valid_agent_config() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/agent.toml");
+    let args: crate::agent::AgentArgs = ["--config", path]
+        .into_iter()
+        .collect::<CommandLine>()
+        .parse()
+        .unwrap();
+    assert_eq!(args.interval, Some(Duration::from_secs(15)));
+    assert_eq!(args.dirs, [PathBuf::from("/var/lib/prof-bpf/profiles")]);
+    crate::agent::settings(&args).unwrap();
+}
+
+/// Every flag of the agent can be written in a file: each takes a value,
+/// a list or a boolean.
+#[test]
+fn every_agent_flag_has_a_key() {
+    let command = agent_command::<crate::agent::AgentArgs>();
+    let mut keys = 0;
+    for arg in command.get_arguments() {
+        let (Some(long), false) = (arg.get_long(), arg.is_hide_set()) else {
+            continue;
+        };
+        if matches!(arg.get_action(), ArgAction::Help | ArgAction::Version) {
+            continue;
+        }
+        let value = match arg.get_action() {
+            ArgAction::SetTrue => toml::Value::Boolean(true),
+            ArgAction::Append => toml::Value::Array(vec![toml::Value::String("x".into())]),
+            _ => toml::Value::String("x".into()),
+        };
+        assert!(tokens_of(long, &value, arg).is_ok(), "--{long}");
+        keys += 1;
+    }
+    assert!(keys >= 25, "{keys} keys");
+}

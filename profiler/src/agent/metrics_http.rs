@@ -21,12 +21,12 @@ use tokio::{net::TcpListener, task::JoinHandle};
 /// One collector's losses.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CollectorCounters {
-    /// `cpu` or `heap`.
+    /// `cpu`, `heap`, or `unwinder` (the user stack walker both share).
     pub collector: String,
-    /// Events the kernel side could not hand over (ring buffer full, map
-    /// full).
+    /// Samples, events or stacks the kernel side could not keep (a map or
+    /// ring buffer full).
     pub lost_events: u64,
-    /// Stacks cut short (depth limit, unwinding stopped).
+    /// Stacks cut short (depth limit, unwinding stopped) or not recorded.
     pub truncated_stacks: u64,
 }
 
@@ -136,12 +136,12 @@ pub fn exposition(readings: &Readings, process: &ProcessStats) -> String {
     let collector_metrics: [(&str, &str, Value); 2] = [
         (
             "prof_bpf_collector_lost_events_total",
-            "Events lost between the kernel and the agent.",
+            "Samples, events or stacks lost in full kernel maps or buffers.",
             |c| c.lost_events,
         ),
         (
             "prof_bpf_collector_truncated_stacks_total",
-            "Stacks cut short.",
+            "Stacks cut short or not recorded.",
             |c| c.truncated_stacks,
         ),
     ];
