@@ -1,6 +1,7 @@
 //! Hand-made cgroups for the agent's service-name tests: a directory named
 //! like a systemd unit in the cgroup v2 hierarchy, or in a v1
 //! `name=systemd` hierarchy the test mounts itself.
+#![allow(dead_code, reason = "each agent test file uses a part of it")]
 use std::{
     path::{Path, PathBuf},
     process::Command,
