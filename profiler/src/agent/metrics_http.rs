@@ -7,7 +7,7 @@
 //!   under the names Prometheus' client libraries use.
 //!
 //! The caller provides what only it knows as a closure returning
-//! [`Readings`]; it is called once per scrape.
+//! [`Readings`]; it is called once per scrape, on the server's own thread.
 use std::{convert::Infallible, fmt::Write as _, net::SocketAddr, sync::Arc};
 
 use anyhow::Context as _;
@@ -16,7 +16,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, sync::oneshot};
 
 /// One collector's losses.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -43,23 +43,48 @@ pub type ReadingsFn = Arc<dyn Fn() -> Readings + Send + Sync>;
 /// The running endpoint; dropping it stops serving.
 pub struct MetricsServer {
     addr: SocketAddr,
-    task: JoinHandle<()>,
+    stop: Option<oneshot::Sender<()>>,
 }
 
 impl MetricsServer {
     /// Binds `addr` (`HOST:PORT`, or `:PORT` for every interface) and serves
-    /// on the current tokio runtime.
-    pub async fn start(addr: &str, readings: ReadingsFn) -> anyhow::Result<Self> {
+    /// on a thread of its own, so that a scrape is answered at once however
+    /// busy the agent's loop is (building unwind tables takes seconds).
+    pub fn start(addr: &str, readings: ReadingsFn) -> anyhow::Result<Self> {
         let bind = match addr.strip_prefix(':') {
             Some(port) => format!("0.0.0.0:{port}"),
             None => addr.to_owned(),
         };
-        let listener = TcpListener::bind(&bind)
-            .await
+        let listener = std::net::TcpListener::bind(&bind)
             .with_context(|| format!("--metrics {addr}: cannot listen"))?;
-        let addr = listener.local_addr().context("--metrics: local address")?;
-        let task = tokio::spawn(accept_loop(listener, readings));
-        Ok(Self { addr, task })
+        listener
+            .set_nonblocking(true)
+            .context("--metrics: non-blocking socket")?;
+        let local = listener.local_addr().context("--metrics: local address")?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("--metrics: starting its runtime")?;
+        let (stop, stopped) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("metrics-http".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => return log::warn!("metrics: {e}"),
+                    };
+                    tokio::select! {
+                        () = accept_loop(listener, readings) => {}
+                        _ = stopped => {}
+                    }
+                });
+            })
+            .context("--metrics: starting its thread")?;
+        Ok(Self {
+            addr: local,
+            stop: Some(stop),
+        })
     }
 
     /// The address it listens on (the port chosen when given port 0).
@@ -70,7 +95,9 @@ impl MetricsServer {
 
 impl Drop for MetricsServer {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }
 

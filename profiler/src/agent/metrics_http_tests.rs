@@ -115,7 +115,7 @@ fn serves_sinks_collectors_and_process_figures_over_http() {
             ],
         });
         (
-            MetricsServer::start("127.0.0.1:0", readings).await.unwrap(),
+            MetricsServer::start("127.0.0.1:0", readings).unwrap(),
             sinks,
         )
     });
@@ -208,15 +208,7 @@ fn proc_parsers() {
 
 #[test]
 fn bind_errors_name_the_flag() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let err = runtime
-        .block_on(MetricsServer::start(
-            "256.0.0.1:1",
-            Arc::new(Readings::default),
-        ))
+    let err = MetricsServer::start("256.0.0.1:1", Arc::new(Readings::default))
         .err()
         .unwrap();
     let err = format!("{err:#}");
@@ -225,6 +217,19 @@ fn bind_errors_name_the_flag() {
         "{err}"
     );
     assert!(!err.contains('\n'));
+}
+
+#[test]
+fn dropping_the_server_closes_its_port() {
+    let server = MetricsServer::start("127.0.0.1:0", Arc::new(Readings::default)).unwrap();
+    let addr = server.local_addr();
+    assert_eq!(get(addr, "GET /metrics HTTP/1.1").0, "HTTP/1.1 200 OK");
+    drop(server);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "{addr} still open");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn page_size() -> f64 {

@@ -46,17 +46,16 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     // Signals first: one that arrives while attaching still flushes.
     let mut stop = Stop::without_hangup()?;
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let mut agent = Agent::start(settings)?;
-    // --metrics: what a scrape shows, refreshed every tick.
-    let readings = Arc::new(Mutex::new(agent.readings()));
-    let _metrics = match &agent.settings.metrics {
+    // --metrics before attaching: a bad address fails at once. What a
+    // scrape shows is refreshed every tick.
+    let readings = Arc::new(Mutex::new(Readings::default()));
+    let _metrics = match &settings.metrics {
         Some(addr) => {
             let shared = Arc::clone(&readings);
             let server = MetricsServer::start(
                 addr,
                 Arc::new(move || shared.lock().map(|r| r.clone()).unwrap_or_default()),
-            )
-            .await?;
+            )?;
             eprintln!(
                 "prof-bpf: agent: metrics at http://{}/metrics",
                 server.local_addr()
@@ -65,6 +64,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let mut agent = Agent::start(settings)?;
     let started = tokio::time::Instant::now();
     if let Some(duration) = agent.settings.duration {
         stop.set_deadline(started + duration);
