@@ -10,6 +10,8 @@
 //!   ([`profile::Collector`]) or read from files ([`profile::read`]).
 //! - [`output`]: its writers, with options checked before a run.
 //! - [`report`]: the `report` subcommand (show a saved profile).
+//! - [`agent`]: the `agent` service (heap and CPU profiles of every
+//!   process, continuously, to the sinks).
 //! - [`count`]: the `count` session (malloc/free call counters).
 //! - [`heap`]: the `heap` session (heap profiles and leak reports).
 //! - [`cpu`]: the `cpu` session (CPU samples of the host or some processes).
@@ -23,6 +25,7 @@
 //! - [`runtime`]: what every subcommand shares (runtime, stop, option
 //!   parsers, counter sets).
 
+pub mod agent;
 pub mod count;
 pub mod cpu;
 pub mod ebpf;

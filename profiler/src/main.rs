@@ -25,6 +25,8 @@ enum Command {
     Report(profiler::report::ReportArgs),
     /// Sample where CPUs spend their time: whole host or some processes, user and kernel stacks.
     Cpu(profiler::cpu::CpuArgs),
+    /// Profile heap and CPU of every process continuously, to Pyroscope, OTLP, Parca or files.
+    Agent(Box<profiler::agent::AgentArgs>),
     /// Walk one process's user stacks and print them (unwinder diagnostics).
     #[command(hide = true)]
     DebugUnwind(profiler::unwind::debug::DebugArgs),
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
         Command::Heap(args) => profiler::heap::run(*args),
         Command::Report(args) => profiler::report::run(args).map(success),
         Command::Cpu(args) => profiler::cpu::run(args),
+        Command::Agent(args) => profiler::agent::run(*args),
         Command::DebugUnwind(args) => profiler::unwind::debug::run(args).map(success),
     };
     match result {

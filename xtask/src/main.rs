@@ -5,6 +5,7 @@
 mod bench;
 mod demo;
 mod fast_path;
+mod install;
 mod setup;
 mod test;
 mod util;
@@ -21,6 +22,7 @@ commands:
   demo             profile a bundled demo workload with prof-bpf
   bench <name>     benchmarks against the peers; names: {BENCHES}
   check-fast-path  compare malloc/free fast-path instruction counts with the golden file
+  install          install prof-bpf and its agent's systemd unit [--root DIR] [--bin FILE]
 ";
 
 fn main() -> ExitCode {
@@ -32,6 +34,7 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(),
         Some("bench") => bench::run(&args[1..]),
         Some("check-fast-path") => fast_path::run(&args[1..]),
+        Some("install") => install::run(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{}", USAGE.replace("{BENCHES}", &bench::NAMES.join(", ")));
             return ExitCode::SUCCESS;

@@ -21,12 +21,12 @@ use anyhow::{Context as _, bail};
 
 use crate::{ebpf, output::OutputArgs, process, runtime};
 
-mod budget;
-mod report;
-mod sampler;
+pub(crate) mod budget;
+pub(crate) mod report;
+pub(crate) mod sampler;
 mod session;
-mod stats;
-mod tasks;
+pub(crate) mod stats;
+pub(crate) mod tasks;
 
 /// The sampling event.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

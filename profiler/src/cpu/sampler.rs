@@ -187,6 +187,12 @@ impl Sampler {
         Ok(entries)
     }
 
+    /// User stack `id` as the unwinder stored it, for other readers of the
+    /// map this sampler holds (the agent's heap collector).
+    pub fn user_stack(&self, id: u64) -> Option<UserStack> {
+        self.user_stacks.get(&id, 0).ok()
+    }
+
     /// Reads the stacks of `key` not read yet.
     fn read_stacks(&mut self, key: &SampleKey, stacks: &mut Stacks) {
         if key.flags & KEY_KERNEL_STACK != 0 && !stacks.kernel.contains_key(&key.kernel_stack) {

@@ -27,11 +27,11 @@ use super::{
 };
 use crate::{ebpf, launch, process};
 
-const ENTRY_PROGRAM: &str = "heap_alloc_entry";
-const RETURN_PROGRAM: &str = "heap_alloc_return";
-const FREE_PROGRAM: &str = "heap_free_entry";
-const HOOK_ALLOC_PROGRAM: &str = "heap_hook_alloc";
-const HOOK_FREE_PROGRAM: &str = "heap_hook_free";
+pub(crate) const ENTRY_PROGRAM: &str = "heap_alloc_entry";
+pub(crate) const RETURN_PROGRAM: &str = "heap_alloc_return";
+pub(crate) const FREE_PROGRAM: &str = "heap_free_entry";
+pub(crate) const HOOK_ALLOC_PROGRAM: &str = "heap_hook_alloc";
+pub(crate) const HOOK_FREE_PROGRAM: &str = "heap_hook_free";
 const LOADER_STOP_PROGRAM: &str = "heap_loader_stop";
 /// `--mmap`: (program, syscall tracepoint), exits and munmap before the
 /// entries that start calls, so that every call started has its end seen.
@@ -229,6 +229,26 @@ pub(crate) fn allocator(
         }
         return Ok(());
     }
+    malloc_family(ebpf, allocator, scope, &what)?;
+    info!(
+        "attached to {} entry points of {} (inode {}) for {what}",
+        allocator.points.len(),
+        allocator.path,
+        allocator.inode
+    );
+    Ok(())
+}
+
+/// Attaches to the malloc family of `allocator` (frees first, then the
+/// allocation returns, then the entries) and returns the links, so that
+/// they can be detached again; on error, nothing stays attached.
+pub(crate) fn malloc_family(
+    ebpf: &mut Ebpf,
+    allocator: &Allocator,
+    scope: UProbeScope,
+    what: &str,
+) -> anyhow::Result<Vec<(&'static str, UProbeLinkId)>> {
+    let mut links = Vec::new();
     for program in [FREE_PROGRAM, RETURN_PROGRAM, ENTRY_PROGRAM] {
         for point in &allocator.points {
             let cookie = match (program, point.role) {
@@ -244,32 +264,43 @@ pub(crate) fn allocator(
                 &allocator.open_path,
                 scope,
             );
-            if let Err(err) = result {
-                if let UProbeScope::OneProcess(pid) = scope
-                    && process::check_pid(pid.get()).is_err()
-                {
-                    bail!("pid {pid} exited while the probes were being attached");
+            let err = match result {
+                Ok(link) => {
+                    links.push((program, link));
+                    continue;
                 }
-                let err = anyhow::Error::from(err).context(format!(
-                    "attaching to {} in {} for {what}",
-                    point.symbol, allocator.path
-                ));
-                // Another tracer's probe at the same place is named.
-                return Err(crate::probe_conflict::explain(
-                    err,
-                    &allocator.open_path,
-                    point.probe_offset,
-                ));
+                Err(err) => err,
+            };
+            detach(ebpf, std::mem::take(&mut links));
+            if let UProbeScope::OneProcess(pid) = scope
+                && process::check_pid(pid.get()).is_err()
+            {
+                bail!("pid {pid} exited while the probes were being attached");
             }
+            let err = anyhow::Error::from(err).context(format!(
+                "attaching to {} in {} for {what}",
+                point.symbol, allocator.path
+            ));
+            // Another tracer's probe at the same place is named.
+            return Err(crate::probe_conflict::explain(
+                err,
+                &allocator.open_path,
+                point.probe_offset,
+            ));
         }
     }
-    info!(
-        "attached to {} entry points of {} (inode {}) for {what}",
-        allocator.points.len(),
-        allocator.path,
-        allocator.inode
-    );
-    Ok(())
+    Ok(links)
+}
+
+/// Detaches `links` (made by [`malloc_family`]).
+pub(crate) fn detach(ebpf: &mut Ebpf, links: Vec<(&'static str, UProbeLinkId)>) {
+    for (program, link) in links {
+        match uprobe(ebpf, program).map(|probe| probe.detach(link)) {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => debug!("detaching {program}: {err}"),
+            Err(err) => debug!("detaching {program}: {err:#}"),
+        }
+    }
 }
 
 /// Attaches the hook programs at the target's `otel_memory` USDT sites:

@@ -207,7 +207,7 @@ fn probe_skip(data: &[u8], offset: u64, address: u64, size: u64) -> u64 {
 }
 
 /// The sampling hooks defined in the ELF image `data`, if all are there.
-fn hooks(data: &[u8]) -> Option<Hooks> {
+pub(crate) fn hooks(data: &[u8]) -> Option<Hooks> {
     use profiler_common::hooks::{SAMPLE_ALLOC_SYMBOL, SAMPLE_BYTES_SYMBOL, SAMPLE_FREE_SYMBOL};
     let file = object::File::parse(data).ok()?;
     let symbol = |name: &str| {

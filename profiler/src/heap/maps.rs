@@ -122,6 +122,13 @@ pub(crate) fn user_stacks<'a>(
     Ok(out)
 }
 
+/// User stack `id`, from the unwinder's map (when no other reader holds it).
+pub(crate) fn user_stack(ebpf: &Ebpf, id: u64) -> Option<UserStack> {
+    let map: BpfHashMap<&MapData, u64, UserStack> =
+        BpfHashMap::try_from(ebpf.map(USER_STACKS_MAP)?).ok()?;
+    map.get(&id, 0).ok()
+}
+
 /// The live blocks for which `keep` holds.
 pub(crate) fn live_blocks(
     ebpf: &Ebpf,

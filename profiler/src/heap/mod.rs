@@ -22,19 +22,19 @@ use settings::{ProbeRequest, Settings, Targets};
 
 use crate::runtime;
 
-mod attach;
-mod coverage;
+pub(crate) mod attach;
+pub(crate) mod coverage;
 pub(crate) mod discover;
 mod leaks;
-mod live_set;
-mod maps;
-mod processes;
-mod report;
-mod sampling;
+pub(crate) mod live_set;
+pub(crate) mod maps;
+pub(crate) mod processes;
+pub(crate) mod report;
+pub(crate) mod sampling;
 mod session;
-mod settings;
+pub(crate) mod settings;
 mod status;
-mod usdt_sites;
+pub(crate) mod usdt_sites;
 
 const AFTER_HELP: &str = "\
 SAMPLING:

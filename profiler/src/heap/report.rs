@@ -307,6 +307,17 @@ fn new_report(totals: &Totals, ctx: &Context<'_>) -> Report {
 
 /// alloc_objects, alloc_space, inuse_objects, inuse_space per stack.
 pub(crate) fn heap_report(totals: &Totals, ctx: &Context<'_>) -> Report {
+    heap_report_since(totals, ctx, &HashMap::new())
+}
+
+/// [`heap_report`] whose alloc_* values count only what was allocated
+/// since `baseline` (the totals of an earlier read: one interval's
+/// allocations); the inuse_* values are what is outstanding now.
+pub(crate) fn heap_report_since(
+    totals: &Totals,
+    ctx: &Context<'_>,
+    baseline: &HashMap<StackKey, StackStats>,
+) -> Report {
     let mut report = new_report(totals, ctx);
     for (key, s) in corrected(totals) {
         let from_probes = !totals.live.contains_key(&key.pid);
@@ -315,12 +326,17 @@ pub(crate) fn heap_report(totals: &Totals, ctx: &Context<'_>) -> Report {
         } else {
             (0, 0)
         };
+        let before = baseline.get(&key).copied().unwrap_or_default();
         let values = vec![
-            objects(s.alloc_objects),
-            s.alloc_bytes as i64,
+            objects(s.alloc_objects) - objects(before.alloc_objects),
+            s.alloc_bytes as i64 - before.alloc_bytes as i64,
             inuse_objects,
             inuse_bytes,
         ];
+        if values.iter().all(|&v| v == 0) && !baseline.is_empty() {
+            // Nothing allocated this interval and nothing outstanding.
+            continue;
+        }
         report
             .samples
             .push(sample(&key, &totals.stacks, values, Vec::new(), ctx));

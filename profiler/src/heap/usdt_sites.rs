@@ -46,18 +46,43 @@ pub(crate) fn for_process(pid: u32) -> anyhow::Result<Vec<UsdtSites>> {
         let Ok(probes) = usdt::probes_in_file(&open_path) else {
             continue;
         };
-        if let Some((alloc_offsets, free_offsets)) = sites(&probes)
+        if let Some(sites) = from_probes(&object.path, open_path, &probes)
             .with_context(|| format!("pid {pid}: the {PROVIDER} probes of {}", object.path))?
         {
-            found.push(UsdtSites {
-                path: object.path.clone(),
-                open_path,
-                alloc_offsets,
-                free_offsets,
-            });
+            found.push(sites);
         }
     }
     Ok(found)
+}
+
+/// The probe sites of one object file given its bytes `data` (`path` as
+/// processes see it, `open_path` as this process opens it): none when it
+/// has not both probes or is not an ELF file; an error when it has them
+/// with arguments the hook programs cannot read.
+pub(crate) fn in_object(
+    path: &str,
+    open_path: PathBuf,
+    data: &[u8],
+) -> anyhow::Result<Option<UsdtSites>> {
+    let Ok(probes) = usdt::probes(data) else {
+        return Ok(None);
+    };
+    from_probes(path, open_path, &probes)
+}
+
+fn from_probes(
+    path: &str,
+    open_path: PathBuf,
+    probes: &[Probe],
+) -> anyhow::Result<Option<UsdtSites>> {
+    Ok(
+        sites(probes)?.map(|(alloc_offsets, free_offsets)| UsdtSites {
+            path: path.to_owned(),
+            open_path,
+            alloc_offsets,
+            free_offsets,
+        }),
+    )
 }
 
 /// The file offsets of the `alloc` and `free` sites among `probes`, when

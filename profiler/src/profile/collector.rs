@@ -177,14 +177,22 @@ impl Collector {
     }
 
     /// Symbolizes every location and returns the profile.
-    pub fn finish(mut self) -> anyhow::Result<Profile> {
+    pub fn finish(self) -> anyhow::Result<Profile> {
+        self.finish_with(&crate::symbolize::SymbolCache::new())
+    }
+
+    /// [`Collector::finish`] with objects parsed by earlier profiles kept in
+    /// `cache` (one thread symbolizing many profiles parses each object once).
+    pub fn finish_with(mut self, cache: &crate::symbolize::SymbolCache) -> anyhow::Result<Profile> {
         if self.unknown_statuses > 0 {
             let n = self.unknown_statuses;
             self.add_comment(format!("stacks with an unknown status value: {n}"));
         }
         let profile = std::mem::take(&mut self.profile);
         // The normalizer (and its open files) lives until this returns.
-        Ok(self.symbolized(profile))
+        let mut profile = self.placed(profile);
+        profile.symbolize_with(cache);
+        Ok(profile)
     }
 
     /// The profile so far, symbolized, leaving the collector running (for
@@ -194,7 +202,15 @@ impl Collector {
         Ok(self.symbolized(self.profile.clone()))
     }
 
-    fn symbolized(&self, mut profile: Profile) -> Profile {
+    fn symbolized(&self, profile: Profile) -> Profile {
+        let mut profile = self.placed(profile);
+        profile.symbolize();
+        profile
+    }
+
+    /// `profile` with its mappings' local files, the main executable's
+    /// mapping first, and its duration: everything but symbols.
+    fn placed(&self, mut profile: Profile) -> Profile {
         for (&object, &mapping) in &self.object_mappings {
             profile.mappings[mapping].local_path = self.normalizer.objects[object].local_path();
         }
@@ -207,7 +223,6 @@ impl Collector {
             .started
             .elapsed()
             .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
-        profile.symbolize();
         profile
     }
 

@@ -52,7 +52,8 @@ pub enum StopEvent {
 pub struct Stop {
     interrupt: Signal,
     terminate: Signal,
-    hangup: Signal,
+    /// None when SIGHUP is the caller's own (the agent re-reads its config).
+    hangup: Option<Signal>,
     deadline: Option<Instant>,
     exits_tx: mpsc::UnboundedSender<u32>,
     exits: mpsc::UnboundedReceiver<u32>,
@@ -66,6 +67,13 @@ impl Stop {
     /// Installs the SIGINT, SIGTERM and SIGHUP handlers; call it inside the
     /// runtime, before attaching anything.
     pub fn new() -> anyhow::Result<Self> {
+        let mut stop = Self::without_hangup()?;
+        stop.hangup = Some(signal(SignalKind::hangup()).context("installing the SIGHUP handler")?);
+        Ok(stop)
+    }
+
+    /// A [`Stop`] that leaves SIGHUP to the caller (a service reloads on it).
+    pub fn without_hangup() -> anyhow::Result<Self> {
         let install = |kind: SignalKind, name: &str| {
             signal(kind).with_context(|| format!("installing the {name} handler"))
         };
@@ -73,7 +81,7 @@ impl Stop {
         Ok(Self {
             interrupt: install(SignalKind::interrupt(), "SIGINT")?,
             terminate: install(SignalKind::terminate(), "SIGTERM")?,
-            hangup: install(SignalKind::hangup(), "SIGHUP")?,
+            hangup: None,
             deadline: None,
             exits_tx,
             exits,
@@ -115,7 +123,7 @@ impl Stop {
             tokio::select! {
                 _ = self.interrupt.recv() => return StopEvent::Stop(StopReason::Signal("SIGINT")),
                 _ = self.terminate.recv() => return StopEvent::Stop(StopReason::Signal("SIGTERM")),
-                _ = self.hangup.recv() => return StopEvent::Stop(StopReason::Signal("SIGHUP")),
+                _ = hangup(&mut self.hangup) => return StopEvent::Stop(StopReason::Signal("SIGHUP")),
                 () = super::sleep_until(self.deadline) => return StopEvent::Stop(StopReason::Deadline),
                 Some(pid) = self.exits.recv() => {
                     if self.running.remove(&pid) {
@@ -124,6 +132,16 @@ impl Stop {
                 }
             }
         }
+    }
+}
+
+/// The next SIGHUP, or never when it is not this [`Stop`]'s.
+async fn hangup(signal: &mut Option<Signal>) {
+    match signal {
+        Some(signal) => {
+            signal.recv().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

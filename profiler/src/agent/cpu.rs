@@ -1,0 +1,171 @@
+//! The agent's CPU collector: the `cpu` subcommand's sampler, drained every
+//! second into one collector per process for the current interval (a
+//! process's addresses are placed while it lives), and its task events
+//! (exec, exit), which the agent shares with the heap collector and the
+//! unwind tables.
+use std::collections::HashMap;
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use profiler_common::{cpu::TaskEvent, stack::UserStack};
+use tokio::io::unix::AsyncFd;
+
+use super::scope::{Facts, Scope};
+use crate::{
+    cpu::{
+        Event, Settings, Targets,
+        report::{self, Stacks},
+        sampler::{self, Sampler},
+        stats::Counters,
+        tasks::{Change, LiveProc, Tasks},
+    },
+    profile::Collector,
+};
+
+/// The CPU side of the agent.
+pub(crate) struct CpuCollector {
+    sampler: Sampler,
+    events: AsyncFd<RingBuf<MapData>>,
+    tasks: Tasks,
+    stacks: Stacks,
+    frequency: u64,
+    /// This interval's collector of each process sampled.
+    interval: HashMap<u32, Collector>,
+    /// Samples per process since the last table update (the busiest get
+    /// unwind tables first).
+    pub recent_samples: HashMap<u32, u64>,
+    /// Whether each process sampled is profiled (decided at its first sample).
+    in_scope: HashMap<u32, bool>,
+}
+
+impl CpuCollector {
+    /// Attaches the sampler at `frequency` Hz on every CPU (only the --pid
+    /// processes when the scope is just those).
+    pub fn new(ebpf: &mut aya::Ebpf, frequency: u64, scope: &Scope) -> anyhow::Result<Self> {
+        let only_pids = scope.pids_only();
+        let settings = Settings {
+            targets: if only_pids {
+                Targets::Pids(scope.pids().to_vec())
+            } else {
+                Targets::All
+            },
+            frequency,
+            duration: None,
+            interval: None,
+            idle: false,
+            event: Event::CpuClock,
+        };
+        let mut sampler = Sampler::new(ebpf, &settings)?;
+        let ring = sampler
+            .task_events
+            .take()
+            .context("task event ring buffer")?;
+        // SAFETY: the ring buffer owns its descriptor and keeps it open and
+        // unchanged until it is dropped with the AsyncFd.
+        let events =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)
+                .context("watching the task event ring buffer")?;
+        Ok(Self {
+            sampler,
+            events,
+            tasks: Tasks::default(),
+            stacks: Stacks::default(),
+            frequency,
+            interval: HashMap::new(),
+            recent_samples: HashMap::new(),
+            in_scope: HashMap::new(),
+        })
+    }
+
+    /// CPUs sampled.
+    pub fn cpus(&self) -> usize {
+        self.sampler.cpus
+    }
+
+    /// A user stack by id, from the map the sampler holds.
+    pub fn user_stack(&self, id: u64) -> Option<UserStack> {
+        self.sampler.user_stack(id)
+    }
+
+    /// Waits for task events and returns them once applied to the task
+    /// names (cancel-safe).
+    pub async fn task_events(&mut self) -> anyhow::Result<Vec<(TaskEvent, Change)>> {
+        let mut guard = self
+            .events
+            .readable_mut()
+            .await
+            .context("waiting for task events")?;
+        let events = sampler::task_events(guard.get_inner_mut());
+        guard.clear_ready();
+        Ok(events
+            .into_iter()
+            .map(|e| {
+                let change = self.tasks.apply(&e);
+                if let Change::Exec(pid) = change {
+                    self.in_scope.remove(&pid);
+                }
+                (e, change)
+            })
+            .collect())
+    }
+
+    /// The command name `pid` had when it was last seen (its exit event).
+    pub fn last_name(&mut self, pid: u32) -> Option<String> {
+        let name = self.tasks.comm(pid, pid, &LiveProc);
+        (name != "?").then_some(name)
+    }
+
+    pub fn has_exited(&self, pid: u32) -> bool {
+        self.tasks.has_exited(pid)
+    }
+
+    /// Feeds every count since the last drain to the interval's collectors
+    /// of the processes in `scope` (kernel threads and the idle task are
+    /// not processes of anyone's).
+    pub fn drain(&mut self, scope: &Scope) -> anyhow::Result<()> {
+        for (key, counts) in self.sampler.drain(&mut self.stacks)? {
+            let pid = key.pid;
+            if pid == 0 || pid == std::process::id() {
+                continue;
+            }
+            let profiled = *self
+                .in_scope
+                .entry(pid)
+                .or_insert_with(|| scope.profiles(&Facts::read(pid)));
+            if !profiled || self.tasks.is_kthread(pid, &LiveProc) {
+                continue;
+            }
+            *self.recent_samples.entry(pid).or_default() += counts.samples;
+            let sample = report::sample(&key, &counts, &self.stacks, &mut self.tasks, &LiveProc);
+            let frequency = self.frequency;
+            self.interval
+                .entry(pid)
+                .or_insert_with(|| {
+                    let mut c = report::collector(Event::CpuClock, frequency);
+                    c.note_process(pid);
+                    c
+                })
+                .add(sample);
+        }
+        Ok(())
+    }
+
+    /// The processes sampled in this interval so far.
+    pub fn sampled(&self) -> impl Iterator<Item = u32> + '_ {
+        self.interval.keys().copied()
+    }
+
+    /// The interval's collectors, one per process sampled; a new interval starts.
+    pub fn cut(&mut self, scope: &Scope) -> anyhow::Result<Vec<(u32, Collector)>> {
+        self.drain(scope)?;
+        // Exited processes are decided again if their pid comes back.
+        self.in_scope.retain(|pid, _| !self.tasks.has_exited(*pid));
+        Ok(self.interval.drain().collect())
+    }
+
+    /// The sampler's counters (lost samples, truncated stacks).
+    pub fn counters(ebpf: &aya::Ebpf) -> anyhow::Result<Counters> {
+        Counters::read(ebpf, profiler_common::cpu::STATS_MAP)
+    }
+}

@@ -1,0 +1,475 @@
+//! The agent's heap collector.
+//!
+//! - Processes that sample their heap in-process are found by their mapped
+//!   objects: an object with the `otel_memory:alloc/free` USDT probes, or
+//!   with libprofalloc.so's sampling hooks, gets the hook programs attached
+//!   once for every process that maps it (a uprobe on the file), so new
+//!   processes are covered from their first sample on.
+//! - Processes named by `--pid`/`--include` that do not get malloc uprobes
+//!   of their own (a cost on every call), which are detached when the
+//!   process calls malloc and free more often than the ceiling.
+//! - Every interval, one profile per process: alloc_* as deltas over the
+//!   interval, inuse_* as snapshots; for processes whose allocator exports
+//!   its live heap (libprofalloc.so), in-use values from it: the sampled
+//!   heap since the process started.
+use std::{
+    collections::{HashMap, HashSet},
+    num::NonZeroU32,
+    time::{Instant, SystemTime},
+};
+
+use aya::{
+    Ebpf,
+    programs::{UProbe, uprobe::UProbeLinkId, uprobe::UProbeScope},
+};
+use log::{debug, warn};
+use profiler_common::{
+    heap::{LIVE_MAP, STACK_STATS_MAP, StackKey, StackStats, WEIGHT_ONE},
+    stack::UserStack,
+};
+
+use super::scope::{Facts, Scope};
+use crate::{
+    ebpf,
+    heap::{
+        attach,
+        coverage::{Clock, Coverage},
+        discover::{self, Allocator},
+        live_set, maps,
+        processes::Processes,
+        report::{self, Context, Totals},
+        settings::Tracking,
+        usdt_sites,
+    },
+    process,
+    profile::{Collector, SampleType},
+};
+
+/// What an object file offers the hook programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Offer {
+    /// Sampled in-process, probes attached for every process mapping it.
+    InProcess,
+    Nothing,
+}
+
+/// A process with malloc uprobes of its own.
+struct Uprobed {
+    links: Vec<(&'static str, UProbeLinkId)>,
+    /// Estimated calls (allocations and frees) at the last rate check.
+    calls: f64,
+    checked: Instant,
+}
+
+/// The heap side of the agent (see the module docs).
+pub(crate) struct HeapCollector {
+    sample_bytes: u64,
+    max_rate: u64,
+    /// Object files examined, by inode.
+    objects: HashMap<u64, Offer>,
+    /// Inodes of the objects with in-process sampling.
+    sampler_inodes: Vec<u64>,
+    /// Processes examined (forgotten again on exec).
+    seen: HashSet<u32>,
+    in_process: HashSet<u32>,
+    uprobed: HashMap<u32, Uprobed>,
+    /// Processes detached for calling malloc too often: never probed again.
+    over_ceiling: HashSet<u32>,
+    /// Processes out of scope (their in-process samples are not reported).
+    out_of_scope: HashSet<u32>,
+    /// Cumulative totals at the last cut: alloc_* are deltas from it.
+    baseline: HashMap<StackKey, StackStats>,
+    /// User stacks read so far, by id (a hash of their content).
+    stacks: HashMap<u64, UserStack>,
+    processes: Processes,
+    attached_at: SystemTime,
+    /// Processes detached for their rate, counted.
+    pub detached: u64,
+}
+
+impl HeapCollector {
+    /// Loads the heap programs into `ebpf` (not attached yet).
+    pub fn new(ebpf: &mut Ebpf, sample_bytes: u64, max_rate: u64) -> anyhow::Result<Self> {
+        maps::configure(ebpf, sample_bytes, false)?;
+        for name in [
+            attach::HOOK_FREE_PROGRAM,
+            attach::HOOK_ALLOC_PROGRAM,
+            attach::FREE_PROGRAM,
+            attach::RETURN_PROGRAM,
+            attach::ENTRY_PROGRAM,
+        ] {
+            let _: &mut UProbe = ebpf::program(ebpf, name)?;
+        }
+        Ok(Self {
+            sample_bytes,
+            max_rate,
+            objects: HashMap::new(),
+            sampler_inodes: Vec::new(),
+            seen: HashSet::new(),
+            in_process: HashSet::new(),
+            uprobed: HashMap::new(),
+            over_ceiling: HashSet::new(),
+            out_of_scope: HashSet::new(),
+            baseline: HashMap::new(),
+            stacks: HashMap::new(),
+            processes: Processes::default(),
+            attached_at: SystemTime::now(),
+            detached: 0,
+        })
+    }
+
+    /// The map capacities the heap programs are loaded with.
+    pub fn map_sizes(loader: &mut aya::EbpfLoader<'_>) {
+        loader
+            .map_max_entries(LIVE_MAP, profiler_common::heap::DEFAULT_MAX_LIVE)
+            .map_max_entries(STACK_STATS_MAP, profiler_common::heap::DEFAULT_MAX_STACKS);
+    }
+
+    /// The processes whose heap is profiled.
+    pub fn targets(&self) -> impl Iterator<Item = u32> + '_ {
+        self.in_process.iter().chain(self.uprobed.keys()).copied()
+    }
+
+    /// `pid` runs a new program: it is examined again.
+    pub fn exec(&mut self, ebpf: &mut Ebpf, pid: u32) {
+        self.seen.remove(&pid);
+        self.in_process.remove(&pid);
+        self.out_of_scope.remove(&pid);
+        if let Some(u) = self.uprobed.remove(&pid) {
+            attach::detach(ebpf, u.links);
+        }
+    }
+
+    /// Examines the processes among `pids` not seen yet: attaches to the
+    /// in-process samplers they map, and gives malloc uprobes to those that
+    /// `scope` names and that have none.
+    pub fn discover(&mut self, ebpf: &mut Ebpf, scope: &Scope, pids: &[u32]) {
+        let me = std::process::id();
+        for &pid in pids {
+            if pid == me || !self.seen.insert(pid) {
+                continue;
+            }
+            let Ok(maps) = process::maps(pid) else {
+                continue;
+            };
+            if maps.is_empty() {
+                // A kernel thread, or gone.
+                continue;
+            }
+            let facts = Facts::read(pid);
+            if !scope.profiles(&facts) {
+                self.out_of_scope.insert(pid);
+                continue;
+            }
+            let mut samples_in_process = false;
+            for object in discover::mapped_objects(&maps) {
+                let offer = match self.objects.get(&object.inode) {
+                    Some(offer) => *offer,
+                    None => {
+                        let offer = self.examine(ebpf, pid, &object.path, object.inode);
+                        self.objects.insert(object.inode, offer);
+                        offer
+                    }
+                };
+                samples_in_process |= offer == Offer::InProcess;
+            }
+            if samples_in_process {
+                self.in_process.insert(pid);
+                self.refresh(pid);
+            } else if scope.named(&facts) && !self.over_ceiling.contains(&pid) {
+                self.uprobe(ebpf, pid, &facts);
+            }
+        }
+    }
+
+    /// Looks at one object for in-process sampling and, when it has it,
+    /// attaches the hook programs to it for every process.
+    fn examine(&mut self, ebpf: &mut Ebpf, pid: u32, path: &str, inode: u64) -> Offer {
+        let open_path = process::path_in_root(pid, path);
+        // Mapped, not read: only the ELF headers, symbols and notes are
+        // touched, whatever the file's size.
+        let Some(data) = map_file(&open_path) else {
+            return Offer::Nothing;
+        };
+        let usdt = match usdt_sites::in_object(path, open_path.clone(), &data) {
+            Ok(sites) => sites,
+            Err(err) => {
+                warn!("heap: {path}: {err:#}; its processes are not sampled through it");
+                None
+            }
+        };
+        let hooks = if usdt.is_some() {
+            None
+        } else {
+            discover::hooks(&data)
+        };
+        let tracking = match (&usdt, hooks) {
+            (Some(_), _) => Tracking::Usdt,
+            (None, Some(_)) => Tracking::Hooks { sample_bytes: 0 },
+            (None, None) => return Offer::Nothing,
+        };
+        let allocator = Allocator {
+            path: path.to_owned(),
+            open_path,
+            inode,
+            points: Vec::new(),
+            hooks,
+            usdt: usdt.into_iter().collect(),
+        };
+        match attach::allocator(ebpf, tracking, &allocator, UProbeScope::AllProcesses) {
+            Ok(()) => {
+                eprintln!(
+                    "prof-bpf: heap: sampling in-process through {} of {path} (every process mapping it)",
+                    match tracking {
+                        Tracking::Usdt => "the otel_memory USDT probes",
+                        _ => "the sampling hooks",
+                    }
+                );
+                self.sampler_inodes.push(inode);
+                Offer::InProcess
+            }
+            Err(err) => {
+                warn!("heap: {err:#}");
+                Offer::Nothing
+            }
+        }
+    }
+
+    /// Malloc uprobes for one named process, with the cost said once.
+    fn uprobe(&mut self, ebpf: &mut Ebpf, pid: u32, facts: &Facts) {
+        let Some(nz) = NonZeroU32::new(pid) else {
+            return;
+        };
+        let allocator = match discover::for_process(pid, None) {
+            Ok(a) => a,
+            Err(err) => {
+                warn!("heap: pid {pid}: {err:#}");
+                return;
+            }
+        };
+        let what = format!("pid {pid}");
+        match attach::malloc_family(ebpf, &allocator, UProbeScope::OneProcess(nz), &what) {
+            Ok(links) => {
+                eprintln!(
+                    "prof-bpf: heap: malloc uprobes on pid {pid} ({}): each malloc and free call now costs it about 1.5 us; detached above {} calls/s",
+                    facts.executable, self.max_rate
+                );
+                self.uprobed.insert(
+                    pid,
+                    Uprobed {
+                        links,
+                        calls: 0.0,
+                        checked: Instant::now(),
+                    },
+                );
+                self.refresh(pid);
+            }
+            Err(err) => warn!("heap: {err:#}"),
+        }
+    }
+
+    /// Detaches the malloc uprobes of processes calling malloc and free more
+    /// often than the ceiling (estimated from the sampled totals), drops
+    /// their live blocks, and says so.
+    pub fn enforce_ceiling(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<()> {
+        if self.uprobed.is_empty() {
+            return Ok(());
+        }
+        let mut calls: HashMap<u32, f64> = HashMap::new();
+        for (key, s) in maps::stack_stats(ebpf)? {
+            if self.uprobed.contains_key(&key.pid) {
+                *calls.entry(key.pid).or_default() +=
+                    (s.alloc_objects + s.free_objects) as f64 / WEIGHT_ONE as f64;
+            }
+        }
+        let now = Instant::now();
+        let mut over = Vec::new();
+        for (&pid, u) in &mut self.uprobed {
+            let total = calls.get(&pid).copied().unwrap_or(0.0);
+            let secs = now.duration_since(u.checked).as_secs_f64();
+            if secs < 0.5 {
+                continue;
+            }
+            let rate = (total - u.calls) / secs;
+            u.calls = total;
+            u.checked = now;
+            if rate > self.max_rate as f64 {
+                over.push((pid, rate));
+            }
+        }
+        for (pid, rate) in over {
+            if let Some(u) = self.uprobed.remove(&pid) {
+                attach::detach(ebpf, u.links);
+            }
+            let dropped = maps::drop_live_blocks(ebpf, &HashSet::from([pid]))?;
+            self.over_ceiling.insert(pid);
+            self.processes.purged.insert(pid);
+            self.detached += 1;
+            eprintln!(
+                "prof-bpf: heap: detached the malloc uprobes of pid {pid}: about {rate:.0} calls/s is above the ceiling of {} ({dropped} live blocks dropped; detached so far: {})",
+                self.max_rate, self.detached
+            );
+        }
+        Ok(())
+    }
+
+    /// Rereads the mappings and name of a live process.
+    fn refresh(&mut self, pid: u32) {
+        self.processes.refresh(pid);
+    }
+
+    /// Cuts the interval: one collector per heap-profiled process with
+    /// this interval's allocations and what is in use now. `stack` reads a
+    /// user stack by id from the unwinder's map.
+    pub fn cut(
+        &mut self,
+        ebpf: &mut Ebpf,
+        scope: &Scope,
+        stack: impl Fn(&Ebpf, u64) -> Option<UserStack>,
+    ) -> anyhow::Result<Vec<(u32, Collector)>> {
+        let stats = maps::stack_stats(ebpf)?;
+        // Processes first seen by their samples (started since the last scan).
+        let new: Vec<u32> = stats
+            .iter()
+            .map(|(k, _)| k.pid)
+            .filter(|pid| !self.seen.contains(pid))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        self.discover(ebpf, scope, &new);
+        let counters = maps::counters(ebpf)?;
+        let mut per_pid: HashMap<u32, Vec<(StackKey, StackStats)>> = HashMap::new();
+        for (key, s) in &stats {
+            per_pid.entry(key.pid).or_default().push((*key, *s));
+        }
+        for &pid in &self.in_process {
+            per_pid.entry(pid).or_default();
+        }
+        for pid in per_pid.keys() {
+            if !self.processes.comms.contains_key(pid) && !self.processes.purged.contains(pid) {
+                self.processes.refresh(*pid);
+            }
+        }
+        let mut out = Vec::new();
+        for (pid, pid_stats) in per_pid {
+            if self.out_of_scope.contains(&pid) || !self.processes.maps.contains_key(&pid) {
+                continue;
+            }
+            let alive = process::check_pid(pid).is_ok();
+            if alive {
+                self.refresh(pid);
+            }
+            for (key, _) in &pid_stats {
+                if !self.stacks.contains_key(&key.stack_id)
+                    && let Some(s) = stack(ebpf, key.stack_id)
+                {
+                    self.stacks.insert(key.stack_id, s);
+                }
+            }
+            let in_process = self.in_process.contains(&pid);
+            let tracking = if in_process {
+                Tracking::Usdt
+            } else {
+                Tracking::Malloc {
+                    sample_bytes: self.sample_bytes,
+                }
+            };
+            let live = if in_process && alive {
+                live_set::read_targets(tracking, &[pid], &HashSet::new())
+            } else {
+                HashMap::new()
+            };
+            let at = Clock::local(self.attached_at);
+            let coverage = if live.is_empty() {
+                Coverage::SinceAttach { tracking, at }
+            } else {
+                Coverage::AllocatorSinceStart { at }
+            };
+            let stacks = pid_stats
+                .iter()
+                .filter_map(|(k, _)| Some((k.stack_id, *self.stacks.get(&k.stack_id)?)))
+                .collect();
+            let totals = Totals {
+                stats: pid_stats,
+                stacks,
+                counters: counters.clone(),
+                live,
+                ..Totals::default()
+            };
+            let ctx = Context {
+                tracking,
+                coverage,
+                mmap: false,
+                processes: &self.processes,
+                allocator_inodes: self.sampler_inodes.clone(),
+            };
+            let report = report::heap_report_since(&totals, &ctx, &self.baseline);
+            if report.samples.is_empty() {
+                continue;
+            }
+            let mut collector = Collector::new(report::sample_types(false), "inuse_space");
+            collector.note_process(pid);
+            for comment in report.comments {
+                collector.add_comment(comment);
+            }
+            if let Some(period) = report.period {
+                collector.set_period(SampleType::alloc_space(), period);
+            }
+            for sample in report.samples {
+                collector.add(sample);
+            }
+            out.push((pid, collector));
+        }
+        self.baseline = stats.into_iter().collect();
+        self.forget_exited(ebpf)?;
+        Ok(out)
+    }
+
+    /// Drops what the processes that exited held in the kernel's live table.
+    fn forget_exited(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<()> {
+        let dead: HashSet<u32> = self
+            .processes
+            .maps
+            .keys()
+            .copied()
+            .filter(|&pid| {
+                !self.processes.purged.contains(&pid) && process::check_pid(pid).is_err()
+            })
+            .collect();
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let dropped = maps::drop_live_blocks(ebpf, &dead)?;
+        debug!(
+            "heap: dropped {dropped} live blocks of {} exited processes",
+            dead.len()
+        );
+        for pid in dead {
+            self.processes.purged.insert(pid);
+            self.in_process.remove(&pid);
+            if let Some(u) = self.uprobed.remove(&pid) {
+                attach::detach(ebpf, u.links);
+            }
+        }
+        Ok(())
+    }
+
+    /// One line on what is being profiled.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} processes sampled in-process, {} with malloc uprobes, {} detached over the ceiling",
+            self.in_process.len(),
+            self.uprobed.len(),
+            self.detached
+        )
+    }
+}
+
+/// A read-only map of the file at `path`.
+fn map_file(path: &std::path::Path) -> Option<memmap2::Mmap> {
+    let file = std::fs::File::open(path).ok()?;
+    // SAFETY: the map is read-only and private to this function's callers;
+    // a file truncated meanwhile can fault, which object files of running
+    // processes are not (the loader maps them too).
+    unsafe { memmap2::Mmap::map(&file) }.ok()
+}
