@@ -219,8 +219,11 @@ pub(crate) struct ThreadCache {
     /// (a list operation) or a slow path: a signal handler (or a library
     /// the slow path calls) that re-enters the allocator on this thread
     /// must not touch the lists or locks this thread holds. Beside
-    /// `countdown` so that the fast paths touch one cache line of it.
-    pub(crate) busy: u8,
+    /// `countdown` so that the fast paths touch one cache line of it. A
+    /// flag (0 or 1), 32 bits wide: the fast paths test and set it with one
+    /// `bts` and clear it with a store of the same width (a narrower store
+    /// would stall the next `bts`'s load).
+    pub(crate) busy: u32,
     pub(crate) state: u8,
     pub(crate) lists: [FreeList; NUM_CLASSES],
     /// Bytes reserved from the budget: Σ max_len × class size.
@@ -229,6 +232,13 @@ pub(crate) struct ThreadCache {
     pub(crate) next: *mut ThreadCache,
     pub(crate) prev: *mut ThreadCache,
 }
+
+/// The byte offset of class `c`'s list is `LISTS + (c << SLOT_SHIFT)`.
+const _: () = assert!(core::mem::size_of::<FreeList>() == 1 << size_class::SLOT_SHIFT);
+/// Offset of the list array in the cache.
+pub(crate) const LISTS: usize = core::mem::offset_of!(ThreadCache, lists);
+/// Offset of `busy` in the cache (the fast paths' `bts` names it).
+pub(crate) const BUSY: usize = core::mem::offset_of!(ThreadCache, busy);
 
 #[cfg(target_arch = "x86_64")]
 core::arch::global_asm!(
