@@ -1,6 +1,7 @@
 //! The page heap: hands out spans of pages and takes them back, coalescing
 //! free neighbours; gets address space from the OS in large reservations
-//! and gives physical pages back (madvise) on a release rate and on
+//! and gives physical pages back (madvise) after they stayed free a while,
+//! past a bound on free resident pages (both in `decay`) and on
 //! `malloc_trim`.
 //!
 //! Lock: one global lock, [`LOCK`], around every function here. Lock order:
@@ -15,7 +16,7 @@
 use core::ptr;
 
 use crate::{
-    counters,
+    counters, decay,
     lock::SpinLock,
     os, pagemap,
     size_class::{PAGE_SHIFT, PAGE_SIZE},
@@ -44,8 +45,9 @@ struct Heap {
     meta_end: usize,
     /// Pages freed into the heap since the last rate-driven release.
     release_credit: usize,
-    /// Release epochs so far (see `deallocate`).
+    /// Release epochs so far (see `decay`), and when the current began.
     epoch: u64,
+    epoch_start_ns: u64,
     free_normal_pages: usize,
     free_returned_pages: usize,
 }
@@ -64,12 +66,14 @@ static HEAP: HeapCell = HeapCell(core::cell::UnsafeCell::new(Heap {
     meta_end: 0,
     release_credit: 0,
     epoch: 2,
+    epoch_start_ns: 0,
     free_normal_pages: 0,
     free_returned_pages: 0,
 }));
 
-/// Bytes freed into the heap that trigger a release (0 = release only on
-/// malloc_trim). Set from PROFALLOC_RELEASE_BYTES at start-up.
+/// Bytes freed into the heap that end a release epoch (0 = release only on
+/// malloc_trim: no epochs, no bound). Set from PROFALLOC_RELEASE_BYTES at
+/// start-up.
 pub static RELEASE_BYTES: core::sync::atomic::AtomicUsize =
     core::sync::atomic::AtomicUsize::new(16 << 20);
 
@@ -116,21 +120,44 @@ pub unsafe fn deallocate(s: *mut Span) {
         (*s).state = span::FREE;
         (*s).returned = false;
         (*s).sampled = false;
-        insert_free(s);
         let h = heap();
+        (*s).free_epoch = h.epoch;
+        insert_free(s);
         h.release_credit += n;
-        let rate = RELEASE_BYTES.load(core::sync::atomic::Ordering::Relaxed) >> PAGE_SHIFT;
-        if rate != 0 && h.release_credit >= rate {
-            // An epoch ends each time `rate` pages were freed into the
-            // heap; spans that stayed free for two whole epochs are idle
-            // and go back to the OS. Busy spans are reused (LIFO) before
-            // they get that old, so churn never pays for madvise.
-            h.release_credit = 0;
-            h.epoch += 1;
-            release_idle_locked(h.epoch - 2);
-        }
+        // SAFETY: LOCK is held.
+        decay_locked(h, true);
     }
     LOCK.unlock();
+}
+
+/// Applies `decay`'s rules: ends the epoch when its time or its release
+/// credit is over (spans free for two whole epochs go back); after a free,
+/// releases what passes the bound on resident free pages.
+///
+/// # Safety
+/// LOCK must be held; `h` is the heap.
+unsafe fn decay_locked(h: &mut Heap, after_free: bool) {
+    let rate = RELEASE_BYTES.load(core::sync::atomic::Ordering::Relaxed) >> PAGE_SHIFT;
+    if rate == 0 {
+        return;
+    }
+    let now = decay::now_ns();
+    if h.release_credit >= rate || decay::epoch_over(h.epoch_start_ns, now) {
+        h.release_credit = 0;
+        h.epoch += 1;
+        h.epoch_start_ns = now;
+        // SAFETY: LOCK is held.
+        unsafe { release_idle_locked(h.epoch - 2) };
+    }
+    if after_free {
+        let in_use =
+            (counters::SMALL_SPAN_BYTES.load() + counters::LARGE_BYTES.load()) >> PAGE_SHIFT;
+        let excess = decay::excess_pages(h.free_normal_pages, in_use);
+        if excess > 0 {
+            // SAFETY: LOCK is held.
+            unsafe { release_locked(excess) };
+        }
+    }
 }
 
 /// Gives every resident free page back to the OS; returns the bytes
@@ -206,6 +233,9 @@ unsafe fn release_idle_locked(before: u64) {
 /// # Safety
 /// LOCK must be held.
 unsafe fn allocate_locked(npages: usize, class: u8, align_pages: usize) -> *mut Span {
+    // A program that only allocates still ages the free spans it left.
+    // SAFETY: LOCK is held.
+    unsafe { decay_locked(heap(), false) };
     let want = npages + align_pages.max(1) - 1;
     // SAFETY: LOCK is held.
     let mut s = unsafe { find_free(want) };
@@ -285,6 +315,7 @@ unsafe fn split_front(s: *mut Span, n: usize) -> *mut Span {
         (*front).start = (*s).start;
         (*front).npages = n;
         (*front).returned = (*s).returned;
+        (*front).free_epoch = (*s).free_epoch;
         (*s).start += n;
         (*s).npages -= n;
         pagemap::set_span((*front).start, front);
@@ -404,8 +435,13 @@ unsafe fn add_fresh(start: usize, n: usize) -> bool {
 unsafe fn insert_free(s: *mut Span) {
     // SAFETY: LOCK is held; neighbours found through the map are live.
     unsafe {
+        // A merged span is as old as its larger part: a small span freed
+        // (or cut off) next to a long-idle one does not make it young.
         let prev = pagemap::span((*s).start.wrapping_sub(1));
         if !prev.is_null() && (*prev).state == span::FREE && (*prev).returned == (*s).returned {
+            if (*prev).npages > (*s).npages {
+                (*s).free_epoch = (*prev).free_epoch;
+            }
             remove_free(prev);
             pagemap::set_span((*prev).start + (*prev).npages - 1, ptr::null_mut());
             pagemap::set_span((*s).start, ptr::null_mut());
@@ -415,6 +451,9 @@ unsafe fn insert_free(s: *mut Span) {
         }
         let next = pagemap::span((*s).start + (*s).npages);
         if !next.is_null() && (*next).state == span::FREE && (*next).returned == (*s).returned {
+            if (*next).npages > (*s).npages {
+                (*s).free_epoch = (*next).free_epoch;
+            }
             remove_free(next);
             pagemap::set_span((*s).start + (*s).npages - 1, ptr::null_mut());
             pagemap::set_span((*next).start, ptr::null_mut());
@@ -424,7 +463,6 @@ unsafe fn insert_free(s: *mut Span) {
         pagemap::set_span((*s).start, s);
         pagemap::set_span((*s).start + (*s).npages - 1, s);
         let h = heap();
-        (*s).free_epoch = h.epoch;
         let i = (*s).npages.min(LISTS - 1);
         if (*s).returned {
             h.returned[i].push(s);
