@@ -223,6 +223,36 @@ fn thread_caches_stay_within_their_total_budget() {
     assert!(cached >= BUDGET / 2, "cached only {cached}: {text}");
 }
 
+/// 16 threads allocate and keep 3000 objects each, spending the 2 MiB
+/// budget, and go idle; a 17th that allocates and frees 3000 can cache only
+/// what it steals from the idle ones' headroom (without stealing it caches
+/// nothing: the budget is spent). The total stays within the budget plus
+/// one batch per class.
+#[test]
+fn a_thread_steals_budget_from_idle_ones() {
+    const BUDGET: u64 = 2 << 20;
+    const SLACK: u64 = 64 * 32 * 1024;
+    let out = preloaded(
+        Command::new(build_workload("alloc_budget", FLAGS)).args(["steal", "16"]),
+        &[(
+            "PROFALLOC_MAX_TOTAL_THREAD_CACHE_BYTES",
+            &BUDGET.to_string(),
+        )],
+    );
+    assert_ok(&out, "alloc_budget steal 16");
+    let text = stdout(&out);
+    let (idle, cached) = (
+        field(&text, "idle_cached_bytes"),
+        field(&text, "cached_bytes"),
+    );
+    assert!(
+        cached >= idle + (16 << 10),
+        "the late thread cached {} bytes: {text}",
+        cached.saturating_sub(idle)
+    );
+    assert!(cached <= BUDGET + SLACK, "{text}");
+}
+
 /// After 90% of an 800 MiB heap of 4 KiB objects was freed, malloc_trim
 /// brings the resident memory the heap adds to the process (RSS less the
 /// RSS before the first allocation) within 1.2x of the live bytes.
