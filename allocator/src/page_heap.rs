@@ -16,7 +16,7 @@
 use core::ptr;
 
 use crate::{
-    counters, decay,
+    counters,
     lock::SpinLock,
     os, pagemap,
     size_class::{PAGE_SHIFT, PAGE_SIZE},
@@ -30,6 +30,11 @@ const RESERVE_BYTES: usize = 64 << 20;
 const MIN_GROW_PAGES: usize = 128;
 /// Metadata arena chunk.
 const META_CHUNK: usize = 256 << 10;
+
+mod release;
+
+use release::decay_locked;
+pub use release::release_all;
 
 pub static LOCK: SpinLock = SpinLock::new();
 
@@ -130,104 +135,52 @@ pub unsafe fn deallocate(s: *mut Span) {
     LOCK.unlock();
 }
 
-/// Applies `decay`'s rules: ends the epoch when its time or its release
-/// credit is over (spans free for two whole epochs go back); after a free,
-/// releases what passes the bound on resident free pages.
+/// Grows the large span `s` in place to `npages` when the pages after it
+/// form a free span long enough (realloc's growth without a copy); the
+/// rest of that free span stays free. False (nothing changed) otherwise.
+/// Takes LOCK.
 ///
 /// # Safety
-/// LOCK must be held; `h` is the heap.
-unsafe fn decay_locked(h: &mut Heap, after_free: bool) {
-    let rate = RELEASE_BYTES.load(core::sync::atomic::Ordering::Relaxed) >> PAGE_SHIFT;
-    if rate == 0 {
-        return;
-    }
-    let now = decay::now_ns();
-    if h.release_credit >= rate || decay::epoch_over(h.epoch_start_ns, now) {
-        h.release_credit = 0;
-        h.epoch += 1;
-        h.epoch_start_ns = now;
-        // SAFETY: LOCK is held.
-        unsafe { release_idle_locked(h.epoch - 2) };
-    }
-    if after_free {
-        let in_use =
-            (counters::SMALL_SPAN_BYTES.load() + counters::LARGE_BYTES.load()) >> PAGE_SHIFT;
-        let excess = decay::excess_pages(h.free_normal_pages, in_use);
-        if excess > 0 {
-            // SAFETY: LOCK is held.
-            unsafe { release_locked(excess) };
-        }
-    }
-}
-
-/// Gives every resident free page back to the OS; returns the bytes
-/// released. Takes LOCK.
-pub fn release_all() -> usize {
+/// `s` is a live LARGE span owned by the caller.
+pub unsafe fn grow_in_place(s: *mut Span, npages: usize) -> bool {
     LOCK.lock();
-    // SAFETY: LOCK is held.
-    let n = unsafe { release_locked(usize::MAX) };
+    // SAFETY: LOCK is held; the caller owns `s`; neighbours found through
+    // the map are live records.
+    let grown = unsafe {
+        let (start, old) = ((*s).start, (*s).npages);
+        let next = pagemap::span(start + old);
+        let extra = npages.saturating_sub(old);
+        let fits = extra > 0
+            && !next.is_null()
+            && (*next).state == span::FREE
+            && (*next).start == start + old
+            && (*next).npages >= extra;
+        if fits {
+            remove_free(next);
+            let taken = if (*next).npages > extra {
+                let front = split_front(next, extra);
+                insert_free(next);
+                front
+            } else {
+                next
+            };
+            if (*taken).returned {
+                counters::RELEASED_BYTES.sub(extra << PAGE_SHIFT);
+            }
+            // Only the first and last pages of a large span are mapped.
+            pagemap::set_span((*taken).start, ptr::null_mut());
+            if old > 1 {
+                pagemap::set_span(start + old - 1, ptr::null_mut());
+            }
+            free_span_record(taken);
+            (*s).npages = npages;
+            pagemap::set_span(start + npages - 1, s);
+            counters::LARGE_BYTES.add(extra << PAGE_SHIFT);
+        }
+        fits
+    };
     LOCK.unlock();
-    n << PAGE_SHIFT
-}
-
-/// Releases resident free spans, largest first, until at least `want`
-/// pages were released. Returns the pages released.
-///
-/// # Safety
-/// LOCK must be held.
-unsafe fn release_locked(want: usize) -> usize {
-    // SAFETY: LOCK is held (caller contract).
-    let h = unsafe { heap() };
-    let mut done = 0;
-    let mut i = LISTS;
-    while i > 0 && done < want {
-        i -= 1;
-        while done < want {
-            let s = h.normal[i].head;
-            if s.is_null() {
-                break;
-            }
-            // SAFETY: s is a free span on this list, owned by the heap.
-            unsafe {
-                remove_free(s);
-                os::release((*s).start_addr() as *mut u8, (*s).npages << PAGE_SHIFT);
-                done += (*s).npages;
-                (*s).returned = true;
-                insert_free(s);
-            }
-        }
-    }
-    counters::RELEASED_BYTES.add(done << PAGE_SHIFT);
-    done
-}
-
-/// Releases resident free spans last freed in epoch `before` or earlier.
-///
-/// # Safety
-/// LOCK must be held.
-unsafe fn release_idle_locked(before: u64) {
-    // SAFETY: LOCK is held (caller contract).
-    let h = unsafe { heap() };
-    let mut released = 0;
-    for i in 0..LISTS {
-        let mut s = h.normal[i].head;
-        while !s.is_null() {
-            // SAFETY: spans on heap lists are live; `next` is read before
-            // the span moves to another list.
-            unsafe {
-                let next = (*s).next;
-                if (*s).free_epoch <= before {
-                    remove_free(s);
-                    os::release((*s).start_addr() as *mut u8, (*s).npages << PAGE_SHIFT);
-                    released += (*s).npages;
-                    (*s).returned = true;
-                    insert_free(s);
-                }
-                s = next;
-            }
-        }
-    }
-    counters::RELEASED_BYTES.add(released << PAGE_SHIFT);
+    grown
 }
 
 /// # Safety
@@ -571,5 +524,36 @@ mod tests {
             assert_eq!(pagemap::class_of_addr((*small).start_addr()), 0);
         }
         assert!(release_all().is_multiple_of(PAGE_SIZE));
+    }
+
+    #[test]
+    fn a_large_span_grows_into_the_free_pages_after_it() {
+        // A long span cut in two: the first 8 pages in use, the rest free;
+        // the piece grows into the rest (best fit keeps other tests' spans
+        // off a free span this long).
+        let big = allocate(3000, 0, 1);
+        assert!(!big.is_null());
+        // SAFETY: spans allocated here, used only here; LOCK held to cut.
+        unsafe {
+            let start = (*big).start;
+            LOCK.lock();
+            let a = split_front(big, 8);
+            (*a).state = span::LARGE;
+            (*big).state = span::FREE;
+            insert_free(big);
+            LOCK.unlock();
+            counters::LARGE_BYTES.sub(2992 << PAGE_SHIFT);
+            assert!(!grow_in_place(a, 8), "no growth asked");
+            assert!(grow_in_place(a, 20));
+            assert_eq!((*a).npages, 20);
+            assert_eq!(pagemap::span(start), a);
+            assert_eq!(pagemap::span(start + 19), a);
+            assert!(pagemap::span(start + 7).is_null(), "the old last page");
+            let rest = pagemap::span(start + 20);
+            assert_eq!((*rest).state, span::FREE);
+            assert!((*rest).npages >= 2980, "{}", (*rest).npages);
+            ((*a).start_addr() as *mut u8).write_bytes(1, 20 * PAGE_SIZE);
+            deallocate(a);
+        }
     }
 }
