@@ -7,16 +7,35 @@
 //!
 //! A thread that finds the budget spent takes capacity back from its own
 //! largest other list (its limit halves and its excess goes to the central
-//! tier) before it gives up growing; a thread that exits gives its
-//! capacity back; an idle thread keeps what it holds.
+//! tier); failing that, it steals from an idle thread (one that ran no
+//! slow path for [`IDLE_NS`]), as gperftools does. Only a thread's lists
+//! touch its objects, so what is stolen is *headroom*: capacity its lists
+//! do not fill (`capacity - debt - cached`). (The objects an idle thread
+//! caches stay until it runs again: taking them would need the owner
+//! stopped, e.g. a claim on its `busy` flag made safe by membarrier.) The thief's capacity grows,
+//! the victim's `debt` grows by as much, and the victim shrinks its lists
+//! by its debt on its next slow path. A cache's share of the total is
+//! `capacity - debt`, and the shares never pass the total. The cached
+//! bytes stay within it too: a victim holds no more than its share while
+//! idle, and once back it may fill the headroom it lost only until its
+//! next slow path (a list at its limit or empty) pays the debt. A thread
+//! that exits gives its share back.
 //!
-//! Lock: none; the total reserved is one atomic counter.
+//! Lock: none for the total (one atomic counter); stealing walks the
+//! registry of caches under its lock.
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::{
+    decay,
     size_class::{self, NUM_CLASSES},
-    thread_cache::{Central, ThreadCache},
+    thread_cache::{self, ACTIVE, Central, ThreadCache},
 };
+
+/// A thread that ran no slow path for this long is idle.
+pub(crate) const IDLE_NS: u64 = 100_000_000;
+/// After a look for a victim found none, the next look waits this long
+/// (so a thread at its limit does not walk the registry on every miss).
+const STEAL_RETRY_NS: u64 = 10_000_000;
 
 /// The default total of all thread caches.
 pub(crate) const DEFAULT_TOTAL: usize = 32 << 20;
@@ -91,8 +110,8 @@ pub(crate) static BUDGET: Budget = Budget::new(DEFAULT_TOTAL);
 
 /// The limit list `c` of `tc` may grow to, from `old` toward `wanted`:
 /// `wanted` if the budget grants the bytes, after taking back half the
-/// limit of this thread's largest other list when the budget is spent;
-/// else `old`.
+/// limit of this thread's largest other list, or stealing from an idle
+/// thread, when the budget is spent; else `old`.
 ///
 /// # Safety
 /// `tc` is this thread's cache, `busy` set.
@@ -100,41 +119,144 @@ pub(crate) unsafe fn grant(tc: *mut ThreadCache, c: usize, old: u32, wanted: u32
     if wanted <= old {
         return old;
     }
-    let bytes = (wanted - old) as usize * size_class::size_of_class(c);
+    let size = size_class::size_of_class(c);
+    let mut bytes = (wanted - old) as usize * size;
     // SAFETY: the owner thread works on its own cache.
     unsafe {
-        if !BUDGET.reserve((*tc).capacity, bytes) {
-            shrink_largest_other(tc, c);
-            if !BUDGET.reserve((*tc).capacity, bytes) {
-                return old;
+        if !BUDGET.reserve(share(tc), bytes) {
+            BUDGET.give_back(shrink_largest_other(tc, c));
+            if !BUDGET.reserve(share(tc), bytes) {
+                // Whole objects' worth of what an idle thread can spare.
+                bytes = steal(tc, bytes, size);
+                if bytes == 0 {
+                    return old;
+                }
             }
         }
-        (*tc).capacity += bytes;
+        let cap = (*tc).capacity.load(Ordering::Relaxed);
+        (*tc).capacity.store(cap + bytes, Ordering::Relaxed);
+        old + (bytes / size) as u32
     }
-    wanted
+}
+
+/// `tc`'s share of the total.
+///
+/// # Safety
+/// `tc` is a live cache.
+unsafe fn share(tc: *const ThreadCache) -> usize {
+    // SAFETY: the caller's contract.
+    unsafe {
+        (*tc)
+            .capacity
+            .load(Ordering::Relaxed)
+            .saturating_sub((*tc).debt.load(Ordering::Relaxed))
+    }
 }
 
 /// Halves the limit of `tc`'s list with the largest capacity other than
-/// `c`, giving its excess objects and the bytes back.
+/// `c` (0: any), giving its excess objects to the central tier. Returns the
+/// capacity it dropped (the caller decides where those bytes go).
 ///
 /// # Safety
 /// `tc` is this thread's cache, `busy` set.
-unsafe fn shrink_largest_other(tc: *mut ThreadCache, c: usize) {
+unsafe fn shrink_largest_other(tc: *mut ThreadCache, c: usize) -> usize {
     // SAFETY: the owner thread works on its own cache.
     unsafe {
         let cap = |k: usize| (*tc).lists[k].max_len as usize * size_class::size_of_class(k);
         let Some(victim) = (1..NUM_CLASSES).filter(|&k| k != c).max_by_key(|&k| cap(k)) else {
-            return;
+            return 0;
         };
         let old = (*tc).lists[victim].max_len;
         if old == 0 {
-            return;
+            return 0;
         }
         let new = old / 2;
         (*tc).lists[victim].shrink(&Central, victim, new);
         let freed = (old - new) as usize * size_class::size_of_class(victim);
-        (*tc).capacity -= freed;
-        BUDGET.give_back(freed);
+        let cap = (*tc).capacity.load(Ordering::Relaxed);
+        (*tc).capacity.store(cap - freed, Ordering::Relaxed);
+        freed
+    }
+}
+
+/// Takes up to `bytes` (a multiple of `unit`) of headroom from the idle
+/// thread's cache that has the most, for `tc`'s (without reserving from
+/// the total: the victim's share drops by as much). Returns the bytes
+/// taken, a multiple of `unit`: 0 when no idle cache has `unit` to spare,
+/// or `tc` would pass its maximum.
+///
+/// # Safety
+/// `tc` is this thread's cache, `busy` set.
+unsafe fn steal(tc: *mut ThreadCache, bytes: usize, unit: usize) -> usize {
+    let now = decay::now_ns();
+    // SAFETY: the owner thread works on its own cache; registered caches
+    // are live while `any_cache` holds the registry lock, which is held
+    // from the choice of the victim to its debt.
+    unsafe {
+        if share(tc) + bytes > PER_THREAD_MAX.min(BUDGET.total()) || now < (*tc).steal_retry_ns {
+            return 0;
+        }
+        let mut taken = 0;
+        thread_cache::any_cache_locked(|caches| {
+            let mut best: Option<(*mut ThreadCache, usize)> = None;
+            for v in caches {
+                if v == tc || (*v).state != ACTIVE {
+                    continue;
+                }
+                let last = (*v).last_active_ns.load(Ordering::Relaxed);
+                if now.saturating_sub(last) < IDLE_NS {
+                    continue;
+                }
+                // An idle owner changes neither its capacity nor its
+                // lists; if it wakes meanwhile, it pays the debt on its
+                // next slow path.
+                let headroom = share(v).saturating_sub(thread_cache::cached_bytes_of(v));
+                if best.is_none_or(|(_, h)| headroom > h) {
+                    best = Some((v, headroom));
+                }
+            }
+            if let Some((v, headroom)) = best {
+                taken = bytes.min(headroom) / unit * unit;
+                (*v).debt.fetch_add(taken, Ordering::Relaxed);
+            }
+        });
+        if taken == 0 {
+            (*tc).steal_retry_ns = now + STEAL_RETRY_NS;
+        }
+        taken
+    }
+}
+
+/// On each slow path of an active thread: marks it active, and pays the
+/// debt other threads left by shrinking its lists.
+///
+/// # Safety
+/// `tc` is this thread's cache, `busy` set, state ACTIVE.
+pub(crate) unsafe fn on_slow_path(tc: *mut ThreadCache) {
+    // SAFETY: the owner thread works on its own cache.
+    unsafe {
+        (*tc)
+            .last_active_ns
+            .store(decay::now_ns(), Ordering::Relaxed);
+        if (*tc).debt.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let debt = (*tc).debt.swap(0, Ordering::Relaxed);
+        let mut dropped = 0;
+        while dropped < debt {
+            let freed = shrink_largest_other(tc, 0);
+            if freed == 0 {
+                break;
+            }
+            dropped += freed;
+        }
+        if dropped >= debt {
+            BUDGET.give_back(dropped - debt);
+        } else {
+            // Not enough left to drop (debts come from headroom, so only
+            // if the lists shrank meanwhile): the rest stays owed.
+            (*tc).debt.fetch_add(debt - dropped, Ordering::Relaxed);
+        }
     }
 }
 

@@ -34,6 +34,7 @@ pub mod alloc;
 mod cache_budget;
 mod central;
 mod counters;
+mod decay;
 mod env;
 mod global;
 pub mod gperftools;

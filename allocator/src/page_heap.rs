@@ -1,6 +1,7 @@
 //! The page heap: hands out spans of pages and takes them back, coalescing
 //! free neighbours; gets address space from the OS in large reservations
-//! and gives physical pages back (madvise) on a release rate and on
+//! and gives physical pages back (madvise) after they stayed free a while,
+//! past a bound on free resident pages (both in `decay`) and on
 //! `malloc_trim`.
 //!
 //! Lock: one global lock, [`LOCK`], around every function here. Lock order:
@@ -30,6 +31,11 @@ const MIN_GROW_PAGES: usize = 128;
 /// Metadata arena chunk.
 const META_CHUNK: usize = 256 << 10;
 
+mod release;
+
+use release::decay_locked;
+pub use release::release_all;
+
 pub static LOCK: SpinLock = SpinLock::new();
 
 struct Heap {
@@ -44,8 +50,9 @@ struct Heap {
     meta_end: usize,
     /// Pages freed into the heap since the last rate-driven release.
     release_credit: usize,
-    /// Release epochs so far (see `deallocate`).
+    /// Release epochs so far (see `decay`), and when the current began.
     epoch: u64,
+    epoch_start_ns: u64,
     free_normal_pages: usize,
     free_returned_pages: usize,
 }
@@ -64,12 +71,14 @@ static HEAP: HeapCell = HeapCell(core::cell::UnsafeCell::new(Heap {
     meta_end: 0,
     release_credit: 0,
     epoch: 2,
+    epoch_start_ns: 0,
     free_normal_pages: 0,
     free_returned_pages: 0,
 }));
 
-/// Bytes freed into the heap that trigger a release (0 = release only on
-/// malloc_trim). Set from PROFALLOC_RELEASE_BYTES at start-up.
+/// Bytes freed into the heap that end a release epoch (0 = release only on
+/// malloc_trim: no epochs, no bound). Set from PROFALLOC_RELEASE_BYTES at
+/// start-up.
 pub static RELEASE_BYTES: core::sync::atomic::AtomicUsize =
     core::sync::atomic::AtomicUsize::new(16 << 20);
 
@@ -116,96 +125,70 @@ pub unsafe fn deallocate(s: *mut Span) {
         (*s).state = span::FREE;
         (*s).returned = false;
         (*s).sampled = false;
-        insert_free(s);
         let h = heap();
+        (*s).free_epoch = h.epoch;
+        insert_free(s);
         h.release_credit += n;
-        let rate = RELEASE_BYTES.load(core::sync::atomic::Ordering::Relaxed) >> PAGE_SHIFT;
-        if rate != 0 && h.release_credit >= rate {
-            // An epoch ends each time `rate` pages were freed into the
-            // heap; spans that stayed free for two whole epochs are idle
-            // and go back to the OS. Busy spans are reused (LIFO) before
-            // they get that old, so churn never pays for madvise.
-            h.release_credit = 0;
-            h.epoch += 1;
-            release_idle_locked(h.epoch - 2);
-        }
+        // SAFETY: LOCK is held.
+        decay_locked(h, true);
     }
     LOCK.unlock();
 }
 
-/// Gives every resident free page back to the OS; returns the bytes
-/// released. Takes LOCK.
-pub fn release_all() -> usize {
+/// Grows the large span `s` in place to `npages` when the pages after it
+/// form a free span long enough (realloc's growth without a copy); the
+/// rest of that free span stays free. False (nothing changed) otherwise.
+/// Takes LOCK.
+///
+/// # Safety
+/// `s` is a live LARGE span owned by the caller.
+pub unsafe fn grow_in_place(s: *mut Span, npages: usize) -> bool {
     LOCK.lock();
-    // SAFETY: LOCK is held.
-    let n = unsafe { release_locked(usize::MAX) };
+    // SAFETY: LOCK is held; the caller owns `s`; neighbours found through
+    // the map are live records.
+    let grown = unsafe {
+        let (start, old) = ((*s).start, (*s).npages);
+        let next = pagemap::span(start + old);
+        let extra = npages.saturating_sub(old);
+        let fits = extra > 0
+            && !next.is_null()
+            && (*next).state == span::FREE
+            && (*next).start == start + old
+            && (*next).npages >= extra;
+        if fits {
+            remove_free(next);
+            let taken = if (*next).npages > extra {
+                let front = split_front(next, extra);
+                insert_free(next);
+                front
+            } else {
+                next
+            };
+            if (*taken).returned {
+                counters::RELEASED_BYTES.sub(extra << PAGE_SHIFT);
+            }
+            // Only the first and last pages of a large span are mapped.
+            pagemap::set_span((*taken).start, ptr::null_mut());
+            if old > 1 {
+                pagemap::set_span(start + old - 1, ptr::null_mut());
+            }
+            free_span_record(taken);
+            (*s).npages = npages;
+            pagemap::set_span(start + npages - 1, s);
+            counters::LARGE_BYTES.add(extra << PAGE_SHIFT);
+        }
+        fits
+    };
     LOCK.unlock();
-    n << PAGE_SHIFT
-}
-
-/// Releases resident free spans, largest first, until at least `want`
-/// pages were released. Returns the pages released.
-///
-/// # Safety
-/// LOCK must be held.
-unsafe fn release_locked(want: usize) -> usize {
-    // SAFETY: LOCK is held (caller contract).
-    let h = unsafe { heap() };
-    let mut done = 0;
-    let mut i = LISTS;
-    while i > 0 && done < want {
-        i -= 1;
-        while done < want {
-            let s = h.normal[i].head;
-            if s.is_null() {
-                break;
-            }
-            // SAFETY: s is a free span on this list, owned by the heap.
-            unsafe {
-                remove_free(s);
-                os::release((*s).start_addr() as *mut u8, (*s).npages << PAGE_SHIFT);
-                done += (*s).npages;
-                (*s).returned = true;
-                insert_free(s);
-            }
-        }
-    }
-    counters::RELEASED_BYTES.add(done << PAGE_SHIFT);
-    done
-}
-
-/// Releases resident free spans last freed in epoch `before` or earlier.
-///
-/// # Safety
-/// LOCK must be held.
-unsafe fn release_idle_locked(before: u64) {
-    // SAFETY: LOCK is held (caller contract).
-    let h = unsafe { heap() };
-    let mut released = 0;
-    for i in 0..LISTS {
-        let mut s = h.normal[i].head;
-        while !s.is_null() {
-            // SAFETY: spans on heap lists are live; `next` is read before
-            // the span moves to another list.
-            unsafe {
-                let next = (*s).next;
-                if (*s).free_epoch <= before {
-                    remove_free(s);
-                    os::release((*s).start_addr() as *mut u8, (*s).npages << PAGE_SHIFT);
-                    released += (*s).npages;
-                    (*s).returned = true;
-                    insert_free(s);
-                }
-                s = next;
-            }
-        }
-    }
-    counters::RELEASED_BYTES.add(released << PAGE_SHIFT);
+    grown
 }
 
 /// # Safety
 /// LOCK must be held.
 unsafe fn allocate_locked(npages: usize, class: u8, align_pages: usize) -> *mut Span {
+    // A program that only allocates still ages the free spans it left.
+    // SAFETY: LOCK is held.
+    unsafe { decay_locked(heap(), false) };
     let want = npages + align_pages.max(1) - 1;
     // SAFETY: LOCK is held.
     let mut s = unsafe { find_free(want) };
@@ -285,6 +268,7 @@ unsafe fn split_front(s: *mut Span, n: usize) -> *mut Span {
         (*front).start = (*s).start;
         (*front).npages = n;
         (*front).returned = (*s).returned;
+        (*front).free_epoch = (*s).free_epoch;
         (*s).start += n;
         (*s).npages -= n;
         pagemap::set_span((*front).start, front);
@@ -404,8 +388,13 @@ unsafe fn add_fresh(start: usize, n: usize) -> bool {
 unsafe fn insert_free(s: *mut Span) {
     // SAFETY: LOCK is held; neighbours found through the map are live.
     unsafe {
+        // A merged span is as old as its larger part: a small span freed
+        // (or cut off) next to a long-idle one does not make it young.
         let prev = pagemap::span((*s).start.wrapping_sub(1));
         if !prev.is_null() && (*prev).state == span::FREE && (*prev).returned == (*s).returned {
+            if (*prev).npages > (*s).npages {
+                (*s).free_epoch = (*prev).free_epoch;
+            }
             remove_free(prev);
             pagemap::set_span((*prev).start + (*prev).npages - 1, ptr::null_mut());
             pagemap::set_span((*s).start, ptr::null_mut());
@@ -415,6 +404,9 @@ unsafe fn insert_free(s: *mut Span) {
         }
         let next = pagemap::span((*s).start + (*s).npages);
         if !next.is_null() && (*next).state == span::FREE && (*next).returned == (*s).returned {
+            if (*next).npages > (*s).npages {
+                (*s).free_epoch = (*next).free_epoch;
+            }
             remove_free(next);
             pagemap::set_span((*s).start + (*s).npages - 1, ptr::null_mut());
             pagemap::set_span((*next).start, ptr::null_mut());
@@ -424,7 +416,6 @@ unsafe fn insert_free(s: *mut Span) {
         pagemap::set_span((*s).start, s);
         pagemap::set_span((*s).start + (*s).npages - 1, s);
         let h = heap();
-        (*s).free_epoch = h.epoch;
         let i = (*s).npages.min(LISTS - 1);
         if (*s).returned {
             h.returned[i].push(s);
@@ -533,5 +524,36 @@ mod tests {
             assert_eq!(pagemap::class_of_addr((*small).start_addr()), 0);
         }
         assert!(release_all().is_multiple_of(PAGE_SIZE));
+    }
+
+    #[test]
+    fn a_large_span_grows_into_the_free_pages_after_it() {
+        // A long span cut in two: the first 8 pages in use, the rest free;
+        // the piece grows into the rest (best fit keeps other tests' spans
+        // off a free span this long).
+        let big = allocate(3000, 0, 1);
+        assert!(!big.is_null());
+        // SAFETY: spans allocated here, used only here; LOCK held to cut.
+        unsafe {
+            let start = (*big).start;
+            LOCK.lock();
+            let a = split_front(big, 8);
+            (*a).state = span::LARGE;
+            (*big).state = span::FREE;
+            insert_free(big);
+            LOCK.unlock();
+            counters::LARGE_BYTES.sub(2992 << PAGE_SHIFT);
+            assert!(!grow_in_place(a, 8), "no growth asked");
+            assert!(grow_in_place(a, 20));
+            assert_eq!((*a).npages, 20);
+            assert_eq!(pagemap::span(start), a);
+            assert_eq!(pagemap::span(start + 19), a);
+            assert!(pagemap::span(start + 7).is_null(), "the old last page");
+            let rest = pagemap::span(start + 20);
+            assert_eq!((*rest).state, span::FREE);
+            assert!((*rest).npages >= 2980, "{}", (*rest).npages);
+            ((*a).start_addr() as *mut u8).write_bytes(1, 20 * PAGE_SIZE);
+            deallocate(a);
+        }
     }
 }

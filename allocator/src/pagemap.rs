@@ -1,5 +1,6 @@
 //! The page map: a two-level radix tree from page number to span, and to
-//! the size class of small-object pages, so that free() and
+//! the size class of small-object pages (as its slot, `class <<
+//! SLOT_SHIFT`), so that free() and
 //! malloc_usable_size() find an object's span in O(1).
 //!
 //! Layout: 48-bit user addresses, 8 KiB pages, so 35 bits of page number:
@@ -9,7 +10,7 @@
 //! Invariants (the PAGEMAP section of tcmalloc): a span entry is non-null
 //! exactly for (a) every page of a small-object span in use, (b) the first
 //! and last page of a large span in use or of a free span in the page heap,
-//! (c) the first page of a huge mapping. The class byte is non-zero exactly
+//! (c) the first page of a huge mapping. The class slot is non-zero exactly
 //! for the pages of small-object spans in use.
 //!
 //! Locking: reads take no lock. Entries are written under the page heap
@@ -20,10 +21,14 @@
 //! null or a complete (zeroed) leaf.
 use core::{
     ptr,
-    sync::atomic::{AtomicPtr, AtomicU8, Ordering},
+    sync::atomic::{AtomicPtr, AtomicU16, Ordering},
 };
 
-use crate::{os, size_class::PAGE_SHIFT, span::Span};
+use crate::{
+    os,
+    size_class::{PAGE_SHIFT, SLOT_SHIFT},
+    span::Span,
+};
 
 const LEAF_BITS: usize = 17;
 const ROOT_BITS: usize = 48 - PAGE_SHIFT - LEAF_BITS;
@@ -32,7 +37,9 @@ const ROOT_LEN: usize = 1 << ROOT_BITS;
 
 pub struct Leaf {
     spans: [AtomicPtr<Span>; LEAF_LEN],
-    classes: [AtomicU8; LEAF_LEN],
+    /// The class's slot (`class << SLOT_SHIFT`), what the free fast path
+    /// indexes the thread cache with.
+    slots: [AtomicU16; LEAF_LEN],
 }
 
 static ROOT: [AtomicPtr<Leaf>; ROOT_LEN] = [const { AtomicPtr::new(ptr::null_mut()) }; ROOT_LEN];
@@ -47,17 +54,24 @@ fn leaf(page: usize) -> *mut Leaf {
     unsafe { ROOT.get_unchecked(i) }.load(Ordering::Acquire)
 }
 
-/// The size class of the page holding `addr`, 0 when it is not a
-/// small-object page (or not ours). The free() fast path.
+/// The slot (`class << SLOT_SHIFT`) of the page holding `addr`, 0 when it
+/// is not a small-object page (or not ours). The free() fast path.
 #[inline(always)]
-pub fn class_of_addr(addr: usize) -> usize {
+pub fn slot_of_addr(addr: usize) -> usize {
     let page = addr >> PAGE_SHIFT;
     let l = leaf(page);
     if l.is_null() {
         return 0;
     }
     // SAFETY: a non-null leaf is a live, fully initialised Leaf.
-    unsafe { (*l).classes.get_unchecked(page & (LEAF_LEN - 1)) }.load(Ordering::Relaxed) as usize
+    unsafe { (*l).slots.get_unchecked(page & (LEAF_LEN - 1)) }.load(Ordering::Relaxed) as usize
+}
+
+/// The size class of the page holding `addr`, 0 when it is not a
+/// small-object page (or not ours).
+#[inline(always)]
+pub fn class_of_addr(addr: usize) -> usize {
+    slot_of_addr(addr) >> SLOT_SHIFT
 }
 
 /// The span registered for `page`, or null.
@@ -108,13 +122,14 @@ pub fn set_span(page: usize, s: *mut Span) {
     unsafe { (*l).spans.get_unchecked(page & (LEAF_LEN - 1)) }.store(s, Ordering::Release);
 }
 
-/// Sets the class byte of `page` (whose leaf must exist).
+/// Sets the class (slot) of `page` (whose leaf must exist).
 #[inline]
 pub fn set_class(page: usize, class: u8) {
     let l = leaf(page);
     debug_assert!(!l.is_null());
     // SAFETY: callers ensured the leaf; the index is masked.
-    unsafe { (*l).classes.get_unchecked(page & (LEAF_LEN - 1)) }.store(class, Ordering::Relaxed);
+    unsafe { (*l).slots.get_unchecked(page & (LEAF_LEN - 1)) }
+        .store(u16::from(class) << SLOT_SHIFT, Ordering::Relaxed);
 }
 
 /// Ensures the leaves for pages `first..first+n`.

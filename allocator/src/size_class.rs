@@ -33,18 +33,21 @@ pub const MIN_ALIGN: usize = 16;
 pub const NUM_CLASSES: usize = build().count;
 
 const MAX_CLASSES: usize = 128;
-/// Entries of the size-to-class lookup table (see [`lookup_index`]).
+/// Entries of the size-to-slot lookup table (see [`lookup_index`]).
 const LOOKUP_LEN: usize = lookup_index(MAX_SMALL) + 1;
 
-/// Index into the lookup table: 8-byte granules up to 1 KiB, 128-byte
-/// granules above (every class above 1 KiB is a multiple of 128).
+/// log2 of the bytes of a thread cache's per-class list: a class's *slot*
+/// is `c << SLOT_SHIFT`, the byte offset of its list in the cache's list
+/// array. The lookup table and the page map hold slots, so the fast paths
+/// index the list with the loaded value as it is (no shift).
+pub const SLOT_SHIFT: u32 = 4;
+
+/// Index into the lookup table: one entry per 16-byte granule (every
+/// class is a multiple of 16), one add and one shift; the table's 32 KiB
+/// are touched only where programs' sizes fall.
 #[inline(always)]
 pub const fn lookup_index(size: usize) -> usize {
-    if size <= 1024 {
-        (size + 7) >> 3
-    } else {
-        (size + 127 + (120 << 7)) >> 7
-    }
+    (size + 15) >> 4
 }
 
 struct Tables {
@@ -52,7 +55,7 @@ struct Tables {
     size: [u32; MAX_CLASSES],
     pages: [u8; MAX_CLASSES],
     batch: [u8; MAX_CLASSES],
-    lookup: [u8; LOOKUP_LEN],
+    lookup: [u16; LOOKUP_LEN],
 }
 
 const fn build() -> Tables {
@@ -94,20 +97,16 @@ const fn build() -> Tables {
         };
         size += step;
     }
-    // Each lookup slot gets the smallest class holding the largest size
+    // Each lookup entry gets the slot of the smallest class holding the largest size
     // that maps to the slot.
     let mut i = 0;
     let mut c = 1;
     while i < LOOKUP_LEN {
-        let largest = if i <= 128 {
-            i * 8
-        } else {
-            i * 128 - (120 << 7)
-        };
+        let largest = i * 16;
         while (t.size[c] as usize) < largest {
             c += 1;
         }
-        t.lookup[i] = c as u8;
+        t.lookup[i] = (c << SLOT_SHIFT) as u16;
         i += 1;
     }
     t
@@ -121,19 +120,25 @@ pub static SIZE: [u32; MAX_CLASSES] = TABLES.size;
 pub static PAGES: [u8; MAX_CLASSES] = TABLES.pages;
 /// Batch size per class.
 pub static BATCH: [u8; MAX_CLASSES] = TABLES.batch;
-static LOOKUP: [u8; LOOKUP_LEN] = TABLES.lookup;
+static LOOKUP: [u16; LOOKUP_LEN] = TABLES.lookup;
 
 const _: () = assert!(NUM_CLASSES <= MAX_CLASSES && NUM_CLASSES < 256);
 const _: () = assert!(TABLES.size[NUM_CLASSES - 1] as usize == MAX_SMALL);
 const _: () = assert!(MAX_SMALL.div_ceil(PAGE_SIZE) < 256);
 
-/// The class of a small request (`size <= MAX_SMALL`).
+/// The slot (class << SLOT_SHIFT) of a small request (`size <= MAX_SMALL`).
 #[inline(always)]
-pub fn class_of(size: usize) -> usize {
+pub fn slot_of(size: usize) -> usize {
     debug_assert!(size <= MAX_SMALL);
     // SAFETY: lookup_index(size) <= lookup_index(MAX_SMALL) < LOOKUP_LEN
     // for every size the callers pass (they check size <= MAX_SMALL).
     unsafe { *LOOKUP.get_unchecked(lookup_index(size)) as usize }
+}
+
+/// The class of a small request (`size <= MAX_SMALL`).
+#[inline(always)]
+pub fn class_of(size: usize) -> usize {
+    slot_of(size) >> SLOT_SHIFT
 }
 
 /// Object size of class `c`.

@@ -30,7 +30,7 @@
 //! caches (for statistics) has its own lock. Owner: the thread.
 use core::{
     ptr,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
 };
 
 use crate::{
@@ -219,16 +219,37 @@ pub(crate) struct ThreadCache {
     /// (a list operation) or a slow path: a signal handler (or a library
     /// the slow path calls) that re-enters the allocator on this thread
     /// must not touch the lists or locks this thread holds. Beside
-    /// `countdown` so that the fast paths touch one cache line of it.
-    pub(crate) busy: u8,
+    /// `countdown` so that the fast paths touch one cache line of it. A
+    /// flag (0 or 1), 32 bits wide: the fast paths test and set it with one
+    /// `bts` and clear it with a store of the same width (a narrower store
+    /// would stall the next `bts`'s load).
+    pub(crate) busy: u32,
     pub(crate) state: u8,
     pub(crate) lists: [FreeList; NUM_CLASSES],
-    /// Bytes reserved from the budget: Σ max_len × class size.
-    pub(crate) capacity: usize,
+    /// Σ max_len × class size: the bytes the lists may hold. Written by
+    /// the owner only; atomic so that a thread stealing budget may read it.
+    pub(crate) capacity: AtomicUsize,
+    /// Part of `capacity` other threads took (see `cache_budget`): the
+    /// owner shrinks its lists by that much on its next slow path. The
+    /// cache's share of the budget is `capacity - debt`.
+    pub(crate) debt: AtomicUsize,
+    /// When the owner last ran a slow path (`decay::now_ns`): a cache
+    /// whose owner has not for a while is idle, and may be stolen from.
+    pub(crate) last_active_ns: AtomicU64,
+    /// Before this time the owner does not look for a thread to steal
+    /// from again (the last look found none). Owner only.
+    pub(crate) steal_retry_ns: u64,
     pub(crate) rng: u64,
     pub(crate) next: *mut ThreadCache,
     pub(crate) prev: *mut ThreadCache,
 }
+
+/// The byte offset of class `c`'s list is `LISTS + (c << SLOT_SHIFT)`.
+const _: () = assert!(core::mem::size_of::<FreeList>() == 1 << size_class::SLOT_SHIFT);
+/// Offset of the list array in the cache.
+pub(crate) const LISTS: usize = core::mem::offset_of!(ThreadCache, lists);
+/// Offset of `busy` in the cache (the fast paths' `bts` names it).
+pub(crate) const BUSY: usize = core::mem::offset_of!(ThreadCache, busy);
 
 #[cfg(target_arch = "x86_64")]
 core::arch::global_asm!(
@@ -319,23 +340,47 @@ unsafe fn unregister(tc: *mut ThreadCache) {
     REGISTRY_LOCK.unlock();
 }
 
-/// Bytes of free objects in every thread cache (racy reads of the lengths).
-pub(crate) fn cached_bytes() -> usize {
-    let mut total = 0;
+/// Bytes of free objects in `tc`'s lists (racy reads of the lengths).
+///
+/// # Safety
+/// `tc` is a live cache.
+pub(crate) unsafe fn cached_bytes_of(tc: *const ThreadCache) -> usize {
+    (1..NUM_CLASSES)
+        // SAFETY: the caller's contract; the lengths are atomics.
+        .map(|c| unsafe { (*tc).lists[c].len.load(Ordering::Relaxed) } as usize)
+        .zip((1..NUM_CLASSES).map(size_class::size_of_class))
+        .map(|(n, size)| n * size)
+        .sum()
+}
+
+/// Calls `f` with an iterator over every registered cache, under the
+/// registry's lock (so every cache it yields stays live). `f` must not
+/// allocate.
+pub(crate) fn any_cache_locked(f: impl FnOnce(&mut dyn Iterator<Item = *mut ThreadCache>)) {
     REGISTRY_LOCK.lock();
     // SAFETY: registered caches stay alive while registered (a thread
     // unregisters, under this lock, before its TLS goes away).
-    unsafe {
-        let mut tc = *REGISTRY.0.get();
-        while !tc.is_null() {
-            for c in 1..NUM_CLASSES {
-                total += (*tc).lists[c].len.load(Ordering::Relaxed) as usize
-                    * size_class::size_of_class(c);
-            }
-            tc = (*tc).next;
+    let mut tc = unsafe { *REGISTRY.0.get() };
+    let mut caches = core::iter::from_fn(|| {
+        if tc.is_null() {
+            return None;
         }
-    }
+        let this = tc;
+        // SAFETY: as above.
+        tc = unsafe { (*tc).next };
+        Some(this)
+    });
+    f(&mut caches);
     REGISTRY_LOCK.unlock();
+}
+
+/// Bytes of free objects in every thread cache (racy reads of the lengths).
+pub(crate) fn cached_bytes() -> usize {
+    let mut total = 0;
+    any_cache_locked(|caches| {
+        // SAFETY: a registered cache is live.
+        total = caches.map(|tc| unsafe { cached_bytes_of(tc) }).sum();
+    });
     total
 }
 
@@ -367,10 +412,15 @@ pub(crate) unsafe extern "C" fn thread_exit(arg: *mut libc::c_void) {
         for c in 1..NUM_CLASSES {
             (*tc).lists[c].max_len = 0;
         }
-        BUDGET.give_back((*tc).capacity);
-        (*tc).capacity = 0;
-        (*tc).state = DEAD;
+        // Out of the registry first: no thread can steal from it after.
         unregister(tc);
+        (*tc).state = DEAD;
+        let share = (*tc)
+            .capacity
+            .load(Ordering::Relaxed)
+            .saturating_sub((*tc).debt.swap(0, Ordering::Relaxed));
+        BUDGET.give_back(share);
+        (*tc).capacity.store(0, Ordering::Relaxed);
         core::sync::atomic::compiler_fence(Ordering::SeqCst);
         (*tc).busy = 0;
     }
@@ -396,7 +446,12 @@ pub(crate) fn reset_registry_in_child() {
     // SAFETY: single-threaded child; the registry is ours.
     unsafe {
         *REGISTRY.0.get() = ptr::null_mut();
-        BUDGET.reset((*me).capacity);
+        BUDGET.reset(
+            (*me)
+                .capacity
+                .load(Ordering::Relaxed)
+                .saturating_sub((*me).debt.load(Ordering::Relaxed)),
+        );
         if (*me).state == ACTIVE {
             (*me).next = ptr::null_mut();
             (*me).prev = ptr::null_mut();

@@ -223,6 +223,36 @@ fn thread_caches_stay_within_their_total_budget() {
     assert!(cached >= BUDGET / 2, "cached only {cached}: {text}");
 }
 
+/// 16 threads allocate and keep 3000 objects each, spending the 2 MiB
+/// budget, and go idle; a 17th that allocates and frees 3000 can cache only
+/// what it steals from the idle ones' headroom (without stealing it caches
+/// nothing: the budget is spent). The total stays within the budget plus
+/// one batch per class.
+#[test]
+fn a_thread_steals_budget_from_idle_ones() {
+    const BUDGET: u64 = 2 << 20;
+    const SLACK: u64 = 64 * 32 * 1024;
+    let out = preloaded(
+        Command::new(build_workload("alloc_budget", FLAGS)).args(["steal", "16"]),
+        &[(
+            "PROFALLOC_MAX_TOTAL_THREAD_CACHE_BYTES",
+            &BUDGET.to_string(),
+        )],
+    );
+    assert_ok(&out, "alloc_budget steal 16");
+    let text = stdout(&out);
+    let (idle, cached) = (
+        field(&text, "idle_cached_bytes"),
+        field(&text, "cached_bytes"),
+    );
+    assert!(
+        cached >= idle + (16 << 10),
+        "the late thread cached {} bytes: {text}",
+        cached.saturating_sub(idle)
+    );
+    assert!(cached <= BUDGET + SLACK, "{text}");
+}
+
 /// After 90% of an 800 MiB heap of 4 KiB objects was freed, malloc_trim
 /// brings the resident memory the heap adds to the process (RSS less the
 /// RSS before the first allocation) within 1.2x of the live bytes.
@@ -241,6 +271,64 @@ fn malloc_trim_returns_freed_memory_at_once() {
         heap * 10 <= live * 12,
         "heap {heap} KiB after trim, live {live} KiB: {text}"
     );
+}
+
+/// Without a trim, after the same 90% free: the free pages the heap keeps
+/// resident (what a trim still finds to release) stay within the bound of
+/// `decay` (the larger of 4 MiB and a sixteenth of the pages in use, here
+/// 5 MiB; 1 MiB of slack for the trim's own rounding), whether or not the
+/// program calls the allocator again. The whole heap stays near the live
+/// bytes (span records and the sampler's state come on top).
+#[test]
+fn freed_memory_leaves_the_resident_set_without_a_trim() {
+    let out = preloaded(
+        &mut Command::new(build_workload("alloc_release", FLAGS)),
+        &[],
+    );
+    assert_ok(&out, "alloc_release");
+    let text = stdout(&out);
+    let (base, live) = (field(&text, "base_kib"), field(&text, "live_kib"));
+    let (before, after) = (field(&text, "before_kib"), field(&text, "after_kib"));
+    let kept_free = before.saturating_sub(after);
+    assert!(
+        kept_free <= 6 * 1024,
+        "{kept_free} KiB free and resident: {text}"
+    );
+    let heap = before.saturating_sub(base);
+    assert!(
+        heap * 100 <= live * 125,
+        "heap {heap} KiB, live {live} KiB: {text}"
+    );
+}
+
+/// 3 MiB of large blocks freed (below the size bound) while the program
+/// keeps allocating one block now and then: the free spans leave the
+/// resident set after two epochs (1-2 s, or sooner by the release rate),
+/// well within 10 s. With automatic release off they stay: the control.
+#[test]
+fn free_spans_go_back_after_a_time_without_use() {
+    let bin = build_workload("alloc_release", FLAGS);
+    let out = preloaded(Command::new(&bin).arg("decay"), &[]);
+    assert_ok(&out, "alloc_release decay");
+    let text = stdout(&out);
+    let (freed, held, final_kib) = (
+        field(&text, "freed_kib"),
+        field(&text, "held_kib"),
+        field(&text, "final_kib"),
+    );
+    assert!(
+        held * 10 >= freed * 9,
+        "the frees kept nothing resident: {text}"
+    );
+    assert!(final_kib * 4 < freed, "still resident: {text}");
+    assert!(field(&text, "ms") < 10_000, "{text}");
+    let out = preloaded(
+        Command::new(&bin).arg("decay"),
+        &[("PROFALLOC_RELEASE_BYTES", "0")],
+    );
+    assert_ok(&out, "alloc_release decay, release off");
+    let text = stdout(&out);
+    assert!(field(&text, "final_kib") * 10 >= freed * 9, "{text}");
 }
 
 fn assert_aborts(mode: &str, message: &str) {

@@ -113,7 +113,18 @@ pub unsafe fn realloc(p: *mut u8, size: usize) -> *mut u8 {
                 }
                 huge::usable(s)
             } else {
-                (*s).npages << PAGE_SHIFT
+                let old = (*s).npages << PAGE_SHIFT;
+                if size > old && size <= HUGE_THRESHOLD && !(*s).sampled {
+                    // Into the free pages after it, if there are enough:
+                    // the amortized size (as below), or at least `size`.
+                    let amortized = size.max(old + old / 4).min(HUGE_THRESHOLD);
+                    if page_heap::grow_in_place(s, amortized.div_ceil(PAGE_SIZE))
+                        || page_heap::grow_in_place(s, size.div_ceil(PAGE_SIZE))
+                    {
+                        return p;
+                    }
+                }
+                old
             }
         }
     };

@@ -20,54 +20,111 @@
 //! or pushed on the same list (or gave a batch back to the central tier)
 //! would leave the interrupted operation writing a stale head: an object
 //! handed out twice, or a list through user data. So each operation runs
-//! with `busy` set, bracketed by compiler fences (a handler runs on this
-//! thread, which sees its own stores in program order).
+//! with `busy` set: one `bts` tests and sets it (a handler runs between
+//! instructions, so it sees either the flag clear and the lists untouched,
+//! or the flag set), a plain store clears it. Both are compiler barriers
+//! (a handler runs on this thread, which sees its own stores in program
+//! order).
+//!
+//! Indexing: the size-class table and the page map give the class's slot
+//! (`class << SLOT_SHIFT`), the byte offset of its list, so neither path
+//! shifts or widens the class it loaded.
 use core::sync::atomic::{Ordering, compiler_fence};
 
 use super::slow_path::{alloc_slow, free_slow};
 use crate::{
     pagemap,
-    size_class::{self, MAX_SMALL, MIN_ALIGN},
-    thread_cache::tls,
+    size_class::{self, MAX_SMALL, MIN_ALIGN, SLOT_SHIFT},
+    thread_cache::{FreeList, LISTS, ThreadCache, tls},
 };
+
+/// Sets this thread's `busy` flag (`$tc` is its cache); when it was set
+/// already, runs `$nested`, which must return.
+macro_rules! enter_or {
+    ($tc:expr, $nested:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        core::arch::asm!(
+            "bts dword ptr [{tc} + {busy}], 0",
+            "jc {nested}",
+            tc = in(reg) $tc,
+            busy = const crate::thread_cache::BUSY,
+            // SAFETY: `$nested` is the caller's slow-path call, made under
+            // the caller's contract.
+            nested = label { unsafe { $nested } },
+            options(nostack),
+        );
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            if (*$tc).busy != 0 {
+                $nested
+            }
+            (*$tc).busy = 1;
+            compiler_fence(Ordering::SeqCst);
+        }
+    };
+}
+
+/// Clears this thread's `busy` flag after the list operation's stores.
+///
+/// # Safety
+/// `tc` is this thread's cache.
+#[inline(always)]
+unsafe fn leave(tc: *mut ThreadCache) {
+    compiler_fence(Ordering::SeqCst);
+    // SAFETY: the caller's contract.
+    unsafe { (*tc).busy = 0 };
+}
+
+/// The list at byte offset `slot` of the list array.
+///
+/// # Safety
+/// `tc` is a cache; `slot` is a class's slot.
+#[inline(always)]
+unsafe fn list_at(tc: *mut ThreadCache, slot: usize) -> *mut FreeList {
+    // SAFETY: the caller's contract: inside the cache's list array.
+    unsafe { tc.cast::<u8>().add(LISTS + slot).cast() }
+}
 
 /// Allocates `size` bytes aligned to 16; null (errno ENOMEM) on failure.
 #[inline(always)]
 pub fn malloc(size: usize) -> *mut u8 {
     if size <= MAX_SMALL {
-        alloc_class(size_class::class_of(size), size)
+        alloc_slot(size_class::slot_of(size), size)
     } else {
         // SAFETY: the slow path accepts any request.
         unsafe { alloc_slow(size, 0, MIN_ALIGN, false) }
     }
 }
 
+/// Allocates `size` bytes from class `c`.
 #[inline(always)]
 pub(super) fn alloc_class(c: usize, size: usize) -> *mut u8 {
+    alloc_slot(c << SLOT_SHIFT, size)
+}
+
+#[inline(always)]
+fn alloc_slot(slot: usize, size: usize) -> *mut u8 {
     let tc = tls();
-    // SAFETY: tc is this thread's cache; c < NUM_CLASSES; a non-null head
-    // is a free object whose first word links to the next one.
+    // SAFETY: tc is this thread's cache; slot is a class's slot; a non-null
+    // head is a free object whose first word links to the next one.
     unsafe {
-        if (*tc).busy != 0 {
-            return alloc_slow(size, c, MIN_ALIGN, false);
-        }
-        (*tc).busy = 1;
-        compiler_fence(Ordering::SeqCst);
+        enter_or!(
+            tc,
+            return alloc_slow(size, slot >> SLOT_SHIFT, MIN_ALIGN, false)
+        );
         let countdown = (*tc).countdown - size as isize;
         (*tc).countdown = countdown;
-        let list = (*tc).lists.as_mut_ptr().add(c);
+        let list = list_at(tc, slot);
         let head = (*list).head;
         if countdown < 0 || head.is_null() {
-            compiler_fence(Ordering::SeqCst);
-            (*tc).busy = 0;
-            return alloc_slow(size, c, MIN_ALIGN, true);
+            leave(tc);
+            return alloc_slow(size, slot >> SLOT_SHIFT, MIN_ALIGN, true);
         }
         let next = *head.cast::<*mut u8>();
         (*list).head = next;
         let len = (*list).len.load(Ordering::Relaxed);
         (*list).len.store(len - 1, Ordering::Relaxed);
-        compiler_fence(Ordering::SeqCst);
-        (*tc).busy = 0;
+        leave(tc);
         // The next malloc of this class reads `next`'s first word: start
         // fetching it now (a free list's objects are often cold).
         prefetch(next);
@@ -93,32 +150,27 @@ fn prefetch(p: *const u8) {
 /// `p` is null or a live allocation of this allocator.
 #[inline(always)]
 pub unsafe fn free(p: *mut u8) {
-    let c = pagemap::class_of_addr(p as usize);
-    if c == 0 {
+    let slot = pagemap::slot_of_addr(p as usize);
+    if slot == 0 {
         // SAFETY: caller contract.
         return unsafe { free_slow(p) };
     }
     let tc = tls();
-    // SAFETY: tc is this thread's cache; c is p's class from the page map.
+    // SAFETY: tc is this thread's cache; slot is p's class's slot from the
+    // page map.
     unsafe {
-        if (*tc).busy != 0 {
-            return free_slow(p);
-        }
-        (*tc).busy = 1;
-        compiler_fence(Ordering::SeqCst);
-        let list = (*tc).lists.as_mut_ptr().add(c);
+        enter_or!(tc, return free_slow(p));
+        let list = list_at(tc, slot);
         let len = (*list).len.load(Ordering::Relaxed);
         let head = (*list).head;
         if len >= (*list).max_len || head == p {
-            compiler_fence(Ordering::SeqCst);
-            (*tc).busy = 0;
+            leave(tc);
             return free_slow(p);
         }
         *p.cast::<*mut u8>() = head;
         (*list).head = p;
         (*list).len.store(len + 1, Ordering::Relaxed);
-        compiler_fence(Ordering::SeqCst);
-        (*tc).busy = 0;
+        leave(tc);
     }
 }
 

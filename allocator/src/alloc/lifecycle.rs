@@ -2,7 +2,7 @@
 //! key, fork handlers), each thread's set-up on its first slow path, the
 //! fork handlers, and the exit handler. Everything else is statically
 //! initialised, so allocation works before (and during) all of this.
-use core::sync::atomic::{AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 
 use crate::{
     cache_budget, central, env, page_heap, sampler, stats,
@@ -92,18 +92,27 @@ fn apply_settings() {
 
 // Between these handlers this thread holds every lock; `busy` sends any
 // allocation in between (glibc's own fork code) down the lock-free
-// re-entrant path instead of deadlocking on them.
+// re-entrant path instead of deadlocking on them. `busy` is a flag (the
+// fast paths test and set it in one `bts`), so the value it had before
+// (set when fork runs in a handler that interrupted the allocator) is kept
+// aside and put back. Only the forking thread, holding every lock, touches
+// it.
+static BUSY_BEFORE_FORK: AtomicU32 = AtomicU32::new(0);
+
 extern "C" fn before_fork() {
     thread_cache::lock_registry();
     central::lock_all();
     page_heap::LOCK.lock();
     // SAFETY: this thread's cache; only its owner writes `busy`.
-    unsafe { (*tls()).busy += 1 };
+    unsafe {
+        BUSY_BEFORE_FORK.store((*tls()).busy, Ordering::Relaxed);
+        (*tls()).busy = 1;
+    }
 }
 
 extern "C" fn after_fork_parent() {
     // SAFETY: as above.
-    unsafe { (*tls()).busy -= 1 };
+    unsafe { (*tls()).busy = BUSY_BEFORE_FORK.load(Ordering::Relaxed) };
     page_heap::LOCK.unlock();
     central::unlock_all();
     thread_cache::unlock_registry();
@@ -111,7 +120,7 @@ extern "C" fn after_fork_parent() {
 
 extern "C" fn after_fork_child() {
     // SAFETY: as above.
-    unsafe { (*tls()).busy -= 1 };
+    unsafe { (*tls()).busy = BUSY_BEFORE_FORK.load(Ordering::Relaxed) };
     page_heap::LOCK.reset();
     central::reset_all();
     thread_cache::reset_registry_in_child();

@@ -44,6 +44,9 @@ pub(super) unsafe extern "C" fn alloc_slow(
         } else if !counted {
             (*tc).countdown -= size.min(isize::MAX as usize) as isize;
         }
+        if (*tc).state == ACTIVE {
+            cache_budget::on_slow_path(tc);
+        }
         let p = if sampler::record_all() && (*tc).state == ACTIVE {
             alloc_recorded(size, c, align)
         } else if (*tc).countdown < 0 {
@@ -157,6 +160,9 @@ pub(super) unsafe extern "C" fn free_slow(p: *mut u8) {
         } else {
             if (*tc).state == UNINIT {
                 init_thread(tc);
+            }
+            if (*tc).state == ACTIVE {
+                cache_budget::on_slow_path(tc);
             }
             free_small(tc, c, p);
         }
