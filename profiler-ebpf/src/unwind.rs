@@ -11,7 +11,7 @@ use aya_ebpf::{
 use profiler_common::{
     stack::UnwindCounter,
     unwind::{
-        self as rows, CFA_NONE, CFA_SIGNAL, Frame, MAPPINGS_MAX, MappingInfo, MappingKey,
+        self as rows, CFA_NONE, CFA_RBX, CFA_SIGNAL, Frame, MAPPINGS_MAX, MappingInfo, MappingKey,
         PAGE_MASK, PAGE_SHIFT, PAGES_MAX, PageKey, PageRows, REFRESH_MAX, ROWS_MAX, SEARCH_STEPS,
         Step, UnwindRow,
     },
@@ -75,12 +75,16 @@ pub(crate) fn step(pid: u32, frame: &Frame, exact: bool, bp_chained: bool) -> St
     } else {
         frame.pc.wrapping_sub(1)
     };
+    let mut switch = false;
     let (step, via_fp) = match find_row(pid, lookup_pc) {
         Some(row) if row.kind() != CFA_NONE => {
             count(UnwindCounter::FramesCfi);
             if row.kind() == CFA_SIGNAL {
                 count(UnwindCounter::SignalFrames);
             }
+            // A CFA from rbx is a stack switch: the caller's stack may lie
+            // anywhere (psm's stacks are mmapped above or below the thread's).
+            switch = row.kind() == CFA_RBX;
             (rows::step(&row, frame, read_user), false)
         }
         _ => {
@@ -96,7 +100,9 @@ pub(crate) fn step(pid: u32, frame: &Frame, exact: bool, bp_chained: bool) -> St
             }
             // The stack grows down: a caller's frame lies above (a signal
             // frame may sit anywhere, e.g. on an alternate stack).
-            if (!exact && next.sp <= frame.sp) || next.pc < MIN_USER_ADDR || next.pc >= KERNEL_START
+            if (!exact && !switch && next.sp <= frame.sp)
+                || next.pc < MIN_USER_ADDR
+                || next.pc >= KERNEL_START
             {
                 count(UnwindCounter::BadFrame);
                 return StepResult::Stop;

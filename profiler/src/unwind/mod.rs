@@ -17,6 +17,7 @@
 //! walker follows frame pointers.
 pub mod cfi;
 pub mod debug;
+mod expr;
 
 use std::{
     collections::{HashMap, HashSet},
