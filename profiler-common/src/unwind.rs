@@ -14,8 +14,11 @@
 //! row.
 //!
 //! Maps:
-//! - [`ROWS_MAP`]: `Array<UnwindRow>` (`BPF_F_MMAPABLE`), rows of every loaded
-//!   object; each object owns a contiguous range.
+//! - [`ROW_SHARDS_MAP`]: `ArrayOfMaps` of row shards, each an
+//!   `Array<UnwindRow>` of [`SHARD_ROWS`] (`BPF_F_MMAPABLE`) that user space
+//!   creates when the rows loaded so far fill the others, up to a memory cap.
+//!   A page's rows lie in one shard, so a search stays in one array: one
+//!   outer lookup per frame, then the inlined array lookups of the search.
 //! - [`PAGES_MAP`]: `HashMap<PageKey, PageRows>`: where a page's rows are.
 //! - [`MAPPINGS_MAP`]: `LpmTrie<MappingKey, MappingInfo>`: per process,
 //!   which object (and load bias) an address belongs to.
@@ -232,12 +235,14 @@ pub struct PageKey {
 
 const _: () = assert!(core::mem::size_of::<PageKey>() == 8);
 
-/// Value of [`PAGES_MAP`]: the page's rows are `ROWS[first..first + count]`,
-/// sorted by `pc_low`, the first one at `pc_low` 0.
+/// Value of [`PAGES_MAP`]: the page's rows are rows `index..index + count`
+/// of shard `first >> SHARD_SHIFT` (`index = first & SHARD_MASK`), sorted
+/// by `pc_low`, the first one at `pc_low` 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PageRows {
-    /// Index of the first row in [`ROWS_MAP`].
+    /// Shard (high bits) and index in it (low [`SHARD_SHIFT`] bits) of the
+    /// first row.
     pub first: u32,
     /// Number of rows (at least 1, at most 65536).
     pub count: u32,
@@ -290,10 +295,17 @@ const _: () = assert!(core::mem::size_of::<MappingInfo>() == 16);
 
 crate::impl_pod!(UnwindRow, PageKey, PageRows, MappingKey, MappingInfo);
 
-/// Name of the row array.
-pub const ROWS_MAP: &str = "UNWIND_ROWS";
-/// Capacity of [`ROWS_MAP`] (8 bytes each: 16 MiB).
-pub const ROWS_MAX: u32 = 1 << 21;
+/// Name of the array of row shards.
+pub const ROW_SHARDS_MAP: &str = "UNWIND_ROW_SHARDS";
+/// log2 of the rows in one shard.
+pub const SHARD_SHIFT: u32 = 20;
+/// Rows in one shard (8 bytes each: 8 MiB).
+pub const SHARD_ROWS: u32 = 1 << SHARD_SHIFT;
+/// Mask of a row's index within its shard in [`PageRows::first`].
+pub const SHARD_MASK: u32 = SHARD_ROWS - 1;
+/// Capacity of [`ROW_SHARDS_MAP`] (8 GiB of rows; the memory cap decides
+/// how many are created).
+pub const MAX_SHARDS: u32 = 1024;
 /// Name of the page index.
 pub const PAGES_MAP: &str = "UNWIND_PAGES";
 /// Capacity of [`PAGES_MAP`].

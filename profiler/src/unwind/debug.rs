@@ -232,13 +232,14 @@ fn cfi_report(paths: &[std::path::PathBuf]) -> anyhow::Result<()> {
 fn print_table_stats(tables: &Tables) {
     let stats = tables.stats();
     eprintln!(
-        "debug-unwind: tables objects={} rows={} pages={} prefixes={} unsupported_rows={} bytes={} build_ms={:.1}",
+        "debug-unwind: tables objects={} rows={} pages={} prefixes={} unsupported_rows={} bytes={} row_cap={} build_ms={:.1}",
         stats.objects,
         stats.rows,
         stats.pages,
         stats.prefixes,
         stats.unsupported_rows,
         stats.bytes(),
+        stats.cap_bytes,
         stats.build_time.as_secs_f64() * 1e3
     );
 }
