@@ -77,8 +77,11 @@ pub const RBX_UNDEFINED: u8 = 2;
 /// The caller's rbx is saved at rbp + `rbx_offset` (realigned frames).
 pub const RBX_AT_RBP: u8 = 3;
 
-/// `cfa_kind` flag: `cfa_offset` counts 8-byte units (large frames).
+/// `cfa_kind` flag: `cfa_offset` (unsigned) counts 8-byte units, with bits
+/// 16..19 of the count in [`CFA_OFFSET_HIGH`] (large frames, up to 4 MiB).
 pub const CFA_OFFSET_X8: u8 = 0x80;
+/// `cfa_kind` bits 4..7: bits 16..19 of a [`CFA_OFFSET_X8`] count.
+pub const CFA_OFFSET_HIGH: u8 = 0x70;
 
 /// One unwind rule, in force from `pc_low` (within its page) to the next
 /// row. 8 bytes, the element size of the BPF array that holds them.
@@ -92,7 +95,8 @@ pub struct UnwindRow {
     /// Low 16 bits of the first pc the row covers.
     pub pc_low: u16,
     /// Offset of the CFA from its base register (see `cfa_kind`), in bytes
-    /// or, with [`CFA_OFFSET_X8`], in 8-byte units.
+    /// or, with [`CFA_OFFSET_X8`], the low 16 bits of a count of 8-byte
+    /// units.
     pub cfa_offset: i16,
     /// Where the caller's rbp is saved, in 8-byte units, relative to the
     /// CFA (`RBP_OFFSET`) or to rbp (`RBP_AT_RBP`); or the PLT threshold in
@@ -101,7 +105,8 @@ pub struct UnwindRow {
     /// Where the caller's rbx is saved, in 8-byte units, relative to the CFA
     /// (`RBX_OFFSET`) or to rbp (`RBX_AT_RBP`).
     pub rbx_offset: i8,
-    /// One of the `CFA_*` constants, possibly with [`CFA_OFFSET_X8`].
+    /// One of the `CFA_*` constants (low 4 bits), possibly with
+    /// [`CFA_OFFSET_X8`] and [`CFA_OFFSET_HIGH`] bits.
     pub cfa_kind: u8,
     /// One of the `RBP_*` constants (low nibble) and one of the `RBX_*`
     /// constants (high nibble).
@@ -146,17 +151,20 @@ impl UnwindRow {
         let (cfa_kind, cfa_offset) =
             if cfa_offset >= i16::MIN as i64 && cfa_offset <= i16::MAX as i64 {
                 (cfa_kind, cfa_offset)
-            } else if cfa_offset % 8 == 0
-                && cfa_offset / 8 >= i16::MIN as i64
-                && cfa_offset / 8 <= i16::MAX as i64
-            {
-                (cfa_kind | CFA_OFFSET_X8, cfa_offset / 8)
+            } else if cfa_offset % 8 == 0 && cfa_offset >= 0 && cfa_offset / 8 < 1 << 19 {
+                // Large frames (rustc's biggest are over 512 KiB): 19 bits of
+                // 8-byte units, the top 3 in `cfa_kind`.
+                let units = cfa_offset / 8;
+                (
+                    cfa_kind | CFA_OFFSET_X8 | (((units >> 16) as u8) << 4),
+                    units & 0xffff,
+                )
             } else {
                 return None;
             };
         Some(Self {
             pc_low,
-            cfa_offset: cfa_offset as i16,
+            cfa_offset: cfa_offset as u16 as i16,
             rbp_offset,
             rbx_offset: 0,
             cfa_kind,
@@ -185,14 +193,15 @@ impl UnwindRow {
     /// The rule kind without flags (one of the `CFA_*` constants).
     #[inline(always)]
     pub const fn kind(&self) -> u8 {
-        self.cfa_kind & !CFA_OFFSET_X8
+        self.cfa_kind & 0x0f
     }
 
     /// The CFA offset in bytes.
     #[inline(always)]
     pub const fn cfa_offset(&self) -> i64 {
         if self.cfa_kind & CFA_OFFSET_X8 != 0 {
-            self.cfa_offset as i64 * 8
+            let high = ((self.cfa_kind & CFA_OFFSET_HIGH) as i64) << 12;
+            (high | self.cfa_offset as u16 as i64) * 8
         } else {
             self.cfa_offset as i64
         }
@@ -627,6 +636,14 @@ mod tests {
     fn large_offsets_are_scaled() {
         let row = UnwindRow::new(0, CFA_RSP, 8 * 30_000, RBP_SAME, 0).unwrap();
         assert_eq!((row.kind(), row.cfa_offset()), (CFA_RSP, 240_000));
+        // rustc's biggest frames: over 512 KiB.
+        for off in [262_144, 540_080, 8 * ((1 << 19) - 1)] {
+            let row = UnwindRow::new(0, CFA_RBP, off, RBP_OFFSET, -16).unwrap();
+            assert_eq!((row.kind(), row.cfa_offset()), (CFA_RBP, off));
+            assert_eq!(row.rbp_offset(), -16);
+        }
+        assert_eq!(UnwindRow::new(0, CFA_RSP, 8 << 19, RBP_SAME, 0), None);
+        assert_eq!(UnwindRow::new(0, CFA_RSP, -40_000, RBP_SAME, 0), None);
         assert_eq!(
             UnwindRow::new(0, CFA_RSP, 8 * 30_000 + 4, RBP_SAME, 0),
             None

@@ -143,6 +143,28 @@ pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
         df.set_address_size(8);
         collect(&df, &BaseAddresses::default(), &mut rules, &mut reasons)?;
     }
+    // The ELF entry point is the first frame of a process. The dynamic
+    // loader's (`_start`, `_dl_start_user`) has no FDE: where no FDE covers
+    // it, the code from the entry to the next FDE ends the stack.
+    let entry = file.entry();
+    if entry != 0 && !covered(&rules, entry) {
+        let next = rules
+            .iter()
+            .map(|&(a, _, _)| a)
+            .filter(|&a| a > entry)
+            .min()
+            .unwrap_or(u64::MAX)
+            .min(entry + ENTRY_CODE_MAX);
+        rules.push((
+            entry,
+            1,
+            Rule {
+                cfa_kind: CFA_END,
+                ..NO_CFI
+            },
+        ));
+        rules.push((next, 0, NO_CFI));
+    }
     // These PLT stubs only jump (`endbr64; jmp *GOT`): the return address
     // is at [rsp] throughout, but linkers do not always describe them. (The
     // lazy-binding .plt pushes, and has the expression handled above.)
@@ -164,6 +186,19 @@ pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
         }
     }
     Ok(paginate(rules, &reasons.names))
+}
+
+/// Longest entry-point code without an FDE taken as the outermost frame.
+const ENTRY_CODE_MAX: u64 = 256;
+
+/// Whether an FDE row covers `addr` (rows start at an FDE's rows and a
+/// `NO_CFI` entry of priority 0 ends each FDE).
+fn covered(rules: &[(u64, u8, Rule)], addr: u64) -> bool {
+    rules
+        .iter()
+        .filter(|&&(a, _, _)| a <= addr)
+        .max_by_key(|&&(a, p, _)| (a, p))
+        .is_some_and(|&(_, p, _)| p == 1)
 }
 
 /// Appends (address, priority, rule) for every row of every FDE; the end of
@@ -455,5 +490,22 @@ mod tests {
         // _start-style outermost frames exist (clone3's child marks rip undefined).
         assert!(rows.rows.iter().any(|r| r.kind() == CFA_END));
         assert!(rows.rows.iter().any(|r| r.kind() == CFA_SIGNAL));
+    }
+
+    #[test]
+    fn loader_entry_ends_the_stack() {
+        let Ok(data) = std::fs::read("/lib64/ld-linux-x86-64.so.2") else {
+            return;
+        };
+        let entry = object::File::parse(&*data).unwrap().entry();
+        let rows = compile(&data).expect("ld.so compiles");
+        let page = rows
+            .pages
+            .iter()
+            .find(|p| u64::from(p.0) == entry >> PAGE_SHIFT)
+            .expect("the entry's page has rows");
+        let page_rows = &rows.rows[page.1 as usize..(page.1 + page.2) as usize];
+        let at = profiler_common::unwind::find_row(page_rows, (entry & PAGE_MASK) as u16);
+        assert_eq!(page_rows[at].kind(), CFA_END);
     }
 }
