@@ -10,8 +10,10 @@
 //! Map [`UNWIND_STATS_MAP`]: the [`UnwindCounter`] set, so that every stack
 //! that ended early can be explained.
 
-/// Deepest user stack recorded; deeper stacks end [`StackStatus::Truncated`].
-pub const MAX_USER_FRAMES: usize = 127;
+/// Deepest user stack recorded; deeper stacks end [`StackStatus::Truncated`]
+/// (counted in `truncated_depth`). rustc's and LLVM's stacks reach ~90
+/// frames, and interpreter frames share the same stacks.
+pub const MAX_USER_FRAMES: usize = 512;
 
 /// How a user stack walk ended. Stored as `u32` in [`UserStack::status`];
 /// [`StackStatus::try_from`] is the one conversion back (an unknown value is
@@ -55,7 +57,7 @@ pub struct UserStack {
     pub status: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<UserStack>() == 1024);
+const _: () = assert!(core::mem::size_of::<UserStack>() == 4104);
 
 impl UserStack {
     /// An empty stack marked missing.

@@ -14,8 +14,11 @@
 //! row.
 //!
 //! Maps:
-//! - [`ROWS_MAP`]: `Array<UnwindRow>` (`BPF_F_MMAPABLE`), rows of every loaded
-//!   object; each object owns a contiguous range.
+//! - [`ROW_SHARDS_MAP`]: `ArrayOfMaps` of row shards, each an
+//!   `Array<UnwindRow>` of [`SHARD_ROWS`] (`BPF_F_MMAPABLE`) that user space
+//!   creates when the rows loaded so far fill the others, up to a memory cap.
+//!   A page's rows lie in one shard, so a search stays in one array: one
+//!   outer lookup per frame, then the inlined array lookups of the search.
 //! - [`PAGES_MAP`]: `HashMap<PageKey, PageRows>`: where a page's rows are.
 //! - [`MAPPINGS_MAP`]: `LpmTrie<MappingKey, MappingInfo>`: per process,
 //!   which object (and load bias) an address belongs to.
@@ -47,6 +50,13 @@ pub const CFA_END: u8 = 5;
 /// A rule the walker cannot evaluate (another base register, a general
 /// DWARF expression, an offset that does not fit): the stack is truncated.
 pub const CFA_UNSUPPORTED: u8 = 6;
+/// CFA = rbx + `cfa_offset`: code that switches stacks keeps the old rsp
+/// in rbx (`psm`'s `rust_psm_on_stack`, which rustc runs the compiler on).
+pub const CFA_RBX: u8 = 7;
+/// CFA = the 8 bytes at rbp + `cfa_offset`: the frame of a function that
+/// realigns its stack (gcc's `DW_OP_breg6 N; DW_OP_deref`), whose rbp
+/// frame holds the address of the unaligned CFA.
+pub const CFA_DEREF_RBP: u8 = 8;
 
 /// The caller's rbp is the same as the callee's.
 pub const RBP_SAME: u8 = 0;
@@ -54,34 +64,70 @@ pub const RBP_SAME: u8 = 0;
 pub const RBP_OFFSET: u8 = 1;
 /// The caller's rbp is unknown (set to 0, so nothing uses it unnoticed).
 pub const RBP_UNDEFINED: u8 = 2;
+/// The caller's rbp is saved at rbp + `rbp_offset` (`DW_CFA_expression
+/// rbp: DW_OP_breg6 N`, in functions that realign their stack).
+pub const RBP_AT_RBP: u8 = 3;
 
-/// `cfa_kind` flag: `cfa_offset` counts 8-byte units (large frames).
+/// The caller's rbx is the same as the callee's.
+pub const RBX_SAME: u8 = 0;
+/// The caller's rbx is saved at CFA + `rbx_offset`.
+pub const RBX_OFFSET: u8 = 1;
+/// The caller's rbx is unknown (0: a CFA based on it is not evaluated).
+pub const RBX_UNDEFINED: u8 = 2;
+/// The caller's rbx is saved at rbp + `rbx_offset` (realigned frames).
+pub const RBX_AT_RBP: u8 = 3;
+
+/// `cfa_kind` flag: `cfa_offset` (unsigned) counts 8-byte units, with bits
+/// 16..19 of the count in [`CFA_OFFSET_HIGH`] (large frames, up to 4 MiB).
 pub const CFA_OFFSET_X8: u8 = 0x80;
+/// `cfa_kind` bits 4..7: bits 16..19 of a [`CFA_OFFSET_X8`] count.
+pub const CFA_OFFSET_HIGH: u8 = 0x70;
 
 /// One unwind rule, in force from `pc_low` (within its page) to the next
 /// row. 8 bytes, the element size of the BPF array that holds them.
+///
+/// Saved registers sit in 8-byte slots near the CFA, so their offsets are
+/// stored in 8-byte units in one byte each (±1 KiB): that keeps rbx, which
+/// a stack switch needs, within the 8 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UnwindRow {
     /// Low 16 bits of the first pc the row covers.
     pub pc_low: u16,
     /// Offset of the CFA from its base register (see `cfa_kind`), in bytes
-    /// or, with [`CFA_OFFSET_X8`], in 8-byte units.
+    /// or, with [`CFA_OFFSET_X8`], the low 16 bits of a count of 8-byte
+    /// units.
     pub cfa_offset: i16,
-    /// Where the caller's rbp is saved, relative to the CFA (`RBP_OFFSET`),
-    /// or the PLT threshold (`CFA_PLT`).
-    pub rbp_offset: i16,
-    /// One of the `CFA_*` constants, possibly with [`CFA_OFFSET_X8`].
+    /// Where the caller's rbp is saved, in 8-byte units, relative to the
+    /// CFA (`RBP_OFFSET`) or to rbp (`RBP_AT_RBP`); or the PLT threshold in
+    /// bytes (`CFA_PLT`).
+    pub rbp_offset: i8,
+    /// Where the caller's rbx is saved, in 8-byte units, relative to the CFA
+    /// (`RBX_OFFSET`) or to rbp (`RBX_AT_RBP`).
+    pub rbx_offset: i8,
+    /// One of the `CFA_*` constants (low 4 bits), possibly with
+    /// [`CFA_OFFSET_X8`] and [`CFA_OFFSET_HIGH`] bits.
     pub cfa_kind: u8,
-    /// One of the `RBP_*` constants.
-    pub rbp_kind: u8,
+    /// One of the `RBP_*` constants (low nibble) and one of the `RBX_*`
+    /// constants (high nibble).
+    pub reg_kinds: u8,
 }
 
 const _: () = assert!(core::mem::size_of::<UnwindRow>() == 8);
 
+/// A saved register's offset in 8-byte units, if it is a multiple of 8
+/// within ±1 KiB.
+const fn slot(offset: i64) -> Option<i8> {
+    if offset % 8 != 0 || offset / 8 < i8::MIN as i64 || offset / 8 > i8::MAX as i64 {
+        None
+    } else {
+        Some((offset / 8) as i8)
+    }
+}
+
 impl UnwindRow {
-    /// A row at `pc_low`; `None` when `cfa_offset` or `rbp_offset` cannot be
-    /// represented.
+    /// A row at `pc_low` (rbx the same as the callee's); `None` when
+    /// `cfa_offset` or `rbp_offset` cannot be represented.
     pub const fn new(
         pc_low: u16,
         cfa_kind: u8,
@@ -89,43 +135,100 @@ impl UnwindRow {
         rbp_kind: u8,
         rbp_offset: i64,
     ) -> Option<Self> {
-        if rbp_offset < i16::MIN as i64 || rbp_offset > i16::MAX as i64 {
-            return None;
-        }
+        let rbp_offset = if cfa_kind == CFA_PLT {
+            if rbp_offset < 0 || rbp_offset > 16 {
+                return None;
+            }
+            rbp_offset as i8
+        } else if rbp_kind == RBP_OFFSET || rbp_kind == RBP_AT_RBP {
+            match slot(rbp_offset) {
+                Some(s) => s,
+                None => return None,
+            }
+        } else {
+            0
+        };
         let (cfa_kind, cfa_offset) =
             if cfa_offset >= i16::MIN as i64 && cfa_offset <= i16::MAX as i64 {
                 (cfa_kind, cfa_offset)
-            } else if cfa_offset % 8 == 0
-                && cfa_offset / 8 >= i16::MIN as i64
-                && cfa_offset / 8 <= i16::MAX as i64
-            {
-                (cfa_kind | CFA_OFFSET_X8, cfa_offset / 8)
+            } else if cfa_offset % 8 == 0 && cfa_offset >= 0 && cfa_offset / 8 < 1 << 19 {
+                // Large frames (rustc's biggest are over 512 KiB): 19 bits of
+                // 8-byte units, the top 3 in `cfa_kind`.
+                let units = cfa_offset / 8;
+                (
+                    cfa_kind | CFA_OFFSET_X8 | (((units >> 16) as u8) << 4),
+                    units & 0xffff,
+                )
             } else {
                 return None;
             };
         Some(Self {
             pc_low,
-            cfa_offset: cfa_offset as i16,
-            rbp_offset: rbp_offset as i16,
+            cfa_offset: cfa_offset as u16 as i16,
+            rbp_offset,
+            rbx_offset: 0,
             cfa_kind,
-            rbp_kind,
+            reg_kinds: rbp_kind & 0xf,
+        })
+    }
+
+    /// The same row with rbx's rule; `None` when the offset cannot be
+    /// represented.
+    pub const fn with_rbx(self, rbx_kind: u8, rbx_offset: i64) -> Option<Self> {
+        let rbx_offset = if rbx_kind == RBX_OFFSET || rbx_kind == RBX_AT_RBP {
+            match slot(rbx_offset) {
+                Some(s) => s,
+                None => return None,
+            }
+        } else {
+            0
+        };
+        Some(Self {
+            rbx_offset,
+            reg_kinds: (self.reg_kinds & 0xf) | (rbx_kind << 4),
+            ..self
         })
     }
 
     /// The rule kind without flags (one of the `CFA_*` constants).
     #[inline(always)]
     pub const fn kind(&self) -> u8 {
-        self.cfa_kind & !CFA_OFFSET_X8
+        self.cfa_kind & 0x0f
     }
 
     /// The CFA offset in bytes.
     #[inline(always)]
     pub const fn cfa_offset(&self) -> i64 {
         if self.cfa_kind & CFA_OFFSET_X8 != 0 {
-            self.cfa_offset as i64 * 8
+            let high = ((self.cfa_kind & CFA_OFFSET_HIGH) as i64) << 12;
+            (high | self.cfa_offset as u16 as i64) * 8
         } else {
             self.cfa_offset as i64
         }
+    }
+
+    /// One of the `RBP_*` constants.
+    #[inline(always)]
+    pub const fn rbp_kind(&self) -> u8 {
+        self.reg_kinds & 0xf
+    }
+
+    /// One of the `RBX_*` constants.
+    #[inline(always)]
+    pub const fn rbx_kind(&self) -> u8 {
+        self.reg_kinds >> 4
+    }
+
+    /// The rbp slot's offset in bytes (`RBP_OFFSET`, `RBP_AT_RBP`).
+    #[inline(always)]
+    pub const fn rbp_offset(&self) -> i64 {
+        self.rbp_offset as i64 * 8
+    }
+
+    /// The rbx slot's offset in bytes (`RBX_OFFSET`, `RBX_AT_RBP`).
+    #[inline(always)]
+    pub const fn rbx_offset(&self) -> i64 {
+        self.rbx_offset as i64 * 8
     }
 }
 
@@ -141,12 +244,14 @@ pub struct PageKey {
 
 const _: () = assert!(core::mem::size_of::<PageKey>() == 8);
 
-/// Value of [`PAGES_MAP`]: the page's rows are `ROWS[first..first + count]`,
-/// sorted by `pc_low`, the first one at `pc_low` 0.
+/// Value of [`PAGES_MAP`]: the page's rows are rows `index..index + count`
+/// of shard `first >> SHARD_SHIFT` (`index = first & SHARD_MASK`), sorted
+/// by `pc_low`, the first one at `pc_low` 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PageRows {
-    /// Index of the first row in [`ROWS_MAP`].
+    /// Shard (high bits) and index in it (low [`SHARD_SHIFT`] bits) of the
+    /// first row.
     pub first: u32,
     /// Number of rows (at least 1, at most 65536).
     pub count: u32,
@@ -199,10 +304,17 @@ const _: () = assert!(core::mem::size_of::<MappingInfo>() == 16);
 
 crate::impl_pod!(UnwindRow, PageKey, PageRows, MappingKey, MappingInfo);
 
-/// Name of the row array.
-pub const ROWS_MAP: &str = "UNWIND_ROWS";
-/// Capacity of [`ROWS_MAP`] (8 bytes each: 16 MiB).
-pub const ROWS_MAX: u32 = 1 << 21;
+/// Name of the array of row shards.
+pub const ROW_SHARDS_MAP: &str = "UNWIND_ROW_SHARDS";
+/// log2 of the rows in one shard.
+pub const SHARD_SHIFT: u32 = 20;
+/// Rows in one shard (8 bytes each: 8 MiB).
+pub const SHARD_ROWS: u32 = 1 << SHARD_SHIFT;
+/// Mask of a row's index within its shard in [`PageRows::first`].
+pub const SHARD_MASK: u32 = SHARD_ROWS - 1;
+/// Capacity of [`ROW_SHARDS_MAP`] (8 GiB of rows; the memory cap decides
+/// how many are created).
+pub const MAX_SHARDS: u32 = 1024;
 /// Name of the page index.
 pub const PAGES_MAP: &str = "UNWIND_PAGES";
 /// Capacity of [`PAGES_MAP`].
@@ -227,6 +339,8 @@ pub struct Frame {
     pub sp: u64,
     /// Frame pointer.
     pub bp: u64,
+    /// rbx (callee-saved; the base of a stack switch's CFA); 0 when unknown.
+    pub bx: u64,
 }
 
 /// What one unwinding step found.
@@ -248,6 +362,8 @@ pub enum Step {
 /// rbp, rbx, rdx, rax, rcx, rsp, rip).
 pub const SIGNAL_RBP: u64 = 40 + 10 * 8;
 /// See [`SIGNAL_RBP`].
+pub const SIGNAL_RBX: u64 = 40 + 11 * 8;
+/// See [`SIGNAL_RBP`].
 pub const SIGNAL_RSP: u64 = 40 + 15 * 8;
 /// See [`SIGNAL_RBP`].
 pub const SIGNAL_RIP: u64 = 40 + 16 * 8;
@@ -259,6 +375,11 @@ pub fn step(row: &UnwindRow, frame: &Frame, mut read: impl FnMut(u64) -> Option<
     let cfa = match row.kind() {
         CFA_RSP => frame.sp.wrapping_add(row.cfa_offset() as u64),
         CFA_RBP => frame.bp.wrapping_add(row.cfa_offset() as u64),
+        CFA_RBX if frame.bx != 0 => frame.bx.wrapping_add(row.cfa_offset() as u64),
+        CFA_DEREF_RBP => match read(frame.bp.wrapping_add(row.cfa_offset() as u64)) {
+            Some(cfa) => cfa,
+            None => return Step::ReadFailed,
+        },
         CFA_PLT => {
             let extra = if (frame.pc & 15) >= row.rbp_offset as u64 {
                 8
@@ -271,15 +392,16 @@ pub fn step(row: &UnwindRow, frame: &Frame, mut read: impl FnMut(u64) -> Option<
                 .wrapping_add(extra)
         }
         CFA_SIGNAL => {
-            let (Some(bp), Some(sp), Some(pc)) = (
+            let (Some(bp), Some(bx), Some(sp), Some(pc)) = (
                 read(frame.sp.wrapping_add(SIGNAL_RBP)),
+                read(frame.sp.wrapping_add(SIGNAL_RBX)),
                 read(frame.sp.wrapping_add(SIGNAL_RSP)),
                 read(frame.sp.wrapping_add(SIGNAL_RIP)),
             ) else {
                 return Step::ReadFailed;
             };
             return Step::Caller {
-                frame: Frame { pc, sp, bp },
+                frame: Frame { pc, sp, bp, bx },
                 exact: true,
             };
         }
@@ -289,16 +411,37 @@ pub fn step(row: &UnwindRow, frame: &Frame, mut read: impl FnMut(u64) -> Option<
     let Some(pc) = read(cfa.wrapping_sub(8)) else {
         return Step::ReadFailed;
     };
-    let bp = match row.rbp_kind {
+    let bp = match row.rbp_kind() {
         RBP_SAME => frame.bp,
-        RBP_OFFSET => match read(cfa.wrapping_add(row.rbp_offset as i64 as u64)) {
+        RBP_OFFSET => match read(cfa.wrapping_add(row.rbp_offset() as u64)) {
+            Some(bp) => bp,
+            None => return Step::ReadFailed,
+        },
+        RBP_AT_RBP => match read(frame.bp.wrapping_add(row.rbp_offset() as u64)) {
             Some(bp) => bp,
             None => return Step::ReadFailed,
         },
         _ => 0,
     };
+    let bx = match row.rbx_kind() {
+        RBX_SAME => frame.bx,
+        RBX_OFFSET => match read(cfa.wrapping_add(row.rbx_offset() as u64)) {
+            Some(bx) => bx,
+            None => return Step::ReadFailed,
+        },
+        RBX_AT_RBP => match read(frame.bp.wrapping_add(row.rbx_offset() as u64)) {
+            Some(bx) => bx,
+            None => return Step::ReadFailed,
+        },
+        _ => 0,
+    };
     Step::Caller {
-        frame: Frame { pc, sp: cfa, bp },
+        frame: Frame {
+            pc,
+            sp: cfa,
+            bp,
+            bx,
+        },
         exact: false,
     }
 }
@@ -319,6 +462,8 @@ pub fn step_frame_pointer(frame: &Frame, mut read: impl FnMut(u64) -> Option<u64
             pc,
             sp: frame.bp.wrapping_add(16),
             bp,
+            // Code without CFI does not say where it saved rbx: unknown.
+            bx: 0,
         },
         exact: false,
     }
@@ -354,6 +499,7 @@ mod tests {
             pc: 0x1000,
             sp: 0x7000,
             bp: 1,
+            bx: 0,
         };
         let step = step(&row, &frame, |a| match a {
             0x7010 => Some(0x4242),
@@ -366,7 +512,8 @@ mod tests {
                 frame: Frame {
                     pc: 0x4242,
                     sp: 0x7018,
-                    bp: 0x7100
+                    bp: 0x7100,
+                    bx: 0,
                 },
                 exact: false
             }
@@ -383,6 +530,7 @@ mod tests {
                 pc: 0x100a,
                 sp: 0x7000,
                 bp: 0,
+                bx: 0,
             },
             read,
         ) else {
@@ -395,6 +543,7 @@ mod tests {
                 pc: 0x100b,
                 sp: 0x7000,
                 bp: 0,
+                bx: 0,
             },
             read,
         ) else {
@@ -404,9 +553,97 @@ mod tests {
     }
 
     #[test]
+    fn stack_switch_through_rbx() {
+        // rust_psm_on_stack: push rbx; mov rbx, rsp; mov rsp, NEW; call.
+        // CFA = rbx + 16, the caller's rbx at CFA - 16.
+        let row = UnwindRow::new(0, CFA_RBX, 16, RBP_SAME, 0)
+            .and_then(|r| r.with_rbx(RBX_OFFSET, -16))
+            .unwrap();
+        assert_eq!(
+            (row.kind(), row.rbx_kind(), row.rbx_offset()),
+            (CFA_RBX, RBX_OFFSET, -16)
+        );
+        let frame = Frame {
+            pc: 0x1000,
+            sp: 0x10_0000, // the new stack, above the old one
+            bp: 7,
+            bx: 0x7000,
+        };
+        let step = step(&row, &frame, |a| match a {
+            0x7008 => Some(0x4242),
+            0x7000 => Some(0x99),
+            _ => None,
+        });
+        assert_eq!(
+            step,
+            Step::Caller {
+                frame: Frame {
+                    pc: 0x4242,
+                    sp: 0x7010,
+                    bp: 7,
+                    bx: 0x99,
+                },
+                exact: false
+            }
+        );
+        // An unknown rbx cannot give a CFA.
+        let unknown = Frame { bx: 0, ..frame };
+        assert_eq!(super::step(&row, &unknown, |_| Some(1)), Step::Unsupported);
+    }
+
+    #[test]
+    fn realigned_frame_through_rbp() {
+        // gcc's stack realignment: CFA = [rbp - 8], the caller's rbp at [rbp].
+        let row = UnwindRow::new(0, CFA_DEREF_RBP, -8, RBP_AT_RBP, 0).unwrap();
+        let frame = Frame {
+            pc: 0x1000,
+            sp: 0x6f00,
+            bp: 0x6f80,
+            bx: 3,
+        };
+        let step = step(&row, &frame, |a| match a {
+            0x6f78 => Some(0x7010),
+            0x6f80 => Some(0x7100),
+            0x7008 => Some(0x4242),
+            _ => None,
+        });
+        assert_eq!(
+            step,
+            Step::Caller {
+                frame: Frame {
+                    pc: 0x4242,
+                    sp: 0x7010,
+                    bp: 0x7100,
+                    bx: 3,
+                },
+                exact: false
+            }
+        );
+    }
+
+    #[test]
+    fn register_slots_are_8_byte_units() {
+        assert!(UnwindRow::new(0, CFA_RSP, 16, RBP_OFFSET, -1024).is_some());
+        assert!(UnwindRow::new(0, CFA_RSP, 16, RBP_OFFSET, -1032).is_none());
+        assert!(UnwindRow::new(0, CFA_RSP, 16, RBP_OFFSET, -12).is_none());
+        let row = UnwindRow::new(0, CFA_RSP, 16, RBP_OFFSET, -16).unwrap();
+        assert!(row.with_rbx(RBX_OFFSET, 1016).is_some());
+        assert!(row.with_rbx(RBX_OFFSET, 1024).is_none());
+        assert_eq!(row.rbp_offset(), -16);
+    }
+
+    #[test]
     fn large_offsets_are_scaled() {
         let row = UnwindRow::new(0, CFA_RSP, 8 * 30_000, RBP_SAME, 0).unwrap();
         assert_eq!((row.kind(), row.cfa_offset()), (CFA_RSP, 240_000));
+        // rustc's biggest frames: over 512 KiB.
+        for off in [262_144, 540_080, 8 * ((1 << 19) - 1)] {
+            let row = UnwindRow::new(0, CFA_RBP, off, RBP_OFFSET, -16).unwrap();
+            assert_eq!((row.kind(), row.cfa_offset()), (CFA_RBP, off));
+            assert_eq!(row.rbp_offset(), -16);
+        }
+        assert_eq!(UnwindRow::new(0, CFA_RSP, 8 << 19, RBP_SAME, 0), None);
+        assert_eq!(UnwindRow::new(0, CFA_RSP, -40_000, RBP_SAME, 0), None);
         assert_eq!(
             UnwindRow::new(0, CFA_RSP, 8 * 30_000 + 4, RBP_SAME, 0),
             None

@@ -209,6 +209,7 @@ unsafe fn start_frame(regs: *const pt_regs) -> Frame {
                 pc: r.rip,
                 sp: r.rsp,
                 bp: r.rbp,
+                bx: r.rbx,
             };
         }
     }
@@ -231,6 +232,7 @@ pub fn saved_user_frame() -> Frame {
             pc: u.rip,
             sp: u.rsp,
             bp: u.rbp,
+            bx: u.rbx,
         },
         // A kernel thread has no user stack.
         _ => Frame::default(),

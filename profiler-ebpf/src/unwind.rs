@@ -4,24 +4,29 @@
 //! pointer where no rows cover the pc.
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
+    btf_maps::{Array, ArrayOfMaps},
     helpers::bpf_probe_read_user,
-    macros::map,
-    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
+    macros::{btf_map, map},
+    maps::{HashMap, LpmTrie, lpm_trie::Key},
 };
 use profiler_common::{
     stack::UnwindCounter,
     unwind::{
-        self as rows, CFA_NONE, CFA_SIGNAL, Frame, MAPPINGS_MAX, MappingInfo, MappingKey,
-        PAGE_MASK, PAGE_SHIFT, PAGES_MAX, PageKey, PageRows, REFRESH_MAX, ROWS_MAX, SEARCH_STEPS,
-        Step, UnwindRow,
+        self as rows, CFA_NONE, CFA_RBP, CFA_RBX, CFA_SIGNAL, Frame, MAPPINGS_MAX, MAX_SHARDS,
+        MappingInfo, MappingKey, PAGE_MASK, PAGE_SHIFT, PAGES_MAX, PageKey, PageRows, REFRESH_MAX,
+        SEARCH_STEPS, SHARD_MASK, SHARD_ROWS, SHARD_SHIFT, Step, UnwindRow,
     },
 };
 
 use crate::stack::count;
 
-/// `UNWIND_ROWS`: the rows of every loaded object.
-#[map(name = "UNWIND_ROWS")]
-static ROWS: Array<UnwindRow> = Array::with_max_entries(ROWS_MAX, BPF_F_MMAPABLE);
+/// One shard of rows (user space creates them; every shard has this size
+/// and these flags, so the verifier inlines lookups in them).
+type Shard = Array<UnwindRow, { SHARD_ROWS as usize }, { BPF_F_MMAPABLE as usize }>;
+
+/// `UNWIND_ROW_SHARDS`: the rows of every loaded object, in shards.
+#[btf_map(name = "UNWIND_ROW_SHARDS")]
+static SHARDS: ArrayOfMaps<Shard, { MAX_SHARDS as usize }> = ArrayOfMaps::new();
 
 /// `UNWIND_PAGES`: (object, 64 KiB page) -> its rows.
 #[map(name = "UNWIND_PAGES")]
@@ -75,12 +80,19 @@ pub(crate) fn step(pid: u32, frame: &Frame, exact: bool, bp_chained: bool) -> St
     } else {
         frame.pc.wrapping_sub(1)
     };
+    let mut switch = false;
     let (step, via_fp) = match find_row(pid, lookup_pc) {
         Some(row) if row.kind() != CFA_NONE => {
             count(UnwindCounter::FramesCfi);
             if row.kind() == CFA_SIGNAL {
                 count(UnwindCounter::SignalFrames);
             }
+            // Code that switches stacks keeps the old rsp in rbp or rbx and
+            // its CFA rule says so (psm's `rust_psm_on_stack`, which rustc
+            // runs the compiler on): the caller's stack may lie anywhere,
+            // above or below. These registers were tracked from the leaf,
+            // so the CFA is trusted without the direction check.
+            switch = matches!(row.kind(), CFA_RBP | CFA_RBX);
             (rows::step(&row, frame, read_user), false)
         }
         _ => {
@@ -96,7 +108,9 @@ pub(crate) fn step(pid: u32, frame: &Frame, exact: bool, bp_chained: bool) -> St
             }
             // The stack grows down: a caller's frame lies above (a signal
             // frame may sit anywhere, e.g. on an alternate stack).
-            if (!exact && next.sp <= frame.sp) || next.pc < MIN_USER_ADDR || next.pc >= KERNEL_START
+            if (!exact && !switch && next.sp <= frame.sp)
+                || next.pc < MIN_USER_ADDR
+                || next.pc >= KERNEL_START
             {
                 count(UnwindCounter::BadFrame);
                 return StepResult::Stop;
@@ -163,6 +177,8 @@ fn find_row(pid: u32, pc: u64) -> Option<UnwindRow> {
     })?;
     // SAFETY: a pointer from a successful map lookup.
     let page = unsafe { *page };
+    let rows = SHARDS.get(page.first >> SHARD_SHIFT)?;
+    let first = page.first & SHARD_MASK;
     let target = (vaddr & PAGE_MASK) as u16;
     // Find the last row whose pc_low <= target; the first row is at 0.
     let (mut lo, mut hi) = (0u32, page.count);
@@ -171,7 +187,7 @@ fn find_row(pid: u32, pc: u64) -> Option<UnwindRow> {
             break;
         }
         let mid = lo + (hi - lo) / 2;
-        let row = ROWS.get(page.first.wrapping_add(mid))?;
+        let row = rows.get(first.wrapping_add(mid))?;
         if row.pc_low <= target {
             lo = mid + 1;
         } else {
@@ -181,5 +197,5 @@ fn find_row(pid: u32, pc: u64) -> Option<UnwindRow> {
     if lo == 0 {
         return None;
     }
-    ROWS.get(page.first.wrapping_add(lo - 1)).copied()
+    rows.get(first.wrapping_add(lo - 1)).copied()
 }

@@ -1,6 +1,8 @@
 //! Compiles an ELF object's call-frame information (`.eh_frame`, else
 //! `.debug_frame`) into the compact rows of `profiler_common::unwind`,
 //! grouped by 64 KiB page.
+use std::collections::HashMap;
+
 use anyhow::{Context as _, bail};
 use gimli::{
     BaseAddresses, CfaRule, CieOrFde, DebugFrame, EhFrame, EndianSlice, LittleEndian, RegisterRule,
@@ -8,9 +10,12 @@ use gimli::{
 };
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 use profiler_common::unwind::{
-    CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, CFA_SIGNAL, CFA_UNSUPPORTED, PAGE_MASK,
-    PAGE_SHIFT, RBP_OFFSET, RBP_SAME, RBP_UNDEFINED, UnwindRow,
+    CFA_DEREF_RBP, CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RBX, CFA_RSP, CFA_SIGNAL,
+    CFA_UNSUPPORTED, PAGE_MASK, PAGE_SHIFT, RBP_AT_RBP, RBP_OFFSET, RBP_SAME, RBP_UNDEFINED,
+    RBX_AT_RBP, RBX_OFFSET, RBX_SAME, RBX_UNDEFINED, UnwindRow,
 };
+
+use super::expr::{self, CfaExpr, SavedAt};
 
 /// The rows of one object, ready to load.
 #[derive(Debug, Default)]
@@ -21,6 +26,9 @@ pub struct ObjectRows {
     pub pages: Vec<(u32, u32, u32)>,
     /// Rows whose rule the kernel walker cannot evaluate.
     pub unsupported: usize,
+    /// The unsupported rows by rule (a description of the rule, its row
+    /// count), most frequent first.
+    pub unsupported_rules: Vec<(String, usize)>,
 }
 
 /// A rule at a virtual address, before paging.
@@ -30,6 +38,11 @@ struct Rule {
     cfa_offset: i64,
     rbp_kind: u8,
     rbp_offset: i64,
+    rbx_kind: u8,
+    rbx_offset: i64,
+    /// For `CFA_UNSUPPORTED`: index of the rule's description in
+    /// [`Reasons`].
+    reason: u32,
 }
 
 const NO_CFI: Rule = Rule {
@@ -37,14 +50,46 @@ const NO_CFI: Rule = Rule {
     cfa_offset: 0,
     rbp_kind: RBP_SAME,
     rbp_offset: 0,
+    rbx_kind: RBX_SAME,
+    rbx_offset: 0,
+    reason: 0,
 };
 
-const UNSUPPORTED: Rule = Rule {
-    cfa_kind: CFA_UNSUPPORTED,
-    cfa_offset: 0,
-    rbp_kind: RBP_SAME,
-    rbp_offset: 0,
-};
+impl Rule {
+    fn row(&self, pc_low: u16) -> Option<UnwindRow> {
+        UnwindRow::new(
+            pc_low,
+            self.cfa_kind,
+            self.cfa_offset,
+            self.rbp_kind,
+            self.rbp_offset,
+        )?
+        .with_rbx(self.rbx_kind, self.rbx_offset)
+    }
+}
+
+/// Descriptions of the rules the walker cannot evaluate, interned.
+#[derive(Default)]
+struct Reasons {
+    names: Vec<String>,
+    index: HashMap<String, u32>,
+}
+
+impl Reasons {
+    /// The unsupported rule described by `why`.
+    fn rule(&mut self, why: String) -> Rule {
+        let next = self.names.len() as u32;
+        let reason = *self.index.entry(why.clone()).or_insert_with(|| {
+            self.names.push(why);
+            next
+        });
+        Rule {
+            cfa_kind: CFA_UNSUPPORTED,
+            reason,
+            ..NO_CFI
+        }
+    }
+}
 
 /// The load segments of an ELF file: (file offset, file size, virtual address).
 pub fn load_segments(data: &[u8]) -> anyhow::Result<Vec<(u64, u64, u64)>> {
@@ -76,6 +121,7 @@ pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
             .filter(|(_, d)| !d.is_empty())
     };
     let mut rules = Vec::new();
+    let mut reasons = Reasons::default();
     if let Some((addr, bytes)) = section(".eh_frame") {
         let mut bases = BaseAddresses::default().set_eh_frame(addr);
         if let Some((text, _)) = section(".text") {
@@ -88,14 +134,36 @@ pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
             bases = bases.set_got(got);
         }
         let eh = EhFrame::new(bytes, LittleEndian);
-        collect(&eh, &bases, &mut rules)?;
+        collect(&eh, &bases, &mut rules, &mut reasons)?;
     }
     if rules.is_empty()
         && let Some((_, bytes)) = section(".debug_frame")
     {
         let mut df = DebugFrame::new(bytes, LittleEndian);
         df.set_address_size(8);
-        collect(&df, &BaseAddresses::default(), &mut rules)?;
+        collect(&df, &BaseAddresses::default(), &mut rules, &mut reasons)?;
+    }
+    // The ELF entry point is the first frame of a process. The dynamic
+    // loader's (`_start`, `_dl_start_user`) has no FDE: where no FDE covers
+    // it, the code from the entry to the next FDE ends the stack.
+    let entry = file.entry();
+    if entry != 0 && !covered(&rules, entry) {
+        let next = rules
+            .iter()
+            .map(|&(a, _, _)| a)
+            .filter(|&a| a > entry)
+            .min()
+            .unwrap_or(u64::MAX)
+            .min(entry + ENTRY_CODE_MAX);
+        rules.push((
+            entry,
+            1,
+            Rule {
+                cfa_kind: CFA_END,
+                ..NO_CFI
+            },
+        ));
+        rules.push((next, 0, NO_CFI));
     }
     // These PLT stubs only jump (`endbr64; jmp *GOT`): the return address
     // is at [rsp] throughout, but linkers do not always describe them. (The
@@ -117,7 +185,20 @@ pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
             }
         }
     }
-    Ok(paginate(rules))
+    Ok(paginate(rules, &reasons.names))
+}
+
+/// Longest entry-point code without an FDE taken as the outermost frame.
+const ENTRY_CODE_MAX: u64 = 256;
+
+/// Whether an FDE row covers `addr` (rows start at an FDE's rows and a
+/// `NO_CFI` entry of priority 0 ends each FDE).
+fn covered(rules: &[(u64, u8, Rule)], addr: u64) -> bool {
+    rules
+        .iter()
+        .filter(|&&(a, _, _)| a <= addr)
+        .max_by_key(|&&(a, p, _)| (a, p))
+        .is_some_and(|&(_, p, _)| p == 1)
 }
 
 /// Appends (address, priority, rule) for every row of every FDE; the end of
@@ -127,6 +208,7 @@ fn collect<'a, S>(
     section: &S,
     bases: &BaseAddresses,
     out: &mut Vec<(u64, u8, Rule)>,
+    reasons: &mut Reasons,
 ) -> anyhow::Result<()>
 where
     S: UnwindSection<EndianSlice<'a, LittleEndian>>,
@@ -155,14 +237,14 @@ where
                 Ok(None) => break,
                 Err(_) => {
                     // Rows past an evaluation error are unknown.
-                    out.push((last_end, 1, UNSUPPORTED));
+                    out.push((last_end, 1, reasons.rule("CFI error".to_owned())));
                     break;
                 }
             };
             let rule = if signal {
                 signal_rule()
             } else {
-                convert(section, row)
+                convert(section, row).unwrap_or_else(|why| reasons.rule(why))
             };
             out.push((row.start_address(), 1, rule));
             last_end = row.end_address();
@@ -179,85 +261,111 @@ fn signal_rule() -> Rule {
     }
 }
 
-/// The standard CFA expression of x86-64 lazy-binding `.plt` entries:
-/// `rsp + 8 + ((rip & 15) >= N) << 3`, N being 10 or 11.
-fn plt_threshold(expr: &[u8]) -> Option<i16> {
-    match expr {
-        // breg7 8; breg16 0; lit15; and; litN; ge; lit3; shl; plus
-        [
-            0x77,
-            0x08,
-            0x80,
-            0x00,
-            0x3f,
-            0x1a,
-            lit @ 0x30..=0x4f,
-            0x2a,
-            0x33,
-            0x24,
-            0x22,
-        ] => Some(i16::from(*lit - 0x30)),
-        _ => None,
-    }
-}
-
-fn convert<'a, S>(section: &S, row: &gimli::UnwindTableRow<usize>) -> Rule
+/// The rule of `row`, or a description of why the walker cannot evaluate
+/// it.
+fn convert<'a, S>(section: &S, row: &gimli::UnwindTableRow<usize>) -> Result<Rule, String>
 where
     S: UnwindSection<EndianSlice<'a, LittleEndian>>,
 {
+    let bytes = |e: &gimli::UnwindExpression<usize>| {
+        e.get(section)
+            .map(|e| e.0.slice().to_vec())
+            .unwrap_or_default()
+    };
     match row.register(X86_64::RA) {
         Some(RegisterRule::Undefined) => {
-            return Rule {
+            return Ok(Rule {
                 cfa_kind: CFA_END,
                 ..NO_CFI
-            };
+            });
         }
         Some(RegisterRule::Offset(-8)) | None => {}
-        Some(_) => return UNSUPPORTED,
+        Some(rule) => return Err(format!("ra: {}", describe(&rule, bytes))),
     }
     let (cfa_kind, cfa_offset, plt) = match *row.cfa() {
         CfaRule::RegisterAndOffset { register, offset } => match register {
             X86_64::RSP => (CFA_RSP, offset, 0),
             X86_64::RBP => (CFA_RBP, offset, 0),
-            _ => return UNSUPPORTED,
+            X86_64::RBX => (CFA_RBX, offset, 0),
+            r => return Err(format!("cfa: {}{offset:+}", expr::register_name(r.0))),
         },
         CfaRule::Expression(ref e) => {
-            match e.get(section).ok().and_then(|e| plt_threshold(e.0.slice())) {
-                Some(threshold) => (CFA_PLT, 8, i64::from(threshold)),
-                None => return UNSUPPORTED,
+            let code = bytes(e);
+            match expr::cfa(&code) {
+                Some(CfaExpr::Plt { threshold }) => (CFA_PLT, 8, i64::from(threshold)),
+                Some(CfaExpr::DerefRbp { offset }) => (CFA_DEREF_RBP, offset, 0),
+                None => return Err(format!("cfa: expr {}", expr::show(&code))),
             }
         }
     };
     let (rbp_kind, rbp_offset) = match row.register(X86_64::RBP) {
         None | Some(RegisterRule::SameValue) => (RBP_SAME, plt),
         Some(RegisterRule::Offset(off)) if cfa_kind != CFA_PLT => (RBP_OFFSET, off),
-        Some(RegisterRule::Offset(_)) => return UNSUPPORTED,
-        Some(_) => (RBP_UNDEFINED, plt),
+        Some(RegisterRule::Expression(ref e)) if cfa_kind != CFA_PLT => {
+            match expr::saved_at(&bytes(e)) {
+                Some(SavedAt::Rbp(off)) => (RBP_AT_RBP, off),
+                None => {
+                    return Err(format!(
+                        "rbp: {}",
+                        describe(&RegisterRule::Expression(*e), bytes)
+                    ));
+                }
+            }
+        }
+        Some(RegisterRule::Undefined) => (RBP_UNDEFINED, plt),
+        Some(rule) => return Err(format!("rbp: {}", describe(&rule, bytes))),
     };
-    let rule = Rule {
+    // rbx matters only to a CFA based on it (a stack switch): a rule that
+    // does not fit makes rbx unknown, and such a CFA then stops the walk.
+    let (rbx_kind, rbx_offset) = match row.register(X86_64::RBX) {
+        None | Some(RegisterRule::SameValue) => (RBX_SAME, 0),
+        Some(RegisterRule::Offset(off)) => (RBX_OFFSET, off),
+        Some(RegisterRule::Expression(ref e)) => match expr::saved_at(&bytes(e)) {
+            Some(SavedAt::Rbp(off)) => (RBX_AT_RBP, off),
+            None => (RBX_UNDEFINED, 0),
+        },
+        Some(_) => (RBX_UNDEFINED, 0),
+    };
+    let mut rule = Rule {
         cfa_kind,
         cfa_offset,
         rbp_kind,
         rbp_offset,
+        rbx_kind,
+        rbx_offset,
+        reason: 0,
     };
-    // Offsets the row format cannot hold make the rule unsupported.
-    if UnwindRow::new(
-        0,
-        rule.cfa_kind,
-        rule.cfa_offset,
-        rule.rbp_kind,
-        rule.rbp_offset,
-    )
-    .is_none()
-    {
-        return UNSUPPORTED;
+    if rule.row(0).is_none() {
+        rule.rbx_kind = RBX_UNDEFINED;
+        rule.rbx_offset = 0;
     }
-    rule
+    // Offsets the row format cannot hold make the rule unsupported.
+    if rule.row(0).is_none() {
+        return Err(format!(
+            "offset out of range: cfa {cfa_offset:+}, rbp {rbp_offset:+}"
+        ));
+    }
+    Ok(rule)
+}
+
+/// A register rule, for the report of unsupported rules.
+fn describe(
+    rule: &RegisterRule<usize>,
+    bytes: impl Fn(&gimli::UnwindExpression<usize>) -> Vec<u8>,
+) -> String {
+    match rule {
+        RegisterRule::Offset(off) => format!("at cfa{off:+}"),
+        RegisterRule::ValOffset(off) => format!("cfa{off:+}"),
+        RegisterRule::Register(r) => expr::register_name(r.0).to_owned(),
+        RegisterRule::Expression(e) => format!("at expr {}", expr::show(&bytes(e))),
+        RegisterRule::ValExpression(e) => format!("expr {}", expr::show(&bytes(e))),
+        other => format!("{other:?}"),
+    }
 }
 
 /// Sorts the rules, drops redundant ones and splits them into pages whose
 /// first row is at page offset 0.
-fn paginate(mut rules: Vec<(u64, u8, Rule)>) -> ObjectRows {
+fn paginate(mut rules: Vec<(u64, u8, Rule)>, reasons: &[String]) -> ObjectRows {
     // At one address the higher priority (a row starting there) wins over
     // the end of the previous FDE.
     rules.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
@@ -276,15 +384,18 @@ fn paginate(mut rules: Vec<(u64, u8, Rule)>) -> ObjectRows {
             .count(),
         ..ObjectRows::default()
     };
+    let mut by_reason = vec![0; reasons.len()];
+    for (_, r) in flat.iter().filter(|(_, r)| r.cfa_kind == CFA_UNSUPPORTED) {
+        if let Some(n) = by_reason.get_mut(r.reason as usize) {
+            *n += 1;
+        }
+    }
+    out.unsupported_rules = reasons.iter().cloned().zip(by_reason).collect();
+    out.unsupported_rules
+        .sort_by_key(|r| std::cmp::Reverse(r.1));
     let row = |addr: u64, r: &Rule| {
-        UnwindRow::new(
-            (addr & PAGE_MASK) as u16,
-            r.cfa_kind,
-            r.cfa_offset,
-            r.rbp_kind,
-            r.rbp_offset,
-        )
-        .expect("rules are checked to fit when converted")
+        r.row((addr & PAGE_MASK) as u16)
+            .expect("rules are checked to fit when converted")
     };
     let mut i = 0;
     while i < flat.len() {
@@ -334,8 +445,7 @@ mod tests {
         Rule {
             cfa_kind: kind,
             cfa_offset: off,
-            rbp_kind: RBP_SAME,
-            rbp_offset: 0,
+            ..NO_CFI
         }
     }
 
@@ -347,7 +457,7 @@ mod tests {
             (0x2_0010, 1, r(CFA_RSP, 8)),
             (0x4_0000, 0, NO_CFI),
         ];
-        let out = paginate(rules);
+        let out = paginate(rules, &[]);
         // Page 1: two rows, the first carried from nothing (no CFI) at 0.
         assert_eq!(out.pages[0].0, 1);
         assert_eq!(out.rows[out.pages[0].1 as usize].kind(), CFA_NONE);
@@ -362,15 +472,6 @@ mod tests {
         // Page 3 is covered by the rsp+8 rule alone; page 4 has no CFI.
         assert_eq!(out.pages[2], (3, first + 2, 1));
         assert_eq!(out.pages.len(), 3);
-    }
-
-    #[test]
-    fn recognises_plt_expression() {
-        let expr = [
-            0x77, 0x08, 0x80, 0x00, 0x3f, 0x1a, 0x3b, 0x2a, 0x33, 0x24, 0x22,
-        ];
-        assert_eq!(plt_threshold(&expr), Some(11));
-        assert_eq!(plt_threshold(&expr[1..]), None);
     }
 
     #[test]
@@ -389,5 +490,22 @@ mod tests {
         // _start-style outermost frames exist (clone3's child marks rip undefined).
         assert!(rows.rows.iter().any(|r| r.kind() == CFA_END));
         assert!(rows.rows.iter().any(|r| r.kind() == CFA_SIGNAL));
+    }
+
+    #[test]
+    fn loader_entry_ends_the_stack() {
+        let Ok(data) = std::fs::read("/lib64/ld-linux-x86-64.so.2") else {
+            return;
+        };
+        let entry = object::File::parse(&*data).unwrap().entry();
+        let rows = compile(&data).expect("ld.so compiles");
+        let page = rows
+            .pages
+            .iter()
+            .find(|p| u64::from(p.0) == entry >> PAGE_SHIFT)
+            .expect("the entry's page has rows");
+        let page_rows = &rows.rows[page.1 as usize..(page.1 + page.2) as usize];
+        let at = profiler_common::unwind::find_row(page_rows, (entry & PAGE_MASK) as u16);
+        assert_eq!(page_rows[at].kind(), CFA_END);
     }
 }

@@ -41,8 +41,12 @@ const POLL_INTERVAL: Duration = Duration::from_millis(10);
 #[derive(Debug, clap::Args)]
 pub struct DebugArgs {
     /// Process whose stacks are walked.
-    #[arg(long, short)]
-    pub pid: u32,
+    #[arg(long, short, required_unless_present = "cfi")]
+    pub pid: Option<u32>,
+    /// Only compile the CFI of these objects and print their row counts,
+    /// build rate and unsupported rules (no process, no BPF).
+    #[arg(long, num_args = 1.., conflicts_with = "pid")]
+    pub cfi: Vec<std::path::PathBuf>,
     /// Walk from a uprobe at the entry of this function (default: malloc).
     #[arg(long, default_value = "malloc", conflicts_with = "perf")]
     pub uprobe: String,
@@ -68,8 +72,11 @@ pub struct DebugArgs {
 
 /// Runs the session.
 pub fn run(args: DebugArgs) -> anyhow::Result<()> {
+    if !args.cfi.is_empty() {
+        return cfi_report(&args.cfi);
+    }
     ebpf::require_root()?;
-    let pid = NonZeroU32::new(args.pid).context("no process with pid 0")?;
+    let pid = NonZeroU32::new(args.pid.unwrap_or(0)).context("no process with pid 0")?;
     process::check_user_process(pid.get())?;
     runtime::block_on(session(args, pid))
 }
@@ -190,17 +197,49 @@ async fn session(args: DebugArgs, pid: NonZeroU32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Compiles each object's CFI and prints, per object, `cfi PATH rows=N
+/// pages=N unsupported=N (P%) ms=T rows_per_s=R`, then one `  unsupported
+/// COUNT RULE` line per rule the walker cannot evaluate.
+fn cfi_report(paths: &[std::path::PathBuf]) -> anyhow::Result<()> {
+    for path in paths {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: read-only mapping of a file that is only parsed.
+        let data = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("mapping {}", path.display()))?;
+        let started = std::time::Instant::now();
+        let rows = super::cfi::compile(&data)
+            .with_context(|| format!("reading the CFI of {}", path.display()))?;
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "cfi {} rows={} pages={} unsupported={} ({:.4}%) ms={:.0} rows_per_s={:.0}",
+            path.display(),
+            rows.rows.len(),
+            rows.pages.len(),
+            rows.unsupported,
+            100.0 * rows.unsupported as f64 / rows.rows.len().max(1) as f64,
+            secs * 1e3,
+            rows.rows.len() as f64 / secs.max(1e-9)
+        );
+        for (rule, n) in rows.unsupported_rules.iter().filter(|r| r.1 > 0) {
+            println!("  unsupported {n} {rule}");
+        }
+    }
+    Ok(())
+}
+
 /// The tables' size and build time, on stderr (the tests and the benchmark read it).
 fn print_table_stats(tables: &Tables) {
     let stats = tables.stats();
     eprintln!(
-        "debug-unwind: tables objects={} rows={} pages={} prefixes={} unsupported_rows={} bytes={} build_ms={:.1}",
+        "debug-unwind: tables objects={} rows={} pages={} prefixes={} unsupported_rows={} bytes={} row_cap={} build_ms={:.1}",
         stats.objects,
         stats.rows,
         stats.pages,
         stats.prefixes,
         stats.unsupported_rows,
         stats.bytes(),
+        stats.cap_bytes,
         stats.build_time.as_secs_f64() * 1e3
     );
 }

@@ -5,8 +5,9 @@
 //! every executable file mapping of a process, the object's CFI is compiled
 //! once ([`cfi`]) and loaded into the shared row array, then the process's
 //! address ranges are entered in the per-process trie. Objects are shared by
-//! every process that maps them (keyed by device and inode), and their rows
-//! are freed when the last such process goes.
+//! every process that maps them (keyed by device and inode). When the last
+//! such process goes, their rows stay loaded (idle) for the next process of
+//! the same binary, until the memory cap needs their room.
 //!
 //! Your responsibilities: call [`Tables::add_process`] for every process
 //! whose stacks you want complete, [`Tables::refresh_process`] when it execs
@@ -17,11 +18,12 @@
 //! walker follows frame pointers.
 pub mod cfi;
 pub mod debug;
+mod expr;
+pub mod rows;
 
 use std::{
     collections::{HashMap, HashSet},
     fs::File,
-    os::fd::{AsFd as _, AsRawFd as _},
     time::{Duration, Instant},
 };
 
@@ -32,9 +34,10 @@ use aya::maps::{
 };
 use log::{debug, warn};
 use profiler_common::unwind::{
-    MAPPINGS_MAP, MappingInfo, MappingKey, PAGES_MAP, PageKey, PageRows, REFRESH_MAP, ROWS_MAP,
-    ROWS_MAX, UnwindRow,
+    MAPPINGS_MAP, MappingInfo, MappingKey, PAGES_MAP, PageKey, PageRows, REFRESH_MAP,
+    ROW_SHARDS_MAP,
 };
+use rows::RowStore;
 
 use crate::process::{self, Mapping};
 
@@ -55,8 +58,9 @@ struct ObjectKey {
 struct Object {
     /// Id in the page index; 0 when the object has no usable CFI.
     id: u32,
-    /// Rows it owns in the row array: `first..first + len`.
-    first: u32,
+    /// Row ranges it owns in the row shards: (first, len).
+    ranges: Vec<(u32, u32)>,
+    /// Rows it owns.
     len: u32,
     /// Page numbers it owns in the page index.
     pages: Vec<u32>,
@@ -64,6 +68,12 @@ struct Object {
     segments: Vec<(u64, u64, u64)>,
     /// Installed mappings that use it.
     users: usize,
+    /// Since when no process maps it: its rows stay loaded for the next
+    /// process of the same binary until their room is needed.
+    idle_since: Option<Instant>,
+    /// The file's (modification time in ns, size) when loaded: an idle
+    /// object is reused only for the same file (an inode can be reused).
+    identity: Option<(i64, u64)>,
     name: String,
 }
 
@@ -72,11 +82,13 @@ impl Object {
     fn without_tables(name: String) -> Self {
         Self {
             id: 0,
-            first: 0,
+            ranges: Vec::new(),
             len: 0,
             pages: Vec::new(),
             segments: Vec::new(),
             users: 0,
+            idle_since: None,
+            identity: None,
             name,
         }
     }
@@ -104,86 +116,34 @@ pub struct TableStats {
     pub prefixes: usize,
     /// Rows whose rule the walker cannot evaluate.
     pub unsupported_rows: usize,
+    /// Kernel memory of the row shards created (rows and free room).
+    pub shard_bytes: usize,
+    /// The cap on `shard_bytes`.
+    pub cap_bytes: usize,
     /// Time spent reading and compiling CFI and loading it.
     pub build_time: Duration,
 }
 
 impl TableStats {
-    /// Kernel memory the tables use, in bytes: rows, page index entries and
-    /// trie entries (key + value, without the maps' own overhead).
+    /// Kernel memory the tables use, in bytes: row shards, page index
+    /// entries and trie entries (key + value, without the maps' own
+    /// overhead).
     pub fn bytes(&self) -> usize {
-        self.rows * size_of::<UnwindRow>()
+        self.shard_bytes
             + self.pages * (size_of::<PageKey>() + size_of::<PageRows>())
             + self.prefixes * (4 + size_of::<MappingKey>() + size_of::<MappingInfo>())
     }
 }
 
-/// The row array, mapped into this process (`BPF_F_MMAPABLE`) so that an
-/// object's rows are written with one copy instead of a syscall per row.
-/// BPF arrays round elements up to 8 bytes; rows are exactly 8, so the
-/// mapping is a plain `[UnwindRow]`.
-struct RowArray {
-    ptr: *mut UnwindRow,
-    len: usize,
-    _map: MapData,
-}
-
-impl RowArray {
-    fn new(map: MapData) -> anyhow::Result<Self> {
-        let len = ROWS_MAX as usize;
-        let bytes = (len * size_of::<UnwindRow>()).next_multiple_of(4096);
-        // SAFETY: maps a BPF array created with BPF_F_MMAPABLE; the length
-        // is its value area rounded up to pages, as the kernel requires.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).context("mapping the unwind row array");
-        }
-        Ok(Self {
-            ptr: ptr.cast(),
-            len,
-            _map: map,
-        })
-    }
-
-    fn write(&mut self, at: u32, rows: &[UnwindRow]) {
-        let at = at as usize;
-        assert!(at + rows.len() <= self.len, "row range out of bounds");
-        // SAFETY: the range is inside the mapping (checked above), and the
-        // mapping is plain memory shared with the kernel; the walker reads
-        // these rows only once a page entry points at them, which happens
-        // after this copy.
-        unsafe { std::ptr::copy_nonoverlapping(rows.as_ptr(), self.ptr.add(at), rows.len()) };
-    }
-}
-
-impl Drop for RowArray {
-    fn drop(&mut self) {
-        let bytes = (self.len * size_of::<UnwindRow>()).next_multiple_of(4096);
-        // SAFETY: unmaps exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), bytes) };
-    }
-}
-
 /// The unwind tables of the processes being profiled, kept in the BPF maps.
 pub struct Tables {
-    rows: RowArray,
+    rows: RowStore,
     pages: BpfHashMap<MapData, PageKey, PageRows>,
     mappings: LpmTrie<MapData, MappingKey, MappingInfo>,
     refresh: BpfHashMap<MapData, u32, u64>,
     objects: HashMap<ObjectKey, Object>,
     processes: HashMap<u32, HashSet<Installed>>,
     last_refresh: HashMap<u32, Instant>,
-    /// Free row ranges (first, len), sorted by first.
-    free: Vec<(u32, u32)>,
     next_id: u32,
     stats: TableStats,
 }
@@ -197,22 +157,29 @@ fn take_map(ebpf: &mut aya::Ebpf, name: &str) -> anyhow::Result<Map> {
 }
 
 impl Tables {
-    /// Takes the unwinder's table maps out of `ebpf` (once per object).
+    /// Takes the unwinder's table maps out of `ebpf` (once per object), with
+    /// the default cap on the rows' kernel memory.
     pub fn new(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
-        let Map::Array(rows) = take_map(ebpf, ROWS_MAP)? else {
-            bail!("map {ROWS_MAP} is not an array");
+        Self::with_cap(ebpf, rows::DEFAULT_CAP_MIB)
+    }
+
+    /// [`Tables::new`] with at most `cap_mib` MiB of rows in the kernel.
+    pub fn with_cap(ebpf: &mut aya::Ebpf, cap_mib: u64) -> anyhow::Result<Self> {
+        let rows = RowStore::new(take_map(ebpf, ROW_SHARDS_MAP)?, cap_mib)?;
+        let stats = TableStats {
+            cap_bytes: rows.cap_bytes(),
+            ..TableStats::default()
         };
         Ok(Self {
-            rows: RowArray::new(rows)?,
+            rows,
             pages: BpfHashMap::try_from(take_map(ebpf, PAGES_MAP)?)?,
             mappings: LpmTrie::try_from(take_map(ebpf, MAPPINGS_MAP)?)?,
             refresh: BpfHashMap::try_from(take_map(ebpf, REFRESH_MAP)?)?,
             objects: HashMap::new(),
             processes: HashMap::new(),
             last_refresh: HashMap::new(),
-            free: vec![(0, ROWS_MAX)],
             next_id: 1,
-            stats: TableStats::default(),
+            stats,
         })
     }
 
@@ -318,6 +285,13 @@ impl Tables {
     }
 
     fn install(&mut self, pid: u32, mapping: &Mapping, m: &Installed) -> anyhow::Result<()> {
+        if let Some(idle) = self.objects.get(&m.key).filter(|o| o.users == 0)
+            && idle.identity != file_identity(pid, mapping)
+        {
+            // Another file now has this device and inode.
+            let stale = self.objects.remove(&m.key).expect("looked up above");
+            self.free_object(stale);
+        }
         if !self.objects.contains_key(&m.key) {
             let object = match self.load_object(pid, mapping) {
                 Ok(object) => object,
@@ -346,6 +320,7 @@ impl Tables {
         }
         let object = self.objects.get_mut(&m.key).expect("inserted above");
         object.users += 1;
+        object.idle_since = None;
         if object.id == 0 {
             return Ok(());
         }
@@ -406,23 +381,43 @@ impl Tables {
         }
         object.users -= 1;
         if object.users == 0 {
-            let object = self.objects.remove(&m.key).expect("looked up above");
-            self.free_object(object);
+            object.idle_since = Some(Instant::now());
         }
     }
 
+    /// Frees the rows of the object that has been idle longest; false when
+    /// no object is idle.
+    fn evict_idle(&mut self) -> bool {
+        let oldest = self
+            .objects
+            .iter()
+            .filter(|(_, o)| o.users == 0 && o.id != 0)
+            .min_by_key(|(_, o)| o.idle_since)
+            .map(|(k, _)| *k);
+        let Some(key) = oldest else {
+            return false;
+        };
+        let object = self.objects.remove(&key).expect("found above");
+        debug!("unwind tables of idle {} freed for room", object.name);
+        self.free_object(object);
+        true
+    }
+
     fn load_object(&mut self, pid: u32, mapping: &Mapping) -> anyhow::Result<Object> {
+        let identity = file_identity(pid, mapping);
         let data = read_object(pid, mapping)?;
         let segments = cfi::load_segments(&data)?;
         let compiled =
             cfi::compile(&data).with_context(|| format!("reading the CFI of {}", mapping.path))?;
         let mut object = Object {
             id: 0,
-            first: 0,
+            ranges: Vec::new(),
             len: 0,
             pages: Vec::new(),
             segments,
             users: 0,
+            idle_since: None,
+            identity,
             name: mapping.path.clone(),
         };
         if compiled.rows.is_empty() {
@@ -433,26 +428,27 @@ impl Tables {
             return Ok(object);
         }
         let len = compiled.rows.len() as u32;
-        let first = self.alloc_rows(len).with_context(|| {
-            format!(
-                "unwind row array full ({ROWS_MAX} rows) loading {}",
-                mapping.path
-            )
-        })?;
-        self.rows.write(first, &compiled.rows);
+        let placed = loop {
+            match self.rows.place(&compiled.pages, &compiled.rows) {
+                Ok(placed) => break placed,
+                // Under the cap, idle objects make room first.
+                Err(_) if self.evict_idle() => {}
+                Err(err) => {
+                    return Err(err)
+                        .with_context(|| format!("loading the unwind rows of {}", mapping.path));
+                }
+            }
+        };
         object.id = self.next_id;
         self.next_id += 1;
-        object.first = first;
+        object.ranges = placed.ranges;
         object.len = len;
-        for &(page, start, count) in &compiled.pages {
+        for (&(page, _, count), &first) in compiled.pages.iter().zip(&placed.page_firsts) {
             let key = PageKey {
                 object: object.id,
                 page,
             };
-            let value = PageRows {
-                first: first + start,
-                count,
-            };
+            let value = PageRows { first, count };
             if let Err(err) = self.pages.insert(key, value, 0) {
                 self.free_object(object);
                 return Err(err).context("unwind page index full");
@@ -463,6 +459,7 @@ impl Tables {
         self.stats.rows += len as usize;
         self.stats.pages += object.pages.len();
         self.stats.unsupported_rows += compiled.unsupported;
+        self.stats.shard_bytes = self.rows.bytes();
         debug!(
             "unwind tables for {}: {} rows, {} pages, {} unsupported",
             mapping.path,
@@ -483,37 +480,26 @@ impl Tables {
                 page,
             });
         }
-        self.free_rows(object.first, object.len);
+        self.rows.release(&object.ranges);
         self.stats.objects -= 1;
         self.stats.rows -= object.len as usize;
         self.stats.pages -= object.pages.len();
     }
+}
 
-    /// First fit in the free list.
-    fn alloc_rows(&mut self, len: u32) -> Option<u32> {
-        let i = self.free.iter().position(|&(_, l)| l >= len)?;
-        let (first, l) = self.free[i];
-        if l == len {
-            self.free.remove(i);
-        } else {
-            self.free[i] = (first + len, l - len);
-        }
-        Some(first)
-    }
-
-    fn free_rows(&mut self, first: u32, len: u32) {
-        let i = self.free.partition_point(|&(f, _)| f < first);
-        self.free.insert(i, (first, len));
-        // Merge with the neighbours.
-        if i + 1 < self.free.len() && self.free[i].0 + self.free[i].1 == self.free[i + 1].0 {
-            self.free[i].1 += self.free[i + 1].1;
-            self.free.remove(i + 1);
-        }
-        if i > 0 && self.free[i - 1].0 + self.free[i - 1].1 == self.free[i].0 {
-            self.free[i - 1].1 += self.free[i].1;
-            self.free.remove(i);
-        }
-    }
+/// The (modification time in ns, size) of a mapped file; `None` for the
+/// vDSO or a file that cannot be read.
+fn file_identity(pid: u32, mapping: &Mapping) -> Option<(i64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let by_map = format!(
+        "/proc/{pid}/map_files/{:x}-{:x}",
+        mapping.start, mapping.end
+    );
+    let meta = std::fs::metadata(by_map).ok()?;
+    Some((
+        meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        meta.size(),
+    ))
 }
 
 /// The bytes of a mapped object: the file, or the vDSO from memory.

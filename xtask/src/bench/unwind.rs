@@ -109,6 +109,60 @@ pub fn run() -> anyhow::Result<()> {
         }
     }
     python()?;
+    big_objects(&prof)?;
+    Ok(())
+}
+
+/// Cold build of the rows of the biggest objects on this machine (rustc's
+/// `librustc_driver` and `libLLVM`, Debian's `libLLVM-14`): time, rows per
+/// second, kernel memory (8-byte rows in 8 MiB shards) and the rules the
+/// walker cannot evaluate.
+fn big_objects(prof: &Path) -> anyhow::Result<()> {
+    let mut objects: Vec<PathBuf> = Vec::new();
+    let sysroot = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()?;
+    let lib = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim()).join("lib");
+    if let Ok(dir) = std::fs::read_dir(&lib) {
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("librustc_driver-") || name.starts_with("libLLVM.so") {
+                objects.push(entry.path());
+            }
+        }
+    }
+    let llvm14 = Path::new("/usr/lib/x86_64-linux-gnu/libLLVM-14.so.1");
+    if llvm14.exists() {
+        objects.push(llvm14.to_owned());
+    }
+    if objects.is_empty() {
+        println!("big objects: none found");
+        return Ok(());
+    }
+    let out = Command::new(prof)
+        .arg("debug-unwind")
+        .arg("--cfi")
+        .args(&objects)
+        .output()
+        .context("running debug-unwind --cfi")?;
+    if !out.status.success() {
+        bail!(
+            "debug-unwind --cfi failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    println!("big objects: cold build of the rows (one thread), kernel memory of the rows");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(rows) = field(line, "rows") else {
+            println!("{line}");
+            continue;
+        };
+        let shards = rows.div_ceil(1 << 20);
+        println!(
+            "{line} row_bytes={:.1}MiB (in {shards} shards of 8 MiB)",
+            rows as f64 * 8.0 / (1 << 20) as f64
+        );
+    }
     Ok(())
 }
 

@@ -230,6 +230,8 @@ fn frame_of(regs: &Regs) -> Frame {
         pc: regs.pc as u64,
         sp: regs.sp as u64,
         bp: regs.bp as u64,
+        // This unwinder does not track rbx (no row it builds is based on it).
+        bx: 0,
     }
 }
 
