@@ -4,6 +4,7 @@
 //! - `settings`: the session's plain settings; `--probe` resolved.
 //! - [`discover`]: which allocator a process uses and its entry points.
 //! - `usdt_sites`: a target's `otel_memory:alloc/free` USDT probes.
+//! - `usdt_attach`: attaching at them, each with its argument spec.
 //! - `attach`: what to probe, loading and attaching.
 //! - `maps`: reading the kernel's maps.
 //! - `processes`: the session's view of its targets.
@@ -34,6 +35,7 @@ mod sampling;
 mod session;
 mod settings;
 mod status;
+mod usdt_attach;
 mod usdt_sites;
 
 const AFTER_HELP: &str = "\

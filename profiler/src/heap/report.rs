@@ -261,6 +261,10 @@ fn comments(totals: &Totals, ctx: &Context<'_>) -> Vec<String> {
             "allocations lost: the thread map was full",
         ),
         (HeapCounter::StackErrors, "allocations without a user stack"),
+        (
+            HeapCounter::UsdtArgErrors,
+            "USDT probe events lost: an argument could not be read",
+        ),
     ] {
         let n = counters.get(counter);
         if n > 0 {

@@ -23,6 +23,7 @@ use super::{
     report::{self, Context, LeakInput, Totals},
     settings::{Settings, Targets, Tracking},
     status::Status,
+    usdt_attach::UsdtAttacher,
 };
 use crate::{
     output::{OutputArgs, OutputPlan},
@@ -115,6 +116,8 @@ struct Session {
     live: Option<Collector>,
     /// CFI tables of the targets for the kernel-side unwinder.
     tables: Tables,
+    /// The USDT sites attached, and their argument specs.
+    usdt: UsdtAttacher,
 }
 
 impl Session {
@@ -139,6 +142,7 @@ impl Session {
             processes: Processes::default(),
             live: None,
             tables,
+            usdt: UsdtAttacher::default(),
         };
         // Unwind tables before the probes: the first stacks are complete too.
         // A launched child has not exec'd yet; its tables come after exec.
@@ -148,7 +152,13 @@ impl Session {
             }
         }
         for (allocator, scope) in allocators {
-            attach::allocator(&mut session.ebpf, tracking, &allocator, scope)?;
+            attach::allocator(
+                &mut session.ebpf,
+                tracking,
+                &allocator,
+                scope,
+                &mut session.usdt,
+            )?;
             session.allocators.push((allocator, scope));
         }
         // After the allocator's probes: a mapping made inside an allocator
@@ -277,6 +287,9 @@ impl Session {
                     if self.settings.targets == Targets::All && ticks.is_multiple_of(2) {
                         self.purge_exited()?;
                     }
+                    if self.tracking == Tracking::Usdt {
+                        self.follow_usdt_objects();
+                    }
                     let line = status.line(
                         started.elapsed().as_secs_f64(),
                         &maps::counters(&self.ebpf)?,
@@ -375,9 +388,29 @@ impl Session {
                 continue;
             };
             let scope = UProbeScope::OneProcess(nz);
-            match attach::allocator(&mut self.ebpf, self.tracking, &found, scope) {
+            match attach::allocator(&mut self.ebpf, self.tracking, &found, scope, &mut self.usdt) {
                 Ok(()) => self.allocators.push((found, scope)),
                 Err(err) => warn!("{err:#}"),
+            }
+        }
+    }
+
+    /// Probes the `otel_memory` sites of objects the targets mapped since
+    /// the attach (dlopen), with their unwind tables loaded first.
+    fn follow_usdt_objects(&mut self) {
+        for pid in self.pids.clone() {
+            if self.processes.exited.contains(&pid) {
+                continue;
+            }
+            if let Err(err) = self.tables.refresh_process(pid) {
+                debug!("refreshing the unwind tables of pid {pid}: {err:#}");
+            }
+            for path in self.usdt.follow(&mut self.ebpf, pid) {
+                self.refresh_process(pid);
+                eprintln!(
+                    "prof-bpf: heap: probing the {} USDT probes of {path} (pid {pid}), mapped after the attach",
+                    super::usdt_sites::PROVIDER
+                );
             }
         }
     }
