@@ -97,6 +97,21 @@ pub(crate) fn plan(settings: &Settings) -> anyhow::Result<Plan> {
                 allocators.push((allocator, UProbeScope::OneProcess(nz)));
             }
             let tracking = match settings.probe {
+                // Leak mode needs the whole heap: the allocator's live heap
+                // (with the probes for its alloc values), else every
+                // allocation since the attach.
+                ProbeRequest::Auto if settings.leaks => {
+                    if every_target_has_usdt
+                        && !list.is_empty()
+                        && list
+                            .iter()
+                            .all(|&pid| crate::live_heap::find_header(pid).is_ok())
+                    {
+                        Tracking::Usdt
+                    } else {
+                        malloc
+                    }
+                }
                 ProbeRequest::Auto if every_target_has_usdt && !list.is_empty() => Tracking::Usdt,
                 request => resolve_probe(request, settings.sample_bytes, &offers)?,
             };
