@@ -19,9 +19,9 @@ use crate::{
 };
 
 /// The provider and probe names.
-pub(crate) const PROVIDER: &str = "otel_memory";
-const ALLOC: &str = "alloc";
-const FREE: &str = "free";
+pub(crate) const PROVIDER: &str = profiler_common::hooks::USDT_PROVIDER;
+const ALLOC: &str = profiler_common::hooks::USDT_ALLOC;
+const FREE: &str = profiler_common::hooks::USDT_FREE;
 /// Arguments of each probe: alloc(ptr, size, weight), free(ptr).
 const ALLOC_ARGS: usize = 3;
 const FREE_ARGS: usize = 1;
