@@ -103,9 +103,7 @@ pub(crate) fn plan(settings: &Settings) -> anyhow::Result<Plan> {
                 ProbeRequest::Auto if settings.leaks => {
                     if every_target_has_usdt
                         && !list.is_empty()
-                        && list
-                            .iter()
-                            .all(|&pid| crate::live_heap::find_header(pid).is_ok())
+                        && list.iter().all(|&pid| crate::live_heap::read(pid).is_ok())
                     {
                         Tracking::Usdt
                     } else {
