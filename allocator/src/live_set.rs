@@ -318,14 +318,18 @@ impl LiveSet {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds (the vDSO: no allocation, no lock).
+/// CLOCK_MONOTONIC in nanoseconds, to the kernel's tick: the coarse clock
+/// is the same clock as of the last tick (at most a few milliseconds
+/// behind, so ages read against CLOCK_MONOTONIC are at most that much
+/// older), and the vDSO returns it without reading the TSC, several times
+/// cheaper on the sampled path. No allocation, no lock.
 fn now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: ts is a valid out-parameter.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

@@ -279,6 +279,9 @@ crate::counter_set! {
         /// munmap/mremap calls that released only the front part of a
         /// tracked mapping (the rest stays tracked with its new start and size).
         UnmapsPartial = "unmaps_partial",
+        /// USDT probe events dropped: an argument could not be read (its
+        /// spec missing, or user memory not readable at the site).
+        UsdtArgErrors = "usdt_arg_errors",
     }
 }
 

@@ -14,6 +14,7 @@ pub mod hooks;
 pub mod stack;
 pub mod unwind;
 pub mod unwind_test;
+pub mod usdt;
 
 /// Implements aya's `Pod` for user space (feature `user`), so maps holding
 /// these types can be read with aya.

@@ -65,6 +65,7 @@ static HEAP_SAMPLE_WEIGHTS: Array<u64> = Array::with_max_entries(WEIGHT_TABLE_LE
 static HEAP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(HeapCounter::LEN, 0);
 
 mod mmap;
+mod usdt;
 
 #[uprobe]
 pub fn heap_alloc_entry(ctx: ProbeContext) -> u32 {
@@ -85,35 +86,48 @@ pub fn heap_free_entry(ctx: ProbeContext) -> u32 {
 
 #[inline(always)]
 fn free(ctx: &ProbeContext) -> u32 {
+    free_at(ctx.arg(0).unwrap_or(0));
+    0
+}
+
+/// A free function called on `addr`: retires the block if it is tracked.
+#[inline(always)]
+fn free_at(addr: u64) {
     let pid = current_pid();
     let config = config();
     if pid == config.agent_pid {
-        return 0;
+        return;
     }
     mmap::note_target(&config, pid);
     count(&HEAP_COUNTERS, HeapCounter::Frees);
-    let addr: u64 = ctx.arg(0).unwrap_or(0);
     if addr != 0 {
         untrack(pid, addr, SOURCE_ALLOCATOR);
     }
-    0
 }
 
 /// libprofalloc.so's `profalloc_sample_alloc(ptr, size, weight)`: called
 /// only for the allocations its own sampler picked, with their weight.
 #[uprobe]
 pub fn heap_hook_alloc(ctx: ProbeContext) -> u32 {
+    let arg = |n: usize| -> u64 { ctx.arg(n).unwrap_or(0) };
+    sampled_alloc(&ctx, arg(0), arg(1), arg(2), true);
+    0
+}
+
+/// Tracks an allocation the allocator sampled itself, with its weight in
+/// bytes. `from_entry`: the probe is where `[rsp]` is the return address
+/// (see `user_stack_id`), else the stack starts at the probe itself.
+#[inline(always)]
+fn sampled_alloc(ctx: &ProbeContext, addr: u64, size: u64, weight_bytes: u64, from_entry: bool) {
     let pid = current_pid();
     if pid == config().agent_pid {
-        return 0;
+        return;
     }
-    let arg = |n: usize| -> u64 { ctx.arg(n).unwrap_or(0) };
-    let (addr, size, weight_bytes) = (arg(0), arg(1), arg(2));
     count(&HEAP_COUNTERS, HeapCounter::Allocs);
     if addr == 0 {
-        return 0;
+        return;
     }
-    let stack_id = match user_stack_id(ctx.regs, true) {
+    let stack_id = match user_stack_id(ctx.regs, from_entry) {
         Ok(id) => id,
         Err(_) => {
             count(&HEAP_COUNTERS, HeapCounter::StackErrors);
@@ -133,7 +147,6 @@ pub fn heap_hook_alloc(ctx: ProbeContext) -> u32 {
             stack_id,
         },
     );
-    0
 }
 
 /// Launch mode: a uprobe on the dynamic loader's `_dl_debug_state`, which it

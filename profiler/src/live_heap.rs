@@ -60,43 +60,72 @@ impl LiveHeap {
 /// Where the header lives in `pid`: the `.dynsym` symbol of a mapped
 /// file, relocated by that file's mapping.
 pub fn find_header(pid: u32) -> anyhow::Result<u64> {
-    let maps = process::maps(pid)?;
-    let mut seen = std::collections::HashSet::new();
-    for m in maps.iter().filter(|m| m.is_file()) {
-        if !seen.insert((m.dev, m.inode)) {
-            continue;
+    HeaderFinder::default().find(pid)
+}
+
+/// Finds headers in many processes, reading each mapped file once: what
+/// it learnt of a file (by device and inode) is kept.
+#[derive(Default)]
+pub struct HeaderFinder {
+    /// By (device, inode): the header symbol's address and the segments,
+    /// or None for a file without it.
+    files: std::collections::HashMap<((u32, u32), u64), Option<HeaderSymbol>>,
+}
+
+impl HeaderFinder {
+    /// [`find_header`], through what is known of the files already.
+    pub fn find(&mut self, pid: u32) -> anyhow::Result<u64> {
+        let maps = process::maps(pid)?;
+        let mut seen = std::collections::HashSet::new();
+        for m in maps.iter().filter(|m| m.is_file()) {
+            if !seen.insert((m.dev, m.inode)) {
+                continue;
+            }
+            let found = self.files.entry((m.dev, m.inode)).or_insert_with(|| {
+                let file = std::fs::File::open(process::path_in_root(pid, &m.path)).ok()?;
+                // SAFETY: the file is mapped read-only and only parsed; a
+                // concurrent truncation could fault, which no program does
+                // to a library it has loaded.
+                let data = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+                header_symbol(&data)
+            });
+            let Some((symbol, segments)) = found else {
+                continue;
+            };
+            // The load bias from this mapping and the segment it maps.
+            let Some(&(vaddr, _, offset)) = segments
+                .iter()
+                .find(|&&(_, size, offset)| offset <= m.offset && m.offset < offset + size.max(1))
+            else {
+                continue;
+            };
+            let bias = m
+                .start
+                .wrapping_sub(m.offset)
+                .wrapping_sub(vaddr.wrapping_sub(offset));
+            return Ok(bias.wrapping_add(*symbol));
         }
-        let path = process::path_in_root(pid, &m.path);
-        let Ok(data) = std::fs::read(&path) else {
-            continue;
-        };
-        let Some((symbol, segments)) = header_symbol(&data) else {
-            continue;
-        };
-        // The load bias from this mapping and the segment it maps.
-        let Some(&(vaddr, _, offset)) = segments
-            .iter()
-            .find(|&&(_, size, offset)| offset <= m.offset && m.offset < offset + size.max(1))
-        else {
-            continue;
-        };
-        let bias = m
-            .start
-            .wrapping_sub(m.offset)
-            .wrapping_sub(vaddr.wrapping_sub(offset));
-        return Ok(bias.wrapping_add(symbol));
+        bail!(
+            "pid {pid} maps no file that exports {LIVE_HEAP_SYMBOL} (not running on libprofalloc.so?)"
+        )
     }
-    bail!(
-        "pid {pid} maps no file that exports {LIVE_HEAP_SYMBOL} (not running on libprofalloc.so?)"
-    )
+
+    /// [`read`], through what is known of the files already.
+    pub fn read(&mut self, pid: u32) -> anyhow::Result<LiveHeap> {
+        let at = self.find(pid)?;
+        read_at(pid, at).with_context(|| format!("reading the live heap of pid {pid}"))
+    }
 }
 
 /// Loadable segments: (address, file size, file offset).
 type Segments = Vec<(u64, u64, u64)>;
 
+/// The header symbol's address in a file, and the file's segments.
+type HeaderSymbol = (u64, Segments);
+
 /// The symbol's address and the loadable segments of an ELF file, if it
 /// exports the header.
-fn header_symbol(data: &[u8]) -> Option<(u64, Segments)> {
+fn header_symbol(data: &[u8]) -> Option<HeaderSymbol> {
     let file = object::File::parse(data).ok()?;
     let symbol = file
         .dynamic_symbols()

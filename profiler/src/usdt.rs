@@ -48,10 +48,12 @@ impl Reg {
     fn parse(name: &str) -> Option<Self> {
         use Reg::*;
         let legacy: [(Reg, [&str; 5]); 8] = [
-            (Rax, ["rax", "eax", "ax", "al", "ah"]),
-            (Rbx, ["rbx", "ebx", "bx", "bl", "bh"]),
-            (Rcx, ["rcx", "ecx", "cx", "cl", "ch"]),
-            (Rdx, ["rdx", "edx", "dx", "dl", "dh"]),
+            // The high bytes (ah, bh, ch, dh) are not the register's low
+            // bits: they are not offered, so such an argument is refused.
+            (Rax, ["rax", "eax", "ax", "al", "rax"]),
+            (Rbx, ["rbx", "ebx", "bx", "bl", "rbx"]),
+            (Rcx, ["rcx", "ecx", "cx", "cl", "rcx"]),
+            (Rdx, ["rdx", "edx", "dx", "dl", "rdx"]),
             (Rsi, ["rsi", "esi", "si", "sil", "rsi"]),
             (Rdi, ["rdi", "edi", "di", "dil", "rdi"]),
             (Rbp, ["rbp", "ebp", "bp", "bpl", "rbp"]),
@@ -146,7 +148,17 @@ pub struct Probe {
     pub semaphore: u64,
     /// The argument string as written.
     pub args_text: String,
+    /// The decoded arguments (empty when `args_error` says why not).
     pub args: Vec<Arg>,
+    /// Why the argument string could not be decoded, if it could not.
+    pub args_error: Option<String>,
+    /// The link-time addresses of the symbols the arguments name
+    /// (`counter(%rip)`), those the file defines.
+    pub symbols: Vec<(String, u64)>,
+    /// At the site, `[rsp]` holds the return address of the function the
+    /// site is in: it is a function's first instruction, or its nop is
+    /// followed by a `ret`.
+    pub return_address_at_sp: bool,
     /// The file offset of the site: where a uprobe attaches.
     pub file_offset: u64,
 }
@@ -280,9 +292,25 @@ pub fn probes(data: &[u8]) -> anyhow::Result<Vec<Probe>> {
                 raw.provider, raw.name
             )
         })?;
+        let (args, args_error) = match parse_args(&raw.args) {
+            Ok(args) => (args, None),
+            Err(err) => (Vec::new(), Some(format!("{err:#}"))),
+        };
+        let symbols = args
+            .iter()
+            .filter_map(|a| match &a.location {
+                Location::Memory {
+                    symbol: Some(name), ..
+                } => Some(name.as_str()),
+                _ => None,
+            })
+            .filter_map(|name| Some((name.to_owned(), symbol_address(&file, name)?)))
+            .collect();
         out.push(Probe {
-            args: parse_args(&raw.args)
-                .with_context(|| format!("probe {}:{}", raw.provider, raw.name))?,
+            args,
+            args_error,
+            symbols,
+            return_address_at_sp: return_address_at_sp(&file, data, pc, file_offset),
             provider: raw.provider,
             name: raw.name,
             pc,
@@ -292,6 +320,38 @@ pub fn probes(data: &[u8]) -> anyhow::Result<Vec<Probe>> {
         });
     }
     Ok(out)
+}
+
+/// The address of the symbol `name` defined in the file.
+fn symbol_address(file: &object::File<'_>, name: &str) -> Option<u64> {
+    use object::ObjectSymbol as _;
+    file.symbols()
+        .chain(file.dynamic_symbols())
+        .find(|s| s.is_definition() && s.name() == Ok(name))
+        .map(|s| s.address())
+}
+
+/// Whether `[rsp]` holds the return address at the site at `pc`: it starts
+/// a function, or the nop there (1 or 5 bytes) is followed by `ret`.
+fn return_address_at_sp(file: &object::File<'_>, data: &[u8], pc: u64, offset: u64) -> bool {
+    use object::ObjectSymbol as _;
+    const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+    const RET: u8 = 0xc3;
+    let at = |o: u64| data.get(usize::try_from(o).ok()?).copied();
+    let nop_len = match at(offset) {
+        Some(0x90) => Some(1),
+        _ => usize::try_from(offset)
+            .ok()
+            .and_then(|o| data.get(o..o + 5))
+            .is_some_and(|b| b == NOP5)
+            .then_some(5),
+    };
+    let ret_follows = nop_len.is_some_and(|n| at(offset + n) == Some(RET));
+    ret_follows
+        || file
+            .symbols()
+            .chain(file.dynamic_symbols())
+            .any(|s| s.kind() == object::SymbolKind::Text && s.address() == pc && s.size() > 0)
 }
 
 /// The file offset of virtual address `addr`, through the loadable

@@ -268,6 +268,16 @@ pub fn start_prof_bpf(args: &[&str], marker: &str) -> (Child, Vec<String>) {
 /// [`start_prof_bpf`] for any program: starts `program ARGS` and waits for a
 /// stderr line containing `marker`.
 pub fn start_until(program: &Path, args: &[&str], marker: &str) -> (Child, Vec<String>) {
+    let (child, seen, _) = start_following(program, args, marker);
+    (child, seen)
+}
+
+/// [`start_until`], also returning the stderr lines that come later.
+pub fn start_following(
+    program: &Path,
+    args: &[&str],
+    marker: &str,
+) -> (Child, Vec<String>, std::sync::mpsc::Receiver<String>) {
     let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -295,7 +305,7 @@ pub fn start_until(program: &Path, args: &[&str], marker: &str) -> (Child, Vec<S
                 let done = line.contains(marker);
                 seen.push(line);
                 if done {
-                    return (child, seen);
+                    return (child, seen, rx);
                 }
             }
             Err(_) => {

@@ -1,7 +1,7 @@
 //! `prof-bpf heap` on the `otel_memory:alloc/free` USDT probes: chosen by
 //! `--probe auto` for libprofalloc.so targets, forced by `--probe usdt`,
-//! refused where the compiler put the arguments out of the programs'
-//! reach, and the malloc uprobes for targets without probes.
+//! and the malloc uprobes for targets without probes (the C stand-in
+//! allocator's probes: `heap_usdt_standin.rs`).
 use std::{process::Command, time::Duration};
 
 use heap_support::*;
@@ -173,33 +173,6 @@ fn the_heap_allocated_before_the_attach_is_reported_from_the_allocator() {
     let (_, code) = w.wait_output(Duration::from_secs(30));
     assert_eq!(code, 0);
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// The C test allocator's probes pass their arguments in registers the
-/// programs do not read (the compiler's choice): `--probe usdt` refuses in
-/// one line naming them, and `--probe auto` takes the malloc uprobes and
-/// says so.
-#[test]
-fn usdt_probes_out_of_reach_are_refused_and_auto_falls_back() {
-    require_bpf!();
-    let mut w = Proc::spawn(
-        Command::new(build_workload("usdt_alloc", FLAGS)).args(["1000", "100", "4096"]),
-    );
-    w.expect_line("ready");
-    let pid = w.pid().to_string();
-    let (_, stderr, code) = run_prof_bpf(&["heap", "--pid", &pid, "--probe", "usdt"]);
-    assert_one_line_error(&stderr, code, "otel_memory:alloc");
-    assert!(stderr.contains("8@%rdi 8@%rsi 8@%rdx"), "{stderr}");
-
-    let (prof, stderr) = start_prof_bpf(&["heap", "--pid", &pid], ATTACHED);
-    assert!(
-        stderr.iter().any(|l| l.contains("(malloc uprobes)")),
-        "{stderr:?}"
-    );
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(prof.id() as i32, libc::SIGINT) };
-    let out = prof.wait_with_output().expect("wait for prof-bpf");
-    assert!(out.status.success());
 }
 
 /// A process with neither probes nor libprofalloc.so: `--probe usdt`

@@ -126,6 +126,8 @@ fn libprofalloc_notes_are_read_and_each_site_starts_its_function() {
             .collect();
         assert_eq!(locations, want, "{name}");
         assert_eq!(p.args[0].location, rdi);
+        // Its stack starts at the caller: [rsp] is the return address.
+        assert!(p.return_address_at_sp, "{name}");
     }
 }
 
@@ -156,8 +158,11 @@ fn the_c_allocators_notes_are_read_and_decoded() {
     let free = probe(&probes, USDT_FREE);
     assert_eq!((alloc.args.len(), free.args.len()), (3, 1));
     for p in [alloc, free] {
-        // <sys/sdt.h> sites are a 1-byte nop.
+        // <sys/sdt.h> sites are a 1-byte nop, inside the function: the
+        // stack starts at the site.
         assert_eq!(bytes_at(&program, p.file_offset, 1), [0x90], "{}", p.name);
+        assert!(!p.return_address_at_sp, "{}", p.name);
+        assert_eq!(p.args_error, None, "{}", p.name);
         for a in &p.args {
             assert_eq!(a.size, 8, "{}: {}", p.name, p.args_text);
             assert!(

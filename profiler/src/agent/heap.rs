@@ -39,6 +39,7 @@ use crate::{
         processes::Processes,
         report::{self, Context, Totals},
         settings::Tracking,
+        usdt_attach::{self, UsdtAttacher},
         usdt_sites,
     },
     process,
@@ -67,6 +68,8 @@ pub(crate) struct HeapCollector {
     max_rate: u64,
     /// Object files examined, by inode.
     objects: HashMap<u64, Offer>,
+    /// The USDT sites' argument specs, shared by every object probed.
+    usdt: UsdtAttacher,
     /// Inodes of the objects with in-process sampling.
     sampler_inodes: Vec<u64>,
     /// Processes examined (forgotten again on exec).
@@ -94,6 +97,8 @@ impl HeapCollector {
         for name in [
             attach::HOOK_FREE_PROGRAM,
             attach::HOOK_ALLOC_PROGRAM,
+            usdt_attach::FREE_PROGRAM,
+            usdt_attach::ALLOC_PROGRAM,
             attach::FREE_PROGRAM,
             attach::RETURN_PROGRAM,
             attach::ENTRY_PROGRAM,
@@ -104,6 +109,7 @@ impl HeapCollector {
             sample_bytes,
             max_rate,
             objects: HashMap::new(),
+            usdt: UsdtAttacher::default(),
             sampler_inodes: Vec::new(),
             seen: HashSet::new(),
             in_process: HashSet::new(),
@@ -191,7 +197,7 @@ impl HeapCollector {
         let Some(data) = map_file(&open_path) else {
             return Offer::Nothing;
         };
-        let usdt = match usdt_sites::in_object(path, open_path.clone(), &data) {
+        let usdt = match usdt_sites::in_object(path, open_path.clone(), inode, &data) {
             Ok(sites) => sites,
             Err(err) => {
                 warn!("heap: {path}: {err:#}; its processes are not sampled through it");
@@ -216,7 +222,13 @@ impl HeapCollector {
             hooks,
             usdt: usdt.into_iter().collect(),
         };
-        match attach::allocator(ebpf, tracking, &allocator, UProbeScope::AllProcesses) {
+        match attach::allocator(
+            ebpf,
+            tracking,
+            &allocator,
+            UProbeScope::AllProcesses,
+            &mut self.usdt,
+        ) {
             Ok(()) => {
                 eprintln!(
                     "prof-bpf: heap: sampling in-process through {} of {path} (every process mapping it)",

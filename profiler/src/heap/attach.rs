@@ -23,6 +23,7 @@ use super::{
     discover::{self, Allocator, Role},
     maps,
     settings::{HookOffer, ProbeRequest, Settings, Targets, Tracking, resolve_probe},
+    usdt_attach::{self, UsdtAttacher},
     usdt_sites::{self, PROVIDER},
 };
 use crate::{ebpf, launch, process};
@@ -96,6 +97,19 @@ pub(crate) fn plan(settings: &Settings) -> anyhow::Result<Plan> {
                 allocators.push((allocator, UProbeScope::OneProcess(nz)));
             }
             let tracking = match settings.probe {
+                // Leak mode needs the whole heap: the allocator's live heap
+                // (with the probes for its alloc values), else every
+                // allocation since the attach.
+                ProbeRequest::Auto if settings.leaks => {
+                    if every_target_has_usdt
+                        && !list.is_empty()
+                        && list.iter().all(|&pid| crate::live_heap::read(pid).is_ok())
+                    {
+                        Tracking::Usdt
+                    } else {
+                        malloc
+                    }
+                }
                 ProbeRequest::Auto if every_target_has_usdt && !list.is_empty() => Tracking::Usdt,
                 request => resolve_probe(request, settings.sample_bytes, &offers)?,
             };
@@ -180,7 +194,8 @@ pub(crate) fn load(
     ebpf::spawn_logger(&mut ebpf);
     maps::configure(&mut ebpf, tracking.kernel_sample_bytes(), mmap_new_targets)?;
     let programs: &[&str] = match tracking {
-        Tracking::Hooks { .. } | Tracking::Usdt => &[HOOK_FREE_PROGRAM, HOOK_ALLOC_PROGRAM],
+        Tracking::Hooks { .. } => &[HOOK_FREE_PROGRAM, HOOK_ALLOC_PROGRAM],
+        Tracking::Usdt => &[usdt_attach::FREE_PROGRAM, usdt_attach::ALLOC_PROGRAM],
         Tracking::Malloc { .. } => &[FREE_PROGRAM, RETURN_PROGRAM, ENTRY_PROGRAM],
     };
     for name in programs {
@@ -197,13 +212,20 @@ pub(crate) fn allocator(
     tracking: Tracking,
     allocator: &Allocator,
     scope: UProbeScope,
+    usdt: &mut UsdtAttacher,
 ) -> anyhow::Result<()> {
     let what = match scope {
         UProbeScope::OneProcess(pid) => format!("pid {pid}"),
         _ => "all processes".to_owned(),
     };
     if let Tracking::Usdt = tracking {
-        return usdt_sites(ebpf, allocator, scope, &what);
+        usdt.attach(ebpf, &allocator.usdt, scope, &what)?;
+        let objects: Vec<&str> = allocator.usdt.iter().map(|s| s.path.as_str()).collect();
+        info!(
+            "attached to the {PROVIDER} USDT probes of {} for {what}",
+            objects.join(", ")
+        );
+        return Ok(());
     }
     if let Tracking::Hooks { .. } = tracking {
         let hooks = allocator
@@ -301,47 +323,6 @@ pub(crate) fn detach(ebpf: &mut Ebpf, links: Vec<(&'static str, UProbeLinkId)>) 
             Err(err) => debug!("detaching {program}: {err:#}"),
         }
     }
-}
-
-/// Attaches the hook programs at the target's `otel_memory` USDT sites:
-/// every free site before any alloc site, as with the hooks.
-fn usdt_sites(
-    ebpf: &mut Ebpf,
-    allocator: &Allocator,
-    scope: UProbeScope,
-    what: &str,
-) -> anyhow::Result<()> {
-    if allocator.usdt.is_empty() {
-        bail!("{what} has no {PROVIDER} USDT probes");
-    }
-    for (program, name) in [(HOOK_FREE_PROGRAM, "free"), (HOOK_ALLOC_PROGRAM, "alloc")] {
-        for sites in &allocator.usdt {
-            let offsets = match name {
-                "free" => &sites.free_offsets,
-                _ => &sites.alloc_offsets,
-            };
-            for &offset in offsets {
-                uprobe(ebpf, program)?
-                    .attach(
-                        UProbeAttachLocation::AbsoluteOffset(offset),
-                        &sites.open_path,
-                        scope,
-                    )
-                    .with_context(|| {
-                        format!(
-                            "attaching to {PROVIDER}:{name} at offset {offset:#x} of {} for {what}",
-                            sites.path
-                        )
-                    })?;
-            }
-        }
-    }
-    let objects: Vec<&str> = allocator.usdt.iter().map(|s| s.path.as_str()).collect();
-    info!(
-        "attached to the {PROVIDER} USDT probes of {} for {what}",
-        objects.join(", ")
-    );
-    Ok(())
 }
 
 /// `--mmap`: marks `pids` as mapping targets and attaches the syscall

@@ -63,6 +63,16 @@ impl<K: std::hash::Hash + Eq + Clone> History<K> {
         }
     }
 
+    /// A history whose first snapshot, at time 0, is `outstanding`: what
+    /// was already there at the attach (a heap known since the process
+    /// started).
+    pub fn starting_with(outstanding: impl IntoIterator<Item = (K, i64)>) -> Self {
+        Self {
+            times: vec![0.0],
+            series: outstanding.into_iter().map(|(k, v)| (k, vec![v])).collect(),
+        }
+    }
+
     /// Records a snapshot at `time`; stacks absent from it are at zero.
     pub fn push(&mut self, time: f64, outstanding: impl IntoIterator<Item = (K, i64)>) {
         let column = self.times.len();
@@ -138,5 +148,14 @@ mod tests {
         assert!(h.classify(&"a").unwrap().leaking);
         // b: 0, 0, 5, 5 -> rose once in three intervals.
         assert!(!h.classify(&"b").unwrap().leaking);
+    }
+
+    #[test]
+    fn a_history_can_start_from_what_was_there() {
+        let mut h = History::starting_with([("cache", 500), ("leak", 100)]);
+        h.push(2.0, [("cache", 500), ("leak", 200)]);
+        h.push(4.0, [("cache", 500), ("leak", 300)]);
+        assert!(h.classify(&"leak").unwrap().leaking);
+        assert!(!h.classify(&"cache").unwrap().leaking);
     }
 }

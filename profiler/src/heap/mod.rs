@@ -4,6 +4,7 @@
 //! - `settings`: the session's plain settings; `--probe` resolved.
 //! - [`discover`]: which allocator a process uses and its entry points.
 //! - `usdt_sites`: a target's `otel_memory:alloc/free` USDT probes.
+//! - `usdt_attach`: attaching at them, each with its argument spec.
 //! - `attach`: what to probe, loading and attaching.
 //! - `maps`: reading the kernel's maps.
 //! - `processes`: the session's view of its targets.
@@ -34,6 +35,7 @@ pub(crate) mod sampling;
 mod session;
 pub(crate) mod settings;
 mod status;
+pub(crate) mod usdt_attach;
 pub(crate) mod usdt_sites;
 
 const AFTER_HELP: &str = "\
@@ -209,15 +211,17 @@ fn to_settings(args: &HeapArgs) -> anyhow::Result<Settings> {
         Probe::Hooks if args.leaks || args.sample_bytes.is_some() => bail!(
             "--probe hooks records only what libprofalloc.so samples: it excludes --leaks and --sample-bytes"
         ),
-        Probe::Usdt if args.leaks || args.sample_bytes.is_some() || args.mmap => bail!(
-            "--probe usdt records only what the allocator samples: it excludes --leaks, --sample-bytes and --mmap"
+        Probe::Usdt if args.sample_bytes.is_some() || args.mmap => bail!(
+            "--probe usdt records only what the allocator samples: it excludes --sample-bytes and --mmap"
         ),
         // The hooks see only sampled blocks, not when the allocator is
         // inside a call, so its own mappings would count twice.
         Probe::Hooks if args.mmap => bail!(
             "--probe hooks cannot tell the allocator's own mappings from the program's: --mmap needs --probe malloc"
         ),
-        Probe::Auto if args.leaks || args.sample_bytes.is_some() || args.mmap => Probe::Malloc,
+        Probe::Auto if args.sample_bytes.is_some() || args.mmap => Probe::Malloc,
+        // --leaks: the allocator's live heap where every target has one,
+        // else every allocation (decided with the targets).
         p => p,
     };
     Ok(Settings {
@@ -296,7 +300,9 @@ mod tests {
     fn usdt_excludes_what_the_allocators_samples_cannot_give() {
         let s = parse(&["--pid", "1", "--probe", "usdt"]).unwrap();
         assert_eq!(s.probe, ProbeRequest::Usdt);
-        for extra in [&["--leaks"][..], &["--sample-bytes", "64"], &["--mmap"]] {
+        let s = parse(&["--pid", "1", "--probe", "usdt", "--leaks"]).unwrap();
+        assert_eq!(s.probe, ProbeRequest::Usdt);
+        for extra in [&["--sample-bytes", "64"][..], &["--mmap"]] {
             let mut args = vec!["--pid", "1", "--probe", "usdt"];
             args.extend_from_slice(extra);
             let err = parse(&args).unwrap_err().to_string();

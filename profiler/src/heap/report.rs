@@ -65,6 +65,11 @@ pub(crate) struct Context<'a> {
 #[derive(Debug)]
 pub(crate) struct LeakInput<'a> {
     pub history: &'a leaks::History<StackKey>,
+    /// The snapshots of the live heaps in `Totals::live`, whose stacks
+    /// replace the probes' for their processes.
+    pub live_history: &'a leaks::History<super::live_set::LiveStackKey>,
+    /// `--min-age`.
+    pub min_age: Option<std::time::Duration>,
     /// A launched program exited: everything it never freed is listed.
     pub launched_exit: bool,
 }
@@ -261,6 +266,10 @@ fn comments(totals: &Totals, ctx: &Context<'_>) -> Vec<String> {
             "allocations lost: the thread map was full",
         ),
         (HeapCounter::StackErrors, "allocations without a user stack"),
+        (
+            HeapCounter::UsdtArgErrors,
+            "USDT probe events lost: an argument could not be read",
+        ),
     ] {
         let n = counters.get(counter);
         if n > 0 {
@@ -370,7 +379,7 @@ pub(crate) fn leak_report(totals: &Totals, ctx: &Context<'_>, input: &LeakInput<
     }
     let (mut leaking, mut listed) = (0, 0);
     for (key, s) in corrected(totals) {
-        if !ctx.processes.holds(key.pid) {
+        if !ctx.processes.holds(key.pid) || totals.live.contains_key(&key.pid) {
             continue;
         }
         let (objects_out, bytes_out) = outstanding(&s);
@@ -404,13 +413,26 @@ pub(crate) fn leak_report(totals: &Totals, ctx: &Context<'_>, input: &LeakInput<
             .samples
             .push(sample(&key, &totals.stacks, values, labels, ctx));
     }
-    let old_note = if totals.old.is_empty() {
+    let mut old_stacks = totals.old.len();
+    for (&pid, heap) in &totals.live {
+        let comm = ctx.processes.comm(pid);
+        let found = super::live_set::leak_samples(
+            pid,
+            &comm,
+            heap,
+            input.live_history,
+            input.min_age,
+            list_all,
+        );
+        leaking += found.leaking;
+        listed += found.samples.len();
+        old_stacks += found.old;
+        report.samples.extend(found.samples);
+    }
+    let old_note = if old_stacks == 0 {
         String::new()
     } else {
-        format!(
-            ", {} stack(s) holding allocations older than the minimum age",
-            totals.old.len()
-        )
+        format!(", {old_stacks} stack(s) holding allocations older than the minimum age")
     };
     report.summary = Some(if input.launched_exit {
         format!("{listed} stack(s) hold memory the program never freed{old_note}")

@@ -4,7 +4,6 @@
 use std::{
     collections::{HashMap, HashSet},
     io::IsTerminal as _,
-    num::NonZeroU32,
     path::Path,
     time::Duration,
 };
@@ -15,16 +14,18 @@ use log::{debug, info, warn};
 use profiler_common::heap::{StackKey, StackStats};
 
 use super::{
-    attach::{self, Launch, Plan},
+    attach::{self, Plan},
     coverage::{Clock, Coverage, Memory, ProcessMemory},
-    discover::{self, Allocator},
+    discover::Allocator,
     leaks, live_set, maps,
     processes::{self, Processes},
     report::{self, Context, LeakInput, Totals},
     settings::{Settings, Targets, Tracking},
     status::Status,
+    usdt_attach::UsdtAttacher,
 };
 use crate::{
+    live_heap::HeaderFinder,
     output::{OutputArgs, OutputPlan},
     process,
     profile::{Collector, Profile},
@@ -97,6 +98,8 @@ pub(crate) fn run(
     })
 }
 
+mod follow;
+
 struct Session {
     ebpf: Ebpf,
     settings: Settings,
@@ -115,6 +118,13 @@ struct Session {
     live: Option<Collector>,
     /// CFI tables of the targets for the kernel-side unwinder.
     tables: Tables,
+    /// The USDT sites attached, and their argument specs.
+    usdt: UsdtAttacher,
+    /// Leak mode: the snapshots of the targets' own live heaps (see
+    /// `live_set`), from the attach on.
+    live_history: leaks::History<live_set::LiveStackKey>,
+    /// With --all: which files export a live heap, each read once.
+    live_finder: HeaderFinder,
 }
 
 impl Session {
@@ -139,6 +149,9 @@ impl Session {
             processes: Processes::default(),
             live: None,
             tables,
+            usdt: UsdtAttacher::default(),
+            live_history: leaks::History::new(),
+            live_finder: HeaderFinder::default(),
         };
         // Unwind tables before the probes: the first stacks are complete too.
         // A launched child has not exec'd yet; its tables come after exec.
@@ -148,7 +161,13 @@ impl Session {
             }
         }
         for (allocator, scope) in allocators {
-            attach::allocator(&mut session.ebpf, tracking, &allocator, scope)?;
+            attach::allocator(
+                &mut session.ebpf,
+                tracking,
+                &allocator,
+                scope,
+                &mut session.usdt,
+            )?;
             session.allocators.push((allocator, scope));
         }
         // After the allocator's probes: a mapping made inside an allocator
@@ -168,36 +187,12 @@ impl Session {
             session.refresh_process(pid);
         }
         session.live = Some(session.new_collector());
+        if session.settings.leaks {
+            // The heap held at the attach is the first snapshot.
+            let live = session.read_live();
+            session.live_history = leaks::History::starting_with(live_set::stack_bytes(&live));
+        }
         Ok(session)
-    }
-
-    /// Launch mode: lets the held program run, stopping it in its loader
-    /// to load the unwind tables of what it maps.
-    fn release(&mut self, launch: Launch) -> anyhow::Result<crate::launch::Launched> {
-        let pid = launch.child.pid;
-        let link = match &launch.loader {
-            Some((path, offset)) => Some(attach::loader_stop(&mut self.ebpf, pid, path, *offset)?),
-            None => None,
-        };
-        let mut launched = launch.child.resume()?;
-        if let Some(link) = link {
-            attach::serve_loader_stops(pid, || self.load_mapped(pid));
-            attach::detach_loader_stop(&mut self.ebpf, link, pid);
-        }
-        launched.attached();
-        Ok(launched)
-    }
-
-    /// The unwind tables of what `pid` maps now (added, or refreshed).
-    fn load_mapped(&mut self, pid: u32) {
-        self.refresh_process(pid);
-        if self.tables.has_process(pid) {
-            if let Err(err) = self.tables.refresh_process(pid) {
-                debug!("refreshing the unwind tables of pid {pid}: {err:#}");
-            }
-        } else {
-            self.add_unwind_tables(pid);
-        }
     }
 
     fn allocator_inodes(&self) -> Vec<u64> {
@@ -277,6 +272,9 @@ impl Session {
                     if self.settings.targets == Targets::All && ticks.is_multiple_of(2) {
                         self.purge_exited()?;
                     }
+                    if self.tracking == Tracking::Usdt {
+                        self.follow_usdt_objects();
+                    }
                     let line = status.line(
                         started.elapsed().as_secs_f64(),
                         &maps::counters(&self.ebpf)?,
@@ -318,68 +316,6 @@ impl Session {
             self.snapshot()?;
         }
         Ok(reason)
-    }
-
-    /// Launch mode: rereads the program's mappings, and loads the tables
-    /// of what its loader mapped.
-    fn follow_launched(&mut self, ticks: u64) {
-        for pid in self.pids.clone() {
-            if self.processes.exited.contains(&pid) {
-                continue;
-            }
-            self.refresh_process(pid);
-            if !self.tables.has_process(pid) {
-                self.add_unwind_tables(pid);
-            } else if ticks < 3 {
-                // The loader may still be mapping libraries.
-                let _ = self.tables.refresh_process(pid);
-            }
-        }
-    }
-
-    /// Processes whose walks met code outside their tables (dlopen) are
-    /// refreshed; with --all, new processes get tables (and their mappings
-    /// are read, so that their stacks can be placed and named after they
-    /// exit). Until then their stacks follow frame pointers.
-    fn serve_table_requests(&mut self) {
-        let all = self.settings.targets == Targets::All;
-        for pid in self.tables.poll() {
-            if all || self.pids.contains(&pid) {
-                self.add_unwind_tables(pid);
-            }
-            if all {
-                self.refresh_process(pid);
-            }
-        }
-    }
-
-    /// After exec the program's real mappings exist: check that the probed
-    /// allocator is the one it uses, and probe the one it does use if not.
-    fn check_launched(&mut self) {
-        for pid in self.pids.clone() {
-            if self.processes.exited.contains(&pid) {
-                continue;
-            }
-            self.refresh_process(pid);
-            let Ok(found) = discover::for_process(pid, self.settings.lib.as_deref()) else {
-                continue;
-            };
-            if self.allocators.iter().any(|(a, _)| a.inode == found.inode) {
-                continue;
-            }
-            warn!(
-                "pid {pid} uses {} rather than the allocator found before exec; probing it too",
-                found.path
-            );
-            let Some(nz) = NonZeroU32::new(pid) else {
-                continue;
-            };
-            let scope = UProbeScope::OneProcess(nz);
-            match attach::allocator(&mut self.ebpf, self.tracking, &found, scope) {
-                Ok(()) => self.allocators.push((found, scope)),
-                Err(err) => warn!("{err:#}"),
-            }
-        }
     }
 
     fn add_unwind_tables(&mut self, pid: u32) {
@@ -432,6 +368,8 @@ impl Session {
     fn snapshot(&mut self) -> anyhow::Result<()> {
         let stats = maps::stack_stats(&self.ebpf)?;
         let time = self.started.elapsed().as_secs_f64();
+        let live = self.read_live();
+        self.live_history.push(time, live_set::stack_bytes(&live));
         self.history.push(
             time,
             stats
@@ -496,11 +434,14 @@ impl Session {
             None => std::collections::HashMap::new(),
         };
         let memory = self.memory(&stats);
-        let live = if self.settings.leaks {
-            HashMap::new()
-        } else {
-            live_set::read_targets(self.tracking, &self.pids, &self.processes.exited)
-        };
+        let live = self.read_live();
+        if self.settings.targets == Targets::All {
+            for &pid in live.keys() {
+                if !self.processes.comms.contains_key(&pid) {
+                    self.refresh_process(pid);
+                }
+            }
+        }
         let stacks = maps::user_stacks(&self.ebpf, stats.iter().map(|(k, _)| k).chain(old.keys()))?;
         Ok(Totals {
             stats,
@@ -511,6 +452,17 @@ impl Session {
             memory,
             live,
         })
+    }
+
+    /// The live heaps the allocators of the targets export (libprofalloc.so):
+    /// with --all, of every process that has one (the libc probes do not see
+    /// their allocations); else of the targets, when the probes are the
+    /// allocator's own samples.
+    fn read_live(&mut self) -> HashMap<u32, crate::live_heap::LiveHeap> {
+        match self.settings.targets {
+            Targets::All => live_set::read_all(&mut self.live_finder),
+            _ => live_set::read_targets(self.tracking, &self.pids, &self.processes.exited),
+        }
     }
 
     /// The memory of the targets now; with --all, of the first processes
@@ -540,7 +492,7 @@ impl Session {
 
     /// From when the report's allocations were seen.
     fn coverage(&self, totals: &Totals) -> Coverage {
-        if !totals.live.is_empty() {
+        if !totals.live.is_empty() && self.settings.targets != Targets::All {
             return Coverage::AllocatorSinceStart {
                 at: Clock::local(self.attached_at),
             };
@@ -569,12 +521,22 @@ impl Session {
             let launched = matches!(self.settings.targets, Targets::Launch(_));
             let input = LeakInput {
                 history: &self.history,
+                live_history: &self.live_history,
+                min_age: self.settings.min_age,
                 launched_exit: launched && !self.processes.exited.is_empty(),
             };
             report::leak_report(&totals, &ctx, &input)
         } else {
             report::heap_report(&totals, &ctx)
         };
+        let mut report = report;
+        if self.settings.targets == Targets::All && !totals.live.is_empty() {
+            let mut pids: Vec<u32> = totals.live.keys().copied().collect();
+            pids.sort_unstable();
+            let line = live_set::all_coverage(&pids);
+            report.comments.push(line.clone());
+            report.coverage.push(line);
+        }
         if last {
             for line in &report.coverage {
                 eprintln!("prof-bpf: {line}");

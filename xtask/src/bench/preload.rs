@@ -6,8 +6,9 @@
 //! - on a workload allocating about 100 MiB/s: libprofalloc.so alone, with
 //!   its live heap off, with HEAPPROFILE (slowdown and cost per sampled
 //!   event), with `prof-bpf heap`
-//!   attached through the sampling hooks (as root), the same through
-//!   malloc/free uprobes for comparison, with HEAPCHECK, and glibc for
+//!   attached through the sampling hooks (as root), through the
+//!   `otel_memory` USDT probes, the same through malloc/free uprobes for
+//!   comparison, with HEAPCHECK, and glibc for
 //!   reference.
 //!
 //! Times are the processes' CPU time (user + system, from wait4); a uprobe
@@ -195,6 +196,18 @@ const HEAP_HOOKS: &[&str] = &[
     "-o",
     "/dev/null",
 ];
+/// `prof-bpf heap` through libprofalloc.so's `otel_memory` USDT probes.
+const HEAP_USDT: &[&str] = &[
+    "heap",
+    "--pid",
+    "{pid}",
+    "--probe",
+    "usdt",
+    "--format",
+    "folded",
+    "-o",
+    "/dev/null",
+];
 /// `prof-bpf heap` through malloc/free uprobes, sampling at the same rate.
 const HEAP_UPROBES: &[&str] = &[
     "heap",
@@ -310,6 +323,14 @@ pub fn run() -> anyhow::Result<()> {
                 &[("PROFALLOC_SAMPLE_BYTES", "4096")],
             )
             .attached(HEAP_HOOKS),
+            Cell::new("profalloc + prof-bpf heap (otel_memory USDT)", true, &[])
+                .attached(HEAP_USDT),
+            Cell::new(
+                "profalloc + prof-bpf heap (otel_memory USDT), 4 KiB",
+                true,
+                &[("PROFALLOC_SAMPLE_BYTES", "4096")],
+            )
+            .attached(HEAP_USDT),
             Cell::new("profalloc + prof-bpf heap (malloc uprobes)", true, &[])
                 .attached(HEAP_UPROBES),
             Cell::new("glibc + prof-bpf heap (malloc uprobes)", false, &[]).attached(HEAP_UPROBES),

@@ -245,6 +245,8 @@ fn leak_report_lists_only_growing_stacks_once_growth_is_measured() {
     let history = history();
     let input = LeakInput {
         history: &history,
+        live_history: &History::new(),
+        min_age: None,
         launched_exit: false,
     };
     let report = leak_report(&leak_totals(), &ctx, &input);
@@ -261,6 +263,8 @@ fn leak_report_adds_stacks_with_old_allocations() {
     let history = history();
     let input = LeakInput {
         history: &history,
+        live_history: &History::new(),
+        min_age: None,
         launched_exit: false,
     };
     let blocks = [(
@@ -301,6 +305,8 @@ fn leak_report_lists_everything_held_when_it_cannot_decide() {
     for (history, launched_exit) in [(History::new(), false), (history(), true)] {
         let input = LeakInput {
             history: &history,
+            live_history: &History::new(),
+            min_age: None,
             launched_exit,
         };
         let report = leak_report(&leak_totals(), &ctx, &input);
@@ -326,6 +332,8 @@ fn purged_processes_hold_nothing() {
     let history = History::new();
     let input = LeakInput {
         history: &history,
+        live_history: &History::new(),
+        min_age: None,
         launched_exit: false,
     };
     assert!(leak_report(&totals, &ctx, &input).samples.is_empty());
@@ -445,7 +453,7 @@ fn comments_state_the_mode_the_counters_and_every_loss() {
         [
             "mode: malloc uprobes, sampled, one allocation per 1024 bytes on average (values are estimates)",
             "coverage: allocations made since the program started",
-            "heap counters: allocs 10, frees 0, tracked 7, live_full 1, stacks_full 2, stack_errors 4, threads_full 3, mmaps 0, mmaps_in_allocator 0, unmaps_partial 0",
+            "heap counters: allocs 10, frees 0, tracked 7, live_full 1, stacks_full 2, stack_errors 4, threads_full 3, mmaps 0, mmaps_in_allocator 0, unmaps_partial 0, usdt_arg_errors 0",
             "live_full: 1 (allocations lost: the live-allocation map was full; raise --max-live)",
             "stacks_full: 2 (allocations lost: the stack map was full; raise --max-stacks)",
             "threads_full: 3 (allocations lost: the thread map was full)",
