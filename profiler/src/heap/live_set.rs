@@ -75,6 +75,7 @@ pub(crate) fn inuse_samples(pid: u32, comm: &str, heap: &LiveHeap) -> Vec<RawSam
             numeric_labels: Vec::new(),
             leaf_is_pc: false,
             leaf_marker: None,
+            splices: Vec::new(),
         })
         .collect()
 }

@@ -445,6 +445,7 @@ fn sample(
         numeric_labels,
         leaf_is_pc: false,
         leaf_marker: (key.source == SOURCE_MMAP).then_some(profile::MMAP),
+        splices: Vec::new(),
     }
 }
 

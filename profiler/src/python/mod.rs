@@ -18,10 +18,12 @@ use anyhow::Context as _;
 
 pub mod discover;
 pub mod memory;
+pub mod merge;
 pub mod offsets;
 pub mod stack;
 pub mod symbolize;
 pub mod threads;
+pub mod tracker;
 
 use memory::{ProcessMemory, ReadError};
 use stack::WalkEnd;
