@@ -13,6 +13,9 @@
 //!   GIL holder is not the sampled thread; the thread list serves all three.
 //! - [`STACKS_MAP`]: `HashMap<u64 (stack id), PyStack>`: the Python frames
 //!   of an event, by content hash like the user stacks.
+//! - [`PAIRS_MAP`]: `HashMap<u64 (combined id), PyPair>`: for programs
+//!   whose records hold one stack id (heap), the id that stands for a
+//!   native stack and a Python stack together.
 //! - [`STATS_MAP`]: the [`PyCounter`] set.
 
 /// Slots of a [`PyStack`]: frames plus one marker per evaluation-loop
@@ -113,7 +116,27 @@ impl Default for PyStack {
     }
 }
 
-crate::impl_pod!(PyProcess, PyFrameSlot, PyStack);
+/// A native stack and the Python stack taken with it (see [`PAIRS_MAP`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyPair {
+    /// Id in the user stack map (or the heap's missing-stack id).
+    pub native: u64,
+    /// Id in [`STACKS_MAP`].
+    pub python: u64,
+    /// Process (tgid) of the event.
+    pub pid: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<PyPair>() == 24);
+
+crate::impl_pod!(PyProcess, PyFrameSlot, PyStack, PyPair);
+
+/// Name of the pair map.
+pub const PAIRS_MAP: &str = "PY_PAIRS";
+/// Capacity of [`PAIRS_MAP`].
+pub const PAIRS_MAX: u32 = 32768;
 
 /// Name of the process map.
 pub const PROCESSES_MAP: &str = "PY_PROCESSES";
@@ -156,6 +179,9 @@ crate::counter_set! {
         IncompleteFrames = "incomplete_frames",
         /// Stacks not stored: the stack map was full.
         MapFull = "map_full",
+        /// Pairs not stored: the pair map was full (the event keeps its
+        /// native stack only).
+        PairsFull = "pairs_full",
         /// Events that found the per-CPU walk record in use (a walk
         /// interrupted on the same CPU), left without Python frames.
         Busy = "busy",

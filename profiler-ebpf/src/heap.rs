@@ -113,13 +113,13 @@ pub fn heap_hook_alloc(ctx: ProbeContext) -> u32 {
     if addr == 0 {
         return 0;
     }
-    let stack_id = match user_stack_id(ctx.regs, true) {
+    let stack_id = crate::python::with_python(match user_stack_id(ctx.regs, true) {
         Ok(id) => id,
         Err(_) => {
             count(&HEAP_COUNTERS, HeapCounter::StackErrors);
             STACK_ID_MISSING
         }
-    };
+    });
     track(
         pid,
         addr,
@@ -210,6 +210,7 @@ fn alloc_entry(ctx: &ProbeContext) {
             Ok(id) => state.stack_id = id,
             Err(_) => count(&HEAP_COUNTERS, HeapCounter::StackErrors),
         }
+        state.stack_id = crate::python::with_python(state.stack_id);
     }
 }
 

@@ -19,8 +19,9 @@ use aya_ebpf::{
 use profiler_common::{
     counters::CounterSet as _,
     python::{
-        ACTIVATION_END, MAX_PY_SLOTS, NO_FIELD, PROCESSES_MAX, PY_STACK_BROKEN, PY_STACK_COMPLETE,
-        PY_STACK_TRUNCATED, PyCounter, PyFrameSlot, PyProcess, PyStack, STACKS_MAX, THREADS_MAX,
+        ACTIVATION_END, MAX_PY_SLOTS, NO_FIELD, PAIRS_MAX, PROCESSES_MAX, PY_STACK_BROKEN,
+        PY_STACK_COMPLETE, PY_STACK_TRUNCATED, PyCounter, PyFrameSlot, PyPair, PyProcess, PyStack,
+        STACKS_MAX, THREADS_MAX,
     },
 };
 
@@ -32,6 +33,9 @@ static THREADS: HashMap<u32, u64> = HashMap::with_max_entries(THREADS_MAX, 0);
 
 #[map(name = "PY_STACKS")]
 static STACKS: HashMap<u64, PyStack> = HashMap::with_max_entries(STACKS_MAX, BPF_F_NO_PREALLOC);
+
+#[map(name = "PY_PAIRS")]
+static PAIRS: HashMap<u64, PyPair> = HashMap::with_max_entries(PAIRS_MAX, BPF_F_NO_PREALLOC);
 
 #[map(name = "PY_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(PyCounter::LEN, 0);
@@ -124,6 +128,39 @@ pub fn stack_id(pid: u32, tid: u32) -> Option<u64> {
     let result = store(&walk.stack);
     walk.busy = 0;
     result
+}
+
+/// For records that hold one stack id (heap): `native` alone when the
+/// thread has no Python frames, else an id that stands for `native` and the
+/// thread's Python stack together (`PY_PAIRS`).
+#[inline(always)]
+pub fn with_python(native: u64) -> u64 {
+    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    let Some(python) = stack_id(pid, pid_tgid as u32) else {
+        return native;
+    };
+    let mut combined = (native ^ python.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    // Never the heap's missing-stack id.
+    if combined == u64::MAX {
+        combined = 1;
+    }
+    if PAIRS.get_ptr(combined).is_none() {
+        let pair = PyPair {
+            native,
+            python,
+            pid,
+            _pad: 0,
+        };
+        match PAIRS.insert(combined, &pair, BPF_NOEXIST as u64) {
+            Ok(()) | Err(-17) => {}
+            Err(_) => {
+                count(PyCounter::PairsFull);
+                return native;
+            }
+        }
+    }
+    combined
 }
 
 /// The thread's innermost frame (0: no Python code running).

@@ -62,12 +62,7 @@ fn parse_folded(text: &str) -> Vec<(Vec<String>, u64)> {
 /// The workload's Python frames of a stack, root first, as py-spy writes
 /// them (`qualname (file.py:LINE)`).
 fn python_chain(frames: &[String]) -> Vec<String> {
-    let tag = format!("({SCRIPT}:");
-    frames
-        .iter()
-        .filter(|f| f.contains(&tag))
-        .cloned()
-        .collect()
+    python_chain_of(frames, SCRIPT)
 }
 
 /// Weight per Python chain (root first, joined by `;`), and the total.
@@ -312,4 +307,109 @@ fn a_launched_interpreter_gets_python_frames() {
         "Python frames in {python_weight} of {total}: {chains:#?}"
     );
     assert!((share - 0.75).abs() < 0.08, "heavy {share:.3}");
+}
+
+/// Block size and counts of `python_heap_split.py`.
+const HEAP_BLOCK: u64 = 64 * 1024;
+const HEAP_COUNTS: [(&str, u64); 2] = [("keep_big", 300), ("keep_small", 100)];
+
+/// `heap --pid` on a workload that keeps bytearrays from two functions
+/// under a 5-deep chain: the bytes are attributed to those functions, in
+/// their chain, as many as the workload allocated (each buffer is its size
+/// plus one for the NUL) and within 2% of what tracemalloc measured in the
+/// workload itself.
+fn heap_split(label: &str, python: &Path) {
+    assert!(python.exists(), "{} is missing", python.display());
+    let script = workspace_root().join("tests/workloads/python_heap_split.py");
+    let mut workload = Proc::spawn(Command::new(python).arg(&script));
+    workload.expect_line("ready");
+    let pid = workload.pid().to_string();
+    let out = scratch(&format!("heap-{}", label.replace(' ', "-"))).join("heap.folded");
+    // Every allocation tracked: the bytes are exact.
+    let (prof, _) = start_prof_bpf(
+        &[
+            "heap",
+            "--pid",
+            &pid,
+            "--sample-bytes",
+            "0",
+            "--duration",
+            "4",
+            "--format",
+            "folded",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        "attached",
+    );
+    workload.send_line("go");
+    let done = workload.read_line();
+    let traced: Vec<u64> = done
+        .strip_prefix("done ")
+        .unwrap_or_else(|| panic!("{label}: workload said {done}"))
+        .split(' ')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let report = prof.wait_with_output().unwrap();
+    assert!(report.status.success(), "{label}: prof-bpf heap failed");
+    let text = std::fs::read_to_string(&out).unwrap();
+    let stacks = parse_folded(&text);
+    for ((function, count), traced) in HEAP_COUNTS.iter().zip(traced) {
+        let chain = ["main", "level1", "level2", "level3", "level4", function];
+        let mut bytes = 0;
+        for (frames, n) in &stacks {
+            let python: Vec<String> = python_chain_of(frames, "python_heap_split.py")
+                .iter()
+                .map(|f| {
+                    f.split_once(" (")
+                        .map_or(f.clone(), |(name, _)| name.to_owned())
+                })
+                .collect();
+            if python.last().map(String::as_str) == Some(function) {
+                assert!(
+                    python.ends_with(&chain.map(str::to_owned)),
+                    "{label}: {function} under {python:?}"
+                );
+                bytes += n;
+            }
+        }
+        let made = count * (HEAP_BLOCK + 1);
+        eprintln!("{label}: {function}: prof-bpf {bytes} B, tracemalloc {traced} B, made {made} B");
+        assert!(
+            bytes >= made,
+            "{label}: {function}: {bytes} < {made}:\n{text}"
+        );
+        assert!(
+            (bytes as f64 - traced as f64).abs() <= 0.02 * traced as f64,
+            "{label}: {function}: prof-bpf {bytes}, tracemalloc {traced}"
+        );
+    }
+}
+
+/// The Python frames of `file` in a stack, root first.
+fn python_chain_of(frames: &[String], file: &str) -> Vec<String> {
+    let tag = format!("({file}:");
+    frames
+        .iter()
+        .filter(|f| f.contains(&tag))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn heap_of_debian_python311_names_the_allocating_functions() {
+    require_bpf!();
+    heap_split("Debian 3.11", Path::new(DEBIAN_311));
+}
+
+#[test]
+fn heap_of_pyenv_python312_names_the_allocating_functions() {
+    require_bpf!();
+    heap_split("pyenv 3.12.1", &pyenv_python("3.12.1"));
+}
+
+#[test]
+fn heap_of_pyenv_python313_names_the_allocating_functions() {
+    require_bpf!();
+    heap_split("pyenv 3.13.0", &pyenv_python("3.13.0"));
 }

@@ -153,7 +153,7 @@ impl Session {
                 .add_process(pid)
                 .with_context(|| format!("building the unwind tables of pid {pid}"))?;
         }
-        let mut python = PythonTracker::new(&mut ebpf)?;
+        let mut python = PythonTracker::new(&mut ebpf, false)?;
         for &pid in settings.pids() {
             python.add_process(pid);
         }
@@ -352,10 +352,8 @@ impl Session {
             collector.add_comment(comment);
         }
         collector.add_comment(unwind.comment("user stack walks"));
-        collector.add_comment(python_walks.comment("python stack walks (kernel)"));
-        collector.add_comment(state.python.comment());
-        for note in &state.python.notes {
-            collector.add_comment(note.clone());
+        for comment in state.python.comments(&python_walks) {
+            collector.add_comment(comment);
         }
         eprintln!("prof-bpf: {}", stats::summary(&counters, &sampling));
         let profile = collector.finish()?;

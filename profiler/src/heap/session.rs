@@ -12,7 +12,10 @@ use std::{
 use anyhow::Context as _;
 use aya::{Ebpf, programs::uprobe::UProbeScope};
 use log::{debug, info, warn};
-use profiler_common::heap::{StackKey, StackStats};
+use profiler_common::{
+    heap::{StackKey, StackStats},
+    python::{PyCounter, STATS_MAP as PY_STATS_MAP},
+};
 
 use super::{
     attach::{self, Launch, Plan},
@@ -28,7 +31,8 @@ use crate::{
     output::{OutputArgs, OutputPlan},
     process,
     profile::{Collector, Profile},
-    runtime::{self, Stop, StopEvent, StopReason},
+    python::tracker::Tracker as PythonTracker,
+    runtime::{self, Stop, StopEvent, StopReason, counters::Counts},
     unwind::Tables,
 };
 
@@ -115,6 +119,8 @@ struct Session {
     live: Option<Collector>,
     /// CFI tables of the targets for the kernel-side unwinder.
     tables: Tables,
+    /// The Python frame walker's processes, threads and names.
+    python: PythonTracker,
 }
 
 impl Session {
@@ -127,7 +133,9 @@ impl Session {
         let all = settings.targets == Targets::All;
         let mut ebpf = attach::load(&settings, tracking, settings.mmap && all)?;
         let tables = Tables::new(&mut ebpf)?;
+        let python = PythonTracker::new(&mut ebpf, true)?;
         let mut session = Self {
+            python,
             ebpf,
             settings,
             tracking,
@@ -271,6 +279,8 @@ impl Session {
                 _ = tables_tick.tick() => self.serve_table_requests(),
                 _ = tick.tick() => {
                     ticks += 1;
+                    self.python.name_new_pairs();
+                    self.python.refresh();
                     if launched && (ticks == 1 || ticks.is_multiple_of(5)) {
                         self.check_launched();
                     }
@@ -391,6 +401,7 @@ impl Session {
     /// Rereads the mappings and name of a live process, and tells the
     /// final report's collector.
     fn refresh_process(&mut self, pid: u32) {
+        self.python.add_process(pid);
         if self.processes.refresh(pid)
             && let Some(c) = &mut self.live
         {
@@ -501,7 +512,10 @@ impl Session {
         } else {
             live_set::read_targets(self.tracking, &self.pids, &self.processes.exited)
         };
-        let stacks = maps::user_stacks(&self.ebpf, stats.iter().map(|(k, _)| k).chain(old.keys()))?;
+        self.python.name_new_pairs();
+        let mut stacks =
+            maps::user_stacks(&self.ebpf, stats.iter().map(|(k, _)| k).chain(old.keys()))?;
+        self.add_paired_stacks(&mut stacks, stats.iter().map(|(k, _)| k).chain(old.keys()))?;
         Ok(Totals {
             stats,
             stacks,
@@ -511,6 +525,36 @@ impl Session {
             memory,
             live,
         })
+    }
+
+    /// The native stacks of combined (native and Python) ids, under the
+    /// combined id.
+    fn add_paired_stacks<'a>(
+        &self,
+        stacks: &mut HashMap<u64, profiler_common::stack::UserStack>,
+        keys: impl IntoIterator<Item = &'a StackKey>,
+    ) -> anyhow::Result<()> {
+        let pairs = self.python.pairs();
+        let paired: Vec<(u64, StackKey)> = keys
+            .into_iter()
+            .filter_map(|k| {
+                let (pair, _) = pairs.get(&k.stack_id)?;
+                Some((
+                    k.stack_id,
+                    StackKey {
+                        stack_id: pair.native,
+                        ..*k
+                    },
+                ))
+            })
+            .collect();
+        let natives = maps::user_stacks(&self.ebpf, paired.iter().map(|(_, k)| k))?;
+        for (combined, native) in paired {
+            if let Some(stack) = natives.get(&native.stack_id) {
+                stacks.insert(combined, *stack);
+            }
+        }
+        Ok(())
     }
 
     /// The memory of the targets now; with --all, of the first processes
@@ -564,8 +608,9 @@ impl Session {
             mmap: self.settings.mmap,
             processes: &self.processes,
             allocator_inodes: self.allocator_inodes(),
+            python: Some(self.python.pairs()),
         };
-        let report = if self.settings.leaks {
+        let mut report = if self.settings.leaks {
             let launched = matches!(self.settings.targets, Targets::Launch(_));
             let input = LeakInput {
                 history: &self.history,
@@ -575,6 +620,8 @@ impl Session {
         } else {
             report::heap_report(&totals, &ctx)
         };
+        let walks = Counts::<PyCounter>::read(&self.ebpf, PY_STATS_MAP)?;
+        report.comments.extend(self.python.comments(&walks));
         if last {
             for line in &report.coverage {
                 eprintln!("prof-bpf: {line}");

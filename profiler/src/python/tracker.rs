@@ -11,7 +11,8 @@ use anyhow::Context as _;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use log::debug;
 use profiler_common::python::{
-    NO_FIELD, PROCESSES_MAP, PyFrameSlot, PyProcess, PyStack, STACKS_MAP, THREADS_MAP,
+    NO_FIELD, PAIRS_MAP, PROCESSES_MAP, PyCounter, PyFrameSlot, PyPair, PyProcess, PyStack,
+    STACKS_MAP, THREADS_MAP,
 };
 
 use super::{
@@ -23,7 +24,10 @@ use super::{
     symbolize::Symbolizer,
     threads,
 };
-use crate::profile::{Frame, Splice};
+use crate::{
+    profile::{Frame, Splice},
+    runtime::counters::Counts,
+};
 
 /// Name of a frame whose code object could not be read (the process
 /// exited, or the code was freed before the interval's read).
@@ -53,11 +57,50 @@ pub struct TrackerCounts {
     pub stacks_lost: u64,
 }
 
+/// A Python stack with its frames named, ready to be spliced into the
+/// native stack it was taken with.
+#[derive(Clone, Debug, Default)]
+pub struct NamedStack {
+    /// Innermost activation first, each innermost frame first.
+    pub activations: Vec<Vec<Frame>>,
+    /// Frames are missing at the outer end (`[python truncated]`).
+    pub cut: bool,
+    /// The interpreter's `_PyEval_EvalFrameDefault` in its process.
+    pub eval_loop: Option<(u64, u64)>,
+}
+
+impl NamedStack {
+    /// The splices into native stack `user` (leaf first; `leaf_is_pc`:
+    /// `user[0]` is a pc, not a return address).
+    pub fn splices(&self, user: &[u64], leaf_is_pc: bool) -> (Vec<Splice>, merge::MergeOutcome) {
+        let is_eval = |i: usize| {
+            let lookup = if i == 0 && leaf_is_pc {
+                user[i]
+            } else {
+                user[i].wrapping_sub(1)
+            };
+            self.eval_loop
+                .is_some_and(|(start, end)| (start..end).contains(&lookup))
+        };
+        merge::splices(user.len(), is_eval, self.activations.clone(), self.cut)
+    }
+}
+
+/// Heap: per combined stack id, its native and Python stacks, the Python
+/// one named.
+pub type PairStacks = HashMap<u64, (PyPair, NamedStack)>;
+
 /// See the module docs.
 pub struct Tracker {
+    /// Heap only: combined ids (see `profiler_common::python::PAIRS_MAP`).
+    pairs: Option<BpfHashMap<MapData, u64, PyPair>>,
+    named_pairs: PairStacks,
     processes: BpfHashMap<MapData, u32, PyProcess>,
     threads: BpfHashMap<MapData, u32, u64>,
     stacks: BpfHashMap<MapData, u64, PyStack>,
+    /// Keep the stacks in the kernel's map after reading them (heap
+    /// reports read every stack since the attach again).
+    keep_stacks: bool,
     /// Stacks read, by id (content hash: an id always names one stack).
     read: HashMap<u64, (Vec<PyFrameSlot>, u32)>,
     /// Ids read from the map since the last [`Tracker::refresh`], deleted
@@ -76,15 +119,26 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    pub fn new(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
+    /// `heap`: the stacks stay in the kernel's map (heap reports read every
+    /// stack since the attach again) and events hold combined ids
+    /// ([`Tracker::name_new_pairs`]).
+    pub fn new(ebpf: &mut aya::Ebpf, heap: bool) -> anyhow::Result<Self> {
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("map {name} missing from the eBPF object"))
         };
+        let pairs = if heap {
+            Some(take(PAIRS_MAP)?.try_into()?)
+        } else {
+            None
+        };
         Ok(Self {
+            pairs,
+            named_pairs: HashMap::new(),
             processes: take(PROCESSES_MAP)?.try_into()?,
             threads: take(THREADS_MAP)?.try_into()?,
             stacks: take(STACKS_MAP)?.try_into()?,
+            keep_stacks: heap,
             read: HashMap::new(),
             read_from_map: Vec::new(),
             tracked: HashMap::new(),
@@ -223,17 +277,33 @@ impl Tracker {
     /// its native stack `user` (leaf first; `leaf_is_pc`: `user[0]` is a
     /// pc, not a return address).
     pub fn splices(&mut self, pid: u32, id: u64, user: &[u64], leaf_is_pc: bool) -> Vec<Splice> {
+        let named = self.named(pid, id);
+        let (splices, outcome) = named.splices(user, leaf_is_pc);
+        self.counts.unmatched += outcome.unmatched as u64;
+        splices
+    }
+
+    /// The Python stack `id` of process `pid`, named now (while the
+    /// process lives).
+    pub fn named(&mut self, pid: u32, id: u64) -> NamedStack {
         let Some((slots, status)) = self.stack(id) else {
             self.counts.stacks_lost += 1;
-            return vec![Splice {
-                at: user.len(),
-                frames: vec![Frame::named(merge::PYTHON_TRUNCATED)],
-            }];
+            return NamedStack {
+                activations: Vec::new(),
+                cut: true,
+                eval_loop: None,
+            };
         };
         let Some(t) = self.tracked.get(&pid) else {
-            return Vec::new();
+            // Not named: its process was forgotten (exec) before the read.
+            self.counts.stacks_lost += 1;
+            return NamedStack {
+                activations: Vec::new(),
+                cut: true,
+                eval_loop: None,
+            };
         };
-        let mut named = Vec::new();
+        let mut activations = Vec::new();
         for group in merge::activations(&slots) {
             let mut frames = Vec::with_capacity(group.len());
             for raw in group {
@@ -251,20 +321,35 @@ impl Tracker {
                     }
                 });
             }
-            named.push(frames);
+            activations.push(frames);
         }
-        let py = &t.py;
-        let is_eval = |i: usize| {
-            let lookup = if i == 0 && leaf_is_pc {
-                user[i]
-            } else {
-                user[i].wrapping_sub(1)
-            };
-            py.in_eval_loop(lookup)
+        NamedStack {
+            activations,
+            cut: merge::is_cut(status),
+            eval_loop: t.py.eval_loop,
+        }
+    }
+
+    /// Heap: names the Python stacks of the pairs recorded since the last
+    /// call, while their processes live (call every interval).
+    pub fn name_new_pairs(&mut self) {
+        let Some(map) = &self.pairs else {
+            return;
         };
-        let (splices, outcome) = merge::splices(user.len(), is_eval, named, merge::is_cut(status));
-        self.counts.unmatched += outcome.unmatched as u64;
-        splices
+        let new: Vec<(u64, PyPair)> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(id, _)| !self.named_pairs.contains_key(id))
+            .collect();
+        for (id, pair) in new {
+            let named = self.named(pair.pid, pair.python);
+            self.named_pairs.insert(id, (pair, named));
+        }
+    }
+
+    /// Heap: the pairs named so far, by combined id.
+    pub fn pairs(&self) -> &PairStacks {
+        &self.named_pairs
     }
 
     fn stack(&mut self, id: u64) -> Option<(Vec<PyFrameSlot>, u32)> {
@@ -274,18 +359,30 @@ impl Tracker {
         let stack = self.stacks.get(&id, 0).ok()?;
         let entry = (stack.slots().to_vec(), stack.status);
         self.read.insert(id, entry.clone());
-        self.read_from_map.push(id);
+        if !self.keep_stacks {
+            self.read_from_map.push(id);
+        }
         Some(entry)
     }
 
-    /// A line for the report: what was walked and what was missed.
-    pub fn comment(&self) -> String {
+    /// The report's lines on Python frames: the kernel walker's counters
+    /// (`walks`, read from its map), what was named and missed here, and
+    /// the unsupported interpreters met. None when no CPython was seen.
+    pub fn comments(&self, walks: &Counts<PyCounter>) -> Vec<String> {
+        if self.counts.processes == 0 && self.notes.is_empty() {
+            return Vec::new();
+        }
         let c = &self.counts;
-        format!(
-            "python frames: processes {}, frames named {}, code unreadable {}, activations \
-             without an eval-loop frame {}, stacks lost {}",
-            c.processes, c.frames, c.unreadable, c.unmatched, c.stacks_lost
-        )
+        let mut out = vec![
+            walks.comment("python stack walks (kernel)"),
+            format!(
+                "python frames: processes {}, frames named {}, code unreadable {}, activations \
+                 without an eval-loop frame {}, stacks lost {}",
+                c.processes, c.frames, c.unreadable, c.unmatched, c.stacks_lost
+            ),
+        ];
+        out.extend(self.notes.iter().cloned());
+        out
     }
 }
 
