@@ -413,3 +413,71 @@ fn heap_of_pyenv_python313_names_the_allocating_functions() {
     require_bpf!();
     heap_split("pyenv 3.13.0", &pyenv_python("3.13.0"));
 }
+
+/// A Python -> C -> Python chain keeps its order: `sort_with_key` calls
+/// `sorted` (C), which calls the `key=` function `burn_key` in an
+/// activation of its own; the native frames between them stay.
+#[test]
+fn a_key_function_called_by_sorted_stays_under_its_caller() {
+    require_bpf!();
+    for python in [
+        PathBuf::from(DEBIAN_311),
+        pyenv_python("3.12.1"),
+        pyenv_python("3.13.0"),
+    ] {
+        let script = workspace_root().join("tests/workloads/python_sort_key.py");
+        let mut workload = Proc::spawn(Command::new(&python).arg(&script).arg("60"));
+        workload.expect_line("ready");
+        let out = scratch("sort-key").join("sort.folded");
+        let (_, stderr, code) = run_prof_bpf(&[
+            "cpu",
+            "--pid",
+            &workload.pid().to_string(),
+            "--frequency",
+            RATE,
+            "--duration",
+            "3",
+            "--format",
+            "folded",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        drop(workload);
+        let stacks = parse_folded(&std::fs::read_to_string(&out).unwrap());
+        let (mut in_key, mut total) = (0, 0);
+        for (frames, n) in &stacks {
+            total += n;
+            let at = |name: &str| {
+                frames
+                    .iter()
+                    .position(|f| f.starts_with(&format!("{name} (")))
+            };
+            let Some(key) = at("burn_key") else {
+                continue;
+            };
+            let caller = at("sort_with_key").unwrap_or_else(|| {
+                panic!(
+                    "{}: burn_key without its caller: {frames:?}",
+                    python.display()
+                )
+            });
+            assert!(
+                caller < key,
+                "{}: out of order: {frames:?}",
+                python.display()
+            );
+            assert!(
+                frames[caller + 1..key].iter().any(|f| !f.contains(".py:")),
+                "{}: no native frame between the activations: {frames:?}",
+                python.display()
+            );
+            in_key += n;
+        }
+        assert!(
+            in_key as f64 >= 0.8 * total as f64,
+            "{}: burn_key in {in_key} of {total}",
+            python.display()
+        );
+    }
+}
