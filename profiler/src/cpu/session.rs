@@ -157,6 +157,9 @@ impl Session {
         for &pid in settings.pids() {
             python.add_process(pid);
         }
+        if settings.targets == Targets::All {
+            python.add_running();
+        }
         let mut sampler = Sampler::new(&mut ebpf, settings)?;
         let ring = sampler
             .task_events

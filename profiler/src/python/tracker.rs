@@ -195,6 +195,21 @@ impl Tracker {
         self.refresh_process(pid);
     }
 
+    /// Whole host: every process running now, so that their first samples
+    /// already have Python frames.
+    pub fn add_running(&mut self) {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        let pids: Vec<u32> = dir
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        for pid in pids {
+            self.add_process(pid);
+        }
+    }
+
     /// Process `pid` exited or runs another program.
     pub fn forget(&mut self, pid: u32) {
         self.others.remove(&pid);
