@@ -481,3 +481,39 @@ fn a_key_function_called_by_sorted_stays_under_its_caller() {
         );
     }
 }
+
+/// An interpreter whose layout is not known (3.10) is named in one line,
+/// and its samples keep their native frames.
+#[test]
+fn an_unsupported_interpreter_is_named_in_one_line() {
+    require_bpf!();
+    let mut workload = Proc::spawn(
+        Command::new(pyenv_python("3.10.13"))
+            .arg(script())
+            .arg("60"),
+    );
+    workload.expect_line("ready");
+    let out = scratch("unsupported").join("cpu.folded");
+    let (_, stderr, code) = run_prof_bpf(&[
+        "cpu",
+        "--pid",
+        &workload.pid().to_string(),
+        "--duration",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("is not supported"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("Python 3.10") && lines[0].contains("only native frames are shown"),
+        "{stderr}"
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(!text.contains(".py:"), "{text}");
+    assert!(text.contains("Py_RunMain"), "{text}");
+}

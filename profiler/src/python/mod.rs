@@ -1,6 +1,7 @@
-//! Python frames of a running CPython (3.11 to 3.13, x86-64, GIL builds),
-//! read from user space: the foundation the kernel-side frame walker builds
-//! on, and a snapshot dump of every thread's Python stack.
+//! Python frames of a running CPython (3.11 to 3.13, x86-64, GIL builds):
+//! read from user space (a snapshot dump of every thread's Python stack,
+//! and the reference for the kernel-side walker), and in the heap and CPU
+//! profiles through that walker.
 //!
 //! - [`discover`]: which mapped object is the interpreter, its version, and
 //!   its structure [`offsets`] (tables for 3.11/3.12, `_Py_DebugOffsets`
@@ -9,6 +10,11 @@
 //!   `_PyRuntime`.
 //! - [`stack`]: a thread's frames as (code object, instruction offset).
 //! - [`symbolize`]: those as `qualname (file.py:LINE)`.
+//! - [`tracker`]: the user side of the kernel's frame walker
+//!   (`profiler-ebpf/src/python.rs`): which processes and threads it walks,
+//!   and the names of the stacks it records.
+//! - [`merge`]: those stacks spliced into the native ones, each
+//!   evaluation-loop frame replaced by the Python frames it ran.
 //!
 //! The target keeps running while it is read (nothing stops it), so every
 //! walker validates what it reads and stops at the first inconsistency.
