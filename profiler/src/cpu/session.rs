@@ -154,6 +154,7 @@ impl Session {
                 .with_context(|| format!("building the unwind tables of pid {pid}"))?;
         }
         let mut python = PythonTracker::new(&mut ebpf, false)?;
+        python.set_frames(settings.python_frames);
         for &pid in settings.pids() {
             python.add_process(pid);
         }

@@ -35,6 +35,17 @@ use memory::{ProcessMemory, ReadError};
 use stack::WalkEnd;
 use symbolize::{PyFrame, Symbolizer};
 
+/// `--python-frames`: what CPython processes' stacks show.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PythonFrames {
+    /// Each native evaluation-loop frame replaced by the Python frames it
+    /// ran; every other native frame kept.
+    #[default]
+    Mixed,
+    /// Native frames only: the Python frames are not walked at all.
+    Native,
+}
+
 /// A CPython this module cannot read: profiles of it show native frames
 /// only.
 #[derive(Debug)]

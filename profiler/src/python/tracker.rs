@@ -115,6 +115,8 @@ pub struct Tracker {
     symbolizer: Symbolizer,
     /// One line per unsupported interpreter met.
     pub notes: Vec<String>,
+    /// False with `--python-frames native`: no process is walked.
+    enabled: bool,
     pub counts: TrackerCounts,
 }
 
@@ -146,6 +148,7 @@ impl Tracker {
             exited: Vec::new(),
             symbolizer: Symbolizer::default(),
             notes: Vec::new(),
+            enabled: true,
             counts: TrackerCounts::default(),
         })
     }
@@ -155,7 +158,11 @@ impl Tracker {
     /// runs a supported CPython. An unsupported one gets one line on stderr
     /// and in the report.
     pub fn add_process(&mut self, pid: u32) {
-        if pid == 0 || self.tracked.contains_key(&pid) || self.others.contains(&pid) {
+        if !self.enabled
+            || pid == 0
+            || self.tracked.contains_key(&pid)
+            || self.others.contains(&pid)
+        {
             return;
         }
         if !maps_python(pid) {
@@ -193,6 +200,11 @@ impl Tracker {
             },
         );
         self.refresh_process(pid);
+    }
+
+    /// `--python-frames`: with `native`, no process is walked.
+    pub fn set_frames(&mut self, frames: super::PythonFrames) {
+        self.enabled = frames != super::PythonFrames::Native;
     }
 
     /// Whole host: every process running now, so that their first samples
