@@ -73,6 +73,9 @@ pub const KEY_KERNEL_STACK: u32 = 1 << 2;
 /// `SampleKey::flags`: the sample was taken in the kernel but its stack
 /// could not be recorded (see [`CpuCounter::KernelStackFailed`]).
 pub const KEY_KERNEL_STACK_FAILED: u32 = 1 << 3;
+/// `SampleKey::flags`: the thread ran Python code; `python_stack` is its
+/// id in the Python stack map (`crate::python::STACKS_MAP`).
+pub const KEY_PYTHON_STACK: u32 = 1 << 4;
 
 /// What samples are counted by: thread and both stacks.
 #[repr(C)]
@@ -88,9 +91,11 @@ pub struct SampleKey {
     pub kernel_stack: u32,
     /// `KEY_*` bits.
     pub flags: u32,
+    /// Id of the Python stack (valid with [`KEY_PYTHON_STACK`]).
+    pub python_stack: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SampleKey>() == 24);
+const _: () = assert!(core::mem::size_of::<SampleKey>() == 32);
 
 /// What is counted per key.
 #[repr(C)]

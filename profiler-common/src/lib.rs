@@ -11,6 +11,7 @@ pub mod counters;
 pub mod cpu;
 pub mod heap;
 pub mod hooks;
+pub mod python;
 pub mod stack;
 pub mod unwind;
 pub mod unwind_test;

@@ -16,8 +16,8 @@ use profiler_common::{
     counters::CounterSet as _,
     cpu::{
         COUNTS_MAX_ENTRIES, CpuConfig, CpuCounter, KEY_KERNEL_STACK, KEY_KERNEL_STACK_FAILED,
-        KEY_USER_STACK, KEY_USER_STACK_FAILED, PIDS_MAX_ENTRIES, SampleCounts, SampleKey,
-        TASK_EVENTS_BYTES, TASK_EXEC, TASK_EXIT, TaskEvent,
+        KEY_PYTHON_STACK, KEY_USER_STACK, KEY_USER_STACK_FAILED, PIDS_MAX_ENTRIES, SampleCounts,
+        SampleKey, TASK_EVENTS_BYTES, TASK_EXEC, TASK_EXIT, TaskEvent,
     },
 };
 
@@ -118,6 +118,12 @@ pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
                 key.flags |= KEY_USER_STACK_FAILED;
             }
         }
+    }
+    if tid != 0
+        && let Some(id) = crate::python::stack_id(pid, tid)
+    {
+        key.python_stack = id;
+        key.flags |= KEY_PYTHON_STACK;
     }
     // SAFETY: reading a field of the perf_event context.
     let period = unsafe { (*ctx.ctx).sample_period };

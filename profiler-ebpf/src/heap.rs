@@ -127,13 +127,13 @@ fn sampled_alloc(ctx: &ProbeContext, addr: u64, size: u64, weight_bytes: u64, fr
     if addr == 0 {
         return;
     }
-    let stack_id = match user_stack_id(ctx.regs, from_entry) {
+    let stack_id = crate::python::with_python(match user_stack_id(ctx.regs, from_entry) {
         Ok(id) => id,
         Err(_) => {
             count(&HEAP_COUNTERS, HeapCounter::StackErrors);
             STACK_ID_MISSING
         }
-    };
+    });
     track(
         pid,
         addr,
@@ -223,6 +223,7 @@ fn alloc_entry(ctx: &ProbeContext) {
             Ok(id) => state.stack_id = id,
             Err(_) => count(&HEAP_COUNTERS, HeapCounter::StackErrors),
         }
+        state.stack_id = crate::python::with_python(state.stack_id);
     }
 }
 

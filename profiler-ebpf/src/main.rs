@@ -10,6 +10,7 @@ mod count;
 mod counters;
 mod cpu;
 mod heap;
+mod python;
 pub mod stack;
 mod unwind;
 mod unwind_test;

@@ -163,6 +163,7 @@ fn begin(call: MappingCall, size: u64, old_addr: u64, old_len: u64) {
             }
         }
     };
+    let stack_id = crate::python::with_python(stack_id);
     let pending = PendingMapping {
         size,
         old_addr,

@@ -54,6 +54,8 @@ impl CpuCollector {
             interval: None,
             idle: false,
             event: Event::CpuClock,
+            // The agent does not read Python frames yet.
+            python_frames: crate::python::PythonFrames::Native,
         };
         let mut sampler = Sampler::new(ebpf, &settings)?;
         let ring = sampler

@@ -414,6 +414,7 @@ impl HeapCollector {
                 mmap: false,
                 processes: &self.processes,
                 allocator_inodes: self.sampler_inodes.clone(),
+                python: None,
             };
             let report = report::heap_report_since(&totals, &ctx, &self.baseline);
             if report.samples.is_empty() {

@@ -19,7 +19,7 @@ use std::{ffi::OsString, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, bail};
 
-use crate::{ebpf, output::OutputArgs, process, runtime};
+use crate::{ebpf, output::OutputArgs, process, python::PythonFrames, runtime};
 
 pub(crate) mod budget;
 pub(crate) mod report;
@@ -84,6 +84,11 @@ pub struct CpuArgs {
     /// What drives sampling.
     #[arg(long, value_enum, default_value_t = Event::CpuClock)]
     pub event: Event,
+    /// CPython processes (3.11-3.13): `mixed` replaces each evaluation-loop
+    /// frame by the Python frames it ran (`qualname (file.py:LINE)`),
+    /// `native` shows the interpreter's C frames only.
+    #[arg(long, value_enum, default_value_t = PythonFrames::Mixed)]
+    pub python_frames: PythonFrames,
     #[command(flatten)]
     pub output: OutputArgs,
     /// Run this command and sample it and every process it starts, until it
@@ -116,6 +121,7 @@ pub(crate) struct Settings {
     pub interval: Option<Duration>,
     pub idle: bool,
     pub event: Event,
+    pub python_frames: PythonFrames,
 }
 
 impl Settings {
@@ -168,6 +174,7 @@ fn validate(args: &CpuArgs) -> anyhow::Result<Settings> {
         interval: args.interval,
         idle: args.idle,
         event: args.event,
+        python_frames: args.python_frames,
     })
 }
 

@@ -123,6 +123,7 @@ pub(crate) fn sample(
         values: vec![counts.samples as i64, counts.period as i64],
         numeric_labels: Vec::new(),
         leaf_marker: None,
+        splices: Vec::new(),
     }
 }
 
@@ -145,6 +146,7 @@ mod tests {
             user_stack: 7,
             kernel_stack: 3,
             flags,
+            python_stack: 0,
         }
     }
 

@@ -13,7 +13,8 @@ use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use log::debug;
 use profiler_common::{
-    cpu::STATS_MAP,
+    cpu::{KEY_PYTHON_STACK, STATS_MAP},
+    python::{PyCounter, STATS_MAP as PY_STATS_MAP},
     stack::{UNWIND_STATS_MAP, UnwindCounter},
 };
 use tokio::io::unix::AsyncFd;
@@ -31,6 +32,7 @@ use crate::{
     output::OutputPlan,
     process,
     profile::Collector,
+    python::tracker::Tracker as PythonTracker,
     runtime::{self, Stop, StopEvent, StopReason, counters::Counts},
     unwind::Tables,
 };
@@ -42,6 +44,8 @@ const DRAIN_EVERY: Duration = Duration::from_secs(1);
 /// read again after these delays so that they are known if the program is
 /// gone before its samples are drained.
 const EXEC_RESNAPSHOTS: [Duration; 2] = [Duration::from_millis(15), Duration::from_millis(100)];
+/// How often an interpreter that has no thread state yet is looked at.
+const PYTHON_STARTING_POLL: Duration = Duration::from_millis(20);
 /// Rows of an interval's top table (unless --nodecount says otherwise).
 const INTERVAL_ROWS: usize = 15;
 /// Status lines on stderr when it is not a terminal: one per this many
@@ -133,6 +137,8 @@ struct State {
     table_budget: Budget<Instant>,
     /// Samples per process in the last drain.
     interval_samples: std::collections::HashMap<u32, u64>,
+    /// The Python frame walker's processes, threads and names.
+    python: PythonTracker,
 }
 
 impl Session {
@@ -146,6 +152,14 @@ impl Session {
             tables
                 .add_process(pid)
                 .with_context(|| format!("building the unwind tables of pid {pid}"))?;
+        }
+        let mut python = PythonTracker::new(&mut ebpf, false)?;
+        python.set_frames(settings.python_frames);
+        for &pid in settings.pids() {
+            python.add_process(pid);
+        }
+        if settings.targets == Targets::All {
+            python.add_running();
         }
         let mut sampler = Sampler::new(&mut ebpf, settings)?;
         let ring = sampler
@@ -170,6 +184,7 @@ impl Session {
             whole_host: settings.targets == Targets::All,
             table_budget: Budget::new(Instant::now()),
             interval_samples: std::collections::HashMap::new(),
+            python,
         };
         eprintln!(
             "prof-bpf: sampling {} at {} Hz on {} CPUs ({}); Ctrl-C to stop",
@@ -209,6 +224,7 @@ impl Session {
             tokio::select! {
                 _ = tick.tick() => {
                     self.drain()?;
+                    self.state.python.refresh();
                     self.state.update_tables();
                     self.print_interval(output, tty).await?;
                 }
@@ -232,6 +248,11 @@ impl Session {
                     self.state.apply_task_events(&events);
                 }
                 () = runtime::sleep_until(next_resnapshot) => self.state.resnapshot_due(),
+                // An interpreter found while starting has its threads
+                // listed as soon as they exist.
+                () = runtime::sleep_until(self.state.python.has_starting().then(|| {
+                    tokio::time::Instant::now() + PYTHON_STARTING_POLL
+                })) => self.state.python.refresh_starting(),
                 event = stop.next() => match event {
                     StopEvent::Exited(pid) => debug!("pid {pid} exited"),
                     StopEvent::Stop(reason) => break reason,
@@ -298,6 +319,7 @@ impl Session {
     /// (after the interval table being printed, if any).
     async fn finish(self, output: &OutputPlan) -> anyhow::Result<()> {
         let unwind = Counts::<UnwindCounter>::read(&self.ebpf, UNWIND_STATS_MAP)?;
+        let python_walks = Counts::<PyCounter>::read(&self.ebpf, PY_STATS_MAP)?;
         // Read before detaching: the map goes with the programs.
         let counters = Counters::read(&self.ebpf, STATS_MAP)?;
         // The kernel stopped counting at --duration.
@@ -334,6 +356,9 @@ impl Session {
             collector.add_comment(comment);
         }
         collector.add_comment(unwind.comment("user stack walks"));
+        for comment in state.python.comments(&python_walks) {
+            collector.add_comment(comment);
+        }
         eprintln!("prof-bpf: {}", stats::summary(&counters, &sampling));
         let profile = collector.finish()?;
         output.write(&profile)
@@ -396,6 +421,7 @@ impl State {
             c.note_process(pid);
         }
         self.noted.insert(pid);
+        self.python.add_process(pid);
     }
 
     fn add(
@@ -408,7 +434,12 @@ impl State {
         if pid != 0 && !self.noted.contains(&pid) && !self.tasks.has_exited(pid) {
             self.note_process(pid);
         }
-        let sample = report::sample(key, counts, &self.stacks, &mut self.tasks, &LiveProc);
+        let mut sample = report::sample(key, counts, &self.stacks, &mut self.tasks, &LiveProc);
+        if key.flags & KEY_PYTHON_STACK != 0 {
+            sample.splices =
+                self.python
+                    .splices(pid, key.python_stack, &sample.user, sample.leaf_is_pc);
+        }
         if let Some(c) = &mut self.interval {
             c.add(sample.clone());
         }
@@ -419,7 +450,10 @@ impl State {
         for event in events {
             match self.tasks.apply(event) {
                 Change::Exec(pid) => self.exec(pid),
-                Change::ProcessExit(pid) => self.tables.remove_process(pid),
+                Change::ProcessExit(pid) => {
+                    self.tables.remove_process(pid);
+                    self.python.exited(pid);
+                }
                 Change::None => {}
             }
         }
@@ -428,6 +462,7 @@ impl State {
     /// Process `pid` runs a new program.
     fn exec(&mut self, pid: u32) {
         debug!("exec pid {pid}");
+        self.python.forget(pid);
         self.note_process(pid);
         // The old program's tables are useless now. A target gets the new
         // ones at once; on the whole host, the process waits its turn

@@ -142,6 +142,7 @@ fn raw_sample(
         numeric_labels,
         leaf_is_pc: false,
         leaf_marker: None,
+        splices: Vec::new(),
     }
 }
 

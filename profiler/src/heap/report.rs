@@ -59,6 +59,8 @@ pub(crate) struct Context<'a> {
     /// Inodes of the probed allocators: with the hooks, a stack's first
     /// frames are inside them.
     pub allocator_inodes: Vec<u64>,
+    /// Stacks with Python frames, by combined id.
+    pub python: Option<&'a crate::python::tracker::PairStacks>,
 }
 
 /// What a leak report needs beyond the totals.
@@ -471,6 +473,11 @@ fn sample(
         .get(&key.pid)
         .map_or(&[][..], Vec::as_slice);
     let (user, user_status) = user_frames(key, stacks.get(&key.stack_id), maps, ctx);
+    let splices = ctx
+        .python
+        .and_then(|pairs| pairs.get(&key.stack_id))
+        .map(|(_, named)| named.splices(&user, false).0)
+        .unwrap_or_default();
     RawSample {
         pid: key.pid,
         tid: None,
@@ -483,6 +490,7 @@ fn sample(
         numeric_labels,
         leaf_is_pc: false,
         leaf_marker: (key.source == SOURCE_MMAP).then_some(profile::MMAP),
+        splices,
     }
 }
 

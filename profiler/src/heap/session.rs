@@ -11,7 +11,10 @@ use std::{
 use anyhow::Context as _;
 use aya::{Ebpf, programs::uprobe::UProbeScope};
 use log::{debug, info, warn};
-use profiler_common::heap::{StackKey, StackStats};
+use profiler_common::{
+    heap::{StackKey, StackStats},
+    python::{PyCounter, STATS_MAP as PY_STATS_MAP},
+};
 
 use super::{
     attach::{self, Plan},
@@ -29,7 +32,8 @@ use crate::{
     output::{OutputArgs, OutputPlan},
     process,
     profile::{Collector, Profile},
-    runtime::{self, Stop, StopEvent, StopReason},
+    python::tracker::Tracker as PythonTracker,
+    runtime::{self, Stop, StopEvent, StopReason, counters::Counts},
     unwind::Tables,
 };
 
@@ -125,6 +129,8 @@ struct Session {
     live_history: leaks::History<live_set::LiveStackKey>,
     /// With --all: which files export a live heap, each read once.
     live_finder: HeaderFinder,
+    /// The Python frame walker's processes, threads and names.
+    python: PythonTracker,
 }
 
 impl Session {
@@ -137,7 +143,9 @@ impl Session {
         let all = settings.targets == Targets::All;
         let mut ebpf = attach::load(&settings, tracking, settings.mmap && all)?;
         let tables = Tables::new(&mut ebpf)?;
+        let python = PythonTracker::new(&mut ebpf, true)?;
         let mut session = Self {
+            python,
             ebpf,
             settings,
             tracking,
@@ -266,6 +274,8 @@ impl Session {
                 _ = tables_tick.tick() => self.serve_table_requests(),
                 _ = tick.tick() => {
                     ticks += 1;
+                    self.python.name_new_pairs();
+                    self.python.refresh();
                     if launched && (ticks == 1 || ticks.is_multiple_of(5)) {
                         self.check_launched();
                     }
@@ -327,6 +337,7 @@ impl Session {
     /// Rereads the mappings and name of a live process, and tells the
     /// final report's collector.
     fn refresh_process(&mut self, pid: u32) {
+        self.python.add_process(pid);
         if self.processes.refresh(pid)
             && let Some(c) = &mut self.live
         {
@@ -442,7 +453,10 @@ impl Session {
                 }
             }
         }
-        let stacks = maps::user_stacks(&self.ebpf, stats.iter().map(|(k, _)| k).chain(old.keys()))?;
+        self.python.name_new_pairs();
+        let mut stacks =
+            maps::user_stacks(&self.ebpf, stats.iter().map(|(k, _)| k).chain(old.keys()))?;
+        self.add_paired_stacks(&mut stacks, stats.iter().map(|(k, _)| k).chain(old.keys()))?;
         Ok(Totals {
             stats,
             stacks,
@@ -463,6 +477,36 @@ impl Session {
             Targets::All => live_set::read_all(&mut self.live_finder),
             _ => live_set::read_targets(self.tracking, &self.pids, &self.processes.exited),
         }
+    }
+
+    /// The native stacks of combined (native and Python) ids, under the
+    /// combined id.
+    fn add_paired_stacks<'a>(
+        &self,
+        stacks: &mut HashMap<u64, profiler_common::stack::UserStack>,
+        keys: impl IntoIterator<Item = &'a StackKey>,
+    ) -> anyhow::Result<()> {
+        let pairs = self.python.pairs();
+        let paired: Vec<(u64, StackKey)> = keys
+            .into_iter()
+            .filter_map(|k| {
+                let (pair, _) = pairs.get(&k.stack_id)?;
+                Some((
+                    k.stack_id,
+                    StackKey {
+                        stack_id: pair.native,
+                        ..*k
+                    },
+                ))
+            })
+            .collect();
+        let natives = maps::user_stacks(&self.ebpf, paired.iter().map(|(_, k)| k))?;
+        for (combined, native) in paired {
+            if let Some(stack) = natives.get(&native.stack_id) {
+                stacks.insert(combined, *stack);
+            }
+        }
+        Ok(())
     }
 
     /// The memory of the targets now; with --all, of the first processes
@@ -516,6 +560,7 @@ impl Session {
             mmap: self.settings.mmap,
             processes: &self.processes,
             allocator_inodes: self.allocator_inodes(),
+            python: Some(self.python.pairs()),
         };
         let report = if self.settings.leaks {
             let launched = matches!(self.settings.targets, Targets::Launch(_));
@@ -537,6 +582,8 @@ impl Session {
             report.comments.push(line.clone());
             report.coverage.push(line);
         }
+        let walks = Counts::<PyCounter>::read(&self.ebpf, PY_STATS_MAP)?;
+        report.comments.extend(self.python.comments(&walks));
         if last {
             for line in &report.coverage {
                 eprintln!("prof-bpf: {line}");

@@ -16,15 +16,30 @@ use crate::symbolize::{self, Normalized, Normalizer};
 /// mapping's start is its file offset (pprof's rule) and mappings of
 /// different objects never overlap. Objects are far smaller than 1 TiB.
 const OBJECT_SHIFT: u32 = 40;
+/// The pseudo mapping of frames named by the source (Python's).
+const NAMED_MAPPING: &str = "[python]";
 /// The kernel mapping covers the upper half of the address space.
 const KERNEL_START: u64 = 0xffff_8000_0000_0000;
 
 /// What a location is, for deduplication.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum LocationKey {
-    File { object: usize, offset: u64 },
-    Jit { name: String },
-    Anon { name: String, offset: u64 },
+    File {
+        object: usize,
+        offset: u64,
+    },
+    Jit {
+        name: String,
+    },
+    Named {
+        function: String,
+        file: String,
+        line: i64,
+    },
+    Anon {
+        name: String,
+        offset: u64,
+    },
     Kernel(u64),
     Marker(&'static str),
 }
@@ -116,10 +131,22 @@ impl Collector {
             locations.push(self.kernel_location(lookup));
         }
         let mut status = s.user_status;
+        let mut splices = s.splices.iter().peekable();
         if status == StackStatus::Missing {
             locations.push(self.marker(MISSING_USER_STACK));
+            for splice in splices {
+                for frame in &splice.frames {
+                    locations.push(self.named_location(frame));
+                }
+            }
         } else {
             for (i, &addr) in s.user.iter().enumerate() {
+                if let Some(splice) = splices.next_if(|sp| sp.at == i) {
+                    for frame in &splice.frames {
+                        locations.push(self.named_location(frame));
+                    }
+                    continue;
+                }
                 let lookup = if i == 0 && s.leaf_is_pc {
                     addr
                 } else {
@@ -131,6 +158,12 @@ impl Collector {
                         status = StackStatus::Truncated;
                         break;
                     }
+                }
+            }
+            // Frames of the outer end (or past a broken native walk).
+            for splice in splices {
+                for frame in &splice.frames {
+                    locations.push(self.named_location(frame));
                 }
             }
             match status {
@@ -241,6 +274,21 @@ impl Collector {
         self.location(LocationKey::Marker(name), |_| Location {
             kind: LocationKind::Marker,
             frames: vec![Frame::named(name)],
+            ..Location::default()
+        })
+    }
+
+    /// A frame the source named itself, in the pseudo mapping `[python]`.
+    fn named_location(&mut self, frame: &Frame) -> usize {
+        let key = LocationKey::Named {
+            function: frame.function.clone(),
+            file: frame.file.clone(),
+            line: frame.line,
+        };
+        self.location(key, |c| Location {
+            mapping: Some(c.pseudo_mapping(NAMED_MAPPING)),
+            address: 0,
+            frames: vec![frame.clone()],
             ..Location::default()
         })
     }

@@ -126,6 +126,19 @@ pub struct RawSample {
     /// A marker frame below the leaf saying what the leaf did (`[mmap]`:
     /// the values are memory mappings the leaf function made).
     pub leaf_marker: Option<&'static str>,
+    /// Frames named by the source itself (interpreted code: Python), each
+    /// group replacing the native frame `user[at]` that ran it, or added
+    /// at the outer end when `at` is `user.len()`. Sorted by `at`.
+    pub splices: Vec<Splice>,
+}
+
+/// Named frames that stand for one native frame of a [`RawSample`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Splice {
+    /// Index into [`RawSample::user`].
+    pub at: usize,
+    /// Innermost first.
+    pub frames: Vec<Frame>,
 }
 
 /// A profile: what every writer takes.

@@ -24,6 +24,17 @@ pub struct Interpreter {
     /// object of this type.
     pub code_type: u64,
     pub offsets: Offsets,
+    /// Address range of `_PyEval_EvalFrameDefault` (from its `.dynsym`
+    /// entry and size): the native frames that ran Python frames.
+    pub eval_loop: Option<(u64, u64)>,
+}
+
+impl Interpreter {
+    /// Whether `address` (a return address or pc) is in the evaluation loop.
+    pub fn in_eval_loop(&self, address: u64) -> bool {
+        self.eval_loop
+            .is_some_and(|(start, end)| (start..end).contains(&address))
+    }
 }
 
 /// Addresses of the interpreter's symbols in one object (before relocation).
@@ -31,6 +42,8 @@ struct Exports {
     runtime: u64,
     code_type: Option<u64>,
     version: Option<u64>,
+    /// `_PyEval_EvalFrameDefault`: address and size.
+    eval_loop: Option<(u64, u64)>,
 }
 
 /// Finds the interpreter of `pid`. Fails with [`Unsupported`] (downcastable)
@@ -69,8 +82,12 @@ fn exports(elf: &object::File<'_>) -> Option<Exports> {
     let mut runtime = None;
     let mut code_type = None;
     let mut version = None;
+    let mut eval_loop = None;
     for symbol in elf.dynamic_symbols() {
         match symbol.name() {
+            Ok("_PyEval_EvalFrameDefault") if symbol.size() > 0 => {
+                eval_loop = Some((symbol.address(), symbol.size()));
+            }
             Ok("_PyRuntime") => runtime = Some(symbol.address()),
             Ok("PyCode_Type") => code_type = Some(symbol.address()),
             Ok("Py_Version") => version = Some(symbol.address()),
@@ -81,6 +98,7 @@ fn exports(elf: &object::File<'_>) -> Option<Exports> {
         runtime: runtime.filter(|&a| a != 0)?,
         code_type,
         version,
+        eval_loop,
     })
 }
 
@@ -145,6 +163,10 @@ fn interpreter(
         runtime,
         code_type,
         offsets,
+        eval_loop: exports.eval_loop.map(|(address, size)| {
+            let start = address.wrapping_add(bias);
+            (start, start + size)
+        }),
     })
 }
 

@@ -1,6 +1,7 @@
-//! Python frames of a running CPython (3.11 to 3.13, x86-64, GIL builds),
-//! read from user space: the foundation the kernel-side frame walker builds
-//! on, and a snapshot dump of every thread's Python stack.
+//! Python frames of a running CPython (3.11 to 3.13, x86-64, GIL builds):
+//! read from user space (a snapshot dump of every thread's Python stack,
+//! and the reference for the kernel-side walker), and in the heap and CPU
+//! profiles through that walker.
 //!
 //! - [`discover`]: which mapped object is the interpreter, its version, and
 //!   its structure [`offsets`] (tables for 3.11/3.12, `_Py_DebugOffsets`
@@ -9,6 +10,11 @@
 //!   `_PyRuntime`.
 //! - [`stack`]: a thread's frames as (code object, instruction offset).
 //! - [`symbolize`]: those as `qualname (file.py:LINE)`.
+//! - [`tracker`]: the user side of the kernel's frame walker
+//!   (`profiler-ebpf/src/python.rs`): which processes and threads it walks,
+//!   and the names of the stacks it records.
+//! - [`merge`]: those stacks spliced into the native ones, each
+//!   evaluation-loop frame replaced by the Python frames it ran.
 //!
 //! The target keeps running while it is read (nothing stops it), so every
 //! walker validates what it reads and stops at the first inconsistency.
@@ -18,14 +24,27 @@ use anyhow::Context as _;
 
 pub mod discover;
 pub mod memory;
+pub mod merge;
 pub mod offsets;
 pub mod stack;
 pub mod symbolize;
 pub mod threads;
+pub mod tracker;
 
 use memory::{ProcessMemory, ReadError};
 use stack::WalkEnd;
 use symbolize::{PyFrame, Symbolizer};
+
+/// `--python-frames`: what CPython processes' stacks show.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PythonFrames {
+    /// Each native evaluation-loop frame replaced by the Python frames it
+    /// ran; every other native frame kept.
+    #[default]
+    Mixed,
+    /// Native frames only: the Python frames are not walked at all.
+    Native,
+}
 
 /// A CPython this module cannot read: profiles of it show native frames
 /// only.

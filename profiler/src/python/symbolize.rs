@@ -71,8 +71,16 @@ impl Symbolizer {
         py: &Interpreter,
         frame: RawFrame,
     ) -> Result<PyFrame, ReadError> {
-        let identity = identity(memory, py, frame.code)?;
         let key = (pid, frame.code);
+        let identity = match identity(memory, py, frame.code) {
+            Ok(identity) => identity,
+            // A process that exited changes no code object any more: its
+            // code last read at that address is the one that ran.
+            Err(ReadError::ProcessGone) if self.codes.contains_key(&key) => {
+                self.codes[&key].identity
+            }
+            Err(err) => return Err(err),
+        };
         if self
             .codes
             .get(&key)
@@ -288,6 +296,7 @@ mod tests {
             runtime: 0,
             code_type: 0,
             offsets: PY312,
+            eval_loop: None,
         };
         let at = 0x10_0000;
         let frame = RawFrame {

@@ -129,6 +129,7 @@ mod tests {
             runtime: RUNTIME,
             code_type: 0,
             offsets: PY312,
+            eval_loop: None,
         }
     }
 

@@ -308,14 +308,14 @@ fn bpf_run_time(pid: u32) -> Option<f64> {
 
 /// Turns on the kernel's BPF run-time statistics for the benchmark and
 /// restores the previous setting afterwards.
-struct BpfStats {
+pub(super) struct BpfStats {
     previous: Option<String>,
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 impl BpfStats {
-    fn enable() -> Self {
+    pub(super) fn enable() -> Self {
         let previous = std::fs::read_to_string(BPF_STATS).ok();
         if std::fs::write(BPF_STATS, "1").is_err() {
             eprintln!("note: could not enable {BPF_STATS}; BPF times will be missing");

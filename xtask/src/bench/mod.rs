@@ -6,11 +6,20 @@ mod cpu;
 mod heap;
 mod measure;
 mod preload;
+mod python;
 mod symbolize;
 mod unwind;
 
 /// Benchmark names, in the order `cargo xtask help` lists them.
-pub const NAMES: &[&str] = &["alloc", "cpu", "heap", "preload", "symbolize", "unwind"];
+pub const NAMES: &[&str] = &[
+    "alloc",
+    "cpu",
+    "heap",
+    "preload",
+    "python",
+    "symbolize",
+    "unwind",
+];
 
 #[allow(clippy::match_single_binding, reason = "each benchmark adds an arm")]
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -23,6 +32,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         "cpu" => cpu::run(),
         "heap" => heap::run(),
         "preload" => preload::run(),
+        "python" => python::run(),
         "symbolize" => symbolize::run(),
         "unwind" => unwind::run(),
         other => anyhow::bail!("unknown benchmark `{other}`; one of: {}", NAMES.join(", ")),

@@ -70,6 +70,7 @@ fn context(processes: &Processes, tracking: Tracking, mmap: bool) -> Context<'_>
         mmap,
         processes,
         allocator_inodes: vec![7],
+        python: None,
     }
 }
 

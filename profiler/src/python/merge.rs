@@ -1,0 +1,204 @@
+//! Splicing Python frames into a native stack, as `py-spy --native` shows
+//! them: each native frame of the evaluation loop (`_PyEval_EvalFrameDefault`)
+//! stands for the Python frames it ran, and is replaced by them; every other
+//! native frame stays (C extensions and the allocator above, `main` and
+//! `Py_RunMain` below, C between two activations: `list.sort` calling a
+//! `key=` function).
+//!
+//! The kernel walker records one marker at the outer end of each
+//! activation (3.11: after a frame with `is_entry`; 3.12+: at the C-stack
+//! shim frame), so the Python stack splits into activations, innermost
+//! first, which pair with the evaluation-loop frames of the native stack,
+//! innermost first.
+use profiler_common::python::{
+    ACTIVATION_END, PY_STACK_BROKEN, PY_STACK_COMPLETE, PY_STACK_TRUNCATED, PyFrameSlot,
+};
+
+use super::stack::RawFrame;
+use crate::profile::{Frame, Splice};
+
+/// Marker of a Python stack cut at the walker's limit or by a frame that
+/// could not be read.
+pub const PYTHON_TRUNCATED: &str = "[python truncated]";
+
+/// The frames of each activation, innermost activation first. Frames after
+/// the last marker (a walk that did not reach an activation's end) form a
+/// last group.
+pub fn activations(slots: &[PyFrameSlot]) -> Vec<Vec<RawFrame>> {
+    let mut groups = vec![Vec::new()];
+    for slot in slots {
+        if slot.code == ACTIVATION_END {
+            groups.push(Vec::new());
+        } else if let Some(group) = groups.last_mut() {
+            group.push(RawFrame {
+                code: slot.code,
+                instr_offset: slot.instr_offset,
+            });
+        }
+    }
+    if groups.last().is_some_and(Vec::is_empty) {
+        groups.pop();
+    }
+    groups
+}
+
+/// Whether a walk status means frames are missing at the outer end.
+pub fn is_cut(status: u32) -> bool {
+    matches!(status, PY_STACK_TRUNCATED | PY_STACK_BROKEN) || status > PY_STACK_BROKEN
+}
+
+/// How a merge went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MergeOutcome {
+    /// Activations without an evaluation-loop frame to replace (the native
+    /// stack was cut, or its walk missed them): their frames go to the
+    /// outer end.
+    pub unmatched: usize,
+}
+
+/// The splices that put `activations` (named, innermost first) into
+/// `native` (leaf first; `is_eval(i)` says whether `native[i]` is an
+/// evaluation-loop frame). `cut`: the Python walk did not reach the
+/// outermost frame, so the last frames are followed by
+/// [`PYTHON_TRUNCATED`]. An empty activation leaves its native frame.
+pub fn splices(
+    native_len: usize,
+    is_eval: impl Fn(usize) -> bool,
+    activations: Vec<Vec<Frame>>,
+    cut: bool,
+) -> (Vec<Splice>, MergeOutcome) {
+    let mut out = Vec::new();
+    let mut groups = activations.into_iter();
+    for i in 0..native_len {
+        if !is_eval(i) {
+            continue;
+        }
+        let Some(frames) = groups.next() else {
+            break;
+        };
+        if !frames.is_empty() {
+            out.push(Splice { at: i, frames });
+        }
+    }
+    let rest: Vec<Vec<Frame>> = groups.collect();
+    let outcome = MergeOutcome {
+        unmatched: rest.iter().filter(|g| !g.is_empty()).count(),
+    };
+    let mut tail: Vec<Frame> = rest.into_iter().flatten().collect();
+    if cut {
+        tail.push(Frame::named(PYTHON_TRUNCATED));
+    }
+    if !tail.is_empty() {
+        match out.last_mut() {
+            // The cut is at the outer end of the last spliced activation
+            // when every activation found its frame.
+            Some(last) if outcome.unmatched == 0 => last.frames.extend(tail),
+            _ => out.push(Splice {
+                at: native_len,
+                frames: tail,
+            }),
+        }
+    }
+    (out, outcome)
+}
+
+/// True when the status is one the walker writes.
+pub fn known_status(status: u32) -> bool {
+    matches!(
+        status,
+        PY_STACK_COMPLETE | PY_STACK_TRUNCATED | PY_STACK_BROKEN
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(code: u64) -> PyFrameSlot {
+        PyFrameSlot {
+            code,
+            instr_offset: code as u32 * 2,
+            _pad: 0,
+        }
+    }
+
+    fn named(names: &[&str]) -> Vec<Frame> {
+        names.iter().map(|n| Frame::named(*n)).collect()
+    }
+
+    #[test]
+    fn markers_split_the_stack_into_activations() {
+        let slots = [slot(1), slot(2), slot(0), slot(3), slot(0), slot(0)];
+        let got = activations(&slots);
+        let codes: Vec<Vec<u64>> = got
+            .iter()
+            .map(|g| g.iter().map(|f| f.code).collect())
+            .collect();
+        assert_eq!(codes, vec![vec![1, 2], vec![3], vec![]]);
+        assert_eq!(got[0][1].instr_offset, 4);
+        // A walk cut inside an activation keeps its frames as a last group.
+        let codes: Vec<usize> = activations(&[slot(1), slot(0), slot(2)])
+            .iter()
+            .map(Vec::len)
+            .collect();
+        assert_eq!(codes, vec![1, 1]);
+    }
+
+    /// malloc <- bytearray <- EVAL <- call <- sorted <- EVAL <- main.
+    #[test]
+    fn each_activation_replaces_its_eval_frame_in_order() {
+        let eval = [false, false, true, false, false, true, false];
+        let (got, outcome) = splices(
+            eval.len(),
+            |i| eval[i],
+            vec![named(&["key", "sort_them"]), named(&["main", "<module>"])],
+            false,
+        );
+        assert_eq!(outcome.unmatched, 0);
+        assert_eq!(
+            got,
+            vec![
+                Splice {
+                    at: 2,
+                    frames: named(&["key", "sort_them"])
+                },
+                Splice {
+                    at: 5,
+                    frames: named(&["main", "<module>"])
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn empty_activations_keep_their_frame_and_a_cut_is_marked() {
+        let eval = [true, true];
+        let (got, _) = splices(2, |i| eval[i], vec![vec![], named(&["f"])], true);
+        assert_eq!(
+            got,
+            vec![Splice {
+                at: 1,
+                frames: named(&["f", PYTHON_TRUNCATED])
+            }]
+        );
+    }
+
+    #[test]
+    fn activations_without_eval_frames_go_to_the_outer_end_and_are_counted() {
+        let (got, outcome) = splices(3, |i| i == 0, vec![named(&["a"]), named(&["b"])], false);
+        assert_eq!(outcome.unmatched, 1);
+        assert_eq!(
+            got,
+            vec![
+                Splice {
+                    at: 0,
+                    frames: named(&["a"])
+                },
+                Splice {
+                    at: 3,
+                    frames: named(&["b"])
+                },
+            ]
+        );
+    }
+}

@@ -1,0 +1,504 @@
+//! The user side of the kernel's Python frame walker: tells it which
+//! processes run CPython (with their layout) and which thread state each
+//! thread has, reads the Python stacks it recorded, and names them.
+//!
+//! Threads are matched on `native_thread_id` from the interpreters' thread
+//! lists, refreshed every interval ([`Tracker::refresh`]); threads started
+//! since are counted by the kernel (`thread_unknown`) until then.
+use std::collections::{HashMap, HashSet};
+
+use anyhow::Context as _;
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use log::debug;
+use profiler_common::python::{
+    NO_FIELD, PAIRS_MAP, PROCESSES_MAP, PyCounter, PyFrameSlot, PyPair, PyProcess, PyStack,
+    STACKS_MAP, THREADS_MAP,
+};
+
+use super::{
+    Unsupported, discover,
+    discover::Interpreter,
+    memory::{ProcessMemory, ReadError},
+    merge,
+    offsets::{FrameAnchor, Offsets},
+    symbolize::Symbolizer,
+    threads,
+};
+use crate::{
+    profile::{Frame, Splice},
+    runtime::counters::Counts,
+};
+
+/// Name of a frame whose code object could not be read (the process
+/// exited, or the code was freed before the interval's read).
+pub const UNREADABLE_CODE: &str = "[python code unreadable]";
+
+/// A CPython process the kernel walks.
+struct Tracked {
+    py: Interpreter,
+    memory: ProcessMemory,
+    /// Threads in the kernel's thread map.
+    tids: HashSet<u32>,
+}
+
+/// What user space counted besides the kernel's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrackerCounts {
+    /// CPython processes whose frames were walked.
+    pub processes: u64,
+    /// Python frames named.
+    pub frames: u64,
+    /// Frames whose code object could not be read.
+    pub unreadable: u64,
+    /// Activations with no evaluation-loop frame in the native stack
+    /// (placed at the outer end).
+    pub unmatched: u64,
+    /// Samples whose Python stack was no longer in the map.
+    pub stacks_lost: u64,
+}
+
+/// A Python stack with its frames named, ready to be spliced into the
+/// native stack it was taken with.
+#[derive(Clone, Debug, Default)]
+pub struct NamedStack {
+    /// Innermost activation first, each innermost frame first.
+    pub activations: Vec<Vec<Frame>>,
+    /// Frames are missing at the outer end (`[python truncated]`).
+    pub cut: bool,
+    /// The interpreter's `_PyEval_EvalFrameDefault` in its process.
+    pub eval_loop: Option<(u64, u64)>,
+}
+
+impl NamedStack {
+    /// The splices into native stack `user` (leaf first; `leaf_is_pc`:
+    /// `user[0]` is a pc, not a return address).
+    pub fn splices(&self, user: &[u64], leaf_is_pc: bool) -> (Vec<Splice>, merge::MergeOutcome) {
+        let is_eval = |i: usize| {
+            let lookup = if i == 0 && leaf_is_pc {
+                user[i]
+            } else {
+                user[i].wrapping_sub(1)
+            };
+            self.eval_loop
+                .is_some_and(|(start, end)| (start..end).contains(&lookup))
+        };
+        merge::splices(user.len(), is_eval, self.activations.clone(), self.cut)
+    }
+}
+
+/// Heap: per combined stack id, its native and Python stacks, the Python
+/// one named.
+pub type PairStacks = HashMap<u64, (PyPair, NamedStack)>;
+
+/// See the module docs.
+pub struct Tracker {
+    /// Heap only: combined ids (see `profiler_common::python::PAIRS_MAP`).
+    pairs: Option<BpfHashMap<MapData, u64, PyPair>>,
+    named_pairs: PairStacks,
+    processes: BpfHashMap<MapData, u32, PyProcess>,
+    threads: BpfHashMap<MapData, u32, u64>,
+    stacks: BpfHashMap<MapData, u64, PyStack>,
+    /// Keep the stacks in the kernel's map after reading them (heap
+    /// reports read every stack since the attach again).
+    keep_stacks: bool,
+    /// Stacks read, by id (content hash: an id always names one stack).
+    read: HashMap<u64, (Vec<PyFrameSlot>, u32)>,
+    /// Ids read from the map since the last [`Tracker::refresh`], deleted
+    /// there.
+    read_from_map: Vec<u64>,
+    tracked: HashMap<u32, Tracked>,
+    /// Processes found not to run a supported CPython.
+    others: HashSet<u32>,
+    /// Processes that exited, forgotten at the next refresh (after their
+    /// last samples were named).
+    exited: Vec<u32>,
+    symbolizer: Symbolizer,
+    /// One line per unsupported interpreter met.
+    pub notes: Vec<String>,
+    /// False with `--python-frames native`: no process is walked.
+    enabled: bool,
+    pub counts: TrackerCounts,
+}
+
+impl Tracker {
+    /// `heap`: the stacks stay in the kernel's map (heap reports read every
+    /// stack since the attach again) and events hold combined ids
+    /// ([`Tracker::name_new_pairs`]).
+    pub fn new(ebpf: &mut aya::Ebpf, heap: bool) -> anyhow::Result<Self> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))
+        };
+        let pairs = if heap {
+            Some(take(PAIRS_MAP)?.try_into()?)
+        } else {
+            None
+        };
+        Ok(Self {
+            pairs,
+            named_pairs: HashMap::new(),
+            processes: take(PROCESSES_MAP)?.try_into()?,
+            threads: take(THREADS_MAP)?.try_into()?,
+            stacks: take(STACKS_MAP)?.try_into()?,
+            keep_stacks: heap,
+            read: HashMap::new(),
+            read_from_map: Vec::new(),
+            tracked: HashMap::new(),
+            others: HashSet::new(),
+            exited: Vec::new(),
+            symbolizer: Symbolizer::default(),
+            notes: Vec::new(),
+            enabled: true,
+            counts: TrackerCounts::default(),
+        })
+    }
+
+    /// Looks at process `pid` (new, or after an exec: call
+    /// [`Tracker::forget`] first) and has its Python frames walked when it
+    /// runs a supported CPython. An unsupported one gets one line on stderr
+    /// and in the report.
+    pub fn add_process(&mut self, pid: u32) {
+        if !self.enabled
+            || pid == 0
+            || self.tracked.contains_key(&pid)
+            || self.others.contains(&pid)
+        {
+            return;
+        }
+        if !maps_python(pid) {
+            // Checked again at the next exec or mapping snapshot.
+            return;
+        }
+        let memory = ProcessMemory::new(pid);
+        let py = match discover::find(pid, &memory) {
+            Ok(py) => py,
+            Err(err) => {
+                if let Some(unsupported) = err.downcast_ref::<Unsupported>() {
+                    let line = format!("pid {pid}: {unsupported}");
+                    eprintln!("prof-bpf: {line}");
+                    self.notes.push(line);
+                    self.others.insert(pid);
+                }
+                // Otherwise a launched interpreter may not have mapped
+                // libpython yet: the next mapping snapshot looks again.
+                debug!("pid {pid}: no Python frames: {err:#}");
+                return;
+            }
+        };
+        if let Err(err) = self.processes.insert(pid, kernel_layout(&py), 0) {
+            debug!("pid {pid}: Python process map: {err}");
+            return;
+        }
+        debug!("pid {pid}: Python {} in {}", py.version, py.object);
+        self.counts.processes += 1;
+        self.tracked.insert(
+            pid,
+            Tracked {
+                py,
+                memory,
+                tids: HashSet::new(),
+            },
+        );
+        self.refresh_process(pid);
+    }
+
+    /// `--python-frames`: with `native`, no process is walked.
+    pub fn set_frames(&mut self, frames: super::PythonFrames) {
+        self.enabled = frames != super::PythonFrames::Native;
+    }
+
+    /// Whole host: every process running now, so that their first samples
+    /// already have Python frames.
+    pub fn add_running(&mut self) {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        let pids: Vec<u32> = dir
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        for pid in pids {
+            self.add_process(pid);
+        }
+    }
+
+    /// Process `pid` exited or runs another program.
+    pub fn forget(&mut self, pid: u32) {
+        self.others.remove(&pid);
+        self.symbolizer.forget(pid);
+        if let Some(t) = self.tracked.remove(&pid) {
+            let _ = self.processes.remove(&pid);
+            for tid in t.tids {
+                let _ = self.threads.remove(&tid);
+            }
+        }
+    }
+
+    /// Process `pid` exited: forgotten at the next [`Tracker::refresh`].
+    pub fn exited(&mut self, pid: u32) {
+        self.exited.push(pid);
+    }
+
+    /// Once per interval, after the counts were read: the thread maps of every tracked process follow
+    /// their thread lists, and the stacks read last time leave the map
+    /// (they stay in the cache by id).
+    pub fn refresh(&mut self) {
+        for pid in std::mem::take(&mut self.exited) {
+            self.forget(pid);
+        }
+        for id in std::mem::take(&mut self.read_from_map) {
+            let _ = self.stacks.remove(&id);
+        }
+        let pids: Vec<u32> = self.tracked.keys().copied().collect();
+        for pid in pids {
+            self.refresh_process(pid);
+        }
+    }
+
+    /// Whether a tracked process has no thread in the map yet (its
+    /// interpreter was still starting): worth [`Tracker::refresh_starting`]
+    /// soon rather than at the next interval.
+    pub fn has_starting(&self) -> bool {
+        self.tracked.values().any(|t| t.tids.is_empty())
+    }
+
+    /// Reads the thread lists of the processes that have no thread yet.
+    pub fn refresh_starting(&mut self) {
+        let pids: Vec<u32> = self
+            .tracked
+            .iter()
+            .filter(|(_, t)| t.tids.is_empty())
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in pids {
+            self.refresh_process(pid);
+        }
+    }
+
+    fn refresh_process(&mut self, pid: u32) {
+        let Some(t) = self.tracked.get_mut(&pid) else {
+            return;
+        };
+        let threads = match threads::threads(&t.memory, &t.py) {
+            Ok(threads) => threads,
+            Err(threads::ThreadsError::Read(ReadError::ProcessGone)) => return,
+            // The list changed under the reader: next interval.
+            Err(err) => {
+                debug!("pid {pid}: Python threads: {err}");
+                return;
+            }
+        };
+        let now: HashMap<u32, u64> = threads.iter().map(|t| (t.tid, t.tstate)).collect();
+        for (&tid, &tstate) in &now {
+            if self.threads.insert(tid, tstate, 0).is_ok() {
+                t.tids.insert(tid);
+            }
+        }
+        for tid in t.tids.iter().filter(|tid| !now.contains_key(tid)) {
+            let _ = self.threads.remove(tid);
+        }
+        t.tids.retain(|tid| now.contains_key(tid));
+    }
+
+    /// The splices that put the Python stack `id` of process `pid` into
+    /// its native stack `user` (leaf first; `leaf_is_pc`: `user[0]` is a
+    /// pc, not a return address).
+    pub fn splices(&mut self, pid: u32, id: u64, user: &[u64], leaf_is_pc: bool) -> Vec<Splice> {
+        let named = self.named(pid, id);
+        let (splices, outcome) = named.splices(user, leaf_is_pc);
+        self.counts.unmatched += outcome.unmatched as u64;
+        splices
+    }
+
+    /// The Python stack `id` of process `pid`, named now (while the
+    /// process lives).
+    pub fn named(&mut self, pid: u32, id: u64) -> NamedStack {
+        let Some((slots, status)) = self.stack(id) else {
+            self.counts.stacks_lost += 1;
+            return NamedStack {
+                activations: Vec::new(),
+                cut: true,
+                eval_loop: None,
+            };
+        };
+        let Some(t) = self.tracked.get(&pid) else {
+            // Not named: its process was forgotten (exec) before the read.
+            self.counts.stacks_lost += 1;
+            return NamedStack {
+                activations: Vec::new(),
+                cut: true,
+                eval_loop: None,
+            };
+        };
+        let mut activations = Vec::new();
+        for group in merge::activations(&slots) {
+            let mut frames = Vec::with_capacity(group.len());
+            for raw in group {
+                self.counts.frames += 1;
+                frames.push(match self.symbolizer.frame(pid, &t.memory, &t.py, raw) {
+                    Ok(f) => Frame {
+                        function: f.to_string(),
+                        file: f.filename.clone(),
+                        line: f.line.map_or(0, i64::from),
+                        inlined: false,
+                    },
+                    Err(_) => {
+                        self.counts.unreadable += 1;
+                        Frame::named(UNREADABLE_CODE)
+                    }
+                });
+            }
+            activations.push(frames);
+        }
+        NamedStack {
+            activations,
+            cut: merge::is_cut(status),
+            eval_loop: t.py.eval_loop,
+        }
+    }
+
+    /// Heap: names the Python stacks of the pairs recorded since the last
+    /// call, while their processes live (call every interval).
+    pub fn name_new_pairs(&mut self) {
+        let Some(map) = &self.pairs else {
+            return;
+        };
+        let new: Vec<(u64, PyPair)> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(id, _)| !self.named_pairs.contains_key(id))
+            .collect();
+        for (id, pair) in new {
+            let named = self.named(pair.pid, pair.python);
+            self.named_pairs.insert(id, (pair, named));
+        }
+    }
+
+    /// Heap: the pairs named so far, by combined id.
+    pub fn pairs(&self) -> &PairStacks {
+        &self.named_pairs
+    }
+
+    fn stack(&mut self, id: u64) -> Option<(Vec<PyFrameSlot>, u32)> {
+        if let Some(found) = self.read.get(&id) {
+            return Some(found.clone());
+        }
+        let stack = self.stacks.get(&id, 0).ok()?;
+        let entry = (stack.slots().to_vec(), stack.status);
+        self.read.insert(id, entry.clone());
+        if !self.keep_stacks {
+            self.read_from_map.push(id);
+        }
+        Some(entry)
+    }
+
+    /// The report's lines on Python frames: the kernel walker's counters
+    /// (`walks`, read from its map), what was named and missed here, and
+    /// the unsupported interpreters met. None when no CPython was seen.
+    pub fn comments(&self, walks: &Counts<PyCounter>) -> Vec<String> {
+        if self.counts.processes == 0 && self.notes.is_empty() {
+            return Vec::new();
+        }
+        let c = &self.counts;
+        let mut out = vec![
+            walks.comment("python stack walks (kernel)"),
+            format!(
+                "python frames: processes {}, frames named {}, code unreadable {}, activations \
+                 without an eval-loop frame {}, stacks lost {}",
+                c.processes, c.frames, c.unreadable, c.unmatched, c.stacks_lost
+            ),
+        ];
+        out.extend(self.notes.iter().cloned());
+        out
+    }
+}
+
+/// Whether `pid` maps an executable object whose name says Python (the
+/// cheap test before reading symbols).
+fn maps_python(pid: u32) -> bool {
+    crate::process::maps(pid).is_ok_and(|maps| {
+        maps.iter().any(|m| {
+            m.is_file()
+                && m.is_executable()
+                && m.path
+                    .rsplit('/')
+                    .next()
+                    .is_some_and(|n| n.contains("python"))
+        })
+    })
+}
+
+/// The kernel's view of an interpreter's layout.
+pub fn kernel_layout(py: &Interpreter) -> PyProcess {
+    let o: &Offsets = &py.offsets;
+    let (tstate_cframe, current_frame) = match o.tstate_frame {
+        FrameAnchor::ThroughCFrame {
+            cframe,
+            current_frame,
+        } => (cframe, current_frame),
+        FrameAnchor::Direct { current_frame } => (NO_FIELD, current_frame),
+    };
+    PyProcess {
+        tstate_cframe,
+        current_frame,
+        frame_code: o.frame_code,
+        frame_previous: o.frame_previous,
+        frame_instr: o.frame_instr,
+        frame_owner: o.frame_owner,
+        frame_is_entry: o.frame_is_entry.unwrap_or(NO_FIELD),
+        owner_cstack: o.owner_cstack.map_or(NO_FIELD, u64::from),
+        owner_generator: u64::from(o.owner_generator),
+        object_type: o.object_type,
+        var_object_size: o.var_object_size,
+        code_adaptive: o.code_adaptive,
+        code_firsttraceable: o.code_firsttraceable,
+        code_type: py.code_type,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::python::offsets::{PY311, PY313_FOR_TESTS, PythonVersion};
+
+    fn interpreter(hex: u32, offsets: Offsets) -> Interpreter {
+        Interpreter {
+            object: "test".to_owned(),
+            version: PythonVersion { hex },
+            runtime: 0,
+            code_type: 0x5000,
+            offsets,
+            eval_loop: Some((0x1000, 0x2000)),
+        }
+    }
+
+    #[test]
+    fn kernel_layout_marks_the_fields_a_version_lacks() {
+        let k = kernel_layout(&interpreter(0x030b_07f0, PY311));
+        assert_eq!((k.tstate_cframe, k.current_frame), (56, 8));
+        assert_eq!(k.frame_is_entry, 68);
+        assert_eq!(k.owner_cstack, NO_FIELD);
+        assert_eq!(k.code_type, 0x5000);
+        let k = kernel_layout(&interpreter(0x030d_00f0, PY313_FOR_TESTS));
+        assert_eq!((k.tstate_cframe, k.current_frame), (NO_FIELD, 72));
+        assert_eq!(k.frame_is_entry, NO_FIELD);
+        assert_eq!(k.owner_cstack, 3);
+        assert_eq!(k.code_adaptive, 200);
+    }
+
+    /// Return addresses are looked up one byte back (the call), the
+    /// sampled pc as it is: a call at the eval loop's last byte is in it,
+    /// a return address right after its end too, a pc there is not.
+    #[test]
+    fn eval_frames_are_found_by_address() {
+        let named = NamedStack {
+            activations: vec![vec![Frame::named("f")]],
+            cut: false,
+            eval_loop: Some((0x1000, 0x2000)),
+        };
+        let (splices, _) = named.splices(&[0x2000, 0x3000], true);
+        assert_eq!(splices[0].at, 2, "a pc past the end is not the eval loop");
+        let (splices, outcome) = named.splices(&[0x3000, 0x2000], true);
+        assert_eq!((splices[0].at, outcome.unmatched), (1, 0));
+    }
+}
