@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod heap;
 pub mod hooks;
 pub mod stack;
+pub mod stack_copy;
 pub mod unwind;
 pub mod unwind_test;
 

@@ -11,6 +11,7 @@ mod counters;
 mod cpu;
 mod heap;
 pub mod stack;
+mod stack_copy;
 mod unwind;
 mod unwind_test;
 

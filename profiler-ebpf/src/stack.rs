@@ -22,10 +22,14 @@ use profiler_common::{
     stack::{
         KERNEL_STACKS_MAX, MAX_USER_FRAMES, StackStatus, USER_STACKS_MAX, UnwindCounter, UserStack,
     },
+    stack_copy::COPY_ID_BIT,
     unwind::Frame,
 };
 
-use crate::unwind::{self, StepResult};
+use crate::{
+    stack_copy,
+    unwind::{self, StepResult},
+};
 
 /// `USER_STACKS`: stack id -> frames (see `profiler_common::stack`).
 #[map(name = "USER_STACKS")]
@@ -55,7 +59,18 @@ pub(crate) struct Walk {
     pub bp_chained: u32,
     /// 1 while a walk uses this record.
     pub busy: u32,
+    /// [`COPY_OFF`], [`COPY_ALLOWED`] or [`COPY_WANTED`] (see `stack_copy`).
+    pub copy: u32,
+    /// Zero.
+    pub _pad: u32,
 }
+
+/// The walk follows frame pointers where no tables are known.
+const COPY_OFF: u32 = 0;
+/// The walk stops at a pc its process's tables do not cover yet.
+const COPY_ALLOWED: u32 = 1;
+/// It stopped there: `frame` is where the copy starts.
+const COPY_WANTED: u32 = 2;
 
 /// Walk state per thread. Uprobe programs run preemptibly (only migration
 /// is disabled), so two threads can interleave their programs on one CPU
@@ -140,6 +155,11 @@ pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, Stac
     walk.pid = (tid >> 32) as u32;
     walk.exact = 1;
     walk.bp_chained = 0;
+    walk.copy = if stack_copy::enabled() {
+        COPY_ALLOWED
+    } else {
+        COPY_OFF
+    };
     // SAFETY: `regs` is the program's context (pt_regs), the start of a
     // bpf_perf_event_data, which begins with the registers, or null.
     walk.frame = unsafe { start_frame(regs) };
@@ -179,7 +199,13 @@ pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, Stac
         }
     }
 
-    let id = hash_stack(&walk.stack);
+    let mut id = hash_stack(&walk.stack);
+    if walk.copy == COPY_WANTED {
+        let (frame, exact, chained) = (walk.frame, walk.exact != 0, walk.bp_chained != 0);
+        if let Some(copy_id) = stack_copy::copy(walk.pid, tid, &frame, exact, chained) {
+            id = copy_id;
+        }
+    }
     let mut result = Ok(id);
     if USER_STACKS.get_ptr(id).is_none() {
         match USER_STACKS.insert(id, &walk.stack, BPF_NOEXIST as u64) {
@@ -254,6 +280,12 @@ extern "C" fn walk_frame(_index: u64, ctx: *mut c_void) -> i64 {
     };
     *slot = walk.frame.pc;
     walk.stack.len += 1;
+    if walk.copy == COPY_ALLOWED && !unwind::is_mapped(walk.pid, &walk.frame, walk.exact != 0) {
+        // Code the tables do not know yet: copy the stack from here rather
+        // than guess with frame pointers.
+        walk.copy = COPY_WANTED;
+        return 1;
+    }
     match unwind::step(walk.pid, &walk.frame, walk.exact != 0, walk.bp_chained != 0) {
         StepResult::Caller {
             frame,
@@ -283,5 +315,6 @@ fn hash_stack(stack: &UserStack) -> u64 {
         }
         h = (h ^ stack.ips[i]).wrapping_mul(0x0000_0100_0000_01b3);
     }
-    h
+    // The bit marks the ids of copied stacks.
+    h & !COPY_ID_BIT
 }

@@ -13,8 +13,9 @@ use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use log::debug;
 use profiler_common::{
-    cpu::STATS_MAP,
+    cpu::{KEY_USER_STACK, STATS_MAP, SampleCounts, SampleKey},
     stack::{UNWIND_STATS_MAP, UnwindCounter},
+    stack_copy::{COPY_ID_BIT, COPY_STATS_MAP, CopyCounter},
 };
 use tokio::io::unix::AsyncFd;
 
@@ -25,6 +26,7 @@ use super::{
     sampler::{self, Sampler},
     stats::{self, Counters, Sampling, Status},
     tasks::{Change, LiveProc, Tasks},
+    warmup,
 };
 use crate::{
     ebpf, launch,
@@ -32,7 +34,7 @@ use crate::{
     process,
     profile::Collector,
     runtime::{self, Stop, StopEvent, StopReason, counters::Counts},
-    unwind::Tables,
+    unwind::{Tables, copied::CopiedStacks},
 };
 
 /// How often counts are drained when `--interval` is not given: keeps the
@@ -108,6 +110,8 @@ struct Session {
     sampler: Sampler,
     state: State,
     events: AsyncFd<RingBuf<MapData>>,
+    /// Stacks copied where tables were missing.
+    copy_events: AsyncFd<RingBuf<MapData>>,
     settings: Settings,
     started: tokio::time::Instant,
     /// The interval table being printed (`--interval`).
@@ -127,6 +131,10 @@ struct State {
     resnapshots: Vec<(tokio::time::Instant, u32)>,
     /// The unwinder's tables of the sampled processes.
     tables: Tables,
+    /// Stacks copied by the kernel where tables were missing, and the
+    /// samples that wait for them to be unwound.
+    copies: CopiedStacks,
+    waiting: Vec<(SampleKey, SampleCounts)>,
     /// Sampling every process (no `--pid`, no command).
     whole_host: bool,
     /// CPU time left for building unwind tables (whole host).
@@ -142,10 +150,21 @@ impl Session {
         let mut ebpf = ebpf::load()?;
         ebpf::spawn_logger(&mut ebpf);
         let mut tables = Tables::new(&mut ebpf)?;
+        let mut table_budget = Budget::new(Instant::now());
         for &pid in settings.pids() {
             tables
                 .add_process(pid)
                 .with_context(|| format!("building the unwind tables of pid {pid}"))?;
+        }
+        let mut copies = CopiedStacks::new(&mut ebpf)?;
+        let copy_ring = copies.take_ring().context("stack copy ring buffer")?;
+        // SAFETY: as for the task events below.
+        let copy_events =
+            unsafe { AsyncFd::register_with_interest(copy_ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)
+                .context("watching the stack copy ring buffer")?;
+        if settings.targets == Targets::All {
+            warmup::build_busiest(&mut tables, &mut table_budget);
         }
         let mut sampler = Sampler::new(&mut ebpf, settings)?;
         let ring = sampler
@@ -167,8 +186,10 @@ impl Session {
             noted: HashSet::new(),
             resnapshots: Vec::new(),
             tables,
+            copies,
+            waiting: Vec::new(),
             whole_host: settings.targets == Targets::All,
-            table_budget: Budget::new(Instant::now()),
+            table_budget,
             interval_samples: std::collections::HashMap::new(),
         };
         eprintln!(
@@ -183,6 +204,7 @@ impl Session {
             sampler,
             state,
             events,
+            copy_events,
             settings: settings.clone(),
             started: tokio::time::Instant::now(),
             printing: None,
@@ -210,6 +232,7 @@ impl Session {
                 _ = tick.tick() => {
                     self.drain()?;
                     self.state.update_tables();
+                    self.state.resolve_copies(false);
                     self.print_interval(output, tty).await?;
                 }
                 _ = status_tick.tick() => {
@@ -230,6 +253,11 @@ impl Session {
                     let events = sampler::task_events(guard.get_inner_mut());
                     guard.clear_ready();
                     self.state.apply_task_events(&events);
+                }
+                guard = self.copy_events.readable_mut() => {
+                    let mut guard = guard.context("waiting for stack copies")?;
+                    self.state.copies.read_from(guard.get_inner_mut());
+                    guard.clear_ready();
                 }
                 () = runtime::sleep_until(next_resnapshot) => self.state.resnapshot_due(),
                 event = stop.next() => match event {
@@ -298,6 +326,7 @@ impl Session {
     /// (after the interval table being printed, if any).
     async fn finish(self, output: &OutputPlan) -> anyhow::Result<()> {
         let unwind = Counts::<UnwindCounter>::read(&self.ebpf, UNWIND_STATS_MAP)?;
+        let copied = Counts::<CopyCounter>::read(&self.ebpf, COPY_STATS_MAP)?;
         // Read before detaching: the map goes with the programs.
         let counters = Counters::read(&self.ebpf, STATS_MAP)?;
         // The kernel stopped counting at --duration.
@@ -310,6 +339,7 @@ impl Session {
             mut sampler,
             mut state,
             mut events,
+            mut copy_events,
             settings,
             printing,
             ..
@@ -323,6 +353,12 @@ impl Session {
         state.apply_task_events(&sampler::task_events(events.get_mut()));
         state.drain(&mut sampler)?;
         state.drain(&mut sampler)?;
+        // The copies still waiting get their tables now, whatever the budget.
+        state.copies.read_from(copy_events.get_mut());
+        let started = state.copies.prepare_end(&mut state.tables);
+        state.copies.unwind_ready(&state.tables, true);
+        state.resolve_copies(true);
+        state.copies.finish_end(started);
         let sampling = Sampling {
             event: settings.event.name(),
             frequency: settings.frequency,
@@ -334,6 +370,7 @@ impl Session {
             collector.add_comment(comment);
         }
         collector.add_comment(unwind.comment("user stack walks"));
+        collector.add_comment(state.copies.comment(&copied));
         eprintln!("prof-bpf: {}", stats::summary(&counters, &sampling));
         let profile = collector.finish()?;
         output.write(&profile)
@@ -385,9 +422,32 @@ impl State {
     /// Feeds every count of the sampler's previous map to the collectors.
     fn drain(&mut self, sampler: &mut Sampler) -> anyhow::Result<()> {
         for (key, counts) in sampler.drain(&mut self.stacks)? {
-            self.add(&key, &counts);
+            if key.flags & KEY_USER_STACK != 0 && key.user_stack & COPY_ID_BIT != 0 {
+                self.waiting.push((key, counts));
+            } else {
+                self.add(&key, &counts);
+            }
         }
         Ok(())
+    }
+
+    /// Unwinds the stack copies the tables now cover and adds the samples
+    /// that waited for them. With `force` (the session's end), every
+    /// sample is added: one whose copy could not be unwound keeps the
+    /// frames the kernel walked (a truncated stack).
+    fn resolve_copies(&mut self, force: bool) {
+        self.copies.unwind_ready(&self.tables, force);
+        for (key, counts) in std::mem::take(&mut self.waiting) {
+            let id = key.user_stack;
+            let prefix = self.stacks.user.get(&id).map(|(f, _)| f.as_slice());
+            if let Some((frames, status)) = self.copies.take(id, prefix.unwrap_or_default()) {
+                self.stacks.user.insert(id, (frames, status as u32));
+            } else if !force && self.copies.is_pending(id) {
+                self.waiting.push((key, counts));
+                continue;
+            }
+            self.add(&key, &counts);
+        }
     }
 
     fn note_process(&mut self, pid: u32) {
@@ -419,7 +479,11 @@ impl State {
         for event in events {
             match self.tasks.apply(event) {
                 Change::Exec(pid) => self.exec(pid),
-                Change::ProcessExit(pid) => self.tables.remove_process(pid),
+                Change::ProcessExit(pid) => {
+                    // Its copies covered by tables are unwound while they exist.
+                    self.copies.unwind_ready(&self.tables, false);
+                    self.tables.remove_process(pid);
+                }
                 Change::None => {}
             }
         }

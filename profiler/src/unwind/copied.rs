@@ -1,0 +1,414 @@
+//! Unwinding the stacks the kernel copied because their process's tables
+//! were not loaded yet (`profiler_common::stack_copy`).
+//!
+//! The walk continues where the kernel's stopped, in the copy instead of
+//! the live stack, with the same rows ([`Tables::row_at`]) and the same
+//! `step`, and decides each step as the kernel walker does (rows where they
+//! exist, frame pointers elsewhere, the same checks of a caller's frame).
+//!
+//! Your responsibilities: [`CopiedStacks::read_from`] when the ring buffer
+//! is readable, [`CopiedStacks::unwind_ready`] after tables were built and
+//! before a process's tables go, [`CopiedStacks::take`] for an event whose
+//! stack id has `COPY_ID_BIT`; when the session ends,
+//! [`CopiedStacks::prepare_end`] (it builds the tables the copies left
+//! still need) then `unwind_ready(.., true)`; and show
+//! [`CopiedStacks::comment`] in the report.
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::maps::{Array, MapData, RingBuf, lpm_trie::Key};
+use log::debug;
+use profiler_common::{
+    stack::{MAX_USER_FRAMES, StackStatus},
+    stack_copy::{
+        COPY_BYTES, COPY_CONFIG_MAP, COPY_HEADER, CopyCounter, STACK_COPIES_MAP, StackCopy,
+    },
+    unwind::{CFA_NONE, Frame, MappingKey, PAGE_MASK, PAGE_SHIFT, PageKey, Step},
+};
+
+use super::Tables;
+use crate::runtime::counters::Counts;
+
+/// Lowest address that can hold user code (as the kernel walker).
+const MIN_USER_ADDR: u64 = 4096;
+/// Lowest kernel address on x86-64.
+const KERNEL_START: u64 = 0xffff_8000_0000_0000;
+
+/// What the tables say about a pc.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// In no mapping the tables know.
+    Unmapped,
+    /// In a known mapping without rows for this pc (frame pointers there).
+    NoRows,
+    /// The row in force at the pc.
+    Row(profiler_common::unwind::UnwindRow),
+}
+
+impl Tables {
+    /// The row in force at `pc` in process `pid`, looked up as the kernel
+    /// walker does: the process's mapping, the object's page, the row.
+    pub fn row_at(&self, pid: u32, pc: u64) -> Lookup {
+        let Ok(mapping) = self
+            .mappings
+            .get(&Key::new(32 + 64, MappingKey::new(pid, pc)), 0)
+        else {
+            return Lookup::Unmapped;
+        };
+        if mapping.object == 0 {
+            return Lookup::NoRows;
+        }
+        let vaddr = pc.wrapping_sub(mapping.bias);
+        let Ok(page) = self.pages.get(
+            &PageKey {
+                object: mapping.object,
+                page: (vaddr >> PAGE_SHIFT) as u32,
+            },
+            0,
+        ) else {
+            return Lookup::NoRows;
+        };
+        let (first, count) = (page.first as usize, page.count as usize);
+        if first + count > self.rows.len || count == 0 {
+            return Lookup::NoRows;
+        }
+        // SAFETY: the range is inside the mapped row array (checked above);
+        // rows are plain data, written before their page entry.
+        let rows = unsafe { std::slice::from_raw_parts(self.rows.ptr.add(first), count) };
+        let i = profiler_common::unwind::find_row(rows, (vaddr & PAGE_MASK) as u16);
+        Lookup::Row(rows[i])
+    }
+}
+
+/// One copy, as received.
+#[derive(Clone, Debug)]
+pub struct Copy {
+    pub pid: u32,
+    /// Where the kernel walk stopped.
+    pub frame: Frame,
+    pub exact: bool,
+    pub bp_chained: bool,
+    /// The stack from `frame.sp` up.
+    pub bytes: Vec<u8>,
+}
+
+/// How the walk of a copy ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// The outermost frame: complete.
+    Complete,
+    /// The walk needed stack above the copy (the copy was too short).
+    LeftCopy,
+    /// Another reason (a bad frame, an unsupported rule, the depth limit).
+    Stopped,
+}
+
+/// The callers found in a copy, after the frame where the kernel stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Walked {
+    pub frames: Vec<u64>,
+    pub ending: Ending,
+    /// Bytes of the copy the walk read (from its start to the highest word).
+    pub used: usize,
+}
+
+/// Walks `copy` with `lookup`; at most `max_frames` callers.
+pub fn walk(copy: &Copy, max_frames: usize, lookup: impl Fn(u64) -> Lookup) -> Walked {
+    let base = copy.frame.sp;
+    // A full copy ends at its last page, not at the stack's end.
+    let full = (copy.frame.sp as usize % 4096) + copy.bytes.len() >= COPY_BYTES;
+    let mut used = 0usize;
+    let mut left = false;
+    let mut read = |addr: u64| -> Option<u64> {
+        let off = addr.checked_sub(base)? as usize;
+        match copy.bytes.get(off..off + 8) {
+            Some(word) => {
+                used = used.max(off + 8);
+                Some(u64::from_le_bytes(word.try_into().expect("8 bytes")))
+            }
+            None => {
+                // Above the copy: a full copy was too short; a shorter one
+                // reached the end of the stack, as a live read would.
+                left |= full && off < (1 << 30);
+                None
+            }
+        }
+    };
+    let mut frames = Vec::new();
+    let (mut frame, mut exact, mut bp_chained) = (copy.frame, copy.exact, copy.bp_chained);
+    let ending = loop {
+        if frames.len() >= max_frames {
+            break Ending::Stopped;
+        }
+        let pc = if exact {
+            frame.pc
+        } else {
+            frame.pc.wrapping_sub(1)
+        };
+        let (step, via_fp) = match lookup(pc) {
+            Lookup::Row(row) if row.kind() != CFA_NONE => (
+                profiler_common::unwind::step(&row, &frame, &mut read),
+                false,
+            ),
+            _ => (
+                profiler_common::unwind::step_frame_pointer(&frame, &mut read),
+                true,
+            ),
+        };
+        let untrusted_end = via_fp && !bp_chained;
+        match step {
+            Step::Caller {
+                frame: next,
+                exact: next_exact,
+            } => {
+                if next.pc == 0 {
+                    break if untrusted_end {
+                        Ending::Stopped
+                    } else {
+                        Ending::Complete
+                    };
+                }
+                if (!next_exact && next.sp <= frame.sp)
+                    || next.pc < MIN_USER_ADDR
+                    || next.pc >= KERNEL_START
+                {
+                    break Ending::Stopped;
+                }
+                frames.push(next.pc);
+                frame = next;
+                exact = next_exact;
+                bp_chained = via_fp;
+            }
+            Step::End if !untrusted_end => break Ending::Complete,
+            Step::End | Step::Unsupported => break Ending::Stopped,
+            Step::ReadFailed => break Ending::Stopped,
+        }
+    };
+    let ending = if ending == Ending::Stopped && left {
+        Ending::LeftCopy
+    } else {
+        ending
+    };
+    Walked {
+        frames,
+        ending,
+        used,
+    }
+}
+
+/// What became of the copies, for the report.
+#[derive(Clone, Debug, Default)]
+pub struct CopyStats {
+    /// Copies unwound, and how those walks ended.
+    pub unwound: u64,
+    pub complete: u64,
+    pub too_short: u64,
+    pub stopped: u64,
+    /// Copies never unwound: their process was gone before its tables
+    /// could be built.
+    pub unresolved: u64,
+    /// Bytes the walks used, per copy (for the distribution).
+    pub used: Vec<u32>,
+    /// Copies left when the session ended, and the time their tables and
+    /// walks took then.
+    pub at_end: u64,
+    pub end_time: Duration,
+}
+
+/// The copies of one session.
+pub struct CopiedStacks {
+    ring: Option<RingBuf<MapData>>,
+    /// The switch, held open while the copies are read.
+    _config: Array<MapData, u32>,
+    pending: HashMap<u64, Copy>,
+    /// Unwound copies not taken yet: callers and status.
+    done: HashMap<u64, (Vec<u64>, StackStatus)>,
+    pub stats: CopyStats,
+}
+
+impl CopiedStacks {
+    /// Takes the copy maps out of `ebpf` and turns copying on.
+    pub fn new(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
+        let take = |ebpf: &mut aya::Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))
+        };
+        let ring: RingBuf<MapData> = take(ebpf, STACK_COPIES_MAP)?.try_into()?;
+        let mut config: Array<MapData, u32> = take(ebpf, COPY_CONFIG_MAP)?.try_into()?;
+        config
+            .set(0, 1, 0)
+            .context("turning the stack-copy fallback on")?;
+        Ok(Self {
+            ring: Some(ring),
+            _config: config,
+            pending: HashMap::new(),
+            done: HashMap::new(),
+            stats: CopyStats::default(),
+        })
+    }
+
+    /// The ring buffer, for the session to wait on and pass to
+    /// [`Self::read_from`].
+    pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
+        self.ring.take()
+    }
+
+    /// Reads every queued copy from `ring`.
+    pub fn read_from(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            if let Some((id, copy)) = parse(&item) {
+                self.pending.insert(id, copy);
+            }
+        }
+    }
+
+    /// Whether copy `id` arrived and waits for tables.
+    pub fn is_pending(&self, id: u64) -> bool {
+        self.pending.contains_key(&id)
+    }
+
+    /// Unwinds every copy whose process's tables now cover the pc where
+    /// the kernel stopped (with `force`: every copy; one whose process has
+    /// no tables even now is counted unresolved). Call it before a
+    /// process's tables go (its exit).
+    pub fn unwind_ready(&mut self, tables: &Tables, force: bool) {
+        let ready: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, c)| {
+                let start = if c.exact {
+                    c.frame.pc
+                } else {
+                    c.frame.pc.wrapping_sub(1)
+                };
+                force || tables.row_at(c.pid, start) != Lookup::Unmapped
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ready {
+            let copy = self.pending.remove(&id).expect("listed above");
+            if !tables.has_process(copy.pid) {
+                self.stats.unresolved += 1;
+                self.done.insert(id, (Vec::new(), StackStatus::Truncated));
+                continue;
+            }
+            let walked = walk(&copy, MAX_USER_FRAMES, |pc| tables.row_at(copy.pid, pc));
+            self.stats.unwound += 1;
+            self.stats.used.push(walked.used as u32);
+            let status = match walked.ending {
+                Ending::Complete => {
+                    self.stats.complete += 1;
+                    StackStatus::Complete
+                }
+                Ending::LeftCopy => {
+                    self.stats.too_short += 1;
+                    StackStatus::Truncated
+                }
+                Ending::Stopped => {
+                    self.stats.stopped += 1;
+                    StackStatus::Truncated
+                }
+            };
+            self.done.insert(id, (walked.frames, status));
+        }
+    }
+
+    /// The callers found in copy `id` and the stack's status, once
+    /// unwound; the frames the kernel walked before (`prefix`) come first.
+    pub fn take(&mut self, id: u64, prefix: &[u64]) -> Option<(Vec<u64>, StackStatus)> {
+        let (callers, mut status) = self.done.remove(&id)?;
+        let mut frames = prefix.to_vec();
+        frames.extend(callers);
+        if frames.len() > MAX_USER_FRAMES {
+            frames.truncate(MAX_USER_FRAMES);
+            status = StackStatus::Truncated;
+        }
+        Some((frames, status))
+    }
+
+    /// At the end of a session (the last copies read): builds the
+    /// tables that the waiting ones need (whatever the table budget),
+    /// so that [`Self::unwind_ready`] with `force` finds them. Returns when it
+    /// started, for [`Self::finish_end`].
+    pub fn prepare_end(&mut self, tables: &mut Tables) -> Instant {
+        let started = Instant::now();
+        self.stats.at_end = self.pending.len() as u64;
+        let pids: HashSet<u32> = self.pending.values().map(|c| c.pid).collect();
+        for pid in pids {
+            let built = if tables.has_process(pid) {
+                tables.refresh_process(pid)
+            } else {
+                tables.add_process(pid)
+            };
+            if let Err(err) = built {
+                debug!("tables for the stack copies of pid {pid}: {err:#}");
+            }
+        }
+        started
+    }
+
+    /// Notes how long the end of the session took for the copies.
+    pub fn finish_end(&mut self, started: Instant) {
+        self.stats.end_time = started.elapsed();
+    }
+
+    /// One report line about the copies, with the kernel's counters.
+    pub fn comment(&self, kernel: &Counts<CopyCounter>) -> String {
+        let s = &self.stats;
+        let copies = kernel.get(CopyCounter::Copies);
+        let bytes = kernel.get(CopyCounter::Bytes);
+        let lost = kernel.get(CopyCounter::Lost);
+        let mut used = s.used.clone();
+        used.sort_unstable();
+        let pct = |p: usize| used.get((used.len() * p / 100).min(used.len().saturating_sub(1)));
+        format!(
+            "stack copies: copies {copies}, bytes_copied {bytes}, copies_lost {lost}, \
+             unwound {}, complete {}, too_short {}, stopped {}, unresolved {}, \
+             copy_bytes_used_p50 {}, copy_bytes_used_p99 {}, copy_bytes_used_max {}, \
+             left_at_end {}, end_unwind_ms {}",
+            s.unwound,
+            s.complete,
+            s.too_short,
+            s.stopped,
+            s.unresolved,
+            pct(50).copied().unwrap_or(0),
+            pct(99).copied().unwrap_or(0),
+            used.last().copied().unwrap_or(0),
+            s.at_end,
+            s.end_time.as_millis(),
+        )
+    }
+}
+
+/// A copy record from the ring buffer.
+fn parse(item: &[u8]) -> Option<(u64, Copy)> {
+    if item.len() < COPY_HEADER {
+        return None;
+    }
+    use std::mem::offset_of;
+    let word = |at: usize| u64::from_le_bytes(item[at..at + 8].try_into().expect("8 bytes"));
+    let half = |at: usize| u32::from_le_bytes(item[at..at + 4].try_into().expect("4 bytes"));
+    let start = (half(offset_of!(StackCopy, start)) as usize).min(item.len() - COPY_HEADER);
+    let len = (half(offset_of!(StackCopy, len)) as usize).min(item.len() - COPY_HEADER - start);
+    Some((
+        word(offset_of!(StackCopy, id)),
+        Copy {
+            pid: half(offset_of!(StackCopy, pid)),
+            frame: Frame {
+                pc: word(offset_of!(StackCopy, pc)),
+                sp: word(offset_of!(StackCopy, sp)),
+                bp: word(offset_of!(StackCopy, bp)),
+            },
+            exact: half(offset_of!(StackCopy, exact)) != 0,
+            bp_chained: half(offset_of!(StackCopy, bp_chained)) != 0,
+            bytes: item[COPY_HEADER + start..COPY_HEADER + start + len].to_vec(),
+        },
+    ))
+}
+
+#[cfg(test)]
+#[path = "copied_tests.rs"]
+mod tests;
