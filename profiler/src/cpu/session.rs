@@ -110,8 +110,6 @@ struct Session {
     sampler: Sampler,
     state: State,
     events: AsyncFd<RingBuf<MapData>>,
-    /// Stacks copied where tables were missing.
-    copy_events: AsyncFd<RingBuf<MapData>>,
     settings: Settings,
     started: tokio::time::Instant,
     /// The interval table being printed (`--interval`).
@@ -156,13 +154,7 @@ impl Session {
                 .add_process(pid)
                 .with_context(|| format!("building the unwind tables of pid {pid}"))?;
         }
-        let mut copies = CopiedStacks::new(&mut ebpf)?;
-        let copy_ring = copies.take_ring().context("stack copy ring buffer")?;
-        // SAFETY: as for the task events below.
-        let copy_events =
-            unsafe { AsyncFd::register_with_interest(copy_ring, tokio::io::Interest::READABLE) }
-                .map_err(|e| e.into_parts().1)
-                .context("watching the stack copy ring buffer")?;
+        let copies = CopiedStacks::new(&mut ebpf)?;
         if settings.targets == Targets::All {
             warmup::build_busiest(&mut tables, &mut table_budget);
         }
@@ -204,7 +196,6 @@ impl Session {
             sampler,
             state,
             events,
-            copy_events,
             settings: settings.clone(),
             started: tokio::time::Instant::now(),
             printing: None,
@@ -253,11 +244,6 @@ impl Session {
                     let events = sampler::task_events(guard.get_inner_mut());
                     guard.clear_ready();
                     self.state.apply_task_events(&events);
-                }
-                guard = self.copy_events.readable_mut() => {
-                    let mut guard = guard.context("waiting for stack copies")?;
-                    self.state.copies.read_from(guard.get_inner_mut());
-                    guard.clear_ready();
                 }
                 () = runtime::sleep_until(next_resnapshot) => self.state.resnapshot_due(),
                 event = stop.next() => match event {
@@ -339,7 +325,6 @@ impl Session {
             mut sampler,
             mut state,
             mut events,
-            mut copy_events,
             settings,
             printing,
             ..
@@ -354,7 +339,6 @@ impl Session {
         state.drain(&mut sampler)?;
         state.drain(&mut sampler)?;
         // The copies still waiting get their tables now, whatever the budget.
-        state.copies.read_from(copy_events.get_mut());
         let started = state.copies.prepare_end(&mut state.tables);
         state.copies.unwind_ready(&state.tables, true);
         state.resolve_copies(true);
@@ -370,7 +354,9 @@ impl Session {
             collector.add_comment(comment);
         }
         collector.add_comment(unwind.comment("user stack walks"));
-        collector.add_comment(state.copies.comment(&copied));
+        let copies = state.copies.comment(&copied);
+        eprintln!("prof-bpf: {copies}");
+        collector.add_comment(copies);
         eprintln!("prof-bpf: {}", stats::summary(&counters, &sampling));
         let profile = collector.finish()?;
         output.write(&profile)
@@ -422,6 +408,8 @@ impl State {
     /// Feeds every count of the sampler's previous map to the collectors.
     fn drain(&mut self, sampler: &mut Sampler) -> anyhow::Result<()> {
         for (key, counts) in sampler.drain(&mut self.stacks)? {
+            // Named and counted now, whenever its stack is ready.
+            self.note_sample(key.pid, counts.samples);
             if key.flags & KEY_USER_STACK != 0 && key.user_stack & COPY_ID_BIT != 0 {
                 self.waiting.push((key, counts));
             } else {
@@ -463,16 +451,20 @@ impl State {
         key: &profiler_common::cpu::SampleKey,
         counts: &profiler_common::cpu::SampleCounts,
     ) {
-        let pid = key.pid;
-        *self.interval_samples.entry(pid).or_default() += counts.samples;
-        if pid != 0 && !self.noted.contains(&pid) && !self.tasks.has_exited(pid) {
-            self.note_process(pid);
-        }
         let sample = report::sample(key, counts, &self.stacks, &mut self.tasks, &LiveProc);
         if let Some(c) = &mut self.interval {
             c.add(sample.clone());
         }
         self.total.add(sample);
+    }
+
+    /// Counts `samples` of process `pid` for the table budget and reads its
+    /// mappings if not done yet.
+    fn note_sample(&mut self, pid: u32, samples: u64) {
+        *self.interval_samples.entry(pid).or_default() += samples;
+        if pid != 0 && !self.noted.contains(&pid) && !self.tasks.has_exited(pid) {
+            self.note_process(pid);
+        }
     }
 
     fn apply_task_events(&mut self, events: &[profiler_common::cpu::TaskEvent]) {
@@ -482,6 +474,7 @@ impl State {
                 Change::ProcessExit(pid) => {
                     // Its copies covered by tables are unwound while they exist.
                     self.copies.unwind_ready(&self.tables, false);
+                    self.copies.drop_process(pid);
                     self.tables.remove_process(pid);
                 }
                 Change::None => {}

@@ -6,15 +6,20 @@
 //! `step`, and decides each step as the kernel walker does (rows where they
 //! exist, frame pointers elsewhere, the same checks of a caller's frame).
 //!
-//! Your responsibilities: [`CopiedStacks::read_from`] when the ring buffer
-//! is readable, [`CopiedStacks::unwind_ready`] after tables were built and
+//! Your responsibilities: [`CopiedStacks::unwind_ready`] after tables were built and
 //! before a process's tables go, [`CopiedStacks::take`] for an event whose
 //! stack id has `COPY_ID_BIT`; when the session ends,
 //! [`CopiedStacks::prepare_end`] (it builds the tables the copies left
 //! still need) then `unwind_ready(.., true)`; and show
 //! [`CopiedStacks::comment`] in the report.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
+    os::fd::AsRawFd as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
@@ -220,7 +225,12 @@ pub struct CopyStats {
 
 /// The copies of one session.
 pub struct CopiedStacks {
-    ring: Option<RingBuf<MapData>>,
+    /// Reads the ring buffer on a thread of its own: table building can
+    /// hold the session's loop for seconds, and copies arrive by the
+    /// thousand per second on a busy host.
+    reader: Option<std::thread::JoinHandle<()>>,
+    stop_reader: Arc<AtomicBool>,
+    received: mpsc::Receiver<(u64, Copy)>,
     /// The switch, held open while the copies are read.
     _config: Array<MapData, u32>,
     pending: HashMap<u64, Copy>,
@@ -237,12 +247,21 @@ impl CopiedStacks {
                 .with_context(|| format!("map {name} missing from the eBPF object"))
         };
         let ring: RingBuf<MapData> = take(ebpf, STACK_COPIES_MAP)?.try_into()?;
+        let (sender, received) = mpsc::channel();
+        let stop_reader = Arc::new(AtomicBool::new(false));
+        let stop = Arc::clone(&stop_reader);
+        let reader = std::thread::Builder::new()
+            .name("stack-copies".to_owned())
+            .spawn(move || read_ring(ring, &sender, &stop))
+            .context("starting the stack copy reader")?;
         let mut config: Array<MapData, u32> = take(ebpf, COPY_CONFIG_MAP)?.try_into()?;
         config
             .set(0, 1, 0)
             .context("turning the stack-copy fallback on")?;
         Ok(Self {
-            ring: Some(ring),
+            reader: Some(reader),
+            stop_reader,
+            received,
             _config: config,
             pending: HashMap::new(),
             done: HashMap::new(),
@@ -250,18 +269,10 @@ impl CopiedStacks {
         })
     }
 
-    /// The ring buffer, for the session to wait on and pass to
-    /// [`Self::read_from`].
-    pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
-        self.ring.take()
-    }
-
-    /// Reads every queued copy from `ring`.
-    pub fn read_from(&mut self, ring: &mut RingBuf<MapData>) {
-        while let Some(item) = ring.next() {
-            if let Some((id, copy)) = parse(&item) {
-                self.pending.insert(id, copy);
-            }
+    /// Takes the copies received so far.
+    pub fn read(&mut self) {
+        while let Ok((id, copy)) = self.received.try_recv() {
+            self.pending.insert(id, copy);
         }
     }
 
@@ -275,6 +286,7 @@ impl CopiedStacks {
     /// no tables even now is counted unresolved). Call it before a
     /// process's tables go (its exit).
     pub fn unwind_ready(&mut self, tables: &Tables, force: bool) {
+        self.read();
         let ready: Vec<u64> = self
             .pending
             .iter()
@@ -316,6 +328,15 @@ impl CopiedStacks {
         }
     }
 
+    /// Forgets the copies of process `pid`, which exited before its tables
+    /// covered them (counted unresolved; their events keep the frames the
+    /// kernel walked).
+    pub fn drop_process(&mut self, pid: u32) {
+        let before = self.pending.len();
+        self.pending.retain(|_, c| c.pid != pid);
+        self.stats.unresolved += (before - self.pending.len()) as u64;
+    }
+
     /// The callers found in copy `id` and the stack's status, once
     /// unwound; the frames the kernel walked before (`prefix`) come first.
     pub fn take(&mut self, id: u64, prefix: &[u64]) -> Option<(Vec<u64>, StackStatus)> {
@@ -329,15 +350,31 @@ impl CopiedStacks {
         Some((frames, status))
     }
 
-    /// At the end of a session (the last copies read): builds the
+    /// At the end of a session (the programs detached): reads the last
+    /// copies and builds the
     /// tables that the waiting ones need (whatever the table budget),
     /// so that [`Self::unwind_ready`] with `force` finds them. Returns when it
     /// started, for [`Self::finish_end`].
     pub fn prepare_end(&mut self, tables: &mut Tables) -> Instant {
         let started = Instant::now();
+        self.stop_reader.store(true, Ordering::Relaxed);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        self.read();
         self.stats.at_end = self.pending.len() as u64;
-        let pids: HashSet<u32> = self.pending.values().map(|c| c.pid).collect();
-        for pid in pids {
+        // Most copies first: within the time limit, the most stacks.
+        let mut per_pid: HashMap<u32, usize> = HashMap::new();
+        for copy in self.pending.values() {
+            *per_pid.entry(copy.pid).or_default() += 1;
+        }
+        let mut pids: Vec<(usize, u32)> = per_pid.into_iter().map(|(p, n)| (n, p)).collect();
+        pids.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, pid) in pids {
+            if started.elapsed() > END_LIMIT {
+                // Left without tables: counted unresolved.
+                break;
+            }
             let built = if tables.has_process(pid) {
                 tables.refresh_process(pid)
             } else {
@@ -382,6 +419,38 @@ impl CopiedStacks {
         )
     }
 }
+
+/// Sends every copy of `ring` to `sender` until `stop` is set, then the
+/// ones still queued.
+fn read_ring(mut ring: RingBuf<MapData>, sender: &mpsc::Sender<(u64, Copy)>, stop: &AtomicBool) {
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        while let Some(item) = ring.next() {
+            if let Some(copy) = parse(&item) {
+                let _ = sender.send(copy);
+            }
+        }
+        if stopping {
+            return;
+        }
+        let mut fd = libc::pollfd {
+            fd: ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; a timeout so that `stop` is seen.
+        unsafe { libc::poll(&mut fd, 1, READER_POLL_MS) };
+    }
+}
+
+/// Time the end of a session may spend building tables for the copies
+/// still waiting (a host full of short-lived processes of huge binaries
+/// could otherwise hold the report for minutes); the copies left are
+/// counted unresolved.
+const END_LIMIT: Duration = Duration::from_secs(10);
+
+/// How long the reader waits for copies before looking at its stop flag.
+const READER_POLL_MS: i32 = 50;
 
 /// A copy record from the ring buffer.
 fn parse(item: &[u8]) -> Option<(u64, Copy)> {
