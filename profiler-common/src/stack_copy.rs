@@ -65,6 +65,16 @@ pub struct StackCopy {
 pub const COPY_HEADER: usize = 56;
 const _: () = assert!(core::mem::size_of::<StackCopy>() == COPY_HEADER + COPY_BYTES);
 
+/// Copies one process may have per [`COPY_WINDOW_NS`]: 1000 a second,
+/// a CPU's samples at 999 Hz, and at most about 32 MB/s of stack.
+pub const COPIES_PER_WINDOW: u64 = 100;
+/// Copies all processes may have per [`COPY_WINDOW_NS`]: 4000 a second,
+/// at most about 128 MB/s of stack, whatever a busy host's processes do
+/// before their tables arrive.
+pub const COPIES_PER_WINDOW_ALL: u64 = 400;
+/// See [`COPIES_PER_WINDOW`]: 100 ms.
+pub const COPY_WINDOW_NS: u64 = 100_000_000;
+
 /// Name of the copy ring buffer.
 pub const STACK_COPIES_MAP: &str = "STACK_COPIES";
 /// Size of [`STACK_COPIES_MAP`]: 8 MiB, about 250 copies in flight.
@@ -84,5 +94,9 @@ crate::counter_set! {
         /// Copies lost because the ring buffer was full (those stacks stay
         /// truncated where the walk stopped).
         Lost = "copies_lost",
+        /// Copies not made: the process had [`COPIES_PER_WINDOW`] in the
+        /// current window already, or the host [`COPIES_PER_WINDOW_ALL`]
+        /// (those stacks stay truncated).
+        RateLimited = "copies_rate_limited",
     }
 }

@@ -7,11 +7,14 @@ use core::ffi::c_void;
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, generated::bpf_probe_read_user},
     macros::map,
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
 use profiler_common::{
     counters::CounterSet as _,
-    stack_copy::{COPY_BYTES, COPY_ID_BIT, COPY_PAGES, CopyCounter, STACK_COPIES_BYTES, StackCopy},
+    stack_copy::{
+        COPIES_PER_WINDOW, COPIES_PER_WINDOW_ALL, COPY_BYTES, COPY_ID_BIT, COPY_PAGES,
+        COPY_WINDOW_NS, CopyCounter, STACK_COPIES_BYTES, StackCopy,
+    },
     unwind::Frame,
 };
 
@@ -27,7 +30,50 @@ static STACK_COPY_CONFIG: Array<u32> = Array::with_max_entries(1, 0);
 #[map(name = "STACK_COPY_STATS")]
 static STACK_COPY_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CopyCounter::LEN, 0);
 
+/// `STACK_COPY_RATE`: pid -> [start of its current window (ns), copies
+/// in it], so that no process pays for more than `COPIES_PER_WINDOW`
+/// copies per window (a process that allocates millions of times before
+/// its tables arrive, under `heap --all`), nor the host for more than
+/// `COPIES_PER_WINDOW_ALL` (key `ALL_PROCESSES`).
+#[map(name = "STACK_COPY_RATE")]
+static STACK_COPY_RATE: LruHashMap<u32, [u64; 2]> = LruHashMap::with_max_entries(4096, 0);
+
 const PAGE: u64 = 4096;
+
+/// The key of [`STACK_COPY_RATE`] that counts every process's copies.
+const ALL_PROCESSES: u32 = u32::MAX;
+
+/// Whether process `pid` may have one more copy in this window, and the
+/// host as well.
+#[inline(always)]
+fn within_rate(pid: u32) -> bool {
+    within(pid, COPIES_PER_WINDOW) && within(ALL_PROCESSES, COPIES_PER_WINDOW_ALL)
+}
+
+/// Whether `key` may have one more copy in this window, of `limit`.
+#[inline(always)]
+fn within(key: u32, limit: u64) -> bool {
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(w) = STACK_COPY_RATE.get_ptr_mut(&key) {
+        // SAFETY: a pointer from a successful lookup; a lost update between
+        // two threads only lets one copy more through.
+        unsafe {
+            if now.wrapping_sub((*w)[0]) >= COPY_WINDOW_NS {
+                (*w)[0] = now;
+                (*w)[1] = 1;
+                return true;
+            }
+            if (*w)[1] >= limit {
+                return false;
+            }
+            (*w)[1] += 1;
+        }
+        return true;
+    }
+    let _ = STACK_COPY_RATE.insert(&key, &[now, 1], 0);
+    true
+}
 
 /// Whether walks copy stacks where tables are missing.
 #[inline(always)]
@@ -57,6 +103,10 @@ pub(crate) fn copy(
     exact: bool,
     bp_chained: bool,
 ) -> Option<u64> {
+    if !within_rate(pid) {
+        crate::counters::count(&STACK_COPY_STATS, CopyCounter::RateLimited);
+        return None;
+    }
     let Some(mut entry) = STACK_COPIES.reserve::<StackCopy>(0) else {
         crate::counters::count(&STACK_COPY_STATS, CopyCounter::Lost);
         return None;

@@ -42,17 +42,28 @@ impl Stack {
 }
 
 /// Runs `prof-bpf cpu ARGS --format folded` until it exits, with `during`
-/// called once it is attached; returns the stacks of process `pid` (by
-/// the `comm-pid` root frame) and prof-bpf's stderr start.
+/// called once it is attached (it returns the pid to look at); returns the
+/// stacks of that process (by the `comm-pid` root frame) and its pid.
 fn cpu_folded(args: &[&str], name: &str, during: impl FnOnce() -> u32) -> (Vec<Stack>, u32) {
+    folded("cpu", "prof-bpf: sampling", args, name, during)
+}
+
+/// [`cpu_folded`] for any command that writes folded stacks.
+fn folded(
+    command: &str,
+    attached: &str,
+    args: &[&str],
+    name: &str,
+    during: impl FnOnce() -> u32,
+) -> (Vec<Stack>, u32) {
     let out = out_file(name);
     let out_arg = out.to_str().expect("utf-8 path").to_owned();
-    let mut all = vec!["cpu", "--format", "folded", "-o", &out_arg];
+    let mut all = vec![command, "--format", "folded", "-o", &out_arg];
     all.extend_from_slice(args);
-    let (prof, _) = start_prof_bpf(&all, "prof-bpf: sampling");
+    let (prof, _) = start_prof_bpf(&all, attached);
     let pid = during();
     let status = prof.wait_with_output().expect("wait for prof-bpf").status;
-    assert!(status.success(), "prof-bpf cpu failed: {status:?}");
+    assert!(status.success(), "prof-bpf {command} failed: {status:?}");
     let text = std::fs::read_to_string(&out).expect("read folded output");
     let suffix = format!("-{pid}");
     let stacks = text
@@ -163,9 +174,9 @@ fn started_during_a_whole_host_session() {
         |s| early(s) && s.frames.iter().any(|f| f == "early_leaf"),
         &["main", "early1", "early2", "early_leaf"],
         period(999),
-        20,
+        5,
     );
-    assert_complete(&stacks, early, &["_start"], period(999), 20);
+    assert_complete(&stacks, early, &["_start"], period(999), 5);
     drop(w);
 }
 
@@ -198,5 +209,54 @@ fn first_calls_of_a_dlopened_library() {
         &["call_lib", "dl_spin_level1", "dl_spin_leaf"],
         period(999),
         50,
+    );
+}
+
+/// The allocations of a library loaded with dlopen while `heap` runs on
+/// it: its first 100 calls (one malloc each, every allocation tracked) are
+/// complete.
+#[test]
+fn heap_first_calls_of_a_dlopened_library() {
+    require_bpf!();
+    let lib = build_workload("unwind_dl_lib", LIB_NO_FP);
+    let exe = build_workload("unwind_start", NO_FP);
+    let mut w = Proc::spawn(
+        Command::new(exe)
+            .arg("dlopen")
+            .arg(&lib)
+            .args(["100", "alloc"]),
+    );
+    w.expect_line("ready");
+    w.wait_mapped("libc");
+    let pid = w.pid().to_string();
+    let args = [
+        "--pid",
+        &pid,
+        "-d",
+        "3",
+        "--sample-bytes",
+        "0",
+        "--sample-type",
+        "alloc_objects",
+        "--group-by",
+        "process",
+    ];
+    let (stacks, _) = folded(
+        "heap",
+        "prof-bpf: heap: attached",
+        &args,
+        "heap-dlopen.folded",
+        || {
+            w.send_line("go");
+            w.expect_line("done");
+            w.pid()
+        },
+    );
+    assert_complete(
+        &stacks,
+        |s| s.frames.iter().any(|f| f == "dl_leaf"),
+        &["call_lib", "dl_level1", "dl_level2", "dl_leaf"],
+        1,
+        100,
     );
 }

@@ -148,16 +148,12 @@ impl Session {
         let mut ebpf = ebpf::load()?;
         ebpf::spawn_logger(&mut ebpf);
         let mut tables = Tables::new(&mut ebpf)?;
-        let mut table_budget = Budget::new(Instant::now());
         for &pid in settings.pids() {
             tables
                 .add_process(pid)
                 .with_context(|| format!("building the unwind tables of pid {pid}"))?;
         }
         let copies = CopiedStacks::new(&mut ebpf)?;
-        if settings.targets == Targets::All {
-            warmup::build_busiest(&mut tables, &mut table_budget);
-        }
         let mut sampler = Sampler::new(&mut ebpf, settings)?;
         let ring = sampler
             .task_events
@@ -181,7 +177,7 @@ impl Session {
             copies,
             waiting: Vec::new(),
             whole_host: settings.targets == Targets::All,
-            table_budget,
+            table_budget: Budget::new(Instant::now()),
             interval_samples: std::collections::HashMap::new(),
         };
         eprintln!(
@@ -208,6 +204,10 @@ impl Session {
         if let Some(duration) = self.settings.duration {
             stop.set_deadline(self.started + duration);
             self.sampler.stop_after(duration)?;
+        }
+        if self.state.whole_host {
+            // Sampling already: what this does not reach is copied.
+            warmup::build_busiest(&mut self.state.tables, &mut self.state.table_budget);
         }
         let period = self.settings.interval.unwrap_or(DRAIN_EVERY);
         let mut tick = tokio::time::interval_at(self.started + period, period);

@@ -12,7 +12,11 @@ use std::{
 use anyhow::Context as _;
 use aya::{Ebpf, programs::uprobe::UProbeScope};
 use log::{debug, info, warn};
-use profiler_common::heap::{StackKey, StackStats};
+use profiler_common::{
+    heap::{StackKey, StackStats},
+    stack::UserStack,
+    stack_copy::{COPY_ID_BIT, COPY_STATS_MAP, CopyCounter},
+};
 
 use super::{
     attach::{self, Launch, Plan},
@@ -28,8 +32,9 @@ use crate::{
     output::{OutputArgs, OutputPlan},
     process,
     profile::{Collector, Profile},
+    runtime::counters::Counts,
     runtime::{self, Stop, StopEvent, StopReason},
-    unwind::Tables,
+    unwind::{Tables, copied::CopiedStacks},
 };
 
 /// With --all, the report gives the memory of this many processes.
@@ -115,6 +120,10 @@ struct Session {
     live: Option<Collector>,
     /// CFI tables of the targets for the kernel-side unwinder.
     tables: Tables,
+    /// Stacks copied by the kernel where tables were missing, and those
+    /// already unwound (by stack id).
+    copies: CopiedStacks,
+    copied: HashMap<u64, UserStack>,
 }
 
 impl Session {
@@ -127,6 +136,7 @@ impl Session {
         let all = settings.targets == Targets::All;
         let mut ebpf = attach::load(&settings, tracking, settings.mmap && all)?;
         let tables = Tables::new(&mut ebpf)?;
+        let copies = CopiedStacks::new(&mut ebpf)?;
         let mut session = Self {
             ebpf,
             settings,
@@ -139,6 +149,8 @@ impl Session {
             processes: Processes::default(),
             live: None,
             tables,
+            copies,
+            copied: HashMap::new(),
         };
         // Unwind tables before the probes: the first stacks are complete too.
         // A launched child has not exec'd yet; its tables come after exec.
@@ -302,7 +314,7 @@ impl Session {
                 event = stop.next() => match event {
                     StopEvent::Exited(pid) => {
                         self.processes.exited.insert(pid);
-                        self.tables.remove_process(pid);
+                        self.forget_tables(pid);
                     }
                     StopEvent::Stop(reason) => {
                         info!("stopping: {reason}");
@@ -349,6 +361,35 @@ impl Session {
             }
             if all {
                 self.refresh_process(pid);
+            }
+        }
+        self.copies.unwind_ready(&self.tables, false);
+    }
+
+    /// Drops the tables of `pid`, which exited, once its stack copies that
+    /// they cover are unwound.
+    fn forget_tables(&mut self, pid: u32) {
+        self.copies.unwind_ready(&self.tables, false);
+        self.copies.drop_process(pid);
+        self.tables.remove_process(pid);
+    }
+
+    /// Puts the stacks unwound from copies in place of the frames the
+    /// kernel walked before it copied.
+    fn resolve_copies(&mut self, stacks: &mut HashMap<u64, UserStack>) {
+        for (&id, stack) in stacks.iter_mut() {
+            if id & COPY_ID_BIT == 0 {
+                continue;
+            }
+            if let Some(done) = self.copied.get(&id) {
+                *stack = *done;
+            } else if let Some((frames, status)) = self.copies.take(id, stack.frames()) {
+                let mut full = UserStack::EMPTY;
+                full.ips[..frames.len()].copy_from_slice(&frames);
+                full.len = frames.len() as u32;
+                full.status = status as u32;
+                self.copied.insert(id, full);
+                *stack = full;
             }
         }
     }
@@ -423,7 +464,7 @@ impl Session {
             dead.len()
         );
         for pid in dead {
-            self.tables.remove_process(pid);
+            self.forget_tables(pid);
             self.processes.purged.insert(pid);
         }
         Ok(())
@@ -453,10 +494,19 @@ impl Session {
                 self.refresh_process(pid);
             }
         }
-        let collector = match self.live.take() {
+        // The copies still waiting get their tables now, whatever the budget.
+        let started = self.copies.prepare_end(&mut self.tables);
+        self.copies.unwind_ready(&self.tables, true);
+        self.copies.finish_end(started);
+        let mut collector = match self.live.take() {
             Some(c) => c,
             None => self.new_collector(),
         };
+        let copies = self
+            .copies
+            .comment(&Counts::<CopyCounter>::read(&self.ebpf, COPY_STATS_MAP)?);
+        eprintln!("prof-bpf: {copies}");
+        collector.add_comment(copies);
         self.build(collector, true)
     }
 
@@ -501,7 +551,9 @@ impl Session {
         } else {
             live_set::read_targets(self.tracking, &self.pids, &self.processes.exited)
         };
-        let stacks = maps::user_stacks(&self.ebpf, stats.iter().map(|(k, _)| k).chain(old.keys()))?;
+        let mut stacks =
+            maps::user_stacks(&self.ebpf, stats.iter().map(|(k, _)| k).chain(old.keys()))?;
+        self.resolve_copies(&mut stacks);
         Ok(Totals {
             stats,
             stacks,

@@ -212,9 +212,12 @@ pub struct CopyStats {
     pub complete: u64,
     pub too_short: u64,
     pub stopped: u64,
-    /// Copies never unwound: their process was gone before its tables
-    /// could be built.
+    /// Copies whose process was gone before its tables could be built:
+    /// walked by frame pointers only.
     pub unresolved: u64,
+    /// Copies walked by frame pointers on arrival: the waiting ones held
+    /// [`PENDING_MAX_BYTES`] already.
+    pub over_cap: u64,
     /// Bytes the walks used, per copy (for the distribution).
     pub used: Vec<u32>,
     /// Copies left when the session ended, and the time their tables and
@@ -231,9 +234,11 @@ pub struct CopiedStacks {
     reader: Option<std::thread::JoinHandle<()>>,
     stop_reader: Arc<AtomicBool>,
     received: mpsc::Receiver<(u64, Copy)>,
-    /// The switch, held open while the copies are read.
-    _config: Array<MapData, u32>,
+    /// The switch that turns copying on.
+    config: Array<MapData, u32>,
     pending: HashMap<u64, Copy>,
+    /// Bytes of stack the pending copies hold.
+    pending_bytes: usize,
     /// Unwound copies not taken yet: callers and status.
     done: HashMap<u64, (Vec<u64>, StackStatus)>,
     pub stats: CopyStats,
@@ -262,8 +267,9 @@ impl CopiedStacks {
             reader: Some(reader),
             stop_reader,
             received,
-            _config: config,
+            config,
             pending: HashMap::new(),
+            pending_bytes: 0,
             done: HashMap::new(),
             stats: CopyStats::default(),
         })
@@ -272,6 +278,14 @@ impl CopiedStacks {
     /// Takes the copies received so far.
     pub fn read(&mut self) {
         while let Ok((id, copy)) = self.received.try_recv() {
+            if self.pending_bytes + copy.bytes.len() > PENDING_MAX_BYTES {
+                // Walked by frame pointers now, as without copies.
+                self.stats.over_cap += 1;
+                let walked = walk(&copy, MAX_USER_FRAMES, |_| Lookup::Unmapped);
+                self.record(id, walked);
+                continue;
+            }
+            self.pending_bytes += copy.bytes.len();
             self.pending.insert(id, copy);
         }
     }
@@ -302,39 +316,60 @@ impl CopiedStacks {
             .collect();
         for id in ready {
             let copy = self.pending.remove(&id).expect("listed above");
+            self.pending_bytes -= copy.bytes.len();
             if !tables.has_process(copy.pid) {
-                self.stats.unresolved += 1;
-                self.done.insert(id, (Vec::new(), StackStatus::Truncated));
+                self.without_tables(id, &copy);
                 continue;
             }
             let walked = walk(&copy, MAX_USER_FRAMES, |pc| tables.row_at(copy.pid, pc));
-            self.stats.unwound += 1;
-            self.stats.used.push(walked.used as u32);
-            let status = match walked.ending {
-                Ending::Complete => {
-                    self.stats.complete += 1;
-                    StackStatus::Complete
-                }
-                Ending::LeftCopy => {
-                    self.stats.too_short += 1;
-                    StackStatus::Truncated
-                }
-                Ending::Stopped => {
-                    self.stats.stopped += 1;
-                    StackStatus::Truncated
-                }
-            };
-            self.done.insert(id, (walked.frames, status));
+            self.record(id, walked);
         }
     }
 
-    /// Forgets the copies of process `pid`, which exited before its tables
-    /// covered them (counted unresolved; their events keep the frames the
-    /// kernel walked).
+    /// Walks a copy whose process is gone without tables by frame pointers
+    /// alone, as the kernel walker would have done without copying (code
+    /// built with frame pointers still gives its callers).
+    fn without_tables(&mut self, id: u64, copy: &Copy) {
+        self.stats.unresolved += 1;
+        let walked = walk(copy, MAX_USER_FRAMES, |_| Lookup::Unmapped);
+        self.record(id, walked);
+    }
+
+    /// Counts a walk and keeps its result for [`Self::take`].
+    fn record(&mut self, id: u64, walked: Walked) {
+        self.stats.unwound += 1;
+        self.stats.used.push(walked.used as u32);
+        let status = match walked.ending {
+            Ending::Complete => {
+                self.stats.complete += 1;
+                StackStatus::Complete
+            }
+            Ending::LeftCopy => {
+                self.stats.too_short += 1;
+                StackStatus::Truncated
+            }
+            Ending::Stopped => {
+                self.stats.stopped += 1;
+                StackStatus::Truncated
+            }
+        };
+        self.done.insert(id, (walked.frames, status));
+    }
+
+    /// Walks the copies of process `pid`, which exited before its tables
+    /// covered them, by frame pointers (counted unresolved).
     pub fn drop_process(&mut self, pid: u32) {
-        let before = self.pending.len();
-        self.pending.retain(|_, c| c.pid != pid);
-        self.stats.unresolved += (before - self.pending.len()) as u64;
+        let gone: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, c)| c.pid == pid)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            let copy = self.pending.remove(&id).expect("listed above");
+            self.pending_bytes -= copy.bytes.len();
+            self.without_tables(id, &copy);
+        }
     }
 
     /// The callers found in copy `id` and the stack's status, once
@@ -357,6 +392,9 @@ impl CopiedStacks {
     /// started, for [`Self::finish_end`].
     pub fn prepare_end(&mut self, tables: &mut Tables) -> Instant {
         let started = Instant::now();
+        // Probes may still run (heap reports before detaching): no copy
+        // that nobody would read.
+        let _ = self.config.set(0, 0, 0);
         self.stop_reader.store(true, Ordering::Relaxed);
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
@@ -398,12 +436,14 @@ impl CopiedStacks {
         let copies = kernel.get(CopyCounter::Copies);
         let bytes = kernel.get(CopyCounter::Bytes);
         let lost = kernel.get(CopyCounter::Lost);
+        let limited = kernel.get(CopyCounter::RateLimited);
         let mut used = s.used.clone();
         used.sort_unstable();
         let pct = |p: usize| used.get((used.len() * p / 100).min(used.len().saturating_sub(1)));
         format!(
             "stack copies: copies {copies}, bytes_copied {bytes}, copies_lost {lost}, \
-             unwound {}, complete {}, too_short {}, stopped {}, unresolved {}, \
+             copies_rate_limited {limited}, \
+             unwound {}, complete {}, too_short {}, stopped {}, unresolved {}, over_memory_cap {}, \
              copy_bytes_used_p50 {}, copy_bytes_used_p99 {}, copy_bytes_used_max {}, \
              left_at_end {}, end_unwind_ms {}",
             s.unwound,
@@ -411,6 +451,7 @@ impl CopiedStacks {
             s.too_short,
             s.stopped,
             s.unresolved,
+            s.over_cap,
             pct(50).copied().unwrap_or(0),
             pct(99).copied().unwrap_or(0),
             used.last().copied().unwrap_or(0),
@@ -448,6 +489,11 @@ fn read_ring(mut ring: RingBuf<MapData>, sender: &mpsc::Sender<(u64, Copy)>, sto
 /// could otherwise hold the report for minutes); the copies left are
 /// counted unresolved.
 const END_LIMIT: Duration = Duration::from_secs(10);
+
+/// Memory the copies waiting for tables may hold: a busy host whose
+/// processes come and go faster than their tables (heap --all tracking
+/// every allocation) could otherwise fill memory.
+const PENDING_MAX_BYTES: usize = 256 << 20;
 
 /// How long the reader waits for copies before looking at its stop flag.
 const READER_POLL_MS: i32 = 50;
