@@ -3,14 +3,15 @@
 //! process, a `dlopen`, the start of a whole-host session).
 //!
 //! When the kernel walker meets a pc outside the known mappings of its
-//! process, it stops there instead of guessing with frame pointers, copies
-//! the user stack from that frame's stack pointer up (at most
-//! [`COPY_BYTES`]) with the frame's registers into [`STACK_COPIES_MAP`],
-//! and gives the event a stack id with [`COPY_ID_BIT`] set. The frames
-//! walked before that pc are stored under that id as usual (status
-//! truncated). User space unwinds the copy with the same rows and the same
-//! `step` once the tables exist, and the event's stack becomes the frames
-//! walked in the kernel followed by those found in the copy.
+//! process, it copies the user stack from that frame's stack pointer up
+//! (at most [`COPY_BYTES`]) with the frame's registers into
+//! [`STACK_COPIES_MAP`], gives the event a stack id with [`COPY_ID_BIT`]
+//! set, and goes on by frame pointers as before; that stack is stored under
+//! the id as usual. User space unwinds the copy with the same rows and the
+//! same `step` once the tables exist, and the event's stack becomes the
+//! frames walked before that pc followed by those found in the copy. A copy
+//! whose tables never come (its process exited first) leaves the
+//! frame-pointer stack in place.
 //!
 //! - [`STACK_COPIES_MAP`]: `RingBuf` of [`StackCopy`].
 //! - [`COPY_CONFIG_MAP`]: `Array<u32>` of one entry: non-zero while user
@@ -57,12 +58,18 @@ pub struct StackCopy {
     /// Where `sp` is in `bytes`: `sp % 4096`, so that each page of the
     /// stack lands at a fixed offset.
     pub start: u32,
+    /// Frames stored under `id` before `pc` (`pc` is frame `prefix`); the
+    /// frames after it there come from a frame-pointer walk, kept when the
+    /// copy cannot be unwound with tables.
+    pub prefix: u32,
+    /// Zero.
+    pub _pad: u32,
     /// The stack from `sp` up (before `start`: not written).
     pub bytes: [u8; COPY_BYTES],
 }
 
 /// Size of a [`StackCopy`] record before its bytes.
-pub const COPY_HEADER: usize = 56;
+pub const COPY_HEADER: usize = 64;
 const _: () = assert!(core::mem::size_of::<StackCopy>() == COPY_HEADER + COPY_BYTES);
 
 /// Copies one process may have per [`COPY_WINDOW_NS`]: 1000 a second,

@@ -61,15 +61,20 @@ pub(crate) struct Walk {
     pub busy: u32,
     /// [`COPY_OFF`], [`COPY_ALLOWED`] or [`COPY_WANTED`] (see `stack_copy`).
     pub copy: u32,
-    /// Zero.
-    pub _pad: u32,
+    /// With [`COPY_WANTED`]: frames stored before the copy's frame.
+    pub copy_prefix: u32,
+    /// With [`COPY_WANTED`]: where the copy starts, and how the walk was.
+    pub copy_frame: Frame,
+    pub copy_exact: u32,
+    pub copy_chained: u32,
 }
 
 /// The walk follows frame pointers where no tables are known.
 const COPY_OFF: u32 = 0;
 /// The walk stops at a pc its process's tables do not cover yet.
 const COPY_ALLOWED: u32 = 1;
-/// It stopped there: `frame` is where the copy starts.
+/// It met such a pc: `copy_frame` is where the copy starts (the walk went
+/// on by frame pointers, the floor when the copy cannot be unwound).
 const COPY_WANTED: u32 = 2;
 
 /// Walk state per thread. Uprobe programs run preemptibly (only migration
@@ -201,8 +206,13 @@ pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, Stac
 
     let mut id = hash_stack(&walk.stack);
     if walk.copy == COPY_WANTED {
-        let (frame, exact, chained) = (walk.frame, walk.exact != 0, walk.bp_chained != 0);
-        if let Some(copy_id) = stack_copy::copy(walk.pid, tid, &frame, exact, chained) {
+        let (frame, exact, chained) = (
+            walk.copy_frame,
+            walk.copy_exact != 0,
+            walk.copy_chained != 0,
+        );
+        let prefix = walk.copy_prefix;
+        if let Some(copy_id) = stack_copy::copy(walk.pid, tid, &frame, exact, chained, prefix) {
             id = copy_id;
         }
     }
@@ -281,10 +291,13 @@ extern "C" fn walk_frame(_index: u64, ctx: *mut c_void) -> i64 {
     *slot = walk.frame.pc;
     walk.stack.len += 1;
     if walk.copy == COPY_ALLOWED && !unwind::is_mapped(walk.pid, &walk.frame, walk.exact != 0) {
-        // Code the tables do not know yet: copy the stack from here rather
-        // than guess with frame pointers.
+        // Code the tables do not know yet: copy the stack from here, to be
+        // unwound once they do; the walk goes on by frame pointers.
         walk.copy = COPY_WANTED;
-        return 1;
+        walk.copy_prefix = walk.stack.len;
+        walk.copy_frame = walk.frame;
+        walk.copy_exact = walk.exact;
+        walk.copy_chained = walk.bp_chained;
     }
     match unwind::step(walk.pid, &walk.frame, walk.exact != 0, walk.bp_chained != 0) {
         StepResult::Caller {

@@ -102,6 +102,7 @@ pub(crate) fn copy(
     frame: &Frame,
     exact: bool,
     bp_chained: bool,
+    prefix: u32,
 ) -> Option<u64> {
     if !within_rate(pid) {
         crate::counters::count(&STACK_COPY_STATS, CopyCounter::RateLimited);
@@ -126,6 +127,8 @@ pub(crate) fn copy(
         (*record).exact = exact as u32;
         (*record).bp_chained = bp_chained as u32;
         (*record).start = (frame.sp & (PAGE - 1)) as u32;
+        (*record).prefix = prefix;
+        (*record)._pad = 0;
         (*record).len = read_stack(frame.sp, (&raw mut (*record).bytes).cast());
         crate::counters::count(&STACK_COPY_STATS, CopyCounter::Copies);
         crate::counters::add(&STACK_COPY_STATS, CopyCounter::Bytes, (*record).len as u64);

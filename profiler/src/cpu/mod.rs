@@ -27,7 +27,6 @@ mod sampler;
 mod session;
 mod stats;
 mod tasks;
-mod warmup;
 
 /// The sampling event.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

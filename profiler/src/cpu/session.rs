@@ -26,7 +26,6 @@ use super::{
     sampler::{self, Sampler},
     stats::{self, Counters, Sampling, Status},
     tasks::{Change, LiveProc, Tasks},
-    warmup,
 };
 use crate::{
     ebpf, launch,
@@ -204,10 +203,6 @@ impl Session {
         if let Some(duration) = self.settings.duration {
             stop.set_deadline(self.started + duration);
             self.sampler.stop_after(duration)?;
-        }
-        if self.state.whole_host {
-            // Sampling already: what this does not reach is copied.
-            warmup::build_busiest(&mut self.state.tables, &mut self.state.table_budget);
         }
         let period = self.settings.interval.unwrap_or(DRAIN_EVERY);
         let mut tick = tokio::time::interval_at(self.started + period, period);
@@ -421,8 +416,8 @@ impl State {
 
     /// Unwinds the stack copies the tables now cover and adds the samples
     /// that waited for them. With `force` (the session's end), every
-    /// sample is added: one whose copy could not be unwound keeps the
-    /// frames the kernel walked (a truncated stack).
+    /// sample is added: one whose copy could not be unwound with tables
+    /// keeps the stack the kernel walked by frame pointers.
     fn resolve_copies(&mut self, force: bool) {
         self.copies.unwind_ready(&self.tables, force);
         for (key, counts) in std::mem::take(&mut self.waiting) {

@@ -96,6 +96,8 @@ pub struct Copy {
     pub frame: Frame,
     pub exact: bool,
     pub bp_chained: bool,
+    /// Index of `frame.pc` in the stack the kernel stored.
+    pub prefix: u32,
     /// The stack from `frame.sp` up.
     pub bytes: Vec<u8>,
 }
@@ -239,8 +241,9 @@ pub struct CopiedStacks {
     pending: HashMap<u64, Copy>,
     /// Bytes of stack the pending copies hold.
     pending_bytes: usize,
-    /// Unwound copies not taken yet: callers and status.
-    done: HashMap<u64, (Vec<u64>, StackStatus)>,
+    /// Unwound copies not taken yet: index of their first frame in the
+    /// kernel's stack, the callers found, and the status.
+    done: HashMap<u64, (u32, Vec<u64>, StackStatus)>,
     pub stats: CopyStats,
 }
 
@@ -279,10 +282,8 @@ impl CopiedStacks {
     pub fn read(&mut self) {
         while let Ok((id, copy)) = self.received.try_recv() {
             if self.pending_bytes + copy.bytes.len() > PENDING_MAX_BYTES {
-                // Walked by frame pointers now, as without copies.
+                // Its event keeps the kernel's frame-pointer stack.
                 self.stats.over_cap += 1;
-                let walked = walk(&copy, MAX_USER_FRAMES, |_| Lookup::Unmapped);
-                self.record(id, walked);
                 continue;
             }
             self.pending_bytes += copy.bytes.len();
@@ -318,25 +319,22 @@ impl CopiedStacks {
             let copy = self.pending.remove(&id).expect("listed above");
             self.pending_bytes -= copy.bytes.len();
             if !tables.has_process(copy.pid) {
-                self.without_tables(id, &copy);
+                self.without_tables();
                 continue;
             }
             let walked = walk(&copy, MAX_USER_FRAMES, |pc| tables.row_at(copy.pid, pc));
-            self.record(id, walked);
+            self.record(id, copy.prefix, walked);
         }
     }
 
-    /// Walks a copy whose process is gone without tables by frame pointers
-    /// alone, as the kernel walker would have done without copying (code
-    /// built with frame pointers still gives its callers).
-    fn without_tables(&mut self, id: u64, copy: &Copy) {
+    /// A copy whose process is gone without tables: its event keeps the
+    /// kernel's frame-pointer stack.
+    fn without_tables(&mut self) {
         self.stats.unresolved += 1;
-        let walked = walk(copy, MAX_USER_FRAMES, |_| Lookup::Unmapped);
-        self.record(id, walked);
     }
 
     /// Counts a walk and keeps its result for [`Self::take`].
-    fn record(&mut self, id: u64, walked: Walked) {
+    fn record(&mut self, id: u64, prefix: u32, walked: Walked) {
         self.stats.unwound += 1;
         self.stats.used.push(walked.used as u32);
         let status = match walked.ending {
@@ -353,7 +351,7 @@ impl CopiedStacks {
                 StackStatus::Truncated
             }
         };
-        self.done.insert(id, (walked.frames, status));
+        self.done.insert(id, (prefix, walked.frames, status));
     }
 
     /// Walks the copies of process `pid`, which exited before its tables
@@ -368,15 +366,18 @@ impl CopiedStacks {
         for id in gone {
             let copy = self.pending.remove(&id).expect("listed above");
             self.pending_bytes -= copy.bytes.len();
-            self.without_tables(id, &copy);
+            self.without_tables();
         }
     }
 
-    /// The callers found in copy `id` and the stack's status, once
-    /// unwound; the frames the kernel walked before (`prefix`) come first.
-    pub fn take(&mut self, id: u64, prefix: &[u64]) -> Option<(Vec<u64>, StackStatus)> {
-        let (callers, mut status) = self.done.remove(&id)?;
-        let mut frames = prefix.to_vec();
+    /// The stack of event `id` once its copy was unwound with tables: the
+    /// frames the kernel walked up to the copy's frame (from `kernel`, the
+    /// stack it stored), then the callers found in the copy. `None`: keep
+    /// `kernel` (not unwound yet, or never with tables).
+    pub fn take(&mut self, id: u64, kernel: &[u64]) -> Option<(Vec<u64>, StackStatus)> {
+        let (prefix, callers, mut status) = self.done.remove(&id)?;
+        let keep = (prefix as usize + 1).min(kernel.len());
+        let mut frames = kernel[..keep].to_vec();
         frames.extend(callers);
         if frames.len() > MAX_USER_FRAMES {
             frames.truncate(MAX_USER_FRAMES);
@@ -519,6 +520,7 @@ fn parse(item: &[u8]) -> Option<(u64, Copy)> {
             },
             exact: half(offset_of!(StackCopy, exact)) != 0,
             bp_chained: half(offset_of!(StackCopy, bp_chained)) != 0,
+            prefix: half(offset_of!(StackCopy, prefix)),
             bytes: item[COPY_HEADER + start..COPY_HEADER + start + len].to_vec(),
         },
     ))

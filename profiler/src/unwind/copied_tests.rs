@@ -23,6 +23,7 @@ fn three_frames() -> (Copy, impl Fn(u64) -> Lookup) {
         },
         exact: true,
         bp_chained: false,
+        prefix: 0,
         bytes,
     };
     let lookup = |pc: u64| match pc >> 12 {
@@ -86,6 +87,7 @@ fn code_without_rows_follows_frame_pointers_and_trusts_only_chained_ends() {
         },
         exact: true,
         bp_chained: false,
+        prefix: 0,
         bytes,
     };
     let lookup = |pc: u64| match pc >> 12 {
@@ -105,6 +107,7 @@ fn code_without_rows_follows_frame_pointers_and_trusts_only_chained_ends() {
 #[test]
 fn records_parse_by_field() {
     let mut item = vec![0u8; COPY_HEADER + 16];
+    item[56..60].copy_from_slice(&3u32.to_le_bytes());
     item[0..8].copy_from_slice(&(COPY_ID_BIT | 5).to_le_bytes());
     item[8..12].copy_from_slice(&42u32.to_le_bytes());
     item[16..24].copy_from_slice(&0x1234u64.to_le_bytes());
@@ -121,6 +124,7 @@ fn records_parse_by_field() {
         (42, 0x1234, 0x7000)
     );
     assert!(copy.exact && !copy.bp_chained);
+    assert_eq!(copy.prefix, 3);
     assert_eq!(copy.bytes.len(), 12);
     assert_eq!(copy.bytes[0], 0xaa);
 }
