@@ -13,6 +13,7 @@ pub mod heap;
 pub mod hooks;
 pub mod python;
 pub mod stack;
+pub mod stack_copy;
 pub mod unwind;
 pub mod unwind_test;
 pub mod usdt;

@@ -12,6 +12,7 @@ mod cpu;
 mod heap;
 mod python;
 pub mod stack;
+mod stack_copy;
 mod unwind;
 mod unwind_test;
 

@@ -22,10 +22,14 @@ use profiler_common::{
     stack::{
         KERNEL_STACKS_MAX, MAX_USER_FRAMES, StackStatus, USER_STACKS_MAX, UnwindCounter, UserStack,
     },
+    stack_copy::COPY_ID_BIT,
     unwind::Frame,
 };
 
-use crate::unwind::{self, StepResult};
+use crate::{
+    stack_copy,
+    unwind::{self, StepResult},
+};
 
 /// `USER_STACKS`: stack id -> frames (see `profiler_common::stack`).
 #[map(name = "USER_STACKS")]
@@ -55,7 +59,23 @@ pub(crate) struct Walk {
     pub bp_chained: u32,
     /// 1 while a walk uses this record.
     pub busy: u32,
+    /// [`COPY_OFF`], [`COPY_ALLOWED`] or [`COPY_WANTED`] (see `stack_copy`).
+    pub copy: u32,
+    /// With [`COPY_WANTED`]: frames stored before the copy's frame.
+    pub copy_prefix: u32,
+    /// With [`COPY_WANTED`]: where the copy starts, and how the walk was.
+    pub copy_frame: Frame,
+    pub copy_exact: u32,
+    pub copy_chained: u32,
 }
+
+/// The walk follows frame pointers where no tables are known.
+const COPY_OFF: u32 = 0;
+/// The walk stops at a pc its process's tables do not cover yet.
+const COPY_ALLOWED: u32 = 1;
+/// It met such a pc: `copy_frame` is where the copy starts (the walk went
+/// on by frame pointers, the floor when the copy cannot be unwound).
+const COPY_WANTED: u32 = 2;
 
 /// Walk state per thread. Uprobe programs run preemptibly (only migration
 /// is disabled), so two threads can interleave their programs on one CPU
@@ -140,6 +160,11 @@ pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, Stac
     walk.pid = (tid >> 32) as u32;
     walk.exact = 1;
     walk.bp_chained = 0;
+    walk.copy = if stack_copy::enabled() {
+        COPY_ALLOWED
+    } else {
+        COPY_OFF
+    };
     // SAFETY: `regs` is the program's context (pt_regs), the start of a
     // bpf_perf_event_data, which begins with the registers, or null.
     walk.frame = unsafe { start_frame(regs) };
@@ -179,7 +204,18 @@ pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, Stac
         }
     }
 
-    let id = hash_stack(&walk.stack);
+    let mut id = hash_stack(&walk.stack);
+    if walk.copy == COPY_WANTED {
+        let (frame, exact, chained) = (
+            walk.copy_frame,
+            walk.copy_exact != 0,
+            walk.copy_chained != 0,
+        );
+        let prefix = walk.copy_prefix;
+        if let Some(copy_id) = stack_copy::copy(walk.pid, tid, &frame, exact, chained, prefix) {
+            id = copy_id;
+        }
+    }
     let mut result = Ok(id);
     if USER_STACKS.get_ptr(id).is_none() {
         match USER_STACKS.insert(id, &walk.stack, BPF_NOEXIST as u64) {
@@ -256,6 +292,15 @@ extern "C" fn walk_frame(_index: u64, ctx: *mut c_void) -> i64 {
     };
     *slot = walk.frame.pc;
     walk.stack.len += 1;
+    if walk.copy == COPY_ALLOWED && !unwind::is_mapped(walk.pid, &walk.frame, walk.exact != 0) {
+        // Code the tables do not know yet: copy the stack from here, to be
+        // unwound once they do; the walk goes on by frame pointers.
+        walk.copy = COPY_WANTED;
+        walk.copy_prefix = walk.stack.len;
+        walk.copy_frame = walk.frame;
+        walk.copy_exact = walk.exact;
+        walk.copy_chained = walk.bp_chained;
+    }
     match unwind::step(walk.pid, &walk.frame, walk.exact != 0, walk.bp_chained != 0) {
         StepResult::Caller {
             frame,
@@ -285,5 +330,6 @@ fn hash_stack(stack: &UserStack) -> u64 {
         }
         h = (h ^ stack.ips[i]).wrapping_mul(0x0000_0100_0000_01b3);
     }
-    h
+    // The bit marks the ids of copied stacks.
+    h & !COPY_ID_BIT
 }

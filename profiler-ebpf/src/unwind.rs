@@ -142,6 +142,30 @@ pub(crate) fn has_cfi(pid: u32, pc: u64) -> bool {
     find_row(pid, pc).is_some_and(|row| row.kind() != CFA_NONE)
 }
 
+/// Whether the pc of `frame` lies in a mapping the tables of process `pid`
+/// know (with or without rows); unknown code is new (a new process, a
+/// `dlopen`) and gets a stack copy. Asks user space for tables, as a walk
+/// does.
+#[inline(always)]
+pub(crate) fn is_mapped(pid: u32, frame: &Frame, exact: bool) -> bool {
+    let pc = if exact {
+        frame.pc
+    } else {
+        frame.pc.wrapping_sub(1)
+    };
+    if MAPPINGS
+        .get(&Key::new(32 + 64, MappingKey::new(pid, pc)))
+        .is_some()
+    {
+        return true;
+    }
+    count(UnwindCounter::UnknownMapping);
+    if REFRESH.get_ptr(pid).is_none() {
+        let _ = REFRESH.insert(pid, pc, 0);
+    }
+    false
+}
+
 /// The walk ends here: complete, unless the end was only suggested by an
 /// untrusted frame pointer.
 #[inline(always)]

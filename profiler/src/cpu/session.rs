@@ -13,9 +13,10 @@ use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use log::debug;
 use profiler_common::{
-    cpu::{KEY_PYTHON_STACK, STATS_MAP},
+    cpu::{KEY_PYTHON_STACK, KEY_USER_STACK, STATS_MAP, SampleCounts, SampleKey},
     python::{PyCounter, STATS_MAP as PY_STATS_MAP},
     stack::{UNWIND_STATS_MAP, UnwindCounter},
+    stack_copy::{COPY_ID_BIT, COPY_STATS_MAP, CopyCounter},
 };
 use tokio::io::unix::AsyncFd;
 
@@ -34,7 +35,7 @@ use crate::{
     profile::Collector,
     python::tracker::Tracker as PythonTracker,
     runtime::{self, Stop, StopEvent, StopReason, counters::Counts},
-    unwind::Tables,
+    unwind::{Tables, copied::CopiedStacks},
 };
 
 /// How often counts are drained when `--interval` is not given: keeps the
@@ -131,6 +132,10 @@ struct State {
     resnapshots: Vec<(tokio::time::Instant, u32)>,
     /// The unwinder's tables of the sampled processes.
     tables: Tables,
+    /// Stacks copied by the kernel where tables were missing, and the
+    /// samples that wait for them to be unwound.
+    copies: CopiedStacks,
+    waiting: Vec<(SampleKey, SampleCounts)>,
     /// Sampling every process (no `--pid`, no command).
     whole_host: bool,
     /// CPU time left for building unwind tables (whole host).
@@ -161,6 +166,7 @@ impl Session {
         if settings.targets == Targets::All {
             python.add_running();
         }
+        let copies = CopiedStacks::new(&mut ebpf)?;
         let mut sampler = Sampler::new(&mut ebpf, settings)?;
         let ring = sampler
             .task_events
@@ -181,6 +187,8 @@ impl Session {
             noted: HashSet::new(),
             resnapshots: Vec::new(),
             tables,
+            copies,
+            waiting: Vec::new(),
             whole_host: settings.targets == Targets::All,
             table_budget: Budget::new(Instant::now()),
             interval_samples: std::collections::HashMap::new(),
@@ -226,6 +234,7 @@ impl Session {
                     self.drain()?;
                     self.state.python.refresh();
                     self.state.update_tables();
+                    self.state.resolve_copies(false);
                     self.print_interval(output, tty).await?;
                 }
                 _ = status_tick.tick() => {
@@ -320,6 +329,7 @@ impl Session {
     async fn finish(self, output: &OutputPlan) -> anyhow::Result<()> {
         let unwind = Counts::<UnwindCounter>::read(&self.ebpf, UNWIND_STATS_MAP)?;
         let python_walks = Counts::<PyCounter>::read(&self.ebpf, PY_STATS_MAP)?;
+        let copied = Counts::<CopyCounter>::read(&self.ebpf, COPY_STATS_MAP)?;
         // Read before detaching: the map goes with the programs.
         let counters = Counters::read(&self.ebpf, STATS_MAP)?;
         // The kernel stopped counting at --duration.
@@ -345,6 +355,11 @@ impl Session {
         state.apply_task_events(&sampler::task_events(events.get_mut()));
         state.drain(&mut sampler)?;
         state.drain(&mut sampler)?;
+        // The copies still waiting get their tables now, whatever the budget.
+        let started = state.copies.prepare_end(&mut state.tables);
+        state.copies.unwind_ready(&state.tables, true);
+        state.resolve_copies(true);
+        state.copies.finish_end(started);
         let sampling = Sampling {
             event: settings.event.name(),
             frequency: settings.frequency,
@@ -359,6 +374,9 @@ impl Session {
         for comment in state.python.comments(&python_walks) {
             collector.add_comment(comment);
         }
+        let copies = state.copies.comment(&copied);
+        eprintln!("prof-bpf: {copies}");
+        collector.add_comment(copies);
         eprintln!("prof-bpf: {}", stats::summary(&counters, &sampling));
         let profile = collector.finish()?;
         output.write(&profile)
@@ -410,9 +428,34 @@ impl State {
     /// Feeds every count of the sampler's previous map to the collectors.
     fn drain(&mut self, sampler: &mut Sampler) -> anyhow::Result<()> {
         for (key, counts) in sampler.drain(&mut self.stacks)? {
-            self.add(&key, &counts);
+            // Named and counted now, whenever its stack is ready.
+            self.note_sample(key.pid, counts.samples);
+            if key.flags & KEY_USER_STACK != 0 && key.user_stack & COPY_ID_BIT != 0 {
+                self.waiting.push((key, counts));
+            } else {
+                self.add(&key, &counts);
+            }
         }
         Ok(())
+    }
+
+    /// Unwinds the stack copies the tables now cover and adds the samples
+    /// that waited for them. With `force` (the session's end), every
+    /// sample is added: one whose copy could not be unwound with tables
+    /// keeps the stack the kernel walked by frame pointers.
+    fn resolve_copies(&mut self, force: bool) {
+        self.copies.unwind_ready(&self.tables, force);
+        for (key, counts) in std::mem::take(&mut self.waiting) {
+            let id = key.user_stack;
+            let prefix = self.stacks.user.get(&id).map(|(f, _)| f.as_slice());
+            if let Some((frames, status)) = self.copies.take(id, prefix.unwrap_or_default()) {
+                self.stacks.user.insert(id, (frames, status as u32));
+            } else if !force && self.copies.is_pending(id) {
+                self.waiting.push((key, counts));
+                continue;
+            }
+            self.add(&key, &counts);
+        }
     }
 
     fn note_process(&mut self, pid: u32) {
@@ -430,10 +473,6 @@ impl State {
         counts: &profiler_common::cpu::SampleCounts,
     ) {
         let pid = key.pid;
-        *self.interval_samples.entry(pid).or_default() += counts.samples;
-        if pid != 0 && !self.noted.contains(&pid) && !self.tasks.has_exited(pid) {
-            self.note_process(pid);
-        }
         let mut sample = report::sample(key, counts, &self.stacks, &mut self.tasks, &LiveProc);
         if key.flags & KEY_PYTHON_STACK != 0 {
             sample.splices =
@@ -446,11 +485,23 @@ impl State {
         self.total.add(sample);
     }
 
+    /// Counts `samples` of process `pid` for the table budget and reads its
+    /// mappings if not done yet.
+    fn note_sample(&mut self, pid: u32, samples: u64) {
+        *self.interval_samples.entry(pid).or_default() += samples;
+        if pid != 0 && !self.noted.contains(&pid) && !self.tasks.has_exited(pid) {
+            self.note_process(pid);
+        }
+    }
+
     fn apply_task_events(&mut self, events: &[profiler_common::cpu::TaskEvent]) {
         for event in events {
             match self.tasks.apply(event) {
                 Change::Exec(pid) => self.exec(pid),
                 Change::ProcessExit(pid) => {
+                    // Its copies covered by tables are unwound while they exist.
+                    self.copies.unwind_ready(&self.tables, false);
+                    self.copies.drop_process(pid);
                     self.tables.remove_process(pid);
                     self.python.exited(pid);
                 }

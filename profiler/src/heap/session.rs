@@ -14,6 +14,7 @@ use log::{debug, info, warn};
 use profiler_common::{
     heap::{StackKey, StackStats},
     python::{PyCounter, STATS_MAP as PY_STATS_MAP},
+    stack::UserStack,
 };
 
 use super::{
@@ -34,7 +35,7 @@ use crate::{
     profile::{Collector, Profile},
     python::tracker::Tracker as PythonTracker,
     runtime::{self, Stop, StopEvent, StopReason, counters::Counts},
-    unwind::Tables,
+    unwind::{Tables, copied::CopiedStacks},
 };
 
 /// With --all, the report gives the memory of this many processes.
@@ -102,6 +103,7 @@ pub(crate) fn run(
     })
 }
 
+mod copies;
 mod follow;
 
 struct Session {
@@ -131,6 +133,10 @@ struct Session {
     live_finder: HeaderFinder,
     /// The Python frame walker's processes, threads and names.
     python: PythonTracker,
+    /// Stacks copied by the kernel where tables were missing, and those
+    /// already unwound (by stack id).
+    copies: CopiedStacks,
+    copied: HashMap<u64, UserStack>,
 }
 
 impl Session {
@@ -144,6 +150,7 @@ impl Session {
         let mut ebpf = attach::load(&settings, tracking, settings.mmap && all)?;
         let tables = Tables::new(&mut ebpf)?;
         let python = PythonTracker::new(&mut ebpf, true)?;
+        let copies = CopiedStacks::new(&mut ebpf)?;
         let mut session = Self {
             python,
             ebpf,
@@ -160,6 +167,8 @@ impl Session {
             usdt: UsdtAttacher::default(),
             live_history: leaks::History::new(),
             live_finder: HeaderFinder::default(),
+            copies,
+            copied: HashMap::new(),
         };
         // Unwind tables before the probes: the first stacks are complete too.
         // A launched child has not exec'd yet; its tables come after exec.
@@ -310,7 +319,7 @@ impl Session {
                 event = stop.next() => match event {
                     StopEvent::Exited(pid) => {
                         self.processes.exited.insert(pid);
-                        self.tables.remove_process(pid);
+                        self.forget_tables(pid);
                     }
                     StopEvent::Stop(reason) => {
                         info!("stopping: {reason}");
@@ -370,7 +379,7 @@ impl Session {
             dead.len()
         );
         for pid in dead {
-            self.tables.remove_process(pid);
+            self.forget_tables(pid);
             self.processes.purged.insert(pid);
         }
         Ok(())
@@ -402,10 +411,12 @@ impl Session {
                 self.refresh_process(pid);
             }
         }
-        let collector = match self.live.take() {
+        let copies = self.finish_copies()?;
+        let mut collector = match self.live.take() {
             Some(c) => c,
             None => self.new_collector(),
         };
+        collector.add_comment(copies);
         self.build(collector, true)
     }
 
@@ -457,6 +468,7 @@ impl Session {
         let mut stacks =
             maps::user_stacks(&self.ebpf, stats.iter().map(|(k, _)| k).chain(old.keys()))?;
         self.add_paired_stacks(&mut stacks, stats.iter().map(|(k, _)| k).chain(old.keys()))?;
+        self.resolve_copies(&mut stacks);
         Ok(Totals {
             stats,
             stacks,

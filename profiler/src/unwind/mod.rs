@@ -17,6 +17,7 @@
 //! returns the pids the tables do not know yet. Where no rows exist, the
 //! walker follows frame pointers.
 pub mod cfi;
+pub mod copied;
 pub mod debug;
 mod expr;
 pub mod rows;

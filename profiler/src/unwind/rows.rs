@@ -117,6 +117,19 @@ impl RowStore {
         Ok(placed)
     }
 
+    /// The `count` rows from `first` (shard << SHARD_SHIFT | index), as the
+    /// walker sees them; none when the range is not inside one shard.
+    pub fn rows(&self, first: u32, count: u32) -> Option<&[UnwindRow]> {
+        let shard = self.shards.get((first >> SHARD_SHIFT) as usize)?;
+        let index = (first & SHARD_MASK) as usize;
+        if count == 0 || index + count as usize > SHARD_ROWS as usize {
+            return None;
+        }
+        // SAFETY: the range is inside the shard's mapping (checked above);
+        // rows are plain data, written before their page entry.
+        Some(unsafe { std::slice::from_raw_parts(shard.ptr.add(index), count as usize) })
+    }
+
     /// Gives back the ranges of an object.
     pub fn release(&mut self, ranges: &[(u32, u32)]) {
         for &(first, len) in ranges {

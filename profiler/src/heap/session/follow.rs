@@ -77,6 +77,7 @@ impl Session {
                 self.refresh_process(pid);
             }
         }
+        self.copies.unwind_ready(&self.tables, false);
     }
 
     /// After exec the program's real mappings exist: check that the probed

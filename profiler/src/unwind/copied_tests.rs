@@ -1,0 +1,132 @@
+use profiler_common::{
+    stack_copy::COPY_ID_BIT,
+    unwind::{CFA_END, CFA_RSP, RBP_SAME, UnwindRow},
+};
+
+use super::*;
+
+/// A stack at 0x7000 of three frames without frame pointers: leaf (pc
+/// 0x1000, frame of 16 bytes), middle (0x2000, 32 bytes), outermost
+/// (0x3000, whose row ends the stack).
+fn three_frames() -> (Copy, impl Fn(u64) -> Lookup) {
+    let mut bytes = vec![0u8; 64];
+    // leaf: CFA = sp + 16; return address at CFA - 8 = 0x7008.
+    bytes[8..16].copy_from_slice(&0x2005u64.to_le_bytes());
+    // middle: CFA = 0x7010 + 32 = 0x7030; return address at 0x7028.
+    bytes[40..48].copy_from_slice(&0x3005u64.to_le_bytes());
+    let copy = Copy {
+        pid: 1,
+        frame: Frame {
+            pc: 0x1000,
+            sp: 0x7000,
+            bp: 0,
+            bx: 0,
+        },
+        exact: true,
+        bp_chained: false,
+        prefix: 0,
+        bytes,
+    };
+    let lookup = |pc: u64| match pc >> 12 {
+        1 => Lookup::Row(UnwindRow::new(0, CFA_RSP, 16, RBP_SAME, 0).unwrap()),
+        2 => Lookup::Row(UnwindRow::new(0, CFA_RSP, 32, RBP_SAME, 0).unwrap()),
+        3 => Lookup::Row(UnwindRow::new(0, CFA_END, 0, RBP_SAME, 0).unwrap()),
+        _ => Lookup::Unmapped,
+    };
+    (copy, lookup)
+}
+
+#[test]
+fn a_copy_unwinds_to_the_outermost_frame() {
+    let (copy, lookup) = three_frames();
+    let walked = walk(&copy, 100, lookup);
+    assert_eq!(walked.frames, vec![0x2005, 0x3005]);
+    assert_eq!(walked.ending, Ending::Complete);
+    assert_eq!(walked.used, 48);
+}
+
+#[test]
+fn the_depth_limit_stops_the_walk() {
+    let (copy, lookup) = three_frames();
+    let walked = walk(&copy, 1, lookup);
+    assert_eq!(walked.frames, vec![0x2005]);
+    assert_eq!(walked.ending, Ending::Stopped);
+}
+
+#[test]
+fn a_full_copy_that_ends_too_soon_is_too_short() {
+    let (mut copy, lookup) = three_frames();
+    // The middle frame's return address is just above a full copy.
+    copy.bytes.truncate(40);
+    copy.bytes.resize(COPY_BYTES, 0);
+    let mut short = copy.clone();
+    short.bytes.truncate(40);
+    // Move the middle frame's CFA past the copy's end.
+    let far = |pc: u64| match pc >> 12 {
+        2 => Lookup::Row(UnwindRow::new(0, CFA_RSP, COPY_BYTES as i64, RBP_SAME, 0).unwrap()),
+        _ => lookup(pc),
+    };
+    let walked = walk(&copy, 100, far);
+    assert_eq!(walked.frames, vec![0x2005]);
+    assert_eq!(walked.ending, Ending::LeftCopy);
+    // A copy that is not full ended at the stack's end: a plain stop.
+    let walked = walk(&short, 100, far);
+    assert_eq!(walked.ending, Ending::Stopped);
+}
+
+#[test]
+fn code_without_rows_follows_frame_pointers_and_trusts_only_chained_ends() {
+    // rbp = 0x7010: [rbp] = 0 (saved rbp), [rbp + 8] = return address 0x2005.
+    let mut bytes = vec![0u8; 64];
+    bytes[24..32].copy_from_slice(&0x2005u64.to_le_bytes());
+    let copy = Copy {
+        pid: 1,
+        frame: Frame {
+            pc: 0x9000,
+            sp: 0x7000,
+            bp: 0x7010,
+            bx: 0,
+        },
+        exact: true,
+        bp_chained: false,
+        prefix: 0,
+        bytes,
+    };
+    let lookup = |pc: u64| match pc >> 12 {
+        2 => Lookup::NoRows,
+        _ => Lookup::Unmapped,
+    };
+    let walked = walk(&copy, 100, lookup);
+    assert_eq!(walked.frames, vec![0x2005]);
+    // The caller's rbp (0) came from the chain: its end is trusted.
+    assert_eq!(walked.ending, Ending::Complete);
+    // A zero rbp in the first frame's register proves nothing.
+    let mut unchained = copy.clone();
+    unchained.frame.bp = 0;
+    assert_eq!(walk(&unchained, 100, lookup).ending, Ending::Stopped);
+}
+
+#[test]
+fn records_parse_by_field() {
+    let mut item = vec![0u8; COPY_HEADER + 16];
+    item[56..60].copy_from_slice(&3u32.to_le_bytes());
+    item[0..8].copy_from_slice(&(COPY_ID_BIT | 5).to_le_bytes());
+    item[8..12].copy_from_slice(&42u32.to_le_bytes());
+    item[16..24].copy_from_slice(&0x1234u64.to_le_bytes());
+    item[24..32].copy_from_slice(&0x7000u64.to_le_bytes());
+    item[40..44].copy_from_slice(&1u32.to_le_bytes());
+    // len says 64 from offset 4, but the record holds only 12 bytes there.
+    item[48..52].copy_from_slice(&64u32.to_le_bytes());
+    item[52..56].copy_from_slice(&4u32.to_le_bytes());
+    item[COPY_HEADER + 4] = 0xaa;
+    let (id, copy) = parse(&item).unwrap();
+    assert_eq!(id, COPY_ID_BIT | 5);
+    assert_eq!(
+        (copy.pid, copy.frame.pc, copy.frame.sp),
+        (42, 0x1234, 0x7000)
+    );
+    assert!(copy.exact && !copy.bp_chained);
+    assert_eq!(copy.prefix, 3);
+    assert_eq!(copy.bytes.len(), 12);
+    assert_eq!(copy.bytes[0], 0xaa);
+}
