@@ -125,6 +125,10 @@ impl HeapCollector {
             .map_max_entries(STACK_STATS_MAP, profiler_common::heap::DEFAULT_MAX_STACKS);
     }
 
+    fn is_target(&self, pid: u32) -> bool {
+        self.in_process.contains(&pid) || self.uprobed.contains_key(&pid)
+    }
+
     /// The processes whose heap is profiled.
     pub fn targets(&self) -> impl Iterator<Item = u32> + '_ {
         self.in_process.iter().chain(self.uprobed.keys()).copied()
@@ -138,6 +142,14 @@ impl HeapCollector {
         if let Some(u) = self.uprobed.remove(&pid) {
             attach::detach(ebpf, u.links);
         }
+    }
+
+    /// Forgets what was decided about processes that are not among
+    /// `running` (all processes now): their pids may come back.
+    pub fn forget_gone(&mut self, running: &[u32]) {
+        let running: HashSet<u32> = running.iter().copied().collect();
+        self.seen.retain(|pid| running.contains(pid));
+        self.out_of_scope.retain(|pid| running.contains(pid));
     }
 
     /// Examines the processes among `pids` not seen yet: attaches to the
@@ -328,14 +340,22 @@ impl HeapCollector {
         stack: impl Fn(&Ebpf, u64) -> Option<UserStack>,
     ) -> anyhow::Result<Vec<(u32, Collector)>> {
         let stats = maps::stack_stats(ebpf)?;
-        // Processes first seen by their samples (started since the last scan).
+        // Processes first seen by their samples: started since the last
+        // scan, or seen before they ran their program (a fork before exec).
         let new: Vec<u32> = stats
             .iter()
             .map(|(k, _)| k.pid)
-            .filter(|pid| !self.seen.contains(pid))
+            .filter(|pid| {
+                !self.is_target(*pid)
+                    && !self.out_of_scope.contains(pid)
+                    && !self.over_ceiling.contains(pid)
+            })
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
+        for pid in &new {
+            self.seen.remove(pid);
+        }
         self.discover(ebpf, scope, &new);
         let counters = maps::counters(ebpf)?;
         let mut per_pid: HashMap<u32, Vec<(StackKey, StackStats)>> = HashMap::new();
@@ -432,25 +452,31 @@ impl HeapCollector {
             .maps
             .keys()
             .copied()
-            .filter(|&pid| {
-                !self.processes.purged.contains(&pid) && process::check_pid(pid).is_err()
-            })
+            .filter(|&pid| process::check_pid(pid).is_err())
             .collect();
         if dead.is_empty() {
             return Ok(());
         }
         let dropped = maps::drop_live_blocks(ebpf, &dead)?;
+        let stacks = maps::drop_stack_stats(ebpf, &dead)?;
         debug!(
-            "heap: dropped {dropped} live blocks of {} exited processes",
+            "heap: dropped {dropped} live blocks and {stacks} stack totals of {} exited processes",
             dead.len()
         );
+        self.baseline.retain(|key, _| !dead.contains(&key.pid));
         for pid in dead {
-            self.processes.purged.insert(pid);
+            // Their last interval was cut: nothing of them is kept.
+            self.processes.maps.remove(&pid);
+            self.processes.comms.remove(&pid);
             self.in_process.remove(&pid);
+            self.seen.remove(&pid);
+            self.out_of_scope.remove(&pid);
             if let Some(u) = self.uprobed.remove(&pid) {
                 attach::detach(ebpf, u.links);
             }
         }
+        let used: HashSet<u64> = self.baseline.keys().map(|k| k.stack_id).collect();
+        self.stacks.retain(|id, _| used.contains(id));
         Ok(())
     }
 

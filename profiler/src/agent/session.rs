@@ -168,7 +168,9 @@ impl Agent {
             profiled.extend(cpu.sampled());
         }
         if let Some(heap) = &mut self.heap {
-            heap.discover(&mut self.ebpf, &self.settings.scope, &all_pids());
+            let running = all_pids();
+            heap.forget_gone(&running);
+            heap.discover(&mut self.ebpf, &self.settings.scope, &running);
             heap.enforce_ceiling(&mut self.ebpf)?;
             profiled.extend(heap.targets());
         }
