@@ -11,7 +11,8 @@
 //!   per-process call-rate ceiling;
 //! - `cpu`: the `cpu` sampler at 19 Hz, per process per interval;
 //! - `emit`: symbolizing (one cache) and handing profiles to the sinks;
-//! - `session`: the loop, the interval cut, SIGHUP, the final flush.
+//! - `session`: the loop, the interval cut, SIGHUP, the final flush;
+//! - `telemetry`: the agent's own counters in Prometheus text format.
 //!
 //! Service parts hook in at [`name_process`] (labels of a process),
 //! [`settings`] (a config file merged into the options) and [`reload`]
@@ -24,9 +25,11 @@ mod emit;
 mod heap;
 mod scope;
 mod session;
+mod telemetry;
 
 pub use args::{AgentArgs, Settings, settings};
 pub use scope::{Facts, Rule, Scope};
+pub use telemetry::Telemetry;
 
 use crate::{ebpf, process, runtime, sinks::Source};
 

@@ -11,7 +11,12 @@ use std::{
 use anyhow::Context as _;
 use aya::Ebpf;
 use log::{debug, info, warn};
-use profiler_common::{cpu::CpuCounter, heap::HeapCounter, stack::UserStack};
+use profiler_common::{
+    counters::CounterSet,
+    cpu::CpuCounter,
+    heap::HeapCounter,
+    stack::{UNWIND_STATS_MAP, UnwindCounter, UserStack},
+};
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{
@@ -20,12 +25,13 @@ use super::{
     emit::{Emitter, Job},
     heap::HeapCollector,
     name_process,
+    telemetry::Telemetry,
 };
 use crate::{
     cpu::budget::{self, Budget},
     cpu::tasks::Change,
     ebpf, heap, process,
-    runtime::{Stop, StopEvent},
+    runtime::{Stop, StopEvent, counters::Counts},
     sinks::{ProfileKind, Sinks, Source},
     unwind::Tables,
 };
@@ -42,6 +48,8 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     let mut stop = Stop::without_hangup()?;
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut agent = Agent::start(settings)?;
+    // What serves the agent's own counters (`--metrics`) takes them from
+    // `Arc::clone(&agent.telemetry)`.
     let started = tokio::time::Instant::now();
     if let Some(duration) = agent.settings.duration {
         stop.set_deadline(started + duration);
@@ -56,18 +64,18 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
             // In this order when several are due (after a long table
             // build): an interval that ended is cut before a stop.
             biased;
-            _ = interval.tick() => agent.cut()?,
+            _ = interval.tick() => agent.cut(),
             event = stop.next() => match event {
                 StopEvent::Exited(_) => {}
                 StopEvent::Stop(reason) => break reason,
             },
             events = task_events(&mut agent.cpu) => agent.task_events(events?),
-            _ = tick.tick() => agent.tick()?,
+            _ = tick.tick() => agent.tick(),
             _ = hangup.recv() => agent.reload(),
         }
     };
     eprintln!("prof-bpf: agent: stopping ({reason}): sending the partial interval");
-    agent.cut()?;
+    agent.cut();
     agent.finish().await;
     Ok(())
 }
@@ -92,6 +100,8 @@ struct Agent {
     cpu: Option<CpuCollector>,
     sinks: Arc<Sinks>,
     emitter: Emitter,
+    /// The agent's counters, for whoever serves them.
+    pub telemetry: Arc<Telemetry>,
     /// The last name of each process profiled (kept after it exits).
     sources: HashMap<u32, Arc<Source>>,
     /// Wall-clock start of the current interval, and its monotonic twin.
@@ -139,6 +149,7 @@ impl Agent {
             heap.discover(&mut ebpf, &settings.scope, &all_pids());
         }
         let emitter = Emitter::start(Arc::clone(&sinks))?;
+        let telemetry = Arc::new(Telemetry::new(Arc::clone(&sinks)));
         eprintln!(
             "prof-bpf: agent: {}",
             banner(&settings, cpu.as_ref(), heap.as_ref())
@@ -152,6 +163,7 @@ impl Agent {
             cpu,
             sinks,
             emitter,
+            telemetry,
             sources: HashMap::new(),
             interval_start: (SystemTime::now(), Instant::now()),
             intervals: 0,
@@ -160,8 +172,15 @@ impl Agent {
 
     /// Every second: CPU counts drained (so short-lived processes are
     /// placed while they live), new processes examined, unwind tables
-    /// served, the uprobe ceiling enforced.
-    fn tick(&mut self) -> anyhow::Result<()> {
+    /// served, the uprobe ceiling enforced. A failure is logged: the agent
+    /// goes on.
+    fn tick(&mut self) {
+        if let Err(err) = self.try_tick() {
+            warn!("agent: {err:#}");
+        }
+    }
+
+    fn try_tick(&mut self) -> anyhow::Result<()> {
         let mut profiled = Vec::new();
         if let Some(cpu) = &mut self.cpu {
             cpu.drain(&self.settings.scope)?;
@@ -179,7 +198,37 @@ impl Agent {
             self.source(pid);
         }
         self.update_tables();
+        self.telemetry.set_collectors(self.collector_counters());
         Ok(())
+    }
+
+    /// Every collector's counters: the CPU sampler's and the heap
+    /// programs' (lost events among them), the stack walker's (truncated
+    /// stacks), and the malloc uprobes detached over the ceiling.
+    fn collector_counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        fn all<S: CounterSet>(
+            out: &mut Vec<(&'static str, &'static str, u64)>,
+            collector: &'static str,
+            counts: &Counts<S>,
+        ) {
+            out.extend(S::ALL.iter().map(|&c| (collector, c.name(), counts.get(c))));
+        }
+        let mut out = Vec::new();
+        if self.cpu.is_some()
+            && let Ok(c) = CpuCollector::counters(&self.ebpf)
+        {
+            all(&mut out, "cpu", &c);
+        }
+        if let Some(heap) = &self.heap {
+            if let Ok(c) = heap::maps::counters(&self.ebpf) {
+                all(&mut out, "heap", &c);
+            }
+            out.push(("heap", "uprobes_detached", heap.detached));
+        }
+        if let Ok(c) = Counts::<UnwindCounter>::read(&self.ebpf, UNWIND_STATS_MAP) {
+            all(&mut out, "unwind", &c);
+        }
+        out
     }
 
     /// Unwind tables: heap-profiled processes get theirs as soon as they
@@ -245,7 +294,14 @@ impl Agent {
     }
 
     /// Ends the interval: one profile per process and kind, to the sinks.
-    fn cut(&mut self) -> anyhow::Result<()> {
+    /// A failure is logged: the next interval is cut as usual.
+    fn cut(&mut self) {
+        if let Err(err) = self.try_cut() {
+            warn!("agent: interval {}: {err:#}", self.intervals);
+        }
+    }
+
+    fn try_cut(&mut self) -> anyhow::Result<()> {
         let (start, began) = self.interval_start;
         let duration = began.elapsed();
         self.interval_start = (SystemTime::now(), Instant::now());
@@ -342,6 +398,7 @@ impl Agent {
                             }
                         },
                     );
+                    self.telemetry.set_sinks(Arc::clone(&sinks));
                     let old_sinks = std::mem::replace(&mut self.sinks, sinks);
                     tokio::spawn(async move {
                         old.finish().await;
@@ -354,9 +411,42 @@ impl Agent {
                 }
             }
         }
+        let old = &self.settings;
+        let restart: Vec<&str> = [
+            ("--interval", old.interval != settings.interval),
+            ("-F", old.frequency != settings.frequency),
+            ("--sample-bytes", old.sample_bytes != settings.sample_bytes),
+            (
+                "--no-heap/--no-cpu",
+                (old.heap, old.cpu) != (settings.heap, settings.cpu),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(flag, changed)| changed.then_some(flag))
+        .collect();
+        if !restart.is_empty() {
+            eprintln!(
+                "prof-bpf: agent: SIGHUP: {} take effect at the next start",
+                restart.join(", ")
+            );
+        }
+        let (interval, frequency, sample_bytes, heap, cpu) = (
+            old.interval,
+            old.frequency,
+            old.sample_bytes,
+            old.heap,
+            old.cpu,
+        );
         self.sources.clear();
-        self.settings = settings;
-        eprintln!("prof-bpf: agent: SIGHUP: new settings in effect");
+        self.settings = Settings {
+            interval,
+            frequency,
+            sample_bytes,
+            heap,
+            cpu,
+            ..settings
+        };
+        eprintln!("prof-bpf: agent: SIGHUP: new labels, scope and sinks in effect");
     }
 
     /// Symbolizes and queues what is left, then waits (bounded) for the
