@@ -46,10 +46,13 @@ use crate::{
 };
 
 /// What an object file offers the hook programs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 enum Offer {
-    /// Sampled in-process, probes attached for every process mapping it.
-    InProcess,
+    /// The otel_memory USDT probes, attached for every process mapping it.
+    Usdt,
+    /// libprofalloc.so's hooks, attached for every process mapping it
+    /// (the allocator, to read each process's sampling rate).
+    Hooks(Box<Allocator>),
     Nothing,
 }
 
@@ -71,7 +74,8 @@ pub(crate) struct HeapCollector {
     sampler_inodes: Vec<u64>,
     /// Processes examined (forgotten again on exec).
     seen: HashSet<u32>,
-    in_process: HashSet<u32>,
+    /// Processes sampled in-process, and how.
+    in_process: HashMap<u32, Tracking>,
     uprobed: HashMap<u32, Uprobed>,
     /// Processes detached for calling malloc too often: never probed again.
     over_ceiling: HashSet<u32>,
@@ -106,7 +110,7 @@ impl HeapCollector {
             objects: HashMap::new(),
             sampler_inodes: Vec::new(),
             seen: HashSet::new(),
-            in_process: HashSet::new(),
+            in_process: HashMap::new(),
             uprobed: HashMap::new(),
             over_ceiling: HashSet::new(),
             out_of_scope: HashSet::new(),
@@ -126,12 +130,12 @@ impl HeapCollector {
     }
 
     fn is_target(&self, pid: u32) -> bool {
-        self.in_process.contains(&pid) || self.uprobed.contains_key(&pid)
+        self.in_process.contains_key(&pid) || self.uprobed.contains_key(&pid)
     }
 
     /// The processes whose heap is profiled.
     pub fn targets(&self) -> impl Iterator<Item = u32> + '_ {
-        self.in_process.iter().chain(self.uprobed.keys()).copied()
+        self.in_process.keys().chain(self.uprobed.keys()).copied()
     }
 
     /// `pid` runs a new program: it is examined again.
@@ -173,20 +177,23 @@ impl HeapCollector {
                 self.out_of_scope.insert(pid);
                 continue;
             }
-            let mut samples_in_process = false;
+            let mut tracking = None;
             for object in discover::mapped_objects(&maps) {
-                let offer = match self.objects.get(&object.inode) {
-                    Some(offer) => *offer,
-                    None => {
-                        let offer = self.examine(ebpf, pid, &object.path, object.inode);
-                        self.objects.insert(object.inode, offer);
-                        offer
-                    }
+                if !self.objects.contains_key(&object.inode) {
+                    let offer = self.examine(ebpf, pid, &object.path, object.inode);
+                    self.objects.insert(object.inode, offer);
+                }
+                tracking = match &self.objects[&object.inode] {
+                    Offer::Usdt => Some(Tracking::Usdt),
+                    Offer::Hooks(allocator) => allocator.hooks.map(|hooks| Tracking::Hooks {
+                        sample_bytes: discover::hook_rate(pid, allocator, &hooks).unwrap_or(0),
+                    }),
+                    Offer::Nothing => continue,
                 };
-                samples_in_process |= offer == Offer::InProcess;
+                break;
             }
-            if samples_in_process {
-                self.in_process.insert(pid);
+            if let Some(tracking) = tracking {
+                self.in_process.insert(pid, tracking);
                 self.refresh(pid);
             } else if scope.named(&facts) && !self.over_ceiling.contains(&pid) {
                 self.uprobe(ebpf, pid, &facts);
@@ -217,6 +224,7 @@ impl HeapCollector {
         };
         let tracking = match (&usdt, hooks) {
             (Some(_), _) => Tracking::Usdt,
+            // The kernel side takes the hooks' weights as they come.
             (None, Some(_)) => Tracking::Hooks { sample_bytes: 0 },
             (None, None) => return Offer::Nothing,
         };
@@ -238,7 +246,10 @@ impl HeapCollector {
                     }
                 );
                 self.sampler_inodes.push(inode);
-                Offer::InProcess
+                match tracking {
+                    Tracking::Usdt => Offer::Usdt,
+                    _ => Offer::Hooks(Box::new(allocator)),
+                }
             }
             Err(err) => {
                 warn!("heap: {err:#}");
@@ -362,7 +373,7 @@ impl HeapCollector {
         for (key, s) in &stats {
             per_pid.entry(key.pid).or_default().push((*key, *s));
         }
-        for &pid in &self.in_process {
+        for &pid in self.in_process.keys() {
             per_pid.entry(pid).or_default();
         }
         for pid in per_pid.keys() {
@@ -386,14 +397,11 @@ impl HeapCollector {
                     self.stacks.insert(key.stack_id, s);
                 }
             }
-            let in_process = self.in_process.contains(&pid);
-            let tracking = if in_process {
-                Tracking::Usdt
-            } else {
-                Tracking::Malloc {
-                    sample_bytes: self.sample_bytes,
-                }
-            };
+            let in_process = self.in_process.get(&pid).copied();
+            let tracking = in_process.unwrap_or(Tracking::Malloc {
+                sample_bytes: self.sample_bytes,
+            });
+            let in_process = in_process.is_some();
             let live = if in_process && alive {
                 live_set::read_targets(tracking, &[pid], &HashSet::new())
             } else {
