@@ -50,7 +50,11 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
 /// `--label`s. A process already gone is named by its last thread name.
 pub fn name_process(pid: u32, labels: &[(String, String)]) -> Source {
     let executable = std::fs::read_link(format!("/proc/{pid}/exe"))
-        .map(|p| p.to_string_lossy().into_owned())
+        .map(|p| {
+            // A replaced binary (an upgrade) is still the same service.
+            let path = p.to_string_lossy();
+            path.strip_suffix(" (deleted)").unwrap_or(&path).to_owned()
+        })
         .unwrap_or_default();
     let name = std::path::Path::new(&executable)
         .file_name()
@@ -70,4 +74,20 @@ pub fn name_process(pid: u32, labels: &[(String, String)]) -> Source {
 pub fn reload(_current: &Settings) -> anyhow::Result<Option<Settings>> {
     eprintln!("prof-bpf: agent: SIGHUP: no --config file to re-read; settings unchanged");
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_process_is_named_after_its_executable_not_its_thread_name() {
+        let me = super::name_process(std::process::id(), &[("env".into(), "t".into())]);
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(me.executable, exe.to_string_lossy());
+        assert_eq!(
+            me.service_name,
+            exe.file_name().unwrap().to_string_lossy(),
+            "the test thread's name is not the service"
+        );
+        assert_eq!(me.labels, [("env".to_owned(), "t".to_owned())]);
+    }
 }
