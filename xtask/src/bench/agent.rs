@@ -10,9 +10,10 @@
 //! - profiler CPU: user + system CPU seconds of the profiler process(es)
 //!   per wall second while the workload runs, as % of one core;
 //! - peak RSS of the profiler process(es);
-//! - slowdown: the processes' own time (the sum of what each reports)
-//!   over the time without a profiler, for those under libprofalloc.so and
-//!   for those on glibc;
+//! - slowdown: the processes' CPU time (user + system, summed) over their
+//!   CPU time without a profiler, for those under libprofalloc.so and for
+//!   those on glibc (not profiled by the agent: their figure shows the
+//!   noise of the host);
 //! - bytes per interval: the pprof bytes the agent wrote per 15 s interval.
 //!
 //! The limits to compare with: the OpenTelemetry eBPF profiler states 1% of
@@ -40,7 +41,7 @@ struct Measured {
     name: &'static str,
     cpu_percent: f64,
     peak_rss_mib: f64,
-    /// Sum of the processes' reported seconds (libprofalloc.so, glibc).
+    /// Sum of the processes' CPU seconds (libprofalloc.so, glibc).
     seconds: (f64, f64),
     bytes_per_interval: Option<f64>,
 }
@@ -62,7 +63,7 @@ pub fn run() -> anyhow::Result<()> {
 
     let baseline = run_workload(&workload, &profalloc, ops)?;
     println!(
-        "no profiler: {:.1} s (libprofalloc.so) + {:.1} s (glibc) of process time",
+        "no profiler: {:.1} s (libprofalloc.so) + {:.1} s (glibc) of process CPU time",
         baseline.0, baseline.1
     );
     let agent_dir = scratch.join("agent");
@@ -158,7 +159,7 @@ fn reported_seconds(out: &str) -> anyhow::Result<f64> {
 }
 
 /// Runs the 50 processes, started together once all are ready; returns
-/// the sum of their reported seconds (libprofalloc.so, glibc).
+/// the sum of their CPU seconds (libprofalloc.so, glibc).
 fn run_workload(workload: &Path, profalloc: &Path, ops: u64) -> anyhow::Result<(f64, f64)> {
     let mut children: Vec<(bool, Child)> = Vec::new();
     for i in 0..PROCESSES {
@@ -183,9 +184,14 @@ fn run_workload(workload: &Path, profalloc: &Path, ops: u64) -> anyhow::Result<(
         writeln!(child.stdin.as_mut().context("stdin")?, "go")?;
     }
     let mut sums = (0.0, 0.0);
-    for (preload, child) in children {
-        let out = child.wait_with_output()?;
-        let seconds = reported_seconds(&String::from_utf8_lossy(&out.stdout))?;
+    for (preload, mut child) in children {
+        let mut out = String::new();
+        std::io::Read::read_to_string(child.stdout.as_mut().context("stdout")?, &mut out)?;
+        reported_seconds(&out)?;
+        // CPU time, not the wall time the process reports: on a shared
+        // host, the wall time says more about the neighbours than about
+        // the profiler.
+        let seconds = measure::wait_usage(child.id())?.cpu_seconds;
         if preload {
             sums.0 += seconds;
         } else {
@@ -249,7 +255,7 @@ fn measure_setup(
         bytes_per_interval,
     };
     println!(
-        "{name}: {:.2}% of one core, peak RSS {:.1} MiB, {:.1} s + {:.1} s of process time",
+        "{name}: {:.2}% of one core, peak RSS {:.1} MiB, {:.1} s + {:.1} s of process CPU time",
         m.cpu_percent, m.peak_rss_mib, m.seconds.0, m.seconds.1
     );
     Ok(m)
