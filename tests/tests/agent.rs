@@ -247,6 +247,60 @@ fn heap_of_a_glibc_process_named_with_pid_through_uprobes() {
     stop_agent(agent);
 }
 
+#[test]
+fn malloc_uprobes_are_detached_above_the_call_rate_ceiling() {
+    require_bpf!();
+    // Millions of malloc/free calls per second, far above a ceiling of 1000.
+    let mut w = Proc::spawn(
+        Command::new(build_workload("preload_bench", FLAGS))
+            .args(["churn", "40000000"])
+            .env("PRELOAD_BENCH_WAIT", "1"),
+    );
+    w.expect_line("ready");
+    w.wait_mapped("libc.so");
+    let dir = scratch("ceiling");
+    let log = dir.join("agent.log");
+    let pid = w.pid().to_string();
+    let mut agent = Command::new(prof_bpf_tests::prof_bpf())
+        .args([
+            "agent",
+            "--pid",
+            &pid,
+            "--no-cpu",
+            "--max-uprobe-rate",
+            "1000",
+        ])
+        .args(["--interval", "1", "--dir", dir.to_str().unwrap()])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let logged = |needle: &str| std::fs::read_to_string(&log).unwrap().contains(needle);
+    let wait_log = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !logged(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no `{needle}` in the agent's log"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_log(READY);
+    w.send_line("go");
+    wait_log(&format!("detached the malloc uprobes of pid {pid}"));
+    // The process runs on unharmed to its end.
+    let line = w.read_line();
+    assert!(line.starts_with("ops 40000000 "), "{line}");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    assert!(agent.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("1 detached over the ceiling"),
+        "the detach is counted: {text}"
+    );
+}
+
 /// cpu_split under the agent at 499 Hz for about 3 s.
 fn split_under_agent(extra: &[&str]) -> (Proc, PathBuf, Child) {
     let mut w = Proc::spawn(Command::new(build_workload("cpu_split", FLAGS)).args(["3", "2"]));

@@ -22,6 +22,10 @@ use crate::{
     profile::Collector,
 };
 
+/// User stacks kept by content hash before the cache is emptied (about
+/// 1 KiB each).
+const MAX_CACHED_USER_STACKS: usize = 50_000;
+
 /// The CPU side of the agent.
 pub(crate) struct CpuCollector {
     sampler: Sampler,
@@ -161,8 +165,16 @@ impl CpuCollector {
     /// The interval's collectors, one per process sampled; a new interval starts.
     pub fn cut(&mut self, scope: &Scope) -> anyhow::Result<Vec<(u32, Collector)>> {
         self.drain(scope)?;
-        // Exited processes are decided again if their pid comes back.
-        self.in_scope.retain(|pid, _| !self.tasks.has_exited(*pid));
+        // What was learnt of tasks is for the interval: processes are
+        // decided and named again in the next (a pid may be reused), and
+        // nothing grows with the number of processes ever seen.
+        self.in_scope.clear();
+        self.tasks = Tasks::default();
+        if self.stacks.user.len() > MAX_CACHED_USER_STACKS {
+            // A sample counted under an id whose map copy is gone shows as
+            // a missing user stack (counted), never as a wrong one.
+            self.stacks.user.clear();
+        }
         Ok(self.interval.drain().collect())
     }
 

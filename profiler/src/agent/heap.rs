@@ -47,10 +47,13 @@ use crate::{
 };
 
 /// What an object file offers the hook programs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 enum Offer {
-    /// Sampled in-process, probes attached for every process mapping it.
-    InProcess,
+    /// The otel_memory USDT probes, attached for every process mapping it.
+    Usdt,
+    /// libprofalloc.so's hooks, attached for every process mapping it
+    /// (the allocator, to read each process's sampling rate).
+    Hooks(Box<Allocator>),
     Nothing,
 }
 
@@ -74,7 +77,8 @@ pub(crate) struct HeapCollector {
     sampler_inodes: Vec<u64>,
     /// Processes examined (forgotten again on exec).
     seen: HashSet<u32>,
-    in_process: HashSet<u32>,
+    /// Processes sampled in-process, and how.
+    in_process: HashMap<u32, Tracking>,
     uprobed: HashMap<u32, Uprobed>,
     /// Processes detached for calling malloc too often: never probed again.
     over_ceiling: HashSet<u32>,
@@ -112,7 +116,7 @@ impl HeapCollector {
             usdt: UsdtAttacher::default(),
             sampler_inodes: Vec::new(),
             seen: HashSet::new(),
-            in_process: HashSet::new(),
+            in_process: HashMap::new(),
             uprobed: HashMap::new(),
             over_ceiling: HashSet::new(),
             out_of_scope: HashSet::new(),
@@ -131,9 +135,13 @@ impl HeapCollector {
             .map_max_entries(STACK_STATS_MAP, profiler_common::heap::DEFAULT_MAX_STACKS);
     }
 
+    fn is_target(&self, pid: u32) -> bool {
+        self.in_process.contains_key(&pid) || self.uprobed.contains_key(&pid)
+    }
+
     /// The processes whose heap is profiled.
     pub fn targets(&self) -> impl Iterator<Item = u32> + '_ {
-        self.in_process.iter().chain(self.uprobed.keys()).copied()
+        self.in_process.keys().chain(self.uprobed.keys()).copied()
     }
 
     /// `pid` runs a new program: it is examined again.
@@ -144,6 +152,14 @@ impl HeapCollector {
         if let Some(u) = self.uprobed.remove(&pid) {
             attach::detach(ebpf, u.links);
         }
+    }
+
+    /// Forgets what was decided about processes that are not among
+    /// `running` (all processes now): their pids may come back.
+    pub fn forget_gone(&mut self, running: &[u32]) {
+        let running: HashSet<u32> = running.iter().copied().collect();
+        self.seen.retain(|pid| running.contains(pid));
+        self.out_of_scope.retain(|pid| running.contains(pid));
     }
 
     /// Examines the processes among `pids` not seen yet: attaches to the
@@ -167,20 +183,23 @@ impl HeapCollector {
                 self.out_of_scope.insert(pid);
                 continue;
             }
-            let mut samples_in_process = false;
+            let mut tracking = None;
             for object in discover::mapped_objects(&maps) {
-                let offer = match self.objects.get(&object.inode) {
-                    Some(offer) => *offer,
-                    None => {
-                        let offer = self.examine(ebpf, pid, &object.path, object.inode);
-                        self.objects.insert(object.inode, offer);
-                        offer
-                    }
+                if !self.objects.contains_key(&object.inode) {
+                    let offer = self.examine(ebpf, pid, &object.path, object.inode);
+                    self.objects.insert(object.inode, offer);
+                }
+                tracking = match &self.objects[&object.inode] {
+                    Offer::Usdt => Some(Tracking::Usdt),
+                    Offer::Hooks(allocator) => allocator.hooks.map(|hooks| Tracking::Hooks {
+                        sample_bytes: discover::hook_rate(pid, allocator, &hooks).unwrap_or(0),
+                    }),
+                    Offer::Nothing => continue,
                 };
-                samples_in_process |= offer == Offer::InProcess;
+                break;
             }
-            if samples_in_process {
-                self.in_process.insert(pid);
+            if let Some(tracking) = tracking {
+                self.in_process.insert(pid, tracking);
                 self.refresh(pid);
             } else if scope.named(&facts) && !self.over_ceiling.contains(&pid) {
                 self.uprobe(ebpf, pid, &facts);
@@ -211,6 +230,7 @@ impl HeapCollector {
         };
         let tracking = match (&usdt, hooks) {
             (Some(_), _) => Tracking::Usdt,
+            // The kernel side takes the hooks' weights as they come.
             (None, Some(_)) => Tracking::Hooks { sample_bytes: 0 },
             (None, None) => return Offer::Nothing,
         };
@@ -238,7 +258,10 @@ impl HeapCollector {
                     }
                 );
                 self.sampler_inodes.push(inode);
-                Offer::InProcess
+                match tracking {
+                    Tracking::Usdt => Offer::Usdt,
+                    _ => Offer::Hooks(Box::new(allocator)),
+                }
             }
             Err(err) => {
                 warn!("heap: {err:#}");
@@ -340,21 +363,29 @@ impl HeapCollector {
         stack: impl Fn(&Ebpf, u64) -> Option<UserStack>,
     ) -> anyhow::Result<Vec<(u32, Collector)>> {
         let stats = maps::stack_stats(ebpf)?;
-        // Processes first seen by their samples (started since the last scan).
+        // Processes first seen by their samples: started since the last
+        // scan, or seen before they ran their program (a fork before exec).
         let new: Vec<u32> = stats
             .iter()
             .map(|(k, _)| k.pid)
-            .filter(|pid| !self.seen.contains(pid))
+            .filter(|pid| {
+                !self.is_target(*pid)
+                    && !self.out_of_scope.contains(pid)
+                    && !self.over_ceiling.contains(pid)
+            })
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
+        for pid in &new {
+            self.seen.remove(pid);
+        }
         self.discover(ebpf, scope, &new);
         let counters = maps::counters(ebpf)?;
         let mut per_pid: HashMap<u32, Vec<(StackKey, StackStats)>> = HashMap::new();
         for (key, s) in &stats {
             per_pid.entry(key.pid).or_default().push((*key, *s));
         }
-        for &pid in &self.in_process {
+        for &pid in self.in_process.keys() {
             per_pid.entry(pid).or_default();
         }
         for pid in per_pid.keys() {
@@ -378,14 +409,11 @@ impl HeapCollector {
                     self.stacks.insert(key.stack_id, s);
                 }
             }
-            let in_process = self.in_process.contains(&pid);
-            let tracking = if in_process {
-                Tracking::Usdt
-            } else {
-                Tracking::Malloc {
-                    sample_bytes: self.sample_bytes,
-                }
-            };
+            let in_process = self.in_process.get(&pid).copied();
+            let tracking = in_process.unwrap_or(Tracking::Malloc {
+                sample_bytes: self.sample_bytes,
+            });
+            let in_process = in_process.is_some();
             let live = if in_process && alive {
                 live_set::read_targets(tracking, &[pid], &HashSet::new())
             } else {
@@ -445,25 +473,31 @@ impl HeapCollector {
             .maps
             .keys()
             .copied()
-            .filter(|&pid| {
-                !self.processes.purged.contains(&pid) && process::check_pid(pid).is_err()
-            })
+            .filter(|&pid| process::check_pid(pid).is_err())
             .collect();
         if dead.is_empty() {
             return Ok(());
         }
         let dropped = maps::drop_live_blocks(ebpf, &dead)?;
+        let stacks = maps::drop_stack_stats(ebpf, &dead)?;
         debug!(
-            "heap: dropped {dropped} live blocks of {} exited processes",
+            "heap: dropped {dropped} live blocks and {stacks} stack totals of {} exited processes",
             dead.len()
         );
+        self.baseline.retain(|key, _| !dead.contains(&key.pid));
         for pid in dead {
-            self.processes.purged.insert(pid);
+            // Their last interval was cut: nothing of them is kept.
+            self.processes.maps.remove(&pid);
+            self.processes.comms.remove(&pid);
             self.in_process.remove(&pid);
+            self.seen.remove(&pid);
+            self.out_of_scope.remove(&pid);
             if let Some(u) = self.uprobed.remove(&pid) {
                 attach::detach(ebpf, u.links);
             }
         }
+        let used: HashSet<u64> = self.baseline.keys().map(|k| k.stack_id).collect();
+        self.stacks.retain(|id, _| used.contains(id));
         Ok(())
     }
 

@@ -77,3 +77,19 @@ pub fn reload(current: &Settings) -> anyhow::Result<Option<Settings>> {
     };
     from_config(command_line.clone()).map(Some)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_process_is_named_after_its_executable_not_its_thread_name() {
+        let me = super::name_process(std::process::id(), &[], &[("env".into(), "t".into())]);
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(me.executable, exe.to_string_lossy());
+        assert_eq!(
+            me.service_name,
+            exe.file_name().unwrap().to_string_lossy(),
+            "the test thread's name is not the service"
+        );
+        assert_eq!(me.labels, [("env".to_owned(), "t".to_owned())]);
+    }
+}

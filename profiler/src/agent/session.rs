@@ -79,14 +79,14 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
             // In this order when several are due (after a long table
             // build): an interval that ended is cut before a stop.
             biased;
-            _ = interval.tick() => agent.cut()?,
+            _ = interval.tick() => agent.cut(),
             event = stop.next() => match event {
                 StopEvent::Exited(_) => {}
                 StopEvent::Stop(reason) => break reason,
             },
             events = task_events(&mut agent.cpu) => agent.task_events(events?),
             _ = tick.tick() => {
-                agent.tick()?;
+                agent.tick();
                 if _metrics.is_some()
                     && let Ok(mut shown) = readings.lock()
                 {
@@ -97,7 +97,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     };
     eprintln!("prof-bpf: agent: stopping ({reason}): sending the partial interval");
-    agent.cut()?;
+    agent.cut();
     agent.finish().await;
     Ok(())
 }
@@ -190,15 +190,24 @@ impl Agent {
 
     /// Every second: CPU counts drained (so short-lived processes are
     /// placed while they live), new processes examined, unwind tables
-    /// served, the uprobe ceiling enforced.
-    fn tick(&mut self) -> anyhow::Result<()> {
+    /// served, the uprobe ceiling enforced. A failure is logged: the agent
+    /// goes on.
+    fn tick(&mut self) {
+        if let Err(err) = self.try_tick() {
+            warn!("agent: {err:#}");
+        }
+    }
+
+    fn try_tick(&mut self) -> anyhow::Result<()> {
         let mut profiled = Vec::new();
         if let Some(cpu) = &mut self.cpu {
             cpu.drain(&self.settings.scope)?;
             profiled.extend(cpu.sampled());
         }
         if let Some(heap) = &mut self.heap {
-            heap.discover(&mut self.ebpf, &self.settings.scope, &all_pids());
+            let running = all_pids();
+            heap.forget_gone(&running);
+            heap.discover(&mut self.ebpf, &self.settings.scope, &running);
             heap.enforce_ceiling(&mut self.ebpf)?;
             profiled.extend(heap.targets());
         }
@@ -273,7 +282,14 @@ impl Agent {
     }
 
     /// Ends the interval: one profile per process and kind, to the sinks.
-    fn cut(&mut self) -> anyhow::Result<()> {
+    /// A failure is logged: the next interval is cut as usual.
+    fn cut(&mut self) {
+        if let Err(err) = self.try_cut() {
+            warn!("agent: interval {}: {err:#}", self.intervals);
+        }
+    }
+
+    fn try_cut(&mut self) -> anyhow::Result<()> {
         let (start, began) = self.interval_start;
         let duration = began.elapsed();
         self.interval_start = (SystemTime::now(), Instant::now());
@@ -423,9 +439,42 @@ impl Agent {
                 }
             }
         }
+        let old = &self.settings;
+        let restart: Vec<&str> = [
+            ("--interval", old.interval != settings.interval),
+            ("-F", old.frequency != settings.frequency),
+            ("--sample-bytes", old.sample_bytes != settings.sample_bytes),
+            (
+                "--no-heap/--no-cpu",
+                (old.heap, old.cpu) != (settings.heap, settings.cpu),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(flag, changed)| changed.then_some(flag))
+        .collect();
+        if !restart.is_empty() {
+            eprintln!(
+                "prof-bpf: agent: SIGHUP: {} take effect at the next start",
+                restart.join(", ")
+            );
+        }
+        let (interval, frequency, sample_bytes, heap, cpu) = (
+            old.interval,
+            old.frequency,
+            old.sample_bytes,
+            old.heap,
+            old.cpu,
+        );
         self.sources.clear();
-        self.settings = settings;
-        eprintln!("prof-bpf: agent: SIGHUP: new settings in effect");
+        self.settings = Settings {
+            interval,
+            frequency,
+            sample_bytes,
+            heap,
+            cpu,
+            ..settings
+        };
+        eprintln!("prof-bpf: agent: SIGHUP: new labels, scope and sinks in effect");
     }
 
     /// Symbolizes and queues what is left, then waits (bounded) for the

@@ -165,6 +165,21 @@ pub(crate) fn drop_live_blocks(ebpf: &mut Ebpf, dead: &HashSet<u32>) -> anyhow::
     Ok(keys.len())
 }
 
+/// Drops the per-stack totals of processes `dead`; returns how many there were.
+pub(crate) fn drop_stack_stats(ebpf: &mut Ebpf, dead: &HashSet<u32>) -> anyhow::Result<usize> {
+    let mut stats: PerCpuHashMap<&mut MapData, StackKey, StackStats> =
+        PerCpuHashMap::try_from(ebpf.map_mut(STACK_STATS_MAP).context("stack map missing")?)?;
+    let keys: Vec<StackKey> = stats
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| dead.contains(&k.pid))
+        .collect();
+    for key in &keys {
+        let _ = stats.remove(key);
+    }
+    Ok(keys.len())
+}
+
 /// The event and loss counters, summed over CPUs.
 pub(crate) fn counters(ebpf: &Ebpf) -> anyhow::Result<Counts<HeapCounter>> {
     Counts::read(ebpf, COUNTERS_MAP)

@@ -1,5 +1,6 @@
 //! `cargo xtask bench <name>`: benchmarks that run prof-bpf or profalloc and
 //! the peers (Debian packages) in the same run and print ratios.
+mod agent;
 mod alloc;
 mod alloc_workloads;
 mod cpu;
@@ -12,6 +13,7 @@ mod unwind;
 
 /// Benchmark names, in the order `cargo xtask help` lists them.
 pub const NAMES: &[&str] = &[
+    "agent",
     "alloc",
     "cpu",
     "heap",
@@ -28,6 +30,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     };
     crate::setup::run()?;
     match name.as_str() {
+        "agent" => agent::run(),
         "alloc" => alloc::run(),
         "cpu" => cpu::run(),
         "heap" => heap::run(),

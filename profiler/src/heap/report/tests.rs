@@ -322,6 +322,35 @@ fn leak_report_lists_everything_held_when_it_cannot_decide() {
 }
 
 #[test]
+fn interval_reports_count_allocations_since_the_baseline_and_all_that_is_held() {
+    let processes = processes();
+    let ctx = context(&processes, EVERY, false);
+    let (growing, quiet, gone) = (
+        key(1, SOURCE_ALLOCATOR),
+        key(2, SOURCE_ALLOCATOR),
+        key(3, SOURCE_ALLOCATOR),
+    );
+    let totals = Totals {
+        stats: vec![
+            (growing, stats(10, 4, 100)),
+            (quiet, stats(5, 2, 64)),
+            (gone, stats(3, 3, 32)),
+        ],
+        ..Totals::default()
+    };
+    let baseline = HashMap::from([
+        (growing, stats(6, 1, 100)),
+        (quiet, stats(5, 2, 64)),
+        (gone, stats(3, 3, 32)),
+    ]);
+    let report = heap_report_since(&totals, &ctx, &baseline);
+    let values: Vec<Vec<i64>> = report.samples.iter().map(|s| s.values.clone()).collect();
+    // 4 objects allocated in the interval, 6 held; nothing allocated but 3
+    // held; nothing at all (left out).
+    assert_eq!(values, [vec![4, 400, 6, 600], vec![0, 0, 3, 192]]);
+}
+
+#[test]
 fn purged_processes_hold_nothing() {
     let mut processes = processes();
     processes.purged.insert(PID);
