@@ -351,3 +351,31 @@ pub fn assert_one_line_error(stderr: &str, code: i32, needle: &str) {
         "backtrace hint: {stderr}"
     );
 }
+
+/// Starts bpftrace with `script` on `pid`; returns it once its probes are
+/// attached (its BEGIN runs after every probe is attached).
+pub fn start_bpftrace(script: &str, pid: u32) -> (Child, BufReader<ChildStdout>) {
+    let script = format!("BEGIN {{ printf(\"attached\\n\"); }} {script}");
+    let mut child = Command::new("bpftrace")
+        .args(["-e", &script, "-p", &pid.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("running bpftrace");
+    let Some(stdout) = child.stdout.take() else {
+        let _ = child.kill();
+        let status = child.wait();
+        panic!("bpftrace has no stdout: {status:?}");
+    };
+    let mut out = BufReader::new(stdout);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if out.read_line(&mut line).unwrap_or(0) == 0 {
+            let status = child.wait();
+            panic!("bpftrace exited before attaching: {status:?}");
+        }
+        if line.trim() == "attached" {
+            return (child, out);
+        }
+    }
+}

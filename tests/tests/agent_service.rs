@@ -192,7 +192,7 @@ fn sighup_rereads_the_config_file() {
     )
     .unwrap();
     agent.signal(libc::SIGHUP);
-    agent.wait_log("SIGHUP: new settings in effect");
+    agent.wait_log("SIGHUP: new labels, scope and sinks in effect");
     wait_profile(&agent, &out, pid, "after.main");
 
     // A broken file is one logged line; the agent keeps its settings.

@@ -7,8 +7,7 @@
 //! fired: the report equals those counts, and bpftrace's `usdt:` sums of
 //! the program's probes on the same run.
 use std::{
-    io::{BufRead as _, BufReader},
-    process::{Command, Stdio},
+    process::Command,
     sync::mpsc::Receiver,
     time::{Duration, Instant},
 };
@@ -16,7 +15,7 @@ use std::{
 use heap_support::*;
 use prof_bpf_tests::{
     Proc, assert_one_line_error, build_workload, prof_bpf, require_bpf, run_prof_bpf,
-    start_following, start_prof_bpf,
+    start_bpftrace, start_following, start_prof_bpf,
 };
 
 mod heap_support;
@@ -24,34 +23,6 @@ mod heap_support;
 const OBJECTS: &str = "16000";
 const SIZE: &str = "100";
 const MEAN: &str = "4096";
-
-/// Starts bpftrace with `script` on `pid`; returns it once its probes are
-/// attached (its BEGIN runs after every probe is attached).
-fn bpftrace(script: &str, pid: u32) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
-    let script = format!("BEGIN {{ printf(\"attached\\n\"); }} {script}");
-    let mut child = Command::new("bpftrace")
-        .args(["-e", &script, "-p", &pid.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("running bpftrace");
-    let Some(stdout) = child.stdout.take() else {
-        let _ = child.kill();
-        let status = child.wait();
-        panic!("bpftrace has no stdout: {status:?}");
-    };
-    let mut out = BufReader::new(stdout);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if out.read_line(&mut line).unwrap_or(0) == 0 {
-            let status = child.wait();
-            panic!("bpftrace exited before attaching: {status:?}");
-        }
-        if line.trim() == "attached" {
-            return (child, out);
-        }
-    }
-}
 
 /// `@name: value` from bpftrace's final map dump (0 when never set).
 fn bpftrace_value(out: &str, name: &str) -> i64 {
@@ -115,7 +86,7 @@ fn standin_is_reported_exactly(flags: &[&str]) {
     // bpftrace sees the program's probes only: it neither follows dlopen
     // nor reads a `sym(%rip)` or a constant argument. The library's share
     // is what the stand-in counted, less the program's.
-    let (bt, mut bt_out) = bpftrace(
+    let (bt, mut bt_out) = start_bpftrace(
         &format!(
             "usdt:{exe}:otel_memory:alloc {{ @allocs = count(); @weight = sum(arg2); }} \
              usdt:{exe}:otel_memory:free {{ @frees = count(); }}"

@@ -7,13 +7,13 @@
 //! allocator with its own sampler and `<sys/sdt.h>` probes).
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader},
+    io::BufReader,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
-use prof_bpf_tests::{Proc, bpf_available, build_workload, profalloc_lib};
+use prof_bpf_tests::{Proc, bpf_available, build_workload, profalloc_lib, start_bpftrace};
 use profiler::usdt::{self, Location, Reg};
 use profiler_common::hooks::{USDT_ALLOC, USDT_FREE, USDT_PROVIDER};
 
@@ -175,34 +175,6 @@ fn the_c_allocators_notes_are_read_and_decoded() {
     }
 }
 
-/// Starts bpftrace with `script` on `pid`; returns it once its probes are
-/// attached (its BEGIN runs after every probe is attached).
-fn bpftrace(script: &str, pid: u32) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
-    let script = format!("BEGIN {{ printf(\"attached\\n\"); }} {script}");
-    let mut child = Command::new("bpftrace")
-        .args(["-e", &script, "-p", &pid.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("running bpftrace");
-    let Some(stdout) = child.stdout.take() else {
-        let _ = child.kill();
-        let status = child.wait();
-        panic!("bpftrace has no stdout: {status:?}");
-    };
-    let mut out = BufReader::new(stdout);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if out.read_line(&mut line).unwrap_or(0) == 0 {
-            let status = child.wait();
-            panic!("bpftrace exited before attaching: {status:?}");
-        }
-        if line.trim() == "attached" {
-            return (child, out);
-        }
-    }
-}
-
 /// `@name: value` lines of bpftrace's final map dump.
 fn bpftrace_value(out: &str, name: &str) -> u64 {
     out.lines()
@@ -267,7 +239,7 @@ fn bpftrace_sums_the_same_weight_as_heapprofile() {
     let mut p = start_live(&dir);
     let lib = profalloc_lib();
     let lib = lib.to_string_lossy();
-    let (bt, out) = bpftrace(
+    let (bt, out) = start_bpftrace(
         &format!(
             "usdt:{lib}:{USDT_PROVIDER}:{USDT_ALLOC} {{ @weight = sum(arg2); @allocs = count(); }} \
              usdt:{lib}:{USDT_PROVIDER}:{USDT_FREE} {{ @frees = count(); }}"
@@ -305,7 +277,7 @@ fn bpftrace_sees_the_c_allocators_trap_sites() {
     let mut p = Proc::spawn(Command::new(&program).args(["20000", "1000", "65536"]));
     p.expect_line("ready");
     let path = program.to_string_lossy();
-    let (bt, out) = bpftrace(
+    let (bt, out) = start_bpftrace(
         &format!(
             "usdt:{path}:{USDT_PROVIDER}:{USDT_ALLOC} {{ @weight = sum(arg2); @allocs = count(); }} \
              usdt:{path}:{USDT_PROVIDER}:{USDT_FREE} {{ @frees = count(); }}"

@@ -184,31 +184,8 @@ pub fn otel_service_name(environ: &[u8]) -> Option<String> {
         .split(',')
         .filter_map(|pair| pair.split_once('='))
         .find(|(k, _)| k.trim() == "service.name")
-        .map(|(_, v)| percent_decode(v.trim()))
+        .map(|(_, v)| crate::sinks::otlp::percent_decode(v.trim()))
         .filter(|v| !v.is_empty())
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// One line of `/proc/PID/cgroup`: `ID:CONTROLLERS:PATH`.

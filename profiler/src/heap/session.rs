@@ -103,8 +103,8 @@ pub(crate) fn run(
     })
 }
 
-mod copies;
 mod follow;
+mod stacks;
 
 struct Session {
     ebpf: Ebpf,
@@ -489,36 +489,6 @@ impl Session {
             Targets::All => live_set::read_all(&mut self.live_finder),
             _ => live_set::read_targets(self.tracking, &self.pids, &self.processes.exited),
         }
-    }
-
-    /// The native stacks of combined (native and Python) ids, under the
-    /// combined id.
-    fn add_paired_stacks<'a>(
-        &self,
-        stacks: &mut HashMap<u64, profiler_common::stack::UserStack>,
-        keys: impl IntoIterator<Item = &'a StackKey>,
-    ) -> anyhow::Result<()> {
-        let pairs = self.python.pairs();
-        let paired: Vec<(u64, StackKey)> = keys
-            .into_iter()
-            .filter_map(|k| {
-                let (pair, _) = pairs.get(&k.stack_id)?;
-                Some((
-                    k.stack_id,
-                    StackKey {
-                        stack_id: pair.native,
-                        ..*k
-                    },
-                ))
-            })
-            .collect();
-        let natives = maps::user_stacks(&self.ebpf, paired.iter().map(|(_, k)| k))?;
-        for (combined, native) in paired {
-            if let Some(stack) = natives.get(&native.stack_id) {
-                stacks.insert(combined, *stack);
-            }
-        }
-        Ok(())
     }
 
     /// The memory of the targets now; with --all, of the first processes

@@ -1,5 +1,7 @@
+use std::mem::offset_of;
+
 use profiler_common::{
-    stack_copy::COPY_ID_BIT,
+    stack_copy::{COPY_ID_BIT, StackCopy},
     unwind::{CFA_END, CFA_RSP, RBP_SAME, UnwindRow},
 };
 
@@ -109,15 +111,17 @@ fn code_without_rows_follows_frame_pointers_and_trusts_only_chained_ends() {
 #[test]
 fn records_parse_by_field() {
     let mut item = vec![0u8; COPY_HEADER + 16];
-    item[56..60].copy_from_slice(&3u32.to_le_bytes());
-    item[0..8].copy_from_slice(&(COPY_ID_BIT | 5).to_le_bytes());
-    item[8..12].copy_from_slice(&42u32.to_le_bytes());
-    item[16..24].copy_from_slice(&0x1234u64.to_le_bytes());
-    item[24..32].copy_from_slice(&0x7000u64.to_le_bytes());
-    item[40..44].copy_from_slice(&1u32.to_le_bytes());
+    let mut put = |at: usize, bytes: &[u8]| item[at..at + bytes.len()].copy_from_slice(bytes);
+    put(offset_of!(StackCopy, prefix), &3u32.to_le_bytes());
+    put(offset_of!(StackCopy, id), &(COPY_ID_BIT | 5).to_le_bytes());
+    put(offset_of!(StackCopy, pid), &42u32.to_le_bytes());
+    put(offset_of!(StackCopy, pc), &0x1234u64.to_le_bytes());
+    put(offset_of!(StackCopy, sp), &0x7000u64.to_le_bytes());
+    put(offset_of!(StackCopy, bx), &0x99u64.to_le_bytes());
+    put(offset_of!(StackCopy, exact), &1u32.to_le_bytes());
     // len says 64 from offset 4, but the record holds only 12 bytes there.
-    item[48..52].copy_from_slice(&64u32.to_le_bytes());
-    item[52..56].copy_from_slice(&4u32.to_le_bytes());
+    put(offset_of!(StackCopy, len), &64u32.to_le_bytes());
+    put(offset_of!(StackCopy, start), &4u32.to_le_bytes());
     item[COPY_HEADER + 4] = 0xaa;
     let (id, copy) = parse(&item).unwrap();
     assert_eq!(id, COPY_ID_BIT | 5);
@@ -125,6 +129,7 @@ fn records_parse_by_field() {
         (copy.pid, copy.frame.pc, copy.frame.sp),
         (42, 0x1234, 0x7000)
     );
+    assert_eq!(copy.frame.bx, 0x99);
     assert!(copy.exact && !copy.bp_chained);
     assert_eq!(copy.prefix, 3);
     assert_eq!(copy.bytes.len(), 12);

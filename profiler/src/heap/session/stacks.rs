@@ -1,14 +1,17 @@
-//! Stacks the kernel copied where a process's unwind tables were missing:
-//! unwound once the tables exist, put in place of the frame-pointer walk
-//! the kernel made, and finished at the end of the session.
+//! Stacks the stack map alone does not give: those the kernel copied where
+//! a process's unwind tables were missing (unwound once the tables exist,
+//! put in place of the frame-pointer walk the kernel made, finished at the
+//! end of the session), and the native halves of combined native and
+//! Python stack ids.
 use std::collections::HashMap;
 
 use profiler_common::{
+    heap::StackKey,
     stack::UserStack,
     stack_copy::{COPY_ID_BIT, COPY_STATS_MAP, CopyCounter},
 };
 
-use super::Session;
+use super::{super::maps, Session};
 use crate::runtime::counters::Counts;
 
 impl Session {
@@ -52,5 +55,35 @@ impl Session {
             .comment(&Counts::<CopyCounter>::read(&self.ebpf, COPY_STATS_MAP)?);
         eprintln!("prof-bpf: {line}");
         Ok(line)
+    }
+
+    /// The native stacks of combined (native and Python) ids, under the
+    /// combined id.
+    pub(super) fn add_paired_stacks<'a>(
+        &self,
+        stacks: &mut HashMap<u64, profiler_common::stack::UserStack>,
+        keys: impl IntoIterator<Item = &'a StackKey>,
+    ) -> anyhow::Result<()> {
+        let pairs = self.python.pairs();
+        let paired: Vec<(u64, StackKey)> = keys
+            .into_iter()
+            .filter_map(|k| {
+                let (pair, _) = pairs.get(&k.stack_id)?;
+                Some((
+                    k.stack_id,
+                    StackKey {
+                        stack_id: pair.native,
+                        ..*k
+                    },
+                ))
+            })
+            .collect();
+        let natives = maps::user_stacks(&self.ebpf, paired.iter().map(|(_, k)| k))?;
+        for (combined, native) in paired {
+            if let Some(stack) = natives.get(&native.stack_id) {
+                stacks.insert(combined, *stack);
+            }
+        }
+        Ok(())
     }
 }
