@@ -13,20 +13,7 @@ fn exact_inuse_bytes_and_call_chains_when_tracking_everything() {
     require_bpf!();
     let mut w = start_workload();
     let rounds = 10;
-    let out = profile_rounds(
-        &mut w,
-        &[
-            "--sample-bytes",
-            "0",
-            "--format",
-            "folded",
-            "--group-by",
-            "none",
-            "--sample-type",
-            "inuse_space",
-        ],
-        rounds,
-    );
+    let out = profile_rounds(&mut w, EVERY_ALLOCATION_INUSE, rounds);
     let stacks = parse_folded(&out);
     assert_leak_sites(&stacks, rounds, &out);
     assert_eq!(

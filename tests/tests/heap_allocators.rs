@@ -17,20 +17,7 @@ fn preloaded_jemalloc_and_tcmalloc_are_probed() {
         let mut w =
             Proc::spawn(Command::new(build_workload("heap_leaks", FLAGS)).env("LD_PRELOAD", lib));
         w.expect_line("ready");
-        let out = profile_rounds(
-            &mut w,
-            &[
-                "--sample-bytes",
-                "0",
-                "--format",
-                "folded",
-                "--group-by",
-                "none",
-                "--sample-type",
-                "inuse_space",
-            ],
-            5,
-        );
+        let out = profile_rounds(&mut w, EVERY_ALLOCATION_INUSE, 5);
         let stacks = parse_folded(&out);
         assert_eq!(leaf_total(&stacks, "leak_small"), 5 * SMALL, "{lib}: {out}");
         assert_eq!(

@@ -98,20 +98,7 @@ fn mmap_counts_each_anonymous_mapping_once_from_its_caller() {
 fn without_mmap_no_mapping_is_reported() {
     require_bpf!();
     let mut w = start_mmap_workload();
-    let out = profile_rounds(
-        &mut w,
-        &[
-            "--sample-bytes",
-            "0",
-            "--format",
-            "folded",
-            "--group-by",
-            "none",
-            "--sample-type",
-            "inuse_space",
-        ],
-        1,
-    );
+    let out = profile_rounds(&mut w, EVERY_ALLOCATION_INUSE, 1);
     let stacks = parse_folded(&out);
     assert!(!out.contains("[mmap]"), "{out}");
     assert!(!has_chain(&stacks, "map_"), "{out}");

@@ -8,6 +8,17 @@ use prof_bpf_tests::{Proc, build_workload, run_prof_bpf, start_prof_bpf};
 pub const FLAGS: &[&str] = &["-O1", "-g", "-fno-omit-frame-pointer", "-fno-builtin"];
 
 pub const ATTACHED: &str = "prof-bpf: heap: attached";
+/// Every allocation tracked; in-use bytes as folded stacks, one tree.
+pub const EVERY_ALLOCATION_INUSE: &[&str] = &[
+    "--sample-bytes",
+    "0",
+    "--format",
+    "folded",
+    "--group-by",
+    "none",
+    "--sample-type",
+    "inuse_space",
+];
 
 // Per round of heap_leaks.c.
 pub const SMALL: i64 = 20 * 1000;
