@@ -7,6 +7,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+mod remembered;
+
+pub use remembered::{maps_or_remembered, remember_maps, remembered_maps};
+
 /// One line of `/proc/PID/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mapping {

@@ -144,7 +144,8 @@ impl Normalizer {
 
     /// Reads `pid`'s mappings now; returns false when the process is gone.
     pub(crate) fn note_process(&mut self, pid: u32) -> bool {
-        let Ok(maps) = process::maps(pid) else {
+        // A program that exited early is known from the mappings kept at its exec.
+        let Ok(maps) = process::maps_or_remembered(pid) else {
             return false;
         };
         let mut mappings = Vec::new();
@@ -285,6 +286,7 @@ impl Normalizer {
         // fall back to the path through the process's root.
         let file = File::open(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
             .or_else(|_| File::open(process::path_in_root(pid, &m.path)))
+            .or_else(|_| same_file(m))
             .ok()?;
         let meta = file.metadata().ok()?;
         let identity = (meta.dev(), meta.ino());
@@ -312,6 +314,20 @@ impl Normalizer {
         let i = self.objects.len() - 1;
         self.by_identity.insert(identity, i);
         Some(i)
+    }
+}
+
+/// The file of mapping `m` opened by its path in this mount namespace, if it
+/// is the very file mapped (same device and inode): the way left once the
+/// process is gone.
+fn same_file(m: &process::Mapping) -> std::io::Result<File> {
+    let file = File::open(&m.path)?;
+    let meta = file.metadata()?;
+    let dev = (libc::major(meta.dev()), libc::minor(meta.dev()));
+    if meta.ino() == m.inode && dev == m.dev {
+        Ok(file)
+    } else {
+        Err(std::io::ErrorKind::NotFound.into())
     }
 }
 

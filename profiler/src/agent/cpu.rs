@@ -6,17 +6,16 @@
 use std::collections::HashMap;
 
 use anyhow::Context as _;
-use aya::maps::{MapData, RingBuf};
 use profiler_common::{cpu::TaskEvent, stack::UserStack};
-use tokio::io::unix::AsyncFd;
 
 use super::scope::{Facts, Scope};
 use crate::{
     cpu::{
         Event, Settings, Targets,
         report::{self, Stacks},
-        sampler::{self, Sampler},
+        sampler::Sampler,
         stats::Counters,
+        task_watch::TaskWatch,
         tasks::{Change, LiveProc, Tasks},
     },
     profile::Collector,
@@ -29,7 +28,7 @@ const MAX_CACHED_USER_STACKS: usize = 50_000;
 /// The CPU side of the agent.
 pub(crate) struct CpuCollector {
     sampler: Sampler,
-    events: AsyncFd<RingBuf<MapData>>,
+    events: TaskWatch,
     tasks: Tasks,
     stacks: Stacks,
     frequency: u64,
@@ -66,12 +65,7 @@ impl CpuCollector {
             .task_events
             .take()
             .context("task event ring buffer")?;
-        // SAFETY: the ring buffer owns its descriptor and keeps it open and
-        // unchanged until it is dropped with the AsyncFd.
-        let events =
-            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-                .map_err(|e| e.into_parts().1)
-                .context("watching the task event ring buffer")?;
+        let events = TaskWatch::start(ring).context("starting the task event thread")?;
         Ok(Self {
             sampler,
             events,
@@ -97,13 +91,7 @@ impl CpuCollector {
     /// Waits for task events and returns them once applied to the task
     /// names (cancel-safe).
     pub async fn task_events(&mut self) -> anyhow::Result<Vec<(TaskEvent, Change)>> {
-        let mut guard = self
-            .events
-            .readable_mut()
-            .await
-            .context("waiting for task events")?;
-        let events = sampler::task_events(guard.get_inner_mut());
-        guard.clear_ready();
+        let events = self.events.next().await;
         Ok(events
             .into_iter()
             .map(|e| {

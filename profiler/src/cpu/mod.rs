@@ -14,6 +14,7 @@
 //! - [`tasks`]: names, exits and kernel threads of the sampled tasks.
 //! - [`budget`]: which processes get unwind tables, within a CPU budget.
 //! - [`stats`]: the sampler's counters in the report and on stderr.
+//! - [`task_watch`]: exec and exit events, read on a thread of their own.
 //! - [`session`]: the loop that ties them together until the session stops.
 use std::{ffi::OsString, process::ExitCode, time::Duration};
 
@@ -26,6 +27,7 @@ pub(crate) mod report;
 pub(crate) mod sampler;
 mod session;
 pub(crate) mod stats;
+pub(crate) mod task_watch;
 pub(crate) mod tasks;
 
 /// The sampling event.

@@ -10,7 +10,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{MapData, RingBuf};
 use log::debug;
 use profiler_common::{
     cpu::{KEY_PYTHON_STACK, KEY_USER_STACK, STATS_MAP, SampleCounts, SampleKey},
@@ -18,14 +17,14 @@ use profiler_common::{
     stack::{UNWIND_STATS_MAP, UnwindCounter},
     stack_copy::{COPY_ID_BIT, COPY_STATS_MAP, CopyCounter},
 };
-use tokio::io::unix::AsyncFd;
 
 use super::{
     Settings, Targets,
     budget::{self, Budget},
     report::{self, Stacks},
-    sampler::{self, Sampler},
+    sampler::Sampler,
     stats::{self, Counters, Sampling, Status},
+    task_watch::TaskWatch,
     tasks::{Change, LiveProc, Tasks},
 };
 use crate::{
@@ -112,7 +111,7 @@ struct Session {
     ebpf: aya::Ebpf,
     sampler: Sampler,
     state: State,
-    events: AsyncFd<RingBuf<MapData>>,
+    events: TaskWatch,
     settings: Settings,
     started: tokio::time::Instant,
     /// The interval table being printed (`--interval`).
@@ -172,12 +171,7 @@ impl Session {
             .task_events
             .take()
             .context("task event ring buffer")?;
-        // SAFETY: the ring buffer owns its descriptor and keeps it open and
-        // unchanged until it is dropped with the AsyncFd.
-        let events =
-            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-                .map_err(|e| e.into_parts().1)
-                .context("watching the task event ring buffer")?;
+        let events = TaskWatch::start(ring).context("starting the task event thread")?;
         let new_collector = || report::collector(settings.event, settings.frequency);
         let state = State {
             total: new_collector(),
@@ -250,12 +244,7 @@ impl Session {
                         eprintln!("{line}");
                     }
                 }
-                guard = self.events.readable_mut() => {
-                    let mut guard = guard.context("waiting for task events")?;
-                    let events = sampler::task_events(guard.get_inner_mut());
-                    guard.clear_ready();
-                    self.state.apply_task_events(&events);
-                }
+                events = self.events.next() => self.state.apply_task_events(&events),
                 () = runtime::sleep_until(next_resnapshot) => self.state.resnapshot_due(),
                 // An interpreter found while starting has its threads
                 // listed as soon as they exist.
@@ -352,7 +341,7 @@ impl Session {
             printing.await.context("printing an interval table")??;
         }
         // Events already queued (exits of the last moments) name the last samples.
-        state.apply_task_events(&sampler::task_events(events.get_mut()));
+        state.apply_task_events(&events.finish());
         state.drain(&mut sampler)?;
         state.drain(&mut sampler)?;
         // The copies still waiting get their tables now, whatever the budget.
