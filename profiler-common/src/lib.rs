@@ -12,6 +12,8 @@ pub mod cpu;
 pub mod heap;
 pub mod hooks;
 pub mod python;
+pub mod python_layout;
+pub mod python_splice;
 pub mod stack;
 pub mod stack_copy;
 pub mod unwind;

@@ -164,6 +164,15 @@ extern "C" fn on_sigprof(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::
     };
     let mut frames = [0u64; MAX_FRAMES];
     let (n, status) = unwind::walk(regs, &mut frames, false);
+    let mut truncated = status == Status::Truncated;
+    let (frames, n) = if super::python::is_on() {
+        let mut merged = [0u64; MAX_FRAMES];
+        let (m, lost) = super::python::merge(&frames[..n], true, &mut merged);
+        truncated |= lost;
+        (merged, m)
+    } else {
+        (frames, n)
+    };
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() } as u32;
     // CPU-time timers are checked on scheduler ticks: an expiry found
@@ -178,7 +187,7 @@ extern "C" fn on_sigprof(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::
             0
         }
     };
-    record(&frames[..n], status == Status::Truncated, tid, 1 + overrun);
+    record(&frames[..n], truncated, tid, 1 + overrun);
     TAKEN.fetch_add(1, Ordering::Relaxed);
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = saved_errno };

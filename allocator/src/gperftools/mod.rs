@@ -35,6 +35,7 @@ pub(crate) mod heap_check;
 pub(crate) mod heap_profile;
 pub(crate) mod objects;
 pub(crate) mod pprof;
+pub(crate) mod python;
 pub(crate) mod unwind;
 
 use core::sync::atomic::{AtomicUsize, Ordering};
@@ -74,6 +75,9 @@ pub(crate) fn start_stacks() {
 /// [`start_stacks`].
 pub(crate) fn start(s: &Settings) {
     let heap_prefix = s.heap_prefix.as_str();
+    if !heap_prefix.is_empty() || s.heap_check || !s.cpu_file.is_empty() {
+        python::start();
+    }
     if !heap_prefix.is_empty() && !s.heap_check && !prefix_dir_writable(heap_prefix) {
         let mut m = Message::new();
         m.str("profalloc: warning: HEAPPROFILE=")
@@ -184,10 +188,19 @@ impl Stack {
                 .count(),
             None => 0,
         };
+        let mut truncated = status == unwind::Status::Truncated;
+        let (frames, start, n) = if python::is_on() {
+            let mut merged = [0u64; heap_profile::MAX_FRAMES + 1];
+            let (m, lost) = python::merge(&frames[start..n], false, &mut merged);
+            truncated |= lost;
+            (merged, 0, m)
+        } else {
+            (frames, start, n)
+        };
         let (end, truncated) = if n - start > heap_profile::MAX_FRAMES {
             (start + heap_profile::MAX_FRAMES, true)
         } else {
-            (n, status == unwind::Status::Truncated)
+            (n, truncated)
         };
         Self {
             frames,

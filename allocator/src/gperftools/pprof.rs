@@ -8,6 +8,7 @@
 use super::{
     arena::{Buf, Table},
     objects,
+    python::names::{self, PY_TAG},
 };
 
 const MAX_STRINGS: usize = 1 << 14;
@@ -28,6 +29,7 @@ pub struct Encoder {
     /// Open-addressing map address -> location id (0 = empty).
     locations: Table<(u64, u64)>,
     next_location: u64,
+    next_function: u64,
     /// The gzip output.
     pub out: Buf,
 }
@@ -81,6 +83,7 @@ impl Encoder {
             string_index: Table::empty(),
             locations: Table::empty(),
             next_location: 1,
+            next_function: 1,
             out: Buf::new(),
         }
     }
@@ -105,6 +108,7 @@ impl Encoder {
             }
         }
         self.next_location = 1;
+        self.next_function = 1;
         self.string(""); // index 0 is always ""
         for (ty, unit) in types {
             self.value_type(1, ty, unit);
@@ -175,6 +179,10 @@ impl Encoder {
         let id = self.next_location;
         self.next_location += 1;
         slots[i] = (addr, id);
+        if addr & PY_TAG != 0 {
+            self.python_location(id, addr);
+            return id;
+        }
         // Location { id, mapping_id, address }
         let mapping = objects::all()
             .iter()
@@ -185,6 +193,82 @@ impl Encoder {
         int_field(&mut self.msg, 2, mapping);
         int_field(&mut self.msg, 3, addr);
         bytes_field(&mut self.body, 4, self.msg.as_slice());
+        id
+    }
+
+    /// A Python frame's location ([`names`]): a line of a function named
+    /// as py-spy names frames, `qualname (file.py:LINE)`, with its file and
+    /// line, so readers need no symbolization.
+    fn python_location(&mut self, id: u64, word: u64) {
+        let n = names::name(word);
+        let mut text = [0u8; 1300];
+        let mut len = 0;
+        let file = n.filename.rsplit('/').next().unwrap_or("");
+        let mut put = |s: &str| {
+            let k = s.len().min(text.len() - len);
+            text[len..len + k].copy_from_slice(&s.as_bytes()[..k]);
+            len += k;
+        };
+        put(n.qualname);
+        if !n.filename.is_empty() {
+            put(" (");
+            put(file);
+            if n.line != 0 {
+                let mut digits = [0u8; 10];
+                let mut d = digits.len();
+                let mut v = n.line;
+                while v > 0 || d == digits.len() {
+                    d -= 1;
+                    digits[d] = b'0' + (v % 10) as u8;
+                    v /= 10;
+                }
+                put(":");
+                put(core::str::from_utf8(&digits[d..]).unwrap_or(""));
+            }
+            put(")");
+        }
+        let name = core::str::from_utf8(&text[..len]).unwrap_or("?");
+        let name = self.string(name);
+        let filename = self.string(n.filename);
+        let function = self.function(name, filename);
+        // Location { id, line: Line { function_id, line } }
+        self.msg.clear();
+        int_field(&mut self.msg, 1, id);
+        // (`packed` holds the sample being built; `sample` is free here.)
+        self.sample.clear();
+        int_field(&mut self.sample, 1, function);
+        int_field(&mut self.sample, 2, u64::from(n.line));
+        bytes_field(&mut self.msg, 4, self.sample.as_slice());
+        bytes_field(&mut self.body, 4, self.msg.as_slice());
+    }
+
+    /// The id of the function named by string `name` (written once).
+    fn function(&mut self, name: u64, filename: u64) -> u64 {
+        // Keys of functions never equal an address or a Python frame word.
+        let key = 1 << 62 | name;
+        let slots = self.locations.slots();
+        let mask = slots.len() - 1;
+        let mut i = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as usize & mask;
+        loop {
+            let (k, id) = slots[i];
+            if id == 0 {
+                break;
+            }
+            if k == key {
+                return id;
+            }
+            i = (i + 1) & mask;
+        }
+        let id = self.next_function;
+        self.next_function += 1;
+        slots[i] = (key, id);
+        // Function { id, name, system_name, filename }
+        self.msg.clear();
+        int_field(&mut self.msg, 1, id);
+        int_field(&mut self.msg, 2, name);
+        int_field(&mut self.msg, 3, name);
+        int_field(&mut self.msg, 4, filename);
+        bytes_field(&mut self.body, 5, self.msg.as_slice());
         id
     }
 
@@ -205,7 +289,7 @@ impl Encoder {
     ) {
         self.packed.clear();
         for (i, &addr) in stack.iter().enumerate() {
-            let call = if i == 0 && leaf_is_pc {
+            let call = if (i == 0 && leaf_is_pc) || addr & PY_TAG != 0 {
                 addr
             } else {
                 addr.saturating_sub(1)

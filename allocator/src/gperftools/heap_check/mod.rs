@@ -21,6 +21,7 @@
 //! Lock: the heap profile's table lock, taken for the whole check (or not,
 //! when a stopped thread holds it: it cannot move any more). Owner: the
 //! allocator's exit handler, through [`super::at_exit`].
+mod anon_roots;
 mod report;
 mod threads;
 
@@ -34,12 +35,15 @@ use crate::env;
 
 /// The mappings of /proc/self/maps as (start, end).
 fn read_maps(out: &mut Table<(usize, usize)>, text: &mut Buf) {
+    read_file(c"/proc/self/maps", text);
+    parse_maps(out, text);
+}
+
+/// Appends the contents of `path` to `text`.
+fn read_file(path: &core::ffi::CStr, text: &mut Buf) {
     // SAFETY: open/read/close into buffers we own.
     unsafe {
-        let fd = libc::open(
-            c"/proc/self/maps".as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        );
+        let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
         if fd < 0 {
             return;
         }
@@ -53,6 +57,9 @@ fn read_maps(out: &mut Table<(usize, usize)>, text: &mut Buf) {
         }
         libc::close(fd);
     }
+}
+
+fn parse_maps(out: &mut Table<(usize, usize)>, text: &Buf) {
     for line in text.as_slice().split(|&b| b == b'\n') {
         let range = line.split(|&b| b == b' ').next().unwrap_or(b"");
         let mut parts = range.split(|&b| b == b'-');
@@ -240,6 +247,20 @@ pub(crate) fn at_exit() {
         marker.mark_loader_objects(loader);
     }
     marker.drain();
+    // Thread stacks are roots from their stack pointer only (below it is
+    // dead data): keep the anonymous scan off them.
+    let sp_here: usize;
+    // SAFETY: reads rsp.
+    unsafe { core::arch::asm!("mov {}, rsp", out(reg) sp_here, options(nomem, nostack)) };
+    let mut all_stacks = Table::<(usize, usize)>::empty();
+    all_stacks.reserve(threads::stopped() + 2);
+    all_stacks.push(mapping_of(&maps, sp_here).unwrap_or((0, 0)));
+    for i in 0..threads::stopped() {
+        if let Some(m) = mapping_of(&maps, threads::stopped_thread(i).sp) {
+            all_stacks.push(m);
+        }
+    }
+    anon_roots::scan(&mut marker, all_stacks.as_slice());
 
     // This thread: its stack from the frame that called the allocator's
     // exit handler (the checker's own frames are not roots), and its TLS.

@@ -255,7 +255,17 @@ fn next(step: unwind::Step, regs: &Regs) -> Step {
 }
 
 fn safe_read(addr: usize, out: &mut [u64]) -> bool {
-    let len = core::mem::size_of_val(out);
+    // SAFETY: any bytes are a valid u64.
+    let bytes = unsafe {
+        core::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), core::mem::size_of_val(out))
+    };
+    safe_read_bytes(addr, bytes)
+}
+
+/// Reads `out.len()` bytes of this process at `addr` without faulting
+/// (process_vm_readv): false when any of them is not mapped readable.
+pub(crate) fn safe_read_bytes(addr: usize, out: &mut [u8]) -> bool {
+    let len = out.len();
     let local = libc::iovec {
         iov_base: out.as_mut_ptr().cast(),
         iov_len: len,
