@@ -240,21 +240,14 @@ impl Agent {
             return;
         };
         let recent = std::mem::take(&mut cpu.recent_samples);
-        if !self.table_budget.available(Instant::now()) {
-            return;
-        }
-        let started = Instant::now();
-        let unknown = self.tables.poll();
-        self.table_budget.spend(started.elapsed());
-        let candidates = budget::candidates(unknown, &recent, true, |pid| cpu.has_exited(pid));
-        for pid in candidates {
-            if !self.table_budget.available(Instant::now()) {
-                break;
-            }
-            let started = Instant::now();
-            self.add_tables(pid);
-            self.table_budget.spend(started.elapsed());
-        }
+        budget::serve_requests(
+            &mut self.tables,
+            &mut self.table_budget,
+            &recent,
+            true,
+            false,
+            |pid| cpu.has_exited(pid),
+        );
     }
 
     fn add_tables(&mut self, pid: u32) {

@@ -5,8 +5,13 @@
 //! interval first, and only within [`SHARE`] of one core on average, since
 //! compiling the CFI of large objects costs far more than sampling.
 //! Processes left out keep frame-pointer stacks (cut stacks are shown as
-//! such) and are considered again at the next interval.
-use std::{collections::HashMap, time::Duration};
+//! such) and are considered again at the next interval. Objects already
+//! loaded for one process are installed in any other at once, whatever the
+//! budget: that costs a maps read, not a CFI compilation.
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 
 /// Share of one core that building unwind tables may use on average in a
 /// whole-host session.
@@ -74,6 +79,59 @@ pub(crate) fn candidates(
     // Stable: equally busy processes keep the walker's order.
     unknown.sort_by_key(|pid| std::cmp::Reverse(busy(pid)));
     unknown
+}
+
+/// Serves the walkers' requests for tables: processes that mapped new code
+/// are refreshed, and those without tables get them, busiest first. On the
+/// whole host, building objects waits for `budget`; installing objects
+/// that are already loaded (the same library in a new process) does not,
+/// since it costs a maps read. With `install_only`, nothing is built: that
+/// is cheap enough to run often, so that a short-lived process gets the
+/// loaded objects within milliseconds.
+pub(crate) fn serve_requests(
+    tables: &mut crate::unwind::Tables,
+    budget: &mut Budget<Instant>,
+    interval_samples: &HashMap<u32, u64>,
+    whole_host: bool,
+    install_only: bool,
+    has_exited: impl Fn(u32) -> bool,
+) {
+    let may_build = |budget: &mut Budget<Instant>| {
+        !install_only && (!whole_host || budget.available(Instant::now()))
+    };
+    let build = may_build(budget);
+    let started = Instant::now();
+    let unknown = tables.poll(build);
+    if build {
+        budget.spend(started.elapsed());
+    }
+    let served = if install_only {
+        Vec::new()
+    } else {
+        candidates(unknown.clone(), interval_samples, whole_host, &has_exited)
+    };
+    for &pid in &served {
+        let started = Instant::now();
+        let result = if may_build(budget) {
+            let result = tables.add_process(pid);
+            budget.spend(started.elapsed());
+            result
+        } else {
+            tables.install_loaded(pid)
+        };
+        if let Err(err) = result {
+            log::debug!("no unwind tables for pid {pid}: {err:#}");
+        }
+    }
+    // The quiet ones get what is loaded already.
+    for pid in unknown {
+        if !served.contains(&pid)
+            && !has_exited(pid)
+            && let Err(err) = tables.install_loaded(pid)
+        {
+            log::debug!("no unwind tables for pid {pid}: {err:#}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -40,6 +40,9 @@ use crate::{
 /// How often counts are drained when `--interval` is not given: keeps the
 /// count maps small whatever the run length.
 const DRAIN_EVERY: Duration = Duration::from_secs(1);
+/// How often processes that met unknown code get the objects already
+/// loaded: a compiler started by a build lives well under a second.
+const INSTALL_EVERY: Duration = Duration::from_millis(50);
 /// After an exec, the dynamic loader maps the libraries; the mappings are
 /// read again after these delays so that they are known if the program is
 /// gone before its samples are drained.
@@ -218,6 +221,8 @@ impl Session {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Status lines come every second whatever --interval is.
         let mut status_tick = tokio::time::interval_at(self.started + DRAIN_EVERY, DRAIN_EVERY);
+        let mut install_tick = tokio::time::interval(INSTALL_EVERY);
+        install_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let tty = std::io::stderr().is_terminal();
         let mut status = Status::default();
         let mut lines = 0u64;
@@ -231,6 +236,7 @@ impl Session {
                     self.state.resolve_copies(false);
                     self.print_interval(output, tty).await?;
                 }
+                _ = install_tick.tick() => self.state.install_loaded_tables(),
                 _ = status_tick.tick() => {
                     lines += 1;
                     let counters = Counters::read(&self.ebpf, STATS_MAP)?;
@@ -522,31 +528,26 @@ impl State {
     /// (their walks asked for them) and refreshes those that mapped new
     /// code, within the budget on the whole host (see [`budget`]).
     fn update_tables(&mut self) {
-        // Whole host: even refreshing known processes (dlopen) compiles
-        // new objects, so polling waits for the budget too.
-        if self.whole_host && !self.table_budget.available(Instant::now()) {
-            self.interval_samples.clear();
-            return;
-        }
-        let started = Instant::now();
-        let unknown = self.tables.poll();
-        self.table_budget.spend(started.elapsed());
-        let tasks = &self.tasks;
-        let candidates =
-            budget::candidates(unknown, &self.interval_samples, self.whole_host, |pid| {
-                tasks.has_exited(pid)
-            });
-        for pid in candidates {
-            if self.whole_host && !self.table_budget.available(Instant::now()) {
-                break;
-            }
-            let started = Instant::now();
-            if let Err(err) = self.tables.add_process(pid) {
-                debug!("no unwind tables for pid {pid}: {err:#}");
-            }
-            self.table_budget.spend(started.elapsed());
-        }
+        self.serve_table_requests(false);
         self.interval_samples.clear();
+    }
+
+    /// Between drains: the loaded objects go to the processes that need
+    /// them, nothing is built.
+    fn install_loaded_tables(&mut self) {
+        self.serve_table_requests(true);
+    }
+
+    fn serve_table_requests(&mut self, install_only: bool) {
+        let tasks = &self.tasks;
+        budget::serve_requests(
+            &mut self.tables,
+            &mut self.table_budget,
+            &self.interval_samples,
+            self.whole_host,
+            install_only,
+            |pid| tasks.has_exited(pid),
+        );
     }
 
     fn resnapshot_due(&mut self) {

@@ -103,7 +103,7 @@ async fn session(args: DebugArgs, pid: NonZeroU32) -> anyhow::Result<()> {
         tokio::select! {
             _ = tick.tick() => {
                 if !args.fp_only {
-                    tables.poll();
+                    tables.poll(true);
                 }
             }
             event = stop.next() => match event {

@@ -201,9 +201,24 @@ impl Tables {
         self.refresh_process(pid)
     }
 
+    /// Gives `pid` the tables of the objects already loaded for other
+    /// processes, and builds none: nearly free, so it needs no budget (a new
+    /// `rustc` gets `librustc_driver` at once once any `rustc` has it). The
+    /// objects left out are installed by a later [`Self::add_process`].
+    pub fn install_loaded(&mut self, pid: u32) -> anyhow::Result<()> {
+        self.processes.entry(pid).or_default();
+        self.refresh(pid, false)
+    }
+
     /// Brings `pid`'s tables in line with its current mappings (after a
     /// `dlopen`, `munmap` or `exec`).
     pub fn refresh_process(&mut self, pid: u32) -> anyhow::Result<()> {
+        self.refresh(pid, true)
+    }
+
+    /// [`Self::refresh_process`]; without `build`, objects not loaded yet
+    /// are left out.
+    fn refresh(&mut self, pid: u32, build: bool) -> anyhow::Result<()> {
         let started = Instant::now();
         self.last_refresh.insert(pid, started);
         let maps = match process::maps(pid) {
@@ -232,6 +247,9 @@ impl Tables {
         }
         let mut installed: HashSet<Installed> = current.intersection(&wanted).cloned().collect();
         for new in wanted.difference(&current) {
+            if !build && !self.objects.contains_key(&new.key) {
+                continue;
+            }
             let mapping = maps
                 .iter()
                 .find(|m| m.start == new.start && m.end == new.end)
@@ -261,8 +279,9 @@ impl Tables {
     }
 
     /// Refreshes the processes whose walks met unknown code since the last
-    /// call, and returns those that have no tables yet.
-    pub fn poll(&mut self) -> Vec<u32> {
+    /// call, and returns those that have no tables yet. Without `build`,
+    /// only objects already loaded are installed.
+    pub fn poll(&mut self, build: bool) -> Vec<u32> {
         let requested: Vec<u32> = self.refresh.keys().filter_map(Result::ok).collect();
         let mut unknown = Vec::new();
         for pid in requested {
@@ -274,7 +293,7 @@ impl Tables {
                 {
                     continue;
                 }
-                if let Err(err) = self.refresh_process(pid) {
+                if let Err(err) = self.refresh(pid, build) {
                     debug!("refreshing unwind tables of pid {pid}: {err:#}");
                 }
             } else {

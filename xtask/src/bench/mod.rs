@@ -10,6 +10,7 @@ mod preload;
 mod python;
 mod symbolize;
 mod unwind;
+mod unwind_copy;
 
 /// Benchmark names, in the order `cargo xtask help` lists them.
 pub const NAMES: &[&str] = &[
@@ -37,6 +38,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         "preload" => preload::run(),
         "python" => python::run(),
         "symbolize" => symbolize::run(),
+        "unwind" if args.get(1).is_some_and(|a| a == "copies") => unwind_copy::run_alone(),
         "unwind" => unwind::run(),
         other => anyhow::bail!("unknown benchmark `{other}`; one of: {}", NAMES.join(", ")),
     }

@@ -110,6 +110,7 @@ pub fn run() -> anyhow::Result<()> {
     }
     python()?;
     big_objects(&prof)?;
+    super::unwind_copy::run(&prof)?;
     Ok(())
 }
 

@@ -69,7 +69,7 @@ impl Session {
     /// exit). Until then their stacks follow frame pointers.
     pub(super) fn serve_table_requests(&mut self) {
         let all = self.settings.targets == Targets::All;
-        for pid in self.tables.poll() {
+        for pid in self.tables.poll(true) {
             if all || self.pids.contains(&pid) {
                 self.add_unwind_tables(pid);
             }
