@@ -169,6 +169,49 @@ fn mmap_finds_arenas_under_their_python_function_on_pyenv_python313() {
     arenas_under_their_python_function("pyenv 3.13.0", &pyenv_python("3.13.0"));
 }
 
+/// In leak mode, the list growing in 8 steps 0.4 s apart, snapshots every
+/// 0.5 s: the arenas of the tuples (most of them: tuples and ints share
+/// arenas, and the tuples, the larger, map most) are a leaking stack under
+/// grow_tuples.
+fn arenas_leak_under_their_python_function(label: &str, python: &Path) {
+    let run = profile(
+        label,
+        python,
+        &["--mmap", "--leaks", "--interval", "0.5"],
+        &["steps=8"],
+    );
+    let leaking = grow_tuples_bytes(label, &run.folded, Some("[mmap]"));
+    let made = run.count * run.blocks;
+    eprintln!(
+        "{label}: leaking arenas under grow_tuples {:.1} MiB, objects by construction {:.1} MiB",
+        leaking as f64 / MIB,
+        made as f64 / MIB
+    );
+    assert!(
+        leaking as f64 >= 0.5 * made as f64 && leaking as f64 <= 1.1 * made as f64 + 4.0 * MIB,
+        "{label}: {leaking} B of leaking arenas for {made} B of objects:\n{}",
+        run.folded
+    );
+}
+
+#[test]
+fn leaking_arenas_are_found_under_their_python_function_on_debian_python311() {
+    require_bpf!();
+    arenas_leak_under_their_python_function("Debian 3.11", Path::new(DEBIAN_311));
+}
+
+#[test]
+fn leaking_arenas_are_found_under_their_python_function_on_pyenv_python312() {
+    require_bpf!();
+    arenas_leak_under_their_python_function("pyenv 3.12.1", &pyenv_python("3.12.1"));
+}
+
+#[test]
+fn leaking_arenas_are_found_under_their_python_function_on_pyenv_python313() {
+    require_bpf!();
+    arenas_leak_under_their_python_function("pyenv 3.13.0", &pyenv_python("3.13.0"));
+}
+
 /// Tuples made under `--pymalloc`: every object call traps, so fewer.
 const PYMALLOC_TUPLES: &str = "200000";
 
