@@ -83,9 +83,9 @@ PYTHON:
   --pymalloc (with --pid) also probes the interpreter's PyObject_Malloc,
   _Calloc, _Realloc and _Free, sampled and weighted like malloc. Every
   object allocation then traps into the kernel twice (entry and return),
-  about 6 us each as measured here: a loop that only makes small objects
-  ran about 24 times slower (pyenv 3.12.1; `cargo xtask bench python`
-  measures it). It is refused, in one line, for an interpreter whose
+  about 10 us per object on a loaded 2-core VM: a loop that only makes
+  small objects ran 20 to 30 times slower (pyenv 3.12.1 and 3.13.0; `cargo xtask bench
+  python` measures it). It is refused, in one line, for an interpreter whose
   machine code inlines the allocator instead of calling those functions
   (link-time optimized builds such as Debian's python3.11).
 

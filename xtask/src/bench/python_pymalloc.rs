@@ -98,8 +98,13 @@ fn grow_time(
         .with_context(|| format!("starting {}", python.display()))?;
     let mut out = BufReader::new(workload.stdout.take().context("stdout")?);
     expect(&mut out, "ready")?;
-    let profiler = match args {
-        Some(args) => Some(start_heap(prof_bpf, workload.id(), args)?),
+    let profiler = match args.map(|args| start_heap(prof_bpf, workload.id(), args)) {
+        Some(Ok(profiler)) => Some(profiler),
+        Some(Err(err)) => {
+            let _ = workload.kill();
+            let _ = workload.wait();
+            return Err(err);
+        }
         None => None,
     };
     let mut stdin = workload.stdin.take().context("stdin")?;
