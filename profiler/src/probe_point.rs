@@ -36,6 +36,25 @@ const MAX_SKIPPED: usize = 8;
 /// `address`), of the instruction to probe: 0 unless a later one is as good
 /// for a probe and cheaper to hit (see the module comment).
 pub fn cheap_offset(code: &[u8], address: u64) -> u64 {
+    cheap_offset_for_args(code, address, ARGUMENT_REGISTERS.len())
+}
+
+/// The System V argument registers, in order.
+const ARGUMENT_REGISTERS: [Register; 6] = [
+    Register::RDI,
+    Register::RSI,
+    Register::RDX,
+    Register::RCX,
+    Register::R8,
+    Register::R9,
+];
+
+/// [`cheap_offset`] for a function known to take `args` register
+/// arguments: the argument registers after those are scratch too (a
+/// one-argument function that starts `mov rsi, rdi` can be probed after
+/// it).
+pub fn cheap_offset_for_args(code: &[u8], address: u64, args: usize) -> u64 {
+    let scratch = &ARGUMENT_REGISTERS[args.min(ARGUMENT_REGISTERS.len())..];
     let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
     let mut factory = InstructionInfoFactory::new();
     let mut instr = Instruction::default();
@@ -54,7 +73,7 @@ pub fn cheap_offset(code: &[u8], address: u64) -> u64 {
             probe = Some(instr.ip());
             break;
         }
-        if !only_scratch_effects(&instr, &mut factory) {
+        if !only_scratch_effects(&instr, &mut factory, scratch) {
             return 0;
         }
     }
@@ -113,9 +132,13 @@ fn emulated(bytes: &[u8]) -> bool {
     }
 }
 
-/// Whether `instr` falls through and writes nothing but flags, rax, r10
-/// and r11.
-fn only_scratch_effects(instr: &Instruction, factory: &mut InstructionInfoFactory) -> bool {
+/// Whether `instr` falls through and writes nothing but flags, rax, r10,
+/// r11 and the registers `scratch`.
+fn only_scratch_effects(
+    instr: &Instruction,
+    factory: &mut InstructionInfoFactory,
+    scratch: &[Register],
+) -> bool {
     if instr.flow_control() != FlowControl::Next {
         return false;
     }
@@ -130,17 +153,26 @@ fn only_scratch_effects(instr: &Instruction, factory: &mut InstructionInfoFactor
         return false;
     }
     info.used_registers().iter().all(|r| {
+        let full = r.register().full_register();
         !writes(r.access())
-            || matches!(
-                r.register().full_register(),
-                Register::RAX | Register::R10 | Register::R11
-            )
+            || matches!(full, Register::RAX | Register::R10 | Register::R11)
+            || scratch.contains(&full)
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::cheap_offset;
+    use super::{cheap_offset, cheap_offset_for_args};
+
+    #[test]
+    fn argument_registers_past_the_arguments_are_scratch() {
+        // mov rsi, rdi; test rdi, rdi; js +0x18 (pyenv's PyObject_Malloc,
+        // one argument): rsi is no argument of it.
+        let code = [0x48, 0x89, 0xfe, 0x48, 0x85, 0xff, 0x78, 0x18, 0xc3];
+        assert_eq!(cheap_offset_for_args(&code, 0x1000, 1), 6);
+        assert_eq!(cheap_offset_for_args(&code, 0x1000, 2), 0);
+        assert_eq!(cheap_offset(&code, 0x1000), 0);
+    }
 
     #[test]
     fn skips_a_check_to_its_conditional_jump() {

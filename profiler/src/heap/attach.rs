@@ -21,7 +21,7 @@ use profiler_common::heap::{LIVE_MAP, STACK_STATS_MAP};
 
 use super::{
     discover::{self, Allocator, Role},
-    maps,
+    maps, pymalloc,
     settings::{HookOffer, ProbeRequest, Settings, Targets, Tracking, resolve_probe},
     usdt_attach::{self, UsdtAttacher},
     usdt_sites::{self, PROVIDER},
@@ -74,6 +74,9 @@ pub(crate) fn plan(settings: &Settings) -> anyhow::Result<Plan> {
     if settings.probe == ProbeRequest::Usdt && !matches!(settings.targets, Targets::Pids(_)) {
         bail!("--probe usdt works with --pid targets only");
     }
+    if settings.pymalloc && !matches!(settings.targets, Targets::Pids(_)) {
+        bail!("--pymalloc works with --pid targets only");
+    }
     let malloc = Tracking::Malloc {
         sample_bytes: settings.sample_bytes,
     };
@@ -113,6 +116,13 @@ pub(crate) fn plan(settings: &Settings) -> anyhow::Result<Plan> {
                 ProbeRequest::Auto if every_target_has_usdt && !list.is_empty() => Tracking::Usdt,
                 request => resolve_probe(request, settings.sample_bytes, &offers)?,
             };
+            if settings.pymalloc {
+                // The interpreter's object allocator: one more allocator.
+                for &pid in list {
+                    let nz = NonZeroU32::new(pid).context("no process with pid 0")?;
+                    allocators.push((pymalloc::for_process(pid)?, UProbeScope::OneProcess(nz)));
+                }
+            }
             Ok(Plan {
                 tracking,
                 allocators,

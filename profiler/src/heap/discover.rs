@@ -196,12 +196,23 @@ pub fn entry_points(data: &[u8]) -> anyhow::Result<Vec<AttachPoint>> {
 
 /// How far into the function at file `offset` (virtual `address`, `size`
 /// bytes) its uprobe goes: see `probe_point`. 0 when its extent is unknown.
-fn probe_skip(data: &[u8], offset: u64, address: u64, size: u64) -> u64 {
+pub(crate) fn probe_skip(data: &[u8], offset: u64, address: u64, size: u64) -> u64 {
+    probe_skip_for_args(data, offset, address, size, 6)
+}
+
+/// [`probe_skip`] for a function that takes `args` register arguments.
+pub(crate) fn probe_skip_for_args(
+    data: &[u8],
+    offset: u64,
+    address: u64,
+    size: u64,
+    args: usize,
+) -> u64 {
     let code = usize::try_from(offset)
         .ok()
         .and_then(|start| data.get(start..start.checked_add(usize::try_from(size).ok()?)?));
     match code {
-        Some(code) if size > 0 => crate::probe_point::cheap_offset(code, address),
+        Some(code) if size > 0 => crate::probe_point::cheap_offset_for_args(code, address, args),
         _ => 0,
     }
 }

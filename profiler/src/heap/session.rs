@@ -233,10 +233,15 @@ impl Session {
             .map(|(a, _)| a.path.clone())
             .unwrap_or_default();
         format!(
-            "prof-bpf: heap: attached to {allocator} of {targets}, tracking {}{}{}; Ctrl-C to stop",
+            "prof-bpf: heap: attached to {allocator} of {targets}, tracking {}{}{}{}; Ctrl-C to stop",
             self.tracking.describe(),
             if self.settings.mmap {
                 " and every anonymous mapping"
+            } else {
+                ""
+            },
+            if self.settings.pymalloc {
+                ", and pymalloc's PyObject_Malloc family"
             } else {
                 ""
             },
@@ -467,8 +472,9 @@ impl Session {
         self.python.name_new_pairs();
         let mut stacks =
             maps::user_stacks(&self.ebpf, stats.iter().map(|(k, _)| k).chain(old.keys()))?;
-        self.add_paired_stacks(&mut stacks, stats.iter().map(|(k, _)| k).chain(old.keys()))?;
-        self.resolve_copies(&mut stacks);
+        let native_of =
+            self.add_paired_stacks(&mut stacks, stats.iter().map(|(k, _)| k).chain(old.keys()))?;
+        self.resolve_copies(&mut stacks, &native_of);
         Ok(Totals {
             stats,
             stacks,
@@ -561,6 +567,11 @@ impl Session {
             let mut pids: Vec<u32> = totals.live.keys().copied().collect();
             pids.sort_unstable();
             let line = live_set::all_coverage(&pids);
+            report.comments.push(line.clone());
+            report.coverage.push(line);
+        }
+        if self.python.walked_any() {
+            let line = super::pymalloc::coverage_line(self.settings.mmap, self.settings.pymalloc);
             report.comments.push(line.clone());
             report.coverage.push(line);
         }

@@ -51,6 +51,8 @@ pub(crate) struct Settings {
     pub probe: ProbeRequest,
     /// `--mmap`.
     pub mmap: bool,
+    /// `--pymalloc`: also probe the CPython targets' object allocator.
+    pub pymalloc: bool,
     /// Capacity of the live-allocation map.
     pub max_live: u32,
     /// Capacity of the per-stack totals map.

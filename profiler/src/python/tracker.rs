@@ -374,6 +374,11 @@ impl Tracker {
         }
     }
 
+    /// Whether a CPython process was found among the targets.
+    pub fn walked_any(&self) -> bool {
+        self.counts.processes > 0
+    }
+
     /// Heap: the pairs named so far, by combined id.
     pub fn pairs(&self) -> &PairStacks {
         &self.named_pairs

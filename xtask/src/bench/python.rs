@@ -13,6 +13,8 @@
 //!   statistics; runs of other processes' samples, filtered out early, are
 //!   included);
 //! - total: the two together, the CPU prof-bpf costs the host.
+//!
+//! Then the heap side: see [`super::python_pymalloc`].
 use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
@@ -82,6 +84,7 @@ pub fn run() -> anyhow::Result<()> {
         "\n%: percent of one core over the measured window; ratio: prof-bpf total over py-spy \
          (both at {RATE} Hz, py-spy --nonblocking)"
     );
+    super::python_pymalloc::run(&prof_bpf)?;
     Ok(())
 }
 
