@@ -72,8 +72,10 @@ pub(crate) fn record_all() -> bool {
 
 /// A sampled (or recorded) allocation succeeded: the hook, the USDT
 /// probe, then (with the allocation's stack) the live set and the
-/// recorder.
-#[inline]
+/// recorder. Inlined into the allocation's slow path (which the fast path
+/// enters by a jump), with the stack capture: the walk then starts one
+/// frame below the program's.
+#[inline(always)]
 pub(crate) fn on_alloc(p: *mut u8, size: usize, weight: u64) {
     counters::SAMPLED.add(1);
     profalloc_sample_alloc(p.cast(), size, weight);

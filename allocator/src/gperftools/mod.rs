@@ -172,8 +172,9 @@ pub(crate) struct Stack {
 }
 
 impl Stack {
-    /// The current thread's stack, from the in-process unwinder.
-    #[inline(never)]
+    /// The current thread's stack, from the in-process unwinder. Inlined
+    /// into the sampled path: one frame fewer to walk.
+    #[inline(always)]
     pub(crate) fn capture() -> Self {
         let mut frames = [0u64; heap_profile::MAX_FRAMES + 1];
         let (n, status) = unwind::walk_here(&mut frames);
