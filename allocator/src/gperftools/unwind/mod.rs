@@ -84,8 +84,10 @@ pub(crate) fn walk(mut regs: Regs, out: &mut [u64], refresh: bool) -> (usize, St
     }
 }
 
-/// Captures the caller's registers and walks from there.
-#[inline(never)]
+/// Captures the registers where it is inlined (pc, sp and bp of the same
+/// instruction) and walks from there: inlined, the walk starts in the
+/// caller's own frame, one step fewer.
+#[inline(always)]
 pub(crate) fn walk_here(out: &mut [u64]) -> (usize, Status) {
     let (pc, sp, bp): (usize, usize, usize);
     // SAFETY: reads rip, rsp and rbp; writes nothing.
@@ -288,12 +290,12 @@ mod tests {
     fn walks_through_recursive_frames_with_cfi() {
         let mut frames = [0u64; 128];
         let (n, status) = recurse(6, &mut frames);
-        // walk_here's own pc, then recurse(0)'s return into recurse(1),
-        // which repeats for every level above: the same return address
-        // six times in a row.
-        assert!(n > 8, "only {n} frames ({status:?})");
-        let ra = frames[2];
-        assert_eq!(frames[2..8], [ra; 6], "{:x?}", &frames[..n]);
-        assert_ne!(frames[8], ra);
+        // A pc in recurse(0) (walk_here is inlined there), then recurse(0)'s
+        // return into recurse(1), which repeats for every level above: the
+        // same return address six times in a row.
+        assert!(n > 7, "only {n} frames ({status:?})");
+        let ra = frames[1];
+        assert_eq!(frames[1..7], [ra; 6], "{:x?}", &frames[..n]);
+        assert_ne!(frames[7], ra);
     }
 }
