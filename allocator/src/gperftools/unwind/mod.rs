@@ -68,15 +68,23 @@ pub(crate) fn walk(mut regs: Regs, out: &mut [u64], refresh: bool) -> (usize, St
         // (a call to a noreturn function): look up the call instruction.
         let lookup = if leaf { regs.pc } else { regs.pc - 1 };
         leaf = false;
-        let obj = if refresh {
-            objects::find_or_refresh(lookup)
-        } else {
-            objects::find(lookup)
+        // A cached row was read from a known object, and the object table
+        // never forgets one: on a hit, no object lookup.
+        let next = match row_cache::get(lookup) {
+            Some(row) => apply_row(&row, &regs),
+            None => {
+                let obj = if refresh {
+                    objects::find_or_refresh(lookup)
+                } else {
+                    objects::find(lookup)
+                };
+                let Some(obj) = obj else {
+                    return (n, Status::Truncated);
+                };
+                step(obj, lookup, &regs)
+            }
         };
-        let Some(obj) = obj else {
-            return (n, Status::Truncated);
-        };
-        match step(obj, lookup, &regs) {
+        match next {
             Step::Next(next) => regs = next,
             Step::Outermost => return (n, Status::Complete),
             Step::Fail => return (n, Status::Truncated),
