@@ -82,7 +82,8 @@ pub(crate) fn on_alloc(p: *mut u8, size: usize, weight: u64) {
     probes::alloc(p, size, weight);
     let live = live_set::live();
     if live.on() || gperftools::records_stacks() {
-        let stack = gperftools::Stack::capture();
+        let mut stack = gperftools::Stack::empty();
+        stack.fill();
         live.insert(p as usize, size, weight, stack.frames(), stack.truncated());
         gperftools::record_alloc(p, size, weight, &stack);
     }
