@@ -60,3 +60,5 @@ pub(crate) static TRANSFER_OBJECTS: [Counter; NUM_CLASSES] =
     [const { Counter::new() }; NUM_CLASSES];
 /// Sampler: allocations sampled (or recorded) so far.
 pub(crate) static SAMPLED: Counter = Counter::new();
+/// Page heap: idle-release threads started (0 or 1 per process).
+pub(crate) static BACKGROUND_THREADS: Counter = Counter::new();

@@ -1,7 +1,8 @@
 //! When the page heap gives free pages back to the OS unasked (the policy;
-//! `page_heap` applies it under its lock). No thread of its own: every
-//! decision is taken on the page heap's own calls, which are the slowest
-//! paths, with a coarse clock read (vDSO, no syscall).
+//! `page_heap` applies it under its lock). Decisions are taken on the page
+//! heap's own calls, which are the slowest paths, with a coarse clock read
+//! (vDSO, no syscall), and by the idle-release thread
+//! (`page_heap::background`) while the program makes no call.
 //!
 //! Two rules, compared with the peers:
 //! - Age (jemalloc's dirty-page decay, in steps): the heap's life is cut
@@ -14,7 +15,7 @@
 //!   [`FREE_FLOOR_PAGES`]) after a free; past it the heap releases down to
 //!   half the limit, largest spans first. A program that frees most of its
 //!   heap and then goes idle (calls nothing) holds at most that much
-//!   beside its live data, with no clock and no thread.
+//!   beside its live data even without the idle-release thread.
 //!
 //! Churn keeps its spans: they are reused (LIFO) long before they are two
 //! epochs old, and the limit leaves room for the free pages a working set

@@ -1,7 +1,7 @@
 //! The settings, read once from the environment at the allocator's first
 //! initialisation (its first slow path, single-threaded). This is the only
 //! place that calls `getenv`: the core's knobs (`PROFALLOC_SAMPLE_BYTES`,
-//! `PROFALLOC_RELEASE_BYTES`, `PROFALLOC_STATS`,
+//! `PROFALLOC_RELEASE_BYTES`, `PROFALLOC_BACKGROUND_RELEASE`, `PROFALLOC_STATS`,
 //! `PROFALLOC_MAX_TOTAL_THREAD_CACHE_BYTES`) and gperftools mode's
 //! (the gperftools names, `PROFALLOC_HEAPCHECK`, `PROFBPF_PATH` and
 //! `TMPDIR`).
@@ -51,6 +51,8 @@ pub(crate) struct Settings {
     pub(crate) sample_bytes: Option<u64>,
     /// PROFALLOC_RELEASE_BYTES: page heap release rate.
     pub(crate) release_bytes: Option<u64>,
+    /// PROFALLOC_BACKGROUND_RELEASE: 0 = no idle-release thread.
+    pub(crate) background_release: Option<u64>,
     /// PROFALLOC_LIVE_HEAP_BYTES: cap of the sampled live heap (0 = off).
     pub(crate) live_heap_bytes: Option<u64>,
     /// PROFALLOC_STATS=1: statistics on stderr at exit.
@@ -81,6 +83,7 @@ impl Settings {
         Self {
             sample_bytes: None,
             release_bytes: None,
+            background_release: None,
             live_heap_bytes: None,
             stats_at_exit: false,
             max_total_thread_cache_bytes: None,
@@ -211,6 +214,7 @@ pub(crate) unsafe fn read() {
     let s = unsafe { &mut *SETTINGS.0.get() };
     s.sample_bytes = number(c"PROFALLOC_SAMPLE_BYTES");
     s.release_bytes = number(c"PROFALLOC_RELEASE_BYTES");
+    s.background_release = number(c"PROFALLOC_BACKGROUND_RELEASE");
     s.live_heap_bytes = number(c"PROFALLOC_LIVE_HEAP_BYTES");
     s.stats_at_exit = number(c"PROFALLOC_STATS").is_some_and(|v| v != 0);
     s.max_total_thread_cache_bytes = number(c"PROFALLOC_MAX_TOTAL_THREAD_CACHE_BYTES");

@@ -31,6 +31,7 @@ const MIN_GROW_PAGES: usize = 128;
 /// Metadata arena chunk.
 const META_CHUNK: usize = 256 << 10;
 
+pub(crate) mod background;
 mod release;
 
 use release::decay_locked;
@@ -131,6 +132,7 @@ pub unsafe fn deallocate(s: *mut Span) {
         h.release_credit += n;
         // SAFETY: LOCK is held.
         decay_locked(h, true);
+        background::note_free(h.free_normal_pages);
     }
     LOCK.unlock();
 }

@@ -72,15 +72,18 @@ pub(crate) fn record_all() -> bool {
 
 /// A sampled (or recorded) allocation succeeded: the hook, the USDT
 /// probe, then (with the allocation's stack) the live set and the
-/// recorder.
-#[inline]
+/// recorder. Inlined into the allocation's slow path (which the fast path
+/// enters by a jump), with the stack capture: the walk then starts one
+/// frame below the program's.
+#[inline(always)]
 pub(crate) fn on_alloc(p: *mut u8, size: usize, weight: u64) {
     counters::SAMPLED.add(1);
     profalloc_sample_alloc(p.cast(), size, weight);
     probes::alloc(p, size, weight);
     let live = live_set::live();
     if live.on() || gperftools::records_stacks() {
-        let stack = gperftools::Stack::capture();
+        let mut stack = gperftools::Stack::empty();
+        stack.fill();
         live.insert(p as usize, size, weight, stack.frames(), stack.truncated());
         gperftools::record_alloc(p, size, weight, &stack);
     }

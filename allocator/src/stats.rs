@@ -98,4 +98,9 @@ pub fn write_report() {
         .dec(dropped)
         .str(" dropped (table full)\n");
     m.write_stderr();
+    let mut m = Message::new();
+    m.str("profalloc:   idle-release threads started: ")
+        .dec(crate::counters::BACKGROUND_THREADS.load() as u64)
+        .str("\n");
+    m.write_stderr();
 }

@@ -155,7 +155,15 @@ fn stress_random_operations_across_threads_and_forks() {
 
 #[test]
 fn stats_in_use_matches_the_live_set() {
-    let out = api("stats", &[("PROFALLOC_SAMPLE_BYTES", "0")]);
+    // Without the idle-release thread: the frees would start it, and glibc
+    // allocates that thread's own structures (a few hundred bytes in use).
+    let out = api(
+        "stats",
+        &[
+            ("PROFALLOC_SAMPLE_BYTES", "0"),
+            ("PROFALLOC_BACKGROUND_RELEASE", "0"),
+        ],
+    );
     assert_ok(&out, "alloc_api stats");
     let text = stdout(&out);
     assert_eq!(field(&text, "live"), field(&text, "expected"), "{text}");
@@ -329,6 +337,45 @@ fn free_spans_go_back_after_a_time_without_use() {
     assert_ok(&out, "alloc_release decay, release off");
     let text = stdout(&out);
     assert!(field(&text, "final_kib") * 10 >= freed * 9, "{text}");
+}
+
+/// Idle: 90% of an 80 MiB heap of 1 MiB blocks freed, then no allocator
+/// call while the program sleeps. The idle-release thread ages the free
+/// spans: the heap (resident KiB above the start) falls within 1.2x of the
+/// live bytes within 10 s, in the program and in a forked child (which
+/// starts its own thread). The control, with the thread off, keeps what the
+/// size bound of `decay` leaves (here 2 MiB more).
+#[test]
+fn freed_memory_leaves_the_resident_set_while_the_program_sleeps() {
+    let bin = build_workload("alloc_release", FLAGS);
+    let out = preloaded(Command::new(&bin).args(["idle", "10"]), &[]);
+    assert_ok(&out, "alloc_release idle");
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[1].starts_with("child "), "{text}");
+    for line in &lines {
+        let (live, held, final_kib) = (
+            field(line, "live_kib"),
+            field(line, "held_kib"),
+            field(line, "final_kib"),
+        );
+        assert_eq!(live, 8192, "{text}");
+        assert!(held * 100 > live * 125, "released at once: {text}");
+        assert!(final_kib * 10 <= live * 12, "still resident: {text}");
+        assert!(field(line, "ms") < 10_000, "{text}");
+    }
+
+    let out = preloaded(
+        Command::new(&bin).args(["idle", "4"]),
+        &[("PROFALLOC_BACKGROUND_RELEASE", "0")],
+    );
+    assert_ok(&out, "alloc_release idle, thread off");
+    let off = stdout(&out);
+    assert!(
+        field(&off, "final_kib") >= field(lines[0], "final_kib") + 1024,
+        "released as much without the thread: {off} against {text}"
+    );
 }
 
 fn assert_aborts(mode: &str, message: &str) {

@@ -84,6 +84,9 @@ fn apply_settings() {
     if let Some(n) = s.release_bytes {
         page_heap::RELEASE_BYTES.store(n as usize, Ordering::Relaxed);
     }
+    if s.background_release == Some(0) {
+        page_heap::background::ENABLED.store(false, Ordering::Relaxed);
+    }
     if let Some(n) = s.max_total_thread_cache_bytes {
         cache_budget::BUDGET.set_total(n as usize);
     }
@@ -122,6 +125,7 @@ extern "C" fn after_fork_child() {
     // SAFETY: as above.
     unsafe { (*tls()).busy = BUSY_BEFORE_FORK.load(Ordering::Relaxed) };
     page_heap::LOCK.reset();
+    page_heap::background::after_fork_child();
     central::reset_all();
     thread_cache::reset_registry_in_child();
 }

@@ -170,6 +170,7 @@ pub(super) unsafe extern "C" fn free_slow(p: *mut u8) {
         compiler_fence(Ordering::SeqCst);
         (*tc).busy = 0;
     }
+    page_heap::background::start_if_wanted();
 }
 
 /// Frees a small object: into the thread's cache (which gives a batch

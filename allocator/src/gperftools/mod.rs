@@ -45,7 +45,7 @@ use crate::{
     os::Message,
 };
 
-/// Makes allocation stacks available ([`Stack::capture`]): the object
+/// Makes allocation stacks available ([`Stack::fill`]): the object
 /// table, and the code ranges of this library and of the dynamic loader.
 /// Called once, from the allocator's initialisation (first allocation,
 /// busy set), when stacks are wanted (the live set or gperftools mode).
@@ -176,38 +176,47 @@ pub(crate) struct Stack {
 }
 
 impl Stack {
-    /// The current thread's stack, from the in-process unwinder.
-    #[inline(never)]
-    pub(crate) fn capture() -> Self {
-        let mut frames = [0u64; heap_profile::MAX_FRAMES + 1];
-        let (n, status) = unwind::walk_here(&mut frames);
-        let start = match own_code() {
-            Some((lo, hi)) => frames[..n]
+    /// No frames yet (see [`Self::fill`]).
+    #[inline(always)]
+    pub(crate) fn empty() -> Self {
+        Self {
+            frames: [0u64; heap_profile::MAX_FRAMES + 1],
+            start: 0,
+            end: 0,
+            truncated: false,
+        }
+    }
+
+    /// Captures the current thread's stack (from the in-process unwinder)
+    /// in place. Inlined into the sampled path: the walk starts in that
+    /// path's frame, one step from the program's, and the frames are never
+    /// moved (a Stack returned by value is copied, half a KiB).
+    #[inline(always)]
+    pub(crate) fn fill(&mut self) {
+        let (n, status) = unwind::walk_here(&mut self.frames);
+        self.start = match own_code() {
+            Some((lo, hi)) => self.frames[..n]
                 .iter()
                 .take_while(|&&pc| (lo..hi).contains(&(pc as usize)))
                 .count(),
             None => 0,
         };
         let mut truncated = status == unwind::Status::Truncated;
-        let (frames, start, n) = if python::is_on() {
+        let n = if python::is_on() {
             let mut merged = [0u64; heap_profile::MAX_FRAMES + 1];
-            let (m, lost) = python::merge(&frames[start..n], false, &mut merged);
+            let (m, lost) = python::merge(&self.frames[self.start..n], false, &mut merged);
             truncated |= lost;
-            (merged, 0, m)
+            self.frames = merged;
+            self.start = 0;
+            m
         } else {
-            (frames, start, n)
+            n
         };
-        let (end, truncated) = if n - start > heap_profile::MAX_FRAMES {
-            (start + heap_profile::MAX_FRAMES, true)
+        (self.end, self.truncated) = if n - self.start > heap_profile::MAX_FRAMES {
+            (self.start + heap_profile::MAX_FRAMES, true)
         } else {
             (n, truncated)
         };
-        Self {
-            frames,
-            start,
-            end,
-            truncated,
-        }
     }
 
     pub(crate) fn frames(&self) -> &[u64] {

@@ -68,15 +68,23 @@ pub(crate) fn walk(mut regs: Regs, out: &mut [u64], refresh: bool) -> (usize, St
         // (a call to a noreturn function): look up the call instruction.
         let lookup = if leaf { regs.pc } else { regs.pc - 1 };
         leaf = false;
-        let obj = if refresh {
-            objects::find_or_refresh(lookup)
-        } else {
-            objects::find(lookup)
+        // A cached row was read from a known object, and the object table
+        // never forgets one: on a hit, no object lookup.
+        let next = match row_cache::get(lookup) {
+            Some(row) => apply_row(&row, &regs),
+            None => {
+                let obj = if refresh {
+                    objects::find_or_refresh(lookup)
+                } else {
+                    objects::find(lookup)
+                };
+                let Some(obj) = obj else {
+                    return (n, Status::Truncated);
+                };
+                step(obj, lookup, &regs)
+            }
         };
-        let Some(obj) = obj else {
-            return (n, Status::Truncated);
-        };
-        match step(obj, lookup, &regs) {
+        match next {
             Step::Next(next) => regs = next,
             Step::Outermost => return (n, Status::Complete),
             Step::Fail => return (n, Status::Truncated),
@@ -84,8 +92,10 @@ pub(crate) fn walk(mut regs: Regs, out: &mut [u64], refresh: bool) -> (usize, St
     }
 }
 
-/// Captures the caller's registers and walks from there.
-#[inline(never)]
+/// Captures the registers where it is inlined (pc, sp and bp of the same
+/// instruction) and walks from there: inlined, the walk starts in the
+/// caller's own frame, one step fewer.
+#[inline(always)]
 pub(crate) fn walk_here(out: &mut [u64]) -> (usize, Status) {
     let (pc, sp, bp): (usize, usize, usize);
     // SAFETY: reads rip, rsp and rbp; writes nothing.
@@ -298,12 +308,12 @@ mod tests {
     fn walks_through_recursive_frames_with_cfi() {
         let mut frames = [0u64; 128];
         let (n, status) = recurse(6, &mut frames);
-        // walk_here's own pc, then recurse(0)'s return into recurse(1),
-        // which repeats for every level above: the same return address
-        // six times in a row.
-        assert!(n > 8, "only {n} frames ({status:?})");
-        let ra = frames[2];
-        assert_eq!(frames[2..8], [ra; 6], "{:x?}", &frames[..n]);
-        assert_ne!(frames[8], ra);
+        // A pc in recurse(0) (walk_here is inlined there), then recurse(0)'s
+        // return into recurse(1), which repeats for every level above: the
+        // same return address six times in a row.
+        assert!(n > 7, "only {n} frames ({status:?})");
+        let ra = frames[1];
+        assert_eq!(frames[1..7], [ra; 6], "{:x?}", &frames[..n]);
+        assert_ne!(frames[7], ra);
     }
 }
