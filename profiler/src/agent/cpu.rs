@@ -56,6 +56,7 @@ impl CpuCollector {
             frequency,
             duration: None,
             interval: None,
+            python_lines: crate::python::PythonLines::On,
             idle: false,
             event: Event::CpuClock,
             // The agent does not read Python frames yet.

@@ -159,7 +159,7 @@ impl Session {
                 .with_context(|| format!("building the unwind tables of pid {pid}"))?;
         }
         let mut python = PythonTracker::new(&mut ebpf, false)?;
-        python.set_frames(settings.python_frames);
+        python.set_view(settings.python_frames, settings.python_lines);
         for &pid in settings.pids() {
             python.add_process(pid);
         }
@@ -475,9 +475,7 @@ impl State {
         let pid = key.pid;
         let mut sample = report::sample(key, counts, &self.stacks, &mut self.tasks, &LiveProc);
         if key.flags & KEY_PYTHON_STACK != 0 {
-            sample.splices =
-                self.python
-                    .splices(pid, key.python_stack, &sample.user, sample.leaf_is_pc);
+            self.python.merge(pid, key.python_stack, &mut sample);
         }
         if let Some(c) = &mut self.interval {
             c.add(sample.clone());

@@ -154,6 +154,8 @@ pub struct HeapArgs {
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_MAP_ENTRIES)))]
     pub max_stacks: u32,
     #[command(flatten)]
+    pub python: crate::python::PythonArgs,
+    #[command(flatten)]
     pub output: crate::output::OutputArgs,
     /// Program to launch and profile until it exits (after `--`).
     #[arg(last = true, value_name = "CMD")]
@@ -238,6 +240,7 @@ fn to_settings(args: &HeapArgs) -> anyhow::Result<Settings> {
         mmap: args.mmap,
         max_live: args.max_live,
         max_stacks: args.max_stacks,
+        python: args.python,
     })
 }
 

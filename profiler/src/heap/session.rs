@@ -149,7 +149,8 @@ impl Session {
         let all = settings.targets == Targets::All;
         let mut ebpf = attach::load(&settings, tracking, settings.mmap && all)?;
         let tables = Tables::new(&mut ebpf)?;
-        let python = PythonTracker::new(&mut ebpf, true)?;
+        let mut python = PythonTracker::new(&mut ebpf, true)?;
+        python.set_view(settings.python.python_frames, settings.python.python_lines);
         let copies = CopiedStacks::new(&mut ebpf)?;
         let mut session = Self {
             python,

@@ -23,6 +23,7 @@ use std::fmt;
 use anyhow::Context as _;
 
 pub mod discover;
+pub mod dump_command;
 pub mod memory;
 pub mod merge;
 pub mod offsets;
@@ -42,8 +43,38 @@ pub enum PythonFrames {
     /// ran; every other native frame kept.
     #[default]
     Mixed,
+    /// Python frames only, as py-spy shows them without `--native`: the
+    /// native and kernel frames of a stack that has Python frames are
+    /// left out (a stack without any keeps its native frames).
+    Python,
     /// Native frames only: the Python frames are not walked at all.
     Native,
+}
+
+/// `--python-lines`: whether Python frames carry their line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PythonLines {
+    /// `qualname (file.py:LINE)`.
+    #[default]
+    On,
+    /// `qualname (file.py)`: one frame per function, as py-spy's
+    /// `--function`.
+    Off,
+}
+
+/// The Python options of `cpu` and `heap`.
+#[derive(Clone, Copy, Debug, Default, clap::Args)]
+pub struct PythonArgs {
+    /// CPython processes (3.11-3.13): `mixed` replaces each evaluation-loop
+    /// frame by the Python frames it ran, `python` shows the Python frames
+    /// only (py-spy's default view), `native` the interpreter's C frames
+    /// only.
+    #[arg(long, value_enum, default_value_t = PythonFrames::Mixed)]
+    pub python_frames: PythonFrames,
+    /// `off` aggregates Python frames by function, `qualname (file.py)`
+    /// (py-spy's `--function`), instead of by line.
+    #[arg(long, value_enum, default_value_t = PythonLines::On)]
+    pub python_lines: PythonLines,
 }
 
 /// A CPython this module cannot read: profiles of it show native frames
@@ -92,6 +123,11 @@ pub struct ThreadStack {
 /// supported CPython ([`Unsupported`] can be downcast from the error), or
 /// exits during the dump.
 pub fn dump(pid: u32) -> anyhow::Result<Vec<ThreadStack>> {
+    dump_process(pid).map(|(_, stacks)| stacks)
+}
+
+/// [`dump`], with the interpreter found.
+pub fn dump_process(pid: u32) -> anyhow::Result<(discover::Interpreter, Vec<ThreadStack>)> {
     let memory = ProcessMemory::new(pid);
     let gone = |err: anyhow::Error| exited_or(pid, err);
     let py = discover::find(pid, &memory).map_err(gone)?;
@@ -130,7 +166,7 @@ pub fn dump(pid: u32) -> anyhow::Result<Vec<ThreadStack>> {
             end,
         });
     }
-    Ok(stacks)
+    Ok((py, stacks))
 }
 
 /// Attempts at walking the thread list, which threads starting and exiting

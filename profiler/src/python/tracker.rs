@@ -25,7 +25,7 @@ use super::{
     threads,
 };
 use crate::{
-    profile::{Frame, Splice},
+    profile::{Frame, RawSample, Splice},
     runtime::counters::Counts,
 };
 
@@ -67,9 +67,23 @@ pub struct NamedStack {
     pub cut: bool,
     /// The interpreter's `_PyEval_EvalFrameDefault` in its process.
     pub eval_loop: Option<(u64, u64)>,
+    /// `--python-frames python`: the sample keeps its Python frames only.
+    pub only_python: bool,
 }
 
 impl NamedStack {
+    /// Puts these Python frames into `sample` (its native stack already
+    /// there), then, with `--python-frames python`, leaves out the native
+    /// frames of a sample that has Python frames.
+    pub fn merge_into(&self, sample: &mut RawSample) -> merge::MergeOutcome {
+        let (splices, outcome) = self.splices(&sample.user, sample.leaf_is_pc);
+        sample.splices = splices;
+        if self.only_python {
+            merge::keep_python_only(sample);
+        }
+        outcome
+    }
+
     /// The splices into native stack `user` (leaf first; `leaf_is_pc`:
     /// `user[0]` is a pc, not a return address).
     pub fn splices(&self, user: &[u64], leaf_is_pc: bool) -> (Vec<Splice>, merge::MergeOutcome) {
@@ -117,6 +131,10 @@ pub struct Tracker {
     pub notes: Vec<String>,
     /// False with `--python-frames native`: no process is walked.
     enabled: bool,
+    /// `--python-frames python`.
+    only_python: bool,
+    /// `--python-lines on`.
+    lines: bool,
     pub counts: TrackerCounts,
 }
 
@@ -149,6 +167,8 @@ impl Tracker {
             symbolizer: Symbolizer::default(),
             notes: Vec::new(),
             enabled: true,
+            only_python: false,
+            lines: true,
             counts: TrackerCounts::default(),
         })
     }
@@ -202,9 +222,12 @@ impl Tracker {
         self.refresh_process(pid);
     }
 
-    /// `--python-frames`: with `native`, no process is walked.
-    pub fn set_frames(&mut self, frames: super::PythonFrames) {
+    /// `--python-frames` and `--python-lines`: with `native`, no process
+    /// is walked.
+    pub fn set_view(&mut self, frames: super::PythonFrames, lines: super::PythonLines) {
         self.enabled = frames != super::PythonFrames::Native;
+        self.only_python = frames == super::PythonFrames::Python;
+        self.lines = lines == super::PythonLines::On;
     }
 
     /// Whole host: every process running now, so that their first samples
@@ -300,14 +323,11 @@ impl Tracker {
         t.tids.retain(|tid| now.contains_key(tid));
     }
 
-    /// The splices that put the Python stack `id` of process `pid` into
-    /// its native stack `user` (leaf first; `leaf_is_pc`: `user[0]` is a
-    /// pc, not a return address).
-    pub fn splices(&mut self, pid: u32, id: u64, user: &[u64], leaf_is_pc: bool) -> Vec<Splice> {
-        let named = self.named(pid, id);
-        let (splices, outcome) = named.splices(user, leaf_is_pc);
+    /// Puts the Python stack `id` of process `pid` into `sample`, which
+    /// holds the native stack taken with it.
+    pub fn merge(&mut self, pid: u32, id: u64, sample: &mut RawSample) {
+        let outcome = self.named(pid, id).merge_into(sample);
         self.counts.unmatched += outcome.unmatched as u64;
-        splices
     }
 
     /// The Python stack `id` of process `pid`, named now (while the
@@ -319,6 +339,7 @@ impl Tracker {
                 activations: Vec::new(),
                 cut: true,
                 eval_loop: None,
+                only_python: self.only_python,
             };
         };
         let Some(t) = self.tracked.get(&pid) else {
@@ -328,6 +349,7 @@ impl Tracker {
                 activations: Vec::new(),
                 cut: true,
                 eval_loop: None,
+                only_python: self.only_python,
             };
         };
         let mut activations = Vec::new();
@@ -336,10 +358,17 @@ impl Tracker {
             for raw in group {
                 self.counts.frames += 1;
                 frames.push(match self.symbolizer.frame(pid, &t.memory, &t.py, raw) {
+                    // Writers show `qualname (file.py:LINE)`; pprof keeps
+                    // the three apart (Function.name and .filename,
+                    // Line.line).
                     Ok(f) => Frame {
-                        function: f.to_string(),
-                        file: f.filename.clone(),
-                        line: f.line.map_or(0, i64::from),
+                        function: f.qualname,
+                        file: f.filename,
+                        line: if self.lines {
+                            f.line.map_or(0, i64::from)
+                        } else {
+                            0
+                        },
                         inlined: false,
                     },
                     Err(_) => {
@@ -354,6 +383,7 @@ impl Tracker {
             activations,
             cut: merge::is_cut(status),
             eval_loop: t.py.eval_loop,
+            only_python: self.only_python,
         }
     }
 
@@ -495,6 +525,7 @@ mod tests {
             activations: vec![vec![Frame::named("f")]],
             cut: false,
             eval_loop: Some((0x1000, 0x2000)),
+            only_python: false,
         };
         let (splices, _) = named.splices(&[0x2000, 0x3000], true);
         assert_eq!(splices[0].at, 2, "a pc past the end is not the eval loop");
