@@ -431,6 +431,9 @@ impl State {
             // Named and counted now, whenever its stack is ready.
             self.note_sample(key.pid, counts.samples);
             if key.flags & KEY_USER_STACK != 0 && key.user_stack & COPY_ID_BIT != 0 {
+                if key.flags & KEY_PYTHON_STACK != 0 {
+                    self.python.name_early(key.pid, key.python_stack);
+                }
                 self.waiting.push((key, counts));
             } else {
                 self.add(&key, &counts);

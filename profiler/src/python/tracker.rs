@@ -127,6 +127,9 @@ pub struct Tracker {
     /// last samples were named).
     exited: Vec<u32>,
     symbolizer: Symbolizer,
+    /// Stacks named ahead of their samples ([`Tracker::name_early`]), by
+    /// (pid, id), each taken by the sample's [`Tracker::merge`].
+    early: HashMap<(u32, u64), NamedStack>,
     /// One line per unsupported interpreter met.
     pub notes: Vec<String>,
     /// False with `--python-frames native`: no process is walked.
@@ -165,6 +168,7 @@ impl Tracker {
             others: HashSet::new(),
             exited: Vec::new(),
             symbolizer: Symbolizer::default(),
+            early: HashMap::new(),
             notes: Vec::new(),
             enabled: true,
             only_python: false,
@@ -326,8 +330,22 @@ impl Tracker {
     /// Puts the Python stack `id` of process `pid` into `sample`, which
     /// holds the native stack taken with it.
     pub fn merge(&mut self, pid: u32, id: u64, sample: &mut RawSample) {
-        let outcome = self.named(pid, id).merge_into(sample);
+        let named = match self.early.remove(&(pid, id)) {
+            Some(named) => named,
+            None => self.named(pid, id),
+        };
+        let outcome = named.merge_into(sample);
         self.counts.unmatched += outcome.unmatched as u64;
+    }
+
+    /// Names the Python stack `id` of process `pid` now, while the process
+    /// lives, for a sample merged later (one whose native stack waits to
+    /// be unwound from a copy: its process may exit meanwhile).
+    pub fn name_early(&mut self, pid: u32, id: u64) {
+        if !self.early.contains_key(&(pid, id)) {
+            let named = self.named(pid, id);
+            self.early.insert((pid, id), named);
+        }
     }
 
     /// The Python stack `id` of process `pid`, named now (while the
