@@ -33,6 +33,9 @@ use crate::{
 /// exited, or the code was freed before the interval's read).
 pub const UNREADABLE_CODE: &str = "[python code unreadable]";
 
+/// Pairs below which [`Tracker::name_new_pairs_if_few`] names.
+const FEW_PAIRS: usize = 2048;
+
 /// A CPython process the kernel walks.
 struct Tracked {
     py: Interpreter,
@@ -419,6 +422,14 @@ impl Tracker {
         for (id, pair) in new {
             let named = self.named(pair.pid, pair.python);
             self.named_pairs.insert(id, (pair, named));
+        }
+    }
+
+    /// [`Tracker::name_new_pairs`] while fewer than [`FEW_PAIRS`] are
+    /// named: walking the pair map costs two system calls per pair.
+    pub fn name_new_pairs_if_few(&mut self) {
+        if self.named_pairs.len() < FEW_PAIRS {
+            self.name_new_pairs();
         }
     }
 
