@@ -161,6 +161,7 @@ fn validate(args: &CpuArgs) -> anyhow::Result<Settings> {
         );
     }
     runtime::args::check_interval(args.interval, args.duration)?;
+    args.python.check()?;
     ebpf::require_root()?;
     for &pid in &args.pids {
         process::check_pid(pid)?;

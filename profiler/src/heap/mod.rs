@@ -198,6 +198,7 @@ fn to_settings(args: &HeapArgs) -> anyhow::Result<Settings> {
         _ => bail!("--pid, --all and `-- CMD` exclude each other: give one"),
     };
     runtime::args::check_interval(args.interval, args.duration)?;
+    args.python.check()?;
     let sample_bytes = args.sample_bytes.unwrap_or(if args.leaks {
         0
     } else {
@@ -269,6 +270,26 @@ mod tests {
     fn parse(args: &[&str]) -> anyhow::Result<Settings> {
         let cli = Cli::try_parse_from(std::iter::once("heap").chain(args.iter().copied()))?;
         to_settings(&cli.heap)
+    }
+
+    #[test]
+    fn python_options_reach_the_settings_and_gil_is_refused_in_one_line() {
+        let s = parse(&[
+            "--pid",
+            "1",
+            "--python-frames",
+            "python",
+            "--python-lines",
+            "off",
+        ])
+        .unwrap();
+        assert_eq!(s.python.python_frames, crate::python::PythonFrames::Python);
+        assert_eq!(s.python.python_lines, crate::python::PythonLines::Off);
+        let err = parse(&["--pid", "1", "--gil"]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("--gil is not supported") && !err.contains('\n'),
+            "{err}"
+        );
     }
 
     #[test]

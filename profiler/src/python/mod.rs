@@ -75,6 +75,23 @@ pub struct PythonArgs {
     /// (py-spy's `--function`), instead of by line.
     #[arg(long, value_enum, default_value_t = PythonLines::On)]
     pub python_lines: PythonLines,
+    /// Refused: keeping only the GIL holder's samples (py-spy's `--gil`)
+    /// needs the kernel walker to read the GIL's state, which it does not.
+    #[arg(long)]
+    pub gil: bool,
+}
+
+impl PythonArgs {
+    /// Refuses what is not supported, in one line.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.gil {
+            anyhow::bail!(
+                "--gil is not supported: the kernel-side Python walker does not read which \
+                 thread holds the GIL; `prof-bpf python-dump --pid N` shows every thread's stack"
+            );
+        }
+        Ok(())
+    }
 }
 
 /// A CPython this module cannot read: profiles of it show native frames
