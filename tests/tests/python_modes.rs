@@ -423,3 +423,76 @@ fn python_dump_of_python310_says_so_in_one_line() {
     prof_bpf_tests::assert_one_line_error(&stderr, code, "Python 3.10 (");
     assert!(stderr.contains("only native frames are shown"), "{stderr}");
 }
+
+/// CPU time per thread id in folded stacks grouped by thread
+/// (`comm-PID/TID;...`).
+fn per_thread(text: &str) -> HashMap<u32, u64> {
+    let mut out = HashMap::new();
+    for (frames, n) in parse_folded(text) {
+        let tid = frames[0].rsplit('/').next().unwrap().parse().unwrap();
+        *out.entry(tid).or_default() += n;
+    }
+    out
+}
+
+/// `cpu --gil` on two busy threads, one running Python code (it holds the
+/// GIL), one hashing in C with the GIL released: without `--gil` both
+/// take CPU time; with it, only the first is left (the hashing thread
+/// holds the GIL only between two hashes).
+#[test]
+fn gil_keeps_only_the_thread_holding_the_gil() {
+    require_bpf!();
+    for (label, python) in interpreters() {
+        let mut w = Proc::spawn(
+            Command::new(&python)
+                .arg(workload("python_gil.py"))
+                .arg("60"),
+        );
+        let mut roles = HashMap::new();
+        loop {
+            let line = w.read_line();
+            if line == "ready" {
+                break;
+            }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            roles.insert(words[1].to_owned(), words[2].parse::<u32>().unwrap());
+        }
+        let pid = w.pid().to_string();
+        let profile = |gil: bool| {
+            let mut args = vec![
+                "cpu",
+                "--pid",
+                &pid,
+                "-F",
+                "499",
+                "--duration",
+                "2",
+                "--group-by",
+                "thread",
+                "--python-frames",
+                "python",
+                "--format",
+                "folded",
+            ];
+            if gil {
+                args.push("--gil");
+            }
+            let (out, stderr, code) = run_prof_bpf(&args);
+            assert_eq!(code, 0, "{label}: {stderr}");
+            let threads = per_thread(&out);
+            let total: u64 = threads.values().sum();
+            let share = |role: &str| {
+                threads.get(&roles[role]).copied().unwrap_or(0) as f64 / total.max(1) as f64
+            };
+            (share("spin"), share("digest"), out)
+        };
+        let (spin, digest, all) = profile(false);
+        let (gil_spin, gil_digest, held) = profile(true);
+        eprintln!(
+            "{label}: without --gil spin {spin:.2} digest {digest:.2}; with --gil spin \
+             {gil_spin:.2} digest {gil_digest:.2}"
+        );
+        assert!(digest >= 0.2 && spin >= 0.2, "{label}:\n{all}");
+        assert!(gil_digest <= 0.05 && gil_spin >= 0.9, "{label}:\n{held}");
+    }
+}

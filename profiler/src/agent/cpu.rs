@@ -57,6 +57,7 @@ impl CpuCollector {
             duration: None,
             interval: None,
             python_lines: crate::python::PythonLines::On,
+            python_gil: false,
             idle: false,
             event: Event::CpuClock,
             // The agent does not read Python frames yet.

@@ -127,6 +127,8 @@ pub(crate) struct Settings {
     pub event: Event,
     pub python_frames: PythonFrames,
     pub python_lines: PythonLines,
+    /// `--gil`.
+    pub python_gil: bool,
 }
 
 impl Settings {
@@ -161,7 +163,6 @@ fn validate(args: &CpuArgs) -> anyhow::Result<Settings> {
         );
     }
     runtime::args::check_interval(args.interval, args.duration)?;
-    args.python.check()?;
     ebpf::require_root()?;
     for &pid in &args.pids {
         process::check_pid(pid)?;
@@ -182,6 +183,7 @@ fn validate(args: &CpuArgs) -> anyhow::Result<Settings> {
         event: args.event,
         python_frames: args.python.python_frames,
         python_lines: args.python.python_lines,
+        python_gil: args.python.gil,
     })
 }
 

@@ -160,6 +160,7 @@ impl Session {
         }
         let mut python = PythonTracker::new(&mut ebpf, false)?;
         python.set_view(settings.python_frames, settings.python_lines);
+        python.set_gil_only(settings.python_gil);
         for &pid in settings.pids() {
             python.add_process(pid);
         }

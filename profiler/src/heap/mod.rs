@@ -198,7 +198,7 @@ fn to_settings(args: &HeapArgs) -> anyhow::Result<Settings> {
         _ => bail!("--pid, --all and `-- CMD` exclude each other: give one"),
     };
     runtime::args::check_interval(args.interval, args.duration)?;
-    args.python.check()?;
+    args.python.check_for_heap()?;
     let sample_bytes = args.sample_bytes.unwrap_or(if args.leaks {
         0
     } else {
@@ -287,7 +287,7 @@ mod tests {
         assert_eq!(s.python.python_lines, crate::python::PythonLines::Off);
         let err = parse(&["--pid", "1", "--gil"]).unwrap_err().to_string();
         assert!(
-            err.starts_with("--gil is not supported") && !err.contains('\n'),
+            err.starts_with("--gil applies to `cpu` only") && !err.contains('\n'),
             "{err}"
         );
     }

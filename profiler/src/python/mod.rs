@@ -75,19 +75,20 @@ pub struct PythonArgs {
     /// (py-spy's `--function`), instead of by line.
     #[arg(long, value_enum, default_value_t = PythonLines::On)]
     pub python_lines: PythonLines,
-    /// Refused: keeping only the GIL holder's samples (py-spy's `--gil`)
-    /// needs the kernel walker to read the GIL's state, which it does not.
+    /// `cpu` only: keep only the samples of the thread holding the GIL (as
+    /// py-spy's `--gil`); samples of the threads of a CPython process that
+    /// do not hold it are left out and counted (`not_gil_holder`). Threads
+    /// of subinterpreters with a GIL of their own count as not holding it.
     #[arg(long)]
     pub gil: bool,
 }
 
 impl PythonArgs {
-    /// Refuses what is not supported, in one line.
-    pub fn check(&self) -> anyhow::Result<()> {
+    /// `heap` refuses `--gil`, in one line.
+    pub fn check_for_heap(&self) -> anyhow::Result<()> {
         if self.gil {
             anyhow::bail!(
-                "--gil is not supported: the kernel-side Python walker does not read which \
-                 thread holds the GIL; `prof-bpf python-dump --pid N` shows every thread's stack"
+                "--gil applies to `cpu` only: an allocation is made by whichever thread runs it"
             );
         }
         Ok(())

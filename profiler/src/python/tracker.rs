@@ -42,6 +42,8 @@ struct Tracked {
     memory: ProcessMemory,
     /// Threads in the kernel's thread map.
     tids: HashSet<u32>,
+    /// What the kernel's process map holds for it.
+    layout: PyProcess,
 }
 
 /// What user space counted besides the kernel's counters.
@@ -141,6 +143,8 @@ pub struct Tracker {
     only_python: bool,
     /// `--python-lines on`.
     lines: bool,
+    /// `--gil`.
+    gil_only: bool,
     pub counts: TrackerCounts,
 }
 
@@ -176,6 +180,7 @@ impl Tracker {
             enabled: true,
             only_python: false,
             lines: true,
+            gil_only: false,
             counts: TrackerCounts::default(),
         })
     }
@@ -212,7 +217,9 @@ impl Tracker {
                 return;
             }
         };
-        if let Err(err) = self.processes.insert(pid, kernel_layout(&py), 0) {
+        let mut layout = kernel_layout(&py);
+        layout.gil_only = u64::from(self.gil_only);
+        if let Err(err) = self.processes.insert(pid, layout, 0) {
             debug!("pid {pid}: Python process map: {err}");
             return;
         }
@@ -224,6 +231,7 @@ impl Tracker {
                 py,
                 memory,
                 tids: HashSet::new(),
+                layout,
             },
         );
         self.refresh_process(pid);
@@ -235,6 +243,12 @@ impl Tracker {
         self.enabled = frames != super::PythonFrames::Native;
         self.only_python = frames == super::PythonFrames::Python;
         self.lines = lines == super::PythonLines::On;
+    }
+
+    /// `--gil`: CPU samples of threads that do not hold the GIL are left
+    /// out in the kernel (call before adding processes).
+    pub fn set_gil_only(&mut self, gil_only: bool) {
+        self.gil_only = gil_only;
     }
 
     /// Whole host: every process running now, so that their first samples
@@ -318,6 +332,17 @@ impl Tracker {
                 return;
             }
         };
+        // The GIL is set up with the first thread state.
+        if self.gil_only
+            && t.layout.gil_locked == 0
+            && let Ok(Some((locked, holder))) = threads::gil(&t.memory, &t.py)
+        {
+            t.layout.gil_locked = locked;
+            t.layout.gil_holder = holder;
+            if let Err(err) = self.processes.insert(pid, t.layout, 0) {
+                debug!("pid {pid}: Python process map: {err}");
+            }
+        }
         let now: HashMap<u32, u64> = threads.iter().map(|t| (t.tid, t.tstate)).collect();
         for (&tid, &tstate) in &now {
             if self.threads.insert(tid, tstate, 0).is_ok() {
@@ -512,6 +537,9 @@ pub fn kernel_layout(py: &Interpreter) -> PyProcess {
         code_adaptive: o.code_adaptive,
         code_firsttraceable: o.code_firsttraceable,
         code_type: py.code_type,
+        gil_locked: 0,
+        gil_holder: 0,
+        gil_only: 0,
     }
 }
 
