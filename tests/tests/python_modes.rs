@@ -329,6 +329,15 @@ fn coroutine_and_generator_frames_stand_under_their_chains_in_pprof() {
     }
 }
 
+/// The threads said to hold the GIL in a dump (`Thread TID (...+gil)`).
+fn gil_holders(text: &str) -> Vec<u32> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("Thread "))
+        .filter(|rest| rest.contains("+gil)"))
+        .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap())
+        .collect()
+}
+
 /// Thread id → frames of a dump in py-spy's layout (`Thread TID ...`,
 /// then one indented frame a line).
 fn parse_dump(text: &str) -> HashMap<u32, Vec<String>> {
@@ -350,7 +359,7 @@ fn parse_dump(text: &str) -> HashMap<u32, Vec<String>> {
 /// threads block in three distinct 4-deep chains (sleep, Event.wait, a
 /// generator) while a fourth burns CPU: the same threads, each with the
 /// same frames (the burning thread's lines move between the two reads,
-/// its functions do not).
+/// its functions do not), and the burning thread holding the GIL.
 #[test]
 fn python_dump_agrees_with_py_spy_dump() {
     if !is_root() {
@@ -380,7 +389,16 @@ fn python_dump_agrees_with_py_spy_dump() {
             .output()
             .expect("running py-spy");
         assert!(spy.status.success(), "{label}: py-spy failed");
-        let theirs = parse_dump(&String::from_utf8_lossy(&spy.stdout));
+        let spy_text = String::from_utf8_lossy(&spy.stdout);
+        // The burning thread is the only one that wants the GIL: it holds
+        // it in both dumps.
+        assert_eq!(gil_holders(&ours), [roles["burn"]], "{label}:\n{ours}");
+        assert_eq!(
+            gil_holders(&spy_text),
+            [roles["burn"]],
+            "{label}:\n{spy_text}"
+        );
+        let theirs = parse_dump(&spy_text);
         let ours = parse_dump(&ours);
         let mut tids: Vec<&u32> = ours.keys().collect();
         tids.sort();

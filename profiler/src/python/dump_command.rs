@@ -43,16 +43,21 @@ pub struct Header {
 }
 
 /// py-spy's layout: the process, the interpreter, then per thread
-/// `Thread TID (active|idle): "NAME"` and its frames, innermost first. A
-/// thread is active when the kernel has it running (state `R` in
-/// `states`). A stack the walk could not finish ends in a line that says
+/// `Thread TID (active|idle[+gil]): "NAME"` and its frames, innermost
+/// first. A thread is active when the kernel has it running (state `R` in
+/// `states`); `+gil` marks the one holding the GIL. A stack the walk could not finish ends in a line that says
 /// why.
 pub fn render(header: &Header, stacks: &[ThreadStack], states: &[char]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "Process {}: {}", header.pid, header.command);
     let _ = writeln!(out, "Python v{} ({})\n", header.version, header.object);
     for (stack, &state) in stacks.iter().zip(states) {
-        let activity = if state == 'R' { "active" } else { "idle" };
+        let activity = match (state == 'R', stack.holds_gil) {
+            (true, true) => "active+gil",
+            (true, false) => "active",
+            (false, true) => "idle+gil",
+            (false, false) => "idle",
+        };
         let _ = writeln!(out, "Thread {} ({activity}): \"{}\"", stack.tid, stack.name);
         for frame in &stack.frames {
             let _ = writeln!(out, "    {frame}");
@@ -106,6 +111,7 @@ mod tests {
 
     fn thread(tid: u32, frames: Vec<PyFrame>, end: WalkEnd) -> ThreadStack {
         ThreadStack {
+            holds_gil: tid == 8,
             tid,
             name: "python3.12".to_owned(),
             frames,
@@ -144,7 +150,7 @@ mod tests {
              Thread 7 (idle): \"python3.12\"\n    \
              wait (app.py:3)\n    \
              <module> (app.py:9)\n\
-             Thread 8 (active): \"python3.12\"\n    \
+             Thread 8 (active+gil): \"python3.12\"\n    \
              spin (app.py:5)\n    \
              [python truncated: the process exited]\n"
         );

@@ -32,7 +32,7 @@ pub mod symbolize;
 pub mod threads;
 pub mod tracker;
 
-use memory::{ProcessMemory, ReadError};
+use memory::{Memory as _, ProcessMemory, ReadError};
 use stack::WalkEnd;
 use symbolize::{PyFrame, Symbolizer};
 
@@ -134,6 +134,8 @@ pub struct ThreadStack {
     /// How the walk ended (anything but `Complete` means frames may be
     /// missing at the outer end).
     pub end: WalkEnd,
+    /// The thread held the main GIL when the dump started.
+    pub holds_gil: bool,
 }
 
 /// Every Python thread's stack in process `pid`, in the order of the
@@ -152,6 +154,7 @@ pub fn dump_process(pid: u32) -> anyhow::Result<(discover::Interpreter, Vec<Thre
     let threads = thread_states(&memory, &py)
         .map_err(gone)
         .with_context(|| format!("pid {pid}"))?;
+    let gil_holder = gil_holder(&memory, &py);
     let mut symbolizer = Symbolizer::default();
     let mut stacks = Vec::with_capacity(threads.len());
     for thread in threads {
@@ -182,9 +185,16 @@ pub fn dump_process(pid: u32) -> anyhow::Result<(discover::Interpreter, Vec<Thre
             cstack_frames: raw.cstack_frames,
             incomplete_frames: raw.incomplete_frames,
             end,
+            holds_gil: gil_holder == Some(thread.tstate),
         });
     }
     Ok((py, stacks))
+}
+
+/// The thread state holding the main GIL (None: nobody, or not known).
+fn gil_holder(memory: &ProcessMemory, py: &discover::Interpreter) -> Option<u64> {
+    let (locked, holder) = threads::gil(memory, py).ok()??;
+    (memory.read_u32(locked).ok()? != 0).then(|| memory.read_u64(holder).ok())?
 }
 
 /// Attempts at walking the thread list, which threads starting and exiting
