@@ -53,9 +53,16 @@ pub struct PyProcess {
     pub code_firsttraceable: u64,
     /// Address of `PyCode_Type` in the process.
     pub code_type: u64,
+    /// Addresses of the main GIL's `locked` (an `int`) and `last_holder`
+    /// (a `PyThreadState *`) in the process, 0 when not known yet.
+    pub gil_locked: u64,
+    pub gil_holder: u64,
+    /// Non-zero with `--gil`: CPU samples of this process's threads that do
+    /// not hold the GIL are dropped (counted, [`PyCounter::NotGilHolder`]).
+    pub gil_only: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<PyProcess>() == 112);
+const _: () = assert!(core::mem::size_of::<PyProcess>() == 136);
 
 /// [`PyFrameSlot::code`] of a slot that marks the outer end of one
 /// activation of the evaluation loop (`_PyEval_EvalFrameDefault`): the
@@ -185,5 +192,7 @@ crate::counter_set! {
         /// Events that found the per-CPU walk record in use (a walk
         /// interrupted on the same CPU), left without Python frames.
         Busy = "busy",
+        /// CPU samples left out by `--gil`: the thread did not hold the GIL.
+        NotGilHolder = "not_gil_holder",
     }
 }

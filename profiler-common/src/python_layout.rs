@@ -51,6 +51,17 @@ pub enum FrameAnchor {
     Direct { current_frame: u64 },
 }
 
+/// Where the GIL's state lives (`struct _gil_runtime_state`: `locked`, an
+/// `int`, and `last_holder`, the thread state that took it last).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GilAnchor {
+    /// 3.11: inside `_PyRuntime` (`ceval.gil`): offsets from `_PyRuntime`.
+    InRuntime { locked: u64, holder: u64 },
+    /// 3.12+: each interpreter's `ceval.gil` (at `gil`) points at the GIL
+    /// it uses; `locked` and `holder` are offsets inside the GIL.
+    ThroughInterpreter { gil: u64, locked: u64, holder: u64 },
+}
+
 /// Byte offsets of fields, named `<structure>_<field>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Offsets {
@@ -114,6 +125,7 @@ pub struct Offsets {
     pub unicode_compact_data: u64,
     /// `PyBytesObject.ob_sval`.
     pub bytes_data: u64,
+    pub gil: GilAnchor,
 }
 
 /// 3.11 (`pycore_frame.h` with `f_func` first and `is_entry`; the thread
@@ -151,6 +163,10 @@ pub const PY311: Offsets = Offsets {
     unicode_ascii_data: 48,
     unicode_compact_data: 72,
     bytes_data: 32,
+    gil: GilAnchor::InRuntime {
+        locked: 376,
+        holder: 368,
+    },
 };
 
 /// 3.12 (`f_code` and `previous` first, C-stack shim frames; the
@@ -188,6 +204,11 @@ pub const PY312: Offsets = Offsets {
     unicode_ascii_data: 40,
     unicode_compact_data: 56,
     bytes_data: 32,
+    gil: GilAnchor::ThroughInterpreter {
+        gil: 384,
+        locked: 16,
+        holder: 8,
+    },
 };
 
 /// What `_Py_DebugOffsets` does not say in 3.13.
@@ -210,6 +231,12 @@ pub mod debug {
     pub const RUNTIME_INTERPRETERS_HEAD: usize = 40;
     pub const INTERP_NEXT: usize = 64;
     pub const INTERP_THREADS_HEAD: usize = 72;
+    pub const INTERP_CEVAL_GIL: usize = 112;
+    /// `_gil`, and its `locked` and `last_holder`, are given from the start
+    /// of the interpreter state.
+    pub const INTERP_GIL: usize = 120;
+    pub const GIL_LOCKED: usize = 136;
+    pub const GIL_HOLDER: usize = 144;
     pub const TSTATE_NEXT: usize = 168;
     pub const TSTATE_INTERP: usize = 176;
     pub const TSTATE_CURRENT_FRAME: usize = 184;
@@ -326,6 +353,16 @@ pub fn from_debug_offsets(
         }
         Ok(value)
     };
+    // A field of a structure embedded at `base`, given from outside it.
+    let inside = |at: usize, base: usize| -> Result<u64, DebugOffsetsError> {
+        small(at)?
+            .checked_sub(small(base)?)
+            .filter(|&offset| offset < 256)
+            .ok_or(DebugOffsetsError::Field {
+                at,
+                value: field(at),
+            })
+    };
     let ascii_data = small(debug::UNICODE_ASCII_SIZE)?;
     Ok(Offsets {
         runtime_interpreters_head: small(debug::RUNTIME_INTERPRETERS_HEAD)?,
@@ -359,6 +396,11 @@ pub fn from_debug_offsets(
         unicode_ascii_data: ascii_data,
         unicode_compact_data: ascii_data + COMPACT_UNICODE_EXTRA,
         bytes_data: small(debug::BYTES_DATA)?,
+        gil: GilAnchor::ThroughInterpreter {
+            gil: small(debug::INTERP_CEVAL_GIL)?,
+            locked: inside(debug::GIL_LOCKED, debug::INTERP_GIL)?,
+            holder: inside(debug::GIL_HOLDER, debug::INTERP_GIL)?,
+        },
     })
 }
 

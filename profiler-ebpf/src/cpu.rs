@@ -84,6 +84,9 @@ pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
     if !selected(&config, pid, tid) {
         return 0;
     }
+    if tid != 0 && crate::python::not_gil_holder(pid, tid) {
+        return 0;
+    }
     let mut key = SampleKey {
         pid,
         tid,

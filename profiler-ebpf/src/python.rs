@@ -77,6 +77,37 @@ fn read<T>(address: u64) -> Option<T> {
     unsafe { bpf_probe_read_user(address as *const T) }.ok()
 }
 
+/// Whether `--gil` leaves out a CPU sample of thread `tid`: its process is
+/// a CPython profiled with `--gil`, and the thread is not the one holding
+/// the GIL (`locked` set and `last_holder` its thread state). A thread
+/// whose state is not known yet, or a GIL not located yet, keeps its
+/// sample: only what is known not to hold the GIL is dropped (counted).
+#[inline(always)]
+pub fn not_gil_holder(pid: u32, tid: u32) -> bool {
+    // SAFETY: the value is copied at once.
+    let Some(process) = (unsafe { PROCESSES.get(pid) }).copied() else {
+        return false;
+    };
+    if process.gil_only == 0 || process.gil_locked == 0 {
+        return false;
+    }
+    // SAFETY: as above.
+    let Some(&tstate) = (unsafe { THREADS.get(tid) }) else {
+        return false;
+    };
+    let (Some(locked), Some(holder)) = (
+        read::<i32>(process.gil_locked),
+        read::<u64>(process.gil_holder),
+    ) else {
+        return false;
+    };
+    if locked != 0 && holder == tstate {
+        return false;
+    }
+    count(PyCounter::NotGilHolder);
+    true
+}
+
 /// The id in `PY_STACKS` of the current thread's Python stack, or None when
 /// the process is not a known CPython or the thread runs no Python code.
 #[inline(always)]

@@ -27,6 +27,8 @@ enum Command {
     Cpu(profiler::cpu::CpuArgs),
     /// Profile heap and CPU of every process continuously, to Pyroscope, OTLP, Parca or files.
     Agent(Box<profiler::agent::AgentArgs>),
+    /// Print every thread's Python stack of a running CPython, blocked threads included.
+    PythonDump(profiler::python::dump_command::DumpArgs),
     /// Walk one process's user stacks and print them (unwinder diagnostics).
     #[command(hide = true)]
     DebugUnwind(profiler::unwind::debug::DebugArgs),
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Report(args) => profiler::report::run(args).map(success),
         Command::Cpu(args) => profiler::cpu::run(args),
         Command::Agent(args) => profiler::agent::run(*args),
+        Command::PythonDump(args) => profiler::python::dump_command::run(&args).map(success),
         Command::DebugUnwind(args) => profiler::unwind::debug::run(args).map(success),
     };
     match result {

@@ -16,7 +16,7 @@ use profiler::python::{
     self, ThreadStack, Unsupported,
     discover::{self, Interpreter},
     memory::ProcessMemory,
-    offsets::{FrameAnchor, Offsets},
+    offsets::{FrameAnchor, GilAnchor, Offsets},
 };
 
 const DEBIAN_311: &str = "/usr/bin/python3.11";
@@ -146,6 +146,21 @@ fn offsets_vs_c(o: &Offsets, minor: u32) -> Vec<(u64, String)> {
         }
         FrameAnchor::Direct { current_frame } => {
             pairs.push((current_frame, field("PyThreadState", "current_frame")));
+        }
+    }
+    match o.gil {
+        GilAnchor::InRuntime { locked, holder } => {
+            pairs.push((locked, field("_PyRuntimeState", "ceval.gil.locked")));
+            pairs.push((holder, field("_PyRuntimeState", "ceval.gil.last_holder")));
+        }
+        GilAnchor::ThroughInterpreter {
+            gil,
+            locked,
+            holder,
+        } => {
+            pairs.push((gil, field("PyInterpreterState", "ceval.gil")));
+            pairs.push((locked, field("struct _gil_runtime_state", "locked")));
+            pairs.push((holder, field("struct _gil_runtime_state", "last_holder")));
         }
     }
     match o.frame_is_entry {

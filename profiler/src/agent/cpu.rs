@@ -55,6 +55,8 @@ impl CpuCollector {
             frequency,
             duration: None,
             interval: None,
+            python_lines: crate::python::PythonLines::On,
+            python_gil: false,
             idle: false,
             event: Event::CpuClock,
             // The agent does not read Python frames yet.

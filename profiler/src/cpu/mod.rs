@@ -20,7 +20,13 @@ use std::{ffi::OsString, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, bail};
 
-use crate::{ebpf, output::OutputArgs, process, python::PythonFrames, runtime};
+use crate::{
+    ebpf,
+    output::OutputArgs,
+    process,
+    python::{PythonArgs, PythonFrames, PythonLines},
+    runtime,
+};
 
 pub(crate) mod budget;
 pub(crate) mod report;
@@ -80,17 +86,15 @@ pub struct CpuArgs {
     /// Print the top functions of each interval of this many seconds.
     #[arg(long, value_name = "SECS", value_parser = runtime::args::interval)]
     pub interval: Option<Duration>,
-    /// Count the idle tasks (pid 0) as well.
+    /// Count the idle tasks (pid 0) as well. Threads off CPU (py-spy's
+    /// idle Python threads) are never sampled: see `prof-bpf python-dump`.
     #[arg(long)]
     pub idle: bool,
     /// What drives sampling.
     #[arg(long, value_enum, default_value_t = Event::CpuClock)]
     pub event: Event,
-    /// CPython processes (3.11-3.13): `mixed` replaces each evaluation-loop
-    /// frame by the Python frames it ran (`qualname (file.py:LINE)`),
-    /// `native` shows the interpreter's C frames only.
-    #[arg(long, value_enum, default_value_t = PythonFrames::Mixed)]
-    pub python_frames: PythonFrames,
+    #[command(flatten)]
+    pub python: PythonArgs,
     #[command(flatten)]
     pub output: OutputArgs,
     /// Run this command and sample it and every process it starts, until it
@@ -124,6 +128,9 @@ pub(crate) struct Settings {
     pub idle: bool,
     pub event: Event,
     pub python_frames: PythonFrames,
+    pub python_lines: PythonLines,
+    /// `--gil`.
+    pub python_gil: bool,
 }
 
 impl Settings {
@@ -176,7 +183,9 @@ fn validate(args: &CpuArgs) -> anyhow::Result<Settings> {
         interval: args.interval,
         idle: args.idle,
         event: args.event,
-        python_frames: args.python_frames,
+        python_frames: args.python.python_frames,
+        python_lines: args.python.python_lines,
+        python_gil: args.python.gil,
     })
 }
 

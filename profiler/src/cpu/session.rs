@@ -161,7 +161,8 @@ impl Session {
                 .with_context(|| format!("building the unwind tables of pid {pid}"))?;
         }
         let mut python = PythonTracker::new(&mut ebpf, false)?;
-        python.set_frames(settings.python_frames);
+        python.set_view(settings.python_frames, settings.python_lines);
+        python.set_gil_only(settings.python_gil);
         for &pid in settings.pids() {
             python.add_process(pid);
         }
@@ -426,6 +427,9 @@ impl State {
             // Named and counted now, whenever its stack is ready.
             self.note_sample(key.pid, counts.samples);
             if key.flags & KEY_USER_STACK != 0 && key.user_stack & COPY_ID_BIT != 0 {
+                if key.flags & KEY_PYTHON_STACK != 0 {
+                    self.python.name_early(key.pid, key.python_stack);
+                }
                 self.waiting.push((key, counts));
             } else {
                 self.add(&key, &counts);
@@ -470,9 +474,7 @@ impl State {
         let pid = key.pid;
         let mut sample = report::sample(key, counts, &self.stacks, &mut self.tasks, &LiveProc);
         if key.flags & KEY_PYTHON_STACK != 0 {
-            sample.splices =
-                self.python
-                    .splices(pid, key.python_stack, &sample.user, sample.leaf_is_pc);
+            self.python.merge(pid, key.python_stack, &mut sample);
         }
         if let Some(c) = &mut self.interval {
             c.add(sample.clone());

@@ -174,6 +174,8 @@ pub struct HeapArgs {
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_MAP_ENTRIES)))]
     pub max_stacks: u32,
     #[command(flatten)]
+    pub python: crate::python::PythonArgs,
+    #[command(flatten)]
     pub output: crate::output::OutputArgs,
     /// Program to launch and profile until it exits (after `--`).
     #[arg(last = true, value_name = "CMD")]
@@ -216,6 +218,7 @@ fn to_settings(args: &HeapArgs) -> anyhow::Result<Settings> {
         _ => bail!("--pid, --all and `-- CMD` exclude each other: give one"),
     };
     runtime::args::check_interval(args.interval, args.duration)?;
+    args.python.check_for_heap()?;
     let sample_bytes = args.sample_bytes.unwrap_or(if args.leaks {
         0
     } else {
@@ -262,6 +265,7 @@ fn to_settings(args: &HeapArgs) -> anyhow::Result<Settings> {
         pymalloc: args.pymalloc,
         max_live: args.max_live,
         max_stacks: args.max_stacks,
+        python: args.python,
     })
 }
 
@@ -290,6 +294,26 @@ mod tests {
     fn parse(args: &[&str]) -> anyhow::Result<Settings> {
         let cli = Cli::try_parse_from(std::iter::once("heap").chain(args.iter().copied()))?;
         to_settings(&cli.heap)
+    }
+
+    #[test]
+    fn python_options_reach_the_settings_and_gil_is_refused_in_one_line() {
+        let s = parse(&[
+            "--pid",
+            "1",
+            "--python-frames",
+            "python",
+            "--python-lines",
+            "off",
+        ])
+        .unwrap();
+        assert_eq!(s.python.python_frames, crate::python::PythonFrames::Python);
+        assert_eq!(s.python.python_lines, crate::python::PythonLines::Off);
+        let err = parse(&["--pid", "1", "--gil"]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("--gil applies to `cpu` only") && !err.contains('\n'),
+            "{err}"
+        );
     }
 
     #[test]

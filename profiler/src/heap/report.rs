@@ -473,12 +473,7 @@ fn sample(
         .get(&key.pid)
         .map_or(&[][..], Vec::as_slice);
     let (user, user_status) = user_frames(key, stacks.get(&key.stack_id), maps, ctx);
-    let splices = ctx
-        .python
-        .and_then(|pairs| pairs.get(&key.stack_id))
-        .map(|(_, named)| named.splices(&user, false).0)
-        .unwrap_or_default();
-    RawSample {
+    let mut sample = RawSample {
         pid: key.pid,
         tid: None,
         comm: ctx.processes.comm(key.pid),
@@ -490,8 +485,12 @@ fn sample(
         numeric_labels,
         leaf_is_pc: false,
         leaf_marker: (key.source == SOURCE_MMAP).then_some(profile::MMAP),
-        splices,
+        splices: Vec::new(),
+    };
+    if let Some((_, named)) = ctx.python.and_then(|pairs| pairs.get(&key.stack_id)) {
+        named.merge_into(&mut sample);
     }
+    sample
 }
 
 /// The frames of a sample, from its captured stack and its process's

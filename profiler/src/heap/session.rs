@@ -44,6 +44,10 @@ const MEMORY_LINES_WITH_ALL: usize = 8;
 /// --all, code loaded by dlopen) are served: this bounds how long such code
 /// is walked by frame pointers only.
 const TABLES_POLL: Duration = Duration::from_millis(100);
+/// How often new Python stacks are named while few (a process that exits
+/// soon after allocating still has them named; more are named every
+/// second).
+const PYTHON_NAMING: Duration = Duration::from_millis(250);
 
 /// Runs a heap session to its end and writes the report; in launch mode,
 /// returns the program's status.
@@ -149,7 +153,8 @@ impl Session {
         let all = settings.targets == Targets::All;
         let mut ebpf = attach::load(&settings, tracking, settings.mmap && all)?;
         let tables = Tables::new(&mut ebpf)?;
-        let python = PythonTracker::new(&mut ebpf, true)?;
+        let mut python = PythonTracker::new(&mut ebpf, true)?;
+        python.set_view(settings.python.python_frames, settings.python.python_lines);
         let copies = CopiedStacks::new(&mut ebpf)?;
         let mut session = Self {
             python,
@@ -282,8 +287,10 @@ impl Session {
         // A launched program maps its libraries after exec and may exit soon:
         // its mappings are reread often, as they are needed once it is gone.
         let mut maps_tick = launched.then(|| tokio::time::interval(Duration::from_millis(100)));
+        let mut python_tick = tokio::time::interval(PYTHON_NAMING);
         let reason = loop {
             tokio::select! {
+                _ = python_tick.tick() => self.python.name_new_pairs_if_few(),
                 _ = runtime::next_tick(&mut maps_tick) => self.follow_launched(ticks),
                 _ = tables_tick.tick() => self.serve_table_requests(),
                 _ = tick.tick() => {

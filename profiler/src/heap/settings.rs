@@ -57,6 +57,8 @@ pub(crate) struct Settings {
     pub max_live: u32,
     /// Capacity of the per-stack totals map.
     pub max_stacks: u32,
+    /// `--python-frames`, `--python-lines`.
+    pub python: crate::python::PythonArgs,
 }
 
 /// How allocations are seen: `--probe` resolved against the targets.

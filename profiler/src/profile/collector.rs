@@ -16,8 +16,6 @@ use crate::symbolize::{self, Normalized, Normalizer};
 /// mapping's start is its file offset (pprof's rule) and mappings of
 /// different objects never overlap. Objects are far smaller than 1 TiB.
 const OBJECT_SHIFT: u32 = 40;
-/// The pseudo mapping of frames named by the source (Python's).
-const NAMED_MAPPING: &str = "[python]";
 /// The kernel mapping covers the upper half of the address space.
 const KERNEL_START: u64 = 0xffff_8000_0000_0000;
 
@@ -286,10 +284,10 @@ impl Collector {
             line: frame.line,
         };
         self.location(key, |c| Location {
-            mapping: Some(c.pseudo_mapping(NAMED_MAPPING)),
+            mapping: Some(c.pseudo_mapping(super::PYTHON_MAPPING)),
             address: 0,
+            kind: LocationKind::Python,
             frames: vec![frame.clone()],
-            ..Location::default()
         })
     }
 

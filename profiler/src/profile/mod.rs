@@ -200,6 +200,9 @@ pub enum LocationKind {
     #[default]
     User,
     Kernel,
+    /// Interpreted code named by its source (Python's frames): the
+    /// frame's function is the qualified name, its file and line apart.
+    Python,
     /// Not code: `[truncated]`, `[missing user stack]`.
     Marker,
 }
@@ -275,6 +278,24 @@ impl Label {
     }
 }
 
+/// `qualname (file.py:LINE)`, `qualname (file.py)` without a line, and
+/// the name alone for the walker's markers (`[python truncated]`), which
+/// have no file.
+fn python_frame_name(frame: &Frame) -> String {
+    if frame.file.is_empty() {
+        return frame.function.clone();
+    }
+    let file = frame.file.rsplit('/').next().unwrap_or(&frame.file);
+    if frame.line > 0 {
+        format!("{} ({file}:{})", frame.function, frame.line)
+    } else {
+        format!("{} ({file})", frame.function)
+    }
+}
+
+/// The pseudo mapping of Python's frames.
+pub const PYTHON_MAPPING: &str = "[python]";
+
 /// The names shown for markers.
 pub const TRUNCATED: &str = "[truncated]";
 pub const MISSING_USER_STACK: &str = "[missing user stack]";
@@ -330,10 +351,14 @@ impl Profile {
 
     /// The frame names of `location`, innermost first, following the naming
     /// rules every writer shares: kernel functions end in `_[k]`, inlined
-    /// ones in `_[i]`, an unresolved address reads `object+0xOFFSET`.
+    /// ones in `_[i]`, an unresolved address reads `object+0xOFFSET`, a
+    /// Python frame reads as py-spy writes it, `qualname (file.py:LINE)`.
     pub fn frame_names(&self, location: &Location) -> Vec<String> {
         if location.frames.is_empty() {
             return vec![self.unresolved_name(location)];
+        }
+        if location.kind == LocationKind::Python {
+            return location.frames.iter().map(python_frame_name).collect();
         }
         location
             .frames
@@ -434,5 +459,84 @@ mod stack_status_tests {
             unknown_status_marker(9),
             unknown_status_marker(9)
         ));
+    }
+}
+
+#[cfg(test)]
+mod python_frame_tests {
+    use super::*;
+
+    fn python_profile(line: i64) -> Profile {
+        let frame = |function: &str, file: &str, line| Frame {
+            function: function.to_owned(),
+            file: file.to_owned(),
+            line,
+            inlined: false,
+        };
+        Profile {
+            sample_types: vec![SampleType::samples()],
+            mappings: vec![Mapping {
+                start: 1 << 40,
+                limit: 2 << 40,
+                file: PYTHON_MAPPING.into(),
+                ..Mapping::default()
+            }],
+            locations: vec![
+                Location {
+                    mapping: Some(0),
+                    kind: LocationKind::Python,
+                    frames: vec![frame("Handler.run", "/srv/app/server.py", line)],
+                    ..Location::default()
+                },
+                Location {
+                    mapping: Some(0),
+                    kind: LocationKind::Python,
+                    frames: vec![frame("[python truncated]", "", 0)],
+                    ..Location::default()
+                },
+            ],
+            samples: vec![Sample {
+                locations: vec![0, 1],
+                values: vec![1],
+                labels: vec![],
+            }],
+            ..Profile::default()
+        }
+    }
+
+    /// Writers show py-spy's names; pprof keeps the qualified name, the
+    /// file and the line apart, and reads them back as Python frames.
+    #[test]
+    fn python_frames_are_named_like_py_spy_and_stored_apart_in_pprof() {
+        let profile = python_profile(17);
+        assert_eq!(
+            profile.frame_names(&profile.locations[0]),
+            ["Handler.run (server.py:17)"]
+        );
+        assert_eq!(
+            profile.frame_names(&profile.locations[1]),
+            ["[python truncated]"]
+        );
+        let no_line = python_profile(0);
+        assert_eq!(
+            no_line.frame_names(&no_line.locations[0]),
+            ["Handler.run (server.py)"]
+        );
+        let message = crate::output::pprof::to_proto(&profile);
+        let string =
+            |i: i64| String::from_utf8_lossy(&message.string_table[i as usize]).into_owned();
+        let f = &message.function[0];
+        assert_eq!(
+            (string(f.name), string(f.filename)),
+            ("Handler.run".to_owned(), "/srv/app/server.py".to_owned())
+        );
+        assert_eq!(message.location[0].line[0].line, 17);
+        let bytes = crate::output::pprof::encode(&profile).unwrap();
+        let back = read::from_bytes(&bytes, 1 << 20).unwrap();
+        assert_eq!(back.locations[0].kind, LocationKind::Python);
+        assert_eq!(
+            back.frame_names(&back.locations[0]),
+            ["Handler.run (server.py:17)"]
+        );
     }
 }

@@ -15,7 +15,7 @@ use profiler_common::python::{
 };
 
 use super::stack::RawFrame;
-use crate::profile::{Frame, Splice};
+use crate::profile::{Frame, RawSample, Splice, StackStatus};
 
 /// Marker of a Python stack cut at the walker's limit or by a frame that
 /// could not be read.
@@ -102,6 +102,24 @@ pub fn splices(
     (out, outcome)
 }
 
+/// `--python-frames python`: a sample that has Python frames keeps those
+/// only, in order (py-spy's view without `--native`); its native and
+/// kernel frames go, and with them the native walk's status (a Python
+/// stack cut short says so itself, `[python truncated]`). A sample without
+/// Python frames (a thread that ran no Python code, another program) keeps
+/// its native stack: nothing is dropped unseen.
+pub fn keep_python_only(sample: &mut RawSample) {
+    if sample.splices.iter().all(|s| s.frames.is_empty()) {
+        return;
+    }
+    sample.user.clear();
+    sample.kernel.clear();
+    sample.leaf_is_pc = false;
+    sample.user_status = StackStatus::Complete;
+    let frames = sample.splices.drain(..).flat_map(|s| s.frames).collect();
+    sample.splices = vec![Splice { at: 0, frames }];
+}
+
 /// True when the status is one the walker writes.
 pub fn known_status(status: u32) -> bool {
     matches!(
@@ -180,6 +198,49 @@ mod tests {
                 at: 1,
                 frames: named(&["f", PYTHON_TRUNCATED])
             }]
+        );
+    }
+
+    #[test]
+    fn python_only_keeps_the_python_frames_in_order() {
+        let mut sample = RawSample {
+            user: vec![1, 2, 3, 4],
+            kernel: vec![9],
+            leaf_is_pc: true,
+            user_status: StackStatus::Truncated,
+            splices: vec![
+                Splice {
+                    at: 1,
+                    frames: named(&["key", "sort_them"]),
+                },
+                Splice {
+                    at: 3,
+                    frames: named(&["main", PYTHON_TRUNCATED]),
+                },
+            ],
+            ..RawSample::default()
+        };
+        keep_python_only(&mut sample);
+        assert!(sample.user.is_empty() && sample.kernel.is_empty());
+        assert_eq!(sample.user_status, StackStatus::Complete);
+        assert_eq!(
+            sample.splices,
+            [Splice {
+                at: 0,
+                frames: named(&["key", "sort_them", "main", PYTHON_TRUNCATED])
+            }]
+        );
+        // No Python frames: the native stack stays as it was.
+        let mut native = RawSample {
+            user: vec![1, 2],
+            kernel: vec![9],
+            user_status: StackStatus::Truncated,
+            ..RawSample::default()
+        };
+        keep_python_only(&mut native);
+        assert_eq!(
+            (native.user.len(), native.kernel.len(), native.user_status),
+            (2, 1, StackStatus::Truncated)
         );
     }
 

@@ -23,6 +23,7 @@ use std::fmt;
 use anyhow::Context as _;
 
 pub mod discover;
+pub mod dump_command;
 pub mod memory;
 pub mod merge;
 pub mod offsets;
@@ -31,7 +32,7 @@ pub mod symbolize;
 pub mod threads;
 pub mod tracker;
 
-use memory::{ProcessMemory, ReadError};
+use memory::{Memory as _, ProcessMemory, ReadError};
 use stack::WalkEnd;
 use symbolize::{PyFrame, Symbolizer};
 
@@ -42,8 +43,56 @@ pub enum PythonFrames {
     /// ran; every other native frame kept.
     #[default]
     Mixed,
+    /// Python frames only, as py-spy shows them without `--native`: the
+    /// native and kernel frames of a stack that has Python frames are
+    /// left out (a stack without any keeps its native frames).
+    Python,
     /// Native frames only: the Python frames are not walked at all.
     Native,
+}
+
+/// `--python-lines`: whether Python frames carry their line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PythonLines {
+    /// `qualname (file.py:LINE)`.
+    #[default]
+    On,
+    /// `qualname (file.py)`: one frame per function, as py-spy's
+    /// `--function`.
+    Off,
+}
+
+/// The Python options of `cpu` and `heap`.
+#[derive(Clone, Copy, Debug, Default, clap::Args)]
+pub struct PythonArgs {
+    /// CPython processes (3.11-3.13): `mixed` replaces each evaluation-loop
+    /// frame by the Python frames it ran, `python` shows the Python frames
+    /// only (py-spy's default view), `native` the interpreter's C frames
+    /// only.
+    #[arg(long, value_enum, default_value_t = PythonFrames::Mixed)]
+    pub python_frames: PythonFrames,
+    /// `off` aggregates Python frames by function, `qualname (file.py)`
+    /// (py-spy's `--function`), instead of by line.
+    #[arg(long, value_enum, default_value_t = PythonLines::On)]
+    pub python_lines: PythonLines,
+    /// `cpu` only: keep only the samples of the thread holding the GIL (as
+    /// py-spy's `--gil`); samples of the threads of a CPython process that
+    /// do not hold it are left out and counted (`not_gil_holder`). Threads
+    /// of subinterpreters with a GIL of their own count as not holding it.
+    #[arg(long)]
+    pub gil: bool,
+}
+
+impl PythonArgs {
+    /// `heap` refuses `--gil`, in one line.
+    pub fn check_for_heap(&self) -> anyhow::Result<()> {
+        if self.gil {
+            anyhow::bail!(
+                "--gil applies to `cpu` only: an allocation is made by whichever thread runs it"
+            );
+        }
+        Ok(())
+    }
 }
 
 /// A CPython this module cannot read: profiles of it show native frames
@@ -85,6 +134,8 @@ pub struct ThreadStack {
     /// How the walk ended (anything but `Complete` means frames may be
     /// missing at the outer end).
     pub end: WalkEnd,
+    /// The thread held the main GIL when the dump started.
+    pub holds_gil: bool,
 }
 
 /// Every Python thread's stack in process `pid`, in the order of the
@@ -92,12 +143,18 @@ pub struct ThreadStack {
 /// supported CPython ([`Unsupported`] can be downcast from the error), or
 /// exits during the dump.
 pub fn dump(pid: u32) -> anyhow::Result<Vec<ThreadStack>> {
+    dump_process(pid).map(|(_, stacks)| stacks)
+}
+
+/// [`dump`], with the interpreter found.
+pub fn dump_process(pid: u32) -> anyhow::Result<(discover::Interpreter, Vec<ThreadStack>)> {
     let memory = ProcessMemory::new(pid);
     let gone = |err: anyhow::Error| exited_or(pid, err);
     let py = discover::find(pid, &memory).map_err(gone)?;
     let threads = thread_states(&memory, &py)
         .map_err(gone)
         .with_context(|| format!("pid {pid}"))?;
+    let gil_holder = gil_holder(&memory, &py);
     let mut symbolizer = Symbolizer::default();
     let mut stacks = Vec::with_capacity(threads.len());
     for thread in threads {
@@ -128,9 +185,16 @@ pub fn dump(pid: u32) -> anyhow::Result<Vec<ThreadStack>> {
             cstack_frames: raw.cstack_frames,
             incomplete_frames: raw.incomplete_frames,
             end,
+            holds_gil: gil_holder == Some(thread.tstate),
         });
     }
-    Ok(stacks)
+    Ok((py, stacks))
+}
+
+/// The thread state holding the main GIL (None: nobody, or not known).
+fn gil_holder(memory: &ProcessMemory, py: &discover::Interpreter) -> Option<u64> {
+    let (locked, holder) = threads::gil(memory, py).ok()??;
+    (memory.read_u32(locked).ok()? != 0).then(|| memory.read_u64(holder).ok())?
 }
 
 /// Attempts at walking the thread list, which threads starting and exiting

@@ -5,7 +5,8 @@
 #[cfg(test)]
 use profiler_common::python_layout::{DEBUG_OFFSETS_COOKIE, debug};
 pub use profiler_common::python_layout::{
-    DEBUG_OFFSETS_LEN, FrameAnchor, Offsets, PY311, PY312, PythonVersion, has_debug_offsets, table,
+    DEBUG_OFFSETS_LEN, FrameAnchor, GilAnchor, Offsets, PY311, PY312, PythonVersion,
+    has_debug_offsets, table,
 };
 
 /// 3.13.0 as its `_Py_DebugOffsets` describes it, for unit tests of the
@@ -25,6 +26,11 @@ pub const PY313_FOR_TESTS: Offsets = Offsets {
     code_firstlineno: 68,
     code_adaptive: 200,
     code_firsttraceable: 184,
+    gil: GilAnchor::ThroughInterpreter {
+        gil: 16,
+        locked: 16,
+        holder: 8,
+    },
     ..PY312
 };
 
@@ -59,8 +65,20 @@ mod tests {
             (debug::TSTATE_CURRENT_FRAME, 72),
             (debug::FRAME_OWNER, 70),
             (debug::UNICODE_ASCII_SIZE, 40),
+            (debug::INTERP_CEVAL_GIL, 16),
+            (debug::INTERP_GIL, 7752),
+            (debug::GIL_LOCKED, 7768),
+            (debug::GIL_HOLDER, 7760),
         ]);
         let o = from_debug_offsets(&bytes, V3130).unwrap();
+        assert_eq!(
+            o.gil,
+            GilAnchor::ThroughInterpreter {
+                gil: 16,
+                locked: 16,
+                holder: 8
+            }
+        );
         assert_eq!(o.runtime_interpreters_head, 632);
         assert_eq!(o.tstate_frame, FrameAnchor::Direct { current_frame: 72 });
         assert_eq!(o.frame_owner, 70);

@@ -5,6 +5,7 @@
 use super::{
     discover::Interpreter,
     memory::{Memory, ReadError},
+    offsets::GilAnchor,
 };
 
 /// Bounds on the lists, so that a cycle or garbage in a list that changes
@@ -109,6 +110,40 @@ pub fn threads(memory: &impl Memory, py: &Interpreter) -> Result<Vec<PyThread>, 
     Err(ThreadsError::TooLong)
 }
 
+/// Addresses of the main interpreter's GIL state in the process:
+/// (`locked`, `last_holder`), or None while the interpreter has not set
+/// its GIL up yet. The main interpreter is the first one created, the last
+/// of the list.
+pub fn gil(memory: &impl Memory, py: &Interpreter) -> Result<Option<(u64, u64)>, ThreadsError> {
+    let o = &py.offsets;
+    match o.gil {
+        GilAnchor::InRuntime { locked, holder } => {
+            Ok(Some((py.runtime + locked, py.runtime + holder)))
+        }
+        GilAnchor::ThroughInterpreter {
+            gil,
+            locked,
+            holder,
+        } => {
+            let mut interp = memory.read_pointer(py.runtime + o.runtime_interpreters_head, 8)?;
+            for _ in 0..MAX_INTERPRETERS {
+                let next = memory.read_u64(interp + o.interp_next)?;
+                if next == 0 {
+                    let state = memory.read_u64(interp + gil)?;
+                    if state == 0 {
+                        return Ok(None);
+                    }
+                    super::memory::check_pointer(state, 8)?;
+                    return Ok(Some((state + locked, state + holder)));
+                }
+                super::memory::check_pointer(next, 8)?;
+                interp = next;
+            }
+            Err(ThreadsError::TooLong)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +202,23 @@ mod tests {
     fn a_thread_state_of_another_interpreter_is_a_layout_mismatch() {
         let err = threads(&image(0x99_0000), &interpreter()).unwrap_err();
         assert!(matches!(err, ThreadsError::LayoutMismatch { .. }), "{err}");
+    }
+
+    /// 3.12: the main interpreter (the list's last) points at its GIL.
+    #[test]
+    fn the_gil_is_found_through_the_main_interpreter() {
+        let mut m = image(INTERP);
+        let mut interp = vec![0; 49];
+        interp[9] = T1;
+        interp[48] = 0x40_0000;
+        m.put_u64s(INTERP, &interp);
+        assert_eq!(
+            gil(&m, &interpreter()),
+            Ok(Some((0x40_0000 + 16, 0x40_0000 + 8)))
+        );
+        interp[48] = 0;
+        m.put_u64s(INTERP, &interp);
+        assert_eq!(gil(&m, &interpreter()), Ok(None));
     }
 
     #[test]

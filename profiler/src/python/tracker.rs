@@ -25,7 +25,7 @@ use super::{
     threads,
 };
 use crate::{
-    profile::{Frame, Splice},
+    profile::{Frame, RawSample, Splice},
     runtime::counters::Counts,
 };
 
@@ -33,12 +33,17 @@ use crate::{
 /// exited, or the code was freed before the interval's read).
 pub const UNREADABLE_CODE: &str = "[python code unreadable]";
 
+/// Pairs below which [`Tracker::name_new_pairs_if_few`] names.
+const FEW_PAIRS: usize = 2048;
+
 /// A CPython process the kernel walks.
 struct Tracked {
     py: Interpreter,
     memory: ProcessMemory,
     /// Threads in the kernel's thread map.
     tids: HashSet<u32>,
+    /// What the kernel's process map holds for it.
+    layout: PyProcess,
 }
 
 /// What user space counted besides the kernel's counters.
@@ -67,9 +72,23 @@ pub struct NamedStack {
     pub cut: bool,
     /// The interpreter's `_PyEval_EvalFrameDefault` in its process.
     pub eval_loop: Option<(u64, u64)>,
+    /// `--python-frames python`: the sample keeps its Python frames only.
+    pub only_python: bool,
 }
 
 impl NamedStack {
+    /// Puts these Python frames into `sample` (its native stack already
+    /// there), then, with `--python-frames python`, leaves out the native
+    /// frames of a sample that has Python frames.
+    pub fn merge_into(&self, sample: &mut RawSample) -> merge::MergeOutcome {
+        let (splices, outcome) = self.splices(&sample.user, sample.leaf_is_pc);
+        sample.splices = splices;
+        if self.only_python {
+            merge::keep_python_only(sample);
+        }
+        outcome
+    }
+
     /// The splices into native stack `user` (leaf first; `leaf_is_pc`:
     /// `user[0]` is a pc, not a return address).
     pub fn splices(&self, user: &[u64], leaf_is_pc: bool) -> (Vec<Splice>, merge::MergeOutcome) {
@@ -113,10 +132,19 @@ pub struct Tracker {
     /// last samples were named).
     exited: Vec<u32>,
     symbolizer: Symbolizer,
+    /// Stacks named ahead of their samples ([`Tracker::name_early`]), by
+    /// (pid, id), each taken by the sample's [`Tracker::merge`].
+    early: HashMap<(u32, u64), NamedStack>,
     /// One line per unsupported interpreter met.
     pub notes: Vec<String>,
     /// False with `--python-frames native`: no process is walked.
     enabled: bool,
+    /// `--python-frames python`.
+    only_python: bool,
+    /// `--python-lines on`.
+    lines: bool,
+    /// `--gil`.
+    gil_only: bool,
     pub counts: TrackerCounts,
 }
 
@@ -147,8 +175,12 @@ impl Tracker {
             others: HashSet::new(),
             exited: Vec::new(),
             symbolizer: Symbolizer::default(),
+            early: HashMap::new(),
             notes: Vec::new(),
             enabled: true,
+            only_python: false,
+            lines: true,
+            gil_only: false,
             counts: TrackerCounts::default(),
         })
     }
@@ -185,7 +217,9 @@ impl Tracker {
                 return;
             }
         };
-        if let Err(err) = self.processes.insert(pid, kernel_layout(&py), 0) {
+        let mut layout = kernel_layout(&py);
+        layout.gil_only = u64::from(self.gil_only);
+        if let Err(err) = self.processes.insert(pid, layout, 0) {
             debug!("pid {pid}: Python process map: {err}");
             return;
         }
@@ -197,14 +231,24 @@ impl Tracker {
                 py,
                 memory,
                 tids: HashSet::new(),
+                layout,
             },
         );
         self.refresh_process(pid);
     }
 
-    /// `--python-frames`: with `native`, no process is walked.
-    pub fn set_frames(&mut self, frames: super::PythonFrames) {
+    /// `--python-frames` and `--python-lines`: with `native`, no process
+    /// is walked.
+    pub fn set_view(&mut self, frames: super::PythonFrames, lines: super::PythonLines) {
         self.enabled = frames != super::PythonFrames::Native;
+        self.only_python = frames == super::PythonFrames::Python;
+        self.lines = lines == super::PythonLines::On;
+    }
+
+    /// `--gil`: CPU samples of threads that do not hold the GIL are left
+    /// out in the kernel (call before adding processes).
+    pub fn set_gil_only(&mut self, gil_only: bool) {
+        self.gil_only = gil_only;
     }
 
     /// Whole host: every process running now, so that their first samples
@@ -288,6 +332,17 @@ impl Tracker {
                 return;
             }
         };
+        // The GIL is set up with the first thread state.
+        if self.gil_only
+            && t.layout.gil_locked == 0
+            && let Ok(Some((locked, holder))) = threads::gil(&t.memory, &t.py)
+        {
+            t.layout.gil_locked = locked;
+            t.layout.gil_holder = holder;
+            if let Err(err) = self.processes.insert(pid, t.layout, 0) {
+                debug!("pid {pid}: Python process map: {err}");
+            }
+        }
         let now: HashMap<u32, u64> = threads.iter().map(|t| (t.tid, t.tstate)).collect();
         for (&tid, &tstate) in &now {
             if self.threads.insert(tid, tstate, 0).is_ok() {
@@ -300,14 +355,25 @@ impl Tracker {
         t.tids.retain(|tid| now.contains_key(tid));
     }
 
-    /// The splices that put the Python stack `id` of process `pid` into
-    /// its native stack `user` (leaf first; `leaf_is_pc`: `user[0]` is a
-    /// pc, not a return address).
-    pub fn splices(&mut self, pid: u32, id: u64, user: &[u64], leaf_is_pc: bool) -> Vec<Splice> {
-        let named = self.named(pid, id);
-        let (splices, outcome) = named.splices(user, leaf_is_pc);
+    /// Puts the Python stack `id` of process `pid` into `sample`, which
+    /// holds the native stack taken with it.
+    pub fn merge(&mut self, pid: u32, id: u64, sample: &mut RawSample) {
+        let named = match self.early.remove(&(pid, id)) {
+            Some(named) => named,
+            None => self.named(pid, id),
+        };
+        let outcome = named.merge_into(sample);
         self.counts.unmatched += outcome.unmatched as u64;
-        splices
+    }
+
+    /// Names the Python stack `id` of process `pid` now, while the process
+    /// lives, for a sample merged later (one whose native stack waits to
+    /// be unwound from a copy: its process may exit meanwhile).
+    pub fn name_early(&mut self, pid: u32, id: u64) {
+        if !self.early.contains_key(&(pid, id)) {
+            let named = self.named(pid, id);
+            self.early.insert((pid, id), named);
+        }
     }
 
     /// The Python stack `id` of process `pid`, named now (while the
@@ -319,6 +385,7 @@ impl Tracker {
                 activations: Vec::new(),
                 cut: true,
                 eval_loop: None,
+                only_python: self.only_python,
             };
         };
         let Some(t) = self.tracked.get(&pid) else {
@@ -328,6 +395,7 @@ impl Tracker {
                 activations: Vec::new(),
                 cut: true,
                 eval_loop: None,
+                only_python: self.only_python,
             };
         };
         let mut activations = Vec::new();
@@ -336,10 +404,17 @@ impl Tracker {
             for raw in group {
                 self.counts.frames += 1;
                 frames.push(match self.symbolizer.frame(pid, &t.memory, &t.py, raw) {
+                    // Writers show `qualname (file.py:LINE)`; pprof keeps
+                    // the three apart (Function.name and .filename,
+                    // Line.line).
                     Ok(f) => Frame {
-                        function: f.to_string(),
-                        file: f.filename.clone(),
-                        line: f.line.map_or(0, i64::from),
+                        function: f.qualname,
+                        file: f.filename,
+                        line: if self.lines {
+                            f.line.map_or(0, i64::from)
+                        } else {
+                            0
+                        },
                         inlined: false,
                     },
                     Err(_) => {
@@ -354,6 +429,7 @@ impl Tracker {
             activations,
             cut: merge::is_cut(status),
             eval_loop: t.py.eval_loop,
+            only_python: self.only_python,
         }
     }
 
@@ -377,6 +453,14 @@ impl Tracker {
     /// Whether a CPython process was found among the targets.
     pub fn walked_any(&self) -> bool {
         self.counts.processes > 0
+    }
+
+    /// [`Tracker::name_new_pairs`] while fewer than [`FEW_PAIRS`] are
+    /// named: walking the pair map costs two system calls per pair.
+    pub fn name_new_pairs_if_few(&mut self) {
+        if self.named_pairs.len() < FEW_PAIRS {
+            self.name_new_pairs();
+        }
     }
 
     /// Heap: the pairs named so far, by combined id.
@@ -458,6 +542,9 @@ pub fn kernel_layout(py: &Interpreter) -> PyProcess {
         code_adaptive: o.code_adaptive,
         code_firsttraceable: o.code_firsttraceable,
         code_type: py.code_type,
+        gil_locked: 0,
+        gil_holder: 0,
+        gil_only: 0,
     }
 }
 
@@ -500,6 +587,7 @@ mod tests {
             activations: vec![vec![Frame::named("f")]],
             cut: false,
             eval_loop: Some((0x1000, 0x2000)),
+            only_python: false,
         };
         let (splices, _) = named.splices(&[0x2000, 0x3000], true);
         assert_eq!(splices[0].at, 2, "a pc past the end is not the eval loop");

@@ -249,6 +249,7 @@ impl Dictionary {
         for loc in &profile.locations {
             let frame_type = match loc.kind {
                 LocationKind::Kernel => "kernel",
+                LocationKind::Python => "cpython",
                 LocationKind::User | LocationKind::Marker => "native",
             };
             let frame_type = self.attribute(

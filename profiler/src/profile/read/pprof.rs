@@ -141,7 +141,8 @@ fn locations(
                 )
             })?),
         };
-        let kernel = mapping.is_some_and(|m| is_kernel_file(&mappings[m].file));
+        let file = mapping.map(|m| mappings[m].file.as_str());
+        let kernel = file.is_some_and(is_kernel_file);
         let n = l.line.len();
         let frames = l
             .line
@@ -169,6 +170,8 @@ fn locations(
             address: l.address,
             kind: if kernel {
                 LocationKind::Kernel
+            } else if file == Some(crate::profile::PYTHON_MAPPING) {
+                LocationKind::Python
             } else {
                 LocationKind::User
             },

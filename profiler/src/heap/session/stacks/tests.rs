@@ -57,6 +57,7 @@ fn the_python_frames_of_a_copied_stack_merge_into_its_unwound_stack() {
         activations: vec![vec![Frame::named("grow"), Frame::named("main")]],
         cut: false,
         eval_loop: Some(EVAL),
+        only_python: false,
     };
     let (splices, outcome) = python.splices(stacks[&combined].frames(), false);
     assert_eq!(outcome.unmatched, 0);
