@@ -91,6 +91,8 @@ pub struct CpuArgs {
     pub python_frames: PythonFrames,
     #[command(flatten)]
     pub output: OutputArgs,
+    #[command(flatten)]
+    pub unwind: crate::unwind::UnwindArgs,
     /// Run this command and sample it and every process it starts, until it
     /// exits; prof-bpf then exits with its status.
     #[arg(
@@ -122,6 +124,7 @@ pub(crate) struct Settings {
     pub idle: bool,
     pub event: Event,
     pub python_frames: PythonFrames,
+    pub unwind: crate::unwind::UnwindOptions,
 }
 
 impl Settings {
@@ -175,6 +178,7 @@ fn validate(args: &CpuArgs) -> anyhow::Result<Settings> {
         idle: args.idle,
         event: args.event,
         python_frames: args.python_frames,
+        unwind: args.unwind.options(),
     })
 }
 

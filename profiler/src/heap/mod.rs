@@ -155,6 +155,8 @@ pub struct HeapArgs {
     pub max_stacks: u32,
     #[command(flatten)]
     pub output: crate::output::OutputArgs,
+    #[command(flatten)]
+    pub unwind: crate::unwind::UnwindArgs,
     /// Program to launch and profile until it exits (after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -238,6 +240,7 @@ fn to_settings(args: &HeapArgs) -> anyhow::Result<Settings> {
         mmap: args.mmap,
         max_live: args.max_live,
         max_stacks: args.max_stacks,
+        unwind: args.unwind.options(),
     })
 }
 

@@ -148,7 +148,8 @@ impl Session {
     ) -> anyhow::Result<Self> {
         let all = settings.targets == Targets::All;
         let mut ebpf = attach::load(&settings, tracking, settings.mmap && all)?;
-        let tables = Tables::new(&mut ebpf)?;
+        eprintln!("prof-bpf: {}", settings.unwind.start_line());
+        let tables = Tables::with_options(&mut ebpf, &settings.unwind)?;
         let python = PythonTracker::new(&mut ebpf, true)?;
         let copies = CopiedStacks::new(&mut ebpf)?;
         let mut session = Self {
@@ -417,6 +418,9 @@ impl Session {
             None => self.new_collector(),
         };
         collector.add_comment(copies);
+        let tables = self.tables.stats().summary();
+        eprintln!("prof-bpf: {tables}");
+        collector.add_comment(tables);
         self.build(collector, true)
     }
 

@@ -55,6 +55,8 @@ pub(crate) struct Settings {
     pub max_live: u32,
     /// Capacity of the per-stack totals map.
     pub max_stacks: u32,
+    /// `--unwind-memory` and the unwind table cache.
+    pub unwind: crate::unwind::UnwindOptions,
 }
 
 /// How allocations are seen: `--probe` resolved against the targets.

@@ -16,11 +16,16 @@
 //! code outside their known mappings (a `dlopen` since the last refresh) and
 //! returns the pids the tables do not know yet. Where no rows exist, the
 //! walker follows frame pointers.
+mod build;
+mod cache;
+mod cache_format;
 pub mod cfi;
 pub mod copied;
 pub mod debug;
 mod expr;
+pub mod options;
 pub mod rows;
+mod stats;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -33,12 +38,15 @@ use aya::maps::{
     HashMap as BpfHashMap, Map, MapData,
     lpm_trie::{Key, LpmTrie},
 };
+use build::{Builder, FileId};
 use log::{debug, warn};
+pub use options::{UnwindArgs, UnwindOptions};
 use profiler_common::unwind::{
     MAPPINGS_MAP, MappingInfo, MappingKey, PAGES_MAP, PageKey, PageRows, REFRESH_MAP,
     ROW_SHARDS_MAP,
 };
 use rows::RowStore;
+pub use stats::TableStats;
 
 use crate::process::{self, Mapping};
 
@@ -104,41 +112,10 @@ struct Installed {
     key: ObjectKey,
 }
 
-/// Sizes and costs of the loaded tables.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TableStats {
-    /// Objects with rows loaded.
-    pub objects: usize,
-    /// Rows in the row array.
-    pub rows: usize,
-    /// 64 KiB pages in the page index.
-    pub pages: usize,
-    /// Address prefixes in the per-process trie.
-    pub prefixes: usize,
-    /// Rows whose rule the walker cannot evaluate.
-    pub unsupported_rows: usize,
-    /// Kernel memory of the row shards created (rows and free room).
-    pub shard_bytes: usize,
-    /// The cap on `shard_bytes`.
-    pub cap_bytes: usize,
-    /// Time spent reading and compiling CFI and loading it.
-    pub build_time: Duration,
-}
-
-impl TableStats {
-    /// Kernel memory the tables use, in bytes: row shards, page index
-    /// entries and trie entries (key + value, without the maps' own
-    /// overhead).
-    pub fn bytes(&self) -> usize {
-        self.shard_bytes
-            + self.pages * (size_of::<PageKey>() + size_of::<PageRows>())
-            + self.prefixes * (4 + size_of::<MappingKey>() + size_of::<MappingInfo>())
-    }
-}
-
 /// The unwind tables of the processes being profiled, kept in the BPF maps.
 pub struct Tables {
     rows: RowStore,
+    builder: Builder,
     pages: BpfHashMap<MapData, PageKey, PageRows>,
     mappings: LpmTrie<MapData, MappingKey, MappingInfo>,
     refresh: BpfHashMap<MapData, u32, u64>,
@@ -159,20 +136,22 @@ fn take_map(ebpf: &mut aya::Ebpf, name: &str) -> anyhow::Result<Map> {
 
 impl Tables {
     /// Takes the unwinder's table maps out of `ebpf` (once per object), with
-    /// the default cap on the rows' kernel memory.
+    /// the default options.
     pub fn new(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
-        Self::with_cap(ebpf, rows::DEFAULT_CAP_MIB)
+        Self::with_options(ebpf, &UnwindOptions::default())
     }
 
-    /// [`Tables::new`] with at most `cap_mib` MiB of rows in the kernel.
-    pub fn with_cap(ebpf: &mut aya::Ebpf, cap_mib: u64) -> anyhow::Result<Self> {
-        let rows = RowStore::new(take_map(ebpf, ROW_SHARDS_MAP)?, cap_mib)?;
+    /// [`Tables::new`] with at most `options.memory_mib` MiB of rows in the
+    /// kernel, and the options' disk cache.
+    pub fn with_options(ebpf: &mut aya::Ebpf, options: &UnwindOptions) -> anyhow::Result<Self> {
+        let rows = RowStore::new(take_map(ebpf, ROW_SHARDS_MAP)?, options.memory_mib)?;
         let stats = TableStats {
             cap_bytes: rows.cap_bytes(),
             ..TableStats::default()
         };
         Ok(Self {
             rows,
+            builder: Builder::new(options),
             pages: BpfHashMap::try_from(take_map(ebpf, PAGES_MAP)?)?,
             mappings: LpmTrie::try_from(take_map(ebpf, MAPPINGS_MAP)?)?,
             refresh: BpfHashMap::try_from(take_map(ebpf, REFRESH_MAP)?)?,
@@ -186,7 +165,10 @@ impl Tables {
 
     /// Sizes of what is loaded and the time spent building it.
     pub fn stats(&self) -> TableStats {
-        self.stats
+        TableStats {
+            build: self.builder.stats(),
+            ..self.stats
+        }
     }
 
     /// Whether `pid` has tables.
@@ -408,8 +390,16 @@ impl Tables {
         let identity = file_identity(pid, mapping);
         let data = read_object(pid, mapping)?;
         let segments = cfi::load_segments(&data)?;
-        let compiled =
-            cfi::compile(&data).with_context(|| format!("reading the CFI of {}", mapping.path))?;
+        let file = identity.map(|(mtime_ns, size)| FileId {
+            dev: mapping.dev,
+            inode: mapping.inode,
+            mtime_ns,
+            size,
+        });
+        let compiled = self
+            .builder
+            .rows(&data, file)
+            .with_context(|| format!("reading the CFI of {}", mapping.path))?;
         let mut object = Object {
             id: 0,
             ranges: Vec::new(),
@@ -435,6 +425,9 @@ impl Tables {
                 // Under the cap, idle objects make room first.
                 Err(_) if self.evict_idle() => {}
                 Err(err) => {
+                    if err.is::<rows::CapReached>() {
+                        self.stats.over_cap += 1;
+                    }
                     return Err(err)
                         .with_context(|| format!("loading the unwind rows of {}", mapping.path));
                 }
