@@ -25,7 +25,8 @@ pub struct TableStats {
     /// Objects whose rows did not fit under the cap (even after idle
     /// objects made room): their code is unwound by frame pointers.
     pub over_cap: usize,
-    /// Time spent reading and compiling CFI and loading it.
+    /// Time spent reading and compiling CFI (or loading it from the cache)
+    /// and placing it in the kernel's maps.
     pub build_time: Duration,
     /// Objects compiled, and what the on-disk cache gave.
     pub build: BuildStats,
@@ -71,6 +72,10 @@ impl TableStats {
             )),
             None => text.push_str(", no cache"),
         }
+        text.push_str(&format!(
+            "; tables in place after {:.2} s",
+            self.build_time.as_secs_f64()
+        ));
         text
     }
 }
