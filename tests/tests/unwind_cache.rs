@@ -93,14 +93,22 @@ fn bad_unwind_memory_is_a_one_line_error() {
 
 /// Share of the samples (by value) whose stack reaches `_start` untruncated.
 fn complete_share(folded: &str) -> (f64, u64) {
+    complete_share_of(folded, "")
+}
+
+/// [`complete_share`] of the process whose root frame ends with `suffix`.
+fn complete_share_of(folded: &str, suffix: &str) -> (f64, u64) {
     let (mut complete, mut total) = (0u64, 0u64);
     for line in folded.lines() {
         let Some((stack, value)) = line.rsplit_once(' ') else {
             continue;
         };
+        let frames: Vec<&str> = stack.split(';').collect();
+        if !frames[0].ends_with(suffix) {
+            continue;
+        }
         let value: u64 = value.parse().expect("folded value");
         total += value;
-        let frames: Vec<&str> = stack.split(';').collect();
         if frames.contains(&"_start") && !frames.contains(&"[truncated]") {
             complete += value;
         }
@@ -128,23 +136,68 @@ fn sample(pid: &str, cache: &std::path::Path, out: &std::path::Path) -> (String,
     (stderr, folded)
 }
 
-#[test]
-fn a_second_session_loads_the_tables_from_the_cache() {
-    require_bpf!();
-    let dir = temp_dir("sessions");
-    let cache = dir.join("cache");
-    // A busy target with big tables: prof-bpf itself (a debug build has
-    // about 230k rows) compiling its own CFI, again and again.
-    // Its report goes to /dev/null: a full pipe would stop it.
+/// prof-bpf itself compiling its own CFI again and again (a busy target
+/// with big tables: a debug build has about 230k rows), run from `exe`.
+/// Its report goes to /dev/null: a full pipe would stop it.
+fn busy_prof_bpf(exe: &str) -> Proc {
     let me = prof_bpf().to_str().expect("UTF-8 path").to_owned();
     let files = vec![me.as_str(); 500].join(" ");
     let target = Proc::spawn(
         Command::new("sh")
             .arg("-c")
-            .arg(format!("exec {me} debug-unwind --cfi {files} >/dev/null")),
+            .arg(format!("exec {exe} debug-unwind --cfi {files} >/dev/null")),
     );
-    target.wait_mapped(&me);
+    target.wait_mapped(exe);
     target.wait_mapped("libc.so");
+    target
+}
+
+#[test]
+fn copies_of_one_binary_share_rows_by_build_id() {
+    require_bpf!();
+    let dir = temp_dir("shared");
+    let copy = dir.join("prof-bpf-copy");
+    std::fs::copy(prof_bpf(), &copy).expect("copy prof-bpf");
+    let original = busy_prof_bpf(prof_bpf().to_str().unwrap());
+    let copied = busy_prof_bpf(copy.to_str().unwrap());
+    let (a, b) = (original.pid().to_string(), copied.pid().to_string());
+    let out = dir.join("both.folded");
+    let (_, stderr, code) = run_prof_bpf(&[
+        "cpu",
+        "--pid",
+        &a,
+        "--pid",
+        &b,
+        "--duration",
+        "3",
+        "-F",
+        "499",
+        "--no-unwind-cache",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "prof-bpf cpu failed:\n{stderr}");
+    let line = tables_line(&stderr);
+    assert_eq!(count_before(line, "sharing their rows"), 1, "{line}");
+    let folded = std::fs::read_to_string(&out).expect("read folded output");
+    for pid in [&a, &b] {
+        let (share, n) = complete_share_of(&folded, &format!("-{pid}"));
+        eprintln!("pid {pid}: {:.1}% of {n} ns complete", share * 100.0);
+        assert!(
+            n > 0 && share >= 0.95,
+            "pid {pid}: {share:.3} of {n} ns complete"
+        );
+    }
+    drop((original, copied));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_second_session_loads_the_tables_from_the_cache() {
+    require_bpf!();
+    let dir = temp_dir("sessions");
+    let cache = dir.join("cache");
+    let target = busy_prof_bpf(prof_bpf().to_str().unwrap());
     let pid = target.pid().to_string();
 
     let (cold, cold_stacks) = sample(&pid, &cache, &dir.join("cold.folded"));

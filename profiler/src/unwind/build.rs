@@ -88,20 +88,22 @@ impl Builder {
         }
     }
 
-    /// The rows of the ELF object in `data`; `file` identifies it when it
-    /// has no build id (`None`: not cached then).
-    pub fn rows(&mut self, data: &[u8], file: Option<FileId>) -> anyhow::Result<ObjectRows> {
-        let key = cfi::build_id(data)
-            .filter(|id| !id.is_empty())
-            .map(CacheKey::BuildId)
-            .or_else(|| {
-                file.map(|f| CacheKey::File {
-                    dev: f.dev,
-                    inode: f.inode,
-                    mtime_ns: f.mtime_ns,
-                    size: f.size,
-                })
-            });
+    /// The rows of the ELF object in `data`, whose build id is `build_id`;
+    /// `file` identifies it when it has none (`None`: not cached then).
+    pub fn rows(
+        &mut self,
+        data: &[u8],
+        build_id: Option<Vec<u8>>,
+        file: Option<FileId>,
+    ) -> anyhow::Result<ObjectRows> {
+        let key = build_id.map(CacheKey::BuildId).or_else(|| {
+            file.map(|f| CacheKey::File {
+                dev: f.dev,
+                inode: f.inode,
+                mtime_ns: f.mtime_ns,
+                size: f.size,
+            })
+        });
         let mut cache = self.cache.as_mut().zip(key.as_ref());
         if let Some((cache, key)) = &mut cache
             && let Some(rows) = cache.load(key)

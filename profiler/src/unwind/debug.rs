@@ -231,7 +231,11 @@ fn cfi_report(paths: &[std::path::PathBuf], cache: Option<&std::path::Path>) -> 
         };
         let hits_before = hits(&builder);
         let rows = match &mut builder {
-            Some(b) => b.rows(&data, Some(super::build::FileId::of(&file.metadata()?))),
+            Some(b) => b.rows(
+                &data,
+                super::cfi::build_id(&data).filter(|id| !id.is_empty()),
+                Some(super::build::FileId::of(&file.metadata()?)),
+            ),
             None => super::cfi::compile(&data),
         }
         .with_context(|| format!("reading the CFI of {}", path.display()))?;

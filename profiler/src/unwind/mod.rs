@@ -25,11 +25,11 @@ pub mod debug;
 mod expr;
 pub mod options;
 pub mod rows;
+mod source;
 mod stats;
 
 use std::{
     collections::{HashMap, HashSet},
-    fs::File,
     time::{Duration, Instant},
 };
 
@@ -46,6 +46,7 @@ use profiler_common::unwind::{
     ROW_SHARDS_MAP,
 };
 use rows::RowStore;
+use source::{file_identity, read_object};
 pub use stats::TableStats;
 
 use crate::process::{self, Mapping};
@@ -83,6 +84,8 @@ struct Object {
     /// The file's (modification time in ns, size) when loaded: an idle
     /// object is reused only for the same file (an inode can be reused).
     identity: Option<(i64, u64)>,
+    /// GNU build id: another file with the same one shares these rows.
+    build_id: Option<Vec<u8>>,
     name: String,
 }
 
@@ -98,6 +101,7 @@ impl Object {
             users: 0,
             idle_since: None,
             identity: None,
+            build_id: None,
             name,
         }
     }
@@ -120,6 +124,10 @@ pub struct Tables {
     mappings: LpmTrie<MapData, MappingKey, MappingInfo>,
     refresh: BpfHashMap<MapData, u32, u64>,
     objects: HashMap<ObjectKey, Object>,
+    /// Loaded rows by build id (object id), and how many objects (files)
+    /// use each such set of rows.
+    by_build_id: HashMap<Vec<u8>, u32>,
+    sharers: HashMap<u32, usize>,
     processes: HashMap<u32, HashSet<Installed>>,
     last_refresh: HashMap<u32, Instant>,
     next_id: u32,
@@ -156,6 +164,8 @@ impl Tables {
             mappings: LpmTrie::try_from(take_map(ebpf, MAPPINGS_MAP)?)?,
             refresh: BpfHashMap::try_from(take_map(ebpf, REFRESH_MAP)?)?,
             objects: HashMap::new(),
+            by_build_id: HashMap::new(),
+            sharers: HashMap::new(),
             processes: HashMap::new(),
             last_refresh: HashMap::new(),
             next_id: 1,
@@ -390,6 +400,19 @@ impl Tables {
         let identity = file_identity(pid, mapping);
         let data = read_object(pid, mapping)?;
         let segments = cfi::load_segments(&data)?;
+        let build_id = cfi::build_id(&data).filter(|b| !b.is_empty());
+        if let Some(shared) = build_id.as_ref().and_then(|b| self.shared_rows(b)) {
+            // The same code in another file (a copy, another mount, a
+            // container's layer): the rows are already loaded.
+            debug!("unwind tables for {} shared by build id", mapping.path);
+            return Ok(Object {
+                segments,
+                identity,
+                build_id,
+                name: mapping.path.clone(),
+                ..shared
+            });
+        }
         let file = identity.map(|(mtime_ns, size)| FileId {
             dev: mapping.dev,
             inode: mapping.inode,
@@ -398,7 +421,7 @@ impl Tables {
         });
         let compiled = self
             .builder
-            .rows(&data, file)
+            .rows(&data, build_id.clone(), file)
             .with_context(|| format!("reading the CFI of {}", mapping.path))?;
         let mut object = Object {
             id: 0,
@@ -409,6 +432,7 @@ impl Tables {
             users: 0,
             idle_since: None,
             identity,
+            build_id,
             name: mapping.path.clone(),
         };
         if compiled.rows.is_empty() {
@@ -449,6 +473,10 @@ impl Tables {
             }
             object.pages.push(page);
         }
+        if let Some(b) = &object.build_id {
+            self.by_build_id.insert(b.clone(), object.id);
+            self.sharers.insert(object.id, 1);
+        }
         self.stats.objects += 1;
         self.stats.rows += len as usize;
         self.stats.pages += object.pages.len();
@@ -464,9 +492,37 @@ impl Tables {
         Ok(object)
     }
 
+    /// The rows loaded for `build_id`, for one more object to use.
+    fn shared_rows(&mut self, build_id: &[u8]) -> Option<Object> {
+        let id = *self.by_build_id.get(build_id)?;
+        let owner = self.objects.values().find(|o| o.id == id)?;
+        let shared = Object {
+            id,
+            ranges: owner.ranges.clone(),
+            len: owner.len,
+            pages: owner.pages.clone(),
+            ..Object::without_tables(String::new())
+        };
+        *self.sharers.entry(id).or_insert(1) += 1;
+        self.stats.shared += 1;
+        Some(shared)
+    }
+
     fn free_object(&mut self, object: Object) {
         if object.id == 0 {
             return;
+        }
+        // Rows shared by build id are freed with their last user.
+        if let Some(n) = self.sharers.get_mut(&object.id) {
+            *n -= 1;
+            if *n > 0 {
+                self.stats.shared -= 1;
+                return;
+            }
+            self.sharers.remove(&object.id);
+            if let Some(b) = &object.build_id {
+                self.by_build_id.remove(b);
+            }
         }
         for &page in &object.pages {
             let _ = self.pages.remove(&PageKey {
@@ -478,64 +534,6 @@ impl Tables {
         self.stats.objects -= 1;
         self.stats.rows -= object.len as usize;
         self.stats.pages -= object.pages.len();
-    }
-}
-
-/// The (modification time in ns, size) of a mapped file; `None` for the
-/// vDSO or a file that cannot be read.
-fn file_identity(pid: u32, mapping: &Mapping) -> Option<(i64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    let by_map = format!(
-        "/proc/{pid}/map_files/{:x}-{:x}",
-        mapping.start, mapping.end
-    );
-    let meta = std::fs::metadata(by_map).ok()?;
-    Some((
-        meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-        meta.size(),
-    ))
-}
-
-/// The bytes of a mapped object: the file, or the vDSO from memory.
-fn read_object(pid: u32, mapping: &Mapping) -> anyhow::Result<ObjectBytes> {
-    if mapping.path == VDSO {
-        let mut data = vec![0; (mapping.end - mapping.start) as usize];
-        let mem = File::open(format!("/proc/{pid}/mem")).context("opening the process's memory")?;
-        std::os::unix::fs::FileExt::read_exact_at(&mem, &mut data, mapping.start)
-            .context("reading the vDSO")?;
-        return Ok(ObjectBytes::Memory(data));
-    }
-    // map_files reaches the very file mapped, even if it was replaced or
-    // lives in another mount namespace; the path is the fallback.
-    let by_map = format!(
-        "/proc/{pid}/map_files/{:x}-{:x}",
-        mapping.start, mapping.end
-    );
-    let file = File::open(&by_map)
-        .or_else(|_| File::open(process::path_in_root(pid, &mapping.path)))
-        .with_context(|| format!("opening {}", mapping.path))?;
-    // SAFETY: the file is mapped read-only and only parsed; a concurrent
-    // truncation could fault, which no profiled program does to its own
-    // loaded code.
-    let data = unsafe { memmap2::Mmap::map(&file) }
-        .with_context(|| format!("mapping {}", mapping.path))?;
-    Ok(ObjectBytes::File(data))
-}
-
-/// An object's bytes, mapped from its file or copied from memory.
-enum ObjectBytes {
-    File(memmap2::Mmap),
-    Memory(Vec<u8>),
-}
-
-impl std::ops::Deref for ObjectBytes {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        match self {
-            Self::File(m) => m,
-            Self::Memory(v) => v,
-        }
     }
 }
 

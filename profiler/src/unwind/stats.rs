@@ -25,6 +25,8 @@ pub struct TableStats {
     /// Objects whose rows did not fit under the cap (even after idle
     /// objects made room): their code is unwound by frame pointers.
     pub over_cap: usize,
+    /// Objects using the rows of another file with the same build id.
+    pub shared: usize,
     /// Time spent reading and compiling CFI (or loading it from the cache)
     /// and placing it in the kernel's maps.
     pub build_time: Duration,
@@ -48,8 +50,9 @@ impl TableStats {
         let mib = |b: usize| b as f64 / f64::from(1 << 20);
         let b = &self.build;
         let mut text = format!(
-            "unwind tables: {} objects, {} rows, {:.1} MiB of {:.0} MiB kernel memory (--unwind-memory), {} objects did not fit; built {} objects ({} rows) in {:.2} s",
+            "unwind tables: {} objects (and {} sharing their rows by build id), {} rows, {:.1} MiB of {:.0} MiB kernel memory (--unwind-memory), {} objects did not fit; built {} objects ({} rows) in {:.2} s",
             self.objects,
+            self.shared,
             self.rows,
             mib(self.shard_bytes),
             mib(self.cap_bytes),
