@@ -135,6 +135,8 @@ pub struct AgentArgs {
     /// http://ADDR/metrics (`HOST:PORT`, or `:PORT` for every interface).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+    #[command(flatten)]
+    pub unwind: crate::unwind::UnwindArgs,
 }
 
 /// What the agent does, in plain types.
@@ -153,6 +155,8 @@ pub struct Settings {
     pub delivery: Delivery,
     pub service_name_rules: Vec<ServiceNameRule>,
     pub metrics: Option<String>,
+    /// `--unwind-memory` and the unwind table cache (fixed at start).
+    pub unwind: crate::unwind::UnwindOptions,
     /// The command line whose `--config` file SIGHUP reads again (None
     /// without a file).
     pub reload_from: Option<CommandLine>,
@@ -206,6 +210,7 @@ pub fn settings(args: &AgentArgs) -> anyhow::Result<Settings> {
         service_name_rules: args.service_name_rules.clone(),
         metrics: args.metrics.clone(),
         reload_from: None,
+        unwind: args.unwind.options(),
     })
 }
 

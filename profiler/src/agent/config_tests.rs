@@ -229,3 +229,28 @@ fn every_agent_flag_has_a_key() {
     }
     assert!(keys >= 25, "{keys} keys");
 }
+
+/// The unwind table options are keys like any flag, checked the same way.
+#[test]
+fn unwind_options_have_keys() {
+    let file = File::new(
+        "unwind",
+        "dir = [\"/tmp/p\"]\nunwind-memory = 64\nunwind-cache-dir = \"/tmp/uc\"\n",
+    );
+    let args: crate::agent::AgentArgs = file.args(&[]).parse().unwrap();
+    let settings = crate::agent::settings(&args).unwrap();
+    assert_eq!(settings.unwind.memory_mib, 64);
+    assert_eq!(settings.unwind.cache_dir, Some(PathBuf::from("/tmp/uc")));
+    let off = File::new("unwind-off", "dir = [\"/tmp/p\"]\nno-unwind-cache = true\n");
+    let args: crate::agent::AgentArgs = off.args(&[]).parse().unwrap();
+    assert_eq!(
+        crate::agent::settings(&args).unwrap().unwind.cache_dir,
+        None
+    );
+    let bad = File::new("unwind-bad", "dir = [\"/tmp/p\"]\nunwind-memory = 1\n");
+    let err = bad
+        .args(&[])
+        .parse::<crate::agent::AgentArgs>()
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("unwind-memory"), "{err:#}");
+}

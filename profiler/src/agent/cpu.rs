@@ -61,6 +61,8 @@ impl CpuCollector {
             event: Event::CpuClock,
             // The agent does not read Python frames yet.
             python_frames: crate::python::PythonFrames::Native,
+            // The agent's tables are its own (see the agent's session).
+            unwind: crate::unwind::UnwindOptions::default(),
         };
         let mut sampler = Sampler::new(ebpf, &settings)?;
         let ring = sampler

@@ -139,7 +139,8 @@ impl Agent {
             }
         })?;
         ebpf::spawn_logger(&mut ebpf);
-        let mut tables = Tables::new(&mut ebpf)?;
+        eprintln!("prof-bpf: agent: {}", settings.unwind.start_line());
+        let mut tables = Tables::with_options(&mut ebpf, &settings.unwind)?;
         // The named processes' tables before any probe: their first stacks
         // are complete.
         for &pid in settings.scope.pids() {
@@ -437,6 +438,7 @@ impl Agent {
             ("--interval", old.interval != settings.interval),
             ("-F", old.frequency != settings.frequency),
             ("--sample-bytes", old.sample_bytes != settings.sample_bytes),
+            ("--unwind-*", old.unwind != settings.unwind),
             (
                 "--no-heap/--no-cpu",
                 (old.heap, old.cpu) != (settings.heap, settings.cpu),
@@ -451,12 +453,13 @@ impl Agent {
                 restart.join(", ")
             );
         }
-        let (interval, frequency, sample_bytes, heap, cpu) = (
+        let (interval, frequency, sample_bytes, heap, cpu, unwind) = (
             old.interval,
             old.frequency,
             old.sample_bytes,
             old.heap,
             old.cpu,
+            old.unwind.clone(),
         );
         self.sources.clear();
         self.settings = Settings {
@@ -465,6 +468,7 @@ impl Agent {
             sample_bytes,
             heap,
             cpu,
+            unwind,
             ..settings
         };
         eprintln!("prof-bpf: agent: SIGHUP: new labels, scope and sinks in effect");
@@ -478,9 +482,11 @@ impl Agent {
             emitter,
             sinks,
             heap,
+            tables: unwind_tables,
             ..
         } = self;
         let counters = counters_line(&ebpf, heap.as_ref());
+        let tables = unwind_tables.stats().summary();
         // Detach every probe: the targets run unprofiled from here.
         drop(ebpf);
         emitter.finish().await;
@@ -498,6 +504,7 @@ impl Agent {
             );
         }
         eprintln!("prof-bpf: agent: {counters}");
+        eprintln!("prof-bpf: agent: {tables}");
     }
 }
 

@@ -97,6 +97,8 @@ pub struct CpuArgs {
     pub python: PythonArgs,
     #[command(flatten)]
     pub output: OutputArgs,
+    #[command(flatten)]
+    pub unwind: crate::unwind::UnwindArgs,
     /// Run this command and sample it and every process it starts, until it
     /// exits; prof-bpf then exits with its status.
     #[arg(
@@ -131,6 +133,7 @@ pub(crate) struct Settings {
     pub python_lines: PythonLines,
     /// `--gil`.
     pub python_gil: bool,
+    pub unwind: crate::unwind::UnwindOptions,
 }
 
 impl Settings {
@@ -186,6 +189,7 @@ fn validate(args: &CpuArgs) -> anyhow::Result<Settings> {
         python_frames: args.python.python_frames,
         python_lines: args.python.python_lines,
         python_gil: args.python.gil,
+        unwind: args.unwind.options(),
     })
 }
 

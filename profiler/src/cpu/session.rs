@@ -154,7 +154,8 @@ impl Session {
     fn start(settings: &Settings) -> anyhow::Result<Self> {
         let mut ebpf = ebpf::load()?;
         ebpf::spawn_logger(&mut ebpf);
-        let mut tables = Tables::new(&mut ebpf)?;
+        eprintln!("prof-bpf: {}", settings.unwind.start_line());
+        let mut tables = Tables::with_options(&mut ebpf, &settings.unwind)?;
         for &pid in settings.pids() {
             tables
                 .add_process(pid)
@@ -373,6 +374,9 @@ impl Session {
         let copies = state.copies.comment(&copied);
         eprintln!("prof-bpf: {copies}");
         collector.add_comment(copies);
+        let tables = state.tables.stats().summary();
+        eprintln!("prof-bpf: {tables}");
+        collector.add_comment(tables);
         eprintln!("prof-bpf: {}", stats::summary(&counters, &sampling));
         let profile = collector.finish()?;
         output.write(&profile)

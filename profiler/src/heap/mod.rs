@@ -177,6 +177,8 @@ pub struct HeapArgs {
     pub python: crate::python::PythonArgs,
     #[command(flatten)]
     pub output: crate::output::OutputArgs,
+    #[command(flatten)]
+    pub unwind: crate::unwind::UnwindArgs,
     /// Program to launch and profile until it exits (after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -266,6 +268,7 @@ fn to_settings(args: &HeapArgs) -> anyhow::Result<Settings> {
         max_live: args.max_live,
         max_stacks: args.max_stacks,
         python: args.python,
+        unwind: args.unwind.options(),
     })
 }
 

@@ -152,7 +152,8 @@ impl Session {
     ) -> anyhow::Result<Self> {
         let all = settings.targets == Targets::All;
         let mut ebpf = attach::load(&settings, tracking, settings.mmap && all)?;
-        let tables = Tables::new(&mut ebpf)?;
+        eprintln!("prof-bpf: {}", settings.unwind.start_line());
+        let tables = Tables::with_options(&mut ebpf, &settings.unwind)?;
         let mut python = PythonTracker::new(&mut ebpf, true)?;
         python.set_view(settings.python.python_frames, settings.python.python_lines);
         let copies = CopiedStacks::new(&mut ebpf)?;
@@ -429,6 +430,9 @@ impl Session {
             None => self.new_collector(),
         };
         collector.add_comment(copies);
+        let tables = self.tables.stats().summary();
+        eprintln!("prof-bpf: {tables}");
+        collector.add_comment(tables);
         self.build(collector, true)
     }
 

@@ -59,6 +59,8 @@ pub(crate) struct Settings {
     pub max_stacks: u32,
     /// `--python-frames`, `--python-lines`.
     pub python: crate::python::PythonArgs,
+    /// `--unwind-memory` and the unwind table cache.
+    pub unwind: crate::unwind::UnwindOptions,
 }
 
 /// How allocations are seen: `--probe` resolved against the targets.

@@ -18,7 +18,7 @@ use profiler_common::unwind::{
 use super::expr::{self, CfaExpr, SavedAt};
 
 /// The rows of one object, ready to load.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct ObjectRows {
     /// All rows, page after page.
     pub rows: Vec<UnwindRow>,

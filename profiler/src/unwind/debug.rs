@@ -68,12 +68,15 @@ pub struct DebugArgs {
     /// Print addresses, not symbols.
     #[arg(long)]
     pub raw: bool,
+    /// With --cfi, the cache is used only when --unwind-cache-dir names it.
+    #[command(flatten)]
+    pub unwind: super::UnwindArgs,
 }
 
 /// Runs the session.
 pub fn run(args: DebugArgs) -> anyhow::Result<()> {
     if !args.cfi.is_empty() {
-        return cfi_report(&args.cfi);
+        return cfi_report(&args.cfi, args.unwind.unwind_cache_dir.as_deref());
     }
     ebpf::require_root()?;
     let pid = NonZeroU32::new(args.pid.unwrap_or(0)).context("no process with pid 0")?;
@@ -86,7 +89,7 @@ async fn session(args: DebugArgs, pid: NonZeroU32) -> anyhow::Result<()> {
     stop.watch(pid.get())?;
     let mut ebpf = ebpf::load()?;
     ebpf::spawn_logger(&mut ebpf);
-    let mut tables = Tables::new(&mut ebpf)?;
+    let mut tables = Tables::with_options(&mut ebpf, &args.unwind.options())?;
     if !args.fp_only {
         tables.add_process(pid.get())?;
     }
@@ -198,9 +201,22 @@ async fn session(args: DebugArgs, pid: NonZeroU32) -> anyhow::Result<()> {
 }
 
 /// Compiles each object's CFI and prints, per object, `cfi PATH rows=N
-/// pages=N unsupported=N (P%) ms=T rows_per_s=R`, then one `  unsupported
-/// COUNT RULE` line per rule the walker cannot evaluate.
-fn cfi_report(paths: &[std::path::PathBuf]) -> anyhow::Result<()> {
+/// pages=N unsupported=N (P%) ms=T rows_per_s=R source=built|cache`, then
+/// one `  unsupported COUNT RULE` line per rule the walker cannot evaluate.
+/// With a cache directory, the rows come from it when it has them (ms is
+/// then the time to find, read and check the entry), else are built and
+/// stored.
+fn cfi_report(paths: &[std::path::PathBuf], cache: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let mut builder = match cache {
+        Some(dir) => {
+            super::cache::DiskCache::open(dir)?;
+            Some(super::build::Builder::new(&super::UnwindOptions {
+                cache_dir: Some(dir.to_owned()),
+                ..Default::default()
+            }))
+        }
+        None => None,
+    };
     for path in paths {
         let file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -208,11 +224,29 @@ fn cfi_report(paths: &[std::path::PathBuf]) -> anyhow::Result<()> {
         let data = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("mapping {}", path.display()))?;
         let started = std::time::Instant::now();
-        let rows = super::cfi::compile(&data)
-            .with_context(|| format!("reading the CFI of {}", path.display()))?;
+        let hits = |b: &Option<super::build::Builder>| {
+            b.as_ref()
+                .and_then(|b| b.stats().cache)
+                .map_or(0, |c| c.hits)
+        };
+        let hits_before = hits(&builder);
+        let rows = match &mut builder {
+            Some(b) => b.rows(
+                &data,
+                super::cfi::build_id(&data).filter(|id| !id.is_empty()),
+                Some(super::build::FileId::of(&file.metadata()?)),
+            ),
+            None => super::cfi::compile(&data),
+        }
+        .with_context(|| format!("reading the CFI of {}", path.display()))?;
         let secs = started.elapsed().as_secs_f64();
+        let source = if hits(&builder) > hits_before {
+            "cache"
+        } else {
+            "built"
+        };
         println!(
-            "cfi {} rows={} pages={} unsupported={} ({:.4}%) ms={:.0} rows_per_s={:.0}",
+            "cfi {} rows={} pages={} unsupported={} ({:.4}%) ms={:.1} rows_per_s={:.0} source={source}",
             path.display(),
             rows.rows.len(),
             rows.pages.len(),

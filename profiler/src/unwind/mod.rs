@@ -16,15 +16,20 @@
 //! code outside their known mappings (a `dlopen` since the last refresh) and
 //! returns the pids the tables do not know yet. Where no rows exist, the
 //! walker follows frame pointers.
+mod build;
+mod cache;
+mod cache_format;
 pub mod cfi;
 pub mod copied;
 pub mod debug;
 mod expr;
+pub mod options;
 pub mod rows;
+mod source;
+mod stats;
 
 use std::{
     collections::{HashMap, HashSet},
-    fs::File,
     time::{Duration, Instant},
 };
 
@@ -33,12 +38,16 @@ use aya::maps::{
     HashMap as BpfHashMap, Map, MapData,
     lpm_trie::{Key, LpmTrie},
 };
+use build::{Builder, FileId};
 use log::{debug, warn};
+pub use options::{UnwindArgs, UnwindOptions};
 use profiler_common::unwind::{
     MAPPINGS_MAP, MappingInfo, MappingKey, PAGES_MAP, PageKey, PageRows, REFRESH_MAP,
     ROW_SHARDS_MAP,
 };
 use rows::RowStore;
+use source::{file_identity, read_object};
+pub use stats::TableStats;
 
 use crate::process::{self, Mapping};
 
@@ -75,6 +84,8 @@ struct Object {
     /// The file's (modification time in ns, size) when loaded: an idle
     /// object is reused only for the same file (an inode can be reused).
     identity: Option<(i64, u64)>,
+    /// GNU build id: another file with the same one shares these rows.
+    build_id: Option<Vec<u8>>,
     name: String,
 }
 
@@ -90,6 +101,7 @@ impl Object {
             users: 0,
             idle_since: None,
             identity: None,
+            build_id: None,
             name,
         }
     }
@@ -104,45 +116,18 @@ struct Installed {
     key: ObjectKey,
 }
 
-/// Sizes and costs of the loaded tables.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TableStats {
-    /// Objects with rows loaded.
-    pub objects: usize,
-    /// Rows in the row array.
-    pub rows: usize,
-    /// 64 KiB pages in the page index.
-    pub pages: usize,
-    /// Address prefixes in the per-process trie.
-    pub prefixes: usize,
-    /// Rows whose rule the walker cannot evaluate.
-    pub unsupported_rows: usize,
-    /// Kernel memory of the row shards created (rows and free room).
-    pub shard_bytes: usize,
-    /// The cap on `shard_bytes`.
-    pub cap_bytes: usize,
-    /// Time spent reading and compiling CFI and loading it.
-    pub build_time: Duration,
-}
-
-impl TableStats {
-    /// Kernel memory the tables use, in bytes: row shards, page index
-    /// entries and trie entries (key + value, without the maps' own
-    /// overhead).
-    pub fn bytes(&self) -> usize {
-        self.shard_bytes
-            + self.pages * (size_of::<PageKey>() + size_of::<PageRows>())
-            + self.prefixes * (4 + size_of::<MappingKey>() + size_of::<MappingInfo>())
-    }
-}
-
 /// The unwind tables of the processes being profiled, kept in the BPF maps.
 pub struct Tables {
     rows: RowStore,
+    builder: Builder,
     pages: BpfHashMap<MapData, PageKey, PageRows>,
     mappings: LpmTrie<MapData, MappingKey, MappingInfo>,
     refresh: BpfHashMap<MapData, u32, u64>,
     objects: HashMap<ObjectKey, Object>,
+    /// Loaded rows by build id (object id), and how many objects (files)
+    /// use each such set of rows.
+    by_build_id: HashMap<Vec<u8>, u32>,
+    sharers: HashMap<u32, usize>,
     processes: HashMap<u32, HashSet<Installed>>,
     last_refresh: HashMap<u32, Instant>,
     next_id: u32,
@@ -159,24 +144,28 @@ fn take_map(ebpf: &mut aya::Ebpf, name: &str) -> anyhow::Result<Map> {
 
 impl Tables {
     /// Takes the unwinder's table maps out of `ebpf` (once per object), with
-    /// the default cap on the rows' kernel memory.
+    /// the default options.
     pub fn new(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
-        Self::with_cap(ebpf, rows::DEFAULT_CAP_MIB)
+        Self::with_options(ebpf, &UnwindOptions::default())
     }
 
-    /// [`Tables::new`] with at most `cap_mib` MiB of rows in the kernel.
-    pub fn with_cap(ebpf: &mut aya::Ebpf, cap_mib: u64) -> anyhow::Result<Self> {
-        let rows = RowStore::new(take_map(ebpf, ROW_SHARDS_MAP)?, cap_mib)?;
+    /// [`Tables::new`] with at most `options.memory_mib` MiB of rows in the
+    /// kernel, and the options' disk cache.
+    pub fn with_options(ebpf: &mut aya::Ebpf, options: &UnwindOptions) -> anyhow::Result<Self> {
+        let rows = RowStore::new(take_map(ebpf, ROW_SHARDS_MAP)?, options.memory_mib)?;
         let stats = TableStats {
             cap_bytes: rows.cap_bytes(),
             ..TableStats::default()
         };
         Ok(Self {
             rows,
+            builder: Builder::new(options),
             pages: BpfHashMap::try_from(take_map(ebpf, PAGES_MAP)?)?,
             mappings: LpmTrie::try_from(take_map(ebpf, MAPPINGS_MAP)?)?,
             refresh: BpfHashMap::try_from(take_map(ebpf, REFRESH_MAP)?)?,
             objects: HashMap::new(),
+            by_build_id: HashMap::new(),
+            sharers: HashMap::new(),
             processes: HashMap::new(),
             last_refresh: HashMap::new(),
             next_id: 1,
@@ -186,7 +175,10 @@ impl Tables {
 
     /// Sizes of what is loaded and the time spent building it.
     pub fn stats(&self) -> TableStats {
-        self.stats
+        TableStats {
+            build: self.builder.stats(),
+            ..self.stats
+        }
     }
 
     /// Whether `pid` has tables.
@@ -427,8 +419,29 @@ impl Tables {
         let identity = file_identity(pid, mapping);
         let data = read_object(pid, mapping)?;
         let segments = cfi::load_segments(&data)?;
-        let compiled =
-            cfi::compile(&data).with_context(|| format!("reading the CFI of {}", mapping.path))?;
+        let build_id = cfi::build_id(&data).filter(|b| !b.is_empty());
+        if let Some(shared) = build_id.as_ref().and_then(|b| self.shared_rows(b)) {
+            // The same code in another file (a copy, another mount, a
+            // container's layer): the rows are already loaded.
+            debug!("unwind tables for {} shared by build id", mapping.path);
+            return Ok(Object {
+                segments,
+                identity,
+                build_id,
+                name: mapping.path.clone(),
+                ..shared
+            });
+        }
+        let file = identity.map(|(mtime_ns, size)| FileId {
+            dev: mapping.dev,
+            inode: mapping.inode,
+            mtime_ns,
+            size,
+        });
+        let compiled = self
+            .builder
+            .rows(&data, build_id.clone(), file)
+            .with_context(|| format!("reading the CFI of {}", mapping.path))?;
         let mut object = Object {
             id: 0,
             ranges: Vec::new(),
@@ -438,6 +451,7 @@ impl Tables {
             users: 0,
             idle_since: None,
             identity,
+            build_id,
             name: mapping.path.clone(),
         };
         if compiled.rows.is_empty() {
@@ -454,6 +468,9 @@ impl Tables {
                 // Under the cap, idle objects make room first.
                 Err(_) if self.evict_idle() => {}
                 Err(err) => {
+                    if err.is::<rows::CapReached>() {
+                        self.stats.over_cap += 1;
+                    }
                     return Err(err)
                         .with_context(|| format!("loading the unwind rows of {}", mapping.path));
                 }
@@ -475,6 +492,10 @@ impl Tables {
             }
             object.pages.push(page);
         }
+        if let Some(b) = &object.build_id {
+            self.by_build_id.insert(b.clone(), object.id);
+            self.sharers.insert(object.id, 1);
+        }
         self.stats.objects += 1;
         self.stats.rows += len as usize;
         self.stats.pages += object.pages.len();
@@ -490,9 +511,37 @@ impl Tables {
         Ok(object)
     }
 
+    /// The rows loaded for `build_id`, for one more object to use.
+    fn shared_rows(&mut self, build_id: &[u8]) -> Option<Object> {
+        let id = *self.by_build_id.get(build_id)?;
+        let owner = self.objects.values().find(|o| o.id == id)?;
+        let shared = Object {
+            id,
+            ranges: owner.ranges.clone(),
+            len: owner.len,
+            pages: owner.pages.clone(),
+            ..Object::without_tables(String::new())
+        };
+        *self.sharers.entry(id).or_insert(1) += 1;
+        self.stats.shared += 1;
+        Some(shared)
+    }
+
     fn free_object(&mut self, object: Object) {
         if object.id == 0 {
             return;
+        }
+        // Rows shared by build id are freed with their last user.
+        if let Some(n) = self.sharers.get_mut(&object.id) {
+            *n -= 1;
+            if *n > 0 {
+                self.stats.shared -= 1;
+                return;
+            }
+            self.sharers.remove(&object.id);
+            if let Some(b) = &object.build_id {
+                self.by_build_id.remove(b);
+            }
         }
         for &page in &object.pages {
             let _ = self.pages.remove(&PageKey {
@@ -504,64 +553,6 @@ impl Tables {
         self.stats.objects -= 1;
         self.stats.rows -= object.len as usize;
         self.stats.pages -= object.pages.len();
-    }
-}
-
-/// The (modification time in ns, size) of a mapped file; `None` for the
-/// vDSO or a file that cannot be read.
-fn file_identity(pid: u32, mapping: &Mapping) -> Option<(i64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    let by_map = format!(
-        "/proc/{pid}/map_files/{:x}-{:x}",
-        mapping.start, mapping.end
-    );
-    let meta = std::fs::metadata(by_map).ok()?;
-    Some((
-        meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-        meta.size(),
-    ))
-}
-
-/// The bytes of a mapped object: the file, or the vDSO from memory.
-fn read_object(pid: u32, mapping: &Mapping) -> anyhow::Result<ObjectBytes> {
-    if mapping.path == VDSO {
-        let mut data = vec![0; (mapping.end - mapping.start) as usize];
-        let mem = File::open(format!("/proc/{pid}/mem")).context("opening the process's memory")?;
-        std::os::unix::fs::FileExt::read_exact_at(&mem, &mut data, mapping.start)
-            .context("reading the vDSO")?;
-        return Ok(ObjectBytes::Memory(data));
-    }
-    // map_files reaches the very file mapped, even if it was replaced or
-    // lives in another mount namespace; the path is the fallback.
-    let by_map = format!(
-        "/proc/{pid}/map_files/{:x}-{:x}",
-        mapping.start, mapping.end
-    );
-    let file = File::open(&by_map)
-        .or_else(|_| File::open(process::path_in_root(pid, &mapping.path)))
-        .with_context(|| format!("opening {}", mapping.path))?;
-    // SAFETY: the file is mapped read-only and only parsed; a concurrent
-    // truncation could fault, which no profiled program does to its own
-    // loaded code.
-    let data = unsafe { memmap2::Mmap::map(&file) }
-        .with_context(|| format!("mapping {}", mapping.path))?;
-    Ok(ObjectBytes::File(data))
-}
-
-/// An object's bytes, mapped from its file or copied from memory.
-enum ObjectBytes {
-    File(memmap2::Mmap),
-    Memory(Vec<u8>),
-}
-
-impl std::ops::Deref for ObjectBytes {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        match self {
-            Self::File(m) => m,
-            Self::Memory(v) => v,
-        }
     }
 }
 

@@ -32,6 +32,13 @@ impl Drop for MappedShard {
     }
 }
 
+/// The rows of an object do not fit under the memory cap.
+#[derive(Debug, thiserror::Error)]
+#[error("unwind row memory cap reached ({cap_mib} MiB; raise --unwind-memory)")]
+pub struct CapReached {
+    pub cap_mib: usize,
+}
+
 /// The rows of every loaded object.
 pub struct RowStore {
     /// `UNWIND_ROW_SHARDS`, an array of maps.
@@ -154,10 +161,10 @@ impl RowStore {
     fn add_shard(&mut self) -> anyhow::Result<()> {
         let index = self.shards.len() as u32;
         if index >= self.max_shards {
-            bail!(
-                "unwind row memory cap reached ({} MiB; raise --unwind-memory)",
-                self.cap_bytes() >> 20
-            );
+            return Err(CapReached {
+                cap_mib: self.cap_bytes() >> 20,
+            }
+            .into());
         }
         let shard = Array::<MapData, UnwindRow>::create(SHARD_ROWS, BPF_F_MMAPABLE)
             .context("creating an unwind row shard")?;

@@ -140,30 +140,46 @@ fn big_objects(prof: &Path) -> anyhow::Result<()> {
         println!("big objects: none found");
         return Ok(());
     }
-    let out = Command::new(prof)
-        .arg("debug-unwind")
-        .arg("--cfi")
-        .args(&objects)
-        .output()
-        .context("running debug-unwind --cfi")?;
-    if !out.status.success() {
-        bail!(
-            "debug-unwind --cfi failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    // Cold: built, and stored in a fresh cache; warm: loaded from it.
+    let cache = util::target_dir().join("bench-unwind-cache");
+    let _ = std::fs::remove_dir_all(&cache);
+    for (what, pass) in [
+        (
+            "cold build of the rows (one thread), stored in the cache",
+            "cold",
+        ),
+        ("warm: the same rows loaded from the on-disk cache", "warm"),
+    ] {
+        let out = Command::new(prof)
+            .arg("debug-unwind")
+            .arg("--unwind-cache-dir")
+            .arg(&cache)
+            .arg("--cfi")
+            .args(&objects)
+            .output()
+            .context("running debug-unwind --cfi")?;
+        if !out.status.success() {
+            bail!(
+                "debug-unwind --cfi failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        println!("big objects, {what}; kernel memory of the rows");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some(rows) = field(line, "rows") else {
+                if pass == "cold" {
+                    println!("{line}");
+                }
+                continue;
+            };
+            let shards = rows.div_ceil(1 << 20);
+            println!(
+                "{pass} {line} row_bytes={:.1}MiB (in {shards} shards of 8 MiB)",
+                rows as f64 * 8.0 / (1 << 20) as f64
+            );
+        }
     }
-    println!("big objects: cold build of the rows (one thread), kernel memory of the rows");
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some(rows) = field(line, "rows") else {
-            println!("{line}");
-            continue;
-        };
-        let shards = rows.div_ceil(1 << 20);
-        println!(
-            "{line} row_bytes={:.1}MiB (in {shards} shards of 8 MiB)",
-            rows as f64 * 8.0 / (1 << 20) as f64
-        );
-    }
+    let _ = std::fs::remove_dir_all(&cache);
     Ok(())
 }
 
