@@ -23,7 +23,8 @@ use std::{
 
 use check::Pprof;
 use prof_bpf_tests::{
-    Proc, assert_one_line_error, build_workload, profalloc_lib, require_bpf, run_prof_bpf,
+    Proc, assert_one_line_error, build_workload, prof_bpf, profalloc_lib, require_bpf,
+    run_prof_bpf, start_following,
 };
 use receiver::Receiver;
 use run::{READY, profiles, scratch, start_agent, stop_agent, value, wait_profile};
@@ -432,4 +433,75 @@ fn bad_flags_are_one_line_errors() {
         let (_, stderr, code) = run_prof_bpf(args);
         assert_one_line_error(&stderr, code, needle);
     }
+}
+
+#[test]
+fn without_cpu_a_process_that_execs_into_libprofalloc_is_examined_at_once() {
+    require_bpf!();
+    let dir = scratch("exec");
+    // A copy of libprofalloc.so of its own: the agent's line on attaching
+    // to it says that this process was examined, whatever else runs here.
+    let lib = dir.join("libprofalloc-exec.so");
+    std::fs::copy(profalloc_lib(), &lib).unwrap();
+    let workload = build_workload("agent_heap", FLAGS);
+    // A shell, seen by the agent as it starts, that waits for a line and
+    // then runs the heap workload in its place (same pid).
+    let mut w = Proc::spawn(
+        Command::new("sh")
+            .arg("-c")
+            .arg("read go; exec env LD_PRELOAD=\"$0\" PROFALLOC_SAMPLE_BYTES=4096 \"$1\" 0")
+            .arg(&lib)
+            .arg(&workload),
+    );
+    // An interval longer than the test: only the exec event can make the
+    // agent look at the process again before the end.
+    let (agent, _, lines) = start_following(
+        &prof_bpf(),
+        &[
+            "agent",
+            "--no-cpu",
+            "--interval",
+            "600",
+            "--dir",
+            dir.to_str().unwrap(),
+        ],
+        READY,
+    );
+    w.send_line("go");
+    w.expect_line("ready");
+    let attached = format!("of {} (every process mapping it)", lib.display());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .expect("the agent did not examine the process after its exec within 20 s");
+        if line.contains(&attached) {
+            break;
+        }
+    }
+    leak(&mut w, 8, 8);
+    let pid = w.pid();
+    stop_agent(agent);
+    let all = profiles(&dir, pid, "heap");
+    assert_eq!(all.len(), 1, "the one (partial) interval");
+    // The 8 blocks leaked and the 8 churned, all under main() (stacks
+    // taken before the new program's unwind tables were built may miss
+    // the frame under it); stdio's buffers aside.
+    let p = &all[0];
+    let i = p
+        .sample_types
+        .iter()
+        .position(|t| t == "alloc_space")
+        .unwrap();
+    let made: i64 = p
+        .samples
+        .iter()
+        .filter(|s| {
+            let frames: Vec<&str> = s.stack.split(';').collect();
+            frames.contains(&"main") && !frames.iter().any(|f| f.contains("_IO_"))
+        })
+        .map(|s| s.values[i])
+        .sum();
+    assert_close(made, 16 * BLOCK, "alloc_space under main()");
 }
