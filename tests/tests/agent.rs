@@ -8,6 +8,9 @@ mod check;
 #[path = "sinks/receiver.rs"]
 #[allow(dead_code, reason = "shared with the sinks test")]
 mod receiver;
+#[path = "agent_support/run.rs"]
+#[allow(dead_code, reason = "shared by the agent tests")]
+mod run;
 #[path = "sinks/wire.rs"]
 #[allow(dead_code, reason = "shared with the sinks test")]
 mod wire;
@@ -20,104 +23,19 @@ use std::{
 
 use check::Pprof;
 use prof_bpf_tests::{
-    Proc, assert_one_line_error, build_workload, profalloc_lib, require_bpf, run_prof_bpf,
-    start_prof_bpf,
+    Proc, assert_one_line_error, build_workload, prof_bpf, profalloc_lib, require_bpf,
+    run_prof_bpf, start_following,
 };
 use receiver::Receiver;
+use run::{READY, profiles, scratch, start_agent, stop_agent, value, wait_profile};
 use wire::Message;
 
 const FLAGS: &[&str] = &["-O2", "-g", "-fno-omit-frame-pointer"];
-/// The agent's line once everything is attached.
-const READY: &str = "prof-bpf: agent: profiling";
 /// Bytes of one block of the heap workload.
 const BLOCK: i64 = 64 * 1024;
 /// Sampling distance of the heap tests: 1/16 of a block, so every block
 /// is sampled (probability 1 - e^-16) with a weight of its own size.
 const SAMPLE_BYTES: &str = "4096";
-
-/// A fresh scratch directory for one test.
-fn scratch(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("prof-bpf-agent-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Starts the agent and waits until it is attached; returns it and its
-/// stderr lines so far.
-fn start_agent(args: &[&str]) -> (Child, Vec<String>) {
-    let mut all = vec!["agent"];
-    all.extend_from_slice(args);
-    start_prof_bpf(&all, READY)
-}
-
-/// SIGTERM, then the agent must flush and exit 0 (within 30 s).
-fn stop_agent(mut agent: Child) {
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = agent.try_wait().unwrap() {
-            assert!(status.success(), "the agent exited with {status:?}");
-            return;
-        }
-        assert!(Instant::now() < deadline, "the agent did not stop in 30 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The profiles of `pid` and `kind` written to `dir`, oldest first.
-fn profiles(dir: &Path, pid: u32, kind: &str) -> Vec<Pprof> {
-    let suffix = format!("-{pid}-{kind}.pb.gz");
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.ends_with(&suffix))
-        .collect();
-    names.sort();
-    names
-        .iter()
-        .map(|n| check::pprof(&std::fs::read(dir.join(n)).unwrap()))
-        .collect()
-}
-
-/// Waits (at most 60 s) until a profile of `pid` and `kind` beyond the
-/// first `after` satisfies `good`; returns every profile so far.
-fn wait_profile(
-    dir: &Path,
-    pid: u32,
-    kind: &str,
-    after: usize,
-    good: impl Fn(&Pprof) -> bool,
-) -> Vec<Pprof> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let all = profiles(dir, pid, kind);
-        if all.iter().skip(after).any(&good) {
-            return all;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {kind} profile of pid {pid} as expected within 60 s: {all:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Sum of the values of sample type `ty` over the samples whose stack
-/// contains `function`.
-fn value(p: &Pprof, ty: &str, function: &str) -> i64 {
-    let i = p
-        .sample_types
-        .iter()
-        .position(|t| t == ty)
-        .unwrap_or_else(|| panic!("no {ty} in {:?}", p.sample_types));
-    p.samples
-        .iter()
-        .filter(|s| s.stack.split(';').any(|f| f == function))
-        .map(|s| s.values[i])
-        .sum()
-}
 
 /// Within 2% (the heap values are estimates, a hair above the bytes).
 fn assert_close(got: i64, want: i64, what: &str) {
@@ -515,4 +433,75 @@ fn bad_flags_are_one_line_errors() {
         let (_, stderr, code) = run_prof_bpf(args);
         assert_one_line_error(&stderr, code, needle);
     }
+}
+
+#[test]
+fn without_cpu_a_process_that_execs_into_libprofalloc_is_examined_at_once() {
+    require_bpf!();
+    let dir = scratch("exec");
+    // A copy of libprofalloc.so of its own: the agent's line on attaching
+    // to it says that this process was examined, whatever else runs here.
+    let lib = dir.join("libprofalloc-exec.so");
+    std::fs::copy(profalloc_lib(), &lib).unwrap();
+    let workload = build_workload("agent_heap", FLAGS);
+    // A shell, seen by the agent as it starts, that waits for a line and
+    // then runs the heap workload in its place (same pid).
+    let mut w = Proc::spawn(
+        Command::new("sh")
+            .arg("-c")
+            .arg("read go; exec env LD_PRELOAD=\"$0\" PROFALLOC_SAMPLE_BYTES=4096 \"$1\" 0")
+            .arg(&lib)
+            .arg(&workload),
+    );
+    // An interval longer than the test: only the exec event can make the
+    // agent look at the process again before the end.
+    let (agent, _, lines) = start_following(
+        &prof_bpf(),
+        &[
+            "agent",
+            "--no-cpu",
+            "--interval",
+            "600",
+            "--dir",
+            dir.to_str().unwrap(),
+        ],
+        READY,
+    );
+    w.send_line("go");
+    w.expect_line("ready");
+    let attached = format!("of {} (every process mapping it)", lib.display());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .expect("the agent did not examine the process after its exec within 20 s");
+        if line.contains(&attached) {
+            break;
+        }
+    }
+    leak(&mut w, 8, 8);
+    let pid = w.pid();
+    stop_agent(agent);
+    let all = profiles(&dir, pid, "heap");
+    assert_eq!(all.len(), 1, "the one (partial) interval");
+    // The 8 blocks leaked and the 8 churned, all under main() (stacks
+    // taken before the new program's unwind tables were built may miss
+    // the frame under it); stdio's buffers aside.
+    let p = &all[0];
+    let i = p
+        .sample_types
+        .iter()
+        .position(|t| t == "alloc_space")
+        .unwrap();
+    let made: i64 = p
+        .samples
+        .iter()
+        .filter(|s| {
+            let frames: Vec<&str> = s.stack.split(';').collect();
+            frames.contains(&"main") && !frames.iter().any(|f| f.contains("_IO_"))
+        })
+        .map(|s| s.values[i])
+        .sum();
+    assert_close(made, 16 * BLOCK, "alloc_space under main()");
 }

@@ -6,9 +6,15 @@
 use std::collections::HashMap;
 
 use anyhow::Context as _;
-use profiler_common::{cpu::TaskEvent, stack::UserStack};
+use profiler_common::{
+    cpu::{KEY_PYTHON_STACK, TaskEvent},
+    stack::UserStack,
+};
 
-use super::scope::{Facts, Scope};
+use super::{
+    python::AgentPython,
+    scope::{Facts, Scope},
+};
 use crate::{
     cpu::{
         Event, Settings, Targets,
@@ -59,8 +65,9 @@ impl CpuCollector {
             python_gil: false,
             idle: false,
             event: Event::CpuClock,
-            // The agent does not read Python frames yet.
-            python_frames: crate::python::PythonFrames::Native,
+            // The agent's own walker tracker (see `agent::python`) decides
+            // which processes are walked.
+            python_frames: crate::python::PythonFrames::Mixed,
             // The agent's tables are its own (see the agent's session).
             unwind: crate::unwind::UnwindOptions::default(),
         };
@@ -120,8 +127,8 @@ impl CpuCollector {
 
     /// Feeds every count since the last drain to the interval's collectors
     /// of the processes in `scope` (kernel threads and the idle task are
-    /// not processes of anyone's).
-    pub fn drain(&mut self, scope: &Scope) -> anyhow::Result<()> {
+    /// not processes of anyone's), Python frames spliced in.
+    pub fn drain(&mut self, scope: &Scope, python: &mut AgentPython) -> anyhow::Result<()> {
         for (key, counts) in self.sampler.drain(&mut self.stacks)? {
             let pid = key.pid;
             if pid == 0 || pid == std::process::id() {
@@ -135,7 +142,12 @@ impl CpuCollector {
                 continue;
             }
             *self.recent_samples.entry(pid).or_default() += counts.samples;
-            let sample = report::sample(&key, &counts, &self.stacks, &mut self.tasks, &LiveProc);
+            python.look(pid);
+            let mut sample =
+                report::sample(&key, &counts, &self.stacks, &mut self.tasks, &LiveProc);
+            if key.flags & KEY_PYTHON_STACK != 0 {
+                python.merge(pid, key.python_stack, &mut sample);
+            }
             let frequency = self.frequency;
             self.interval
                 .entry(pid)
@@ -155,8 +167,12 @@ impl CpuCollector {
     }
 
     /// The interval's collectors, one per process sampled; a new interval starts.
-    pub fn cut(&mut self, scope: &Scope) -> anyhow::Result<Vec<(u32, Collector)>> {
-        self.drain(scope)?;
+    pub fn cut(
+        &mut self,
+        scope: &Scope,
+        python: &mut AgentPython,
+    ) -> anyhow::Result<Vec<(u32, Collector)>> {
+        self.drain(scope, python)?;
         // What was learnt of tasks is for the interval: processes are
         // decided and named again in the next (a pid may be reused), and
         // nothing grows with the number of processes ever seen.

@@ -15,7 +15,7 @@
 use std::{
     collections::{HashMap, HashSet},
     num::NonZeroU32,
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use aya::{
@@ -44,7 +44,13 @@ use crate::{
     },
     process,
     profile::{Collector, SampleType},
+    python::tracker::PairStacks,
 };
+
+/// After an exec, how long a process is examined again at every tick
+/// while it maps no in-process sampler: the exec event comes before the
+/// dynamic loader has mapped the program's libraries.
+const EXEC_SETTLE: Duration = Duration::from_secs(3);
 
 /// What an object file offers the hook programs.
 #[derive(Clone, Debug)]
@@ -77,6 +83,8 @@ pub(crate) struct HeapCollector {
     sampler_inodes: Vec<u64>,
     /// Processes examined (forgotten again on exec).
     seen: HashSet<u32>,
+    /// When each process last ran a new program (see [`EXEC_SETTLE`]).
+    execs: HashMap<u32, Instant>,
     /// Processes sampled in-process, and how.
     in_process: HashMap<u32, Tracking>,
     uprobed: HashMap<u32, Uprobed>,
@@ -116,6 +124,7 @@ impl HeapCollector {
             usdt: UsdtAttacher::default(),
             sampler_inodes: Vec::new(),
             seen: HashSet::new(),
+            execs: HashMap::new(),
             in_process: HashMap::new(),
             uprobed: HashMap::new(),
             over_ceiling: HashSet::new(),
@@ -147,6 +156,7 @@ impl HeapCollector {
     /// `pid` runs a new program: it is examined again.
     pub fn exec(&mut self, ebpf: &mut Ebpf, pid: u32) {
         self.seen.remove(&pid);
+        self.execs.insert(pid, Instant::now());
         self.in_process.remove(&pid);
         self.out_of_scope.remove(&pid);
         if let Some(u) = self.uprobed.remove(&pid) {
@@ -160,6 +170,8 @@ impl HeapCollector {
         let running: HashSet<u32> = running.iter().copied().collect();
         self.seen.retain(|pid| running.contains(pid));
         self.out_of_scope.retain(|pid| running.contains(pid));
+        self.execs
+            .retain(|pid, at| running.contains(pid) && at.elapsed() < EXEC_SETTLE);
     }
 
     /// Examines the processes among `pids` not seen yet: attaches to the
@@ -201,6 +213,14 @@ impl HeapCollector {
             if let Some(tracking) = tracking {
                 self.in_process.insert(pid, tracking);
                 self.refresh(pid);
+            } else if self
+                .execs
+                .get(&pid)
+                .is_some_and(|at| at.elapsed() < EXEC_SETTLE)
+            {
+                // Its libraries may not be mapped yet: the next tick looks
+                // again.
+                self.seen.remove(&pid);
             } else if scope.named(&facts) && !self.over_ceiling.contains(&pid) {
                 self.uprobe(ebpf, pid, &facts);
             }
@@ -355,12 +375,14 @@ impl HeapCollector {
 
     /// Cuts the interval: one collector per heap-profiled process with
     /// this interval's allocations and what is in use now. `stack` reads a
-    /// user stack by id from the unwinder's map.
+    /// user stack by id from the unwinder's map; `python` names the
+    /// Python halves of combined stack ids.
     pub fn cut(
         &mut self,
         ebpf: &mut Ebpf,
         scope: &Scope,
         stack: impl Fn(&Ebpf, u64) -> Option<UserStack>,
+        python: &PairStacks,
     ) -> anyhow::Result<Vec<(u32, Collector)>> {
         let stats = maps::stack_stats(ebpf)?;
         // Processes first seen by their samples: started since the last
@@ -403,8 +425,12 @@ impl HeapCollector {
                 self.refresh(pid);
             }
             for (key, _) in &pid_stats {
+                // A combined id stands for a native and a Python stack.
+                let native = python
+                    .get(&key.stack_id)
+                    .map_or(key.stack_id, |(pair, _)| pair.native);
                 if !self.stacks.contains_key(&key.stack_id)
-                    && let Some(s) = stack(ebpf, key.stack_id)
+                    && let Some(s) = stack(ebpf, native)
                 {
                     self.stacks.insert(key.stack_id, s);
                 }
@@ -442,7 +468,7 @@ impl HeapCollector {
                 mmap: false,
                 processes: &self.processes,
                 allocator_inodes: self.sampler_inodes.clone(),
-                python: None,
+                python: Some(python),
             };
             let report = report::heap_report_since(&totals, &ctx, &self.baseline);
             if report.samples.is_empty() {

@@ -10,6 +10,8 @@
 //!   probes) for every process, malloc uprobes for named ones under a
 //!   per-process call-rate ceiling;
 //! - `cpu`: the `cpu` sampler at 19 Hz, per process per interval;
+//! - `python`: Python frames in both collectors' stacks (one walker);
+//! - `tasks`: exec and exit events without the CPU collector;
 //! - `emit`: symbolizing (one cache) and handing profiles to the sinks;
 //! - `session`: the loop, the interval cut, SIGHUP, the final flush;
 //! - [`labels`]: a process's service name, executable and container;
@@ -25,8 +27,10 @@ mod emit;
 mod heap;
 pub mod labels;
 pub mod metrics_http;
+mod python;
 mod scope;
 mod session;
+mod tasks;
 
 pub use args::{AgentArgs, Settings, settings};
 pub use scope::{Facts, Rule, Scope};

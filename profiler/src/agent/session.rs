@@ -25,6 +25,8 @@ use super::{
     heap::HeapCollector,
     metrics_http::{CollectorCounters, MetricsServer, Readings},
     name_process,
+    python::AgentPython,
+    tasks::TaskWatch,
 };
 use crate::{
     cpu::budget::{self, Budget},
@@ -84,7 +86,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
                 StopEvent::Exited(_) => {}
                 StopEvent::Stop(reason) => break reason,
             },
-            events = task_events(&mut agent.cpu) => agent.task_events(events?),
+            events = task_events(&mut agent.cpu, &mut agent.task_watch) => agent.task_events(events?),
             _ = tick.tick() => {
                 agent.tick();
                 if _metrics.is_some()
@@ -102,13 +104,16 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The next task events, or never without the CPU collector.
+/// The next task events: the CPU collector's, or without it the
+/// tracepoints' alone.
 async fn task_events(
     cpu: &mut Option<CpuCollector>,
+    watch: &mut Option<TaskWatch>,
 ) -> anyhow::Result<Vec<(profiler_common::cpu::TaskEvent, Change)>> {
-    match cpu {
-        Some(cpu) => cpu.task_events().await,
-        None => std::future::pending().await,
+    match (cpu, watch) {
+        (Some(cpu), _) => cpu.task_events().await,
+        (None, Some(watch)) => watch.next().await,
+        (None, None) => std::future::pending().await,
     }
 }
 
@@ -120,6 +125,9 @@ struct Agent {
     table_budget: Budget<Instant>,
     heap: Option<HeapCollector>,
     cpu: Option<CpuCollector>,
+    /// Exec and exit events when there is no CPU collector.
+    task_watch: Option<TaskWatch>,
+    python: AgentPython,
     sinks: Arc<Sinks>,
     emitter: Emitter,
     /// The last name of each process profiled (kept after it exits).
@@ -148,6 +156,7 @@ impl Agent {
                 warn!("pid {pid}: no unwind tables, stacks follow frame pointers only: {err:#}");
             }
         }
+        let mut python = AgentPython::new(&mut ebpf, settings.heap, &settings.scope)?;
         let mut heap = if settings.heap {
             Some(HeapCollector::new(
                 &mut ebpf,
@@ -166,8 +175,16 @@ impl Agent {
         } else {
             None
         };
+        let task_watch = if cpu.is_none() {
+            Some(TaskWatch::attach(&mut ebpf)?)
+        } else {
+            None
+        };
         if let Some(heap) = &mut heap {
             heap.discover(&mut ebpf, &settings.scope, &all_pids());
+            for pid in heap.targets() {
+                python.look(pid);
+            }
         }
         let emitter = Emitter::start(Arc::clone(&sinks))?;
         eprintln!(
@@ -181,6 +198,8 @@ impl Agent {
             table_budget: Budget::new(Instant::now()),
             heap,
             cpu,
+            task_watch,
+            python,
             sinks,
             emitter,
             sources: HashMap::new(),
@@ -202,7 +221,7 @@ impl Agent {
     fn try_tick(&mut self) -> anyhow::Result<()> {
         let mut profiled = Vec::new();
         if let Some(cpu) = &mut self.cpu {
-            cpu.drain(&self.settings.scope)?;
+            cpu.drain(&self.settings.scope, &mut self.python)?;
             profiled.extend(cpu.sampled());
         }
         if let Some(heap) = &mut self.heap {
@@ -210,8 +229,12 @@ impl Agent {
             heap.forget_gone(&running);
             heap.discover(&mut self.ebpf, &self.settings.scope, &running);
             heap.enforce_ceiling(&mut self.ebpf)?;
+            for pid in heap.targets() {
+                self.python.look(pid);
+            }
             profiled.extend(heap.targets());
         }
+        self.python.tick();
         // Named while they run: a short-lived process is gone by the cut.
         for pid in profiled {
             self.source(pid);
@@ -262,14 +285,19 @@ impl Agent {
         for (_, change) in events {
             match change {
                 Change::Exec(pid) => {
-                    // The old program's tables and probes mean nothing now.
+                    // The old program's tables, probes and interpreter
+                    // mean nothing now.
                     self.tables.remove_process(pid);
                     self.sources.remove(&pid);
+                    self.python.exec(pid);
                     if let Some(heap) = &mut self.heap {
                         heap.exec(&mut self.ebpf, pid);
                     }
                 }
-                Change::ProcessExit(pid) => self.tables.remove_process(pid),
+                Change::ProcessExit(pid) => {
+                    self.tables.remove_process(pid);
+                    self.python.exited(pid);
+                }
                 Change::None => {}
             }
         }
@@ -299,12 +327,21 @@ impl Agent {
                     None => heap::maps::user_stack(ebpf, id),
                 }
             };
-            for (pid, c) in heap.cut(&mut self.ebpf, &self.settings.scope, read)? {
+            self.python.tick();
+            let cut = heap.cut(
+                &mut self.ebpf,
+                &self.settings.scope,
+                read,
+                self.python.pairs(),
+            )?;
+            for (pid, c) in cut {
                 profiles.push((ProfileKind::Heap, pid, c));
             }
+            self.python
+                .forget_pairs(|pid| process::check_pid(pid).is_err());
         }
         if let Some(cpu) = &mut self.cpu {
-            for (pid, c) in cpu.cut(&self.settings.scope)? {
+            for (pid, c) in cpu.cut(&self.settings.scope, &mut self.python)? {
                 profiles.push((ProfileKind::Cpu, pid, c));
             }
         }
@@ -509,7 +546,7 @@ impl Agent {
 }
 
 /// Every process now.
-fn all_pids() -> Vec<u32> {
+pub(super) fn all_pids() -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };

@@ -468,6 +468,30 @@ impl Tracker {
         &self.named_pairs
     }
 
+    /// Whether the stacks read stay in the kernel's map (as [`Tracker::new`]
+    /// chose): a long-running reader that names every stack as soon as
+    /// it is read (the agent) keeps none.
+    pub fn set_keep_stacks(&mut self, keep: bool) {
+        self.keep_stacks = keep;
+    }
+
+    /// Heap: forgets the pairs of the processes `gone` says have exited,
+    /// here and in the kernel's map, which would fill up otherwise.
+    pub fn forget_pairs(&mut self, gone: impl Fn(u32) -> bool) {
+        let ids: Vec<u64> = self
+            .named_pairs
+            .iter()
+            .filter(|(_, (pair, _))| gone(pair.pid))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            self.named_pairs.remove(&id);
+            if let Some(map) = &mut self.pairs {
+                let _ = map.remove(&id);
+            }
+        }
+    }
+
     fn stack(&mut self, id: u64) -> Option<(Vec<PyFrameSlot>, u32)> {
         if let Some(found) = self.read.get(&id) {
             return Some(found.clone());

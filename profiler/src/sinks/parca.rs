@@ -108,9 +108,12 @@ impl Parca {
     }
 
     pub(crate) fn encode(message: &Prepared) -> Bytes {
-        let labels = message
-            .source
-            .series_labels(message.kind)
+        let mut labels = message.source.series_labels(message.kind);
+        // Parca's convention (its agent relabels `__meta_process_pid` to
+        // `pid`): the pid is a series label. Its label names follow
+        // Prometheus' syntax, so OTel's `process.pid` cannot be one.
+        labels.push(("pid".to_owned(), message.source.pid.to_string()));
+        let labels = labels
             .into_iter()
             .map(|(name, value)| proto::Label { name, value })
             .collect();

@@ -32,7 +32,7 @@ pub struct ObjectRows {
 }
 
 /// A rule at a virtual address, before paging.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Rule {
     cfa_kind: u8,
     cfa_offset: i64,
@@ -65,6 +65,27 @@ impl Rule {
             self.rbp_offset,
         )?
         .with_rbx(self.rbx_kind, self.rbx_offset)
+    }
+}
+
+/// Every (address, priority, rule) of an object before paging, each rule
+/// interned: 16 bytes an entry rather than 48, since a large object
+/// (libLLVM, librustc_driver) has millions of them and few distinct rules.
+#[derive(Default)]
+struct Entries {
+    list: Vec<(u64, u8, u32)>,
+    rules: Vec<Rule>,
+    ids: HashMap<Rule, u32>,
+}
+
+impl Entries {
+    fn push(&mut self, addr: u64, priority: u8, rule: Rule) {
+        let next = self.rules.len() as u32;
+        let id = *self.ids.entry(rule).or_insert_with(|| {
+            self.rules.push(rule);
+            next
+        });
+        self.list.push((addr, priority, id));
     }
 }
 
@@ -120,7 +141,7 @@ pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
             .and_then(|s| Some((s.address(), s.data().ok()?)))
             .filter(|(_, d)| !d.is_empty())
     };
-    let mut rules = Vec::new();
+    let mut rules = Entries::default();
     let mut reasons = Reasons::default();
     if let Some((addr, bytes)) = section(".eh_frame") {
         let mut bases = BaseAddresses::default().set_eh_frame(addr);
@@ -136,7 +157,7 @@ pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
         let eh = EhFrame::new(bytes, LittleEndian);
         collect(&eh, &bases, &mut rules, &mut reasons)?;
     }
-    if rules.is_empty()
+    if rules.list.is_empty()
         && let Some((_, bytes)) = section(".debug_frame")
     {
         let mut df = DebugFrame::new(bytes, LittleEndian);
@@ -147,23 +168,24 @@ pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
     // loader's (`_start`, `_dl_start_user`) has no FDE: where no FDE covers
     // it, the code from the entry to the next FDE ends the stack.
     let entry = file.entry();
-    if entry != 0 && !covered(&rules, entry) {
+    if entry != 0 && !covered(&rules.list, entry) {
         let next = rules
+            .list
             .iter()
             .map(|&(a, _, _)| a)
             .filter(|&a| a > entry)
             .min()
             .unwrap_or(u64::MAX)
             .min(entry + ENTRY_CODE_MAX);
-        rules.push((
+        rules.push(
             entry,
             1,
             Rule {
                 cfa_kind: CFA_END,
                 ..NO_CFI
             },
-        ));
-        rules.push((next, 0, NO_CFI));
+        );
+        rules.push(next, 0, NO_CFI);
     }
     // These PLT stubs only jump (`endbr64; jmp *GOT`): the return address
     // is at [rsp] throughout, but linkers do not always describe them. (The
@@ -171,8 +193,13 @@ pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
     for name in [".plt.sec", ".plt.got"] {
         if let Some(s) = file.section_by_name(name) {
             let (start, end) = (s.address(), s.address() + s.size());
-            if start < end && !rules.iter().any(|&(a, _, _)| (start..end).contains(&a)) {
-                rules.push((
+            if start < end
+                && !rules
+                    .list
+                    .iter()
+                    .any(|&(a, _, _)| (start..end).contains(&a))
+            {
+                rules.push(
                     start,
                     1,
                     Rule {
@@ -180,8 +207,8 @@ pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
                         cfa_offset: 8,
                         ..NO_CFI
                     },
-                ));
-                rules.push((end, 0, NO_CFI));
+                );
+                rules.push(end, 0, NO_CFI);
             }
         }
     }
@@ -193,7 +220,7 @@ const ENTRY_CODE_MAX: u64 = 256;
 
 /// Whether an FDE row covers `addr` (rows start at an FDE's rows and a
 /// `NO_CFI` entry of priority 0 ends each FDE).
-fn covered(rules: &[(u64, u8, Rule)], addr: u64) -> bool {
+fn covered(rules: &[(u64, u8, u32)], addr: u64) -> bool {
     rules
         .iter()
         .filter(|&&(a, _, _)| a <= addr)
@@ -207,7 +234,7 @@ fn covered(rules: &[(u64, u8, Rule)], addr: u64) -> bool {
 fn collect<'a, S>(
     section: &S,
     bases: &BaseAddresses,
-    out: &mut Vec<(u64, u8, Rule)>,
+    out: &mut Entries,
     reasons: &mut Reasons,
 ) -> anyhow::Result<()>
 where
@@ -237,7 +264,7 @@ where
                 Ok(None) => break,
                 Err(_) => {
                     // Rows past an evaluation error are unknown.
-                    out.push((last_end, 1, reasons.rule("CFI error".to_owned())));
+                    out.push(last_end, 1, reasons.rule("CFI error".to_owned()));
                     break;
                 }
             };
@@ -246,10 +273,10 @@ where
             } else {
                 convert(section, row).unwrap_or_else(|why| reasons.rule(why))
             };
-            out.push((row.start_address(), 1, rule));
+            out.push(row.start_address(), 1, rule);
             last_end = row.end_address();
         }
-        out.push((fde.end_address(), 0, NO_CFI));
+        out.push(fde.end_address(), 0, NO_CFI);
     }
     Ok(())
 }
@@ -365,29 +392,30 @@ fn describe(
 
 /// Sorts the rules, drops redundant ones and splits them into pages whose
 /// first row is at page offset 0.
-fn paginate(mut rules: Vec<(u64, u8, Rule)>, reasons: &[String]) -> ObjectRows {
+fn paginate(entries: Entries, reasons: &[String]) -> ObjectRows {
+    let Entries {
+        list: mut flat,
+        rules,
+        ..
+    } = entries;
     // At one address the higher priority (a row starting there) wins over
     // the end of the previous FDE.
-    rules.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-    rules.dedup_by_key(|r| r.0);
-    let mut flat: Vec<(u64, Rule)> = Vec::with_capacity(rules.len());
-    for (addr, _, rule) in rules {
-        if flat.last().is_some_and(|(_, last)| *last == rule) {
-            continue;
-        }
-        flat.push((addr, rule));
-    }
-    let mut out = ObjectRows {
-        unsupported: flat
-            .iter()
-            .filter(|(_, r)| r.cfa_kind == CFA_UNSUPPORTED)
-            .count(),
-        ..ObjectRows::default()
-    };
+    flat.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    flat.dedup_by_key(|r| r.0);
+    // A rule repeated at the next address adds nothing (interned: equal
+    // rules have equal ids).
+    flat.dedup_by(|next, kept| next.2 == kept.2);
+    flat.shrink_to_fit();
+    let rule = |i: usize| rules[flat[i].2 as usize];
+    let mut out = ObjectRows::default();
     let mut by_reason = vec![0; reasons.len()];
-    for (_, r) in flat.iter().filter(|(_, r)| r.cfa_kind == CFA_UNSUPPORTED) {
-        if let Some(n) = by_reason.get_mut(r.reason as usize) {
-            *n += 1;
+    for &(_, _, id) in &flat {
+        let r = rules[id as usize];
+        if r.cfa_kind == CFA_UNSUPPORTED {
+            out.unsupported += 1;
+            if let Some(n) = by_reason.get_mut(r.reason as usize) {
+                *n += 1;
+            }
         }
     }
     out.unsupported_rules = reasons.iter().cloned().zip(by_reason).collect();
@@ -404,17 +432,17 @@ fn paginate(mut rules: Vec<(u64, u8, Rule)>, reasons: &[String]) -> ObjectRows {
         let first = out.rows.len();
         // The rule in force where the page begins.
         if flat[i].0 != page_start {
-            let carried = if i > 0 { flat[i - 1].1 } else { NO_CFI };
+            let carried = if i > 0 { rule(i - 1) } else { NO_CFI };
             out.rows.push(row(page_start, &carried));
         }
         while i < flat.len() && flat[i].0 >> PAGE_SHIFT == page {
-            out.rows.push(row(flat[i].0, &flat[i].1));
+            out.rows.push(row(flat[i].0, &rule(i)));
             i += 1;
         }
         push_page(&mut out, page, first);
         // Pages entirely covered by the last rule (a function > 64 KiB).
-        let carried = flat[i - 1].1;
-        let next = flat.get(i).map_or(page + 1, |(a, _)| a >> PAGE_SHIFT);
+        let carried = rule(i - 1);
+        let next = flat.get(i).map_or(page + 1, |(a, _, _)| a >> PAGE_SHIFT);
         if carried != NO_CFI {
             for p in page + 1..next {
                 let first = out.rows.len();
@@ -451,12 +479,15 @@ mod tests {
 
     #[test]
     fn pages_start_with_the_rule_in_force() {
-        let rules = vec![
+        let mut rules = Entries::default();
+        for (addr, priority, rule) in [
             (0x1_fff0, 1, r(CFA_RSP, 8)),
             (0x1_fff4, 1, r(CFA_RSP, 16)),
             (0x2_0010, 1, r(CFA_RSP, 8)),
             (0x4_0000, 0, NO_CFI),
-        ];
+        ] {
+            rules.push(addr, priority, rule);
+        }
         let out = paginate(rules, &[]);
         // Page 1: two rows, the first carried from nothing (no CFI) at 0.
         assert_eq!(out.pages[0].0, 1);

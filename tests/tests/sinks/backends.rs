@@ -144,10 +144,9 @@ fn check_parca(parca: &Receiver, pprofs: &[Vec<u8>]) {
         );
         let series = write.messages(2);
         assert_eq!(series.len(), 1);
-        assert_eq!(
-            labels(&series[0].message(1).messages(1)),
-            series_labels(name)
-        );
+        let mut want = series_labels(name);
+        want.push(("pid".to_owned(), PID.to_string()));
+        assert_eq!(labels(&series[0].message(1).messages(1)), want);
         assert_eq!(&series[0].messages(2)[0].bytes(1), pprof);
     }
 }

@@ -60,6 +60,7 @@ pub fn run() -> anyhow::Result<()> {
     std::fs::create_dir_all(&scratch)?;
     let ops = calibrate(&workload)?;
     println!("{PROCESSES} processes of {ops} operations each (half under libprofalloc.so)");
+    println!("load average at the start: {}", load_average());
 
     let baseline = run_workload(&workload, &profalloc, ops)?;
     println!(
@@ -126,12 +127,21 @@ pub fn run() -> anyhow::Result<()> {
                 .map_or("-".to_owned(), |b| format!("{b:.0}")),
         );
     }
+    println!("load average at the end: {}", load_average());
     println!(
         "\nagent / (cpu + heap --all): CPU {:.2}x, peak RSS {:.2}x; limits: 1% of one core, 250 MB, 1% slowdown in-process",
         agent.cpu_percent / peers.cpu_percent.max(1e-9),
         agent.peak_rss_mib / peers.peak_rss_mib.max(1e-9)
     );
     Ok(())
+}
+
+/// The host's load averages (1, 5, 15 min): the machine may be shared.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "?".to_owned(),
+        |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    )
 }
 
 /// Operations per process so that the 50 together take about 60 s on
