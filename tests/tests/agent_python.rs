@@ -34,14 +34,19 @@ fn workload(script: &str) -> PathBuf {
     workspace_root().join("tests/workloads").join(script)
 }
 
-/// Sum of sample type `ty` over the samples with a Python frame of
-/// `function` (written `function (file.py:LINE)`).
+/// Whether frame name `frame` is Python function `function`: pprof keeps
+/// the qualified name apart from the file and line, text writes
+/// `function (file.py:LINE)`.
+fn is_function(frame: &str, function: &str) -> bool {
+    frame == function || frame.starts_with(&format!("{function} ("))
+}
+
+/// Sum of sample type `ty` over the samples with a frame of `function`.
 fn python_value(p: &Pprof, ty: &str, function: &str) -> i64 {
     let i = p.sample_types.iter().position(|t| t == ty).unwrap();
-    let prefix = format!("{function} (");
     p.samples
         .iter()
-        .filter(|s| s.stack.split(';').any(|f| f.starts_with(&prefix)))
+        .filter(|s| s.stack.split(';').any(|f| is_function(f, function)))
         .map(|s| s.values[i])
         .sum()
 }
@@ -157,7 +162,7 @@ fn python_functions_in_cpu_and_heap_profiles_of_cpython_311_to_313() {
             // Called by level4(), as Python ran it (stacks leaf first).
             let chained = all.iter().flat_map(|p| &p.samples).any(|s| {
                 let frames: Vec<&str> = s.stack.split(';').collect();
-                let at = |f: &str| frames.iter().position(|x| x.starts_with(&format!("{f} (")));
+                let at = |f: &str| frames.iter().position(|x| is_function(x, f));
                 matches!((at(function), at("level4")), (Some(f), Some(l)) if f + 1 == l)
             });
             assert!(chained, "Python {version}: {function} not under level4");
