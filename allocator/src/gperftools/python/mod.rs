@@ -25,7 +25,7 @@ pub(crate) mod names;
 mod symbols;
 mod walk;
 
-use walk::{End, Layout, MAX_SLOTS, Walk};
+use walk::{End, Layout, MAX_SLOTS, NoFrame, Reader, Walk};
 
 struct Found(UnsafeCell<Option<(Layout, usize, usize)>>);
 // SAFETY: written once by `start` before ON is published, then only read.
@@ -40,6 +40,11 @@ pub(crate) static CUT: AtomicU64 = AtomicU64::new(0);
 /// Activations whose evaluation-loop frame the native stack did not hold
 /// (their frames went to the outer end).
 pub(crate) static UNMATCHED: AtomicU64 = AtomicU64::new(0);
+/// Thread-list lookups of a thread state (a thread's first walk, or its
+/// kept thread state no longer checks out).
+pub(crate) static LOOKUPS: AtomicU64 = AtomicU64::new(0);
+/// Stacks taken on threads without a thread state (native frames only).
+pub(crate) static NO_STATE: AtomicU64 = AtomicU64::new(0);
 
 /// Finds the interpreter. Called once, from the allocator's
 /// initialisation, when gperftools mode takes stacks.
@@ -129,6 +134,96 @@ pub(crate) fn is_on() -> bool {
     ON.load(Ordering::Relaxed)
 }
 
+/// The calling thread's thread state, kept between walks in static TLS
+/// (see `thread_cache` for why not `thread_local!`): checked at each use
+/// ([`walk::current_frame`]), looked up again in the thread lists when the
+/// check fails. A thread with no thread state (not a Python thread, or not
+/// yet) looks again only every [`NO_STATE_RETRY`] walks.
+#[repr(C)]
+struct ThreadSlot {
+    tstate: u64,
+    /// Walks left before a thread without a thread state looks again.
+    retry_in: u64,
+}
+
+/// See [`ThreadSlot`].
+const NO_STATE_RETRY: u64 = 32;
+
+#[cfg(target_arch = "x86_64")]
+core::arch::global_asm!(
+    ".pushsection .tbss,\"awT\",@nobits",
+    ".globl __profalloc_python_thread",
+    ".hidden __profalloc_python_thread",
+    ".p2align 3",
+    ".type __profalloc_python_thread,@object",
+    ".size __profalloc_python_thread, {size}",
+    "__profalloc_python_thread:",
+    ".zero {size}",
+    ".popsection",
+    size = const core::mem::size_of::<ThreadSlot>(),
+);
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn thread_slot() -> *mut ThreadSlot {
+    let p: usize;
+    // SAFETY: reads the thread pointer and the symbol's TLS offset from
+    // the GOT (initial-exec model); no memory is written.
+    unsafe {
+        core::arch::asm!(
+            "mov {p}, qword ptr fs:[0]",
+            "add {p}, qword ptr [rip + __profalloc_python_thread@GOTTPOFF]",
+            p = out(reg) p,
+            options(pure, readonly, nostack),
+        );
+    }
+    p as *mut ThreadSlot
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+std::thread_local! {
+    static SLOT: UnsafeCell<ThreadSlot> =
+        const { UnsafeCell::new(ThreadSlot { tstate: 0, retry_in: 0 }) };
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn thread_slot() -> *mut ThreadSlot {
+    SLOT.with(|c| c.get())
+}
+
+/// The calling thread's innermost frame (0: none), or None when it has no
+/// thread state. Err: its thread state's frame could not be read.
+fn thread_frame(layout: &Layout, r: Reader) -> Option<Result<u64, ()>> {
+    let slot = thread_slot();
+    // SAFETY: this thread's slot; a signal handler interrupting this
+    // leaves at worst a stale tstate, which the next check rejects.
+    let (cached, retry_in) = unsafe { ((*slot).tstate, (*slot).retry_in) };
+    if cached != 0 {
+        match walk::current_frame(layout, r, cached) {
+            Ok(frame) => return Some(Ok(frame)),
+            Err(NoFrame::Unreadable) => return Some(Err(())),
+            Err(NoFrame::NotOurs) => {}
+        }
+    } else if retry_in > 0 {
+        // SAFETY: as above.
+        unsafe { (*slot).retry_in = retry_in - 1 };
+        NO_STATE.fetch_add(1, Ordering::Relaxed);
+        return None;
+    }
+    LOOKUPS.fetch_add(1, Ordering::Relaxed);
+    let found = walk::thread_state(layout, r);
+    // SAFETY: as above.
+    unsafe {
+        (*slot).tstate = found.unwrap_or(0);
+        (*slot).retry_in = if found.is_some() { 0 } else { NO_STATE_RETRY };
+    }
+    let Some(tstate) = found else {
+        NO_STATE.fetch_add(1, Ordering::Relaxed);
+        return None;
+    };
+    Some(walk::current_frame(layout, r, tstate).map_err(|_| ()))
+}
+
 /// Writes `native` (leaf first, return addresses after `native[0]`) into
 /// `out` with the current thread's Python frames spliced in. Returns the
 /// frames written and whether frames were lost (`out` full, or the Python
@@ -139,8 +234,9 @@ pub(crate) fn merge(native: &[u64], leaf_is_pc: bool, out: &mut [u64]) -> (usize
         return copy(native, out);
     };
     // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::gettid() } as u64;
-    let Some(tstate) = walk::thread_state(&layout, tid) else {
+    let tid = unsafe { libc::gettid() };
+    let r = Reader { tid };
+    let Some(frame) = thread_frame(&layout, r) else {
         return copy(native, out);
     };
     WALKS.fetch_add(1, Ordering::Relaxed);
@@ -149,7 +245,10 @@ pub(crate) fn merge(native: &[u64], leaf_is_pc: bool, out: &mut [u64]) -> (usize
         len: 0,
         end: End::Complete,
     };
-    walk::walk(&layout, tstate, &mut w);
+    match frame {
+        Ok(frame) => walk::walk(&layout, r, frame, &mut w),
+        Err(()) => w.end = End::Broken,
+    }
     let cut = matches!(w.end, End::Broken | End::Truncated);
     CUT.fetch_add(u64::from(cut), Ordering::Relaxed);
     let is_eval = |i: usize| {
@@ -165,7 +264,8 @@ pub(crate) fn merge(native: &[u64], leaf_is_pc: bool, out: &mut [u64]) -> (usize
     let unmatched = splice(native, is_eval, &w.slots[..w.len], cut, |s| {
         let word = match s {
             Spliced::Native(pc) => pc,
-            Spliced::Python(slot) => name_slot(&layout, slot),
+            // The walk put the frame word in the slot.
+            Spliced::Python(slot) => slot.code,
             Spliced::Truncated => names::TRUNCATED_WORD,
         };
         if n < out.len() {
@@ -183,17 +283,4 @@ fn copy(native: &[u64], out: &mut [u64]) -> (usize, bool) {
     let n = native.len().min(out.len());
     out[..n].copy_from_slice(&native[..n]);
     (n, n < native.len())
-}
-
-/// The frame word of a slot: its code object's header read again (the
-/// walk checked it a moment ago; a failure now leaves the frame unnamed).
-fn name_slot(l: &Layout, slot: PyFrameSlot) -> u64 {
-    let mut header = [0u8; 256];
-    let len = l.o.code_adaptive as usize;
-    if len > header.len() || !super::unwind::safe_read_bytes(slot.code as usize, &mut header[..len])
-    {
-        names::UNNAMED.fetch_add(1, Ordering::Relaxed);
-        return names::UNNAMED_WORD;
-    }
-    names::frame_word(&l.o, slot.code, &header[..len], slot.instr_offset)
 }
