@@ -57,14 +57,19 @@ pub(crate) fn start() {
             b"_PyEval_EvalFrameDefault",
         ],
         found: [None; 8],
+        object: core::ptr::null(),
     };
     symbols::find(&mut l);
     let Some(runtime) = l.found[0] else {
         return; // not CPython
     };
     let Some(version) = l.found[1] else {
-        say_unsupported("older than 3.11 (no Py_Version)");
-        return;
+        let mut m = Message::new();
+        m.str("(").str(object_name(l.object)).str(")");
+        return say_unsupported_with(
+            core::str::from_utf8(m.as_bytes()).unwrap_or("?"),
+            "older than 3.11: it exports no Py_Version",
+        );
     };
     let version = PythonVersion {
         // SAFETY: Py_Version is a const u32 of the interpreter's image.
@@ -114,18 +119,79 @@ fn say_version(v: PythonVersion, why: &str) {
     say_unsupported_with(core::str::from_utf8(m.as_bytes()).unwrap_or("?"), why);
 }
 
-fn say_unsupported(version: &str) {
-    say_unsupported_with(version, "only 3.11 to 3.13 are supported");
+/// The base name of the object that exports `_PyRuntime` (the libpython
+/// soname, which carries the version), or "the executable".
+fn object_name(object: *const libc::c_char) -> &'static str {
+    if object.is_null() {
+        return "the executable";
+    }
+    // SAFETY: the loader's name of a loaded object: NUL-terminated, kept
+    // while the object stays loaded (libpython is never unloaded).
+    let name = unsafe { core::ffi::CStr::from_ptr(object) }.to_bytes();
+    let base = name.rsplit(|&b| b == b'/').next().unwrap_or(name);
+    match core::str::from_utf8(base) {
+        Ok(b) if !b.is_empty() => b,
+        _ => "the executable",
+    }
 }
 
+/// The one line that says why stacks have no Python frames, kept for the
+/// dumps' comments.
+struct Unsupported(UnsafeCell<Message>);
+// SAFETY: written once by `start` (initialisation, single-threaded), before
+// UNSUPPORTED publishes it.
+unsafe impl Sync for Unsupported {}
+static UNSUPPORTED_TEXT: Unsupported = Unsupported(UnsafeCell::new(Message::new()));
+static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+
 fn say_unsupported_with(version: &str, why: &str) {
-    Message::new()
-        .str("profalloc: Python ")
+    // SAFETY: see Unsupported.
+    let m = unsafe { &mut *UNSUPPORTED_TEXT.0.get() };
+    m.str("Python ")
         .str(version)
         .str(" is not supported (")
         .str(why)
-        .str("): only native frames are shown\n")
+        .str("): only native frames are shown");
+    UNSUPPORTED.store(true, Ordering::Release);
+    Message::new()
+        .str("profalloc: ")
+        .str(core::str::from_utf8(m.as_bytes()).unwrap_or(""))
+        .str("\n")
         .write_stderr();
+}
+
+/// Calls `f` with the comment lines the dumps carry about Python frames:
+/// the walks' counters when the process is a supported CPython, the
+/// unsupported line when it is another one, nothing otherwise.
+pub(crate) fn comments(mut f: impl FnMut(&str)) {
+    if UNSUPPORTED.load(Ordering::Acquire) {
+        // SAFETY: published by UNSUPPORTED, never written again.
+        let m = unsafe { &*UNSUPPORTED_TEXT.0.get() };
+        f(core::str::from_utf8(m.as_bytes()).unwrap_or(""));
+        return;
+    }
+    if !is_on() {
+        return;
+    }
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let mut m = Message::new();
+    m.str("python stack walks (in-process): ")
+        .dec(get(&WALKS))
+        .str(" walks, ")
+        .dec(get(&CUT))
+        .str(" cut, ")
+        .dec(get(&UNMATCHED))
+        .str(" activations without an eval-loop frame, ")
+        .dec(names::UNNAMED.load(Ordering::Relaxed) as u64)
+        .str(" frames unnamed");
+    f(core::str::from_utf8(m.as_bytes()).unwrap_or(""));
+    let mut m = Message::new();
+    m.str("python thread states (in-process): ")
+        .dec(get(&NO_STATE))
+        .str(" stacks on threads without a thread state, ")
+        .dec(get(&LOOKUPS))
+        .str(" thread-state lookups");
+    f(core::str::from_utf8(m.as_bytes()).unwrap_or(""));
 }
 
 /// Whether stacks get Python frames.
@@ -137,13 +203,18 @@ pub(crate) fn is_on() -> bool {
 /// The calling thread's thread state, kept between walks in static TLS
 /// (see `thread_cache` for why not `thread_local!`): checked at each use
 /// ([`walk::current_frame`]), looked up again in the thread lists when the
-/// check fails. A thread with no thread state (not a Python thread, or not
-/// yet) looks again only every [`NO_STATE_RETRY`] walks.
+/// check fails. A thread without a thread state (not a Python thread, or
+/// not yet) looks again when the first thread list's head has changed
+/// since it last looked (a new thread state goes in at the head), and at
+/// least every [`NO_STATE_RETRY`] stacks (a thread state is bound to its
+/// thread after it joins the list).
 #[repr(C)]
 struct ThreadSlot {
     tstate: u64,
-    /// Walks left before a thread without a thread state looks again.
+    /// Stacks left before a thread without a thread state looks again.
     retry_in: u64,
+    /// The list heads when it last looked ([`walk::list_heads`]).
+    heads: u64,
 }
 
 /// See [`ThreadSlot`].
@@ -183,7 +254,7 @@ fn thread_slot() -> *mut ThreadSlot {
 #[cfg(not(target_arch = "x86_64"))]
 std::thread_local! {
     static SLOT: UnsafeCell<ThreadSlot> =
-        const { UnsafeCell::new(ThreadSlot { tstate: 0, retry_in: 0 }) };
+        const { UnsafeCell::new(ThreadSlot { tstate: 0, retry_in: 0, heads: 0 }) };
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -197,14 +268,16 @@ fn thread_frame(layout: &Layout, r: Reader) -> Option<Result<u64, ()>> {
     let slot = thread_slot();
     // SAFETY: this thread's slot; a signal handler interrupting this
     // leaves at worst a stale tstate, which the next check rejects.
-    let (cached, retry_in) = unsafe { ((*slot).tstate, (*slot).retry_in) };
+    let (cached, retry_in, heads) = unsafe { ((*slot).tstate, (*slot).retry_in, (*slot).heads) };
     if cached != 0 {
         match walk::current_frame(layout, r, cached) {
             Ok(frame) => return Some(Ok(frame)),
             Err(NoFrame::Unreadable) => return Some(Err(())),
             Err(NoFrame::NotOurs) => {}
         }
-    } else if retry_in > 0 {
+    }
+    let now = walk::list_heads(layout, r);
+    if cached == 0 && retry_in > 0 && now == heads {
         // SAFETY: as above.
         unsafe { (*slot).retry_in = retry_in - 1 };
         NO_STATE.fetch_add(1, Ordering::Relaxed);
@@ -216,6 +289,7 @@ fn thread_frame(layout: &Layout, r: Reader) -> Option<Result<u64, ()>> {
     unsafe {
         (*slot).tstate = found.unwrap_or(0);
         (*slot).retry_in = if found.is_some() { 0 } else { NO_STATE_RETRY };
+        (*slot).heads = now;
     }
     let Some(tstate) = found else {
         NO_STATE.fetch_add(1, Ordering::Relaxed);

@@ -133,6 +133,21 @@ pub(crate) fn thread_state(l: &Layout, r: Reader) -> Option<u64> {
     None
 }
 
+/// A value that changes when a thread state joins the first
+/// interpreter's thread list, or an interpreter joins the list of
+/// interpreters (both go in at the head); 0 when unreadable.
+pub(crate) fn list_heads(l: &Layout, r: Reader) -> u64 {
+    let Some(interp) = r.u64_at(l.runtime + l.o.runtime_interpreters_head) else {
+        return 0;
+    };
+    let threads = if interp == 0 {
+        0
+    } else {
+        r.u64_at(interp + l.o.interp_threads_head).unwrap_or(0)
+    };
+    interp ^ threads.rotate_left(32)
+}
+
 /// Why [`current_frame`] gave no frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum NoFrame {
