@@ -22,10 +22,12 @@ use profiler_common::{
 use crate::os::Message;
 
 pub(crate) mod names;
+mod read;
 mod symbols;
 mod walk;
 
-use walk::{End, Layout, MAX_SLOTS, NoFrame, Reader, Walk};
+use read::{PLANNED_BYTES, Plan, Reader};
+use walk::{End, Layout, MAX_SLOTS, NoFrame, Walk};
 
 struct Found(UnsafeCell<Option<(Layout, usize, usize)>>);
 // SAFETY: written once by `start` before ON is published, then only read.
@@ -215,6 +217,8 @@ struct ThreadSlot {
     retry_in: u64,
     /// The list heads when it last looked ([`walk::list_heads`]).
     heads: u64,
+    /// The ranges its last walk read ([`read`]).
+    plan: Plan,
 }
 
 /// See [`ThreadSlot`].
@@ -254,7 +258,7 @@ fn thread_slot() -> *mut ThreadSlot {
 #[cfg(not(target_arch = "x86_64"))]
 std::thread_local! {
     static SLOT: UnsafeCell<ThreadSlot> =
-        const { UnsafeCell::new(ThreadSlot { tstate: 0, retry_in: 0, heads: 0 }) };
+        const { UnsafeCell::new(ThreadSlot { tstate: 0, retry_in: 0, heads: 0, plan: Plan::EMPTY }) };
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -264,7 +268,7 @@ fn thread_slot() -> *mut ThreadSlot {
 
 /// The calling thread's innermost frame (0: none), or None when it has no
 /// thread state. Err: its thread state's frame could not be read.
-fn thread_frame(layout: &Layout, r: Reader) -> Option<Result<u64, ()>> {
+fn thread_frame(layout: &Layout, r: &mut Reader<'_>) -> Option<Result<u64, ()>> {
     let slot = thread_slot();
     // SAFETY: this thread's slot; a signal handler interrupting this
     // leaves at worst a stale tstate, which the next check rejects.
@@ -309,8 +313,15 @@ pub(crate) fn merge(native: &[u64], leaf_is_pc: bool, out: &mut [u64]) -> (usize
     };
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
-    let r = Reader { tid };
-    let Some(frame) = thread_frame(&layout, r) else {
+    let slot = thread_slot();
+    // SAFETY: this thread's slot; an interrupted update leaves at worst a
+    // wrong plan, which only costs the ranges it names.
+    let plan = unsafe { (*slot).plan };
+    let mut batch = [0u8; PLANNED_BYTES];
+    let mut r = Reader::prefetch(tid, &plan, &mut batch);
+    let Some(frame) = thread_frame(&layout, &mut r) else {
+        // SAFETY: as above.
+        unsafe { (*slot).plan = r.next };
         return copy(native, out);
     };
     WALKS.fetch_add(1, Ordering::Relaxed);
@@ -320,9 +331,11 @@ pub(crate) fn merge(native: &[u64], leaf_is_pc: bool, out: &mut [u64]) -> (usize
         end: End::Complete,
     };
     match frame {
-        Ok(frame) => walk::walk(&layout, r, frame, &mut w),
+        Ok(frame) => walk::walk(&layout, &mut r, frame, &mut w),
         Err(()) => w.end = End::Broken,
     }
+    // SAFETY: as above.
+    unsafe { (*slot).plan = r.next };
     let cut = matches!(w.end, End::Broken | End::Truncated);
     CUT.fetch_add(u64::from(cut), Ordering::Relaxed);
     let is_eval = |i: usize| {

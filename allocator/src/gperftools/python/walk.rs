@@ -10,17 +10,18 @@
 //! (`profiler-ebpf/src/python.rs`).
 //!
 //! This may run inside malloc or a SIGPROF handler, in the middle of a
-//! frame push: every read is fault-safe ([`Reader`]), every pointer is
+//! frame push: every read is fault-safe ([`super::read`]), every pointer is
 //! checked, and the walk stops at the first frame that fails a check (the
 //! frames before it are kept, the stack is marked cut). No allocation, no
-//! lock. Reads cost a system call each, so there are as few as the chain
-//! allows: one per frame and one per code object, one for the thread state.
+//! lock. Reads cost a system call (batched, see [`super::read`]), so there
+//! are as few as the chain allows: one per frame and one per code object,
+//! one for the thread state.
 use profiler_common::{
     python::{ACTIVATION_END, PyFrameSlot},
     python_layout::{FrameAnchor, Offsets},
 };
 
-use super::names;
+use super::{names, read::Reader};
 
 /// Slots (frames and markers) of one walk.
 pub(crate) const MAX_SLOTS: usize = 96;
@@ -53,47 +54,6 @@ pub(crate) struct Walk {
     pub end: End,
 }
 
-/// Fault-safe reads of this process's memory: process_vm_readv on the
-/// calling thread's own id (any thread id names the process's memory, and
-/// the caller has it already: no getpid per read).
-#[derive(Clone, Copy)]
-pub(crate) struct Reader {
-    pub tid: i32,
-}
-
-impl Reader {
-    /// Reads `buf.len()` bytes at `addr`.
-    fn read(self, addr: u64, buf: &mut [u8]) -> Option<()> {
-        if !plausible(addr) {
-            return None;
-        }
-        let len = buf.len();
-        let local = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: len,
-        };
-        let remote = libc::iovec {
-            iov_base: addr as *mut libc::c_void,
-            iov_len: len,
-        };
-        // SAFETY: reads our own memory into `buf`; the kernel checks the
-        // range.
-        let n = unsafe { libc::process_vm_readv(self.tid, &local, 1, &remote, 1, 0) };
-        (n == len as isize).then_some(())
-    }
-
-    fn u64_at(self, addr: u64) -> Option<u64> {
-        let mut b = [0u8; 8];
-        self.read(addr, &mut b)?;
-        Some(u64::from_le_bytes(b))
-    }
-}
-
-/// A user-space address.
-fn plausible(addr: u64) -> bool {
-    (4096..1 << 47).contains(&addr)
-}
-
 fn field_u64(b: &[u8], at: u64) -> u64 {
     let at = at as usize;
     let mut w = [0u8; 8];
@@ -102,7 +62,7 @@ fn field_u64(b: &[u8], at: u64) -> u64 {
 }
 
 /// The thread state of the calling thread (`r.tid`), or None.
-pub(crate) fn thread_state(l: &Layout, r: Reader) -> Option<u64> {
+pub(crate) fn thread_state(l: &Layout, r: &mut Reader<'_>) -> Option<u64> {
     let o = &l.o;
     let tid = r.tid as u64;
     let mut interp = r.u64_at(l.runtime + o.runtime_interpreters_head)?;
@@ -136,7 +96,7 @@ pub(crate) fn thread_state(l: &Layout, r: Reader) -> Option<u64> {
 /// A value that changes when a thread state joins the first
 /// interpreter's thread list, or an interpreter joins the list of
 /// interpreters (both go in at the head); 0 when unreadable.
-pub(crate) fn list_heads(l: &Layout, r: Reader) -> u64 {
+pub(crate) fn list_heads(l: &Layout, r: &mut Reader<'_>) -> u64 {
     let Some(interp) = r.u64_at(l.runtime + l.o.runtime_interpreters_head) else {
         return 0;
     };
@@ -163,7 +123,7 @@ pub(crate) enum NoFrame {
 /// read (3.11 and 3.12: two, through `cframe`) to check and use. A thread
 /// state is freed only by its own thread (or at the thread's end), and the
 /// id check catches one reused for another thread.
-pub(crate) fn current_frame(l: &Layout, r: Reader, tstate: u64) -> Result<u64, NoFrame> {
+pub(crate) fn current_frame(l: &Layout, r: &mut Reader<'_>, tstate: u64) -> Result<u64, NoFrame> {
     let o = &l.o;
     let anchor = match o.tstate_frame {
         FrameAnchor::ThroughCFrame { cframe, .. } => cframe,
@@ -190,7 +150,7 @@ pub(crate) fn current_frame(l: &Layout, r: Reader, tstate: u64) -> Result<u64, N
 }
 
 /// Walks the frames from `frame` (the innermost, 0: none) outwards.
-pub(crate) fn walk(l: &Layout, r: Reader, mut frame: u64, out: &mut Walk) {
+pub(crate) fn walk(l: &Layout, r: &mut Reader<'_>, mut frame: u64, out: &mut Walk) {
     out.len = 0;
     out.end = End::Complete;
     while frame != 0 {
@@ -225,7 +185,7 @@ fn push(out: &mut Walk, code: u64, instr_offset: u32) -> bool {
 /// Records the frame at `frame` (its slot's `code` is the frame word) and
 /// returns the previous one; None ends the walk (a failed read or check,
 /// or the slots are full).
-fn step(l: &Layout, r: Reader, frame: u64, out: &mut Walk) -> Option<u64> {
+fn step(l: &Layout, r: &mut Reader<'_>, frame: u64, out: &mut Walk) -> Option<u64> {
     let o = &l.o;
     let mut f = [0u8; 128];
     let end = o.frame_previous.max(o.frame_code).max(o.frame_instr) + 8;
