@@ -3,8 +3,8 @@
 //! place that calls `getenv`: the core's knobs (`PROFALLOC_SAMPLE_BYTES`,
 //! `PROFALLOC_RELEASE_BYTES`, `PROFALLOC_BACKGROUND_RELEASE`, `PROFALLOC_STATS`,
 //! `PROFALLOC_MAX_TOTAL_THREAD_CACHE_BYTES`) and gperftools mode's
-//! (the gperftools names, `PROFALLOC_HEAPCHECK`, `PROFBPF_PATH` and
-//! `TMPDIR`).
+//! (the gperftools names, `PROFALLOC_HEAPCHECK`, `PROFALLOC_PYTHON`,
+//! `PROFBPF_PATH` and `TMPDIR`).
 //!
 //! Owner: `alloc::lifecycle` reads them; everything else only reads the
 //! result through [`settings`]. No lock: written once before any reader.
@@ -76,6 +76,9 @@ pub(crate) struct Settings {
     /// CPUPROFILE (this process's own file) and CPUPROFILE_FREQUENCY.
     pub(crate) cpu_file: Text,
     pub(crate) cpu_frequency: u64,
+    /// PROFALLOC_PYTHON=0: no Python frames in the stacks of a CPython
+    /// process (native frames only, and no cost per stack).
+    pub(crate) python_frames: bool,
 }
 
 impl Settings {
@@ -96,6 +99,7 @@ impl Settings {
             report_program: Text::empty(),
             cpu_file: Text::empty(),
             cpu_frequency: 100,
+            python_frames: true,
         }
     }
 
@@ -241,6 +245,7 @@ pub(crate) unsafe fn read() {
     if let Some(n) = number(c"CPUPROFILE_FREQUENCY").filter(|&n| n > 0) {
         s.cpu_frequency = n.min(4000);
     }
+    s.python_frames = number(c"PROFALLOC_PYTHON") != Some(0);
 }
 
 #[cfg(test)]

@@ -142,6 +142,17 @@ fn heapprofile_names_the_python_leak_site_in_dump_and_callgraph() {
             "{python}: an evaluation-loop frame is left: {:?}",
             leak.0
         );
+        // The walks' counters are in the dump, and report shows them.
+        let text = report(&[dump.to_str().unwrap()]);
+        let counters = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Note: python stack walks (in-process): "))
+            .unwrap_or_else(|| panic!("{python}: no walk counters in\n{text}"));
+        let walks: u64 = counters.split(' ').next().unwrap().parse().unwrap();
+        assert!(
+            walks > 0 && counters.contains(" walks, 0 cut,"),
+            "{python}: {counters}"
+        );
         let graph = dir.join("p.dot");
         report(&[
             dump.to_str().unwrap(),
@@ -235,4 +246,81 @@ fn cpuprofile_shows_the_python_functions() {
         );
         assert!(on_line > 0, "{python}: no sample on {spin}");
     }
+}
+
+/// HEAPPROFILE of the leak workload, dumped at 16 MB in use: (stderr, the
+/// dump's folded in-use stacks, its text report).
+fn leak_dump(
+    python: &str,
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> (String, Vec<(Vec<String>, i64)>, String) {
+    let prefix = dir.join("p");
+    let out = Command::new(python)
+        .arg(workload("preload_python_leak.py"))
+        .env("LD_PRELOAD", profalloc_lib())
+        .env("HEAPPROFILE", &prefix)
+        .env("HEAP_PROFILE_INUSE_INTERVAL", "16000000")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{python}: {stderr}");
+    let dump = dir.join("p.0001.heap");
+    let text = report(&[dump.to_str().unwrap()]);
+    (stderr, folded(&dump, "inuse_space"), text)
+}
+
+/// Native frames only, and the 16 MB still found under the interpreter's
+/// own code that holds them.
+fn assert_native_only(what: &str, stacks: &[(Vec<String>, i64)]) {
+    let python_frames: Vec<&String> = stacks
+        .iter()
+        .flat_map(|(s, _)| s)
+        .filter(|f| f.contains(".py"))
+        .collect();
+    assert!(python_frames.is_empty(), "{what}: {python_frames:?}");
+    let under_eval: i64 = stacks
+        .iter()
+        .filter(|(s, _)| s.iter().any(|f| f.contains("_PyEval_EvalFrameDefault")))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(
+        under_eval >= 12 << 20,
+        "{what}: {under_eval} bytes\n{stacks:?}"
+    );
+}
+
+#[test]
+fn an_unsupported_python_is_named_in_one_line_and_gets_native_frames() {
+    let python = "/root/.pyenv/versions/3.10.13/bin/python3.10";
+    let dir = scratch("unsupported-3.10");
+    let (stderr, stacks, text) = leak_dump(python, &dir, &[]);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("not supported"))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "profalloc: Python (libpython3.10.so.1.0) is not supported (older than 3.11: \
+             it exports no Py_Version): only native frames are shown"
+        ],
+        "{stderr}"
+    );
+    assert!(
+        text.contains("Note: Python (libpython3.10.so.1.0) is not supported"),
+        "{text}"
+    );
+    assert_native_only(python, &stacks);
+}
+
+#[test]
+fn profalloc_python_0_turns_the_python_frames_off() {
+    let python = PYTHONS[0];
+    let dir = scratch("python-off");
+    let (stderr, stacks, text) = leak_dump(python, &dir, &[("PROFALLOC_PYTHON", "0")]);
+    assert!(!stderr.contains("not supported"), "{stderr}");
+    assert!(!text.contains("python stack walks"), "{text}");
+    assert_native_only(python, &stacks);
 }

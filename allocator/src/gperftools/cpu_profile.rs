@@ -264,6 +264,7 @@ pub(crate) fn at_exit() {
             c.str("lost samples: ").dec(t.dropped);
             t.enc.comment(path_str(&c));
         }
+        super::python::comments(|c| t.enc.comment(c));
         let process = super::pprof::ProcessLabels::read();
         let mut truncated = 0u64;
         for i in 0..t.entries.len() {

@@ -441,6 +441,7 @@ impl Heap {
                 .str(" frees not recorded");
             self.enc.comment(path_str(&c));
         }
+        super::python::comments(|c| self.enc.comment(c));
         let process = super::pprof::ProcessLabels::read();
         let n = self.buckets.len();
         let mut truncated = 0u64;

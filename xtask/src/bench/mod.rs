@@ -8,6 +8,7 @@ mod heap;
 mod measure;
 mod preload;
 mod python;
+mod python_preload;
 mod python_pymalloc;
 mod symbolize;
 mod unwind;

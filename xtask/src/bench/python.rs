@@ -1,6 +1,7 @@
 //! `cargo xtask bench python`: the cost of CPU profiling a Python process,
 //! prof-bpf next to py-spy at the same rate (99 Hz), on Debian's python3.11
-//! and pyenv's 3.12.1 and 3.13.0.
+//! and pyenv's 3.12.1 and 3.13.0; first, the cost of Python frames in
+//! preload mode ([`super::python_preload`]).
 //!
 //! Each profiler samples the same kind of process
 //! (`tests/workloads/python_cpu_split.py`, one busy thread) for a measured
@@ -51,6 +52,8 @@ pub fn run() -> anyhow::Result<()> {
         ("pyenv 3.12.1", pyenv("3.12.1", "3.12")),
         ("pyenv 3.13.0", pyenv("3.13.0", "3.13")),
     ];
+    super::python_preload::run(&prof_bpf, &pythons)?;
+    println!("\n== CPU sampling at {RATE} Hz, prof-bpf next to py-spy");
     println!(
         "{:<13} {:>16} {:>12} {:>12} {:>16} {:>14} {:>8}",
         "interpreter",

@@ -22,10 +22,12 @@ use profiler_common::{
 use crate::os::Message;
 
 pub(crate) mod names;
+mod read;
 mod symbols;
 mod walk;
 
-use walk::{End, Layout, MAX_SLOTS, Walk};
+use read::{PLANNED_BYTES, Plan, Reader};
+use walk::{End, Layout, MAX_SLOTS, NoFrame, Walk};
 
 struct Found(UnsafeCell<Option<(Layout, usize, usize)>>);
 // SAFETY: written once by `start` before ON is published, then only read.
@@ -40,6 +42,11 @@ pub(crate) static CUT: AtomicU64 = AtomicU64::new(0);
 /// Activations whose evaluation-loop frame the native stack did not hold
 /// (their frames went to the outer end).
 pub(crate) static UNMATCHED: AtomicU64 = AtomicU64::new(0);
+/// Thread-list lookups of a thread state (a thread's first walk, or its
+/// kept thread state no longer checks out).
+pub(crate) static LOOKUPS: AtomicU64 = AtomicU64::new(0);
+/// Stacks taken on threads without a thread state (native frames only).
+pub(crate) static NO_STATE: AtomicU64 = AtomicU64::new(0);
 
 /// Finds the interpreter. Called once, from the allocator's
 /// initialisation, when gperftools mode takes stacks.
@@ -52,14 +59,19 @@ pub(crate) fn start() {
             b"_PyEval_EvalFrameDefault",
         ],
         found: [None; 8],
+        object: core::ptr::null(),
     };
     symbols::find(&mut l);
     let Some(runtime) = l.found[0] else {
         return; // not CPython
     };
     let Some(version) = l.found[1] else {
-        say_unsupported("older than 3.11 (no Py_Version)");
-        return;
+        let mut m = Message::new();
+        m.str("(").str(object_name(l.object)).str(")");
+        return say_unsupported_with(
+            core::str::from_utf8(m.as_bytes()).unwrap_or("?"),
+            "older than 3.11: it exports no Py_Version",
+        );
     };
     let version = PythonVersion {
         // SAFETY: Py_Version is a const u32 of the interpreter's image.
@@ -109,24 +121,185 @@ fn say_version(v: PythonVersion, why: &str) {
     say_unsupported_with(core::str::from_utf8(m.as_bytes()).unwrap_or("?"), why);
 }
 
-fn say_unsupported(version: &str) {
-    say_unsupported_with(version, "only 3.11 to 3.13 are supported");
+/// The base name of the object that exports `_PyRuntime` (the libpython
+/// soname, which carries the version), or "the executable".
+fn object_name(object: *const libc::c_char) -> &'static str {
+    if object.is_null() {
+        return "the executable";
+    }
+    // SAFETY: the loader's name of a loaded object: NUL-terminated, kept
+    // while the object stays loaded (libpython is never unloaded).
+    let name = unsafe { core::ffi::CStr::from_ptr(object) }.to_bytes();
+    let base = name.rsplit(|&b| b == b'/').next().unwrap_or(name);
+    match core::str::from_utf8(base) {
+        Ok(b) if !b.is_empty() => b,
+        _ => "the executable",
+    }
 }
 
+/// The one line that says why stacks have no Python frames, kept for the
+/// dumps' comments.
+struct Unsupported(UnsafeCell<Message>);
+// SAFETY: written once by `start` (initialisation, single-threaded), before
+// UNSUPPORTED publishes it.
+unsafe impl Sync for Unsupported {}
+static UNSUPPORTED_TEXT: Unsupported = Unsupported(UnsafeCell::new(Message::new()));
+static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+
 fn say_unsupported_with(version: &str, why: &str) {
-    Message::new()
-        .str("profalloc: Python ")
+    // SAFETY: see Unsupported.
+    let m = unsafe { &mut *UNSUPPORTED_TEXT.0.get() };
+    m.str("Python ")
         .str(version)
         .str(" is not supported (")
         .str(why)
-        .str("): only native frames are shown\n")
+        .str("): only native frames are shown");
+    UNSUPPORTED.store(true, Ordering::Release);
+    Message::new()
+        .str("profalloc: ")
+        .str(core::str::from_utf8(m.as_bytes()).unwrap_or(""))
+        .str("\n")
         .write_stderr();
+}
+
+/// Calls `f` with the comment lines the dumps carry about Python frames:
+/// the walks' counters when the process is a supported CPython, the
+/// unsupported line when it is another one, nothing otherwise.
+pub(crate) fn comments(mut f: impl FnMut(&str)) {
+    if UNSUPPORTED.load(Ordering::Acquire) {
+        // SAFETY: published by UNSUPPORTED, never written again.
+        let m = unsafe { &*UNSUPPORTED_TEXT.0.get() };
+        f(core::str::from_utf8(m.as_bytes()).unwrap_or(""));
+        return;
+    }
+    if !is_on() {
+        return;
+    }
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let mut m = Message::new();
+    m.str("python stack walks (in-process): ")
+        .dec(get(&WALKS))
+        .str(" walks, ")
+        .dec(get(&CUT))
+        .str(" cut, ")
+        .dec(get(&UNMATCHED))
+        .str(" activations without an eval-loop frame, ")
+        .dec(names::UNNAMED.load(Ordering::Relaxed) as u64)
+        .str(" frames unnamed");
+    f(core::str::from_utf8(m.as_bytes()).unwrap_or(""));
+    let mut m = Message::new();
+    m.str("python thread states (in-process): ")
+        .dec(get(&NO_STATE))
+        .str(" stacks on threads without a thread state, ")
+        .dec(get(&LOOKUPS))
+        .str(" thread-state lookups");
+    f(core::str::from_utf8(m.as_bytes()).unwrap_or(""));
 }
 
 /// Whether stacks get Python frames.
 #[inline]
 pub(crate) fn is_on() -> bool {
     ON.load(Ordering::Relaxed)
+}
+
+/// The calling thread's thread state, kept between walks in static TLS
+/// (see `thread_cache` for why not `thread_local!`): checked at each use
+/// ([`walk::current_frame`]), looked up again in the thread lists when the
+/// check fails. A thread without a thread state (not a Python thread, or
+/// not yet) looks again when the first thread list's head has changed
+/// since it last looked (a new thread state goes in at the head), and at
+/// least every [`NO_STATE_RETRY`] stacks (a thread state is bound to its
+/// thread after it joins the list).
+#[repr(C)]
+struct ThreadSlot {
+    tstate: u64,
+    /// Stacks left before a thread without a thread state looks again.
+    retry_in: u64,
+    /// The list heads when it last looked ([`walk::list_heads`]).
+    heads: u64,
+    /// The ranges its last walk read ([`read`]).
+    plan: Plan,
+}
+
+/// See [`ThreadSlot`].
+const NO_STATE_RETRY: u64 = 32;
+
+#[cfg(target_arch = "x86_64")]
+core::arch::global_asm!(
+    ".pushsection .tbss,\"awT\",@nobits",
+    ".globl __profalloc_python_thread",
+    ".hidden __profalloc_python_thread",
+    ".p2align 3",
+    ".type __profalloc_python_thread,@object",
+    ".size __profalloc_python_thread, {size}",
+    "__profalloc_python_thread:",
+    ".zero {size}",
+    ".popsection",
+    size = const core::mem::size_of::<ThreadSlot>(),
+);
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn thread_slot() -> *mut ThreadSlot {
+    let p: usize;
+    // SAFETY: reads the thread pointer and the symbol's TLS offset from
+    // the GOT (initial-exec model); no memory is written.
+    unsafe {
+        core::arch::asm!(
+            "mov {p}, qword ptr fs:[0]",
+            "add {p}, qword ptr [rip + __profalloc_python_thread@GOTTPOFF]",
+            p = out(reg) p,
+            options(pure, readonly, nostack),
+        );
+    }
+    p as *mut ThreadSlot
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+std::thread_local! {
+    static SLOT: UnsafeCell<ThreadSlot> =
+        const { UnsafeCell::new(ThreadSlot { tstate: 0, retry_in: 0, heads: 0, plan: Plan::EMPTY }) };
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn thread_slot() -> *mut ThreadSlot {
+    SLOT.with(|c| c.get())
+}
+
+/// The calling thread's innermost frame (0: none), or None when it has no
+/// thread state. Err: its thread state's frame could not be read.
+fn thread_frame(layout: &Layout, r: &mut Reader<'_>) -> Option<Result<u64, ()>> {
+    let slot = thread_slot();
+    // SAFETY: this thread's slot; a signal handler interrupting this
+    // leaves at worst a stale tstate, which the next check rejects.
+    let (cached, retry_in, heads) = unsafe { ((*slot).tstate, (*slot).retry_in, (*slot).heads) };
+    if cached != 0 {
+        match walk::current_frame(layout, r, cached) {
+            Ok(frame) => return Some(Ok(frame)),
+            Err(NoFrame::Unreadable) => return Some(Err(())),
+            Err(NoFrame::NotOurs) => {}
+        }
+    }
+    let now = walk::list_heads(layout, r);
+    if cached == 0 && retry_in > 0 && now == heads {
+        // SAFETY: as above.
+        unsafe { (*slot).retry_in = retry_in - 1 };
+        NO_STATE.fetch_add(1, Ordering::Relaxed);
+        return None;
+    }
+    LOOKUPS.fetch_add(1, Ordering::Relaxed);
+    let found = walk::thread_state(layout, r);
+    // SAFETY: as above.
+    unsafe {
+        (*slot).tstate = found.unwrap_or(0);
+        (*slot).retry_in = if found.is_some() { 0 } else { NO_STATE_RETRY };
+        (*slot).heads = now;
+    }
+    let Some(tstate) = found else {
+        NO_STATE.fetch_add(1, Ordering::Relaxed);
+        return None;
+    };
+    Some(walk::current_frame(layout, r, tstate).map_err(|_| ()))
 }
 
 /// Writes `native` (leaf first, return addresses after `native[0]`) into
@@ -139,8 +312,16 @@ pub(crate) fn merge(native: &[u64], leaf_is_pc: bool, out: &mut [u64]) -> (usize
         return copy(native, out);
     };
     // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::gettid() } as u64;
-    let Some(tstate) = walk::thread_state(&layout, tid) else {
+    let tid = unsafe { libc::gettid() };
+    let slot = thread_slot();
+    // SAFETY: this thread's slot; an interrupted update leaves at worst a
+    // wrong plan, which only costs the ranges it names.
+    let plan = unsafe { (*slot).plan };
+    let mut batch = [0u8; PLANNED_BYTES];
+    let mut r = Reader::prefetch(tid, &plan, &mut batch);
+    let Some(frame) = thread_frame(&layout, &mut r) else {
+        // SAFETY: as above.
+        unsafe { (*slot).plan = r.next };
         return copy(native, out);
     };
     WALKS.fetch_add(1, Ordering::Relaxed);
@@ -149,7 +330,12 @@ pub(crate) fn merge(native: &[u64], leaf_is_pc: bool, out: &mut [u64]) -> (usize
         len: 0,
         end: End::Complete,
     };
-    walk::walk(&layout, tstate, &mut w);
+    match frame {
+        Ok(frame) => walk::walk(&layout, &mut r, frame, &mut w),
+        Err(()) => w.end = End::Broken,
+    }
+    // SAFETY: as above.
+    unsafe { (*slot).plan = r.next };
     let cut = matches!(w.end, End::Broken | End::Truncated);
     CUT.fetch_add(u64::from(cut), Ordering::Relaxed);
     let is_eval = |i: usize| {
@@ -165,7 +351,8 @@ pub(crate) fn merge(native: &[u64], leaf_is_pc: bool, out: &mut [u64]) -> (usize
     let unmatched = splice(native, is_eval, &w.slots[..w.len], cut, |s| {
         let word = match s {
             Spliced::Native(pc) => pc,
-            Spliced::Python(slot) => name_slot(&layout, slot),
+            // The walk put the frame word in the slot.
+            Spliced::Python(slot) => slot.code,
             Spliced::Truncated => names::TRUNCATED_WORD,
         };
         if n < out.len() {
@@ -183,17 +370,4 @@ fn copy(native: &[u64], out: &mut [u64]) -> (usize, bool) {
     let n = native.len().min(out.len());
     out[..n].copy_from_slice(&native[..n]);
     (n, n < native.len())
-}
-
-/// The frame word of a slot: its code object's header read again (the
-/// walk checked it a moment ago; a failure now leaves the frame unnamed).
-fn name_slot(l: &Layout, slot: PyFrameSlot) -> u64 {
-    let mut header = [0u8; 256];
-    let len = l.o.code_adaptive as usize;
-    if len > header.len() || !super::unwind::safe_read_bytes(slot.code as usize, &mut header[..len])
-    {
-        names::UNNAMED.fetch_add(1, Ordering::Relaxed);
-        return names::UNNAMED_WORD;
-    }
-    names::frame_word(&l.o, slot.code, &header[..len], slot.instr_offset)
 }

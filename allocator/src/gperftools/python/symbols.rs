@@ -15,6 +15,9 @@ pub(crate) struct Symbol {
 pub(crate) struct Lookup<'a> {
     pub names: &'a [&'a [u8]],
     pub found: [Option<Symbol>; 8],
+    /// The file name of the object that exports `names[0]`, as the loader
+    /// has it (empty for the executable); null when none does.
+    pub object: *const libc::c_char,
 }
 
 /// Searches every loaded object for `lookup.names` (at most 8). The first
@@ -47,6 +50,7 @@ unsafe extern "C" fn visit(
             return 0;
         };
         lookup.found[0] = Some(first);
+        lookup.object = info.dlpi_name;
         for (i, name) in lookup.names.iter().enumerate().skip(1) {
             lookup.found[i] = table.lookup(name);
         }
@@ -154,11 +158,15 @@ mod tests {
         let mut l = Lookup {
             names: &[b"malloc_usable_size", b"getpid", b"no_such_symbol_here"],
             found: [None; 8],
+            object: core::ptr::null(),
         };
         find(&mut l);
         let getpid = l.found[1].expect("getpid");
         assert_eq!(getpid.address, libc::getpid as *const () as usize);
         assert!(getpid.size > 0);
         assert_eq!(l.found[2], None);
+        // SAFETY: the loader's name of the object, NUL-terminated.
+        let object = unsafe { core::ffi::CStr::from_ptr(l.object) };
+        assert!(object.to_string_lossy().contains("libc.so"), "{object:?}");
     }
 }

@@ -1,23 +1,27 @@
 //! The current thread's Python frames, read in-process: the thread state
 //! (found in the interpreters' thread lists by `native_thread_id`, since
 //! 3.12 and 3.13 keep it in a TLS symbol that stripped builds do not export
-//! and the GIL holder is not the current thread), then `previous` from its
-//! current `_PyInterpreterFrame`, each frame reduced to (code object,
-//! instruction offset) plus an [`ACTIVATION_END`] marker per evaluation-loop
-//! activation. The same reads, checks and markers as the kernel walker
+//! and the GIL holder is not the current thread; the caller keeps it per
+//! thread and checks it with [`current_frame`]), then `previous` from its
+//! current `_PyInterpreterFrame`, each frame reduced to its frame word
+//! (named code object and instruction offset, [`names::frame_word`]) plus
+//! an [`ACTIVATION_END`] marker per evaluation-loop activation. The same
+//! reads, checks and markers as the kernel walker
 //! (`profiler-ebpf/src/python.rs`).
 //!
 //! This may run inside malloc or a SIGPROF handler, in the middle of a
-//! frame push: every read goes through the unwinder's fault-safe read,
-//! every pointer is checked, and the walk stops at the first frame that
-//! fails a check (the frames before it are kept, the stack is marked cut).
-//! No allocation, no lock.
+//! frame push: every read is fault-safe ([`super::read`]), every pointer is
+//! checked, and the walk stops at the first frame that fails a check (the
+//! frames before it are kept, the stack is marked cut). No allocation, no
+//! lock. Reads cost a system call (batched, see [`super::read`]), so there
+//! are as few as the chain allows: one per frame and one per code object,
+//! one for the thread state.
 use profiler_common::{
     python::{ACTIVATION_END, PyFrameSlot},
     python_layout::{FrameAnchor, Offsets},
 };
 
-use super::super::unwind::safe_read_bytes;
+use super::{names, read::Reader};
 
 /// Slots (frames and markers) of one walk.
 pub(crate) const MAX_SLOTS: usize = 96;
@@ -50,22 +54,6 @@ pub(crate) struct Walk {
     pub end: End,
 }
 
-/// Reads `buf.len()` bytes at `addr`.
-fn read_into(addr: u64, buf: &mut [u8]) -> Option<()> {
-    (plausible(addr) && safe_read_bytes(addr as usize, buf)).then_some(())
-}
-
-fn u64_at(addr: u64) -> Option<u64> {
-    let mut b = [0u8; 8];
-    read_into(addr, &mut b)?;
-    Some(u64::from_le_bytes(b))
-}
-
-/// A user-space address.
-fn plausible(addr: u64) -> bool {
-    (4096..1 << 47).contains(&addr)
-}
-
 fn field_u64(b: &[u8], at: u64) -> u64 {
     let at = at as usize;
     let mut w = [0u8; 8];
@@ -73,15 +61,16 @@ fn field_u64(b: &[u8], at: u64) -> u64 {
     u64::from_le_bytes(w)
 }
 
-/// The thread state of kernel thread `tid`, or None.
-pub(crate) fn thread_state(l: &Layout, tid: u64) -> Option<u64> {
+/// The thread state of the calling thread (`r.tid`), or None.
+pub(crate) fn thread_state(l: &Layout, r: &mut Reader<'_>) -> Option<u64> {
     let o = &l.o;
-    let mut interp = u64_at(l.runtime + o.runtime_interpreters_head)?;
+    let tid = r.tid as u64;
+    let mut interp = r.u64_at(l.runtime + o.runtime_interpreters_head)?;
     for _ in 0..MAX_INTERPRETERS {
         if interp == 0 || interp % 8 != 0 {
             return None;
         }
-        let mut t = u64_at(interp + o.interp_threads_head)?;
+        let mut t = r.u64_at(interp + o.interp_threads_head)?;
         for _ in 0..MAX_THREADS {
             if t == 0 || t % 8 != 0 {
                 break;
@@ -93,56 +82,89 @@ pub(crate) fn thread_state(l: &Layout, tid: u64) -> Option<u64> {
                 .max(o.tstate_next)
                 .max(o.tstate_interp)
                 + 8;
-            read_into(t, head.get_mut(..end as usize)?)?;
+            r.read(t, head.get_mut(..end as usize)?)?;
             if field_u64(&head, o.tstate_native_thread_id) == tid {
                 return (field_u64(&head, o.tstate_interp) == interp).then_some(t);
             }
             t = field_u64(&head, o.tstate_next);
         }
-        interp = u64_at(interp + o.interp_next)?;
+        interp = r.u64_at(interp + o.interp_next)?;
     }
     None
 }
 
-/// Walks the frames of the thread whose state is at `tstate`.
-pub(crate) fn walk(l: &Layout, tstate: u64, out: &mut Walk) {
+/// A value that changes when a thread state joins the first
+/// interpreter's thread list, or an interpreter joins the list of
+/// interpreters (both go in at the head); 0 when unreadable.
+pub(crate) fn list_heads(l: &Layout, r: &mut Reader<'_>) -> u64 {
+    let Some(interp) = r.u64_at(l.runtime + l.o.runtime_interpreters_head) else {
+        return 0;
+    };
+    let threads = if interp == 0 {
+        0
+    } else {
+        r.u64_at(interp + l.o.interp_threads_head).unwrap_or(0)
+    };
+    interp ^ threads.rotate_left(32)
+}
+
+/// Why [`current_frame`] gave no frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NoFrame {
+    /// `tstate` is not (or no longer) the calling thread's state.
+    NotOurs,
+    /// It is, but its frame pointer could not be read.
+    Unreadable,
+}
+
+/// The innermost frame (0: none) of the thread state at `tstate`, when it
+/// is the calling thread's: its `native_thread_id` and its frame anchor
+/// come in one read, so a thread state kept from an earlier walk costs one
+/// read (3.11 and 3.12: two, through `cframe`) to check and use. A thread
+/// state is freed only by its own thread (or at the thread's end), and the
+/// id check catches one reused for another thread.
+pub(crate) fn current_frame(l: &Layout, r: &mut Reader<'_>, tstate: u64) -> Result<u64, NoFrame> {
+    let o = &l.o;
+    let anchor = match o.tstate_frame {
+        FrameAnchor::ThroughCFrame { cframe, .. } => cframe,
+        FrameAnchor::Direct { current_frame } => current_frame,
+    };
+    let mut head = [0u8; 256];
+    let end = o.tstate_native_thread_id.max(anchor) + 8;
+    let head = head.get_mut(..end as usize).ok_or(NoFrame::NotOurs)?;
+    r.read(tstate, head).ok_or(NoFrame::NotOurs)?;
+    if field_u64(head, o.tstate_native_thread_id) != r.tid as u64 {
+        return Err(NoFrame::NotOurs);
+    }
+    let at_anchor = field_u64(head, anchor);
+    match o.tstate_frame {
+        FrameAnchor::ThroughCFrame { current_frame, .. } => {
+            if at_anchor == 0 {
+                return Ok(0);
+            }
+            r.u64_at(at_anchor + current_frame)
+                .ok_or(NoFrame::Unreadable)
+        }
+        FrameAnchor::Direct { .. } => Ok(at_anchor),
+    }
+}
+
+/// Walks the frames from `frame` (the innermost, 0: none) outwards.
+pub(crate) fn walk(l: &Layout, r: &mut Reader<'_>, mut frame: u64, out: &mut Walk) {
     out.len = 0;
     out.end = End::Complete;
-    let mut frame = match current_frame(l, tstate) {
-        Some(f) => f,
-        None => {
-            out.end = End::Broken;
-            return;
-        }
-    };
     while frame != 0 {
         if out.len >= MAX_SLOTS {
             out.end = End::Truncated;
             return;
         }
-        match step(l, frame, out) {
+        match step(l, r, frame, out) {
             Some(previous) => frame = previous,
             None => {
                 out.end = End::Broken;
                 return;
             }
         }
-    }
-}
-
-fn current_frame(l: &Layout, tstate: u64) -> Option<u64> {
-    match l.o.tstate_frame {
-        FrameAnchor::ThroughCFrame {
-            cframe,
-            current_frame,
-        } => {
-            let cframe = u64_at(tstate + cframe)?;
-            if cframe == 0 {
-                return Some(0);
-            }
-            u64_at(cframe + current_frame)
-        }
-        FrameAnchor::Direct { current_frame } => u64_at(tstate + current_frame),
     }
 }
 
@@ -160,16 +182,17 @@ fn push(out: &mut Walk, code: u64, instr_offset: u32) -> bool {
     true
 }
 
-/// Records the frame at `frame` and returns the previous one; None ends
-/// the walk (a failed read or check, or the slots are full).
-fn step(l: &Layout, frame: u64, out: &mut Walk) -> Option<u64> {
+/// Records the frame at `frame` (its slot's `code` is the frame word) and
+/// returns the previous one; None ends the walk (a failed read or check,
+/// or the slots are full).
+fn step(l: &Layout, r: &mut Reader<'_>, frame: u64, out: &mut Walk) -> Option<u64> {
     let o = &l.o;
     let mut f = [0u8; 128];
     let end = o.frame_previous.max(o.frame_code).max(o.frame_instr) + 8;
     let end = end
         .max(o.frame_owner + 1)
         .max(o.frame_is_entry.unwrap_or(0) + 1);
-    read_into(frame, f.get_mut(..end as usize)?)?;
+    r.read(frame, f.get_mut(..end as usize)?)?;
     let previous = field_u64(&f, o.frame_previous);
     let owner = f[o.frame_owner as usize];
     if Some(owner) == o.owner_cstack {
@@ -177,13 +200,16 @@ fn step(l: &Layout, frame: u64, out: &mut Walk) -> Option<u64> {
         return push(out, ACTIVATION_END, 0).then_some(previous);
     }
     let code = field_u64(&f, o.frame_code);
-    // Type, size and first traceable unit in one read of the header.
-    let mut c = [0u8; 256];
-    read_into(code, c.get_mut(..o.code_adaptive as usize)?)?;
-    if field_u64(&c, o.object_type) != l.code_type {
+    // Type, size, first traceable unit and the names' pointers in one read
+    // of the header.
+    let mut buf = [0u8; 256];
+    let header = buf.get_mut(..o.code_adaptive as usize)?;
+    r.read(code, header)?;
+    let c: &[u8] = header;
+    if field_u64(c, o.object_type) != l.code_type {
         return None;
     }
-    let units = field_u64(&c, o.var_object_size);
+    let units = field_u64(c, o.var_object_size);
     let at = o.code_firsttraceable as usize;
     let firsttraceable = u32::from_le_bytes([c[at], c[at + 1], c[at + 2], c[at + 3]]);
     let instr = field_u64(&f, o.frame_instr);
@@ -196,8 +222,12 @@ fn step(l: &Layout, frame: u64, out: &mut Walk) -> Option<u64> {
     }
     let incomplete = owner != o.owner_generator
         && (before_start || instr < first + u64::from(firsttraceable) * 2);
-    if !incomplete && !push(out, code, (instr - first) as u32) {
-        return None;
+    if !incomplete {
+        let offset = (instr - first) as u32;
+        // The slot holds the frame word (never ACTIVATION_END: tagged).
+        if !push(out, names::frame_word(o, code, c, offset), offset) {
+            return None;
+        }
     }
     if let Some(is_entry) = o.frame_is_entry {
         // 3.11: the frame was entered from C, the activation ends here.

@@ -1,0 +1,197 @@
+//! The walker's fault-safe reads of this process's memory, batched.
+//!
+//! A read is a process_vm_readv on the calling thread's own id (any thread
+//! id names the process's memory, and the caller has it: no getpid per
+//! read). Each costs a system call, and most of its cost is per call and
+//! per range, so a walk first reads, in one call, the ranges the same
+//! thread's previous walk read ([`Plan`]): a thread that allocates in a
+//! loop walks the same frames and code objects again. The walk then reads
+//! as before; a read that matches a prefetched range (same address and
+//! length) is served from the batch, any other goes to the kernel. The
+//! batch is read on this thread at the start of its own walk, while this
+//! thread (the only one that changes its frames) runs the walk, so a
+//! prefetched range holds what a read at its turn would have found; every
+//! check the walk makes applies to it as to any read. A wrong plan only
+//! costs the ranges it names.
+
+/// Ranges a plan holds, and their bytes at most.
+pub(crate) const PLANNED: usize = 24;
+pub(crate) const PLANNED_BYTES: usize = 3072;
+
+/// The ranges one walk read, for the next walk of the same thread.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub(crate) struct Plan {
+    addr: [u64; PLANNED],
+    len: [u16; PLANNED],
+    n: u16,
+    bytes: u16,
+}
+
+impl Plan {
+    pub(crate) const EMPTY: Plan = Plan {
+        addr: [0; PLANNED],
+        len: [0; PLANNED],
+        n: 0,
+        bytes: 0,
+    };
+
+    fn push(&mut self, addr: u64, len: usize) {
+        let n = self.n as usize;
+        if n < PLANNED && self.bytes as usize + len <= PLANNED_BYTES {
+            self.addr[n] = addr;
+            self.len[n] = len as u16;
+            self.n += 1;
+            self.bytes += len as u16;
+        }
+    }
+}
+
+pub(crate) struct Reader<'a> {
+    pub tid: i32,
+    /// The plan prefetched, and how many of its ranges were read whole.
+    plan: &'a Plan,
+    fetched: usize,
+    batch: &'a [u8],
+    /// The ranges this walk reads.
+    pub next: Plan,
+}
+
+impl<'a> Reader<'a> {
+    /// Reads the ranges of `plan` into `batch`, in one system call.
+    pub(crate) fn prefetch(tid: i32, plan: &'a Plan, batch: &'a mut [u8; PLANNED_BYTES]) -> Self {
+        let n = (plan.n as usize).min(PLANNED);
+        let mut local = [libc::iovec {
+            iov_base: core::ptr::null_mut(),
+            iov_len: 0,
+        }; PLANNED];
+        let mut remote = local;
+        let (mut at, mut used) = (0, 0);
+        for i in 0..n {
+            let len = plan.len[i] as usize;
+            if at + len > batch.len() || !plausible(plan.addr[i]) {
+                break;
+            }
+            local[i] = libc::iovec {
+                iov_base: batch[at..].as_mut_ptr().cast(),
+                iov_len: len,
+            };
+            remote[i] = libc::iovec {
+                iov_base: plan.addr[i] as *mut libc::c_void,
+                iov_len: len,
+            };
+            at += len;
+            used += 1;
+        }
+        let got = if used == 0 {
+            0
+        } else {
+            // SAFETY: reads our own memory into `batch` (the local ranges
+            // lie in it); the kernel checks the remote ranges and stops at
+            // the first it cannot read.
+            unsafe {
+                libc::process_vm_readv(
+                    tid,
+                    local.as_ptr(),
+                    used as u64,
+                    remote.as_ptr(),
+                    used as u64,
+                    0,
+                )
+            }
+        };
+        // The ranges read whole: a partial read stops at the first range
+        // that failed.
+        let (mut fetched, mut sum) = (0, 0);
+        while fetched < used && got >= 0 && sum + (plan.len[fetched] as usize) <= got as usize {
+            sum += plan.len[fetched] as usize;
+            fetched += 1;
+        }
+        Self {
+            tid,
+            plan,
+            fetched,
+            batch: &batch[..],
+            next: Plan::EMPTY,
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `addr`.
+    pub(crate) fn read(&mut self, addr: u64, buf: &mut [u8]) -> Option<()> {
+        if !plausible(addr) {
+            return None;
+        }
+        let len = buf.len();
+        let mut at = 0;
+        for i in 0..self.fetched {
+            let l = self.plan.len[i] as usize;
+            if self.plan.addr[i] == addr && l == len {
+                buf.copy_from_slice(&self.batch[at..at + len]);
+                self.next.push(addr, len);
+                return Some(());
+            }
+            at += l;
+        }
+        let local = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: len,
+        };
+        let remote = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: len,
+        };
+        // SAFETY: reads our own memory into `buf`; the kernel checks the
+        // range.
+        let n = unsafe { libc::process_vm_readv(self.tid, &local, 1, &remote, 1, 0) };
+        if n != len as isize {
+            return None;
+        }
+        self.next.push(addr, len);
+        Some(())
+    }
+
+    pub(crate) fn u64_at(&mut self, addr: u64) -> Option<u64> {
+        let mut b = [0u8; 8];
+        self.read(addr, &mut b)?;
+        Some(u64::from_le_bytes(b))
+    }
+}
+
+/// A user-space address.
+pub(crate) fn plausible(addr: u64) -> bool {
+    (4096..1 << 47).contains(&addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetched_ranges_serve_reads_until_the_first_unreadable_one() {
+        let mut data = [1u64, 2, 3];
+        let at = |i: usize, d: &[u64; 3]| &d[i] as *const u64 as u64;
+        let mut plan = Plan::EMPTY;
+        plan.push(at(0, &data), 8);
+        // Below mmap_min_addr: never mapped.
+        plan.push(8192, 8);
+        plan.push(at(2, &data), 8);
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        let mut batch = [0u8; PLANNED_BYTES];
+        let mut r = Reader::prefetch(tid, &plan, &mut batch);
+        data[0] = 10;
+        data[2] = 30;
+        let (a0, a2) = (at(0, &data), at(2, &data));
+        // The first range comes from the batch (read before the change),
+        // the third, after the failed one, from the kernel.
+        assert_eq!(r.u64_at(a0), Some(1));
+        assert_eq!(r.u64_at(8192), None);
+        assert_eq!(r.u64_at(a2), Some(30));
+        // A range of another length is read again.
+        let mut four = [0u8; 4];
+        assert_eq!(r.read(a0, &mut four), Some(()));
+        assert_eq!(u32::from_le_bytes(four), 10);
+        assert_eq!(r.next.n, 3);
+        assert_eq!(&r.next.addr[..3], &[a0, a2, a0]);
+    }
+}
