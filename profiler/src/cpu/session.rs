@@ -154,7 +154,6 @@ impl Session {
     fn start(settings: &Settings) -> anyhow::Result<Self> {
         let mut ebpf = ebpf::load()?;
         ebpf::spawn_logger(&mut ebpf);
-        eprintln!("prof-bpf: {}", settings.unwind.start_line());
         let mut tables = Tables::with_options(&mut ebpf, &settings.unwind)?;
         for &pid in settings.pids() {
             tables
@@ -193,6 +192,7 @@ impl Session {
             interval_samples: std::collections::HashMap::new(),
             python,
         };
+        eprintln!("prof-bpf: {}", settings.unwind.start_line());
         eprintln!(
             "prof-bpf: sampling {} at {} Hz on {} CPUs ({}); Ctrl-C to stop",
             scope(&settings.targets),

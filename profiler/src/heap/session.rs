@@ -152,7 +152,6 @@ impl Session {
     ) -> anyhow::Result<Self> {
         let all = settings.targets == Targets::All;
         let mut ebpf = attach::load(&settings, tracking, settings.mmap && all)?;
-        eprintln!("prof-bpf: {}", settings.unwind.start_line());
         let tables = Tables::with_options(&mut ebpf, &settings.unwind)?;
         let mut python = PythonTracker::new(&mut ebpf, true)?;
         python.set_view(settings.python.python_frames, settings.python.python_lines);
@@ -266,6 +265,7 @@ impl Session {
         launched: bool,
         output: &OutputPlan,
     ) -> anyhow::Result<StopReason> {
+        eprintln!("prof-bpf: {}", self.settings.unwind.start_line());
         eprintln!("{}", self.banner());
         for &pid in &self.pids {
             stop.watch(pid)
