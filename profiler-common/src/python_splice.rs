@@ -1,80 +1,98 @@
 //! Where a thread's Python frames go in its native stack, as `py-spy
 //! --native` shows them: each native frame of the evaluation loop
 //! (`_PyEval_EvalFrameDefault`) stands for the Python frames it ran and is
-//! replaced by them; every other native frame stays. Allocation-free, for
-//! libprofalloc.so's in-process walker (the profiler's `python::merge`
-//! follows the same rules on named frames).
+//! replaced by them; every other native frame stays. The one place for
+//! these rules: the profiler splices named frames with it, libprofalloc.so's
+//! in-process walker raw slots (allocation-free).
 //!
-//! The Python stack holds one [`ACTIVATION_END`] marker at the outer end of
-//! each activation (3.11: after a frame with `is_entry`; 3.12+: at the
-//! C-stack shim frame), so it splits into activations, innermost first,
-//! which pair with the evaluation-loop frames of the native stack,
-//! innermost first.
+//! The Python stack holds one marker at the outer end of each activation
+//! (3.11: after a frame with `is_entry`; 3.12+: at the C-stack shim frame;
+//! [`ACTIVATION_END`] in the walkers' slots), so it splits into
+//! activations, innermost first, which pair with the evaluation-loop frames
+//! of the native stack, innermost first.
 use crate::python::{ACTIVATION_END, PyFrameSlot};
 
 /// One frame of the merged stack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Spliced {
-    Native(u64),
-    Python(PyFrameSlot),
-    /// The Python walk did not reach the outermost frame.
-    Truncated,
+pub enum Spliced<T> {
+    /// Native frame `i`, kept.
+    Native(usize),
+    /// A Python frame, in place of native frame `at` (the native stack's
+    /// length: after every native frame).
+    Python { at: usize, frame: T },
+    /// The Python walk did not reach the outermost frame: the marker goes
+    /// at `at`, as for a Python frame.
+    Truncated { at: usize },
 }
 
-/// Calls `emit` with the merged stack, leaf first. `native`: the native
-/// frames, leaf first; `is_eval(i)`: whether `native[i]` is an
-/// evaluation-loop frame; `slots`: the Python stack with its markers;
-/// `cut`: the Python walk stopped early. An activation without frames
-/// leaves its native frame; activations left without an evaluation-loop
-/// frame (a cut native stack) go to the outer end. Returns how many
-/// activations with frames found no evaluation-loop frame.
-pub fn splice(
-    native: &[u64],
+/// Whether a walker's slot is an activation's end.
+pub fn is_activation_end(slot: &PyFrameSlot) -> bool {
+    slot.code == ACTIVATION_END
+}
+
+/// Calls `emit` with the merged stack, leaf first. `native_len` native
+/// frames, leaf first; `is_eval(i)`: whether native frame `i` is an
+/// evaluation-loop frame; `frames`: the Python stack, with the ends of its
+/// activations (`is_end`); `cut`: the Python walk stopped early. An
+/// activation without frames leaves its native frame; activations left
+/// without an evaluation-loop frame (a cut native stack) go to the outer
+/// end. Returns how many activations with frames found no evaluation-loop
+/// frame.
+pub fn splice<T: Copy>(
+    native_len: usize,
     is_eval: impl Fn(usize) -> bool,
-    slots: &[PyFrameSlot],
+    frames: &[T],
+    is_end: impl Fn(&T) -> bool,
     cut: bool,
-    mut emit: impl FnMut(Spliced),
+    mut emit: impl FnMut(Spliced<T>),
 ) -> usize {
-    let mut rest = slots;
+    let next_activation = |rest: &[T]| -> (usize, usize) {
+        match rest.iter().position(&is_end) {
+            Some(end) => (end, end + 1),
+            None => (rest.len(), rest.len()),
+        }
+    };
+    let mut rest = frames;
     let mut last_spliced_at_end = false;
-    for (i, &pc) in native.iter().enumerate() {
+    for i in 0..native_len {
         if !is_eval(i) || rest.is_empty() {
-            emit(Spliced::Native(pc));
+            emit(Spliced::Native(i));
             continue;
         }
-        let (group, after) = next_activation(rest);
-        rest = after;
+        let (len, skip) = next_activation(rest);
+        let group = &rest[..len];
+        rest = &rest[skip..];
         if group.is_empty() {
-            emit(Spliced::Native(pc));
+            emit(Spliced::Native(i));
             continue;
         }
-        group.iter().for_each(|&s| emit(Spliced::Python(s)));
-        if rest.iter().all(|s| s.code == ACTIVATION_END) && cut {
+        group
+            .iter()
+            .for_each(|&frame| emit(Spliced::Python { at: i, frame }));
+        if cut && rest.iter().all(&is_end) {
             // The cut is at the outer end of the last activation, when
             // every activation found its frame.
-            emit(Spliced::Truncated);
+            emit(Spliced::Truncated { at: i });
             last_spliced_at_end = true;
         }
     }
     let mut unmatched = 0;
     while !rest.is_empty() {
-        let (group, after) = next_activation(rest);
-        rest = after;
+        let (len, skip) = next_activation(rest);
+        let group = &rest[..len];
+        rest = &rest[skip..];
         unmatched += usize::from(!group.is_empty());
-        group.iter().for_each(|&s| emit(Spliced::Python(s)));
+        group.iter().for_each(|&frame| {
+            emit(Spliced::Python {
+                at: native_len,
+                frame,
+            })
+        });
     }
     if cut && !last_spliced_at_end {
-        emit(Spliced::Truncated);
+        emit(Spliced::Truncated { at: native_len });
     }
     unmatched
-}
-
-/// The frames of the first activation and the slots after its marker.
-fn next_activation(slots: &[PyFrameSlot]) -> (&[PyFrameSlot], &[PyFrameSlot]) {
-    match slots.iter().position(|s| s.code == ACTIVATION_END) {
-        Some(end) => (&slots[..end], &slots[end + 1..]),
-        None => (slots, &[]),
-    }
 }
 
 #[cfg(test)]
@@ -97,15 +115,16 @@ mod tests {
         let slots: Vec<PyFrameSlot> = codes.iter().map(|&c| slot(c)).collect();
         let mut out = Vec::new();
         let unmatched = splice(
-            native,
+            native.len(),
             |i| eval[i],
             &slots,
+            is_activation_end,
             cut,
             |s| {
                 out.push(match s {
-                    Spliced::Native(pc) => pc,
-                    Spliced::Python(s) => s.code,
-                    Spliced::Truncated => 0,
+                    Spliced::Native(i) => native[i],
+                    Spliced::Python { frame, .. } => frame.code,
+                    Spliced::Truncated { .. } => 0,
                 })
             },
         );

@@ -5,13 +5,11 @@
 //! `Py_RunMain` below, C between two activations: `list.sort` calling a
 //! `key=` function).
 //!
-//! The kernel walker records one marker at the outer end of each
-//! activation (3.11: after a frame with `is_entry`; 3.12+: at the C-stack
-//! shim frame), so the Python stack splits into activations, innermost
-//! first, which pair with the evaluation-loop frames of the native stack,
-//! innermost first.
-use profiler_common::python::{
-    ACTIVATION_END, PY_STACK_BROKEN, PY_STACK_COMPLETE, PY_STACK_TRUNCATED, PyFrameSlot,
+//! The rules are [`profiler_common::python_splice`]'s, shared with
+//! libprofalloc.so's in-process walker; this names the frames first.
+use profiler_common::{
+    python::{ACTIVATION_END, PY_STACK_BROKEN, PY_STACK_COMPLETE, PY_STACK_TRUNCATED, PyFrameSlot},
+    python_splice::{Spliced, splice},
 };
 
 use super::stack::RawFrame;
@@ -58,8 +56,9 @@ pub struct MergeOutcome {
 
 /// The splices that put `activations` (named, innermost first) into
 /// `native` (leaf first; `is_eval(i)` says whether `native[i]` is an
-/// evaluation-loop frame). `cut`: the Python walk did not reach the
-/// outermost frame, so the last frames are followed by
+/// evaluation-loop frame), by the rules of
+/// [`profiler_common::python_splice`]. `cut`: the Python walk did not
+/// reach the outermost frame, so the last frames are followed by
 /// [`PYTHON_TRUNCATED`]. An empty activation leaves its native frame.
 pub fn splices(
     native_len: usize,
@@ -67,39 +66,33 @@ pub fn splices(
     activations: Vec<Vec<Frame>>,
     cut: bool,
 ) -> (Vec<Splice>, MergeOutcome) {
-    let mut out = Vec::new();
-    let mut groups = activations.into_iter();
-    for i in 0..native_len {
-        if !is_eval(i) {
-            continue;
-        }
-        let Some(frames) = groups.next() else {
-            break;
-        };
-        if !frames.is_empty() {
-            out.push(Splice { at: i, frames });
-        }
-    }
-    let rest: Vec<Vec<Frame>> = groups.collect();
-    let outcome = MergeOutcome {
-        unmatched: rest.iter().filter(|g| !g.is_empty()).count(),
+    // The activations as one stack, each closed by an end (None).
+    let frames: Vec<Option<&Frame>> = activations
+        .iter()
+        .flat_map(|group| group.iter().map(Some).chain([None]))
+        .collect();
+    let truncated = Frame::named(PYTHON_TRUNCATED);
+    let mut out: Vec<Splice> = Vec::new();
+    let mut put = |at: usize, frame: &Frame| match out.last_mut() {
+        Some(last) if last.at == at => last.frames.push(frame.clone()),
+        _ => out.push(Splice {
+            at,
+            frames: vec![frame.clone()],
+        }),
     };
-    let mut tail: Vec<Frame> = rest.into_iter().flatten().collect();
-    if cut {
-        tail.push(Frame::named(PYTHON_TRUNCATED));
-    }
-    if !tail.is_empty() {
-        match out.last_mut() {
-            // The cut is at the outer end of the last spliced activation
-            // when every activation found its frame.
-            Some(last) if outcome.unmatched == 0 => last.frames.extend(tail),
-            _ => out.push(Splice {
-                at: native_len,
-                frames: tail,
-            }),
-        }
-    }
-    (out, outcome)
+    let unmatched = splice(
+        native_len,
+        is_eval,
+        &frames,
+        Option::is_none,
+        cut,
+        |s| match s {
+            Spliced::Native(_) => {}
+            Spliced::Python { at, frame } => put(at, frame.expect("ends are not emitted")),
+            Spliced::Truncated { at } => put(at, &truncated),
+        },
+    );
+    (out, MergeOutcome { unmatched })
 }
 
 /// `--python-frames python`: a sample that has Python frames keeps those

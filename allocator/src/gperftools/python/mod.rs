@@ -16,7 +16,7 @@ use core::{
 use profiler_common::{
     python::PyFrameSlot,
     python_layout::{self, DEBUG_OFFSETS_LEN, PythonVersion},
-    python_splice::{Spliced, splice},
+    python_splice::{Spliced, is_activation_end, splice},
 };
 
 use crate::os::Message;
@@ -348,12 +348,13 @@ pub(crate) fn merge(native: &[u64], leaf_is_pc: bool, out: &mut [u64]) -> (usize
         (eval_lo..eval_hi).contains(&pc)
     };
     let (mut n, mut full) = (0, false);
-    let unmatched = splice(native, is_eval, &w.slots[..w.len], cut, |s| {
+    let slots = &w.slots[..w.len];
+    let unmatched = splice(native.len(), is_eval, slots, is_activation_end, cut, |s| {
         let word = match s {
-            Spliced::Native(pc) => pc,
+            Spliced::Native(i) => native[i],
             // The walk put the frame word in the slot.
-            Spliced::Python(slot) => slot.code,
-            Spliced::Truncated => names::TRUNCATED_WORD,
+            Spliced::Python { frame, .. } => frame.code,
+            Spliced::Truncated { .. } => names::TRUNCATED_WORD,
         };
         if n < out.len() {
             out[n] = word;
