@@ -8,6 +8,21 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// A Rust program with enough generic code for a few seconds of rustc and
+/// LLVM work (`rustc -O`): deep, frame-pointer-less stacks in the biggest
+/// binaries there are.
+pub fn big_rust_source() -> String {
+    let mut source = String::from("use std::collections::HashMap;\n");
+    for i in 0..400 {
+        source.push_str(&format!(
+            "pub fn f{i}(x: u64) -> HashMap<u64, String> {{ (0..x).map(|j| (j * {i}, \
+             format!(\"{{j}}-{i}\"))).collect() }}\n"
+        ));
+    }
+    source.push_str("fn main() { println!(\"{}\", f1(3).len()); }\n");
+    source
+}
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use prof_bpf_tests::{Proc, require_bpf, start_prof_bpf};
+use prof_bpf_tests::{Proc, big_rust_source, require_bpf, start_prof_bpf};
 
 /// Share of a program's samples that must be complete, in percent. The
 /// goal is 99; rustc reaches 98.0-99.3% over runs (what remains: thread
@@ -124,16 +124,7 @@ fn sample_stopped(name: &str, cmd: &mut Command, libs: &[&str]) -> PathBuf {
 fn rustc_stacks_with_tables_are_complete() {
     require_bpf!();
     let dir = scratch("rustc-p");
-    // Enough functions for a few seconds of rustc and LLVM work.
-    let mut source = String::from("use std::collections::HashMap;\n");
-    for i in 0..400 {
-        source.push_str(&format!(
-            "pub fn f{i}(x: u64) -> HashMap<u64, String> {{ (0..x).map(|j| (j * {i}, \
-             format!(\"{{j}}-{i}\"))).collect() }}\n"
-        ));
-    }
-    source.push_str("fn main() { println!(\"{}\", f1(3).len()); }\n");
-    std::fs::write(dir.join("big.rs"), source).expect("write big.rs");
+    std::fs::write(dir.join("big.rs"), big_rust_source()).expect("write big.rs");
     let folded = sample_stopped(
         "rustc-p",
         Command::new("rustc")

@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use prof_bpf_tests::start_until;
+use prof_bpf_tests::{big_rust_source, start_until};
 
 /// Frames that start a process or a thread.
 const THREAD_STARTS: &[&str] = &[
@@ -91,15 +91,7 @@ pub fn run(prof: &Path) -> anyhow::Result<()> {
 fn scratch() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join("prof-bpf-bench-unwind-copy");
     std::fs::create_dir_all(&dir)?;
-    let mut source = String::from("use std::collections::HashMap;\n");
-    for i in 0..400 {
-        source.push_str(&format!(
-            "pub fn f{i}(x: u64) -> HashMap<u64, String> {{ (0..x).map(|j| (j * {i}, \
-             format!(\"{{j}}-{i}\"))).collect() }}\n"
-        ));
-    }
-    source.push_str("fn main() { println!(\"{}\", f1(3).len()); }\n");
-    std::fs::write(dir.join("big.rs"), source)?;
+    std::fs::write(dir.join("big.rs"), big_rust_source())?;
     Ok(dir)
 }
 
