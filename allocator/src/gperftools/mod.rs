@@ -75,8 +75,8 @@ pub(crate) fn start_stacks() {
 /// [`start_stacks`].
 pub(crate) fn start(s: &Settings) {
     let heap_prefix = s.heap_prefix.as_str();
-    if s.python_frames && (!heap_prefix.is_empty() || s.heap_check || !s.cpu_file.is_empty()) {
-        python::start();
+    if !heap_prefix.is_empty() || s.heap_check || !s.cpu_file.is_empty() {
+        python::start(s.python_frames);
     }
     if !heap_prefix.is_empty() && !s.heap_check && !prefix_dir_writable(heap_prefix) {
         let mut m = Message::new();

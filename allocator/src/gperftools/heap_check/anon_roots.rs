@@ -3,6 +3,8 @@
 //! pointers to malloc'd objects. CPython's pymalloc keeps every object of
 //! 512 bytes or less (lists, dicts, class instances) in mmap'd arenas, so
 //! without these roots a leak-free Python program reports false leaks.
+//! The checker scans them only in a CPython process: they include glibc's
+//! cached stacks of joined threads, whose dead frames would hide leaks.
 //!
 //! The allocator's own memory (heap, tables, this checker's lists) is all
 //! mapped `MAP_NORESERVE`, which `/proc/self/smaps` shows as the `nr`

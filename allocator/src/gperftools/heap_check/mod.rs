@@ -260,7 +260,13 @@ pub(crate) fn at_exit() {
             all_stacks.push(m);
         }
     }
-    anon_roots::scan(&mut marker, all_stacks.as_slice());
+    // Only under CPython, whose pymalloc arenas hold the pointers to most
+    // of its malloc'd objects: elsewhere the same scan would also read
+    // glibc's cached stacks of joined threads, whose dead frames hide real
+    // leaks.
+    if super::python::is_cpython() {
+        anon_roots::scan(&mut marker, all_stacks.as_slice());
+    }
 
     // This thread: its stack from the frame that called the allocator's
     // exit handler (the checker's own frames are not roots), and its TLS.

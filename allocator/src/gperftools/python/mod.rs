@@ -34,6 +34,8 @@ struct Found(UnsafeCell<Option<(Layout, usize, usize)>>);
 unsafe impl Sync for Found {}
 static FOUND: Found = Found(UnsafeCell::new(None));
 static ON: AtomicBool = AtomicBool::new(false);
+/// The process runs CPython (it exports `_PyRuntime`), walked or not.
+static CPYTHON: AtomicBool = AtomicBool::new(false);
 
 /// Walks attempted, and those that ended early (a failed read or check,
 /// or the slot limit), for the dumps' comments.
@@ -48,9 +50,10 @@ pub(crate) static LOOKUPS: AtomicU64 = AtomicU64::new(0);
 /// Stacks taken on threads without a thread state (native frames only).
 pub(crate) static NO_STATE: AtomicU64 = AtomicU64::new(0);
 
-/// Finds the interpreter. Called once, from the allocator's
-/// initialisation, when gperftools mode takes stacks.
-pub(crate) fn start() {
+/// Finds the interpreter and, with `walk`, turns the Python walk on.
+/// Called once, from the allocator's initialisation, when gperftools mode
+/// takes stacks.
+pub(crate) fn start(walk: bool) {
     let mut l = symbols::Lookup {
         names: &[
             b"_PyRuntime",
@@ -65,6 +68,10 @@ pub(crate) fn start() {
     let Some(runtime) = l.found[0] else {
         return; // not CPython
     };
+    CPYTHON.store(true, Ordering::Relaxed);
+    if !walk {
+        return;
+    }
     let Some(version) = l.found[1] else {
         let mut m = Message::new();
         m.str("(").str(object_name(l.object)).str(")");
@@ -200,6 +207,11 @@ pub(crate) fn comments(mut f: impl FnMut(&str)) {
 #[inline]
 pub(crate) fn is_on() -> bool {
     ON.load(Ordering::Relaxed)
+}
+
+/// Whether the process runs CPython (see [`start`]).
+pub(crate) fn is_cpython() -> bool {
+    CPYTHON.load(Ordering::Relaxed)
 }
 
 /// The calling thread's thread state, kept between walks in static TLS
