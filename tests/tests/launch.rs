@@ -384,7 +384,9 @@ fn signal_in_launch_mode(subcommand: &str, signal: i32, name: &str) {
             "-o",
             out.to_str().unwrap(),
             "--",
-            "python3",
+            // Not through PATH: a version manager's shim (pyenv's is a
+            // shell script) can take longer than the test waits.
+            "/usr/bin/python3",
             "-c",
             "def spin():\n    while True: pass\nspin()",
         ],
