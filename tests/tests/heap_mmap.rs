@@ -165,6 +165,11 @@ fn a_map_fixed_overlay_is_counted_once() {
     assert_eq!(code, 0, "{stderr}");
     // The start overlay trimmed the original in the kernel; the middle and
     // end ones were resolved against it in the agent.
+    let counters = text
+        .lines()
+        .find(|l| l.contains("heap counters: "))
+        .unwrap_or_else(|| panic!("no counters: {text}"));
+    assert!(counters.contains("unmaps_partial 1"), "{counters}");
     assert!(
         text.contains("mapped over by later tracked mappings (MAP_FIXED): 1 (3.0 MiB"),
         "{text}"
