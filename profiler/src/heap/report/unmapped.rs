@@ -9,7 +9,7 @@
 //!   address) that is tracked itself: both hold the range. The kernel gives
 //!   the range to the newer mapping, and so does this: each byte counts
 //!   once, under the newest tracked mapping over it.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use profiler_common::heap::{LiveAlloc, LiveKey, SOURCE_MMAP, StackKey, StackStats};
 
@@ -45,10 +45,14 @@ pub(crate) fn unmapped(
     current: &HashMap<u32, Vec<Mapping>>,
 ) -> Unmapped {
     let mut out = Unmapped::default();
-    let tracked: Vec<&(LiveKey, LiveAlloc)> = mappings
+    // Per process, newest first: the union of the mappings already seen is
+    // what newer ones hold. Newer is later, or as late and higher (any
+    // order will do, as long as there is one).
+    let mut tracked: Vec<&(LiveKey, LiveAlloc)> = mappings
         .iter()
         .filter(|(key, _)| key.source == SOURCE_MMAP)
         .collect();
+    tracked.sort_unstable_by_key(|(k, l)| std::cmp::Reverse((k.pid, l.timestamp_ns, k.addr)));
     let anonymous: HashMap<u32, Vec<Range>> = current
         .iter()
         .map(|(&pid, maps)| {
@@ -59,21 +63,16 @@ pub(crate) fn unmapped(
             (pid, merged(ranges))
         })
         .collect();
+    let mut held_by_newer: HashMap<u32, Union> = HashMap::new();
     for &(key, live) in &tracked {
-        let whole = (key.addr, key.addr + live.size);
+        let whole = (key.addr, key.addr.saturating_add(live.size));
         let mapped = match anonymous.get(&key.pid) {
             Some(ranges) => clipped(ranges, whole),
             None => vec![whole],
         };
-        // Newer: later, or as late and higher (any order, as long as one).
-        let newer = merged(
-            tracked
-                .iter()
-                .filter(|(k, l)| {
-                    k.pid == key.pid && (l.timestamp_ns, k.addr) > (live.timestamp_ns, key.addr)
-                })
-                .map(|(k, l)| (k.addr, k.addr + l.size)),
-        );
+        let union = held_by_newer.entry(key.pid).or_default();
+        let newer = union.within(whole);
+        union.add(whole);
         let still_mapped = length(&mapped);
         let replaced = length(&intersection(&mapped, &newer));
         let gone_bytes = live.size - still_mapped + replaced;
@@ -120,11 +119,50 @@ fn merged(ranges: impl Iterator<Item = Range>) -> Vec<Range> {
 
 /// The parts of merged `ranges` inside `within`.
 fn clipped(ranges: &[Range], within: Range) -> Vec<Range> {
-    ranges
+    let first = ranges.partition_point(|&(_, e)| e <= within.0);
+    ranges[first..]
         .iter()
+        .take_while(|&&(s, _)| s < within.1)
         .map(|&(s, e)| (s.max(within.0), e.min(within.1)))
         .filter(|(s, e)| s < e)
         .collect()
+}
+
+/// A union of address ranges, built one range at a time: disjoint ranges,
+/// start to end.
+#[derive(Default)]
+struct Union(BTreeMap<u64, u64>);
+
+impl Union {
+    /// The parts of the union inside `within`, in order.
+    fn within(&self, within: Range) -> Vec<Range> {
+        // The one range that may start before `within` and reach into it.
+        let from = match self.0.range(..=within.0).next_back() {
+            Some((&s, _)) => s,
+            None => within.0,
+        };
+        self.0
+            .range(from..within.1)
+            .map(|(&s, &e)| (s.max(within.0), e.min(within.1)))
+            .filter(|(s, e)| s < e)
+            .collect()
+    }
+
+    fn add(&mut self, (mut start, mut end): Range) {
+        // Joins the ranges that overlap or touch it.
+        if let Some((&s, &e)) = self.0.range(..=start).next_back()
+            && e >= start
+        {
+            start = s;
+        }
+        let joined: Vec<u64> = self.0.range(start..=end).map(|(&s, _)| s).collect();
+        for s in joined {
+            if let Some(e) = self.0.remove(&s) {
+                end = end.max(e);
+            }
+        }
+        self.0.insert(start, end);
+    }
 }
 
 /// The intersection of two merged range lists.

@@ -133,3 +133,18 @@ fn other_processes_and_sources_do_not_overlap() {
     let all = [tracked(0, 8, 1, 10), other, block];
     assert_eq!(unmapped(&all, &HashMap::new()), Unmapped::default());
 }
+
+#[test]
+fn the_union_joins_touching_and_overlapping_ranges() {
+    let mut u = Union::default();
+    for r in [(40, 50), (0, 10), (20, 30), (10, 20), (45, 60)] {
+        u.add(r);
+    }
+    assert_eq!(
+        u.0.iter().map(|(&s, &e)| (s, e)).collect::<Vec<_>>(),
+        [(0, 30), (40, 60)]
+    );
+    assert_eq!(u.within((5, 45)), [(5, 30), (40, 45)]);
+    assert_eq!(u.within((30, 40)), []);
+    assert_eq!(u.within((50, 70)), [(50, 60)]);
+}
