@@ -276,7 +276,7 @@ crate::counter_set! {
         /// allocator's own (glibc serves big mallocs by mmap), already
         /// counted as the allocation that asked for them.
         MmapsInAllocator = "mmaps_in_allocator",
-        /// munmap/mremap calls that released only the front part of a
+        /// munmap, mremap and MAP_FIXED mmap calls that released only the front part of a
         /// tracked mapping (the rest stays tracked with its new start and size).
         UnmapsPartial = "unmaps_partial",
         /// USDT probe events dropped: an argument could not be read (its

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use heap_support::*;
 use prof_bpf_tests::{
-    assert_one_line_error, build_workload, require_bpf, run_prof_bpf, start_prof_bpf,
+    Proc, assert_one_line_error, build_workload, require_bpf, run_prof_bpf, start_prof_bpf,
 };
 
 mod heap_support;
@@ -92,6 +92,112 @@ fn mmap_counts_each_anonymous_mapping_once_from_its_caller() {
     w.send_line("sum");
     w.expect_line(&format!("sum {}", (r + 1) * MMAP_ROUND_SUM));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The overlay functions of the workload and the bytes each holds in the
+/// end: the 8 MiB original keeps what the MAP_FIXED mappings over its
+/// middle, start and end did not replace.
+const OVERLAID: &[(&str, i64)] = &[
+    ("map_overlaid", 4 * MIB),
+    ("overlay_middle", 2 * MIB),
+    ("overlay_start", MIB),
+    ("overlay_end", MIB),
+];
+
+/// Runs `prof-bpf heap --pid W --mmap --sample-bytes 0 -o FILE` while the
+/// workload obeys `commands` (each with the line it answers), stops it and
+/// returns FILE.
+fn profile_commands(w: &mut Proc, name: &str, commands: &[(&str, &str)]) -> String {
+    let file = std::env::temp_dir().join(format!(
+        "prof-bpf-heap-mmap-{name}-{}.pb.gz",
+        std::process::id()
+    ));
+    let file = file.to_string_lossy().into_owned();
+    let pid = w.pid().to_string();
+    let args = [
+        "heap",
+        "--pid",
+        &pid,
+        "--mmap",
+        "--sample-bytes",
+        "0",
+        "-o",
+        &file,
+    ];
+    let (prof, _) = start_prof_bpf(&args, ATTACHED);
+    for (command, reply) in commands {
+        w.send_line(command);
+        w.expect_line(reply);
+    }
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(prof.id() as i32, libc::SIGINT) };
+    let out = prof.wait_with_output().expect("wait for prof-bpf");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    file
+}
+
+#[test]
+fn a_map_fixed_overlay_is_counted_once() {
+    require_bpf!();
+    let mut w = start_mmap_workload();
+
+    // Kept: 8 MiB mapped, each byte once, under the mapping that holds it.
+    let file = profile_commands(&mut w, "overlay", &[("overlay", "overlaid")]);
+    let inuse = report_folded(&file, "inuse_space");
+    let stacks = parse_folded(&inuse);
+    for &(func, bytes) in OVERLAID {
+        assert_eq!(mmap_total(&stacks, func), bytes, "{func}: {inuse}");
+    }
+    let mapped: i64 = stacks
+        .iter()
+        .filter(|s| s.frames.last().unwrap() == "[mmap]")
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(mapped, 8 * MIB, "{inuse}");
+    let alloc = report_folded(&file, "alloc_space");
+    let stacks = parse_folded(&alloc);
+    assert_eq!(mmap_total(&stacks, "map_overlaid"), 8 * MIB, "{alloc}");
+    let (text, stderr, code) = run_prof_bpf(&["report", "--format", "text", &file]);
+    assert_eq!(code, 0, "{stderr}");
+    // The start overlay trimmed the original in the kernel; the middle and
+    // end ones were resolved against it in the agent.
+    let counters = text
+        .lines()
+        .find(|l| l.contains("heap counters: "))
+        .unwrap_or_else(|| panic!("no counters: {text}"));
+    assert!(counters.contains("unmaps_partial 1"), "{counters}");
+    assert!(
+        text.contains("mapped over by later tracked mappings (MAP_FIXED): 1 (3.0 MiB"),
+        "{text}"
+    );
+    std::fs::remove_file(&file).unwrap();
+
+    // Unmapping the whole range afterwards leaves nothing.
+    let file = profile_commands(
+        &mut w,
+        "unmap",
+        &[("overlay", "overlaid"), ("unmap", "unmapped")],
+    );
+    let inuse = report_folded(&file, "inuse_space");
+    let stacks = parse_folded(&inuse);
+    for &(func, _) in OVERLAID {
+        assert_eq!(mmap_total(&stacks, func), 0, "{func}: {inuse}");
+    }
+    let alloc = report_folded(&file, "alloc_space");
+    let stacks = parse_folded(&alloc);
+    for (func, bytes) in [
+        ("map_overlaid", 8 * MIB),
+        ("overlay_middle", 2 * MIB),
+        ("overlay_start", MIB),
+        ("overlay_end", MIB),
+    ] {
+        assert_eq!(mmap_total(&stacks, func), bytes, "{func}: {alloc}");
+    }
+    std::fs::remove_file(&file).unwrap();
 }
 
 #[test]

@@ -6,6 +6,12 @@
  * nothing is allocated or mapped between rounds):
  *   go R   runs R rounds, then prints "done"
  *   sum    prints "sum N": a checksum of what the rounds wrote
+ *   overlay  maps 8 MiB (map_overlaid), then MAP_FIXED anonymous mappings
+ *          over parts of it, kept: 2 MiB over its middle from 3 MiB
+ *          (overlay_middle), 1 MiB over its start (overlay_start), 1 MiB
+ *          over its end (overlay_end); prints "overlaid". 8 MiB are mapped:
+ *          4 MiB the original's, 4 MiB the overlays'.
+ *   unmap  unmaps the whole 8 MiB of the last overlay; prints "unmapped"
  * Each round, by construction (MiB = 1048576 bytes):
  *   map_leak    maps 3 x 1 MiB anonymous, kept                (main;run_round;map_leak)
  *   map_churn   maps and unmaps 64 KiB, 100 times: nothing kept
@@ -99,6 +105,29 @@ NOINLINE void big_malloc(void) {
     sink = p;
 }
 
+static char *overlaid;
+
+/* A macro, so that mmap's caller is the overlay_* function itself. */
+#define MAP_OVER(at, n)                                                                 \
+    do {                                                                                \
+        void *p = mmap((at), (n), PROT_READ | PROT_WRITE,                               \
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);                 \
+        if (p != (void *)(at)) _exit(2);                                                \
+        touch(p, (n));                                                                  \
+    } while (0)
+
+NOINLINE void map_overlaid(void) {
+    overlaid = mmap(NULL, 8 * MIB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (overlaid == MAP_FAILED) _exit(2);
+    touch(overlaid, 8 * MIB);
+}
+
+NOINLINE void overlay_middle(void) { MAP_OVER(overlaid + 3 * MIB, 2 * MIB); }
+
+NOINLINE void overlay_start(void) { MAP_OVER(overlaid, MIB); }
+
+NOINLINE void overlay_end(void) { MAP_OVER(overlaid + 7 * MIB, MIB); }
+
 NOINLINE void run_round(void) {
     map_leak();
     map_churn();
@@ -121,6 +150,15 @@ int main(int argc, char **argv) {
         if (!strncmp(line, "go ", 3)) {
             for (int r = atoi(line + 3); r > 0; r--) run_round();
             say("done\n");
+        } else if (!strcmp(line, "overlay")) {
+            map_overlaid();
+            overlay_middle();
+            overlay_start();
+            overlay_end();
+            say("overlaid\n");
+        } else if (!strcmp(line, "unmap")) {
+            munmap(overlaid, 8 * MIB);
+            say("unmapped\n");
         } else if (!strcmp(line, "sum")) {
             say_number("sum ", checksum);
         }

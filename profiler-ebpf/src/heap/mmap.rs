@@ -17,6 +17,13 @@
 //!   registers: frame 0 is the syscall's wrapper (libc's mmap); the agent
 //!   removes it so that, like malloc stacks, the stack starts at the caller.
 //!   A walk from there needs the wrapper's CFI (see `begin`).
+//! - A `MAP_FIXED` mmap replaces whatever the range held: it first
+//!   releases that range as a munmap would (`release`), whatever the new
+//!   mapping is. The kernel side finds tracked mappings only by their start
+//!   (a hash map cannot be searched by range), so a fixed mapping placed
+//!   inside a tracked one leaves that one whole here; the agent gives each
+//!   overlapped range to the newest tracked mapping over it (see
+//!   `profiler/src/heap/report/unmapped.rs`), so it counts once.
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint},
@@ -48,6 +55,7 @@ static HEAP_MMAP_PENDING: LruHashMap<u64, PendingMapping> =
 const MAP_TYPE: u64 = 0x0f;
 const MAP_PRIVATE: u64 = 0x02;
 const MAP_ANONYMOUS: u64 = 0x20;
+const MAP_FIXED: u64 = 0x10;
 const PAGE_SIZE: u64 = 4096;
 /// Tracked mappings one munmap retires at most: a range covering adjacent
 /// tracked mappings (the kernel merges such areas) is rare, and a bounded
@@ -62,10 +70,15 @@ const RET_OFFSET: usize = 16;
 
 #[tracepoint]
 pub fn heap_mmap_enter(ctx: TracePointContext) -> u32 {
-    if target().is_none() {
-        return 0;
-    }
+    let Some(pid) = target() else { return 0 };
     let (len, flags) = (arg(&ctx, 1), arg(&ctx, 3));
+    if flags & MAP_FIXED != 0
+        && let Some(len) = whole_pages(len)
+    {
+        // The kernel unmaps the range before mapping it again; released at
+        // entry as munmap is (the new mapping is tracked at exit, after).
+        release(pid, arg(&ctx, 0), len);
+    }
     if flags & MAP_TYPE != MAP_PRIVATE || flags & MAP_ANONYMOUS == 0 {
         return 0;
     }

@@ -70,10 +70,11 @@ MAPPINGS:
   stays tracked); one that starts inside a mapping is not seen by the probes:
   each report compares the tracked mappings with the maps of the processes
   still running and takes what is no longer mapped out of the in-use values,
-  saying how much (a program that exited is reported as it was then). With
-  --all, the processes
-  that map the allocator at the attach are tracked, and later ones from their
-  first allocator call.
+  saying how much (a program that exited is reported as it was then). A
+  MAP_FIXED mapping placed over tracked ones replaces them there: each range
+  counts once, under the newest tracked mapping over it. With --all, the
+  processes that map the allocator at the attach are tracked, and later ones
+  from their first allocator call.
 
 PYTHON:
   CPython targets get their Python frames merged into the native stacks.

@@ -9,6 +9,9 @@
 //! - [`unmapped`]: `--mmap` coverage, what the targets no longer map.
 use std::collections::HashMap;
 
+mod unmapped;
+pub(crate) use unmapped::{Unmapped, unmapped};
+
 use profiler_common::{
     counters::CounterSet as _,
     heap::{HeapCounter, LiveAlloc, LiveKey, SOURCE_MMAP, StackKey, StackStats, WEIGHT_ONE},
@@ -156,63 +159,6 @@ pub(crate) fn old_allocations(
     out
 }
 
-/// Tracked mappings found partly or wholly unmapped, and what is gone per
-/// stack, as frees.
-#[derive(Debug, Default, PartialEq)]
-pub(crate) struct Unmapped {
-    pub mappings: u64,
-    pub bytes: u64,
-    pub per_stack: HashMap<StackKey, StackStats>,
-}
-
-/// Tracked mappings that are no longer wholly mapped: an unmap that
-/// started inside one (the kernel side finds mappings by their start) or
-/// covered more than it follows. `current` holds the maps of the processes
-/// still running; a process without an entry (it exited) is reported as it
-/// was. What is gone counts as freed (the whole object once nothing of it
-/// is left).
-///
-/// A range unmapped and then mapped again by a mapping that is not tracked
-/// (MAP_FIXED over a hole) still counts as the old mapping's.
-pub(crate) fn unmapped(
-    mappings: &[(LiveKey, LiveAlloc)],
-    current: &HashMap<u32, Vec<Mapping>>,
-) -> Unmapped {
-    let mut out = Unmapped::default();
-    for (key, live) in mappings {
-        if key.source != SOURCE_MMAP {
-            continue;
-        }
-        let Some(maps) = current.get(&key.pid) else {
-            continue;
-        };
-        let (start, end) = (key.addr, key.addr + live.size);
-        let covered: u64 = maps
-            .iter()
-            .filter(|m| m.inode == 0)
-            .map(|m| m.end.min(end).saturating_sub(m.start.max(start)))
-            .sum();
-        if covered >= live.size {
-            continue;
-        }
-        out.mappings += 1;
-        out.bytes += live.size - covered;
-        let gone = out
-            .per_stack
-            .entry(StackKey {
-                stack_id: live.stack_id,
-                pid: key.pid,
-                source: SOURCE_MMAP,
-            })
-            .or_default();
-        gone.free_bytes += live.size - covered;
-        if covered == 0 {
-            gone.free_objects += live.weight_objects;
-        }
-    }
-    out
-}
-
 /// The totals with what is no longer mapped counted as freed.
 fn corrected(totals: &Totals) -> Vec<(StackKey, StackStats)> {
     let mut stats = totals.stats.clone();
@@ -289,6 +235,13 @@ fn comments(totals: &Totals, ctx: &Context<'_>) -> Vec<String> {
                 "tracked mappings partly or wholly unmapped by calls that did not start at them: {} ({} no longer mapped, taken out of the in-use values by comparing with the process's maps)",
                 unmapped.mappings,
                 human_bytes(unmapped.bytes as i64)
+            ));
+        }
+        if unmapped.replaced_mappings > 0 {
+            out.push(format!(
+                "tracked mappings partly or wholly mapped over by later tracked mappings (MAP_FIXED): {} ({} counted once, under the later mapping)",
+                unmapped.replaced_mappings,
+                human_bytes(unmapped.replaced_bytes as i64)
             ));
         }
     }
