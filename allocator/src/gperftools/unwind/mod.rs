@@ -218,7 +218,10 @@ fn row_at(r: &Rules, regs: &Regs) -> Option<UnwindRow> {
 }
 
 /// Applies `row` with the shared step, reading only slots of this frame:
-/// between rsp and 256 MiB above it, 8-byte aligned.
+/// between rsp and 256 MiB above it, 8-byte aligned. Inlined into the
+/// walk's loop (a cached row is the common step): the step's result then
+/// stays in registers.
+#[inline(always)]
 fn apply_row(row: &UnwindRow, regs: &Regs) -> Step {
     let sp = regs.sp as u64;
     let read = |addr: u64| -> Option<u64> {
