@@ -38,7 +38,10 @@ pub(crate) mod pprof;
 pub(crate) mod python;
 pub(crate) mod unwind;
 
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::{
+    mem::MaybeUninit,
+    sync::atomic::{AtomicUsize, Ordering},
+};
 
 use crate::{
     env::{PATH_MAX, Settings},
@@ -168,11 +171,18 @@ pub(crate) fn record_alloc(ptr: *mut u8, size: usize, weight: u64, stack: &Stack
 /// The stack of an allocation: return addresses, innermost first, from the
 /// caller of the allocator's entry point (this library's own frames are
 /// dropped when it is a library of its own).
+///
+/// The frames come last, apart from the words [`Self::empty`] sets: stores
+/// next to an uninitialised array are merged by the compiler into one
+/// memset over the whole of it.
+#[repr(C)]
 pub(crate) struct Stack {
-    frames: [u64; heap_profile::MAX_FRAMES + 1],
     start: usize,
     end: usize,
     truncated: bool,
+    /// Written up to `end` by [`Self::fill`]; never zeroed (half a KiB
+    /// per sample, of which a walk fills a few words).
+    frames: [MaybeUninit<u64>; heap_profile::MAX_FRAMES + 1],
 }
 
 impl Stack {
@@ -180,10 +190,10 @@ impl Stack {
     #[inline(always)]
     pub(crate) fn empty() -> Self {
         Self {
-            frames: [0u64; heap_profile::MAX_FRAMES + 1],
             start: 0,
             end: 0,
             truncated: false,
+            frames: [MaybeUninit::uninit(); heap_profile::MAX_FRAMES + 1],
         }
     }
 
@@ -194,8 +204,10 @@ impl Stack {
     #[inline(always)]
     pub(crate) fn fill(&mut self) {
         let (n, status) = unwind::walk_here(&mut self.frames);
+        // SAFETY: the walk wrote the first n frames.
+        let walked = unsafe { initialised(&self.frames[..n]) };
         self.start = match own_code() {
-            Some((lo, hi)) => self.frames[..n]
+            Some((lo, hi)) => walked
                 .iter()
                 .take_while(|&&pc| (lo..hi).contains(&(pc as usize)))
                 .count(),
@@ -204,9 +216,11 @@ impl Stack {
         let mut truncated = status == unwind::Status::Truncated;
         let n = if python::is_on() {
             let mut merged = [0u64; heap_profile::MAX_FRAMES + 1];
-            let (m, lost) = python::merge(&self.frames[self.start..n], false, &mut merged);
+            let (m, lost) = python::merge(&walked[self.start..], false, &mut merged);
             truncated |= lost;
-            self.frames = merged;
+            for (to, &pc) in self.frames.iter_mut().zip(&merged[..m]) {
+                to.write(pc);
+            }
             self.start = 0;
             m
         } else {
@@ -220,12 +234,23 @@ impl Stack {
     }
 
     pub(crate) fn frames(&self) -> &[u64] {
-        &self.frames[self.start..self.end]
+        // SAFETY: fill wrote every frame below end.
+        unsafe { initialised(&self.frames[self.start..self.end]) }
     }
 
     pub(crate) fn truncated(&self) -> bool {
         self.truncated
     }
+}
+
+/// The frames of `s` as integers.
+///
+/// # Safety
+/// Every element of `s` has been written.
+unsafe fn initialised(s: &[MaybeUninit<u64>]) -> &[u64] {
+    // SAFETY: MaybeUninit<u64> has u64's layout; the caller vouches that
+    // each element is initialised.
+    unsafe { core::slice::from_raw_parts(s.as_ptr().cast(), s.len()) }
 }
 
 /// A sampled (or recorded) object is being freed. `reentrant`: the free

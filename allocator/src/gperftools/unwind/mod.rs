@@ -16,6 +16,8 @@
 //! plus); rbp and the return address saved at CFA + n, unchanged, or
 //! undefined (the outermost frame: `_start`, `clone3`). A frame any other
 //! rule describes ends the stack as truncated.
+use core::mem::MaybeUninit;
+
 use profiler_common::unwind::{self, Frame, UnwindRow};
 
 use self::{
@@ -52,7 +54,16 @@ pub(crate) enum Status {
 /// Walks the stack from `regs`, writing return addresses (and the leaf pc
 /// first) into `out`. `refresh`: the object table may be refreshed when a
 /// pc is unknown (false in signal handlers).
-pub(crate) fn walk(mut regs: Regs, out: &mut [u64], refresh: bool) -> (usize, Status) {
+pub(crate) fn walk(regs: Regs, out: &mut [u64], refresh: bool) -> (usize, Status) {
+    // SAFETY: MaybeUninit<u64> has u64's layout, and the walk writes only
+    // initialised values.
+    let out = unsafe { &mut *(core::ptr::from_mut(out) as *mut [MaybeUninit<u64>]) };
+    walk_into(regs, out, refresh)
+}
+
+/// [`walk`] into a buffer that need not be initialised: the first `n`
+/// entries (the count returned) are written, the rest left as they were.
+fn walk_into(mut regs: Regs, out: &mut [MaybeUninit<u64>], refresh: bool) -> (usize, Status) {
     let mut n = 0;
     let mut leaf = true;
     loop {
@@ -62,7 +73,7 @@ pub(crate) fn walk(mut regs: Regs, out: &mut [u64], refresh: bool) -> (usize, St
         if n == out.len() {
             return (n, Status::Truncated);
         }
-        out[n] = regs.pc as u64;
+        out[n].write(regs.pc as u64);
         n += 1;
         // A return address may point just past the end of its caller
         // (a call to a noreturn function): look up the call instruction.
@@ -94,9 +105,10 @@ pub(crate) fn walk(mut regs: Regs, out: &mut [u64], refresh: bool) -> (usize, St
 
 /// Captures the registers where it is inlined (pc, sp and bp of the same
 /// instruction) and walks from there: inlined, the walk starts in the
-/// caller's own frame, one step fewer.
+/// caller's own frame, one step fewer. `out` need not be initialised (see
+/// [`walk_into`]).
 #[inline(always)]
-pub(crate) fn walk_here(out: &mut [u64]) -> (usize, Status) {
+pub(crate) fn walk_here(out: &mut [MaybeUninit<u64>]) -> (usize, Status) {
     let (pc, sp, bp): (usize, usize, usize);
     // SAFETY: reads rip, rsp and rbp; writes nothing.
     unsafe {
@@ -108,7 +120,7 @@ pub(crate) fn walk_here(out: &mut [u64]) -> (usize, Status) {
             options(nomem, nostack, preserves_flags),
         );
     }
-    walk(Regs { pc, sp, bp }, out, true)
+    walk_into(Regs { pc, sp, bp }, out, true)
 }
 
 /// The stack pointer of the first frame, counting from the caller's,
@@ -206,7 +218,10 @@ fn row_at(r: &Rules, regs: &Regs) -> Option<UnwindRow> {
 }
 
 /// Applies `row` with the shared step, reading only slots of this frame:
-/// between rsp and 256 MiB above it, 8-byte aligned.
+/// between rsp and 256 MiB above it, 8-byte aligned. Inlined into the
+/// walk's loop (a cached row is the common step): the step's result then
+/// stays in registers.
+#[inline(always)]
 fn apply_row(row: &UnwindRow, regs: &Regs) -> Step {
     let sp = regs.sp as u64;
     let read = |addr: u64| -> Option<u64> {
@@ -294,7 +309,7 @@ mod tests {
     use super::*;
 
     #[inline(never)]
-    fn recurse(n: usize, out: &mut [u64]) -> (usize, Status) {
+    fn recurse(n: usize, out: &mut [MaybeUninit<u64>]) -> (usize, Status) {
         // black_box after each call: no tail calls, one frame per level.
         let r = if n == 0 {
             walk_here(out)
@@ -306,8 +321,10 @@ mod tests {
 
     #[test]
     fn walks_through_recursive_frames_with_cfi() {
-        let mut frames = [0u64; 128];
+        let mut frames = [MaybeUninit::uninit(); 128];
         let (n, status) = recurse(6, &mut frames);
+        // SAFETY: the walk wrote the first n entries.
+        let frames: &[u64] = unsafe { core::slice::from_raw_parts(frames.as_ptr().cast(), n) };
         // A pc in recurse(0) (walk_here is inlined there), then recurse(0)'s
         // return into recurse(1), which repeats for every level above: the
         // same return address six times in a row.
