@@ -18,10 +18,12 @@
 //! the exact start of a sizeless symbol), so a stripped binary's static
 //! function is never labelled with the nearest exported one.
 use std::{
+    cell::RefCell,
     collections::HashMap,
     fs::File,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    rc::Rc,
     time::{Duration, Instant},
 };
 
@@ -293,13 +295,7 @@ impl Normalizer {
         if let Some(&i) = self.by_identity.get(&identity) {
             return Some(i);
         }
-        use std::os::fd::AsRawFd as _;
-        let fd_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-        let build_id = blazesym::helper::read_elf_build_id(&fd_path)
-            .ok()
-            .flatten()
-            .map(|id| hex(&id))
-            .unwrap_or_default();
+        let build_id = build_id_of(&file, &meta);
         let path = m
             .path
             .strip_suffix(" (deleted)")
@@ -315,6 +311,45 @@ impl Normalizer {
         self.by_identity.insert(identity, i);
         Some(i)
     }
+}
+
+/// Build ids already read, by file identity: every interval's profiles
+/// see the same objects, whose ELF notes need not be parsed again.
+static BUILD_IDS: std::sync::Mutex<Option<HashMap<FileIdentity, String>>> =
+    std::sync::Mutex::new(None);
+
+/// Build ids remembered at most (then forgotten all at once: files come and go).
+const MAX_BUILD_IDS: usize = 4096;
+
+fn identity_of(meta: &std::fs::Metadata) -> FileIdentity {
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+    )
+}
+
+/// The GNU build-id of `file` (lower-case hex, empty when none).
+fn build_id_of(file: &File, meta: &std::fs::Metadata) -> String {
+    let identity = identity_of(meta);
+    let mut known = BUILD_IDS.lock().unwrap_or_else(|e| e.into_inner());
+    let known = known.get_or_insert_with(HashMap::new);
+    if let Some(id) = known.get(&identity) {
+        return id.clone();
+    }
+    use std::os::fd::AsRawFd as _;
+    let fd_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    let id = blazesym::helper::read_elf_build_id(&fd_path)
+        .ok()
+        .flatten()
+        .map(|id| hex(&id))
+        .unwrap_or_default();
+    if known.len() >= MAX_BUILD_IDS {
+        known.clear();
+    }
+    known.insert(identity, id.clone());
+    id
 }
 
 /// The file of mapping `m` opened by its path in this mount namespace, if it
@@ -387,10 +422,47 @@ pub enum SymbolSource<'a> {
     Kernel(&'a Path),
 }
 
+/// Default bound on the bytes of object files the cache keeps mapped.
+pub const DEFAULT_MAPPED_BOUND: u64 = 128 << 20;
+
+/// How long the kernel's symbols are kept before `/proc/kallsyms` is read
+/// again (modules come and go; reading and sorting it costs tens of ms).
+const KERNEL_REFRESH: Duration = Duration::from_secs(600);
+
 /// Parsed objects (symbol tables, DWARF) kept across lookups. Holds `Rc`s:
 /// one per thread.
+///
+/// Each object has a symbolizer of its own, so that it can be dropped on
+/// its own: blazesym maps the whole file it reads, and a host's objects
+/// (compilers, debuggers with gigabytes of debug info) would otherwise stay
+/// mapped, and partly resident, for as long as the cache lives. When the
+/// objects' file sizes add up to more than the bound, the least recently
+/// used are dropped first. The kernel's symbols are kept apart, read once
+/// per [`KERNEL_REFRESH`].
 pub struct SymbolCache {
-    symbolizer: Symbolizer,
+    kernel: RefCell<Option<(Instant, Symbolizer)>>,
+    objects: RefCell<ObjectCache>,
+}
+
+/// The per-object symbolizers, least recently used dropped first.
+struct ObjectCache {
+    /// Keyed by the file's identity, not its path: `/proc/self/fd/N`
+    /// paths are reused for other files.
+    entries: HashMap<FileIdentity, CachedObject>,
+    /// Sum of the entries' file sizes.
+    mapped: u64,
+    bound: u64,
+    /// Lookups so far: each entry's `used` is the tick of its last one.
+    tick: u64,
+}
+
+/// (device, inode, size, modification time in ns).
+type FileIdentity = (u64, u64, u64, i64);
+
+struct CachedObject {
+    symbolizer: Rc<Symbolizer>,
+    size: u64,
+    used: u64,
 }
 
 impl Default for SymbolCache {
@@ -401,9 +473,27 @@ impl Default for SymbolCache {
 
 impl SymbolCache {
     pub fn new() -> Self {
+        Self::with_mapped_bound(DEFAULT_MAPPED_BOUND)
+    }
+
+    /// A cache that keeps at most `bound` bytes of object files mapped
+    /// (one object larger than the bound is kept alone while in use).
+    pub fn with_mapped_bound(bound: u64) -> Self {
         Self {
-            symbolizer: Symbolizer::new(),
+            kernel: RefCell::new(None),
+            objects: RefCell::new(ObjectCache {
+                entries: HashMap::new(),
+                mapped: 0,
+                bound,
+                tick: 0,
+            }),
         }
+    }
+
+    /// Bytes of object files held now, and how many objects.
+    pub fn mapped(&self) -> (u64, usize) {
+        let objects = self.objects.borrow();
+        (objects.mapped, objects.entries.len())
     }
 
     /// The frames at each address, innermost first; empty where no symbol
@@ -420,14 +510,66 @@ impl SymbolCache {
                     vmlinux: blazesym::MaybeDefault::None,
                     ..Kernel::default()
                 });
-                self.symbolizer.symbolize(&src, Input::AbsAddr(addrs))
+                let mut kernel = self.kernel.borrow_mut();
+                if kernel
+                    .as_ref()
+                    .is_none_or(|(at, _)| at.elapsed() >= KERNEL_REFRESH)
+                {
+                    *kernel = Some((Instant::now(), Symbolizer::new()));
+                }
+                let (_, symbolizer) = kernel.as_ref().expect("set above");
+                let symbols = symbolizer.symbolize(&src, Input::AbsAddr(addrs))?;
+                return Ok(symbols.into_iter().map(frames_of).collect());
             }
             SymbolSource::Elf(path) => {
+                let symbolizer = self.objects.borrow_mut().symbolizer_for(path);
                 let src = Source::Elf(Elf::new(path));
-                self.symbolizer.symbolize(&src, Input::FileOffset(addrs))
+                let symbols = symbolizer.symbolize(&src, Input::FileOffset(addrs))?;
+                symbols.into_iter().map(frames_of).collect()
             }
-        }?;
-        Ok(symbols.into_iter().map(frames_of).collect())
+        };
+        Ok(symbols)
+    }
+}
+
+impl ObjectCache {
+    /// The symbolizer of the object at `path`, made room for.
+    fn symbolizer_for(&mut self, path: &Path) -> Rc<Symbolizer> {
+        self.tick += 1;
+        let tick = self.tick;
+        let Ok(meta) = path.metadata() else {
+            // Unreadable: blazesym reports the error; nothing to keep.
+            return Rc::new(Symbolizer::new());
+        };
+        let identity = identity_of(&meta);
+        if let Some(entry) = self.entries.get_mut(&identity) {
+            entry.used = tick;
+            return entry.symbolizer.clone();
+        }
+        let size = meta.len();
+        while self.mapped + size > self.bound {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.used)
+                .map(|(k, _)| *k)
+            else {
+                break;
+            };
+            let dropped = self.entries.remove(&oldest).expect("listed above");
+            self.mapped -= dropped.size;
+        }
+        let symbolizer = Rc::new(Symbolizer::new());
+        self.entries.insert(
+            identity,
+            CachedObject {
+                symbolizer: symbolizer.clone(),
+                size,
+                used: tick,
+            },
+        );
+        self.mapped += size;
+        symbolizer
     }
 }
 
@@ -469,6 +611,35 @@ fn frames_of(sym: Symbolized<'_>) -> Vec<Frame> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_object_cache_drops_the_least_recently_used_beyond_its_bound() {
+        let dir = std::env::temp_dir().join(format!("prof-bpf-lru-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, size: usize| {
+            let path = dir.join(name);
+            std::fs::write(&path, vec![0u8; size]).unwrap();
+            path
+        };
+        let (a, b, c) = (file("a", 100), file("b", 100), file("c", 100));
+        let cache = SymbolCache::with_mapped_bound(250);
+        let mut objects = cache.objects.borrow_mut();
+        let first_a = objects.symbolizer_for(&a);
+        let first_b = objects.symbolizer_for(&b);
+        assert_eq!((objects.mapped, objects.entries.len()), (200, 2));
+        // a is used again, so b is the one dropped for c.
+        assert!(Rc::ptr_eq(&first_a, &objects.symbolizer_for(&a)));
+        objects.symbolizer_for(&c);
+        assert_eq!((objects.mapped, objects.entries.len()), (200, 2));
+        assert!(Rc::ptr_eq(&first_a, &objects.symbolizer_for(&a)));
+        assert!(!Rc::ptr_eq(&first_b, &objects.symbolizer_for(&b)));
+        // An object larger than the bound is kept alone.
+        let big = file("big", 1000);
+        objects.symbolizer_for(&big);
+        assert_eq!((objects.mapped, objects.entries.len()), (1000, 1));
+        drop(objects);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn parses_perf_maps() {

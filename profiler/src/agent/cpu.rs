@@ -137,7 +137,7 @@ impl CpuCollector {
             let profiled = *self
                 .in_scope
                 .entry(pid)
-                .or_insert_with(|| scope.profiles(&Facts::read(pid)));
+                .or_insert_with(|| scope.everything() || scope.profiles(&Facts::read(pid)));
             if !profiled || self.tasks.is_kthread(pid, &LiveProc) {
                 continue;
             }

@@ -1,7 +1,10 @@
 //! Symbolizing the agent's profiles and handing them to the sinks, on a
 //! thread of its own: symbolizing a busy host takes seconds, and the
 //! collectors must go on meanwhile. One symbol cache serves every profile,
-//! so each object is parsed once, not once per process and interval.
+//! so each object is parsed once, not once per process and interval; it
+//! keeps at most [`DEFAULT_MAPPED_BOUND`] bytes of object files mapped,
+//! dropping the least recently used (which frees the objects of processes
+//! long gone), and reads the kernel's symbols once.
 use std::{
     sync::{Arc, mpsc},
     thread::JoinHandle,
@@ -13,12 +16,8 @@ use anyhow::Context as _;
 use crate::{
     profile::Collector,
     sinks::{ProfileKind, ProfileMessage, Sinks, Source},
-    symbolize::SymbolCache,
+    symbolize::{DEFAULT_MAPPED_BOUND, SymbolCache},
 };
-
-/// Profiles symbolized with one cache before it is dropped (which frees
-/// the objects of processes long gone).
-const PROFILES_PER_CACHE: u64 = 2000;
 
 /// One profile to finish and send.
 pub(crate) struct Job {
@@ -66,8 +65,7 @@ impl Emitter {
 }
 
 fn serve(queue: &mpsc::Receiver<Job>, sinks: &Sinks) {
-    let mut cache = SymbolCache::new();
-    let mut served = 0u64;
+    let cache = SymbolCache::with_mapped_bound(DEFAULT_MAPPED_BOUND);
     for job in queue {
         let pid = job.source.pid;
         match job.collector.finish_with(&cache) {
@@ -82,10 +80,6 @@ fn serve(queue: &mpsc::Receiver<Job>, sinks: &Sinks) {
                 "agent: {} profile of pid {pid} not built: {err:#}",
                 job.kind.name()
             ),
-        }
-        served += 1;
-        if served.is_multiple_of(PROFILES_PER_CACHE) {
-            cache = SymbolCache::new();
         }
     }
 }

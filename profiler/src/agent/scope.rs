@@ -86,6 +86,12 @@ impl Scope {
         self.pids.is_empty() && !self.rules.iter().any(|(include, _)| *include)
     }
 
+    /// No --pid and no rule at all: every process, whatever its facts (so
+    /// they need not be read).
+    pub fn everything(&self) -> bool {
+        self.pids.is_empty() && self.rules.is_empty()
+    }
+
     /// Only --pid processes (no --include): the CPU sampler can filter by pid.
     pub fn pids_only(&self) -> bool {
         !self.pids.is_empty() && !self.rules.iter().any(|(include, _)| *include)
@@ -144,6 +150,9 @@ mod tests {
             vec![(false, Rule::parse("exe:/usr/bin/sshd").unwrap())],
         );
         assert!(scope.whole_host());
+        assert!(!scope.everything(), "the exclusion needs the facts");
+        assert!(Scope::new(vec![], vec![]).everything());
+        assert!(!Scope::new(vec![7], vec![]).everything());
         assert!(scope.profiles(&facts(1, "/usr/bin/app", "0::/")));
         assert!(!scope.profiles(&facts(2, "/usr/bin/sshd", "0::/")));
         assert!(!scope.named(&facts(1, "/usr/bin/app", "0::/")));

@@ -8,7 +8,9 @@
 //! sized so that the 50 take about 60 s on this host unprofiled. Reported
 //! for each setup, in the same run:
 //! - profiler CPU: user + system CPU seconds of the profiler process(es)
-//!   per wall second while the workload runs, as % of one core;
+//!   per wall second while the workload runs, as % of one core; and the
+//!   same after a warm-up of [`WARMUP`] (steady state: the first
+//!   intervals parse every object and read every process once);
 //! - peak RSS of the profiler process(es);
 //! - slowdown: the processes' CPU time (user + system, summed) over their
 //!   CPU time without a profiler, for those under libprofalloc.so and for
@@ -33,6 +35,8 @@ use crate::{bench::measure, util};
 const PROCESSES: usize = 50;
 /// Wall time of the whole workload without a profiler.
 const TARGET_SECONDS: f64 = 60.0;
+/// What the steady-state CPU figure leaves out at the start.
+const WARMUP: Duration = Duration::from_secs(20);
 /// The agent's default interval, for bytes per interval.
 const INTERVAL_SECONDS: f64 = 15.0;
 
@@ -40,6 +44,8 @@ const INTERVAL_SECONDS: f64 = 15.0;
 struct Measured {
     name: &'static str,
     cpu_percent: f64,
+    /// The same after [`WARMUP`] (None: the workload ended before).
+    steady_cpu_percent: Option<f64>,
     peak_rss_mib: f64,
     /// Sum of the processes' CPU seconds (libprofalloc.so, glibc).
     seconds: (f64, f64),
@@ -107,9 +113,10 @@ pub fn run() -> anyhow::Result<()> {
         None,
     )?;
     println!(
-        "\n{:<26} {:>12} {:>14} {:>20} {:>16} {:>18}",
+        "\n{:<26} {:>12} {:>12} {:>14} {:>20} {:>16} {:>18}",
         "setup",
         "CPU % core",
+        "steady %",
         "peak RSS MiB",
         "slowdown profalloc",
         "slowdown glibc",
@@ -117,9 +124,11 @@ pub fn run() -> anyhow::Result<()> {
     );
     for m in [&agent, &peers] {
         println!(
-            "{:<26} {:>12.2} {:>14.1} {:>19.3}x {:>15.3}x {:>18}",
+            "{:<26} {:>12.2} {:>12} {:>14.1} {:>19.3}x {:>15.3}x {:>18}",
             m.name,
             m.cpu_percent,
+            m.steady_cpu_percent
+                .map_or("-".to_owned(), |p| format!("{p:.2}")),
             m.peak_rss_mib,
             m.seconds.0 / baseline.0,
             m.seconds.1 / baseline.1,
@@ -233,12 +242,28 @@ fn measure_setup(
         .map(|p| measure::process_cpu_seconds(p.id()))
         .sum::<anyhow::Result<f64>>()?;
     let started = Instant::now();
+    let pids: Vec<u32> = profilers.iter().map(Child::id).collect();
+    let cpu_of = move |pids: &[u32]| -> anyhow::Result<f64> {
+        pids.iter().map(|&p| measure::process_cpu_seconds(p)).sum()
+    };
+    let warm = {
+        let pids = pids.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(WARMUP);
+            cpu_of(&pids).ok().map(|cpu| (Instant::now(), cpu))
+        })
+    };
     let seconds = run_workload(workload, profalloc, ops)?;
     let wall = started.elapsed();
-    let cpu_after: f64 = profilers
-        .iter()
-        .map(|p| measure::process_cpu_seconds(p.id()))
-        .sum::<anyhow::Result<f64>>()?;
+    let cpu_after = cpu_of(&pids)?;
+    let steady_cpu_percent = if wall > WARMUP {
+        warm.join()
+            .ok()
+            .flatten()
+            .map(|(at, cpu)| (cpu_after - cpu) / at.elapsed().as_secs_f64().max(1e-9) * 100.0)
+    } else {
+        None
+    };
     let mut peak_rss_kib = 0;
     for p in profilers {
         // SAFETY: kill has no memory-safety preconditions.
@@ -260,13 +285,20 @@ fn measure_setup(
     let m = Measured {
         name,
         cpu_percent: (cpu_after - cpu_before) / wall.as_secs_f64() * 100.0,
+        steady_cpu_percent,
         peak_rss_mib: peak_rss_kib as f64 / 1024.0,
         seconds,
         bytes_per_interval,
     };
     println!(
-        "{name}: {:.2}% of one core, peak RSS {:.1} MiB, {:.1} s + {:.1} s of process CPU time",
-        m.cpu_percent, m.peak_rss_mib, m.seconds.0, m.seconds.1
+        "{name}: {:.2}% of one core ({} after {} s), peak RSS {:.1} MiB, {:.1} s + {:.1} s of process CPU time",
+        m.cpu_percent,
+        m.steady_cpu_percent
+            .map_or("-".to_owned(), |p| format!("{p:.2}%")),
+        WARMUP.as_secs(),
+        m.peak_rss_mib,
+        m.seconds.0,
+        m.seconds.1
     );
     Ok(m)
 }
