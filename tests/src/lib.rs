@@ -23,6 +23,20 @@ pub fn big_rust_source() -> String {
     source
 }
 
+/// Folded stacks (`a;b;c N`, as `--format folded` writes them): frames
+/// root first, and the value, per line.
+pub fn parse_folded(text: &str) -> Vec<(Vec<String>, u64)> {
+    text.lines()
+        .filter_map(|line| {
+            let (stack, value) = line.rsplit_once(' ')?;
+            Some((
+                stack.split(';').map(str::to_owned).collect(),
+                value.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

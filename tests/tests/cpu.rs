@@ -8,7 +8,8 @@ use std::{
 };
 
 use prof_bpf_tests::{
-    Proc, assert_one_line_error, build_workload, require_bpf, run_prof_bpf, start_prof_bpf,
+    Proc, assert_one_line_error, build_workload, parse_folded, require_bpf, run_prof_bpf,
+    start_prof_bpf,
 };
 
 /// Frame pointers for the frame-pointer walk; -O2 as a real build.
@@ -22,19 +23,6 @@ fn out_file(name: &str) -> PathBuf {
     let path = dir.join(name);
     let _ = std::fs::remove_file(&path);
     path
-}
-
-/// Parses folded output: (frames root first, value) per line.
-fn parse_folded(text: &str) -> Vec<(Vec<String>, u64)> {
-    text.lines()
-        .filter_map(|line| {
-            let (stack, value) = line.rsplit_once(' ')?;
-            Some((
-                stack.split(';').map(str::to_owned).collect(),
-                value.parse().ok()?,
-            ))
-        })
-        .collect()
 }
 
 /// The function of `func_a`, `func_b`, `func_c` nearest the leaf, if any.

@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use prof_bpf_tests::{prof_bpf, require_bpf, start_prof_bpf};
+use prof_bpf_tests::{parse_folded, prof_bpf, require_bpf, start_prof_bpf};
 
 /// How long processes may take to go after prof-bpf is gone.
 const SETTLE: Duration = Duration::from_secs(5);
@@ -310,19 +310,6 @@ fn report_file_in_launch_mode() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(stdout, "hi\n");
     assert!(out.exists(), "no report file; stderr: {stderr}");
-}
-
-/// Parses folded output: (frames root first, value) per line.
-fn parse_folded(text: &str) -> Vec<(Vec<String>, u64)> {
-    text.lines()
-        .filter_map(|line| {
-            let (stack, value) = line.rsplit_once(' ')?;
-            Some((
-                stack.split(';').map(str::to_owned).collect(),
-                value.parse().ok()?,
-            ))
-        })
-        .collect()
 }
 
 /// Samples per root frame (`comm-PID`).

@@ -10,8 +10,8 @@ use std::{
 };
 
 use prof_bpf_tests::{
-    Proc, is_root, prof_bpf, require_bpf, run_prof_bpf, start_following, start_prof_bpf,
-    workspace_root,
+    Proc, is_root, parse_folded, prof_bpf, require_bpf, run_prof_bpf, start_following,
+    start_prof_bpf, workspace_root,
 };
 
 const DEBIAN_311: &str = "/usr/bin/python3.11";
@@ -44,19 +44,6 @@ fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// Folded stacks (`a;b;c N`) → (frames root first, value).
-fn parse_folded(text: &str) -> Vec<(Vec<String>, u64)> {
-    text.lines()
-        .filter_map(|l| {
-            let (stack, n) = l.rsplit_once(' ')?;
-            Some((
-                stack.split(';').map(str::to_owned).collect(),
-                n.parse().ok()?,
-            ))
-        })
-        .collect()
 }
 
 /// The function names of a stack (`qualname (file.py:LINE)` → `qualname`).

@@ -8,7 +8,9 @@ use std::{
     process::Command,
 };
 
-use prof_bpf_tests::{Proc, require_bpf, run_prof_bpf, start_prof_bpf, workspace_root};
+use prof_bpf_tests::{
+    Proc, parse_folded, require_bpf, run_prof_bpf, start_prof_bpf, workspace_root,
+};
 
 const DEBIAN_311: &str = "/usr/bin/python3.11";
 const PYENV: &str = "/root/.pyenv/versions";
@@ -44,19 +46,6 @@ fn line_of(needle: &str) -> u32 {
         .position(|l| l.contains(needle))
         .unwrap_or_else(|| panic!("`{needle}` is not in {SCRIPT}"));
     u32::try_from(at + 1).unwrap()
-}
-
-/// Folded stacks (`a;b;c N`) → (frames, count).
-fn parse_folded(text: &str) -> Vec<(Vec<String>, u64)> {
-    text.lines()
-        .filter_map(|l| {
-            let (stack, n) = l.rsplit_once(' ')?;
-            Some((
-                stack.split(';').map(str::to_owned).collect(),
-                n.parse().ok()?,
-            ))
-        })
-        .collect()
 }
 
 /// The workload's Python frames of a stack, root first, as py-spy writes
