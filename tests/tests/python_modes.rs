@@ -369,24 +369,42 @@ fn python_dump_agrees_with_py_spy_dump() {
             roles.insert(words[1].to_owned(), words[2].parse::<u32>().unwrap());
         }
         let pid = w.pid().to_string();
-        let (ours, stderr, code) = run_prof_bpf(&["python-dump", "--pid", &pid]);
-        assert_eq!(code, 0, "{label}: {stderr}");
-        let spy = Command::new(PY_SPY)
-            .args(["dump", "--pid", &pid])
-            .output()
-            .expect("running py-spy");
-        assert!(spy.status.success(), "{label}: py-spy failed");
-        let spy_text = String::from_utf8_lossy(&spy.stdout);
-        // The burning thread is the only one that wants the GIL: it holds
-        // it in both dumps.
-        assert_eq!(gil_holders(&ours), [roles["burn"]], "{label}:\n{ours}");
-        assert_eq!(
-            gil_holders(&spy_text),
-            [roles["burn"]],
-            "{label}:\n{spy_text}"
-        );
-        let theirs = parse_dump(&spy_text);
-        let ours = parse_dump(&ours);
+        // The main thread may still be between printing "ready" and
+        // blocking in readline when the first pair of dumps is taken:
+        // take the pair again until every blocked thread is settled.
+        let mut attempt = 0;
+        let (ours, theirs) = loop {
+            attempt += 1;
+            let (ours_text, stderr, code) = run_prof_bpf(&["python-dump", "--pid", &pid]);
+            assert_eq!(code, 0, "{label}: {stderr}");
+            let spy = Command::new(PY_SPY)
+                .args(["dump", "--pid", &pid])
+                .output()
+                .expect("running py-spy");
+            assert!(spy.status.success(), "{label}: py-spy failed");
+            let spy_text = String::from_utf8_lossy(&spy.stdout).into_owned();
+            // The burning thread is the only one that wants the GIL: it
+            // holds it in both dumps.
+            assert_eq!(
+                gil_holders(&ours_text),
+                [roles["burn"]],
+                "{label}:\n{ours_text}"
+            );
+            assert_eq!(
+                gil_holders(&spy_text),
+                [roles["burn"]],
+                "{label}:\n{spy_text}"
+            );
+            let (ours, theirs) = (parse_dump(&ours_text), parse_dump(&spy_text));
+            let settled = roles
+                .iter()
+                .filter(|(role, _)| *role != "burn")
+                .all(|(_, tid)| ours.get(tid) == theirs.get(tid));
+            if settled || attempt == 5 {
+                break (ours, theirs);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
         let mut tids: Vec<&u32> = ours.keys().collect();
         tids.sort();
         let mut want: Vec<&u32> = theirs.keys().collect();
