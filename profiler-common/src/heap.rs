@@ -228,6 +228,9 @@ pub enum MappingCall {
     /// `mremap` of a tracked mapping: on success, `old_len` bytes at
     /// `old_addr` are released and the result is a mapping of `size` bytes.
     Mremap = 2,
+    /// `mremap` of an untracked mapping with `MREMAP_FIXED`: on success,
+    /// the `size` bytes at the result replaced whatever was mapped there.
+    MremapOver = 3,
 }
 
 /// Value of [`MMAP_PENDING_MAP`]: a mapping call seen at syscall entry,

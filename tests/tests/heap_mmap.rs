@@ -200,6 +200,38 @@ fn a_map_fixed_overlay_is_counted_once() {
     std::fs::remove_file(&file).unwrap();
 }
 
+/// `mremap(MREMAP_FIXED)` replaces what its destination held, like a
+/// `MAP_FIXED` mmap: a tracked mapping moved onto the start of another
+/// leaves that one its tail only, and so does an untracked (shared) one.
+#[test]
+fn an_mremap_fixed_move_replaces_its_destination() {
+    require_bpf!();
+    let mut w = start_mmap_workload();
+    let file = profile_commands(&mut w, "move", &[("move", "moved")]);
+    let inuse = report_folded(&file, "inuse_space");
+    let stacks = parse_folded(&inuse);
+    for (func, bytes) in [
+        ("map_move_target", 2 * MIB),
+        ("map_moved", 0),
+        ("move_over", 2 * MIB),
+        ("map_shared_target", 2 * MIB),
+        ("move_shared_over", 0),
+    ] {
+        assert_eq!(mmap_total(&stacks, func), bytes, "{func}: {inuse}");
+    }
+    let alloc = report_folded(&file, "alloc_space");
+    let stacks = parse_folded(&alloc);
+    for (func, bytes) in [
+        ("map_move_target", 4 * MIB),
+        ("map_moved", 2 * MIB),
+        ("move_over", 2 * MIB),
+        ("map_shared_target", 4 * MIB),
+    ] {
+        assert_eq!(mmap_total(&stacks, func), bytes, "{func}: {alloc}");
+    }
+    std::fs::remove_file(&file).unwrap();
+}
+
 #[test]
 fn without_mmap_no_mapping_is_reported() {
     require_bpf!();

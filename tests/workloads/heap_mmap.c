@@ -12,6 +12,12 @@
  *          over its end (overlay_end); prints "overlaid". 8 MiB are mapped:
  *          4 MiB the original's, 4 MiB the overlays'.
  *   unmap  unmaps the whole 8 MiB of the last overlay; prints "unmapped"
+ *   move   maps 4 MiB (map_move_target) and 2 MiB (map_moved), then moves
+ *          the 2 MiB onto the first one's start with mremap(MREMAP_FIXED)
+ *          (move_over); then maps 4 MiB (map_shared_target) and moves a
+ *          2 MiB shared memfd mapping onto its start (move_shared_over);
+ *          prints "moved". 8 MiB are mapped: 2 MiB of each 4 MiB target,
+ *          the 2 MiB moved, and the 2 MiB shared (not heap).
  * Each round, by construction (MiB = 1048576 bytes):
  *   map_leak    maps 3 x 1 MiB anonymous, kept                (main;run_round;map_leak)
  *   map_churn   maps and unmaps 64 KiB, 100 times: nothing kept
@@ -128,6 +134,38 @@ NOINLINE void overlay_start(void) { MAP_OVER(overlaid, MIB); }
 
 NOINLINE void overlay_end(void) { MAP_OVER(overlaid + 7 * MIB, MIB); }
 
+static char *move_target, *moved, *shared_target;
+
+/* A macro, so that mmap's caller is the map_* function itself. */
+#define MAP_TOUCHED(var, n)                                                             \
+    do {                                                                                \
+        var = mmap(NULL, (n), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0); \
+        if (var == MAP_FAILED) _exit(2);                                                \
+        touch(var, (n));                                                                \
+    } while (0)
+
+NOINLINE void map_move_target(void) { MAP_TOUCHED(move_target, 4 * MIB); }
+
+NOINLINE void map_moved(void) { MAP_TOUCHED(moved, 2 * MIB); }
+
+NOINLINE void move_over(void) {
+    void *p = mremap(moved, 2 * MIB, 2 * MIB, MREMAP_MAYMOVE | MREMAP_FIXED, move_target);
+    if (p != move_target) _exit(2);
+}
+
+NOINLINE void map_shared_target(void) { MAP_TOUCHED(shared_target, 4 * MIB); }
+
+NOINLINE void move_shared_over(void) {
+    int fd = memfd_create("heap_mmap", 0);
+    if (fd < 0 || ftruncate(fd, 2 * MIB)) _exit(2);
+    void *s = mmap(NULL, 2 * MIB, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (s == MAP_FAILED) _exit(2);
+    close(fd);
+    void *p = mremap(s, 2 * MIB, 2 * MIB, MREMAP_MAYMOVE | MREMAP_FIXED, shared_target);
+    if (p != shared_target) _exit(2);
+    touch(p, 2 * MIB);
+}
+
 NOINLINE void run_round(void) {
     map_leak();
     map_churn();
@@ -159,6 +197,13 @@ int main(int argc, char **argv) {
         } else if (!strcmp(line, "unmap")) {
             munmap(overlaid, 8 * MIB);
             say("unmapped\n");
+        } else if (!strcmp(line, "move")) {
+            map_move_target();
+            map_moved();
+            move_over();
+            map_shared_target();
+            move_shared_over();
+            say("moved\n");
         } else if (!strcmp(line, "sum")) {
             say_number("sum ", checksum);
         }

@@ -24,6 +24,11 @@
 //!   inside a tracked one leaves that one whole here; the agent gives each
 //!   overlapped range to the newest tracked mapping over it (see
 //!   `profiler/src/heap/report/unmapped.rs`), so it counts once.
+//! - An `mremap` with `MREMAP_FIXED` also replaces its destination range:
+//!   that range is released at the call's exit, once it succeeded (it
+//!   fails when the ranges overlap), before the moved mapping is tracked
+//!   there; a tracked mapping at the same start is never overwritten in
+//!   place with its bytes still counted.
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint},
@@ -56,6 +61,7 @@ const MAP_TYPE: u64 = 0x0f;
 const MAP_PRIVATE: u64 = 0x02;
 const MAP_ANONYMOUS: u64 = 0x20;
 const MAP_FIXED: u64 = 0x10;
+const MREMAP_FIXED: u64 = 0x02;
 const PAGE_SIZE: u64 = 4096;
 /// Tracked mappings one munmap retires at most: a range covering adjacent
 /// tracked mappings (the kernel merges such areas) is rare, and a bounded
@@ -90,7 +96,8 @@ pub fn heap_mmap_enter(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn heap_mmap_exit(ctx: TracePointContext) -> u32 {
-    if let Some((pending, addr)) = finish(&ctx, MappingCall::Mmap) {
+    if let Some((pending, addr)) = finish(&ctx).filter(|(p, _)| p.call == MappingCall::Mmap as u32)
+    {
         track_mapping(addr, &pending);
     }
     0
@@ -114,25 +121,39 @@ pub fn heap_munmap_enter(ctx: TracePointContext) -> u32 {
 /// mremap of a tracked mapping: as realloc, the old mapping is retired from
 /// the stack that made it and the new one is charged to the stack that
 /// called mremap (where the memory grew). Mappings that are not tracked
-/// (made before the attach, file mappings) stay untracked when moved.
+/// (made before the attach, file mappings) stay untracked when moved, but
+/// a fixed move still replaces what its destination held.
 #[tracepoint]
 pub fn heap_mremap_enter(ctx: TracePointContext) -> u32 {
     let Some(pid) = target() else { return 0 };
-    let (old_addr, old_len, new_len) = (arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 2));
-    if old_len == 0 || tracked(pid, old_addr, SOURCE_MMAP).is_none() {
+    let (old_addr, old_len, new_len, flags) =
+        (arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 2), arg(&ctx, 3));
+    let Some(size) = whole_pages(new_len) else {
         return 0;
-    }
-    if let (Some(old_len), Some(size)) = (whole_pages(old_len), whole_pages(new_len)) {
-        begin(MappingCall::Mremap, size, old_addr, old_len);
+    };
+    let moves_tracked = old_len != 0 && tracked(pid, old_addr, SOURCE_MMAP).is_some();
+    match whole_pages(old_len) {
+        Some(old_len) if moves_tracked => begin(MappingCall::Mremap, size, old_addr, old_len),
+        _ if flags & MREMAP_FIXED != 0 => begin(MappingCall::MremapOver, size, 0, 0),
+        _ => {}
     }
     0
 }
 
 #[tracepoint]
 pub fn heap_mremap_exit(ctx: TracePointContext) -> u32 {
-    if let Some((pending, addr)) = finish(&ctx, MappingCall::Mremap) {
-        release(current_pid(), pending.old_addr, pending.old_len);
+    let Some((pending, addr)) = finish(&ctx) else {
+        return 0;
+    };
+    let pid = current_pid();
+    if pending.call == MappingCall::Mremap as u32 {
+        release(pid, pending.old_addr, pending.old_len);
+        // With MREMAP_FIXED the destination held other mappings (a move
+        // without it lands on free addresses, where this finds nothing).
+        release(pid, addr, pending.size);
         track_mapping(addr, &pending);
+    } else if pending.call == MappingCall::MremapOver as u32 {
+        release(pid, addr, pending.size);
     }
     0
 }
@@ -164,7 +185,10 @@ fn begin(call: MappingCall, size: u64, old_addr: u64, old_len: u64) {
     // mmap) or one only its CFI describes (mremap): without CFI the walk
     // would skip the wrapper's caller, so the stack is reported missing
     // rather than wrong (until the agent loads the process's tables).
-    let stack_id = if !has_cfi(current_pid(), user.pc) {
+    let stack_id = if call == MappingCall::MremapOver {
+        // Nothing is charged to this call: only its destination is released.
+        STACK_ID_MISSING
+    } else if !has_cfi(current_pid(), user.pc) {
         count(&HEAP_COUNTERS, HeapCounter::StackErrors);
         STACK_ID_MISSING
     } else {
@@ -193,10 +217,10 @@ fn begin(call: MappingCall, size: u64, old_addr: u64, old_len: u64) {
     }
 }
 
-/// The pending call of this thread and the address it returned, if it was
-/// a `call` that succeeded.
+/// The pending call of this thread and the address it returned, if the
+/// call succeeded.
 #[inline(always)]
-fn finish(ctx: &TracePointContext, call: MappingCall) -> Option<(PendingMapping, u64)> {
+fn finish(ctx: &TracePointContext) -> Option<(PendingMapping, u64)> {
     let tid = bpf_get_current_pid_tgid();
     // SAFETY: the pointer comes from a successful lookup; copied at once.
     let pending = unsafe { *HEAP_MMAP_PENDING.get_ptr(&tid)? };
@@ -204,7 +228,7 @@ fn finish(ctx: &TracePointContext, call: MappingCall) -> Option<(PendingMapping,
     // SAFETY: reads the tracepoint record through the checked helper.
     let ret: i64 = unsafe { ctx.read_at(RET_OFFSET) }.unwrap_or(-1);
     // Failures return -errno (-4095..-1).
-    if pending.call != call as u32 || (-4095..0).contains(&ret) {
+    if (-4095..0).contains(&ret) {
         return None;
     }
     Some((pending, ret as u64))
