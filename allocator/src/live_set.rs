@@ -20,8 +20,8 @@
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 
 use profiler_common::hooks::{
-    LIVE_HEAP_MAGIC, LIVE_HEAP_VERSION, LIVE_MAX_FRAMES, LIVE_SLOT_TRUNCATED, LiveHeapHeader,
-    LiveSlot,
+    LIVE_HEAP_MAGIC, LIVE_HEAP_VERSION, LIVE_MAX_FRAMES, LIVE_MAX_PYTHON_WORDS,
+    LIVE_SLOT_PYTHON_CUT, LIVE_SLOT_TRUNCATED, LiveHeapHeader, LiveSlot,
 };
 
 use crate::os;
@@ -56,6 +56,8 @@ struct Slot {
     depth: AtomicU32,
     flags: AtomicU32,
     link: AtomicU64,
+    python_depth: AtomicU32,
+    _reserved: AtomicU32,
     frames: [AtomicU64; LIVE_MAX_FRAMES],
 }
 
@@ -86,8 +88,35 @@ same_layout!(
     start_ns
 );
 same_layout!(
-    Slot, LiveSlot, generation, ptr, size, weight, time_ns, depth, flags, link, frames
+    Slot,
+    LiveSlot,
+    generation,
+    ptr,
+    size,
+    weight,
+    time_ns,
+    depth,
+    flags,
+    link,
+    python_depth,
+    frames
 );
+
+/// A sample's Python stack for the table: its words
+/// (`profiler_common::hooks::live_python_word`), innermost first, and
+/// whether the walk stopped before the outermost frame.
+#[derive(Clone, Copy)]
+pub(crate) struct PythonWords<'a> {
+    pub words: &'a [u64],
+    pub cut: bool,
+}
+
+impl PythonWords<'_> {
+    pub(crate) const NONE: PythonWords<'static> = PythonWords {
+        words: &[],
+        cut: false,
+    };
+}
 
 /// An index entry: the pointer (8-aligned, below 2^48) over the slot number.
 const SLOT_BITS: u32 = 19;
@@ -180,8 +209,11 @@ impl LiveSet {
         (0..WINDOW).map(move |k| unsafe { &*base.add((h + k) & mask) })
     }
 
-    /// Records a sampled allocation; counts it as dropped when it does not
-    /// fit (or the pointer cannot be indexed).
+    /// Records a sampled allocation, with its native `stack` and its
+    /// thread's Python stack; counts it as dropped when it does not fit (or
+    /// the pointer cannot be indexed). The Python words come first in what
+    /// is kept (at most [`LIVE_MAX_PYTHON_WORDS`], the outer ones cut), the
+    /// native stack gets the rest.
     pub(crate) fn insert(
         &self,
         ptr: usize,
@@ -189,6 +221,7 @@ impl LiveSet {
         weight: u64,
         stack: &[u64],
         truncated: bool,
+        python: PythonWords<'_>,
     ) {
         if !self.on() {
             return;
@@ -203,12 +236,15 @@ impl LiveSet {
             h.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let depth = stack.len().min(LIVE_MAX_FRAMES);
-        let flags = if truncated || stack.len() > depth {
-            LIVE_SLOT_TRUNCATED
-        } else {
-            0
-        };
+        let py = python.words.len().min(LIVE_MAX_PYTHON_WORDS);
+        let depth = stack.len().min(LIVE_MAX_FRAMES - py);
+        let mut flags = 0;
+        if truncated || stack.len() > depth {
+            flags |= LIVE_SLOT_TRUNCATED;
+        }
+        if python.cut || python.words.len() > py {
+            flags |= LIVE_SLOT_PYTHON_CUT;
+        }
         self.write(i, |s| {
             s.ptr.store(ptr as u64, Ordering::Relaxed);
             s.size.store(size as u64, Ordering::Relaxed);
@@ -216,8 +252,10 @@ impl LiveSet {
             s.time_ns.store(now_ns(), Ordering::Relaxed);
             s.depth.store(depth as u32, Ordering::Relaxed);
             s.flags.store(flags, Ordering::Relaxed);
-            for (f, &pc) in s.frames.iter().zip(&stack[..depth]) {
-                f.store(pc, Ordering::Relaxed);
+            s.python_depth.store(py as u32, Ordering::Relaxed);
+            let words = stack[..depth].iter().chain(&python.words[..py]);
+            for (f, &word) in s.frames.iter().zip(words) {
+                f.store(word, Ordering::Relaxed);
             }
         });
         let published = self.window(ptr).any(|cell| {

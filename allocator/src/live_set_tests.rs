@@ -42,9 +42,9 @@ fn header_describes_the_table() {
 #[test]
 fn inserts_and_removes_keep_exactly_the_live_samples() {
     let (h, set) = table(16);
-    set.insert(0x1000, 100, 4096, &[1, 2, 3], false);
-    set.insert(0x2000, 200, 8192, &[4], true);
-    set.insert(0x3000, 300, 12288, &[], false);
+    set.insert(0x1000, 100, 4096, &[1, 2, 3], false, PythonWords::NONE);
+    set.insert(0x2000, 200, 8192, &[4], true, PythonWords::NONE);
+    set.insert(0x3000, 300, 12288, &[], false, PythonWords::NONE);
     assert_eq!(h.live.load(Ordering::Relaxed), 3);
     set.remove(0x2000);
     set.remove(0x9000); // never inserted: nothing happens
@@ -58,7 +58,7 @@ fn inserts_and_removes_keep_exactly_the_live_samples() {
     .collect();
     assert_eq!(samples(h, &set), want);
     // The freed slot is the next one used.
-    set.insert(0x4000, 1, 1, &[7], false);
+    set.insert(0x4000, 1, 1, &[7], false, PythonWords::NONE);
     assert_eq!(h.used.load(Ordering::Relaxed), 3);
     assert_eq!(read_slot(&set, 1).ptr, 0x4000);
     assert_eq!(read_slot(&set, 0).flags, 0);
@@ -68,18 +68,18 @@ fn inserts_and_removes_keep_exactly_the_live_samples() {
 fn a_full_table_counts_what_it_drops() {
     let (h, set) = table(3);
     for k in 1..=5 {
-        set.insert(k * 0x1000, 10, 10, &[k as u64], false);
+        set.insert(k * 0x1000, 10, 10, &[k as u64], false, PythonWords::NONE);
     }
     assert_eq!(h.live.load(Ordering::Relaxed), 3);
     assert_eq!(h.dropped.load(Ordering::Relaxed), 2);
     set.remove(0x1000);
-    set.insert(0x6000, 10, 10, &[6], false);
+    set.insert(0x6000, 10, 10, &[6], false, PythonWords::NONE);
     assert_eq!(h.live.load(Ordering::Relaxed), 3);
     let ptrs: Vec<u64> = samples(h, &set).into_iter().map(|s| s.0).collect();
     assert_eq!(ptrs, [0x2000, 0x3000, 0x6000]);
     // A pointer that cannot be indexed is dropped too.
     set.remove(0x2000);
-    set.insert(0x1001, 1, 1, &[], false);
+    set.insert(0x1001, 1, 1, &[], false, PythonWords::NONE);
     assert_eq!(h.dropped.load(Ordering::Relaxed), 3);
 }
 
@@ -87,11 +87,54 @@ fn a_full_table_counts_what_it_drops() {
 fn deep_stacks_are_cut_and_marked() {
     let (_h, set) = table(2);
     let deep: Vec<u64> = (0..100).collect();
-    set.insert(0x1000, 1, 1, &deep, false);
+    set.insert(0x1000, 1, 1, &deep, false, PythonWords::NONE);
     let s = read_slot(&set, 0);
     assert_eq!(s.depth as usize, LIVE_MAX_FRAMES);
     assert_eq!(s.flags, LIVE_SLOT_TRUNCATED);
     assert_eq!(s.frames[LIVE_MAX_FRAMES - 1], LIVE_MAX_FRAMES as u64 - 1);
+}
+
+#[test]
+fn python_words_follow_the_native_stack_and_take_their_share_first() {
+    let (_h, set) = table(2);
+    let deep: Vec<u64> = (100..200).collect();
+    let words = [11, 0, 12];
+    set.insert(
+        0x1000,
+        1,
+        1,
+        &deep,
+        false,
+        PythonWords {
+            words: &words,
+            cut: false,
+        },
+    );
+    let s = read_slot(&set, 0);
+    assert_eq!((s.depth as usize, s.python_depth), (LIVE_MAX_FRAMES - 3, 3));
+    assert_eq!(s.flags, LIVE_SLOT_TRUNCATED);
+    assert_eq!(&s.frames[LIVE_MAX_FRAMES - 3..], &words);
+    assert_eq!(s.frames[0], 100);
+    // A Python stack past its share: the outer words go, marked cut.
+    let many: Vec<u64> = (1..=40).collect();
+    set.insert(
+        0x2000,
+        1,
+        1,
+        &[7, 8],
+        false,
+        PythonWords {
+            words: &many,
+            cut: false,
+        },
+    );
+    let s = read_slot(&set, 1);
+    assert_eq!(
+        (s.depth, s.python_depth as usize),
+        (2, LIVE_MAX_PYTHON_WORDS)
+    );
+    assert_eq!(s.flags, LIVE_SLOT_PYTHON_CUT);
+    assert_eq!(s.frames[2], 1);
 }
 
 #[test]
@@ -106,7 +149,7 @@ fn concurrent_threads_leave_a_consistent_table() {
                 // Each thread keeps a window of 64 live pointers of its own.
                 for k in 0..per {
                     let p = ((t << 32) | (k + 1)) << 4;
-                    set.insert(p as usize, k as usize, k, &[t, k], false);
+                    set.insert(p as usize, k as usize, k, &[t, k], false, PythonWords::NONE);
                     if k >= 64 {
                         set.remove((((t << 32) | (k - 63)) << 4) as usize);
                     }

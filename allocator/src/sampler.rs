@@ -56,7 +56,7 @@ pub(crate) fn start(s: &Settings) {
             rate(),
         );
     if live || s.gperftools_mode() {
-        gperftools::start_stacks();
+        gperftools::start_stacks(s);
     }
     if s.gperftools_mode() {
         gperftools::start(s);
@@ -71,21 +71,36 @@ pub(crate) fn record_all() -> bool {
 }
 
 /// A sampled (or recorded) allocation succeeded: the hook, the USDT
-/// probe, then (with the allocation's stack) the live set and the
-/// recorder. Inlined into the allocation's slow path (which the fast path
-/// enters by a jump), with the stack capture: the walk then starts one
-/// frame below the program's.
+/// probe, then (with the allocation's stack, and in a CPython process its
+/// thread's Python stack) the live set and the recorder. Inlined into the
+/// allocation's slow path (which the fast path enters by a jump), with the
+/// stack capture: the walk then starts one frame below the program's.
 #[inline(always)]
 pub(crate) fn on_alloc(p: *mut u8, size: usize, weight: u64) {
     counters::SAMPLED.add(1);
     profalloc_sample_alloc(p.cast(), size, weight);
     probes::alloc(p, size, weight);
     let live = live_set::live();
-    if live.on() || gperftools::records_stacks() {
+    let records = gperftools::records_stacks();
+    if live.on() || records {
         let mut stack = gperftools::Stack::empty();
         stack.fill();
-        live.insert(p as usize, size, weight, stack.frames(), stack.truncated());
-        gperftools::record_alloc(p, size, weight, &stack);
+        gperftools::python::with_stack(records, live.on(), |walk, python| {
+            live.insert(
+                p as usize,
+                size,
+                weight,
+                stack.frames(),
+                stack.truncated(),
+                python,
+            );
+            if records {
+                if let Some(w) = walk {
+                    stack.splice_python(w);
+                }
+                gperftools::record_alloc(p, size, weight, &stack);
+            }
+        });
     }
 }
 

@@ -70,6 +70,12 @@ pub const USDT_FREE: &str = "free";
 // 2. copy slots `[0, used)` twice; a slot is a sample when both copies are
 //    byte-identical, its `generation` is even and its `ptr` is not 0. A
 //    slot that differs (a writer was inside it) is copied again.
+// 3. a slot's `frames` hold its native stack (`depth` return addresses),
+//    then, in a CPython process, its thread's Python stack
+//    (`python_depth` words, see [`live_python_word`]): the reader splices
+//    them, replacing each evaluation-loop frame (`_PyEval_EvalFrameDefault`)
+//    of the native stack by the Python frames of its activation, and names
+//    them from the code objects (still in the process's memory).
 // A writer makes a slot's generation odd, writes the fields, then makes it
 // even again (release order), and bumps the header's `generation` after
 // each completed insert or remove: equal header generations around a copy
@@ -86,12 +92,41 @@ pub const DEFAULT_LIVE_HEAP_BYTES: u64 = 64 << 20;
 /// `LiveHeapHeader::magic`: "PALIVEHP" in memory order.
 pub const LIVE_HEAP_MAGIC: u64 = u64::from_le_bytes(*b"PALIVEHP");
 /// `LiveHeapHeader::version` of this layout.
-pub const LIVE_HEAP_VERSION: u32 = 1;
+pub const LIVE_HEAP_VERSION: u32 = 2;
 /// Return addresses kept per sample (deeper stacks are truncated).
 pub const LIVE_MAX_FRAMES: usize = 64;
 /// `LiveSlot::flags`: the stack was cut (too deep, or a frame the
 /// unwinder could not step through).
 pub const LIVE_SLOT_TRUNCATED: u32 = 1;
+/// `LiveSlot::flags`: the Python walk did not reach the outermost frame
+/// (too deep, or a frame that failed a check): Python frames are missing at
+/// the outer end.
+pub const LIVE_SLOT_PYTHON_CUT: u32 = 2;
+/// Python words kept per sample at most; the native stack gets the rest of
+/// the [`LIVE_MAX_FRAMES`].
+pub const LIVE_MAX_PYTHON_WORDS: usize = 32;
+
+/// A Python stack's word in [`LiveSlot::frames`], innermost first: 0 ends
+/// an activation of the evaluation loop (the frames since the previous end
+/// ran in one native `_PyEval_EvalFrameDefault` frame, as
+/// `profiler_common::python::ACTIVATION_END`); any other word is a frame,
+/// its `PyCodeObject`'s address divided by 8 in bits 0..44 (objects are
+/// 8-aligned, below 2^47) and the offset of its current instruction from the
+/// code's first, in 2-byte code units, in bits 44..64 (saturated: an offset
+/// past 2 MiB gives no line).
+pub fn live_python_word(code: u64, instr_offset: u32) -> u64 {
+    let units = u64::from(instr_offset / 2).min(LIVE_PYTHON_UNITS_MAX);
+    ((code >> 3) & LIVE_PYTHON_CODE_MASK) | units << 44
+}
+
+const LIVE_PYTHON_CODE_MASK: u64 = (1 << 44) - 1;
+const LIVE_PYTHON_UNITS_MAX: u64 = (1 << 20) - 1;
+
+/// The frame (code object address, instruction offset in bytes) of a
+/// [`live_python_word`], or `None` for an activation's end.
+pub fn live_python_frame(word: u64) -> Option<(u64, u32)> {
+    (word != 0).then(|| ((word & LIVE_PYTHON_CODE_MASK) << 3, (word >> 44) as u32 * 2))
+}
 
 /// The header at [`LIVE_HEAP_SYMBOL`]. All fields are native-endian
 /// integers written with atomic stores.
@@ -147,13 +182,42 @@ pub struct LiveSlot {
     pub time_ns: u64,
     /// Frames in `frames`: the caller of the allocation function first.
     pub depth: u32,
-    /// [`LIVE_SLOT_TRUNCATED`].
+    /// [`LIVE_SLOT_TRUNCATED`], [`LIVE_SLOT_PYTHON_CUT`].
     pub flags: u32,
     /// Writer-internal: the next empty slot (+1) while this one is empty.
     pub link: u64,
-    /// Return addresses, innermost first.
+    /// Python words after the native frames in `frames` (0 outside
+    /// CPython, or with `PROFALLOC_PYTHON=0`); at most
+    /// [`LIVE_MAX_PYTHON_WORDS`].
+    pub python_depth: u32,
+    pub _reserved: u32,
+    /// `depth` return addresses, innermost first, then `python_depth`
+    /// Python words ([`live_python_word`]), innermost first.
     pub frames: [u64; LIVE_MAX_FRAMES],
 }
 
 const _: () = assert!(core::mem::size_of::<LiveHeapHeader>() == 96);
-const _: () = assert!(core::mem::size_of::<LiveSlot>() == 56 + 8 * LIVE_MAX_FRAMES);
+const _: () = assert!(core::mem::size_of::<LiveSlot>() == 64 + 8 * LIVE_MAX_FRAMES);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_words_keep_the_code_and_the_offset() {
+        let code = 0x7f12_3456_7890;
+        assert_eq!(
+            live_python_frame(live_python_word(code, 0)),
+            Some((code, 0))
+        );
+        assert_eq!(
+            live_python_frame(live_python_word(code, 4242)),
+            Some((code, 4242))
+        );
+        // Past the largest offset: saturated, never another code's bits.
+        let (c, off) = live_python_frame(live_python_word(code, u32::MAX)).unwrap();
+        assert_eq!((c, off), (code, ((1 << 20) - 1) * 2));
+        assert_ne!(live_python_word(code, 0), 0);
+        assert_eq!(live_python_frame(0), None);
+    }
+}

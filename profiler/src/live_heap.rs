@@ -1,6 +1,7 @@
 //! Reading libprofalloc.so's sampled live heap out of a running process:
 //! every sampled allocation still live, since process start, with its
-//! stack (layout and protocol in `profiler_common::hooks`).
+//! stack and, in a CPython process, its thread's Python stack (layout and
+//! protocol in `profiler_common::hooks`).
 //!
 //! The header is found through the `profalloc_live_heap` symbol in the
 //! `.dynsym` of a file the process maps; the slots are copied with
@@ -12,8 +13,8 @@ use std::{path::Path, time::Duration};
 use anyhow::{Context as _, bail};
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
 use profiler_common::hooks::{
-    LIVE_HEAP_MAGIC, LIVE_HEAP_SYMBOL, LIVE_HEAP_VERSION, LIVE_MAX_FRAMES, LIVE_SLOT_TRUNCATED,
-    LiveHeapHeader, LiveSlot,
+    LIVE_HEAP_MAGIC, LIVE_HEAP_SYMBOL, LIVE_HEAP_VERSION, LIVE_MAX_FRAMES, LIVE_SLOT_PYTHON_CUT,
+    LIVE_SLOT_TRUNCATED, LiveHeapHeader, LiveSlot,
 };
 
 use crate::process;
@@ -33,6 +34,11 @@ pub struct LiveSample {
     /// function first).
     pub stack: Vec<u64>,
     pub truncated: bool,
+    /// The allocating thread's Python stack, innermost first, as words of
+    /// `profiler_common::hooks::live_python_word` (empty outside CPython).
+    pub python: Vec<u64>,
+    /// Python frames are missing at the outer end.
+    pub python_cut: bool,
     /// Time since the allocation.
     pub age: Duration,
 }
@@ -247,12 +253,15 @@ fn settle(a: &[u8], b: &[u8]) -> Settled {
 
 fn sample(s: &LiveSlot, now_ns: u64) -> LiveSample {
     let depth = (s.depth as usize).min(LIVE_MAX_FRAMES);
+    let python = (s.python_depth as usize).min(LIVE_MAX_FRAMES - depth);
     LiveSample {
         address: s.ptr,
         size: s.size,
         weight: s.weight,
         stack: s.frames[..depth].to_vec(),
         truncated: s.flags & LIVE_SLOT_TRUNCATED != 0,
+        python: s.frames[depth..depth + python].to_vec(),
+        python_cut: s.flags & LIVE_SLOT_PYTHON_CUT != 0,
         age: Duration::from_nanos(now_ns.saturating_sub(s.time_ns)),
     }
 }

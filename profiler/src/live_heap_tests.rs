@@ -16,6 +16,8 @@ fn empty_slot() -> LiveSlot {
         depth: 0,
         flags: 0,
         link: 0,
+        python_depth: 0,
+        _reserved: 0,
         frames: [0; LIVE_MAX_FRAMES],
     }
 }
@@ -49,10 +51,11 @@ fn a_table_in_memory_reads_back_its_live_samples() {
         weight: 65536,
         time_ns: monotonic_ns() - 2_000_000_000,
         depth: 3,
-        flags: 0,
+        flags: LIVE_SLOT_PYTHON_CUT,
+        python_depth: 2,
         ..empty_slot()
     };
-    slots[0].frames[..3].copy_from_slice(&[10, 20, 30]);
+    slots[0].frames[..5].copy_from_slice(&[10, 20, 30, 0x77, 0]);
     // Removed: generation even, ptr 0.
     slots[1].generation = 4;
     slots[2] = LiveSlot {
@@ -77,6 +80,8 @@ fn a_table_in_memory_reads_back_its_live_samples() {
     assert_eq!((a.address, a.size, a.weight), (0x1000, 100, 65536));
     assert_eq!(a.stack, [10, 20, 30]);
     assert!(!a.truncated);
+    assert_eq!(a.python, [0x77, 0]);
+    assert!(a.python_cut);
     assert!((2.0..60.0).contains(&a.age.as_secs_f64()), "{:?}", a.age);
     let b = &heap.samples[1];
     assert_eq!(b.stack.len(), LIVE_MAX_FRAMES);

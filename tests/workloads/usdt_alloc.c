@@ -14,6 +14,11 @@
 //   "sampled A freed F weight W live L program A0 F0 W0" (the probes it
 //   fired, in both objects; L = the weight of the sampled objects still
 //   live; A0 F0 W0 = the program's own part), waits for a line and exits.
+//   usdt_alloc rate N MEAN: `cargo xtask bench preload`'s trap-site cell,
+//   preload_bench.c's `rate N` through this sampler (the same computation,
+//   sizes and live window); with PRELOAD_BENCH_WAIT set, prints "ready"
+//   and waits for a line first. Prints "ops N seconds S bytes B", and
+//   "sampled allocations: A" on stderr.
 // Built with -DFLOAT_WEIGHT: the weight is passed as a double (`8f@`),
 // against the contract.
 // Built with -DPLUGIN: the same sampler in a library, whose alloc probe
@@ -22,6 +27,8 @@
 #include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include <sys/sdt.h>
 
@@ -135,7 +142,51 @@ __attribute__((noinline)) void test_free(void *p) {
     free(p);
 }
 
+static unsigned long bench_rng = 88172645463325252UL;
+static unsigned long bench_next(void) {
+    bench_rng ^= bench_rng << 13; bench_rng ^= bench_rng >> 7; bench_rng ^= bench_rng << 17;
+    return bench_rng;
+}
+
+// preload_bench.c's `rate` loop, allocating through test_malloc/test_free.
+static int rate(long n) {
+    void *live[4096] = {0};
+    volatile unsigned long sink = 0;
+    unsigned long bytes = 0;
+    struct timespec t0, t1;
+    if (getenv("PRELOAD_BENCH_WAIT")) {
+        char line[16];
+        printf("ready\n");
+        fflush(stdout);
+        if (!fgets(line, sizeof line, stdin)) return 3;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (long i = 0; i < n; i++) {
+        unsigned long x = i;
+        for (int j = 0; j < 8400; j++) x = x * 6364136223846793005UL + 1442695040888963407UL;
+        sink += x;
+        size_t size = 64 + (bench_next() & 1983);
+        unsigned k = bench_next() & 4095;
+        test_free(live[k]);
+        live[k] = test_malloc(size);
+        memset(live[k], 0, 64);
+        bytes += size;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    for (int k = 0; k < 4096; k++) test_free(live[k]);
+    double t = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9;
+    printf("ops %ld seconds %.6f bytes %lu\n", n, t, bytes);
+    fprintf(stderr, "sampled allocations: %ld\n", n_alloc);
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc == 4 && strcmp(argv[1], "rate") == 0) {
+        mean = atol(argv[3]);
+        if (mean <= 0) return 2;
+        countdown = distance();
+        return rate(atol(argv[2]));
+    }
     if (argc < 4) return 2;
     long n = atol(argv[1]);
     size_t size = (size_t)atol(argv[2]);

@@ -49,10 +49,12 @@ use crate::{
 };
 
 /// Makes allocation stacks available ([`Stack::fill`]): the object
-/// table, and the code ranges of this library and of the dynamic loader.
-/// Called once, from the allocator's initialisation (first allocation,
-/// busy set), when stacks are wanted (the live set or gperftools mode).
-pub(crate) fn start_stacks() {
+/// table, the code ranges of this library and of the dynamic loader, and
+/// in a CPython process its Python frames ([`python`]). Called once, from
+/// the allocator's initialisation (first allocation, busy set), when
+/// stacks are wanted (the live set or gperftools mode).
+pub(crate) fn start_stacks(s: &Settings) {
+    python::start(s.python_frames, s.gperftools_mode());
     objects::refresh();
     if let Some(o) = objects::this_library() {
         // Inside a program that links the allocator statically, its own
@@ -78,9 +80,6 @@ pub(crate) fn start_stacks() {
 /// [`start_stacks`].
 pub(crate) fn start(s: &Settings) {
     let heap_prefix = s.heap_prefix.as_str();
-    if !heap_prefix.is_empty() || s.heap_check || !s.cpu_file.is_empty() {
-        python::start(s.python_frames);
-    }
     if !heap_prefix.is_empty() && !s.heap_check && !prefix_dir_writable(heap_prefix) {
         let mut m = Message::new();
         m.str("profalloc: warning: HEAPPROFILE=")
@@ -197,10 +196,10 @@ impl Stack {
         }
     }
 
-    /// Captures the current thread's stack (from the in-process unwinder)
-    /// in place. Inlined into the sampled path: the walk starts in that
-    /// path's frame, one step from the program's, and the frames are never
-    /// moved (a Stack returned by value is copied, half a KiB).
+    /// Captures the current thread's native stack (from the in-process
+    /// unwinder) in place. Inlined into the sampled path: the walk starts
+    /// in that path's frame, one step from the program's, and the frames
+    /// are never moved (a Stack returned by value is copied, half a KiB).
     #[inline(always)]
     pub(crate) fn fill(&mut self) {
         let (n, status) = unwind::walk_here(&mut self.frames);
@@ -213,19 +212,23 @@ impl Stack {
                 .count(),
             None => 0,
         };
-        let mut truncated = status == unwind::Status::Truncated;
-        let n = if python::is_on() {
-            let mut merged = [0u64; heap_profile::MAX_FRAMES + 1];
-            let (m, lost) = python::merge(&walked[self.start..], false, &mut merged);
-            truncated |= lost;
-            for (to, &pc) in self.frames.iter_mut().zip(&merged[..m]) {
-                to.write(pc);
-            }
-            self.start = 0;
-            m
-        } else {
-            n
-        };
+        self.set_end(n, status == unwind::Status::Truncated);
+    }
+
+    /// Splices the thread's named Python frames (`w`, walked with names)
+    /// into the native stack, for gperftools mode's tables.
+    pub(crate) fn splice_python(&mut self, w: &python::Walk) {
+        let mut merged = [0u64; heap_profile::MAX_FRAMES + 1];
+        let (m, lost) = python::splice_named(w, self.frames(), false, &mut merged);
+        for (to, &pc) in self.frames.iter_mut().zip(&merged[..m]) {
+            to.write(pc);
+        }
+        self.start = 0;
+        let truncated = self.truncated || lost;
+        self.set_end(m, truncated);
+    }
+
+    fn set_end(&mut self, n: usize, truncated: bool) {
         (self.end, self.truncated) = if n - self.start > heap_profile::MAX_FRAMES {
             (self.start + heap_profile::MAX_FRAMES, true)
         } else {

@@ -44,7 +44,7 @@ use crate::{
     },
     process,
     profile::{Collector, SampleType},
-    python::tracker::PairStacks,
+    python::tracker::Tracker,
 };
 
 /// After an exec, how long a process is examined again at every tick
@@ -375,14 +375,15 @@ impl HeapCollector {
 
     /// Cuts the interval: one collector per heap-profiled process with
     /// this interval's allocations and what is in use now. `stack` reads a
-    /// user stack by id from the unwinder's map; `python` names the
-    /// Python halves of combined stack ids.
+    /// user stack by id from the unwinder's map; `python` named the
+    /// Python halves of combined stack ids, and names the Python stacks of
+    /// the live heaps.
     pub fn cut(
         &mut self,
         ebpf: &mut Ebpf,
         scope: &Scope,
         stack: impl Fn(&Ebpf, u64) -> Option<UserStack>,
-        python: &PairStacks,
+        python: &mut Tracker,
     ) -> anyhow::Result<Vec<(u32, Collector)>> {
         let stats = maps::stack_stats(ebpf)?;
         // Processes first seen by their samples: started since the last
@@ -427,6 +428,7 @@ impl HeapCollector {
             for (key, _) in &pid_stats {
                 // A combined id stands for a native and a Python stack.
                 let native = python
+                    .pairs()
                     .get(&key.stack_id)
                     .map_or(key.stack_id, |(pair, _)| pair.native);
                 if !self.stacks.contains_key(&key.stack_id)
@@ -455,11 +457,13 @@ impl HeapCollector {
                 .iter()
                 .filter_map(|(k, _)| Some((k.stack_id, *self.stacks.get(&k.stack_id)?)))
                 .collect();
+            let live_python = live_set::name_python(python, &live);
             let totals = Totals {
                 stats: pid_stats,
                 stacks,
                 counters: counters.clone(),
                 live,
+                live_python,
                 ..Totals::default()
             };
             let ctx = Context {
@@ -468,7 +472,7 @@ impl HeapCollector {
                 mmap: false,
                 processes: &self.processes,
                 allocator_inodes: self.sampler_inodes.clone(),
-                python: Some(python),
+                python: Some(python.pairs()),
             };
             let report = report::heap_report_since(&totals, &ctx, &self.baseline);
             if report.samples.is_empty() {

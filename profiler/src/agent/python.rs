@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 
 use super::scope::Scope;
-use crate::python::tracker::{PairStacks, Tracker};
+use crate::python::tracker::Tracker;
 
 /// See the module docs.
 pub(crate) struct AgentPython {
@@ -77,9 +77,10 @@ impl AgentPython {
         self.tracker.merge(pid, id, sample);
     }
 
-    /// Heap: the named pairs (combined id to native and Python stacks).
-    pub fn pairs(&self) -> &PairStacks {
-        self.tracker.pairs()
+    /// Heap: the tracker, with the named pairs (combined id to native and
+    /// Python stacks); it also names the live heaps' Python stacks.
+    pub fn tracker(&mut self) -> &mut Tracker {
+        &mut self.tracker
     }
 
     /// Heap: forgets the pairs of processes that exited (their last

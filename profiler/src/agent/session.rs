@@ -332,7 +332,7 @@ impl Agent {
                 &mut self.ebpf,
                 &self.settings.scope,
                 read,
-                self.python.pairs(),
+                self.python.tracker(),
             )?;
             for (pid, c) in cut {
                 profiles.push((ProfileKind::Heap, pid, c));

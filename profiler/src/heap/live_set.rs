@@ -6,17 +6,27 @@
 //! (it is the allocator's exact view of its samples; each object, keyed by
 //! address, is counted once), and the probes give only the alloc_* values
 //! since the attach.
+//!
+//! In a CPython process the allocator also recorded each sample's Python
+//! stack (code objects and offsets): the Python tracker names those while
+//! the process lives ([`name_python`]) and they are spliced into the
+//! native stacks as for the kernel walker's stacks.
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     time::Duration,
 };
 
-use profiler_common::heap::WEIGHT_ONE;
+use profiler_common::{
+    heap::WEIGHT_ONE,
+    hooks::live_python_frame,
+    python::{ACTIVATION_END, PyFrameSlot},
+};
 
 use super::{leaks::History, report::objects, settings::Tracking};
 use crate::{
     live_heap::{self, HeaderFinder, LiveHeap},
     profile::{RawSample, StackStatus},
+    python::tracker::{NamedStack, Tracker},
 };
 
 /// The live heaps of the running `pids` whose allocator exports one, when
@@ -65,8 +75,63 @@ pub(crate) fn all_coverage(pids: &[u32]) -> String {
     )
 }
 
-/// A stack of a live heap: (pid, return addresses, truncated).
-pub(crate) type LiveStackKey = (u32, Vec<u64>, bool);
+/// A stack of a live heap: its native return addresses and whether they
+/// were cut, its Python words and whether they were cut.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct LiveStack<S> {
+    pub native: S,
+    pub truncated: bool,
+    pub python: S,
+    pub python_cut: bool,
+}
+
+type Borrowed<'a> = LiveStack<&'a [u64]>;
+
+impl Borrowed<'_> {
+    fn owned(&self) -> LiveStack<Vec<u64>> {
+        LiveStack {
+            native: self.native.to_vec(),
+            truncated: self.truncated,
+            python: self.python.to_vec(),
+            python_cut: self.python_cut,
+        }
+    }
+}
+
+/// A stack of a live heap in its process.
+pub(crate) type LiveStackKey = (u32, LiveStack<Vec<u64>>);
+
+/// The Python stacks of the live heaps, named: by (pid, words, cut).
+pub(crate) type LiveNames = HashMap<(u32, Vec<u64>, bool), NamedStack>;
+
+/// Names the Python stacks of `live` through `tracker` (their code
+/// objects are read now, while the processes live).
+pub(crate) fn name_python(tracker: &mut Tracker, live: &HashMap<u32, LiveHeap>) -> LiveNames {
+    let mut names = LiveNames::new();
+    for (&pid, heap) in live {
+        for s in heap.samples.iter().filter(|s| !s.python.is_empty()) {
+            let key = (pid, s.python.clone(), s.python_cut);
+            if names.contains_key(&key) {
+                continue;
+            }
+            let slots: Vec<PyFrameSlot> = s.python.iter().map(|&w| python_slot(w)).collect();
+            if let Some(named) = tracker.name_live(pid, &slots, s.python_cut) {
+                names.insert(key, named);
+            }
+        }
+    }
+    names
+}
+
+/// The walker's slot of a live-heap Python word.
+fn python_slot(word: u64) -> PyFrameSlot {
+    let (code, instr_offset) = live_python_frame(word).unwrap_or((ACTIVATION_END, 0));
+    PyFrameSlot {
+        code,
+        instr_offset,
+        _pad: 0,
+    }
+}
 
 /// What the samples of one stack add up to.
 #[derive(Clone, Copy, Debug, Default)]
@@ -82,14 +147,20 @@ struct StackSum {
 
 /// The samples of `heap` summed per stack (each address once); `min_age`
 /// sets what counts as old.
-fn by_stack(heap: &LiveHeap, min_age: Option<Duration>) -> BTreeMap<(&[u64], bool), StackSum> {
-    let mut out: BTreeMap<(&[u64], bool), StackSum> = BTreeMap::new();
+fn by_stack(heap: &LiveHeap, min_age: Option<Duration>) -> BTreeMap<Borrowed<'_>, StackSum> {
+    let mut out: BTreeMap<Borrowed<'_>, StackSum> = BTreeMap::new();
     let mut seen = HashSet::new();
     for s in &heap.samples {
         if !seen.insert(s.address) {
             continue;
         }
-        let sum = out.entry((s.stack.as_slice(), s.truncated)).or_default();
+        let stack = LiveStack {
+            native: s.stack.as_slice(),
+            truncated: s.truncated,
+            python: s.python.as_slice(),
+            python_cut: s.python_cut,
+        };
+        let sum = out.entry(stack).or_default();
         let fixed = s.weight.saturating_mul(WEIGHT_ONE) / s.size.max(1);
         sum.fixed += fixed;
         sum.bytes += s.weight;
@@ -108,23 +179,23 @@ pub(crate) fn stack_bytes(live: &HashMap<u32, LiveHeap>) -> Vec<(LiveStackKey, i
         .flat_map(|(&pid, heap)| {
             by_stack(heap, None)
                 .into_iter()
-                .map(move |((stack, truncated), sum)| {
-                    ((pid, stack.to_vec(), truncated), sum.bytes as i64)
-                })
+                .map(move |(stack, sum)| ((pid, stack.owned()), sum.bytes as i64))
         })
         .collect()
 }
 
-/// A sample of one live-heap stack.
+/// A sample of one live-heap stack, its Python frames spliced in when
+/// `names` has them.
 fn raw_sample(
     pid: u32,
     comm: &str,
-    stack: &[u64],
-    truncated: bool,
+    live: &Borrowed<'_>,
+    names: &LiveNames,
     values: Vec<i64>,
     numeric_labels: Vec<(String, i64, String)>,
 ) -> RawSample {
-    RawSample {
+    let (stack, truncated) = (live.native, live.truncated);
+    let mut sample = RawSample {
         pid,
         tid: None,
         comm: comm.to_owned(),
@@ -143,18 +214,29 @@ fn raw_sample(
         leaf_is_pc: false,
         leaf_marker: None,
         splices: Vec::new(),
+    };
+    if !live.python.is_empty()
+        && let Some(named) = names.get(&(pid, live.python.to_vec(), live.python_cut))
+    {
+        named.merge_into(&mut sample);
     }
+    sample
 }
 
 /// The in-use samples of one process's live heap: one per distinct stack,
 /// values `[alloc_objects, alloc_space, inuse_objects, inuse_space]` with
 /// the alloc_* left at 0 (they come from the probes).
-pub(crate) fn inuse_samples(pid: u32, comm: &str, heap: &LiveHeap) -> Vec<RawSample> {
+pub(crate) fn inuse_samples(
+    pid: u32,
+    comm: &str,
+    heap: &LiveHeap,
+    names: &LiveNames,
+) -> Vec<RawSample> {
     by_stack(heap, None)
         .into_iter()
-        .map(|((stack, truncated), sum)| {
+        .map(|(stack, sum)| {
             let values = vec![0, 0, objects(sum.fixed), sum.bytes as i64];
-            raw_sample(pid, comm, stack, truncated, values, Vec::new())
+            raw_sample(pid, comm, &stack, names, values, Vec::new())
         })
         .collect()
 }
@@ -177,6 +259,7 @@ pub(crate) fn leak_samples(
     pid: u32,
     comm: &str,
     heap: &LiveHeap,
+    names: &LiveNames,
     history: &History<LiveStackKey>,
     min_age: Option<Duration>,
     list_all: bool,
@@ -186,8 +269,8 @@ pub(crate) fn leak_samples(
         leaking: 0,
         old: 0,
     };
-    for ((stack, truncated), sum) in by_stack(heap, min_age) {
-        let growth = history.classify(&(pid, stack.to_vec(), truncated));
+    for (stack, sum) in by_stack(heap, min_age) {
+        let growth = history.classify(&(pid, stack.owned()));
         let grows = growth.is_some_and(|g| g.leaking);
         let mut labels = Vec::new();
         if let Some(g) = growth {
@@ -206,7 +289,7 @@ pub(crate) fn leak_samples(
             continue;
         };
         out.samples
-            .push(raw_sample(pid, comm, stack, truncated, values, labels));
+            .push(raw_sample(pid, comm, &stack, names, values, labels));
     }
     out
 }
@@ -225,6 +308,8 @@ mod tests {
             weight,
             stack: stack.to_vec(),
             truncated: false,
+            python: Vec::new(),
+            python_cut: false,
             age: Duration::ZERO,
         }
     }
@@ -244,7 +329,7 @@ mod tests {
             dropped: 0,
             torn: 0,
         };
-        let got = inuse_samples(7, "w", &heap);
+        let got = inuse_samples(7, "w", &heap, &LiveNames::new());
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].user, vec![0x10, 0x20]);
         // 2 * 65536 bytes of 1000-byte objects: 131 objects.
@@ -273,7 +358,15 @@ mod tests {
             ],
             ..LiveHeap::default()
         };
-        let key = |s: u64| (7, vec![s], false);
+        let key = |s: u64| {
+            let stack = LiveStack {
+                native: vec![s],
+                truncated: false,
+                python: Vec::new(),
+                python_cut: false,
+            };
+            (7, stack)
+        };
         let mut history =
             History::starting_with([(key(0x10), 4000), (key(0x20), 4000), (key(0x30), 4000)]);
         history.push(
@@ -288,6 +381,7 @@ mod tests {
             7,
             "w",
             &heap,
+            &LiveNames::new(),
             &history,
             Some(Duration::from_secs(60)),
             false,
@@ -306,7 +400,15 @@ mod tests {
         let age = |s: &RawSample| s.numeric_labels.iter().find(|l| l.0 == "age").unwrap().1;
         assert_eq!(age(&got.samples[1]), 100);
         // Too short to decide: everything that holds memory.
-        let all = leak_samples(7, "w", &heap, &History::new(), None, true);
+        let all = leak_samples(
+            7,
+            "w",
+            &heap,
+            &LiveNames::new(),
+            &History::new(),
+            None,
+            true,
+        );
         assert_eq!(all.samples.len(), 3);
     }
 }

@@ -48,6 +48,8 @@ pub(crate) struct Totals {
     /// The allocator's own live heap, per target that exports one: their
     /// in-use values come from it (see `live_set`).
     pub live: HashMap<u32, crate::live_heap::LiveHeap>,
+    /// Their Python stacks, named.
+    pub live_python: super::live_set::LiveNames,
 }
 
 /// How the session ran, for the report.
@@ -307,9 +309,12 @@ pub(crate) fn heap_report_since(
     }
     for (&pid, heap) in &totals.live {
         let comm = ctx.processes.comm(pid);
-        report
-            .samples
-            .extend(super::live_set::inuse_samples(pid, &comm, heap));
+        report.samples.extend(super::live_set::inuse_samples(
+            pid,
+            &comm,
+            heap,
+            &totals.live_python,
+        ));
     }
     report
 }
@@ -375,6 +380,7 @@ pub(crate) fn leak_report(totals: &Totals, ctx: &Context<'_>, input: &LeakInput<
             pid,
             &comm,
             heap,
+            &totals.live_python,
             input.live_history,
             input.min_age,
             list_all,

@@ -481,6 +481,7 @@ impl Session {
             }
         }
         self.python.name_new_pairs();
+        let live_python = live_set::name_python(&mut self.python, &live);
         let mut stacks =
             maps::user_stacks(&self.ebpf, stats.iter().map(|(k, _)| k).chain(old.keys()))?;
         let native_of =
@@ -494,6 +495,7 @@ impl Session {
             old,
             memory,
             live,
+            live_python,
         })
     }
 

@@ -398,8 +398,37 @@ impl Tracker {
                 only_python: self.only_python,
             };
         };
+        let eval_loop = t.py.eval_loop;
+        NamedStack {
+            activations: self.name_slots(pid, &slots),
+            cut: merge::is_cut(status),
+            eval_loop,
+            only_python: self.only_python,
+        }
+    }
+
+    /// A Python stack libprofalloc.so's live heap recorded in process
+    /// `pid` (its walker's slots: code addresses and offsets, activation
+    /// ends), named now; None when `pid` is not walked (not CPython, or
+    /// `--python-frames native`).
+    pub fn name_live(&mut self, pid: u32, slots: &[PyFrameSlot], cut: bool) -> Option<NamedStack> {
+        let eval_loop = self.tracked.get(&pid)?.py.eval_loop;
+        Some(NamedStack {
+            activations: self.name_slots(pid, slots),
+            cut,
+            eval_loop,
+            only_python: self.only_python,
+        })
+    }
+
+    /// The frames of a walker's `slots` in tracked process `pid`, named,
+    /// by activation (innermost first).
+    fn name_slots(&mut self, pid: u32, slots: &[PyFrameSlot]) -> Vec<Vec<Frame>> {
+        let Some(t) = self.tracked.get(&pid) else {
+            return Vec::new();
+        };
         let mut activations = Vec::new();
-        for group in merge::activations(&slots) {
+        for group in merge::activations(slots) {
             let mut frames = Vec::with_capacity(group.len());
             for raw in group {
                 self.counts.frames += 1;
@@ -425,12 +454,7 @@ impl Tracker {
             }
             activations.push(frames);
         }
-        NamedStack {
-            activations,
-            cut: merge::is_cut(status),
-            eval_loop: t.py.eval_loop,
-            only_python: self.only_python,
-        }
+        activations
     }
 
     /// Heap: names the Python stacks of the pairs recorded since the last

@@ -9,7 +9,14 @@
 //!   attached through the sampling hooks (as root), through the
 //!   `otel_memory` USDT probes, the same through malloc/free uprobes for
 //!   comparison, with HEAPCHECK, and glibc for
-//!   reference.
+//!   reference;
+//! - the two kinds of USDT sites on the same workload: libprofalloc.so's
+//!   (a 5-byte nop, first instruction of its own function: a uprobe there
+//!   is a call on 6.18) against the C stand-in allocator's `<sys/sdt.h>`
+//!   sites (`tests/workloads/usdt_alloc.c`: a 1-byte nop, a uprobe traps),
+//!   each alone and with `prof-bpf heap --probe usdt` attached, at the same
+//!   mean sampling distances: cost per sampled allocation (its alloc and
+//!   free probes) and slowdown, with their ratios.
 //!
 //! Times are the processes' CPU time (user + system, from wait4); a uprobe
 //! runs its BPF program in the traced thread, so that time includes the
@@ -133,6 +140,8 @@ fn run_once(
 
 struct Cell {
     name: &'static str,
+    /// Another program and its arguments than the bench's.
+    program: Option<(String, Vec<String>)>,
     lib: bool,
     env: Vec<(&'static str, String)>,
     /// `prof-bpf` arguments when the agent is attached.
@@ -144,11 +153,17 @@ impl Cell {
     fn new(name: &'static str, lib: bool, env: &[(&'static str, &str)]) -> Self {
         Self {
             name,
+            program: None,
             lib,
             env: env.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(),
             agent: None,
             runs: Vec::new(),
         }
+    }
+    fn running(mut self, program: &str, args: &[&str]) -> Self {
+        let args = args.iter().map(|a| (*a).to_owned()).collect();
+        self.program = Some((program.to_owned(), args));
+        self
     }
     fn attached(mut self, args: &'static [&'static str]) -> Self {
         self.agent = Some(args);
@@ -177,7 +192,17 @@ fn measure(
         for c in cells.iter_mut() {
             let env: Vec<(&str, &str)> = c.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
             let agent = c.agent.map(|args| Agent { prof, args });
-            let r = run_once(bench, args, c.lib.then_some(lib), &env, agent.as_ref())?;
+            let (program, program_args): (&str, Vec<&str>) = match &c.program {
+                Some((p, a)) => (p, a.iter().map(String::as_str).collect()),
+                None => (bench, args.to_vec()),
+            };
+            let r = run_once(
+                program,
+                &program_args,
+                c.lib.then_some(lib),
+                &env,
+                agent.as_ref(),
+            )?;
             c.runs.push(r);
         }
     }
@@ -399,6 +424,58 @@ pub fn run() -> anyhow::Result<()> {
             "  not measured: `prof-bpf heap` attached (needs root: sudo -E cargo xtask bench preload)"
         );
     }
+    if root {
+        sites(&bench, &lib, &prof, runs)?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Our 5-byte-nop USDT sites against `<sys/sdt.h>`'s 1-byte-nop (trap)
+/// sites, on the same workload (`rate`), at two mean distances.
+fn sites(bench: &str, lib: &Path, prof: &Path, runs: usize) -> anyhow::Result<()> {
+    let standin = prof_bpf_tests::build_workload("usdt_alloc", &["-O2", "-fno-builtin"]);
+    let standin = standin.to_string_lossy().into_owned();
+    let n = "200000";
+    println!(
+        "\n== USDT sites: libprofalloc.so's 5-byte nop against <sys/sdt.h>'s 1-byte nop (C stand-in allocator), `rate {n}` ({runs} runs, medians)"
+    );
+    for (label, mean) in [("4 KiB", "4096"), ("512 KiB", "524288")] {
+        let mut cells = vec![
+            Cell::new("profalloc", true, &[("PROFALLOC_SAMPLE_BYTES", mean)]),
+            Cell::new(
+                "profalloc + heap (5-byte nop sites)",
+                true,
+                &[("PROFALLOC_SAMPLE_BYTES", mean)],
+            )
+            .attached(HEAP_USDT),
+            Cell::new("stand-in", false, &[]).running(&standin, &["rate", n, mean]),
+            Cell::new("stand-in + heap (1-byte nop, trap sites)", false, &[])
+                .running(&standin, &["rate", n, mean])
+                .attached(HEAP_USDT),
+        ];
+        measure(bench, &["rate", n], lib, prof, &mut cells, runs)?;
+        println!("  mean distance {label}:");
+        let mut per_event = [0.0; 2];
+        let mut slowdown = [0.0; 2];
+        for (k, pair) in cells.chunks(2).enumerate() {
+            let (alone, with) = (pair[0].seconds(), pair[1].seconds());
+            let events = pair[1].sampled();
+            per_event[k] = (with - alone) / events.max(1.0) * 1e6;
+            slowdown[k] = 100.0 * (with - alone) / alone;
+            println!(
+                "    {:<44} {alone:7.3} s CPU alone, {with:7.3} s attached: {:+6.2}%, {:.2} us per sampled allocation ({events:.0}), agent {:.3} s CPU",
+                pair[1].name,
+                slowdown[k],
+                per_event[k],
+                pair[1].median(|r| r.agent_seconds)
+            );
+        }
+        println!(
+            "    trap sites / 5-byte-nop sites: {:.2}x the cost per sampled allocation, {:.2}x the slowdown",
+            per_event[1] / per_event[0],
+            slowdown[1] / slowdown[0]
+        );
+    }
     Ok(())
 }

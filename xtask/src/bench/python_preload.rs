@@ -12,6 +12,10 @@
 //! then the ratio of the last two, the walks the final dump counts (its
 //! `python stack walks` comment, as `prof-bpf report` shows it) and the
 //! cost per walk: the time difference over the walks.
+//!
+//! Then the always-on case, no HEAPPROFILE: the sampled live heap keeps
+//! each sample's Python stack (code addresses, nothing named), against
+//! `PROFALLOC_PYTHON=0` and against the live heap off.
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -81,6 +85,33 @@ pub fn run(prof_bpf: &Path, pythons: &[(&str, PathBuf)]) -> anyhow::Result<()> {
         "\nratio: with Python frames over native stacks only; ns/walk: the difference over \
          the walks of one run (Python stack walk, naming, splice)"
     );
+    live_heap(pythons, &lib, &script)
+}
+
+/// The always-on sampler's live heap with and without Python stacks.
+fn live_heap(pythons: &[(&str, PathBuf)], lib: &Path, script: &Path) -> anyhow::Result<()> {
+    println!(
+        "\n== preload, nothing else set: the live heap's Python stacks at the default 512 KiB ({RUNS} runs, medians)"
+    );
+    println!(
+        "{:<13} {:>14} {:>17} {:>16} {:>12} {:>12}",
+        "interpreter", "live off ms", "native-only ms", "with python ms", "vs native", "vs off"
+    );
+    for (label, python) in pythons {
+        let env = |vars: &[(&'static str, &str)]| {
+            let mut env = vec![("LD_PRELOAD", lib.to_string_lossy().into_owned())];
+            env.extend(vars.iter().map(|&(k, v)| (k, v.to_owned())));
+            env
+        };
+        let off = median_ms(python, script, &env(&[("PROFALLOC_LIVE_HEAP_BYTES", "0")]))?;
+        let native = median_ms(python, script, &env(&[("PROFALLOC_PYTHON", "0")]))?;
+        let with = median_ms(python, script, &env(&[]))?;
+        println!(
+            "{label:<13} {off:>14.0} {native:>17.0} {with:>16.0} {:>+11.2}% {:>+11.2}%",
+            100.0 * (with - native) / native,
+            100.0 * (with - off) / off
+        );
+    }
     Ok(())
 }
 

@@ -1,25 +1,32 @@
-//! Python frames in gperftools mode: when the process is CPython 3.11 to
-//! 3.13 (its executable or a loaded libpython exports `_PyRuntime` and
-//! `Py_Version`), every stack HEAPPROFILE, HEAPCHECK and CPUPROFILE take
-//! also walks the current thread's Python frames ([`walk`]) and splices
-//! them into the native stack in place of the evaluation-loop frames that
-//! ran them (`profiler_common::python_splice`, the profiler's rules). The
-//! frames are named from copies of their code objects ([`names`]) in the
-//! dumps. The layout is `profiler_common::python_layout`'s, as for the
-//! profiler: tables for 3.11 and 3.12, `_Py_DebugOffsets` for 3.13; any
-//! other version is named in one line and gets native frames only.
+//! Python frames in allocation and CPU stacks: when the process is CPython
+//! 3.11 to 3.13 (its executable or a loaded libpython exports `_PyRuntime`
+//! and `Py_Version`), every stack the sampled live heap, HEAPPROFILE,
+//! HEAPCHECK and CPUPROFILE take also walks the current thread's Python
+//! frames ([`walk`]).
+//! - gperftools mode splices them into the native stack in place of the
+//!   evaluation-loop frames that ran them
+//!   (`profiler_common::python_splice`, the profiler's rules), each frame
+//!   named from copies of its code object ([`names`]) in the dumps;
+//! - the live heap keeps them apart, as code object addresses and
+//!   instruction offsets ([`live_words`]): the agent that reads the table
+//!   from outside splices and names them with the same rules.
+//!
+//! The layout is `profiler_common::python_layout`'s, as for the profiler:
+//! tables for 3.11 and 3.12, `_Py_DebugOffsets` for 3.13; any other version
+//! is named in one line and gets native frames only.
 use core::{
     cell::UnsafeCell,
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use profiler_common::{
-    python::PyFrameSlot,
+    hooks::live_python_word,
+    python::ACTIVATION_END,
     python_layout::{self, DEBUG_OFFSETS_LEN, PythonVersion},
-    python_splice::{Spliced, is_activation_end, splice},
+    python_splice::{Spliced, splice},
 };
 
-use crate::os::Message;
+use crate::{live_set::PythonWords, os::Message};
 
 pub(crate) mod names;
 mod read;
@@ -27,7 +34,8 @@ mod symbols;
 mod walk;
 
 use read::{PLANNED_BYTES, Plan, Reader};
-use walk::{End, Layout, MAX_SLOTS, NoFrame, Walk};
+pub(crate) use walk::Walk;
+use walk::{End, Layout, MAX_SLOTS, NoFrame};
 
 struct Found(UnsafeCell<Option<(Layout, usize, usize)>>);
 // SAFETY: written once by `start` before ON is published, then only read.
@@ -50,10 +58,14 @@ pub(crate) static LOOKUPS: AtomicU64 = AtomicU64::new(0);
 /// Stacks taken on threads without a thread state (native frames only).
 pub(crate) static NO_STATE: AtomicU64 = AtomicU64::new(0);
 
-/// Finds the interpreter and, with `walk`, turns the Python walk on.
-/// Called once, from the allocator's initialisation, when gperftools mode
-/// takes stacks.
-pub(crate) fn start(walk: bool) {
+/// Whether walks name their frames in the code table ([`names`]):
+/// gperftools mode's dumps need it; the live heap keeps code addresses.
+static INTERN: AtomicBool = AtomicBool::new(false);
+
+/// Finds the interpreter and, with `walk`, turns the Python walk on;
+/// `intern`: gperftools mode will name frames ([`names`]). Called once,
+/// from the allocator's initialisation, when stacks are taken.
+pub(crate) fn start(walk: bool, intern: bool) {
     let mut l = symbols::Lookup {
         names: &[
             b"_PyRuntime",
@@ -105,8 +117,11 @@ pub(crate) fn start(walk: bool) {
             "PyCode_Type or _PyEval_EvalFrameDefault is not exported",
         );
     };
-    if !names::start() {
-        return;
+    if intern {
+        if !names::start() {
+            return;
+        }
+        INTERN.store(true, Ordering::Relaxed);
     }
     let layout = Layout {
         runtime: runtime.address as u64,
@@ -314,14 +329,20 @@ fn thread_frame(layout: &Layout, r: &mut Reader<'_>) -> Option<Result<u64, ()>> 
     Some(walk::current_frame(layout, r, tstate).map_err(|_| ()))
 }
 
-/// Writes `native` (leaf first, return addresses after `native[0]`) into
-/// `out` with the current thread's Python frames spliced in. Returns the
-/// frames written and whether frames were lost (`out` full, or the Python
-/// walk cut).
-pub(crate) fn merge(native: &[u64], leaf_is_pc: bool, out: &mut [u64]) -> (usize, bool) {
-    // SAFETY: published by ON (checked by the caller through is_on).
-    let Some((layout, eval_lo, eval_hi)) = (unsafe { *FOUND.0.get() }) else {
-        return copy(native, out);
+/// Walks the calling thread's Python frames into `w` (its slots hold code
+/// addresses, and frame words when `intern` and gperftools mode names
+/// frames). False when Python walks are off or the thread has no thread
+/// state (`w` is then left empty).
+pub(crate) fn walk_thread(intern: bool, w: &mut Walk) -> bool {
+    w.len = 0;
+    w.end = End::Complete;
+    w.intern = intern && INTERN.load(Ordering::Relaxed);
+    if !is_on() {
+        return false;
+    }
+    // SAFETY: published by ON (checked above).
+    let Some((layout, _, _)) = (unsafe { *FOUND.0.get() }) else {
+        return false;
     };
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
@@ -334,22 +355,49 @@ pub(crate) fn merge(native: &[u64], leaf_is_pc: bool, out: &mut [u64]) -> (usize
     let Some(frame) = thread_frame(&layout, &mut r) else {
         // SAFETY: as above.
         unsafe { (*slot).plan = r.next };
-        return copy(native, out);
+        return false;
     };
     WALKS.fetch_add(1, Ordering::Relaxed);
-    let mut w = Walk {
-        slots: [PyFrameSlot::default(); MAX_SLOTS],
-        len: 0,
-        end: End::Complete,
-    };
     match frame {
-        Ok(frame) => walk::walk(&layout, &mut r, frame, &mut w),
+        Ok(frame) => walk::walk(&layout, &mut r, frame, w),
         Err(()) => w.end = End::Broken,
     }
     // SAFETY: as above.
     unsafe { (*slot).plan = r.next };
-    let cut = matches!(w.end, End::Broken | End::Truncated);
-    CUT.fetch_add(u64::from(cut), Ordering::Relaxed);
+    CUT.fetch_add(u64::from(w.is_cut()), Ordering::Relaxed);
+    true
+}
+
+/// The live heap's words of a walk (`profiler_common::hooks`), into `out`.
+fn live_words<'a>(w: &Walk, out: &'a mut [u64; MAX_SLOTS]) -> PythonWords<'a> {
+    for (word, slot) in out.iter_mut().zip(&w.slots[..w.len]) {
+        *word = if slot.code == ACTIVATION_END {
+            0
+        } else {
+            live_python_word(slot.code, slot.instr_offset)
+        };
+    }
+    PythonWords {
+        words: &out[..w.len],
+        cut: w.is_cut(),
+    }
+}
+
+/// Writes `native` (leaf first, return addresses after `native[0]`) into
+/// `out` with the walk's named frames (`w`, from [`walk_thread`] with
+/// `intern`) spliced in. Returns the frames written and whether frames were
+/// lost (`out` full, or the Python walk cut).
+pub(crate) fn splice_named(
+    w: &Walk,
+    native: &[u64],
+    leaf_is_pc: bool,
+    out: &mut [u64],
+) -> (usize, bool) {
+    // SAFETY: published by ON (a walk happened).
+    let Some((_, eval_lo, eval_hi)) = (unsafe { *FOUND.0.get() }) else {
+        return copy(native, out);
+    };
+    let cut = w.is_cut();
     let is_eval = |i: usize| {
         let pc = native[i] as usize;
         let pc = if i == 0 && leaf_is_pc {
@@ -360,12 +408,12 @@ pub(crate) fn merge(native: &[u64], leaf_is_pc: bool, out: &mut [u64]) -> (usize
         (eval_lo..eval_hi).contains(&pc)
     };
     let (mut n, mut full) = (0, false);
-    let slots = &w.slots[..w.len];
-    let unmatched = splice(native.len(), is_eval, slots, is_activation_end, cut, |s| {
+    let order: [u8; MAX_SLOTS] = core::array::from_fn(|i| i as u8);
+    let is_end = |&i: &u8| w.slots[i as usize].code == ACTIVATION_END;
+    let unmatched = splice(native.len(), is_eval, &order[..w.len], is_end, cut, |s| {
         let word = match s {
             Spliced::Native(i) => native[i],
-            // The walk put the frame word in the slot.
-            Spliced::Python { frame, .. } => frame.code,
+            Spliced::Python { frame, .. } => w.words[frame as usize],
             Spliced::Truncated { .. } => names::TRUNCATED_WORD,
         };
         if n < out.len() {
@@ -377,6 +425,38 @@ pub(crate) fn merge(native: &[u64], leaf_is_pc: bool, out: &mut [u64]) -> (usize
     });
     UNMATCHED.fetch_add(unmatched as u64, Ordering::Relaxed);
     (n, full)
+}
+
+/// Calls `f` with the calling thread's Python stack (named for gperftools
+/// mode when `named`) and, when `live`, its words for the live heap; with
+/// None outside CPython, with Python frames off, or on a thread without a
+/// thread state. Not inlined: the walk's buffers (a few KiB) stay off the
+/// sampled path's frame, and cost nothing without Python.
+#[inline(never)]
+pub(crate) fn with_stack(named: bool, live: bool, f: impl FnOnce(Option<&Walk>, PythonWords<'_>)) {
+    if !is_on() {
+        return f(None, PythonWords::NONE);
+    }
+    let mut w = Walk::empty();
+    if !walk_thread(named, &mut w) {
+        return f(None, PythonWords::NONE);
+    }
+    let mut words = [0; MAX_SLOTS];
+    let python = if live {
+        live_words(&w, &mut words)
+    } else {
+        PythonWords::NONE
+    };
+    f(Some(&w), python)
+}
+
+/// [`walk_thread`] then [`splice_named`] (CPU profile stacks).
+pub(crate) fn merge(native: &[u64], leaf_is_pc: bool, out: &mut [u64]) -> (usize, bool) {
+    let mut w = Walk::empty();
+    if !walk_thread(true, &mut w) {
+        return copy(native, out);
+    }
+    splice_named(&w, native, leaf_is_pc, out)
 }
 
 fn copy(native: &[u64], out: &mut [u64]) -> (usize, bool) {

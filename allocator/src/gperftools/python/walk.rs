@@ -3,9 +3,10 @@
 //! 3.12 and 3.13 keep it in a TLS symbol that stripped builds do not export
 //! and the GIL holder is not the current thread; the caller keeps it per
 //! thread and checks it with [`current_frame`]), then `previous` from its
-//! current `_PyInterpreterFrame`, each frame reduced to its frame word
-//! (named code object and instruction offset, [`names::frame_word`]) plus
-//! an [`ACTIVATION_END`] marker per evaluation-loop activation. The same
+//! current `_PyInterpreterFrame`, each frame reduced to its code object's
+//! address and instruction offset (and, for gperftools mode, its frame
+//! word: named code object and instruction offset, [`names::frame_word`])
+//! plus an [`ACTIVATION_END`] marker per evaluation-loop activation. The same
 //! reads, checks and markers as the kernel walker
 //! (`profiler-ebpf/src/python.rs`).
 //!
@@ -48,10 +49,32 @@ pub(crate) enum End {
     Broken,
 }
 
+/// One walk: `slots[..len]` (code address and instruction offset, or
+/// [`ACTIVATION_END`]) and, with `intern`, the frame word of each frame in
+/// `words` (0 for a marker).
 pub(crate) struct Walk {
     pub slots: [PyFrameSlot; MAX_SLOTS],
+    pub words: [u64; MAX_SLOTS],
     pub len: usize,
     pub end: End,
+    pub intern: bool,
+}
+
+impl Walk {
+    pub(crate) fn empty() -> Self {
+        Self {
+            slots: [PyFrameSlot::default(); MAX_SLOTS],
+            words: [0; MAX_SLOTS],
+            len: 0,
+            end: End::Complete,
+            intern: false,
+        }
+    }
+
+    /// The walk stopped before the outermost frame.
+    pub(crate) fn is_cut(&self) -> bool {
+        matches!(self.end, End::Broken | End::Truncated)
+    }
 }
 
 fn field_u64(b: &[u8], at: u64) -> u64 {
@@ -168,7 +191,7 @@ pub(crate) fn walk(l: &Layout, r: &mut Reader<'_>, mut frame: u64, out: &mut Wal
     }
 }
 
-fn push(out: &mut Walk, code: u64, instr_offset: u32) -> bool {
+fn push(out: &mut Walk, code: u64, instr_offset: u32, word: u64) -> bool {
     if out.len >= MAX_SLOTS {
         out.end = End::Truncated;
         return false;
@@ -178,11 +201,12 @@ fn push(out: &mut Walk, code: u64, instr_offset: u32) -> bool {
         instr_offset,
         _pad: 0,
     };
+    out.words[out.len] = word;
     out.len += 1;
     true
 }
 
-/// Records the frame at `frame` (its slot's `code` is the frame word) and
+/// Records the frame at `frame` and
 /// returns the previous one; None ends the walk (a failed read or check,
 /// or the slots are full).
 fn step(l: &Layout, r: &mut Reader<'_>, frame: u64, out: &mut Walk) -> Option<u64> {
@@ -197,7 +221,7 @@ fn step(l: &Layout, r: &mut Reader<'_>, frame: u64, out: &mut Walk) -> Option<u6
     let owner = f[o.frame_owner as usize];
     if Some(owner) == o.owner_cstack {
         // The shim below an activation's outermost frame (3.12+).
-        return push(out, ACTIVATION_END, 0).then_some(previous);
+        return push(out, ACTIVATION_END, 0, 0).then_some(previous);
     }
     let code = field_u64(&f, o.frame_code);
     // Type, size, first traceable unit and the names' pointers in one read
@@ -224,14 +248,19 @@ fn step(l: &Layout, r: &mut Reader<'_>, frame: u64, out: &mut Walk) -> Option<u6
         && (before_start || instr < first + u64::from(firsttraceable) * 2);
     if !incomplete {
         let offset = (instr - first) as u32;
-        // The slot holds the frame word (never ACTIVATION_END: tagged).
-        if !push(out, names::frame_word(o, code, c, offset), offset) {
+        // Naming copies the code's strings once per code object.
+        let word = if out.intern {
+            names::frame_word(o, code, c, offset)
+        } else {
+            0
+        };
+        if !push(out, code, offset, word) {
             return None;
         }
     }
     if let Some(is_entry) = o.frame_is_entry {
         // 3.11: the frame was entered from C, the activation ends here.
-        if f[is_entry as usize] != 0 && !push(out, ACTIVATION_END, 0) {
+        if f[is_entry as usize] != 0 && !push(out, ACTIVATION_END, 0, 0) {
             return None;
         }
     }
