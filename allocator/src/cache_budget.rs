@@ -5,6 +5,13 @@
 //! more objects than its limit, the bytes cached in all threads stay within
 //! the total. Limits grow only in slow paths, so the fast paths pay nothing.
 //!
+//! Each thread also has a limit of its own that starts at [`START_LIMIT`]
+//! and grows with demand, as in gperftools: a list that wants to grow past
+//! it first takes room from the thread's largest other list (halving it),
+//! and the limit rises by [`LIMIT_STEP`], up to [`PER_THREAD_MAX`]. A
+//! thread that allocates a little keeps a little; only one whose lists
+//! keep asking for more grows toward the maximum.
+//!
 //! A thread that finds the budget spent takes capacity back from its own
 //! largest other list (its limit halves and its excess goes to the central
 //! tier); failing that, it steals from an idle thread (one that ran no
@@ -41,6 +48,11 @@ const STEAL_RETRY_NS: u64 = 10_000_000;
 pub(crate) const DEFAULT_TOTAL: usize = 32 << 20;
 /// The most one thread's cache may hold.
 pub(crate) const PER_THREAD_MAX: usize = 4 << 20;
+/// A new thread's limit.
+pub(crate) const START_LIMIT: usize = 256 << 10;
+/// How much a thread's limit grows each time a list wants more room than
+/// it allows.
+pub(crate) const LIMIT_STEP: usize = 64 << 10;
 
 pub(crate) struct Budget {
     total: AtomicUsize,
@@ -108,6 +120,19 @@ impl Budget {
 /// The budget of this process's thread caches.
 pub(crate) static BUDGET: Budget = Budget::new(DEFAULT_TOTAL);
 
+/// Past its limit, a list of objects larger than this grows on frees
+/// only when the thread also allocates from it (see [`Growth`]).
+pub(crate) const FREE_GROWTH_MAX_SIZE: usize = 4 << 10;
+
+/// Why a list asks to grow.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Growth {
+    /// It ran empty: an allocation missed (demand).
+    Refill,
+    /// A free found it at its slow-start limit.
+    Free,
+}
+
 /// The limit list `c` of `tc` may grow to, from `old` toward `wanted`:
 /// `wanted` if the budget grants the bytes, after taking back half the
 /// limit of this thread's largest other list, or stealing from an idle
@@ -115,7 +140,13 @@ pub(crate) static BUDGET: Budget = Budget::new(DEFAULT_TOTAL);
 ///
 /// # Safety
 /// `tc` is this thread's cache, `busy` set.
-pub(crate) unsafe fn grant(tc: *mut ThreadCache, c: usize, old: u32, wanted: u32) -> u32 {
+pub(crate) unsafe fn grant(
+    tc: *mut ThreadCache,
+    c: usize,
+    old: u32,
+    wanted: u32,
+    why: Growth,
+) -> u32 {
     if wanted <= old {
         return old;
     }
@@ -123,6 +154,19 @@ pub(crate) unsafe fn grant(tc: *mut ThreadCache, c: usize, old: u32, wanted: u32
     let mut bytes = (wanted - old) as usize * size;
     // SAFETY: the owner thread works on its own cache.
     unsafe {
+        if share(tc) + bytes > (*tc).limit.load(Ordering::Relaxed) {
+            if why == Growth::Free && size > FREE_GROWTH_MAX_SIZE {
+                // Frees alone are no demand for large objects: past the
+                // limit, the list gives them back one by one (a small
+                // cost beside the object's size) instead of keeping
+                // them in a thread that may never allocate them again.
+                return old;
+            }
+            bytes = within_limit(tc, c, bytes, size);
+            if bytes == 0 {
+                return old;
+            }
+        }
         if !BUDGET.reserve(share(tc), bytes) {
             BUDGET.give_back(shrink_largest_other(tc, c));
             if !BUDGET.reserve(share(tc), bytes) {
@@ -136,6 +180,25 @@ pub(crate) unsafe fn grant(tc: *mut ThreadCache, c: usize, old: u32, wanted: u32
         let cap = (*tc).capacity.load(Ordering::Relaxed);
         (*tc).capacity.store(cap + bytes, Ordering::Relaxed);
         old + (bytes / size) as u32
+    }
+}
+
+/// A list of class `c` (objects of `size`) wants `bytes` more than
+/// `tc`'s limit allows: makes room by halving the thread's largest other
+/// list, and raises the limit a step for the next time (demand). Returns
+/// the bytes (whole objects) the list may grow by now.
+///
+/// # Safety
+/// `tc` is this thread's cache, `busy` set.
+unsafe fn within_limit(tc: *mut ThreadCache, c: usize, bytes: usize, size: usize) -> usize {
+    // SAFETY: the owner thread works on its own cache.
+    unsafe {
+        BUDGET.give_back(shrink_largest_other(tc, c));
+        let limit = (*tc).limit.load(Ordering::Relaxed);
+        let raised = (limit + LIMIT_STEP).min(PER_THREAD_MAX);
+        (*tc).limit.fetch_add(raised - limit, Ordering::Relaxed);
+        let room = raised.saturating_sub(share(tc));
+        bytes.min(room) / size * size
     }
 }
 
@@ -218,6 +281,13 @@ unsafe fn steal(tc: *mut ThreadCache, bytes: usize, unit: usize) -> usize {
             if let Some((v, headroom)) = best {
                 taken = bytes.min(headroom) / unit * unit;
                 (*v).debt.fetch_add(taken, Ordering::Relaxed);
+                // Its limit drops by as much (no lower than a new
+                // thread's), so that it grows back only under demand.
+                let _ = (*v)
+                    .limit
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                        Some(l.saturating_sub(taken).max(START_LIMIT))
+                    });
             }
         });
         if taken == 0 {
@@ -284,6 +354,89 @@ mod tests {
         let b = Budget::new(1 << 20);
         assert!(!b.reserve(0, (1 << 20) + 1));
         assert!(b.reserve(0, 1 << 20));
+    }
+
+    /// An empty cache (as a new thread's) at the start limit.
+    fn new_cache() -> Box<ThreadCache> {
+        // SAFETY: all zeroes is a valid, empty cache (the TLS block starts
+        // so).
+        let tc = unsafe { Box::<ThreadCache>::new_zeroed().assume_init() };
+        tc.limit.store(START_LIMIT, Ordering::Relaxed);
+        tc
+    }
+
+    /// Grants list `c` of `tc` growth to `wanted` objects and sets its
+    /// limit to what was granted.
+    fn grow(tc: &mut ThreadCache, c: usize, wanted: u32) -> u32 {
+        let old = tc.lists[c].max_len;
+        // SAFETY: the cache is this test's; its lists are empty, so
+        // shrinking them gives nothing to the central tier.
+        let new = unsafe { grant(tc, c, old, wanted, Growth::Refill) };
+        tc.lists[c].max_len = new;
+        new
+    }
+
+    #[test]
+    fn a_thread_limit_grows_from_its_start_only_under_demand() {
+        let (c, d) = (size_class::class_of(1024), size_class::class_of(512));
+        let big = size_class::class_of(64 << 10);
+        assert_eq!(size_class::size_of_class(c), 1024);
+        assert_eq!(size_class::size_of_class(d), 512);
+        assert_eq!(size_class::size_of_class(big), 64 << 10);
+        let mut tc = new_cache();
+        let limit = |tc: &ThreadCache| tc.limit.load(Ordering::Relaxed);
+        // Up to the limit: granted, the limit stays.
+        assert_eq!(grow(&mut tc, d, 64), 64);
+        assert_eq!(grow(&mut tc, c, 224), 224);
+        assert_eq!(tc.capacity.load(Ordering::Relaxed), START_LIMIT);
+        assert_eq!(limit(&tc), START_LIMIT);
+        // A refill past it: the other list halves (16 KiB), the limit
+        // rises one step, and the list gets what it asked for.
+        assert_eq!(grow(&mut tc, c, 240), 240);
+        assert_eq!(tc.lists[d].max_len, 32);
+        assert_eq!(limit(&tc), START_LIMIT + LIMIT_STEP);
+        // Up to the new limit: granted, the limit stays.
+        assert_eq!(grow(&mut tc, c, 304), 304);
+        assert_eq!(
+            tc.capacity.load(Ordering::Relaxed),
+            START_LIMIT + LIMIT_STEP
+        );
+        assert_eq!(limit(&tc), START_LIMIT + LIMIT_STEP);
+        // A free of a large object past it is no demand: refused.
+        // SAFETY: the cache is this test's.
+        let granted = unsafe { grant(&mut *tc, big, 0, 1, Growth::Free) };
+        assert_eq!(granted, 0);
+        assert_eq!(limit(&tc), START_LIMIT + LIMIT_STEP);
+        // A refill of it is: the largest other list halves, the limit
+        // rises another step.
+        assert_eq!(grow(&mut tc, big, 1), 1);
+        assert_eq!(tc.lists[c].max_len, 152);
+        assert_eq!(limit(&tc), START_LIMIT + 2 * LIMIT_STEP);
+        BUDGET.give_back(tc.capacity.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn stealing_from_an_idle_thread_lowers_its_limit() {
+        let mut idle = new_cache();
+        // Idle since boot, with 4 MiB reserved and nothing cached.
+        idle.state = ACTIVE;
+        idle.capacity.store(PER_THREAD_MAX, Ordering::Relaxed);
+        idle.limit.store(PER_THREAD_MAX, Ordering::Relaxed);
+        let idle: *mut ThreadCache = &mut *idle;
+        let mut thief = new_cache();
+        // SAFETY: both caches are this test's; `idle` leaves the registry
+        // before it is dropped.
+        unsafe {
+            thread_cache::register(idle);
+            let taken = steal(&mut *thief, 64 << 10, 1024);
+            thread_cache::unregister(idle);
+            assert_eq!(taken, 64 << 10);
+            assert_eq!((*idle).debt.load(Ordering::Relaxed), 64 << 10);
+            assert_eq!(
+                (*idle).limit.load(Ordering::Relaxed),
+                PER_THREAD_MAX - (64 << 10)
+            );
+        }
     }
 
     #[test]

@@ -6,9 +6,14 @@
 //! Threads move objects in and out as null-terminated chains linked
 //! through each object's first word.
 //!
-//! Transfer cache: up to `transfer_slots(c)` chains of exactly `BATCH[c]`
-//! objects; a thread that overflows hands over a chain in O(1), and a thread
-//! that runs dry takes one back in O(1), without touching spans.
+//! Transfer cache: chains of exactly `BATCH[c]` objects; a thread that
+//! overflows hands over a chain in O(1), and a thread that runs dry takes
+//! one back in O(1), without touching spans. It holds [`INITIAL_SLOTS`]
+//! chains at first and one more each time a chain finds it full after a
+//! thread found it empty (demand on both sides), up to
+//! `transfer_slots(c)`: a program that only frees, or allocates, in a
+//! class does not hoard whole batches there, and its objects go back to
+//! their spans, whose pages other classes can reuse.
 //!
 //! Central list: the spans of the class that still have free objects. An
 //! object goes back to its own span (found through the page map); a span
@@ -60,6 +65,8 @@ impl PageSource for PageHeap {
 }
 
 const MAX_SLOTS: usize = 64;
+/// Chains a class's transfer cache holds before any demand.
+const INITIAL_SLOTS: usize = 2;
 
 /// One class's middle tier. The transfer fields (`slots`, `used`,
 /// `capacity`) are touched only under `transfer_lock`, the span list only
@@ -70,6 +77,9 @@ struct Class {
     slots: core::cell::UnsafeCell<[*mut u8; MAX_SLOTS]>,
     used: core::cell::Cell<usize>,
     capacity: core::cell::Cell<usize>,
+    /// A thread wanted a chain and found none since the capacity last
+    /// grew.
+    missed: core::cell::Cell<bool>,
     central_lock: SpinLock,
     nonempty: core::cell::UnsafeCell<SpanList>,
 }
@@ -112,7 +122,8 @@ impl Class {
             transfer_lock: SpinLock::new(),
             slots: core::cell::UnsafeCell::new([ptr::null_mut(); MAX_SLOTS]),
             used: core::cell::Cell::new(0),
-            capacity: core::cell::Cell::new(0),
+            capacity: core::cell::Cell::new(INITIAL_SLOTS),
+            missed: core::cell::Cell::new(false),
             central_lock: SpinLock::new(),
             nonempty: core::cell::UnsafeCell::new(SpanList::new()),
         }
@@ -132,6 +143,7 @@ impl Class {
                 counters::TRANSFER_OBJECTS[c].sub(want);
                 return (head, want);
             }
+            self.missed.set(true);
             self.transfer_lock.unlock();
         }
         self.central_lock.lock();
@@ -149,10 +161,14 @@ impl Class {
     unsafe fn insert_range<P: PageSource>(&self, pages: &P, c: usize, head: *mut u8, n: usize) {
         if n == BATCH[c] as usize {
             self.transfer_lock.lock();
-            if self.capacity.get() == 0 {
-                self.capacity.set(size_class::transfer_slots(c));
-            }
             let used = self.used.get();
+            if used == self.capacity.get()
+                && self.missed.get()
+                && used < size_class::transfer_slots(c)
+            {
+                self.capacity.set(used + 1);
+                self.missed.set(false);
+            }
             if used < self.capacity.get() {
                 // SAFETY: the slots are touched only under transfer_lock.
                 unsafe { (*self.slots.get())[used] = head };
@@ -437,17 +453,17 @@ mod tests {
     }
 
     #[test]
-    fn whole_batches_move_through_the_transfer_cache() {
+    fn whole_batches_move_through_a_transfer_cache_grown_by_demand() {
         let (c, pages, k) = (class_1k(), FakePages::default(), Class::new());
+        let take = || {
+            let (head, n) = k.remove_range(&pages, c, 32);
+            assert_eq!(n, 32);
+            head
+        };
         // 17 batches of 32: 68 one-page spans, carved in order, so each
-        // batch is exactly four whole spans.
-        let batches: Vec<_> = (0..17)
-            .map(|_| {
-                let (head, n) = k.remove_range(&pages, c, 32);
-                assert_eq!(n, 32);
-                head
-            })
-            .collect();
+        // batch is exactly four whole spans. The first found the transfer
+        // cache empty: demand.
+        let batches: Vec<_> = (0..17).map(|_| take()).collect();
         assert_eq!(pages.allocated.get(), 68);
         // SAFETY: each chain holds 32 free objects of class c.
         unsafe {
@@ -455,18 +471,30 @@ mod tests {
                 k.insert_range(&pages, c, b, 32);
             }
         }
-        // Sixteen fit in the transfer cache; the seventeenth went back to
-        // its four spans, which went back to the page source.
-        assert_eq!(pages.freed.get(), 4);
+        // Two fit at first, a third after that demand; the other 14 went
+        // back to their 56 spans, which went back to the page source.
+        assert_eq!(k.capacity.get(), INITIAL_SLOTS + 1);
+        assert_eq!(pages.freed.get(), 56);
         // A batch comes back out of the transfer cache as it went in.
-        let (head, n) = k.remove_range(&pages, c, 32);
-        assert_eq!((head, n), (batches[15], 32));
-        assert_eq!(pages.allocated.get(), 68);
+        let head = take();
+        assert_eq!(head, batches[2]);
         // SAFETY: as above.
         unsafe { k.insert_range(&pages, c, head, 32) };
+        // Three batches out of the transfer cache and a fourth carved
+        // (demand again): all four fit back, the cache grown by one.
+        let four: Vec<_> = (0..4).map(|_| take()).collect();
+        assert_eq!(pages.allocated.get(), 72);
+        // SAFETY: as above.
+        unsafe {
+            for &b in &four {
+                k.insert_range(&pages, c, b, 32);
+            }
+        }
+        assert_eq!(k.capacity.get(), INITIAL_SLOTS + 2);
+        assert_eq!(pages.freed.get(), 56);
         // Draining gives every span back.
         k.drain_transfer(&pages, c);
-        assert_eq!(pages.freed.get(), 68);
+        assert_eq!(pages.freed.get(), 72);
         assert!(pages.spans.borrow().is_empty());
     }
 

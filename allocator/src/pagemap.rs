@@ -59,12 +59,49 @@ fn leaf(page: usize) -> *mut Leaf {
 #[inline(always)]
 pub fn slot_of_addr(addr: usize) -> usize {
     let page = addr >> PAGE_SHIFT;
-    let l = leaf(page);
+    let mut i = page >> LEAF_BITS;
+    // Opaque to the optimiser, so that the range check compares the root
+    // index it has anyway (shift, compare) instead of shifting the
+    // address a second time (`addr >> 48 != 0`: one more instruction).
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: an empty instruction sequence.
+    unsafe {
+        core::arch::asm!("/* {i} */", i = inout(reg) i, options(pure, nomem, nostack, preserves_flags));
+    }
+    if i >= ROOT_LEN {
+        return 0;
+    }
+    // SAFETY: i < ROOT_LEN was checked.
+    let l = unsafe { ROOT.get_unchecked(i) }.load(Ordering::Acquire);
     if l.is_null() {
         return 0;
     }
+    let j = page & (LEAF_LEN - 1);
+    // A relaxed load of the slot, widened to a full register by the load
+    // itself (`movzx`): the compiler widens an atomic u16 load with a
+    // second instruction.
+    #[cfg(target_arch = "x86_64")]
+    {
+        let slot: usize;
+        // SAFETY: a non-null leaf is a live, fully initialised Leaf and
+        // j < LEAF_LEN; an aligned 2-byte load is atomic on x86-64.
+        unsafe {
+            core::arch::asm!(
+                "movzx {s:e}, word ptr [{l} + {j} * 2 + {slots}]",
+                s = lateout(reg) slot,
+                l = in(reg) l,
+                j = in(reg) j,
+                slots = const core::mem::offset_of!(Leaf, slots),
+                options(pure, readonly, nostack, preserves_flags),
+            );
+        }
+        slot
+    }
+    #[cfg(not(target_arch = "x86_64"))]
     // SAFETY: a non-null leaf is a live, fully initialised Leaf.
-    unsafe { (*l).slots.get_unchecked(page & (LEAF_LEN - 1)) }.load(Ordering::Relaxed) as usize
+    unsafe {
+        (*l).slots.get_unchecked(j).load(Ordering::Relaxed) as usize
+    }
 }
 
 /// The size class of the page holding `addr`, 0 when it is not a

@@ -229,6 +229,10 @@ pub(crate) struct ThreadCache {
     /// Σ max_len × class size: the bytes the lists may hold. Written by
     /// the owner only; atomic so that a thread stealing budget may read it.
     pub(crate) capacity: AtomicUsize,
+    /// The capacity this thread may reach (see `cache_budget`): starts
+    /// small and grows a step each time a list wants more than it allows;
+    /// threads that steal from an idle one lower its limit.
+    pub(crate) limit: AtomicUsize,
     /// Part of `capacity` other threads took (see `cache_budget`): the
     /// owner shrinks its lists by that much on its next slow path. The
     /// cache's share of the budget is `capacity - debt`.
@@ -324,7 +328,7 @@ pub(crate) unsafe fn register(tc: *mut ThreadCache) {
 
 /// # Safety
 /// `tc` is registered.
-unsafe fn unregister(tc: *mut ThreadCache) {
+pub(crate) unsafe fn unregister(tc: *mut ThreadCache) {
     REGISTRY_LOCK.lock();
     // SAFETY: the registry is touched only under its lock.
     unsafe {

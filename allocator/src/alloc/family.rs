@@ -77,6 +77,12 @@ pub unsafe fn usable_size(p: *mut u8) -> usize {
     }
 }
 
+/// A large object that realloc grows past this (and cannot grow in place)
+/// moves into a mapping of its own, as glibc's mmapped chunks: a buffer
+/// grown by appends is then remapped, not copied, and leaves no freed
+/// blocks behind in the page heap.
+pub(super) const MOVE_TO_HUGE: usize = 256 << 10;
+
 /// realloc with glibc's semantics: null `p` allocates; size 0 frees and
 /// returns null; on failure `p` is unchanged and null is returned.
 ///
@@ -99,19 +105,34 @@ pub unsafe fn realloc(p: *mut u8, size: usize) -> *mut u8 {
         // SAFETY: a live large or huge span holding p.
         unsafe {
             if (*s).state == span::HUGE {
-                if size > HUGE_THRESHOLD {
+                let usable = huge::usable(s);
+                if size <= usable && size >= usable / 2 {
+                    // Fits its mapping: no call to the OS.
+                    return p;
+                }
+                if size > HUGE_THRESHOLD || size > usable {
+                    // Growing: 25% more, as below (only address space:
+                    // the pages past `size` stay untouched until used).
+                    let amortized = if size > usable {
+                        size.max(usable + usable / 4)
+                    } else {
+                        size
+                    };
                     if (*s).sampled {
                         // The object may move: its sample ends here.
                         sampler::on_free(p, false);
                         (*s).sampled = false;
                     }
-                    let q = huge::resize(s, size);
+                    let mut q = huge::resize(s, amortized);
+                    if q.is_null() && amortized != size {
+                        q = huge::resize(s, size);
+                    }
                     if q.is_null() {
                         os::set_enomem();
                     }
                     return q;
                 }
-                huge::usable(s)
+                usable
             } else {
                 let old = (*s).npages << PAGE_SHIFT;
                 if size > old && size <= HUGE_THRESHOLD && !(*s).sampled {
@@ -122,6 +143,17 @@ pub unsafe fn realloc(p: *mut u8, size: usize) -> *mut u8 {
                         || page_heap::grow_in_place(s, size.div_ceil(PAGE_SIZE))
                     {
                         return p;
+                    }
+                }
+                if size > old && size >= MOVE_TO_HUGE && !sampler::record_all() {
+                    // Growing where it cannot grow in place: into a mapping
+                    // of its own, which later grows with mremap (no copy,
+                    // and no freed block left behind at each step).
+                    let q = huge::alloc(size.max(old + old / 4), MIN_ALIGN, false);
+                    if !q.is_null() {
+                        ptr::copy_nonoverlapping(p, q, old);
+                        free(p);
+                        return q;
                     }
                 }
                 old

@@ -18,6 +18,9 @@ pub(super) unsafe fn init_thread(tc: *mut ThreadCache) {
     // SAFETY: the owner initialises its own cache.
     unsafe {
         (*tc).state = ACTIVE;
+        (*tc)
+            .limit
+            .store(cache_budget::START_LIMIT, Ordering::Relaxed);
         (*tc).rng = (tc as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ now_nanos();
         (*tc).countdown = sampler::next_distance(&mut (*tc).rng, sampler::rate());
         thread_cache::register(tc);

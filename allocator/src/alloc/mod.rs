@@ -71,6 +71,7 @@ mod tests {
     use core::ptr;
 
     use super::*;
+    use crate::{pagemap, size_class::PAGE_SHIFT, span};
 
     #[test]
     fn objects_are_aligned_sized_and_distinct() {
@@ -143,6 +144,41 @@ mod tests {
             let q = realloc(ptr::null_mut(), 0);
             assert!(!q.is_null());
             free(q);
+        }
+    }
+
+    /// A buffer grown by small appends past 256 KiB lives in a mapping of
+    /// its own, grown by a quarter at a time: appends that fit it keep the
+    /// object where it is, and the data follows every move.
+    #[test]
+    fn realloc_grows_large_buffers_in_mappings_of_their_own() {
+        // SAFETY: pointers come from this allocator and are used once.
+        unsafe {
+            let mut p = malloc(200 << 10);
+            p.write_bytes(7, 200 << 10);
+            let mut len = 200 << 10;
+            let mut moves = 0;
+            while len < (3 << 20) {
+                let q = realloc(p, len + 4096);
+                assert!(!q.is_null());
+                assert_eq!(*q.add(len - 1), 7);
+                q.add(len).write_bytes(7, 4096);
+                len += 4096;
+                if q != p {
+                    moves += 1;
+                    if len > family::MOVE_TO_HUGE {
+                        let s = pagemap::span(q as usize >> PAGE_SHIFT);
+                        assert_eq!((*s).state, span::HUGE, "at {len}");
+                    }
+                }
+                p = q;
+            }
+            // Two moves to reach a mapping of its own (a larger class,
+            // then past 256 KiB), then steps of at least 25% up to 3 MiB
+            // (at most 10): at most 12 moves, not one per 4 KiB (700).
+            assert!(moves <= 12, "{moves} moves");
+            assert!(usable_size(p) >= len);
+            free(p);
         }
     }
 

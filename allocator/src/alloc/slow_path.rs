@@ -18,7 +18,8 @@ use super::{
     reentrant::{drain_deferred, reentrant_alloc, reentrant_free},
 };
 use crate::{
-    cache_budget, central, huge, os, page_heap, pagemap, sampler,
+    cache_budget::{self, Growth},
+    central, huge, os, page_heap, pagemap, sampler,
     size_class::{PAGE_SHIFT, PAGE_SIZE},
     span,
     thread_cache::{ACTIVE, Central, DEAD, ThreadCache, UNINIT, tls},
@@ -87,7 +88,7 @@ unsafe fn alloc_unsampled(tc: *mut ThreadCache, size: usize, c: usize, align: us
             return if n == 0 { ptr::null_mut() } else { head };
         }
         (*tc).lists[c].pop_or_refill(&Central, c, &mut |old, wanted| {
-            cache_budget::grant(tc, c, old, wanted)
+            cache_budget::grant(tc, c, old, wanted, Growth::Refill)
         })
     }
 }
@@ -200,7 +201,7 @@ unsafe fn free_small(tc: *mut ThreadCache, c: usize, p: *mut u8) {
             central::insert_range(c, p, 1);
         } else {
             list.push_or_release(&Central, c, p, &mut |old, wanted| {
-                cache_budget::grant(tc, c, old, wanted)
+                cache_budget::grant(tc, c, old, wanted, Growth::Free)
             });
         }
     }

@@ -13,6 +13,10 @@
 //! are reported and left out.
 //!
 //! `PROFALLOC_BENCH_RUNS` sets the runs per cell (default 9).
+//! `PROFALLOC_BENCH_BASELINE=PATH` adds another libprofalloc.so (an older
+//! build) as a column `before`, run in the same interleaving but not
+//! counted as a peer, and prints profalloc's ratios to it (a before/after
+//! comparison under the same conditions).
 use std::{
     io::Read as _,
     path::{Path, PathBuf},
@@ -30,6 +34,8 @@ struct Allocator {
     name: &'static str,
     lib: Option<PathBuf>,
     ours: bool,
+    /// An older profalloc build to compare with (not a peer).
+    baseline: bool,
 }
 
 /// Peers from Debian packages: (column name, package, library file prefix).
@@ -90,7 +96,8 @@ fn run_once(wl: &Workload, al: &Allocator) -> anyhow::Result<Option<Run>> {
     if let Some(lib) = &al.lib {
         cmd.env("LD_PRELOAD", lib);
     }
-    if al.ours && wl.real {
+    let profalloc = al.ours || al.baseline;
+    if profalloc && wl.real {
         cmd.env("PROFALLOC_STATS", "1");
     }
     let start = Instant::now();
@@ -114,7 +121,7 @@ fn run_once(wl: &Workload, al: &Allocator) -> anyhow::Result<Option<Run>> {
     let wall = start.elapsed().as_secs_f64();
     let err = errs.join().unwrap_or_default();
     let usage = usage.with_context(|| format!("{} under {}: {err}", wl.name, al.name))?;
-    if al.ours && wl.real && mapped_bytes(&err).is_none_or(|m| m == 0) {
+    if profalloc && wl.real && mapped_bytes(&err).is_none_or(|m| m == 0) {
         eprintln!(
             "xtask: {} did not run on profalloc (no mapped bytes in its exit report); run left out",
             wl.name
@@ -210,18 +217,29 @@ fn allocators() -> anyhow::Result<Vec<Allocator>> {
             name: "glibc",
             lib: None,
             ours: false,
+            baseline: false,
         },
         Allocator {
             name: "profalloc",
             lib: Some(util::target_dir().join("release/libprofalloc.so")),
             ours: true,
+            baseline: false,
         },
     ];
+    if let Some(before) = std::env::var_os("PROFALLOC_BENCH_BASELINE") {
+        all.push(Allocator {
+            name: "before",
+            lib: Some(before.into()),
+            ours: false,
+            baseline: true,
+        });
+    }
     for (name, package, prefix) in PEERS {
         all.push(Allocator {
             name,
             lib: Some(peer_lib(package, prefix)?),
             ours: false,
+            baseline: false,
         });
     }
     Ok(all)
@@ -276,7 +294,9 @@ fn print_table(
     println!();
     let tc = allocators.iter().position(|a| a.name == TCMALLOC);
     let ours = allocators.iter().position(|a| a.ours);
+    let before = allocators.iter().position(|a| a.baseline);
     let mut verdicts = Vec::new();
+    let mut versus_before = Vec::new();
     for (w, wl) in workloads.iter().enumerate() {
         print!("{:<20}", wl.name);
         // (median seconds, median RSS KiB) per allocator.
@@ -326,10 +346,13 @@ fn print_table(
         if let (Some(o), Some(t)) = (ours, tc)
             && let (Some((ot, or)), Some((tt, tr))) = (med[o], med[t])
         {
+            if let Some((bt, br)) = before.and_then(|b| med[b]) {
+                versus_before.push((wl.name, bt / ot, or / br));
+            }
             let peers = med
                 .iter()
                 .enumerate()
-                .filter(|(a, _)| *a != o)
+                .filter(|(a, _)| *a != o && Some(*a) != before)
                 .filter_map(|(_, m)| *m);
             let best_t = peers.clone().map(|m| m.0).fold(f64::INFINITY, f64::min);
             let best_r = peers.map(|m| m.1).fold(f64::INFINITY, f64::min);
@@ -360,6 +383,12 @@ fn print_table(
                 misses.join("; ")
             }
         );
+    }
+    if !versus_before.is_empty() {
+        println!("\nprofalloc against `before`: throughput x, peak RSS x");
+        for (name, thr, rss) in versus_before {
+            println!("{name:<20} {thr:>6.2}x {rss:>6.2}x");
+        }
     }
 }
 
