@@ -4,9 +4,10 @@ use std::{collections::HashSet, fs::File};
 
 use anyhow::{Context as _, bail};
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
+use profiler_common::python_splice::EvalCode;
 
 use super::{
-    Unsupported,
+    Unsupported, eval_code,
     memory::Memory,
     offsets::{self, Offsets, PythonVersion},
 };
@@ -24,17 +25,10 @@ pub struct Interpreter {
     /// object of this type.
     pub code_type: u64,
     pub offsets: Offsets,
-    /// Address range of `_PyEval_EvalFrameDefault` (from its `.dynsym`
-    /// entry and size): the native frames that ran Python frames.
-    pub eval_loop: Option<(u64, u64)>,
-}
-
-impl Interpreter {
-    /// Whether `address` (a return address or pc) is in the evaluation loop.
-    pub fn in_eval_loop(&self, address: u64) -> bool {
-        self.eval_loop
-            .is_some_and(|(start, end)| (start..end).contains(&address))
-    }
+    /// The code of `_PyEval_EvalFrameDefault` (its `.dynsym` entry and
+    /// size) and of its cold parts ([`eval_code`]): the native frames that
+    /// ran Python frames. Empty when it is not exported.
+    pub eval_loop: EvalCode,
 }
 
 /// Addresses of the interpreter's symbols in one object (before relocation).
@@ -42,8 +36,8 @@ struct Exports {
     runtime: u64,
     code_type: Option<u64>,
     version: Option<u64>,
-    /// `_PyEval_EvalFrameDefault`: address and size.
-    eval_loop: Option<(u64, u64)>,
+    /// `_PyEval_EvalFrameDefault` and its cold parts.
+    eval_loop: EvalCode,
 }
 
 /// Finds the interpreter of `pid`. Fails with [`Unsupported`] (downcastable)
@@ -94,12 +88,25 @@ fn exports(elf: &object::File<'_>) -> Option<Exports> {
             _ => {}
         }
     }
+    let runtime = runtime.filter(|&a| a != 0)?;
     Some(Exports {
-        runtime: runtime.filter(|&a| a != 0)?,
+        runtime,
         code_type,
         version,
-        eval_loop,
+        eval_loop: eval_loop.map_or_else(EvalCode::default, |(start, size)| {
+            eval_loop_code(elf, start, start + size)
+        }),
     })
+}
+
+/// The evaluation loop at `[start, end)` of `elf` and its cold parts (the
+/// parts beyond [`EvalCode`]'s room are left out, which no compiler makes).
+pub fn eval_loop_code(elf: &object::File<'_>, start: u64, end: u64) -> EvalCode {
+    let mut code = EvalCode::new(start, end);
+    for (cold_start, cold_end) in eval_code::cold_parts(elf, start, end) {
+        code.add(cold_start, cold_end);
+    }
+    code
 }
 
 /// What to add to a virtual address of the object to get its address in
@@ -163,10 +170,7 @@ fn interpreter(
         runtime,
         code_type,
         offsets,
-        eval_loop: exports.eval_loop.map(|(address, size)| {
-            let start = address.wrapping_add(bias);
-            (start, start + size)
-        }),
+        eval_loop: exports.eval_loop.moved(bias),
     })
 }
 

@@ -24,6 +24,7 @@ use anyhow::Context as _;
 
 pub mod discover;
 pub mod dump_command;
+pub mod eval_code;
 pub mod memory;
 pub mod merge;
 pub mod offsets;

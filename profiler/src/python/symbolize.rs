@@ -217,7 +217,7 @@ mod tests {
             runtime: 0,
             code_type: 0,
             offsets: PY312,
-            eval_loop: None,
+            eval_loop: profiler_common::python_splice::EvalCode::default(),
         };
         let at = 0x10_0000;
         let frame = RawFrame {

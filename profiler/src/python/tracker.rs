@@ -10,9 +10,12 @@ use std::collections::{HashMap, HashSet};
 use anyhow::Context as _;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use log::debug;
-use profiler_common::python::{
-    NO_FIELD, PAIRS_MAP, PROCESSES_MAP, PyCounter, PyFrameSlot, PyPair, PyProcess, PyStack,
-    STACKS_MAP, THREADS_MAP,
+use profiler_common::{
+    python::{
+        NO_FIELD, PAIRS_MAP, PROCESSES_MAP, PyCounter, PyFrameSlot, PyPair, PyProcess, PyStack,
+        STACKS_MAP, THREADS_MAP,
+    },
+    python_splice::EvalCode,
 };
 
 use super::{
@@ -70,8 +73,9 @@ pub struct NamedStack {
     pub activations: Vec<Vec<Frame>>,
     /// Frames are missing at the outer end (`[python truncated]`).
     pub cut: bool,
-    /// The interpreter's `_PyEval_EvalFrameDefault` in its process.
-    pub eval_loop: Option<(u64, u64)>,
+    /// The interpreter's `_PyEval_EvalFrameDefault` (and its cold parts)
+    /// in its process.
+    pub eval_loop: EvalCode,
     /// `--python-frames python`: the sample keeps its Python frames only.
     pub only_python: bool,
 }
@@ -98,8 +102,7 @@ impl NamedStack {
             } else {
                 user[i].wrapping_sub(1)
             };
-            self.eval_loop
-                .is_some_and(|(start, end)| (start..end).contains(&lookup))
+            self.eval_loop.contains(lookup)
         };
         merge::splices(user.len(), is_eval, self.activations.clone(), self.cut)
     }
@@ -384,7 +387,7 @@ impl Tracker {
             return NamedStack {
                 activations: Vec::new(),
                 cut: true,
-                eval_loop: None,
+                eval_loop: EvalCode::default(),
                 only_python: self.only_python,
             };
         };
@@ -394,7 +397,7 @@ impl Tracker {
             return NamedStack {
                 activations: Vec::new(),
                 cut: true,
-                eval_loop: None,
+                eval_loop: EvalCode::default(),
                 only_python: self.only_python,
             };
         };
