@@ -1,6 +1,11 @@
 //! Finding the CPython interpreter in a process: the executable or a mapped
 //! libpython that exports `_PyRuntime`, its version and its layout.
-use std::{collections::HashSet, fs::File};
+use std::{
+    collections::{HashMap, HashSet, hash_map::Entry},
+    fs::File,
+    os::unix::fs::MetadataExt as _,
+    sync::{Mutex, PoisonError},
+};
 
 use anyhow::{Context as _, bail};
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
@@ -26,8 +31,8 @@ pub struct Interpreter {
     pub code_type: u64,
     pub offsets: Offsets,
     /// The code of `_PyEval_EvalFrameDefault` (its `.dynsym` entry and
-    /// size) and of its cold parts ([`eval_code`]): the native frames that
-    /// ran Python frames. Empty when it is not exported.
+    /// size), and of its cold parts once [`add_cold_parts`] found them: the
+    /// native frames that ran Python frames. Empty when it is not exported.
     pub eval_loop: EvalCode,
 }
 
@@ -94,19 +99,56 @@ fn exports(elf: &object::File<'_>) -> Option<Exports> {
         code_type,
         version,
         eval_loop: eval_loop.map_or_else(EvalCode::default, |(start, size)| {
-            eval_loop_code(elf, start, start + size)
+            EvalCode::new(start, start + size)
         }),
     })
 }
 
-/// The evaluation loop at `[start, end)` of `elf` and its cold parts (the
-/// parts beyond [`EvalCode`]'s room are left out, which no compiler makes).
-pub fn eval_loop_code(elf: &object::File<'_>, start: u64, end: u64) -> EvalCode {
-    let mut code = EvalCode::new(start, end);
-    for (cold_start, cold_end) in eval_code::cold_parts(elf, start, end) {
-        code.add(cold_start, cold_end);
+/// Cold parts found, by object file (device, inode, modification time):
+/// the start of the evaluation loop and its cold parts, object addresses.
+type ColdCache = HashMap<(u64, u64, i64), (u64, Vec<(u64, u64)>)>;
+static COLD_PARTS: Mutex<Option<ColdCache>> = Mutex::new(None);
+
+/// Adds the cold parts of the evaluation loop ([`eval_code`]) to
+/// `py.eval_loop` (once). A search of the object's code, data and CFI,
+/// kept per object file; [`find`] leaves it out so that the kernel can walk
+/// the process's frames sooner (only the merge of the frames needs it).
+pub fn add_cold_parts(pid: u32, py: &mut Interpreter) {
+    let Some(&(start, _)) = py.eval_loop.parts().first() else {
+        return;
+    };
+    let path = process::path_in_root(pid, &py.object);
+    let Ok(meta) = std::fs::metadata(&path) else {
+        return;
+    };
+    let key = (meta.dev(), meta.ino(), meta.mtime());
+    let mut cache = COLD_PARTS.lock().unwrap_or_else(PoisonError::into_inner);
+    let cache = cache.get_or_insert_with(HashMap::new);
+    let (object_start, parts) = match cache.entry(key) {
+        Entry::Occupied(found) => found.into_mut(),
+        Entry::Vacant(slot) => match search_cold_parts(&path) {
+            Some(found) => slot.insert(found),
+            None => return,
+        },
+    };
+    let bias = start.wrapping_sub(*object_start);
+    for &(cold_start, cold_end) in parts.iter() {
+        py.eval_loop
+            .add(cold_start.wrapping_add(bias), cold_end.wrapping_add(bias));
     }
-    code
+}
+
+/// The evaluation loop's start and cold parts in the object at `path`.
+fn search_cold_parts(path: &std::path::Path) -> Option<(u64, Vec<(u64, u64)>)> {
+    let file = File::open(path).ok()?;
+    // SAFETY: as in `find`.
+    let data = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+    let elf = object::File::parse(&*data).ok()?;
+    let (start, size) = elf
+        .dynamic_symbols()
+        .find(|s| s.name() == Ok("_PyEval_EvalFrameDefault") && s.size() > 0)
+        .map(|s| (s.address(), s.size()))?;
+    Some((start, eval_code::cold_parts(&elf, start, start + size)))
 }
 
 /// What to add to a virtual address of the object to get its address in

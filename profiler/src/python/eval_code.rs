@@ -20,7 +20,7 @@
 //!    never taken for one.
 //!
 //! The part is that FDE's range.
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use gimli::{
     BaseAddresses, CfaRule, CieOrFde, EhFrame, EndianSlice, FrameDescriptionEntry, LittleEndian,
@@ -226,14 +226,18 @@ fn branch_targets(elf: &object::File<'_>, start: u64, end: u64) -> Vec<u64> {
 /// position-dependent executable) and the targets of `R_X86_64_RELATIVE`
 /// relocations (a position-independent object).
 fn table_entries(elf: &object::File<'_>, start: u64, end: u64) -> Vec<u64> {
-    let text: Vec<(u64, u64)> = elf
+    let text = elf
         .sections()
         .filter(|s| s.kind() == SectionKind::Text)
         .map(|s| (s.address(), s.address() + s.size()))
-        .collect();
-    let is_code = |a: u64| text.iter().any(|&(s, e)| (s..e).contains(&a));
-    // Slot address -> code address it holds.
-    let mut slots: BTreeMap<u64, u64> = BTreeMap::new();
+        .fold((u64::MAX, 0), |(lo, hi), (s, e)| (lo.min(s), hi.max(e)));
+    let is_code = |a: u64| (text.0..text.1).contains(&a);
+    let mut tables = Tables {
+        function: start..end,
+        last_slot: None,
+        run: Vec::new(),
+        out: Vec::new(),
+    };
     for section in elf
         .sections()
         .filter(|s| matches!(s.kind(), SectionKind::Data | SectionKind::ReadOnlyData))
@@ -241,43 +245,67 @@ fn table_entries(elf: &object::File<'_>, start: u64, end: u64) -> Vec<u64> {
         let Ok(data) = section.data() else { continue };
         let base = section.address();
         let skip = usize::try_from(base.next_multiple_of(8) - base).unwrap_or(0);
-        for (k, word) in data.get(skip..).unwrap_or(&[]).chunks_exact(8).enumerate() {
+        let words = data.get(skip..).unwrap_or(&[]).chunks_exact(8);
+        for (k, word) in words.enumerate() {
             let value = u64::from_le_bytes(word.try_into().expect("8 bytes"));
             if is_code(value) {
-                slots.insert(base + skip as u64 + 8 * k as u64, value);
+                tables.push(base + skip as u64 + 8 * k as u64, value);
             }
         }
+        tables.close();
     }
-    for (slot, relocation) in elf.dynamic_relocations().into_iter().flatten() {
-        if relocation.flags()
-            == (RelocationFlags::Elf {
-                r_type: R_X86_64_RELATIVE,
-            })
-            && let Ok(value) = u64::try_from(relocation.addend())
-            && is_code(value)
-        {
-            slots.insert(slot, value);
-        }
+    let mut relocated: Vec<(u64, u64)> = elf
+        .dynamic_relocations()
+        .into_iter()
+        .flatten()
+        .filter(|(_, r)| {
+            r.flags()
+                == (RelocationFlags::Elf {
+                    r_type: R_X86_64_RELATIVE,
+                })
+        })
+        .filter_map(|(slot, r)| Some((slot, u64::try_from(r.addend()).ok()?)))
+        .filter(|&(_, value)| is_code(value))
+        .collect();
+    relocated.sort_unstable();
+    for (slot, value) in relocated {
+        tables.push(slot, value);
     }
-    let mut out = Vec::new();
-    let mut run: Vec<u64> = Vec::new();
-    let mut last = None;
-    let mut close = |run: &mut Vec<u64>| {
-        let inside = run.iter().filter(|&&v| (start..end).contains(&v)).count();
-        if run.len() >= TABLE_MIN && 2 * inside >= run.len() {
-            out.extend(run.iter().filter(|&&v| !(start..end).contains(&v)));
+    tables.close();
+    tables.out
+}
+
+/// Runs of consecutive code pointers, and the entries outside `function`
+/// of those that point mostly into it.
+struct Tables {
+    function: std::ops::Range<u64>,
+    last_slot: Option<u64>,
+    run: Vec<u64>,
+    out: Vec<u64>,
+}
+
+impl Tables {
+    fn push(&mut self, slot: u64, value: u64) {
+        if self.last_slot.is_some_and(|last| last + 8 != slot) {
+            self.close();
         }
-        run.clear();
-    };
-    for (&slot, &value) in &slots {
-        if last.is_some_and(|l: u64| l + 8 != slot) {
-            close(&mut run);
-        }
-        run.push(value);
-        last = Some(slot);
+        self.run.push(value);
+        self.last_slot = Some(slot);
     }
-    close(&mut run);
-    out
+
+    fn close(&mut self) {
+        let inside = self
+            .run
+            .iter()
+            .filter(|v| self.function.contains(v))
+            .count();
+        if self.run.len() >= TABLE_MIN && 2 * inside >= self.run.len() {
+            let outside = self.run.iter().filter(|v| !self.function.contains(v));
+            self.out.extend(outside);
+        }
+        self.run.clear();
+        self.last_slot = None;
+    }
 }
 
 #[cfg(test)]
