@@ -17,6 +17,7 @@ use profiler::python::{
     discover::{self, Interpreter},
     memory::ProcessMemory,
     offsets::{FrameAnchor, GilAnchor, Offsets},
+    thread_names,
 };
 
 const DEBIAN_311: &str = "/usr/bin/python3.11";
@@ -195,6 +196,39 @@ fn offsets_match_the_dwarf_of_pyenv_builds() {
         let pairs = offsets_vs_c(&py.offsets, minor);
         let exprs: Vec<String> = pairs.iter().map(|(_, e)| e.clone()).collect();
         let dwarf = gdb_values(&pyenv_libpython(version), &exprs);
+        for ((ours, expr), theirs) in pairs.iter().zip(dwarf) {
+            assert_eq!(*ours, theirs, "{version}: {expr}");
+        }
+    }
+}
+
+/// The thread-name reader's layout against the DWARF of the pyenv builds.
+#[test]
+fn thread_name_layout_matches_the_dwarf_of_pyenv_builds() {
+    for version in ["3.11.7", "3.12.1", "3.13.0"] {
+        let lib = pyenv_libpython(version);
+        if !lib.exists() {
+            eprintln!("skipped: {} is missing", lib.display());
+            return;
+        }
+        let minor: u32 = version.split('.').nth(1).unwrap().parse().unwrap();
+        let l = thread_names::NameLayout::for_minor(minor).unwrap();
+        let modules = if minor == 11 {
+            "modules"
+        } else {
+            "imports.modules"
+        };
+        let field = |ty: &str, f: &str| format!("&(({ty}*)0)->{f}");
+        let pairs = [
+            (l.interp_modules, field("PyInterpreterState", modules)),
+            (
+                l.heap_type_cached_keys,
+                field("PyHeapTypeObject", "ht_cached_keys"),
+            ),
+            (l.dict_values_data, field("PyDictValues", "values")),
+        ];
+        let exprs: Vec<String> = pairs.iter().map(|(_, e)| e.clone()).collect();
+        let dwarf = gdb_values(&lib, &exprs);
         for ((ours, expr), theirs) in pairs.iter().zip(dwarf) {
             assert_eq!(*ours, theirs, "{version}: {expr}");
         }

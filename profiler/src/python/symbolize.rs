@@ -120,7 +120,11 @@ fn identity(memory: &impl Memory, py: &Interpreter, code: u64) -> Result<CodeIde
 
 /// Reads a compact `str` object (all names and file names of code objects
 /// are compact).
-fn read_string(memory: &impl Memory, py: &Interpreter, string: u64) -> Result<String, ReadError> {
+pub(super) fn read_string(
+    memory: &impl Memory,
+    py: &Interpreter,
+    string: u64,
+) -> Result<String, ReadError> {
     let o = &py.offsets;
     let length = memory.read_u64(string + o.unicode_length)?;
     let state = memory.read_u32(string + o.unicode_state)?;
