@@ -202,6 +202,41 @@ fn offsets_match_the_dwarf_of_pyenv_builds() {
     }
 }
 
+/// The evaluation loop of a live interpreter, cold parts included, where
+/// the process maps its code: Debian's stripped 3.11 and pyenv's 3.12.1
+/// have one cold part (the unit tests check which), 3.13.0 none.
+#[test]
+fn a_live_interpreter_has_its_eval_loop_cold_parts() {
+    for (python, parts) in [
+        (PathBuf::from(DEBIAN_311), 2),
+        (pyenv_python("3.12.1"), 2),
+        (pyenv_python("3.13.0"), 1),
+    ] {
+        if !runnable("a_live_interpreter_has_its_eval_loop_cold_parts", &python) {
+            return;
+        }
+        let proc = idle_python(&python);
+        let mut py = discover::find(proc.pid(), &ProcessMemory::new(proc.pid())).unwrap();
+        assert_eq!(py.eval_loop.parts().len(), 1, "discovery: the symbol only");
+        discover::add_cold_parts(proc.pid(), &mut py);
+        let found = py.eval_loop.parts().to_vec();
+        assert_eq!(found.len(), parts, "{}: {found:x?}", python.display());
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", proc.pid())).unwrap();
+        for (start, end) in found {
+            let in_code = maps.lines().any(|l| {
+                let (range, rest) = l.split_once(' ').unwrap();
+                let (lo, hi) = range.split_once('-').unwrap();
+                let (lo, hi) = (
+                    u64::from_str_radix(lo, 16).unwrap(),
+                    u64::from_str_radix(hi, 16).unwrap(),
+                );
+                rest.starts_with("r-x") && lo <= start && end <= hi && l.ends_with(&py.object)
+            });
+            assert!(in_code, "{start:x}-{end:x} is not in {}'s code", py.object);
+        }
+    }
+}
+
 /// The thread-name reader's layout against the DWARF of the pyenv builds.
 #[test]
 fn thread_name_layout_matches_the_dwarf_of_pyenv_builds() {
