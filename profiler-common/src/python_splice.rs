@@ -12,6 +12,61 @@
 //! of the native stack, innermost first.
 use crate::python::{ACTIVATION_END, PyFrameSlot};
 
+/// Most parts [`EvalCode`] holds: the function and the parts the compiler
+/// moved out of it (GCC makes one `.cold` part per function).
+pub const EVAL_CODE_PARTS: usize = 4;
+
+/// The machine code of the evaluation loop, `[start, end)` ranges in the
+/// process: `_PyEval_EvalFrameDefault` from its symbol, and its cold parts,
+/// which GCC places elsewhere in `.text` and which a stripped build names
+/// nowhere. A native frame whose pc is in any of them is an activation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EvalCode {
+    parts: [(u64, u64); EVAL_CODE_PARTS],
+    len: usize,
+}
+
+impl EvalCode {
+    /// The code of `[start, end)` alone.
+    pub fn new(start: u64, end: u64) -> Self {
+        let mut code = Self::default();
+        code.add(start, end);
+        code
+    }
+
+    /// Adds part `[start, end)`; false (not added) when full.
+    pub fn add(&mut self, start: u64, end: u64) -> bool {
+        if self.len == EVAL_CODE_PARTS {
+            return false;
+        }
+        self.parts[self.len] = (start, end);
+        self.len += 1;
+        true
+    }
+
+    /// The parts, the function's own first.
+    pub fn parts(&self) -> &[(u64, u64)] {
+        &self.parts[..self.len]
+    }
+
+    /// Whether `pc` is in one of the parts.
+    pub fn contains(&self, pc: u64) -> bool {
+        self.parts()
+            .iter()
+            .any(|&(start, end)| (start..end).contains(&pc))
+    }
+
+    /// The same code `bias` bytes further (from the object's addresses to
+    /// the process's).
+    pub fn moved(&self, bias: u64) -> Self {
+        let mut out = *self;
+        for part in &mut out.parts[..out.len] {
+            *part = (part.0.wrapping_add(bias), part.1.wrapping_add(bias));
+        }
+        out
+    }
+}
+
 /// One frame of the merged stack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Spliced<T> {
@@ -145,6 +200,24 @@ mod tests {
     fn empty_activations_keep_their_frame_and_a_cut_is_marked() {
         let (got, _) = merged(&[100, 101, 102], &[true, true, false], &[0, 5], true);
         assert_eq!(got, [100, 5, 0, 102]);
+    }
+
+    #[test]
+    fn eval_code_holds_its_parts_up_to_the_limit() {
+        let mut code = EvalCode::new(0x1000, 0x2000);
+        assert!(code.add(0x500, 0x510));
+        assert!(code.contains(0x1fff) && code.contains(0x50f));
+        assert!(!code.contains(0x2000) && !code.contains(0x510) && !code.contains(0x4ff));
+        let moved = code.moved(0x10_0000);
+        assert_eq!(
+            moved.parts(),
+            [(0x10_1000, 0x10_2000), (0x10_0500, 0x10_0510)]
+        );
+        while code.parts().len() < EVAL_CODE_PARTS {
+            assert!(code.add(0, 1));
+        }
+        assert!(!code.add(0x9000, 0x9001));
+        assert!(!code.contains(0x9000));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use profiler::python::{
     discover::{self, Interpreter},
     memory::ProcessMemory,
     offsets::{FrameAnchor, GilAnchor, Offsets},
+    thread_names,
 };
 
 const DEBIAN_311: &str = "/usr/bin/python3.11";
@@ -195,6 +196,74 @@ fn offsets_match_the_dwarf_of_pyenv_builds() {
         let pairs = offsets_vs_c(&py.offsets, minor);
         let exprs: Vec<String> = pairs.iter().map(|(_, e)| e.clone()).collect();
         let dwarf = gdb_values(&pyenv_libpython(version), &exprs);
+        for ((ours, expr), theirs) in pairs.iter().zip(dwarf) {
+            assert_eq!(*ours, theirs, "{version}: {expr}");
+        }
+    }
+}
+
+/// The evaluation loop of a live interpreter, cold parts included, where
+/// the process maps its code: Debian's stripped 3.11 and pyenv's 3.12.1
+/// have one cold part (the unit tests check which), 3.13.0 none.
+#[test]
+fn a_live_interpreter_has_its_eval_loop_cold_parts() {
+    for (python, parts) in [
+        (PathBuf::from(DEBIAN_311), 2),
+        (pyenv_python("3.12.1"), 2),
+        (pyenv_python("3.13.0"), 1),
+    ] {
+        if !runnable("a_live_interpreter_has_its_eval_loop_cold_parts", &python) {
+            return;
+        }
+        let proc = idle_python(&python);
+        let mut py = discover::find(proc.pid(), &ProcessMemory::new(proc.pid())).unwrap();
+        assert_eq!(py.eval_loop.parts().len(), 1, "discovery: the symbol only");
+        discover::add_cold_parts(proc.pid(), &mut py);
+        let found = py.eval_loop.parts().to_vec();
+        assert_eq!(found.len(), parts, "{}: {found:x?}", python.display());
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", proc.pid())).unwrap();
+        for (start, end) in found {
+            let in_code = maps.lines().any(|l| {
+                let (range, rest) = l.split_once(' ').unwrap();
+                let (lo, hi) = range.split_once('-').unwrap();
+                let (lo, hi) = (
+                    u64::from_str_radix(lo, 16).unwrap(),
+                    u64::from_str_radix(hi, 16).unwrap(),
+                );
+                rest.starts_with("r-x") && lo <= start && end <= hi && l.ends_with(&py.object)
+            });
+            assert!(in_code, "{start:x}-{end:x} is not in {}'s code", py.object);
+        }
+    }
+}
+
+/// The thread-name reader's layout against the DWARF of the pyenv builds.
+#[test]
+fn thread_name_layout_matches_the_dwarf_of_pyenv_builds() {
+    for version in ["3.11.7", "3.12.1", "3.13.0"] {
+        let lib = pyenv_libpython(version);
+        if !lib.exists() {
+            eprintln!("skipped: {} is missing", lib.display());
+            return;
+        }
+        let minor: u32 = version.split('.').nth(1).unwrap().parse().unwrap();
+        let l = thread_names::NameLayout::for_minor(minor).unwrap();
+        let modules = if minor == 11 {
+            "modules"
+        } else {
+            "imports.modules"
+        };
+        let field = |ty: &str, f: &str| format!("&(({ty}*)0)->{f}");
+        let pairs = [
+            (l.interp_modules, field("PyInterpreterState", modules)),
+            (
+                l.heap_type_cached_keys,
+                field("PyHeapTypeObject", "ht_cached_keys"),
+            ),
+            (l.dict_values_data, field("PyDictValues", "values")),
+        ];
+        let exprs: Vec<String> = pairs.iter().map(|(_, e)| e.clone()).collect();
+        let dwarf = gdb_values(&lib, &exprs);
         for ((ours, expr), theirs) in pairs.iter().zip(dwarf) {
             assert_eq!(*ours, theirs, "{version}: {expr}");
         }

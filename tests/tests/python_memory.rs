@@ -274,3 +274,96 @@ fn pymalloc_is_refused_where_the_allocator_is_inlined() {
     let (_, stderr, code) = run_prof_bpf(&["heap", "--pid", &pid, "--pymalloc", "--duration", "1"]);
     assert_one_line_error(&stderr, code, "inlines its object allocator");
 }
+
+/// A counter's value in the report's `python stack walks (kernel)` line.
+fn walk_counter(text: &str, name: &str) -> u64 {
+    let line = text
+        .lines()
+        .find(|l| l.contains("python stack walks (kernel)"))
+        .unwrap_or_else(|| panic!("no Python walk counters in:\n{text}"));
+    line.split([':', ','])
+        .filter_map(|part| part.trim().strip_prefix(name)?.trim().parse().ok())
+        .next()
+        .unwrap_or_else(|| panic!("no `{name}` in {line}"))
+}
+
+/// The stack maps against a Python workload that allocates under 2**15
+/// distinct Python chains, every allocation tracked: the Python stack map
+/// (`PY_STACKS`, kept for the whole heap session) holds its capacity of
+/// distinct stacks, every stack refused is counted as `map_full`, and the
+/// allocations whose Python stack did not fit keep their bytes under their
+/// native stack.
+#[test]
+fn python_stacks_beyond_the_map_are_counted() {
+    require_bpf!();
+    use profiler_common::python::STACKS_MAX;
+    const PATHS: u64 = 1 << 15;
+    let python = pyenv_python("3.12.1");
+    let script = workspace_root().join("tests/workloads/python_many_stacks.py");
+    let mut workload = Proc::spawn(Command::new(&python).arg(&script).arg("15"));
+    workload.expect_line("ready");
+    let dir = std::env::temp_dir().join(format!("prof-bpf-python-maps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("heap.pb.gz");
+    let file_arg = file.to_str().unwrap();
+    let pid = workload.pid().to_string();
+    let args = ["heap", "--pid", &pid, "--sample-bytes", "0", "-o", file_arg];
+    let (prof, _) = start_prof_bpf(&args, "prof-bpf: heap: attached");
+    workload.send_line("go");
+    workload.expect_line("done");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(prof.id() as i32, libc::SIGINT) };
+    let out = prof.wait_with_output().unwrap();
+    assert!(out.status.success(), "prof-bpf heap failed");
+    let report = |format: &str| {
+        let (stdout, stderr, code) = run_prof_bpf(&[
+            "report",
+            "--format",
+            format,
+            "--group-by",
+            "none",
+            "--sample-type",
+            "alloc_space",
+            file_arg,
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        stdout
+    };
+    let text = report("text");
+    let (walks, full) = (
+        walk_counter(&text, "walks"),
+        walk_counter(&text, "map_full"),
+    );
+    let stored = walks - full;
+    eprintln!("walks {walks}, map_full {full}, capacity {STACKS_MAX}");
+    assert!(walks >= PATHS, "{walks} walks for {PATHS} allocations");
+    assert!(full >= PATHS - u64::from(STACKS_MAX), "map_full {full}");
+    assert!(
+        stored >= u64::from(STACKS_MAX),
+        "the map filled up: {stored}"
+    );
+    // Every allocation is in the report, with Python frames or without.
+    let folded = report("folded");
+    let (mut with_python, mut without, mut chains) = (0, 0, 0);
+    for (frames, bytes) in prof_bpf_tests::parse_folded(&folded) {
+        if !frames.iter().any(|f| f.starts_with("bytearray")) {
+            continue;
+        }
+        if frames.iter().any(|f| f.starts_with("walk (")) {
+            with_python += bytes;
+            chains += 1;
+        } else {
+            without += bytes;
+        }
+    }
+    eprintln!("chains {chains}, bytes with Python frames {with_python}, without {without}");
+    assert!(chains <= u64::from(STACKS_MAX), "{chains} chains");
+    assert!(
+        with_python + without >= PATHS * 1024,
+        "{with_python} + {without}"
+    );
+    assert!(
+        without >= (PATHS - u64::from(STACKS_MAX)) * 1024,
+        "{without}"
+    );
+}

@@ -342,6 +342,18 @@ fn parse_dump(text: &str) -> HashMap<u32, Vec<String>> {
     threads
 }
 
+/// Thread id → the name in quotes of its `Thread TID (...): "NAME"` line.
+fn dump_names(text: &str) -> HashMap<u32, String> {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("Thread ")?;
+            let tid = rest.split_whitespace().next()?.parse().ok()?;
+            let name = rest.split_once(": \"")?.1.strip_suffix('"')?;
+            Some((tid, name.to_owned()))
+        })
+        .collect()
+}
+
 /// `prof-bpf python-dump` and `py-spy dump` of a process whose three
 /// threads block in three distinct 4-deep chains (sleep, Event.wait, a
 /// generator) while a fourth burns CPU: the same threads, each with the
@@ -373,7 +385,7 @@ fn python_dump_agrees_with_py_spy_dump() {
         // blocking in readline when the first pair of dumps is taken:
         // take the pair again until every blocked thread is settled.
         let mut attempt = 0;
-        let (ours, theirs) = loop {
+        let (ours, theirs, names_ours, names_theirs) = loop {
             attempt += 1;
             let (ours_text, stderr, code) = run_prof_bpf(&["python-dump", "--pid", &pid]);
             assert_eq!(code, 0, "{label}: {stderr}");
@@ -401,7 +413,7 @@ fn python_dump_agrees_with_py_spy_dump() {
                 .filter(|(role, _)| *role != "burn")
                 .all(|(_, tid)| ours.get(tid) == theirs.get(tid));
             if settled || attempt == 5 {
-                break (ours, theirs);
+                break (ours, theirs, dump_names(&ours_text), dump_names(&spy_text));
             }
             std::thread::sleep(std::time::Duration::from_millis(200));
         };
@@ -418,6 +430,12 @@ fn python_dump_agrees_with_py_spy_dump() {
             } else {
                 assert_eq!(a, b, "{label}: thread {role} ({tid})");
             }
+        }
+        // Thread names: the workload names each thread after its role.
+        assert_eq!(names_ours, names_theirs, "{label}: thread names");
+        for (role, tid) in &roles {
+            let want = if role == "main" { "MainThread" } else { role };
+            assert_eq!(names_ours[tid], want, "{label}: name of thread {tid}");
         }
         let chain = |role: &str| names(&ours[&roles[role]]).join(";");
         assert!(chain("sleep").starts_with("sleep_a4;sleep_a3;sleep_a2;sleep_a1;"));

@@ -1,12 +1,18 @@
 //! Finding the CPython interpreter in a process: the executable or a mapped
 //! libpython that exports `_PyRuntime`, its version and its layout.
-use std::{collections::HashSet, fs::File};
+use std::{
+    collections::{HashMap, HashSet, hash_map::Entry},
+    fs::File,
+    os::unix::fs::MetadataExt as _,
+    sync::{Mutex, PoisonError},
+};
 
 use anyhow::{Context as _, bail};
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
+use profiler_common::python_splice::EvalCode;
 
 use super::{
-    Unsupported,
+    Unsupported, eval_code,
     memory::Memory,
     offsets::{self, Offsets, PythonVersion},
 };
@@ -24,17 +30,10 @@ pub struct Interpreter {
     /// object of this type.
     pub code_type: u64,
     pub offsets: Offsets,
-    /// Address range of `_PyEval_EvalFrameDefault` (from its `.dynsym`
-    /// entry and size): the native frames that ran Python frames.
-    pub eval_loop: Option<(u64, u64)>,
-}
-
-impl Interpreter {
-    /// Whether `address` (a return address or pc) is in the evaluation loop.
-    pub fn in_eval_loop(&self, address: u64) -> bool {
-        self.eval_loop
-            .is_some_and(|(start, end)| (start..end).contains(&address))
-    }
+    /// The code of `_PyEval_EvalFrameDefault` (its `.dynsym` entry and
+    /// size), and of its cold parts once [`add_cold_parts`] found them: the
+    /// native frames that ran Python frames. Empty when it is not exported.
+    pub eval_loop: EvalCode,
 }
 
 /// Addresses of the interpreter's symbols in one object (before relocation).
@@ -42,8 +41,8 @@ struct Exports {
     runtime: u64,
     code_type: Option<u64>,
     version: Option<u64>,
-    /// `_PyEval_EvalFrameDefault`: address and size.
-    eval_loop: Option<(u64, u64)>,
+    /// `_PyEval_EvalFrameDefault` and its cold parts.
+    eval_loop: EvalCode,
 }
 
 /// Finds the interpreter of `pid`. Fails with [`Unsupported`] (downcastable)
@@ -94,12 +93,62 @@ fn exports(elf: &object::File<'_>) -> Option<Exports> {
             _ => {}
         }
     }
+    let runtime = runtime.filter(|&a| a != 0)?;
     Some(Exports {
-        runtime: runtime.filter(|&a| a != 0)?,
+        runtime,
         code_type,
         version,
-        eval_loop,
+        eval_loop: eval_loop.map_or_else(EvalCode::default, |(start, size)| {
+            EvalCode::new(start, start + size)
+        }),
     })
+}
+
+/// Cold parts found, by object file (device, inode, modification time):
+/// the start of the evaluation loop and its cold parts, object addresses.
+type ColdCache = HashMap<(u64, u64, i64), (u64, Vec<(u64, u64)>)>;
+static COLD_PARTS: Mutex<Option<ColdCache>> = Mutex::new(None);
+
+/// Adds the cold parts of the evaluation loop ([`eval_code`]) to
+/// `py.eval_loop` (once). A search of the object's code, data and CFI,
+/// kept per object file; [`find`] leaves it out so that the kernel can walk
+/// the process's frames sooner (only the merge of the frames needs it).
+pub fn add_cold_parts(pid: u32, py: &mut Interpreter) {
+    let Some(&(start, _)) = py.eval_loop.parts().first() else {
+        return;
+    };
+    let path = process::path_in_root(pid, &py.object);
+    let Ok(meta) = std::fs::metadata(&path) else {
+        return;
+    };
+    let key = (meta.dev(), meta.ino(), meta.mtime());
+    let mut cache = COLD_PARTS.lock().unwrap_or_else(PoisonError::into_inner);
+    let cache = cache.get_or_insert_with(HashMap::new);
+    let (object_start, parts) = match cache.entry(key) {
+        Entry::Occupied(found) => found.into_mut(),
+        Entry::Vacant(slot) => match search_cold_parts(&path) {
+            Some(found) => slot.insert(found),
+            None => return,
+        },
+    };
+    let bias = start.wrapping_sub(*object_start);
+    for &(cold_start, cold_end) in parts.iter() {
+        py.eval_loop
+            .add(cold_start.wrapping_add(bias), cold_end.wrapping_add(bias));
+    }
+}
+
+/// The evaluation loop's start and cold parts in the object at `path`.
+fn search_cold_parts(path: &std::path::Path) -> Option<(u64, Vec<(u64, u64)>)> {
+    let file = File::open(path).ok()?;
+    // SAFETY: as in `find`.
+    let data = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+    let elf = object::File::parse(&*data).ok()?;
+    let (start, size) = elf
+        .dynamic_symbols()
+        .find(|s| s.name() == Ok("_PyEval_EvalFrameDefault") && s.size() > 0)
+        .map(|s| (s.address(), s.size()))?;
+    Some((start, eval_code::cold_parts(&elf, start, start + size)))
 }
 
 /// What to add to a virtual address of the object to get its address in
@@ -163,10 +212,7 @@ fn interpreter(
         runtime,
         code_type,
         offsets,
-        eval_loop: exports.eval_loop.map(|(address, size)| {
-            let start = address.wrapping_add(bias);
-            (start, start + size)
-        }),
+        eval_loop: exports.eval_loop.moved(bias),
     })
 }
 

@@ -18,17 +18,19 @@
 //!
 //! The target keeps running while it is read (nothing stops it), so every
 //! walker validates what it reads and stops at the first inconsistency.
-use std::fmt;
+use std::{collections::HashMap, fmt};
 
 use anyhow::Context as _;
 
 pub mod discover;
 pub mod dump_command;
+pub mod eval_code;
 pub mod memory;
 pub mod merge;
 pub mod offsets;
 pub mod stack;
 pub mod symbolize;
+pub mod thread_names;
 pub mod threads;
 pub mod tracker;
 
@@ -123,7 +125,8 @@ impl std::error::Error for Unsupported {}
 pub struct ThreadStack {
     /// Kernel thread id.
     pub tid: u32,
-    /// The thread's name as the kernel has it (`/proc/PID/task/TID/comm`).
+    /// The thread's Python name (`threading.Thread.name`), else the one the
+    /// kernel has (`/proc/PID/task/TID/comm`).
     pub name: String,
     /// Innermost frame first.
     pub frames: Vec<PyFrame>,
@@ -155,6 +158,8 @@ pub fn dump_process(pid: u32) -> anyhow::Result<(discover::Interpreter, Vec<Thre
         .map_err(gone)
         .with_context(|| format!("pid {pid}"))?;
     let gil_holder = gil_holder(&memory, &py);
+    // Per interpreter; a process that did not import `threading` has none.
+    let mut names: HashMap<u64, HashMap<u64, String>> = HashMap::new();
     let mut symbolizer = Symbolizer::default();
     let mut stacks = Vec::with_capacity(threads.len());
     for thread in threads {
@@ -178,9 +183,16 @@ pub fn dump_process(pid: u32) -> anyhow::Result<(discover::Interpreter, Vec<Thre
                 }
             }
         }
+        let python_name = names
+            .entry(thread.interp)
+            .or_insert_with(|| {
+                thread_names::thread_names(&memory, &py, thread.interp).unwrap_or_default()
+            })
+            .get(&thread.pthread)
+            .cloned();
         stacks.push(ThreadStack {
             tid: thread.tid,
-            name: thread_name(pid, thread.tid),
+            name: python_name.unwrap_or_else(|| thread_name(pid, thread.tid)),
             frames,
             cstack_frames: raw.cstack_frames,
             incomplete_frames: raw.incomplete_frames,

@@ -173,7 +173,7 @@ mod tests {
             runtime: 0,
             code_type: CODE_TYPE,
             offsets: PY313_FOR_TESTS,
-            eval_loop: None,
+            eval_loop: profiler_common::python_splice::EvalCode::default(),
         }
     }
 

@@ -120,7 +120,11 @@ fn identity(memory: &impl Memory, py: &Interpreter, code: u64) -> Result<CodeIde
 
 /// Reads a compact `str` object (all names and file names of code objects
 /// are compact).
-fn read_string(memory: &impl Memory, py: &Interpreter, string: u64) -> Result<String, ReadError> {
+pub(super) fn read_string(
+    memory: &impl Memory,
+    py: &Interpreter,
+    string: u64,
+) -> Result<String, ReadError> {
     let o = &py.offsets;
     let length = memory.read_u64(string + o.unicode_length)?;
     let state = memory.read_u32(string + o.unicode_state)?;
@@ -217,7 +221,7 @@ mod tests {
             runtime: 0,
             code_type: 0,
             offsets: PY312,
-            eval_loop: None,
+            eval_loop: profiler_common::python_splice::EvalCode::default(),
         };
         let at = 0x10_0000;
         let frame = RawFrame {

@@ -164,7 +164,7 @@ mod tests {
             runtime: RUNTIME,
             code_type: 0,
             offsets: PY312,
-            eval_loop: None,
+            eval_loop: profiler_common::python_splice::EvalCode::default(),
         }
     }
 

@@ -5,14 +5,20 @@
 //! Threads are matched on `native_thread_id` from the interpreters' thread
 //! lists, refreshed every interval ([`Tracker::refresh`]); threads started
 //! since are counted by the kernel (`thread_unknown`) until then.
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use log::debug;
-use profiler_common::python::{
-    NO_FIELD, PAIRS_MAP, PROCESSES_MAP, PyCounter, PyFrameSlot, PyPair, PyProcess, PyStack,
-    STACKS_MAP, THREADS_MAP,
+use profiler_common::{
+    python::{
+        NO_FIELD, PAIRS_MAP, PROCESSES_MAP, PyCounter, PyFrameSlot, PyPair, PyProcess, PyStack,
+        STACKS_MAP, THREADS_MAP,
+    },
+    python_splice::EvalCode,
 };
 
 use super::{
@@ -33,6 +39,19 @@ use crate::{
 /// exited, or the code was freed before the interval's read).
 pub const UNREADABLE_CODE: &str = "[python code unreadable]";
 
+/// How long a process whose name says Python but where no interpreter was
+/// found yet (a launched one that has not mapped libpython) is looked at
+/// again, first after [`PENDING_FIRST_DELAY`], then at doubling delays.
+const PENDING_FOR: Duration = Duration::from_secs(10);
+const PENDING_FIRST_DELAY: Duration = Duration::from_millis(10);
+
+/// A process looked at again until its interpreter shows up.
+struct Pending {
+    next: Instant,
+    delay: Duration,
+    until: Instant,
+}
+
 /// Pairs below which [`Tracker::name_new_pairs_if_few`] names.
 const FEW_PAIRS: usize = 2048;
 
@@ -44,6 +63,10 @@ struct Tracked {
     tids: HashSet<u32>,
     /// What the kernel's process map holds for it.
     layout: PyProcess,
+    /// The evaluation loop's cold parts were looked for (at the first
+    /// merge, not at discovery: the search takes a while and the kernel
+    /// need not wait for it).
+    cold_parts_added: bool,
 }
 
 /// What user space counted besides the kernel's counters.
@@ -70,8 +93,9 @@ pub struct NamedStack {
     pub activations: Vec<Vec<Frame>>,
     /// Frames are missing at the outer end (`[python truncated]`).
     pub cut: bool,
-    /// The interpreter's `_PyEval_EvalFrameDefault` in its process.
-    pub eval_loop: Option<(u64, u64)>,
+    /// The interpreter's `_PyEval_EvalFrameDefault` (and its cold parts)
+    /// in its process.
+    pub eval_loop: EvalCode,
     /// `--python-frames python`: the sample keeps its Python frames only.
     pub only_python: bool,
 }
@@ -98,8 +122,7 @@ impl NamedStack {
             } else {
                 user[i].wrapping_sub(1)
             };
-            self.eval_loop
-                .is_some_and(|(start, end)| (start..end).contains(&lookup))
+            self.eval_loop.contains(lookup)
         };
         merge::splices(user.len(), is_eval, self.activations.clone(), self.cut)
     }
@@ -128,6 +151,8 @@ pub struct Tracker {
     tracked: HashMap<u32, Tracked>,
     /// Processes found not to run a supported CPython.
     others: HashSet<u32>,
+    /// Processes named like Python whose interpreter was not found yet.
+    pending: HashMap<u32, Pending>,
     /// Processes that exited, forgotten at the next refresh (after their
     /// last samples were named).
     exited: Vec<u32>,
@@ -173,6 +198,7 @@ impl Tracker {
             read_from_map: Vec::new(),
             tracked: HashMap::new(),
             others: HashSet::new(),
+            pending: HashMap::new(),
             exited: Vec::new(),
             symbolizer: Symbolizer::default(),
             early: HashMap::new(),
@@ -210,13 +236,22 @@ impl Tracker {
                     eprintln!("prof-bpf: {line}");
                     self.notes.push(line);
                     self.others.insert(pid);
+                    self.pending.remove(&pid);
+                } else {
+                    // A launched interpreter may not have mapped libpython
+                    // yet: looked at again soon (refresh_starting).
+                    let now = Instant::now();
+                    self.pending.entry(pid).or_insert(Pending {
+                        next: now + PENDING_FIRST_DELAY,
+                        delay: PENDING_FIRST_DELAY,
+                        until: now + PENDING_FOR,
+                    });
                 }
-                // Otherwise a launched interpreter may not have mapped
-                // libpython yet: the next mapping snapshot looks again.
                 debug!("pid {pid}: no Python frames: {err:#}");
                 return;
             }
         };
+        self.pending.remove(&pid);
         let mut layout = kernel_layout(&py);
         layout.gil_only = u64::from(self.gil_only);
         if let Err(err) = self.processes.insert(pid, layout, 0) {
@@ -232,6 +267,7 @@ impl Tracker {
                 memory,
                 tids: HashSet::new(),
                 layout,
+                cold_parts_added: false,
             },
         );
         self.refresh_process(pid);
@@ -269,6 +305,7 @@ impl Tracker {
     /// Process `pid` exited or runs another program.
     pub fn forget(&mut self, pid: u32) {
         self.others.remove(&pid);
+        self.pending.remove(&pid);
         self.symbolizer.forget(pid);
         if let Some(t) = self.tracked.remove(&pid) {
             let _ = self.processes.remove(&pid);
@@ -300,14 +337,35 @@ impl Tracker {
     }
 
     /// Whether a tracked process has no thread in the map yet (its
-    /// interpreter was still starting): worth [`Tracker::refresh_starting`]
-    /// soon rather than at the next interval.
+    /// interpreter was still starting), or a process named like Python has
+    /// no interpreter found yet: worth [`Tracker::refresh_starting`] soon
+    /// rather than at the next interval.
     pub fn has_starting(&self) -> bool {
-        self.tracked.values().any(|t| t.tids.is_empty())
+        !self.pending.is_empty() || self.tracked.values().any(|t| t.tids.is_empty())
     }
 
-    /// Reads the thread lists of the processes that have no thread yet.
+    /// Looks for the interpreter of the pending processes that are due,
+    /// and reads the thread lists of the processes that have no thread
+    /// yet.
     pub fn refresh_starting(&mut self) {
+        let now = Instant::now();
+        let due: Vec<u32> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.next <= now)
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in due {
+            // Found (or found unsupported), it leaves the pending ones.
+            self.add_process(pid);
+            if let Some(p) = self.pending.get_mut(&pid) {
+                p.delay *= 2;
+                p.next = now + p.delay;
+                if p.next > p.until {
+                    self.pending.remove(&pid);
+                }
+            }
+        }
         let pids: Vec<u32> = self
             .tracked
             .iter()
@@ -384,17 +442,23 @@ impl Tracker {
             return NamedStack {
                 activations: Vec::new(),
                 cut: true,
-                eval_loop: None,
+                eval_loop: EvalCode::default(),
                 only_python: self.only_python,
             };
         };
+        if let Some(t) = self.tracked.get_mut(&pid)
+            && !t.cold_parts_added
+        {
+            discover::add_cold_parts(pid, &mut t.py);
+            t.cold_parts_added = true;
+        }
         let Some(t) = self.tracked.get(&pid) else {
             // Not named: its process was forgotten (exec) before the read.
             self.counts.stacks_lost += 1;
             return NamedStack {
                 activations: Vec::new(),
                 cut: true,
-                eval_loop: None,
+                eval_loop: EvalCode::default(),
                 only_python: self.only_python,
             };
         };

@@ -8,7 +8,7 @@ fn interpreter(hex: u32, offsets: Offsets) -> Interpreter {
         runtime: 0,
         code_type: 0x5000,
         offsets,
-        eval_loop: Some((0x1000, 0x2000)),
+        eval_loop: EvalCode::new(0x1000, 0x2000),
     }
 }
 
@@ -34,7 +34,7 @@ fn eval_frames_are_found_by_address() {
     let named = NamedStack {
         activations: vec![vec![Frame::named("f")]],
         cut: false,
-        eval_loop: Some((0x1000, 0x2000)),
+        eval_loop: EvalCode::new(0x1000, 0x2000),
         only_python: false,
     };
     let (splices, _) = named.splices(&[0x2000, 0x3000], true);

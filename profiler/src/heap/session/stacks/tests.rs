@@ -56,7 +56,7 @@ fn the_python_frames_of_a_copied_stack_merge_into_its_unwound_stack() {
     let python = NamedStack {
         activations: vec![vec![Frame::named("grow"), Frame::named("main")]],
         cut: false,
-        eval_loop: Some(EVAL),
+        eval_loop: profiler_common::python_splice::EvalCode::new(EVAL.0, EVAL.1),
         only_python: false,
     };
     let (splices, outcome) = python.splices(stacks[&combined].frames(), false);
