@@ -12,9 +12,11 @@ use super::{
     options::UnwindOptions,
 };
 
-/// Objects with fewer rows are compiled every time: that takes about as
-/// long as reading an entry, and spares the cache a file per small library.
-const MIN_CACHED_ROWS: usize = 4096;
+/// Objects with fewer rows (none: no CFI) are compiled every time. Small
+/// libraries are cached too: compiling them is cheap, but it waits for the
+/// table budget of a whole-host session, where a cache hit does not (the
+/// dynamic loader, in every new process, is one of them).
+const MIN_CACHED_ROWS: usize = 1;
 
 /// A mapped file's identity, for objects without a build id.
 #[derive(Clone, Copy, Debug)]
@@ -88,6 +90,18 @@ impl Builder {
         }
     }
 
+    /// The rows of the object whose build id is `build_id` (or `file`,
+    /// when it has none) from the cache alone: `None` when they are not
+    /// there (then [`Self::rows`] compiles them).
+    pub fn cached(
+        &mut self,
+        build_id: Option<Vec<u8>>,
+        file: Option<FileId>,
+    ) -> Option<ObjectRows> {
+        let key = cache_key(build_id, file)?;
+        self.cache.as_mut()?.load(&key)
+    }
+
     /// The rows of the ELF object in `data`, whose build id is `build_id`;
     /// `file` identifies it when it has none (`None`: not cached then).
     pub fn rows(
@@ -96,14 +110,7 @@ impl Builder {
         build_id: Option<Vec<u8>>,
         file: Option<FileId>,
     ) -> anyhow::Result<ObjectRows> {
-        let key = build_id.map(CacheKey::BuildId).or_else(|| {
-            file.map(|f| CacheKey::File {
-                dev: f.dev,
-                inode: f.inode,
-                mtime_ns: f.mtime_ns,
-                size: f.size,
-            })
-        });
+        let key = cache_key(build_id, file);
         let mut cache = self.cache.as_mut().zip(key.as_ref());
         if let Some((cache, key)) = &mut cache
             && let Some(rows) = cache.load(key)
@@ -122,4 +129,16 @@ impl Builder {
         }
         Ok(rows)
     }
+}
+
+/// The cache entry of an object: its build id, else its file's identity.
+fn cache_key(build_id: Option<Vec<u8>>, file: Option<FileId>) -> Option<CacheKey> {
+    build_id.map(CacheKey::BuildId).or_else(|| {
+        file.map(|f| CacheKey::File {
+            dev: f.dev,
+            inode: f.inode,
+            mtime_ns: f.mtime_ns,
+            size: f.size,
+        })
+    })
 }

@@ -6,14 +6,16 @@
 //! `step`, and decides each step as the kernel walker does (rows where they
 //! exist, frame pointers elsewhere, the same checks of a caller's frame).
 //!
-//! Your responsibilities: [`CopiedStacks::unwind_ready`] after tables were built and
-//! before a process's tables go, [`CopiedStacks::take`] for an event whose
-//! stack id has `COPY_ID_BIT`; when the session ends,
+//! Your responsibilities: [`CopiedStacks::unwind_ready`] after tables were
+//! placed, [`CopiedStacks::process_exited`] instead of removing an exited
+//! process's tables yourself (they stay until its copies are unwound:
+//! the builder may still be building them), [`CopiedStacks::take`] for an
+//! event whose stack id has `COPY_ID_BIT`; when the session ends,
 //! [`CopiedStacks::prepare_end`] (it builds the tables the copies left
 //! still need) then `unwind_ready(.., true)`; and show
 //! [`CopiedStacks::comment`] in the report.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     os::fd::AsRawFd as _,
     sync::{
         Arc,
@@ -35,6 +37,7 @@ use profiler_common::{
 };
 
 use super::Tables;
+use crate::process::Mapping;
 use crate::runtime::counters::Counts;
 
 /// Lowest address that can hold user code (as the kernel walker).
@@ -231,7 +234,10 @@ pub struct CopiedStacks {
     /// thousand per second on a busy host.
     reader: Option<std::thread::JoinHandle<()>>,
     stop_reader: Arc<AtomicBool>,
-    received: mpsc::Receiver<(u64, Copy)>,
+    received: mpsc::Receiver<Received>,
+    /// Mappings the reader read for processes with copies, to request
+    /// their tables (even once they exited) at the next [`Self::settle`].
+    mapped: Vec<(u32, Vec<Mapping>)>,
     /// The switch that turns copying on.
     config: Array<MapData, u32>,
     pending: HashMap<u64, Copy>,
@@ -240,6 +246,9 @@ pub struct CopiedStacks {
     /// Unwound copies not taken yet: index of their first frame in the
     /// kernel's stack, the callers found, and the status.
     done: HashMap<u64, (u32, Vec<u64>, StackStatus)>,
+    /// Processes that exited with copies waiting: their tables stay until
+    /// those are unwound.
+    exited: HashSet<u32>,
     pub stats: CopyStats,
 }
 
@@ -266,17 +275,22 @@ impl CopiedStacks {
             reader: Some(reader),
             stop_reader,
             received,
+            mapped: Vec::new(),
             config,
             pending: HashMap::new(),
             pending_bytes: 0,
             done: HashMap::new(),
+            exited: HashSet::new(),
             stats: CopyStats::default(),
         })
     }
 
     /// Takes the copies received so far.
     pub fn read(&mut self) {
-        while let Ok((id, copy)) = self.received.try_recv() {
+        while let Ok((id, copy, maps)) = self.received.try_recv() {
+            if let Some(maps) = maps {
+                self.mapped.push((copy.pid, maps));
+            }
             if self.pending_bytes + copy.bytes.len() > PENDING_MAX_BYTES {
                 // Its event keeps the kernel's frame-pointer stack.
                 self.stats.over_cap += 1;
@@ -292,10 +306,54 @@ impl CopiedStacks {
         self.pending.contains_key(&id)
     }
 
-    /// Unwinds every copy whose process's tables now cover the pc where
-    /// the kernel stopped (with `force`: every copy; one whose process has
-    /// no tables even now is counted unresolved). Call it before a
-    /// process's tables go (its exit).
+    /// Whether process `pid` has copies waiting for tables.
+    pub fn has_pending(&self, pid: u32) -> bool {
+        self.pending.values().any(|c| c.pid == pid)
+    }
+
+    /// Process `pid` exited: its tables go now, or once its waiting copies
+    /// are unwound (their objects may still be being built).
+    pub fn process_exited(&mut self, pid: u32, tables: &mut Tables) {
+        self.unwind_ready(tables, false);
+        if self.has_pending(pid) {
+            self.exited.insert(pid);
+        } else {
+            tables.remove_process(pid);
+        }
+    }
+
+    /// Requests the tables of the processes whose copies arrived with
+    /// their mappings (cheap: no walk, no build).
+    pub fn request_tables(&mut self, tables: &mut Tables) {
+        self.read();
+        for (pid, maps) in std::mem::take(&mut self.mapped) {
+            if let Err(err) = tables.request_mapped(pid, &maps) {
+                debug!("unwind tables for the copies of pid {pid}: {err:#}");
+            }
+        }
+    }
+
+    /// Requests tables ([`Self::request_tables`]), unwinds the copies that
+    /// are ready ([`Self::unwind_ready`]), then
+    /// drops the tables of exited processes that have none left.
+    pub fn settle(&mut self, tables: &mut Tables) {
+        self.request_tables(tables);
+        self.unwind_ready(tables, false);
+        let done: Vec<u32> = self
+            .exited
+            .iter()
+            .copied()
+            .filter(|&pid| !self.has_pending(pid))
+            .collect();
+        for pid in done {
+            self.exited.remove(&pid);
+            tables.remove_process(pid);
+        }
+    }
+
+    /// Unwinds every copy whose process's tables are all in place and
+    /// cover the pc where the kernel stopped (with `force`: every copy;
+    /// one whose process has no tables even now is counted unresolved).
     pub fn unwind_ready(&mut self, tables: &Tables, force: bool) {
         self.read();
         let ready: Vec<u64> = self
@@ -307,7 +365,9 @@ impl CopiedStacks {
                 } else {
                     c.frame.pc.wrapping_sub(1)
                 };
-                force || tables.row_at(c.pid, start) != Lookup::Unmapped
+                force
+                    || (tables.is_complete(c.pid)
+                        && tables.row_at(c.pid, start) != Lookup::Unmapped)
             })
             .map(|(&id, _)| id)
             .collect();
@@ -319,6 +379,22 @@ impl CopiedStacks {
                 continue;
             }
             let walked = walk(&copy, MAX_USER_FRAMES, |pc| tables.row_at(copy.pid, pc));
+            if log::log_enabled!(log::Level::Debug) {
+                let start = if copy.exact {
+                    copy.frame.pc
+                } else {
+                    copy.frame.pc.wrapping_sub(1)
+                };
+                debug!(
+                    "copy of pid {} {:?} force {force} complete {} start {:?} frames {} used {}",
+                    copy.pid,
+                    walked.ending,
+                    tables.is_complete(copy.pid),
+                    tables.row_at(copy.pid, start),
+                    walked.frames.len(),
+                    walked.used
+                );
+            }
             self.record(id, copy.prefix, walked);
         }
     }
@@ -350,22 +426,6 @@ impl CopiedStacks {
         self.done.insert(id, (prefix, walked.frames, status));
     }
 
-    /// Walks the copies of process `pid`, which exited before its tables
-    /// covered them, by frame pointers (counted unresolved).
-    pub fn drop_process(&mut self, pid: u32) {
-        let gone: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, c)| c.pid == pid)
-            .map(|(&id, _)| id)
-            .collect();
-        for id in gone {
-            let copy = self.pending.remove(&id).expect("listed above");
-            self.pending_bytes -= copy.bytes.len();
-            self.without_tables();
-        }
-    }
-
     /// The stack of event `id` once its copy was unwound with tables: the
     /// frames the kernel walked up to the copy's frame (from `kernel`, the
     /// stack it stored), then the callers found in the copy. `None`: keep
@@ -383,9 +443,9 @@ impl CopiedStacks {
     }
 
     /// At the end of a session (the programs detached): reads the last
-    /// copies and builds the
-    /// tables that the waiting ones need (whatever the table budget),
-    /// so that [`Self::unwind_ready`] with `force` finds them. Returns when it
+    /// copies and builds the tables that the waiting ones need (whatever
+    /// the table budget, processes with the most copies first), so that
+    /// [`Self::unwind_ready`] with `force` finds them. Returns when it
     /// started, for [`Self::finish_end`].
     pub fn prepare_end(&mut self, tables: &mut Tables) -> Instant {
         let started = Instant::now();
@@ -398,6 +458,29 @@ impl CopiedStacks {
         }
         self.read();
         self.stats.at_end = self.pending.len() as u64;
+        if log::log_enabled!(log::Level::Debug) {
+            let mut why: HashMap<(u32, bool, bool, &str), usize> = HashMap::new();
+            for c in self.pending.values() {
+                let start = if c.exact {
+                    c.frame.pc
+                } else {
+                    c.frame.pc.wrapping_sub(1)
+                };
+                let lookup = match tables.row_at(c.pid, start) {
+                    Lookup::Unmapped => "unmapped",
+                    Lookup::NoRows => "no rows",
+                    Lookup::Row(_) => "row",
+                };
+                *why.entry((
+                    c.pid,
+                    tables.has_process(c.pid),
+                    tables.is_complete(c.pid),
+                    lookup,
+                ))
+                .or_default() += 1;
+            }
+            debug!("copies left at the end (pid, known, complete, start): {why:?}");
+        }
         // Most copies first: within the time limit, the most stacks.
         let mut per_pid: HashMap<u32, usize> = HashMap::new();
         for copy in self.pending.values() {
@@ -405,20 +488,10 @@ impl CopiedStacks {
         }
         let mut pids: Vec<(usize, u32)> = per_pid.into_iter().map(|(p, n)| (n, p)).collect();
         pids.sort_unstable_by(|a, b| b.cmp(a));
-        for (_, pid) in pids {
-            if started.elapsed() > END_LIMIT {
-                // Left without tables: counted unresolved.
-                break;
-            }
-            let built = if tables.has_process(pid) {
-                tables.refresh_process(pid)
-            } else {
-                tables.add_process(pid)
-            };
-            if let Err(err) = built {
-                debug!("tables for the stack copies of pid {pid}: {err:#}");
-            }
-        }
+        let pids: Vec<u32> = pids.into_iter().map(|(_, pid)| pid).collect();
+        // Those left without tables at the limit are counted unresolved.
+        tables.complete(&pids, started + END_LIMIT);
+        debug!("tables for the stack copies of {} processes", pids.len());
         started
     }
 
@@ -460,12 +533,15 @@ impl CopiedStacks {
 
 /// Sends every copy of `ring` to `sender` until `stop` is set, then the
 /// ones still queued.
-fn read_ring(mut ring: RingBuf<MapData>, sender: &mpsc::Sender<(u64, Copy)>, stop: &AtomicBool) {
+fn read_ring(mut ring: RingBuf<MapData>, sender: &mpsc::Sender<Received>, stop: &AtomicBool) {
+    // The executable mappings last read per process.
+    let mut known: HashMap<u32, Vec<(u64, u64)>> = HashMap::new();
     loop {
         let stopping = stop.load(Ordering::Relaxed);
         while let Some(item) = ring.next() {
-            if let Some(copy) = parse(&item) {
-                let _ = sender.send(copy);
+            if let Some((id, copy)) = parse(&item) {
+                let maps = read_maps_if_new(&mut known, &copy);
+                let _ = sender.send((id, copy, maps));
             }
         }
         if stopping {
@@ -494,6 +570,50 @@ const PENDING_MAX_BYTES: usize = 256 << 20;
 
 /// How long the reader waits for copies before looking at its stop flag.
 const READER_POLL_MS: i32 = 50;
+
+/// A copy, and the mappings of its process when they were read for it.
+type Received = (u64, Copy, Option<Vec<Mapping>>);
+
+/// The mappings of `copy`'s process, read when its pc is in none of those
+/// read before: within milliseconds of the copy, so that a process that
+/// exits before the session's loop gets to it still has its tables built
+/// for its copies.
+fn read_maps_if_new(
+    known: &mut HashMap<u32, Vec<(u64, u64)>>,
+    copy: &Copy,
+) -> Option<Vec<Mapping>> {
+    let pc = copy.frame.pc;
+    if known
+        .get(&copy.pid)
+        .is_some_and(|ranges| ranges.iter().any(|&(s, e)| s <= pc && pc < e))
+    {
+        return None;
+    }
+    let maps = crate::process::maps(copy.pid).ok()?;
+    if log::log_enabled!(log::Level::Debug) {
+        let at = maps.iter().find(|m| m.start <= pc && pc < m.end);
+        debug!(
+            "stack copies of pid {} ({}) from {pc:#x} in {} at {:?}",
+            copy.pid,
+            crate::process::comm(copy.pid),
+            at.map_or("no mapping", |m| m.path.as_str()),
+            std::time::SystemTime::now()
+        );
+    }
+    let ranges = maps
+        .iter()
+        .filter(|m| m.is_executable())
+        .map(|m| (m.start, m.end))
+        .collect();
+    if known.len() > MAX_KNOWN_PROCESSES {
+        known.clear();
+    }
+    known.insert(copy.pid, ranges);
+    Some(maps)
+}
+
+/// Processes whose mappings the reader keeps at once.
+const MAX_KNOWN_PROCESSES: usize = 4096;
 
 /// A copy record from the ring buffer.
 fn parse(item: &[u8]) -> Option<(u64, Copy)> {
