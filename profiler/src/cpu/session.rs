@@ -43,6 +43,10 @@ const INSTALL_EVERY: Duration = Duration::from_millis(50);
 /// read again after these delays so that they are known if the program is
 /// gone before its samples are drained.
 const EXEC_RESNAPSHOTS: [Duration; 2] = [Duration::from_millis(15), Duration::from_millis(100)];
+/// Drains a sample whose stack was copied waits for the copy to arrive
+/// (every copy id has a record; one dropped over the memory cap leaves the
+/// kernel's stack after this long, and the session's end reads them all).
+const COPY_ARRIVAL_DRAINS: u32 = 3;
 /// How often an interpreter that has no thread state yet is looked at.
 const PYTHON_STARTING_POLL: Duration = Duration::from_millis(20);
 /// Rows of an interval's top table (unless --nodecount says otherwise).
@@ -133,7 +137,8 @@ struct State {
     /// Stacks copied by the kernel where tables were missing, and the
     /// samples that wait for them to be unwound.
     copies: CopiedStacks,
-    waiting: Vec<(SampleKey, SampleCounts)>,
+    /// (with the drains they waited through: see [`COPY_ARRIVAL_DRAINS`]).
+    waiting: Vec<(SampleKey, SampleCounts, u32)>,
     /// Sampling every process (no `--pid`, no command).
     whole_host: bool,
     /// Samples per process in the last drain.
@@ -438,7 +443,7 @@ impl State {
                 if key.flags & KEY_PYTHON_STACK != 0 {
                     self.python.name_early(key.pid, key.python_stack);
                 }
-                self.waiting.push((key, counts));
+                self.waiting.push((key, counts, 0));
             } else {
                 self.add(&key, &counts);
             }
@@ -456,13 +461,16 @@ impl State {
         } else {
             self.copies.settle(&mut self.tables);
         }
-        for (key, counts) in std::mem::take(&mut self.waiting) {
+        for (key, counts, drains) in std::mem::take(&mut self.waiting) {
             let id = key.user_stack;
             let prefix = self.stacks.user.get(&id).map(|(f, _)| f.as_slice());
             if let Some((frames, status)) = self.copies.take(id, prefix.unwrap_or_default()) {
                 self.stacks.user.insert(id, (frames, status as u32));
-            } else if !force && self.copies.is_pending(id) {
-                self.waiting.push((key, counts));
+            } else if !force && (self.copies.is_pending(id) || drains < COPY_ARRIVAL_DRAINS) {
+                // Waiting for its tables, or for the copy itself: the
+                // reader thread may not have read it from the ring yet on
+                // a loaded machine.
+                self.waiting.push((key, counts, drains + 1));
                 continue;
             }
             self.add(&key, &counts);

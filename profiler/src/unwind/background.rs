@@ -67,8 +67,10 @@ pub(super) struct Prepared {
     pub key: ObjectKey,
     pub name: String,
     pub outcome: Outcome,
-    /// The builder's totals after this job.
+    /// The totals of the thread that ran it after this job, and which
+    /// thread that is (0: the builder, 1: the cache reader).
     pub stats: BuildStats,
+    pub thread: usize,
     /// CPU time this job took.
     pub cpu: Duration,
 }
@@ -89,24 +91,38 @@ pub(super) struct Jobs {
 pub(super) struct Queue {
     shared: Arc<(Mutex<Jobs>, Condvar)>,
     pub results: mpsc::Receiver<Prepared>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Queue {
-    /// Starts the thread, with the cache the options name.
+    /// Starts the threads, with the cache the options name: the builder,
+    /// and a cache reader, so that objects the cache holds are not queued
+    /// behind a compilation of seconds.
     pub fn start(options: &UnwindOptions) -> anyhow::Result<Self> {
         let shared = Arc::new((Mutex::new(Jobs::default()), Condvar::new()));
         let (sender, results) = mpsc::channel();
-        let theirs = Arc::clone(&shared);
-        let options = options.clone();
-        let thread = std::thread::Builder::new()
-            .name("unwind-tables".to_owned())
-            .spawn(move || run(&theirs, &sender, Builder::new(&options)))
-            .context("starting the unwind table builder thread")?;
+        let mut threads = Vec::new();
+        for (thread, name) in [(0, "unwind-tables"), (1, "unwind-cache")] {
+            let theirs = Arc::clone(&shared);
+            let sender = sender.clone();
+            let options = options.clone();
+            let cache_only = thread == 1;
+            if cache_only && options.cache_dir.is_none() {
+                continue;
+            }
+            threads.push(
+                std::thread::Builder::new()
+                    .name(name.to_owned())
+                    .spawn(move || {
+                        run(&theirs, &sender, Builder::new(&options), thread, cache_only);
+                    })
+                    .context("starting the unwind table builder thread")?,
+            );
+        }
         Ok(Self {
             shared,
             results,
-            thread: Some(thread),
+            threads,
         })
     }
 
@@ -125,7 +141,7 @@ impl Drop for Queue {
         // Not joined: a build in progress (seconds for a large object)
         // must not hold the end of a session; its result goes nowhere.
         self.jobs().stop = true;
-        drop(self.thread.take());
+        self.threads.clear();
     }
 }
 
@@ -168,7 +184,18 @@ enum Step {
 /// The next step: urgent jobs first, then by priority, then the object
 /// most processes map. When the budget (or the first priorities) keeps the
 /// best one waiting, objects not looked up in the cache yet are.
-fn choose(jobs: &mut Jobs) -> Step {
+fn choose(jobs: &mut Jobs, cache_only: bool) -> Step {
+    if cache_only {
+        return match jobs
+            .waiting
+            .iter()
+            .filter(|(_, j)| !j.probed && !j.urgent)
+            .max_by_key(|(_, j)| (j.priority, j.sources.len()))
+        {
+            Some((key, job)) => Step::Probe(*key, job.sources.clone()),
+            None => Step::Wait(None),
+        };
+    }
     let best = jobs
         .waiting
         .iter()
@@ -199,8 +226,15 @@ fn choose(jobs: &mut Jobs) -> Step {
     }
 }
 
-/// The thread: runs jobs until told to stop.
-fn run(shared: &(Mutex<Jobs>, Condvar), results: &mpsc::Sender<Prepared>, mut builder: Builder) {
+/// A thread: runs jobs until told to stop (with `cache_only`, only looks
+/// objects up in the cache).
+fn run(
+    shared: &(Mutex<Jobs>, Condvar),
+    results: &mpsc::Sender<Prepared>,
+    mut builder: Builder,
+    thread: usize,
+    cache_only: bool,
+) {
     let (lock, wake) = shared;
     let lock_jobs = || lock.lock().unwrap_or_else(|e| e.into_inner());
     loop {
@@ -208,7 +242,7 @@ fn run(shared: &(Mutex<Jobs>, Condvar), results: &mpsc::Sender<Prepared>, mut bu
         if jobs.stop {
             return;
         }
-        let (key, sources, urgent, cache_only) = match choose(&mut jobs) {
+        let (key, sources, urgent, cache_only) = match choose(&mut jobs, cache_only) {
             Step::Build(key, job) => (key, job.sources, job.urgent, false),
             Step::Probe(key, sources) => (key, sources, false, true),
             Step::Wait(wait) => {
@@ -255,6 +289,7 @@ fn run(shared: &(Mutex<Jobs>, Condvar), results: &mpsc::Sender<Prepared>, mut bu
                 .unwrap_or_default(),
             outcome: outcome.unwrap_or(Outcome::Gone),
             stats: builder.stats(),
+            thread,
             cpu,
         };
         if results.send(prepared).is_err() {

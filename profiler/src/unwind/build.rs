@@ -52,6 +52,31 @@ pub struct BuildStats {
     pub cache: Option<CacheStats>,
 }
 
+impl BuildStats {
+    /// The totals of two builders.
+    pub fn plus(&self, other: &Self) -> Self {
+        let cache = match (self.cache, other.cache) {
+            (Some(a), Some(b)) => Some(CacheStats {
+                hits: a.hits + b.hits,
+                hit_rows: a.hit_rows + b.hit_rows,
+                load_time: a.load_time + b.load_time,
+                corrupt: a.corrupt + b.corrupt,
+                stale: a.stale + b.stale,
+                stored: a.stored + b.stored,
+                store_failed: a.store_failed + b.store_failed,
+                evicted: a.evicted + b.evicted,
+            }),
+            (a, b) => a.or(b),
+        };
+        Self {
+            built: self.built + other.built,
+            built_rows: self.built_rows + other.built_rows,
+            compile_time: self.compile_time + other.compile_time,
+            cache,
+        }
+    }
+}
+
 pub struct Builder {
     cache: Option<DiskCache>,
     built: usize,

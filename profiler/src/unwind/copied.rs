@@ -122,7 +122,7 @@ pub struct Walked {
 }
 
 /// Walks `copy` with `lookup`; at most `max_frames` callers.
-pub fn walk(copy: &Copy, max_frames: usize, lookup: impl Fn(u64) -> Lookup) -> Walked {
+pub fn walk(copy: &Copy, max_frames: usize, mut lookup: impl FnMut(u64) -> Lookup) -> Walked {
     let base = copy.frame.sp;
     // A full copy ends at its last page, not at the stack's end.
     let full = (copy.frame.sp as usize % 4096) + copy.bytes.len() >= COPY_BYTES;
@@ -241,6 +241,9 @@ pub struct CopiedStacks {
     /// The switch that turns copying on.
     config: Array<MapData, u32>,
     pending: HashMap<u64, Copy>,
+    /// Pending copies already walked in vain, with their process's table
+    /// generation then.
+    tried: HashMap<u64, u64>,
     /// Bytes of stack the pending copies hold.
     pending_bytes: usize,
     /// Unwound copies not taken yet: index of their first frame in the
@@ -278,6 +281,7 @@ impl CopiedStacks {
             mapped: Vec::new(),
             config,
             pending: HashMap::new(),
+            tried: HashMap::new(),
             pending_bytes: 0,
             done: HashMap::new(),
             exited: HashSet::new(),
@@ -351,50 +355,44 @@ impl CopiedStacks {
         }
     }
 
-    /// Unwinds every copy whose process's tables are all in place and
-    /// cover the pc where the kernel stopped (with `force`: every copy;
-    /// one whose process has no tables even now is counted unresolved).
+    /// Unwinds every copy whose walk now finds the tables it needs: it
+    /// meets no code of its process whose object is still being built
+    /// (with `force`: every copy; one whose process has no tables even now
+    /// is counted unresolved). A copy is walked again only once its
+    /// process got more tables.
     pub fn unwind_ready(&mut self, tables: &Tables, force: bool) {
         self.read();
-        let ready: Vec<u64> = self
+        let ids: Vec<u64> = self
             .pending
             .iter()
-            .filter(|(_, c)| {
-                let start = if c.exact {
-                    c.frame.pc
-                } else {
-                    c.frame.pc.wrapping_sub(1)
-                };
-                force
-                    || (tables.is_complete(c.pid)
-                        && tables.row_at(c.pid, start) != Lookup::Unmapped)
-            })
+            .filter(|(id, c)| force || self.tried.get(id) != Some(&tables.generation(c.pid)))
             .map(|(&id, _)| id)
             .collect();
-        for id in ready {
-            let copy = self.pending.remove(&id).expect("listed above");
-            self.pending_bytes -= copy.bytes.len();
+        for id in ids {
+            let copy = &self.pending[&id];
             if !tables.has_process(copy.pid) {
-                self.without_tables();
+                if force {
+                    let copy = self.pending.remove(&id).expect("listed above");
+                    self.pending_bytes -= copy.bytes.len();
+                    self.tried.remove(&id);
+                    self.without_tables();
+                }
                 continue;
             }
-            let walked = walk(&copy, MAX_USER_FRAMES, |pc| tables.row_at(copy.pid, pc));
-            if log::log_enabled!(log::Level::Debug) {
-                let start = if copy.exact {
-                    copy.frame.pc
-                } else {
-                    copy.frame.pc.wrapping_sub(1)
-                };
-                debug!(
-                    "copy of pid {} {:?} force {force} complete {} start {:?} frames {} used {}",
-                    copy.pid,
-                    walked.ending,
-                    tables.is_complete(copy.pid),
-                    tables.row_at(copy.pid, start),
-                    walked.frames.len(),
-                    walked.used
-                );
+            let pid = copy.pid;
+            let mut blocked = false;
+            let walked = walk(copy, MAX_USER_FRAMES, |pc| {
+                let found = tables.row_at(pid, pc);
+                blocked |= found == Lookup::Unmapped && tables.is_pending_at(pid, pc);
+                found
+            });
+            if blocked && !force {
+                self.tried.insert(id, tables.generation(pid));
+                continue;
             }
+            let copy = self.pending.remove(&id).expect("listed above");
+            self.pending_bytes -= copy.bytes.len();
+            self.tried.remove(&id);
             self.record(id, copy.prefix, walked);
         }
     }
@@ -458,29 +456,6 @@ impl CopiedStacks {
         }
         self.read();
         self.stats.at_end = self.pending.len() as u64;
-        if log::log_enabled!(log::Level::Debug) {
-            let mut why: HashMap<(u32, bool, bool, &str), usize> = HashMap::new();
-            for c in self.pending.values() {
-                let start = if c.exact {
-                    c.frame.pc
-                } else {
-                    c.frame.pc.wrapping_sub(1)
-                };
-                let lookup = match tables.row_at(c.pid, start) {
-                    Lookup::Unmapped => "unmapped",
-                    Lookup::NoRows => "no rows",
-                    Lookup::Row(_) => "row",
-                };
-                *why.entry((
-                    c.pid,
-                    tables.has_process(c.pid),
-                    tables.is_complete(c.pid),
-                    lookup,
-                ))
-                .or_default() += 1;
-            }
-            debug!("copies left at the end (pid, known, complete, start): {why:?}");
-        }
         // Most copies first: within the time limit, the most stacks.
         let mut per_pid: HashMap<u32, usize> = HashMap::new();
         for copy in self.pending.values() {
@@ -593,11 +568,10 @@ fn read_maps_if_new(
     if log::log_enabled!(log::Level::Debug) {
         let at = maps.iter().find(|m| m.start <= pc && pc < m.end);
         debug!(
-            "stack copies of pid {} ({}) from {pc:#x} in {} at {:?}",
+            "stack copies of pid {} ({}) from {pc:#x} in {}",
             copy.pid,
             crate::process::comm(copy.pid),
             at.map_or("no mapping", |m| m.path.as_str()),
-            std::time::SystemTime::now()
         );
     }
     let ranges = maps

@@ -136,12 +136,14 @@ pub struct Tables {
     rows: RowStore,
     /// The builder thread, and its totals as of its last result.
     queue: Queue,
-    build_stats: BuildStats,
+    build_stats: [BuildStats; 2],
     /// Objects queued or being built.
     requested: HashSet<ObjectKey>,
     /// Per process, the mappings whose objects are being built: installed
     /// when they arrive (even after the process exited, for its copies).
     pending: HashMap<u32, HashSet<Installed>>,
+    /// Per process, a count of the times it got more tables.
+    generations: HashMap<u32, u64>,
     pages: BpfHashMap<MapData, PageKey, PageRows>,
     mappings: LpmTrie<MapData, MappingKey, MappingInfo>,
     refresh: BpfHashMap<MapData, u32, u64>,
@@ -182,9 +184,10 @@ impl Tables {
         Ok(Self {
             rows,
             queue: Queue::start(options)?,
-            build_stats: BuildStats::default(),
+            build_stats: [BuildStats::default(); 2],
             requested: HashSet::new(),
             pending: HashMap::new(),
+            generations: HashMap::new(),
             pages: BpfHashMap::try_from(take_map(ebpf, PAGES_MAP)?)?,
             mappings: LpmTrie::try_from(take_map(ebpf, MAPPINGS_MAP)?)?,
             refresh: BpfHashMap::try_from(take_map(ebpf, REFRESH_MAP)?)?,
@@ -201,7 +204,7 @@ impl Tables {
     /// Sizes of what is loaded and the time spent building it.
     pub fn stats(&self) -> TableStats {
         TableStats {
-            build: self.build_stats,
+            build: self.build_stats[0].plus(&self.build_stats[1]),
             ..self.stats
         }
     }

@@ -40,6 +40,18 @@ impl Tables {
         self.processes.contains_key(&pid) && self.pending.get(&pid).is_none_or(HashSet::is_empty)
     }
 
+    /// A number that changes whenever `pid` gets more tables.
+    pub fn generation(&self, pid: u32) -> u64 {
+        self.generations.get(&pid).copied().unwrap_or(0)
+    }
+
+    /// Whether `pc` is in a mapping of `pid` whose object is being built.
+    pub fn is_pending_at(&self, pid: u32, pc: u64) -> bool {
+        self.pending
+            .get(&pid)
+            .is_some_and(|p| p.iter().any(|m| m.start <= pc && pc < m.end))
+    }
+
     /// Loads tables for every executable mapping of `pid` (objects already
     /// loaded for other processes are shared), and waits for them.
     pub fn add_process(&mut self, pid: u32) -> anyhow::Result<()> {
@@ -169,6 +181,7 @@ impl Tables {
     /// Drops `pid`'s tables (objects no other process uses become idle).
     pub fn remove_process(&mut self, pid: u32) {
         self.last_refresh.remove(&pid);
+        self.generations.remove(&pid);
         if let Some(installed) = self.processes.remove(&pid) {
             for m in &installed {
                 self.uninstall(pid, m);
@@ -315,6 +328,9 @@ impl Tables {
                 pending.insert(new.clone());
             }
         }
+        if installed.len() > current.len() {
+            *self.generations.entry(pid).or_default() += 1;
+        }
         self.processes.insert(pid, installed);
         if !pending.is_empty() {
             self.pending.insert(pid, pending);
@@ -390,15 +406,12 @@ impl Tables {
             name,
             outcome,
             stats,
+            thread,
             cpu,
         } = prepared;
         self.requested.remove(&key);
-        debug!(
-            "built {name} ({:.3} s of CPU) at {:?}",
-            cpu.as_secs_f64(),
-            std::time::SystemTime::now()
-        );
-        self.build_stats = stats;
+        debug!("{name} built ({:.3} s of CPU)", cpu.as_secs_f64());
+        self.build_stats[thread] = stats;
         self.stats.builder_cpu += cpu;
         let mut waiting = Vec::new();
         for (&pid, pending) in &mut self.pending {
@@ -442,6 +455,7 @@ impl Tables {
             match self.install(pid, &m) {
                 Ok(()) => {
                     self.processes.entry(pid).or_default().insert(m);
+                    *self.generations.entry(pid).or_default() += 1;
                 }
                 Err(err) => self.install_failed(pid, &name, &err),
             }
