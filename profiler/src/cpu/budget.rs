@@ -1,4 +1,6 @@
-//! Which sampled processes get unwind tables, and when.
+//! Which sampled processes get unwind tables, and when, for callers that
+//! build on their own thread (the agent; `cpu` and `heap --all` queue them
+//! for the builder thread instead, see `unwind::background`).
 //!
 //! With `--pid` (or a launched command) every target gets them. A
 //! whole-host session gives them to the busiest processes of the last
