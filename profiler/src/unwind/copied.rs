@@ -16,7 +16,6 @@
 //! [`CopiedStacks::comment`] in the report.
 use std::{
     collections::{HashMap, HashSet},
-    os::fd::AsRawFd as _,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -30,9 +29,7 @@ use aya::maps::{Array, MapData, RingBuf, lpm_trie::Key};
 use log::debug;
 use profiler_common::{
     stack::{MAX_USER_FRAMES, StackStatus},
-    stack_copy::{
-        COPY_BYTES, COPY_CONFIG_MAP, COPY_HEADER, CopyCounter, STACK_COPIES_MAP, StackCopy,
-    },
+    stack_copy::{COPY_BYTES, COPY_CONFIG_MAP, CopyCounter, STACK_COPIES_MAP},
     unwind::{CFA_NONE, Frame, MappingKey, PAGE_MASK, PAGE_SHIFT, PageKey, Step},
 };
 
@@ -506,32 +503,6 @@ impl CopiedStacks {
     }
 }
 
-/// Sends every copy of `ring` to `sender` until `stop` is set, then the
-/// ones still queued.
-fn read_ring(mut ring: RingBuf<MapData>, sender: &mpsc::Sender<Received>, stop: &AtomicBool) {
-    // The executable mappings last read per process.
-    let mut known: HashMap<u32, Vec<(u64, u64)>> = HashMap::new();
-    loop {
-        let stopping = stop.load(Ordering::Relaxed);
-        while let Some(item) = ring.next() {
-            if let Some((id, copy)) = parse(&item) {
-                let maps = read_maps_if_new(&mut known, &copy);
-                let _ = sender.send((id, copy, maps));
-            }
-        }
-        if stopping {
-            return;
-        }
-        let mut fd = libc::pollfd {
-            fd: ring.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd; a timeout so that `stop` is seen.
-        unsafe { libc::poll(&mut fd, 1, READER_POLL_MS) };
-    }
-}
-
 /// Time the end of a session may spend building tables for the copies
 /// still waiting (a host full of short-lived processes of huge binaries
 /// could otherwise hold the report for minutes); the copies left are
@@ -543,79 +514,11 @@ const END_LIMIT: Duration = Duration::from_secs(10);
 /// every allocation) could otherwise fill memory.
 const PENDING_MAX_BYTES: usize = 256 << 20;
 
-/// How long the reader waits for copies before looking at its stop flag.
-const READER_POLL_MS: i32 = 50;
-
-/// A copy, and the mappings of its process when they were read for it.
-type Received = (u64, Copy, Option<Vec<Mapping>>);
-
-/// The mappings of `copy`'s process, read when its pc is in none of those
-/// read before: within milliseconds of the copy, so that a process that
-/// exits before the session's loop gets to it still has its tables built
-/// for its copies.
-fn read_maps_if_new(
-    known: &mut HashMap<u32, Vec<(u64, u64)>>,
-    copy: &Copy,
-) -> Option<Vec<Mapping>> {
-    let pc = copy.frame.pc;
-    if known
-        .get(&copy.pid)
-        .is_some_and(|ranges| ranges.iter().any(|&(s, e)| s <= pc && pc < e))
-    {
-        return None;
-    }
-    let maps = crate::process::maps(copy.pid).ok()?;
-    if log::log_enabled!(log::Level::Debug) {
-        let at = maps.iter().find(|m| m.start <= pc && pc < m.end);
-        debug!(
-            "stack copies of pid {} ({}) from {pc:#x} in {}",
-            copy.pid,
-            crate::process::comm(copy.pid),
-            at.map_or("no mapping", |m| m.path.as_str()),
-        );
-    }
-    let ranges = maps
-        .iter()
-        .filter(|m| m.is_executable())
-        .map(|m| (m.start, m.end))
-        .collect();
-    if known.len() > MAX_KNOWN_PROCESSES {
-        known.clear();
-    }
-    known.insert(copy.pid, ranges);
-    Some(maps)
-}
-
-/// Processes whose mappings the reader keeps at once.
-const MAX_KNOWN_PROCESSES: usize = 4096;
-
-/// A copy record from the ring buffer.
-fn parse(item: &[u8]) -> Option<(u64, Copy)> {
-    if item.len() < COPY_HEADER {
-        return None;
-    }
-    use std::mem::offset_of;
-    let word = |at: usize| u64::from_le_bytes(item[at..at + 8].try_into().expect("8 bytes"));
-    let half = |at: usize| u32::from_le_bytes(item[at..at + 4].try_into().expect("4 bytes"));
-    let start = (half(offset_of!(StackCopy, start)) as usize).min(item.len() - COPY_HEADER);
-    let len = (half(offset_of!(StackCopy, len)) as usize).min(item.len() - COPY_HEADER - start);
-    Some((
-        word(offset_of!(StackCopy, id)),
-        Copy {
-            pid: half(offset_of!(StackCopy, pid)),
-            frame: Frame {
-                pc: word(offset_of!(StackCopy, pc)),
-                sp: word(offset_of!(StackCopy, sp)),
-                bp: word(offset_of!(StackCopy, bp)),
-                bx: word(offset_of!(StackCopy, bx)),
-            },
-            exact: half(offset_of!(StackCopy, exact)) != 0,
-            bp_chained: half(offset_of!(StackCopy, bp_chained)) != 0,
-            prefix: half(offset_of!(StackCopy, prefix)),
-            bytes: item[COPY_HEADER + start..COPY_HEADER + start + len].to_vec(),
-        },
-    ))
-}
+#[path = "copy_reader.rs"]
+mod reader;
+#[cfg(test)]
+use reader::parse;
+use reader::{Received, read_ring};
 
 #[cfg(test)]
 #[path = "copied_tests.rs"]
