@@ -370,3 +370,62 @@ fn thread_cpu_time() -> Duration {
 pub(super) fn alive(pid: u32) -> bool {
     process::state(pid).is_some_and(|s| s != 'Z' && s != 'X')
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(inode: u64) -> ObjectKey {
+        ObjectKey { dev: (8, 1), inode }
+    }
+
+    fn job(priority: u64, urgent: bool, probed: bool) -> Job {
+        Job {
+            sources: Vec::new(),
+            priority,
+            urgent,
+            probed,
+        }
+    }
+
+    fn jobs(list: Vec<(u64, Job)>) -> Jobs {
+        Jobs {
+            waiting: list.into_iter().map(|(i, j)| (key(i), j)).collect(),
+            ..Jobs::default()
+        }
+    }
+
+    #[test]
+    fn urgent_first_then_busiest() {
+        let mut j = jobs(vec![(1, job(50, false, false)), (2, job(1, true, false))]);
+        assert!(matches!(choose(&mut j, false), Step::Build(k, _) if k == key(2)));
+        assert!(matches!(choose(&mut j, false), Step::Build(k, _) if k == key(1)));
+        assert!(matches!(choose(&mut j, false), Step::Wait(None)));
+    }
+
+    #[test]
+    fn without_budget_only_the_cache_is_looked_at() {
+        let mut j = jobs(vec![(1, job(50, false, true)), (2, job(3, false, false))]);
+        j.budget = Some(Budget::new(Instant::now()));
+        j.budget.as_mut().unwrap().spend(Duration::from_secs(10));
+        // The busiest waits for the budget; the other is looked up.
+        assert!(matches!(choose(&mut j, false), Step::Probe(k, _) if k == key(2)));
+        j.waiting.get_mut(&key(2)).unwrap().probed = true;
+        assert!(matches!(choose(&mut j, false), Step::Wait(Some(_))));
+        // An urgent job does not wait.
+        j.waiting.get_mut(&key(1)).unwrap().urgent = true;
+        assert!(matches!(choose(&mut j, false), Step::Build(k, _) if k == key(1)));
+    }
+
+    #[test]
+    fn held_until_ranked_and_the_cache_reader_never_builds() {
+        let mut j = jobs(vec![(1, job(0, false, false))]);
+        j.hold = true;
+        assert!(matches!(choose(&mut j, false), Step::Probe(k, _) if k == key(1)));
+        assert!(matches!(choose(&mut j, true), Step::Probe(k, _) if k == key(1)));
+        j.waiting.get_mut(&key(1)).unwrap().probed = true;
+        assert!(matches!(choose(&mut j, true), Step::Wait(None)));
+        j.hold = false;
+        assert!(matches!(choose(&mut j, false), Step::Build(k, _) if k == key(1)));
+    }
+}
