@@ -144,6 +144,8 @@ pub struct Tables {
     pending: HashMap<u32, HashSet<Installed>>,
     /// Per process, a count of the times it got more tables.
     generations: HashMap<u32, u64>,
+    /// Processes whose walks asked for tables (see [`Tables::poll_queued`]).
+    asked: HashSet<u32>,
     pages: BpfHashMap<MapData, PageKey, PageRows>,
     mappings: LpmTrie<MapData, MappingKey, MappingInfo>,
     refresh: BpfHashMap<MapData, u32, u64>,
@@ -188,6 +190,7 @@ impl Tables {
             requested: HashSet::new(),
             pending: HashMap::new(),
             generations: HashMap::new(),
+            asked: HashSet::new(),
             pages: BpfHashMap::try_from(take_map(ebpf, PAGES_MAP)?)?,
             mappings: LpmTrie::try_from(take_map(ebpf, MAPPINGS_MAP)?)?,
             refresh: BpfHashMap::try_from(take_map(ebpf, REFRESH_MAP)?)?,

@@ -182,6 +182,7 @@ impl Tables {
     pub fn remove_process(&mut self, pid: u32) {
         self.last_refresh.remove(&pid);
         self.generations.remove(&pid);
+        self.asked.remove(&pid);
         if let Some(installed) = self.processes.remove(&pid) {
             for m in &installed {
                 self.uninstall(pid, m);
@@ -226,14 +227,14 @@ impl Tables {
     }
 
     /// [`Self::poll`] that waits for nothing: every process that asked is
-    /// [`Self::request`]ed. Returns those that had no tables before.
+    /// [`Self::request`]ed. Returns those that asked for the first time
+    /// (whether or not [`Self::request_running`] knew them).
     pub fn poll_queued(&mut self) -> Vec<u32> {
         self.install_built();
         let mut new = Vec::new();
         for pid in self.take_refresh_requests() {
-            let known = self.processes.contains_key(&pid);
             match self.request(pid, false) {
-                Ok(()) if !known => new.push(pid),
+                Ok(()) if self.asked.insert(pid) => new.push(pid),
                 Ok(()) => {}
                 Err(err) => debug!("unwind tables of pid {pid}: {err:#}"),
             }
