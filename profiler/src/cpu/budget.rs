@@ -1,68 +1,21 @@
-//! Which sampled processes get unwind tables, and when.
+//! Which sampled processes get unwind tables, and when, for callers that
+//! build on their own thread (the agent; `cpu` and `heap --all` queue them
+//! for the builder thread instead, see `unwind::background`).
 //!
 //! With `--pid` (or a launched command) every target gets them. A
 //! whole-host session gives them to the busiest processes of the last
-//! interval first, and only within [`SHARE`] of one core on average, since
+//! interval first, and only within the [`Budget`] of one core on average, since
 //! compiling the CFI of large objects costs far more than sampling.
 //! Processes left out keep frame-pointer stacks (cut stacks are shown as
 //! such) and are considered again at the next interval. Objects already
 //! loaded for one process are installed in any other at once, whatever the
 //! budget: that costs a maps read, not a CFI compilation.
-use std::{
-    collections::HashMap,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, time::Instant};
 
-/// Share of one core that building unwind tables may use on average in a
-/// whole-host session.
-const SHARE: f64 = 0.005;
-/// Time that may be spent at once (start-up, or a large object).
-const BURST: Duration = Duration::from_millis(200);
+pub(crate) use crate::unwind::budget::Budget;
+
 /// Samples in an interval before a process is worth tables (whole host).
 const MIN_SAMPLES: u64 = 2;
-
-/// A token bucket of CPU time: refills at [`SHARE`] of wall time, may go
-/// into debt by one large piece of work, which later work then waits out.
-/// Instants are passed in, so that the policy is tested without waiting.
-#[derive(Debug)]
-pub(crate) struct Budget<I> {
-    /// Seconds available (negative: debt).
-    seconds: f64,
-    refilled: I,
-}
-
-/// Time as the budget needs it: `std::time::Instant` in a session.
-pub(crate) trait Clock: Copy {
-    fn seconds_since(self, earlier: Self) -> f64;
-}
-
-impl Clock for std::time::Instant {
-    fn seconds_since(self, earlier: Self) -> f64 {
-        self.saturating_duration_since(earlier).as_secs_f64()
-    }
-}
-
-impl<I: Clock> Budget<I> {
-    /// A full bucket at `now`.
-    pub fn new(now: I) -> Self {
-        Self {
-            seconds: BURST.as_secs_f64(),
-            refilled: now,
-        }
-    }
-
-    /// Refills up to `now`; whether work may start.
-    pub fn available(&mut self, now: I) -> bool {
-        let earned = now.seconds_since(self.refilled) * SHARE;
-        self.seconds = (self.seconds + earned).min(BURST.as_secs_f64());
-        self.refilled = now;
-        self.seconds > 0.0
-    }
-
-    pub fn spend(&mut self, used: Duration) {
-        self.seconds -= used.as_secs_f64();
-    }
-}
 
 /// The order in which processes that asked for tables are served: busiest
 /// of the last interval first, exited ones never. On the whole host, the
@@ -137,39 +90,6 @@ pub(crate) fn serve_requests(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Seconds since an arbitrary origin.
-    #[derive(Clone, Copy, Debug)]
-    struct At(f64);
-
-    impl Clock for At {
-        fn seconds_since(self, earlier: Self) -> f64 {
-            (self.0 - earlier.0).max(0.0)
-        }
-    }
-
-    #[test]
-    fn budget_allows_a_burst_then_waits_out_the_debt() {
-        let mut budget = Budget::new(At(0.0));
-        assert!(budget.available(At(0.0)));
-        // One large object: 1 s of work puts the bucket 0.8 s in debt.
-        budget.spend(Duration::from_secs(1));
-        assert!(!budget.available(At(0.0)));
-        // At 0.5% of wall time, 0.8 s of debt takes 160 s to repay.
-        assert!(!budget.available(At(159.0)));
-        assert!(budget.available(At(161.0)));
-    }
-
-    #[test]
-    fn budget_never_saves_more_than_one_burst() {
-        let mut budget = Budget::new(At(0.0));
-        // A day idle earns far more than the burst; only the burst is kept.
-        assert!(budget.available(At(86_400.0)));
-        budget.spend(BURST + Duration::from_millis(1));
-        assert!(!budget.available(At(86_400.0)));
-        // 1 ms of debt is repaid in 0.2 s.
-        assert!(budget.available(At(86_400.3)));
-    }
 
     #[test]
     fn busiest_first_and_quiet_or_exited_left_out_on_the_whole_host() {

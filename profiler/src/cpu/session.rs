@@ -2,11 +2,7 @@
 //! into the profile collectors, keep task names and unwind tables up to
 //! date, show a live status line, and write the report when it stops.
 use std::{
-    collections::HashSet,
-    ffi::OsString,
-    io::IsTerminal as _,
-    process::ExitCode,
-    time::{Duration, Instant},
+    collections::HashSet, ffi::OsString, io::IsTerminal as _, process::ExitCode, time::Duration,
 };
 
 use anyhow::Context as _;
@@ -20,7 +16,6 @@ use profiler_common::{
 
 use super::{
     Settings, Targets,
-    budget::{self, Budget},
     report::{self, Stacks},
     sampler::Sampler,
     stats::{self, Counters, Sampling, Status},
@@ -41,12 +36,17 @@ use crate::{
 /// count maps small whatever the run length.
 const DRAIN_EVERY: Duration = Duration::from_secs(1);
 /// How often processes that met unknown code get the objects already
-/// loaded: a compiler started by a build lives well under a second.
+/// loaded (and the others queued), and finished objects are placed: a
+/// compiler started by a build lives well under a second.
 const INSTALL_EVERY: Duration = Duration::from_millis(50);
 /// After an exec, the dynamic loader maps the libraries; the mappings are
 /// read again after these delays so that they are known if the program is
 /// gone before its samples are drained.
 const EXEC_RESNAPSHOTS: [Duration; 2] = [Duration::from_millis(15), Duration::from_millis(100)];
+/// Drains a sample whose stack was copied waits for the copy to arrive
+/// (every copy id has a record; one dropped over the memory cap leaves the
+/// kernel's stack after this long, and the session's end reads them all).
+const COPY_ARRIVAL_DRAINS: u32 = 3;
 /// How often an interpreter that has no thread state yet is looked at.
 const PYTHON_STARTING_POLL: Duration = Duration::from_millis(20);
 /// Rows of an interval's top table (unless --nodecount says otherwise).
@@ -137,11 +137,10 @@ struct State {
     /// Stacks copied by the kernel where tables were missing, and the
     /// samples that wait for them to be unwound.
     copies: CopiedStacks,
-    waiting: Vec<(SampleKey, SampleCounts)>,
+    /// (with the drains they waited through: see [`COPY_ARRIVAL_DRAINS`]).
+    waiting: Vec<(SampleKey, SampleCounts, u32)>,
     /// Sampling every process (no `--pid`, no command).
     whole_host: bool,
-    /// CPU time left for building unwind tables (whole host).
-    table_budget: Budget<Instant>,
     /// Samples per process in the last drain.
     interval_samples: std::collections::HashMap<u32, u64>,
     /// The Python frame walker's processes, threads and names.
@@ -159,6 +158,17 @@ impl Session {
             tables
                 .add_process(pid)
                 .with_context(|| format!("building the unwind tables of pid {pid}"))?;
+        }
+        if settings.targets == Targets::All {
+            // Every running process's tables, built in the background
+            // within the budget, busiest first (their stacks are copied
+            // until then).
+            tables.limit_builds();
+            let running = tables.request_running();
+            debug!(
+                "unwind tables requested for {} running processes",
+                running.len()
+            );
         }
         let mut python = PythonTracker::new(&mut ebpf, false)?;
         python.set_view(settings.python_frames, settings.python_lines);
@@ -188,7 +198,6 @@ impl Session {
             copies,
             waiting: Vec::new(),
             whole_host: settings.targets == Targets::All,
-            table_budget: Budget::new(Instant::now()),
             interval_samples: std::collections::HashMap::new(),
             python,
         };
@@ -238,7 +247,7 @@ impl Session {
                     self.state.resolve_copies(false);
                     self.print_interval(output, tty).await?;
                 }
-                _ = install_tick.tick() => self.state.install_loaded_tables(),
+                _ = install_tick.tick() => self.state.serve_tables(),
                 _ = status_tick.tick() => {
                     lines += 1;
                     let counters = Counters::read(&self.ebpf, STATS_MAP)?;
@@ -434,7 +443,7 @@ impl State {
                 if key.flags & KEY_PYTHON_STACK != 0 {
                     self.python.name_early(key.pid, key.python_stack);
                 }
-                self.waiting.push((key, counts));
+                self.waiting.push((key, counts, 0));
             } else {
                 self.add(&key, &counts);
             }
@@ -447,14 +456,21 @@ impl State {
     /// sample is added: one whose copy could not be unwound with tables
     /// keeps the stack the kernel walked by frame pointers.
     fn resolve_copies(&mut self, force: bool) {
-        self.copies.unwind_ready(&self.tables, force);
-        for (key, counts) in std::mem::take(&mut self.waiting) {
+        if force {
+            self.copies.unwind_ready(&self.tables, true);
+        } else {
+            self.copies.settle(&mut self.tables);
+        }
+        for (key, counts, drains) in std::mem::take(&mut self.waiting) {
             let id = key.user_stack;
             let prefix = self.stacks.user.get(&id).map(|(f, _)| f.as_slice());
             if let Some((frames, status)) = self.copies.take(id, prefix.unwrap_or_default()) {
                 self.stacks.user.insert(id, (frames, status as u32));
-            } else if !force && self.copies.is_pending(id) {
-                self.waiting.push((key, counts));
+            } else if !force && (self.copies.is_pending(id) || drains < COPY_ARRIVAL_DRAINS) {
+                // Waiting for its tables, or for the copy itself: the
+                // reader thread may not have read it from the ring yet on
+                // a loaded machine.
+                self.waiting.push((key, counts, drains + 1));
                 continue;
             }
             self.add(&key, &counts);
@@ -500,10 +516,8 @@ impl State {
             match self.tasks.apply(event) {
                 Change::Exec(pid) => self.exec(pid),
                 Change::ProcessExit(pid) => {
-                    // Its copies covered by tables are unwound while they exist.
-                    self.copies.unwind_ready(&self.tables, false);
-                    self.copies.drop_process(pid);
-                    self.tables.remove_process(pid);
+                    // Its tables stay until its copies are unwound.
+                    self.copies.process_exited(pid, &mut self.tables);
                     self.python.exited(pid);
                 }
                 Change::None => {}
@@ -516,12 +530,13 @@ impl State {
         debug!("exec pid {pid}");
         self.python.forget(pid);
         self.note_process(pid);
-        // The old program's tables are useless now. A target gets the new
-        // ones at once; on the whole host, the process waits its turn
-        // within the budget like any other.
+        // The old program's tables are useless now. A target's new ones
+        // are built before any other; on the whole host, the process waits
+        // its turn within the budget like any other. Meanwhile its stacks
+        // are copied.
         if self.whole_host {
             self.tables.remove_process(pid);
-        } else if let Err(err) = self.tables.add_process(pid) {
+        } else if let Err(err) = self.tables.request(pid, true) {
             debug!("unwind tables of pid {pid} after exec: {err:#}");
         }
         let now = tokio::time::Instant::now();
@@ -530,30 +545,23 @@ impl State {
         }
     }
 
-    /// Gives unwind tables to the sampled processes that have none yet
-    /// (their walks asked for them) and refreshes those that mapped new
-    /// code, within the budget on the whole host (see [`budget`]).
+    /// After a drain: the builder's queue is ordered by the samples of
+    /// the interval that ended (busiest first, see `unwind::budget`).
     fn update_tables(&mut self) {
-        self.serve_table_requests(false);
+        self.serve_tables();
+        self.tables.prioritize(&self.interval_samples);
         self.interval_samples.clear();
     }
 
-    /// Between drains: the loaded objects go to the processes that need
-    /// them, nothing is built.
-    fn install_loaded_tables(&mut self) {
-        self.serve_table_requests(true);
-    }
-
-    fn serve_table_requests(&mut self, install_only: bool) {
-        let tasks = &self.tasks;
-        budget::serve_requests(
-            &mut self.tables,
-            &mut self.table_budget,
-            &self.interval_samples,
-            self.whole_host,
-            install_only,
-            |pid| tasks.has_exited(pid),
-        );
+    /// Between drains: processes whose walks met unknown code get the
+    /// objects already loaded at once and the others queued, and the
+    /// objects the builder finished are placed. Nothing here waits for a
+    /// build.
+    fn serve_tables(&mut self) {
+        self.copies.request_tables(&mut self.tables);
+        for pid in self.tables.poll_queued() {
+            debug!("unwind tables requested for pid {pid}");
+        }
     }
 
     fn resnapshot_due(&mut self) {

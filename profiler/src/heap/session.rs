@@ -182,6 +182,14 @@ impl Session {
                 session.add_unwind_tables(pid);
             }
         }
+        if all {
+            // Built in the background; stacks are copied until then.
+            let running = session.tables.request_running();
+            debug!(
+                "unwind tables requested for {} running processes",
+                running.len()
+            );
+        }
         for (allocator, scope) in allocators {
             attach::allocator(
                 &mut session.ebpf,

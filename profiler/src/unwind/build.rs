@@ -12,9 +12,11 @@ use super::{
     options::UnwindOptions,
 };
 
-/// Objects with fewer rows are compiled every time: that takes about as
-/// long as reading an entry, and spares the cache a file per small library.
-const MIN_CACHED_ROWS: usize = 4096;
+/// Objects with fewer rows (none: no CFI) are compiled every time. Small
+/// libraries are cached too: compiling them is cheap, but it waits for the
+/// table budget of a whole-host session, where a cache hit does not (the
+/// dynamic loader, in every new process, is one of them).
+const MIN_CACHED_ROWS: usize = 1;
 
 /// A mapped file's identity, for objects without a build id.
 #[derive(Clone, Copy, Debug)]
@@ -48,6 +50,31 @@ pub struct BuildStats {
     pub compile_time: Duration,
     /// `None` without a cache.
     pub cache: Option<CacheStats>,
+}
+
+impl BuildStats {
+    /// The totals of two builders.
+    pub fn plus(&self, other: &Self) -> Self {
+        let cache = match (self.cache, other.cache) {
+            (Some(a), Some(b)) => Some(CacheStats {
+                hits: a.hits + b.hits,
+                hit_rows: a.hit_rows + b.hit_rows,
+                load_time: a.load_time + b.load_time,
+                corrupt: a.corrupt + b.corrupt,
+                stale: a.stale + b.stale,
+                stored: a.stored + b.stored,
+                store_failed: a.store_failed + b.store_failed,
+                evicted: a.evicted + b.evicted,
+            }),
+            (a, b) => a.or(b),
+        };
+        Self {
+            built: self.built + other.built,
+            built_rows: self.built_rows + other.built_rows,
+            compile_time: self.compile_time + other.compile_time,
+            cache,
+        }
+    }
 }
 
 pub struct Builder {
@@ -88,6 +115,18 @@ impl Builder {
         }
     }
 
+    /// The rows of the object whose build id is `build_id` (or `file`,
+    /// when it has none) from the cache alone: `None` when they are not
+    /// there (then [`Self::rows`] compiles them).
+    pub fn cached(
+        &mut self,
+        build_id: Option<Vec<u8>>,
+        file: Option<FileId>,
+    ) -> Option<ObjectRows> {
+        let key = cache_key(build_id, file)?;
+        self.cache.as_mut()?.load(&key)
+    }
+
     /// The rows of the ELF object in `data`, whose build id is `build_id`;
     /// `file` identifies it when it has none (`None`: not cached then).
     pub fn rows(
@@ -96,14 +135,7 @@ impl Builder {
         build_id: Option<Vec<u8>>,
         file: Option<FileId>,
     ) -> anyhow::Result<ObjectRows> {
-        let key = build_id.map(CacheKey::BuildId).or_else(|| {
-            file.map(|f| CacheKey::File {
-                dev: f.dev,
-                inode: f.inode,
-                mtime_ns: f.mtime_ns,
-                size: f.size,
-            })
-        });
+        let key = cache_key(build_id, file);
         let mut cache = self.cache.as_mut().zip(key.as_ref());
         if let Some((cache, key)) = &mut cache
             && let Some(rows) = cache.load(key)
@@ -122,4 +154,16 @@ impl Builder {
         }
         Ok(rows)
     }
+}
+
+/// The cache entry of an object: its build id, else its file's identity.
+fn cache_key(build_id: Option<Vec<u8>>, file: Option<FileId>) -> Option<CacheKey> {
+    build_id.map(CacheKey::BuildId).or_else(|| {
+        file.map(|f| CacheKey::File {
+            dev: f.dev,
+            inode: f.inode,
+            mtime_ns: f.mtime_ns,
+            size: f.size,
+        })
+    })
 }

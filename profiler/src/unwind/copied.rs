@@ -6,15 +6,16 @@
 //! `step`, and decides each step as the kernel walker does (rows where they
 //! exist, frame pointers elsewhere, the same checks of a caller's frame).
 //!
-//! Your responsibilities: [`CopiedStacks::unwind_ready`] after tables were built and
-//! before a process's tables go, [`CopiedStacks::take`] for an event whose
-//! stack id has `COPY_ID_BIT`; when the session ends,
+//! Your responsibilities: [`CopiedStacks::unwind_ready`] after tables were
+//! placed, [`CopiedStacks::process_exited`] instead of removing an exited
+//! process's tables yourself (they stay until its copies are unwound:
+//! the builder may still be building them), [`CopiedStacks::take`] for an
+//! event whose stack id has `COPY_ID_BIT`; when the session ends,
 //! [`CopiedStacks::prepare_end`] (it builds the tables the copies left
 //! still need) then `unwind_ready(.., true)`; and show
 //! [`CopiedStacks::comment`] in the report.
 use std::{
-    collections::HashMap,
-    os::fd::AsRawFd as _,
+    collections::{HashMap, HashSet},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -28,13 +29,12 @@ use aya::maps::{Array, MapData, RingBuf, lpm_trie::Key};
 use log::debug;
 use profiler_common::{
     stack::{MAX_USER_FRAMES, StackStatus},
-    stack_copy::{
-        COPY_BYTES, COPY_CONFIG_MAP, COPY_HEADER, CopyCounter, STACK_COPIES_MAP, StackCopy,
-    },
+    stack_copy::{COPY_BYTES, COPY_CONFIG_MAP, CopyCounter, STACK_COPIES_MAP},
     unwind::{CFA_NONE, Frame, MappingKey, PAGE_MASK, PAGE_SHIFT, PageKey, Step},
 };
 
 use super::Tables;
+use crate::process::Mapping;
 use crate::runtime::counters::Counts;
 
 /// Lowest address that can hold user code (as the kernel walker).
@@ -119,7 +119,7 @@ pub struct Walked {
 }
 
 /// Walks `copy` with `lookup`; at most `max_frames` callers.
-pub fn walk(copy: &Copy, max_frames: usize, lookup: impl Fn(u64) -> Lookup) -> Walked {
+pub fn walk(copy: &Copy, max_frames: usize, mut lookup: impl FnMut(u64) -> Lookup) -> Walked {
     let base = copy.frame.sp;
     // A full copy ends at its last page, not at the stack's end.
     let full = (copy.frame.sp as usize % 4096) + copy.bytes.len() >= COPY_BYTES;
@@ -231,15 +231,24 @@ pub struct CopiedStacks {
     /// thousand per second on a busy host.
     reader: Option<std::thread::JoinHandle<()>>,
     stop_reader: Arc<AtomicBool>,
-    received: mpsc::Receiver<(u64, Copy)>,
+    received: mpsc::Receiver<Received>,
+    /// Mappings the reader read for processes with copies, to request
+    /// their tables (even once they exited) at the next [`Self::settle`].
+    mapped: Vec<(u32, Vec<Mapping>)>,
     /// The switch that turns copying on.
     config: Array<MapData, u32>,
     pending: HashMap<u64, Copy>,
+    /// Pending copies already walked in vain, with their process's table
+    /// generation then.
+    tried: HashMap<u64, u64>,
     /// Bytes of stack the pending copies hold.
     pending_bytes: usize,
     /// Unwound copies not taken yet: index of their first frame in the
     /// kernel's stack, the callers found, and the status.
     done: HashMap<u64, (u32, Vec<u64>, StackStatus)>,
+    /// Processes that exited with copies waiting: their tables stay until
+    /// those are unwound.
+    exited: HashSet<u32>,
     pub stats: CopyStats,
 }
 
@@ -266,17 +275,23 @@ impl CopiedStacks {
             reader: Some(reader),
             stop_reader,
             received,
+            mapped: Vec::new(),
             config,
             pending: HashMap::new(),
+            tried: HashMap::new(),
             pending_bytes: 0,
             done: HashMap::new(),
+            exited: HashSet::new(),
             stats: CopyStats::default(),
         })
     }
 
     /// Takes the copies received so far.
     pub fn read(&mut self) {
-        while let Ok((id, copy)) = self.received.try_recv() {
+        while let Ok((id, copy, maps)) = self.received.try_recv() {
+            if let Some(maps) = maps {
+                self.mapped.push((copy.pid, maps));
+            }
             if self.pending_bytes + copy.bytes.len() > PENDING_MAX_BYTES {
                 // Its event keeps the kernel's frame-pointer stack.
                 self.stats.over_cap += 1;
@@ -292,33 +307,89 @@ impl CopiedStacks {
         self.pending.contains_key(&id)
     }
 
-    /// Unwinds every copy whose process's tables now cover the pc where
-    /// the kernel stopped (with `force`: every copy; one whose process has
-    /// no tables even now is counted unresolved). Call it before a
-    /// process's tables go (its exit).
+    /// Whether process `pid` has copies waiting for tables.
+    pub fn has_pending(&self, pid: u32) -> bool {
+        self.pending.values().any(|c| c.pid == pid)
+    }
+
+    /// Process `pid` exited: its tables go now, or once its waiting copies
+    /// are unwound (their objects may still be being built).
+    pub fn process_exited(&mut self, pid: u32, tables: &mut Tables) {
+        self.unwind_ready(tables, false);
+        if self.has_pending(pid) {
+            self.exited.insert(pid);
+        } else {
+            tables.remove_process(pid);
+        }
+    }
+
+    /// Requests the tables of the processes whose copies arrived with
+    /// their mappings (cheap: no walk, no build).
+    pub fn request_tables(&mut self, tables: &mut Tables) {
+        self.read();
+        for (pid, maps) in std::mem::take(&mut self.mapped) {
+            if let Err(err) = tables.request_mapped(pid, &maps) {
+                debug!("unwind tables for the copies of pid {pid}: {err:#}");
+            }
+        }
+    }
+
+    /// Requests tables ([`Self::request_tables`]), unwinds the copies that
+    /// are ready ([`Self::unwind_ready`]), then
+    /// drops the tables of exited processes that have none left.
+    pub fn settle(&mut self, tables: &mut Tables) {
+        self.request_tables(tables);
+        self.unwind_ready(tables, false);
+        let done: Vec<u32> = self
+            .exited
+            .iter()
+            .copied()
+            .filter(|&pid| !self.has_pending(pid))
+            .collect();
+        for pid in done {
+            self.exited.remove(&pid);
+            tables.remove_process(pid);
+        }
+    }
+
+    /// Unwinds every copy whose walk now finds the tables it needs: it
+    /// meets no code of its process whose object is still being built
+    /// (with `force`: every copy; one whose process has no tables even now
+    /// is counted unresolved). A copy is walked again only once its
+    /// process got more tables.
     pub fn unwind_ready(&mut self, tables: &Tables, force: bool) {
         self.read();
-        let ready: Vec<u64> = self
+        let ids: Vec<u64> = self
             .pending
             .iter()
-            .filter(|(_, c)| {
-                let start = if c.exact {
-                    c.frame.pc
-                } else {
-                    c.frame.pc.wrapping_sub(1)
-                };
-                force || tables.row_at(c.pid, start) != Lookup::Unmapped
-            })
+            .filter(|(id, c)| force || self.tried.get(id) != Some(&tables.generation(c.pid)))
             .map(|(&id, _)| id)
             .collect();
-        for id in ready {
-            let copy = self.pending.remove(&id).expect("listed above");
-            self.pending_bytes -= copy.bytes.len();
+        for id in ids {
+            let copy = &self.pending[&id];
             if !tables.has_process(copy.pid) {
-                self.without_tables();
+                if force {
+                    let copy = self.pending.remove(&id).expect("listed above");
+                    self.pending_bytes -= copy.bytes.len();
+                    self.tried.remove(&id);
+                    self.without_tables();
+                }
                 continue;
             }
-            let walked = walk(&copy, MAX_USER_FRAMES, |pc| tables.row_at(copy.pid, pc));
+            let pid = copy.pid;
+            let mut blocked = false;
+            let walked = walk(copy, MAX_USER_FRAMES, |pc| {
+                let found = tables.row_at(pid, pc);
+                blocked |= found == Lookup::Unmapped && tables.is_pending_at(pid, pc);
+                found
+            });
+            if blocked && !force {
+                self.tried.insert(id, tables.generation(pid));
+                continue;
+            }
+            let copy = self.pending.remove(&id).expect("listed above");
+            self.pending_bytes -= copy.bytes.len();
+            self.tried.remove(&id);
             self.record(id, copy.prefix, walked);
         }
     }
@@ -350,22 +421,6 @@ impl CopiedStacks {
         self.done.insert(id, (prefix, walked.frames, status));
     }
 
-    /// Walks the copies of process `pid`, which exited before its tables
-    /// covered them, by frame pointers (counted unresolved).
-    pub fn drop_process(&mut self, pid: u32) {
-        let gone: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, c)| c.pid == pid)
-            .map(|(&id, _)| id)
-            .collect();
-        for id in gone {
-            let copy = self.pending.remove(&id).expect("listed above");
-            self.pending_bytes -= copy.bytes.len();
-            self.without_tables();
-        }
-    }
-
     /// The stack of event `id` once its copy was unwound with tables: the
     /// frames the kernel walked up to the copy's frame (from `kernel`, the
     /// stack it stored), then the callers found in the copy. `None`: keep
@@ -383,9 +438,9 @@ impl CopiedStacks {
     }
 
     /// At the end of a session (the programs detached): reads the last
-    /// copies and builds the
-    /// tables that the waiting ones need (whatever the table budget),
-    /// so that [`Self::unwind_ready`] with `force` finds them. Returns when it
+    /// copies and builds the tables that the waiting ones need (whatever
+    /// the table budget, processes with the most copies first), so that
+    /// [`Self::unwind_ready`] with `force` finds them. Returns when it
     /// started, for [`Self::finish_end`].
     pub fn prepare_end(&mut self, tables: &mut Tables) -> Instant {
         let started = Instant::now();
@@ -405,20 +460,10 @@ impl CopiedStacks {
         }
         let mut pids: Vec<(usize, u32)> = per_pid.into_iter().map(|(p, n)| (n, p)).collect();
         pids.sort_unstable_by(|a, b| b.cmp(a));
-        for (_, pid) in pids {
-            if started.elapsed() > END_LIMIT {
-                // Left without tables: counted unresolved.
-                break;
-            }
-            let built = if tables.has_process(pid) {
-                tables.refresh_process(pid)
-            } else {
-                tables.add_process(pid)
-            };
-            if let Err(err) = built {
-                debug!("tables for the stack copies of pid {pid}: {err:#}");
-            }
-        }
+        let pids: Vec<u32> = pids.into_iter().map(|(_, pid)| pid).collect();
+        // Those left without tables at the limit are counted unresolved.
+        tables.complete(&pids, started + END_LIMIT);
+        debug!("tables for the stack copies of {} processes", pids.len());
         started
     }
 
@@ -458,29 +503,6 @@ impl CopiedStacks {
     }
 }
 
-/// Sends every copy of `ring` to `sender` until `stop` is set, then the
-/// ones still queued.
-fn read_ring(mut ring: RingBuf<MapData>, sender: &mpsc::Sender<(u64, Copy)>, stop: &AtomicBool) {
-    loop {
-        let stopping = stop.load(Ordering::Relaxed);
-        while let Some(item) = ring.next() {
-            if let Some(copy) = parse(&item) {
-                let _ = sender.send(copy);
-            }
-        }
-        if stopping {
-            return;
-        }
-        let mut fd = libc::pollfd {
-            fd: ring.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd; a timeout so that `stop` is seen.
-        unsafe { libc::poll(&mut fd, 1, READER_POLL_MS) };
-    }
-}
-
 /// Time the end of a session may spend building tables for the copies
 /// still waiting (a host full of short-lived processes of huge binaries
 /// could otherwise hold the report for minutes); the copies left are
@@ -492,36 +514,11 @@ const END_LIMIT: Duration = Duration::from_secs(10);
 /// every allocation) could otherwise fill memory.
 const PENDING_MAX_BYTES: usize = 256 << 20;
 
-/// How long the reader waits for copies before looking at its stop flag.
-const READER_POLL_MS: i32 = 50;
-
-/// A copy record from the ring buffer.
-fn parse(item: &[u8]) -> Option<(u64, Copy)> {
-    if item.len() < COPY_HEADER {
-        return None;
-    }
-    use std::mem::offset_of;
-    let word = |at: usize| u64::from_le_bytes(item[at..at + 8].try_into().expect("8 bytes"));
-    let half = |at: usize| u32::from_le_bytes(item[at..at + 4].try_into().expect("4 bytes"));
-    let start = (half(offset_of!(StackCopy, start)) as usize).min(item.len() - COPY_HEADER);
-    let len = (half(offset_of!(StackCopy, len)) as usize).min(item.len() - COPY_HEADER - start);
-    Some((
-        word(offset_of!(StackCopy, id)),
-        Copy {
-            pid: half(offset_of!(StackCopy, pid)),
-            frame: Frame {
-                pc: word(offset_of!(StackCopy, pc)),
-                sp: word(offset_of!(StackCopy, sp)),
-                bp: word(offset_of!(StackCopy, bp)),
-                bx: word(offset_of!(StackCopy, bx)),
-            },
-            exact: half(offset_of!(StackCopy, exact)) != 0,
-            bp_chained: half(offset_of!(StackCopy, bp_chained)) != 0,
-            prefix: half(offset_of!(StackCopy, prefix)),
-            bytes: item[COPY_HEADER + start..COPY_HEADER + start + len].to_vec(),
-        },
-    ))
-}
+#[path = "copy_reader.rs"]
+mod reader;
+#[cfg(test)]
+use reader::parse;
+use reader::{Received, read_ring};
 
 #[cfg(test)]
 #[path = "copied_tests.rs"]

@@ -1,7 +1,7 @@
 use std::mem::offset_of;
 
 use profiler_common::{
-    stack_copy::{COPY_ID_BIT, StackCopy},
+    stack_copy::{COPY_HEADER, COPY_ID_BIT, StackCopy},
     unwind::{CFA_END, CFA_RSP, RBP_SAME, UnwindRow},
 };
 

@@ -9,13 +9,26 @@
 //! such process goes, their rows stay loaded (idle) for the next process of
 //! the same binary, until the memory cap needs their room.
 //!
-//! Your responsibilities: call [`Tables::add_process`] for every process
-//! whose stacks you want complete, [`Tables::refresh_process`] when it execs
-//! or maps new code, [`Tables::remove_process`] when it exits, and
-//! [`Tables::poll`] periodically: it refreshes processes whose walks met
-//! code outside their known mappings (a `dlopen` since the last refresh) and
-//! returns the pids the tables do not know yet. Where no rows exist, the
-//! walker follows frame pointers.
+//! The expensive part (reading an object, then its rows from the on-disk
+//! cache or compiled from its CFI) runs on a builder thread of its own
+//! ([`background`]), so that a session's loop never waits for it unless it
+//! asks to. The loop places finished objects in the kernel's maps
+//! ([`requests`]).
+//!
+//! Your responsibilities: call [`Tables::request`] (queue, do not wait) or
+//! [`Tables::add_process`] (wait) for every process whose stacks you want
+//! complete, [`Tables::refresh_process`] when it execs or maps new code,
+//! [`Tables::remove_process`] when it exits, and periodically
+//! [`Tables::poll_queued`] (or [`Tables::poll`]): it refreshes processes
+//! whose walks met code outside their known mappings (a `dlopen` since the
+//! last refresh), places the objects the builder finished and returns the
+//! pids the tables did not know. With a budget ([`Tables::limit_builds`],
+//! whole-host sessions), give the builder the busiest processes with
+//! [`Tables::prioritize`]. At the end, [`Tables::complete`] builds what the
+//! remaining stack copies need, whatever the budget. Where no rows exist,
+//! the walker follows frame pointers.
+mod background;
+pub mod budget;
 mod build;
 mod cache;
 mod cache_format;
@@ -24,6 +37,7 @@ pub mod copied;
 pub mod debug;
 mod expr;
 pub mod options;
+mod requests;
 pub mod rows;
 mod source;
 mod stats;
@@ -38,7 +52,8 @@ use aya::maps::{
     HashMap as BpfHashMap, Map, MapData,
     lpm_trie::{Key, LpmTrie},
 };
-use build::{Builder, FileId};
+use background::Queue;
+use build::BuildStats;
 use log::{debug, warn};
 pub use options::{UnwindArgs, UnwindOptions};
 use profiler_common::unwind::{
@@ -46,7 +61,7 @@ use profiler_common::unwind::{
     ROW_SHARDS_MAP,
 };
 use rows::RowStore;
-use source::{file_identity, read_object};
+use source::file_identity;
 pub use stats::TableStats;
 
 use crate::process::{self, Mapping};
@@ -119,7 +134,18 @@ struct Installed {
 /// The unwind tables of the processes being profiled, kept in the BPF maps.
 pub struct Tables {
     rows: RowStore,
-    builder: Builder,
+    /// The builder thread, and its totals as of its last result.
+    queue: Queue,
+    build_stats: [BuildStats; 2],
+    /// Objects queued or being built.
+    requested: HashSet<ObjectKey>,
+    /// Per process, the mappings whose objects are being built: installed
+    /// when they arrive (even after the process exited, for its copies).
+    pending: HashMap<u32, HashSet<Installed>>,
+    /// Per process, a count of the times it got more tables.
+    generations: HashMap<u32, u64>,
+    /// Processes whose walks asked for tables (see [`Tables::poll_queued`]).
+    asked: HashSet<u32>,
     pages: BpfHashMap<MapData, PageKey, PageRows>,
     mappings: LpmTrie<MapData, MappingKey, MappingInfo>,
     refresh: BpfHashMap<MapData, u32, u64>,
@@ -159,7 +185,12 @@ impl Tables {
         };
         Ok(Self {
             rows,
-            builder: Builder::new(options),
+            queue: Queue::start(options)?,
+            build_stats: [BuildStats::default(); 2],
+            requested: HashSet::new(),
+            pending: HashMap::new(),
+            generations: HashMap::new(),
+            asked: HashSet::new(),
             pages: BpfHashMap::try_from(take_map(ebpf, PAGES_MAP)?)?,
             mappings: LpmTrie::try_from(take_map(ebpf, MAPPINGS_MAP)?)?,
             refresh: BpfHashMap::try_from(take_map(ebpf, REFRESH_MAP)?)?,
@@ -176,161 +207,14 @@ impl Tables {
     /// Sizes of what is loaded and the time spent building it.
     pub fn stats(&self) -> TableStats {
         TableStats {
-            build: self.builder.stats(),
+            build: self.build_stats[0].plus(&self.build_stats[1]),
             ..self.stats
         }
     }
 
-    /// Whether `pid` has tables.
-    pub fn has_process(&self, pid: u32) -> bool {
-        self.processes.contains_key(&pid)
-    }
-
-    /// Loads tables for every executable mapping of `pid` (objects already
-    /// loaded for other processes are shared).
-    pub fn add_process(&mut self, pid: u32) -> anyhow::Result<()> {
-        self.processes.entry(pid).or_default();
-        self.refresh_process(pid)
-    }
-
-    /// Gives `pid` the tables of the objects already loaded for other
-    /// processes, and builds none: nearly free, so it needs no budget (a new
-    /// `rustc` gets `librustc_driver` at once once any `rustc` has it). The
-    /// objects left out are installed by a later [`Self::add_process`].
-    pub fn install_loaded(&mut self, pid: u32) -> anyhow::Result<()> {
-        self.processes.entry(pid).or_default();
-        self.refresh(pid, false)
-    }
-
-    /// Brings `pid`'s tables in line with its current mappings (after a
-    /// `dlopen`, `munmap` or `exec`).
-    pub fn refresh_process(&mut self, pid: u32) -> anyhow::Result<()> {
-        self.refresh(pid, true)
-    }
-
-    /// [`Self::refresh_process`]; without `build`, objects not loaded yet
-    /// are left out.
-    fn refresh(&mut self, pid: u32, build: bool) -> anyhow::Result<()> {
-        let started = Instant::now();
-        self.last_refresh.insert(pid, started);
-        let maps = match process::maps(pid) {
-            Ok(maps) => maps,
-            Err(err) => {
-                self.remove_process(pid);
-                return Err(err);
-            }
-        };
-        let wanted: HashSet<Installed> = maps
-            .iter()
-            .filter(|m| m.is_executable() && (m.is_file() || m.path == VDSO))
-            .map(|m| Installed {
-                start: m.start,
-                end: m.end,
-                offset: m.offset,
-                key: ObjectKey {
-                    dev: m.dev,
-                    inode: m.inode,
-                },
-            })
-            .collect();
-        let current = self.processes.remove(&pid).unwrap_or_default();
-        for gone in current.difference(&wanted) {
-            self.uninstall(pid, gone);
-        }
-        let mut installed: HashSet<Installed> = current.intersection(&wanted).cloned().collect();
-        for new in wanted.difference(&current) {
-            if !build && !self.objects.contains_key(&new.key) {
-                continue;
-            }
-            let mapping = maps
-                .iter()
-                .find(|m| m.start == new.start && m.end == new.end)
-                .expect("wanted mappings come from maps");
-            match self.install(pid, mapping, new) {
-                Ok(()) => {
-                    installed.insert(new.clone());
-                }
-                // One unreadable object only costs its own frames.
-                Err(err) if process::state(pid).is_none() => debug!("{err:#}"),
-                Err(err) => warn!("pid {pid}: no unwind tables for {}: {err:#}", mapping.path),
-            }
-        }
-        self.processes.insert(pid, installed);
-        self.stats.build_time += started.elapsed();
-        Ok(())
-    }
-
-    /// Drops `pid`'s tables (objects no other process uses are freed).
-    pub fn remove_process(&mut self, pid: u32) {
-        self.last_refresh.remove(&pid);
-        if let Some(installed) = self.processes.remove(&pid) {
-            for m in &installed {
-                self.uninstall(pid, m);
-            }
-        }
-    }
-
-    /// Refreshes the processes whose walks met unknown code since the last
-    /// call, and returns those that have no tables yet. Without `build`,
-    /// only objects already loaded are installed.
-    pub fn poll(&mut self, build: bool) -> Vec<u32> {
-        let requested: Vec<u32> = self.refresh.keys().filter_map(Result::ok).collect();
-        let mut unknown = Vec::new();
-        for pid in requested {
-            if self.processes.contains_key(&pid) {
-                if self
-                    .last_refresh
-                    .get(&pid)
-                    .is_some_and(|t| t.elapsed() < REFRESH_INTERVAL)
-                {
-                    continue;
-                }
-                if let Err(err) = self.refresh(pid, build) {
-                    debug!("refreshing unwind tables of pid {pid}: {err:#}");
-                }
-            } else {
-                unknown.push(pid);
-            }
-            let _ = self.refresh.remove(&pid);
-        }
-        unknown
-    }
-
-    fn install(&mut self, pid: u32, mapping: &Mapping, m: &Installed) -> anyhow::Result<()> {
-        if let Some(idle) = self.objects.get(&m.key).filter(|o| o.users == 0)
-            && idle.identity != file_identity(pid, mapping)
-        {
-            // Another file now has this device and inode.
-            let stale = self.objects.remove(&m.key).expect("looked up above");
-            self.free_object(stale);
-        }
-        if !self.objects.contains_key(&m.key) {
-            let object = match self.load_object(pid, mapping) {
-                Ok(object) => object,
-                // A process that exited meanwhile took its view of the file
-                // with it: that says nothing about the object, which the
-                // next process to map it loads as usual.
-                Err(_) if process::state(pid).is_none_or(|s| s == 'Z' || s == 'X') => {
-                    bail!(
-                        "pid {pid} exited before the tables of {} were built",
-                        mapping.path
-                    )
-                }
-                Err(err) => {
-                    // Remembered as an object without tables, so that every
-                    // other process mapping it does not rebuild and fail again
-                    // (whole-host sessions meet the same large objects in many
-                    // processes); frame pointers are followed in its code.
-                    warn!(
-                        "no unwind tables for {}: {err:#}; following frame pointers there",
-                        mapping.path
-                    );
-                    Object::without_tables(mapping.path.clone())
-                }
-            };
-            self.objects.insert(m.key, object);
-        }
-        let object = self.objects.get_mut(&m.key).expect("inserted above");
+    /// Enters mapping `m` of `pid` in the trie; its object is loaded.
+    fn install(&mut self, pid: u32, m: &Installed) -> anyhow::Result<()> {
+        let object = self.objects.get_mut(&m.key).expect("loaded by the caller");
         object.users += 1;
         object.idle_since = None;
         if object.id == 0 {
@@ -413,102 +297,6 @@ impl Tables {
         debug!("unwind tables of idle {} freed for room", object.name);
         self.free_object(object);
         true
-    }
-
-    fn load_object(&mut self, pid: u32, mapping: &Mapping) -> anyhow::Result<Object> {
-        let identity = file_identity(pid, mapping);
-        let data = read_object(pid, mapping)?;
-        let segments = cfi::load_segments(&data)?;
-        let build_id = cfi::build_id(&data).filter(|b| !b.is_empty());
-        if let Some(shared) = build_id.as_ref().and_then(|b| self.shared_rows(b)) {
-            // The same code in another file (a copy, another mount, a
-            // container's layer): the rows are already loaded.
-            debug!("unwind tables for {} shared by build id", mapping.path);
-            return Ok(Object {
-                segments,
-                identity,
-                build_id,
-                name: mapping.path.clone(),
-                ..shared
-            });
-        }
-        let file = identity.map(|(mtime_ns, size)| FileId {
-            dev: mapping.dev,
-            inode: mapping.inode,
-            mtime_ns,
-            size,
-        });
-        let compiled = self
-            .builder
-            .rows(&data, build_id.clone(), file)
-            .with_context(|| format!("reading the CFI of {}", mapping.path))?;
-        let mut object = Object {
-            id: 0,
-            ranges: Vec::new(),
-            len: 0,
-            pages: Vec::new(),
-            segments,
-            users: 0,
-            idle_since: None,
-            identity,
-            build_id,
-            name: mapping.path.clone(),
-        };
-        if compiled.rows.is_empty() {
-            debug!(
-                "{} has no CFI: frame pointers are followed there",
-                mapping.path
-            );
-            return Ok(object);
-        }
-        let len = compiled.rows.len() as u32;
-        let placed = loop {
-            match self.rows.place(&compiled.pages, &compiled.rows) {
-                Ok(placed) => break placed,
-                // Under the cap, idle objects make room first.
-                Err(_) if self.evict_idle() => {}
-                Err(err) => {
-                    if err.is::<rows::CapReached>() {
-                        self.stats.over_cap += 1;
-                    }
-                    return Err(err)
-                        .with_context(|| format!("loading the unwind rows of {}", mapping.path));
-                }
-            }
-        };
-        object.id = self.next_id;
-        self.next_id += 1;
-        object.ranges = placed.ranges;
-        object.len = len;
-        for (&(page, _, count), &first) in compiled.pages.iter().zip(&placed.page_firsts) {
-            let key = PageKey {
-                object: object.id,
-                page,
-            };
-            let value = PageRows { first, count };
-            if let Err(err) = self.pages.insert(key, value, 0) {
-                self.free_object(object);
-                return Err(err).context("unwind page index full");
-            }
-            object.pages.push(page);
-        }
-        if let Some(b) = &object.build_id {
-            self.by_build_id.insert(b.clone(), object.id);
-            self.sharers.insert(object.id, 1);
-        }
-        self.stats.objects += 1;
-        self.stats.rows += len as usize;
-        self.stats.pages += object.pages.len();
-        self.stats.unsupported_rows += compiled.unsupported;
-        self.stats.shard_bytes = self.rows.bytes();
-        debug!(
-            "unwind tables for {}: {} rows, {} pages, {} unsupported",
-            mapping.path,
-            len,
-            object.pages.len(),
-            compiled.unsupported
-        );
-        Ok(object)
     }
 
     /// The rows loaded for `build_id`, for one more object to use.

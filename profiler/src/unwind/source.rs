@@ -64,3 +64,28 @@ impl std::ops::Deref for ObjectBytes {
         }
     }
 }
+
+/// The object at `mapping`'s path, if that is still the file mapped (same
+/// device and inode), and its (modification time in ns, size): for a
+/// process that exited before its tables were built.
+pub(super) fn read_same_file(mapping: &Mapping) -> Option<(ObjectBytes, (i64, u64))> {
+    use std::os::unix::fs::MetadataExt as _;
+    if mapping.path == VDSO || !mapping.path.starts_with('/') {
+        return None;
+    }
+    let file = File::open(&mapping.path).ok()?;
+    let meta = file.metadata().ok()?;
+    let dev = meta.dev();
+    if (libc::major(dev), libc::minor(dev)) != mapping.dev || meta.ino() != mapping.inode {
+        return None;
+    }
+    // SAFETY: as in `read_object`.
+    let data = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+    Some((
+        ObjectBytes::File(data),
+        (
+            meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            meta.size(),
+        ),
+    ))
+}

@@ -66,18 +66,19 @@ impl Session {
     /// Processes whose walks met code outside their tables (dlopen) are
     /// refreshed; with --all, new processes get tables (and their mappings
     /// are read, so that their stacks can be placed and named after they
-    /// exit). Until then their stacks follow frame pointers.
+    /// exit). Their objects are built in the background: until they are
+    /// placed, stacks are copied (and unwound then). Nothing here waits for
+    /// a build.
     pub(super) fn serve_table_requests(&mut self) {
         let all = self.settings.targets == Targets::All;
-        for pid in self.tables.poll(true) {
-            if all || self.pids.contains(&pid) {
-                self.add_unwind_tables(pid);
-            }
+        for pid in self.tables.poll_queued() {
             if all {
                 self.refresh_process(pid);
+            } else if !self.pids.contains(&pid) {
+                self.tables.remove_process(pid);
             }
         }
-        self.copies.unwind_ready(&self.tables, false);
+        self.copies.settle(&mut self.tables);
     }
 
     /// After exec the program's real mappings exist: check that the probed

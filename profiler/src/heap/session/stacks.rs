@@ -15,12 +15,10 @@ use super::{super::maps, Session};
 use crate::runtime::counters::Counts;
 
 impl Session {
-    /// Drops the tables of `pid`, which exited, once its stack copies that
-    /// they cover are unwound.
+    /// Drops the tables of `pid`, which exited, once its stack copies are
+    /// unwound (their objects may still be being built).
     pub(super) fn forget_tables(&mut self, pid: u32) {
-        self.copies.unwind_ready(&self.tables, false);
-        self.copies.drop_process(pid);
-        self.tables.remove_process(pid);
+        self.copies.process_exited(pid, &mut self.tables);
     }
 
     /// Puts the stacks unwound from copies in place of the frames the
