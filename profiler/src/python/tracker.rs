@@ -7,7 +7,7 @@
 //! since are counted by the kernel (`thread_unknown`) until then.
 use std::{
     collections::{HashMap, HashSet},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::Context as _;
@@ -38,19 +38,6 @@ use crate::{
 /// Name of a frame whose code object could not be read (the process
 /// exited, or the code was freed before the interval's read).
 pub const UNREADABLE_CODE: &str = "[python code unreadable]";
-
-/// How long a process whose name says Python but where no interpreter was
-/// found yet (a launched one that has not mapped libpython) is looked at
-/// again, first after [`PENDING_FIRST_DELAY`], then at doubling delays.
-const PENDING_FOR: Duration = Duration::from_secs(10);
-const PENDING_FIRST_DELAY: Duration = Duration::from_millis(10);
-
-/// A process looked at again until its interpreter shows up.
-struct Pending {
-    next: Instant,
-    delay: Duration,
-    until: Instant,
-}
 
 /// Pairs below which [`Tracker::name_new_pairs_if_few`] names.
 const FEW_PAIRS: usize = 2048;
@@ -152,7 +139,7 @@ pub struct Tracker {
     /// Processes found not to run a supported CPython.
     others: HashSet<u32>,
     /// Processes named like Python whose interpreter was not found yet.
-    pending: HashMap<u32, Pending>,
+    pending: Pending,
     /// Processes that exited, forgotten at the next refresh (after their
     /// last samples were named).
     exited: Vec<u32>,
@@ -198,7 +185,7 @@ impl Tracker {
             read_from_map: Vec::new(),
             tracked: HashMap::new(),
             others: HashSet::new(),
-            pending: HashMap::new(),
+            pending: Pending::default(),
             exited: Vec::new(),
             symbolizer: Symbolizer::default(),
             early: HashMap::new(),
@@ -223,7 +210,7 @@ impl Tracker {
         {
             return;
         }
-        if !maps_python(pid) {
+        if !discover::maps_python(pid) {
             // Checked again at the next exec or mapping snapshot.
             return;
         }
@@ -236,22 +223,17 @@ impl Tracker {
                     eprintln!("prof-bpf: {line}");
                     self.notes.push(line);
                     self.others.insert(pid);
-                    self.pending.remove(&pid);
+                    self.pending.remove(pid);
                 } else {
                     // A launched interpreter may not have mapped libpython
                     // yet: looked at again soon (refresh_starting).
-                    let now = Instant::now();
-                    self.pending.entry(pid).or_insert(Pending {
-                        next: now + PENDING_FIRST_DELAY,
-                        delay: PENDING_FIRST_DELAY,
-                        until: now + PENDING_FOR,
-                    });
+                    self.pending.add(pid, Instant::now());
                 }
                 debug!("pid {pid}: no Python frames: {err:#}");
                 return;
             }
         };
-        self.pending.remove(&pid);
+        self.pending.remove(pid);
         let mut layout = kernel_layout(&py);
         layout.gil_only = u64::from(self.gil_only);
         if let Err(err) = self.processes.insert(pid, layout, 0) {
@@ -305,7 +287,7 @@ impl Tracker {
     /// Process `pid` exited or runs another program.
     pub fn forget(&mut self, pid: u32) {
         self.others.remove(&pid);
-        self.pending.remove(&pid);
+        self.pending.remove(pid);
         self.symbolizer.forget(pid);
         if let Some(t) = self.tracked.remove(&pid) {
             let _ = self.processes.remove(&pid);
@@ -348,23 +330,9 @@ impl Tracker {
     /// and reads the thread lists of the processes that have no thread
     /// yet.
     pub fn refresh_starting(&mut self) {
-        let now = Instant::now();
-        let due: Vec<u32> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.next <= now)
-            .map(|(&pid, _)| pid)
-            .collect();
-        for pid in due {
-            // Found (or found unsupported), it leaves the pending ones.
+        // Found (or found unsupported), a process leaves the pending ones.
+        for pid in self.pending.take_due(Instant::now()) {
             self.add_process(pid);
-            if let Some(p) = self.pending.get_mut(&pid) {
-                p.delay *= 2;
-                p.next = now + p.delay;
-                if p.next > p.until {
-                    self.pending.remove(&pid);
-                }
-            }
         }
         let pids: Vec<u32> = self
             .tracked
@@ -590,21 +558,6 @@ impl Tracker {
     }
 }
 
-/// Whether `pid` maps an executable object whose name says Python (the
-/// cheap test before reading symbols).
-fn maps_python(pid: u32) -> bool {
-    crate::process::maps(pid).is_ok_and(|maps| {
-        maps.iter().any(|m| {
-            m.is_file()
-                && m.is_executable()
-                && m.path
-                    .rsplit('/')
-                    .next()
-                    .is_some_and(|n| n.contains("python"))
-        })
-    })
-}
-
 /// The kernel's view of an interpreter's layout.
 pub fn kernel_layout(py: &Interpreter) -> PyProcess {
     let o: &Offsets = &py.offsets;
@@ -635,6 +588,9 @@ pub fn kernel_layout(py: &Interpreter) -> PyProcess {
         gil_only: 0,
     }
 }
+
+mod pending;
+use pending::Pending;
 
 #[cfg(test)]
 mod tests;
