@@ -28,7 +28,7 @@ use super::{
     merge,
     offsets::{FrameAnchor, Offsets},
     symbolize::Symbolizer,
-    threads,
+    thread_names, threads,
 };
 use crate::{
     profile::{Frame, RawSample, Splice},
@@ -39,6 +39,9 @@ use crate::{
 /// exited, or the code was freed before the interval's read).
 pub const UNREADABLE_CODE: &str = "[python code unreadable]";
 
+/// Thread-list refreshes that look for the Python names of new threads.
+const NAME_LOOKS: u8 = 3;
+
 /// Pairs below which [`Tracker::name_new_pairs_if_few`] names.
 const FEW_PAIRS: usize = 2048;
 
@@ -48,6 +51,12 @@ struct Tracked {
     memory: ProcessMemory,
     /// Threads in the kernel's thread map.
     tids: HashSet<u32>,
+    /// Python names of threads (`threading.Thread.name`), by tid, read
+    /// when a thread is new, and again at the next [`NAME_LOOKS`] refreshes
+    /// while one has none (a `Thread` enters `threading._active` only once
+    /// it runs).
+    names: HashMap<u32, String>,
+    name_looks_left: u8,
     /// What the kernel's process map holds for it.
     layout: PyProcess,
     /// The evaluation loop's cold parts were looked for (at the first
@@ -248,6 +257,8 @@ impl Tracker {
                 py,
                 memory,
                 tids: HashSet::new(),
+                names: HashMap::new(),
+                name_looks_left: 0,
                 layout,
                 cold_parts_added: false,
             },
@@ -369,6 +380,19 @@ impl Tracker {
                 debug!("pid {pid}: Python process map: {err}");
             }
         }
+        if threads.iter().any(|thread| !t.tids.contains(&thread.tid)) {
+            t.name_looks_left = NAME_LOOKS;
+        }
+        if t.name_looks_left > 0 {
+            t.name_looks_left -= 1;
+            name_threads(t, &threads);
+            if threads
+                .iter()
+                .all(|thread| t.names.contains_key(&thread.tid))
+            {
+                t.name_looks_left = 0;
+            }
+        }
         let now: HashMap<u32, u64> = threads.iter().map(|t| (t.tid, t.tstate)).collect();
         for (&tid, &tstate) in &now {
             if self.threads.insert(tid, tstate, 0).is_ok() {
@@ -379,6 +403,7 @@ impl Tracker {
             let _ = self.threads.remove(tid);
         }
         t.tids.retain(|tid| now.contains_key(tid));
+        t.names.retain(|tid, _| now.contains_key(tid));
     }
 
     /// Puts the Python stack `id` of process `pid` into `sample`, which
@@ -390,6 +415,11 @@ impl Tracker {
         };
         let outcome = named.merge_into(sample);
         self.counts.unmatched += outcome.unmatched as u64;
+        if let Some(tid) = sample.tid
+            && let Some(name) = self.tracked.get(&pid).and_then(|t| t.names.get(&tid))
+        {
+            sample.python_thread = Some(name.clone());
+        }
     }
 
     /// Names the Python stack `id` of process `pid` now, while the process
@@ -555,6 +585,21 @@ impl Tracker {
         ];
         out.extend(self.notes.iter().cloned());
         out
+    }
+}
+
+/// Reads the Python names of `threads` (per interpreter) into `t.names`.
+fn name_threads(t: &mut Tracked, threads: &[threads::PyThread]) {
+    let interps: HashSet<u64> = threads.iter().map(|thread| thread.interp).collect();
+    for interp in interps {
+        let Ok(names) = thread_names::thread_names(&t.memory, &t.py, interp) else {
+            continue;
+        };
+        for thread in threads.iter().filter(|thread| thread.interp == interp) {
+            if let Some(name) = names.get(&thread.pthread) {
+                t.names.insert(thread.tid, name.clone());
+            }
+        }
     }
 }
 
