@@ -204,6 +204,44 @@ fn go_pprof(dir: &Path, args: &[&str], file: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// CPU samples of Python threads carry their Python names
+/// (`python_thread`), as `go tool pprof -tags` lists them: the main thread
+/// and two named threads burning alike, each with a good share.
+#[test]
+fn cpu_samples_carry_python_thread_names() {
+    require_bpf!();
+    for (label, python) in interpreters() {
+        let dir = scratch(&format!("names-{}", label.replace(' ', "-")));
+        let file = dir.join("cpu.pb.gz");
+        let script = workload("python_named_threads.py");
+        let (_, stderr, code) = run_prof_bpf(&[
+            "cpu",
+            "--format",
+            "pprof",
+            "-o",
+            file.to_str().unwrap(),
+            "--",
+            python.to_str().unwrap(),
+            script.to_str().unwrap(),
+            "3",
+        ]);
+        assert_eq!(code, 0, "{label}: {stderr}");
+        let tags = go_pprof(&dir, &["-tags"], &file);
+        let section = tags
+            .split("\n\n")
+            .find(|s| s.trim_start().starts_with("python_thread:"))
+            .unwrap_or_else(|| panic!("{label}: no python_thread label in\n{tags}"));
+        for name in ["MainThread", "alpha", "beta"] {
+            let share: f64 = section
+                .lines()
+                .find(|l| l.trim_end().ends_with(&format!(": {name}")))
+                .and_then(|l| l.split('(').nth(1)?.split('%').next()?.parse().ok())
+                .unwrap_or_else(|| panic!("{label}: {name} missing in\n{section}"));
+            assert!(share > 15.0, "{label}: {name} has {share}%:\n{section}");
+        }
+    }
+}
+
 /// `go tool pprof -traces`: each trace's functions (leaf first) and value
 /// in milliseconds.
 fn traces(text: &str) -> Vec<(Vec<String>, f64)> {

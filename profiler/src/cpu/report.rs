@@ -113,6 +113,7 @@ pub(crate) fn sample(
         pid,
         tid: Some(key.tid),
         thread_comm: (thread_comm != comm).then_some(thread_comm),
+        python_thread: None,
         comm,
         user,
         // In the kernel, the user stack starts where the task entered it

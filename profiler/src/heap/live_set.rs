@@ -200,6 +200,7 @@ fn raw_sample(
         tid: None,
         comm: comm.to_owned(),
         thread_comm: None,
+        python_thread: None,
         user: stack.to_vec(),
         user_status: if stack.is_empty() {
             StackStatus::Missing

@@ -437,6 +437,7 @@ fn sample(
         tid: None,
         comm: ctx.processes.comm(key.pid),
         thread_comm: None,
+        python_thread: None,
         user,
         user_status,
         kernel: Vec::new(),

@@ -183,6 +183,9 @@ impl Collector {
         if let Some(name) = s.thread_comm {
             labels.push(Label::str("thread_comm", name));
         }
+        if let Some(name) = s.python_thread {
+            labels.push(Label::str("python_thread", name));
+        }
         for (key, value, unit) in s.numeric_labels {
             labels.push(Label::num(key, value, unit));
         }

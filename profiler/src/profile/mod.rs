@@ -110,6 +110,8 @@ pub struct RawSample {
     pub comm: String,
     /// The thread's name, when it differs from the process's.
     pub thread_comm: Option<String>,
+    /// The Python thread's name (`threading.Thread.name`), when known.
+    pub python_thread: Option<String>,
     /// Absolute user addresses in `pid`, leaf first. All are return
     /// addresses except `user[0]` when `leaf_is_pc` is set.
     pub user: Vec<u64>,

@@ -216,6 +216,21 @@ fn interpreter(
     })
 }
 
+/// Whether `pid` maps an executable object whose name says Python (the
+/// cheap test before reading symbols).
+pub fn maps_python(pid: u32) -> bool {
+    crate::process::maps(pid).is_ok_and(|maps| {
+        maps.iter().any(|m| {
+            m.is_file()
+                && m.is_executable()
+                && m.path
+                    .rsplit('/')
+                    .next()
+                    .is_some_and(|n| n.contains("python"))
+        })
+    })
+}
+
 /// `3.10` from `/x/libpython3.10.so.1.0` or `/x/python3.10`.
 fn version_from_name(path: &str) -> Option<String> {
     let name = path.rsplit('/').next()?;

@@ -7,7 +7,7 @@
 //! since are counted by the kernel (`thread_unknown`) until then.
 use std::{
     collections::{HashMap, HashSet},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::Context as _;
@@ -28,7 +28,7 @@ use super::{
     merge,
     offsets::{FrameAnchor, Offsets},
     symbolize::Symbolizer,
-    threads,
+    thread_names, threads,
 };
 use crate::{
     profile::{Frame, RawSample, Splice},
@@ -39,18 +39,8 @@ use crate::{
 /// exited, or the code was freed before the interval's read).
 pub const UNREADABLE_CODE: &str = "[python code unreadable]";
 
-/// How long a process whose name says Python but where no interpreter was
-/// found yet (a launched one that has not mapped libpython) is looked at
-/// again, first after [`PENDING_FIRST_DELAY`], then at doubling delays.
-const PENDING_FOR: Duration = Duration::from_secs(10);
-const PENDING_FIRST_DELAY: Duration = Duration::from_millis(10);
-
-/// A process looked at again until its interpreter shows up.
-struct Pending {
-    next: Instant,
-    delay: Duration,
-    until: Instant,
-}
+/// Thread-list refreshes that look for the Python names of new threads.
+const NAME_LOOKS: u8 = 3;
 
 /// Pairs below which [`Tracker::name_new_pairs_if_few`] names.
 const FEW_PAIRS: usize = 2048;
@@ -61,6 +51,12 @@ struct Tracked {
     memory: ProcessMemory,
     /// Threads in the kernel's thread map.
     tids: HashSet<u32>,
+    /// Python names of threads (`threading.Thread.name`), by tid, read
+    /// when a thread is new, and again at the next [`NAME_LOOKS`] refreshes
+    /// while one has none (a `Thread` enters `threading._active` only once
+    /// it runs).
+    names: HashMap<u32, String>,
+    name_looks_left: u8,
     /// What the kernel's process map holds for it.
     layout: PyProcess,
     /// The evaluation loop's cold parts were looked for (at the first
@@ -152,7 +148,7 @@ pub struct Tracker {
     /// Processes found not to run a supported CPython.
     others: HashSet<u32>,
     /// Processes named like Python whose interpreter was not found yet.
-    pending: HashMap<u32, Pending>,
+    pending: Pending,
     /// Processes that exited, forgotten at the next refresh (after their
     /// last samples were named).
     exited: Vec<u32>,
@@ -198,7 +194,7 @@ impl Tracker {
             read_from_map: Vec::new(),
             tracked: HashMap::new(),
             others: HashSet::new(),
-            pending: HashMap::new(),
+            pending: Pending::default(),
             exited: Vec::new(),
             symbolizer: Symbolizer::default(),
             early: HashMap::new(),
@@ -223,7 +219,7 @@ impl Tracker {
         {
             return;
         }
-        if !maps_python(pid) {
+        if !discover::maps_python(pid) {
             // Checked again at the next exec or mapping snapshot.
             return;
         }
@@ -236,22 +232,17 @@ impl Tracker {
                     eprintln!("prof-bpf: {line}");
                     self.notes.push(line);
                     self.others.insert(pid);
-                    self.pending.remove(&pid);
+                    self.pending.remove(pid);
                 } else {
                     // A launched interpreter may not have mapped libpython
                     // yet: looked at again soon (refresh_starting).
-                    let now = Instant::now();
-                    self.pending.entry(pid).or_insert(Pending {
-                        next: now + PENDING_FIRST_DELAY,
-                        delay: PENDING_FIRST_DELAY,
-                        until: now + PENDING_FOR,
-                    });
+                    self.pending.add(pid, Instant::now());
                 }
                 debug!("pid {pid}: no Python frames: {err:#}");
                 return;
             }
         };
-        self.pending.remove(&pid);
+        self.pending.remove(pid);
         let mut layout = kernel_layout(&py);
         layout.gil_only = u64::from(self.gil_only);
         if let Err(err) = self.processes.insert(pid, layout, 0) {
@@ -266,6 +257,8 @@ impl Tracker {
                 py,
                 memory,
                 tids: HashSet::new(),
+                names: HashMap::new(),
+                name_looks_left: 0,
                 layout,
                 cold_parts_added: false,
             },
@@ -305,7 +298,7 @@ impl Tracker {
     /// Process `pid` exited or runs another program.
     pub fn forget(&mut self, pid: u32) {
         self.others.remove(&pid);
-        self.pending.remove(&pid);
+        self.pending.remove(pid);
         self.symbolizer.forget(pid);
         if let Some(t) = self.tracked.remove(&pid) {
             let _ = self.processes.remove(&pid);
@@ -348,23 +341,9 @@ impl Tracker {
     /// and reads the thread lists of the processes that have no thread
     /// yet.
     pub fn refresh_starting(&mut self) {
-        let now = Instant::now();
-        let due: Vec<u32> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.next <= now)
-            .map(|(&pid, _)| pid)
-            .collect();
-        for pid in due {
-            // Found (or found unsupported), it leaves the pending ones.
+        // Found (or found unsupported), a process leaves the pending ones.
+        for pid in self.pending.take_due(Instant::now()) {
             self.add_process(pid);
-            if let Some(p) = self.pending.get_mut(&pid) {
-                p.delay *= 2;
-                p.next = now + p.delay;
-                if p.next > p.until {
-                    self.pending.remove(&pid);
-                }
-            }
         }
         let pids: Vec<u32> = self
             .tracked
@@ -401,6 +380,19 @@ impl Tracker {
                 debug!("pid {pid}: Python process map: {err}");
             }
         }
+        if threads.iter().any(|thread| !t.tids.contains(&thread.tid)) {
+            t.name_looks_left = NAME_LOOKS;
+        }
+        if t.name_looks_left > 0 {
+            t.name_looks_left -= 1;
+            name_threads(t, &threads);
+            if threads
+                .iter()
+                .all(|thread| t.names.contains_key(&thread.tid))
+            {
+                t.name_looks_left = 0;
+            }
+        }
         let now: HashMap<u32, u64> = threads.iter().map(|t| (t.tid, t.tstate)).collect();
         for (&tid, &tstate) in &now {
             if self.threads.insert(tid, tstate, 0).is_ok() {
@@ -411,6 +403,7 @@ impl Tracker {
             let _ = self.threads.remove(tid);
         }
         t.tids.retain(|tid| now.contains_key(tid));
+        t.names.retain(|tid, _| now.contains_key(tid));
     }
 
     /// Puts the Python stack `id` of process `pid` into `sample`, which
@@ -422,6 +415,11 @@ impl Tracker {
         };
         let outcome = named.merge_into(sample);
         self.counts.unmatched += outcome.unmatched as u64;
+        if let Some(tid) = sample.tid
+            && let Some(name) = self.tracked.get(&pid).and_then(|t| t.names.get(&tid))
+        {
+            sample.python_thread = Some(name.clone());
+        }
     }
 
     /// Names the Python stack `id` of process `pid` now, while the process
@@ -614,19 +612,19 @@ impl Tracker {
     }
 }
 
-/// Whether `pid` maps an executable object whose name says Python (the
-/// cheap test before reading symbols).
-fn maps_python(pid: u32) -> bool {
-    crate::process::maps(pid).is_ok_and(|maps| {
-        maps.iter().any(|m| {
-            m.is_file()
-                && m.is_executable()
-                && m.path
-                    .rsplit('/')
-                    .next()
-                    .is_some_and(|n| n.contains("python"))
-        })
-    })
+/// Reads the Python names of `threads` (per interpreter) into `t.names`.
+fn name_threads(t: &mut Tracked, threads: &[threads::PyThread]) {
+    let interps: HashSet<u64> = threads.iter().map(|thread| thread.interp).collect();
+    for interp in interps {
+        let Ok(names) = thread_names::thread_names(&t.memory, &t.py, interp) else {
+            continue;
+        };
+        for thread in threads.iter().filter(|thread| thread.interp == interp) {
+            if let Some(name) = names.get(&thread.pthread) {
+                t.names.insert(thread.tid, name.clone());
+            }
+        }
+    }
 }
 
 /// The kernel's view of an interpreter's layout.
@@ -659,6 +657,9 @@ pub fn kernel_layout(py: &Interpreter) -> PyProcess {
         gil_only: 0,
     }
 }
+
+mod pending;
+use pending::Pending;
 
 #[cfg(test)]
 mod tests;
