@@ -2,9 +2,9 @@
 //! thread of its own: symbolizing a busy host takes seconds, and the
 //! collectors must go on meanwhile. One symbol cache serves every profile,
 //! so each object is parsed once, not once per process and interval; it
-//! keeps at most [`DEFAULT_MAPPED_BOUND`] bytes of object files mapped,
-//! dropping the least recently used (which frees the objects of processes
-//! long gone), and reads the kernel's symbols once.
+//! keeps at most [`MAPPED_BOUND`] bytes of object files mapped, dropping
+//! the least recently used (which frees the objects of processes long
+//! gone), and reads the kernel's symbols once.
 use std::{
     sync::{Arc, mpsc},
     thread::JoinHandle,
@@ -16,8 +16,16 @@ use anyhow::Context as _;
 use crate::{
     profile::Collector,
     sinks::{ProfileKind, ProfileMessage, Sinks, Source},
-    symbolize::{DEFAULT_MAPPED_BOUND, SymbolCache},
+    symbolize::SymbolCache,
 };
+
+/// Bytes of object files the symbol cache keeps mapped: more than the
+/// default, so that a host's largest objects (libLLVM at 200 MB and
+/// librustc_driver at 150 MB on a Rust build host) stay parsed beside the
+/// others. Under a bound below the host's working set, each of them was
+/// parsed again (symbol tables sorted, debug sections inflated) for every
+/// profile that needed it. Only the pages read count in the RSS.
+const MAPPED_BOUND: u64 = 512 << 20;
 
 /// One profile to finish and send.
 pub(crate) struct Job {
@@ -65,7 +73,7 @@ impl Emitter {
 }
 
 fn serve(queue: &mpsc::Receiver<Job>, sinks: &Sinks) {
-    let cache = SymbolCache::with_mapped_bound(DEFAULT_MAPPED_BOUND);
+    let cache = SymbolCache::with_mapped_bound(MAPPED_BOUND);
     for job in queue {
         let pid = job.source.pid;
         match job.collector.finish_with(&cache) {
