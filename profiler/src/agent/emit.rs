@@ -16,16 +16,15 @@ use anyhow::Context as _;
 use crate::{
     profile::Collector,
     sinks::{ProfileKind, ProfileMessage, Sinks, Source},
-    symbolize::SymbolCache,
+    symbolize::{DEFAULT_MAPPED_BOUND, SymbolCache},
 };
 
-/// Bytes of object files the symbol cache keeps mapped: more than the
-/// default, so that a host's largest objects (libLLVM at 200 MB and
-/// librustc_driver at 150 MB on a Rust build host) stay parsed beside the
-/// others. Under a bound below the host's working set, each of them was
-/// parsed again (symbol tables sorted, debug sections inflated) for every
-/// profile that needed it. Only the pages read count in the RSS.
-const MAPPED_BOUND: u64 = 512 << 20;
+/// Bytes of object files the symbol cache keeps mapped. A host's largest
+/// objects (libLLVM at 200 MB, librustc_driver at 150 MB on a Rust build
+/// host) do not fit beside the others and are parsed again when they come
+/// back; the cache's frames by address spare most of those parses, and a
+/// larger bound would cost resident pages (the agent keeps within 250 MB).
+const MAPPED_BOUND: u64 = DEFAULT_MAPPED_BOUND;
 
 /// One profile to finish and send.
 pub(crate) struct Job {
