@@ -89,7 +89,8 @@ impl SymbolCache {
     }
 
     /// A cache that keeps at most `bound` bytes of object files mapped
-    /// (one object larger than the bound is kept alone while in use).
+    /// (an object larger than the bound is parsed for each batch, never
+    /// kept).
     pub fn with_mapped_bound(bound: u64) -> Self {
         Self {
             kernel: RefCell::new(None),
@@ -206,6 +207,13 @@ impl ObjectCache {
             return entry.symbolizer.clone();
         }
         let size = meta.len();
+        if size > self.bound {
+            // Kept, it would push every other object out (a build host's
+            // libLLVM, a debug binary of hundreds of MB): the others, with
+            // their debug files inflated and indexed, would be parsed again
+            // for every profile. It serves this batch only.
+            return Rc::new(Symbolizer::new());
+        }
         while self.mapped + size > self.bound {
             let Some(oldest) = self
                 .entries
@@ -321,10 +329,12 @@ mod tests {
         assert_eq!((objects.mapped, objects.entries.len()), (200, 2));
         assert!(Rc::ptr_eq(&first_a, &objects.symbolizer_for(&a)));
         assert!(!Rc::ptr_eq(&first_b, &objects.symbolizer_for(&b)));
-        // An object larger than the bound is kept alone.
+        // An object larger than the bound is not kept, nor does it push
+        // the others out.
         let big = file("big", 1000);
-        objects.symbolizer_for(&big);
-        assert_eq!((objects.mapped, objects.entries.len()), (1000, 1));
+        let first_big = objects.symbolizer_for(&big);
+        assert_eq!((objects.mapped, objects.entries.len()), (200, 2));
+        assert!(!Rc::ptr_eq(&first_big, &objects.symbolizer_for(&big)));
         drop(objects);
         std::fs::remove_dir_all(&dir).unwrap();
     }
