@@ -18,18 +18,12 @@
 //! the exact start of a sizeless symbol), so a stripped binary's static
 //! function is never labelled with the nearest exported one.
 use std::{
-    cell::RefCell,
     collections::HashMap,
     fs::File,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    rc::Rc,
+    sync::{Arc, OnceLock},
     time::{Duration, Instant},
-};
-
-use blazesym::symbolize::{
-    Input, Symbolized, Symbolizer,
-    source::{Elf, Kernel, Source},
 };
 
 use crate::process;
@@ -65,8 +59,9 @@ pub(crate) struct Object {
     pub(crate) build_id: String,
     /// Size of the file, bounding its file offsets.
     pub(crate) size: u64,
-    /// The open file (kept open so that it outlives the process).
-    file: Option<File>,
+    /// The open file (kept open so that it outlives the process; shared
+    /// for the vDSO's image).
+    file: Option<Arc<File>>,
 }
 
 impl Object {
@@ -137,6 +132,9 @@ pub(crate) struct Normalizer {
     processes: HashMap<u32, ProcessState>,
     /// The vDSO as an object, once dumped (`Some(None)`: dumping failed).
     vdso: Option<Option<usize>>,
+    /// Mappings shared with other normalizers, when a long-running
+    /// profiler keeps them (see [`MapsCache`]).
+    shared: Option<Arc<MapsCache>>,
 }
 
 impl Normalizer {
@@ -146,10 +144,34 @@ impl Normalizer {
 
     /// Reads `pid`'s mappings now; returns false when the process is gone.
     pub(crate) fn note_process(&mut self, pid: u32) -> bool {
+        if let Some(shared) = &self.shared {
+            let Some(read) = shared.maps(pid) else {
+                return false;
+            };
+            self.note_read(pid, &read.maps, read.at);
+            return true;
+        }
         // A program that exited early is known from the mappings kept at its exec.
         let Ok(maps) = process::maps_or_remembered(pid) else {
             return false;
         };
+        self.note_maps(pid, &maps);
+        true
+    }
+
+    /// Reads mappings through `cache`, shared with other normalizers.
+    pub(crate) fn share_maps(&mut self, cache: Arc<MapsCache>) {
+        self.shared = Some(cache);
+    }
+
+    /// Takes `maps` as `pid`'s mappings (read by the caller while the
+    /// process lived, or just now): its addresses are placed with them
+    /// even after it exits.
+    pub(crate) fn note_maps(&mut self, pid: u32, maps: &[process::Mapping]) {
+        self.note_read(pid, maps, Instant::now());
+    }
+
+    fn note_read(&mut self, pid: u32, maps: &[process::Mapping], at: Instant) {
         let mut mappings = Vec::new();
         for m in maps.iter().filter(|m| m.is_executable()) {
             let target = if m.path == "[vdso]" {
@@ -174,8 +196,7 @@ impl Normalizer {
         }
         let state = self.processes.entry(pid).or_default();
         state.mappings = mappings;
-        state.read_at = Some(Instant::now());
-        true
+        state.read_at = Some(at);
     }
 
     /// The object of `pid`'s executable (`/proc/PID/exe`), once
@@ -190,6 +211,22 @@ impl Normalizer {
     pub(crate) fn normalize(&mut self, pid: u32, addr: u64) -> Option<Normalized> {
         if let Some(n) = self.lookup(pid, addr) {
             return Some(n);
+        }
+        if let Some(shared) = self.shared.clone() {
+            let Some(seen) = self.processes.get(&pid).and_then(|s| s.read_at) else {
+                return if self.note_process(pid) {
+                    self.lookup(pid, addr)
+                } else {
+                    None
+                };
+            };
+            let read = shared.after_miss(pid, seen)?;
+            self.note_read(pid, &read.maps, read.at);
+            let placed = self.lookup(pid, addr);
+            if placed.is_some() {
+                shared.placed(pid);
+            }
+            return placed;
         }
         let stale = self
             .processes
@@ -262,19 +299,12 @@ impl Normalizer {
         if let Some(done) = self.vdso {
             return done;
         }
-        let object = dump_own_vdso().ok().map(|file| {
-            use std::os::fd::AsRawFd as _;
-            let fd_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-            let build_id = blazesym::helper::read_elf_build_id(&fd_path)
-                .ok()
-                .flatten()
-                .map(|id| hex(&id))
-                .unwrap_or_default();
+        let object = own_vdso().map(|(file, build_id, size)| {
             self.objects.push(Object {
                 path: "[vdso]".to_owned(),
-                build_id,
-                size: file.metadata().map_or(0, |m| m.len()),
-                file: Some(file),
+                build_id: build_id.clone(),
+                size: *size,
+                file: Some(Arc::clone(file)),
             });
             self.objects.len() - 1
         });
@@ -283,6 +313,11 @@ impl Normalizer {
     }
 
     fn object_for(&mut self, pid: u32, m: &process::Mapping) -> Option<usize> {
+        // Opened already (by this normalizer, for this or another process).
+        let listed = (libc::makedev(m.dev.0, m.dev.1), m.inode);
+        if let Some(&i) = self.by_identity.get(&listed) {
+            return Some(i);
+        }
         // /proc/PID/map_files reaches the mapped file even when it was
         // deleted or lives in another mount namespace; it needs root, so
         // fall back to the path through the process's root.
@@ -305,7 +340,7 @@ impl Normalizer {
             path,
             build_id,
             size: meta.len(),
-            file: Some(file),
+            file: Some(Arc::new(file)),
         });
         let i = self.objects.len() - 1;
         self.by_identity.insert(identity, i);
@@ -320,6 +355,9 @@ static BUILD_IDS: std::sync::Mutex<Option<HashMap<FileIdentity, String>>> =
 
 /// Build ids remembered at most (then forgotten all at once: files come and go).
 const MAX_BUILD_IDS: usize = 4096;
+
+/// (device, inode, size, modification time in ns).
+type FileIdentity = (u64, u64, u64, i64);
 
 fn identity_of(meta: &std::fs::Metadata) -> FileIdentity {
     (
@@ -366,6 +404,26 @@ fn same_file(m: &process::Mapping) -> std::io::Result<File> {
     }
 }
 
+/// This process's vDSO image, dumped once (every normalizer of a
+/// long-running process shares it: one file, one identity, parsed once by
+/// the symbol cache), with its build id and size.
+fn own_vdso() -> Option<&'static (Arc<File>, String, u64)> {
+    static VDSO: OnceLock<Option<(Arc<File>, String, u64)>> = OnceLock::new();
+    VDSO.get_or_init(|| {
+        let file = dump_own_vdso().ok()?;
+        use std::os::fd::AsRawFd as _;
+        let fd_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let build_id = blazesym::helper::read_elf_build_id(&fd_path)
+            .ok()
+            .flatten()
+            .map(|id| hex(&id))
+            .unwrap_or_default();
+        let size = file.metadata().map_or(0, |m| m.len());
+        Some((Arc::new(file), build_id, size))
+    })
+    .as_ref()
+}
+
 /// Copies this process's vDSO image into an unlinked temporary file.
 fn dump_own_vdso() -> std::io::Result<File> {
     use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
@@ -410,203 +468,11 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Where the kernel's symbols are read from.
-pub(crate) const KALLSYMS: &str = "/proc/kallsyms";
-
-/// What a batch of addresses is looked up in.
-#[derive(Clone, Copy, Debug)]
-pub enum SymbolSource<'a> {
-    /// An ELF object; the addresses are file offsets.
-    Elf(&'a Path),
-    /// The kernel, through a kallsyms file; the addresses are absolute.
-    Kernel(&'a Path),
-}
-
-/// Default bound on the bytes of object files the cache keeps mapped.
-pub const DEFAULT_MAPPED_BOUND: u64 = 128 << 20;
-
-/// How long the kernel's symbols are kept before `/proc/kallsyms` is read
-/// again (modules come and go; reading and sorting it costs tens of ms).
-const KERNEL_REFRESH: Duration = Duration::from_secs(600);
-
-/// Parsed objects (symbol tables, DWARF) kept across lookups. Holds `Rc`s:
-/// one per thread.
-///
-/// Each object has a symbolizer of its own, so that it can be dropped on
-/// its own: blazesym maps the whole file it reads, and a host's objects
-/// (compilers, debuggers with gigabytes of debug info) would otherwise stay
-/// mapped, and partly resident, for as long as the cache lives. When the
-/// objects' file sizes add up to more than the bound, the least recently
-/// used are dropped first. The kernel's symbols are kept apart, read once
-/// per [`KERNEL_REFRESH`].
-pub struct SymbolCache {
-    kernel: RefCell<Option<(Instant, Symbolizer)>>,
-    objects: RefCell<ObjectCache>,
-}
-
-/// The per-object symbolizers, least recently used dropped first.
-struct ObjectCache {
-    /// Keyed by the file's identity, not its path: `/proc/self/fd/N`
-    /// paths are reused for other files.
-    entries: HashMap<FileIdentity, CachedObject>,
-    /// Sum of the entries' file sizes.
-    mapped: u64,
-    bound: u64,
-    /// Lookups so far: each entry's `used` is the tick of its last one.
-    tick: u64,
-}
-
-/// (device, inode, size, modification time in ns).
-type FileIdentity = (u64, u64, u64, i64);
-
-struct CachedObject {
-    symbolizer: Rc<Symbolizer>,
-    size: u64,
-    used: u64,
-}
-
-impl Default for SymbolCache {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl SymbolCache {
-    pub fn new() -> Self {
-        Self::with_mapped_bound(DEFAULT_MAPPED_BOUND)
-    }
-
-    /// A cache that keeps at most `bound` bytes of object files mapped
-    /// (one object larger than the bound is kept alone while in use).
-    pub fn with_mapped_bound(bound: u64) -> Self {
-        Self {
-            kernel: RefCell::new(None),
-            objects: RefCell::new(ObjectCache {
-                entries: HashMap::new(),
-                mapped: 0,
-                bound,
-                tick: 0,
-            }),
-        }
-    }
-
-    /// Bytes of object files held now, and how many objects.
-    pub fn mapped(&self) -> (u64, usize) {
-        let objects = self.objects.borrow();
-        (objects.mapped, objects.entries.len())
-    }
-
-    /// The frames at each address, innermost first; empty where no symbol
-    /// covers the address.
-    pub fn frames(
-        &self,
-        source: SymbolSource<'_>,
-        addrs: &[u64],
-    ) -> anyhow::Result<Vec<Vec<Frame>>> {
-        let symbols = match source {
-            SymbolSource::Kernel(kallsyms) => {
-                let src = Source::Kernel(Kernel {
-                    kallsyms: blazesym::MaybeDefault::Some(kallsyms.to_path_buf()),
-                    vmlinux: blazesym::MaybeDefault::None,
-                    ..Kernel::default()
-                });
-                let mut kernel = self.kernel.borrow_mut();
-                if kernel
-                    .as_ref()
-                    .is_none_or(|(at, _)| at.elapsed() >= KERNEL_REFRESH)
-                {
-                    *kernel = Some((Instant::now(), Symbolizer::new()));
-                }
-                let (_, symbolizer) = kernel.as_ref().expect("set above");
-                let symbols = symbolizer.symbolize(&src, Input::AbsAddr(addrs))?;
-                return Ok(symbols.into_iter().map(frames_of).collect());
-            }
-            SymbolSource::Elf(path) => {
-                let symbolizer = self.objects.borrow_mut().symbolizer_for(path);
-                let src = Source::Elf(Elf::new(path));
-                let symbols = symbolizer.symbolize(&src, Input::FileOffset(addrs))?;
-                symbols.into_iter().map(frames_of).collect()
-            }
-        };
-        Ok(symbols)
-    }
-}
-
-impl ObjectCache {
-    /// The symbolizer of the object at `path`, made room for.
-    fn symbolizer_for(&mut self, path: &Path) -> Rc<Symbolizer> {
-        self.tick += 1;
-        let tick = self.tick;
-        let Ok(meta) = path.metadata() else {
-            // Unreadable: blazesym reports the error; nothing to keep.
-            return Rc::new(Symbolizer::new());
-        };
-        let identity = identity_of(&meta);
-        if let Some(entry) = self.entries.get_mut(&identity) {
-            entry.used = tick;
-            return entry.symbolizer.clone();
-        }
-        let size = meta.len();
-        while self.mapped + size > self.bound {
-            let Some(oldest) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, e)| e.used)
-                .map(|(k, _)| *k)
-            else {
-                break;
-            };
-            let dropped = self.entries.remove(&oldest).expect("listed above");
-            self.mapped -= dropped.size;
-        }
-        let symbolizer = Rc::new(Symbolizer::new());
-        self.entries.insert(
-            identity,
-            CachedObject {
-                symbolizer: symbolizer.clone(),
-                size,
-                used: tick,
-            },
-        );
-        self.mapped += size;
-        symbolizer
-    }
-}
-
-/// A blazesym result as frames, innermost first.
-fn frames_of(sym: Symbolized<'_>) -> Vec<Frame> {
-    let Symbolized::Sym(sym) = sym else {
-        return Vec::new();
-    };
-    let code = |c: Option<&blazesym::symbolize::CodeInfo<'_>>| {
-        c.map_or((String::new(), 0), |c| {
-            (
-                c.to_path().display().to_string(),
-                i64::from(c.line.unwrap_or(0)),
-            )
-        })
-    };
-    let mut frames = Vec::with_capacity(sym.inlined.len() + 1);
-    // blazesym lists inlined calls outermost first; each carries the source
-    // location inside that inlined function.
-    for f in sym.inlined.iter().rev() {
-        let (file, line) = code(f.code_info.as_ref());
-        frames.push(Frame {
-            function: f.name.to_string(),
-            file,
-            line,
-            inlined: true,
-        });
-    }
-    let (file, line) = code(sym.code_info.as_deref());
-    frames.push(Frame {
-        function: sym.name.to_string(),
-        file,
-        line,
-        inlined: false,
-    });
-    frames
-}
+mod maps_cache;
+mod symbol_cache;
+pub(crate) use maps_cache::MapsCache;
+pub(crate) use symbol_cache::KALLSYMS;
+pub use symbol_cache::{DEFAULT_MAPPED_BOUND, SymbolCache, SymbolSource};
 
 #[cfg(test)]
 mod tests;

@@ -3,7 +3,7 @@
 //! process's addresses are placed while it lives), and its task events
 //! (exec, exit), which the agent shares with the heap collector and the
 //! unwind tables.
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use anyhow::Context as _;
 use profiler_common::{
@@ -25,6 +25,7 @@ use crate::{
         tasks::{Change, LiveProc, Tasks},
     },
     profile::Collector,
+    symbolize::MapsCache,
 };
 
 /// User stacks kept by content hash before the cache is emptied (about
@@ -45,12 +46,19 @@ pub(crate) struct CpuCollector {
     pub recent_samples: HashMap<u32, u64>,
     /// Whether each process sampled is profiled (decided at its first sample).
     in_scope: HashMap<u32, bool>,
+    /// Mappings shared with the heap profiles and kept across intervals.
+    maps_cache: Arc<MapsCache>,
 }
 
 impl CpuCollector {
     /// Attaches the sampler at `frequency` Hz on every CPU (only the --pid
     /// processes when the scope is just those).
-    pub fn new(ebpf: &mut aya::Ebpf, frequency: u64, scope: &Scope) -> anyhow::Result<Self> {
+    pub fn new(
+        ebpf: &mut aya::Ebpf,
+        frequency: u64,
+        scope: &Scope,
+        maps_cache: Arc<MapsCache>,
+    ) -> anyhow::Result<Self> {
         let only_pids = scope.pids_only();
         let settings = Settings {
             targets: if only_pids {
@@ -86,6 +94,7 @@ impl CpuCollector {
             interval: HashMap::new(),
             recent_samples: HashMap::new(),
             in_scope: HashMap::new(),
+            maps_cache,
         })
     }
 
@@ -149,10 +158,12 @@ impl CpuCollector {
                 python.merge(pid, key.python_stack, &mut sample);
             }
             let frequency = self.frequency;
+            let maps_cache = &self.maps_cache;
             self.interval
                 .entry(pid)
                 .or_insert_with(|| {
                     let mut c = report::collector(Event::CpuClock, frequency);
+                    c.share_maps(Arc::clone(maps_cache));
                     c.note_process(pid);
                     c
                 })

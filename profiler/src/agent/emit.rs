@@ -2,9 +2,9 @@
 //! thread of its own: symbolizing a busy host takes seconds, and the
 //! collectors must go on meanwhile. One symbol cache serves every profile,
 //! so each object is parsed once, not once per process and interval; it
-//! keeps at most [`DEFAULT_MAPPED_BOUND`] bytes of object files mapped,
-//! dropping the least recently used (which frees the objects of processes
-//! long gone), and reads the kernel's symbols once.
+//! keeps at most [`MAPPED_BOUND`] bytes of object files mapped, dropping
+//! the least recently used (which frees the objects of processes long
+//! gone), and reads the kernel's symbols once.
 use std::{
     sync::{Arc, mpsc},
     thread::JoinHandle,
@@ -18,6 +18,13 @@ use crate::{
     sinks::{ProfileKind, ProfileMessage, Sinks, Source},
     symbolize::{DEFAULT_MAPPED_BOUND, SymbolCache},
 };
+
+/// Bytes of object files the symbol cache keeps mapped. A host's largest
+/// objects (libLLVM at 200 MB, librustc_driver at 150 MB on a Rust build
+/// host) do not fit beside the others and are parsed again when they come
+/// back; the cache's frames by address spare most of those parses, and a
+/// larger bound would cost resident pages (the agent keeps within 250 MB).
+const MAPPED_BOUND: u64 = DEFAULT_MAPPED_BOUND;
 
 /// One profile to finish and send.
 pub(crate) struct Job {
@@ -65,7 +72,7 @@ impl Emitter {
 }
 
 fn serve(queue: &mpsc::Receiver<Job>, sinks: &Sinks) {
-    let cache = SymbolCache::with_mapped_bound(DEFAULT_MAPPED_BOUND);
+    let cache = SymbolCache::with_mapped_bound(MAPPED_BOUND);
     for job in queue {
         let pid = job.source.pid;
         match job.collector.finish_with(&cache) {

@@ -15,6 +15,7 @@
 use std::{
     collections::{HashMap, HashSet},
     num::NonZeroU32,
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -42,9 +43,11 @@ use crate::{
         usdt_attach::{self, UsdtAttacher},
         usdt_sites,
     },
+    live_heap::{self, LiveHeap},
     process,
     profile::{Collector, SampleType},
     python::tracker::Tracker,
+    symbolize::MapsCache,
 };
 
 /// After an exec, how long a process is examined again at every tick
@@ -97,14 +100,27 @@ pub(crate) struct HeapCollector {
     /// User stacks read so far, by id (a hash of their content).
     stacks: HashMap<u64, UserStack>,
     processes: Processes,
+    /// Mappings shared with the CPU collector's profiles.
+    maps_cache: Arc<MapsCache>,
+    /// Where each process's allocator keeps its live heap (None: it
+    /// exports none), found once per program.
+    live_headers: HashMap<u32, Option<u64>>,
     attached_at: SystemTime,
     /// Processes detached for their rate, counted.
     pub detached: u64,
+    /// Processes whose samples were dropped: they exited before their
+    /// mappings could be read.
+    pub unplaced: u64,
 }
 
 impl HeapCollector {
     /// Loads the heap programs into `ebpf` (not attached yet).
-    pub fn new(ebpf: &mut Ebpf, sample_bytes: u64, max_rate: u64) -> anyhow::Result<Self> {
+    pub fn new(
+        ebpf: &mut Ebpf,
+        sample_bytes: u64,
+        max_rate: u64,
+        maps_cache: Arc<MapsCache>,
+    ) -> anyhow::Result<Self> {
         maps::configure(ebpf, sample_bytes, false)?;
         for name in [
             attach::HOOK_FREE_PROGRAM,
@@ -132,8 +148,11 @@ impl HeapCollector {
             baseline: HashMap::new(),
             stacks: HashMap::new(),
             processes: Processes::default(),
+            maps_cache,
+            live_headers: HashMap::new(),
             attached_at: SystemTime::now(),
             detached: 0,
+            unplaced: 0,
         })
     }
 
@@ -159,6 +178,7 @@ impl HeapCollector {
         self.execs.insert(pid, Instant::now());
         self.in_process.remove(&pid);
         self.out_of_scope.remove(&pid);
+        self.live_headers.remove(&pid);
         if let Some(u) = self.uprobed.remove(&pid) {
             attach::detach(ebpf, u.links);
         }
@@ -183,9 +203,10 @@ impl HeapCollector {
             if pid == me || !self.seen.insert(pid) {
                 continue;
             }
-            let Ok(maps) = process::maps(pid) else {
+            let Some(read) = self.maps_cache.maps(pid) else {
                 continue;
             };
+            let maps = &read.maps;
             if maps.is_empty() {
                 // A kernel thread, or gone.
                 continue;
@@ -196,7 +217,7 @@ impl HeapCollector {
                 continue;
             }
             let mut tracking = None;
-            for object in discover::mapped_objects(&maps) {
+            for object in discover::mapped_objects(maps) {
                 if !self.objects.contains_key(&object.inode) {
                     let offer = self.examine(ebpf, pid, &object.path, object.inode);
                     self.objects.insert(object.inode, offer);
@@ -368,9 +389,37 @@ impl HeapCollector {
         Ok(())
     }
 
-    /// Rereads the mappings and name of a live process.
-    fn refresh(&mut self, pid: u32) {
-        self.processes.refresh(pid);
+    /// The mappings (shared with the CPU profiles: read again only when
+    /// old, see [`MapsCache`]) and name of a process; false when none are
+    /// known.
+    fn refresh(&mut self, pid: u32) -> bool {
+        let Some(read) = self.maps_cache.maps(pid) else {
+            return false;
+        };
+        self.processes.maps.insert(pid, read.maps.to_vec());
+        self.processes.comms.insert(pid, process::comm(pid));
+        true
+    }
+
+    /// The live heap of a process whose allocator exports one, read at the
+    /// address found for its program.
+    fn live_heap(&mut self, pid: u32) -> HashMap<u32, LiveHeap> {
+        let at = *self
+            .live_headers
+            .entry(pid)
+            .or_insert_with(|| live_heap::find_header(pid).ok());
+        let Some(at) = at else {
+            return HashMap::new();
+        };
+        match live_heap::read_at(pid, at) {
+            Ok(heap) => HashMap::from([(pid, heap)]),
+            Err(err) => {
+                // Looked for again next time.
+                self.live_headers.remove(&pid);
+                debug!("no live heap read from pid {pid}: {err:#}");
+                HashMap::new()
+            }
+        }
     }
 
     /// Cuts the interval: one collector per heap-profiled process with
@@ -411,17 +460,30 @@ impl HeapCollector {
         for &pid in self.in_process.keys() {
             per_pid.entry(pid).or_default();
         }
-        for pid in per_pid.keys() {
-            if !self.processes.comms.contains_key(pid) && !self.processes.purged.contains(pid) {
-                self.processes.refresh(*pid);
+        for &pid in per_pid.keys() {
+            if !self.processes.maps.contains_key(&pid) && !self.processes.purged.contains(&pid) {
+                // Read now while it runs, else those kept since its exec
+                // (it exited before the agent looked at it).
+                self.refresh(pid);
             }
         }
         let mut out = Vec::new();
         for (pid, pid_stats) in per_pid {
-            if self.out_of_scope.contains(&pid) || !self.processes.maps.contains_key(&pid) {
+            if self.out_of_scope.contains(&pid) {
                 continue;
             }
-            let alive = process::check_pid(pid).is_ok();
+            if !self.processes.maps.contains_key(&pid) {
+                // Gone before its mappings could be read, even at its exec.
+                if !self.processes.purged.contains(&pid) {
+                    self.unplaced += 1;
+                    warn!(
+                        "heap: pid {pid} exited before its mappings could be read: its samples are dropped (so far: {})",
+                        self.unplaced
+                    );
+                }
+                continue;
+            }
+            let alive = super::running(pid);
             if alive {
                 self.refresh(pid);
             }
@@ -437,13 +499,17 @@ impl HeapCollector {
                     self.stacks.insert(key.stack_id, s);
                 }
             }
-            let in_process = self.in_process.get(&pid).copied();
+            let in_process = self
+                .in_process
+                .get(&pid)
+                .copied()
+                .or_else(|| self.sampler_of(&self.processes.maps[&pid]));
             let tracking = in_process.unwrap_or(Tracking::Malloc {
                 sample_bytes: self.sample_bytes,
             });
             let in_process = in_process.is_some();
             let live = if in_process && alive {
-                live_set::read_targets(tracking, &[pid], &HashSet::new())
+                self.live_heap(pid)
             } else {
                 HashMap::new()
             };
@@ -479,7 +545,10 @@ impl HeapCollector {
                 continue;
             }
             let mut collector = Collector::new(report::sample_types(false), "inuse_space");
-            collector.note_process(pid);
+            // The mappings read while it lived: a process that exited
+            // since is placed all the same.
+            collector.share_maps(Arc::clone(&self.maps_cache));
+            collector.note_process_maps(pid, &self.processes.maps[&pid]);
             for comment in report.comments {
                 collector.add_comment(comment);
             }
@@ -491,19 +560,31 @@ impl HeapCollector {
             }
             out.push((pid, collector));
         }
+        let sampled: HashSet<u32> = stats.iter().map(|(k, _)| k.pid).collect();
         self.baseline = stats.into_iter().collect();
-        self.forget_exited(ebpf)?;
+        self.forget_exited(ebpf, sampled)?;
         Ok(out)
     }
 
-    /// Drops what the processes that exited held in the kernel's live table.
-    fn forget_exited(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<()> {
-        let dead: HashSet<u32> = self
-            .processes
-            .maps
-            .keys()
-            .copied()
-            .filter(|&pid| process::check_pid(pid).is_err())
+    /// How a process is sampled in-process, from the objects it maps
+    /// (for one that exited before it was examined).
+    fn sampler_of(&self, maps: &[process::Mapping]) -> Option<Tracking> {
+        maps.iter().find_map(|m| match self.objects.get(&m.inode)? {
+            Offer::Usdt => Some(Tracking::Usdt),
+            // Its sampling rate can no longer be read: the hooks'
+            // weights are taken as they come.
+            Offer::Hooks(_) => Some(Tracking::Hooks { sample_bytes: 0 }),
+            Offer::Nothing => None,
+        })
+    }
+
+    /// Drops what the processes that exited held in the kernel's live and
+    /// stack tables (`sampled`: the processes with samples there).
+    fn forget_exited(&mut self, ebpf: &mut Ebpf, sampled: HashSet<u32>) -> anyhow::Result<()> {
+        let dead: HashSet<u32> = sampled
+            .into_iter()
+            .chain(self.processes.maps.keys().copied())
+            .filter(|&pid| !super::running(pid))
             .collect();
         if dead.is_empty() {
             return Ok(());
@@ -519,6 +600,7 @@ impl HeapCollector {
             // Their last interval was cut: nothing of them is kept.
             self.processes.maps.remove(&pid);
             self.processes.comms.remove(&pid);
+            self.live_headers.remove(&pid);
             self.in_process.remove(&pid);
             self.seen.remove(&pid);
             self.out_of_scope.remove(&pid);
@@ -534,10 +616,11 @@ impl HeapCollector {
     /// One line on what is being profiled.
     pub fn summary(&self) -> String {
         format!(
-            "{} processes sampled in-process, {} with malloc uprobes, {} detached over the ceiling",
+            "{} processes sampled in-process, {} with malloc uprobes, {} detached over the ceiling, {} gone before their mappings were read",
             self.in_process.len(),
             self.uprobed.len(),
-            self.detached
+            self.detached,
+            self.unplaced
         )
     }
 }

@@ -71,6 +71,12 @@ pub fn name_process(
     labels::source(pid, rules, extra)
 }
 
+/// Whether process `pid` still runs (not gone, not a zombie): one read of
+/// `/proc/PID/stat`, for the checks made on every process every interval.
+pub(crate) fn running(pid: u32) -> bool {
+    process::state(pid).is_some_and(|state| state != 'Z' && state != 'X')
+}
+
 /// SIGHUP: the settings as they should be now, or `None` when nothing is
 /// to be re-read. Without a configuration file, the command line is all
 /// there is.

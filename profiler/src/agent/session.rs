@@ -34,6 +34,7 @@ use crate::{
     ebpf, heap, process,
     runtime::{Stop, StopEvent, counters::Counts},
     sinks::{ProfileKind, Sinks, Source},
+    symbolize::MapsCache,
     unwind::Tables,
 };
 
@@ -127,6 +128,8 @@ struct Agent {
     cpu: Option<CpuCollector>,
     /// Exec and exit events when there is no CPU collector.
     task_watch: Option<TaskWatch>,
+    /// Processes' mappings, shared by both collectors' profiles.
+    maps_cache: Arc<MapsCache>,
     python: AgentPython,
     sinks: Arc<Sinks>,
     emitter: Emitter,
@@ -157,11 +160,13 @@ impl Agent {
             }
         }
         let mut python = AgentPython::new(&mut ebpf, settings.heap, &settings.scope)?;
+        let maps_cache = Arc::new(MapsCache::default());
         let mut heap = if settings.heap {
             Some(HeapCollector::new(
                 &mut ebpf,
                 settings.sample_bytes,
                 settings.max_uprobe_rate,
+                Arc::clone(&maps_cache),
             )?)
         } else {
             None
@@ -171,6 +176,7 @@ impl Agent {
                 &mut ebpf,
                 settings.frequency,
                 &settings.scope,
+                Arc::clone(&maps_cache),
             )?)
         } else {
             None
@@ -199,6 +205,7 @@ impl Agent {
             heap,
             cpu,
             task_watch,
+            maps_cache,
             python,
             sinks,
             emitter,
@@ -289,6 +296,7 @@ impl Agent {
                     // mean nothing now.
                     self.tables.remove_process(pid);
                     self.sources.remove(&pid);
+                    self.maps_cache.forget(pid);
                     self.python.exec(pid);
                     if let Some(heap) = &mut self.heap {
                         heap.exec(&mut self.ebpf, pid);
@@ -296,6 +304,7 @@ impl Agent {
                 }
                 Change::ProcessExit(pid) => {
                     self.tables.remove_process(pid);
+                    self.maps_cache.forget(pid);
                     self.python.exited(pid);
                 }
                 Change::None => {}
@@ -337,8 +346,7 @@ impl Agent {
             for (pid, c) in cut {
                 profiles.push((ProfileKind::Heap, pid, c));
             }
-            self.python
-                .forget_pairs(|pid| process::check_pid(pid).is_err());
+            self.python.forget_pairs(|pid| !super::running(pid));
         }
         if let Some(cpu) = &mut self.cpu {
             for (pid, c) in cpu.cut(&self.settings.scope, &mut self.python)? {
@@ -365,8 +373,8 @@ impl Agent {
             self.intervals,
             duration.as_secs_f64()
         );
-        self.sources
-            .retain(|&pid, _| process::check_pid(pid).is_ok());
+        self.sources.retain(|&pid, _| super::running(pid));
+        self.maps_cache.prune();
         Ok(())
     }
 

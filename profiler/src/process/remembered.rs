@@ -26,9 +26,13 @@ static REMEMBERED: Mutex<Option<Kept>> = Mutex::new(None);
 /// Reads `pid`'s mappings now and keeps them, replacing an older read.
 /// A process already gone (or showing no mappings) keeps its last read.
 pub fn remember_maps(pid: u32) {
-    let Ok(maps) = super::maps(pid) else {
+    // Read as it is: called for every exec of the host, often once the
+    // process is gone, where the checks of `super::maps` (two more files,
+    // an error built) would cost more than the read.
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
         return;
     };
+    let maps = super::parse_maps(&text);
     if maps.is_empty() {
         return;
     }

@@ -106,10 +106,27 @@ impl Collector {
         self.profile.comments.push(c.into());
     }
 
+    /// Reads processes' mappings through `cache`, shared with the other
+    /// collectors of a long-running profiler (call before noting any).
+    pub(crate) fn share_maps(&mut self, cache: std::sync::Arc<crate::symbolize::MapsCache>) {
+        self.normalizer.share_maps(cache);
+    }
+
     /// Snapshot `pid`'s mappings now (call when a process is first seen or
     /// execs), so its addresses can be normalized after it exits.
     pub fn note_process(&mut self, pid: u32) {
         self.normalizer.note_process(pid);
+        self.note_main(pid);
+    }
+
+    /// [`Collector::note_process`] with `pid`'s mappings as the caller
+    /// read them (while it lived: it may be gone now).
+    pub fn note_process_maps(&mut self, pid: u32, maps: &[crate::process::Mapping]) {
+        self.normalizer.note_maps(pid, maps);
+        self.note_main(pid);
+    }
+
+    fn note_main(&mut self, pid: u32) {
         if self.main.is_none_or(|(first, _)| first == pid) {
             self.main = Some((pid, self.normalizer.executable(pid)));
         }

@@ -16,10 +16,11 @@ use log::debug;
 use profiler_common::{
     python::{
         NO_FIELD, PAIRS_MAP, PROCESSES_MAP, PyCounter, PyFrameSlot, PyPair, PyProcess, PyStack,
-        STACKS_MAP, THREADS_MAP,
+        STACKS_MAP, STACKS_MAX, THREADS_MAP,
     },
     python_splice::EvalCode,
 };
+use stack_cache::StackCache;
 
 use super::{
     Unsupported, discover,
@@ -79,6 +80,8 @@ pub struct TrackerCounts {
     pub unmatched: u64,
     /// Samples whose Python stack was no longer in the map.
     pub stacks_lost: u64,
+    /// Stacks dropped from the cache of those read (see `stack_cache`).
+    pub stacks_evicted: u64,
 }
 
 /// A Python stack with its frames named, ready to be spliced into the
@@ -139,8 +142,9 @@ pub struct Tracker {
     /// Keep the stacks in the kernel's map after reading them (heap
     /// reports read every stack since the attach again).
     keep_stacks: bool,
-    /// Stacks read, by id (content hash: an id always names one stack).
-    read: HashMap<u64, (Vec<PyFrameSlot>, u32)>,
+    /// Stacks read, by id (content hash: an id always names one stack),
+    /// as many as the kernel's map holds at most.
+    read: StackCache<(Vec<PyFrameSlot>, u32)>,
     /// Ids read from the map since the last [`Tracker::refresh`], deleted
     /// there.
     read_from_map: Vec<u64>,
@@ -190,7 +194,7 @@ impl Tracker {
             threads: take(THREADS_MAP)?.try_into()?,
             stacks: take(STACKS_MAP)?.try_into()?,
             keep_stacks: heap,
-            read: HashMap::new(),
+            read: StackCache::new(STACKS_MAX as usize),
             read_from_map: Vec::new(),
             tracked: HashMap::new(),
             others: HashSet::new(),
@@ -323,6 +327,8 @@ impl Tracker {
         for id in std::mem::take(&mut self.read_from_map) {
             let _ = self.stacks.remove(&id);
         }
+        self.read.rotate();
+        self.counts.stacks_evicted = self.read.evicted;
         let pids: Vec<u32> = self.tracked.keys().copied().collect();
         for pid in pids {
             self.refresh_process(pid);
@@ -579,12 +585,13 @@ impl Tracker {
     }
 
     fn stack(&mut self, id: u64) -> Option<(Vec<PyFrameSlot>, u32)> {
-        if let Some(found) = self.read.get(&id) {
-            return Some(found.clone());
+        if let Some(found) = self.read.get(id) {
+            return Some(found);
         }
         let stack = self.stacks.get(&id, 0).ok()?;
         let entry = (stack.slots().to_vec(), stack.status);
         self.read.insert(id, entry.clone());
+        self.counts.stacks_evicted = self.read.evicted;
         if !self.keep_stacks {
             self.read_from_map.push(id);
         }
@@ -603,8 +610,8 @@ impl Tracker {
             walks.comment("python stack walks (kernel)"),
             format!(
                 "python frames: processes {}, frames named {}, code unreadable {}, activations \
-                 without an eval-loop frame {}, stacks lost {}",
-                c.processes, c.frames, c.unreadable, c.unmatched, c.stacks_lost
+                 without an eval-loop frame {}, stacks lost {}, stacks evicted from the cache {}",
+                c.processes, c.frames, c.unreadable, c.unmatched, c.stacks_lost, c.stacks_evicted
             ),
         ];
         out.extend(self.notes.iter().cloned());
@@ -659,6 +666,7 @@ pub fn kernel_layout(py: &Interpreter) -> PyProcess {
 }
 
 mod pending;
+mod stack_cache;
 use pending::Pending;
 
 #[cfg(test)]

@@ -16,7 +16,10 @@
 //!   CPU time without a profiler, for those under libprofalloc.so and for
 //!   those on glibc (not profiled by the agent: their figure shows the
 //!   noise of the host);
-//! - bytes per interval: the pprof bytes the agent wrote per 15 s interval.
+//! - bytes per interval: the pprof bytes the agent wrote per 15 s interval;
+//! - the profiler's CPU seconds in each 15 s window (from
+//!   `/proc/PID/stat`), and their median: less noisy than the ratios on
+//!   a shared host.
 //!
 //! The limits to compare with: the OpenTelemetry eBPF profiler states 1% of
 //! one core and 250 MB; the issue asks at most 1% slowdown for processes
@@ -50,6 +53,8 @@ struct Measured {
     /// Sum of the processes' CPU seconds (libprofalloc.so, glibc).
     seconds: (f64, f64),
     bytes_per_interval: Option<f64>,
+    /// CPU seconds of the profiler(s) in each window of an interval.
+    per_interval: Vec<f64>,
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -253,8 +258,15 @@ fn measure_setup(
             cpu_of(&pids).ok().map(|cpu| (Instant::now(), cpu))
         })
     };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let windows = {
+        let (pids, stop) = (pids.clone(), std::sync::Arc::clone(&stop));
+        std::thread::spawn(move || cpu_windows(&pids, &stop))
+    };
     let seconds = run_workload(workload, profalloc, ops)?;
     let wall = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let per_interval = windows.join().unwrap_or_default();
     let cpu_after = cpu_of(&pids)?;
     let steady_cpu_percent = if wall > WARMUP {
         warm.join()
@@ -289,6 +301,7 @@ fn measure_setup(
         peak_rss_mib: peak_rss_kib as f64 / 1024.0,
         seconds,
         bytes_per_interval,
+        per_interval,
     };
     println!(
         "{name}: {:.2}% of one core ({} after {} s), peak RSS {:.1} MiB, {:.1} s + {:.1} s of process CPU time",
@@ -300,7 +313,46 @@ fn measure_setup(
         m.seconds.0,
         m.seconds.1
     );
+    let windows: Vec<String> = m.per_interval.iter().map(|s| format!("{s:.3}")).collect();
+    println!(
+        "{name}: CPU seconds per {INTERVAL_SECONDS} s window: [{}], median {}",
+        windows.join(", "),
+        median(&m.per_interval).map_or("-".to_owned(), |s| format!("{s:.3}"))
+    );
     Ok(m)
+}
+
+/// The CPU seconds of `pids` in each [`INTERVAL_SECONDS`] window until
+/// `stop` (a last partial window is left out).
+fn cpu_windows(pids: &[u32], stop: &std::sync::atomic::AtomicBool) -> Vec<f64> {
+    let cpu = || -> Option<f64> {
+        pids.iter()
+            .map(|&p| measure::process_cpu_seconds(p).ok())
+            .sum()
+    };
+    let mut windows = Vec::new();
+    let Some(mut last) = cpu() else {
+        return windows;
+    };
+    let mut start = Instant::now();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        if start.elapsed().as_secs_f64() >= INTERVAL_SECONDS {
+            let Some(now) = cpu() else {
+                break;
+            };
+            windows.push(now - last);
+            last = now;
+            start = Instant::now();
+        }
+    }
+    windows
+}
+
+fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied()
 }
 
 /// Starts `prof-bpf ARGS` and waits (60 s at most) for `ready` on its
