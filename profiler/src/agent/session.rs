@@ -38,6 +38,9 @@ use crate::{
     unwind::Tables,
 };
 
+mod lines;
+use lines::{banner, counters_line};
+
 /// How long the last profiles may take to reach the sinks at exit.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often CPU counts are drained, new processes looked at, unwind
@@ -560,55 +563,4 @@ pub(super) fn all_pids() -> Vec<u32> {
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect()
-}
-
-/// The line printed once everything is attached.
-fn banner(settings: &Settings, cpu: Option<&CpuCollector>, heap: Option<&HeapCollector>) -> String {
-    let scope = if settings.scope.whole_host() {
-        "every process".to_owned()
-    } else {
-        "the named processes".to_owned()
-    };
-    let mut kinds = Vec::new();
-    if let Some(cpu) = cpu {
-        kinds.push(format!(
-            "CPU at {} Hz on {} CPUs",
-            settings.frequency,
-            cpu.cpus()
-        ));
-    }
-    if let Some(heap) = heap {
-        kinds.push(format!("heap ({})", heap.summary()));
-    }
-    format!(
-        "profiling {scope}: {}; one profile per process every {} s to {} sinks; SIGTERM or Ctrl-C sends the partial interval and stops",
-        kinds.join(", "),
-        settings.interval.as_secs_f64(),
-        settings.sinks.len()
-    )
-}
-
-/// The collectors' counters, one line.
-fn counters_line(ebpf: &Ebpf, heap: Option<&HeapCollector>) -> String {
-    let mut parts = Vec::new();
-    if let Ok(c) = CpuCollector::counters(ebpf) {
-        parts.push(format!(
-            "cpu samples {} (lost {}, user stacks not recorded {})",
-            c.get(CpuCounter::Samples),
-            c.get(CpuCounter::CountsFull),
-            c.get(CpuCounter::UserStackFailed)
-        ));
-    }
-    if let Some(h) = heap
-        && let Ok(c) = heap::maps::counters(ebpf)
-    {
-        parts.push(format!(
-            "heap samples {} (lost {}, without stack {}); {}",
-            c.get(HeapCounter::Tracked),
-            c.get(HeapCounter::LiveFull) + c.get(HeapCounter::StacksFull),
-            c.get(HeapCounter::StackErrors),
-            h.summary()
-        ));
-    }
-    parts.join("; ")
 }

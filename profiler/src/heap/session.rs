@@ -31,7 +31,6 @@ use super::{
 use crate::{
     live_heap::HeaderFinder,
     output::{OutputArgs, OutputPlan},
-    process,
     profile::{Collector, Profile},
     python::tracker::Tracker as PythonTracker,
     runtime::{self, Stop, StopEvent, StopReason, counters::Counts},
@@ -107,6 +106,7 @@ pub(crate) fn run(
     })
 }
 
+mod banner;
 mod follow;
 mod stacks;
 
@@ -227,43 +227,6 @@ impl Session {
 
     fn allocator_inodes(&self) -> Vec<u64> {
         self.allocators.iter().map(|(a, _)| a.inode).collect()
-    }
-
-    /// The line printed once attached.
-    fn banner(&self) -> String {
-        let targets = match self.settings.targets {
-            Targets::All => "all processes".to_owned(),
-            _ => self
-                .pids
-                .iter()
-                .map(|&p| format!("{} ({p})", process::comm(p)))
-                .collect::<Vec<_>>()
-                .join(", "),
-        };
-        let allocator = self
-            .allocators
-            .first()
-            .map(|(a, _)| a.path.clone())
-            .unwrap_or_default();
-        format!(
-            "prof-bpf: heap: attached to {allocator} of {targets}, tracking {}{}{}{}; Ctrl-C to stop",
-            self.tracking.describe(),
-            if self.settings.mmap {
-                " and every anonymous mapping"
-            } else {
-                ""
-            },
-            if self.settings.pymalloc {
-                ", and pymalloc's PyObject_Malloc family"
-            } else {
-                ""
-            },
-            if self.settings.leaks {
-                ", leak mode"
-            } else {
-                ""
-            }
-        )
     }
 
     /// Records until a signal, --duration or the targets' exit; says which.

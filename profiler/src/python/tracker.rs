@@ -15,8 +15,8 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use log::debug;
 use profiler_common::{
     python::{
-        NO_FIELD, PAIRS_MAP, PROCESSES_MAP, PyCounter, PyFrameSlot, PyPair, PyProcess, PyStack,
-        STACKS_MAP, STACKS_MAX, THREADS_MAP,
+        PAIRS_MAP, PROCESSES_MAP, PyCounter, PyFrameSlot, PyPair, PyProcess, PyStack, STACKS_MAP,
+        STACKS_MAX, THREADS_MAP,
     },
     python_splice::EvalCode,
 };
@@ -27,12 +27,11 @@ use super::{
     discover::Interpreter,
     memory::{ProcessMemory, ReadError},
     merge,
-    offsets::{FrameAnchor, Offsets},
     symbolize::Symbolizer,
     thread_names, threads,
 };
 use crate::{
-    profile::{Frame, RawSample, Splice},
+    profile::{Frame, RawSample},
     runtime::counters::Counts,
 };
 
@@ -83,53 +82,6 @@ pub struct TrackerCounts {
     /// Stacks dropped from the cache of those read (see `stack_cache`).
     pub stacks_evicted: u64,
 }
-
-/// A Python stack with its frames named, ready to be spliced into the
-/// native stack it was taken with.
-#[derive(Clone, Debug, Default)]
-pub struct NamedStack {
-    /// Innermost activation first, each innermost frame first.
-    pub activations: Vec<Vec<Frame>>,
-    /// Frames are missing at the outer end (`[python truncated]`).
-    pub cut: bool,
-    /// The interpreter's `_PyEval_EvalFrameDefault` (and its cold parts)
-    /// in its process.
-    pub eval_loop: EvalCode,
-    /// `--python-frames python`: the sample keeps its Python frames only.
-    pub only_python: bool,
-}
-
-impl NamedStack {
-    /// Puts these Python frames into `sample` (its native stack already
-    /// there), then, with `--python-frames python`, leaves out the native
-    /// frames of a sample that has Python frames.
-    pub fn merge_into(&self, sample: &mut RawSample) -> merge::MergeOutcome {
-        let (splices, outcome) = self.splices(&sample.user, sample.leaf_is_pc);
-        sample.splices = splices;
-        if self.only_python {
-            merge::keep_python_only(sample);
-        }
-        outcome
-    }
-
-    /// The splices into native stack `user` (leaf first; `leaf_is_pc`:
-    /// `user[0]` is a pc, not a return address).
-    pub fn splices(&self, user: &[u64], leaf_is_pc: bool) -> (Vec<Splice>, merge::MergeOutcome) {
-        let is_eval = |i: usize| {
-            let lookup = if i == 0 && leaf_is_pc {
-                user[i]
-            } else {
-                user[i].wrapping_sub(1)
-            };
-            self.eval_loop.contains(lookup)
-        };
-        merge::splices(user.len(), is_eval, self.activations.clone(), self.cut)
-    }
-}
-
-/// Heap: per combined stack id, its native and Python stacks, the Python
-/// one named.
-pub type PairStacks = HashMap<u64, (PyPair, NamedStack)>;
 
 /// See the module docs.
 pub struct Tracker {
@@ -634,39 +586,12 @@ fn name_threads(t: &mut Tracked, threads: &[threads::PyThread]) {
     }
 }
 
-/// The kernel's view of an interpreter's layout.
-pub fn kernel_layout(py: &Interpreter) -> PyProcess {
-    let o: &Offsets = &py.offsets;
-    let (tstate_cframe, current_frame) = match o.tstate_frame {
-        FrameAnchor::ThroughCFrame {
-            cframe,
-            current_frame,
-        } => (cframe, current_frame),
-        FrameAnchor::Direct { current_frame } => (NO_FIELD, current_frame),
-    };
-    PyProcess {
-        tstate_cframe,
-        current_frame,
-        frame_code: o.frame_code,
-        frame_previous: o.frame_previous,
-        frame_instr: o.frame_instr,
-        frame_owner: o.frame_owner,
-        frame_is_entry: o.frame_is_entry.unwrap_or(NO_FIELD),
-        owner_cstack: o.owner_cstack.map_or(NO_FIELD, u64::from),
-        owner_generator: u64::from(o.owner_generator),
-        object_type: o.object_type,
-        var_object_size: o.var_object_size,
-        code_adaptive: o.code_adaptive,
-        code_firsttraceable: o.code_firsttraceable,
-        code_type: py.code_type,
-        gil_locked: 0,
-        gil_holder: 0,
-        gil_only: 0,
-    }
-}
-
+mod layout;
+mod named_stack;
 mod pending;
 mod stack_cache;
+pub use layout::kernel_layout;
+pub use named_stack::{NamedStack, PairStacks};
 use pending::Pending;
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 use super::*;
-use crate::python::offsets::{PY311, PY313_FOR_TESTS, PythonVersion};
+use profiler_common::python::NO_FIELD;
+
+use crate::python::offsets::{Offsets, PY311, PY313_FOR_TESTS, PythonVersion};
 
 fn interpreter(hex: u32, offsets: Offsets) -> Interpreter {
     Interpreter {
