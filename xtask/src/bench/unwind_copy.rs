@@ -13,11 +13,12 @@
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::mpsc::Receiver,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use prof_bpf_tests::{big_rust_source, start_until};
+use prof_bpf_tests::{big_rust_source, start_following};
 
 /// Frames that start a process or a thread.
 const THREAD_STARTS: &[&str] = &[
@@ -99,7 +100,7 @@ fn scratch() -> anyhow::Result<PathBuf> {
 fn one_run(prof: &Path, dir: &Path, size: u32) -> anyhow::Result<(Figures, Figures)> {
     let folded = dir.join("cpu.folded");
     let data = dir.join(format!("perf-{size}.data"));
-    let (ours, _) = start_until(
+    let (ours, _, later) = start_following(
         prof,
         &["cpu", "--all", "-F", "999", "-o", folded.to_str().unwrap()],
         "sampling",
@@ -126,7 +127,7 @@ fn one_run(prof: &Path, dir: &Path, size: u32) -> anyhow::Result<(Figures, Figur
     }
     let seconds = started.elapsed().as_secs_f64() + 1.0;
     let perf_bytes = stop(perf)?.then(|| std::fs::metadata(&data).map(|m| m.len()));
-    let stderr = stop_output(ours)?;
+    let stderr = stop_output(ours, later)?;
     let copied = stderr
         .lines()
         .find_map(|l| l.split("bytes_copied ").nth(1))
@@ -149,19 +150,25 @@ fn one_run(prof: &Path, dir: &Path, size: u32) -> anyhow::Result<(Figures, Figur
     Ok((ours, perf))
 }
 
-/// SIGINT, then waits: whether it exited cleanly.
+/// SIGINT, then waits: whether it exited cleanly (perf 6.1 exits with
+/// 128 + SIGINT after writing its data file).
 fn stop(mut child: Child) -> anyhow::Result<bool> {
+    use std::os::unix::process::ExitStatusExt as _;
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    Ok(child.wait()?.success())
+    let status = child.wait()?;
+    Ok(status.success()
+        || status.code() == Some(128 + libc::SIGINT)
+        || status.signal() == Some(libc::SIGINT))
 }
 
-/// SIGINT, then prof-bpf's stderr.
-fn stop_output(child: Child) -> anyhow::Result<String> {
+/// SIGINT, then prof-bpf's stderr lines after its start (`later`: the
+/// reader thread's, which ends when prof-bpf closes its stderr).
+fn stop_output(mut child: Child, later: Receiver<String>) -> anyhow::Result<String> {
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = child.wait_with_output()?;
-    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    child.wait()?;
+    Ok(later.iter().collect::<Vec<_>>().join("\n"))
 }
 
 /// rustc's samples and the complete ones in folded stacks (root
