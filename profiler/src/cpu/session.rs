@@ -187,7 +187,7 @@ impl Session {
             .context("task event ring buffer")?;
         let events = TaskWatch::start(ring).context("starting the task event thread")?;
         let new_collector = || report::collector(settings.event, settings.frequency);
-        let state = State {
+        let mut state = State {
             total: new_collector(),
             interval: settings.interval.map(|_| new_collector()),
             tasks: Tasks::default(),
@@ -201,6 +201,12 @@ impl Session {
             interval_samples: std::collections::HashMap::new(),
             python,
         };
+        // The targets' mappings are read now: one that exits before the
+        // first drain is still placed (it ran its program before the start,
+        // so no exec event brings them).
+        for &pid in settings.pids() {
+            state.note_process(pid);
+        }
         eprintln!("prof-bpf: {}", settings.unwind.start_line());
         eprintln!(
             "prof-bpf: sampling {} at {} Hz on {} CPUs ({}); Ctrl-C to stop",
