@@ -120,22 +120,7 @@ struct Cfi<'a> {
 
 impl<'a> Cfi<'a> {
     fn new(elf: &object::File<'a>) -> Option<Self> {
-        let section = |name: &str| {
-            elf.section_by_name(name)
-                .and_then(|s| Some((s.address(), s.data().ok()?)))
-        };
-        let (address, bytes) = section(".eh_frame")?;
-        let mut bases = BaseAddresses::default().set_eh_frame(address);
-        if let Some((text, _)) = section(".text") {
-            bases = bases.set_text(text);
-        }
-        if let Some((hdr, _)) = section(".eh_frame_hdr") {
-            bases = bases.set_eh_frame_hdr(hdr);
-        }
-        if let Some((got, _)) = section(".got") {
-            bases = bases.set_got(got);
-        }
-        let eh = EhFrame::new(bytes, LittleEndian);
+        let (eh, bases) = crate::unwind::cfi::eh_frame(elf)?;
         let mut fdes = Vec::new();
         let mut entries = eh.entries(&bases);
         while let Ok(Some(entry)) = entries.next() {

@@ -130,35 +130,46 @@ pub fn build_id(data: &[u8]) -> Option<Vec<u8>> {
     file.build_id().ok().flatten().map(<[u8]>::to_vec)
 }
 
+/// The object's `.eh_frame` (when it has a non-empty one) and the base
+/// addresses its pointer encodings refer to.
+pub fn eh_frame<'a>(
+    file: &object::File<'a>,
+) -> Option<(EhFrame<EndianSlice<'a, LittleEndian>>, BaseAddresses)> {
+    let section = |name: &str| {
+        file.section_by_name(name)
+            .and_then(|s| Some((s.address(), s.data().ok()?)))
+            .filter(|(_, d)| !d.is_empty())
+    };
+    let (addr, bytes) = section(".eh_frame")?;
+    let mut bases = BaseAddresses::default().set_eh_frame(addr);
+    if let Some((text, _)) = section(".text") {
+        bases = bases.set_text(text);
+    }
+    if let Some((hdr, _)) = section(".eh_frame_hdr") {
+        bases = bases.set_eh_frame_hdr(hdr);
+    }
+    if let Some((got, _)) = section(".got") {
+        bases = bases.set_got(got);
+    }
+    Some((EhFrame::new(bytes, LittleEndian), bases))
+}
+
 /// Compiles the rows of the ELF object in `data`.
 pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
     let file = object::File::parse(data).context("parsing ELF")?;
     if file.architecture() != object::Architecture::X86_64 {
         bail!("not an x86-64 object");
     }
-    let section = |name: &str| {
-        file.section_by_name(name)
-            .and_then(|s| Some((s.address(), s.data().ok()?)))
-            .filter(|(_, d)| !d.is_empty())
-    };
     let mut rules = Entries::default();
     let mut reasons = Reasons::default();
-    if let Some((addr, bytes)) = section(".eh_frame") {
-        let mut bases = BaseAddresses::default().set_eh_frame(addr);
-        if let Some((text, _)) = section(".text") {
-            bases = bases.set_text(text);
-        }
-        if let Some((hdr, _)) = section(".eh_frame_hdr") {
-            bases = bases.set_eh_frame_hdr(hdr);
-        }
-        if let Some((got, _)) = section(".got") {
-            bases = bases.set_got(got);
-        }
-        let eh = EhFrame::new(bytes, LittleEndian);
+    if let Some((eh, bases)) = eh_frame(&file) {
         collect(&eh, &bases, &mut rules, &mut reasons)?;
     }
     if rules.list.is_empty()
-        && let Some((_, bytes)) = section(".debug_frame")
+        && let Some(bytes) = file
+            .section_by_name(".debug_frame")
+            .and_then(|s| s.data().ok())
+            .filter(|d| !d.is_empty())
     {
         let mut df = DebugFrame::new(bytes, LittleEndian);
         df.set_address_size(8);
