@@ -65,12 +65,15 @@ pub struct StackCopy {
     pub prefix: u32,
     /// Zero.
     pub _pad: u32,
+    /// The sampled frame's volatile registers when `pc` is the sampled pc
+    /// (`prefix` 0), for `CFA_REGS` rows; else unknown.
+    pub leaf: crate::unwind::LeafRegs,
     /// The stack from `sp` up (before `start`: not written).
     pub bytes: [u8; COPY_BYTES],
 }
 
 /// Size of a [`StackCopy`] record before its bytes.
-pub const COPY_HEADER: usize = 72;
+pub const COPY_HEADER: usize = 112;
 const _: () = assert!(core::mem::size_of::<StackCopy>() == COPY_HEADER + COPY_BYTES);
 
 /// Copies one process may have per [`COPY_WINDOW_NS`]: 1000 a second,

@@ -58,6 +58,16 @@ pub const CFA_RBX: u8 = 7;
 /// frame holds the address of the unaligned CFA.
 pub const CFA_DEREF_RBP: u8 = 8;
 
+/// General register rules ([`UnwindRow::regs`]): CFA = one of the tracked
+/// registers + `cfa_offset`, and the caller's pc, rsp, rbp and rbx each from
+/// a register, a slot near the CFA or the CFA itself. Code that switches
+/// stacks by hand describes itself so (glibc's `__longjmp`: CFA = rdi,
+/// return address in rdx, rsp in r8, rbp in r9; `setcontext`: everything
+/// in the `ucontext_t` rdx points to; `vfork`: return address in rdi).
+/// Registers other than rsp, rbp and rbx are known in the sampled frame
+/// only ([`LeafRegs`]): elsewhere such a row is unsupported.
+pub const CFA_REGS: u8 = 9;
+
 /// The caller's rbp is the same as the callee's.
 pub const RBP_SAME: u8 = 0;
 /// The caller's rbp is saved at CFA + `rbp_offset`.
@@ -90,7 +100,7 @@ pub const CFA_OFFSET_HIGH: u8 = 0x70;
 /// stored in 8-byte units in one byte each (±1 KiB): that keeps rbx, which
 /// a stack switch needs, within the 8 bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct UnwindRow {
     /// Low 16 bits of the first pc the row covers.
     pub pc_low: u16,
@@ -199,12 +209,21 @@ impl UnwindRow {
     /// The CFA offset in bytes.
     #[inline(always)]
     pub const fn cfa_offset(&self) -> i64 {
-        if self.cfa_kind & CFA_OFFSET_X8 != 0 {
+        // A CFA_REGS row keeps its base register in the flag bits.
+        if self.cfa_kind & CFA_OFFSET_X8 != 0 && self.kind() != CFA_REGS {
             let high = ((self.cfa_kind & CFA_OFFSET_HIGH) as i64) << 12;
             (high | self.cfa_offset as u16 as i64) * 8
         } else {
             self.cfa_offset as i64
         }
+    }
+
+    /// Whether the caller's rsp may lie anywhere, below this frame's too:
+    /// the row takes it from registers tracked from the sampled frame (a
+    /// stack switch), so walkers do not require it above this frame's.
+    #[inline(always)]
+    pub const fn may_switch_stacks(&self) -> bool {
+        matches!(self.kind(), CFA_RBP | CFA_RBX | CFA_REGS)
     }
 
     /// One of the `RBP_*` constants.
@@ -341,6 +360,9 @@ pub struct Frame {
     pub bp: u64,
     /// rbx (callee-saved; the base of a stack switch's CFA); 0 when unknown.
     pub bx: u64,
+    /// The sampled frame's volatile registers, for [`CFA_REGS`] rows;
+    /// unknown in every other frame.
+    pub leaf: LeafRegs,
 }
 
 /// What one unwinding step found.
@@ -401,10 +423,17 @@ pub fn step(row: &UnwindRow, frame: &Frame, mut read: impl FnMut(u64) -> Option<
                 return Step::ReadFailed;
             };
             return Step::Caller {
-                frame: Frame { pc, sp, bp, bx },
+                frame: Frame {
+                    pc,
+                    sp,
+                    bp,
+                    bx,
+                    leaf: LeafRegs::UNKNOWN,
+                },
                 exact: true,
             };
         }
+        CFA_REGS => return step_regs(row, frame, read),
         CFA_END => return Step::End,
         _ => return Step::Unsupported,
     };
@@ -441,6 +470,7 @@ pub fn step(row: &UnwindRow, frame: &Frame, mut read: impl FnMut(u64) -> Option<
             sp: cfa,
             bp,
             bx,
+            leaf: LeafRegs::UNKNOWN,
         },
         exact: false,
     }
@@ -464,6 +494,7 @@ pub fn step_frame_pointer(frame: &Frame, mut read: impl FnMut(u64) -> Option<u64
             bp,
             // Code without CFI does not say where it saved rbx: unknown.
             bx: 0,
+            leaf: LeafRegs::UNKNOWN,
         },
         exact: false,
     }
@@ -476,6 +507,10 @@ pub fn find_row(rows: &[UnwindRow], pc_low: u16) -> usize {
     rows.partition_point(|r| r.pc_low <= pc_low)
         .saturating_sub(1)
 }
+
+#[path = "unwind_regs.rs"]
+mod regs;
+pub use regs::*;
 
 #[cfg(test)]
 #[path = "unwind_tests.rs"]

@@ -19,6 +19,7 @@ fn step_rsp_and_saved_rbp() {
         sp: 0x7000,
         bp: 1,
         bx: 0,
+        ..Default::default()
     };
     let step = step(&row, &frame, |a| match a {
         0x7010 => Some(0x4242),
@@ -33,6 +34,7 @@ fn step_rsp_and_saved_rbp() {
                 sp: 0x7018,
                 bp: 0x7100,
                 bx: 0,
+                ..Default::default()
             },
             exact: false
         }
@@ -50,6 +52,7 @@ fn plt_rule_adds_push() {
             sp: 0x7000,
             bp: 0,
             bx: 0,
+            ..Default::default()
         },
         read,
     ) else {
@@ -63,6 +66,7 @@ fn plt_rule_adds_push() {
             sp: 0x7000,
             bp: 0,
             bx: 0,
+            ..Default::default()
         },
         read,
     ) else {
@@ -87,6 +91,7 @@ fn stack_switch_through_rbx() {
         sp: 0x10_0000, // the new stack, above the old one
         bp: 7,
         bx: 0x7000,
+        ..Default::default()
     };
     let step = step(&row, &frame, |a| match a {
         0x7008 => Some(0x4242),
@@ -101,6 +106,7 @@ fn stack_switch_through_rbx() {
                 sp: 0x7010,
                 bp: 7,
                 bx: 0x99,
+                ..Default::default()
             },
             exact: false
         }
@@ -119,6 +125,7 @@ fn realigned_frame_through_rbp() {
         sp: 0x6f00,
         bp: 0x6f80,
         bx: 3,
+        ..Default::default()
     };
     let step = step(&row, &frame, |a| match a {
         0x6f78 => Some(0x7010),
@@ -134,6 +141,7 @@ fn realigned_frame_through_rbp() {
                 sp: 0x7010,
                 bp: 0x7100,
                 bx: 3,
+                ..Default::default()
             },
             exact: false
         }

@@ -23,7 +23,7 @@ use profiler_common::{
         KERNEL_STACKS_MAX, MAX_USER_FRAMES, StackStatus, USER_STACKS_MAX, UnwindCounter, UserStack,
     },
     stack_copy::COPY_ID_BIT,
-    unwind::Frame,
+    unwind::{Frame, LeafRegs},
 };
 
 use crate::{
@@ -176,6 +176,8 @@ pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, Stac
                 walk.frame.pc = ret;
                 walk.frame.sp += 8;
                 walk.exact = 0;
+                // The registers are the callee's, not the caller's.
+                walk.frame.leaf = LeafRegs::UNKNOWN;
             }
             None => walk.frame.pc = 0,
         }
@@ -246,6 +248,7 @@ unsafe fn start_frame(regs: *const pt_regs) -> Frame {
                 sp: r.rsp,
                 bp: r.rbp,
                 bx: r.rbx,
+                leaf: leaf_regs(r),
             };
         }
     }
@@ -269,9 +272,22 @@ pub fn saved_user_frame() -> Frame {
             sp: u.rsp,
             bp: u.rbp,
             bx: u.rbx,
+            leaf: leaf_regs(&u),
         },
         // A kernel thread has no user stack.
         _ => Frame::default(),
+    }
+}
+
+/// The sampled frame's registers that only `CFA_REGS` rows use.
+#[inline(always)]
+fn leaf_regs(r: &pt_regs) -> LeafRegs {
+    LeafRegs {
+        known: 1,
+        di: r.rdi,
+        dx: r.rdx,
+        r8: r.r8,
+        r9: r.r9,
     }
 }
 

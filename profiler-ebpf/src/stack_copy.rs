@@ -125,6 +125,7 @@ pub(crate) fn copy(
         (*record).sp = frame.sp;
         (*record).bp = frame.bp;
         (*record).bx = frame.bx;
+        (*record).leaf = frame.leaf;
         (*record).exact = exact as u32;
         (*record).bp_chained = bp_chained as u32;
         (*record).start = (frame.sp & (PAGE - 1)) as u32;

@@ -12,9 +12,9 @@ use aya_ebpf::{
 use profiler_common::{
     stack::UnwindCounter,
     unwind::{
-        self as rows, CFA_NONE, CFA_RBP, CFA_RBX, CFA_SIGNAL, Frame, MAPPINGS_MAX, MAX_SHARDS,
-        MappingInfo, MappingKey, PAGE_MASK, PAGE_SHIFT, PAGES_MAX, PageKey, PageRows, REFRESH_MAX,
-        SEARCH_STEPS, SHARD_MASK, SHARD_ROWS, SHARD_SHIFT, Step, UnwindRow,
+        self as rows, CFA_NONE, CFA_SIGNAL, Frame, MAPPINGS_MAX, MAX_SHARDS, MappingInfo,
+        MappingKey, PAGE_MASK, PAGE_SHIFT, PAGES_MAX, PageKey, PageRows, REFRESH_MAX, SEARCH_STEPS,
+        SHARD_MASK, SHARD_ROWS, SHARD_SHIFT, Step, UnwindRow,
     },
 };
 
@@ -89,10 +89,12 @@ pub(crate) fn step(pid: u32, frame: &Frame, exact: bool, bp_chained: bool) -> St
             }
             // Code that switches stacks keeps the old rsp in rbp or rbx and
             // its CFA rule says so (psm's `rust_psm_on_stack`, which rustc
-            // runs the compiler on): the caller's stack may lie anywhere,
-            // above or below. These registers were tracked from the leaf,
-            // so the CFA is trusted without the direction check.
-            switch = matches!(row.kind(), CFA_RBP | CFA_RBX);
+            // runs the compiler on), or takes it from the sampled frame's
+            // registers (`__longjmp`, `setcontext`): the caller's stack may
+            // lie anywhere, above or below. These registers were tracked
+            // from the leaf, so the CFA is trusted without the direction
+            // check.
+            switch = row.may_switch_stacks();
             (rows::step(&row, frame, read_user), false)
         }
         _ => {

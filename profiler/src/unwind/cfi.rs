@@ -16,6 +16,7 @@ use profiler_common::unwind::{
 };
 
 use super::expr::{self, CfaExpr, SavedAt};
+use super::regs_row::regs_row;
 
 /// The rows of one object, ready to load.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -31,42 +32,44 @@ pub struct ObjectRows {
     pub unsupported_rules: Vec<(String, usize)>,
 }
 
-/// A rule at a virtual address, before paging.
+/// A rule at a virtual address, before paging: the row it becomes (at page
+/// offset 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Rule {
-    cfa_kind: u8,
-    cfa_offset: i64,
-    rbp_kind: u8,
-    rbp_offset: i64,
-    rbx_kind: u8,
-    rbx_offset: i64,
+    row: UnwindRow,
     /// For `CFA_UNSUPPORTED`: index of the rule's description in
     /// [`Reasons`].
     reason: u32,
 }
 
-const NO_CFI: Rule = Rule {
-    cfa_kind: CFA_NONE,
-    cfa_offset: 0,
-    rbp_kind: RBP_SAME,
-    rbp_offset: 0,
-    rbx_kind: RBX_SAME,
-    rbx_offset: 0,
-    reason: 0,
-};
+const NO_CFI: Rule = Rule::of(CFA_NONE);
 
 impl Rule {
-    fn row(&self, pc_low: u16) -> Option<UnwindRow> {
-        UnwindRow::new(
-            pc_low,
-            self.cfa_kind,
-            self.cfa_offset,
-            self.rbp_kind,
-            self.rbp_offset,
-        )?
-        .with_rbx(self.rbx_kind, self.rbx_offset)
+    /// The rule of `cfa_kind` without offsets (`CFA_NONE`, `CFA_END`,
+    /// `CFA_SIGNAL`, `CFA_UNSUPPORTED`).
+    const fn of(cfa_kind: u8) -> Self {
+        Self {
+            row: UnwindRow {
+                cfa_kind,
+                ..ZERO_ROW
+            },
+            reason: 0,
+        }
+    }
+
+    fn row(&self, pc_low: u16) -> UnwindRow {
+        UnwindRow { pc_low, ..self.row }
     }
 }
+
+const ZERO_ROW: UnwindRow = UnwindRow {
+    pc_low: 0,
+    cfa_offset: 0,
+    rbp_offset: 0,
+    rbx_offset: 0,
+    cfa_kind: CFA_NONE,
+    reg_kinds: 0,
+};
 
 /// Every (address, priority, rule) of an object before paging, each rule
 /// interned: 16 bytes an entry rather than 48, since a large object
@@ -105,9 +108,8 @@ impl Reasons {
             next
         });
         Rule {
-            cfa_kind: CFA_UNSUPPORTED,
             reason,
-            ..NO_CFI
+            ..Rule::of(CFA_UNSUPPORTED)
         }
     }
 }
@@ -188,14 +190,7 @@ pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
             .min()
             .unwrap_or(u64::MAX)
             .min(entry + ENTRY_CODE_MAX);
-        rules.push(
-            entry,
-            1,
-            Rule {
-                cfa_kind: CFA_END,
-                ..NO_CFI
-            },
-        );
+        rules.push(entry, 1, Rule::of(CFA_END));
         rules.push(next, 0, NO_CFI);
     }
     // These PLT stubs only jump (`endbr64; jmp *GOT`): the return address
@@ -210,13 +205,13 @@ pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
                     .iter()
                     .any(|&(a, _, _)| (start..end).contains(&a))
             {
+                let at_rsp = UnwindRow::new(0, CFA_RSP, 8, RBP_SAME, 0).expect("fits");
                 rules.push(
                     start,
                     1,
                     Rule {
-                        cfa_kind: CFA_RSP,
-                        cfa_offset: 8,
-                        ..NO_CFI
+                        row: at_rsp,
+                        reason: 0,
                     },
                 );
                 rules.push(end, 0, NO_CFI);
@@ -282,7 +277,9 @@ where
             let rule = if signal {
                 signal_rule()
             } else {
-                convert(section, row).unwrap_or_else(|why| reasons.rule(why))
+                convert(section, row)
+                    .or_else(|why| regs_row(row).map(|row| Rule { row, reason: 0 }).ok_or(why))
+                    .unwrap_or_else(|why| reasons.rule(why))
             };
             out.push(row.start_address(), 1, rule);
             last_end = row.end_address();
@@ -293,10 +290,7 @@ where
 }
 
 fn signal_rule() -> Rule {
-    Rule {
-        cfa_kind: CFA_SIGNAL,
-        ..NO_CFI
-    }
+    Rule::of(CFA_SIGNAL)
 }
 
 /// The rule of `row`, or a description of why the walker cannot evaluate
@@ -312,13 +306,15 @@ where
     };
     match row.register(X86_64::RA) {
         Some(RegisterRule::Undefined) => {
-            return Ok(Rule {
-                cfa_kind: CFA_END,
-                ..NO_CFI
-            });
+            return Ok(Rule::of(CFA_END));
         }
         Some(RegisterRule::Offset(-8)) | None => {}
         Some(rule) => return Err(format!("ra: {}", describe(&rule, bytes))),
+    }
+    // The regular rows take the caller's rsp to be the CFA.
+    match row.register(X86_64::RSP) {
+        None | Some(RegisterRule::ValOffset(0)) => {}
+        Some(rule) => return Err(format!("rsp: {}", describe(&rule, bytes))),
     }
     let (cfa_kind, cfa_offset, plt) = match *row.cfa() {
         CfaRule::RegisterAndOffset { register, offset } => match register {
@@ -364,26 +360,18 @@ where
         },
         Some(_) => (RBX_UNDEFINED, 0),
     };
-    let mut rule = Rule {
-        cfa_kind,
-        cfa_offset,
-        rbp_kind,
-        rbp_offset,
-        rbx_kind,
-        rbx_offset,
-        reason: 0,
-    };
-    if rule.row(0).is_none() {
-        rule.rbx_kind = RBX_UNDEFINED;
-        rule.rbx_offset = 0;
-    }
-    // Offsets the row format cannot hold make the rule unsupported.
-    if rule.row(0).is_none() {
+    // Offsets the row format cannot hold make the rule unsupported; an rbx
+    // slot that does not fit only makes rbx unknown.
+    let Some(row) = UnwindRow::new(0, cfa_kind, cfa_offset, rbp_kind, rbp_offset) else {
         return Err(format!(
             "offset out of range: cfa {cfa_offset:+}, rbp {rbp_offset:+}"
         ));
-    }
-    Ok(rule)
+    };
+    let row = row
+        .with_rbx(rbx_kind, rbx_offset)
+        .or_else(|| row.with_rbx(RBX_UNDEFINED, 0))
+        .expect("an undefined rbx always fits");
+    Ok(Rule { row, reason: 0 })
 }
 
 /// A register rule, for the report of unsupported rules.
@@ -422,7 +410,7 @@ fn paginate(entries: Entries, reasons: &[String]) -> ObjectRows {
     let mut by_reason = vec![0; reasons.len()];
     for &(_, _, id) in &flat {
         let r = rules[id as usize];
-        if r.cfa_kind == CFA_UNSUPPORTED {
+        if r.row.kind() == CFA_UNSUPPORTED {
             out.unsupported += 1;
             if let Some(n) = by_reason.get_mut(r.reason as usize) {
                 *n += 1;
@@ -432,10 +420,7 @@ fn paginate(entries: Entries, reasons: &[String]) -> ObjectRows {
     out.unsupported_rules = reasons.iter().cloned().zip(by_reason).collect();
     out.unsupported_rules
         .sort_by_key(|r| std::cmp::Reverse(r.1));
-    let row = |addr: u64, r: &Rule| {
-        r.row((addr & PAGE_MASK) as u16)
-            .expect("rules are checked to fit when converted")
-    };
+    let row = |addr: u64, r: &Rule| r.row((addr & PAGE_MASK) as u16);
     let mut i = 0;
     while i < flat.len() {
         let page = flat[i].0 >> PAGE_SHIFT;
@@ -477,77 +462,5 @@ fn push_page(out: &mut ObjectRows, page: u64, first: usize) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn r(kind: u8, off: i64) -> Rule {
-        Rule {
-            cfa_kind: kind,
-            cfa_offset: off,
-            ..NO_CFI
-        }
-    }
-
-    #[test]
-    fn pages_start_with_the_rule_in_force() {
-        let mut rules = Entries::default();
-        for (addr, priority, rule) in [
-            (0x1_fff0, 1, r(CFA_RSP, 8)),
-            (0x1_fff4, 1, r(CFA_RSP, 16)),
-            (0x2_0010, 1, r(CFA_RSP, 8)),
-            (0x4_0000, 0, NO_CFI),
-        ] {
-            rules.push(addr, priority, rule);
-        }
-        let out = paginate(rules, &[]);
-        // Page 1: two rows, the first carried from nothing (no CFI) at 0.
-        assert_eq!(out.pages[0].0, 1);
-        assert_eq!(out.rows[out.pages[0].1 as usize].kind(), CFA_NONE);
-        // Page 2 starts with the rsp+16 rule carried over.
-        let (p, first, count) = out.pages[1];
-        assert_eq!((p, count), (2, 2));
-        assert_eq!(
-            out.rows[first as usize],
-            UnwindRow::new(0, CFA_RSP, 16, RBP_SAME, 0).unwrap()
-        );
-        assert_eq!(out.rows[first as usize + 1].pc_low, 0x10);
-        // Page 3 is covered by the rsp+8 rule alone; page 4 has no CFI.
-        assert_eq!(out.pages[2], (3, first + 2, 1));
-        assert_eq!(out.pages.len(), 3);
-    }
-
-    #[test]
-    fn compiles_own_libc() {
-        let Ok(data) = std::fs::read("/usr/lib/x86_64-linux-gnu/libc.so.6") else {
-            return;
-        };
-        let rows = compile(&data).expect("libc compiles");
-        assert!(rows.rows.len() > 1000, "{} rows", rows.rows.len());
-        // Every page starts at offset 0 and is sorted.
-        for &(_, first, count) in &rows.pages {
-            let page = &rows.rows[first as usize..(first + count) as usize];
-            assert_eq!(page[0].pc_low, 0);
-            assert!(page.windows(2).all(|w| w[0].pc_low < w[1].pc_low));
-        }
-        // _start-style outermost frames exist (clone3's child marks rip undefined).
-        assert!(rows.rows.iter().any(|r| r.kind() == CFA_END));
-        assert!(rows.rows.iter().any(|r| r.kind() == CFA_SIGNAL));
-    }
-
-    #[test]
-    fn loader_entry_ends_the_stack() {
-        let Ok(data) = std::fs::read("/lib64/ld-linux-x86-64.so.2") else {
-            return;
-        };
-        let entry = object::File::parse(&*data).unwrap().entry();
-        let rows = compile(&data).expect("ld.so compiles");
-        let page = rows
-            .pages
-            .iter()
-            .find(|p| u64::from(p.0) == entry >> PAGE_SHIFT)
-            .expect("the entry's page has rows");
-        let page_rows = &rows.rows[page.1 as usize..(page.1 + page.2) as usize];
-        let at = profiler_common::unwind::find_row(page_rows, (entry & PAGE_MASK) as u16);
-        assert_eq!(page_rows[at].kind(), CFA_END);
-    }
-}
+#[path = "cfi_tests.rs"]
+mod tests;

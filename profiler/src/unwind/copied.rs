@@ -151,11 +151,17 @@ pub fn walk(copy: &Copy, max_frames: usize, mut lookup: impl FnMut(u64) -> Looku
         } else {
             frame.pc.wrapping_sub(1)
         };
+        // As in the kernel walker: a row that takes the caller's rsp from
+        // tracked registers may switch stacks.
+        let mut switch = false;
         let (step, via_fp) = match lookup(pc) {
-            Lookup::Row(row) if row.kind() != CFA_NONE => (
-                profiler_common::unwind::step(&row, &frame, &mut read),
-                false,
-            ),
+            Lookup::Row(row) if row.kind() != CFA_NONE => {
+                switch = row.may_switch_stacks();
+                (
+                    profiler_common::unwind::step(&row, &frame, &mut read),
+                    false,
+                )
+            }
             _ => (
                 profiler_common::unwind::step_frame_pointer(&frame, &mut read),
                 true,
@@ -174,7 +180,7 @@ pub fn walk(copy: &Copy, max_frames: usize, mut lookup: impl FnMut(u64) -> Looku
                         Ending::Complete
                     };
                 }
-                if (!next_exact && next.sp <= frame.sp)
+                if (!next_exact && !switch && next.sp <= frame.sp)
                     || next.pc < MIN_USER_ADDR
                     || next.pc >= KERNEL_START
                 {

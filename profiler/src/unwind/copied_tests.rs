@@ -23,6 +23,7 @@ fn three_frames() -> (Copy, impl Fn(u64) -> Lookup) {
             sp: 0x7000,
             bp: 0,
             bx: 0,
+            ..Default::default()
         },
         exact: true,
         bp_chained: false,
@@ -88,6 +89,7 @@ fn code_without_rows_follows_frame_pointers_and_trusts_only_chained_ends() {
             sp: 0x7000,
             bp: 0x7010,
             bx: 0,
+            ..Default::default()
         },
         exact: true,
         bp_chained: false,

@@ -14,7 +14,7 @@ use aya::maps::{MapData, RingBuf};
 use log::debug;
 use profiler_common::{
     stack_copy::{COPY_HEADER, StackCopy},
-    unwind::Frame,
+    unwind::{Frame, LeafRegs},
 };
 
 use super::Copy;
@@ -115,6 +115,13 @@ pub(super) fn parse(item: &[u8]) -> Option<(u64, Copy)> {
                 sp: word(offset_of!(StackCopy, sp)),
                 bp: word(offset_of!(StackCopy, bp)),
                 bx: word(offset_of!(StackCopy, bx)),
+                leaf: LeafRegs {
+                    known: word(offset_of!(StackCopy, leaf)),
+                    di: word(offset_of!(StackCopy, leaf) + offset_of!(LeafRegs, di)),
+                    dx: word(offset_of!(StackCopy, leaf) + offset_of!(LeafRegs, dx)),
+                    r8: word(offset_of!(StackCopy, leaf) + offset_of!(LeafRegs, r8)),
+                    r9: word(offset_of!(StackCopy, leaf) + offset_of!(LeafRegs, r9)),
+                },
             },
             exact: half(offset_of!(StackCopy, exact)) != 0,
             bp_chained: half(offset_of!(StackCopy, bp_chained)) != 0,

@@ -37,6 +37,7 @@ pub mod copied;
 pub mod debug;
 mod expr;
 pub mod options;
+mod regs_row;
 mod requests;
 pub mod rows;
 mod source;

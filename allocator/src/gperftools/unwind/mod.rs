@@ -257,6 +257,7 @@ fn frame_of(regs: &Regs) -> Frame {
         bp: regs.bp as u64,
         // This unwinder does not track rbx (no row it builds is based on it).
         bx: 0,
+        leaf: unwind::LeafRegs::UNKNOWN,
     }
 }
 
