@@ -2,7 +2,10 @@ use std::mem::offset_of;
 
 use profiler_common::{
     stack_copy::{COPY_HEADER, COPY_ID_BIT, StackCopy},
-    unwind::{CFA_END, CFA_RSP, RBP_SAME, UnwindRow},
+    unwind::{
+        CFA_END, CFA_RSP, LeafRegs, RBP_SAME, REG_R8, REG_R9, REG_RDI, REG_RDX, SRC_AT, SRC_REG,
+        UnwindRow, source,
+    },
 };
 
 use super::*;
@@ -121,6 +124,10 @@ fn records_parse_by_field() {
     put(offset_of!(StackCopy, sp), &0x7000u64.to_le_bytes());
     put(offset_of!(StackCopy, bx), &0x99u64.to_le_bytes());
     put(offset_of!(StackCopy, exact), &1u32.to_le_bytes());
+    let leaf = offset_of!(StackCopy, leaf);
+    put(leaf + offset_of!(LeafRegs, known), &1u64.to_le_bytes());
+    put(leaf + offset_of!(LeafRegs, dx), &0x4444u64.to_le_bytes());
+    put(leaf + offset_of!(LeafRegs, r9), &0x9999u64.to_le_bytes());
     // len says 64 from offset 4, but the record holds only 12 bytes there.
     put(offset_of!(StackCopy, len), &64u32.to_le_bytes());
     put(offset_of!(StackCopy, start), &4u32.to_le_bytes());
@@ -132,8 +139,73 @@ fn records_parse_by_field() {
         (42, 0x1234, 0x7000)
     );
     assert_eq!(copy.frame.bx, 0x99);
+    assert_eq!(
+        (
+            copy.frame.leaf.known,
+            copy.frame.leaf.dx,
+            copy.frame.leaf.r9
+        ),
+        (1, 0x4444, 0x9999)
+    );
     assert!(copy.exact && !copy.bp_chained);
     assert_eq!(copy.prefix, 3);
     assert_eq!(copy.bytes.len(), 12);
     assert_eq!(copy.bytes[0], 0xaa);
+}
+
+/// A copy taken at a sample in glibc's `__longjmp` after its register
+/// switch (CFA = rdi, pc in rdx, rsp in r8, rbp in r9, rbx at [rdi]): the
+/// copy's registers continue the walk at the setjmp's caller, as the
+/// kernel walker's would; without them the walk stops there.
+#[test]
+fn a_copy_at_a_longjmp_follows_the_sampled_registers() {
+    let (three, lookup) = three_frames();
+    let longjmp = UnwindRow::regs(
+        0,
+        REG_RDI,
+        0,
+        [
+            source(SRC_REG, REG_RDX as i8),
+            source(SRC_REG, REG_R8 as i8),
+            source(SRC_REG, REG_R9 as i8),
+            source(SRC_AT, 0),
+        ],
+    )
+    .unwrap();
+    // The jmp_buf at 0x7038 (in the copy); the setjmp's caller is the
+    // middle frame (pc 0x2005, rsp 0x7010), whose rsp is above the
+    // sampled one here.
+    let mut bytes = three.bytes.clone();
+    bytes[0x38..0x40].copy_from_slice(&0xb0b0u64.to_le_bytes());
+    let copy = Copy {
+        frame: Frame {
+            pc: 0x8000,
+            sp: 0x7000,
+            bp: 0,
+            bx: 0,
+            leaf: LeafRegs {
+                known: 1,
+                di: 0x7038,
+                dx: 0x2005,
+                r8: 0x7010,
+                r9: 0x7777,
+            },
+        },
+        bytes,
+        ..three
+    };
+    let lookup = |pc: u64| match pc >> 12 {
+        8 => Lookup::Row(longjmp),
+        _ => lookup(pc),
+    };
+    let walked = walk(&copy, 100, lookup);
+    assert_eq!(walked.frames, vec![0x2005, 0x3005]);
+    assert_eq!(walked.ending, Ending::Complete);
+    // A copy taken at a caller has no sampled registers: the row is not
+    // followed.
+    let mut later = copy.clone();
+    later.frame.leaf = LeafRegs::UNKNOWN;
+    let walked = walk(&later, 100, lookup);
+    assert!(walked.frames.is_empty());
+    assert_eq!(walked.ending, Ending::Stopped);
 }

@@ -201,8 +201,11 @@ async fn session(args: DebugArgs, pid: NonZeroU32) -> anyhow::Result<()> {
 }
 
 /// Compiles each object's CFI and prints, per object, `cfi PATH rows=N
-/// pages=N unsupported=N (P%) ms=T rows_per_s=R source=built|cache`, then
-/// one `  unsupported COUNT RULE` line per rule the walker cannot evaluate.
+/// pages=N unsupported=N (P%) leaf_only=N ms=T rows_per_s=R
+/// source=built|cache`, then one `  unsupported COUNT RULE` line per rule
+/// the walker cannot evaluate. `leaf_only` rows name registers known in
+/// the sampled frame only (`CFA_REGS`): followed there, unsupported at
+/// any other frame.
 /// With a cache directory, the rows come from it when it has them (ms is
 /// then the time to find, read and check the entry), else are built and
 /// stored.
@@ -246,12 +249,13 @@ fn cfi_report(paths: &[std::path::PathBuf], cache: Option<&std::path::Path>) -> 
             "built"
         };
         println!(
-            "cfi {} rows={} pages={} unsupported={} ({:.4}%) ms={:.1} rows_per_s={:.0} source={source}",
+            "cfi {} rows={} pages={} unsupported={} ({:.4}%) leaf_only={} ms={:.1} rows_per_s={:.0} source={source}",
             path.display(),
             rows.rows.len(),
             rows.pages.len(),
             rows.unsupported,
             100.0 * rows.unsupported as f64 / rows.rows.len().max(1) as f64,
+            rows.rows.iter().filter(|r| r.needs_leaf()).count(),
             secs * 1e3,
             rows.rows.len() as f64 / secs.max(1e-9)
         );

@@ -117,7 +117,8 @@ pub fn run() -> anyhow::Result<()> {
 /// Cold build of the rows of the biggest objects on this machine (rustc's
 /// `librustc_driver` and `libLLVM`, Debian's `libLLVM-14`): time, rows per
 /// second, kernel memory (8-byte rows in 8 MiB shards) and the rules the
-/// walker cannot evaluate.
+/// walker cannot evaluate; the same report for the C library, the loader,
+/// libstdc++ and libpython.
 fn big_objects(prof: &Path) -> anyhow::Result<()> {
     let mut objects: Vec<PathBuf> = Vec::new();
     let sysroot = Command::new("rustc")
@@ -132,9 +133,18 @@ fn big_objects(prof: &Path) -> anyhow::Result<()> {
             }
         }
     }
-    let llvm14 = Path::new("/usr/lib/x86_64-linux-gnu/libLLVM-14.so.1");
-    if llvm14.exists() {
-        objects.push(llvm14.to_owned());
+    // With the libraries every program maps, whose rows must all be
+    // supported.
+    for lib in [
+        "/usr/lib/x86_64-linux-gnu/libLLVM-14.so.1",
+        "/usr/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib64/ld-linux-x86-64.so.2",
+        "/usr/lib/x86_64-linux-gnu/libstdc++.so.6",
+        "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0",
+    ] {
+        if Path::new(lib).exists() {
+            objects.push(lib.into());
+        }
     }
     if objects.is_empty() {
         println!("big objects: none found");

@@ -1,0 +1,166 @@
+//! Stacks sampled in the code that switches stacks by hand: the last
+//! instructions of glibc's `__longjmp` and `setcontext`, whose CFI names
+//! the sampled frame's registers (rdi, rdx, r8, r9). `prof-bpf cpu -p` must
+//! give complete stacks there: the walker carries those registers into the
+//! first step (without them, about 5% of these workloads' samples were
+//! `[truncated]`).
+use std::{process::Command, time::Duration};
+
+use prof_bpf_tests::{Proc, build_workload, parse_folded, require_bpf, start_prof_bpf};
+
+/// No frame pointers: every frame is unwound from the CFI.
+const NO_FP: &[&str] = &["-O2", "-g", "-fomit-frame-pointer", "-U_FORTIFY_SOURCE"];
+
+/// Profiles the workload in `mode` for its 2 s run; its folded stacks.
+fn profile(mode: &str) -> Vec<(Vec<String>, u64)> {
+    let mut workload =
+        Proc::spawn(Command::new(build_workload("unwind_longjmp", NO_FP)).args([mode, "2"]));
+    workload.expect_line("ready");
+    let pid = workload.pid().to_string();
+    let dir = std::env::temp_dir().join("prof-bpf-unwind-leaf");
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    let out = dir.join(format!("{mode}-{pid}.folded"));
+    let (prof, _) = start_prof_bpf(
+        &[
+            "cpu",
+            "--pid",
+            &pid,
+            "-F",
+            "999",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        "sampling",
+    );
+    workload.send_line("go");
+    workload.expect_line("done");
+    let output = prof.wait_with_output().expect("wait for prof-bpf");
+    assert!(
+        output.status.success(),
+        "prof-bpf cpu failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    drop(workload.wait_output(Duration::from_secs(10)));
+    parse_folded(&std::fs::read_to_string(&out).expect("read folded output"))
+}
+
+/// Every sample is complete: from `_start` through `main` to the loop,
+/// with nothing cut.
+fn assert_complete(mode: &str, stacks: &[(Vec<String>, u64)]) -> u64 {
+    let looping = format!("{mode}_loop");
+    let mut samples = 0;
+    for (frames, value) in stacks {
+        let user: Vec<&str> = frames
+            .iter()
+            .skip(1) // the process name
+            .map(String::as_str)
+            .filter(|f| !f.ends_with("_[k]"))
+            .collect();
+        assert!(
+            user.starts_with(&["_start"]) && user.contains(&"main") && user.contains(&&*looping),
+            "{mode}: an incomplete stack ({value} ns): {}",
+            frames.join(";")
+        );
+        samples += 1;
+    }
+    samples
+}
+
+#[test]
+fn samples_in_longjmp_are_complete() {
+    require_bpf!();
+    let stacks = profile("longjmp");
+    assert!(assert_complete("longjmp", &stacks) > 0, "no samples");
+    let total: u64 = stacks.iter().map(|(_, v)| v).sum();
+    assert!(total >= 500_000_000, "{total} ns sampled in 2 s of work");
+    // With libc's symbols, the samples after the register switch show
+    // `__longjmp` called from the loop itself: it returns to the setjmp.
+    let named = stacks
+        .iter()
+        .any(|(f, _)| f.iter().any(|x| x == "__longjmp"));
+    if named {
+        assert!(
+            stacks
+                .iter()
+                .any(|(f, _)| f.ends_with(&["longjmp_loop".to_owned(), "__longjmp".to_owned()])),
+            "no sample after __longjmp's register switch"
+        );
+    }
+}
+
+#[test]
+fn samples_in_setcontext_are_complete() {
+    require_bpf!();
+    let stacks = profile("setcontext");
+    assert!(assert_complete("setcontext", &stacks) > 0, "no samples");
+    let total: u64 = stacks.iter().map(|(_, v)| v).sum();
+    assert!(total >= 500_000_000, "{total} ns sampled in 2 s of work");
+}
+
+/// Rows of `readelf --debug-dump=frames-interp` whose CFA or saved
+/// registers come from rdi, rdx, r8 or r9: the rows that need the sampled
+/// frame's registers.
+fn readelf_leaf_rows(lib: &str) -> usize {
+    let out = Command::new("readelf")
+        .args(["--debug-dump=frames-interp", lib])
+        .output()
+        .expect("run readelf");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|line| {
+            let mut cells = line.split_whitespace();
+            let is_row = cells
+                .next()
+                .is_some_and(|loc| loc.len() == 16 && loc.bytes().all(|b| b.is_ascii_hexdigit()));
+            let cfa = cells.next().unwrap_or_default();
+            is_row
+                && (["rdi+", "rdx+", "r8+", "r9+"]
+                    .iter()
+                    .any(|r| cfa.starts_with(r))
+                    || ["(rdi)", "(rdx)", "(r8)", "(r9)"]
+                        .iter()
+                        .any(|r| line.contains(r)))
+        })
+        .count()
+}
+
+/// The per-library report (`debug-unwind --cfi`): no unsupported row in
+/// the C library, the loader, the C++ library or libpython, and as many
+/// rows that need the sampled frame's registers as readelf shows.
+#[test]
+fn system_libraries_report_no_unsupported_rows() {
+    let libs: Vec<&str> = [
+        "/usr/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib64/ld-linux-x86-64.so.2",
+        "/usr/lib/x86_64-linux-gnu/libstdc++.so.6",
+        "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0",
+    ]
+    .into_iter()
+    .filter(|p| std::path::Path::new(p).exists())
+    .collect();
+    let mut args = vec!["debug-unwind", "--cfi"];
+    args.extend(&libs);
+    let out = Command::new(prof_bpf_tests::prof_bpf())
+        .args(&args)
+        .output()
+        .expect("run debug-unwind --cfi");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for lib in &libs {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("cfi {lib} ")))
+            .unwrap_or_else(|| panic!("no report line for {lib}:\n{text}"));
+        let field = |name: &str| -> usize {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(&format!("{name}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {line}"))
+        };
+        assert_eq!(field("unsupported"), 0, "{text}");
+        assert_eq!(field("leaf_only"), readelf_leaf_rows(lib), "{line}");
+        if lib.contains("libc.so") || lib.contains("ld-linux") {
+            assert!(field("leaf_only") > 0, "{line}");
+        }
+    }
+}
