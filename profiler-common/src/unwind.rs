@@ -360,9 +360,6 @@ pub struct Frame {
     pub bp: u64,
     /// rbx (callee-saved; the base of a stack switch's CFA); 0 when unknown.
     pub bx: u64,
-    /// The sampled frame's volatile registers, for [`CFA_REGS`] rows;
-    /// unknown in every other frame.
-    pub leaf: LeafRegs,
 }
 
 /// What one unwinding step found.
@@ -391,9 +388,16 @@ pub const SIGNAL_RSP: u64 = 40 + 15 * 8;
 pub const SIGNAL_RIP: u64 = 40 + 16 * 8;
 
 /// Unwinds one frame with `row`, the row in force at `frame.pc` (or at
-/// `frame.pc - 1` for a return address). `read` reads 8 bytes of the stack.
+/// `frame.pc - 1` for a return address). `leaf`: the frame's volatile
+/// registers, known in the sampled frame only (`None` elsewhere). `read`
+/// reads 8 bytes of the stack.
 #[inline(always)]
-pub fn step(row: &UnwindRow, frame: &Frame, mut read: impl FnMut(u64) -> Option<u64>) -> Step {
+pub fn step(
+    row: &UnwindRow,
+    frame: &Frame,
+    leaf: Option<&LeafRegs>,
+    mut read: impl FnMut(u64) -> Option<u64>,
+) -> Step {
     let cfa = match row.kind() {
         CFA_RSP => frame.sp.wrapping_add(row.cfa_offset() as u64),
         CFA_RBP => frame.bp.wrapping_add(row.cfa_offset() as u64),
@@ -423,17 +427,11 @@ pub fn step(row: &UnwindRow, frame: &Frame, mut read: impl FnMut(u64) -> Option<
                 return Step::ReadFailed;
             };
             return Step::Caller {
-                frame: Frame {
-                    pc,
-                    sp,
-                    bp,
-                    bx,
-                    leaf: LeafRegs::UNKNOWN,
-                },
+                frame: Frame { pc, sp, bp, bx },
                 exact: true,
             };
         }
-        CFA_REGS => return step_regs(row, frame, read),
+        CFA_REGS => return step_regs(row, frame, leaf, read),
         CFA_END => return Step::End,
         _ => return Step::Unsupported,
     };
@@ -470,7 +468,6 @@ pub fn step(row: &UnwindRow, frame: &Frame, mut read: impl FnMut(u64) -> Option<
             sp: cfa,
             bp,
             bx,
-            leaf: LeafRegs::UNKNOWN,
         },
         exact: false,
     }
@@ -494,7 +491,6 @@ pub fn step_frame_pointer(frame: &Frame, mut read: impl FnMut(u64) -> Option<u64
             bp,
             // Code without CFI does not say where it saved rbx: unknown.
             bx: 0,
-            leaf: LeafRegs::UNKNOWN,
         },
         exact: false,
     }

@@ -60,7 +60,8 @@ pub const fn is_leaf_only(n: u16) -> bool {
 
 /// The volatile registers of the sampled (innermost) frame that
 /// [`CFA_REGS`] rows may name: a caller's values of them are lost across
-/// the call, so every other frame has them unknown.
+/// the call, so every other frame has them unknown. Kept apart from
+/// [`Frame`], which every step copies.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LeafRegs {
@@ -83,6 +84,12 @@ impl LeafRegs {
         r8: 0,
         r9: 0,
     };
+
+    /// The registers, if known.
+    #[inline(always)]
+    pub fn if_known(&self) -> Option<&Self> {
+        if self.known != 0 { Some(self) } else { None }
+    }
 }
 
 crate::impl_pod!(LeafRegs);
@@ -159,16 +166,15 @@ impl UnwindRow {
 /// Register `n` (DWARF number) of `frame`, if known there (rbx may be 0:
 /// unknown).
 #[inline(always)]
-fn register(frame: &Frame, n: u8) -> Option<u64> {
-    match n {
-        REG_RSP => Some(frame.sp),
-        REG_RBP => Some(frame.bp),
-        REG_RBX => Some(frame.bx),
-        _ if frame.leaf.known == 0 => None,
-        REG_RDI => Some(frame.leaf.di),
-        REG_RDX => Some(frame.leaf.dx),
-        REG_R8 => Some(frame.leaf.r8),
-        REG_R9 => Some(frame.leaf.r9),
+fn register(frame: &Frame, leaf: Option<&LeafRegs>, n: u8) -> Option<u64> {
+    match (n, leaf) {
+        (REG_RSP, _) => Some(frame.sp),
+        (REG_RBP, _) => Some(frame.bp),
+        (REG_RBX, _) => Some(frame.bx),
+        (REG_RDI, Some(l)) => Some(l.di),
+        (REG_RDX, Some(l)) => Some(l.dx),
+        (REG_R8, Some(l)) => Some(l.r8),
+        (REG_R9, Some(l)) => Some(l.r9),
         _ => None,
     }
 }
@@ -180,6 +186,7 @@ fn value(
     src: u8,
     cfa: u64,
     frame: &Frame,
+    leaf: Option<&LeafRegs>,
     read: &mut impl FnMut(u64) -> Option<u64>,
 ) -> Result<u64, bool> {
     let v = src & 0x0f;
@@ -189,7 +196,7 @@ fn value(
             let slot = ((v << 4) as i8 >> 4) as i64;
             read(cfa.wrapping_add((slot * 8) as u64)).ok_or(false)
         }
-        SRC_REG => register(frame, v).ok_or(true),
+        SRC_REG => register(frame, leaf, v).ok_or(true),
         SRC_CFA => Ok(cfa),
         _ => Ok(0),
     }
@@ -201,9 +208,10 @@ fn value(
 pub(super) fn step_regs(
     row: &UnwindRow,
     frame: &Frame,
+    leaf: Option<&LeafRegs>,
     mut read: impl FnMut(u64) -> Option<u64>,
 ) -> Step {
-    let cfa = match register(frame, row.regs_base()) {
+    let cfa = match register(frame, leaf, row.regs_base()) {
         // A zero base is an unknown rbx (or a register that holds no
         // address): nothing to evaluate.
         Some(base) if base != 0 => base.wrapping_add(row.cfa_offset() as u64),
@@ -212,7 +220,7 @@ pub(super) fn step_regs(
     let mut out = [0u64; 4];
     let mut i = 0;
     while i < 4 {
-        match value(row.source(i as u32), cfa, frame, &mut read) {
+        match value(row.source(i as u32), cfa, frame, leaf, &mut read) {
             Ok(v) => out[i] = v,
             Err(true) => return Step::Unsupported,
             Err(false) => return Step::ReadFailed,
@@ -225,7 +233,6 @@ pub(super) fn step_regs(
             sp: out[1],
             bp: out[2],
             bx: out[3],
-            leaf: LeafRegs::UNKNOWN,
         },
         exact: false,
     }

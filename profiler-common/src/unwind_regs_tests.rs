@@ -67,9 +67,10 @@ fn longjmp_at_the_sampled_frame_goes_to_the_setjmp_caller() {
         sp: 0x6000,
         bp: 1,
         bx: 2,
-        leaf: LEAF,
     };
-    let step = step(&longjmp_row(), &frame, |a| (a == 0x5000).then_some(0x77));
+    let step = step(&longjmp_row(), &frame, Some(&LEAF), |a| {
+        (a == 0x5000).then_some(0x77)
+    });
     assert_eq!(
         step,
         Step::Caller {
@@ -78,7 +79,6 @@ fn longjmp_at_the_sampled_frame_goes_to_the_setjmp_caller() {
                 sp: 0x7f00,
                 bp: 0x7f40,
                 bx: 0x77,
-                leaf: LeafRegs::UNKNOWN,
             },
             exact: false,
         }
@@ -92,9 +92,10 @@ fn leaf_registers_elsewhere_are_unsupported_not_guessed() {
         sp: 0x6000,
         bp: 1,
         bx: 2,
-        leaf: LeafRegs::UNKNOWN,
     };
-    assert_eq!(step(&longjmp_row(), &frame, Some), Step::Unsupported);
+    assert_eq!(step(&longjmp_row(), &frame, None, Some), Step::Unsupported);
+    // Registers marked unknown are not used either.
+    assert_eq!(LeafRegs::UNKNOWN.if_known(), None);
     // vfork's rows: CFA = rsp + 8, pc in rdi.
     let vfork = UnwindRow::regs(
         0,
@@ -108,15 +109,8 @@ fn leaf_registers_elsewhere_are_unsupported_not_guessed() {
         ],
     )
     .unwrap();
-    assert_eq!(step(&vfork, &frame, Some), Step::Unsupported);
-    let Step::Caller { frame: caller, .. } = step(
-        &vfork,
-        &Frame {
-            leaf: LEAF,
-            ..frame
-        },
-        Some,
-    ) else {
+    assert_eq!(step(&vfork, &frame, None, Some), Step::Unsupported);
+    let Step::Caller { frame: caller, .. } = step(&vfork, &frame, LEAF.if_known(), Some) else {
         panic!("vfork at the sampled frame unwinds")
     };
     assert_eq!(
@@ -147,15 +141,14 @@ fn setcontext_reads_the_context_and_reports_failed_reads() {
         sp: 0x6000,
         bp: 0,
         bx: 0,
-        leaf: LEAF,
     };
     let read = |a: u64| Some(a - ctx);
-    let Step::Caller { frame: caller, .. } = step(&row, &frame, read) else {
+    let Step::Caller { frame: caller, .. } = step(&row, &frame, Some(&LEAF), read) else {
         panic!("setcontext unwinds")
     };
     assert_eq!(
         (caller.pc, caller.sp, caller.bp, caller.bx),
         (168, 160, 120, 128)
     );
-    assert_eq!(step(&row, &frame, |_| None), Step::ReadFailed);
+    assert_eq!(step(&row, &frame, Some(&LEAF), |_| None), Step::ReadFailed);
 }

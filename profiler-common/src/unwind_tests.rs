@@ -19,9 +19,8 @@ fn step_rsp_and_saved_rbp() {
         sp: 0x7000,
         bp: 1,
         bx: 0,
-        ..Default::default()
     };
-    let step = step(&row, &frame, |a| match a {
+    let step = step(&row, &frame, None, |a| match a {
         0x7010 => Some(0x4242),
         0x7000 => Some(0x7100),
         _ => None,
@@ -34,7 +33,6 @@ fn step_rsp_and_saved_rbp() {
                 sp: 0x7018,
                 bp: 0x7100,
                 bx: 0,
-                ..Default::default()
             },
             exact: false
         }
@@ -52,8 +50,8 @@ fn plt_rule_adds_push() {
             sp: 0x7000,
             bp: 0,
             bx: 0,
-            ..Default::default()
         },
+        None,
         read,
     ) else {
         panic!()
@@ -66,8 +64,8 @@ fn plt_rule_adds_push() {
             sp: 0x7000,
             bp: 0,
             bx: 0,
-            ..Default::default()
         },
+        None,
         read,
     ) else {
         panic!()
@@ -91,9 +89,8 @@ fn stack_switch_through_rbx() {
         sp: 0x10_0000, // the new stack, above the old one
         bp: 7,
         bx: 0x7000,
-        ..Default::default()
     };
-    let step = step(&row, &frame, |a| match a {
+    let step = step(&row, &frame, None, |a| match a {
         0x7008 => Some(0x4242),
         0x7000 => Some(0x99),
         _ => None,
@@ -106,14 +103,16 @@ fn stack_switch_through_rbx() {
                 sp: 0x7010,
                 bp: 7,
                 bx: 0x99,
-                ..Default::default()
             },
             exact: false
         }
     );
     // An unknown rbx cannot give a CFA.
     let unknown = Frame { bx: 0, ..frame };
-    assert_eq!(super::step(&row, &unknown, |_| Some(1)), Step::Unsupported);
+    assert_eq!(
+        super::step(&row, &unknown, None, |_| Some(1)),
+        Step::Unsupported
+    );
 }
 
 #[test]
@@ -125,9 +124,8 @@ fn realigned_frame_through_rbp() {
         sp: 0x6f00,
         bp: 0x6f80,
         bx: 3,
-        ..Default::default()
     };
-    let step = step(&row, &frame, |a| match a {
+    let step = step(&row, &frame, None, |a| match a {
         0x6f78 => Some(0x7010),
         0x6f80 => Some(0x7100),
         0x7008 => Some(0x4242),
@@ -141,7 +139,6 @@ fn realigned_frame_through_rbp() {
                 sp: 0x7010,
                 bp: 0x7100,
                 bx: 3,
-                ..Default::default()
             },
             exact: false
         }

@@ -50,6 +50,9 @@ static UNWIND_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(UnwindCoun
 pub(crate) struct Walk {
     pub stack: UserStack,
     pub frame: Frame,
+    /// The sampled frame's volatile registers (`known` 0 when the first
+    /// frame is not the sampled one): only the first step uses them.
+    pub leaf: LeafRegs,
     /// Process (tgid) whose mappings the walk uses.
     pub pid: u32,
     /// 1 when `frame.pc` is an exact pc (the sampled pc, or one interrupted
@@ -67,6 +70,8 @@ pub(crate) struct Walk {
     pub copy_frame: Frame,
     pub copy_exact: u32,
     pub copy_chained: u32,
+    /// 1 when the copy starts at the first frame: it gets `leaf`.
+    pub copy_leaf: u32,
 }
 
 /// The walk follows frame pointers where no tables are known.
@@ -167,7 +172,7 @@ pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, Stac
     };
     // SAFETY: `regs` is the program's context (pt_regs), the start of a
     // bpf_perf_event_data, which begins with the registers, or null.
-    walk.frame = unsafe { start_frame(regs) };
+    (walk.frame, walk.leaf) = unsafe { start_frame(regs) };
 
     if walk.frame.pc != 0 && from_entry {
         // At a function's entry the return address is at [rsp].
@@ -177,7 +182,7 @@ pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, Stac
                 walk.frame.sp += 8;
                 walk.exact = 0;
                 // The registers are the callee's, not the caller's.
-                walk.frame.leaf = LeafRegs::UNKNOWN;
+                walk.leaf.known = 0;
             }
             None => walk.frame.pc = 0,
         }
@@ -214,7 +219,14 @@ pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, Stac
             walk.copy_chained != 0,
         );
         let prefix = walk.copy_prefix;
-        if let Some(copy_id) = stack_copy::copy(walk.pid, tid, &frame, exact, chained, prefix) {
+        let leaf = if walk.copy_leaf != 0 {
+            walk.leaf
+        } else {
+            LeafRegs::UNKNOWN
+        };
+        if let Some(copy_id) =
+            stack_copy::copy(walk.pid, tid, &frame, &leaf, exact, chained, prefix)
+        {
             id = copy_id;
         }
     }
@@ -238,27 +250,26 @@ pub fn user_stack_id(regs: *const pt_regs, from_entry: bool) -> Result<u64, Stac
 /// # Safety
 /// `regs` must be null or point at a `pt_regs` readable by the program.
 #[inline(always)]
-unsafe fn start_frame(regs: *const pt_regs) -> Frame {
+unsafe fn start_frame(regs: *const pt_regs) -> (Frame, LeafRegs) {
     if !regs.is_null() {
         // SAFETY: guaranteed by the caller.
         let r = unsafe { &*regs };
         if r.rip < KERNEL_START {
-            return Frame {
-                pc: r.rip,
-                sp: r.rsp,
-                bp: r.rbp,
-                bx: r.rbx,
-                leaf: leaf_regs(r),
-            };
+            return (frame_of(r), leaf_regs(r));
         }
     }
-    saved_user_frame()
+    saved_user_regs()
 }
 
 /// The current task's user registers, saved when it entered the kernel
 /// (a zero frame for a kernel thread).
 #[inline(always)]
 pub fn saved_user_frame() -> Frame {
+    saved_user_regs().0
+}
+
+#[inline(always)]
+fn saved_user_regs() -> (Frame, LeafRegs) {
     // SAFETY: helper calls; the pointer they return is only read through
     // bpf_probe_read_kernel, which checks it.
     let user = unsafe {
@@ -267,15 +278,19 @@ pub fn saved_user_frame() -> Frame {
         bpf_probe_read_kernel(uregs)
     };
     match user {
-        Ok(u) if u.rip != 0 && u.rip < KERNEL_START => Frame {
-            pc: u.rip,
-            sp: u.rsp,
-            bp: u.rbp,
-            bx: u.rbx,
-            leaf: leaf_regs(&u),
-        },
+        Ok(u) if u.rip != 0 && u.rip < KERNEL_START => (frame_of(&u), leaf_regs(&u)),
         // A kernel thread has no user stack.
-        _ => Frame::default(),
+        _ => (Frame::default(), LeafRegs::UNKNOWN),
+    }
+}
+
+#[inline(always)]
+fn frame_of(r: &pt_regs) -> Frame {
+    Frame {
+        pc: r.rip,
+        sp: r.rsp,
+        bp: r.rbp,
+        bx: r.rbx,
     }
 }
 
@@ -316,8 +331,17 @@ extern "C" fn walk_frame(_index: u64, ctx: *mut c_void) -> i64 {
         walk.copy_frame = walk.frame;
         walk.copy_exact = walk.exact;
         walk.copy_chained = walk.bp_chained;
+        walk.copy_leaf = (len == 0) as u32;
     }
-    match unwind::step(walk.pid, &walk.frame, walk.exact != 0, walk.bp_chained != 0) {
+    // The sampled frame's volatile registers serve its own step only.
+    let leaf = if len == 0 { walk.leaf.if_known() } else { None };
+    match unwind::step(
+        walk.pid,
+        &walk.frame,
+        leaf,
+        walk.exact != 0,
+        walk.bp_chained != 0,
+    ) {
         StepResult::Caller {
             frame,
             exact,

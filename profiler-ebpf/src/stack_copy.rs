@@ -15,7 +15,7 @@ use profiler_common::{
         COPIES_PER_WINDOW, COPIES_PER_WINDOW_ALL, COPY_BYTES, COPY_ID_BIT, COPY_PAGES,
         COPY_WINDOW_NS, CopyCounter, STACK_COPIES_BYTES, StackCopy,
     },
-    unwind::Frame,
+    unwind::{Frame, LeafRegs},
 };
 
 /// `STACK_COPIES`: the copies, for user space.
@@ -92,7 +92,8 @@ fn copy_id(tid: u64) -> u64 {
     h | COPY_ID_BIT
 }
 
-/// Copies the stack of thread `tid` (process `pid`) above `frame` into the
+/// Copies the stack of thread `tid` (process `pid`) above `frame` (with
+/// `leaf`, its volatile registers when it is the sampled frame) into the
 /// ring buffer; returns the stack id the event gets, or `None` when the
 /// ring buffer is full (counted).
 #[inline(always)]
@@ -100,6 +101,7 @@ pub(crate) fn copy(
     pid: u32,
     tid: u64,
     frame: &Frame,
+    leaf: &LeafRegs,
     exact: bool,
     bp_chained: bool,
     prefix: u32,
@@ -125,7 +127,7 @@ pub(crate) fn copy(
         (*record).sp = frame.sp;
         (*record).bp = frame.bp;
         (*record).bx = frame.bx;
-        (*record).leaf = frame.leaf;
+        (*record).leaf = *leaf;
         (*record).exact = exact as u32;
         (*record).bp_chained = bp_chained as u32;
         (*record).start = (frame.sp & (PAGE - 1)) as u32;

@@ -12,7 +12,7 @@ use aya_ebpf::{
 use profiler_common::{
     stack::UnwindCounter,
     unwind::{
-        self as rows, CFA_NONE, CFA_SIGNAL, Frame, MAPPINGS_MAX, MAX_SHARDS, MappingInfo,
+        self as rows, CFA_NONE, CFA_SIGNAL, Frame, LeafRegs, MAPPINGS_MAX, MAX_SHARDS, MappingInfo,
         MappingKey, PAGE_MASK, PAGE_SHIFT, PAGES_MAX, PageKey, PageRows, REFRESH_MAX, SEARCH_STEPS,
         SHARD_MASK, SHARD_ROWS, SHARD_SHIFT, Step, UnwindRow,
     },
@@ -67,14 +67,21 @@ pub(crate) fn read_user(addr: u64) -> Option<u64> {
     unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
 }
 
-/// Finds the caller of `frame` in process `pid`. `exact`: `frame.pc` is the
+/// Finds the caller of `frame` in process `pid`. `leaf`: the frame's
+/// volatile registers, when it is the sampled frame. `exact`: `frame.pc` is the
 /// pc itself, not a return address (whose call instruction ends before it).
 /// `bp_chained`: `frame.bp` was read from a frame-pointer chain (the
 /// previous step followed frame pointers), so a zero there really ends the
 /// chain; a zero rbp found in a register proves nothing in code that uses
 /// rbp as a general register.
 #[inline(always)]
-pub(crate) fn step(pid: u32, frame: &Frame, exact: bool, bp_chained: bool) -> StepResult {
+pub(crate) fn step(
+    pid: u32,
+    frame: &Frame,
+    leaf: Option<&LeafRegs>,
+    exact: bool,
+    bp_chained: bool,
+) -> StepResult {
     let lookup_pc = if exact {
         frame.pc
     } else {
@@ -95,7 +102,7 @@ pub(crate) fn step(pid: u32, frame: &Frame, exact: bool, bp_chained: bool) -> St
             // from the leaf, so the CFA is trusted without the direction
             // check.
             switch = row.may_switch_stacks();
-            (rows::step(&row, frame, read_user), false)
+            (rows::step(&row, frame, leaf, read_user), false)
         }
         _ => {
             count(UnwindCounter::FramesFp);

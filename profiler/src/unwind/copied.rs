@@ -30,7 +30,7 @@ use log::debug;
 use profiler_common::{
     stack::{MAX_USER_FRAMES, StackStatus},
     stack_copy::{COPY_BYTES, COPY_CONFIG_MAP, CopyCounter, STACK_COPIES_MAP},
-    unwind::{CFA_NONE, Frame, MappingKey, PAGE_MASK, PAGE_SHIFT, PageKey, Step},
+    unwind::{CFA_NONE, Frame, LeafRegs, MappingKey, PAGE_MASK, PAGE_SHIFT, PageKey, Step},
 };
 
 use super::Tables;
@@ -90,6 +90,8 @@ pub struct Copy {
     pub pid: u32,
     /// Where the kernel walk stopped.
     pub frame: Frame,
+    /// The frame's volatile registers when it is the sampled frame.
+    pub leaf: LeafRegs,
     pub exact: bool,
     pub bp_chained: bool,
     /// Index of `frame.pc` in the stack the kernel stored.
@@ -151,6 +153,12 @@ pub fn walk(copy: &Copy, max_frames: usize, mut lookup: impl FnMut(u64) -> Looku
         } else {
             frame.pc.wrapping_sub(1)
         };
+        // The sampled frame's volatile registers serve its own step only.
+        let leaf = if frames.is_empty() {
+            copy.leaf.if_known()
+        } else {
+            None
+        };
         // As in the kernel walker: a row that takes the caller's rsp from
         // tracked registers may switch stacks.
         let mut switch = false;
@@ -158,7 +166,7 @@ pub fn walk(copy: &Copy, max_frames: usize, mut lookup: impl FnMut(u64) -> Looku
             Lookup::Row(row) if row.kind() != CFA_NONE => {
                 switch = row.may_switch_stacks();
                 (
-                    profiler_common::unwind::step(&row, &frame, &mut read),
+                    profiler_common::unwind::step(&row, &frame, leaf, &mut read),
                     false,
                 )
             }

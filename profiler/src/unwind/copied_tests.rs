@@ -26,8 +26,8 @@ fn three_frames() -> (Copy, impl Fn(u64) -> Lookup) {
             sp: 0x7000,
             bp: 0,
             bx: 0,
-            ..Default::default()
         },
+        leaf: LeafRegs::UNKNOWN,
         exact: true,
         bp_chained: false,
         prefix: 0,
@@ -92,8 +92,8 @@ fn code_without_rows_follows_frame_pointers_and_trusts_only_chained_ends() {
             sp: 0x7000,
             bp: 0x7010,
             bx: 0,
-            ..Default::default()
         },
+        leaf: LeafRegs::UNKNOWN,
         exact: true,
         bp_chained: false,
         prefix: 0,
@@ -140,11 +140,7 @@ fn records_parse_by_field() {
     );
     assert_eq!(copy.frame.bx, 0x99);
     assert_eq!(
-        (
-            copy.frame.leaf.known,
-            copy.frame.leaf.dx,
-            copy.frame.leaf.r9
-        ),
+        (copy.leaf.known, copy.leaf.dx, copy.leaf.r9),
         (1, 0x4444, 0x9999)
     );
     assert!(copy.exact && !copy.bp_chained);
@@ -183,13 +179,13 @@ fn a_copy_at_a_longjmp_follows_the_sampled_registers() {
             sp: 0x7000,
             bp: 0,
             bx: 0,
-            leaf: LeafRegs {
-                known: 1,
-                di: 0x7038,
-                dx: 0x2005,
-                r8: 0x7010,
-                r9: 0x7777,
-            },
+        },
+        leaf: LeafRegs {
+            known: 1,
+            di: 0x7038,
+            dx: 0x2005,
+            r8: 0x7010,
+            r9: 0x7777,
         },
         bytes,
         ..three
@@ -204,7 +200,7 @@ fn a_copy_at_a_longjmp_follows_the_sampled_registers() {
     // A copy taken at a caller has no sampled registers: the row is not
     // followed.
     let mut later = copy.clone();
-    later.frame.leaf = LeafRegs::UNKNOWN;
+    later.leaf = LeafRegs::UNKNOWN;
     let walked = walk(&later, 100, lookup);
     assert!(walked.frames.is_empty());
     assert_eq!(walked.ending, Ending::Stopped);

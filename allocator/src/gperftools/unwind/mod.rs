@@ -232,7 +232,8 @@ fn apply_row(row: &UnwindRow, regs: &Regs) -> Step {
         // stack between rsp and the caller's frame (checked above).
         Some(unsafe { *(addr as *const u64) })
     };
-    next(unwind::step(row, &frame_of(regs), read), regs)
+    // The rows built here name no register of the sampled frame.
+    next(unwind::step(row, &frame_of(regs), None, read), regs)
 }
 
 /// A frame-pointer step, for code without CFI: rbp points to the saved
@@ -257,7 +258,6 @@ fn frame_of(regs: &Regs) -> Frame {
         bp: regs.bp as u64,
         // This unwinder does not track rbx (no row it builds is based on it).
         bx: 0,
-        leaf: unwind::LeafRegs::UNKNOWN,
     }
 }
 
