@@ -47,10 +47,11 @@ pub const REG_R9: u8 = 9;
 
 /// Whether register `n` (DWARF number) is one a walker knows in some frame.
 pub const fn is_tracked(n: u16) -> bool {
-    matches!(
-        n as u8,
-        REG_RDX | REG_RBX | REG_RDI | REG_RBP | REG_RSP | REG_R8 | REG_R9
-    ) && n < 16
+    n < 16
+        && matches!(
+            n as u8,
+            REG_RDX | REG_RBX | REG_RDI | REG_RBP | REG_RSP | REG_R8 | REG_R9
+        )
 }
 
 /// Whether register `n` is known in the sampled frame only.
