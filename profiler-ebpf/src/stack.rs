@@ -327,7 +327,9 @@ extern "C" fn walk_frame(_index: u64, ctx: *mut c_void) -> i64 {
         // Code the tables do not know yet: copy the stack from here, to be
         // unwound once they do; the walk goes on by frame pointers.
         walk.copy = COPY_WANTED;
-        walk.copy_prefix = walk.stack.len;
+        // The index of this frame's pc: the frames before it are kept when
+        // the copy is unwound, the copy's callers replace those after it.
+        walk.copy_prefix = len as u32;
         walk.copy_frame = walk.frame;
         walk.copy_exact = walk.exact;
         walk.copy_chained = walk.bp_chained;
