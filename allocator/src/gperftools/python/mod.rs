@@ -28,16 +28,18 @@ use profiler_common::{
 
 use crate::{live_set::PythonWords, os::Message};
 
+mod eval_code;
 pub(crate) mod names;
 mod read;
 mod symbols;
 mod walk;
 
+use eval_code::EvalCode;
 use read::{PLANNED_BYTES, Plan, Reader};
 pub(crate) use walk::Walk;
 use walk::{End, Layout, MAX_SLOTS, NoFrame};
 
-struct Found(UnsafeCell<Option<(Layout, usize, usize)>>);
+struct Found(UnsafeCell<Option<(Layout, EvalCode)>>);
 // SAFETY: written once by `start` before ON is published, then only read.
 unsafe impl Sync for Found {}
 static FOUND: Found = Found(UnsafeCell::new(None));
@@ -75,6 +77,8 @@ pub(crate) fn start(walk: bool, intern: bool) {
         ],
         found: [None; 8],
         object: core::ptr::null(),
+        bias: 0,
+        phdrs: &[],
     };
     symbols::find(&mut l);
     let Some(runtime) = l.found[0] else {
@@ -128,8 +132,15 @@ pub(crate) fn start(walk: bool, intern: bool) {
         code_type: code_type.address as u64,
         o: offsets,
     };
+    let object = eval_code::Object {
+        bias: l.bias,
+        phdrs: l.phdrs,
+    };
+    // SAFETY: the object exports the loop, so its segments and CFI are
+    // mapped, and the symbol's range is in its code.
+    let eval = unsafe { eval_code::find(&object, eval.address, eval.address + eval.size) };
     // SAFETY: written once, before ON publishes it.
-    unsafe { *FOUND.0.get() = Some((layout, eval.address, eval.address + eval.size)) };
+    unsafe { *FOUND.0.get() = Some((layout, eval)) };
     ON.store(true, Ordering::Release);
 }
 
@@ -209,6 +220,10 @@ pub(crate) fn comments(mut f: impl FnMut(&str)) {
         .dec(names::UNNAMED.load(Ordering::Relaxed) as u64)
         .str(" frames unnamed");
     f(core::str::from_utf8(m.as_bytes()).unwrap_or(""));
+    // SAFETY: published by ON (checked by is_on above).
+    if let Some((_, eval)) = unsafe { &*FOUND.0.get() } {
+        f(core::str::from_utf8(eval_line(eval).as_bytes()).unwrap_or(""));
+    }
     let mut m = Message::new();
     m.str("python thread states (in-process): ")
         .dec(get(&NO_STATE))
@@ -216,6 +231,27 @@ pub(crate) fn comments(mut f: impl FnMut(&str)) {
         .dec(get(&LOOKUPS))
         .str(" thread-state lookups");
     f(core::str::from_utf8(m.as_bytes()).unwrap_or(""));
+}
+
+/// The comment line that says where the evaluation loop's code is, in
+/// the object's addresses (as `readelf` and the profiler show them).
+fn eval_line(eval: &EvalCode) -> Message {
+    let mut m = Message::new();
+    let hex = |m: &mut Message, (lo, hi): (usize, usize)| {
+        m.hex((lo - eval.bias) as u64)
+            .str("-")
+            .hex((hi - eval.bias) as u64);
+    };
+    m.str("python eval loop (in-process): hot part ");
+    hex(&mut m, eval.hot);
+    if eval.cold_parts().is_empty() {
+        m.str(", no cold part");
+    }
+    for (i, &part) in eval.cold_parts().iter().enumerate() {
+        m.str(if i == 0 { ", cold parts " } else { " " });
+        hex(&mut m, part);
+    }
+    m
 }
 
 /// Whether stacks get Python frames.
@@ -341,7 +377,7 @@ pub(crate) fn walk_thread(intern: bool, w: &mut Walk) -> bool {
         return false;
     }
     // SAFETY: published by ON (checked above).
-    let Some((layout, _, _)) = (unsafe { *FOUND.0.get() }) else {
+    let Some((layout, _)) = (unsafe { *FOUND.0.get() }) else {
         return false;
     };
     // SAFETY: gettid has no preconditions.
@@ -394,7 +430,7 @@ pub(crate) fn splice_named(
     out: &mut [u64],
 ) -> (usize, bool) {
     // SAFETY: published by ON (a walk happened).
-    let Some((_, eval_lo, eval_hi)) = (unsafe { *FOUND.0.get() }) else {
+    let Some((_, eval)) = (unsafe { &*FOUND.0.get() }) else {
         return copy(native, out);
     };
     let cut = w.is_cut();
@@ -405,7 +441,7 @@ pub(crate) fn splice_named(
         } else {
             pc.wrapping_sub(1)
         };
-        (eval_lo..eval_hi).contains(&pc)
+        eval.contains(pc)
     };
     let (mut n, mut full) = (0, false);
     let order: [u8; MAX_SLOTS] = core::array::from_fn(|i| i as u8);
