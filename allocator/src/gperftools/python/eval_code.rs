@@ -16,8 +16,9 @@
 //!    part; the loaded data is relocated, so a position-independent
 //!    object's table holds addresses as an executable's does);
 //! 2. confirmed by `.eh_frame`: the FDE covering the candidate starts with
-//!    a frame already set up (CFA above rsp + 8, rbp saved) and equal to a
-//!    frame state of the hot part. A cold part continues the hot part's
+//!    a frame already set up (CFA above rsp + 8, rbp saved), and its frame
+//!    at the candidate is the hot part's where it leaves for it (at the
+//!    jump, or at the table's entries into the hot part). A cold part continues the hot part's
 //!    frame; an ordinary function begins with only its return address on
 //!    the stack, so it is never taken for one.
 //!
@@ -26,10 +27,10 @@ use super::super::unwind::{CfaRule, FrameRules, RSP, RegRule, fde_covering, rule
 
 /// Cold parts kept at most (GCC makes one per function).
 pub(crate) const MAX_COLD: usize = 4;
+/// Candidates in set-up frames looked at, at most.
+const MAX_SET_UP: usize = 64;
 /// Shortest run of code pointers taken for a jump table.
 const TABLE_MIN: usize = 8;
-/// Distinct frame states of the hot part compared against.
-const MAX_STATES: usize = 64;
 
 /// The evaluation loop's code: `[start, end)` ranges of this process.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -94,32 +95,16 @@ impl Object<'_> {
     }
 }
 
-/// The hot part's frame states met so far.
-struct States {
-    s: [Option<FrameRules>; MAX_STATES],
-}
-
-impl States {
-    fn add(&mut self, r: FrameRules) {
-        if self.s.contains(&Some(r)) {
-            return;
-        }
-        if let Some(free) = self.s.iter_mut().find(|s| s.is_none()) {
-            *free = Some(r);
-        }
-    }
-}
-
 fn is_set_up(r: &FrameRules) -> bool {
     matches!(r.cfa, CfaRule::Reg(RSP, off) if off > 8) && matches!(r.rbp, RegRule::At(_))
 }
 
-/// What a scan of the hot part's jumps and of the data's tables meets.
-enum Seen {
-    /// An address in the hot part: its frame state is one of the loop's.
-    Hot(usize),
-    /// A candidate cold-part address.
-    Candidate(usize),
+/// A candidate cold-part address, and an address in the hot part whose
+/// frame state the cold part must continue: the jump's source, or another
+/// entry of the same table.
+struct Candidate {
+    target: usize,
+    hot: usize,
 }
 
 /// Finds the cold parts of the loop whose hot part is `[lo, hi)` in `obj`.
@@ -136,49 +121,51 @@ pub(crate) unsafe fn find(obj: &Object<'_>, lo: usize, hi: usize) -> EvalCode {
     let Some(hdr) = obj.eh_frame_hdr() else {
         return found;
     };
-    // First the hot part's states, then the candidates against them.
-    let mut states = States {
-        s: [None; MAX_STATES],
-    };
+    // Candidates in FDEs that start with a set-up frame, then the hot
+    // part's frame states where it leaves for them (each runs the loop's
+    // long CFI, so only for these), then the check.
+    let mut set_up = [(0usize, 0usize, None); MAX_SET_UP];
+    let mut n = 0;
+    let mut states = [None; MAX_SET_UP];
     // SAFETY: the caller's contract; hdr is the object's mapped CFI.
     unsafe {
-        scan(obj, lo, hi, |seen| {
-            if let Seen::Hot(pc) = seen
-                && let Some(r) = rules_at(hdr, pc)
-            {
-                states.add(r);
-            }
-        });
-        scan(obj, lo, hi, |seen| {
-            let Seen::Candidate(target) = seen else {
+        scan(obj, lo, hi, |c| {
+            let Some((start, end, first)) = fde_covering(hdr, c.target) else {
                 return;
             };
-            if found.contains(target) {
+            if (start, end) == (lo, hi) || !is_set_up(&first) || n == MAX_SET_UP {
                 return;
             }
-            let Some((start, end, first)) = fde_covering(hdr, target) else {
-                return;
-            };
-            if (start, end) != (lo, hi) && is_set_up(&first) && states.s.contains(&Some(first)) {
-                found.add_cold((start, end));
+            let state = rules_at(hdr, c.hot);
+            if !set_up[..n].contains(&(start, end, Some(first))) || !states[..n].contains(&state) {
+                set_up[n] = (start, end, Some(first));
+                states[n] = state;
+                n += 1;
             }
         });
+    }
+    for &(start, end, first) in &set_up[..n] {
+        if states[..n].contains(&first) {
+            found.add_cold((start, end));
+        }
     }
     found
 }
 
-/// Calls `f` with the near jumps out of the hot part (their source, then
-/// their target) and the computed-goto tables' entries.
+/// Calls `f` with the near jumps out of the hot part and the entries
+/// outside it of its computed-goto tables.
 ///
 /// # Safety
 /// As [`find`].
-unsafe fn scan(obj: &Object<'_>, lo: usize, hi: usize, mut f: impl FnMut(Seen)) {
+unsafe fn scan(obj: &Object<'_>, lo: usize, hi: usize, mut f: impl FnMut(Candidate)) {
     // SAFETY: the caller's contract: the hot part is mapped code.
     let code = unsafe { core::slice::from_raw_parts(lo as *const u8, hi - lo) };
     for (i, target) in jump_targets(code, lo) {
         if !(lo..hi).contains(&target) && obj.is_code(target) {
-            f(Seen::Hot(lo + i));
-            f(Seen::Candidate(target));
+            f(Candidate {
+                target,
+                hot: lo + i,
+            });
         }
     }
     // SAFETY: the caller's contract.
@@ -201,12 +188,12 @@ fn jump_targets(code: &[u8], base: usize) -> impl Iterator<Item = (usize, usize)
     })
 }
 
-/// The entries of the data's code-pointer runs that point mostly into
-/// `hot`: those inside as [`Seen::Hot`], the others as candidates.
+/// The entries outside `hot` of the data's code-pointer runs that point
+/// mostly into it.
 ///
 /// # Safety
 /// As [`find`].
-unsafe fn table_entries(obj: &Object<'_>, hot: (usize, usize), f: &mut impl FnMut(Seen)) {
+unsafe fn table_entries(obj: &Object<'_>, hot: (usize, usize), f: &mut impl FnMut(Candidate)) {
     let inside = |v: usize| (hot.0..hot.1).contains(&v);
     for (start, end) in obj.segments(false) {
         let first = start.next_multiple_of(8);
@@ -224,11 +211,13 @@ unsafe fn table_entries(obj: &Object<'_>, hot: (usize, usize), f: &mut impl FnMu
             if run.len() < TABLE_MIN || 2 * n_inside < run.len() {
                 continue;
             }
-            for &v in run {
-                f(if inside(v) {
-                    Seen::Hot(v)
-                } else {
-                    Seen::Candidate(v)
+            let Some(&in_hot) = run.iter().find(|&&v| inside(v)) else {
+                continue;
+            };
+            for &target in run.iter().filter(|&&v| !inside(v)) {
+                f(Candidate {
+                    target,
+                    hot: in_hot,
                 });
             }
         }

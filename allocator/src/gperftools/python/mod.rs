@@ -29,12 +29,15 @@ use profiler_common::{
 use crate::{live_set::PythonWords, os::Message};
 
 mod eval_code;
+mod mapped;
 pub(crate) mod names;
 mod read;
 mod symbols;
 mod walk;
 
 use eval_code::EvalCode;
+pub use mapped::unmapping;
+use mapped::{PageCache, Readers};
 use read::{PLANNED_BYTES, Plan, Reader};
 pub(crate) use walk::Walk;
 use walk::{End, Layout, MAX_SLOTS, NoFrame};
@@ -141,6 +144,22 @@ pub(crate) fn start(walk: bool, intern: bool) {
     let eval = unsafe { eval_code::find(&object, eval.address, eval.address + eval.size) };
     // SAFETY: written once, before ON publishes it.
     unsafe { *FOUND.0.get() = Some((layout, eval)) };
+    // SAFETY: registers a handler without preconditions (it only resets
+    // counters).
+    unsafe { libc::pthread_atfork(None, None, Some(after_fork_child)) };
+    let mut m = symbols::Lookup {
+        names: &[b"munmap", b"profalloc_unmap_hook"],
+        found: [None; 8],
+        object: core::ptr::null(),
+        bias: 0,
+        phdrs: &[],
+    };
+    symbols::find(&mut m);
+    // The first object that defines munmap, the one every call binds to,
+    // is libprofalloc.so (it exports the hook's marker).
+    if m.found[1].is_some() {
+        mapped::hooked();
+    }
     ON.store(true, Ordering::Release);
 }
 
@@ -282,6 +301,33 @@ struct ThreadSlot {
     heads: u64,
     /// The ranges its last walk read ([`read`]).
     plan: Plan,
+    /// The pages its walks read directly ([`mapped`]).
+    pages: PageCache,
+    /// Its thread id, as of fork generation `tid_forks` (0: not known).
+    tid: i32,
+    tid_forks: u64,
+}
+
+/// Forks so far: a forked child's thread has another id.
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn after_fork_child() {
+    FORKS.fetch_add(1, Ordering::SeqCst);
+    mapped::after_fork_child();
+}
+
+/// The calling thread's id, kept in its slot (gettid is a system call).
+fn thread_id(slot: *mut ThreadSlot) -> i32 {
+    let forks = FORKS.load(Ordering::Relaxed);
+    // SAFETY: this thread's slot; a signal handler that interrupts the
+    // update writes the same values.
+    unsafe {
+        if (*slot).tid == 0 || (*slot).tid_forks != forks {
+            (*slot).tid = libc::gettid();
+            (*slot).tid_forks = forks;
+        }
+        (*slot).tid
+    }
 }
 
 /// See [`ThreadSlot`].
@@ -321,7 +367,7 @@ fn thread_slot() -> *mut ThreadSlot {
 #[cfg(not(target_arch = "x86_64"))]
 std::thread_local! {
     static SLOT: UnsafeCell<ThreadSlot> =
-        const { UnsafeCell::new(ThreadSlot { tstate: 0, retry_in: 0, heads: 0, plan: Plan::EMPTY }) };
+        const { UnsafeCell::new(ThreadSlot { tstate: 0, retry_in: 0, heads: 0, plan: Plan::EMPTY, pages: PageCache::EMPTY, tid: 0, tid_forks: 0 }) };
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -380,14 +426,14 @@ pub(crate) fn walk_thread(intern: bool, w: &mut Walk) -> bool {
     let Some((layout, _)) = (unsafe { *FOUND.0.get() }) else {
         return false;
     };
-    // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::gettid() };
     let slot = thread_slot();
+    let tid = thread_id(slot);
     // SAFETY: this thread's slot; an interrupted update leaves at worst a
-    // wrong plan, which only costs the ranges it names.
-    let plan = unsafe { (*slot).plan };
+    // wrong plan, which only costs the ranges it names, or fewer pages.
+    let (plan, mut pages) = unsafe { ((*slot).plan, (*slot).pages) };
+    let readers = Readers::enter(&mut pages);
     let mut batch = [0u8; PLANNED_BYTES];
-    let mut r = Reader::prefetch(tid, &plan, &mut batch);
+    let mut r = Reader::prefetch(tid, &plan, &mut batch, readers.direct.then_some(&pages));
     let Some(frame) = thread_frame(&layout, &mut r) else {
         // SAFETY: as above.
         unsafe { (*slot).plan = r.next };
@@ -398,8 +444,19 @@ pub(crate) fn walk_thread(intern: bool, w: &mut Walk) -> bool {
         Ok(frame) => walk::walk(&layout, &mut r, frame, w),
         Err(()) => w.end = End::Broken,
     }
+    let next = r.next;
+    // Only a walk that passed every check keeps its pages.
+    if readers.direct && w.end != End::Broken {
+        for (addr, len) in next.ranges() {
+            pages.keep(addr, len);
+        }
+    }
     // SAFETY: as above.
-    unsafe { (*slot).plan = r.next };
+    unsafe {
+        (*slot).plan = next;
+        (*slot).pages = pages;
+    }
+    drop(readers);
     CUT.fetch_add(u64::from(w.is_cut()), Ordering::Relaxed);
     true
 }
