@@ -36,8 +36,8 @@ static READERS: AtomicU64 = AtomicU64::new(0);
 /// Every munmap of the process goes through [`unmapping`].
 static HOOKED: AtomicBool = AtomicBool::new(false);
 
-/// Pages kept per thread.
-pub(crate) const PAGES: usize = 16;
+/// Pages kept per thread (a power of two).
+pub(crate) const PAGES: usize = 64;
 const PAGE_SHIFT: u32 = 12;
 
 /// Turns direct reads on: munmap is libprofalloc's.
@@ -156,14 +156,15 @@ impl Drop for Readers {
     }
 }
 
-/// A thread's pages read successfully since the epoch it names.
+/// A thread's pages read successfully since the epoch it names: a
+/// direct-mapped table (a page evicts the one at its slot), so a look-up is
+/// one compare.
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub(crate) struct PageCache {
     epoch: u64,
-    /// Page numbers (0: free), replaced round-robin.
+    /// Page numbers (0: free).
     pages: [u64; PAGES],
-    next: u64,
 }
 
 impl PageCache {
@@ -171,7 +172,6 @@ impl PageCache {
     pub(crate) const EMPTY: PageCache = PageCache {
         epoch: 0,
         pages: [0; PAGES],
-        next: 0,
     };
 
     fn clear(&mut self, epoch: u64) {
@@ -186,23 +186,24 @@ impl PageCache {
             return false;
         }
         let (first, last) = pages_of(addr, len);
-        self.pages.contains(&first)
-            && (first == last || (first + 1..=last).all(|p| self.pages.contains(&p)))
+        (first..=last).all(|p| self.pages[slot(p)] == p)
     }
 
     /// Keeps the pages of `[addr, addr + len)`.
     pub(crate) fn keep(&mut self, addr: u64, len: usize) {
         let (first, last) = pages_of(addr, len);
         for p in first..=last {
-            if !self.pages.contains(&p) {
-                self.pages[(self.next % PAGES as u64) as usize] = p;
-                self.next += 1;
-            }
+            self.pages[slot(p)] = p;
         }
     }
 }
 
-fn pages_of(addr: u64, len: usize) -> (u64, u64) {
+fn slot(page: u64) -> usize {
+    (page.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - PAGES.trailing_zeros())) as usize
+}
+
+/// The pages `[addr, addr + len)` spans (first, last).
+pub(crate) fn pages_of(addr: u64, len: usize) -> (u64, u64) {
     let end = addr + len.max(1) as u64 - 1;
     (addr >> PAGE_SHIFT, end >> PAGE_SHIFT)
 }

@@ -444,11 +444,11 @@ pub(crate) fn walk_thread(intern: bool, w: &mut Walk) -> bool {
         Ok(frame) => walk::walk(&layout, &mut r, frame, w),
         Err(()) => w.end = End::Broken,
     }
-    let next = r.next;
+    let (next, from_kernel, n) = (r.next, r.from_kernel, r.n_from_kernel);
     // Only a walk that passed every check keeps its pages.
     if readers.direct && w.end != End::Broken {
-        for (addr, len) in next.ranges() {
-            pages.keep(addr, len);
+        for &(addr, len) in &from_kernel[..n] {
+            pages.keep(addr, len as usize);
         }
     }
     // SAFETY: as above.

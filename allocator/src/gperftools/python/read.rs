@@ -63,7 +63,14 @@ pub(crate) struct Reader<'a> {
     direct: Option<&'a PageCache>,
     /// The ranges this walk reads.
     pub next: Plan,
+    /// The ranges the kernel read (prefetched or not), for the thread's
+    /// kept pages when the walk passes every check.
+    pub from_kernel: [(u64, u16); FROM_KERNEL],
+    pub n_from_kernel: usize,
 }
+
+/// Ranges read by the kernel that one walk keeps the pages of, at most.
+const FROM_KERNEL: usize = 64;
 
 impl<'a> Reader<'a> {
     /// Reads the ranges of `plan` into `batch`, in one system call, but
@@ -139,6 +146,8 @@ impl<'a> Reader<'a> {
             batch: &batch[..],
             direct,
             next: Plan::EMPTY,
+            from_kernel: [(0, 0); FROM_KERNEL],
+            n_from_kernel: 0,
         }
     }
 
@@ -161,6 +170,7 @@ impl<'a> Reader<'a> {
                 let at = at as usize;
                 buf.copy_from_slice(&self.batch[at..at + len]);
                 self.next.push(addr, len);
+                self.read_by_kernel(addr, len);
                 return Some(());
             }
         }
@@ -179,7 +189,23 @@ impl<'a> Reader<'a> {
             return None;
         }
         self.next.push(addr, len);
+        self.read_by_kernel(addr, len);
         Some(())
+    }
+
+    fn read_by_kernel(&mut self, addr: u64, len: usize) {
+        if self.n_from_kernel < FROM_KERNEL {
+            self.from_kernel[self.n_from_kernel] = (addr, len as u16);
+            self.n_from_kernel += 1;
+        }
+    }
+
+    /// The ranges the kernel read.
+    #[cfg(test)]
+    pub(crate) fn kernel_ranges(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
+        self.from_kernel[..self.n_from_kernel]
+            .iter()
+            .map(|&(a, l)| (a, l as usize))
     }
 
     pub(crate) fn u64_at(&mut self, addr: u64) -> Option<u64> {
@@ -211,13 +237,6 @@ unsafe fn copy_volatile(addr: usize, buf: &mut [u8]) {
         for (i, b) in buf.iter_mut().enumerate().skip(k) {
             *b = core::ptr::read_volatile((addr + i) as *const u8);
         }
-    }
-}
-
-impl Plan {
-    /// The ranges, for the pages a walk keeps.
-    pub(crate) fn ranges(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
-        (0..(self.n as usize).min(PLANNED)).map(|i| (self.addr[i], self.len[i] as usize))
     }
 }
 

@@ -30,7 +30,7 @@ fn walk_read(cache: &mut PageCache, addr: u64) -> Option<u64> {
     let mut r = Reader::prefetch(tid, &plan, &mut batch, readers.direct.then_some(&kept));
     let v = r.u64_at(addr);
     if readers.direct && v.is_some() {
-        for (a, l) in r.next.ranges() {
+        for (a, l) in r.kernel_ranges() {
             cache.keep(a, l);
         }
     }
