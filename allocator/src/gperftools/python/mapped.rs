@@ -157,25 +157,32 @@ impl Drop for Readers {
 }
 
 /// A thread's pages read successfully since the epoch it names: a
-/// direct-mapped table (a page evicts the one at its slot), so a look-up is
-/// one compare.
+/// set-associative table ([`WAYS`] pages a set, replaced in turn), so a
+/// look-up is a few compares and two pages a walk needs rarely evict each
+/// other.
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub(crate) struct PageCache {
     epoch: u64,
-    /// Page numbers (0: free).
-    pages: [u64; PAGES],
+    /// Page numbers (0: free), by set.
+    pages: [[u64; WAYS]; SETS],
+    /// The way each set replaces next.
+    victim: [u8; SETS],
 }
+
+const WAYS: usize = 4;
+const SETS: usize = PAGES / WAYS;
 
 impl PageCache {
     #[cfg(any(test, not(target_arch = "x86_64")))]
     pub(crate) const EMPTY: PageCache = PageCache {
         epoch: 0,
-        pages: [0; PAGES],
+        pages: [[0; WAYS]; SETS],
+        victim: [0; SETS],
     };
 
     fn clear(&mut self, epoch: u64) {
-        self.pages = [0; PAGES];
+        self.pages = [[0; WAYS]; SETS];
         self.epoch = epoch;
     }
 
@@ -186,20 +193,25 @@ impl PageCache {
             return false;
         }
         let (first, last) = pages_of(addr, len);
-        (first..=last).all(|p| self.pages[slot(p)] == p)
+        (first..=last).all(|p| self.pages[set(p)].contains(&p))
     }
 
     /// Keeps the pages of `[addr, addr + len)`.
     pub(crate) fn keep(&mut self, addr: u64, len: usize) {
         let (first, last) = pages_of(addr, len);
         for p in first..=last {
-            self.pages[slot(p)] = p;
+            let s = set(p);
+            if !self.pages[s].contains(&p) {
+                let way = self.victim[s] as usize % WAYS;
+                self.pages[s][way] = p;
+                self.victim[s] = (way as u8 + 1) % WAYS as u8;
+            }
         }
     }
 }
 
-fn slot(page: u64) -> usize {
-    (page.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - PAGES.trailing_zeros())) as usize
+fn set(page: u64) -> usize {
+    (page.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SETS.trailing_zeros())) as usize
 }
 
 /// The pages `[addr, addr + len)` spans (first, last).

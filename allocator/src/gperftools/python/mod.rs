@@ -54,6 +54,9 @@ static CPYTHON: AtomicBool = AtomicBool::new(false);
 /// or the slot limit), for the dumps' comments.
 pub(crate) static WALKS: AtomicU64 = AtomicU64::new(0);
 pub(crate) static CUT: AtomicU64 = AtomicU64::new(0);
+/// Walks that read through the kernel (pages no earlier walk of the thread
+/// kept, see [`mapped`]).
+pub(crate) static KERNEL_WALKS: AtomicU64 = AtomicU64::new(0);
 /// Activations whose evaluation-loop frame the native stack did not hold
 /// (their frames went to the outer end).
 pub(crate) static UNMATCHED: AtomicU64 = AtomicU64::new(0);
@@ -237,7 +240,9 @@ pub(crate) fn comments(mut f: impl FnMut(&str)) {
         .dec(get(&UNMATCHED))
         .str(" activations without an eval-loop frame, ")
         .dec(names::UNNAMED.load(Ordering::Relaxed) as u64)
-        .str(" frames unnamed");
+        .str(" frames unnamed, ")
+        .dec(get(&KERNEL_WALKS))
+        .str(" read through the kernel");
     f(core::str::from_utf8(m.as_bytes()).unwrap_or(""));
     // SAFETY: published by ON (checked by is_on above).
     if let Some((_, eval)) = unsafe { &*FOUND.0.get() } {
@@ -445,6 +450,7 @@ pub(crate) fn walk_thread(intern: bool, w: &mut Walk) -> bool {
         Err(()) => w.end = End::Broken,
     }
     let (next, from_kernel, n) = (r.next, r.from_kernel, r.n_from_kernel);
+    KERNEL_WALKS.fetch_add(u64::from(n > 0), Ordering::Relaxed);
     // Only a walk that passed every check keeps its pages.
     if readers.direct && w.end != End::Broken {
         for &(addr, len) in &from_kernel[..n] {
