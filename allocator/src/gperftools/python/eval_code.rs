@@ -223,3 +223,35 @@ unsafe fn table_entries(obj: &Object<'_>, hot: (usize, usize), f: &mut impl FnMu
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn near_jumps_give_their_targets() {
+        // jmp +0x10; nop; je -0x20; mov eax, 1 (no jump); jne at the end,
+        // cut short (no target).
+        let code = [
+            0xe9, 0x10, 0, 0, 0, 0x90, 0x0f, 0x84, 0xe0, 0xff, 0xff, 0xff, 0xb8, 1, 0, 0, 0, 0x0f,
+            0x85, 0,
+        ];
+        let base = 0x1000;
+        let found: Vec<(usize, usize)> = jump_targets(&code, base).collect();
+        assert_eq!(found, [(0, 0x1000 + 5 + 0x10), (6, 0x1000 + 12 - 0x20)]);
+    }
+
+    #[test]
+    fn cold_parts_count_in_the_loop_code() {
+        let mut e = EvalCode {
+            hot: (0x2000, 0x3000),
+            ..EvalCode::default()
+        };
+        e.add_cold((0x500, 0x600));
+        e.add_cold((0x100, 0x200));
+        e.add_cold((0x500, 0x600));
+        assert_eq!(e.cold_parts(), [(0x100, 0x200), (0x500, 0x600)]);
+        assert!(e.contains(0x2000) && e.contains(0x150) && e.contains(0x5ff));
+        assert!(!e.contains(0x3000) && !e.contains(0x600) && !e.contains(0x1000));
+    }
+}
