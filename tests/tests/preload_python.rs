@@ -153,6 +153,14 @@ fn heapprofile_names_the_python_leak_site_in_dump_and_callgraph() {
             walks > 0 && counters.contains(" walks, 0 cut,"),
             "{python}: {counters}"
         );
+        // The walks that read through the kernel (the others read pages
+        // kept from earlier walks) are counted.
+        let kernel: u64 = counters
+            .strip_suffix(" read through the kernel")
+            .and_then(|c| c.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{python}: {counters}"));
+        assert!(kernel <= walks, "{python}: {counters}");
         let graph = dir.join("p.dot");
         report(&[
             dump.to_str().unwrap(),
@@ -323,4 +331,61 @@ fn profalloc_python_0_turns_the_python_frames_off() {
     assert!(!stderr.contains("not supported"), "{stderr}");
     assert!(!text.contains("python stack walks"), "{text}");
     assert_native_only(python, &stacks);
+}
+
+/// The evaluation loop's cold parts the profiler's finder reads from the
+/// file, as the dumps write them (object addresses).
+fn cold_parts_from_file(path: &str) -> String {
+    use object::{Object as _, ObjectSymbol as _};
+    let data = std::fs::read(path).unwrap();
+    let elf = object::File::parse(&*data).unwrap();
+    let eval = elf
+        .dynamic_symbols()
+        .find(|s| s.name() == Ok("_PyEval_EvalFrameDefault"))
+        .expect("the evaluation loop is exported");
+    let (lo, hi) = (eval.address(), eval.address() + eval.size());
+    let cold = profiler::python::eval_code::cold_parts(&elf, lo, hi);
+    let mut line = format!("python eval loop (in-process): hot part {lo:#x}-{hi:#x}");
+    if cold.is_empty() {
+        line.push_str(", no cold part");
+    }
+    for (i, (lo, hi)) in cold.iter().enumerate() {
+        line.push_str(if i == 0 { ", cold parts " } else { " " });
+        line.push_str(&format!("{lo:#x}-{hi:#x}"));
+    }
+    line
+}
+
+#[test]
+fn the_eval_loops_cold_parts_are_the_profilers() {
+    // Debian's stripped executable (a cold part no symbol names), and the
+    // shared builds: two with a cold part, 3.13.0 without.
+    for (python, object) in [
+        (PYTHONS[0], PYTHONS[0]),
+        (
+            "/root/.pyenv/versions/3.11.7/bin/python3.11",
+            "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0",
+        ),
+        (
+            PYTHONS[1],
+            "/root/.pyenv/versions/3.12.1/lib/libpython3.12.so.1.0",
+        ),
+        (
+            PYTHONS[2],
+            "/root/.pyenv/versions/3.13.0/lib/libpython3.13.so.1.0",
+        ),
+    ] {
+        let want = cold_parts_from_file(object);
+        if python == PYTHONS[0] {
+            assert!(want.contains("cold parts"), "{want}");
+        }
+        let dir = scratch("eval-loop");
+        let (_, _, text) = leak_dump(python, &dir, &[]);
+        let got: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("Note: "))
+            .filter(|l| l.starts_with("python eval loop"))
+            .collect();
+        assert_eq!(got, [want.as_str()], "{python}\n{text}");
+    }
 }

@@ -18,6 +18,7 @@ use core::ffi::{c_int, c_void};
 use profalloc::{alloc as a, size_class::MIN_ALIGN};
 
 mod pthread;
+mod unmap;
 
 const SYS_PAGE: usize = 4096;
 

@@ -36,6 +36,8 @@ pub(crate) mod heap_profile;
 pub(crate) mod objects;
 pub(crate) mod pprof;
 pub(crate) mod python;
+/// libprofalloc.so's munmap runs the system call through it.
+pub use python::unmapping;
 pub(crate) mod unwind;
 
 use core::{

@@ -1,17 +1,19 @@
 //! `cargo xtask bench python`'s preload cell: what Python frames cost
 //! HEAPPROFILE under `LD_PRELOAD=libprofalloc.so` (release build), on an
 //! allocation-heavy workload (`tests/workloads/python_alloc_heavy.py`:
-//! 300,000 bytearrays of 2 KiB through malloc, three Python frames deep).
+//! 2,000,000 bytearrays of 2 KiB through malloc, three Python frames deep).
 //!
-//! Per interpreter and sampling rate, the median wall time of
+//! Per interpreter and sampling rate, the median CPU time (user and
+//! system, the configurations taking turns) of
 //! - glibc's malloc, no profiling;
 //! - libprofalloc.so with HEAPPROFILE and `PROFALLOC_PYTHON=0` (native
 //!   stacks only);
 //! - the same with Python frames (the default);
 //!
 //! then the ratio of the last two, the walks the final dump counts (its
-//! `python stack walks` comment, as `prof-bpf report` shows it) and the
-//! cost per walk: the time difference over the walks.
+//! `python stack walks` comment, as `prof-bpf report` shows it), those that
+//! read through the kernel, and the cost per walk: the time difference
+//! over the walks.
 //!
 //! Then the always-on case, no HEAPPROFILE: the sampled live heap keeps
 //! each sample's Python stack (code addresses, nothing named), against
@@ -19,7 +21,6 @@
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Instant,
 };
 
 use anyhow::{Context as _, bail};
@@ -27,8 +28,11 @@ use anyhow::{Context as _, bail};
 use crate::{bench::measure, util};
 
 const RUNS: usize = 5;
-/// The default sampling (512 KiB, about 1,200 stacks a run) and a denser
-/// one (64 KiB, about 9,400) that makes the cost per walk measurable.
+/// The workload's bytearrays: 2,000,000 of 2 KiB, about 4 GB (runs of
+/// about a second: long enough to stand out of a shared machine's noise).
+const ITERATIONS: &str = "2000000";
+/// The default sampling (512 KiB, about 8,000 stacks a run) and a denser
+/// one (64 KiB, about 62,000) that makes the cost per walk measurable.
 const RATES: [(&str, &str); 2] = [("512 KiB", "524288"), ("64 KiB", "65536")];
 
 pub fn run(prof_bpf: &Path, pythons: &[(&str, PathBuf)]) -> anyhow::Result<()> {
@@ -41,7 +45,7 @@ pub fn run(prof_bpf: &Path, pythons: &[(&str, PathBuf)]) -> anyhow::Result<()> {
         script.file_name().unwrap_or_default().to_string_lossy()
     );
     println!(
-        "{:<13} {:>9} {:>10} {:>17} {:>16} {:>7} {:>8} {:>10}",
+        "{:<13} {:>9} {:>10} {:>17} {:>16} {:>7} {:>8} {:>8} {:>10}",
         "interpreter",
         "sampling",
         "glibc ms",
@@ -49,28 +53,33 @@ pub fn run(prof_bpf: &Path, pythons: &[(&str, PathBuf)]) -> anyhow::Result<()> {
         "with python ms",
         "ratio",
         "walks",
+        "kernel",
         "ns/walk"
     );
+    let (off_dir, on_dir) = (dir.join("off"), dir.join("on"));
     for (label, python) in pythons {
-        let glibc = median_ms(python, &script, &[])?;
         for (rate_label, rate) in RATES {
-            let prefix = dir.join("p");
-            let prefix = prefix.to_string_lossy();
-            let env = |python_frames: &'static str| {
+            std::fs::create_dir_all(&off_dir)?;
+            std::fs::create_dir_all(&on_dir)?;
+            let env = |dir: &Path, python_frames: &'static str| {
                 vec![
                     ("LD_PRELOAD", lib.to_string_lossy().into_owned()),
-                    ("HEAPPROFILE", prefix.to_string()),
+                    ("HEAPPROFILE", dir.join("p").to_string_lossy().into_owned()),
                     ("PROFALLOC_SAMPLE_BYTES", rate.to_owned()),
                     ("PROFALLOC_PYTHON", python_frames.to_owned()),
                 ]
             };
-            let off = median_ms(python, &script, &env("0"))?;
-            clear(&dir)?;
-            let on = median_ms(python, &script, &env("1"))?;
-            let walks = walks_in(prof_bpf, &last_dump(&dir)?)?;
-            clear(&dir)?;
+            let ms = median_cpu_ms(
+                python,
+                &script,
+                &[vec![], env(&off_dir, "0"), env(&on_dir, "1")],
+            )?;
+            let (glibc, off, on) = (ms[0], ms[1], ms[2]);
+            let (walks, kernel) = walks_in(prof_bpf, &last_dump(&on_dir)?)?;
+            std::fs::remove_dir_all(&off_dir)?;
+            std::fs::remove_dir_all(&on_dir)?;
             println!(
-                "{label:<13} {rate_label:>9} {glibc:>10.0} {off:>17.0} {on:>16.0} {:>6.2}x {walks:>8} {:>10.0}",
+                "{label:<13} {rate_label:>9} {glibc:>10.0} {off:>17.0} {on:>16.0} {:>6.2}x {walks:>8} {kernel:>8} {:>10.0}",
                 on / off,
                 if walks > 0 {
                     (on - off) * 1e6 / walks as f64
@@ -82,8 +91,9 @@ pub fn run(prof_bpf: &Path, pythons: &[(&str, PathBuf)]) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     println!(
-        "\nratio: with Python frames over native stacks only; ns/walk: the difference over \
-         the walks of one run (Python stack walk, naming, splice)"
+        "\nratio: with Python frames over native stacks only; kernel: walks that read through \
+         the kernel (the others read only pages kept from the thread's earlier walks); ns/walk: \
+         the difference over the walks of one run (Python stack walk, naming, splice)"
     );
     live_heap(pythons, &lib, &script)
 }
@@ -103,9 +113,16 @@ fn live_heap(pythons: &[(&str, PathBuf)], lib: &Path, script: &Path) -> anyhow::
             env.extend(vars.iter().map(|&(k, v)| (k, v.to_owned())));
             env
         };
-        let off = median_ms(python, script, &env(&[("PROFALLOC_LIVE_HEAP_BYTES", "0")]))?;
-        let native = median_ms(python, script, &env(&[("PROFALLOC_PYTHON", "0")]))?;
-        let with = median_ms(python, script, &env(&[]))?;
+        let ms = median_cpu_ms(
+            python,
+            script,
+            &[
+                env(&[("PROFALLOC_LIVE_HEAP_BYTES", "0")]),
+                env(&[("PROFALLOC_PYTHON", "0")]),
+                env(&[]),
+            ],
+        )?;
+        let (off, native, with) = (ms[0], ms[1], ms[2]);
         println!(
             "{label:<13} {off:>14.0} {native:>17.0} {with:>16.0} {:>+11.2}% {:>+11.2}%",
             100.0 * (with - native) / native,
@@ -115,24 +132,32 @@ fn live_heap(pythons: &[(&str, PathBuf)], lib: &Path, script: &Path) -> anyhow::
     Ok(())
 }
 
-/// The median wall time of the workload, in ms.
-fn median_ms(python: &Path, script: &Path, env: &[(&str, String)]) -> anyhow::Result<f64> {
-    let mut times = Vec::with_capacity(RUNS);
+/// The median CPU time (user and system) of the workload under each of
+/// `envs`, in ms: the configurations take turns, run after run, so that
+/// the load of a shared machine weighs on all of them alike.
+fn median_cpu_ms(
+    python: &Path,
+    script: &Path,
+    envs: &[Vec<(&str, String)>],
+) -> anyhow::Result<Vec<f64>> {
+    let mut times = vec![Vec::with_capacity(RUNS); envs.len()];
     for _ in 0..RUNS {
-        let started = Instant::now();
-        let child = Command::new(python)
-            .arg(script)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", python.display()))?;
-        measure::wait_usage(child.id())
-            .with_context(|| format!("{} {}", python.display(), script.display()))?;
-        times.push(started.elapsed().as_secs_f64() * 1e3);
+        for (env, times) in envs.iter().zip(&mut times) {
+            let child = Command::new(python)
+                .arg(script)
+                .arg(ITERATIONS)
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {}", python.display()))?;
+            let usage = measure::wait_usage(child.id())
+                .with_context(|| format!("{} {}", python.display(), script.display()))?;
+            times.push(usage.cpu_seconds * 1e3);
+        }
     }
-    Ok(measure::median(&mut times))
+    Ok(times.iter_mut().map(|t| measure::median(t)).collect())
 }
 
 /// The last run's exit dump: the highest-numbered one.
@@ -147,15 +172,10 @@ fn last_dump(dir: &Path) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("no heap dump in {}", dir.display()))
 }
 
-fn clear(dir: &Path) -> anyhow::Result<()> {
-    for e in std::fs::read_dir(dir)? {
-        std::fs::remove_file(e?.path())?;
-    }
-    Ok(())
-}
-
-/// The walks counted in a dump's `python stack walks` comment.
-fn walks_in(prof_bpf: &Path, dump: &Path) -> anyhow::Result<u64> {
+/// The walks counted in a dump's `python stack walks` comment, and those
+/// of them that read through the kernel (the others read only pages kept
+/// from earlier walks).
+fn walks_in(prof_bpf: &Path, dump: &Path) -> anyhow::Result<(u64, u64)> {
     let text = util::output(
         Command::new(prof_bpf).arg("report").arg(dump),
         "prof-bpf report",
@@ -166,9 +186,16 @@ fn walks_in(prof_bpf: &Path, dump: &Path) -> anyhow::Result<u64> {
     else {
         bail!("{}: no Python walk counters", dump.display());
     };
-    counters
-        .split(' ')
-        .next()
-        .and_then(|n| n.parse().ok())
+    let number_before = |what: &str| -> Option<u64> {
+        let head = &counters[..counters.find(what)?];
+        head.rsplit([' ', ','])
+            .find(|w| !w.is_empty())?
+            .parse()
+            .ok()
+    };
+    let walks = counters.split(' ').next().and_then(|n| n.parse().ok());
+    let kernel = number_before(" read through the kernel");
+    walks
+        .zip(kernel)
         .with_context(|| format!("{}: `{counters}`", dump.display()))
 }

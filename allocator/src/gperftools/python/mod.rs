@@ -28,16 +28,21 @@ use profiler_common::{
 
 use crate::{live_set::PythonWords, os::Message};
 
+mod eval_code;
+mod mapped;
 pub(crate) mod names;
 mod read;
 mod symbols;
 mod walk;
 
+use eval_code::EvalCode;
+pub use mapped::unmapping;
+use mapped::{PageCache, Readers};
 use read::{PLANNED_BYTES, Plan, Reader};
 pub(crate) use walk::Walk;
 use walk::{End, Layout, MAX_SLOTS, NoFrame};
 
-struct Found(UnsafeCell<Option<(Layout, usize, usize)>>);
+struct Found(UnsafeCell<Option<(Layout, EvalCode)>>);
 // SAFETY: written once by `start` before ON is published, then only read.
 unsafe impl Sync for Found {}
 static FOUND: Found = Found(UnsafeCell::new(None));
@@ -49,6 +54,9 @@ static CPYTHON: AtomicBool = AtomicBool::new(false);
 /// or the slot limit), for the dumps' comments.
 pub(crate) static WALKS: AtomicU64 = AtomicU64::new(0);
 pub(crate) static CUT: AtomicU64 = AtomicU64::new(0);
+/// Walks that read through the kernel (pages no earlier walk of the thread
+/// kept, see [`mapped`]).
+pub(crate) static KERNEL_WALKS: AtomicU64 = AtomicU64::new(0);
 /// Activations whose evaluation-loop frame the native stack did not hold
 /// (their frames went to the outer end).
 pub(crate) static UNMATCHED: AtomicU64 = AtomicU64::new(0);
@@ -75,6 +83,8 @@ pub(crate) fn start(walk: bool, intern: bool) {
         ],
         found: [None; 8],
         object: core::ptr::null(),
+        bias: 0,
+        phdrs: &[],
     };
     symbols::find(&mut l);
     let Some(runtime) = l.found[0] else {
@@ -128,8 +138,31 @@ pub(crate) fn start(walk: bool, intern: bool) {
         code_type: code_type.address as u64,
         o: offsets,
     };
+    let object = eval_code::Object {
+        bias: l.bias,
+        phdrs: l.phdrs,
+    };
+    // SAFETY: the object exports the loop, so its segments and CFI are
+    // mapped, and the symbol's range is in its code.
+    let eval = unsafe { eval_code::find(&object, eval.address, eval.address + eval.size) };
     // SAFETY: written once, before ON publishes it.
-    unsafe { *FOUND.0.get() = Some((layout, eval.address, eval.address + eval.size)) };
+    unsafe { *FOUND.0.get() = Some((layout, eval)) };
+    // SAFETY: registers a handler without preconditions (it only resets
+    // counters).
+    unsafe { libc::pthread_atfork(None, None, Some(after_fork_child)) };
+    let mut m = symbols::Lookup {
+        names: &[b"munmap", b"profalloc_unmap_hook"],
+        found: [None; 8],
+        object: core::ptr::null(),
+        bias: 0,
+        phdrs: &[],
+    };
+    symbols::find(&mut m);
+    // The first object that defines munmap, the one every call binds to,
+    // is libprofalloc.so (it exports the hook's marker).
+    if m.found[1].is_some() {
+        mapped::hooked();
+    }
     ON.store(true, Ordering::Release);
 }
 
@@ -207,8 +240,14 @@ pub(crate) fn comments(mut f: impl FnMut(&str)) {
         .dec(get(&UNMATCHED))
         .str(" activations without an eval-loop frame, ")
         .dec(names::UNNAMED.load(Ordering::Relaxed) as u64)
-        .str(" frames unnamed");
+        .str(" frames unnamed, ")
+        .dec(get(&KERNEL_WALKS))
+        .str(" read through the kernel");
     f(core::str::from_utf8(m.as_bytes()).unwrap_or(""));
+    // SAFETY: published by ON (checked by is_on above).
+    if let Some((_, eval)) = unsafe { &*FOUND.0.get() } {
+        f(core::str::from_utf8(eval_line(eval).as_bytes()).unwrap_or(""));
+    }
     let mut m = Message::new();
     m.str("python thread states (in-process): ")
         .dec(get(&NO_STATE))
@@ -216,6 +255,27 @@ pub(crate) fn comments(mut f: impl FnMut(&str)) {
         .dec(get(&LOOKUPS))
         .str(" thread-state lookups");
     f(core::str::from_utf8(m.as_bytes()).unwrap_or(""));
+}
+
+/// The comment line that says where the evaluation loop's code is, in
+/// the object's addresses (as `readelf` and the profiler show them).
+fn eval_line(eval: &EvalCode) -> Message {
+    let mut m = Message::new();
+    let hex = |m: &mut Message, (lo, hi): (usize, usize)| {
+        m.hex((lo - eval.bias) as u64)
+            .str("-")
+            .hex((hi - eval.bias) as u64);
+    };
+    m.str("python eval loop (in-process): hot part ");
+    hex(&mut m, eval.hot);
+    if eval.cold_parts().is_empty() {
+        m.str(", no cold part");
+    }
+    for (i, &part) in eval.cold_parts().iter().enumerate() {
+        m.str(if i == 0 { ", cold parts " } else { " " });
+        hex(&mut m, part);
+    }
+    m
 }
 
 /// Whether stacks get Python frames.
@@ -246,6 +306,33 @@ struct ThreadSlot {
     heads: u64,
     /// The ranges its last walk read ([`read`]).
     plan: Plan,
+    /// The pages its walks read directly ([`mapped`]).
+    pages: PageCache,
+    /// Its thread id, as of fork generation `tid_forks` (0: not known).
+    tid: i32,
+    tid_forks: u64,
+}
+
+/// Forks so far: a forked child's thread has another id.
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn after_fork_child() {
+    FORKS.fetch_add(1, Ordering::SeqCst);
+    mapped::after_fork_child();
+}
+
+/// The calling thread's id, kept in its slot (gettid is a system call).
+fn thread_id(slot: *mut ThreadSlot) -> i32 {
+    let forks = FORKS.load(Ordering::Relaxed);
+    // SAFETY: this thread's slot; a signal handler that interrupts the
+    // update writes the same values.
+    unsafe {
+        if (*slot).tid == 0 || (*slot).tid_forks != forks {
+            (*slot).tid = libc::gettid();
+            (*slot).tid_forks = forks;
+        }
+        (*slot).tid
+    }
 }
 
 /// See [`ThreadSlot`].
@@ -285,7 +372,7 @@ fn thread_slot() -> *mut ThreadSlot {
 #[cfg(not(target_arch = "x86_64"))]
 std::thread_local! {
     static SLOT: UnsafeCell<ThreadSlot> =
-        const { UnsafeCell::new(ThreadSlot { tstate: 0, retry_in: 0, heads: 0, plan: Plan::EMPTY }) };
+        const { UnsafeCell::new(ThreadSlot { tstate: 0, retry_in: 0, heads: 0, plan: Plan::EMPTY, pages: PageCache::EMPTY, tid: 0, tid_forks: 0 }) };
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -341,17 +428,17 @@ pub(crate) fn walk_thread(intern: bool, w: &mut Walk) -> bool {
         return false;
     }
     // SAFETY: published by ON (checked above).
-    let Some((layout, _, _)) = (unsafe { *FOUND.0.get() }) else {
+    let Some((layout, _)) = (unsafe { *FOUND.0.get() }) else {
         return false;
     };
-    // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::gettid() };
     let slot = thread_slot();
+    let tid = thread_id(slot);
     // SAFETY: this thread's slot; an interrupted update leaves at worst a
-    // wrong plan, which only costs the ranges it names.
-    let plan = unsafe { (*slot).plan };
+    // wrong plan, which only costs the ranges it names, or fewer pages.
+    let (plan, mut pages) = unsafe { ((*slot).plan, (*slot).pages) };
+    let readers = Readers::enter(&mut pages);
     let mut batch = [0u8; PLANNED_BYTES];
-    let mut r = Reader::prefetch(tid, &plan, &mut batch);
+    let mut r = Reader::prefetch(tid, &plan, &mut batch, readers.direct.then_some(&pages));
     let Some(frame) = thread_frame(&layout, &mut r) else {
         // SAFETY: as above.
         unsafe { (*slot).plan = r.next };
@@ -362,8 +449,20 @@ pub(crate) fn walk_thread(intern: bool, w: &mut Walk) -> bool {
         Ok(frame) => walk::walk(&layout, &mut r, frame, w),
         Err(()) => w.end = End::Broken,
     }
+    let (next, from_kernel, n) = (r.next, r.from_kernel, r.n_from_kernel);
+    KERNEL_WALKS.fetch_add(u64::from(n > 0), Ordering::Relaxed);
+    // Only a walk that passed every check keeps its pages.
+    if readers.direct && w.end != End::Broken {
+        for &(addr, len) in &from_kernel[..n] {
+            pages.keep(addr, len as usize);
+        }
+    }
     // SAFETY: as above.
-    unsafe { (*slot).plan = r.next };
+    unsafe {
+        (*slot).plan = next;
+        (*slot).pages = pages;
+    }
+    drop(readers);
     CUT.fetch_add(u64::from(w.is_cut()), Ordering::Relaxed);
     true
 }
@@ -394,7 +493,7 @@ pub(crate) fn splice_named(
     out: &mut [u64],
 ) -> (usize, bool) {
     // SAFETY: published by ON (a walk happened).
-    let Some((_, eval_lo, eval_hi)) = (unsafe { *FOUND.0.get() }) else {
+    let Some((_, eval)) = (unsafe { &*FOUND.0.get() }) else {
         return copy(native, out);
     };
     let cut = w.is_cut();
@@ -405,7 +504,7 @@ pub(crate) fn splice_named(
         } else {
             pc.wrapping_sub(1)
         };
-        (eval_lo..eval_hi).contains(&pc)
+        eval.contains(pc)
     };
     let (mut n, mut full) = (0, false);
     let order: [u8; MAX_SLOTS] = core::array::from_fn(|i| i as u8);

@@ -18,6 +18,10 @@ pub(crate) struct Lookup<'a> {
     /// The file name of the object that exports `names[0]`, as the loader
     /// has it (empty for the executable); null when none does.
     pub object: *const libc::c_char,
+    /// That object's load bias and program headers (the loader keeps them
+    /// while the object stays loaded).
+    pub bias: usize,
+    pub phdrs: &'static [libc::Elf64_Phdr],
 }
 
 /// Searches every loaded object for `lookup.names` (at most 8). The first
@@ -51,6 +55,8 @@ unsafe extern "C" fn visit(
         };
         lookup.found[0] = Some(first);
         lookup.object = info.dlpi_name;
+        lookup.bias = bias;
+        lookup.phdrs = phdrs;
         for (i, name) in lookup.names.iter().enumerate().skip(1) {
             lookup.found[i] = table.lookup(name);
         }
@@ -159,6 +165,8 @@ mod tests {
             names: &[b"malloc_usable_size", b"getpid", b"no_such_symbol_here"],
             found: [None; 8],
             object: core::ptr::null(),
+            bias: 0,
+            phdrs: &[],
         };
         find(&mut l);
         let getpid = l.found[1].expect("getpid");

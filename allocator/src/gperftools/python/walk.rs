@@ -14,9 +14,10 @@
 //! frame push: every read is fault-safe ([`super::read`]), every pointer is
 //! checked, and the walk stops at the first frame that fails a check (the
 //! frames before it are kept, the stack is marked cut). No allocation, no
-//! lock. Reads cost a system call (batched, see [`super::read`]), so there
-//! are as few as the chain allows: one per frame and one per code object,
-//! one for the thread state.
+//! lock. A read of a page no earlier walk of the thread kept costs a
+//! system call (batched, see [`super::read`] and [`super::mapped`]), so
+//! there are as few as the chain allows: one per frame and one per code
+//! object, one for the thread state.
 use profiler_common::{
     python::{ACTIVATION_END, PyFrameSlot},
     python_layout::{FrameAnchor, Offsets},

@@ -5,7 +5,7 @@
 use super::{RBP, RSP, dwarf::Reader};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) enum Rule {
+pub(crate) enum Rule {
     /// Same value as in the callee (also the default).
     Same,
     Undefined,
@@ -15,18 +15,18 @@ pub(super) enum Rule {
     Other,
 }
 
-#[derive(Clone, Copy, Debug)]
-pub(super) enum Cfa {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Cfa {
     Reg(u64, i64),
     /// A DWARF expression (address, length) in the CFI.
     Expr(usize, usize),
 }
 
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Rules {
-    pub(super) cfa: Cfa,
-    pub(super) rbp: Rule,
-    pub(super) ra: Rule,
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Rules {
+    pub(crate) cfa: Cfa,
+    pub(crate) rbp: Rule,
+    pub(crate) ra: Rule,
 }
 
 /// Finds the FDE covering `pc` through the .eh_frame_hdr binary-search
@@ -35,6 +35,33 @@ pub(super) struct Rules {
 /// # Safety
 /// `hdr` is a loaded object's .eh_frame_hdr.
 pub(super) unsafe fn find_rules(hdr: usize, pc: usize) -> Option<Rules> {
+    // SAFETY: the caller's contract.
+    unsafe { run_fde(fde_for(hdr, pc)?, hdr, pc) }
+}
+
+/// The FDE covering `pc`: its range `[start, end)` and the rules at its
+/// first address.
+///
+/// # Safety
+/// As [`find_rules`].
+pub(crate) unsafe fn fde_covering(hdr: usize, pc: usize) -> Option<(usize, usize, Rules)> {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let fde = fde_for(hdr, pc)?;
+        let (start, end) = fde_range(fde, hdr)?;
+        if !(start..end).contains(&pc) {
+            return None;
+        }
+        Some((start, end, run_fde(fde, hdr, start)?))
+    }
+}
+
+/// The FDE the .eh_frame_hdr search table gives for `pc` (the last one
+/// that starts at or below it; it may end below `pc`).
+///
+/// # Safety
+/// As [`find_rules`].
+unsafe fn fde_for(hdr: usize, pc: usize) -> Option<usize> {
     // SAFETY: all reads stay inside the object's CFI (lengths from the
     // headers, which the linker wrote).
     unsafe {
@@ -61,8 +88,31 @@ pub(super) unsafe fn find_rules(hdr: usize, pc: usize) -> Option<Rules> {
                 hi = mid;
             }
         }
-        let fde = hdr.wrapping_add((*table.add(lo))[1] as isize as usize);
-        run_fde(fde, hdr, pc)
+        Some(hdr.wrapping_add((*table.add(lo))[1] as isize as usize))
+    }
+}
+
+/// The code range `[start, end)` an FDE covers.
+///
+/// # Safety
+/// `fde` is an FDE of mapped .eh_frame.
+unsafe fn fde_range(fde: usize, hdr: usize) -> Option<(usize, usize)> {
+    // SAFETY: see find_rules.
+    unsafe {
+        let mut r = Reader { p: fde };
+        let len = r.u32();
+        if len == 0 || len == u32::MAX {
+            return None;
+        }
+        let cie_field = r.p;
+        let cie_off = r.u32() as usize;
+        if cie_off == 0 {
+            return None;
+        }
+        let cie = parse_cie(cie_field - cie_off, hdr)?;
+        let start = r.pointer(cie.fde_enc, hdr)?;
+        let range = r.pointer(cie.fde_enc & 0x0f, hdr)?;
+        Some((start, start.wrapping_add(range)))
     }
 }
 

@@ -31,8 +31,19 @@ mod dwarf;
 mod row_cache;
 
 // DWARF register numbers of x86-64.
-const RSP: u64 = 7;
-const RBP: u64 = 6;
+pub(crate) const RSP: u64 = 7;
+pub(crate) const RBP: u64 = 6;
+
+pub(crate) use cfi::{Cfa as CfaRule, Rule as RegRule, Rules as FrameRules, fde_covering};
+
+/// The CFI rules in force at `pc`.
+///
+/// # Safety
+/// `hdr` is a loaded object's .eh_frame_hdr.
+pub(crate) unsafe fn rules_at(hdr: usize, pc: usize) -> Option<FrameRules> {
+    // SAFETY: the caller's contract.
+    unsafe { find_rules(hdr, pc) }
+}
 const RIP: u64 = 16;
 
 #[derive(Clone, Copy, Debug)]
