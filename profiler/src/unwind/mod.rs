@@ -28,6 +28,7 @@
 //! remaining stack copies need, whatever the budget. Where no rows exist,
 //! the walker follows frame pointers.
 mod background;
+mod btf;
 pub mod budget;
 mod build;
 mod cache;
@@ -36,6 +37,7 @@ pub mod cfi;
 pub mod copied;
 pub mod debug;
 mod expr;
+mod files;
 pub mod options;
 mod requests;
 pub mod rows;
@@ -150,6 +152,8 @@ pub struct Tables {
     mappings: LpmTrie<MapData, MappingKey, MappingInfo>,
     refresh: BpfHashMap<MapData, u32, u64>,
     objects: HashMap<ObjectKey, Object>,
+    /// The loaded objects by file identity, for the walker.
+    files: files::Files,
     /// Loaded rows by build id (object id), and how many objects (files)
     /// use each such set of rows.
     by_build_id: HashMap<Vec<u8>, u32>,
@@ -195,6 +199,7 @@ impl Tables {
             mappings: LpmTrie::try_from(take_map(ebpf, MAPPINGS_MAP)?)?,
             refresh: BpfHashMap::try_from(take_map(ebpf, REFRESH_MAP)?)?,
             objects: HashMap::new(),
+            files: files::Files::new(ebpf)?,
             by_build_id: HashMap::new(),
             sharers: HashMap::new(),
             processes: HashMap::new(),
@@ -294,6 +299,7 @@ impl Tables {
             return false;
         };
         let object = self.objects.remove(&key).expect("found above");
+        self.files.withdraw(&key);
         debug!("unwind tables of idle {} freed for room", object.name);
         self.free_object(object);
         true

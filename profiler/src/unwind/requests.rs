@@ -315,6 +315,7 @@ impl Tables {
             {
                 // Another file now has this device and inode.
                 let stale = self.objects.remove(&new.key).expect("looked up above");
+                self.files.withdraw(&new.key);
                 self.free_object(stale);
             }
             if self.objects.contains_key(&new.key) {
@@ -450,6 +451,8 @@ impl Tables {
                     return;
                 }
             };
+            // New processes of this file find the rows at once.
+            self.files.publish(&key, object.id, &object.segments);
             self.objects.insert(key, object);
         }
         for (pid, m) in waiting {
