@@ -155,11 +155,13 @@ fn complete_share(
 
 /// Share of rustc's samples that must be complete, in percent. The goal is
 /// 99. Measured on a 2-core machine shared by parallel builds: 63-93% of
-/// the cargo build's rustc samples. What is cut are mostly the stack copies
-/// taken before a new rustc has its tables: rustc's frames are large, and a
-/// 32 KiB copy (64 KiB did no better) is too short for about a third of
-/// them. The test holds the line at 60% and prints the figure.
-const MIN_COMPLETE_RUSTC: f64 = 60.0;
+/// the cargo build's rustc samples while every new rustc waited for its own
+/// tables (its first stacks copied, a third of the copies too short for
+/// rustc's large frames); 91.8-98.0% (three runs) since a new rustc finds
+/// the rows loaded for earlier ones by the file its pcs' mappings map
+/// (`frames_by_file`). What is still cut is mostly the first rustc's start.
+/// The test holds the line at 85% and prints the figure.
+const MIN_COMPLETE_RUSTC: f64 = 85.0;
 
 /// `cargo build` (offline, from crates in the registry cache) of a crate
 /// with three dependencies and a main file that keeps rustc and LLVM busy
@@ -240,9 +242,11 @@ fn whole_host_during_a_cargo_build() {
 }
 
 /// Share of bpftrace's samples that must be complete, in percent. The goal
-/// is 99; measured 88-89% on a loaded 2-core machine, 40% once (LLVM's deep
+/// is 99; measured 88-92% on a loaded 2-core machine, 40% once (LLVM's deep
 /// stacks, copied before the tables arrive, are too long for the copy, as
-/// for rustc). The test holds the line at 30% and prints the figure.
+/// for rustc: bpftrace is the first process of `libLLVM-14` in the session,
+/// so no rows are loaded for its file yet). The test holds the line at 30%
+/// and prints the figure.
 const MIN_COMPLETE_BPFTRACE: f64 = 30.0;
 
 /// bpftrace's start-up compiles its program with Debian's `libLLVM-14`.
