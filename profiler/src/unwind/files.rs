@@ -5,6 +5,16 @@
 //! with them from its first sample, with no round trip through user space.
 //! The kernel-structure offsets the walker needs come from the running
 //! kernel's BTF; without them the lookup is off, and said so once.
+//!
+//! A file is entered by (device, inode) only: the walker does not compare
+//! modification times. An entry is checked when its rows are loaded (the
+//! file read, or a cached entry's recorded identity, see [`super::preload`])
+//! and withdrawn when a process maps that inode with another modification
+//! time or size ([`super::Tables`]'s refresh frees the idle object). What
+//! remains: a file rewritten in place (same inode, `cp` over it) after its
+//! rows were loaded is unwound with the old rows in a new process's samples
+//! taken before user space first reads that process's mappings (its first
+//! refresh, within about [`super::REFRESH_INTERVAL`] of its first sample).
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use profiler_common::unwind_files::{
     FILE_SEGMENTS, FILES_MAP, FileKey, FileObject, FileSegment, VMA_CONFIG_MAP, VmaOffsets,

@@ -39,6 +39,7 @@ pub mod debug;
 mod expr;
 mod files;
 pub mod options;
+mod preload;
 mod requests;
 pub mod rows;
 mod source;
@@ -162,6 +163,9 @@ pub struct Tables {
     last_refresh: HashMap<u32, Instant>,
     next_id: u32,
     stats: TableStats,
+    options: UnwindOptions,
+    /// When the preload was asked for, and its budget in bytes.
+    preloading: Option<(Instant, u64)>,
 }
 
 /// Minimum time between two refreshes of one process asked for by the walker.
@@ -206,7 +210,22 @@ impl Tables {
             last_refresh: HashMap::new(),
             next_id: 1,
             stats,
+            options: options.clone(),
+            preloading: None,
         })
+    }
+
+    /// Loads the on-disk cache's tables of files still on disk and
+    /// unchanged, most recently used first, within
+    /// [`UnwindOptions::preload_bytes`], on the cache reader thread: the
+    /// caller never waits. A line on stderr says what was loaded.
+    pub fn preload(&mut self, whole_host: bool) {
+        let bytes = self.options.preload_bytes(whole_host);
+        if bytes == 0 {
+            return;
+        }
+        self.preloading = Some((Instant::now(), bytes));
+        self.queue.jobs().preload = Some(bytes);
     }
 
     /// Sizes of what is loaded and the time spent building it.
