@@ -76,11 +76,24 @@ pub struct FileObject {
     /// Segments used in `segments`.
     pub count: u32,
     pub segments: [FileSegment; FILE_SEGMENTS],
+    /// The file's modification time when its rows were built (seconds,
+    /// nanoseconds): the walker uses the entry only for an inode with this
+    /// very time, so a file rewritten in place (same inode) never gets
+    /// the old rows. Checked when `mtime_known` is 1 (the vDSO has none).
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    pub mtime_known: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<FileObject>() == 8 + 24 * FILE_SEGMENTS);
+const _: () = assert!(core::mem::size_of::<FileObject>() == 8 + 24 * FILE_SEGMENTS + 16);
 
 impl FileObject {
+    /// Whether the entry is for an inode last modified at `sec`.`nsec`.
+    #[inline(always)]
+    pub fn same_mtime(&self, sec: i64, nsec: u32) -> bool {
+        self.mtime_known == 0 || (self.mtime_sec == sec && self.mtime_nsec == nsec)
+    }
+
     /// The load bias (address - bias = the object's virtual address) of a
     /// mapping at `start` of the file from offset `map_offset`. The kernel
     /// maps each segment from its offset rounded down to a page, and
@@ -140,11 +153,13 @@ pub struct VmaOffsets {
     pub i_sb: u32,
     /// `super_block.s_dev`.
     pub s_dev: u32,
-    /// Zero.
-    pub _pad: u32,
+    /// `inode.i_mtime_sec` (a 64-bit count of seconds).
+    pub i_mtime_sec: u32,
+    /// `inode.i_mtime_nsec` (32 bits).
+    pub i_mtime_nsec: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<VmaOffsets>() == 52);
+const _: () = assert!(core::mem::size_of::<VmaOffsets>() == 56);
 
 crate::impl_pod!(FileKey, FileObject, VmaOffsets);
 

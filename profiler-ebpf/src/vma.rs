@@ -99,9 +99,12 @@ struct Found {
     end: u64,
     pgoff: u64,
     inode: u64,
+    mtime_sec: i64,
+    mtime_nsec: u32,
     dev: u32,
     /// 1: a file mapping; 2: the vDSO; 0: neither.
     kind: u32,
+    _pad: u32,
 }
 
 /// Reads the u64 at `base + offset` of kernel memory (0 when unreadable).
@@ -135,6 +138,8 @@ extern "C" fn read_vma(_task: *mut c_void, vma: *mut c_void, ctx: *mut c_void) -
         if inode != 0 {
             found.inode = read_u64(inode, o.i_ino);
             found.dev = read_u32(read_u64(inode, o.i_sb), o.s_dev);
+            found.mtime_sec = read_u64(inode, o.i_mtime_sec) as i64;
+            found.mtime_nsec = read_u32(inode, o.i_mtime_nsec);
             found.kind = 1;
         }
     } else if read_u64(read_u64(vma, o.vm_mm), o.mm_vdso) == found.start {
@@ -232,8 +237,11 @@ fn find(offsets: &VmaOffsets, task: *mut aya_ebpf::bindings::task_struct, pc: u6
         end: 0,
         pgoff: 0,
         inode: 0,
+        mtime_sec: 0,
+        mtime_nsec: 0,
         dev: 0,
         kind: 0,
+        _pad: 0,
     };
     // SAFETY: `read_vma` has the callback signature bpf_find_vma expects
     // and `found` outlives the call.
@@ -266,6 +274,11 @@ fn find(offsets: &VmaOffsets, task: *mut aya_ebpf::bindings::task_struct, pc: u6
     let Some(object) = (unsafe { FILES.get(&key) }).copied() else {
         return (Vma::Unknown, found);
     };
+    // The inode was modified since its rows were built (rewritten in
+    // place): they may describe other code.
+    if found.kind == 1 && !object.same_mtime(found.mtime_sec, found.mtime_nsec) {
+        return (Vma::Unknown, found);
+    }
     let vma = match object.bias(found.start, found.pgoff << 12) {
         Some(bias) => Vma::Object(MappingInfo {
             bias,

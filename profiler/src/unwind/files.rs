@@ -6,15 +6,16 @@
 //! The kernel-structure offsets the walker needs come from the running
 //! kernel's BTF; without them the lookup is off, and said so once.
 //!
-//! A file is entered by (device, inode) only: the walker does not compare
-//! modification times. An entry is checked when its rows are loaded (the
-//! file read, or a cached entry's recorded identity, see [`super::preload`])
-//! and withdrawn when a process maps that inode with another modification
-//! time or size ([`super::Tables`]'s refresh frees the idle object). What
-//! remains: a file rewritten in place (same inode, `cp` over it) after its
-//! rows were loaded is unwound with the old rows in a new process's samples
-//! taken before user space first reads that process's mappings (its first
-//! refresh, within about [`super::REFRESH_INTERVAL`] of its first sample).
+//! A file is entered by (device, inode) with the modification time it had
+//! when its rows were built (the file read, or a cached entry's recorded
+//! identity, see [`super::preload`]); the walker uses an entry only for an
+//! inode with that very time, so a file rewritten in place (same inode,
+//! `cp` over it) never gets the old rows: its pcs are unknown until its
+//! own rows are built. User space also withdraws the entry when a process
+//! maps that inode with another modification time or size (the refresh
+//! frees the idle object). What remains: a rewrite that keeps the
+//! modification time (set back on purpose), which no check short of
+//! reading the whole file would catch.
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use profiler_common::unwind_files::{
     FILE_SEGMENTS, FILES_MAP, FileKey, FileObject, FileSegment, VMA_CONFIG_MAP, VmaOffsets,
@@ -27,7 +28,7 @@ const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// The fields the walker reads: (struct, path, slot in [`VmaOffsets`]).
 type Slot = fn(&mut VmaOffsets) -> &mut u32;
-const FIELDS: [(&str, &[&str], Slot); 11] = [
+const FIELDS: [(&str, &[&str], Slot); 13] = [
     ("task_struct", &["mm"], |o| &mut o.task_mm),
     ("vm_area_struct", &["vm_start"], |o| &mut o.vm_start),
     ("vm_area_struct", &["vm_end"], |o| &mut o.vm_end),
@@ -39,6 +40,9 @@ const FIELDS: [(&str, &[&str], Slot); 11] = [
     ("inode", &["i_ino"], |o| &mut o.i_ino),
     ("inode", &["i_sb"], |o| &mut o.i_sb),
     ("super_block", &["s_dev"], |o| &mut o.s_dev),
+    // Since Linux 6.11 (before: `i_mtime`, a timespec64, not read).
+    ("inode", &["i_mtime_sec"], |o| &mut o.i_mtime_sec),
+    ("inode", &["i_mtime_nsec"], |o| &mut o.i_mtime_nsec),
 ];
 
 /// The offsets of every field the walker reads, or the first one missing.
@@ -59,8 +63,13 @@ pub fn file_key(key: &ObjectKey) -> FileKey {
 }
 
 /// The entry of object `id` with load segments `segments` (file offset,
-/// size, virtual address); `None` when it has more than the entry holds.
-pub fn file_object(id: u32, segments: &[(u64, u64, u64)]) -> Option<FileObject> {
+/// size, virtual address), for the file modified at `mtime_ns` (`None`: not
+/// checked); `None` when it has more segments than the entry holds.
+pub fn file_object(
+    id: u32,
+    segments: &[(u64, u64, u64)],
+    mtime_ns: Option<i64>,
+) -> Option<FileObject> {
     if id == 0 || segments.len() > FILE_SEGMENTS {
         return None;
     }
@@ -69,6 +78,11 @@ pub fn file_object(id: u32, segments: &[(u64, u64, u64)]) -> Option<FileObject> 
         count: segments.len() as u32,
         ..FileObject::default()
     };
+    if let Some(ns) = mtime_ns {
+        entry.mtime_sec = ns.div_euclid(1_000_000_000);
+        entry.mtime_nsec = ns.rem_euclid(1_000_000_000) as u32;
+        entry.mtime_known = 1;
+    }
     for (slot, &(offset, size, vaddr)) in entry.segments.iter_mut().zip(segments) {
         *slot = FileSegment {
             offset,
@@ -110,9 +124,16 @@ impl Files {
         })
     }
 
-    /// Enters the file `key` as covered by object `id`.
-    pub fn publish(&mut self, key: &ObjectKey, id: u32, segments: &[(u64, u64, u64)]) {
-        if let Some(entry) = file_object(id, segments)
+    /// Enters the file `key`, modified at `mtime_ns`, as covered by object
+    /// `id`.
+    pub fn publish(
+        &mut self,
+        key: &ObjectKey,
+        id: u32,
+        segments: &[(u64, u64, u64)],
+        mtime_ns: Option<i64>,
+    ) {
+        if let Some(entry) = file_object(id, segments, mtime_ns)
             && let Err(err) = self.map.insert(file_key(key), entry, 0)
         {
             log::debug!("unwind file index: {err}");
@@ -150,7 +171,16 @@ mod tests {
         let ctx = b.record("", false, &[("vdso", p, 24)]);
         b.record("mm_struct", false, &[("context", ctx, 1000)]);
         b.record("file", false, &[("f_inode", p, 32)]);
-        b.record("inode", false, &[("i_sb", p, 40), ("i_ino", long, 64)]);
+        b.record(
+            "inode",
+            false,
+            &[
+                ("i_sb", p, 40),
+                ("i_ino", long, 64),
+                ("i_mtime_sec", long, 88),
+                ("i_mtime_nsec", dev, 96),
+            ],
+        );
         let partial = Btf::parse(&b.finish()).unwrap();
         assert_eq!(
             vma_offsets(&partial),
@@ -173,7 +203,8 @@ mod tests {
                 i_ino: 64,
                 i_sb: 40,
                 s_dev: 16,
-                _pad: 0,
+                i_mtime_sec: 88,
+                i_mtime_nsec: 96,
             }
         );
     }
@@ -181,13 +212,20 @@ mod tests {
     #[test]
     fn entries_match_the_bias_the_trie_gets() {
         let segments = [(0, 0x2000, 0), (0x2000, 0x8000, 0x3000)];
-        let entry = file_object(7, &segments).unwrap();
+        let entry = file_object(7, &segments, Some(1_700_000_000_250_000_000)).unwrap();
+        assert_eq!(
+            (entry.mtime_sec, entry.mtime_nsec),
+            (1_700_000_000, 250_000_000)
+        );
+        assert!(entry.same_mtime(1_700_000_000, 250_000_000));
+        assert!(!entry.same_mtime(1_700_000_000, 250_000_001));
+        assert!(file_object(7, &segments, None).unwrap().same_mtime(1, 2));
         assert_eq!(entry.object, 7);
         // Mapping of offset 0x2000 at 0x7f00_0000_0000: vaddr 0x3000 there.
         let bias = entry.bias(0x7f00_0000_0000, 0x2000).unwrap();
         assert_eq!(0x7f00_0000_0000u64 - bias, 0x3000);
-        assert_eq!(file_object(0, &segments), None);
-        assert_eq!(file_object(7, &[(0, 1, 0); FILE_SEGMENTS + 1]), None);
+        assert_eq!(file_object(0, &segments, None), None);
+        assert_eq!(file_object(7, &[(0, 1, 0); FILE_SEGMENTS + 1], None), None);
     }
 
     #[test]

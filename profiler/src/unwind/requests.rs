@@ -486,7 +486,9 @@ impl Tables {
                 self.stats.preloaded_bytes += preload::row_bytes(u64::from(object.len)) as usize;
             }
             // New processes of this file find the rows at once.
-            self.files.publish(&key, object.id, &object.segments);
+            let mtime_ns = object.identity.map(|(mtime_ns, _)| mtime_ns);
+            self.files
+                .publish(&key, object.id, &object.segments, mtime_ns);
             self.objects.insert(key, object);
             // A job for it queued meanwhile (a preloaded object) is done.
             if self.queue.jobs().waiting.remove(&key).is_some() {
