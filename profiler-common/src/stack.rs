@@ -136,5 +136,8 @@ crate::counter_set! {
         /// Pcs whose mapping the kernel could not look up (its mapping lock
         /// was held): copied as before.
         VmaBusy = "vma_busy",
+        /// Pcs in a file whose loaded rows were built for another
+        /// modification time of it (rewritten in place): not used.
+        FileChanged = "file_changed",
     }
 }

@@ -21,9 +21,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use profiler_common::{
+    stack::UnwindCounter,
     unwind::MappingInfo,
     unwind_files::{FILES_MAX, FileKey, FileObject, VmaOffsets},
 };
+
+use crate::stack::count;
 
 /// `UNWIND_FILES`: file identity -> object and load segments.
 #[map(name = "UNWIND_FILES")]
@@ -277,6 +280,7 @@ fn find(offsets: &VmaOffsets, task: *mut aya_ebpf::bindings::task_struct, pc: u6
     // The inode was modified since its rows were built (rewritten in
     // place): they may describe other code.
     if found.kind == 1 && !object.same_mtime(found.mtime_sec, found.mtime_nsec) {
+        count(UnwindCounter::FileChanged);
         return (Vma::Unknown, found);
     }
     let vma = match object.bias(found.start, found.pgoff << 12) {

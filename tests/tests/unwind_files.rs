@@ -39,9 +39,16 @@ fn counter(text: &str, title: &str, name: &str) -> u64 {
 
 /// Runs `prof-bpf cpu -p` on the workload while it loads `lib` and calls
 /// into it 100 times, with the cache in `cache`. With `preload`, the
-/// library is loaded only once the preload is over. Returns the profile
-/// (pprof) and the session's stderr.
-fn session(exe: &Path, lib: &Path, cache: &Path, preload: bool, out: &Path) -> String {
+/// library is loaded only once the preload is over, and after `before_load`.
+/// Writes the profile (pprof) to `out`; returns the session's stderr.
+fn session(
+    exe: &Path,
+    lib: &Path,
+    cache: &Path,
+    preload: bool,
+    out: &Path,
+    before_load: impl FnOnce(),
+) -> String {
     let mut w = Proc::spawn(Command::new(exe).arg("dlopen").arg(lib).arg("100"));
     w.expect_line("ready");
     w.wait_mapped("libc");
@@ -71,6 +78,7 @@ fn session(exe: &Path, lib: &Path, cache: &Path, preload: bool, out: &Path) -> S
                 .expect("prof-bpf says what it preloaded"),
         );
     }
+    before_load();
     w.send_line("go");
     w.expect_line("done");
     // Stopped while the workload still runs, so that its frames are
@@ -106,18 +114,10 @@ fn first_samples_of_a_dlopened_library_unwind_by_file_with_preloaded_rows() {
     let _ = std::fs::remove_dir_all(&cache);
     // A first session builds the library's rows and caches them.
     let first = temp_path("first.pb.gz");
-    session(&exe, &lib, &cache, false, &first);
-    // The control: without them, no rows are there for the library's file
-    // before its process's tables are refreshed.
-    let control = counter(
-        &report(&first, "text"),
-        "user stack walks",
-        "frames_by_file",
-    );
-    assert_eq!(control, 0, "frames resolved by file without a preload");
+    session(&exe, &lib, &cache, false, &first, || {});
     // The second one loads them at its start, before the dlopen.
     let second = temp_path("second.pb.gz");
-    let stderr = session(&exe, &lib, &cache, true, &second);
+    let stderr = session(&exe, &lib, &cache, true, &second, || {});
     let preloaded = counter(&stderr, "unwind tables: preloaded", "preloaded");
     assert!(preloaded >= 1, "nothing preloaded:\n{stderr}");
 
@@ -125,6 +125,8 @@ fn first_samples_of_a_dlopened_library_unwind_by_file_with_preloaded_rows() {
     let by_file = counter(&notes, "user stack walks", "frames_by_file");
     eprintln!("{preloaded} objects preloaded; frames_by_file {by_file}");
     assert!(by_file > 0, "no frame resolved by file:\n{notes}");
+    let changed = counter(&notes, "user stack walks", "file_changed");
+    assert_eq!(changed, 0, "an unchanged file taken for changed:\n{notes}");
 
     // Every sample in the library is complete, the first ones included.
     let folded = report(&second, "folded");
@@ -162,4 +164,44 @@ fn first_samples_of_a_dlopened_library_unwind_by_file_with_preloaded_rows() {
         "only {complete} of {total} ns complete; e.g. {bad:#?}"
     );
     let _ = std::fs::remove_dir_all(cache.parent().expect("temp dir"));
+}
+
+/// The same library, its modification time changed in place (same inode)
+/// after its rows were loaded and before a process loads it: the walker
+/// refuses the old rows for it (`file_changed`).
+#[test]
+fn rows_are_not_used_for_a_file_modified_since_they_were_built() {
+    require_bpf!();
+    let built = build_workload("unwind_dl_lib", LIB_NO_FP);
+    let exe = build_workload("unwind_start", NO_FP);
+    let lib = temp_path("libmodified.so");
+    std::fs::copy(&built, &lib).expect("copy the library");
+    let cache = temp_path("cache-modified");
+    let _ = std::fs::remove_dir_all(&cache);
+    let first = temp_path("modified-first.pb.gz");
+    session(&exe, &lib, &cache, false, &first, || {});
+    let second = temp_path("modified-second.pb.gz");
+    let inode = || std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&lib).unwrap());
+    let before = inode();
+    let stderr = session(&exe, &lib, &cache, true, &second, || {
+        let f = std::fs::File::options().append(true).open(&lib).unwrap();
+        f.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+            .expect("set the library's modification time");
+    });
+    assert_eq!(inode(), before, "the library was replaced, not modified");
+    assert!(
+        counter(&stderr, "unwind tables: preloaded", "preloaded") >= 1,
+        "nothing preloaded:\n{stderr}"
+    );
+    let notes = report(&second, "text");
+    // The first sample in the library finds the old rows by its file, with
+    // the old time: they are refused (its rows are built afresh after).
+    let changed = counter(&notes, "user stack walks", "file_changed");
+    eprintln!("file_changed {changed}");
+    assert!(changed > 0, "the old rows were not refused:\n{notes}");
+    let folded = report(&second, "folded");
+    assert!(
+        folded.lines().any(|l| l.contains("dl_spin_leaf")),
+        "no sample in the library:\n{folded}"
+    );
 }
