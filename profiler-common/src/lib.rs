@@ -17,6 +17,7 @@ pub mod python_splice;
 pub mod stack;
 pub mod stack_copy;
 pub mod unwind;
+pub mod unwind_files;
 pub mod unwind_test;
 pub mod usdt;
 

@@ -126,5 +126,18 @@ crate::counter_set! {
         BadFrame = "bad_frame",
         /// Signal frames unwound.
         SignalFrames = "signal_frames",
+        /// Frames of code the process's tables did not know yet whose rows
+        /// were found by the file of the pc's mapping (rows loaded for
+        /// another process, or from the disk cache): no stack copy needed.
+        FramesByFile = "frames_by_file",
+        /// Pcs in no file mapping (JIT code, anonymous memory, or no
+        /// mapping at all): no tables can cover them, so they get no copy.
+        NoFileCode = "no_file_code",
+        /// Pcs whose mapping the kernel could not look up (its mapping lock
+        /// was held): copied as before.
+        VmaBusy = "vma_busy",
+        /// Pcs in a file whose loaded rows were built for another
+        /// modification time of it (rewritten in place): not used.
+        FileChanged = "file_changed",
     }
 }

@@ -15,6 +15,7 @@ pub mod stack;
 mod stack_copy;
 mod unwind;
 mod unwind_test;
+mod vma;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -18,7 +18,10 @@ use profiler_common::{
     },
 };
 
-use crate::stack::count;
+use crate::{
+    stack::count,
+    vma::{self, Vma},
+};
 
 /// One shard of rows (user space creates them; every shard has this size
 /// and these flags, so the verifier inlines lookups in them).
@@ -172,7 +175,19 @@ pub(crate) fn is_mapped(pid: u32, frame: &Frame, exact: bool) -> bool {
     if REFRESH.get_ptr(pid).is_none() {
         let _ = REFRESH.insert(pid, pc, 0);
     }
-    false
+    // Rows loaded for another process cover it, or none ever will.
+    match vma::resolve(pid, pc) {
+        Vma::Object(_) => true,
+        Vma::NoFile => {
+            count(UnwindCounter::NoFileCode);
+            true
+        }
+        Vma::Busy => {
+            count(UnwindCounter::VmaBusy);
+            false
+        }
+        Vma::Unknown => false,
+    }
 }
 
 /// The walk ends here: complete, unless the end was only suggested by an
@@ -192,13 +207,21 @@ fn end_unless(untrusted: bool) -> StepResult {
 #[inline(always)]
 fn find_row(pid: u32, pc: u64) -> Option<UnwindRow> {
     let key = Key::new(32 + 64, MappingKey::new(pid, pc));
-    let Some(mapping) = MAPPINGS.get(&key) else {
-        // New code (dlopen) or a process without tables: ask user space once.
-        count(UnwindCounter::UnknownMapping);
-        if REFRESH.get_ptr(pid).is_none() {
-            let _ = REFRESH.insert(pid, pc, 0);
+    let mapping = match MAPPINGS.get(&key) {
+        Some(mapping) => *mapping,
+        None => {
+            // New code (dlopen) or a process without tables: ask user space
+            // once, and meanwhile use rows loaded for the same file.
+            count(UnwindCounter::UnknownMapping);
+            if REFRESH.get_ptr(pid).is_none() {
+                let _ = REFRESH.insert(pid, pc, 0);
+            }
+            let Vma::Object(mapping) = vma::resolve(pid, pc) else {
+                return None;
+            };
+            count(UnwindCounter::FramesByFile);
+            mapping
         }
-        return None;
     };
     if mapping.object == 0 {
         return None;

@@ -2,8 +2,10 @@
 //! biggest shared objects (issue 13): a `cargo build` of a small crate
 //! (rustc: `librustc_driver`, the toolchain's `libLLVM`) and bpftrace's
 //! start-up (Debian's `libLLVM-14`). Every process starts during the
-//! session: its first samples are stack copies, unwound once the builder
-//! thread has its tables, and the session's drains never wait for a build.
+//! session, after it loaded the cached tables (`--unwind-preload`): its
+//! pcs find the rows by file from its first sample; code not in the cache
+//! is copied and unwound once the builder thread has its tables, and the
+//! session's drains never wait for a build.
 //!
 //! Each test gets an empty unwind cache of its own and fills it first with
 //! `cpu -p` on a stopped instance of the program (which builds its tables
@@ -17,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use prof_bpf_tests::{Proc, big_rust_source, parse_folded, require_bpf, start_prof_bpf};
+use prof_bpf_tests::{Proc, big_rust_source, parse_folded, require_bpf, start_following};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join("prof-bpf-unwind-host").join(name);
@@ -81,10 +83,13 @@ fn fill_cache(cache: &Path, cmd: &mut Command, libs: &[&str]) {
     drop(program);
 }
 
-/// A whole-host `cpu` session at 999 Hz with `cache`, around `during`;
-/// returns the folded stacks.
+/// A whole-host `cpu` session at 999 Hz with `cache`, around `during`,
+/// which starts once the session has loaded the cached tables (a session
+/// loads them at its start: the programs' objects are found by file from
+/// their first samples); returns the folded stacks.
 fn whole_host(cache: &Path, out: &Path, during: impl FnOnce()) -> Vec<(Vec<String>, u64)> {
-    let (prof, _) = start_prof_bpf(
+    let (prof, mut seen, later) = start_following(
+        &prof_bpf_tests::prof_bpf(),
         &[
             "cpu",
             "-F",
@@ -97,6 +102,18 @@ fn whole_host(cache: &Path, out: &Path, during: impl FnOnce()) -> Vec<(Vec<Strin
             cache.to_str().unwrap(),
         ],
         "prof-bpf: sampling",
+    );
+    while !seen.iter().any(|l| l.contains("unwind tables: preloaded")) {
+        seen.push(
+            later
+                .recv_timeout(Duration::from_secs(120))
+                .expect("prof-bpf says what it preloaded"),
+        );
+    }
+    let preloaded = seen.iter().find(|l| l.contains("unwind tables: preloaded"));
+    assert!(
+        !preloaded.is_some_and(|l| l.contains("preloaded 0 objects")),
+        "the cache's tables were not preloaded: {preloaded:?}"
     );
     during();
     // SAFETY: kill has no memory preconditions.
@@ -115,7 +132,7 @@ fn complete_share(
     pids: &HashSet<u32>,
     needles: &[&str],
 ) -> f64 {
-    let mine: Vec<&(Vec<String>, u64)> = stacks
+    let of_pids: Vec<&(Vec<String>, u64)> = stacks
         .iter()
         .filter(|(f, _)| {
             f[0].strip_prefix(&format!("{comm}-"))
@@ -123,6 +140,16 @@ fn complete_share(
                 .is_some_and(|p| pids.contains(&p))
         })
         .collect();
+    // Samples taken while an exiting process releases its address space
+    // (do_exit -> mmput): the task has no memory left, so no tool can walk
+    // its user stack past the pc the kernel saved. Counted apart.
+    let released = |f: &[String]| {
+        f.iter().any(|x| x == "do_exit_[k]")
+            && f.iter()
+                .any(|x| x.starts_with("__mmput") || x.starts_with("mmput"))
+    };
+    let (gone, mine): (Vec<_>, Vec<_>) = of_pids.into_iter().partition(|s| released(&s.0));
+    let gone_ns: u64 = gone.iter().map(|s| s.1).sum();
     // The entry point of a stripped program (bpftrace) has no name: it is
     // the frame that calls libc's start.
     let cut = |f: &[String]| {
@@ -134,14 +161,22 @@ fn complete_share(
     };
     let total: u64 = mine.iter().map(|s| s.1).sum();
     let complete: u64 = mine.iter().filter(|s| !cut(&s.0)).map(|s| s.1).sum();
+    // The heaviest cut stacks, root side, to see where the walks stop.
+    let mut cut_stacks: Vec<_> = mine.iter().filter(|s| cut(&s.0)).collect();
+    cut_stacks.sort_by_key(|s| std::cmp::Reverse(s.1));
+    for (frames, value) in cut_stacks.iter().take(5).map(|s| (&s.0, s.1)) {
+        let shown: Vec<&str> = frames.iter().take(6).map(String::as_str).collect();
+        eprintln!("  cut ({value} ns): {}", shown.join(";"));
+    }
     assert!(total > 0, "no samples of {comm} {pids:?}");
     let pct = 100.0 * complete as f64 / total as f64;
     let ns_per_sample = 1_000_000_000 / 999;
     eprintln!(
-        "{comm} ({} processes): {} of {} samples complete ({pct:.2}%)",
+        "{comm} ({} processes): {} of {} samples complete ({pct:.2}%); {} more taken after exit released the memory",
         pids.len(),
         complete / ns_per_sample,
-        total / ns_per_sample
+        total / ns_per_sample,
+        gone_ns / ns_per_sample
     );
     for needle in needles {
         assert!(
@@ -154,12 +189,16 @@ fn complete_share(
 }
 
 /// Share of rustc's samples that must be complete, in percent. The goal is
-/// 99. Measured on a 2-core machine shared by parallel builds: 63-93% of
-/// the cargo build's rustc samples. What is cut are mostly the stack copies
-/// taken before a new rustc has its tables: rustc's frames are large, and a
-/// 32 KiB copy (64 KiB did no better) is too short for about a third of
-/// them. The test holds the line at 60% and prints the figure.
-const MIN_COMPLETE_RUSTC: f64 = 60.0;
+/// 99. Measured on a 2-core machine shared by parallel builds: 63-93% while
+/// every new rustc waited for its own tables; 91.8-98.0% once a new rustc
+/// found the rows loaded for earlier ones by file; 98.66-98.90% (three
+/// runs) since the session loads the cached tables at its start, so the
+/// first rustc finds them by file too. What is still cut is mostly samples
+/// inside execve and the first system calls of a new rustc. Samples taken
+/// after an exiting process released its memory (no user stack exists any
+/// more) are counted apart. The test holds the line at 95% and prints the
+/// figure.
+const MIN_COMPLETE_RUSTC: f64 = 95.0;
 
 /// `cargo build` (offline, from crates in the registry cache) of a crate
 /// with three dependencies and a main file that keeps rustc and LLVM busy
@@ -240,10 +279,14 @@ fn whole_host_during_a_cargo_build() {
 }
 
 /// Share of bpftrace's samples that must be complete, in percent. The goal
-/// is 99; measured 88-89% on a loaded 2-core machine, 40% once (LLVM's deep
-/// stacks, copied before the tables arrive, are too long for the copy, as
-/// for rustc). The test holds the line at 30% and prints the figure.
-const MIN_COMPLETE_BPFTRACE: f64 = 30.0;
+/// is 99. Measured 40-92% while bpftrace, the first process of `libLLVM-14`
+/// in a session, waited for its tables (LLVM's deep stacks are too long for
+/// the stack copy); 98.38-99.43% (three runs, 175-274 samples each) since
+/// the session loads the cached tables at its start and bpftrace's pcs
+/// find them by file from its first sample. Samples after an exiting
+/// bpftrace released its memory (about 10% of them, no user stack left)
+/// are counted apart. The test holds the line at 90% and prints the figure.
+const MIN_COMPLETE_BPFTRACE: f64 = 90.0;
 
 /// bpftrace's start-up compiles its program with Debian's `libLLVM-14`.
 #[test]

@@ -155,6 +155,7 @@ impl Agent {
         ebpf::spawn_logger(&mut ebpf);
         eprintln!("prof-bpf: agent: {}", settings.unwind.start_line());
         let mut tables = Tables::with_options(&mut ebpf, &settings.unwind)?;
+        tables.preload(!settings.scope.pids_only());
         // The named processes' tables before any probe: their first stacks
         // are complete.
         for &pid in settings.scope.pids() {

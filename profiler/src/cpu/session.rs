@@ -154,6 +154,7 @@ impl Session {
         let mut ebpf = ebpf::load()?;
         ebpf::spawn_logger(&mut ebpf);
         let mut tables = Tables::with_options(&mut ebpf, &settings.unwind)?;
+        tables.preload(settings.targets == Targets::All);
         for &pid in settings.pids() {
             tables
                 .add_process(pid)

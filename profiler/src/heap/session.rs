@@ -152,7 +152,8 @@ impl Session {
     ) -> anyhow::Result<Self> {
         let all = settings.targets == Targets::All;
         let mut ebpf = attach::load(&settings, tracking, settings.mmap && all)?;
-        let tables = Tables::with_options(&mut ebpf, &settings.unwind)?;
+        let mut tables = Tables::with_options(&mut ebpf, &settings.unwind)?;
+        tables.preload(all);
         let mut python = PythonTracker::new(&mut ebpf, true)?;
         python.set_view(settings.python.python_frames, settings.python.python_lines);
         let copies = CopiedStacks::new(&mut ebpf)?;

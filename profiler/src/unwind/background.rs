@@ -27,6 +27,7 @@ use super::{
     build::{BuildStats, Builder, FileId},
     cfi::{self, ObjectRows},
     options::UnwindOptions,
+    preload::{self, PreloadSummary},
     source::{self, ObjectBytes},
 };
 use crate::process::{self, Mapping};
@@ -73,6 +74,8 @@ pub(super) struct Prepared {
     pub thread: usize,
     /// CPU time this job took.
     pub cpu: Duration,
+    /// Loaded ahead of need ([`super::preload`]), not asked for.
+    pub preloaded: bool,
 }
 
 /// The jobs waiting, shared by the loop and the thread.
@@ -84,6 +87,12 @@ pub(super) struct Jobs {
     /// Jobs that are not urgent wait until the loop knows which processes
     /// are busy (its first priorities).
     pub hold: bool,
+    /// Load the cache's entries ahead of need, up to this many bytes of
+    /// rows (taken by the cache reader before anything else).
+    pub preload: Option<u64>,
+    /// What the preload did, once it is over: every object it loaded was
+    /// sent before.
+    pub preloaded: Option<PreloadSummary>,
     stop: bool,
 }
 
@@ -242,6 +251,14 @@ fn run(
         if jobs.stop {
             return;
         }
+        if cache_only && let Some(budget) = jobs.preload.take() {
+            drop(jobs);
+            let summary = preload::preload(&mut builder, budget, thread, &mut |p| {
+                results.send(p).is_ok()
+            });
+            lock_jobs().preloaded = Some(summary);
+            continue;
+        }
         let (key, sources, urgent, cache_only) = match choose(&mut jobs, cache_only) {
             Step::Build(key, job) => (key, job.sources, job.urgent, false),
             Step::Probe(key, sources) => (key, sources, false, true),
@@ -291,6 +308,7 @@ fn run(
             stats: builder.stats(),
             thread,
             cpu,
+            preloaded: false,
         };
         if results.send(prepared).is_err() {
             return;
@@ -320,7 +338,7 @@ fn build(builder: &mut Builder, sources: &[(u32, Mapping)], cache_only: bool) ->
             }
         } else {
             builder
-                .rows(&data, build_id.clone(), file)
+                .rows(&data, build_id.clone(), file, &mapping.path)
                 .with_context(|| format!("reading the CFI of {}", mapping.path))?
         };
         anyhow::Ok(Some(Compiled {

@@ -7,7 +7,7 @@ use log::warn;
 
 use super::{
     cache::{CacheStats, DiskCache},
-    cache_format::CacheKey,
+    cache_format::{CacheKey, Origin},
     cfi::{self, ObjectRows},
     options::UnwindOptions,
 };
@@ -127,13 +127,21 @@ impl Builder {
         self.cache.as_mut()?.load(&key)
     }
 
+    /// The cache, for loading entries ahead of need.
+    pub fn cache_mut(&mut self) -> Option<&mut DiskCache> {
+        self.cache.as_mut()
+    }
+
     /// The rows of the ELF object in `data`, whose build id is `build_id`;
     /// `file` identifies it when it has none (`None`: not cached then).
+    /// `path` is where the file was found: a new entry records it with
+    /// `file`, so that later sessions can load the rows ahead of need.
     pub fn rows(
         &mut self,
         data: &[u8],
         build_id: Option<Vec<u8>>,
         file: Option<FileId>,
+        path: &str,
     ) -> anyhow::Result<ObjectRows> {
         let key = cache_key(build_id, file);
         let mut cache = self.cache.as_mut().zip(key.as_ref());
@@ -150,7 +158,14 @@ impl Builder {
         if let Some((cache, key)) = cache
             && rows.rows.len() >= MIN_CACHED_ROWS
         {
-            cache.store(key, &rows);
+            let origin = file.filter(|_| path.starts_with('/')).map(|f| Origin {
+                path: path.to_owned(),
+                dev: f.dev,
+                inode: f.inode,
+                mtime_ns: f.mtime_ns,
+                size: f.size,
+            });
+            cache.store(key, &rows, origin.as_ref());
         }
         Ok(rows)
     }

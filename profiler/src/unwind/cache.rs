@@ -21,7 +21,7 @@ use anyhow::{Context as _, bail};
 use log::{debug, warn};
 
 use super::{
-    cache_format::{self, CacheKey, ENTRY_SUFFIX, Entry},
+    cache_format::{self, CacheKey, ENTRY_SUFFIX, Entry, Origin, PREFIX_BYTES},
     cfi::ObjectRows,
 };
 
@@ -87,8 +87,43 @@ impl DiskCache {
 
     /// The rows stored under `key`, if a sound entry exists.
     pub fn load(&mut self, key: &CacheKey) -> Option<ObjectRows> {
+        self.load_named(&key.file_name())
+    }
+
+    /// The entries, most recently used first.
+    pub fn entries_by_recent_use(&self) -> Vec<String> {
+        let mut entries: Vec<(SystemTime, String)> = fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|item| {
+                let item = item.ok()?;
+                let name = item.file_name().into_string().ok()?;
+                let meta = item.metadata().ok()?;
+                (name.ends_with(ENTRY_SUFFIX) && meta.is_file())
+                    .then(|| (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), name))
+            })
+            .collect();
+        entries.sort_by(|a, b| b.cmp(a));
+        entries.into_iter().map(|(_, name)| name).collect()
+    }
+
+    /// The origin and row count of entry `name`, from its first bytes
+    /// (unchecked: [`Self::load_named`] checks the entry).
+    pub fn peek(&self, name: &str) -> Option<(Option<Origin>, u64)> {
+        use std::io::Read as _;
+        let mut prefix = Vec::with_capacity(PREFIX_BYTES);
+        File::open(self.dir.join(name))
+            .ok()?
+            .take(PREFIX_BYTES as u64)
+            .read_to_end(&mut prefix)
+            .ok()?;
+        cache_format::peek_origin(&prefix).ok()
+    }
+
+    /// The rows of entry `name`, if it is sound.
+    pub fn load_named(&mut self, name: &str) -> Option<ObjectRows> {
         let started = Instant::now();
-        let path = self.dir.join(key.file_name());
+        let path = self.dir.join(name);
         let bytes = fs::read(&path).ok()?;
         match cache_format::decode(&bytes) {
             Ok(rows) => {
@@ -115,9 +150,10 @@ impl DiskCache {
         }
     }
 
-    /// Stores `rows` under `key`, then evicts what exceeds the cap.
-    pub fn store(&mut self, key: &CacheKey, rows: &ObjectRows) {
-        match self.write(&key.file_name(), &cache_format::encode(rows)) {
+    /// Stores `rows` under `key`, built from the file `origin` describes,
+    /// then evicts what exceeds the cap.
+    pub fn store(&mut self, key: &CacheKey, rows: &ObjectRows, origin: Option<&Origin>) {
+        match self.write(&key.file_name(), &cache_format::encode_with(rows, origin)) {
             Ok(()) => self.stats.stored += 1,
             Err(err) => {
                 self.stats.store_failed += 1;
@@ -222,9 +258,9 @@ mod tests {
         let mut cache = DiskCache::open(&dir).unwrap();
         assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
         assert_eq!(cache.load(&key(1)), None);
-        cache.store(&key(1), &rows(100));
+        cache.store(&key(1), &rows(100), None);
         // A second writer of the same entry (another session) is fine too.
-        cache.store(&key(1), &rows(100));
+        cache.store(&key(1), &rows(100), None);
         assert_eq!(cache.stats.stored, 2);
         assert_eq!(cache.load(&key(1)), Some(rows(100)));
         let path = dir.join(key(1).file_name());
@@ -251,7 +287,7 @@ mod tests {
         cache.cap_bytes = 2 * entry_bytes;
         let old = SystemTime::now() - Duration::from_secs(100);
         for id in [1, 2] {
-            cache.store(&key(id), &rows(1000));
+            cache.store(&key(id), &rows(1000), None);
             let f = File::options()
                 .append(true)
                 .open(dir.join(key(id).file_name()))
@@ -261,7 +297,7 @@ mod tests {
         }
         // Reading 1 makes 2 the least recently used.
         assert!(cache.load(&key(1)).is_some());
-        cache.store(&key(3), &rows(1000));
+        cache.store(&key(3), &rows(1000), None);
         assert_eq!(cache.stats.evicted, 1);
         assert!(cache.load(&key(2)).is_none());
         assert!(cache.load(&key(1)).is_some());

@@ -4,7 +4,9 @@
 //!
 //! An entry is one file: a fixed header (magic, format version, fingerprint
 //! of the row compiler, payload length, payload checksum), then the payload:
-//! counts, the rows, the pages and the unsupported rules of one object
+//! the file the rows were built from ([`Origin`], so that a session can load
+//! them before any process asks, once that file is checked), then counts,
+//! the rows, the pages and the unsupported rules of one object
 //! ([`ObjectRows`]). All integers are little-endian.
 use std::time::SystemTime;
 
@@ -13,7 +15,7 @@ use profiler_common::unwind::UnwindRow;
 use super::cfi::ObjectRows;
 
 /// Bumped when the layout below changes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 const MAGIC: [u8; 8] = *b"PBFUNWND";
 
@@ -77,6 +79,24 @@ pub enum CacheKey {
     },
 }
 
+/// The file an entry's rows were built from, as it was then: its path (as
+/// the process that mapped it saw it) and identity. An entry is loaded
+/// ahead of need only for a file that still has this very identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub path: String,
+    pub dev: (u32, u32),
+    pub inode: u64,
+    pub mtime_ns: i64,
+    pub size: u64,
+}
+
+/// Longest path an origin records (longer ones are not recorded).
+const MAX_ORIGIN_PATH: usize = 4096;
+
+/// Bytes of an entry's start that hold its header, origin and row count.
+pub const PREFIX_BYTES: usize = HEADER_BYTES + 4 + MAX_ORIGIN_PATH + 32 + 8;
+
 /// Suffix of entry files; anything else in the directory is left alone.
 pub const ENTRY_SUFFIX: &str = ".unw";
 
@@ -129,14 +149,34 @@ impl DecodeError {
     }
 }
 
-/// The entry for `rows`.
+/// The entry for `rows`, without an origin.
+#[cfg(test)]
 pub fn encode(rows: &ObjectRows) -> Vec<u8> {
+    encode_with(rows, None)
+}
+
+/// The entry for `rows`, built from the file `origin` describes.
+pub fn encode_with(rows: &ObjectRows, origin: Option<&Origin>) -> Vec<u8> {
     let rules_bytes: usize = rows
         .unsupported_rules
         .iter()
         .map(|(r, _)| 4 + r.len() + 8)
         .sum();
-    let mut p = Vec::with_capacity(32 + rows.rows.len() * 8 + rows.pages.len() * 12 + rules_bytes);
+    let mut p = Vec::with_capacity(
+        64 + MAX_ORIGIN_PATH + rows.rows.len() * 8 + rows.pages.len() * 12 + rules_bytes,
+    );
+    match origin.filter(|o| !o.path.is_empty() && o.path.len() <= MAX_ORIGIN_PATH) {
+        Some(o) => {
+            p.extend_from_slice(&(o.path.len() as u32).to_le_bytes());
+            p.extend_from_slice(o.path.as_bytes());
+            p.extend_from_slice(&o.dev.0.to_le_bytes());
+            p.extend_from_slice(&o.dev.1.to_le_bytes());
+            p.extend_from_slice(&o.inode.to_le_bytes());
+            p.extend_from_slice(&o.mtime_ns.to_le_bytes());
+            p.extend_from_slice(&o.size.to_le_bytes());
+        }
+        None => p.extend_from_slice(&0u32.to_le_bytes()),
+    }
     for n in [
         rows.rows.len(),
         rows.pages.len(),
@@ -222,9 +262,39 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The rows of an entry, checked: header, checksum, and that pages lie one
-/// after the other over the rows (as [`super::cfi::compile`] lays them out).
-pub fn decode(entry: &[u8]) -> Result<ObjectRows, DecodeError> {
+/// The origin of an entry (`None`: not recorded) and its row count, from
+/// the entry's first [`PREFIX_BYTES`] (or all of it) and without checking
+/// the checksum: enough to choose entries, which [`decode`] then checks.
+pub fn peek_origin(prefix: &[u8]) -> Result<(Option<Origin>, u64), DecodeError> {
+    let payload = check_header(prefix)?.2;
+    let mut r = Reader(payload);
+    let origin = read_origin(&mut r)?;
+    Ok((origin, r.u64()?))
+}
+
+fn read_origin(r: &mut Reader<'_>) -> Result<Option<Origin>, DecodeError> {
+    let len = r.u32()? as usize;
+    if len == 0 {
+        return Ok(None);
+    }
+    if len > MAX_ORIGIN_PATH {
+        return Err(DecodeError::Malformed("origin path too long"));
+    }
+    let path = std::str::from_utf8(r.take(len)?)
+        .map_err(|_| DecodeError::Malformed("origin path is not UTF-8"))?
+        .to_owned();
+    Ok(Some(Origin {
+        path,
+        dev: (r.u32()?, r.u32()?),
+        inode: r.u64()?,
+        mtime_ns: r.u64()? as i64,
+        size: r.u64()?,
+    }))
+}
+
+/// Checks the fixed header; returns the payload's length and what follows
+/// the header.
+fn check_header(entry: &[u8]) -> Result<(u64, u64, &[u8]), DecodeError> {
     if entry.len() < 8 || entry[..8] != MAGIC {
         return Err(DecodeError::NotAnEntry);
     }
@@ -242,7 +312,13 @@ pub fn decode(entry: &[u8]) -> Result<ObjectRows, DecodeError> {
     }
     let len = h.u64()?;
     let sum = h.u64()?;
-    let payload = &entry[HEADER_BYTES..];
+    Ok((len, sum, &entry[HEADER_BYTES..]))
+}
+
+/// The rows of an entry, checked: header, checksum, and that pages lie one
+/// after the other over the rows (as [`super::cfi::compile`] lays them out).
+pub fn decode(entry: &[u8]) -> Result<ObjectRows, DecodeError> {
+    let (len, sum, payload) = check_header(entry)?;
     if (payload.len() as u64) < len {
         return Err(DecodeError::Truncated);
     }
@@ -253,6 +329,7 @@ pub fn decode(entry: &[u8]) -> Result<ObjectRows, DecodeError> {
         return Err(DecodeError::Checksum);
     }
     let mut r = Reader(payload);
+    read_origin(&mut r)?;
     let n_rows = r.count(8)?;
     let n_pages = r.u64()? as usize;
     let unsupported = r.u64()? as usize;

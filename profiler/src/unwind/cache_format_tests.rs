@@ -24,6 +24,37 @@ fn an_entry_decodes_to_what_was_encoded() {
 }
 
 #[test]
+fn the_origin_is_read_from_the_entry_start_and_checked_with_the_rest() {
+    let origin = Origin {
+        path: "/usr/lib/x86_64-linux-gnu/libLLVM-14.so.1".to_owned(),
+        dev: (254, 1),
+        inode: 1234,
+        mtime_ns: 1_700_000_000_123_456_789,
+        size: 110 << 20,
+    };
+    let entry = encode_with(&sample(), Some(&origin));
+    assert_eq!(decode(&entry), Ok(sample()));
+    let prefix = &entry[..entry.len().min(PREFIX_BYTES)];
+    assert_eq!(peek_origin(prefix), Ok((Some(origin.clone()), 4)));
+    // A prefix cut inside the origin is no origin.
+    assert!(peek_origin(&entry[..HEADER_BYTES + 10]).is_err());
+    assert_eq!(peek_origin(&encode(&sample())), Ok((None, 4)));
+    // A relative path is not recorded: it names nothing for another process.
+    let relative = Origin {
+        path: String::new(),
+        ..origin
+    };
+    assert_eq!(
+        peek_origin(&encode_with(&sample(), Some(&relative))),
+        Ok((None, 4))
+    );
+    // The origin is under the checksum.
+    let mut bad = entry.clone();
+    bad[HEADER_BYTES + 6] ^= 1;
+    assert_eq!(decode(&bad), Err(DecodeError::Checksum));
+}
+
+#[test]
 fn a_flipped_payload_byte_fails_the_checksum() {
     let entry = encode(&sample());
     for at in [HEADER_BYTES, HEADER_BYTES + 33, entry.len() - 1] {

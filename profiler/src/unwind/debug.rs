@@ -238,6 +238,7 @@ fn cfi_report(paths: &[std::path::PathBuf], cache: Option<&std::path::Path>) -> 
                 &data,
                 super::cfi::build_id(&data).filter(|id| !id.is_empty()),
                 Some(super::build::FileId::of(&file.metadata()?)),
+                &std::fs::canonicalize(path)?.to_string_lossy(),
             ),
             None => super::cfi::compile(&data),
         }

@@ -28,6 +28,7 @@
 //! remaining stack copies need, whatever the budget. Where no rows exist,
 //! the walker follows frame pointers.
 mod background;
+mod btf;
 pub mod budget;
 mod build;
 mod cache;
@@ -36,8 +37,10 @@ pub mod cfi;
 pub mod copied;
 pub mod debug;
 mod expr;
+mod files;
 pub mod options;
 mod regs_row;
+mod preload;
 mod requests;
 pub mod rows;
 mod source;
@@ -151,6 +154,8 @@ pub struct Tables {
     mappings: LpmTrie<MapData, MappingKey, MappingInfo>,
     refresh: BpfHashMap<MapData, u32, u64>,
     objects: HashMap<ObjectKey, Object>,
+    /// The loaded objects by file identity, for the walker.
+    files: files::Files,
     /// Loaded rows by build id (object id), and how many objects (files)
     /// use each such set of rows.
     by_build_id: HashMap<Vec<u8>, u32>,
@@ -159,6 +164,9 @@ pub struct Tables {
     last_refresh: HashMap<u32, Instant>,
     next_id: u32,
     stats: TableStats,
+    options: UnwindOptions,
+    /// When the preload was asked for, and its budget in bytes.
+    preloading: Option<(Instant, u64)>,
 }
 
 /// Minimum time between two refreshes of one process asked for by the walker.
@@ -196,13 +204,29 @@ impl Tables {
             mappings: LpmTrie::try_from(take_map(ebpf, MAPPINGS_MAP)?)?,
             refresh: BpfHashMap::try_from(take_map(ebpf, REFRESH_MAP)?)?,
             objects: HashMap::new(),
+            files: files::Files::new(ebpf)?,
             by_build_id: HashMap::new(),
             sharers: HashMap::new(),
             processes: HashMap::new(),
             last_refresh: HashMap::new(),
             next_id: 1,
             stats,
+            options: options.clone(),
+            preloading: None,
         })
+    }
+
+    /// Loads the on-disk cache's tables of files still on disk and
+    /// unchanged, most recently used first, within
+    /// [`UnwindOptions::preload_bytes`], on the cache reader thread: the
+    /// caller never waits. A line on stderr says what was loaded.
+    pub fn preload(&mut self, whole_host: bool) {
+        let bytes = self.options.preload_bytes(whole_host);
+        if bytes == 0 {
+            return;
+        }
+        self.preloading = Some((Instant::now(), bytes));
+        self.queue.jobs().preload = Some(bytes);
     }
 
     /// Sizes of what is loaded and the time spent building it.
@@ -295,6 +319,7 @@ impl Tables {
             return false;
         };
         let object = self.objects.remove(&key).expect("found above");
+        self.files.withdraw(&key);
         debug!("unwind tables of idle {} freed for room", object.name);
         self.free_object(object);
         true

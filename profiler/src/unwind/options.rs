@@ -28,6 +28,13 @@ pub struct UnwindArgs {
     /// mode 0700) [default: /var/cache/prof-bpf].
     #[arg(long, value_name = "DIR", conflicts_with = "no_unwind_cache")]
     pub unwind_cache_dir: Option<PathBuf>,
+    /// Load the cached unwind tables of files still on disk and unchanged
+    /// at the start, most recently used first, up to MIB of rows (so new
+    /// processes and libraries unwind from their first sample)
+    /// [default: half of --unwind-memory on the whole host, 0 otherwise].
+    #[arg(long, value_name = "MIB", conflicts_with = "no_unwind_cache",
+          value_parser = clap::value_parser!(u64).range(0..=MAX_MEMORY_MIB))]
+    pub unwind_preload: Option<u64>,
 }
 
 impl Default for UnwindArgs {
@@ -36,6 +43,7 @@ impl Default for UnwindArgs {
             unwind_memory: DEFAULT_CAP_MIB,
             no_unwind_cache: false,
             unwind_cache_dir: None,
+            unwind_preload: None,
         }
     }
 }
@@ -47,6 +55,9 @@ pub struct UnwindOptions {
     pub memory_mib: u64,
     /// The cache directory; `None` without a cache.
     pub cache_dir: Option<PathBuf>,
+    /// MiB of cached rows loaded at the start; `None`: the session's
+    /// default ([`UnwindOptions::preload_bytes`]).
+    pub preload_mib: Option<u64>,
 }
 
 impl Default for UnwindOptions {
@@ -64,11 +75,27 @@ impl UnwindArgs {
                     .clone()
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR))
             }),
+            preload_mib: self.unwind_preload,
         }
     }
 }
 
 impl UnwindOptions {
+    /// Bytes of cached rows loaded at the start: as asked, else half of the
+    /// memory cap for a whole-host session (the other half is for what is
+    /// built during it) and none for named targets (whose own tables are
+    /// built before sampling); never more than the cap, none without a
+    /// cache.
+    pub fn preload_bytes(&self, whole_host: bool) -> u64 {
+        let default = if whole_host { self.memory_mib / 2 } else { 0 };
+        let mib = self.preload_mib.unwrap_or(default).min(self.memory_mib);
+        if self.cache_dir.is_some() {
+            mib << 20
+        } else {
+            0
+        }
+    }
+
     /// The line printed when a session starts.
     pub fn start_line(&self) -> String {
         let cache = match &self.cache_dir {
@@ -129,5 +156,21 @@ mod tests {
         assert_eq!(moved.cache_dir, Some(PathBuf::from("/tmp/c")));
         assert_eq!(parse(&["--no-unwind-cache"]).unwrap().cache_dir, None);
         assert!(parse(&["--no-unwind-cache", "--unwind-cache-dir", "/x"]).is_err());
+    }
+
+    #[test]
+    fn preload_is_half_the_cap_on_the_whole_host_and_as_asked_otherwise() {
+        let o = parse(&["--unwind-memory", "100"]).unwrap();
+        assert_eq!(o.preload_bytes(true), 50 << 20);
+        assert_eq!(o.preload_bytes(false), 0);
+        let asked = parse(&["--unwind-memory", "100", "--unwind-preload", "64"]).unwrap();
+        assert_eq!(asked.preload_bytes(false), 64 << 20);
+        let over = parse(&["--unwind-memory", "100", "--unwind-preload", "400"]).unwrap();
+        assert_eq!(over.preload_bytes(true), 100 << 20);
+        assert_eq!(
+            parse(&["--no-unwind-cache"]).unwrap().preload_bytes(true),
+            0
+        );
+        assert!(parse(&["--no-unwind-cache", "--unwind-preload", "8"]).is_err());
     }
 }

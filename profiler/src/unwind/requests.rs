@@ -154,12 +154,40 @@ impl Tables {
     /// Places the objects the builder finished since the last call and
     /// installs them where they are waited for; returns how many.
     pub fn install_built(&mut self) -> usize {
+        // Taken before the results: every object of a preload that is over
+        // is in the channel already.
+        let preloaded = match self.preloading {
+            Some(_) => self.queue.jobs().preloaded.take(),
+            None => None,
+        };
         let mut n = 0;
         while let Ok(prepared) = self.queue.results.try_recv() {
             self.place(prepared);
             n += 1;
         }
+        if let Some(summary) = preloaded {
+            self.preload_done(&summary);
+        }
         n
+    }
+
+    /// Says what the preload loaded.
+    fn preload_done(&mut self, summary: &preload::PreloadSummary) {
+        let Some((asked, budget)) = self.preloading.take() else {
+            return;
+        };
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        eprintln!(
+            "prof-bpf: unwind tables: preloaded {} objects ({:.1} MiB of rows, at most {:.0} MiB: --unwind-preload) from the cache in {:.2} s; {} entries read, {} left out for a changed or missing file, {} recording no file, {} over the budget",
+            self.stats.preloaded,
+            mib(self.stats.preloaded_bytes as u64),
+            mib(budget),
+            asked.elapsed().as_secs_f64(),
+            summary.objects,
+            summary.changed,
+            summary.no_origin,
+            summary.over_budget,
+        );
     }
 
     /// Builds what `pids` still wait for before anything else, whatever the
@@ -315,6 +343,7 @@ impl Tables {
             {
                 // Another file now has this device and inode.
                 let stale = self.objects.remove(&new.key).expect("looked up above");
+                self.files.withdraw(&new.key);
                 self.free_object(stale);
             }
             if self.objects.contains_key(&new.key) {
@@ -409,6 +438,7 @@ impl Tables {
             stats,
             thread,
             cpu,
+            preloaded,
         } = prepared;
         self.requested.remove(&key);
         debug!("{name} built ({:.3} s of CPU)", cpu.as_secs_f64());
@@ -450,7 +480,20 @@ impl Tables {
                     return;
                 }
             };
+            let own_rows = self.sharers.get(&object.id).is_none_or(|&n| n <= 1);
+            if preloaded && object.id != 0 && own_rows {
+                self.stats.preloaded += 1;
+                self.stats.preloaded_bytes += preload::row_bytes(u64::from(object.len)) as usize;
+            }
+            // New processes of this file find the rows at once.
+            let mtime_ns = object.identity.map(|(mtime_ns, _)| mtime_ns);
+            self.files
+                .publish(&key, object.id, &object.segments, mtime_ns);
             self.objects.insert(key, object);
+            // A job for it queued meanwhile (a preloaded object) is done.
+            if self.queue.jobs().waiting.remove(&key).is_some() {
+                self.requested.remove(&key);
+            }
         }
         for (pid, m) in waiting {
             match self.install(pid, &m) {

@@ -27,6 +27,9 @@ pub struct TableStats {
     pub over_cap: usize,
     /// Objects using the rows of another file with the same build id.
     pub shared: usize,
+    /// Objects loaded from the cache ahead of need, and their rows' bytes.
+    pub preloaded: usize,
+    pub preloaded_bytes: usize,
     /// Time the caller's thread spent reading mappings and placing rows
     /// in the kernel's maps (the builder thread does the rest).
     pub build_time: Duration,
@@ -53,9 +56,11 @@ impl TableStats {
         let mib = |b: usize| b as f64 / f64::from(1 << 20);
         let b = &self.build;
         let mut text = format!(
-            "unwind tables: {} objects (and {} sharing their rows by build id), {} rows, {:.1} MiB of {:.0} MiB kernel memory (--unwind-memory), {} objects did not fit; built {} objects ({} rows) in {:.2} s",
+            "unwind tables: {} objects (and {} sharing their rows by build id; {} preloaded, {:.1} MiB), {} rows, {:.1} MiB of {:.0} MiB kernel memory (--unwind-memory), {} objects did not fit; built {} objects ({} rows) in {:.2} s",
             self.objects,
             self.shared,
+            self.preloaded,
+            mib(self.preloaded_bytes),
             self.rows,
             mib(self.shard_bytes),
             mib(self.cap_bytes),
