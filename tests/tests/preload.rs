@@ -458,3 +458,47 @@ fn heap_check_of_threads_reports_only_the_deliberate_leaks() {
     }
     assert_eq!(err.matches("Leak of").count(), 2, "{err}");
 }
+
+#[test]
+fn heap_profile_marks_stacks_cut_by_depth() {
+    let program = build_workload("preload_deep", FLAGS);
+    let dir = scratch("deep");
+    let prefix = dir.join("w");
+    // 4 KiB mean: every 1 MiB object is sampled, with its size as weight.
+    let out = run_preloaded(
+        &program,
+        &[
+            ("HEAPPROFILE", prefix.to_str().unwrap()),
+            ("PROFALLOC_SAMPLE_BYTES", "4096"),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let dump = dir.join("w.0001.heap");
+    let top = pprof(&["-top", "-unit=B", "-sample_index=inuse_space"], &dump);
+    let mib = f64::from(1 << 20);
+    // deep_alloc's stacks (200 calls deep) end with the marker; shallow_alloc's
+    // reach main and do not.
+    assert_near(
+        "deep_alloc in use",
+        cum(&top, "deep_alloc"),
+        16.0 * mib,
+        0.02,
+    );
+    assert_near(
+        "shallow_alloc in use",
+        cum(&top, "shallow_alloc"),
+        16.0 * mib,
+        0.02,
+    );
+    assert_near(
+        "[truncated] in use",
+        cum(&top, "[truncated]"),
+        16.0 * mib,
+        0.02,
+    );
+    let comments = pprof(&["-comments"], &dump);
+    assert!(
+        comments.contains("truncated stacks: "),
+        "no truncated count in the comments: {comments}"
+    );
+}

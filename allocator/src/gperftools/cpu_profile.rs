@@ -272,6 +272,7 @@ pub(crate) fn at_exit() {
             truncated += u64::from(e.truncated) * e.count;
             t.enc.sample(
                 &e.frames[..e.depth as usize],
+                e.truncated,
                 true,
                 &[e.count as i64, e.count as i64 * period],
                 &[("pid", process.pid), ("tid", i64::from(e.tid))],

@@ -467,6 +467,7 @@ impl Heap {
             truncated += u64::from(bk.truncated);
             self.enc.sample(
                 &bk.frames[..bk.depth as usize],
+                bk.truncated,
                 false,
                 &values,
                 &[("pid", process.pid)],

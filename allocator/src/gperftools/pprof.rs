@@ -274,6 +274,8 @@ impl Encoder {
 
     /// Adds a sample: `stack` leaf first, one value per sample type,
     /// numeric labels as (key, value), string labels as (key, value).
+    /// A `truncated` stack (cut before its outermost frame) ends with a
+    /// `[truncated]` frame, so the cut shows where the stack is drawn.
     /// Every frame is a return address except `stack[0]` when
     /// `leaf_is_pc` (a CPU sample's interrupted pc). Locations hold return
     /// addresses minus one, the call instruction, as pprof expects: a
@@ -282,6 +284,7 @@ impl Encoder {
     pub fn sample(
         &mut self,
         stack: &[u64],
+        truncated: bool,
         leaf_is_pc: bool,
         values: &[i64],
         labels: &[(&str, i64)],
@@ -295,6 +298,10 @@ impl Encoder {
                 addr.saturating_sub(1)
             };
             let id = self.location(call);
+            varint(&mut self.packed, id);
+        }
+        if truncated {
+            let id = self.location(names::NATIVE_TRUNCATED_WORD);
             varint(&mut self.packed, id);
         }
         let mut sample = core::mem::take(&mut self.sample);

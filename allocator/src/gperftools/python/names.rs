@@ -39,9 +39,14 @@ pub(crate) const TRUNCATED_WORD: u64 = PY_TAG | SPECIAL << 32;
 /// `[python code unnamed]`: the code table was full or the code object's
 /// strings could not be read.
 pub(crate) const UNNAMED_WORD: u64 = PY_TAG | SPECIAL << 32 | 1;
+/// `[truncated]`: the native stack was cut (by depth or an unwinding
+/// failure) before its outermost frame, the marker the eBPF profiler's
+/// stacks end with too.
+pub(crate) const NATIVE_TRUNCATED_WORD: u64 = PY_TAG | SPECIAL << 32 | 2;
 
 pub(crate) const TRUNCATED_NAME: &str = "[python truncated]";
 pub(crate) const UNNAMED_NAME: &str = "[python code unnamed]";
+pub(crate) const NATIVE_TRUNCATED_NAME: &str = "[truncated]";
 
 #[derive(Clone, Copy)]
 struct Code {
@@ -276,6 +281,9 @@ pub(crate) fn name(word: u64) -> Named {
     let i = ((word >> 32) & SPECIAL) as u32;
     if word == TRUNCATED_WORD {
         return special(TRUNCATED_NAME);
+    }
+    if word == NATIVE_TRUNCATED_WORD {
+        return special(NATIVE_TRUNCATED_NAME);
     }
     if i == SPECIAL as u32 || i >= NEXT_ENTRY.load(Ordering::Acquire).min(CODES as u32) {
         return special(UNNAMED_NAME);
