@@ -78,6 +78,10 @@ struct Class {
     transfer_lock: SpinLock,
     slots: core::cell::UnsafeCell<[*mut u8; MAX_SLOTS]>,
     used: core::cell::Cell<usize>,
+    /// The chains it may hold once grown; 0 before: [`INITIAL_SLOTS`] (see
+    /// [`Class::capacity`]). So every field starts zero and the table
+    /// lives in `.bss`: only the pages of classes in use become resident,
+    /// where a table in `.data` (56 KiB) is mapped whole from the file.
     capacity: core::cell::Cell<usize>,
     /// A thread wanted a chain and found none since the capacity last
     /// grew.
@@ -124,11 +128,16 @@ impl Class {
             transfer_lock: SpinLock::new(),
             slots: core::cell::UnsafeCell::new([ptr::null_mut(); MAX_SLOTS]),
             used: core::cell::Cell::new(0),
-            capacity: core::cell::Cell::new(INITIAL_SLOTS),
+            capacity: core::cell::Cell::new(0),
             missed: core::cell::Cell::new(false),
             central_lock: SpinLock::new(),
             nonempty: core::cell::UnsafeCell::new(SpanList::new()),
         }
+    }
+
+    /// The chains the transfer cache may hold now (transfer_lock held).
+    fn capacity(&self) -> usize {
+        self.capacity.get().max(INITIAL_SLOTS)
     }
 
     /// Takes a chain of up to `want` objects: a whole batch from the
@@ -164,15 +173,13 @@ impl Class {
         if n == BATCH[c] as usize {
             self.transfer_lock.lock();
             let used = self.used.get();
-            if used == self.capacity.get()
-                && self.missed.get()
-                && used < size_class::transfer_slots(c)
+            if used == self.capacity() && self.missed.get() && used < size_class::transfer_slots(c)
             {
                 self.capacity
                     .set((2 * used).min(size_class::transfer_slots(c)));
                 self.missed.set(false);
             }
-            if used < self.capacity.get() {
+            if used < self.capacity() {
                 // SAFETY: the slots are touched only under transfer_lock.
                 unsafe { (*self.slots.get())[used] = head };
                 self.used.set(used + 1);
@@ -477,7 +484,7 @@ mod tests {
         // Two fit at first, the cache doubled after that demand and took
         // two more; the other 13 went back to their 26 spans, which went
         // back to the page source.
-        assert_eq!(k.capacity.get(), 2 * INITIAL_SLOTS);
+        assert_eq!(k.capacity(), 2 * INITIAL_SLOTS);
         assert_eq!(pages.freed.get(), 26);
         // A batch comes back out of the transfer cache as it went in.
         let head = take();
@@ -494,7 +501,7 @@ mod tests {
                 k.insert_range(&pages, c, b, 16);
             }
         }
-        assert_eq!(k.capacity.get(), 4 * INITIAL_SLOTS);
+        assert_eq!(k.capacity(), 4 * INITIAL_SLOTS);
         assert_eq!(pages.freed.get(), 26);
         // Draining gives every span back.
         k.drain_transfer(&pages, c);
