@@ -9,8 +9,10 @@
 //! Transfer cache: chains of exactly `BATCH[c]` objects; a thread that
 //! overflows hands over a chain in O(1), and a thread that runs dry takes
 //! one back in O(1), without touching spans. It holds [`INITIAL_SLOTS`]
-//! chains at first and one more each time a chain finds it full after a
-//! thread found it empty (demand on both sides), up to
+//! chains at first and doubles each time a chain finds it full after a
+//! thread found it empty (demand on both sides: a producer/consumer pair
+//! whose chains would otherwise go back to their spans object by object,
+//! and be carved again, reaches its working set in a few rounds), up to
 //! `transfer_slots(c)`: a program that only frees, or allocates, in a
 //! class does not hoard whole batches there, and its objects go back to
 //! their spans, whose pages other classes can reuse.
@@ -76,6 +78,10 @@ struct Class {
     transfer_lock: SpinLock,
     slots: core::cell::UnsafeCell<[*mut u8; MAX_SLOTS]>,
     used: core::cell::Cell<usize>,
+    /// The chains it may hold once grown; 0 before: [`INITIAL_SLOTS`] (see
+    /// [`Class::capacity`]). So every field starts zero and the table
+    /// lives in `.bss`: only the pages of classes in use become resident,
+    /// where a table in `.data` (56 KiB) is mapped whole from the file.
     capacity: core::cell::Cell<usize>,
     /// A thread wanted a chain and found none since the capacity last
     /// grew.
@@ -122,11 +128,16 @@ impl Class {
             transfer_lock: SpinLock::new(),
             slots: core::cell::UnsafeCell::new([ptr::null_mut(); MAX_SLOTS]),
             used: core::cell::Cell::new(0),
-            capacity: core::cell::Cell::new(INITIAL_SLOTS),
+            capacity: core::cell::Cell::new(0),
             missed: core::cell::Cell::new(false),
             central_lock: SpinLock::new(),
             nonempty: core::cell::UnsafeCell::new(SpanList::new()),
         }
+    }
+
+    /// The chains the transfer cache may hold now (transfer_lock held).
+    fn capacity(&self) -> usize {
+        self.capacity.get().max(INITIAL_SLOTS)
     }
 
     /// Takes a chain of up to `want` objects: a whole batch from the
@@ -162,14 +173,13 @@ impl Class {
         if n == BATCH[c] as usize {
             self.transfer_lock.lock();
             let used = self.used.get();
-            if used == self.capacity.get()
-                && self.missed.get()
-                && used < size_class::transfer_slots(c)
+            if used == self.capacity() && self.missed.get() && used < size_class::transfer_slots(c)
             {
-                self.capacity.set(used + 1);
+                self.capacity
+                    .set((2 * used).min(size_class::transfer_slots(c)));
                 self.missed.set(false);
             }
-            if used < self.capacity.get() {
+            if used < self.capacity() {
                 // SAFETY: the slots are touched only under transfer_lock.
                 unsafe { (*self.slots.get())[used] = head };
                 self.used.set(used + 1);
@@ -390,13 +400,13 @@ mod tests {
     }
 
     /// The class of 1 KiB objects: one-page spans of 8 objects, batches of
-    /// 32 (four spans), 16 batches in the transfer cache.
+    /// 16 (two spans), 32 batches in the transfer cache at most.
     fn class_1k() -> usize {
         let c = size_class::class_of(1024);
         assert_eq!(size_class::size_of_class(c), 1024);
         assert_eq!(size_class::objects_per_span(c), 8);
-        assert_eq!(BATCH[c], 32);
-        assert_eq!(size_class::transfer_slots(c), 16);
+        assert_eq!(BATCH[c], 16);
+        assert_eq!(size_class::transfer_slots(c), 32);
         c
     }
 
@@ -456,45 +466,46 @@ mod tests {
     fn whole_batches_move_through_a_transfer_cache_grown_by_demand() {
         let (c, pages, k) = (class_1k(), FakePages::default(), Class::new());
         let take = || {
-            let (head, n) = k.remove_range(&pages, c, 32);
-            assert_eq!(n, 32);
+            let (head, n) = k.remove_range(&pages, c, 16);
+            assert_eq!(n, 16);
             head
         };
-        // 17 batches of 32: 68 one-page spans, carved in order, so each
-        // batch is exactly four whole spans. The first found the transfer
+        // 17 batches of 16: 34 one-page spans, carved in order, so each
+        // batch is exactly two whole spans. The first found the transfer
         // cache empty: demand.
         let batches: Vec<_> = (0..17).map(|_| take()).collect();
-        assert_eq!(pages.allocated.get(), 68);
-        // SAFETY: each chain holds 32 free objects of class c.
+        assert_eq!(pages.allocated.get(), 34);
+        // SAFETY: each chain holds 16 free objects of class c.
         unsafe {
             for &b in &batches {
-                k.insert_range(&pages, c, b, 32);
+                k.insert_range(&pages, c, b, 16);
             }
         }
-        // Two fit at first, a third after that demand; the other 14 went
-        // back to their 56 spans, which went back to the page source.
-        assert_eq!(k.capacity.get(), INITIAL_SLOTS + 1);
-        assert_eq!(pages.freed.get(), 56);
+        // Two fit at first, the cache doubled after that demand and took
+        // two more; the other 13 went back to their 26 spans, which went
+        // back to the page source.
+        assert_eq!(k.capacity(), 2 * INITIAL_SLOTS);
+        assert_eq!(pages.freed.get(), 26);
         // A batch comes back out of the transfer cache as it went in.
         let head = take();
-        assert_eq!(head, batches[2]);
+        assert_eq!(head, batches[3]);
         // SAFETY: as above.
-        unsafe { k.insert_range(&pages, c, head, 32) };
-        // Three batches out of the transfer cache and a fourth carved
-        // (demand again): all four fit back, the cache grown by one.
-        let four: Vec<_> = (0..4).map(|_| take()).collect();
-        assert_eq!(pages.allocated.get(), 72);
+        unsafe { k.insert_range(&pages, c, head, 16) };
+        // Four batches out of the transfer cache and a fifth carved
+        // (demand again): all five fit back, the cache doubled again.
+        let five: Vec<_> = (0..5).map(|_| take()).collect();
+        assert_eq!(pages.allocated.get(), 36);
         // SAFETY: as above.
         unsafe {
-            for &b in &four {
-                k.insert_range(&pages, c, b, 32);
+            for &b in &five {
+                k.insert_range(&pages, c, b, 16);
             }
         }
-        assert_eq!(k.capacity.get(), INITIAL_SLOTS + 2);
-        assert_eq!(pages.freed.get(), 56);
+        assert_eq!(k.capacity(), 4 * INITIAL_SLOTS);
+        assert_eq!(pages.freed.get(), 26);
         // Draining gives every span back.
         k.drain_transfer(&pages, c);
-        assert_eq!(pages.freed.get(), 72);
+        assert_eq!(pages.freed.get(), 36);
         assert!(pages.spans.borrow().is_empty());
     }
 

@@ -151,8 +151,14 @@ unsafe fn resize_in<O: Os>(os: &O, s: *mut Span, size: usize) -> *mut u8 {
     unsafe {
         let old_len = (*s).npages;
         let old_user = user(s);
+        // Out of the map before mremap: once it has moved the object, the
+        // old place is free address space that another thread may map (a
+        // page heap span, another huge object) and register on this very
+        // page, and clearing the entry then would unregister that span.
+        pagemap::set_span(old_user >> PAGE_SHIFT, ptr::null_mut());
         let base = os.remap((*s).base as *mut u8, old_len, len);
         if base.is_null() {
+            pagemap::set_span(old_user >> PAGE_SHIFT, s);
             return base;
         }
         let ns = base as *mut Span;
@@ -160,9 +166,6 @@ unsafe fn resize_in<O: Os>(os: &O, s: *mut Span, size: usize) -> *mut u8 {
         if !pagemap::ensure(new_user >> PAGE_SHIFT) {
             // The old place is gone and the new one cannot be registered.
             os::fatal("realloc", old_user, "out of memory for the page map");
-        }
-        if new_user != old_user {
-            pagemap::set_span(old_user >> PAGE_SHIFT, ptr::null_mut());
         }
         (*ns).base = base as usize;
         (*ns).npages = len;
@@ -209,6 +212,86 @@ mod tests {
         }
         unsafe fn release(&self, _p: *mut u8, _len: usize) {
             unreachable!("huge objects are unmapped, never released");
+        }
+    }
+
+    /// mremap that always moves the object, after which another thread
+    /// maps the old place and registers its own span on the object's old
+    /// page (`claimed`), or that fails when `fail` is set.
+    struct MovesAway {
+        claimed: Cell<usize>,
+        other: *mut Span,
+        fail: bool,
+    }
+
+    impl Os for MovesAway {
+        fn map(&self, len: usize) -> *mut u8 {
+            System.map(len)
+        }
+        unsafe fn unmap(&self, p: *mut u8, len: usize) {
+            // SAFETY: the caller's contract.
+            unsafe { System.unmap(p, len) }
+        }
+        unsafe fn remap(&self, p: *mut u8, old: usize, new: usize) -> *mut u8 {
+            if self.fail {
+                return ptr::null_mut();
+            }
+            let q = System.map(new);
+            assert!(!q.is_null());
+            // SAFETY: p..p+old is the caller's mapping; q is a new one.
+            unsafe {
+                ptr::copy_nonoverlapping(p, q, old.min(new));
+                System.unmap(p, old);
+            }
+            let page = (p as usize + HEADER) >> PAGE_SHIFT;
+            pagemap::set_span(page, self.other);
+            self.claimed.set(page);
+            q
+        }
+        unsafe fn release(&self, _p: *mut u8, _len: usize) {
+            unreachable!("huge objects are unmapped, never released");
+        }
+    }
+
+    #[test]
+    fn a_moved_object_leaves_its_old_page_to_whoever_maps_it_next() {
+        let mut other = Span::zeroed();
+        let os = MovesAway {
+            claimed: Cell::new(0),
+            other: &raw mut other,
+            fail: false,
+        };
+        let p = alloc_in(&os, 2 << 20, 16, false);
+        // SAFETY: p is a live huge object of ours, used only here.
+        unsafe {
+            p.write_bytes(3, 2 << 20);
+            let q = resize_in(&os, span_of(p), 4 << 20);
+            assert!(!q.is_null());
+            assert_ne!(q, p);
+            assert_eq!(*q.add((2 << 20) - 1), 3);
+            assert_eq!(span_of(q), q.sub(HEADER).cast());
+            // The other thread's span is still registered on that page.
+            assert_eq!(pagemap::span(os.claimed.get()), os.other);
+            pagemap::set_span(os.claimed.get(), ptr::null_mut());
+            free_in(&os, span_of(q));
+        }
+    }
+
+    #[test]
+    fn a_failed_resize_leaves_the_object_registered() {
+        let os = MovesAway {
+            claimed: Cell::new(0),
+            other: ptr::null_mut(),
+            fail: true,
+        };
+        let p = alloc_in(&os, 2 << 20, 16, false);
+        let s = span_of(p);
+        // SAFETY: p is a live huge object of ours, used only here.
+        unsafe {
+            assert!(resize_in(&os, s, 4 << 20).is_null());
+            assert_eq!(span_of(p), s);
+            assert_eq!(usable(s), 2 << 20);
+            free_in(&os, s);
         }
     }
 

@@ -10,6 +10,14 @@
 //! not fit are counted in the header's `dropped`. Empty slots are reused
 //! last-in first-out, so the pages touched follow the live count.
 //!
+//! The pointer index (internal: readers scan the slots) is sized for the
+//! cap but split in levels that double: the first is one page, level k
+//! (k >= 1) the `2^(k-1)` pages after the first `2^(k-1)`. An insert takes
+//! the first free entry of its pointer's window in the lowest level that
+//! has one, so a few live samples touch one page of index, not one random
+//! page of the whole index per sample; a remove looks through the levels
+//! used so far.
+//!
 //! Lock: none. Inserts and removes run on any thread, in signal handlers
 //! and re-entrant frees too: a slot is taken from a tagged lock-free stack
 //! (or from the never-used tail), written under its own generation
@@ -122,8 +130,11 @@ impl PythonWords<'_> {
 const SLOT_BITS: u32 = 19;
 /// Most slots an index entry can name.
 pub(crate) const MAX_SLOTS: usize = (1 << SLOT_BITS) - 1;
-/// Index entries looked at from a pointer's hash (insert and remove).
+/// Index entries looked at from a pointer's hash (insert and remove), in
+/// each level.
 const WINDOW: usize = 16;
+/// Entries of the index's first level: one page.
+const FIRST_LEVEL: usize = 4096 / 8;
 /// The free stack's empty value (slot numbers are stored + 1).
 const NO_SLOT: u64 = 0;
 
@@ -137,7 +148,12 @@ pub(crate) struct LiveSet {
     header: &'static Header,
     slots: AtomicUsize,
     index: AtomicUsize,
+    /// log2 of the index's entries.
     index_bits: AtomicU32,
+    /// log2 of the first level's entries.
+    first_bits: AtomicU32,
+    /// Levels an insert has reached so far (removes look through these).
+    levels: AtomicU32,
     /// Tagged free-stack head: (tag << 32) | (slot + 1).
     free: AtomicU64,
 }
@@ -149,6 +165,8 @@ impl LiveSet {
             slots: AtomicUsize::new(0),
             index: AtomicUsize::new(0),
             index_bits: AtomicU32::new(0),
+            first_bits: AtomicU32::new(0),
+            levels: AtomicU32::new(0),
             free: AtomicU64::new(NO_SLOT),
         }
     }
@@ -171,6 +189,10 @@ impl LiveSet {
         self.index.store(index as usize, Ordering::Relaxed);
         self.index_bits
             .store(index_len.trailing_zeros(), Ordering::Relaxed);
+        self.first_bits.store(
+            index_len.min(FIRST_LEVEL).trailing_zeros(),
+            Ordering::Relaxed,
+        );
         let h = self.header;
         h.version.store(LIVE_HEAP_VERSION, Ordering::Relaxed);
         h.header_size
@@ -199,14 +221,23 @@ impl LiveSet {
         unsafe { &*(self.slots.load(Ordering::Relaxed) as *const Slot).add(i) }
     }
 
-    /// The index entries a pointer may sit in.
-    fn window(&self, ptr: usize) -> impl Iterator<Item = &AtomicU64> {
-        let bits = self.index_bits.load(Ordering::Relaxed);
+    /// Levels of the index.
+    fn level_count(&self) -> u32 {
+        self.index_bits.load(Ordering::Relaxed) - self.first_bits.load(Ordering::Relaxed) + 1
+    }
+
+    /// The entries of index level `level` a pointer may sit in.
+    fn window(&self, ptr: usize, level: u32) -> impl Iterator<Item = &AtomicU64> {
+        let first = self.first_bits.load(Ordering::Relaxed);
+        // Level 0: [0, 2^first); level k: [2^(first+k-1), 2^(first+k)).
+        let bits = first + level.saturating_sub(1);
+        let start = if level == 0 { 0 } else { 1usize << bits };
         let base = self.index.load(Ordering::Relaxed) as *const AtomicU64;
         let mask = (1usize << bits) - 1;
         let h = ((ptr as u64 >> 3).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - bits)) as usize;
-        // SAFETY: every position is masked into the index mapping.
-        (0..WINDOW).map(move |k| unsafe { &*base.add((h + k) & mask) })
+        // SAFETY: every position is masked into the level, which lies in
+        // the index mapping.
+        (0..WINDOW).map(move |k| unsafe { &*base.add(start + ((h + k) & mask)) })
     }
 
     /// Records a sampled allocation, with its native `stack` and its
@@ -258,11 +289,15 @@ impl LiveSet {
                 f.store(word, Ordering::Relaxed);
             }
         });
-        let published = self.window(ptr).any(|cell| {
-            cell.compare_exchange(0, e, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
+        let published = (0..self.level_count()).find(|&level| {
+            self.window(ptr, level).any(|cell| {
+                cell.compare_exchange(0, e, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            })
         });
-        if !published {
+        if let Some(level) = published {
+            self.levels.fetch_max(level + 1, Ordering::Release);
+        } else {
             self.write(i, |s| s.ptr.store(0, Ordering::Relaxed));
             self.give_back(i);
             h.dropped.fetch_add(1, Ordering::Relaxed);
@@ -281,7 +316,9 @@ impl LiveSet {
         }
         let key = (ptr as u64 >> 3) << SLOT_BITS;
         let mask = (1u64 << SLOT_BITS) - 1;
-        for cell in self.window(ptr) {
+        let levels = self.levels.load(Ordering::Acquire);
+        let cells = (0..levels).flat_map(|level| self.window(ptr, level));
+        for cell in cells {
             let e = cell.load(Ordering::Acquire);
             if e & !mask != key || e == 0 {
                 continue;

@@ -166,3 +166,48 @@ fn concurrent_threads_leave_a_consistent_table() {
     assert_eq!(h.dropped.load(Ordering::Relaxed), 0);
     assert!(h.used.load(Ordering::Relaxed) <= threads * 64 + threads);
 }
+
+/// Index entries in use, by 4 KiB page of the index.
+fn index_pages_in_use(set: &LiveSet) -> BTreeSet<usize> {
+    let base = set.index.load(Ordering::Relaxed) as *const AtomicU64;
+    let len = 1usize << set.index_bits.load(Ordering::Relaxed);
+    (0..len)
+        // SAFETY: the index mapping holds `len` entries.
+        .filter(|&k| unsafe { (*base.add(k)).load(Ordering::Relaxed) } != 0)
+        .map(|k| k * 8 / 4096)
+        .collect()
+}
+
+#[test]
+fn the_index_pages_in_use_follow_the_live_count() {
+    // The default cap: an index of hundreds of pages.
+    let (h, set) = table(MAX_SLOTS.min((64 << 20) / size_of::<Slot>()));
+    assert!(1usize << set.index_bits.load(Ordering::Relaxed) >= 256 * 512);
+    // A few samples fit in the first page of the index.
+    let few: Vec<usize> = (1..=40).map(|k| k * 0x1_0000).collect();
+    for &p in &few {
+        set.insert(p, 1, 1, &[1], false, PythonWords::NONE);
+    }
+    assert_eq!(index_pages_in_use(&set), BTreeSet::from([0]));
+    // 5000 samples: the levels they filled, about as many pages as they
+    // need (8 bytes an entry), not one page each.
+    let many: Vec<usize> = (1..=5000).map(|k| 0x100_0000 + k * 48).collect();
+    for &p in &many {
+        set.insert(p, 1, 1, &[2], false, PythonWords::NONE);
+    }
+    assert_eq!(h.live.load(Ordering::Relaxed), 5040);
+    assert_eq!(h.dropped.load(Ordering::Relaxed), 0);
+    let pages = index_pages_in_use(&set);
+    assert!(
+        pages.len() <= 32,
+        "{} index pages for 5040 samples",
+        pages.len()
+    );
+    // Every one is found again, whatever level it went to.
+    for &p in few.iter().chain(&many) {
+        set.remove(p);
+    }
+    assert_eq!(h.live.load(Ordering::Relaxed), 0);
+    assert!(index_pages_in_use(&set).is_empty());
+    assert!(samples(h, &set).is_empty());
+}

@@ -10,9 +10,13 @@
 //! - `PAGES[c]`: pages per span, the smallest count whose tail waste is at
 //!   most 1/8 of the span.
 //! - `BATCH[c]`: objects moved at once between a thread cache and the
-//!   transfer cache or central list: 64 KiB worth, clamped to [2, 32].
+//!   transfer cache or central list: 16 KiB worth, clamped to [1, 32]
+//!   (every class up to 512 B moves 32; a larger class moves fewer, so that
+//!   the batches thread caches and transfer caches hold for classes a
+//!   program uses only now and then pin less memory).
 //! - `transfer_slots(c)`: batches the transfer cache keeps (about 512 KiB).
-//! - `max_cached(c)`: the largest length a thread's list may grow to.
+//! - `max_cached(c)`: the largest length a thread's list may grow to
+//!   (64 KiB worth).
 //!
 //! Sizes: 16-byte steps up to 256 B, then 32 and 64-byte steps up to 1 KiB,
 //! then eight classes per power of two up to [`MAX_SMALL`] (rounding costs
@@ -76,9 +80,9 @@ const fn build() -> Tables {
             pages += 1;
         }
         t.pages[c] = pages as u8;
-        let mut batch = 65536 / size;
-        if batch < 2 {
-            batch = 2;
+        let mut batch = 16384 / size;
+        if batch < 1 {
+            batch = 1;
         }
         if batch > 32 {
             batch = 32;
@@ -154,10 +158,10 @@ pub fn transfer_slots(c: usize) -> usize {
     (512 * 1024 / batch_bytes).clamp(2, 64)
 }
 
-/// The longest a thread's list for class `c` may grow: 128 KiB worth,
+/// The longest a thread's list for class `c` may grow: 64 KiB worth,
 /// at least one batch, at most 2048 objects.
 pub fn max_cached(c: usize) -> u32 {
-    let by_bytes = 128 * 1024 / size_of_class(c);
+    let by_bytes = 64 * 1024 / size_of_class(c);
     by_bytes.clamp(BATCH[c] as usize, 2048) as u32
 }
 
@@ -197,7 +201,7 @@ mod tests {
             let span = PAGES[c] as usize * PAGE_SIZE;
             assert!(span % size <= span / 8, "class {c} wastes {}", span % size);
             assert!(objects_per_span(c) >= 1);
-            assert!((2..=32).contains(&BATCH[c]));
+            assert!((1..=32).contains(&BATCH[c]));
             assert!(max_cached(c) >= u32::from(BATCH[c]));
             if c > 1 {
                 assert!(size > size_of_class(c - 1));

@@ -67,19 +67,19 @@ fn empty_list() -> FreeList {
     }
 }
 
-/// The class of 4 KiB objects: batches of 16, lists of at most 32.
-fn class_4k() -> usize {
-    let c = size_class::class_of(4096);
+/// The class of 1 KiB objects: batches of 16, lists of at most 64.
+fn class_1k() -> usize {
+    let c = size_class::class_of(1024);
     assert_eq!(BATCH[c], 16);
-    assert_eq!(size_class::max_cached(c), 32);
+    assert_eq!(size_class::max_cached(c), 64);
     c
 }
 
 #[test]
 fn refills_start_slow_and_grow_to_a_batch() {
-    let (c, m, mut list) = (class_4k(), FakeMiddle::with(1000), empty_list());
+    let (c, m, mut list) = (class_1k(), FakeMiddle::with(1000), empty_list());
     let mut got = Vec::new();
-    while m.removes.borrow().len() < 18 {
+    while m.removes.borrow().len() < 20 {
         // SAFETY: the list is ours, of class c.
         let p = unsafe { list.pop_or_refill(&m, c, &mut |_, w| w) };
         assert!(!p.is_null());
@@ -87,9 +87,9 @@ fn refills_start_slow_and_grow_to_a_batch() {
     }
     // One more object per refill until a batch, then a batch each time
     // while the limit grows by a batch to its maximum.
-    let expected: Vec<usize> = (1..=16).chain([16, 16]).collect();
+    let expected: Vec<usize> = (1..=16).chain([16; 4]).collect();
     assert_eq!(*m.removes.borrow(), expected);
-    assert_eq!(list.max_len, 32);
+    assert_eq!(list.max_len, 64);
     // Every object taken is either in the program's hands or the list.
     let len = list.len.load(Ordering::Relaxed) as usize;
     assert_eq!(m.out.get(), got.len() + len);
@@ -100,7 +100,7 @@ fn refills_start_slow_and_grow_to_a_batch() {
 
 #[test]
 fn frees_past_the_limit_give_a_batch_back() {
-    let (c, m, mut list) = (class_4k(), FakeMiddle::with(100), empty_list());
+    let (c, m, mut list) = (class_1k(), FakeMiddle::with(100), empty_list());
     let (head, n) = m.remove_range(c, 40);
     assert_eq!(n, 40);
     let mut objs = Vec::new();
@@ -131,7 +131,7 @@ fn frees_past_the_limit_give_a_batch_back() {
 
 #[test]
 fn a_refused_growth_keeps_the_limit_and_shrinking_gives_the_excess_back() {
-    let (c, m, mut list) = (class_4k(), FakeMiddle::with(100), empty_list());
+    let (c, m, mut list) = (class_1k(), FakeMiddle::with(100), empty_list());
     let (head, n) = m.remove_range(c, 12);
     assert_eq!(n, 12);
     let mut p = head;
@@ -163,7 +163,7 @@ fn a_refused_growth_keeps_the_limit_and_shrinking_gives_the_excess_back() {
 
 #[test]
 fn an_empty_middle_tier_gives_null_and_an_empty_list() {
-    let (c, m, mut list) = (class_4k(), FakeMiddle::with(0), empty_list());
+    let (c, m, mut list) = (class_1k(), FakeMiddle::with(0), empty_list());
     // SAFETY: the list is ours, of class c.
     let p = unsafe { list.pop_or_refill(&m, c, &mut |_, w| w) };
     assert!(p.is_null());
