@@ -151,10 +151,55 @@ extern "C" fn read_vma(_task: *mut c_void, vma: *mut c_void, ctx: *mut c_void) -
     0
 }
 
+/// `UNWIND_VMA_FOUND`: the mapping [`unwind_vma_resolve`] found last on
+/// this CPU (more than its return value holds).
+#[map(name = "UNWIND_VMA_FOUND")]
+static FOUND: PerCpuArray<MappingInfo> = PerCpuArray::with_max_entries(1, 0);
+
 /// The object mapped at `pc` in process `pid`, the current task's, by the
 /// identity of the file its mapping maps.
 #[inline(always)]
 pub(crate) fn resolve(pid: u32, pc: u64) -> Vma {
+    match unwind_vma_resolve(pid, pc) {
+        RESOLVED_NO_FILE => Vma::NoFile,
+        RESOLVED_BUSY => Vma::Busy,
+        RESOLVED_OBJECT => match FOUND.get(0) {
+            Some(info) => Vma::Object(*info),
+            None => Vma::Unknown,
+        },
+        _ => Vma::Unknown,
+    }
+}
+
+const RESOLVED_NO_FILE: u32 = 1;
+const RESOLVED_BUSY: u32 = 2;
+const RESOLVED_OBJECT: u32 = 3;
+
+/// [`resolve`] as a function of its own, with a global symbol: the
+/// verifier checks a global function once, on its own, instead of once
+/// per state of every walk step that calls it (which made the walker's
+/// programs several times longer to verify). Its result is a number
+/// (`RESOLVED_*`, else unknown); an object's mapping is in [`FOUND`].
+#[inline(never)]
+#[unsafe(no_mangle)]
+pub extern "C" fn unwind_vma_resolve(pid: u32, pc: u64) -> u32 {
+    match resolve_here(pid, pc) {
+        Vma::NoFile => RESOLVED_NO_FILE,
+        Vma::Busy => RESOLVED_BUSY,
+        Vma::Object(info) => match FOUND.get_ptr_mut(0) {
+            Some(slot) => {
+                // SAFETY: a pointer from a successful lookup of this CPU's slot.
+                unsafe { *slot = info };
+                RESOLVED_OBJECT
+            }
+            None => 0,
+        },
+        Vma::Unknown => 0,
+    }
+}
+
+#[inline(always)]
+fn resolve_here(pid: u32, pc: u64) -> Vma {
     let Some(offsets) = CONFIG.get(0) else {
         return Vma::Unknown;
     };
