@@ -172,7 +172,7 @@ impl Builder {
 }
 
 /// The cache entry of an object: its build id, else its file's identity.
-fn cache_key(build_id: Option<Vec<u8>>, file: Option<FileId>) -> Option<CacheKey> {
+pub(super) fn cache_key(build_id: Option<Vec<u8>>, file: Option<FileId>) -> Option<CacheKey> {
     build_id.map(CacheKey::BuildId).or_else(|| {
         file.map(|f| CacheKey::File {
             dev: f.dev,

@@ -18,8 +18,8 @@ use std::{
 use super::{
     ObjectKey,
     background::{Compiled, Outcome, Prepared},
-    build::{Builder, FileId},
-    cache_format::{CacheKey, Origin},
+    build::{self, Builder, FileId},
+    cache_format::Origin,
     cfi,
 };
 
@@ -129,15 +129,7 @@ fn unchanged(origin: &Origin, name: &str) -> Option<(memmap2::Mmap, Option<Vec<u
     // `source::read_object`).
     let data = unsafe { memmap2::Mmap::map(&file) }.ok()?;
     let build_id = cfi::build_id(&data).filter(|b| !b.is_empty());
-    let key = match &build_id {
-        Some(b) => CacheKey::BuildId(b.clone()),
-        None => CacheKey::File {
-            dev: now.dev,
-            inode: now.inode,
-            mtime_ns: now.mtime_ns,
-            size: now.size,
-        },
-    };
+    let key = build::cache_key(build_id.clone(), Some(now))?;
     (key.file_name() == name).then_some((data, build_id))
 }
 
@@ -147,7 +139,10 @@ mod tests {
 
     use profiler_common::unwind::{CFA_RSP, RBP_SAME, UnwindRow};
 
-    use super::{super::cfi::ObjectRows, *};
+    use super::{
+        super::{cache_format::CacheKey, cfi::ObjectRows},
+        *,
+    };
     use crate::unwind::UnwindOptions;
 
     fn temp_dir(name: &str) -> PathBuf {
