@@ -67,6 +67,7 @@ struct Slot {
     python_depth: AtomicU32,
     _reserved: AtomicU32,
     frames: [AtomicU64; LIVE_MAX_FRAMES],
+    python_checks: [AtomicU32; LIVE_MAX_PYTHON_WORDS],
 }
 
 macro_rules! same_layout {
@@ -107,21 +108,26 @@ same_layout!(
     flags,
     link,
     python_depth,
-    frames
+    frames,
+    python_checks
 );
 
 /// A sample's Python stack for the table: its words
-/// (`profiler_common::hooks::live_python_word`), innermost first, and
-/// whether the walk stopped before the outermost frame.
+/// (`profiler_common::hooks::live_python_word`), innermost first, the check
+/// of each word's code object (`profiler_common::python::code_check`, 0 for
+/// an activation's end), and whether the walk stopped before the outermost
+/// frame.
 #[derive(Clone, Copy)]
 pub(crate) struct PythonWords<'a> {
     pub words: &'a [u64],
+    pub checks: &'a [u32],
     pub cut: bool,
 }
 
 impl PythonWords<'_> {
     pub(crate) const NONE: PythonWords<'static> = PythonWords {
         words: &[],
+        checks: &[],
         cut: false,
     };
 }
@@ -287,6 +293,9 @@ impl LiveSet {
             let words = stack[..depth].iter().chain(&python.words[..py]);
             for (f, &word) in s.frames.iter().zip(words) {
                 f.store(word, Ordering::Relaxed);
+            }
+            for (c, &check) in s.python_checks.iter().zip(&python.checks[..py]) {
+                c.store(check, Ordering::Relaxed);
             }
         });
         let published = (0..self.level_count()).find(|&level| {

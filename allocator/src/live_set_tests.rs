@@ -107,6 +107,7 @@ fn python_words_follow_the_native_stack_and_take_their_share_first() {
         false,
         PythonWords {
             words: &words,
+            checks: &[0x11, 0, 0x12],
             cut: false,
         },
     );
@@ -114,9 +115,11 @@ fn python_words_follow_the_native_stack_and_take_their_share_first() {
     assert_eq!((s.depth as usize, s.python_depth), (LIVE_MAX_FRAMES - 3, 3));
     assert_eq!(s.flags, LIVE_SLOT_TRUNCATED);
     assert_eq!(&s.frames[LIVE_MAX_FRAMES - 3..], &words);
+    assert_eq!(&s.python_checks[..3], &[0x11, 0, 0x12]);
     assert_eq!(s.frames[0], 100);
     // A Python stack past its share: the outer words go, marked cut.
     let many: Vec<u64> = (1..=40).collect();
+    let checks: Vec<u32> = (101..=140).collect();
     set.insert(
         0x2000,
         1,
@@ -125,6 +128,7 @@ fn python_words_follow_the_native_stack_and_take_their_share_first() {
         false,
         PythonWords {
             words: &many,
+            checks: &checks,
             cut: false,
         },
     );
@@ -135,6 +139,7 @@ fn python_words_follow_the_native_stack_and_take_their_share_first() {
     );
     assert_eq!(s.flags, LIVE_SLOT_PYTHON_CUT);
     assert_eq!(s.frames[2], 1);
+    assert_eq!(s.python_checks[LIVE_MAX_PYTHON_WORDS - 1], 100 + 32);
 }
 
 #[test]

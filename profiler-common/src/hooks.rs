@@ -72,10 +72,13 @@ pub const USDT_FREE: &str = "free";
 //    slot that differs (a writer was inside it) is copied again.
 // 3. a slot's `frames` hold its native stack (`depth` return addresses),
 //    then, in a CPython process, its thread's Python stack
-//    (`python_depth` words, see [`live_python_word`]): the reader splices
+//    (`python_depth` words, see [`live_python_word`], each with its code
+//    object's check in `python_checks`): the reader splices
 //    them, replacing each evaluation-loop frame (`_PyEval_EvalFrameDefault`)
 //    of the native stack by the Python frames of its activation, and names
-//    them from the code objects (still in the process's memory).
+//    them from the code objects (still in the process's memory), except
+//    a frame whose code object's check differs now (it was freed and
+//    another is at its address).
 // A writer makes a slot's generation odd, writes the fields, then makes it
 // even again (release order), and bumps the header's `generation` after
 // each completed insert or remove: equal header generations around a copy
@@ -92,7 +95,7 @@ pub const DEFAULT_LIVE_HEAP_BYTES: u64 = 64 << 20;
 /// `LiveHeapHeader::magic`: "PALIVEHP" in memory order.
 pub const LIVE_HEAP_MAGIC: u64 = u64::from_le_bytes(*b"PALIVEHP");
 /// `LiveHeapHeader::version` of this layout.
-pub const LIVE_HEAP_VERSION: u32 = 2;
+pub const LIVE_HEAP_VERSION: u32 = 3;
 /// Return addresses kept per sample (deeper stacks are truncated).
 pub const LIVE_MAX_FRAMES: usize = 64;
 /// `LiveSlot::flags`: the stack was cut (too deep, or a frame the
@@ -194,10 +197,16 @@ pub struct LiveSlot {
     /// `depth` return addresses, innermost first, then `python_depth`
     /// Python words ([`live_python_word`]), innermost first.
     pub frames: [u64; LIVE_MAX_FRAMES],
+    /// The check (`crate::python::code_check`) of each Python word's code
+    /// object when the sample was taken, in the words' order (0 for an
+    /// activation's end).
+    pub python_checks: [u32; LIVE_MAX_PYTHON_WORDS],
 }
 
 const _: () = assert!(core::mem::size_of::<LiveHeapHeader>() == 96);
-const _: () = assert!(core::mem::size_of::<LiveSlot>() == 64 + 8 * LIVE_MAX_FRAMES);
+const _: () = assert!(
+    core::mem::size_of::<LiveSlot>() == 64 + 8 * LIVE_MAX_FRAMES + 4 * LIVE_MAX_PYTHON_WORDS
+);
 
 #[cfg(test)]
 mod tests {

@@ -60,9 +60,22 @@ pub struct PyProcess {
     /// Non-zero with `--gil`: CPU samples of this process's threads that do
     /// not hold the GIL are dropped (counted, [`PyCounter::NotGilHolder`]).
     pub gil_only: u64,
+    /// Where the code object's qualified name, file name and location
+    /// table pointers lie: a block of [`CHECK_BLOCK_WORDS`] words at this
+    /// offset, at these word indexes (read at once for [`code_check`]); or
+    /// [`NO_FIELD`] when they do not fit one block (frames get
+    /// [`NO_CODE_CHECK`]).
+    pub code_check_block: u64,
+    pub check_qualname: u64,
+    pub check_filename: u64,
+    pub check_linetable: u64,
+    pub code_firstlineno: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<PyProcess>() == 136);
+const _: () = assert!(core::mem::size_of::<PyProcess>() == 176);
+
+/// Words of [`PyProcess::code_check_block`].
+pub const CHECK_BLOCK_WORDS: usize = 4;
 
 /// [`PyFrameSlot::code`] of a slot that marks the outer end of one
 /// activation of the evaluation loop (`_PyEval_EvalFrameDefault`): the
@@ -71,13 +84,35 @@ pub const ACTIVATION_END: u64 = 0;
 
 /// One slot of a [`PyStack`]: a frame, or an activation marker.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PyFrameSlot {
     /// Address of the `PyCodeObject`, or [`ACTIVATION_END`].
     pub code: u64,
     /// Byte offset of the current instruction from the code's first.
     pub instr_offset: u32,
-    pub _pad: u32,
+    /// [`code_check`] of the code object when the frame was recorded, or
+    /// [`NO_CODE_CHECK`]: a code object freed before its frames are named
+    /// may have another in its place by then, which the check tells apart.
+    pub check: u32,
+}
+
+/// [`PyFrameSlot::check`] of a frame recorded without reading its code
+/// object's names.
+pub const NO_CODE_CHECK: u32 = 0;
+
+/// What tells a code object from another at the same address: the
+/// addresses of its qualified name, file name and location table, and its
+/// first line, mixed into 32 bits (never [`NO_CODE_CHECK`]). A code object
+/// freed and another allocated at its address differs in at least one of
+/// them (its strings and table are objects of its own), so a frame whose
+/// check differs from its code object's now is not named after the new one.
+pub fn code_check(qualname: u64, filename: u64, linetable: u64, firstlineno: u32) -> u32 {
+    let mut h: u64 = 0x9e37_79b9_7f4a_7c15;
+    for v in [qualname, filename, linetable, u64::from(firstlineno)] {
+        h = (h ^ v).wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 32;
+    }
+    (h as u32).max(1)
 }
 
 /// [`PyStack::status`]: the walk reached the outermost frame.
@@ -105,7 +140,7 @@ impl PyStack {
         slots: [PyFrameSlot {
             code: 0,
             instr_offset: 0,
-            _pad: 0,
+            check: NO_CODE_CHECK,
         }; MAX_PY_SLOTS],
         len: 0,
         status: PY_STACK_COMPLETE,

@@ -10,6 +10,8 @@
 //! [`ACTIVATION_END`] in the walkers' slots), so it splits into
 //! activations, innermost first, which pair with the evaluation-loop frames
 //! of the native stack, innermost first.
+#[cfg(test)]
+use crate::python::NO_CODE_CHECK;
 use crate::python::{ACTIVATION_END, PyFrameSlot};
 
 /// Most parts [`EvalCode`] holds: the function and the parts the compiler
@@ -161,7 +163,7 @@ mod tests {
         PyFrameSlot {
             code,
             instr_offset: 0,
-            _pad: 0,
+            check: NO_CODE_CHECK,
         }
     }
 

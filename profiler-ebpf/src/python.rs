@@ -19,9 +19,9 @@ use aya_ebpf::{
 use profiler_common::{
     counters::CounterSet as _,
     python::{
-        ACTIVATION_END, MAX_PY_SLOTS, NO_FIELD, PAIRS_MAX, PROCESSES_MAX, PY_STACK_BROKEN,
-        PY_STACK_COMPLETE, PY_STACK_TRUNCATED, PyCounter, PyFrameSlot, PyPair, PyProcess, PyStack,
-        STACKS_MAX, THREADS_MAX,
+        ACTIVATION_END, CHECK_BLOCK_WORDS, MAX_PY_SLOTS, NO_CODE_CHECK, NO_FIELD, PAIRS_MAX,
+        PROCESSES_MAX, PY_STACK_BROKEN, PY_STACK_COMPLETE, PY_STACK_TRUNCATED, PyCounter,
+        PyFrameSlot, PyPair, PyProcess, PyStack, STACKS_MAX, THREADS_MAX, code_check,
     },
 };
 
@@ -234,7 +234,7 @@ fn store(stack: &PyStack) -> Option<u64> {
 
 /// Appends a slot; false (and the stack truncated) when full.
 #[inline(always)]
-fn push(stack: &mut PyStack, code: u64, instr_offset: u32) -> bool {
+fn push(stack: &mut PyStack, code: u64, instr_offset: u32, check: u32) -> bool {
     let len = stack.len as usize;
     let Some(slot) = stack.slots.get_mut(len) else {
         stack.status = PY_STACK_TRUNCATED;
@@ -243,7 +243,7 @@ fn push(stack: &mut PyStack, code: u64, instr_offset: u32) -> bool {
     *slot = PyFrameSlot {
         code,
         instr_offset,
-        _pad: 0,
+        check,
     };
     stack.len += 1;
     true
@@ -283,7 +283,7 @@ extern "C" fn walk_frame(_index: u64, ctx: *mut c_void) -> i64 {
         // The shim below an activation's outermost frame (3.12+).
         count(PyCounter::CstackFrames);
         walk.frame = previous;
-        return if push(&mut walk.stack, ACTIVATION_END, 0) {
+        return if push(&mut walk.stack, ACTIVATION_END, 0, NO_CODE_CHECK) {
             0
         } else {
             1
@@ -315,7 +315,12 @@ extern "C" fn walk_frame(_index: u64, ctx: *mut c_void) -> i64 {
         && (before_start || instr < first + u64::from(firsttraceable) * 2);
     if incomplete {
         count(PyCounter::IncompleteFrames);
-    } else if !push(&mut walk.stack, code, (instr - first) as u32) {
+    } else if !push(
+        &mut walk.stack,
+        code,
+        (instr - first) as u32,
+        check(&p, code),
+    ) {
         return 1;
     }
     if p.frame_is_entry != NO_FIELD {
@@ -323,7 +328,7 @@ extern "C" fn walk_frame(_index: u64, ctx: *mut c_void) -> i64 {
         match read::<u8>(frame + p.frame_is_entry) {
             Some(0) => {}
             Some(_) => {
-                if !push(&mut walk.stack, ACTIVATION_END, 0) {
+                if !push(&mut walk.stack, ACTIVATION_END, 0, NO_CODE_CHECK) {
                     return 1;
                 }
             }
@@ -332,6 +337,29 @@ extern "C" fn walk_frame(_index: u64, ctx: *mut c_void) -> i64 {
     }
     walk.frame = previous;
     0
+}
+
+/// The code object's [`code_check`] (its names' addresses and first
+/// line: the reader names the frame only if they still match), or
+/// [`NO_CODE_CHECK`] when the layout or a read does not allow it.
+#[inline(always)]
+fn check(p: &PyProcess, code: u64) -> u32 {
+    if p.code_check_block == NO_FIELD {
+        return NO_CODE_CHECK;
+    }
+    let (Some(block), Some(firstlineno)) = (
+        read::<[u64; CHECK_BLOCK_WORDS]>(code + p.code_check_block),
+        read::<u32>(code + p.code_firstlineno),
+    ) else {
+        return NO_CODE_CHECK;
+    };
+    let word = |i: u64| block[(i as usize) % CHECK_BLOCK_WORDS];
+    code_check(
+        word(p.check_qualname),
+        word(p.check_filename),
+        word(p.check_linetable),
+        firstlineno,
+    )
 }
 
 /// FNV-1a over the slots, the length and the status.
@@ -345,6 +373,7 @@ fn hash(stack: &PyStack) -> u64 {
         let s = &stack.slots[i];
         h = (h ^ s.code).wrapping_mul(0x0000_0100_0000_01b3);
         h = (h ^ u64::from(s.instr_offset)).wrapping_mul(0x0000_0100_0000_01b3);
+        h = (h ^ u64::from(s.check)).wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
 }

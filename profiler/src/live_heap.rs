@@ -8,13 +8,16 @@
 //! `process_vm_readv` twice, and a slot counts when both copies agree and
 //! its generation is even (no writer inside). Slots that a writer touched
 //! between the copies are read again, a few times, then counted as torn.
-use std::{path::Path, time::Duration};
+use std::{iter, path::Path, time::Duration};
 
 use anyhow::{Context as _, bail};
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
-use profiler_common::hooks::{
-    LIVE_HEAP_MAGIC, LIVE_HEAP_SYMBOL, LIVE_HEAP_VERSION, LIVE_MAX_FRAMES, LIVE_SLOT_PYTHON_CUT,
-    LIVE_SLOT_TRUNCATED, LiveHeapHeader, LiveSlot,
+use profiler_common::{
+    hooks::{
+        LIVE_HEAP_MAGIC, LIVE_HEAP_SYMBOL, LIVE_HEAP_VERSION, LIVE_MAX_FRAMES,
+        LIVE_SLOT_PYTHON_CUT, LIVE_SLOT_TRUNCATED, LiveHeapHeader, LiveSlot, live_python_frame,
+    },
+    python::{ACTIVATION_END, NO_CODE_CHECK, PyFrameSlot},
 };
 
 use crate::process;
@@ -34,9 +37,9 @@ pub struct LiveSample {
     /// function first).
     pub stack: Vec<u64>,
     pub truncated: bool,
-    /// The allocating thread's Python stack, innermost first, as words of
-    /// `profiler_common::hooks::live_python_word` (empty outside CPython).
-    pub python: Vec<u64>,
+    /// The allocating thread's Python stack, innermost first, as the
+    /// walkers' slots (empty outside CPython).
+    pub python: Vec<PyFrameSlot>,
     /// Python frames are missing at the outer end.
     pub python_cut: bool,
     /// Time since the allocation.
@@ -260,9 +263,28 @@ fn sample(s: &LiveSlot, now_ns: u64) -> LiveSample {
         weight: s.weight,
         stack: s.frames[..depth].to_vec(),
         truncated: s.flags & LIVE_SLOT_TRUNCATED != 0,
-        python: s.frames[depth..depth + python].to_vec(),
+        python: s.frames[depth..depth + python]
+            .iter()
+            .zip(s.python_checks.iter().chain(iter::repeat(&NO_CODE_CHECK)))
+            .map(|(&word, &check)| python_slot(word, check))
+            .collect(),
         python_cut: s.flags & LIVE_SLOT_PYTHON_CUT != 0,
         age: Duration::from_nanos(now_ns.saturating_sub(s.time_ns)),
+    }
+}
+
+/// The walker's slot of a live-heap Python word and its code's check.
+fn python_slot(word: u64, check: u32) -> PyFrameSlot {
+    match live_python_frame(word) {
+        Some((code, instr_offset)) => PyFrameSlot {
+            code,
+            instr_offset,
+            check,
+        },
+        None => PyFrameSlot {
+            code: ACTIVATION_END,
+            ..PyFrameSlot::default()
+        },
     }
 }
 

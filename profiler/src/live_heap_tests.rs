@@ -1,5 +1,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use profiler_common::hooks::{LIVE_MAX_PYTHON_WORDS, live_python_word};
+
 use super::*;
 
 fn pid() -> u32 {
@@ -19,6 +21,7 @@ fn empty_slot() -> LiveSlot {
         python_depth: 0,
         _reserved: 0,
         frames: [0; LIVE_MAX_FRAMES],
+        python_checks: [0; LIVE_MAX_PYTHON_WORDS],
     }
 }
 
@@ -55,7 +58,9 @@ fn a_table_in_memory_reads_back_its_live_samples() {
         python_depth: 2,
         ..empty_slot()
     };
-    slots[0].frames[..5].copy_from_slice(&[10, 20, 30, 0x77, 0]);
+    let word = live_python_word(0x7700, 42);
+    slots[0].frames[..5].copy_from_slice(&[10, 20, 30, word, 0]);
+    slots[0].python_checks[0] = 0x1234;
     // Removed: generation even, ptr 0.
     slots[1].generation = 4;
     slots[2] = LiveSlot {
@@ -80,7 +85,12 @@ fn a_table_in_memory_reads_back_its_live_samples() {
     assert_eq!((a.address, a.size, a.weight), (0x1000, 100, 65536));
     assert_eq!(a.stack, [10, 20, 30]);
     assert!(!a.truncated);
-    assert_eq!(a.python, [0x77, 0]);
+    let frame = PyFrameSlot {
+        code: 0x7700,
+        instr_offset: 42,
+        check: 0x1234,
+    };
+    assert_eq!(a.python, [frame, PyFrameSlot::default()]);
     assert!(a.python_cut);
     assert!((2.0..60.0).contains(&a.age.as_secs_f64()), "{:?}", a.age);
     let b = &heap.samples[1];

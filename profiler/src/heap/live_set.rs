@@ -16,11 +16,7 @@ use std::{
     time::Duration,
 };
 
-use profiler_common::{
-    heap::WEIGHT_ONE,
-    hooks::live_python_frame,
-    python::{ACTIVATION_END, PyFrameSlot},
-};
+use profiler_common::{heap::WEIGHT_ONE, python::PyFrameSlot};
 
 use super::{leaks::History, report::objects, settings::Tracking};
 use crate::{
@@ -76,19 +72,20 @@ pub(crate) fn all_coverage(pids: &[u32]) -> String {
 }
 
 /// A stack of a live heap: its native return addresses and whether they
-/// were cut, its Python words and whether they were cut.
+/// were cut, its Python frames and whether they were cut.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct LiveStack<S> {
-    pub native: S,
+pub(crate) struct LiveStack<N, P> {
+    pub native: N,
     pub truncated: bool,
-    pub python: S,
+    pub python: P,
     pub python_cut: bool,
 }
 
-type Borrowed<'a> = LiveStack<&'a [u64]>;
+type Borrowed<'a> = LiveStack<&'a [u64], &'a [PyFrameSlot]>;
+type Owned = LiveStack<Vec<u64>, Vec<PyFrameSlot>>;
 
 impl Borrowed<'_> {
-    fn owned(&self) -> LiveStack<Vec<u64>> {
+    fn owned(&self) -> Owned {
         LiveStack {
             native: self.native.to_vec(),
             truncated: self.truncated,
@@ -99,10 +96,10 @@ impl Borrowed<'_> {
 }
 
 /// A stack of a live heap in its process.
-pub(crate) type LiveStackKey = (u32, LiveStack<Vec<u64>>);
+pub(crate) type LiveStackKey = (u32, Owned);
 
-/// The Python stacks of the live heaps, named: by (pid, words, cut).
-pub(crate) type LiveNames = HashMap<(u32, Vec<u64>, bool), NamedStack>;
+/// The Python stacks of the live heaps, named: by (pid, frames, cut).
+pub(crate) type LiveNames = HashMap<(u32, Vec<PyFrameSlot>, bool), NamedStack>;
 
 /// Names the Python stacks of `live` through `tracker` (their code
 /// objects are read now, while the processes live).
@@ -114,23 +111,12 @@ pub(crate) fn name_python(tracker: &mut Tracker, live: &HashMap<u32, LiveHeap>) 
             if names.contains_key(&key) {
                 continue;
             }
-            let slots: Vec<PyFrameSlot> = s.python.iter().map(|&w| python_slot(w)).collect();
-            if let Some(named) = tracker.name_live(pid, &slots, s.python_cut) {
+            if let Some(named) = tracker.name_live(pid, &s.python, s.python_cut) {
                 names.insert(key, named);
             }
         }
     }
     names
-}
-
-/// The walker's slot of a live-heap Python word.
-fn python_slot(word: u64) -> PyFrameSlot {
-    let (code, instr_offset) = live_python_frame(word).unwrap_or((ACTIVATION_END, 0));
-    PyFrameSlot {
-        code,
-        instr_offset,
-        _pad: 0,
-    }
 }
 
 /// What the samples of one stack add up to.

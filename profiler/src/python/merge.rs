@@ -31,6 +31,7 @@ pub fn activations(slots: &[PyFrameSlot]) -> Vec<Vec<RawFrame>> {
             group.push(RawFrame {
                 code: slot.code,
                 instr_offset: slot.instr_offset,
+                check: slot.check,
             });
         }
     }
@@ -123,13 +124,15 @@ pub fn known_status(status: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use profiler_common::python::NO_CODE_CHECK;
+
     use super::*;
 
     fn slot(code: u64) -> PyFrameSlot {
         PyFrameSlot {
             code,
             instr_offset: code as u32 * 2,
-            _pad: 0,
+            check: NO_CODE_CHECK,
         }
     }
 

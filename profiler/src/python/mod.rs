@@ -36,7 +36,7 @@ pub mod tracker;
 
 use memory::{Memory as _, ProcessMemory, ReadError};
 use stack::WalkEnd;
-use symbolize::{PyFrame, Symbolizer};
+use symbolize::{PyFrame, Symbolizer, Unnamed};
 
 /// `--python-frames`: what CPython processes' stacks show.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -172,13 +172,17 @@ pub fn dump_process(pid: u32) -> anyhow::Result<(discover::Interpreter, Vec<Thre
         for &frame in &raw.frames {
             match symbolizer.frame(pid, &memory, &py, frame) {
                 Ok(named) => frames.push(named),
-                Err(ReadError::ProcessGone) => {
+                Err(Unnamed::Unreadable(ReadError::ProcessGone)) => {
                     return Err(gone(anyhow::Error::new(ReadError::ProcessGone)));
                 }
                 // The code object changed under the reader: the frames
-                // from here on are not trustworthy.
+                // from here on are not trustworthy. (Frames walked now
+                // carry no check, so none is `Replaced`.)
                 Err(err) => {
-                    end = WalkEnd::ReadFailed(err);
+                    end = WalkEnd::ReadFailed(match err {
+                        Unnamed::Unreadable(err) => err,
+                        Unnamed::Replaced => ReadError::BadPointer(frame.code),
+                    });
                     break;
                 }
             }

@@ -8,6 +8,8 @@
 //! object whose type is `PyCode_Type`, and an instruction pointer must lie
 //! inside its code: the target keeps running while it is read, so a frame
 //! that fails a check ends the walk instead of producing a garbage frame.
+use profiler_common::python::NO_CODE_CHECK;
+
 use super::{
     discover::Interpreter,
     memory::{Memory, ReadError, check_pointer},
@@ -24,6 +26,9 @@ pub struct RawFrame {
     pub code: u64,
     /// Byte offset of the current instruction from the code's first one.
     pub instr_offset: u32,
+    /// The code object's check when the frame was recorded
+    /// (`profiler_common::python::code_check`, or `NO_CODE_CHECK`).
+    pub check: u32,
 }
 
 /// How a walk ended.
@@ -149,6 +154,7 @@ fn step(
     stack.frames.push(RawFrame {
         code,
         instr_offset: u32::try_from(instr - first).map_err(|_| bad)?,
+        check: NO_CODE_CHECK,
     });
     Ok(previous)
 }
@@ -221,11 +227,13 @@ mod tests {
             [
                 RawFrame {
                     code: CODE_A,
-                    instr_offset: 20
+                    instr_offset: 20,
+                    check: NO_CODE_CHECK,
                 },
                 RawFrame {
                     code: CODE_B,
-                    instr_offset: 6
+                    instr_offset: 6,
+                    check: NO_CODE_CHECK,
                 },
             ]
         );

@@ -3,6 +3,8 @@
 //! later, PEP 626/657: `Objects/locations.md` in CPython).
 use std::{collections::HashMap, fmt};
 
+use profiler_common::python::{NO_CODE_CHECK, code_check};
+
 use super::{
     discover::Interpreter,
     memory::{Memory, ReadError, check_pointer},
@@ -49,6 +51,43 @@ struct CodeIdentity {
     firstlineno: i32,
 }
 
+impl CodeIdentity {
+    /// As the walkers record it with each frame.
+    fn check(&self) -> u32 {
+        code_check(
+            self.qualname,
+            self.filename,
+            self.linetable,
+            self.firstlineno.cast_unsigned(),
+        )
+    }
+}
+
+/// Why a frame has no name.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unnamed {
+    /// Its code object could not be read.
+    Unreadable(ReadError),
+    /// Another code object is at its address now (its check differs from
+    /// the frame's): the code that ran was freed, and its names with it.
+    Replaced,
+}
+
+impl From<ReadError> for Unnamed {
+    fn from(err: ReadError) -> Self {
+        Self::Unreadable(err)
+    }
+}
+
+impl fmt::Display for Unnamed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unreadable(err) => err.fmt(f),
+            Self::Replaced => f.write_str("its code object was freed and its address reused"),
+        }
+    }
+}
+
 struct CodeInfo {
     identity: CodeIdentity,
     qualname: String,
@@ -70,7 +109,7 @@ impl Symbolizer {
         memory: &impl Memory,
         py: &Interpreter,
         frame: RawFrame,
-    ) -> Result<PyFrame, ReadError> {
+    ) -> Result<PyFrame, Unnamed> {
         let key = (pid, frame.code);
         let identity = match identity(memory, py, frame.code) {
             Ok(identity) => identity,
@@ -79,8 +118,11 @@ impl Symbolizer {
             Err(ReadError::ProcessGone) if self.codes.contains_key(&key) => {
                 self.codes[&key].identity
             }
-            Err(err) => return Err(err),
+            Err(err) => return Err(Unnamed::Unreadable(err)),
         };
+        if frame.check != NO_CODE_CHECK && frame.check != identity.check() {
+            return Err(Unnamed::Replaced);
+        }
         if self
             .codes
             .get(&key)
@@ -227,6 +269,7 @@ mod tests {
         let frame = RawFrame {
             code: at,
             instr_offset: 4,
+            check: NO_CODE_CHECK,
         };
         let mut m = FakeMemory::default();
         code(&mut m, at, "first", 10);
@@ -244,6 +287,42 @@ mod tests {
             None,
             "past 8 units"
         );
+    }
+
+    #[test]
+    fn a_frame_whose_code_object_was_replaced_is_not_named_after_the_new_one() {
+        let py = Interpreter {
+            object: "test".to_owned(),
+            version: PythonVersion { hex: 0x030c_01f0 },
+            runtime: 0,
+            code_type: 0,
+            offsets: PY312,
+            eval_loop: profiler_common::python_splice::EvalCode::default(),
+        };
+        let at = 0x10_0000;
+        let mut m = FakeMemory::default();
+        code(&mut m, at, "first", 10);
+        // Recorded with the check of the code object there at the time.
+        let first = identity(&m, &py, at).unwrap().check();
+        let frame = RawFrame {
+            code: at,
+            instr_offset: 4,
+            check: first,
+        };
+        let mut symbolizer = Symbolizer::default();
+        let named = symbolizer.frame(1, &m, &py, frame).unwrap();
+        assert_eq!(named.to_string(), "first (mod.py:10)");
+        // Freed, and another code object allocated at its address.
+        let mut m = FakeMemory::default();
+        code(&mut m, at, "second", 20);
+        assert_eq!(symbolizer.frame(1, &m, &py, frame), Err(Unnamed::Replaced));
+        // Frames recorded since carry the new one's check.
+        let now = RawFrame {
+            check: identity(&m, &py, at).unwrap().check(),
+            ..frame
+        };
+        let named = symbolizer.frame(1, &m, &py, now).unwrap();
+        assert_eq!(named.to_string(), "second (mod.py:20)");
     }
 
     fn hex(s: &str) -> Vec<u8> {

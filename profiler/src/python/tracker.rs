@@ -15,8 +15,8 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use log::debug;
 use profiler_common::{
     python::{
-        PAIRS_MAP, PROCESSES_MAP, PyCounter, PyFrameSlot, PyPair, PyProcess, PyStack, STACKS_MAP,
-        STACKS_MAX, THREADS_MAP,
+        PAIRS_MAP, PROCESSES_MAP, PyFrameSlot, PyPair, PyProcess, PyStack, STACKS_MAP, STACKS_MAX,
+        THREADS_MAP,
     },
     python_splice::EvalCode,
 };
@@ -27,17 +27,19 @@ use super::{
     discover::Interpreter,
     memory::{ProcessMemory, ReadError},
     merge,
-    symbolize::Symbolizer,
+    symbolize::{Symbolizer, Unnamed},
     thread_names, threads,
 };
-use crate::{
-    profile::{Frame, RawSample},
-    runtime::counters::Counts,
-};
+use crate::profile::{Frame, RawSample};
 
 /// Name of a frame whose code object could not be read (the process
 /// exited, or the code was freed before the interval's read).
 pub const UNREADABLE_CODE: &str = "[python code unreadable]";
+
+/// Name of a frame whose code object was freed after the frame was
+/// recorded, another one now at its address (see
+/// `profiler_common::python::code_check`).
+pub const FREED_CODE: &str = "[python code freed]";
 
 /// Thread-list refreshes that look for the Python names of new threads.
 const NAME_LOOKS: u8 = 3;
@@ -63,24 +65,6 @@ struct Tracked {
     /// merge, not at discovery: the search takes a while and the kernel
     /// need not wait for it).
     cold_parts_added: bool,
-}
-
-/// What user space counted besides the kernel's counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TrackerCounts {
-    /// CPython processes whose frames were walked.
-    pub processes: u64,
-    /// Python frames named.
-    pub frames: u64,
-    /// Frames whose code object could not be read.
-    pub unreadable: u64,
-    /// Activations with no evaluation-loop frame in the native stack
-    /// (placed at the outer end).
-    pub unmatched: u64,
-    /// Samples whose Python stack was no longer in the map.
-    pub stacks_lost: u64,
-    /// Stacks dropped from the cache of those read (see `stack_cache`).
-    pub stacks_evicted: u64,
 }
 
 /// See the module docs.
@@ -466,7 +450,11 @@ impl Tracker {
                         },
                         inlined: false,
                     },
-                    Err(_) => {
+                    Err(Unnamed::Replaced) => {
+                        self.counts.replaced += 1;
+                        Frame::named(FREED_CODE)
+                    }
+                    Err(Unnamed::Unreadable(_)) => {
                         self.counts.unreadable += 1;
                         Frame::named(UNREADABLE_CODE)
                     }
@@ -549,26 +537,6 @@ impl Tracker {
         }
         Some(entry)
     }
-
-    /// The report's lines on Python frames: the kernel walker's counters
-    /// (`walks`, read from its map), what was named and missed here, and
-    /// the unsupported interpreters met. None when no CPython was seen.
-    pub fn comments(&self, walks: &Counts<PyCounter>) -> Vec<String> {
-        if self.counts.processes == 0 && self.notes.is_empty() {
-            return Vec::new();
-        }
-        let c = &self.counts;
-        let mut out = vec![
-            walks.comment("python stack walks (kernel)"),
-            format!(
-                "python frames: processes {}, frames named {}, code unreadable {}, activations \
-                 without an eval-loop frame {}, stacks lost {}, stacks evicted from the cache {}",
-                c.processes, c.frames, c.unreadable, c.unmatched, c.stacks_lost, c.stacks_evicted
-            ),
-        ];
-        out.extend(self.notes.iter().cloned());
-        out
-    }
 }
 
 /// Reads the Python names of `threads` (per interpreter) into `t.names`.
@@ -586,10 +554,12 @@ fn name_threads(t: &mut Tracked, threads: &[threads::PyThread]) {
     }
 }
 
+mod counts;
 mod layout;
 mod named_stack;
 mod pending;
 mod stack_cache;
+pub use counts::TrackerCounts;
 pub use layout::kernel_layout;
 pub use named_stack::{NamedStack, PairStacks};
 use pending::Pending;

@@ -467,17 +467,27 @@ pub(crate) fn walk_thread(intern: bool, w: &mut Walk) -> bool {
     true
 }
 
-/// The live heap's words of a walk (`profiler_common::hooks`), into `out`.
-fn live_words<'a>(w: &Walk, out: &'a mut [u64; MAX_SLOTS]) -> PythonWords<'a> {
-    for (word, slot) in out.iter_mut().zip(&w.slots[..w.len]) {
-        *word = if slot.code == ACTIVATION_END {
-            0
+/// The live heap's words of a walk (`profiler_common::hooks`) and their
+/// code objects' checks, into `words` and `checks`.
+fn live_words<'a>(
+    w: &Walk,
+    words: &'a mut [u64; MAX_SLOTS],
+    checks: &'a mut [u32; MAX_SLOTS],
+) -> PythonWords<'a> {
+    for ((word, check), slot) in words
+        .iter_mut()
+        .zip(checks.iter_mut())
+        .zip(&w.slots[..w.len])
+    {
+        (*word, *check) = if slot.code == ACTIVATION_END {
+            (0, 0)
         } else {
-            live_python_word(slot.code, slot.instr_offset)
+            (live_python_word(slot.code, slot.instr_offset), slot.check)
         };
     }
     PythonWords {
-        words: &out[..w.len],
+        words: &words[..w.len],
+        checks: &checks[..w.len],
         cut: w.is_cut(),
     }
 }
@@ -541,8 +551,9 @@ pub(crate) fn with_stack(named: bool, live: bool, f: impl FnOnce(Option<&Walk>, 
         return f(None, PythonWords::NONE);
     }
     let mut words = [0; MAX_SLOTS];
+    let mut checks = [0; MAX_SLOTS];
     let python = if live {
-        live_words(&w, &mut words)
+        live_words(&w, &mut words, &mut checks)
     } else {
         PythonWords::NONE
     };

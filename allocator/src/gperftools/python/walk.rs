@@ -19,7 +19,7 @@
 //! there are as few as the chain allows: one per frame and one per code
 //! object, one for the thread state.
 use profiler_common::{
-    python::{ACTIVATION_END, PyFrameSlot},
+    python::{ACTIVATION_END, NO_CODE_CHECK, PyFrameSlot, code_check},
     python_layout::{FrameAnchor, Offsets},
 };
 
@@ -76,6 +76,11 @@ impl Walk {
     pub(crate) fn is_cut(&self) -> bool {
         matches!(self.end, End::Broken | End::Truncated)
     }
+}
+
+fn field_u32(b: &[u8], at: u64) -> u32 {
+    let at = at as usize;
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 fn field_u64(b: &[u8], at: u64) -> u64 {
@@ -192,7 +197,7 @@ pub(crate) fn walk(l: &Layout, r: &mut Reader<'_>, mut frame: u64, out: &mut Wal
     }
 }
 
-fn push(out: &mut Walk, code: u64, instr_offset: u32, word: u64) -> bool {
+fn push(out: &mut Walk, code: u64, instr_offset: u32, check: u32, word: u64) -> bool {
     if out.len >= MAX_SLOTS {
         out.end = End::Truncated;
         return false;
@@ -200,7 +205,7 @@ fn push(out: &mut Walk, code: u64, instr_offset: u32, word: u64) -> bool {
     out.slots[out.len] = PyFrameSlot {
         code,
         instr_offset,
-        _pad: 0,
+        check,
     };
     out.words[out.len] = word;
     out.len += 1;
@@ -222,7 +227,7 @@ fn step(l: &Layout, r: &mut Reader<'_>, frame: u64, out: &mut Walk) -> Option<u6
     let owner = f[o.frame_owner as usize];
     if Some(owner) == o.owner_cstack {
         // The shim below an activation's outermost frame (3.12+).
-        return push(out, ACTIVATION_END, 0, 0).then_some(previous);
+        return push(out, ACTIVATION_END, 0, NO_CODE_CHECK, 0).then_some(previous);
     }
     let code = field_u64(&f, o.frame_code);
     // Type, size, first traceable unit and the names' pointers in one read
@@ -235,8 +240,7 @@ fn step(l: &Layout, r: &mut Reader<'_>, frame: u64, out: &mut Walk) -> Option<u6
         return None;
     }
     let units = field_u64(c, o.var_object_size);
-    let at = o.code_firsttraceable as usize;
-    let firsttraceable = u32::from_le_bytes([c[at], c[at + 1], c[at + 2], c[at + 3]]);
+    let firsttraceable = field_u32(c, o.code_firsttraceable);
     let instr = field_u64(&f, o.frame_instr);
     let first = code + o.code_adaptive;
     // 3.11/3.12 point one unit before the first instruction until the
@@ -255,13 +259,21 @@ fn step(l: &Layout, r: &mut Reader<'_>, frame: u64, out: &mut Walk) -> Option<u6
         } else {
             0
         };
-        if !push(out, code, offset, word) {
+        // The names' addresses and the first line, read with the header:
+        // the reader names the frame only if they still match.
+        let check = code_check(
+            field_u64(c, o.code_qualname),
+            field_u64(c, o.code_filename),
+            field_u64(c, o.code_linetable),
+            field_u32(c, o.code_firstlineno),
+        );
+        if !push(out, code, offset, check, word) {
             return None;
         }
     }
     if let Some(is_entry) = o.frame_is_entry {
         // 3.11: the frame was entered from C, the activation ends here.
-        if f[is_entry as usize] != 0 && !push(out, ACTIVATION_END, 0, 0) {
+        if f[is_entry as usize] != 0 && !push(out, ACTIVATION_END, 0, NO_CODE_CHECK, 0) {
             return None;
         }
     }
