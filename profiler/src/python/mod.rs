@@ -177,11 +177,11 @@ pub fn dump_process(pid: u32) -> anyhow::Result<(discover::Interpreter, Vec<Thre
                 }
                 // The code object changed under the reader: the frames
                 // from here on are not trustworthy. (Frames walked now
-                // carry no check, so none is `Replaced`.)
+                // carry no check, and their code runs: none is `Freed`.)
                 Err(err) => {
                     end = WalkEnd::ReadFailed(match err {
                         Unnamed::Unreadable(err) => err,
-                        Unnamed::Replaced => ReadError::BadPointer(frame.code),
+                        Unnamed::Freed => ReadError::BadPointer(frame.code),
                     });
                     break;
                 }

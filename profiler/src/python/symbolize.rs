@@ -68,9 +68,11 @@ impl CodeIdentity {
 pub enum Unnamed {
     /// Its code object could not be read.
     Unreadable(ReadError),
-    /// Another code object is at its address now (its check differs from
-    /// the frame's): the code that ran was freed, and its names with it.
-    Replaced,
+    /// The code that ran was freed, and its names with it: another code
+    /// object is at its address now (its check differs from the frame's),
+    /// or its reference count is no count (an allocator's free-list link,
+    /// or 0).
+    Freed,
 }
 
 impl From<ReadError> for Unnamed {
@@ -83,7 +85,7 @@ impl fmt::Display for Unnamed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Unreadable(err) => err.fmt(f),
-            Self::Replaced => f.write_str("its code object was freed and its address reused"),
+            Self::Freed => f.write_str("its code object was freed"),
         }
     }
 }
@@ -121,7 +123,14 @@ impl Symbolizer {
             Err(err) => return Err(Unnamed::Unreadable(err)),
         };
         if frame.check != NO_CODE_CHECK && frame.check != identity.check() {
-            return Err(Unnamed::Replaced);
+            return Err(Unnamed::Freed);
+        }
+        // Freed but not reused: its fields (and so its check) are intact,
+        // but its strings may hold other text by now.
+        match memory.read_u64(frame.code) {
+            Ok(refcount) if !is_reference_count(refcount) => return Err(Unnamed::Freed),
+            Ok(_) | Err(ReadError::ProcessGone) => {}
+            Err(err) => return Err(Unnamed::Unreadable(err)),
         }
         if self
             .codes
@@ -148,6 +157,14 @@ impl Symbolizer {
     pub fn forget(&mut self, pid: u32) {
         self.codes.retain(|&(p, _), _| p != pid);
     }
+}
+
+/// Whether `ob_refcnt` holds what a live object's does: at least 1, and
+/// far below any user-space address (an immortal object's is below 2^32),
+/// where a freed object has a free list's link (an address, or 0) in its
+/// first word.
+fn is_reference_count(refcount: u64) -> bool {
+    (1..1 << 40).contains(&refcount)
 }
 
 fn identity(memory: &impl Memory, py: &Interpreter, code: u64) -> Result<CodeIdentity, ReadError> {
@@ -239,8 +256,14 @@ mod tests {
     /// A 3.12 code object at `at` named `name`, its strings and location
     /// table (one entry: 8 code units on the first line) at `at + 0x1000..`.
     fn code(m: &mut FakeMemory, at: u64, name: &str, firstlineno: u32) {
+        code_counted(m, at, name, firstlineno, 1);
+    }
+
+    /// [`code`] with `ob_refcnt` `refcount`.
+    fn code_counted(m: &mut FakeMemory, at: u64, name: &str, firstlineno: u32, refcount: u64) {
         let (qualname, filename, linetable) = (at + 0x1000, at + 0x2000, at + 0x3000);
         let mut bytes = vec![0u8; 192];
+        bytes[..8].copy_from_slice(&refcount.to_le_bytes());
         bytes[68..72].copy_from_slice(&firstlineno.to_le_bytes());
         bytes[112..120].copy_from_slice(&filename.to_le_bytes());
         bytes[128..136].copy_from_slice(&qualname.to_le_bytes());
@@ -315,7 +338,7 @@ mod tests {
         // Freed, and another code object allocated at its address.
         let mut m = FakeMemory::default();
         code(&mut m, at, "second", 20);
-        assert_eq!(symbolizer.frame(1, &m, &py, frame), Err(Unnamed::Replaced));
+        assert_eq!(symbolizer.frame(1, &m, &py, frame), Err(Unnamed::Freed));
         // Frames recorded since carry the new one's check.
         let now = RawFrame {
             check: identity(&m, &py, at).unwrap().check(),
@@ -323,6 +346,12 @@ mod tests {
         };
         let named = symbolizer.frame(1, &m, &py, now).unwrap();
         assert_eq!(named.to_string(), "second (mod.py:20)");
+        // Freed and not reused: the fields are intact, but the first word
+        // is a free list's link.
+        for link in [0x7f00_1234_5670, 0] {
+            code_counted(&mut m, at, "second", 20, link);
+            assert_eq!(symbolizer.frame(1, &m, &py, now), Err(Unnamed::Freed));
+        }
     }
 
     fn hex(s: &str) -> Vec<u8> {

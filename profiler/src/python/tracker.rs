@@ -37,8 +37,8 @@ use crate::profile::{Frame, RawSample};
 pub const UNREADABLE_CODE: &str = "[python code unreadable]";
 
 /// Name of a frame whose code object was freed after the frame was
-/// recorded, another one now at its address (see
-/// `profiler_common::python::code_check`).
+/// recorded: another one is at its address now (see
+/// `profiler_common::python::code_check`), or its memory is free.
 pub const FREED_CODE: &str = "[python code freed]";
 
 /// Thread-list refreshes that look for the Python names of new threads.
@@ -450,8 +450,8 @@ impl Tracker {
                         },
                         inlined: false,
                     },
-                    Err(Unnamed::Replaced) => {
-                        self.counts.replaced += 1;
+                    Err(Unnamed::Freed) => {
+                        self.counts.freed += 1;
                         Frame::named(FREED_CODE)
                     }
                     Err(Unnamed::Unreadable(_)) => {

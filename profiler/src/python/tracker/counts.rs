@@ -13,8 +13,8 @@ pub struct TrackerCounts {
     pub frames: u64,
     /// Frames whose code object could not be read.
     pub unreadable: u64,
-    /// Frames whose code object was freed and replaced ([`FREED_CODE`]).
-    pub replaced: u64,
+    /// Frames whose code object was freed ([`FREED_CODE`]).
+    pub freed: u64,
     /// Activations with no evaluation-loop frame in the native stack
     /// (placed at the outer end).
     pub unmatched: u64,
@@ -42,7 +42,7 @@ impl Tracker {
                 c.processes,
                 c.frames,
                 c.unreadable,
-                c.replaced,
+                c.freed,
                 c.unmatched,
                 c.stacks_lost,
                 c.stacks_evicted
