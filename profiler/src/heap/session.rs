@@ -183,14 +183,17 @@ impl Session {
                 session.add_unwind_tables(pid);
             }
         }
-        if all {
+        let running = if all {
             // Built in the background; stacks are copied until then.
             let running = session.tables.request_running();
             debug!(
                 "unwind tables requested for {} running processes",
                 running.len()
             );
-        }
+            running
+        } else {
+            Vec::new()
+        };
         for (allocator, scope) in allocators {
             attach::allocator(
                 &mut session.ebpf,
@@ -218,6 +221,13 @@ impl Session {
             session.refresh_process(pid);
         }
         session.live = Some(session.new_collector());
+        // With --all, the names and mappings of the processes running now:
+        // one whose tables are in before its first allocation never asks for
+        // them again, and if it exits before the report its stacks could
+        // not be placed or named.
+        for pid in running {
+            session.refresh_process(pid);
+        }
         if session.settings.leaks {
             // The heap held at the attach is the first snapshot.
             let live = session.read_live();
