@@ -12,6 +12,11 @@
 //! thread that allocates a little keeps a little; only one whose lists
 //! keep asking for more grows toward the maximum.
 //!
+//! Big objects (over [`BIG_OBJECT_SIZE`]) have a share of their own in each
+//! thread, [`BIG_LISTS_BYTES`]: a list of them that wants more than the
+//! share leaves empties the thread's largest other big lists first (see
+//! [`make_big_room`]).
+//!
 //! A thread that finds the budget spent takes capacity back from its own
 //! largest other list (its limit halves and its excess goes to the central
 //! tier); failing that, it steals from an idle thread (one that ran no
@@ -124,6 +129,12 @@ pub(crate) static BUDGET: Budget = Budget::new(DEFAULT_TOTAL);
 /// only when the thread also allocates from it (see [`Growth`]).
 pub(crate) const FREE_GROWTH_MAX_SIZE: usize = 4 << 10;
 
+/// Objects larger than this are *big*: a thread's lists of big objects
+/// share [`BIG_LISTS_BYTES`] (see [`make_big_room`]).
+pub(crate) const BIG_OBJECT_SIZE: usize = 4 << 10;
+/// The bytes all of a thread's lists of big objects may hold together.
+pub(crate) const BIG_LISTS_BYTES: usize = 128 << 10;
+
 /// Why a list asks to grow.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Growth {
@@ -154,6 +165,9 @@ pub(crate) unsafe fn grant(
     let mut bytes = (wanted - old) as usize * size;
     // SAFETY: the owner thread works on its own cache.
     unsafe {
+        if size > BIG_OBJECT_SIZE && !make_big_room(tc, c, bytes) {
+            return old;
+        }
         if share(tc) + bytes > (*tc).limit.load(Ordering::Relaxed) {
             if why == Growth::Free && size > FREE_GROWTH_MAX_SIZE {
                 // Frees alone are no demand for large objects: past the
@@ -181,6 +195,40 @@ pub(crate) unsafe fn grant(
         (*tc).capacity.store(cap + bytes, Ordering::Relaxed);
         old + (bytes / size) as u32
     }
+}
+
+/// Makes room for `bytes` more in `tc`'s lists of big objects (class `c`
+/// among them), halving its largest other big lists as needed; false when
+/// they cannot make enough. Why a share of their own: a program that uses
+/// many big sizes a few times each (a buffer sized by each file it reads)
+/// would otherwise keep some of every size, on pages no other size can
+/// use, where a general-purpose heap reuses them for the next size. The
+/// sizes in use now keep their objects; the others go back to their spans,
+/// and a span of one big object to the page heap.
+///
+/// # Safety
+/// `tc` is this thread's cache, `busy` set.
+unsafe fn make_big_room(tc: *mut ThreadCache, c: usize, bytes: usize) -> bool {
+    if bytes > BIG_LISTS_BYTES {
+        return false;
+    }
+    let big = size_class::class_of(BIG_OBJECT_SIZE) + 1..NUM_CLASSES;
+    // SAFETY: the owner thread works on its own cache.
+    unsafe {
+        let held = |tc: *mut ThreadCache| -> usize {
+            big.clone()
+                .map(|k| (*tc).lists[k].max_len as usize * size_class::size_of_class(k))
+                .sum()
+        };
+        while held(tc) + bytes > BIG_LISTS_BYTES {
+            let freed = shrink_largest_other_in(tc, c, big.clone());
+            if freed == 0 {
+                return false;
+            }
+            BUDGET.give_back(freed);
+        }
+    }
+    true
 }
 
 /// A list of class `c` (objects of `size`) wants `bytes` more than
@@ -223,10 +271,23 @@ unsafe fn share(tc: *const ThreadCache) -> usize {
 /// # Safety
 /// `tc` is this thread's cache, `busy` set.
 unsafe fn shrink_largest_other(tc: *mut ThreadCache, c: usize) -> usize {
+    // SAFETY: the caller's contract.
+    unsafe { shrink_largest_other_in(tc, c, 1..NUM_CLASSES) }
+}
+
+/// [`shrink_largest_other`] among `classes` only.
+///
+/// # Safety
+/// `tc` is this thread's cache, `busy` set.
+unsafe fn shrink_largest_other_in(
+    tc: *mut ThreadCache,
+    c: usize,
+    classes: core::ops::Range<usize>,
+) -> usize {
     // SAFETY: the owner thread works on its own cache.
     unsafe {
         let cap = |k: usize| (*tc).lists[k].max_len as usize * size_class::size_of_class(k);
-        let Some(victim) = (1..NUM_CLASSES).filter(|&k| k != c).max_by_key(|&k| cap(k)) else {
+        let Some(victim) = classes.filter(|&k| k != c).max_by_key(|&k| cap(k)) else {
             return 0;
         };
         let old = (*tc).lists[victim].max_len;
@@ -412,6 +473,36 @@ mod tests {
         assert_eq!(grow(&mut tc, big, 1), 1);
         assert_eq!(tc.lists[c].max_len, 152);
         assert_eq!(limit(&tc), START_LIMIT + 2 * LIMIT_STEP);
+        BUDGET.give_back(tc.capacity.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn big_objects_share_a_small_part_of_a_thread_cache() {
+        let class = |size: usize| {
+            let c = size_class::class_of(size);
+            assert_eq!(size_class::size_of_class(c), size);
+            c
+        };
+        let (k48, k64, k32) = (class(48 << 10), class(64 << 10), class(32 << 10));
+        let mut tc = new_cache();
+        assert_eq!(grow(&mut tc, k48, 1), 1);
+        assert_eq!(grow(&mut tc, k64, 1), 1);
+        // 112 KiB held: a third big list makes room by emptying the
+        // largest other.
+        assert_eq!(grow(&mut tc, k32, 1), 1);
+        assert_eq!(tc.lists[k64].max_len, 0);
+        assert_eq!(tc.lists[k48].max_len, 1);
+        // An object larger than the whole share is never kept, and costs
+        // the others nothing.
+        assert_eq!(grow(&mut tc, class(size_class::MAX_SMALL), 1), 0);
+        assert_eq!(tc.lists[k48].max_len + tc.lists[k32].max_len, 2);
+        // Objects up to BIG_OBJECT_SIZE are not part of it.
+        let small = class(BIG_OBJECT_SIZE);
+        assert_eq!(grow(&mut tc, small, 32), 32);
+        assert_eq!(
+            tc.capacity.load(Ordering::Relaxed),
+            (80 << 10) + 32 * BIG_OBJECT_SIZE
+        );
         BUDGET.give_back(tc.capacity.load(Ordering::Relaxed));
     }
 
