@@ -131,7 +131,7 @@ pub(crate) const FREE_GROWTH_MAX_SIZE: usize = 4 << 10;
 
 /// Objects larger than this are *big*: a thread's lists of big objects
 /// share [`BIG_LISTS_BYTES`] (see [`make_big_room`]).
-pub(crate) const BIG_OBJECT_SIZE: usize = 4 << 10;
+pub(crate) const BIG_OBJECT_SIZE: usize = 1 << 10;
 /// The bytes all of a thread's lists of big objects may hold together.
 pub(crate) const BIG_LISTS_BYTES: usize = 128 << 10;
 
@@ -193,18 +193,31 @@ pub(crate) unsafe fn grant(
         }
         let cap = (*tc).capacity.load(Ordering::Relaxed);
         (*tc).capacity.store(cap + bytes, Ordering::Relaxed);
+        if size > BIG_OBJECT_SIZE {
+            (*tc).big_capacity += bytes;
+        }
         old + (bytes / size) as u32
     }
 }
 
+/// The first class of big objects.
+fn first_big_class() -> usize {
+    size_class::class_of(BIG_OBJECT_SIZE) + 1
+}
+
+/// Whether class `c` holds big objects.
+pub(crate) fn is_big(c: usize) -> bool {
+    size_class::size_of_class(c) > BIG_OBJECT_SIZE
+}
+
 /// Makes room for `bytes` more in `tc`'s lists of big objects (class `c`
-/// among them), halving its largest other big lists as needed; false when
-/// they cannot make enough. Why a share of their own: a program that uses
-/// many big sizes a few times each (a buffer sized by each file it reads)
-/// would otherwise keep some of every size, on pages no other size can
-/// use, where a general-purpose heap reuses them for the next size. The
-/// sizes in use now keep their objects; the others go back to their spans,
-/// and a span of one big object to the page heap.
+/// among them) by halving its other big lists in turn (a clock: the lists
+/// grown since the hand last passed keep theirs longest); false when they
+/// cannot make enough. Why a share of their own: a program that uses many
+/// big sizes a few times each (a buffer sized by each file it reads) would
+/// otherwise keep some of every size, on pages no other size can use,
+/// where a general-purpose heap reuses them for the next size. The others
+/// go back to their spans, and a span of one big object to the page heap.
 ///
 /// # Safety
 /// `tc` is this thread's cache, `busy` set.
@@ -212,20 +225,22 @@ unsafe fn make_big_room(tc: *mut ThreadCache, c: usize, bytes: usize) -> bool {
     if bytes > BIG_LISTS_BYTES {
         return false;
     }
-    let big = size_class::class_of(BIG_OBJECT_SIZE) + 1..NUM_CLASSES;
+    let first = first_big_class();
+    let count = NUM_CLASSES - first;
     // SAFETY: the owner thread works on its own cache.
     unsafe {
-        let held = |tc: *mut ThreadCache| -> usize {
-            big.clone()
-                .map(|k| (*tc).lists[k].max_len as usize * size_class::size_of_class(k))
-                .sum()
-        };
-        while held(tc) + bytes > BIG_LISTS_BYTES {
-            let freed = shrink_largest_other_in(tc, c, big.clone());
-            if freed == 0 {
+        while (*tc).big_capacity + bytes > BIG_LISTS_BYTES {
+            // The next other big list with room to give, from the hand on.
+            let hand = (*tc).big_hand.max(first);
+            let Some(k) = (0..count)
+                .map(|i| first + (hand - first + i) % count)
+                .find(|&k| k != c && (*tc).lists[k].max_len > 0)
+            else {
                 return false;
-            }
-            BUDGET.give_back(freed);
+            };
+            (*tc).big_hand = k + 1;
+            let old = (*tc).lists[k].max_len;
+            BUDGET.give_back(shrink_list(tc, k, old / 2));
         }
     }
     true
@@ -271,34 +286,37 @@ unsafe fn share(tc: *const ThreadCache) -> usize {
 /// # Safety
 /// `tc` is this thread's cache, `busy` set.
 unsafe fn shrink_largest_other(tc: *mut ThreadCache, c: usize) -> usize {
-    // SAFETY: the caller's contract.
-    unsafe { shrink_largest_other_in(tc, c, 1..NUM_CLASSES) }
-}
-
-/// [`shrink_largest_other`] among `classes` only.
-///
-/// # Safety
-/// `tc` is this thread's cache, `busy` set.
-unsafe fn shrink_largest_other_in(
-    tc: *mut ThreadCache,
-    c: usize,
-    classes: core::ops::Range<usize>,
-) -> usize {
     // SAFETY: the owner thread works on its own cache.
     unsafe {
         let cap = |k: usize| (*tc).lists[k].max_len as usize * size_class::size_of_class(k);
-        let Some(victim) = classes.filter(|&k| k != c).max_by_key(|&k| cap(k)) else {
+        let Some(victim) = (1..NUM_CLASSES).filter(|&k| k != c).max_by_key(|&k| cap(k)) else {
             return 0;
         };
         let old = (*tc).lists[victim].max_len;
-        if old == 0 {
+        shrink_list(tc, victim, old / 2)
+    }
+}
+
+/// Lowers the limit of `tc`'s list of class `k` to `new` (at most its
+/// limit), giving its excess objects to the central tier. Returns the
+/// capacity it dropped.
+///
+/// # Safety
+/// `tc` is this thread's cache, `busy` set.
+unsafe fn shrink_list(tc: *mut ThreadCache, k: usize, new: u32) -> usize {
+    // SAFETY: the owner thread works on its own cache.
+    unsafe {
+        let old = (*tc).lists[k].max_len;
+        if new >= old {
             return 0;
         }
-        let new = old / 2;
-        (*tc).lists[victim].shrink(&Central, victim, new);
-        let freed = (old - new) as usize * size_class::size_of_class(victim);
+        (*tc).lists[k].shrink(&Central, k, new);
+        let freed = (old - new) as usize * size_class::size_of_class(k);
         let cap = (*tc).capacity.load(Ordering::Relaxed);
         (*tc).capacity.store(cap - freed, Ordering::Relaxed);
+        if is_big(k) {
+            (*tc).big_capacity -= freed;
+        }
         freed
     }
 }
@@ -487,11 +505,16 @@ mod tests {
         let mut tc = new_cache();
         assert_eq!(grow(&mut tc, k48, 1), 1);
         assert_eq!(grow(&mut tc, k64, 1), 1);
-        // 112 KiB held: a third big list makes room by emptying the
-        // largest other.
+        assert_eq!(tc.big_capacity, 112 << 10);
+        // A third big list past the share: the clock's hand halves the
+        // first other big list with room (48 KiB: emptied).
         assert_eq!(grow(&mut tc, k32, 1), 1);
+        assert_eq!(tc.lists[k48].max_len, 0);
+        assert_eq!(tc.big_capacity, 96 << 10);
+        // The next time, the hand has moved on: 64 KiB goes.
+        assert_eq!(grow(&mut tc, k48, 1), 1);
         assert_eq!(tc.lists[k64].max_len, 0);
-        assert_eq!(tc.lists[k48].max_len, 1);
+        assert_eq!(tc.big_capacity, 80 << 10);
         // An object larger than the whole share is never kept, and costs
         // the others nothing.
         assert_eq!(grow(&mut tc, class(size_class::MAX_SMALL), 1), 0);

@@ -30,8 +30,7 @@
 use core::ptr;
 
 use crate::{
-    cache_budget::BIG_OBJECT_SIZE,
-    counters,
+    cache_budget, counters,
     lock::SpinLock,
     page_heap, pagemap,
     size_class::{self, BATCH, NUM_CLASSES, PAGE_SHIFT, PAGES},
@@ -141,7 +140,7 @@ impl Class {
     /// The chains the transfer cache of class `c` may hold now
     /// (transfer_lock held).
     fn capacity(&self, c: usize) -> usize {
-        if size_class::size_of_class(c) > BIG_OBJECT_SIZE {
+        if cache_budget::is_big(c) {
             return 0;
         }
         self.capacity.get().max(INITIAL_SLOTS)
