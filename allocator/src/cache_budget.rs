@@ -12,6 +12,11 @@
 //! thread that allocates a little keeps a little; only one whose lists
 //! keep asking for more grows toward the maximum.
 //!
+//! Big objects (over [`BIG_OBJECT_SIZE`]) have a share of their own in each
+//! thread, [`BIG_LISTS_BYTES`]: a list of them that wants more than the
+//! share leaves empties the thread's largest other big lists first (see
+//! [`make_big_room`]).
+//!
 //! A thread that finds the budget spent takes capacity back from its own
 //! largest other list (its limit halves and its excess goes to the central
 //! tier); failing that, it steals from an idle thread (one that ran no
@@ -124,6 +129,12 @@ pub(crate) static BUDGET: Budget = Budget::new(DEFAULT_TOTAL);
 /// only when the thread also allocates from it (see [`Growth`]).
 pub(crate) const FREE_GROWTH_MAX_SIZE: usize = 4 << 10;
 
+/// Objects larger than this are *big*: a thread's lists of big objects
+/// share [`BIG_LISTS_BYTES`] (see [`make_big_room`]).
+pub(crate) const BIG_OBJECT_SIZE: usize = 1 << 10;
+/// The bytes all of a thread's lists of big objects may hold together.
+pub(crate) const BIG_LISTS_BYTES: usize = 128 << 10;
+
 /// Why a list asks to grow.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Growth {
@@ -154,6 +165,9 @@ pub(crate) unsafe fn grant(
     let mut bytes = (wanted - old) as usize * size;
     // SAFETY: the owner thread works on its own cache.
     unsafe {
+        if size > BIG_OBJECT_SIZE && !make_big_room(tc, c, bytes) {
+            return old;
+        }
         if share(tc) + bytes > (*tc).limit.load(Ordering::Relaxed) {
             if why == Growth::Free && size > FREE_GROWTH_MAX_SIZE {
                 // Frees alone are no demand for large objects: past the
@@ -179,8 +193,57 @@ pub(crate) unsafe fn grant(
         }
         let cap = (*tc).capacity.load(Ordering::Relaxed);
         (*tc).capacity.store(cap + bytes, Ordering::Relaxed);
+        if size > BIG_OBJECT_SIZE {
+            (*tc).big_capacity += bytes;
+        }
         old + (bytes / size) as u32
     }
+}
+
+/// The first class of big objects.
+fn first_big_class() -> usize {
+    size_class::class_of(BIG_OBJECT_SIZE) + 1
+}
+
+/// Whether class `c` holds big objects.
+pub(crate) fn is_big(c: usize) -> bool {
+    size_class::size_of_class(c) > BIG_OBJECT_SIZE
+}
+
+/// Makes room for `bytes` more in `tc`'s lists of big objects (class `c`
+/// among them) by halving its other big lists in turn (a clock: the lists
+/// grown since the hand last passed keep theirs longest); false when they
+/// cannot make enough. Why a share of their own: a program that uses many
+/// big sizes a few times each (a buffer sized by each file it reads) would
+/// otherwise keep some of every size, on pages no other size can use,
+/// where a general-purpose heap reuses them for the next size. The others
+/// go back to their spans, and a span of one big object to the page heap.
+///
+/// # Safety
+/// `tc` is this thread's cache, `busy` set.
+unsafe fn make_big_room(tc: *mut ThreadCache, c: usize, bytes: usize) -> bool {
+    if bytes > BIG_LISTS_BYTES {
+        return false;
+    }
+    let first = first_big_class();
+    let count = NUM_CLASSES - first;
+    // SAFETY: the owner thread works on its own cache.
+    unsafe {
+        while (*tc).big_capacity + bytes > BIG_LISTS_BYTES {
+            // The next other big list with room to give, from the hand on.
+            let hand = (*tc).big_hand.max(first);
+            let Some(k) = (0..count)
+                .map(|i| first + (hand - first + i) % count)
+                .find(|&k| k != c && (*tc).lists[k].max_len > 0)
+            else {
+                return false;
+            };
+            (*tc).big_hand = k + 1;
+            let old = (*tc).lists[k].max_len;
+            BUDGET.give_back(shrink_list(tc, k, old / 2));
+        }
+    }
+    true
 }
 
 /// A list of class `c` (objects of `size`) wants `bytes` more than
@@ -230,14 +293,30 @@ unsafe fn shrink_largest_other(tc: *mut ThreadCache, c: usize) -> usize {
             return 0;
         };
         let old = (*tc).lists[victim].max_len;
-        if old == 0 {
+        shrink_list(tc, victim, old / 2)
+    }
+}
+
+/// Lowers the limit of `tc`'s list of class `k` to `new` (at most its
+/// limit), giving its excess objects to the central tier. Returns the
+/// capacity it dropped.
+///
+/// # Safety
+/// `tc` is this thread's cache, `busy` set.
+unsafe fn shrink_list(tc: *mut ThreadCache, k: usize, new: u32) -> usize {
+    // SAFETY: the owner thread works on its own cache.
+    unsafe {
+        let old = (*tc).lists[k].max_len;
+        if new >= old {
             return 0;
         }
-        let new = old / 2;
-        (*tc).lists[victim].shrink(&Central, victim, new);
-        let freed = (old - new) as usize * size_class::size_of_class(victim);
+        (*tc).lists[k].shrink(&Central, k, new);
+        let freed = (old - new) as usize * size_class::size_of_class(k);
         let cap = (*tc).capacity.load(Ordering::Relaxed);
         (*tc).capacity.store(cap - freed, Ordering::Relaxed);
+        if is_big(k) {
+            (*tc).big_capacity -= freed;
+        }
         freed
     }
 }
@@ -412,6 +491,41 @@ mod tests {
         assert_eq!(grow(&mut tc, big, 1), 1);
         assert_eq!(tc.lists[c].max_len, 152);
         assert_eq!(limit(&tc), START_LIMIT + 2 * LIMIT_STEP);
+        BUDGET.give_back(tc.capacity.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn big_objects_share_a_small_part_of_a_thread_cache() {
+        let class = |size: usize| {
+            let c = size_class::class_of(size);
+            assert_eq!(size_class::size_of_class(c), size);
+            c
+        };
+        let (k48, k64, k32) = (class(48 << 10), class(64 << 10), class(32 << 10));
+        let mut tc = new_cache();
+        assert_eq!(grow(&mut tc, k48, 1), 1);
+        assert_eq!(grow(&mut tc, k64, 1), 1);
+        assert_eq!(tc.big_capacity, 112 << 10);
+        // A third big list past the share: the clock's hand halves the
+        // first other big list with room (48 KiB: emptied).
+        assert_eq!(grow(&mut tc, k32, 1), 1);
+        assert_eq!(tc.lists[k48].max_len, 0);
+        assert_eq!(tc.big_capacity, 96 << 10);
+        // The next time, the hand has moved on: 64 KiB goes.
+        assert_eq!(grow(&mut tc, k48, 1), 1);
+        assert_eq!(tc.lists[k64].max_len, 0);
+        assert_eq!(tc.big_capacity, 80 << 10);
+        // An object larger than the whole share is never kept, and costs
+        // the others nothing.
+        assert_eq!(grow(&mut tc, class(size_class::MAX_SMALL), 1), 0);
+        assert_eq!(tc.lists[k48].max_len + tc.lists[k32].max_len, 2);
+        // Objects up to BIG_OBJECT_SIZE are not part of it.
+        let small = class(BIG_OBJECT_SIZE);
+        assert_eq!(grow(&mut tc, small, 32), 32);
+        assert_eq!(
+            tc.capacity.load(Ordering::Relaxed),
+            (80 << 10) + 32 * BIG_OBJECT_SIZE
+        );
         BUDGET.give_back(tc.capacity.load(Ordering::Relaxed));
     }
 

@@ -6,7 +6,9 @@
 //! Threads move objects in and out as null-terminated chains linked
 //! through each object's first word.
 //!
-//! Transfer cache: chains of exactly `BATCH[c]` objects; a thread that
+//! Transfer cache (none for big objects, see `cache_budget`: theirs go
+//! back to their spans, and a span of one to the page heap, so that other
+//! sizes reuse the pages): chains of exactly `BATCH[c]` objects; a thread that
 //! overflows hands over a chain in O(1), and a thread that runs dry takes
 //! one back in O(1), without touching spans. It holds [`INITIAL_SLOTS`]
 //! chains at first and doubles each time a chain finds it full after a
@@ -28,7 +30,7 @@
 use core::ptr;
 
 use crate::{
-    counters,
+    cache_budget, counters,
     lock::SpinLock,
     page_heap, pagemap,
     size_class::{self, BATCH, NUM_CLASSES, PAGE_SHIFT, PAGES},
@@ -135,8 +137,12 @@ impl Class {
         }
     }
 
-    /// The chains the transfer cache may hold now (transfer_lock held).
-    fn capacity(&self) -> usize {
+    /// The chains the transfer cache of class `c` may hold now
+    /// (transfer_lock held).
+    fn capacity(&self, c: usize) -> usize {
+        if cache_budget::is_big(c) {
+            return 0;
+        }
         self.capacity.get().max(INITIAL_SLOTS)
     }
 
@@ -173,13 +179,13 @@ impl Class {
         if n == BATCH[c] as usize {
             self.transfer_lock.lock();
             let used = self.used.get();
-            if used == self.capacity() && self.missed.get() && used < size_class::transfer_slots(c)
+            if used == self.capacity(c) && self.missed.get() && used < size_class::transfer_slots(c)
             {
                 self.capacity
                     .set((2 * used).min(size_class::transfer_slots(c)));
                 self.missed.set(false);
             }
-            if used < self.capacity() {
+            if used < self.capacity(c) {
                 // SAFETY: the slots are touched only under transfer_lock.
                 unsafe { (*self.slots.get())[used] = head };
                 self.used.set(used + 1);
@@ -448,6 +454,23 @@ mod tests {
     }
 
     #[test]
+    fn a_big_object_goes_back_to_its_span_and_its_pages_at_once() {
+        // One object per span and per batch: with no transfer cache, its
+        // free returns the span to the page source.
+        let c = size_class::class_of(64 << 10);
+        assert_eq!(size_class::objects_per_span(c), 1);
+        assert_eq!(BATCH[c], 1);
+        let (pages, k) = (FakePages::default(), Class::new());
+        for round in 1..=3 {
+            let (a, n) = k.remove_range(&pages, c, 1);
+            assert_eq!((n, pages.allocated.get()), (1, round));
+            // SAFETY: a chain of one free object of class c.
+            unsafe { k.insert_range(&pages, c, a, 1) };
+            assert_eq!(pages.freed.get(), round, "the span went back");
+        }
+    }
+
+    #[test]
     fn freed_objects_are_handed_out_again_before_new_spans() {
         let (c, pages, k) = (class_1k(), FakePages::default(), Class::new());
         let (a, _) = k.remove_range(&pages, c, 3);
@@ -484,7 +507,7 @@ mod tests {
         // Two fit at first, the cache doubled after that demand and took
         // two more; the other 13 went back to their 26 spans, which went
         // back to the page source.
-        assert_eq!(k.capacity(), 2 * INITIAL_SLOTS);
+        assert_eq!(k.capacity(c), 2 * INITIAL_SLOTS);
         assert_eq!(pages.freed.get(), 26);
         // A batch comes back out of the transfer cache as it went in.
         let head = take();
@@ -501,7 +524,7 @@ mod tests {
                 k.insert_range(&pages, c, b, 16);
             }
         }
-        assert_eq!(k.capacity(), 4 * INITIAL_SLOTS);
+        assert_eq!(k.capacity(c), 4 * INITIAL_SLOTS);
         assert_eq!(pages.freed.get(), 26);
         // Draining gives every span back.
         k.drain_transfer(&pages, c);

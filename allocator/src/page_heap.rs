@@ -175,6 +175,7 @@ pub unsafe fn grow_in_place(s: *mut Span, npages: usize) -> bool {
                 pagemap::set_span(start + old - 1, ptr::null_mut());
             }
             free_span_record(taken);
+            (*s).returned = false;
             (*s).npages = npages;
             pagemap::set_span(start + npages - 1, s);
             counters::LARGE_BYTES.add(extra << PAGE_SHIFT);
@@ -227,10 +228,11 @@ unsafe fn allocate_locked(npages: usize, class: u8, align_pages: usize) -> *mut 
         }
         let n = (*s).npages;
         debug_assert_eq!(n, npages);
+        // `returned` stays as it is: in use, it says whether the pages
+        // read as zero (calloc need not clear them).
         if (*s).returned {
             counters::RELEASED_BYTES.sub(n << PAGE_SHIFT);
         }
-        (*s).returned = false;
         (*s).class = class;
         (*s).freelist = ptr::null_mut();
         (*s).allocated = 0;

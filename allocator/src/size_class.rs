@@ -14,7 +14,8 @@
 //!   (every class up to 512 B moves 32; a larger class moves fewer, so that
 //!   the batches thread caches and transfer caches hold for classes a
 //!   program uses only now and then pin less memory).
-//! - `transfer_slots(c)`: batches the transfer cache keeps (about 512 KiB).
+//! - `transfer_slots(c)`: batches the transfer cache keeps (about 512 KiB;
+//!   none for big objects, see `central`).
 //! - `max_cached(c)`: the largest length a thread's list may grow to
 //!   (64 KiB worth).
 //!

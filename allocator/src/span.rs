@@ -38,7 +38,9 @@ pub struct Span {
     pub allocated: u32,
     pub class: u8,
     pub state: u8,
-    /// Free: the pages were given back to the OS (not resident).
+    /// Free: the pages were given back to the OS (not resident). In use:
+    /// they were when the span was handed out, so a new large object's
+    /// pages read as zero (calloc need not clear them).
     pub returned: bool,
     /// Large/huge: the allocation was sampled (its free calls the hook).
     pub sampled: bool,

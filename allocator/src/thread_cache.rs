@@ -244,6 +244,11 @@ pub(crate) struct ThreadCache {
     /// from again (the last look found none). Owner only.
     pub(crate) steal_retry_ns: u64,
     pub(crate) rng: u64,
+    /// Σ max_len × class size over the lists of big objects, and the
+    /// clock's hand that picks which of them gives room (see
+    /// `cache_budget`). Owner only.
+    pub(crate) big_capacity: usize,
+    pub(crate) big_hand: usize,
     pub(crate) next: *mut ThreadCache,
     pub(crate) prev: *mut ThreadCache,
 }
@@ -416,6 +421,7 @@ pub(crate) unsafe extern "C" fn thread_exit(arg: *mut libc::c_void) {
         for c in 1..NUM_CLASSES {
             (*tc).lists[c].max_len = 0;
         }
+        (*tc).big_capacity = 0;
         // Out of the registry first: no thread can steal from it after.
         unregister(tc);
         (*tc).state = DEAD;

@@ -46,12 +46,24 @@ pub fn calloc(n: usize, size: usize) -> *mut u8 {
         return ptr::null_mut();
     };
     let p = malloc(total);
-    // Huge objects come straight from mmap, already zero.
-    if !p.is_null() && total <= HUGE_THRESHOLD {
+    // Huge objects come straight from mmap, already zero; so do large ones
+    // on pages that were not resident (fresh, or given back to the OS):
+    // clearing them would make every page resident, where a program that
+    // uses part of a large zeroed table (a hash table) touches only that.
+    if !p.is_null() && total <= HUGE_THRESHOLD && !(total > MAX_SMALL && reads_as_zero(p)) {
         // SAFETY: p holds at least `total` bytes.
         unsafe { p.write_bytes(0, total) };
     }
     p
+}
+
+/// Whether large object `p`, just allocated, lies on pages that were not
+/// resident when its span was handed out (see `Span::returned`).
+fn reads_as_zero(p: *mut u8) -> bool {
+    let s = pagemap::span(p as usize >> PAGE_SHIFT);
+    // SAFETY: p is a live large object: its first page maps to its span,
+    // which this thread owns.
+    !s.is_null() && unsafe { (*s).state == span::LARGE && (*s).returned }
 }
 
 /// Usable bytes of `p` (0 for null). Aborts on a foreign pointer.

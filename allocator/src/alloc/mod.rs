@@ -71,7 +71,11 @@ mod tests {
     use core::ptr;
 
     use super::*;
-    use crate::{pagemap, size_class::PAGE_SHIFT, span};
+    use crate::{
+        pagemap,
+        size_class::{MAX_SMALL, PAGE_SHIFT, PAGE_SIZE},
+        span,
+    };
 
     #[test]
     fn objects_are_aligned_sized_and_distinct() {
@@ -200,5 +204,27 @@ mod tests {
             free(q);
         }
         assert!(malloc(usize::MAX - 100).is_null());
+    }
+
+    #[test]
+    fn calloc_zeroes_a_large_object_on_pages_used_before() {
+        // Large (page heap), not huge: calloc clears it unless its pages
+        // were not resident; a span just freed after use is, and is the
+        // one the next allocation of its length most likely gets.
+        let size = MAX_SMALL + 3 * PAGE_SIZE;
+        for _ in 0..4 {
+            let p = malloc(size);
+            // SAFETY: live allocation of `size` bytes.
+            unsafe {
+                p.write_bytes(0xff, size);
+                free(p);
+            }
+            let q = calloc(1, size);
+            // SAFETY: `size` bytes, zeroed.
+            unsafe {
+                assert!((0..size).all(|i| *q.add(i) == 0));
+                free(q);
+            }
+        }
     }
 }
