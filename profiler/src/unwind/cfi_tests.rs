@@ -51,6 +51,14 @@ fn compiles_own_libc() {
     // _start-style outermost frames exist (clone3's child marks rip undefined).
     assert!(rows.rows.iter().any(|r| r.kind() == CFA_END));
     assert!(rows.rows.iter().any(|r| r.kind() == CFA_SIGNAL));
+    // The return paths of clone's and clone3's syscalls (glibc has no FDE
+    // there; readelf shows the gaps).
+    let clones = rows
+        .rows
+        .iter()
+        .filter(|r| r.kind() == profiler_common::unwind::CFA_CLONE)
+        .count();
+    assert_eq!(clones, 2, "clone and clone3");
 }
 
 #[test]

@@ -122,6 +122,8 @@ pub(super) fn parse(item: &[u8]) -> Option<(u64, Copy)> {
                 dx: word(offset_of!(StackCopy, leaf) + offset_of!(LeafRegs, dx)),
                 r8: word(offset_of!(StackCopy, leaf) + offset_of!(LeafRegs, r8)),
                 r9: word(offset_of!(StackCopy, leaf) + offset_of!(LeafRegs, r9)),
+                r11: word(offset_of!(StackCopy, leaf) + offset_of!(LeafRegs, r11)),
+                ax: word(offset_of!(StackCopy, leaf) + offset_of!(LeafRegs, ax)),
             },
             exact: half(offset_of!(StackCopy, exact)) != 0,
             bp_chained: half(offset_of!(StackCopy, bp_chained)) != 0,
