@@ -335,6 +335,13 @@ where
                     break;
                 }
             };
+            // A row at or past the FDE's end covers none of its code (BOLT
+            // ends its FDEs with one, at the next function's first
+            // instruction): kept, it would displace that function's own
+            // first row, which starts at the same address.
+            if row.start_address() >= fde.end_address() {
+                break;
+            }
             let rule = if signal {
                 signal_rule()
             } else {
