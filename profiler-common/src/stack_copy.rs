@@ -73,7 +73,7 @@ pub struct StackCopy {
 }
 
 /// Size of a [`StackCopy`] record before its bytes.
-pub const COPY_HEADER: usize = 112;
+pub const COPY_HEADER: usize = 128;
 const _: () = assert!(core::mem::size_of::<StackCopy>() == COPY_HEADER + COPY_BYTES);
 
 /// Copies one process may have per [`COPY_WINDOW_NS`]: 1000 a second,

@@ -68,6 +68,22 @@ pub const CFA_DEREF_RBP: u8 = 8;
 /// only ([`LeafRegs`]): elsewhere such a row is unsupported.
 pub const CFA_REGS: u8 = 9;
 
+/// CFA = r11 + `cfa_offset` (large offsets as in [`CFA_RSP`] rows), in the
+/// sampled frame only: the stack probes that LLVM inlines in functions
+/// with a large frame copy rsp to r11, lower r11 by the frame's size and
+/// touch each page down to it, and their CFI says so (`cfa: r11+536632`
+/// in rustc). A sample lands in such a loop whenever it faults in the
+/// next stack page.
+pub const CFA_R11: u8 = 10;
+
+/// The code after the `syscall` of glibc's `clone` and `clone3`, which no
+/// FDE covers (the FDE ends before the syscall, as the new thread's
+/// frame differs from the caller's): that code tests rax, and so does
+/// the row, in the sampled frame. rax 0 is the new thread, whose stack is
+/// empty: its outermost frame. Otherwise it is the caller's frame: CFA =
+/// rsp + `cfa_offset` (8: nothing pushed).
+pub const CFA_CLONE: u8 = 11;
+
 /// The caller's rbp is the same as the callee's.
 pub const RBP_SAME: u8 = 0;
 /// The caller's rbp is saved at CFA + `rbp_offset`.
@@ -432,6 +448,16 @@ pub fn step(
             };
         }
         CFA_REGS => return step_regs(row, frame, leaf, read),
+        CFA_CLONE => match leaf {
+            Some(l) if l.ax == 0 => return Step::End,
+            Some(_) => frame.sp.wrapping_add(row.cfa_offset() as u64),
+            _ => return Step::Unsupported,
+        },
+        CFA_R11 => match leaf {
+            Some(l) if l.r11 != 0 => l.r11.wrapping_add(row.cfa_offset() as u64),
+            // r11 is known in the sampled frame only.
+            _ => return Step::Unsupported,
+        },
         CFA_END => return Step::End,
         _ => return Step::Unsupported,
     };

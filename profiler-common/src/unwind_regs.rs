@@ -72,9 +72,13 @@ pub struct LeafRegs {
     pub dx: u64,
     pub r8: u64,
     pub r9: u64,
+    /// The base of [`super::CFA_R11`] rows.
+    pub r11: u64,
+    /// What [`super::CFA_CLONE`] rows test.
+    pub ax: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<LeafRegs>() == 40);
+const _: () = assert!(core::mem::size_of::<LeafRegs>() == 56);
 
 impl LeafRegs {
     /// The registers of a frame other than the sampled one.
@@ -84,6 +88,8 @@ impl LeafRegs {
         dx: 0,
         r8: 0,
         r9: 0,
+        r11: 0,
+        ax: 0,
     };
 
     /// The registers, if known.
@@ -146,6 +152,9 @@ impl UnwindRow {
 
     /// Whether the row names a register known in the sampled frame only.
     pub const fn needs_leaf(&self) -> bool {
+        if matches!(self.kind(), super::CFA_R11 | super::CFA_CLONE) {
+            return true;
+        }
         if self.kind() != CFA_REGS {
             return false;
         }

@@ -7,6 +7,8 @@ const LEAF: LeafRegs = LeafRegs {
     dx: 0x40_1234,
     r8: 0x7f00,
     r9: 0x7f40,
+    r11: 0x6000,
+    ax: 0x1234,
 };
 
 /// glibc's `__longjmp` after the registers were loaded: CFA = rdi, pc in
@@ -151,4 +153,36 @@ fn setcontext_reads_the_context_and_reports_failed_reads() {
         (168, 160, 120, 128)
     );
     assert_eq!(step(&row, &frame, Some(&LEAF), |_| None), Step::ReadFailed);
+}
+
+/// rustc's inlined stack probe (`mov %rsp,%r11; sub $0x83000,%r11`, then
+/// one page at a time down to r11): CFA = r11 + 536632, beyond the i16
+/// offsets, with six registers pushed and none of them saved yet.
+#[test]
+fn stack_probe_rows_take_the_cfa_from_r11() {
+    use crate::unwind::{CFA_R11, RBP_SAME};
+    let row = UnwindRow::new(0, CFA_R11, 536_632, RBP_SAME, 0).expect("fits");
+    assert!(row.needs_leaf());
+    assert_eq!(row.cfa_offset(), 536_632);
+    let r11 = 0x7000_0000u64;
+    let cfa = r11 + 536_632;
+    let frame = Frame {
+        pc: 0x1000,
+        sp: r11 + 0x1000,
+        bp: 0x77,
+        bx: 0x88,
+    };
+    let leaf = LeafRegs { r11, ..LEAF };
+    let read = |addr: u64| (addr == cfa - 8).then_some(0x4242);
+    match step(&row, &frame, Some(&leaf), read) {
+        Step::Caller { frame: caller, .. } => {
+            assert_eq!(
+                (caller.pc, caller.sp, caller.bp, caller.bx),
+                (0x4242, cfa, 0x77, 0x88)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Beyond the sampled frame, r11 is unknown.
+    assert_eq!(step(&row, &frame, None, read), Step::Unsupported);
 }

@@ -303,6 +303,8 @@ fn leaf_regs(r: &pt_regs) -> LeafRegs {
         dx: r.rdx,
         r8: r.r8,
         r9: r.r9,
+        r11: r.r11,
+        ax: r.rax,
     }
 }
 

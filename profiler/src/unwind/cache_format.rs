@@ -30,6 +30,8 @@ pub const COMPILER: u64 = {
     let mut h = fnv1a(include_bytes!("cfi.rs"), 0xcbf2_9ce4_8422_2325);
     h = fnv1a(include_bytes!("expr.rs"), h);
     h = fnv1a(include_bytes!("regs_row.rs"), h);
+    h = fnv1a(include_bytes!("plt.rs"), h);
+    h = fnv1a(include_bytes!("clone_gap.rs"), h);
     h = fnv1a(
         include_bytes!("../../../profiler-common/src/unwind_regs.rs"),
         h,

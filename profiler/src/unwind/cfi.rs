@@ -10,7 +10,7 @@ use gimli::{
 };
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 use profiler_common::unwind::{
-    CFA_DEREF_RBP, CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RBX, CFA_RSP, CFA_SIGNAL,
+    CFA_DEREF_RBP, CFA_END, CFA_NONE, CFA_PLT, CFA_R11, CFA_RBP, CFA_RBX, CFA_RSP, CFA_SIGNAL,
     CFA_UNSUPPORTED, PAGE_MASK, PAGE_SHIFT, RBP_AT_RBP, RBP_OFFSET, RBP_SAME, RBP_UNDEFINED,
     RBX_AT_RBP, RBX_OFFSET, RBX_SAME, RBX_UNDEFINED, UnwindRow,
 };
@@ -193,9 +193,24 @@ pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
         rules.push(entry, 1, Rule::of(CFA_END));
         rules.push(next, 0, NO_CFI);
     }
+    clone_returns(&file, &mut rules);
+    // A lazy-binding .plt that no FDE describes (LLD writes none): the rows
+    // ld.bfd writes for it, where the code has their layout.
+    if let Some(s) = file.section_by_name(".plt")
+        && let Ok(code) = s.data()
+        && let Some(rows) = super::plt::lazy_plt_rows(s.address(), code)
+        && !rules
+            .list
+            .iter()
+            .any(|&(a, _, _)| (s.address()..s.address() + s.size()).contains(&a))
+    {
+        for (addr, row) in rows {
+            rules.push(addr, 1, Rule { row, reason: 0 });
+        }
+        rules.push(s.address() + s.size(), 0, NO_CFI);
+    }
     // These PLT stubs only jump (`endbr64; jmp *GOT`): the return address
-    // is at [rsp] throughout, but linkers do not always describe them. (The
-    // lazy-binding .plt pushes, and has the expression handled above.)
+    // is at [rsp] throughout, but linkers do not always describe them.
     for name in [".plt.sec", ".plt.got"] {
         if let Some(s) = file.section_by_name(name) {
             let (start, end) = (s.address(), s.address() + s.size());
@@ -219,6 +234,52 @@ pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
         }
     }
     Ok(paginate(rules, &reasons.names))
+}
+
+/// Gives rows to the return paths of clone syscalls that no FDE covers
+/// (see `clone_gap`).
+fn clone_returns(file: &object::File, rules: &mut Entries) {
+    let code: Vec<(u64, &[u8])> = file
+        .sections()
+        .filter(|s| s.kind() == object::SectionKind::Text)
+        .filter_map(|s| Some((s.address(), s.data().ok()?)))
+        .collect();
+    let at = |addr: u64| {
+        code.iter()
+            .find(|(a, d)| *a <= addr && addr < a + d.len() as u64)
+            .map(|(a, d)| &d[(addr - a) as usize..])
+    };
+    // Where an FDE ends on a syscall instruction: a handful in libc.
+    let ends: Vec<u64> = rules
+        .list
+        .iter()
+        .filter(|&&(a, p, _)| p == 0 && at(a).is_some_and(|c| c.starts_with(&[0x0f, 0x05])))
+        .map(|&(a, _, _)| a)
+        .collect();
+    for end in ends {
+        let rows = rules.list.iter().filter(|&&(_, p, _)| p == 1);
+        if rows.clone().any(|&(a, _, _)| a == end) {
+            continue;
+        }
+        let last = rows
+            .clone()
+            .filter(|&&(a, _, _)| a < end)
+            .max_by_key(|&&(a, _, _)| a);
+        let next = rows
+            .filter(|&&(a, _, _)| a > end)
+            .min_by_key(|&&(a, _, _)| a);
+        let (Some(&(_, _, last)), Some(&(next, _, next_rule))) = (last, next) else {
+            continue;
+        };
+        let (last, next_row) = (
+            rules.rules[last as usize].row,
+            rules.rules[next_rule as usize].row,
+        );
+        if super::clone_gap::is_clone_return(end, at(end).unwrap_or(&[]), &last, next, &next_row) {
+            let row = super::clone_gap::clone_row();
+            rules.push(end, 1, Rule { row, reason: 0 });
+        }
+    }
 }
 
 /// Longest entry-point code without an FDE taken as the outermost frame.
@@ -274,6 +335,13 @@ where
                     break;
                 }
             };
+            // A row at or past the FDE's end covers none of its code (BOLT
+            // ends its FDEs with one, at the next function's first
+            // instruction): kept, it would displace that function's own
+            // first row, which starts at the same address.
+            if row.start_address() >= fde.end_address() {
+                break;
+            }
             let rule = if signal {
                 signal_rule()
             } else {
@@ -321,6 +389,7 @@ where
             X86_64::RSP => (CFA_RSP, offset, 0),
             X86_64::RBP => (CFA_RBP, offset, 0),
             X86_64::RBX => (CFA_RBX, offset, 0),
+            X86_64::R11 => (CFA_R11, offset, 0),
             r => return Err(format!("cfa: {}{offset:+}", expr::register_name(r.0))),
         },
         CfaRule::Expression(ref e) => {

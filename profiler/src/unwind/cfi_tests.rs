@@ -51,6 +51,14 @@ fn compiles_own_libc() {
     // _start-style outermost frames exist (clone3's child marks rip undefined).
     assert!(rows.rows.iter().any(|r| r.kind() == CFA_END));
     assert!(rows.rows.iter().any(|r| r.kind() == CFA_SIGNAL));
+    // The return paths of clone's and clone3's syscalls (glibc has no FDE
+    // there; readelf shows the gaps).
+    let clones = rows
+        .rows
+        .iter()
+        .filter(|r| r.kind() == profiler_common::unwind::CFA_CLONE)
+        .count();
+    assert_eq!(clones, 2, "clone and clone3");
 }
 
 #[test]
@@ -253,4 +261,28 @@ fn system_libraries_have_no_unsupported_rows() {
         checked += 1;
     }
     assert!(checked >= 2, "libc and ld.so are always there");
+}
+
+/// BOLT ends an FDE with a row at its end address (`DW_CFA_advance_loc`
+/// to the end, then `DW_CFA_restore_state`): readelf shows
+/// librustc_driver's FDE 0x52001c0..0x520026e with a row `rsp+160` at
+/// 0x520026e, where `rust_psm_stack_pointer`'s FDE (CFA = rsp+8) begins.
+/// The next function keeps its own first row.
+#[test]
+fn a_row_at_an_fde_end_does_not_displace_the_next_function() {
+    let body: &[u8] = &[
+        0x40 | 1,
+        0x0e,
+        16,   // advance 1; def_cfa_offset 16
+        0x0a, // remember_state
+        0x40 | 3,
+        0x0e,
+        160,
+        1, // advance 3 (to the end); def_cfa_offset 160 (ULEB)
+    ];
+    let bytes = eh_frame_bytes(&[(0x1000, 4, body), (0x1004, 6, &[])]);
+    let rows = compile_eh_frame(&bytes);
+    assert_eq!(row_at(&rows, 0x1001).cfa_offset(), 16);
+    let next = row_at(&rows, 0x1004);
+    assert_eq!((next.kind(), next.cfa_offset()), (CFA_RSP, 8));
 }

@@ -186,6 +186,8 @@ fn a_copy_at_a_longjmp_follows_the_sampled_registers() {
             dx: 0x2005,
             r8: 0x7010,
             r9: 0x7777,
+            r11: 0,
+            ax: 0,
         },
         bytes,
         ..three
