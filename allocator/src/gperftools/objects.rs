@@ -31,6 +31,90 @@ pub struct Object {
     pub name_len: usize,
     pub build_id: [u8; BUILD_ID_MAX],
     pub build_id_len: usize,
+    /// The object's file, opened to read its CFI without touching the
+    /// mapping (`unwind::source`); None for the vdso and unreadable files.
+    pub cfi_file: Option<CfiFile>,
+}
+
+/// A descriptor of an object's file and where its CFI segment lies.
+#[derive(Clone, Copy)]
+pub struct CfiFile {
+    pub fd: i32,
+    /// The segment holding .eh_frame_hdr: [lo, hi) in memory, at file
+    /// offset `offset`.
+    pub lo: usize,
+    pub hi: usize,
+    pub offset: usize,
+    dev: u64,
+    ino: u64,
+}
+
+impl CfiFile {
+    /// Opens `path` for the segment `[lo, hi)` at file offset `offset`, when
+    /// the file's bytes at `hdr` match the mapped ones (the file was not
+    /// replaced since it was loaded).
+    ///
+    /// # Safety
+    /// `hdr..hdr + 16` is mapped, inside `[lo, hi)`.
+    unsafe fn open(path: &[u8], lo: usize, hi: usize, offset: usize, hdr: usize) -> Option<Self> {
+        let mut c_path = [0u8; NAME_MAX + 1];
+        if path.is_empty() || path.len() >= NAME_MAX || path[0] != b'/' {
+            return None;
+        }
+        c_path[..path.len()].copy_from_slice(path);
+        // SAFETY: a NUL-terminated path; O_CLOEXEC so exec drops it.
+        let fd = unsafe { libc::open(c_path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return None;
+        }
+        let mut f = Self {
+            fd,
+            lo,
+            hi,
+            offset,
+            dev: 0,
+            ino: 0,
+        };
+        let mut head = [0u8; 16];
+        // SAFETY: reads 16 bytes into head; hdr is mapped (the contract).
+        let same = unsafe {
+            libc::pread(
+                fd,
+                head.as_mut_ptr().cast(),
+                16,
+                (offset + hdr - lo) as libc::off_t,
+            ) == 16
+                && head == *(hdr as *const [u8; 16])
+        };
+        match f.identity() {
+            Some((dev, ino)) if same => {
+                (f.dev, f.ino) = (dev, ino);
+                Some(f)
+            }
+            _ => {
+                // SAFETY: our own descriptor.
+                unsafe { libc::close(fd) };
+                None
+            }
+        }
+    }
+
+    fn identity(&self) -> Option<(u64, u64)> {
+        let mut st = core::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat writes a stat.
+        if unsafe { libc::fstat(self.fd, st.as_mut_ptr()) } != 0 {
+            return None;
+        }
+        // SAFETY: fstat succeeded.
+        let st = unsafe { st.assume_init() };
+        Some((st.st_dev, st.st_ino))
+    }
+
+    /// Whether the descriptor still names the file it was opened on: the
+    /// program may have closed it, and the number may now be another file.
+    pub fn still_open(&self) -> bool {
+        self.identity() == Some((self.dev, self.ino))
+    }
 }
 
 const CAPACITY: usize = 4096;
@@ -113,7 +197,9 @@ unsafe extern "C" fn visit(
             name_len: 0,
             build_id: [0; BUILD_ID_MAX],
             build_id_len: 0,
+            cfi_file: None,
         };
+        let mut cfi_segment = None;
         for ph in phdrs {
             match ph.p_type {
                 libc::PT_LOAD if ph.p_flags & libc::PF_X != 0 && o.start == 0 => {
@@ -130,6 +216,14 @@ unsafe extern "C" fn visit(
         }
         if o.start == 0 {
             return 0;
+        }
+        if o.eh_frame_hdr != 0 {
+            cfi_segment = phdrs.iter().find(|ph| {
+                let lo = bias + ph.p_vaddr as usize;
+                ph.p_type == libc::PT_LOAD
+                    && (lo..lo + ph.p_filesz as usize).contains(&(o.eh_frame_hdr + 15))
+                    && lo <= o.eh_frame_hdr
+            });
         }
         let n = COUNT.load(Ordering::Relaxed);
         if t.as_slice()[..n]
@@ -153,8 +247,21 @@ unsafe extern "C" fn visit(
             );
             o.name_len = len.max(0) as usize;
         }
+        if let Some(ph) = cfi_segment {
+            let lo = bias + ph.p_vaddr as usize;
+            let hi = lo + ph.p_filesz as usize;
+            o.cfi_file = CfiFile::open(
+                &o.name[..o.name_len],
+                lo,
+                hi,
+                ph.p_offset as usize,
+                o.eh_frame_hdr,
+            );
+        }
         if t.push(o) {
             COUNT.store(t.len(), Ordering::Release);
+        } else if let Some(f) = o.cfi_file {
+            libc::close(f.fd);
         }
         0
     }

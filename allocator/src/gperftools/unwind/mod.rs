@@ -29,6 +29,7 @@ use super::objects::{self, Object};
 mod cfi;
 mod dwarf;
 mod row_cache;
+mod source;
 
 // DWARF register numbers of x86-64.
 pub(crate) const RSP: u64 = 7;
@@ -42,7 +43,7 @@ pub(crate) use cfi::{Cfa as CfaRule, Rule as RegRule, Rules as FrameRules, fde_c
 /// `hdr` is a loaded object's .eh_frame_hdr.
 pub(crate) unsafe fn rules_at(hdr: usize, pc: usize) -> Option<FrameRules> {
     // SAFETY: the caller's contract.
-    unsafe { find_rules(hdr, pc) }
+    unsafe { find_rules(&source::Source::memory(), hdr, pc) }
 }
 const RIP: u64 = 16;
 
@@ -178,10 +179,11 @@ fn step(obj: &Object, pc: usize, regs: &Regs) -> Step {
         return apply_row(&row, regs);
     }
     if obj.eh_frame_hdr != 0 {
+        let src = source::Source::of(obj);
         // SAFETY: the eh_frame_hdr and eh_frame of a loaded object are
         // mapped read-only for its lifetime.
-        if let Some(rules) = unsafe { find_rules(obj.eh_frame_hdr, pc) } {
-            return match row_at(&rules, regs) {
+        if let Some(rules) = unsafe { find_rules(&src, obj.eh_frame_hdr, pc) } {
+            return match row_at(&rules, regs, &src) {
                 Some(row) => {
                     if !matches!(rules.cfa, Cfa::Expr(..)) {
                         row_cache::put(pc, &row);
@@ -198,7 +200,7 @@ fn step(obj: &Object, pc: usize, regs: &Regs) -> Step {
 /// The compact unwind row (the project's one description of how to unwind
 /// a frame, `profiler_common::unwind`) for the rules in force at this pc, so
 /// that this unwinder and the kernel walker apply the same rules the same way.
-fn row_at(r: &Rules, regs: &Regs) -> Option<UnwindRow> {
+fn row_at(r: &Rules, regs: &Regs, src: &source::Source) -> Option<UnwindRow> {
     if r.ra == Rule::Undefined {
         return UnwindRow::new(0, unwind::CFA_END, 0, unwind::RBP_SAME, 0);
     }
@@ -215,7 +217,7 @@ fn row_at(r: &Rules, regs: &Regs) -> Option<UnwindRow> {
         // SAFETY: the expression lies in mapped CFI.
         Cfa::Expr(p, len) => (
             unwind::CFA_RSP,
-            (unsafe { eval(p, len, regs) }? as i64).wrapping_sub(regs.sp as i64),
+            (unsafe { eval(src, p, len, regs) }? as i64).wrapping_sub(regs.sp as i64),
         ),
     };
     let (rbp_kind, rbp_offset) = match r.rbp {
