@@ -49,6 +49,13 @@ pub struct CfiFile {
     ino: u64,
 }
 
+/// Files opened for CFI: a descriptor each, and a program may run near
+/// its limit. The first objects (the program, its libraries) get one;
+/// objects loaded later (Python's extension modules) are read through
+/// their mappings.
+const MAX_CFI_FILES: usize = 32;
+static CFI_FILES: AtomicUsize = AtomicUsize::new(0);
+
 impl CfiFile {
     /// Opens `path` for the segment `[lo, hi)` at file offset `offset`, when
     /// the file's bytes at `hdr` match the mapped ones (the file was not
@@ -59,6 +66,9 @@ impl CfiFile {
     unsafe fn open(path: &[u8], lo: usize, hi: usize, offset: usize, hdr: usize) -> Option<Self> {
         let mut c_path = [0u8; NAME_MAX + 1];
         if path.is_empty() || path.len() >= NAME_MAX || path[0] != b'/' {
+            return None;
+        }
+        if CFI_FILES.load(Ordering::Relaxed) == MAX_CFI_FILES {
             return None;
         }
         c_path[..path.len()].copy_from_slice(path);
@@ -89,6 +99,7 @@ impl CfiFile {
         match f.identity() {
             Some((dev, ino)) if same => {
                 (f.dev, f.ino) = (dev, ino);
+                CFI_FILES.fetch_add(1, Ordering::Relaxed);
                 Some(f)
             }
             _ => {
@@ -262,6 +273,7 @@ unsafe extern "C" fn visit(
             COUNT.store(t.len(), Ordering::Release);
         } else if let Some(f) = o.cfi_file {
             libc::close(f.fd);
+            CFI_FILES.fetch_sub(1, Ordering::Relaxed);
         }
         0
     }
