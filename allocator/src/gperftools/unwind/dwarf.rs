@@ -7,7 +7,7 @@ use super::{RBP, RIP, RSP, Regs, source::Source};
 /// A cursor over CFI bytes.
 pub(super) struct Reader<'a> {
     pub(super) p: usize,
-    pub(super) src: &'a Source,
+    pub(super) src: &'a Source<'a>,
 }
 
 impl Reader<'_> {

@@ -76,6 +76,7 @@ pub(crate) fn walk(regs: Regs, out: &mut [u64], refresh: bool) -> (usize, Status
 /// [`walk`] into a buffer that need not be initialised: the first `n`
 /// entries (the count returned) are written, the rest left as they were.
 fn walk_into(mut regs: Regs, out: &mut [MaybeUninit<u64>], refresh: bool) -> (usize, Status) {
+    let files = source::WalkFiles::new();
     let mut n = 0;
     let mut leaf = true;
     loop {
@@ -104,7 +105,7 @@ fn walk_into(mut regs: Regs, out: &mut [MaybeUninit<u64>], refresh: bool) -> (us
                 let Some(obj) = obj else {
                     return (n, Status::Truncated);
                 };
-                step(obj, lookup, &regs)
+                step(obj, lookup, &regs, &files)
             }
         };
         match next {
@@ -152,6 +153,7 @@ pub(crate) fn sp_outside(lo: usize, hi: usize) -> Option<usize> {
         );
     }
     let mut regs = Regs { pc, sp, bp };
+    let files = source::WalkFiles::new();
     let mut leaf = true;
     for _ in 0..256 {
         if !(lo..hi).contains(&regs.pc) {
@@ -160,7 +162,7 @@ pub(crate) fn sp_outside(lo: usize, hi: usize) -> Option<usize> {
         let lookup = if leaf { regs.pc } else { regs.pc - 1 };
         leaf = false;
         let obj = objects::find_or_refresh(lookup)?;
-        match step(obj, lookup, &regs) {
+        match step(obj, lookup, &regs, &files) {
             Step::Next(next) => regs = next,
             _ => return None,
         }
@@ -174,12 +176,14 @@ enum Step {
     Fail,
 }
 
-fn step(obj: &Object, pc: usize, regs: &Regs) -> Step {
+/// One frame's step; a CFI read from the object's file goes through the
+/// walk's `files`.
+fn step(obj: &Object, pc: usize, regs: &Regs, files: &source::WalkFiles) -> Step {
     if let Some(row) = row_cache::get(pc) {
         return apply_row(&row, regs);
     }
     if obj.eh_frame_hdr != 0 {
-        let src = source::Source::of(obj);
+        let src = source::Source::of(obj, files);
         // SAFETY: the eh_frame_hdr and eh_frame of a loaded object are
         // mapped read-only for its lifetime.
         if let Some(rules) = unsafe { find_rules(&src, obj.eh_frame_hdr, pc) } {
@@ -200,7 +204,7 @@ fn step(obj: &Object, pc: usize, regs: &Regs) -> Step {
 /// The compact unwind row (the project's one description of how to unwind
 /// a frame, `profiler_common::unwind`) for the rules in force at this pc, so
 /// that this unwinder and the kernel walker apply the same rules the same way.
-fn row_at(r: &Rules, regs: &Regs, src: &source::Source) -> Option<UnwindRow> {
+fn row_at(r: &Rules, regs: &Regs, src: &source::Source<'_>) -> Option<UnwindRow> {
     if r.ra == Rule::Undefined {
         return UnwindRow::new(0, unwind::CFA_END, 0, unwind::RBP_SAME, 0);
     }
