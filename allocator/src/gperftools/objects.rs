@@ -31,6 +31,109 @@ pub struct Object {
     pub name_len: usize,
     pub build_id: [u8; BUILD_ID_MAX],
     pub build_id_len: usize,
+    /// Where the object's file holds its CFI, to read it without touching
+    /// the mapping (`unwind::source`); None for the vdso and unreadable
+    /// files.
+    pub cfi_file: Option<CfiFile>,
+}
+
+/// Where an object's CFI segment lies in its file, and which file that is.
+/// No descriptor is kept: a stack walk opens the file when it first needs
+/// it and closes it when it ends, so the program never sees one of ours
+/// between samples (it may count, close or run out of descriptors).
+#[derive(Clone, Copy)]
+pub struct CfiFile {
+    /// The segment holding .eh_frame_hdr: [lo, hi) in memory, at file
+    /// offset `offset`.
+    pub lo: usize,
+    pub hi: usize,
+    pub offset: usize,
+    /// The file's device and inode when the object was learned.
+    dev: u64,
+    ino: u64,
+}
+
+impl CfiFile {
+    /// The segment `[lo, hi)` at file offset `offset` of `path`, when the
+    /// file's bytes at `hdr` match the mapped ones (the file was not
+    /// replaced since it was loaded).
+    ///
+    /// # Safety
+    /// `hdr..hdr + 16` is mapped, inside `[lo, hi)`.
+    unsafe fn learn(path: &[u8], lo: usize, hi: usize, offset: usize, hdr: usize) -> Option<Self> {
+        let mut f = Self {
+            lo,
+            hi,
+            offset,
+            dev: 0,
+            ino: 0,
+        };
+        // SAFETY: the caller's contract.
+        let (fd, dev, ino) = unsafe { f.open_matching(path, hdr)? };
+        (f.dev, f.ino) = (dev, ino);
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(fd) };
+        Some(f)
+    }
+
+    /// Opens the object's file (`path`, its .eh_frame_hdr at `hdr`) for one
+    /// stack walk, when it is still the file learned: same device and
+    /// inode, same bytes at `hdr`. The caller closes it. Async-signal-safe;
+    /// errno may change.
+    ///
+    /// # Safety
+    /// `hdr` is the object's mapped .eh_frame_hdr, inside `[lo, hi)`.
+    pub unsafe fn open(&self, path: &[u8], hdr: usize) -> Option<i32> {
+        // SAFETY: the caller's contract.
+        let (fd, dev, ino) = unsafe { self.open_matching(path, hdr)? };
+        if (dev, ino) == (self.dev, self.ino) {
+            return Some(fd);
+        }
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(fd) };
+        None
+    }
+
+    /// Opens `path` when its 16 bytes at `hdr` match the mapped ones: the
+    /// descriptor, device and inode.
+    ///
+    /// # Safety
+    /// As [`Self::open`].
+    unsafe fn open_matching(&self, path: &[u8], hdr: usize) -> Option<(i32, u64, u64)> {
+        let mut c_path = [0u8; NAME_MAX + 1];
+        if path.is_empty() || path.len() >= NAME_MAX || path[0] != b'/' {
+            return None;
+        }
+        c_path[..path.len()].copy_from_slice(path);
+        // SAFETY: a NUL-terminated path; O_CLOEXEC so an exec in another
+        // thread does not pass it on.
+        let fd = unsafe { libc::open(c_path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return None;
+        }
+        let mut head = [0u8; 16];
+        let mut st = core::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: pread writes 16 bytes into head, fstat a stat; hdr is
+        // mapped (the contract).
+        let same = unsafe {
+            libc::pread(
+                fd,
+                head.as_mut_ptr().cast(),
+                16,
+                (self.offset + hdr - self.lo) as libc::off_t,
+            ) == 16
+                && head == *(hdr as *const [u8; 16])
+                && libc::fstat(fd, st.as_mut_ptr()) == 0
+        };
+        if !same {
+            // SAFETY: our own descriptor.
+            unsafe { libc::close(fd) };
+            return None;
+        }
+        // SAFETY: fstat succeeded.
+        let st = unsafe { st.assume_init() };
+        Some((fd, st.st_dev, st.st_ino))
+    }
 }
 
 const CAPACITY: usize = 4096;
@@ -113,7 +216,9 @@ unsafe extern "C" fn visit(
             name_len: 0,
             build_id: [0; BUILD_ID_MAX],
             build_id_len: 0,
+            cfi_file: None,
         };
+        let mut cfi_segment = None;
         for ph in phdrs {
             match ph.p_type {
                 libc::PT_LOAD if ph.p_flags & libc::PF_X != 0 && o.start == 0 => {
@@ -130,6 +235,14 @@ unsafe extern "C" fn visit(
         }
         if o.start == 0 {
             return 0;
+        }
+        if o.eh_frame_hdr != 0 {
+            cfi_segment = phdrs.iter().find(|ph| {
+                let lo = bias + ph.p_vaddr as usize;
+                ph.p_type == libc::PT_LOAD
+                    && (lo..lo + ph.p_filesz as usize).contains(&(o.eh_frame_hdr + 15))
+                    && lo <= o.eh_frame_hdr
+            });
         }
         let n = COUNT.load(Ordering::Relaxed);
         if t.as_slice()[..n]
@@ -152,6 +265,17 @@ unsafe extern "C" fn visit(
                 NAME_MAX,
             );
             o.name_len = len.max(0) as usize;
+        }
+        if let Some(ph) = cfi_segment {
+            let lo = bias + ph.p_vaddr as usize;
+            let hi = lo + ph.p_filesz as usize;
+            o.cfi_file = CfiFile::learn(
+                &o.name[..o.name_len],
+                lo,
+                hi,
+                ph.p_offset as usize,
+                o.eh_frame_hdr,
+            );
         }
         if t.push(o) {
             COUNT.store(t.len(), Ordering::Release);

@@ -1,8 +1,12 @@
 //! Call-frame information: finding the FDE that covers a pc through an
 //! object's .eh_frame_hdr search table, and running its CIE and FDE
 //! instructions up to that pc into the rules in force there. Reads only
-//! the mapped CFI of loaded objects; no allocation, no lock.
-use super::{RBP, RSP, dwarf::Reader};
+//! the CFI of loaded objects (through `Source`); no allocation, no lock.
+use super::{
+    RBP, RSP,
+    dwarf::Reader,
+    source::{Source, WINDOW},
+};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Rule {
@@ -34,9 +38,9 @@ pub(crate) struct Rules {
 ///
 /// # Safety
 /// `hdr` is a loaded object's .eh_frame_hdr.
-pub(super) unsafe fn find_rules(hdr: usize, pc: usize) -> Option<Rules> {
+pub(super) unsafe fn find_rules(src: &Source, hdr: usize, pc: usize) -> Option<Rules> {
     // SAFETY: the caller's contract.
-    unsafe { run_fde(fde_for(hdr, pc)?, hdr, pc) }
+    unsafe { run_fde(src, fde_for(src, hdr, pc)?, hdr, pc) }
 }
 
 /// The FDE covering `pc`: its range `[start, end)` and the rules at its
@@ -47,12 +51,13 @@ pub(super) unsafe fn find_rules(hdr: usize, pc: usize) -> Option<Rules> {
 pub(crate) unsafe fn fde_covering(hdr: usize, pc: usize) -> Option<(usize, usize, Rules)> {
     // SAFETY: the caller's contract.
     unsafe {
-        let fde = fde_for(hdr, pc)?;
-        let (start, end) = fde_range(fde, hdr)?;
+        let src = Source::memory();
+        let fde = fde_for(&src, hdr, pc)?;
+        let (start, end) = fde_range(&src, fde, hdr)?;
         if !(start..end).contains(&pc) {
             return None;
         }
-        Some((start, end, run_fde(fde, hdr, start)?))
+        Some((start, end, run_fde(&src, fde, hdr, start)?))
     }
 }
 
@@ -61,11 +66,11 @@ pub(crate) unsafe fn fde_covering(hdr: usize, pc: usize) -> Option<(usize, usize
 ///
 /// # Safety
 /// As [`find_rules`].
-unsafe fn fde_for(hdr: usize, pc: usize) -> Option<usize> {
+unsafe fn fde_for(src: &Source, hdr: usize, pc: usize) -> Option<usize> {
     // SAFETY: all reads stay inside the object's CFI (lengths from the
     // headers, which the linker wrote).
     unsafe {
-        let mut r = Reader { p: hdr };
+        let mut r = Reader { p: hdr, src };
         if r.u8() != 1 {
             return None;
         }
@@ -78,17 +83,26 @@ unsafe fn fde_for(hdr: usize, pc: usize) -> Option<usize> {
         if table_enc != 0x3b || count == 0 {
             return None;
         }
-        let table = r.p as *const [i32; 2];
+        let table = r.p;
+        // Entry i's field (0: start pc, 1: FDE), relative to hdr.
+        let field = |i: usize, f: usize| {
+            let v = i32::from_le_bytes(src.bytes(table + i * 8 + f * 4));
+            hdr.wrapping_add(v as isize as usize)
+        };
         let (mut lo, mut hi) = (0usize, count);
         while hi - lo > 1 {
+            if (hi - lo) * 8 <= WINDOW {
+                // The rest of the search in one read.
+                src.prefetch(table + lo * 8, (hi - lo) * 8);
+            }
             let mid = (lo + hi) / 2;
-            if hdr.wrapping_add((*table.add(mid))[0] as isize as usize) <= pc {
+            if field(mid, 0) <= pc {
                 lo = mid;
             } else {
                 hi = mid;
             }
         }
-        Some(hdr.wrapping_add((*table.add(lo))[1] as isize as usize))
+        Some(field(lo, 1))
     }
 }
 
@@ -96,10 +110,10 @@ unsafe fn fde_for(hdr: usize, pc: usize) -> Option<usize> {
 ///
 /// # Safety
 /// `fde` is an FDE of mapped .eh_frame.
-unsafe fn fde_range(fde: usize, hdr: usize) -> Option<(usize, usize)> {
+unsafe fn fde_range(src: &Source, fde: usize, hdr: usize) -> Option<(usize, usize)> {
     // SAFETY: see find_rules.
     unsafe {
-        let mut r = Reader { p: fde };
+        let mut r = Reader { p: fde, src };
         let len = r.u32();
         if len == 0 || len == u32::MAX {
             return None;
@@ -109,7 +123,7 @@ unsafe fn fde_range(fde: usize, hdr: usize) -> Option<(usize, usize)> {
         if cie_off == 0 {
             return None;
         }
-        let cie = parse_cie(cie_field - cie_off, hdr)?;
+        let cie = parse_cie(src, cie_field - cie_off, hdr)?;
         let start = r.pointer(cie.fde_enc, hdr)?;
         let range = r.pointer(cie.fde_enc & 0x0f, hdr)?;
         Some((start, start.wrapping_add(range)))
@@ -128,10 +142,10 @@ struct Cie {
 
 /// # Safety
 /// `fde` is an FDE of mapped .eh_frame.
-unsafe fn run_fde(fde: usize, hdr: usize, pc: usize) -> Option<Rules> {
+unsafe fn run_fde(src: &Source, fde: usize, hdr: usize, pc: usize) -> Option<Rules> {
     // SAFETY: see find_rules.
     unsafe {
-        let mut r = Reader { p: fde };
+        let mut r = Reader { p: fde, src };
         let len = r.u32();
         if len == 0 || len == u32::MAX {
             return None;
@@ -142,7 +156,7 @@ unsafe fn run_fde(fde: usize, hdr: usize, pc: usize) -> Option<Rules> {
         if cie_off == 0 {
             return None; // a CIE, not an FDE
         }
-        let cie = parse_cie(cie_field - cie_off, hdr)?;
+        let cie = parse_cie(src, cie_field - cie_off, hdr)?;
         let start = r.pointer(cie.fde_enc, hdr)?;
         let range = r.pointer(cie.fde_enc & 0x0f, hdr)?;
         if pc < start || pc >= start.wrapping_add(range) {
@@ -159,6 +173,7 @@ unsafe fn run_fde(fde: usize, hdr: usize, pc: usize) -> Option<Rules> {
         };
         let mut loc = start;
         execute(
+            src,
             &cie,
             cie.insns,
             cie.end,
@@ -168,17 +183,26 @@ unsafe fn run_fde(fde: usize, hdr: usize, pc: usize) -> Option<Rules> {
             usize::MAX,
         )?;
         let initial = state;
-        execute(&cie, r.p, end, &mut state, Some(&initial), &mut loc, pc)?;
+        execute(
+            src,
+            &cie,
+            r.p,
+            end,
+            &mut state,
+            Some(&initial),
+            &mut loc,
+            pc,
+        )?;
         Some(state)
     }
 }
 
 /// # Safety
 /// `cie` is a CIE of mapped .eh_frame.
-unsafe fn parse_cie(cie: usize, hdr: usize) -> Option<Cie> {
+unsafe fn parse_cie(src: &Source, cie: usize, hdr: usize) -> Option<Cie> {
     // SAFETY: see find_rules.
     unsafe {
-        let mut r = Reader { p: cie };
+        let mut r = Reader { p: cie, src };
         let len = r.u32();
         if len == 0 || len == u32::MAX {
             return None;
@@ -188,9 +212,17 @@ unsafe fn parse_cie(cie: usize, hdr: usize) -> Option<Cie> {
             return None;
         }
         let version = r.u8();
-        let aug = r.p;
-        while r.u8() != 0 {}
-        let aug = core::slice::from_raw_parts(aug as *const u8, r.p - aug - 1);
+        let mut aug_bytes = [0u8; 16];
+        let mut aug_len = 0;
+        loop {
+            let c = r.u8();
+            if c == 0 {
+                break;
+            }
+            *aug_bytes.get_mut(aug_len)? = c;
+            aug_len += 1;
+        }
+        let aug = &aug_bytes[..aug_len];
         if aug.starts_with(b"eh") {
             r.p += 8;
         }
@@ -237,7 +269,9 @@ unsafe fn parse_cie(cie: usize, hdr: usize) -> Option<Cie> {
 ///
 /// # Safety
 /// `p..end` lies in mapped .eh_frame.
+#[allow(clippy::too_many_arguments)]
 unsafe fn execute(
+    src: &Source,
     cie: &Cie,
     p: usize,
     end: usize,
@@ -253,7 +287,7 @@ unsafe fn execute(
         saved: [*s; STATE_STACK],
         depth: 0,
     };
-    let mut r = Reader { p };
+    let mut r = Reader { p, src };
     while r.p < end {
         // SAFETY: the caller's contract; every read advances inside p..end.
         let flow = unsafe {

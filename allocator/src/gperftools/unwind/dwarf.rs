@@ -1,35 +1,37 @@
 //! DWARF encodings the unwinder reads: a cursor over CFI bytes (fixed,
 //! LEB128 and DW_EH_PE pointer forms) and the CFA expressions the PLT
-//! uses. Reads only mapped CFI; no allocation, no lock.
-use super::{RBP, RIP, RSP, Regs};
+//! uses. Reads only the CFI of loaded objects (through `Source`); no
+//! allocation, no lock.
+use super::{RBP, RIP, RSP, Regs, source::Source};
 
 /// A cursor over CFI bytes.
-pub(super) struct Reader {
+pub(super) struct Reader<'a> {
     pub(super) p: usize,
+    pub(super) src: &'a Source<'a>,
 }
 
-impl Reader {
+impl Reader<'_> {
     pub(super) unsafe fn u8(&mut self) -> u8 {
         // SAFETY: caller keeps the cursor inside mapped CFI.
-        let v = unsafe { *(self.p as *const u8) };
+        let v = unsafe { self.src.bytes::<1>(self.p) }[0];
         self.p += 1;
         v
     }
     pub(super) unsafe fn u16(&mut self) -> u16 {
         // SAFETY: as above.
-        let v = unsafe { (self.p as *const u16).read_unaligned() };
+        let v = u16::from_le_bytes(unsafe { self.src.bytes(self.p) });
         self.p += 2;
         v
     }
     pub(super) unsafe fn u32(&mut self) -> u32 {
         // SAFETY: as above.
-        let v = unsafe { (self.p as *const u32).read_unaligned() };
+        let v = u32::from_le_bytes(unsafe { self.src.bytes(self.p) });
         self.p += 4;
         v
     }
     pub(super) unsafe fn u64(&mut self) -> u64 {
         // SAFETY: as above.
-        let v = unsafe { (self.p as *const u64).read_unaligned() };
+        let v = u64::from_le_bytes(unsafe { self.src.bytes(self.p) });
         self.p += 8;
         v
     }
@@ -102,10 +104,10 @@ impl Reader {
 ///
 /// # Safety
 /// `p..p+len` lies in mapped .eh_frame.
-pub(super) unsafe fn eval(p: usize, len: usize, regs: &Regs) -> Option<usize> {
+pub(super) unsafe fn eval(src: &Source, p: usize, len: usize, regs: &Regs) -> Option<usize> {
     let mut stack = [0usize; 8];
     let mut n = 0usize;
-    let mut r = Reader { p };
+    let mut r = Reader { p, src };
     let end = p + len;
     // SAFETY: reads stay inside the expression.
     unsafe {

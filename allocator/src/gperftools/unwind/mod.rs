@@ -29,6 +29,7 @@ use super::objects::{self, Object};
 mod cfi;
 mod dwarf;
 mod row_cache;
+mod source;
 
 // DWARF register numbers of x86-64.
 pub(crate) const RSP: u64 = 7;
@@ -42,7 +43,7 @@ pub(crate) use cfi::{Cfa as CfaRule, Rule as RegRule, Rules as FrameRules, fde_c
 /// `hdr` is a loaded object's .eh_frame_hdr.
 pub(crate) unsafe fn rules_at(hdr: usize, pc: usize) -> Option<FrameRules> {
     // SAFETY: the caller's contract.
-    unsafe { find_rules(hdr, pc) }
+    unsafe { find_rules(&source::Source::memory(), hdr, pc) }
 }
 const RIP: u64 = 16;
 
@@ -75,6 +76,7 @@ pub(crate) fn walk(regs: Regs, out: &mut [u64], refresh: bool) -> (usize, Status
 /// [`walk`] into a buffer that need not be initialised: the first `n`
 /// entries (the count returned) are written, the rest left as they were.
 fn walk_into(mut regs: Regs, out: &mut [MaybeUninit<u64>], refresh: bool) -> (usize, Status) {
+    let files = source::WalkFiles::new();
     let mut n = 0;
     let mut leaf = true;
     loop {
@@ -103,7 +105,7 @@ fn walk_into(mut regs: Regs, out: &mut [MaybeUninit<u64>], refresh: bool) -> (us
                 let Some(obj) = obj else {
                     return (n, Status::Truncated);
                 };
-                step(obj, lookup, &regs)
+                step(obj, lookup, &regs, &files)
             }
         };
         match next {
@@ -151,6 +153,7 @@ pub(crate) fn sp_outside(lo: usize, hi: usize) -> Option<usize> {
         );
     }
     let mut regs = Regs { pc, sp, bp };
+    let files = source::WalkFiles::new();
     let mut leaf = true;
     for _ in 0..256 {
         if !(lo..hi).contains(&regs.pc) {
@@ -159,7 +162,7 @@ pub(crate) fn sp_outside(lo: usize, hi: usize) -> Option<usize> {
         let lookup = if leaf { regs.pc } else { regs.pc - 1 };
         leaf = false;
         let obj = objects::find_or_refresh(lookup)?;
-        match step(obj, lookup, &regs) {
+        match step(obj, lookup, &regs, &files) {
             Step::Next(next) => regs = next,
             _ => return None,
         }
@@ -173,15 +176,18 @@ enum Step {
     Fail,
 }
 
-fn step(obj: &Object, pc: usize, regs: &Regs) -> Step {
+/// One frame's step; a CFI read from the object's file goes through the
+/// walk's `files`.
+fn step(obj: &Object, pc: usize, regs: &Regs, files: &source::WalkFiles) -> Step {
     if let Some(row) = row_cache::get(pc) {
         return apply_row(&row, regs);
     }
     if obj.eh_frame_hdr != 0 {
+        let src = source::Source::of(obj, files);
         // SAFETY: the eh_frame_hdr and eh_frame of a loaded object are
         // mapped read-only for its lifetime.
-        if let Some(rules) = unsafe { find_rules(obj.eh_frame_hdr, pc) } {
-            return match row_at(&rules, regs) {
+        if let Some(rules) = unsafe { find_rules(&src, obj.eh_frame_hdr, pc) } {
+            return match row_at(&rules, regs, &src) {
                 Some(row) => {
                     if !matches!(rules.cfa, Cfa::Expr(..)) {
                         row_cache::put(pc, &row);
@@ -198,7 +204,7 @@ fn step(obj: &Object, pc: usize, regs: &Regs) -> Step {
 /// The compact unwind row (the project's one description of how to unwind
 /// a frame, `profiler_common::unwind`) for the rules in force at this pc, so
 /// that this unwinder and the kernel walker apply the same rules the same way.
-fn row_at(r: &Rules, regs: &Regs) -> Option<UnwindRow> {
+fn row_at(r: &Rules, regs: &Regs, src: &source::Source<'_>) -> Option<UnwindRow> {
     if r.ra == Rule::Undefined {
         return UnwindRow::new(0, unwind::CFA_END, 0, unwind::RBP_SAME, 0);
     }
@@ -215,7 +221,7 @@ fn row_at(r: &Rules, regs: &Regs) -> Option<UnwindRow> {
         // SAFETY: the expression lies in mapped CFI.
         Cfa::Expr(p, len) => (
             unwind::CFA_RSP,
-            (unsafe { eval(p, len, regs) }? as i64).wrapping_sub(regs.sp as i64),
+            (unsafe { eval(src, p, len, regs) }? as i64).wrapping_sub(regs.sp as i64),
         ),
     };
     let (rbp_kind, rbp_offset) = match r.rbp {
