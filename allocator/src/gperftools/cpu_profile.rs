@@ -63,6 +63,7 @@ static TAKEN: AtomicU64 = AtomicU64::new(0);
 static PERIOD: AtomicU64 = AtomicU64::new(10_000_000);
 
 /// Whether CPU profiling is on: new threads must arm their timer.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub fn is_on() -> bool {
     ON.load(Ordering::Relaxed)
 }
@@ -242,6 +243,7 @@ fn record(stack: &[u64], truncated: bool, tid: u32, periods: u64) {
 }
 
 /// Writes the profile.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) fn at_exit() {
     if !ON.swap(false, Ordering::AcqRel) {
         return;

@@ -200,6 +200,7 @@ unsafe extern "C" fn visit_segments(
 }
 
 /// Runs the check if HEAPCHECK asked for it; exits with status 1 on leaks.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) fn at_exit() {
     let s = env::settings();
     if !s.heap_check || !heap_profile::ON.load(Ordering::Acquire) {
