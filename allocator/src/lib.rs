@@ -40,7 +40,9 @@
 //! kernel maps file pages around a fault in aligned 64 KiB groups, so with
 //! that code spread over the whole text, every process had all of it
 //! (about 380 KiB) resident. Mark a function that every process runs the
-//! same way, and keep the section under about 60 KiB (`readelf -S`).
+//! same way (a rarely used body behind a test that always runs goes in a
+//! function of its own, unmarked); `cargo xtask check-fast-path` fails
+//! when the section outgrows the group.
 pub mod alloc;
 mod cache_budget;
 mod central;
