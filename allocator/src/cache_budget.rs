@@ -151,6 +151,7 @@ pub(crate) enum Growth {
 ///
 /// # Safety
 /// `tc` is this thread's cache, `busy` set.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) unsafe fn grant(
     tc: *mut ThreadCache,
     c: usize,
@@ -221,6 +222,7 @@ pub(crate) fn is_big(c: usize) -> bool {
 ///
 /// # Safety
 /// `tc` is this thread's cache, `busy` set.
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn make_big_room(tc: *mut ThreadCache, c: usize, bytes: usize) -> bool {
     if bytes > BIG_LISTS_BYTES {
         return false;
@@ -253,6 +255,7 @@ unsafe fn make_big_room(tc: *mut ThreadCache, c: usize, bytes: usize) -> bool {
 ///
 /// # Safety
 /// `tc` is this thread's cache, `busy` set.
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn within_limit(tc: *mut ThreadCache, c: usize, bytes: usize, size: usize) -> usize {
     // SAFETY: the owner thread works on its own cache.
     unsafe {
@@ -285,6 +288,7 @@ unsafe fn share(tc: *const ThreadCache) -> usize {
 ///
 /// # Safety
 /// `tc` is this thread's cache, `busy` set.
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn shrink_largest_other(tc: *mut ThreadCache, c: usize) -> usize {
     // SAFETY: the owner thread works on its own cache.
     unsafe {
@@ -303,6 +307,7 @@ unsafe fn shrink_largest_other(tc: *mut ThreadCache, c: usize) -> usize {
 ///
 /// # Safety
 /// `tc` is this thread's cache, `busy` set.
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn shrink_list(tc: *mut ThreadCache, k: usize, new: u32) -> usize {
     // SAFETY: the owner thread works on its own cache.
     unsafe {
@@ -329,6 +334,7 @@ unsafe fn shrink_list(tc: *mut ThreadCache, k: usize, new: u32) -> usize {
 ///
 /// # Safety
 /// `tc` is this thread's cache, `busy` set.
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn steal(tc: *mut ThreadCache, bytes: usize, unit: usize) -> usize {
     let now = decay::now_ns();
     // SAFETY: the owner thread works on its own cache; registered caches
@@ -381,6 +387,7 @@ unsafe fn steal(tc: *mut ThreadCache, bytes: usize, unit: usize) -> usize {
 ///
 /// # Safety
 /// `tc` is this thread's cache, `busy` set, state ACTIVE.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) unsafe fn on_slow_path(tc: *mut ThreadCache) {
     // SAFETY: the owner thread works on its own cache.
     unsafe {

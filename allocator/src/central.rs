@@ -103,6 +103,7 @@ fn class(c: usize) -> &'static Class {
 
 /// Takes a chain of up to `want` objects of class `c`. Returns (head, n);
 /// n == 0 means out of memory.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) fn remove_range(c: usize, want: usize) -> (*mut u8, usize) {
     class(c).remove_range(&PageHeap, c, want)
 }
@@ -111,6 +112,7 @@ pub(crate) fn remove_range(c: usize, want: usize) -> (*mut u8, usize) {
 ///
 /// # Safety
 /// Every object in the chain is a free object of class `c`.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) unsafe fn insert_range(c: usize, head: *mut u8, n: usize) {
     // SAFETY: the caller's contract.
     unsafe { class(c).insert_range(&PageHeap, c, head, n) }
@@ -148,6 +150,7 @@ impl Class {
 
     /// Takes a chain of up to `want` objects: a whole batch from the
     /// transfer cache when there is one, else from the spans.
+    #[unsafe(link_section = ".text.hot.profalloc")]
     fn remove_range<P: PageSource>(&self, pages: &P, c: usize, want: usize) -> (*mut u8, usize) {
         if want == BATCH[c] as usize {
             self.transfer_lock.lock();
@@ -175,6 +178,7 @@ impl Class {
     ///
     /// # Safety
     /// Every object in the chain is a free object of class `c`.
+    #[unsafe(link_section = ".text.hot.profalloc")]
     unsafe fn insert_range<P: PageSource>(&self, pages: &P, c: usize, head: *mut u8, n: usize) {
         if n == BATCH[c] as usize {
             self.transfer_lock.lock();
@@ -203,6 +207,7 @@ impl Class {
     ///
     /// # Safety
     /// Every object in the chain is a free object of class `c`.
+    #[unsafe(link_section = ".text.hot.profalloc")]
     unsafe fn release_chain<P: PageSource>(&self, pages: &P, c: usize, head: *mut u8) {
         self.central_lock.lock();
         let mut p = head;

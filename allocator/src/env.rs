@@ -177,6 +177,7 @@ fn heap_check_on(heapcheck: Option<&[u8]>, profalloc_heapcheck: Option<u64>) -> 
 /// it runs inherit the marked value and append `_PID`, so that parent and
 /// children never write the same files. Leaves `dst` empty when the
 /// variable is unset or empty.
+#[unsafe(link_section = ".text.hot.profalloc")]
 fn unique_path(name: &core::ffi::CStr, dst: &mut Text) {
     // SAFETY: getenv returns null or a NUL-terminated string in the
     // environment, which is writable memory (the initial stack, or a
@@ -213,6 +214,7 @@ fn unique_path(name: &core::ffi::CStr, dst: &mut Text) {
 ///
 /// # Safety
 /// Called once, before any other thread uses the settings.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) unsafe fn read() {
     // SAFETY: the caller's contract.
     let s = unsafe { &mut *SETTINGS.0.get() };

@@ -22,6 +22,7 @@ use crate::{
 pub(crate) const HEADER: usize = 4096;
 const SYS_PAGE: usize = 4096;
 
+#[unsafe(link_section = ".text.hot.profalloc")]
 fn mapping_len(size: usize) -> Option<usize> {
     size.checked_add(HEADER + SYS_PAGE - 1)
         .map(|n| n & !(SYS_PAGE - 1))
@@ -29,11 +30,13 @@ fn mapping_len(size: usize) -> Option<usize> {
 
 /// Maps a huge object of `size` bytes aligned to `align` (a power of two);
 /// null when out of memory.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) fn alloc(size: usize, align: usize, sampled: bool) -> *mut u8 {
     alloc_in(&System, size, align, sampled)
 }
 
 /// [`alloc`] through `os`.
+#[unsafe(link_section = ".text.hot.profalloc")]
 fn alloc_in<O: Os>(os: &O, size: usize, align: usize, sampled: bool) -> *mut u8 {
     let Some(len) = mapping_len(size) else {
         return ptr::null_mut();
@@ -91,6 +94,7 @@ fn alloc_in<O: Os>(os: &O, size: usize, align: usize, sampled: bool) -> *mut u8 
 ///
 /// # Safety
 /// `s` is a live huge span.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) unsafe fn user(s: *const Span) -> usize {
     // SAFETY: caller contract.
     unsafe { (*s).base + HEADER }
@@ -100,6 +104,7 @@ pub(crate) unsafe fn user(s: *const Span) -> usize {
 ///
 /// # Safety
 /// `s` is a live huge span.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) unsafe fn usable(s: *const Span) -> usize {
     // SAFETY: caller contract.
     unsafe { (*s).npages - HEADER }
@@ -109,6 +114,7 @@ pub(crate) unsafe fn usable(s: *const Span) -> usize {
 ///
 /// # Safety
 /// `s` is a live huge span; nothing uses the object any more.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) unsafe fn free(s: *mut Span) {
     // SAFETY: caller contract.
     unsafe { free_in(&System, s) }
@@ -118,6 +124,7 @@ pub(crate) unsafe fn free(s: *mut Span) {
 ///
 /// # Safety
 /// As [`free`].
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn free_in<O: Os>(os: &O, s: *mut Span) {
     // SAFETY: caller contract.
     unsafe {
@@ -134,6 +141,7 @@ unsafe fn free_in<O: Os>(os: &O, s: *mut Span) {
 ///
 /// # Safety
 /// `s` is a live huge span owned by the caller.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) unsafe fn resize(s: *mut Span, size: usize) -> *mut u8 {
     // SAFETY: caller contract.
     unsafe { resize_in(&System, s, size) }
@@ -143,6 +151,7 @@ pub(crate) unsafe fn resize(s: *mut Span, size: usize) -> *mut u8 {
 ///
 /// # Safety
 /// As [`resize`].
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn resize_in<O: Os>(os: &O, s: *mut Span, size: usize) -> *mut u8 {
     let Some(len) = mapping_len(size) else {
         return ptr::null_mut();

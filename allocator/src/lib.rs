@@ -30,6 +30,19 @@
 //! that interrupts the allocator on its thread (fast or slow path) takes
 //! the re-entrant path, which neither touches the interrupted lists nor
 //! waits for a lock.
+//!
+//! # Resident code
+//! Functions that run in every process (start-up, exit, the allocation
+//! paths, sampling and its stack walk) carry
+//! `#[link_section = ".text.hot.profalloc"]`; `allocator/preload/layout.ld`
+//! puts that section, with the C runtime's and std's start-up code and the
+//! PLT, in one 64 KiB group at the start of libprofalloc.so's text. The
+//! kernel maps file pages around a fault in aligned 64 KiB groups, so with
+//! that code spread over the whole text, every process had all of it
+//! (about 380 KiB) resident. Mark a function that every process runs the
+//! same way (a rarely used body behind a test that always runs goes in a
+//! function of its own, unmarked); `cargo xtask check-fast-path` fails
+//! when the section outgrows the group.
 pub mod alloc;
 mod cache_budget;
 mod central;

@@ -180,6 +180,7 @@ impl LiveSet {
     /// Makes a table of at most `bytes` of slots (plus its index). Called
     /// once, before any insert. False when `bytes` holds no slot or the
     /// memory could not be mapped (the table stays off).
+    #[unsafe(link_section = ".text.hot.profalloc")]
     pub(crate) fn start(&self, bytes: u64, sample_bytes: u64) -> bool {
         let capacity = (bytes as usize / size_of::<Slot>()).min(MAX_SLOTS);
         if capacity == 0 {
@@ -251,6 +252,7 @@ impl LiveSet {
     /// the pointer cannot be indexed). The Python words come first in what
     /// is kept (at most [`LIVE_MAX_PYTHON_WORDS`], the outer ones cut), the
     /// native stack gets the rest.
+    #[unsafe(link_section = ".text.hot.profalloc")]
     pub(crate) fn insert(
         &self,
         ptr: usize,
@@ -319,6 +321,7 @@ impl LiveSet {
 
     /// Forgets a sampled allocation being freed (nothing when it is not in
     /// the table: dropped, or sampled before the table existed).
+    #[unsafe(link_section = ".text.hot.profalloc")]
     pub(crate) fn remove(&self, ptr: usize) {
         if !self.on() {
             return;

@@ -94,6 +94,7 @@ unsafe fn heap() -> &'static mut Heap {
 /// pages registered with the class) or, with class 0, a large span (first
 /// and last page registered). `align_pages` (a power of two) aligns its
 /// start. Null when out of memory. Takes LOCK.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub fn allocate(npages: usize, class: u8, align_pages: usize) -> *mut Span {
     LOCK.lock();
     // SAFETY: LOCK is held.
@@ -106,6 +107,7 @@ pub fn allocate(npages: usize, class: u8, align_pages: usize) -> *mut Span {
 ///
 /// # Safety
 /// `s` is a live SMALL or LARGE span nobody uses any more.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub unsafe fn deallocate(s: *mut Span) {
     LOCK.lock();
     // SAFETY: LOCK is held; the caller gives up `s`.
@@ -144,6 +146,7 @@ pub unsafe fn deallocate(s: *mut Span) {
 ///
 /// # Safety
 /// `s` is a live LARGE span owned by the caller.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub unsafe fn grow_in_place(s: *mut Span, npages: usize) -> bool {
     LOCK.lock();
     // SAFETY: LOCK is held; the caller owns `s`; neighbours found through
@@ -188,6 +191,7 @@ pub unsafe fn grow_in_place(s: *mut Span, npages: usize) -> bool {
 
 /// # Safety
 /// LOCK must be held.
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn allocate_locked(npages: usize, class: u8, align_pages: usize) -> *mut Span {
     // A program that only allocates still ages the free spans it left.
     // SAFETY: LOCK is held.
@@ -261,6 +265,7 @@ unsafe fn allocate_locked(npages: usize, class: u8, align_pages: usize) -> *mut 
 ///
 /// # Safety
 /// LOCK held; `s` is off every list and longer than `n` pages.
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn split_front(s: *mut Span, n: usize) -> *mut Span {
     // SAFETY: caller contract; new_span is called under LOCK.
     unsafe {
@@ -323,6 +328,7 @@ unsafe fn find_free(n: usize) -> *mut Span {
 ///
 /// # Safety
 /// LOCK must be held.
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn grow(n: usize) -> bool {
     // SAFETY: LOCK is held.
     let h = unsafe { heap() };
@@ -364,6 +370,7 @@ unsafe fn grow(n: usize) -> bool {
 ///
 /// # Safety
 /// LOCK must be held; the pages are ours and unused.
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn add_fresh(start: usize, n: usize) -> bool {
     // SAFETY: LOCK is held.
     let s = unsafe { new_span() };
@@ -389,6 +396,7 @@ unsafe fn add_fresh(start: usize, n: usize) -> bool {
 ///
 /// # Safety
 /// LOCK held; `s` is a FREE span on no list.
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn insert_free(s: *mut Span) {
     // SAFETY: LOCK is held; neighbours found through the map are live.
     unsafe {
@@ -434,6 +442,7 @@ unsafe fn insert_free(s: *mut Span) {
 
 /// # Safety
 /// LOCK held; `s` is a FREE span on its list.
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn remove_free(s: *mut Span) {
     // SAFETY: LOCK is held; s is on the list its state and length name.
     unsafe {
@@ -480,6 +489,7 @@ unsafe fn new_span() -> *mut Span {
 
 /// # Safety
 /// LOCK held; nothing refers to `s` any more.
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn free_span_record(s: *mut Span) {
     // SAFETY: LOCK is held; s is unused.
     unsafe {

@@ -61,6 +61,7 @@ core::arch::global_asm!(
 /// the site is the first instruction in every build (no prologue) and the
 /// arguments are in the registers the System V ABI passes them in.
 #[unsafe(naked)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) extern "C" fn alloc(ptr: *mut u8, size: usize, weight: u64) {
     core::arch::naked_asm!(
         "990: .byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
@@ -71,6 +72,7 @@ pub(crate) extern "C" fn alloc(ptr: *mut u8, size: usize, weight: u64) {
 
 /// The `free` probe site: a sampled allocation is being freed.
 #[unsafe(naked)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) extern "C" fn free(ptr: *mut u8) {
     core::arch::naked_asm!(
         "990: .byte 0x0f, 0x1f, 0x44, 0x00, 0x00",

@@ -37,6 +37,7 @@ static RECORD_ALL: AtomicBool = AtomicBool::new(false);
 /// Sets the rate and the mode from the settings and starts what gperftools
 /// mode asks for. Called once, from the allocator's initialisation (busy
 /// set, before any thread cache fills).
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) fn start(s: &Settings) {
     if let Some(n) = s.sample_bytes {
         profalloc_sample_bytes.store(n, Ordering::Relaxed);
@@ -133,6 +134,7 @@ pub(crate) fn at_exit() {
 /// instruction (see `prof-bpf`'s probe placement).
 #[unsafe(no_mangle)]
 #[inline(never)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub extern "C" fn profalloc_sample_alloc(ptr: *mut libc::c_void, size: usize, weight: u64) {
     // SAFETY: nops that only "use" the arguments, so the function keeps its
     // body and its call sites.
@@ -145,6 +147,7 @@ pub extern "C" fn profalloc_sample_alloc(ptr: *mut libc::c_void, size: usize, we
 /// Called when a sampled allocation is freed, before its memory is reused.
 #[unsafe(no_mangle)]
 #[inline(never)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub extern "C" fn profalloc_sample_free(ptr: *mut libc::c_void) {
     // SAFETY: as above.
     unsafe {
@@ -181,6 +184,7 @@ pub(crate) fn next_distance(rng: &mut u64, rate: u64) -> isize {
 
 /// The unbiased weight of a sampled allocation of `size` bytes at mean
 /// rate `rate`: size / P(sampled) = S / (1 - exp(-S/R)).
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) fn weight(size: usize, rate: u64) -> u64 {
     if rate == 0 {
         return size as u64;

@@ -125,6 +125,10 @@ pub static SIZE: [u32; MAX_CLASSES] = TABLES.size;
 pub static PAGES: [u8; MAX_CLASSES] = TABLES.pages;
 /// Batch size per class.
 pub static BATCH: [u8; MAX_CLASSES] = TABLES.batch;
+// In a section of its own that libprofalloc.so places after the other
+// read-only data (allocator/preload/layout.ld): the entries of large
+// sizes, at its end, are rarely read.
+#[unsafe(link_section = ".rodata_lookup.profalloc")]
 static LOOKUP: [u16; LOOKUP_LEN] = TABLES.lookup;
 
 const _: () = assert!(NUM_CLASSES <= MAX_CLASSES && NUM_CLASSES < 256);

@@ -95,6 +95,7 @@ impl FreeList {
     ///
     /// # Safety
     /// The list is this thread's list of class `c`.
+    #[unsafe(link_section = ".text.hot.profalloc")]
     pub(crate) unsafe fn pop_or_refill<M: MiddleTier>(
         &mut self,
         m: &M,
@@ -137,6 +138,7 @@ impl FreeList {
     /// # Safety
     /// The list is this thread's list of class `c`; `p` is a free object
     /// of class `c` that is not on it.
+    #[unsafe(link_section = ".text.hot.profalloc")]
     pub(crate) unsafe fn push_or_release<M: MiddleTier>(
         &mut self,
         m: &M,
@@ -178,6 +180,7 @@ impl FreeList {
     ///
     /// # Safety
     /// The list is of class `c` and holds at least `n` objects.
+    #[unsafe(link_section = ".text.hot.profalloc")]
     unsafe fn release<M: MiddleTier>(&mut self, m: &M, c: usize, n: usize) {
         let head = self.head;
         let mut tail = head;
@@ -408,6 +411,7 @@ pub(crate) unsafe fn flush(tc: *mut ThreadCache) {
 ///
 /// # Safety
 /// Called by glibc with the value this thread set: its cache.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) unsafe extern "C" fn thread_exit(arg: *mut libc::c_void) {
     let tc = arg.cast::<ThreadCache>();
     if tc.is_null() || tc != tls() {

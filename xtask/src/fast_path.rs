@@ -3,6 +3,9 @@
 //! class, and compares them with the committed golden file
 //! (allocator/fast_path.golden), so the fast path cannot grow unnoticed.
 //! `--bless` rewrites the golden file (only on purpose).
+//! It also checks that the code every process runs (`.text.hot`, see
+//! allocator/preload/layout.ld) still fits in the 64 KiB group of the
+//! text that start-up (`.init`) faults in.
 //!
 //! The fast path is the instruction sequence from the entry to the first
 //! `ret`, following the fall-through of every conditional branch (the
@@ -51,6 +54,55 @@ fn disassemble(lib: &std::path::Path, func: &str) -> anyhow::Result<Vec<Insn>> {
         bail!("objdump found no function `{func}` in {}", lib.display());
     }
     Ok(insns)
+}
+
+/// Address and size of each section of the library, by name.
+fn sections(lib: &std::path::Path) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    let text = util::output(Command::new("readelf").arg("-SW").arg(lib), "readelf")?;
+    let mut found = BTreeMap::new();
+    for line in text.lines() {
+        // `  [14] .init  PROGBITS  00000000000207cc 01f7cc 000017 ...`
+        let Some((_, rest)) = line.split_once(']') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if let [name, _, addr, _, size, ..] = fields[..]
+            && let (Ok(addr), Ok(size)) =
+                (u64::from_str_radix(addr, 16), u64::from_str_radix(size, 16))
+        {
+            found.insert(name.to_owned(), (addr, size));
+        }
+    }
+    Ok(found)
+}
+
+/// The kernel maps a file's pages around a fault in aligned groups of this
+/// many bytes (fault-around).
+const FAULT_GROUP: u64 = 64 << 10;
+
+/// Fails when `.text.hot` has outgrown the 64 KiB group that `.init` is in
+/// (every process would then have a second group of the text resident).
+fn check_hot_group(lib: &std::path::Path) -> anyhow::Result<()> {
+    let found = sections(lib)?;
+    let (Some(&(init, _)), Some(&(hot, size))) = (found.get(".init"), found.get(".text.hot"))
+    else {
+        bail!(
+            "{} has no .init or .text.hot section (see allocator/preload/layout.ld)",
+            lib.display()
+        );
+    };
+    let end = hot + size;
+    println!(
+        "hot code: .text.hot {size} bytes, ends {} bytes into its 64 KiB group",
+        end - init / FAULT_GROUP * FAULT_GROUP
+    );
+    if (end - 1) / FAULT_GROUP != init / FAULT_GROUP {
+        bail!(
+            ".text.hot ({size} bytes at {hot:#x}) no longer ends in the 64 KiB group of .init \
+             ({init:#x}): move rarely run functions out of it"
+        );
+    }
+    Ok(())
 }
 
 /// The fast path: entry to first `ret`, through fall-throughs and local
@@ -132,6 +184,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         "building libprofalloc.so (release)",
     )?;
     let lib = util::target_dir().join("release/libprofalloc.so");
+    check_hot_group(&lib)?;
     let mut report = String::from(
         "# Fast-path instruction counts of libprofalloc.so (release, x86-64), from\n\
          # `cargo xtask check-fast-path`; rewrite with `--bless` only on purpose.\n",

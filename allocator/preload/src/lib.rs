@@ -24,6 +24,7 @@ const SYS_PAGE: usize = 4096;
 
 #[unsafe(no_mangle)]
 #[inline(never)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub extern "C" fn malloc(size: usize) -> *mut c_void {
     a::malloc(size).cast()
 }
@@ -32,6 +33,7 @@ pub extern "C" fn malloc(size: usize) -> *mut c_void {
 /// `p` is null or a live allocation.
 #[unsafe(no_mangle)]
 #[inline(never)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub unsafe extern "C" fn free(p: *mut c_void) {
     // SAFETY: caller contract.
     unsafe { a::free(p.cast()) }
@@ -40,6 +42,7 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
 /// # Safety
 /// `p` is null or a live allocation.
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub unsafe extern "C" fn cfree(p: *mut c_void) {
     // SAFETY: caller contract.
     unsafe { free(p) }
@@ -47,6 +50,7 @@ pub unsafe extern "C" fn cfree(p: *mut c_void) {
 
 #[unsafe(no_mangle)]
 #[inline(never)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
     a::calloc(n, size).cast()
 }
@@ -55,6 +59,7 @@ pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
 /// `p` is null or a live allocation.
 #[unsafe(no_mangle)]
 #[inline(never)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     // SAFETY: caller contract.
     unsafe { a::realloc(p.cast(), size).cast() }
@@ -63,6 +68,7 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
 /// # Safety
 /// `p` is null or a live allocation.
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> *mut c_void {
     let Some(total) = n.checked_mul(size) else {
         profalloc::os::set_enomem();
@@ -79,6 +85,7 @@ fn set_errno(e: c_int) {
 
 #[unsafe(no_mangle)]
 #[inline(never)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
     // glibc: a non-power-of-two alignment is rounded up.
     let Some(align) = align.max(1).checked_next_power_of_two() else {
@@ -93,6 +100,7 @@ pub extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
 }
 
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
     if !align.is_power_of_two() {
         set_errno(libc::EINVAL);
@@ -104,6 +112,7 @@ pub extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
 /// # Safety
 /// `out` is a valid pointer.
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
     if !align.is_power_of_two() || !align.is_multiple_of(core::mem::size_of::<usize>()) {
         return libc::EINVAL;
@@ -134,6 +143,7 @@ pub extern "C" fn pvalloc(size: usize) -> *mut c_void {
 /// # Safety
 /// `p` is null or a live allocation.
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
     // SAFETY: caller contract.
     unsafe { a::usable_size(p.cast()) }
@@ -246,6 +256,7 @@ fn new_failed() {
     throw()
 }
 
+#[unsafe(link_section = ".text.hot.profalloc")]
 fn new_impl(size: usize, align: usize) -> *mut c_void {
     loop {
         let p = if align <= MIN_ALIGN {
@@ -263,6 +274,7 @@ fn new_impl(size: usize, align: usize) -> *mut c_void {
 macro_rules! operator_new {
     ($($name:ident),*) => {$(
         #[unsafe(no_mangle)]
+        #[unsafe(link_section = ".text.hot.profalloc")]
         pub extern "C-unwind" fn $name(size: usize) -> *mut c_void {
             new_impl(size, 0)
         }
@@ -297,6 +309,7 @@ macro_rules! operator_delete {
         /// # Safety
         /// `p` is null or a live allocation.
         #[unsafe(no_mangle)]
+        #[unsafe(link_section = ".text.hot.profalloc")]
         pub unsafe extern "C" fn $name(p: *mut c_void $(, $arg: $t)*) {
             $(let _ = $arg;)*
             // SAFETY: caller contract.

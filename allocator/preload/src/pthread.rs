@@ -19,6 +19,7 @@ type Create = unsafe extern "C" fn(
 /// glibc's pthread_create (the next definition), once looked up.
 static REAL: AtomicUsize = AtomicUsize::new(0);
 
+#[unsafe(link_section = ".text.hot.profalloc")]
 extern "C" fn trampoline(p: *mut c_void) -> *mut c_void {
     // SAFETY: p is the two-word record made below, ours to free.
     let (start, arg) = unsafe {
@@ -36,6 +37,7 @@ extern "C" fn trampoline(p: *mut c_void) -> *mut c_void {
 /// # Safety
 /// pthread_create's contract.
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub unsafe extern "C" fn pthread_create(
     thread: *mut libc::pthread_t,
     attr: *const libc::pthread_attr_t,

@@ -9,6 +9,7 @@ use core::ffi::{c_int, c_void};
 /// # Safety
 /// As munmap(2): the range is the caller's to unmap.
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub unsafe extern "C" fn munmap(addr: *mut c_void, len: usize) -> c_int {
     profalloc::gperftools::unmapping(|| {
         // SAFETY: the caller's contract.

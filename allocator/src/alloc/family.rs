@@ -20,6 +20,7 @@ use crate::{
 };
 
 /// Allocates `size` bytes aligned to `align` (a power of two).
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub fn memalign(align: usize, size: usize) -> *mut u8 {
     if align <= MIN_ALIGN {
         return malloc(size);
@@ -40,6 +41,7 @@ pub fn memalign(align: usize, size: usize) -> *mut u8 {
 }
 
 /// calloc: overflow-checked, zeroed.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub fn calloc(n: usize, size: usize) -> *mut u8 {
     let Some(total) = n.checked_mul(size) else {
         os::set_enomem();
@@ -59,6 +61,7 @@ pub fn calloc(n: usize, size: usize) -> *mut u8 {
 
 /// Whether large object `p`, just allocated, lies on pages that were not
 /// resident when its span was handed out (see `Span::returned`).
+#[unsafe(link_section = ".text.hot.profalloc")]
 fn reads_as_zero(p: *mut u8) -> bool {
     let s = pagemap::span(p as usize >> PAGE_SHIFT);
     // SAFETY: p is a live large object: its first page maps to its span,
@@ -70,6 +73,7 @@ fn reads_as_zero(p: *mut u8) -> bool {
 ///
 /// # Safety
 /// `p` is null or a live allocation of this allocator.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub unsafe fn usable_size(p: *mut u8) -> usize {
     if p.is_null() {
         return 0;
@@ -100,6 +104,7 @@ pub(super) const MOVE_TO_HUGE: usize = 256 << 10;
 ///
 /// # Safety
 /// `p` is null or a live allocation of this allocator.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub unsafe fn realloc(p: *mut u8, size: usize) -> *mut u8 {
     if p.is_null() {
         return malloc(size);

@@ -13,6 +13,7 @@ use crate::{
 ///
 /// # Safety
 /// `tc` is this thread's cache, busy set.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(super) unsafe fn init_thread(tc: *mut ThreadCache) {
     global_init();
     // SAFETY: the owner initialises its own cache.
@@ -31,6 +32,7 @@ pub(super) unsafe fn init_thread(tc: *mut ThreadCache) {
     }
 }
 
+#[unsafe(link_section = ".text.hot.profalloc")]
 fn now_nanos() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -52,6 +54,7 @@ static KEY: Key = Key(core::cell::UnsafeCell::new(0));
 /// One-time set-up: settings from the environment, the thread-exit key,
 /// the fork handlers. Everything else is statically initialised, so
 /// allocation works before (and during) this.
+#[unsafe(link_section = ".text.hot.profalloc")]
 fn global_init() {
     match INIT.compare_exchange(INIT_NONE, INIT_RUNNING, Ordering::AcqRel, Ordering::Acquire) {
         Ok(_) => {}
@@ -80,6 +83,7 @@ fn global_init() {
 
 /// Reads the settings (the one read of the environment) and hands them
 /// to the tiers and the sampler.
+#[unsafe(link_section = ".text.hot.profalloc")]
 fn apply_settings() {
     // SAFETY: called once, from global_init, before INIT_DONE.
     unsafe { env::read() };
@@ -133,6 +137,7 @@ extern "C" fn after_fork_child() {
     thread_cache::reset_registry_in_child();
 }
 
+#[unsafe(link_section = ".text.hot.profalloc")]
 extern "C" fn report_at_exit() {
     sampler::at_exit();
     if env::settings().stats_at_exit {
@@ -147,6 +152,7 @@ static REPORT_AT_EXIT: extern "C" fn() = report_at_exit;
 /// Makes sure the allocator (and the profiling the settings ask for) is
 /// set up before the program runs, even if it never allocates before
 /// creating its first thread.
+#[unsafe(link_section = ".text.hot.profalloc")]
 extern "C" fn init_before_main() {
     let p = super::malloc(1);
     // SAFETY: p was just allocated (or is null).

@@ -38,6 +38,7 @@ use crate::{huge, os, pagemap, size_class::PAGE_SHIFT, span};
 pub const HUGE_THRESHOLD: usize = 1 << 20;
 
 /// The span of a non-small pointer, or an abort naming the misuse.
+#[unsafe(link_section = ".text.hot.profalloc")]
 fn checked_span(what: &str, p: *mut u8) -> *mut span::Span {
     let s = pagemap::span(p as usize >> PAGE_SHIFT);
     if s.is_null() {

@@ -59,6 +59,7 @@ pub(super) unsafe fn reentrant_free(p: *mut u8) {
 ///
 /// # Safety
 /// busy is set.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(super) unsafe fn drain_deferred() {
     if DEFERRED.load(Ordering::Relaxed).is_null() {
         return;

@@ -26,6 +26,7 @@ use crate::{
 };
 #[cold]
 #[inline(never)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(super) unsafe extern "C" fn alloc_slow(
     size: usize,
     c: usize,
@@ -76,6 +77,7 @@ pub(super) unsafe extern "C" fn alloc_slow(
 ///
 /// # Safety
 /// `tc` is this thread's cache, busy set.
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn alloc_unsampled(tc: *mut ThreadCache, size: usize, c: usize, align: usize) -> *mut u8 {
     if c == 0 {
         return alloc_large(size, align, false);
@@ -94,6 +96,7 @@ unsafe fn alloc_unsampled(tc: *mut ThreadCache, size: usize, c: usize, align: us
 }
 
 /// A large object from the page heap, or a huge mapping.
+#[unsafe(link_section = ".text.hot.profalloc")]
 fn alloc_large(size: usize, align: usize, sampled: bool) -> *mut u8 {
     if size > isize::MAX as usize / 2 {
         return ptr::null_mut();
@@ -118,6 +121,7 @@ fn alloc_large(size: usize, align: usize, sampled: bool) -> *mut u8 {
 /// object straight from the class's central list, so that the thread's
 /// list never fills and every free of the class takes the slow path),
 /// recorded with weight = size.
+#[unsafe(link_section = ".text.hot.profalloc")]
 fn alloc_recorded(size: usize, c: usize, align: usize) -> *mut u8 {
     let p = if c != 0 {
         let (head, n) = central::remove_range(c, 1);
@@ -133,6 +137,7 @@ fn alloc_recorded(size: usize, c: usize, align: usize) -> *mut u8 {
 
 /// A sampled allocation: on its own span (its free then takes the slow
 /// path), with its unbiased weight.
+#[unsafe(link_section = ".text.hot.profalloc")]
 fn alloc_sampled(size: usize, align: usize, rate: u64) -> *mut u8 {
     let p = alloc_large(size, align, true);
     if !p.is_null() {
@@ -143,6 +148,7 @@ fn alloc_sampled(size: usize, align: usize, rate: u64) -> *mut u8 {
 
 #[cold]
 #[inline(never)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(super) unsafe extern "C" fn free_slow(p: *mut u8) {
     if p.is_null() {
         return;
@@ -180,6 +186,7 @@ pub(super) unsafe extern "C" fn free_slow(p: *mut u8) {
 ///
 /// # Safety
 /// `tc` is this thread's cache, busy set; `p` is an object of class `c`.
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn free_small(tc: *mut ThreadCache, c: usize, p: *mut u8) {
     // SAFETY: the owner thread works on its own cache; p is ours.
     unsafe {
@@ -211,6 +218,7 @@ unsafe fn free_small(tc: *mut ThreadCache, c: usize, p: *mut u8) {
 ///
 /// # Safety
 /// busy is set; `p` is not a small object.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(super) unsafe fn free_large(p: *mut u8) {
     let s = checked_span("free", p);
     // SAFETY: a live large or huge span whose object is p.

@@ -63,6 +63,7 @@ static TAKEN: AtomicU64 = AtomicU64::new(0);
 static PERIOD: AtomicU64 = AtomicU64::new(10_000_000);
 
 /// Whether CPU profiling is on: new threads must arm their timer.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub fn is_on() -> bool {
     ON.load(Ordering::Relaxed)
 }
@@ -241,11 +242,17 @@ fn record(stack: &[u64], truncated: bool, tid: u32, periods: u64) {
     LOCK.unlock();
 }
 
-/// Writes the profile.
+/// Writes the profile, if one was started (the test runs in every
+/// process, the writing only with CPUPROFILE).
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) fn at_exit() {
-    if !ON.swap(false, Ordering::AcqRel) {
-        return;
+    if ON.swap(false, Ordering::AcqRel) {
+        write_profile();
     }
+}
+
+#[inline(never)]
+fn write_profile() {
     let s = env::settings();
     let period = PERIOD.load(Ordering::Relaxed) as i64;
     LOCK.lock();

@@ -55,6 +55,7 @@ use crate::{
 /// in a CPython process its Python frames ([`python`]). Called once, from
 /// the allocator's initialisation (first allocation, busy set), when
 /// stacks are wanted (the live set or gperftools mode).
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) fn start_stacks(s: &Settings) {
     python::start(s.python_frames, s.gperftools_mode());
     objects::refresh();

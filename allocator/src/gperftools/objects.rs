@@ -83,6 +83,7 @@ impl CfiFile {
     ///
     /// # Safety
     /// `hdr` is the object's mapped .eh_frame_hdr, inside `[lo, hi)`.
+    #[unsafe(link_section = ".text.hot.profalloc")]
     pub unsafe fn open(&self, path: &[u8], hdr: usize) -> Option<i32> {
         // SAFETY: the caller's contract.
         let (fd, dev, ino) = unsafe { self.open_matching(path, hdr)? };
@@ -159,12 +160,14 @@ pub fn all() -> &'static [Object] {
 }
 
 /// The object whose code holds `pc`.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub fn find(pc: usize) -> Option<&'static Object> {
     all().iter().find(|o| o.start <= pc && pc < o.end)
 }
 
 /// Like [`find`], refreshing the table once if `pc` is unknown and the
 /// loader has added objects since. Not for signal handlers.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub fn find_or_refresh(pc: usize) -> Option<&'static Object> {
     find(pc).or_else(|| {
         refresh();
@@ -173,6 +176,7 @@ pub fn find_or_refresh(pc: usize) -> Option<&'static Object> {
 }
 
 /// Reads the loader's object list into the table (new objects only).
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub fn refresh() {
     LOCK.lock();
     // SAFETY: the table is written only under LOCK.
@@ -186,6 +190,7 @@ pub fn refresh() {
     LOCK.unlock();
 }
 
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe extern "C" fn visit(
     info: *mut libc::dl_phdr_info,
     _size: usize,

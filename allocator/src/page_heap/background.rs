@@ -41,6 +41,7 @@ static STATE: AtomicU8 = AtomicU8::new(IDLE);
 /// The page heap holds `free_pages` resident free pages after a free.
 /// Called under LOCK.
 #[inline]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(super) fn note_free(free_pages: usize) {
     if free_pages >= START_PAGES
         && STATE.load(Ordering::Relaxed) == IDLE
@@ -53,6 +54,7 @@ pub(super) fn note_free(free_pages: usize) {
 /// Starts the thread if a free asked for it. Called at the end of a free's
 /// slow path: no lock held, `busy` clear (pthread_create may allocate).
 #[inline]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) fn start_if_wanted() {
     if STATE.load(Ordering::Relaxed) == WANTED {
         start();
@@ -61,6 +63,7 @@ pub(crate) fn start_if_wanted() {
 
 #[cold]
 #[inline(never)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 fn start() {
     if STATE
         .compare_exchange(WANTED, STARTED, Ordering::Relaxed, Ordering::Relaxed)
@@ -91,6 +94,7 @@ fn start() {
     }
 }
 
+#[unsafe(link_section = ".text.hot.profalloc")]
 extern "C" fn run(_: *mut libc::c_void) -> *mut libc::c_void {
     // SAFETY: names this thread (a literal, NUL-terminated).
     unsafe { libc::prctl(libc::PR_SET_NAME, c"profalloc-bg".as_ptr()) };
@@ -106,6 +110,7 @@ extern "C" fn run(_: *mut libc::c_void) -> *mut libc::c_void {
 }
 
 /// One pass: the age rule, when free resident pages are left.
+#[unsafe(link_section = ".text.hot.profalloc")]
 fn pass() {
     if counters::HEAP_FREE_BYTES.load() == 0 {
         return;

@@ -9,6 +9,7 @@ use crate::{counters, decay, os, size_class::PAGE_SHIFT};
 ///
 /// # Safety
 /// LOCK must be held; `h` is the heap.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(super) unsafe fn decay_locked(h: &mut Heap, after_free: bool) {
     let rate = RELEASE_BYTES.load(core::sync::atomic::Ordering::Relaxed) >> PAGE_SHIFT;
     if rate == 0 {
@@ -35,6 +36,7 @@ pub(super) unsafe fn decay_locked(h: &mut Heap, after_free: bool) {
 
 /// Gives every resident free page back to the OS; returns the bytes
 /// released. Takes LOCK.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub fn release_all() -> usize {
     LOCK.lock();
     // SAFETY: LOCK is held.
@@ -48,6 +50,7 @@ pub fn release_all() -> usize {
 ///
 /// # Safety
 /// LOCK must be held.
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn release_locked(want: usize) -> usize {
     // SAFETY: LOCK is held (caller contract).
     let h = unsafe { heap() };
@@ -78,6 +81,7 @@ unsafe fn release_locked(want: usize) -> usize {
 ///
 /// # Safety
 /// LOCK must be held.
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn release_idle_locked(before: u64) {
     // SAFETY: LOCK is held (caller contract).
     let h = unsafe { heap() };

@@ -200,11 +200,16 @@ unsafe extern "C" fn visit_segments(
 }
 
 /// Runs the check if HEAPCHECK asked for it; exits with status 1 on leaks.
+/// (The test runs in every process, the check only with HEAPCHECK.)
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) fn at_exit() {
-    let s = env::settings();
-    if !s.heap_check || !heap_profile::ON.load(Ordering::Acquire) {
-        return;
+    if env::settings().heap_check && heap_profile::ON.load(Ordering::Acquire) {
+        check();
     }
+}
+
+#[inline(never)]
+fn check() {
     // Nothing may change the tables from here on.
     heap_profile::ON.store(false, Ordering::Release);
     let asked = threads::stop_threads();

@@ -73,6 +73,7 @@ static INTERN: AtomicBool = AtomicBool::new(false);
 /// Finds the interpreter and, with `walk`, turns the Python walk on;
 /// `intern`: gperftools mode will name frames ([`names`]). Called once,
 /// from the allocator's initialisation, when stacks are taken.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) fn start(walk: bool, intern: bool) {
     let mut l = symbols::Lookup {
         names: &[
@@ -542,6 +543,7 @@ pub(crate) fn splice_named(
 /// thread state. Not inlined: the walk's buffers (a few KiB) stay off the
 /// sampled path's frame, and cost nothing without Python.
 #[inline(never)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) fn with_stack(named: bool, live: bool, f: impl FnOnce(Option<&Walk>, PythonWords<'_>)) {
     if !is_on() {
         return f(None, PythonWords::NONE);

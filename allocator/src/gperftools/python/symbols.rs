@@ -26,6 +26,7 @@ pub(crate) struct Lookup<'a> {
 
 /// Searches every loaded object for `lookup.names` (at most 8). The first
 /// name decides the object: the others are taken from the same object.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(crate) fn find(lookup: &mut Lookup<'_>) {
     debug_assert!(lookup.names.len() <= 8);
     // SAFETY: the callback only reads the loaded objects' headers and
@@ -33,6 +34,7 @@ pub(crate) fn find(lookup: &mut Lookup<'_>) {
     unsafe { libc::dl_iterate_phdr(Some(visit), (lookup as *mut Lookup<'_>).cast()) };
 }
 
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe extern "C" fn visit(
     info: *mut libc::dl_phdr_info,
     _size: usize,

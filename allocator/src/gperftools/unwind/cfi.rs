@@ -38,6 +38,7 @@ pub(crate) struct Rules {
 ///
 /// # Safety
 /// `hdr` is a loaded object's .eh_frame_hdr.
+#[unsafe(link_section = ".text.hot.profalloc")]
 pub(super) unsafe fn find_rules(src: &Source, hdr: usize, pc: usize) -> Option<Rules> {
     // SAFETY: the caller's contract.
     unsafe { run_fde(src, fde_for(src, hdr, pc)?, hdr, pc) }
@@ -66,6 +67,7 @@ pub(crate) unsafe fn fde_covering(hdr: usize, pc: usize) -> Option<(usize, usize
 ///
 /// # Safety
 /// As [`find_rules`].
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn fde_for(src: &Source, hdr: usize, pc: usize) -> Option<usize> {
     // SAFETY: all reads stay inside the object's CFI (lengths from the
     // headers, which the linker wrote).
@@ -142,6 +144,7 @@ struct Cie {
 
 /// # Safety
 /// `fde` is an FDE of mapped .eh_frame.
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn run_fde(src: &Source, fde: usize, hdr: usize, pc: usize) -> Option<Rules> {
     // SAFETY: see find_rules.
     unsafe {
@@ -199,6 +202,7 @@ unsafe fn run_fde(src: &Source, fde: usize, hdr: usize, pc: usize) -> Option<Rul
 
 /// # Safety
 /// `cie` is a CIE of mapped .eh_frame.
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn parse_cie(src: &Source, cie: usize, hdr: usize) -> Option<Cie> {
     // SAFETY: see find_rules.
     unsafe {
@@ -270,6 +274,7 @@ unsafe fn parse_cie(src: &Source, cie: usize, hdr: usize) -> Option<Cie> {
 /// # Safety
 /// `p..end` lies in mapped .eh_frame.
 #[allow(clippy::too_many_arguments)]
+#[unsafe(link_section = ".text.hot.profalloc")]
 unsafe fn execute(
     src: &Source,
     cie: &Cie,

@@ -35,6 +35,7 @@ impl Reader<'_> {
         self.p += 8;
         v
     }
+    #[unsafe(link_section = ".text.hot.profalloc")]
     pub(super) unsafe fn uleb(&mut self) -> u64 {
         let mut v = 0u64;
         let mut shift = 0;
@@ -70,6 +71,7 @@ impl Reader<'_> {
     }
     /// A pointer in DW_EH_PE encoding `enc`; `data` is the base of
     /// datarel pointers (the .eh_frame_hdr). None for unsupported forms.
+    #[unsafe(link_section = ".text.hot.profalloc")]
     pub(super) unsafe fn pointer(&mut self, enc: u8, data: usize) -> Option<usize> {
         let at = self.p;
         // SAFETY: as above.

@@ -75,6 +75,7 @@ pub(crate) fn walk(regs: Regs, out: &mut [u64], refresh: bool) -> (usize, Status
 
 /// [`walk`] into a buffer that need not be initialised: the first `n`
 /// entries (the count returned) are written, the rest left as they were.
+#[unsafe(link_section = ".text.hot.profalloc")]
 fn walk_into(mut regs: Regs, out: &mut [MaybeUninit<u64>], refresh: bool) -> (usize, Status) {
     let files = source::WalkFiles::new();
     let mut n = 0;
@@ -178,6 +179,7 @@ enum Step {
 
 /// One frame's step; a CFI read from the object's file goes through the
 /// walk's `files`.
+#[unsafe(link_section = ".text.hot.profalloc")]
 fn step(obj: &Object, pc: usize, regs: &Regs, files: &source::WalkFiles) -> Step {
     if let Some(row) = row_cache::get(pc) {
         return apply_row(&row, regs);

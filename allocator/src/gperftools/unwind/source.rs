@@ -77,6 +77,7 @@ impl WalkFiles {
 }
 
 impl Drop for WalkFiles {
+    #[unsafe(link_section = ".text.hot.profalloc")]
     fn drop(&mut self) {
         for s in &self.open {
             close(s.get().1);
@@ -139,6 +140,7 @@ impl<'a> Source<'a> {
 
     /// Brings `p..p + n` into the buffer ahead of reads there (n at most
     /// [`WINDOW`]), so that they cost one pread.
+    #[unsafe(link_section = ".text.hot.profalloc")]
     pub(super) fn prefetch(&self, p: usize, n: usize) {
         if n <= WINDOW && !self.holds(p, n) {
             self.fill(p);
@@ -152,6 +154,7 @@ impl<'a> Source<'a> {
 
     /// Where `p..p + n` is in the buffer, after filling it from the file
     /// if needed; None when the file cannot serve it.
+    #[unsafe(link_section = ".text.hot.profalloc")]
     fn offset_in_buf(&self, p: usize, n: usize) -> Option<usize> {
         if !self.holds(p, n) && !self.fill(p) {
             return None;
@@ -160,6 +163,7 @@ impl<'a> Source<'a> {
     }
 
     /// Fills the buffer from `p` on; false when the file does not hold `p`.
+    #[unsafe(link_section = ".text.hot.profalloc")]
     fn fill(&self, p: usize) -> bool {
         let Some((obj, files)) = self.file else {
             return false;
