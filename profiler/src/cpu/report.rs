@@ -3,8 +3,7 @@
 use std::collections::HashMap;
 
 use profiler_common::cpu::{
-    KEY_KERNEL_STACK, KEY_KERNEL_STACK_FAILED, KEY_USER_STACK, KEY_USER_STACK_FAILED, SampleCounts,
-    SampleKey,
+    KEY_KERNEL_STACK, KEY_USER_STACK, KEY_USER_STACK_FAILED, SampleCounts, SampleKey,
 };
 
 use super::{
@@ -106,7 +105,6 @@ pub(crate) fn sample(
         Vec::new()
     };
     let (user, user_status) = user_side(key, stacks, || tasks.is_kthread(pid, proc));
-    let in_kernel = key.flags & (KEY_KERNEL_STACK | KEY_KERNEL_STACK_FAILED) != 0;
     let comm = tasks.comm(pid, pid, proc);
     let thread_comm = tasks.comm(key.tid, pid, proc);
     RawSample {
@@ -116,9 +114,12 @@ pub(crate) fn sample(
         python_thread: None,
         comm,
         user,
-        // In the kernel, the user stack starts where the task entered it
-        // (a return address); otherwise at the sampled pc.
-        leaf_is_pc: !in_kernel,
+        // The user stack starts at a pc, not a return address: the sampled
+        // one, or the one saved when the task entered the kernel, which
+        // is the faulting instruction of an exception. A page fault on the
+        // first instruction of a code segment (a library's `_init`, run
+        // once) taken as a return address would name the mapping before it.
+        leaf_is_pc: true,
         user_status,
         kernel,
         values: vec![counts.samples as i64, counts.period as i64],
@@ -230,7 +231,7 @@ mod tests {
         assert_eq!(s.thread_comm, None);
         assert_eq!(s.kernel, vec![0xffff_1000, 0xffff_2000]);
         assert_eq!(s.user_status, StackStatus::Complete);
-        assert!(!s.leaf_is_pc, "sampled in the kernel");
+        assert!(s.leaf_is_pc, "the saved user pc is a pc");
         assert_eq!(s.values, vec![4, 4_000_000]);
     }
 

@@ -32,6 +32,7 @@ pub const COMPILER: u64 = {
     h = fnv1a(include_bytes!("regs_row.rs"), h);
     h = fnv1a(include_bytes!("plt.rs"), h);
     h = fnv1a(include_bytes!("clone_gap.rs"), h);
+    h = fnv1a(include_bytes!("crt.rs"), h);
     h = fnv1a(
         include_bytes!("../../../profiler-common/src/unwind_regs.rs"),
         h,

@@ -209,6 +209,23 @@ pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
         }
         rules.push(s.address() + s.size(), 0, NO_CFI);
     }
+    // glibc's `_init` and `_fini` (crti.o, crtn.o) have no CFI: their rows,
+    // where the code is glibc's.
+    for name in [".init", ".fini"] {
+        if let Some(s) = file.section_by_name(name)
+            && let Ok(code) = s.data()
+            && let Some(rows) = super::crt::crt_rows(s.address(), code)
+            && !rules
+                .list
+                .iter()
+                .any(|&(a, _, _)| (s.address()..s.address() + s.size()).contains(&a))
+        {
+            for (addr, row) in rows {
+                rules.push(addr, 1, Rule { row, reason: 0 });
+            }
+            rules.push(s.address() + s.size(), 0, NO_CFI);
+        }
+    }
     // These PLT stubs only jump (`endbr64; jmp *GOT`): the return address
     // is at [rsp] throughout, but linkers do not always describe them.
     for name in [".plt.sec", ".plt.got"] {

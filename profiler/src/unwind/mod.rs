@@ -36,6 +36,7 @@ mod cache_format;
 pub mod cfi;
 mod clone_gap;
 pub mod copied;
+mod crt;
 pub mod debug;
 mod expr;
 mod files;
