@@ -278,16 +278,21 @@ mod tests {
         m.put(linetable, &table);
     }
 
-    #[test]
-    fn a_code_object_replaced_at_the_same_address_is_named_anew() {
-        let py = Interpreter {
+    /// A 3.12 interpreter for the code objects of [`code`].
+    fn interpreter() -> Interpreter {
+        Interpreter {
             object: "test".to_owned(),
             version: PythonVersion { hex: 0x030c_01f0 },
             runtime: 0,
             code_type: 0,
             offsets: PY312,
             eval_loop: profiler_common::python_splice::EvalCode::default(),
-        };
+        }
+    }
+
+    #[test]
+    fn a_code_object_replaced_at_the_same_address_is_named_anew() {
+        let py = interpreter();
         let at = 0x10_0000;
         let frame = RawFrame {
             code: at,
@@ -314,14 +319,7 @@ mod tests {
 
     #[test]
     fn a_frame_whose_code_object_was_replaced_is_not_named_after_the_new_one() {
-        let py = Interpreter {
-            object: "test".to_owned(),
-            version: PythonVersion { hex: 0x030c_01f0 },
-            runtime: 0,
-            code_type: 0,
-            offsets: PY312,
-            eval_loop: profiler_common::python_splice::EvalCode::default(),
-        };
+        let py = interpreter();
         let at = 0x10_0000;
         let mut m = FakeMemory::default();
         code(&mut m, at, "first", 10);

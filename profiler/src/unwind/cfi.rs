@@ -196,35 +196,11 @@ pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
     clone_returns(&file, &mut rules);
     // A lazy-binding .plt that no FDE describes (LLD writes none): the rows
     // ld.bfd writes for it, where the code has their layout.
-    if let Some(s) = file.section_by_name(".plt")
-        && let Ok(code) = s.data()
-        && let Some(rows) = super::plt::lazy_plt_rows(s.address(), code)
-        && !rules
-            .list
-            .iter()
-            .any(|&(a, _, _)| (s.address()..s.address() + s.size()).contains(&a))
-    {
-        for (addr, row) in rows {
-            rules.push(addr, 1, Rule { row, reason: 0 });
-        }
-        rules.push(s.address() + s.size(), 0, NO_CFI);
-    }
+    section_rows(&file, ".plt", &mut rules, super::plt::lazy_plt_rows);
     // glibc's `_init` and `_fini` (crti.o, crtn.o) have no CFI: their rows,
     // where the code is glibc's.
     for name in [".init", ".fini"] {
-        if let Some(s) = file.section_by_name(name)
-            && let Ok(code) = s.data()
-            && let Some(rows) = super::crt::crt_rows(s.address(), code)
-            && !rules
-                .list
-                .iter()
-                .any(|&(a, _, _)| (s.address()..s.address() + s.size()).contains(&a))
-        {
-            for (addr, row) in rows {
-                rules.push(addr, 1, Rule { row, reason: 0 });
-            }
-            rules.push(s.address() + s.size(), 0, NO_CFI);
-        }
+        section_rows(&file, name, &mut rules, super::crt::crt_rows);
     }
     // These PLT stubs only jump (`endbr64; jmp *GOT`): the return address
     // is at [rsp] throughout, but linkers do not always describe them.
@@ -251,6 +227,33 @@ pub fn compile(data: &[u8]) -> anyhow::Result<ObjectRows> {
         }
     }
     Ok(paginate(rules, &reasons.names))
+}
+
+/// Rows a recogniser finds for a section without CFI, from its start
+/// address and bytes (None: not code it knows).
+type SectionRows = fn(u64, &[u8]) -> Option<Vec<(u64, UnwindRow)>>;
+
+/// Gives section `name` the rows `rows_of` finds for its code, when no FDE
+/// describes any of it.
+fn section_rows(file: &object::File, name: &str, rules: &mut Entries, rows_of: SectionRows) {
+    let Some(s) = file.section_by_name(name) else {
+        return;
+    };
+    let (start, end) = (s.address(), s.address() + s.size());
+    if rules
+        .list
+        .iter()
+        .any(|&(a, _, _)| (start..end).contains(&a))
+    {
+        return;
+    }
+    let Some(rows) = s.data().ok().and_then(|code| rows_of(start, code)) else {
+        return;
+    };
+    for (addr, row) in rows {
+        rules.push(addr, 1, Rule { row, reason: 0 });
+    }
+    rules.push(end, 0, NO_CFI);
 }
 
 /// Gives rows to the return paths of clone syscalls that no FDE covers
