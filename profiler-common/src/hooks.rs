@@ -89,8 +89,8 @@ pub const LIVE_HEAP_SYMBOL: &str = "profalloc_live_heap";
 /// The environment variable that caps the table's memory, in bytes
 /// (default [`DEFAULT_LIVE_HEAP_BYTES`]; 0 turns the live heap off).
 pub const LIVE_HEAP_BYTES_ENV: &str = "PROFALLOC_LIVE_HEAP_BYTES";
-/// Default cap of the live heap's table: 64 MiB (about 118,000 samples,
-/// which at the default rate is about 58 GiB of live heap).
+/// Default cap of the live heap's table: 64 MiB (about 95,000 samples of
+/// 704 bytes, which at the default rate is about 46 GiB of live heap).
 pub const DEFAULT_LIVE_HEAP_BYTES: u64 = 64 << 20;
 /// `LiveHeapHeader::magic`: "PALIVEHP" in memory order.
 pub const LIVE_HEAP_MAGIC: u64 = u64::from_le_bytes(*b"PALIVEHP");
