@@ -197,6 +197,51 @@ impl FreeList {
         }
     }
 
+    /// Puts fresh objects from the middle tier ahead of the list's objects,
+    /// so that the next pops hand out the fresh ones (a batch, within the
+    /// limit `grant` allows: a thread that keeps a few objects live and
+    /// churns others still does not reach the list's own). Where the
+    /// limit leaves no room, the list's objects go to the middle tier
+    /// instead. For a thread's first allocation: its lists then hold only
+    /// objects other threads allocated and this one freed, whose cache
+    /// lines those threads may still write (see `ThreadCache::frees_only`).
+    ///
+    /// # Safety
+    /// The list is this thread's list of class `c`.
+    pub(crate) unsafe fn put_behind_fresh<M: MiddleTier>(
+        &mut self,
+        m: &M,
+        c: usize,
+        grant: &mut impl FnMut(u32, u32) -> u32,
+    ) {
+        let n = self.len.load(Ordering::Relaxed);
+        if n == 0 {
+            return;
+        }
+        let fresh = u32::from(BATCH[c]);
+        self.max_len = grant(self.max_len, self.max_len.max(n + fresh));
+        if self.max_len <= n {
+            // SAFETY: the caller's contract.
+            unsafe { self.flush(m, c) };
+            return;
+        }
+        let (head, got) = m.remove_range(c, fresh.min(self.max_len - n) as usize);
+        if got == 0 {
+            return;
+        }
+        // SAFETY: the middle tier gave a null-terminated chain of `got`
+        // free objects; link its last one to the list's objects.
+        unsafe {
+            let mut tail = head;
+            for _ in 1..got {
+                tail = *tail.cast::<*mut u8>();
+            }
+            *tail.cast::<*mut u8>() = self.head;
+        }
+        self.head = head;
+        self.len.store(n + got as u32, Ordering::Relaxed);
+    }
+
     /// Gives every object to the middle tier (the chain is null-terminated:
     /// the list's last object links to null).
     ///
@@ -228,6 +273,15 @@ pub(crate) struct ThreadCache {
     /// would stall the next `bts`'s load).
     pub(crate) busy: u32,
     pub(crate) state: u8,
+    /// Set while the thread has freed but not yet allocated (its cache was
+    /// set up by a free): its lists hold only objects other threads
+    /// allocated, the neighbours of objects those threads still use. Its
+    /// `countdown` stays negative, so that its first allocation takes the
+    /// slow path, which puts fresh objects ahead of them (a thread that
+    /// takes over another's objects would otherwise write the cache lines
+    /// that thread writes: false sharing). Beside `state`, in padding
+    /// before `lists`: the fast paths' layout is unchanged.
+    pub(crate) frees_only: bool,
     pub(crate) lists: [FreeList; NUM_CLASSES],
     /// Σ max_len × class size: the bytes the lists may hold. Written by
     /// the owner only; atomic so that a thread stealing budget may read it.

@@ -5,8 +5,9 @@
 use core::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 
 use crate::{
-    cache_budget, central, env, page_heap, sampler, stats,
-    thread_cache::{self, ACTIVE, ThreadCache, tls},
+    cache_budget::{self, Growth},
+    central, env, page_heap, sampler, stats,
+    thread_cache::{self, ACTIVE, Central, ThreadCache, tls},
 };
 
 /// Sets up this thread's cache (and, the first time, the allocator).
@@ -28,6 +29,47 @@ pub(super) unsafe fn init_thread(tc: *mut ThreadCache) {
         if INIT.load(Ordering::Acquire) == INIT_DONE {
             // May call calloc (keys past the first 32): a re-entrant call.
             libc::pthread_setspecific(*KEY.0.get(), tc.cast());
+        }
+    }
+}
+
+/// Sets up this thread's cache on a free, before the thread has
+/// allocated: its first allocation then takes the slow path (a negative
+/// countdown), which calls [`on_first_allocation`].
+///
+/// # Safety
+/// As for [`init_thread`].
+#[unsafe(link_section = ".text.hot.profalloc")]
+pub(super) unsafe fn init_thread_on_free(tc: *mut ThreadCache) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        init_thread(tc);
+        (*tc).frees_only = true;
+        (*tc).countdown = -1;
+    }
+}
+
+/// A thread's first allocation after frees (see
+/// `ThreadCache::frees_only`): every list's objects (other threads'
+/// objects) go behind fresh ones, and the sampling countdown starts (the
+/// `-1` it held was not a distance drawn by the sampler).
+///
+/// # Safety
+/// `tc` is this thread's cache, busy set, `frees_only` set.
+#[cold]
+#[unsafe(link_section = ".text.hot.profalloc")]
+pub(super) unsafe fn on_first_allocation(tc: *mut ThreadCache) {
+    // SAFETY: the owner works on its own cache.
+    unsafe {
+        (*tc).frees_only = false;
+        (*tc).countdown = sampler::next_distance(&mut (*tc).rng, sampler::rate());
+        if (*tc).state != ACTIVE {
+            return;
+        }
+        for c in 1..crate::size_class::NUM_CLASSES {
+            (*tc).lists[c].put_behind_fresh(&Central, c, &mut |old, wanted| {
+                cache_budget::grant(tc, c, old, wanted, Growth::Refill)
+            });
         }
     }
 }
@@ -162,3 +204,55 @@ extern "C" fn init_before_main() {
 #[used]
 #[unsafe(link_section = ".init_array")]
 static INIT_BEFORE_MAIN: extern "C" fn() = init_before_main;
+
+#[cfg(test)]
+mod tests {
+    use super::super::fast_path::{free, malloc};
+
+    /// A thread whose first call frees an object another thread allocated
+    /// does not get it back from its first malloc of that size, nor from a
+    /// malloc/free churn after it (cache-scratch's pattern): it would write
+    /// a cache line whose other objects the first thread still uses. (It
+    /// gets it only after the fresh objects put ahead of it.)
+    #[test]
+    fn a_thread_that_frees_first_does_not_reuse_the_foreign_object() {
+        let line = |p: usize| p & !63;
+        let live: Vec<usize> = (0..256).map(|_| malloc(16) as usize).collect();
+        // An object whose line holds four objects, all live here: no free
+        // object shares its line, so only it could land there.
+        let foreign = *live
+            .iter()
+            .find(|&&p| live.iter().filter(|&&q| line(q) == line(p)).count() == 4)
+            .expect("256 objects of 16 bytes fill whole cache lines");
+        let handed_out = std::thread::spawn(move || {
+            // SAFETY: a live allocation, freed once (by this thread).
+            unsafe { free(foreign as *mut u8) };
+            let mine = vec![malloc(16) as usize];
+            // A malloc/free churn after them, as cache-scratch does.
+            let churn: Vec<usize> = (0..8)
+                .map(|_| {
+                    let p = malloc(16);
+                    // SAFETY: just allocated.
+                    unsafe { free(p) };
+                    p as usize
+                })
+                .collect();
+            for &p in &mine {
+                // SAFETY: live allocations of this thread.
+                unsafe { free(p as *mut u8) };
+            }
+            [mine, churn].concat()
+        })
+        .join()
+        .unwrap();
+        for p in handed_out {
+            assert_ne!(line(p), line(foreign), "{p:#x} shares {foreign:#x}'s line");
+        }
+        for &p in &live {
+            if p != foreign {
+                // SAFETY: live allocations of this thread.
+                unsafe { free(p as *mut u8) };
+            }
+        }
+    }
+}

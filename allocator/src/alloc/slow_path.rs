@@ -14,7 +14,7 @@ use core::{
 
 use super::{
     HUGE_THRESHOLD, checked_span,
-    lifecycle::init_thread,
+    lifecycle::{init_thread, init_thread_on_free, on_first_allocation},
     reentrant::{drain_deferred, reentrant_alloc, reentrant_free},
 };
 use crate::{
@@ -43,6 +43,8 @@ pub(super) unsafe extern "C" fn alloc_slow(
         compiler_fence(Ordering::SeqCst);
         if (*tc).state == UNINIT {
             init_thread(tc);
+        } else if (*tc).frees_only {
+            on_first_allocation(tc);
         } else if !counted {
             (*tc).countdown -= size.min(isize::MAX as usize) as isize;
         }
@@ -166,7 +168,7 @@ pub(super) unsafe extern "C" fn free_slow(p: *mut u8) {
             free_large(p);
         } else {
             if (*tc).state == UNINIT {
-                init_thread(tc);
+                init_thread_on_free(tc);
             }
             if (*tc).state == ACTIVE {
                 cache_budget::on_slow_path(tc);
