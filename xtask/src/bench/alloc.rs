@@ -8,6 +8,14 @@
 //! 0.9x the best peer; peak RSS at most 1.1x tcmalloc, 1.25x the best
 //! peer).
 //!
+//! Single-threaded workloads also get a line of median CPU seconds (user +
+//! system, from wait4, the process and its children) and profalloc's CPU
+//! time ratios: on a busy machine a single thread's wall time includes the
+//! time it waited for a CPU, and its CPU time does not, so it is the
+//! steadier measure of the work done. The bars stay on wall-time throughput
+//! (what a user waits for); for multi-threaded workloads CPU time would
+//! also count spinning and yielding, so only wall time is shown.
+//!
 //! A real program's run under profalloc counts only if the library served
 //! it (its `PROFALLOC_STATS` exit report shows mapped bytes); other runs
 //! are reported and left out.
@@ -59,6 +67,7 @@ const LEAD_WORKLOADS: &[&str] = &["small churn", "larson"];
 /// One run's measurements.
 struct Run {
     seconds: f64,
+    cpu_seconds: f64,
     max_rss_kib: u64,
     /// `final_rss_kib` and `live_kib` when the workload prints them.
     final_rss_kib: Option<u64>,
@@ -139,6 +148,7 @@ fn run_once(wl: &Workload, al: &Allocator) -> anyhow::Result<Option<Run>> {
     };
     Ok(Some(Run {
         seconds,
+        cpu_seconds: usage.cpu_seconds,
         max_rss_kib: usage.max_rss_kib,
         final_rss_kib: field(&out, "final_rss_kib"),
         live_kib: field(&out, "live_kib"),
@@ -297,6 +307,8 @@ fn print_table(
     let before = allocators.iter().position(|a| a.baseline);
     let mut verdicts = Vec::new();
     let mut versus_before = Vec::new();
+    // (workload, CPU-time throughput x tcmalloc, x best peer).
+    let mut cpu_ratios = Vec::new();
     for (w, wl) in workloads.iter().enumerate() {
         print!("{:<20}", wl.name);
         // (median seconds, median RSS KiB) per allocator.
@@ -343,6 +355,35 @@ fn print_table(
             }
             println!();
         }
+        if wl.single_threaded {
+            print!("{:<20}", "  cpu seconds");
+            let mut cpu = Vec::new();
+            for cell in &cells[w] {
+                let c: Vec<f64> = cell.iter().map(|r| r.cpu_seconds).collect();
+                match summary(&c) {
+                    Some((c, spread)) => {
+                        print!(" {:>7.3}s ±{:>3.0}% {:>7}", c, spread * 100.0, "");
+                        cpu.push(Some(c));
+                    }
+                    None => {
+                        print!(" {:>22}", "-");
+                        cpu.push(None);
+                    }
+                }
+            }
+            println!();
+            if let (Some(o), Some(t)) = (ours, tc)
+                && let (Some(oc), Some(tcpu)) = (cpu[o], cpu[t])
+            {
+                let best = cpu
+                    .iter()
+                    .enumerate()
+                    .filter(|(a, _)| *a != o && Some(*a) != before)
+                    .filter_map(|(_, c)| *c)
+                    .fold(f64::INFINITY, f64::min);
+                cpu_ratios.push((wl.name, tcpu / oc, best / oc));
+            }
+        }
         if let (Some(o), Some(t)) = (ours, tc)
             && let (Some((ot, or)), Some((tt, tr))) = (med[o], med[t])
         {
@@ -383,6 +424,14 @@ fn print_table(
                 misses.join("; ")
             }
         );
+    }
+    if !cpu_ratios.is_empty() {
+        println!(
+            "\nprofalloc, single-threaded workloads: CPU-time throughput x tcmalloc, x best peer (not a bar)"
+        );
+        for (name, tc, best) in cpu_ratios {
+            println!("{name:<20} {tc:>6.2}x {best:>6.2}x");
+        }
     }
     if !versus_before.is_empty() {
         println!("\nprofalloc against `before`: throughput x, peak RSS x");

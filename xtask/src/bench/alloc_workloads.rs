@@ -1,7 +1,10 @@
 //! The workloads of `cargo xtask bench alloc`: the synthetic ones of
 //! `tests/workloads/alloc_bench.c` (each stressing one thing an allocator
-//! does) and real programs. Sizes keep each cell near 0.2-1 s on a busy
-//! 2-core machine.
+//! does) and real programs. Each synthetic workload runs about 0.15-0.3 s
+//! under profalloc (the slowest peers up to 2 s): shorter runs (10-50 ms)
+//! swung by ±25-45% on a busy 2-core machine, since a few scheduler
+//! preemptions are a large part of them, which hid differences of a few
+//! percent. The whole bench stays near 10 minutes.
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::Context as _;
@@ -17,6 +20,10 @@ pub struct Workload {
     /// A real program: a run counts only if it ran on the preloaded
     /// allocator (checked for ours through its exit statistics).
     pub real: bool,
+    /// Runs one thread at a time (a real program's children run after
+    /// one another): its CPU time is its work, without the time it waited
+    /// for a CPU, and is reported beside the wall time.
+    pub single_threaded: bool,
 }
 
 const PYTHON_WORKLOAD: &str = r#"
@@ -55,6 +62,11 @@ fn large_c_source(functions: usize) -> String {
     s
 }
 
+/// Whether `alloc_bench ARGS` runs one thread at a time.
+fn single_threaded(args: &[&str]) -> bool {
+    matches!(args, ["realloc", ..] | ["frag", ..] | ["churn", "1", ..])
+}
+
 /// Every workload; `bench` is the alloc_bench binary, `scratch` a directory
 /// for generated inputs, `repo` a git repository to read.
 pub fn all(bench: &str, scratch: &Path, repo: &Path) -> anyhow::Result<Vec<Workload>> {
@@ -66,6 +78,7 @@ pub fn all(bench: &str, scratch: &Path, repo: &Path) -> anyhow::Result<Vec<Workl
         env: Vec::new(),
         reports_time: true,
         real: false,
+        single_threaded: single_threaded(args),
     };
     let real = |name, argv: Vec<String>, env| Workload {
         name,
@@ -73,6 +86,7 @@ pub fn all(bench: &str, scratch: &Path, repo: &Path) -> anyhow::Result<Vec<Workl
         env,
         reports_time: false,
         real: true,
+        single_threaded: true,
     };
     std::fs::create_dir_all(scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let big_c = scratch.join("large.c");
@@ -80,15 +94,15 @@ pub fn all(bench: &str, scratch: &Path, repo: &Path) -> anyhow::Result<Vec<Workl
         .with_context(|| format!("writing {}", big_c.display()))?;
     let python = || vec!["python3".to_owned(), "-c".into(), PYTHON_WORKLOAD.into()];
     Ok(vec![
-        synthetic("small churn", &["churn", "1", "2000000"]),
-        synthetic("churn 2 threads", &["churn", "2", "1000000"]),
-        synthetic("larson", &["larson", "10", "100000"]),
-        synthetic("producer/consumer", &["prodcons", "1000000"]),
-        synthetic("xmalloc 4 threads", &["xmalloc", "4", "600000"]),
-        synthetic("cache-scratch", &["scratch", "2", "8000000"]),
-        synthetic("short threads", &["threads", "200", "2000"]),
-        synthetic("realloc growth", &["realloc", "1"]),
-        synthetic("fragmentation", &["frag", "8"]),
+        synthetic("small churn", &["churn", "1", "10000000"]),
+        synthetic("churn 2 threads", &["churn", "2", "6000000"]),
+        synthetic("larson", &["larson", "30", "200000"]),
+        synthetic("producer/consumer", &["prodcons", "4000000"]),
+        synthetic("xmalloc 4 threads", &["xmalloc", "4", "8000000"]),
+        synthetic("cache-scratch", &["scratch", "2", "100000000"]),
+        synthetic("short threads", &["threads", "600", "2000"]),
+        synthetic("realloc growth", &["realloc", "2"]),
+        synthetic("fragmentation", &["frag", "32"]),
         real("python3", python(), Vec::new()),
         real(
             "python3 (malloc)",
@@ -131,6 +145,14 @@ pub fn all(bench: &str, scratch: &Path, repo: &Path) -> anyhow::Result<Vec<Workl
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn single_threaded_modes_are_told_apart() {
+        assert!(single_threaded(&["churn", "1", "5"]));
+        assert!(!single_threaded(&["churn", "2", "5"]));
+        assert!(single_threaded(&["frag", "8"]));
+        assert!(!single_threaded(&["scratch", "2", "8"]));
+    }
 
     #[test]
     fn the_large_c_file_has_the_functions_asked_for() {
