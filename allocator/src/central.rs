@@ -211,15 +211,20 @@ impl Class {
     unsafe fn release_chain<P: PageSource>(&self, pages: &P, c: usize, head: *mut u8) {
         self.central_lock.lock();
         let mut p = head;
+        let mut n = 0;
         while !p.is_null() {
             // SAFETY: the chain's objects are ours, linked through their
             // first word; central_lock is held.
             unsafe {
                 let next = *(p as *mut *mut u8);
-                self.release_locked(pages, c, p);
+                self.release_locked(pages, p);
                 p = next;
             }
+            n += 1;
         }
+        // Once per chain: an atomic read-modify-write per object cost as
+        // much as the rest of giving it back.
+        counters::OUTSTANDING[c].sub(n);
         self.central_lock.unlock();
     }
 
@@ -296,9 +301,12 @@ impl Class {
         (head, n)
     }
 
+    /// Puts `p` back on its span (the caller counts it out of
+    /// `OUTSTANDING`).
+    ///
     /// # Safety
-    /// central_lock held; `p` is a free object of class `c`.
-    unsafe fn release_locked<P: PageSource>(&self, pages: &P, c: usize, p: *mut u8) {
+    /// central_lock held; `p` is a free object of this class.
+    unsafe fn release_locked<P: PageSource>(&self, pages: &P, p: *mut u8) {
         // SAFETY: the page source names p's live span (p is an object of
         // ours); central lock held.
         unsafe {
@@ -308,7 +316,6 @@ impl Class {
             *(p as *mut *mut u8) = (*s).freelist;
             (*s).freelist = p;
             (*s).allocated -= 1;
-            counters::OUTSTANDING[c].sub(1);
             if (*s).allocated == 0 {
                 if !was_full {
                     nonempty.remove(s);
