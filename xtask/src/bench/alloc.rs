@@ -21,6 +21,10 @@
 //! are reported and left out.
 //!
 //! `PROFALLOC_BENCH_RUNS` sets the runs per cell (default 9).
+//! `PROFALLOC_BENCH_SKIP=NAME,...` leaves out peers by column name (e.g.
+//! `glibc` while another process traces libc's malloc system-wide, which
+//! makes each of its calls trap into the kernel); the ratios then say
+//! which peers they compare with.
 //! `PROFALLOC_BENCH_BASELINE=PATH` adds another libprofalloc.so (an older
 //! build) as a column `before`, run in the same interleaving but not
 //! counted as a peer, and prints profalloc's ratios to it (a before/after
@@ -252,6 +256,22 @@ fn allocators() -> anyhow::Result<Vec<Allocator>> {
             baseline: false,
         });
     }
+    let skip = std::env::var("PROFALLOC_BENCH_SKIP").unwrap_or_default();
+    let skip: Vec<&str> = skip.split(',').map(str::trim).collect();
+    if let Some(bad) = skip
+        .iter()
+        .find(|n| !n.is_empty() && !all.iter().any(|a| !a.ours && a.name == **n))
+    {
+        anyhow::bail!(
+            "PROFALLOC_BENCH_SKIP: no peer named {bad} (glibc, tcmalloc, tc_minimal, jemalloc, mimalloc)"
+        );
+    }
+    all.retain(|a| a.ours || !skip.contains(&a.name));
+    if !all.iter().any(|a| a.name == TCMALLOC) {
+        anyhow::bail!(
+            "PROFALLOC_BENCH_SKIP: the bars compare with tcmalloc, which cannot be left out"
+        );
+    }
     Ok(all)
 }
 
@@ -409,6 +429,14 @@ fn print_table(
         }
     }
     println!("\nprofalloc: throughput x tcmalloc, x best peer; peak RSS x tcmalloc, x best peer");
+    if allocators.len() < 2 + PEERS.len() + usize::from(before.is_some()) {
+        let peers: Vec<&str> = allocators
+            .iter()
+            .filter(|a| !a.ours && !a.baseline)
+            .map(|a| a.name)
+            .collect();
+        println!("(peers in this run: {})", peers.join(", "));
+    }
     for (name, v) in &verdicts {
         let misses = v.misses(name);
         println!(
