@@ -203,7 +203,11 @@ impl Class {
         unsafe { self.release_chain(pages, c, head) };
     }
 
-    /// Gives each object of a chain back to its span.
+    /// Gives each object of a chain back to its span: a run of objects
+    /// that share a span (objects freed in the order they were carved,
+    /// which a thread's list keeps) costs one page map lookup and one
+    /// update of the span, and keeps its links: it is spliced whole onto
+    /// the span's free list.
     ///
     /// # Safety
     /// Every object in the chain is a free object of class `c`.
@@ -214,13 +218,24 @@ impl Class {
         let mut n = 0;
         while !p.is_null() {
             // SAFETY: the chain's objects are ours, linked through their
-            // first word; central_lock is held.
+            // first word; p's span is live while it holds p (central_lock
+            // held), and its objects lie in [start, limit).
             unsafe {
-                let next = *(p as *mut *mut u8);
-                self.release_locked(pages, p);
-                p = next;
+                let s = pages.span_of(p);
+                let (lo, hi) = ((*s).start_addr(), (*s).limit);
+                let (first, mut last, mut k) = (p, p, 1);
+                loop {
+                    let next = *(last as *mut *mut u8);
+                    if next.is_null() || !(lo..hi).contains(&(next as usize)) {
+                        p = next;
+                        break;
+                    }
+                    last = next;
+                    k += 1;
+                }
+                self.release_run_locked(pages, s, first, last, k);
+                n += k as usize;
             }
-            n += 1;
         }
         // Once per chain: an atomic read-modify-write per object cost as
         // much as the rest of giving it back.
@@ -275,23 +290,36 @@ impl Class {
                     (*s).limit = (*s).bump + size_class::objects_per_span(c) * size;
                     nonempty.push(s);
                 }
-                while n < want {
-                    let obj = if !(*s).freelist.is_null() {
-                        let o = (*s).freelist;
-                        (*s).freelist = *(o as *mut *mut u8);
-                        o
-                    } else if (*s).bump < (*s).limit {
-                        let o = (*s).bump as *mut u8;
-                        (*s).bump += size;
-                        o
-                    } else {
-                        break;
-                    };
-                    *(obj as *mut *mut u8) = head;
-                    head = obj;
+                // Objects given back first, taken as one linked run (their
+                // links stay), then new ones carved.
+                let taken = n;
+                let first = (*s).freelist;
+                if !first.is_null() {
+                    let mut last = first;
                     n += 1;
-                    (*s).allocated += 1;
+                    while n < want {
+                        let next = *(last as *mut *mut u8);
+                        if next.is_null() {
+                            break;
+                        }
+                        last = next;
+                        n += 1;
+                    }
+                    (*s).freelist = *(last as *mut *mut u8);
+                    *(last as *mut *mut u8) = head;
+                    head = first;
                 }
+                let mut bump = (*s).bump;
+                let end = (*s).limit.min(bump + (want - n) * size);
+                while bump < end {
+                    let o = bump as *mut u8;
+                    *(o as *mut *mut u8) = head;
+                    head = o;
+                    bump += size;
+                    n += 1;
+                }
+                (*s).bump = bump;
+                (*s).allocated += (n - taken) as u32;
                 if (*s).freelist.is_null() && (*s).bump >= (*s).limit {
                     nonempty.remove(s);
                 }
@@ -301,21 +329,27 @@ impl Class {
         (head, n)
     }
 
-    /// Puts `p` back on its span (the caller counts it out of
-    /// `OUTSTANDING`).
+    /// Puts the `k` objects linked from `first` to `last` back on their
+    /// span `s` (the caller counts them out of `OUTSTANDING`).
     ///
     /// # Safety
-    /// central_lock held; `p` is a free object of this class.
-    unsafe fn release_locked<P: PageSource>(&self, pages: &P, p: *mut u8) {
-        // SAFETY: the page source names p's live span (p is an object of
-        // ours); central lock held.
+    /// central_lock held; the run is free objects of this class, all of
+    /// span `s`; `last`'s link is no longer needed.
+    unsafe fn release_run_locked<P: PageSource>(
+        &self,
+        pages: &P,
+        s: *mut Span,
+        first: *mut u8,
+        last: *mut u8,
+        k: u32,
+    ) {
+        // SAFETY: s is the run's live span; central lock held.
         unsafe {
             let nonempty = &mut *self.nonempty.get();
-            let s = pages.span_of(p);
             let was_full = (*s).freelist.is_null() && (*s).bump >= (*s).limit;
-            *(p as *mut *mut u8) = (*s).freelist;
-            (*s).freelist = p;
-            (*s).allocated -= 1;
+            *(last as *mut *mut u8) = (*s).freelist;
+            (*s).freelist = first;
+            (*s).allocated -= k;
             if (*s).allocated == 0 {
                 if !was_full {
                     nonempty.remove(s);
