@@ -222,11 +222,13 @@ impl Class {
             // held), and its objects lie in [start, limit).
             unsafe {
                 let s = pages.span_of(p);
-                let (lo, hi) = ((*s).start_addr(), (*s).limit);
+                let (lo, len) = ((*s).start_addr(), (*s).limit - (*s).start_addr());
                 let (first, mut last, mut k) = (p, p, 1);
                 loop {
                     let next = *(last as *mut *mut u8);
-                    if next.is_null() || !(lo..hi).contains(&(next as usize)) {
+                    // One compare: null (and anything below the span)
+                    // wraps to past its length.
+                    if (next as usize).wrapping_sub(lo) >= len {
                         p = next;
                         break;
                     }
