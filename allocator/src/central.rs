@@ -20,8 +20,9 @@
 //! their spans, whose pages other classes can reuse.
 //!
 //! Central list: the spans of the class that still have free objects. An
-//! object goes back to its own span (found through the page map); a span
-//! whose objects are all back returns to the page heap. The page heap and
+//! object goes back to its own span (found through the page map; a run of
+//! a chain's objects in one span costs one lookup and is spliced whole);
+//! a span whose objects are all back returns to the page heap. The page heap and
 //! the page map are reached through [`PageSource`], so that tests can
 //! stand in for them.
 //!
