@@ -8,7 +8,9 @@
 //! host allocates and frees). When the key a walk stands on is deleted
 //! before the next step, the kernel starts the walk over from its first
 //! bucket, and the keys before come again: a walk may see a key twice, so
-//! every reader here keeps each key once ([`once_each`]).
+//! every reader here keeps each key once ([`once_each`]). The live map,
+//! the busiest, is read in batches instead where the kernel can (see
+//! `batch`).
 use std::{
     collections::{HashMap, HashSet},
     hash::Hash,
@@ -17,7 +19,7 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap},
+    maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuHashMap},
 };
 use log::debug;
 use profiler_common::{
@@ -30,6 +32,8 @@ use profiler_common::{
 };
 
 use super::sampling;
+
+mod batch;
 use crate::runtime::counters::Counts;
 
 /// Writes the sampler settings and tables before any probe is attached.
@@ -150,15 +154,26 @@ pub(crate) fn live_blocks(
     ebpf: &Ebpf,
     keep: impl Fn(&LiveKey, &LiveAlloc) -> bool,
 ) -> anyhow::Result<HashMap<LiveKey, LiveAlloc>> {
-    let map: BpfHashMap<&MapData, LiveKey, LiveAlloc> =
-        BpfHashMap::try_from(ebpf.map(LIVE_MAP).context("live map missing")?)?;
-    let (once, repeated) = once_each(
-        map.iter()
-            .filter_map(Result::ok)
-            .filter(|(key, live)| keep(key, live)),
-    );
+    let map = ebpf.map(LIVE_MAP).context("live map missing")?;
+    let batch = match map {
+        Map::HashMap(data) => batch::live_entries(data),
+        _ => Err(std::io::Error::other("not a hash map")),
+    };
+    let (once, repeated) = match batch {
+        Ok(entries) => once_each(entries.into_iter().filter(|(key, live)| keep(key, live))),
+        Err(err) => {
+            // A kernel without batch reads (before 5.6): walked key by key.
+            debug!("reading the live blocks in batches: {err}; walking them by key");
+            let walk: BpfHashMap<&MapData, LiveKey, LiveAlloc> = BpfHashMap::try_from(map)?;
+            once_each(
+                walk.iter()
+                    .filter_map(Result::ok)
+                    .filter(|(key, live)| keep(key, live)),
+            )
+        }
+    };
     if repeated > 0 {
-        debug!("the walk of the live blocks started over: {repeated} blocks read again");
+        debug!("the read of the live blocks met {repeated} blocks again");
     }
     Ok(once)
 }
