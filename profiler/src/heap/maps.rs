@@ -2,13 +2,26 @@
 //! `profiler_common::heap` for their layout). Everything here is a thin
 //! copy between a map and plain values; what the values mean is decided in
 //! [`super::report`].
-use std::collections::{HashMap, HashSet};
+//!
+//! A hash map is read key by key (`BPF_MAP_GET_NEXT_KEY`) while the probes
+//! go on adding and deleting entries (with `--all`, every process on the
+//! host allocates and frees). When the key a walk stands on is deleted
+//! before the next step, the kernel starts the walk over from its first
+//! bucket, and the keys before come again: a walk may see a key twice, so
+//! every reader here keeps each key once ([`once_each`]). The live map,
+//! the busiest, is read in batches instead where the kernel can (see
+//! `batch`).
+use std::{
+    collections::{HashMap, HashSet},
+    hash::Hash,
+};
 
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap},
+    maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuHashMap},
 };
+use log::debug;
 use profiler_common::{
     heap::{
         CONFIG_MAP, COUNTERS_MAP, HeapConfig, HeapCounter, LIVE_MAP, LiveAlloc, LiveKey,
@@ -19,6 +32,8 @@ use profiler_common::{
 };
 
 use super::sampling;
+
+mod batch;
 use crate::runtime::counters::Counts;
 
 /// Writes the sampler settings and tables before any probe is attached.
@@ -75,7 +90,8 @@ pub(crate) fn add_mmap_targets(ebpf: &mut Ebpf, pids: &[u32]) -> anyhow::Result<
     Ok(())
 }
 
-/// The per-(process, stack) totals since attach, summed over CPUs.
+/// The per-(process, stack) totals since attach, summed over CPUs, each
+/// stack once.
 pub(crate) fn stack_stats(ebpf: &Ebpf) -> anyhow::Result<Vec<(StackKey, StackStats)>> {
     let map: PerCpuHashMap<&MapData, StackKey, StackStats> =
         PerCpuHashMap::try_from(ebpf.map(STACK_STATS_MAP).context("stack map missing")?)?;
@@ -98,7 +114,11 @@ pub(crate) fn stack_stats(ebpf: &Ebpf) -> anyhow::Result<Vec<(StackKey, StackSta
             Err(err) => return Err(err).context("reading the stack totals"),
         }
     }
-    Ok(out)
+    let (once, repeated) = once_each(out);
+    if repeated > 0 {
+        debug!("the walk of the stack totals started over: {repeated} stacks read again");
+    }
+    Ok(once.into_iter().collect())
 }
 
 /// The user stacks of `keys`, from the unwinder's map.
@@ -129,23 +149,53 @@ pub(crate) fn user_stack(ebpf: &Ebpf, id: u64) -> Option<UserStack> {
     map.get(&id, 0).ok()
 }
 
-/// The live blocks for which `keep` holds.
+/// The live blocks for which `keep` holds, each once.
 pub(crate) fn live_blocks(
     ebpf: &Ebpf,
     keep: impl Fn(&LiveKey, &LiveAlloc) -> bool,
-) -> anyhow::Result<Vec<(LiveKey, LiveAlloc)>> {
-    let map: BpfHashMap<&MapData, LiveKey, LiveAlloc> =
-        BpfHashMap::try_from(ebpf.map(LIVE_MAP).context("live map missing")?)?;
-    Ok(map
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(key, live)| keep(key, live))
-        .collect())
+) -> anyhow::Result<HashMap<LiveKey, LiveAlloc>> {
+    let map = ebpf.map(LIVE_MAP).context("live map missing")?;
+    let batch = match map {
+        Map::HashMap(data) => batch::live_entries(data),
+        _ => Err(std::io::Error::other("not a hash map")),
+    };
+    let (once, repeated) = match batch {
+        Ok(entries) => once_each(entries.into_iter().filter(|(key, live)| keep(key, live))),
+        Err(err) => {
+            // A kernel without batch reads (before 5.6): walked key by key.
+            debug!("reading the live blocks in batches: {err}; walking them by key");
+            let walk: BpfHashMap<&MapData, LiveKey, LiveAlloc> = BpfHashMap::try_from(map)?;
+            once_each(
+                walk.iter()
+                    .filter_map(Result::ok)
+                    .filter(|(key, live)| keep(key, live)),
+            )
+        }
+    };
+    if repeated > 0 {
+        debug!("the read of the live blocks met {repeated} blocks again");
+    }
+    Ok(once)
 }
 
 /// The tracked anonymous mappings (`--mmap`) still live.
-pub(crate) fn live_mappings(ebpf: &Ebpf) -> anyhow::Result<Vec<(LiveKey, LiveAlloc)>> {
+pub(crate) fn live_mappings(ebpf: &Ebpf) -> anyhow::Result<HashMap<LiveKey, LiveAlloc>> {
     live_blocks(ebpf, |key, _| key.source == SOURCE_MMAP)
+}
+
+/// The entries of a map walk, each key once (the value read last), and how
+/// many were read again (see the module's documentation).
+pub(crate) fn once_each<K: Eq + Hash, V>(
+    walk: impl IntoIterator<Item = (K, V)>,
+) -> (HashMap<K, V>, usize) {
+    let mut once = HashMap::new();
+    let mut repeated = 0;
+    for (key, value) in walk {
+        if once.insert(key, value).is_some() {
+            repeated += 1;
+        }
+    }
+    (once, repeated)
 }
 
 /// Drops the live blocks of processes `dead` from the kernel's table;
@@ -194,4 +244,22 @@ pub(crate) fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes a timespec; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_walk_that_started_over_yields_each_key_once() {
+        // The walk stood on c when it was deleted: it started over from a,
+        // and read b's new value on the second pass.
+        let walk = [("a", 1), ("b", 2), ("c", 3), ("a", 1), ("b", 20), ("d", 4)];
+        let (once, repeated) = once_each(walk);
+        assert_eq!(repeated, 2);
+        assert_eq!(
+            once,
+            HashMap::from([("a", 1), ("b", 20), ("c", 3), ("d", 4)])
+        );
+    }
 }

@@ -138,7 +138,7 @@ pub(crate) struct OldAllocs {
 
 /// The live blocks at least `min_ns` old at `now_ns`, per stack.
 pub(crate) fn old_allocations(
-    blocks: &[(LiveKey, LiveAlloc)],
+    blocks: &HashMap<LiveKey, LiveAlloc>,
     now_ns: u64,
     min_ns: u64,
 ) -> HashMap<StackKey, OldAllocs> {
@@ -161,15 +161,21 @@ pub(crate) fn old_allocations(
     out
 }
 
-/// The totals with what is no longer mapped counted as freed.
-fn corrected(totals: &Totals) -> Vec<(StackKey, StackStats)> {
+/// The stacks of a report: those of the totals, and the mapping stacks
+/// whose mappings were read in the live map but not yet in the totals (a
+/// mapping tracked between the two reads: it holds bytes, allocated after
+/// the totals were read).
+fn stacks_of(totals: &Totals) -> Vec<(StackKey, StackStats)> {
     let mut stats = totals.stats.clone();
-    for (key, s) in &mut stats {
-        if let Some(gone) = totals.unmapped.per_stack.get(key) {
-            s.free_objects += gone.free_objects;
-            s.free_bytes += gone.free_bytes;
-        }
-    }
+    let known: std::collections::HashSet<StackKey> = stats.iter().map(|(k, _)| *k).collect();
+    stats.extend(
+        totals
+            .unmapped
+            .held
+            .keys()
+            .filter(|k| !known.contains(k))
+            .map(|k| (*k, StackStats::default())),
+    );
     stats
 }
 
@@ -178,8 +184,14 @@ pub(crate) fn objects(fixed: u64) -> i64 {
     ((fixed + WEIGHT_ONE / 2) / WEIGHT_ONE) as i64
 }
 
-/// Outstanding (objects, bytes) of one stack's totals.
-fn outstanding(s: &StackStats) -> (i64, i64) {
+/// Outstanding (objects, bytes) of one stack: for allocator blocks, its
+/// totals' allocations less frees; for mappings, what they hold (see
+/// [`unmapped`]).
+fn outstanding(key: &StackKey, s: &StackStats, totals: &Totals) -> (i64, i64) {
+    if key.source == SOURCE_MMAP {
+        let held = totals.unmapped.held.get(key).copied().unwrap_or_default();
+        return (objects(held.objects), held.bytes as i64);
+    }
     (
         objects(s.alloc_objects) - objects(s.free_objects),
         s.alloc_bytes as i64 - s.free_bytes as i64,
@@ -285,10 +297,10 @@ pub(crate) fn heap_report_since(
     baseline: &HashMap<StackKey, StackStats>,
 ) -> Report {
     let mut report = new_report(totals, ctx);
-    for (key, s) in corrected(totals) {
+    for (key, s) in stacks_of(totals) {
         let from_probes = !totals.live.contains_key(&key.pid);
         let (inuse_objects, inuse_bytes) = if from_probes && ctx.processes.holds(key.pid) {
-            outstanding(&s)
+            outstanding(&key, &s, totals)
         } else {
             (0, 0)
         };
@@ -338,11 +350,11 @@ pub(crate) fn leak_report(totals: &Totals, ctx: &Context<'_>, input: &LeakInput<
         );
     }
     let (mut leaking, mut listed) = (0, 0);
-    for (key, s) in corrected(totals) {
+    for (key, s) in stacks_of(totals) {
         if !ctx.processes.holds(key.pid) || totals.live.contains_key(&key.pid) {
             continue;
         }
-        let (objects_out, bytes_out) = outstanding(&s);
+        let (objects_out, bytes_out) = outstanding(&key, &s, totals);
         let growth = input.history.classify(&key);
         let grows = growth.is_some_and(|g| g.leaking);
         let mut labels = Vec::new();

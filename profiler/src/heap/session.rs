@@ -429,6 +429,16 @@ impl Session {
 
     /// Reads what a report needs from the maps and `/proc`.
     fn totals(&mut self) -> anyhow::Result<Totals> {
+        // The mappings before the totals: the allocation of every mapping
+        // read is in the totals read after (the in-use values of mappings
+        // come from this read alone, see `report::unmapped`).
+        let unmapped = if self.settings.mmap {
+            let mappings = maps::live_mappings(&self.ebpf)?;
+            let current = self.processes.current_maps(mappings.keys().map(|k| k.pid));
+            report::unmapped(&mappings, &current)
+        } else {
+            report::Unmapped::default()
+        };
         let stats = maps::stack_stats(&self.ebpf)?;
         // With --all, processes first seen in the totals.
         for pid in stats.iter().map(|(k, _)| k.pid).collect::<HashSet<_>>() {
@@ -436,15 +446,6 @@ impl Session {
                 self.refresh_process(pid);
             }
         }
-        let unmapped = if self.settings.mmap {
-            let mappings = maps::live_mappings(&self.ebpf)?;
-            let current = self
-                .processes
-                .current_maps(mappings.iter().map(|(k, _)| k.pid));
-            report::unmapped(&mappings, &current)
-        } else {
-            report::Unmapped::default()
-        };
         let old = match self.settings.min_age {
             Some(age) => {
                 let blocks = maps::live_blocks(&self.ebpf, |_, _| true)?;

@@ -143,19 +143,21 @@ fn unmapped_counts_what_the_process_no_longer_maps() {
             ),
         ],
     )]);
-    let gone = unmapped(&tracked, &current);
-    assert_eq!(gone.mappings, 2);
-    assert_eq!(gone.bytes, 4 * PAGE);
-    let half = gone.per_stack[&key(2, SOURCE_MMAP)];
-    assert_eq!((half.free_objects, half.free_bytes), (0, 2 * PAGE));
-    let whole = gone.per_stack[&key(3, SOURCE_MMAP)];
-    assert_eq!(
-        (whole.free_objects, whole.free_bytes),
-        (WEIGHT_ONE, 2 * PAGE)
-    );
-    assert!(!gone.per_stack.contains_key(&key(1, SOURCE_MMAP)));
+    let u = unmapped(&tracked.into_iter().collect(), &current);
+    assert_eq!(u.mappings, 2);
+    assert_eq!(u.bytes, 4 * PAGE);
+    let held = |u: &Unmapped, stack_id| {
+        let h = u.held[&key(stack_id, SOURCE_MMAP)];
+        (h.objects, h.bytes)
+    };
+    assert_eq!(held(&u, 1), (WEIGHT_ONE, 4 * PAGE));
+    assert_eq!(held(&u, 2), (WEIGHT_ONE, 2 * PAGE));
+    assert_eq!(held(&u, 3), (0, 0));
     // A process with no current maps (it exited) is reported as it was.
-    assert_eq!(unmapped(&tracked, &HashMap::new()), Unmapped::default());
+    let u = unmapped(&tracked.into_iter().collect(), &HashMap::new());
+    assert_eq!((u.mappings, u.bytes), (0, 0));
+    assert_eq!(held(&u, 2), (WEIGHT_ONE, 4 * PAGE));
+    assert_eq!(held(&u, 3), (WEIGHT_ONE, 2 * PAGE));
 }
 
 #[test]
@@ -172,7 +174,7 @@ fn heap_report_takes_unmapped_pages_out_of_the_in_use_values() {
             (key(2, SOURCE_MMAP), stats(1, 0, 4 * PAGE)),
             (key(3, SOURCE_MMAP), stats(1, 0, 2 * PAGE)),
         ],
-        unmapped: unmapped(&tracked, &current),
+        unmapped: unmapped(&tracked.into_iter().collect(), &current),
         ..Totals::default()
     };
     let report = heap_report(&totals, &context(&processes, EVERY, true));
@@ -200,6 +202,90 @@ fn heap_report_takes_unmapped_pages_out_of_the_in_use_values() {
             .iter()
             .all(|s| s.leaf_marker == Some(crate::profile::MMAP))
     );
+}
+
+/// The in-use values of mapping stacks of one report, by stack id.
+fn mapping_inuse(totals: &Totals) -> HashMap<u64, (i64, i64)> {
+    let processes = processes();
+    heap_report(totals, &context(&processes, EVERY, true))
+        .samples
+        .iter()
+        .zip(super::stacks_of(totals))
+        .map(|(s, (k, _))| (k.stack_id, (s.values[2], s.values[3])))
+        .collect()
+}
+
+#[test]
+fn a_mapping_retired_between_the_reads_is_freed_once() {
+    // The live map was read with the mapping; the process unmapped it from
+    // its start (the kernel retired it: its free is in the totals read
+    // next), and the maps read then no longer show it.
+    let base = 0x1000_0000;
+    let tracked = HashMap::from([live_mapping(base, 4, 1)]);
+    let totals = Totals {
+        stats: vec![(key(1, SOURCE_MMAP), stats(1, 1, 4 * PAGE))],
+        unmapped: unmapped(&tracked, &HashMap::from([(PID, vec![anon(0x10, 0x20)])])),
+        ..Totals::default()
+    };
+    assert_eq!(mapping_inuse(&totals)[&1], (0, 0));
+}
+
+#[test]
+fn a_mapping_tracked_between_the_reads_counts_what_it_holds() {
+    // Read in the live map (with a hole the maps show), and tracked after
+    // the totals were read: the stack has no totals yet. Stack 2's
+    // mapping was tracked and trimmed before.
+    let base = 0x1000_0000;
+    let tracked = HashMap::from([
+        live_mapping(base, 4, 1),
+        live_mapping(base + 0x10_0000, 3, 2),
+    ]);
+    let current = HashMap::from([(
+        PID,
+        vec![
+            anon(base, base + PAGE),
+            anon(base + 2 * PAGE, base + 4 * PAGE),
+            anon(base + 0x10_0000, base + 0x10_0000 + 3 * PAGE),
+        ],
+    )]);
+    let totals = Totals {
+        stats: vec![(key(2, SOURCE_MMAP), stats(1, 0, 4 * PAGE))],
+        unmapped: unmapped(&tracked, &current),
+        ..Totals::default()
+    };
+    let p = PAGE as i64;
+    let inuse = mapping_inuse(&totals);
+    assert_eq!(inuse[&1], (1, 3 * p));
+    assert_eq!(inuse[&2], (1, 3 * p));
+}
+
+#[test]
+fn a_walk_of_the_live_map_that_started_over_counts_each_mapping_once() {
+    // The walk stood on a block another process freed, and started over:
+    // both mappings came twice. The second has a hole.
+    let base = 0x1000_0000;
+    let (a, b) = (
+        live_mapping(base, 4, 1),
+        live_mapping(base + 0x10_0000, 4, 1),
+    );
+    let (tracked, repeated) = crate::heap::maps::once_each([a, b, a, b]);
+    assert_eq!(repeated, 2);
+    let current = HashMap::from([(
+        PID,
+        vec![
+            anon(base, base + 4 * PAGE),
+            anon(base + 0x10_0000, base + 0x10_0000 + PAGE),
+            anon(base + 0x10_0000 + 2 * PAGE, base + 0x10_0000 + 4 * PAGE),
+        ],
+    )]);
+    let totals = Totals {
+        stats: vec![(key(1, SOURCE_MMAP), stats(2, 0, 4 * PAGE))],
+        unmapped: unmapped(&tracked, &current),
+        ..Totals::default()
+    };
+    assert_eq!(mapping_inuse(&totals)[&1], (2, 7 * PAGE as i64));
+    assert_eq!((totals.unmapped.mappings, totals.unmapped.bytes), (1, PAGE));
+    assert_eq!(totals.unmapped.replaced_mappings, 0);
 }
 
 /// A history whose stack 1 grows at every snapshot and stack 2 stays level.
@@ -268,7 +354,7 @@ fn leak_report_adds_stacks_with_old_allocations() {
         min_age: None,
         launched_exit: false,
     };
-    let blocks = [(
+    let blocks = HashMap::from([(
         LiveKey {
             addr: 0x5000,
             pid: PID,
@@ -281,7 +367,7 @@ fn leak_report_adds_stacks_with_old_allocations() {
             timestamp_ns: 1_000_000_000,
             stack_id: 2,
         },
-    )];
+    )]);
     let mut totals = leak_totals();
     // At 61 s, a 60 s minimum lists the block of 1 s; 70 s does not.
     assert!(old_allocations(&blocks, 61_000_000_000, 70_000_000_000).is_empty());

@@ -9,14 +9,22 @@
 //!   address) that is tracked itself: both hold the range. The kernel gives
 //!   the range to the newer mapping, and so does this: each byte counts
 //!   once, under the newest tracked mapping over it.
+//!
+//! The in-use values of mapping stacks are what their mappings hold here,
+//! not the per-stack totals less what is gone: the totals, the live map and
+//! the maps are read at different moments while the targets run, and a
+//! difference between them can take out bytes the totals never counted (a
+//! mapping tracked after they were read) or a free they already hold (a
+//! mapping the kernel retired after the live map was read), down to
+//! negative values. What one read of the live map holds, clipped to the
+//! maps read next, is never negative and counts each byte once.
 use std::collections::{BTreeMap, HashMap};
 
-use profiler_common::heap::{LiveAlloc, LiveKey, SOURCE_MMAP, StackKey, StackStats};
+use profiler_common::heap::{LiveAlloc, LiveKey, SOURCE_MMAP, StackKey};
 
 use crate::process::Mapping;
 
-/// What tracked mappings no longer hold, and what is gone per stack, as
-/// frees.
+/// What the tracked mappings hold per stack, and what they no longer hold.
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct Unmapped {
     /// Tracked mappings partly or wholly no longer mapped.
@@ -27,28 +35,40 @@ pub(crate) struct Unmapped {
     pub replaced_mappings: u64,
     /// Their bytes that the newer mappings hold (and count).
     pub replaced_bytes: u64,
-    pub per_stack: HashMap<StackKey, StackStats>,
+    /// Per stack, what its tracked mappings still hold: its in-use values.
+    pub held: HashMap<StackKey, Held>,
+}
+
+/// What the tracked mappings of one stack hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Held {
+    /// Mappings holding at least one byte ([`WEIGHT_ONE`] units).
+    ///
+    /// [`WEIGHT_ONE`]: profiler_common::heap::WEIGHT_ONE
+    pub objects: u64,
+    pub bytes: u64,
 }
 
 /// A half-open address range.
 type Range = (u64, u64);
 
-/// What each tracked mapping no longer holds. `current` holds the maps of
-/// the processes still running; for a process without an entry (it exited)
-/// only the overlaps between its tracked mappings are known. What is gone
-/// counts as freed (the whole object once nothing of it is left).
+/// What each tracked mapping of one read of the live map (each key once)
+/// still holds. `current` holds the maps of the processes still running;
+/// for a process without an entry (it exited) only the overlaps between its
+/// tracked mappings are known. A mapping holds an object while it holds a
+/// byte.
 ///
 /// A range unmapped and then mapped again by a mapping that is not tracked
 /// (a file, or one the allocator made) still counts as the old mapping's.
 pub(crate) fn unmapped(
-    mappings: &[(LiveKey, LiveAlloc)],
+    mappings: &HashMap<LiveKey, LiveAlloc>,
     current: &HashMap<u32, Vec<Mapping>>,
 ) -> Unmapped {
     let mut out = Unmapped::default();
     // Per process, newest first: the union of the mappings already seen is
     // what newer ones hold. Newer is later, or as late and higher (any
     // order will do, as long as there is one).
-    let mut tracked: Vec<&(LiveKey, LiveAlloc)> = mappings
+    let mut tracked: Vec<(&LiveKey, &LiveAlloc)> = mappings
         .iter()
         .filter(|(key, _)| key.source == SOURCE_MMAP)
         .collect();
@@ -64,7 +84,7 @@ pub(crate) fn unmapped(
         })
         .collect();
     let mut held_by_newer: HashMap<u32, Union> = HashMap::new();
-    for &(key, live) in &tracked {
+    for (key, live) in tracked {
         let whole = (key.addr, key.addr.saturating_add(live.size));
         let mapped = match anonymous.get(&key.pid) {
             Some(ranges) => clipped(ranges, whole),
@@ -75,10 +95,6 @@ pub(crate) fn unmapped(
         union.add(whole);
         let still_mapped = length(&mapped);
         let replaced = length(&intersection(&mapped, &newer));
-        let gone_bytes = live.size - still_mapped + replaced;
-        if gone_bytes == 0 {
-            continue;
-        }
         if still_mapped < live.size {
             out.mappings += 1;
             out.bytes += live.size - still_mapped;
@@ -87,17 +103,18 @@ pub(crate) fn unmapped(
             out.replaced_mappings += 1;
             out.replaced_bytes += replaced;
         }
-        let gone = out
-            .per_stack
+        let held = out
+            .held
             .entry(StackKey {
                 stack_id: live.stack_id,
                 pid: key.pid,
                 source: SOURCE_MMAP,
             })
             .or_default();
-        gone.free_bytes += gone_bytes;
-        if gone_bytes >= live.size {
-            gone.free_objects += live.weight_objects;
+        let bytes = still_mapped - replaced;
+        if bytes > 0 {
+            held.objects += live.weight_objects;
+            held.bytes += bytes;
         }
     }
     out

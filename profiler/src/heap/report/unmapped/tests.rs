@@ -38,10 +38,10 @@ fn anon(from_mib: u64, to_mib: u64) -> Mapping {
     }
 }
 
-/// (free_objects, free_bytes) charged to `stack_id`.
-fn gone(u: &Unmapped, stack_id: u64) -> (u64, u64) {
-    let s = u
-        .per_stack
+/// (objects, bytes) the mappings of `stack_id` hold.
+fn held(u: &Unmapped, stack_id: u64) -> (u64, u64) {
+    let h = u
+        .held
         .get(&StackKey {
             stack_id,
             pid: PID,
@@ -49,7 +49,12 @@ fn gone(u: &Unmapped, stack_id: u64) -> (u64, u64) {
         })
         .copied()
         .unwrap_or_default();
-    (s.free_objects, s.free_bytes)
+    (h.objects, h.bytes)
+}
+
+/// One read of the live map.
+fn read(entries: &[(LiveKey, LiveAlloc)]) -> HashMap<LiveKey, LiveAlloc> {
+    entries.iter().copied().collect()
 }
 
 /// 8 MiB mapped (stack 1), then MAP_FIXED 2 MiB over its middle (2), 1 MiB
@@ -72,18 +77,18 @@ fn a_range_mapped_over_counts_once_under_the_newer_mapping() {
         vec![anon(0, 1), anon(1, 3), anon(3, 5), anon(5, 7), anon(7, 8)],
     ] {
         let current = HashMap::from([(PID, maps)]);
-        let u = unmapped(&overlaid(), &current);
+        let u = unmapped(&read(&overlaid()), &current);
         // The original keeps 4 MiB of its 7: the overlays hold the rest.
-        assert_eq!(gone(&u, 1), (0, 3 * MIB));
-        for stack in [2, 3, 4] {
-            assert_eq!(gone(&u, stack), (0, 0), "stack {stack}");
+        assert_eq!(held(&u, 1), (WEIGHT_ONE, 4 * MIB));
+        for (stack, mib) in [(2, 2), (3, 1), (4, 1)] {
+            assert_eq!(held(&u, stack), (WEIGHT_ONE, mib * MIB), "stack {stack}");
         }
         assert_eq!((u.replaced_mappings, u.replaced_bytes), (1, 3 * MIB));
         assert_eq!((u.mappings, u.bytes), (0, 0));
     }
     // An exited process: the overlaps are still known.
-    let u = unmapped(&overlaid(), &HashMap::new());
-    assert_eq!(gone(&u, 1), (0, 3 * MIB));
+    let u = unmapped(&read(&overlaid()), &HashMap::new());
+    assert_eq!(held(&u, 1), (WEIGHT_ONE, 4 * MIB));
     assert_eq!((u.mappings, u.replaced_bytes), (0, 3 * MIB));
 }
 
@@ -92,11 +97,17 @@ fn the_newer_mapping_wins_whatever_the_order_in_the_map() {
     let mut all = overlaid();
     all.reverse();
     let current = HashMap::from([(PID, vec![anon(0, 8)])]);
-    assert_eq!(unmapped(&all, &current), unmapped(&overlaid(), &current));
+    assert_eq!(
+        unmapped(&read(&all), &current),
+        unmapped(&read(&overlaid()), &current)
+    );
     // An older mapping under a newer one loses nothing of what it alone holds.
     let two = [tracked(0, 4, 1, 50), tracked(2, 4, 2, 60)];
-    let u = unmapped(&two, &HashMap::from([(PID, vec![anon(0, 6)])]));
-    assert_eq!((gone(&u, 1), gone(&u, 2)), ((0, 2 * MIB), (0, 0)));
+    let u = unmapped(&read(&two), &HashMap::from([(PID, vec![anon(0, 6)])]));
+    assert_eq!(
+        (held(&u, 1), held(&u, 2)),
+        ((WEIGHT_ONE, 2 * MIB), (WEIGHT_ONE, 4 * MIB))
+    );
 }
 
 #[test]
@@ -105,9 +116,9 @@ fn after_unmapping_the_whole_range_nothing_is_left() {
     // original in the kernel; the other two are found gone from the maps.
     let left = [tracked(3, 2, 2, 20), tracked(7, 1, 4, 40)];
     let current = HashMap::from([(PID, vec![anon(20, 21)])]);
-    let u = unmapped(&left, &current);
-    assert_eq!(gone(&u, 2), (WEIGHT_ONE, 2 * MIB));
-    assert_eq!(gone(&u, 4), (WEIGHT_ONE, MIB));
+    let u = unmapped(&read(&left), &current);
+    assert_eq!(held(&u, 2), (0, 0));
+    assert_eq!(held(&u, 4), (0, 0));
     assert_eq!((u.mappings, u.bytes), (2, 3 * MIB));
     assert_eq!(u.replaced_mappings, 0);
 }
@@ -118,9 +129,9 @@ fn a_range_both_replaced_and_unmapped_is_taken_out_once() {
     // does not get it back (the range is empty) and loses it once.
     let two = [tracked(0, 8, 1, 10), tracked(3, 2, 2, 20)];
     let current = HashMap::from([(PID, vec![anon(0, 3), anon(5, 8)])]);
-    let u = unmapped(&two, &current);
-    assert_eq!(gone(&u, 1), (0, 2 * MIB));
-    assert_eq!(gone(&u, 2), (WEIGHT_ONE, 2 * MIB));
+    let u = unmapped(&read(&two), &current);
+    assert_eq!(held(&u, 1), (WEIGHT_ONE, 6 * MIB));
+    assert_eq!(held(&u, 2), (0, 0));
     assert_eq!(u.replaced_bytes, 0);
 }
 
@@ -131,7 +142,16 @@ fn other_processes_and_sources_do_not_overlap() {
     let mut block = tracked(5, 1, 3, 30);
     block.0.source = SOURCE_ALLOCATOR;
     let all = [tracked(0, 8, 1, 10), other, block];
-    assert_eq!(unmapped(&all, &HashMap::new()), Unmapped::default());
+    let u = unmapped(&read(&all), &HashMap::new());
+    assert_eq!((u.mappings, u.replaced_mappings), (0, 0));
+    assert_eq!(held(&u, 1), (WEIGHT_ONE, 8 * MIB));
+    assert_eq!(held(&u, 3), (0, 0));
+    let other_pid = StackKey {
+        stack_id: 2,
+        pid: PID + 1,
+        source: SOURCE_MMAP,
+    };
+    assert_eq!(u.held[&other_pid].bytes, 2 * MIB);
 }
 
 #[test]
