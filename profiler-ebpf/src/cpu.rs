@@ -75,6 +75,11 @@ fn selected(config: &CpuConfig, pid: u32, tid: u32) -> bool {
     }
     // SAFETY: the value is not used, only whether the key exists.
     if config.filter_pids != 0 && unsafe { CPU_PIDS.get(pid) }.is_none() {
+        // A followed task leaves the filter at its exit tracepoint, before
+        // it releases its memory: its last samples are still its own.
+        if last_stack::exited_while_sampled(tid) {
+            return true;
+        }
         count(CpuCounter::Filtered);
         return false;
     }

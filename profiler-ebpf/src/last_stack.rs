@@ -79,6 +79,15 @@ pub(crate) fn instead_of_walk(tid: u32) -> Option<Instead> {
     }
 }
 
+/// Whether thread `tid` began to exit while it was sampled (its stack was
+/// walked then): it never runs user code again, and its record goes when
+/// the id is forked again.
+#[inline(always)]
+pub(crate) fn exited_while_sampled(tid: u32) -> bool {
+    // SAFETY: the value is read at once.
+    unsafe { LAST_STACKS.get(&tid) }.is_some_and(|r| r.id != 0)
+}
+
 /// At `sched_process_exit` of thread `tid` (of a selected process): walks
 /// its user stack while its memory is still there.
 #[inline(always)]

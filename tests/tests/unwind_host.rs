@@ -192,15 +192,18 @@ fn complete_share(
         })
         .collect();
     // Samples taken while an exiting process releases its address space
-    // (do_exit -> mmput): the task has no memory left, so no tool can walk
-    // its user stack past the pc the kernel saved. Counted apart.
+    // (do_exit -> mmput): the task has no memory left, and their user stack
+    // is the one walked when the thread began to exit. Counted as any.
     let released = |f: &[String]| {
         f.iter().any(|x| x == "do_exit_[k]")
             && f.iter()
                 .any(|x| x.starts_with("__mmput") || x.starts_with("mmput"))
     };
-    let (gone, mine): (Vec<_>, Vec<_>) = of_pids.into_iter().partition(|s| released(&s.0));
-    let gone_ns: u64 = gone.iter().map(|s| s.1).sum();
+    // Samples inside execve after the switch to the new program's memory:
+    // the caller's stack is gone and shown missing. Counted as cut.
+    let in_exec = |f: &[String]| {
+        f.iter().any(|x| x == "[missing user stack]") && f.iter().any(|x| x.contains("sys_execve"))
+    };
     // The entry point of a stripped program (bpftrace) has no name: it is
     // the frame that calls libc's start.
     let cut = |f: &[String]| {
@@ -210,8 +213,15 @@ fn complete_share(
                 .is_some_and(|root| THREAD_STARTS.contains(&root.as_str()))
                 || f.get(2).is_some_and(|f| f.starts_with("__libc_start_main")))
     };
-    let total: u64 = mine.iter().map(|s| s.1).sum();
-    let complete: u64 = mine.iter().filter(|s| !cut(&s.0)).map(|s| s.1).sum();
+    let mine = of_pids;
+    let sum = |keep: &dyn Fn(&[String]) -> bool| -> u64 {
+        mine.iter().filter(|s| keep(&s.0)).map(|s| s.1).sum()
+    };
+    let total = sum(&|_| true);
+    let complete = sum(&|f| !cut(f));
+    let gone = sum(&|f| released(f));
+    let gone_cut = sum(&|f| released(f) && cut(f));
+    let exec = sum(&|f| in_exec(f));
     // The heaviest cut stacks, root side, to see where the walks stop.
     let mut cut_stacks: Vec<_> = mine.iter().filter(|s| cut(&s.0)).collect();
     cut_stacks.sort_by_key(|s| std::cmp::Reverse(s.1));
@@ -221,13 +231,16 @@ fn complete_share(
     }
     assert!(total > 0, "no samples of {comm} {pids:?}");
     let pct = 100.0 * complete as f64 / total as f64;
-    let ns_per_sample = 1_000_000_000 / 999;
+    let n = |ns: u64| ns / (1_000_000_000 / 999);
     eprintln!(
-        "{comm} ({} processes): {} of {} samples complete ({pct:.2}%); {} more taken after exit released the memory",
+        "{comm} ({} processes): {} of {} samples complete ({pct:.2}%); {} taken after exit \
+         released the memory ({} of them cut); {} inside execve after the switch (cut)",
         pids.len(),
-        complete / ns_per_sample,
-        total / ns_per_sample,
-        gone_ns / ns_per_sample
+        n(complete),
+        n(total),
+        n(gone),
+        n(gone_cut),
+        n(exec),
     );
     for needle in needles {
         assert!(

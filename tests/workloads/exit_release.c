@@ -3,7 +3,7 @@
 // line on stdin, then exits from `leave_now`. The kernel frees those pages
 // (exit_mmap, tens of ms for a few hundred MiB) after the task's mm is
 // gone, so no user stack can be read during that time.
-// Usage: exit_release MIB
+// Usage: exit_release MIB [now] (now: exits at once, without waiting)
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +26,8 @@ int main(int argc, char **argv) {
     size_t mib = argc > 1 ? strtoul(argv[1], NULL, 10) : 256;
     volatile char *p = fill(mib << 20);
     (void)p;
+    if (argc > 2 && strcmp(argv[2], "now") == 0)
+        leave_now();
     printf("ready\n");
     fflush(stdout);
     char line[16];
