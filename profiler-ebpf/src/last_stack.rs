@@ -20,7 +20,11 @@
 //!   cannot know the old program's mappings once the new one runs (a fork
 //!   child that execs at once was never read), so its frames could only be
 //!   named with the new program's. Such samples carry
-//!   `KEY_USER_EXEC_SWITCHED` instead of a stack, shown as a marker.
+//!   `KEY_USER_EXEC_SWITCHED` instead of a stack, shown as a missing user
+//!   stack under the kernel's execve frames. They are named as the process
+//!   is when its counts are drained: the new program's once its exec event
+//!   was read, as perf names the samples after the exec's comm change (the
+//!   few between the switch and that change it names by the old comm).
 //!
 //! A sample uses a record only when the task's `mm` is no longer the one
 //! recorded: before the switch or the release, the walk reads live memory.
