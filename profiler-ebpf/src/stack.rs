@@ -269,7 +269,7 @@ pub fn saved_user_frame() -> Frame {
 }
 
 #[inline(always)]
-pub(crate) fn saved_user_regs() -> (Frame, LeafRegs) {
+fn saved_user_regs() -> (Frame, LeafRegs) {
     // SAFETY: helper calls; the pointer they return is only read through
     // bpf_probe_read_kernel, which checks it.
     let user = unsafe {
