@@ -76,6 +76,10 @@ pub const KEY_KERNEL_STACK_FAILED: u32 = 1 << 3;
 /// `SampleKey::flags`: the thread ran Python code; `python_stack` is its
 /// id in the Python stack map (`crate::python::STACKS_MAP`).
 pub const KEY_PYTHON_STACK: u32 = 1 << 4;
+/// `SampleKey::flags`: the sample was taken inside `execve` after the
+/// switch to the new program's address space: the caller's user stack is
+/// gone and no stack is recorded (see [`CpuCounter::SamplesInExecAfterSwitch`]).
+pub const KEY_USER_EXEC_SWITCHED: u32 = 1 << 5;
 
 /// What samples are counted by: thread and both stacks.
 #[repr(C)]
@@ -134,6 +138,18 @@ crate::counter_set! {
         /// Samples after the end of `--duration` ([`CpuConfig::stop_at_ns`]),
         /// not counted.
         AfterDuration = "after_duration",
+        /// Exiting threads whose user stack was walked before their memory
+        /// went, for their samples after it.
+        ExitStacksRecorded = "exit_stacks_recorded",
+        /// Exiting threads whose stack could not be kept (the stack map
+        /// was full): their samples after the release stay cut.
+        ExitStacksNotRecorded = "exit_stacks_not_recorded",
+        /// Samples after an exiting thread released its memory that got the
+        /// stack walked at its exit.
+        SamplesWithExitStack = "samples_with_exit_stack",
+        /// Samples inside execve after the switch to the new program's
+        /// memory: no user stack ([`KEY_USER_EXEC_SWITCHED`]).
+        SamplesInExecAfterSwitch = "samples_in_execve_after_switch",
     }
 }
 

@@ -16,12 +16,16 @@ use profiler_common::{
     counters::CounterSet as _,
     cpu::{
         COUNTS_MAX_ENTRIES, CpuConfig, CpuCounter, KEY_KERNEL_STACK, KEY_KERNEL_STACK_FAILED,
-        KEY_PYTHON_STACK, KEY_USER_STACK, KEY_USER_STACK_FAILED, PIDS_MAX_ENTRIES, SampleCounts,
-        SampleKey, TASK_EVENTS_BYTES, TASK_EXEC, TASK_EXIT, TaskEvent,
+        KEY_PYTHON_STACK, KEY_USER_EXEC_SWITCHED, KEY_USER_STACK, KEY_USER_STACK_FAILED,
+        PIDS_MAX_ENTRIES, SampleCounts, SampleKey, TASK_EVENTS_BYTES, TASK_EXEC, TASK_EXIT,
+        TaskEvent,
     },
 };
 
-use crate::stack;
+use crate::{
+    last_stack::{self, Instead},
+    stack,
+};
 
 #[map(name = "CPU_CONFIG")]
 static CPU_CONFIG: Array<CpuConfig> = Array::with_max_entries(1, 0);
@@ -45,13 +49,20 @@ static CPU_TASK_EVENTS: RingBuf = RingBuf::with_byte_size(TASK_EVENTS_BYTES, 0);
 
 /// Adds one to a sampler counter.
 #[inline(always)]
-fn count(counter: CpuCounter) {
+pub(crate) fn count(counter: CpuCounter) {
     crate::counters::count(&CPU_STATS, counter);
 }
 
 #[inline(always)]
 fn config() -> CpuConfig {
     CPU_CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// Whether process `pid` passes the `--pid` filter (not counted).
+#[inline(always)]
+pub(crate) fn follows(pid: u32) -> bool {
+    // SAFETY: the value is not used, only whether the key exists.
+    config().filter_pids == 0 || unsafe { CPU_PIDS.get(pid) }.is_some()
 }
 
 /// Whether the process is sampled at all (`--pid`, `--idle`).
@@ -64,6 +75,11 @@ fn selected(config: &CpuConfig, pid: u32, tid: u32) -> bool {
     }
     // SAFETY: the value is not used, only whether the key exists.
     if config.filter_pids != 0 && unsafe { CPU_PIDS.get(pid) }.is_none() {
+        // A followed task leaves the filter at its exit tracepoint, before
+        // it releases its memory: its last samples are still its own.
+        if last_stack::exited_while_sampled(tid) {
+            return true;
+        }
         count(CpuCounter::Filtered);
         return false;
     }
@@ -111,15 +127,20 @@ pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
     }
     // Kernel threads (and the idle tasks) have no user stack at all.
     if tid != 0 && config.user_stacks != 0 {
-        match stack::user_stack_id(regs, false) {
-            Ok(id) => {
+        // Past the release of its memory (exit) or the switch to a new
+        // program's (execve), the thread's user stack is the one it had
+        // when it entered the call (`last_stack`).
+        match last_stack::instead_of_walk(tid) {
+            Some(Instead::AtExit(id)) => {
+                count(CpuCounter::SamplesWithExitStack);
                 key.user_stack = id;
                 key.flags |= KEY_USER_STACK;
             }
-            Err(_) => {
-                count(CpuCounter::UserStackFailed);
-                key.flags |= KEY_USER_STACK_FAILED;
+            Some(Instead::ExecSwitched) => {
+                count(CpuCounter::SamplesInExecAfterSwitch);
+                key.flags |= KEY_USER_EXEC_SWITCHED;
             }
+            None => user_stack(regs, &mut key),
         }
     }
     if tid != 0
@@ -132,6 +153,23 @@ pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
     let period = unsafe { (*ctx.ctx).sample_period };
     add_sample(&config, &key, period);
     0
+}
+
+/// Walks the user stack from `regs` into `key`.
+#[inline(always)]
+fn user_stack(regs: *const pt_regs, key: &mut SampleKey) {
+    {
+        match stack::user_stack_id(regs, false) {
+            Ok(id) => {
+                key.user_stack = id;
+                key.flags |= KEY_USER_STACK;
+            }
+            Err(_) => {
+                count(CpuCounter::UserStackFailed);
+                key.flags |= KEY_USER_STACK_FAILED;
+            }
+        }
+    }
 }
 
 /// Adds one sample of `period` to `key` in the active count map.
@@ -181,6 +219,10 @@ fn task_event(kind: u32) {
     if kind == TASK_EXIT && config.follow_forks != 0 {
         let _ = CPU_PIDS.remove(&tid);
     }
+    match kind {
+        TASK_EXIT => last_stack::at_exit(&config, tid),
+        _ => last_stack::forget(tid),
+    }
     let event = TaskEvent {
         kind,
         pid,
@@ -201,12 +243,19 @@ pub fn cpu_task_exec(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// `sched:sched_process_fork`: runs in the parent. With
+/// `sched:sched_process_fork`: runs in the parent. The child's thread id
+/// may be a reused one: what its previous owner left goes. With
 /// [`CpuConfig::follow_forks`], a task forked by a sampled process is
 /// sampled too.
 #[tracepoint]
 pub fn cpu_task_fork(ctx: TracePointContext) -> u32 {
     let config = config();
+    // SAFETY: reads a pid_t of the tracepoint record at the offset its
+    // format file gives; the helper checks the access.
+    let Ok(child) = (unsafe { ctx.read_at::<u32>(config.fork_child_pid_offset as usize) }) else {
+        return 0;
+    };
+    last_stack::forget(child);
     if config.follow_forks == 0 {
         return 0;
     }
@@ -215,11 +264,6 @@ pub fn cpu_task_fork(ctx: TracePointContext) -> u32 {
     if unsafe { CPU_PIDS.get(parent) }.is_none() {
         return 0;
     }
-    // SAFETY: reads a pid_t of the tracepoint record at the offset its
-    // format file gives; the helper checks the access.
-    let Ok(child) = (unsafe { ctx.read_at::<u32>(config.fork_child_pid_offset as usize) }) else {
-        return 0;
-    };
     if CPU_PIDS.insert(&child, &0, 0).is_err() {
         count(CpuCounter::PidsFull);
     }

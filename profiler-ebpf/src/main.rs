@@ -10,6 +10,7 @@ mod count;
 mod counters;
 mod cpu;
 mod heap;
+mod last_stack;
 mod python;
 pub mod stack;
 mod stack_copy;

@@ -125,6 +125,19 @@ fn read_u32(base: u64, offset: u32) -> u32 {
     unsafe { bpf_probe_read_kernel((base.wrapping_add(offset as u64)) as *const u32) }.unwrap_or(0)
 }
 
+/// The current task's `mm` (0 once `exit_mm` released it), or `None`
+/// when the kernel's field offsets are not known.
+#[inline(always)]
+pub(crate) fn current_mm() -> Option<u64> {
+    let offsets = CONFIG.get(0)?;
+    if offsets.enabled == 0 {
+        return None;
+    }
+    // SAFETY: a helper call; the task is only read through probe reads.
+    let task = unsafe { bpf_get_current_task_btf() };
+    Some(read_u64(task as u64, offsets.task_mm))
+}
+
 /// The `bpf_find_vma` callback: reads the mapping's start, offset and file.
 #[inline(never)]
 extern "C" fn read_vma(_task: *mut c_void, vma: *mut c_void, ctx: *mut c_void) -> i64 {

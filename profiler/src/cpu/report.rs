@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 
 use profiler_common::cpu::{
-    KEY_KERNEL_STACK, KEY_USER_STACK, KEY_USER_STACK_FAILED, SampleCounts, SampleKey,
+    KEY_KERNEL_STACK, KEY_USER_EXEC_SWITCHED, KEY_USER_STACK, KEY_USER_STACK_FAILED, SampleCounts,
+    SampleKey,
 };
 
 use super::{
@@ -57,7 +58,8 @@ pub(crate) fn sample_period_ns(frequency: u64) -> u64 {
 ///
 /// - no user stack flag at all: the idle tasks, which have no user side
 ///   (complete and empty);
-/// - a walk that failed or whose stack is unknown: missing;
+/// - a walk that failed or whose stack is unknown, or a sample inside
+///   execve after the switch to the new program's memory: missing;
 /// - a missing empty stack of a kernel thread: complete, as it has no user
 ///   memory to walk;
 /// - otherwise the walker's own status (an unknown value stays visible as
@@ -68,7 +70,10 @@ pub(crate) fn user_side(
     is_kthread: impl FnOnce() -> bool,
 ) -> (Vec<u64>, StackStatus) {
     if key.flags & KEY_USER_STACK == 0 {
-        let status = if key.flags & KEY_USER_STACK_FAILED != 0 {
+        // Inside execve after the switch to the new program's memory, the
+        // caller's stack is gone and its mappings may never have been
+        // read: missing, rather than named with the new program's.
+        let status = if key.flags & (KEY_USER_STACK_FAILED | KEY_USER_EXEC_SWITCHED) != 0 {
             StackStatus::Missing
         } else {
             StackStatus::Complete
@@ -192,6 +197,17 @@ mod tests {
         // The idle tasks: no user side.
         let got = user_side(&key(0, 0, KEY_KERNEL_STACK), &Stacks::default(), never);
         assert_eq!(got, (vec![], StackStatus::Complete));
+    }
+
+    #[test]
+    fn a_sample_in_execve_after_the_switch_has_no_user_stack() {
+        let never = || panic!("no kernel-thread check for a user task");
+        let got = user_side(
+            &key(5, 5, KEY_USER_EXEC_SWITCHED),
+            &Stacks::default(),
+            never,
+        );
+        assert_eq!(got, (Vec::new(), StackStatus::Missing));
     }
 
     #[test]

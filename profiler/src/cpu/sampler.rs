@@ -55,11 +55,7 @@ impl Sampler {
             filter_pids: u32::from(settings.targets != Targets::All),
             user_stacks: 1,
             follow_forks: u32::from(follow_forks),
-            fork_child_pid_offset: if follow_forks {
-                fork_child_pid_offset()?
-            } else {
-                0
-            },
+            fork_child_pid_offset: fork_child_pid_offset()?,
             stop_at_ns: 0,
         };
         config
@@ -83,17 +79,25 @@ impl Sampler {
             sampler.add_pid(pid)?;
         }
         // Task events first, so no exec in the first samples goes unseen.
-        let mut tracepoints = vec![
-            ("cpu_task_exec", "sched_process_exec"),
-            ("cpu_task_exit", "sched_process_exit"),
+        // The fork tracepoint also forgets what a reused thread id's
+        // previous owner left (`last_stack` in the eBPF programs); the
+        // execve entries tell the samples after execve's switch apart.
+        let tracepoints: [(&str, &str, &[&str]); 4] = [
+            ("cpu_task_exec", "sched", &["sched_process_exec"]),
+            ("cpu_task_exit", "sched", &["sched_process_exit"]),
+            ("cpu_task_fork", "sched", &[FORK_TRACEPOINT]),
+            (
+                "cpu_exec_entry",
+                "syscalls",
+                &["sys_enter_execve", "sys_enter_execveat"],
+            ),
         ];
-        if follow_forks {
-            tracepoints.push(("cpu_task_fork", FORK_TRACEPOINT));
-        }
-        for (program, name) in tracepoints {
+        for (program, category, names) in tracepoints {
             let tp: &mut TracePoint = ebpf::program(ebpf, program)?;
-            tp.attach("sched", name)
-                .with_context(|| format!("attaching to the tracepoint sched:{name}"))?;
+            for name in names {
+                tp.attach(category, name)
+                    .with_context(|| format!("attaching to the tracepoint {category}:{name}"))?;
+            }
         }
         let cpus =
             aya::util::online_cpus().map_err(|(path, e)| anyhow::anyhow!("reading {path}: {e}"))?;
@@ -227,7 +231,8 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The tracepoint through which a launched command's descendants are followed.
+/// The tracepoint through which a launched command's descendants are
+/// followed, and reused thread ids seen.
 const FORK_TRACEPOINT: &str = "sched_process_fork";
 
 /// The offset of `child_pid` in this kernel's fork tracepoint records.

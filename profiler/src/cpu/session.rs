@@ -473,6 +473,8 @@ impl State {
             let prefix = self.stacks.user.get(&id).map(|(f, _)| f.as_slice());
             if let Some((frames, status)) = self.copies.take(id, prefix.unwrap_or_default()) {
                 self.stacks.user.insert(id, (frames, status as u32));
+            } else if self.copies.was_taken(id) {
+                // Another sample's stack from the same copy, stored above.
             } else if !force && (self.copies.is_pending(id) || drains < COPY_ARRIVAL_DRAINS) {
                 // Waiting for its tables, or for the copy itself: the
                 // reader thread may not have read it from the ring yet on

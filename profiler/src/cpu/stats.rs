@@ -36,7 +36,10 @@ pub(crate) fn summary(c: &Counters, s: &Sampling) -> String {
     format!(
         "{} samples of {} taken ({} at {} Hz on {} CPUs for {:.1} s); \
          lost: {} (count map full); stacks not recorded: {} kernel, {} user; \
-         task events lost: {}; forks not followed: {}",
+         task events lost: {}; forks not followed: {}; \
+         after exit released the memory: {} samples with the stack walked at exit \
+         ({} exits walked, {} not); inside execve after the switch: {} samples \
+         without user stack",
         selected(c),
         c.get(CpuCounter::Samples),
         s.event,
@@ -48,6 +51,10 @@ pub(crate) fn summary(c: &Counters, s: &Sampling) -> String {
         c.get(CpuCounter::UserStackFailed),
         c.get(CpuCounter::TaskEventsLost),
         c.get(CpuCounter::PidsFull),
+        c.get(CpuCounter::SamplesWithExitStack),
+        c.get(CpuCounter::ExitStacksRecorded),
+        c.get(CpuCounter::ExitStacksNotRecorded),
+        c.get(CpuCounter::SamplesInExecAfterSwitch),
     )
 }
 
@@ -92,8 +99,10 @@ mod tests {
 
     fn counters() -> Counters {
         // Samples, Idle, Filtered, CountsFull, KernelStackFailed,
-        // UserStackFailed, TaskEventsLost, PidsFull, AfterDuration.
-        Counters::from_values(vec![1000, 300, 100, 7, 2, 3, 1, 4, 9])
+        // UserStackFailed, TaskEventsLost, PidsFull, AfterDuration,
+        // ExitStacksRecorded, ExitStacksNotRecorded, SamplesWithExitStack,
+        // SamplesInExecAfterSwitch.
+        Counters::from_values(vec![1000, 300, 100, 7, 2, 3, 1, 4, 9, 5, 1, 40, 6])
     }
 
     const SAMPLING: Sampling = Sampling {
@@ -109,7 +118,10 @@ mod tests {
             summary(&counters(), &SAMPLING),
             "591 samples of 1000 taken (cpu-clock at 99 Hz on 2 CPUs for 5.0 s); \
              lost: 7 (count map full); stacks not recorded: 2 kernel, 3 user; \
-             task events lost: 1; forks not followed: 4"
+             task events lost: 1; forks not followed: 4; \
+             after exit released the memory: 40 samples with the stack walked at exit \
+             (5 exits walked, 1 not); inside execve after the switch: 6 samples \
+             without user stack"
         );
     }
 
@@ -122,7 +134,8 @@ mod tests {
                 "prof-bpf cpu: cpu-clock at 99 Hz on 2 CPUs for 5.0 s",
                 "sampler: samples 1000, idle 300, filtered 100, counts_full 7, \
                  kernel_stack_failed 2, user_stack_failed 3, task_events_lost 1, pids_full 4, \
-                 after_duration 9"
+                 after_duration 9, exit_stacks_recorded 5, exit_stacks_not_recorded 1, \
+                 samples_with_exit_stack 40, samples_in_execve_after_switch 6"
             ]
         );
     }
@@ -135,7 +148,7 @@ mod tests {
             first,
             "prof-bpf: cpu 3 s: 197 samples/s, 3 processes, lost 7"
         );
-        let later = Counters::from_values(vec![2000, 300, 100, 7, 2, 3, 1, 4, 9]);
+        let later = Counters::from_values(vec![2000, 300, 100, 7, 2, 3, 1, 4, 9, 5, 1, 40, 6]);
         let second = status.line(&later, Duration::from_secs(13), 4);
         assert_eq!(
             second,

@@ -260,6 +260,9 @@ pub struct CopiedStacks {
     /// Unwound copies not taken yet: index of their first frame in the
     /// kernel's stack, the callers found, and the status.
     done: HashMap<u64, (u32, Vec<u64>, StackStatus)>,
+    /// Copies taken already: several samples may share one (a thread's
+    /// stack copied at its exit serves all its samples after that).
+    taken: HashSet<u64>,
     /// Processes that exited with copies waiting: their tables stay until
     /// those are unwound.
     exited: HashSet<u32>,
@@ -295,6 +298,7 @@ impl CopiedStacks {
             tried: HashMap::new(),
             pending_bytes: 0,
             done: HashMap::new(),
+            taken: HashSet::new(),
             exited: HashSet::new(),
             stats: CopyStats::default(),
         })
@@ -441,6 +445,7 @@ impl CopiedStacks {
     /// `kernel` (not unwound yet, or never with tables).
     pub fn take(&mut self, id: u64, kernel: &[u64]) -> Option<(Vec<u64>, StackStatus)> {
         let (prefix, callers, mut status) = self.done.remove(&id)?;
+        self.taken.insert(id);
         let keep = (prefix as usize + 1).min(kernel.len());
         let mut frames = kernel[..keep].to_vec();
         frames.extend(callers);
@@ -449,6 +454,12 @@ impl CopiedStacks {
             status = StackStatus::Truncated;
         }
         Some((frames, status))
+    }
+
+    /// Whether copy `id` was taken by [`Self::take`]: the stack stored
+    /// under its id then is the unwound one.
+    pub fn was_taken(&self, id: u64) -> bool {
+        self.taken.contains(&id)
     }
 
     /// At the end of a session (the programs detached): reads the last
