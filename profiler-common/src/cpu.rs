@@ -80,6 +80,25 @@ pub const KEY_PYTHON_STACK: u32 = 1 << 4;
 /// switch to the new program's address space: the caller's user stack is
 /// gone and no stack is recorded (see [`CpuCounter::SamplesInExecAfterSwitch`]).
 pub const KEY_USER_EXEC_SWITCHED: u32 = 1 << 5;
+/// `SampleKey::flags`: the upper 16 bits hold the process's program
+/// generation when the sample was taken: how many execs of the process the
+/// session has seen, modulo 2^16 ([`TaskEvent::generation`]). Samples of
+/// one thread before and after an exec are counted apart, so the old
+/// program's are not named after the new one.
+pub const KEY_GENERATION_SHIFT: u32 = 16;
+
+/// The program generation of a sample with these `SampleKey::flags`.
+pub const fn key_generation(flags: u32) -> u32 {
+    flags >> KEY_GENERATION_SHIFT
+}
+
+/// Whether generation `sample` of a process is older than generation
+/// `latest` (both modulo 2^16): a sample drained before its exec's event
+/// was read is newer, not older.
+pub const fn generation_is_older(sample: u32, latest: u32) -> bool {
+    let behind = latest.wrapping_sub(sample) & 0xffff;
+    behind != 0 && behind < 0x8000
+}
 
 /// What samples are counted by: thread and both stacks.
 #[repr(C)]
@@ -150,6 +169,9 @@ crate::counter_set! {
         /// Samples inside execve after the switch to the new program's
         /// memory: no user stack ([`KEY_USER_EXEC_SWITCHED`]).
         SamplesInExecAfterSwitch = "samples_in_execve_after_switch",
+        /// Execs whose generation could not be kept (map full): the
+        /// samples of that process before and after it share a name.
+        GenerationsFull = "generations_full",
     }
 }
 
@@ -157,6 +179,9 @@ crate::counter_set! {
 pub const TASK_EXEC: u32 = 1;
 /// [`TaskEvent::kind`]: the task is exiting (its comm is the final one).
 pub const TASK_EXIT: u32 = 2;
+/// [`TaskEvent::kind`]: the task entered execve (its comm is the caller's,
+/// the program of generation [`TaskEvent::generation`]).
+pub const TASK_EXEC_CALL: u32 = 3;
 
 /// A task exec or exit, sent through [`TASK_EVENTS_MAP`].
 #[repr(C)]
@@ -168,8 +193,9 @@ pub struct TaskEvent {
     pub pid: u32,
     /// Thread id.
     pub tid: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// The process's program generation (see [`KEY_GENERATION_SHIFT`]):
+    /// the new program's for [`TASK_EXEC`], the running one's otherwise.
+    pub generation: u32,
     /// The task's comm, NUL-padded.
     pub comm: [u8; 16],
 }
@@ -177,3 +203,22 @@ pub struct TaskEvent {
 const _: () = assert!(core::mem::size_of::<TaskEvent>() == 32);
 
 crate::impl_pod!(CpuConfig, SampleKey, SampleCounts, TaskEvent);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generations_compare_across_the_wrap() {
+        assert!(generation_is_older(0, 1));
+        assert!(generation_is_older(0xffff, 0));
+        assert!(!generation_is_older(1, 1));
+        // Newer than the last exec read: its event is still on the way.
+        assert!(!generation_is_older(2, 1));
+        assert!(!generation_is_older(0, 0xffff));
+        assert_eq!(
+            key_generation(KEY_USER_STACK | 7 << KEY_GENERATION_SHIFT),
+            7
+        );
+    }
+}

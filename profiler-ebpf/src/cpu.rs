@@ -9,16 +9,16 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, pt_regs},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, perf_event, tracepoint},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{PerfEventContext, TracePointContext},
 };
 use profiler_common::{
     counters::CounterSet as _,
     cpu::{
-        COUNTS_MAX_ENTRIES, CpuConfig, CpuCounter, KEY_KERNEL_STACK, KEY_KERNEL_STACK_FAILED,
-        KEY_PYTHON_STACK, KEY_USER_EXEC_SWITCHED, KEY_USER_STACK, KEY_USER_STACK_FAILED,
-        PIDS_MAX_ENTRIES, SampleCounts, SampleKey, TASK_EVENTS_BYTES, TASK_EXEC, TASK_EXIT,
-        TaskEvent,
+        COUNTS_MAX_ENTRIES, CpuConfig, CpuCounter, KEY_GENERATION_SHIFT, KEY_KERNEL_STACK,
+        KEY_KERNEL_STACK_FAILED, KEY_PYTHON_STACK, KEY_USER_EXEC_SWITCHED, KEY_USER_STACK,
+        KEY_USER_STACK_FAILED, PIDS_MAX_ENTRIES, SampleCounts, SampleKey, TASK_EVENTS_BYTES,
+        TASK_EXEC, TASK_EXIT, TaskEvent,
     },
 };
 
@@ -46,6 +46,19 @@ static CPU_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CpuCounter::L
 
 #[map(name = "CPU_TASK_EVENTS")]
 static CPU_TASK_EVENTS: RingBuf = RingBuf::with_byte_size(TASK_EVENTS_BYTES, 0);
+
+/// `CPU_GENERATIONS`: pid -> execs of the process seen by this session
+/// (`profiler_common::cpu::KEY_GENERATION_SHIFT`). LRU: every sample of a
+/// process touches its entry; an entry goes when its pid is forked again.
+#[map(name = "CPU_GENERATIONS")]
+static CPU_GENERATIONS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// The program generation process `pid` runs.
+#[inline(always)]
+fn generation(pid: u32) -> u32 {
+    // SAFETY: the value is copied out at once.
+    unsafe { CPU_GENERATIONS.get(&pid) }.copied().unwrap_or(0) & 0xffff
+}
 
 /// Adds one to a sampler counter.
 #[inline(always)]
@@ -106,6 +119,7 @@ pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
     let mut key = SampleKey {
         pid,
         tid,
+        flags: generation(pid) << KEY_GENERATION_SHIFT,
         ..SampleKey::default()
     };
     // SAFETY: the context of a perf_event program is a
@@ -203,9 +217,9 @@ fn add_sample(config: &CpuConfig, key: &SampleKey, period: u64) {
     count(CpuCounter::CountsFull);
 }
 
-/// Sends an exec or exit of the current task to user space.
+/// Sends an exec, exit or exec call of the current task to user space.
 #[inline(always)]
-fn task_event(kind: u32) {
+pub(crate) fn task_event(kind: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     let config = config();
@@ -219,15 +233,26 @@ fn task_event(kind: u32) {
     if kind == TASK_EXIT && config.follow_forks != 0 {
         let _ = CPU_PIDS.remove(&tid);
     }
-    match kind {
-        TASK_EXIT => last_stack::at_exit(&config, tid),
-        _ => last_stack::forget(tid),
-    }
+    let generation = match kind {
+        TASK_EXIT => {
+            last_stack::at_exit(&config, tid);
+            generation(pid)
+        }
+        TASK_EXEC => {
+            last_stack::forget(tid);
+            let next = (generation(pid) + 1) & 0xffff;
+            if CPU_GENERATIONS.insert(&pid, &next, 0).is_err() {
+                count(CpuCounter::GenerationsFull);
+            }
+            next
+        }
+        _ => generation(pid),
+    };
     let event = TaskEvent {
         kind,
         pid,
         tid,
-        _pad: 0,
+        generation,
         comm: bpf_get_current_comm().unwrap_or_default(),
     };
     if CPU_TASK_EVENTS.output::<TaskEvent>(&event, 0).is_err() {
@@ -256,6 +281,8 @@ pub fn cpu_task_fork(ctx: TracePointContext) -> u32 {
         return 0;
     };
     last_stack::forget(child);
+    // A new process of a reused pid runs its first program.
+    let _ = CPU_GENERATIONS.remove(&child);
     if config.follow_forks == 0 {
         return 0;
     }

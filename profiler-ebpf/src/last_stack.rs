@@ -38,7 +38,7 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::TracePointContext,
 };
-use profiler_common::cpu::{CpuConfig, CpuCounter};
+use profiler_common::cpu::{CpuConfig, CpuCounter, TASK_EXEC_CALL};
 
 use crate::{stack, vma};
 
@@ -130,6 +130,8 @@ pub fn cpu_exec_entry(ctx: TracePointContext) -> u32 {
     if let Some(mm) = vma::current_mm() {
         let _ = LAST_STACKS.insert(&tid, &LastStack { mm, id: 0 }, 0);
     }
+    // The caller's name, for its samples drained after the exec.
+    crate::cpu::task_event(TASK_EXEC_CALL);
     0
 }
 

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use profiler_common::cpu::{
     KEY_KERNEL_STACK, KEY_USER_EXEC_SWITCHED, KEY_USER_STACK, KEY_USER_STACK_FAILED, SampleCounts,
-    SampleKey,
+    SampleKey, key_generation,
 };
 
 use super::{
@@ -109,9 +109,21 @@ pub(crate) fn sample(
     } else {
         Vec::new()
     };
-    let (user, user_status) = user_side(key, stacks, || tasks.is_kthread(pid, proc));
-    let comm = tasks.comm(pid, pid, proc);
-    let thread_comm = tasks.comm(key.tid, pid, proc);
+    let generation = key_generation(key.flags);
+    let (user, user_status, comm, thread_comm) = if tasks.ran_replaced_program(pid, generation) {
+        // Taken before an exec that was seen before the sample was drained
+        // (in the program that called it, or inside the call): named after
+        // that program, as perf names samples by the comm of their time.
+        // Its frames would be named with the new program's mappings, the
+        // only ones known: left out, as missing.
+        let name = tasks.replaced_program_name(pid, generation);
+        (Vec::new(), StackStatus::Missing, name.clone(), name)
+    } else {
+        let (user, status) = user_side(key, stacks, || tasks.is_kthread(pid, proc));
+        let comm = tasks.comm(pid, pid, proc);
+        let thread_comm = tasks.comm(key.tid, pid, proc);
+        (user, status, comm, thread_comm)
+    };
     RawSample {
         pid,
         tid: Some(key.tid),
@@ -136,7 +148,10 @@ pub(crate) fn sample(
 
 #[cfg(test)]
 mod tests {
-    use profiler_common::{cpu::TASK_EXIT, stack::StackStatus as Walk};
+    use profiler_common::{
+        cpu::{TASK_EXIT, TaskEvent},
+        stack::StackStatus as Walk,
+    };
 
     use super::*;
     use crate::cpu::tasks::tests::{FakeProc, event, stat_line};
@@ -208,6 +223,46 @@ mod tests {
             never,
         );
         assert_eq!(got, (Vec::new(), StackStatus::Missing));
+    }
+
+    #[test]
+    fn a_sample_of_a_program_replaced_by_exec_is_named_after_it() {
+        use profiler_common::cpu::{KEY_GENERATION_SHIFT, TASK_EXEC, TASK_EXEC_CALL};
+        let proc = FakeProc::default();
+        let mut tasks = Tasks::default();
+        let at = |generation: u32| key(40, 40, KEY_USER_STACK | generation << KEY_GENERATION_SHIFT);
+        let with = |kind, generation, comm: &str| TaskEvent {
+            generation,
+            ..event(kind, 40, 40, comm)
+        };
+        let counts = SampleCounts {
+            samples: 1,
+            period: 1,
+        };
+        let frames = stacks(STACK_COMPLETE, &[1, 2]);
+        // The spawning child calls execve, then the new program runs.
+        tasks.apply(&with(TASK_EXEC_CALL, 0, "spawner"));
+        tasks.apply(&with(TASK_EXEC, 1, "bpftrace"));
+        let old = sample(&at(0), &counts, &frames, &mut tasks, &proc);
+        assert_eq!(old.comm, "spawner");
+        assert_eq!(old.thread_comm, None);
+        assert_eq!((old.user, old.user_status), (vec![], StackStatus::Missing));
+        let new = sample(&at(1), &counts, &frames, &mut tasks, &proc);
+        assert_eq!(new.comm, "bpftrace");
+        assert_eq!(
+            (new.user, new.user_status),
+            (vec![1, 2], StackStatus::Complete)
+        );
+        // Taken after an exec whose event is not read yet: the newest
+        // program, whatever it is called by then.
+        let newer = sample(&at(2), &counts, &frames, &mut tasks, &proc);
+        assert_eq!(newer.comm, "bpftrace");
+        // A shell that execs without announcing the call (its exec call
+        // event was lost): the name known before the exec.
+        tasks.apply(&with(TASK_EXEC, 2, "rustc"));
+        let wrapper = sample(&at(1), &counts, &frames, &mut tasks, &proc);
+        assert_eq!(wrapper.comm, "bpftrace");
+        assert_eq!(wrapper.user_status, StackStatus::Missing);
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub(crate) fn summary(c: &Counters, s: &Sampling) -> String {
          task events lost: {}; forks not followed: {}; \
          after exit released the memory: {} samples with the stack walked at exit \
          ({} exits walked, {} not); inside execve after the switch: {} samples \
-         without user stack",
+         without user stack; execs not told apart: {}",
         selected(c),
         c.get(CpuCounter::Samples),
         s.event,
@@ -55,6 +55,7 @@ pub(crate) fn summary(c: &Counters, s: &Sampling) -> String {
         c.get(CpuCounter::ExitStacksRecorded),
         c.get(CpuCounter::ExitStacksNotRecorded),
         c.get(CpuCounter::SamplesInExecAfterSwitch),
+        c.get(CpuCounter::GenerationsFull),
     )
 }
 
@@ -101,8 +102,8 @@ mod tests {
         // Samples, Idle, Filtered, CountsFull, KernelStackFailed,
         // UserStackFailed, TaskEventsLost, PidsFull, AfterDuration,
         // ExitStacksRecorded, ExitStacksNotRecorded, SamplesWithExitStack,
-        // SamplesInExecAfterSwitch.
-        Counters::from_values(vec![1000, 300, 100, 7, 2, 3, 1, 4, 9, 5, 1, 40, 6])
+        // SamplesInExecAfterSwitch, GenerationsFull.
+        Counters::from_values(vec![1000, 300, 100, 7, 2, 3, 1, 4, 9, 5, 1, 40, 6, 8])
     }
 
     const SAMPLING: Sampling = Sampling {
@@ -121,7 +122,7 @@ mod tests {
              task events lost: 1; forks not followed: 4; \
              after exit released the memory: 40 samples with the stack walked at exit \
              (5 exits walked, 1 not); inside execve after the switch: 6 samples \
-             without user stack"
+             without user stack; execs not told apart: 8"
         );
     }
 
@@ -135,7 +136,8 @@ mod tests {
                 "sampler: samples 1000, idle 300, filtered 100, counts_full 7, \
                  kernel_stack_failed 2, user_stack_failed 3, task_events_lost 1, pids_full 4, \
                  after_duration 9, exit_stacks_recorded 5, exit_stacks_not_recorded 1, \
-                 samples_with_exit_stack 40, samples_in_execve_after_switch 6"
+                 samples_with_exit_stack 40, samples_in_execve_after_switch 6, \
+                 generations_full 8"
             ]
         );
     }

@@ -6,7 +6,7 @@
 //! rules are tested without root and without real processes.
 use std::collections::{HashMap, HashSet};
 
-use profiler_common::cpu::{TASK_EXEC, TASK_EXIT, TaskEvent};
+use profiler_common::cpu::{TASK_EXEC, TASK_EXEC_CALL, TASK_EXIT, TaskEvent, generation_is_older};
 
 /// `PF_KTHREAD` in the flags of `/proc/PID/stat`.
 const PF_KTHREAD: u64 = 0x0020_0000;
@@ -63,7 +63,17 @@ pub(crate) struct Tasks {
     exited: HashSet<u32>,
     /// Whether each process is a kernel thread (no user memory).
     kthreads: HashMap<u32, bool>,
+    /// The program generation each process runs, from its last exec event
+    /// (`profiler_common::cpu::KEY_GENERATION_SHIFT`).
+    generations: HashMap<u32, u32>,
+    /// The names of the programs a process ran before its last execs:
+    /// (generation, name), the newest last, at most [`PROGRAMS_KEPT`].
+    replaced: HashMap<u32, Vec<(u32, String)>>,
 }
+
+/// Replaced programs remembered per process: a shell that execs a wrapper
+/// that execs the program is two.
+const PROGRAMS_KEPT: usize = 4;
 
 impl Tasks {
     /// Takes in one exec or exit event.
@@ -71,6 +81,12 @@ impl Tasks {
         let comm = comm_string(&event.comm);
         match event.kind {
             TASK_EXEC => {
+                // The caller's name, unless its exec call said it already.
+                let old = event.generation.wrapping_sub(1) & 0xffff;
+                if let Some(name) = self.names.get(&event.pid).cloned() {
+                    self.remember_program(event.pid, old, name, false);
+                }
+                self.generations.insert(event.pid, event.generation);
                 self.names.insert(event.tid, comm.clone());
                 self.names.insert(event.pid, comm);
                 self.exited.remove(&event.pid);
@@ -88,8 +104,46 @@ impl Tasks {
                     Change::None
                 }
             }
+            TASK_EXEC_CALL => {
+                self.remember_program(event.pid, event.generation, comm, true);
+                Change::None
+            }
             _ => Change::None,
         }
+    }
+
+    /// Remembers `name` for generation `generation` of `pid`; `replace`: it
+    /// wins over a name remembered before.
+    fn remember_program(&mut self, pid: u32, generation: u32, name: String, replace: bool) {
+        let programs = self.replaced.entry(pid).or_default();
+        match programs.iter_mut().find(|(g, _)| *g == generation) {
+            Some(known) if replace => known.1 = name,
+            Some(_) => {}
+            None => {
+                programs.push((generation, name));
+                if programs.len() > PROGRAMS_KEPT {
+                    programs.remove(0);
+                }
+            }
+        }
+    }
+
+    /// Whether a sample of `pid` taken in program generation `generation`
+    /// was taken before the process's last exec seen: its program was
+    /// replaced before the sample was drained.
+    pub fn ran_replaced_program(&self, pid: u32, generation: u32) -> bool {
+        self.generations
+            .get(&pid)
+            .is_some_and(|&latest| generation_is_older(generation, latest))
+    }
+
+    /// The name of the program of generation `generation` of `pid`, one
+    /// that an exec replaced; `?` when it was never seen.
+    pub fn replaced_program_name(&self, pid: u32, generation: u32) -> String {
+        self.replaced
+            .get(&pid)
+            .and_then(|p| p.iter().find(|(g, _)| *g == generation))
+            .map_or_else(|| UNKNOWN_NAME.to_owned(), |(_, name)| name.clone())
     }
 
     pub fn has_exited(&self, pid: u32) -> bool {
@@ -166,7 +220,7 @@ pub(crate) mod tests {
             kind,
             pid,
             tid,
-            _pad: 0,
+            generation: 0,
             comm: raw,
         }
     }
