@@ -172,16 +172,14 @@ pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
 /// Walks the user stack from `regs` into `key`.
 #[inline(always)]
 fn user_stack(regs: *const pt_regs, key: &mut SampleKey) {
-    {
-        match stack::user_stack_id(regs, false) {
-            Ok(id) => {
-                key.user_stack = id;
-                key.flags |= KEY_USER_STACK;
-            }
-            Err(_) => {
-                count(CpuCounter::UserStackFailed);
-                key.flags |= KEY_USER_STACK_FAILED;
-            }
+    match stack::user_stack_id(regs, false) {
+        Ok(id) => {
+            key.user_stack = id;
+            key.flags |= KEY_USER_STACK;
+        }
+        Err(_) => {
+            count(CpuCounter::UserStackFailed);
+            key.flags |= KEY_USER_STACK_FAILED;
         }
     }
 }
