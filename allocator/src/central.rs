@@ -298,6 +298,7 @@ impl Class {
                 let taken = n;
                 let first = (*s).freelist;
                 if !first.is_null() {
+                    prefetch_free_objects(s, size);
                     let mut last = first;
                     n += 1;
                     while n < want {
@@ -386,6 +387,38 @@ pub(crate) fn reset_all() {
     for c in 1..NUM_CLASSES {
         class(c).central_lock.reset();
         class(c).transfer_lock.reset();
+    }
+}
+
+/// Starts fetching the lines of a span's carved objects when most of them
+/// are free, before its free list is walked: the list is in the order the
+/// objects were freed, often long ago, so each step of the walk would wait
+/// for memory in turn (the fragmentation workload spent 12% of its time
+/// there); the program is about to write these objects anyway.
+///
+/// # Safety
+/// `s` is a live small-object span of objects of `size` bytes.
+#[inline(always)]
+unsafe fn prefetch_free_objects(s: *const Span, size: usize) {
+    /// Lines fetched at most per span.
+    const MAX_LINES: usize = 512;
+    // SAFETY: the caller's contract.
+    let (start, bump, allocated) = unsafe { ((*s).start_addr(), (*s).bump, (*s).allocated) };
+    let carved = (bump - start) / size;
+    let free = carved.saturating_sub(allocated as usize);
+    if free < 4 || 2 * free < carved {
+        return;
+    }
+    let step = size.max(64);
+    let mut a = start;
+    let end = bump.min(start + MAX_LINES * step);
+    while a < end {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: prefetching never faults, whatever the address.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(a as *const i8);
+        }
+        a += step;
     }
 }
 

@@ -77,8 +77,9 @@ static HEAP: HeapCell = HeapCell(core::cell::UnsafeCell::new(Heap {
     free_returned_pages: 0,
 }));
 
-/// Bytes freed into the heap that end a release epoch (0 = release only on
-/// malloc_trim: no epochs, no bound). Set from PROFALLOC_RELEASE_BYTES at
+/// Bytes freed into the heap that end a release epoch, or the heap in use
+/// when larger (`decay::epoch_credit`; 0 = release only on malloc_trim: no
+/// epochs, no bound). Set from PROFALLOC_RELEASE_BYTES at
 /// start-up.
 pub static RELEASE_BYTES: core::sync::atomic::AtomicUsize =
     core::sync::atomic::AtomicUsize::new(16 << 20);

@@ -4,7 +4,7 @@ use super::{Heap, LISTS, LOCK, RELEASE_BYTES, heap, insert_free, remove_free};
 use crate::{counters, decay, os, size_class::PAGE_SHIFT};
 
 /// Applies `decay`'s rules: ends the epoch when its time or its release
-/// credit is over (spans free for two whole epochs go back); after a free,
+/// credit (`decay::epoch_credit`) is over (spans free for two whole epochs go back); after a free,
 /// releases what passes the bound on resident free pages.
 ///
 /// # Safety
@@ -16,7 +16,10 @@ pub(super) unsafe fn decay_locked(h: &mut Heap, after_free: bool) {
         return;
     }
     let now = decay::now_ns();
-    if h.release_credit >= rate || decay::epoch_over(h.epoch_start_ns, now) {
+    let in_use = (counters::SMALL_SPAN_BYTES.load() + counters::LARGE_BYTES.load()) >> PAGE_SHIFT;
+    if h.release_credit >= decay::epoch_credit(rate, in_use)
+        || decay::epoch_over(h.epoch_start_ns, now)
+    {
         h.release_credit = 0;
         h.epoch += 1;
         h.epoch_start_ns = now;
@@ -24,8 +27,6 @@ pub(super) unsafe fn decay_locked(h: &mut Heap, after_free: bool) {
         unsafe { release_idle_locked(h.epoch - 2) };
     }
     if after_free {
-        let in_use =
-            (counters::SMALL_SPAN_BYTES.load() + counters::LARGE_BYTES.load()) >> PAGE_SHIFT;
         let excess = decay::excess_pages(h.free_normal_pages, in_use);
         if excess > 0 {
             // SAFETY: LOCK is held.

@@ -12,7 +12,7 @@
 //!    rel32`, `jcc rel32`, found by their opcode bytes: a byte pattern that
 //!    is no instruction only adds a candidate that step 2 rejects), and the
 //!    entries outside it of its computed-goto table (runs of at least
-//!    [`TABLE_MIN`] code pointers in the data, most of them into the hot
+//!    [`TABLE_MIN`] code pointers in the writable data, most of them into the hot
 //!    part; the loaded data is relocated, so a position-independent
 //!    object's table holds addresses as an executable's does);
 //! 2. confirmed by `.eh_frame`: the FDE covering the candidate starts with
@@ -31,6 +31,18 @@ pub(crate) const MAX_COLD: usize = 4;
 const MAX_SET_UP: usize = 64;
 /// Shortest run of code pointers taken for a jump table.
 const TABLE_MIN: usize = 8;
+/// Code segments an object has, at most (one in practice).
+const MAX_CODE_SEGMENTS: usize = 4;
+
+/// `[start, end)` of each code segment, and how many there are.
+#[derive(Default)]
+struct CodeRanges([(usize, usize); MAX_CODE_SEGMENTS], usize);
+
+impl CodeRanges {
+    fn contains(&self, a: usize) -> bool {
+        self.0[..self.1].iter().any(|&(lo, hi)| lo <= a && a < hi)
+    }
+}
 
 /// The evaluation loop's code: `[start, end)` ranges of this process.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -71,10 +83,18 @@ pub(crate) struct Object<'a> {
 }
 
 impl Object<'_> {
+    /// The code segments (`PF_X`), or the writable data segments: the
+    /// computed-goto table (`opcode_targets`) is a non-const array in every
+    /// CPython, and relocated data (RELRO included) lies in a writable
+    /// segment too, so the read-only ones (symbols, strings, a few MiB) are
+    /// never scanned.
     fn segments(&self, exec: bool) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let wanted = if exec { libc::PF_X } else { libc::PF_W };
         self.phdrs
             .iter()
-            .filter(move |p| p.p_type == libc::PT_LOAD && (p.p_flags & libc::PF_X != 0) == exec)
+            .filter(move |p| {
+                p.p_type == libc::PT_LOAD && p.p_flags & (libc::PF_X | libc::PF_W) == wanted
+            })
             .map(move |p| {
                 let start = self.bias + p.p_vaddr as usize;
                 // Data: the file's bytes only (the rest is zeroed .bss).
@@ -83,8 +103,15 @@ impl Object<'_> {
             })
     }
 
-    fn is_code(&self, a: usize) -> bool {
-        self.segments(true).any(|(lo, hi)| (lo..hi).contains(&a))
+    /// The code segments, at most [`MAX_CODE_SEGMENTS`], read once: the
+    /// table scan tests every word of the data against them.
+    fn code_ranges(&self) -> CodeRanges {
+        let mut ranges = CodeRanges::default();
+        for seg in self.segments(true).take(MAX_CODE_SEGMENTS) {
+            ranges.0[ranges.1] = seg;
+            ranges.1 += 1;
+        }
+        ranges
     }
 
     fn eh_frame_hdr(&self) -> Option<usize> {
@@ -160,8 +187,9 @@ pub(crate) unsafe fn find(obj: &Object<'_>, lo: usize, hi: usize) -> EvalCode {
 unsafe fn scan(obj: &Object<'_>, lo: usize, hi: usize, mut f: impl FnMut(Candidate)) {
     // SAFETY: the caller's contract: the hot part is mapped code.
     let code = unsafe { core::slice::from_raw_parts(lo as *const u8, hi - lo) };
+    let code_ranges = obj.code_ranges();
     for (i, target) in jump_targets(code, lo) {
-        if !(lo..hi).contains(&target) && obj.is_code(target) {
+        if !(lo..hi).contains(&target) && code_ranges.contains(target) {
             f(Candidate {
                 target,
                 hot: lo + i,
@@ -195,6 +223,7 @@ fn jump_targets(code: &[u8], base: usize) -> impl Iterator<Item = (usize, usize)
 /// As [`find`].
 unsafe fn table_entries(obj: &Object<'_>, hot: (usize, usize), f: &mut impl FnMut(Candidate)) {
     let inside = |v: usize| (hot.0..hot.1).contains(&v);
+    let code = obj.code_ranges();
     for (start, end) in obj.segments(false) {
         let first = start.next_multiple_of(8);
         let words = end.saturating_sub(first) / 8;
@@ -202,7 +231,7 @@ unsafe fn table_entries(obj: &Object<'_>, hot: (usize, usize), f: &mut impl FnMu
         let data = unsafe { core::slice::from_raw_parts(first as *const usize, words) };
         let mut run_start = 0;
         for k in 0..=data.len() {
-            if k < data.len() && obj.is_code(data[k]) {
+            if k < data.len() && code.contains(data[k]) {
                 continue;
             }
             let run = &data[run_start..k];
