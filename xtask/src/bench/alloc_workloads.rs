@@ -62,6 +62,20 @@ fn large_c_source(functions: usize) -> String {
     s
 }
 
+/// The interpreter `python3` runs: on a pyenv machine `python3` is a shell
+/// script that starts about 36 processes (bash, readlink) before the
+/// interpreter, which would be most of what the workload measured.
+fn python_interpreter() -> anyhow::Result<String> {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .context("running python3")?;
+    anyhow::ensure!(out.status.success(), "python3 failed: {:?}", out.status);
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    anyhow::ensure!(!path.is_empty(), "python3 names no interpreter");
+    Ok(path)
+}
+
 /// Whether `alloc_bench ARGS` runs one thread at a time.
 fn single_threaded(args: &[&str]) -> bool {
     matches!(args, ["realloc", ..] | ["frag", ..] | ["churn", "1", ..])
@@ -92,7 +106,8 @@ pub fn all(bench: &str, scratch: &Path, repo: &Path) -> anyhow::Result<Vec<Workl
     let big_c = scratch.join("large.c");
     std::fs::write(&big_c, large_c_source(25))
         .with_context(|| format!("writing {}", big_c.display()))?;
-    let python = || vec!["python3".to_owned(), "-c".into(), PYTHON_WORKLOAD.into()];
+    let interpreter = python_interpreter()?;
+    let python = || vec![interpreter.clone(), "-c".into(), PYTHON_WORKLOAD.into()];
     Ok(vec![
         synthetic("small churn", &["churn", "1", "10000000"]),
         synthetic("churn 2 threads", &["churn", "2", "6000000"]),
