@@ -42,6 +42,11 @@ pub static LOCK: SpinLock = SpinLock::new();
 struct Heap {
     normal: [SpanList; LISTS],
     returned: [SpanList; LISTS],
+    /// Bit `i` (below `LISTS - 1`): `normal[i]` or `returned[i]` holds a
+    /// span, so that a search finds the first fitting length with one
+    /// `tzcnt` instead of testing up to 254 list heads (600 instructions a
+    /// call when only the long list had spans).
+    exact_nonempty: u128,
     /// Unused part of the current reservation (page numbers).
     reserve_next: usize,
     reserve_end: usize,
@@ -65,6 +70,7 @@ unsafe impl Sync for HeapCell {}
 static HEAP: HeapCell = HeapCell(core::cell::UnsafeCell::new(Heap {
     normal: [const { SpanList::new() }; LISTS],
     returned: [const { SpanList::new() }; LISTS],
+    exact_nonempty: 0,
     reserve_next: 0,
     reserve_end: 0,
     spare_spans: ptr::null_mut(),
@@ -295,14 +301,27 @@ unsafe fn split_front(s: *mut Span, n: usize) -> *mut Span {
 /// # Safety
 /// LOCK must be held.
 unsafe fn find_free(n: usize) -> *mut Span {
+    const _: () = assert!(LISTS - 1 == u128::BITS as usize);
     // SAFETY: LOCK is held.
     let h = unsafe { heap() };
-    for i in n.min(LISTS - 1)..LISTS - 1 {
-        if !h.normal[i].head.is_null() {
-            return h.normal[i].head;
-        }
-        if !h.returned[i].head.is_null() {
-            return h.returned[i].head;
+    debug_assert_eq!(
+        h.exact_nonempty,
+        (0..LISTS - 1)
+            .filter(|&i| !h.normal[i].head.is_null() || !h.returned[i].head.is_null())
+            .fold(0u128, |bits, i| bits | 1 << i),
+        "the bitmap of exact lists is out of date"
+    );
+    if n < LISTS - 1 {
+        let fitting = h.exact_nonempty & (u128::MAX << n);
+        if fitting != 0 {
+            let i = fitting.trailing_zeros() as usize;
+            let s = if h.normal[i].head.is_null() {
+                h.returned[i].head
+            } else {
+                h.normal[i].head
+            };
+            debug_assert!(!s.is_null(), "list {i} is marked but empty");
+            return s;
         }
     }
     // Best fit among the long spans.
@@ -437,6 +456,9 @@ unsafe fn insert_free(s: *mut Span) {
             h.normal[i].push(s);
             h.free_normal_pages += (*s).npages;
         }
+        if i < LISTS - 1 {
+            h.exact_nonempty |= 1 << i;
+        }
         counters::HEAP_FREE_BYTES.store((h.free_normal_pages) << PAGE_SHIFT);
     }
 }
@@ -455,6 +477,9 @@ unsafe fn remove_free(s: *mut Span) {
         } else {
             h.normal[i].remove(s);
             h.free_normal_pages -= (*s).npages;
+        }
+        if i < LISTS - 1 && h.normal[i].head.is_null() && h.returned[i].head.is_null() {
+            h.exact_nonempty &= !(1 << i);
         }
         counters::HEAP_FREE_BYTES.store((h.free_normal_pages) << PAGE_SHIFT);
     }
