@@ -51,6 +51,16 @@ static double now(void) {
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* One allocator call of a busy program: allocates, touches and frees a
+ * block of `size` bytes; 1 (with a message) when out of memory. */
+static int call_allocator(size_t size) {
+    char *p = malloc(size);
+    if (!p) { fprintf(stderr, "alloc_release: out of memory\n"); return 1; }
+    p[0] = 1;
+    free(p);
+    return 0;
+}
+
 static int decay(void) {
     enum { SIZE = 384 << 10, N = 8 };
     static char *blocks[N];
@@ -65,10 +75,7 @@ static int decay(void) {
     double start = now(), seconds = 0;
     long final = held;
     while (seconds < 10) {
-        char *p = malloc(SIZE);
-        if (!p) { fprintf(stderr, "alloc_release: out of memory\n"); return 1; }
-        p[0] = 1;
-        free(p);
+        if (call_allocator(SIZE)) return 1;
         final = rss_kib() - base;
         seconds = now() - start;
         if (final * 4 < (long)N * SIZE / 1024) break;
@@ -158,10 +165,7 @@ int main(int argc, char **argv) {
         double start = now(), seconds = 0;
         long final = before;
         while (seconds < 10) {
-            char *p = malloc(SIZE);
-            if (!p) { fprintf(stderr, "alloc_release: out of memory\n"); return 1; }
-            p[0] = 1;
-            free(p);
+            if (call_allocator(SIZE)) return 1;
             final = rss_kib();
             seconds = now() - start;
             if ((final - base) * 10 <= live * 12) break;
