@@ -16,9 +16,11 @@
 //!   [`resident_free_limit`] (as many as the pages in use, at least
 //!   [`FREE_FLOOR_PAGES`]) after a free; past it the heap releases down to
 //!   half the limit, largest spans first. A program that frees most of its
-//!   heap and then goes idle (calls nothing) holds at most half its live
-//!   data beside it even without the idle-release thread; the age rule and
-//!   that thread take it within 1.2x of the live data in seconds.
+//!   heap and then goes idle (calls nothing) holds at most as much free as
+//!   its live data beside it even without the idle-release thread (between
+//!   half and all of it: where the frees stop between two releases); the
+//!   age rule and that thread take it within 1.2x of the live data in
+//!   seconds.
 //!
 //! Churn keeps its spans: they are reused (LIFO) long before they are two
 //! epochs old, and the limit leaves room for the free pages a working set
@@ -87,7 +89,8 @@ mod tests {
     fn past_the_limit_the_heap_releases_to_half_of_it() {
         // 1.6 GiB in use at first, 90% freed: the limit is the 160 MiB
         // still in use (20480 pages) and the heap keeps 80 MiB of the
-        // 1440 MiB freed, 1.5x the live bytes until the age rule runs.
+        // 1440 MiB freed: 1.5x the live bytes right after this release,
+        // up to 2x as later frees add to it, until the age rule runs.
         let in_use = (160 << 20) >> PAGE_SHIFT;
         let freed = (1440 << 20) >> PAGE_SHIFT;
         let limit = resident_free_limit(in_use);
