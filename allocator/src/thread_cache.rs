@@ -268,9 +268,9 @@ pub(crate) struct ThreadCache {
     /// the slow path calls) that re-enters the allocator on this thread
     /// must not touch the lists or locks this thread holds. Beside
     /// `countdown` so that the fast paths touch one cache line of it. A
-    /// flag (0 or 1), 32 bits wide: the fast paths test and set it with one
-    /// `bts` and clear it with a store of the same width (a narrower store
-    /// would stall the next `bts`'s load).
+    /// flag (0 or 1), 32 bits wide: the fast paths test it with a compare
+    /// and set and clear it with stores of the same width (a narrower store
+    /// would stall the next compare's load).
     pub(crate) busy: u32,
     pub(crate) state: u8,
     /// Set while the thread has freed but not yet allocated (its cache was
@@ -314,7 +314,7 @@ pub(crate) struct ThreadCache {
 const _: () = assert!(core::mem::size_of::<FreeList>() == 1 << size_class::SLOT_SHIFT);
 /// Offset of the list array in the cache.
 pub(crate) const LISTS: usize = core::mem::offset_of!(ThreadCache, lists);
-/// Offset of `busy` in the cache (the fast paths' `bts` names it).
+/// Offset of `busy` in the cache (the fast paths' assembly names it).
 pub(crate) const BUSY: usize = core::mem::offset_of!(ThreadCache, busy);
 
 #[cfg(target_arch = "x86_64")]

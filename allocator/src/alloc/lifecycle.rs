@@ -145,7 +145,7 @@ fn apply_settings() {
 // Between these handlers this thread holds every lock; `busy` sends any
 // allocation in between (glibc's own fork code) down the lock-free
 // re-entrant path instead of deadlocking on them. `busy` is a flag (the
-// fast paths test and set it in one `bts`), so the value it had before
+// fast paths test and set it), so the value it had before
 // (set when fork runs in a handler that interrupted the allocator) is kept
 // aside and put back. Only the forking thread, holding every lock, touches
 // it.
