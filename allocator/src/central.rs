@@ -313,16 +313,22 @@ impl Class {
                     *(last as *mut *mut u8) = head;
                     head = first;
                 }
-                let mut bump = (*s).bump;
+                // Carved from the top down, so that the lowest address comes
+                // first: a run of allocations walks up through memory, the
+                // direction the hardware prefetchers follow best when the
+                // program later visits its objects in the order it made them
+                // (a garbage collector's object lists, a linked list built
+                // by appending).
+                let bump = (*s).bump;
                 let end = (*s).limit.min(bump + (want - n) * size);
-                while bump < end {
-                    let o = bump as *mut u8;
+                let mut o = end;
+                while o > bump {
+                    o -= size;
                     *(o as *mut *mut u8) = head;
-                    head = o;
-                    bump += size;
+                    head = o as *mut u8;
                     n += 1;
                 }
-                (*s).bump = bump;
+                (*s).bump = end;
                 (*s).allocated += (n - taken) as u32;
                 if (*s).freelist.is_null() && (*s).bump >= (*s).limit {
                     nonempty.remove(s);

@@ -109,6 +109,26 @@ fn spans_are_carved_lazily_and_go_back_when_empty() {
     assert_eq!(pages.freed.get(), 2);
 }
 
+/// A fresh span's objects come out lowest first, each the next one up, so
+/// that a run of allocations walks up through memory (as a garbage
+/// collector later visits them).
+#[test]
+fn a_carved_batch_comes_out_in_address_order() {
+    let (c, pages, k) = (class_1k(), FakePages::default(), Class::new());
+    let (a, n) = k.remove_range(&pages, c, 5);
+    assert_eq!(n, 5);
+    let objs: Vec<usize> = chain(a).iter().map(|&p| p as usize).collect();
+    let start = objs[0];
+    assert!(
+        start.is_multiple_of(PAGE_SIZE),
+        "not the span's first object"
+    );
+    assert_eq!(objs, (0..5).map(|i| start + i * 1024).collect::<Vec<_>>());
+    // SAFETY: the chain holds free objects of class c.
+    unsafe { k.insert_range(&pages, c, a, 5) };
+    assert_eq!(pages.freed.get(), 1);
+}
+
 #[test]
 fn a_big_object_goes_back_to_its_span_and_its_pages_at_once() {
     // One object per span and per batch: with no transfer cache, its
