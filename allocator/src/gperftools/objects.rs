@@ -12,7 +12,10 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::lock::SpinLock;
 
-use super::arena::Table;
+use super::{
+    arena::Table,
+    unwind::{SearchIndex, build_search_index},
+};
 
 pub const NAME_MAX: usize = 240;
 pub const BUILD_ID_MAX: usize = 32;
@@ -51,6 +54,8 @@ pub struct CfiFile {
     /// The file's device and inode when the object was learned.
     dev: u64,
     ino: u64,
+    /// Keys into the file's .eh_frame_hdr search table, read once.
+    pub index: Option<SearchIndex>,
 }
 
 impl CfiFile {
@@ -67,6 +72,7 @@ impl CfiFile {
             offset,
             dev: 0,
             ino: 0,
+            index: None,
         };
         // SAFETY: the caller's contract.
         let (fd, dev, ino) = unsafe { f.open_matching(path, hdr)? };
@@ -281,6 +287,11 @@ unsafe extern "C" fn visit(
                 ph.p_offset as usize,
                 o.eh_frame_hdr,
             );
+            // SAFETY: we hold LOCK; the header is mapped (learn read it).
+            let index = build_search_index(&o);
+            if let Some(f) = o.cfi_file.as_mut() {
+                f.index = index;
+            }
         }
         if t.push(o) {
             COUNT.store(t.len(), Ordering::Release);

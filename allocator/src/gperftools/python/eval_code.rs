@@ -229,13 +229,18 @@ unsafe fn table_entries(obj: &Object<'_>, hot: (usize, usize), f: &mut impl FnMu
         let words = end.saturating_sub(first) / 8;
         // SAFETY: the caller's contract: a mapped data segment.
         let data = unsafe { core::slice::from_raw_parts(first as *const usize, words) };
-        let mut run_start = 0;
-        for k in 0..=data.len() {
-            if k < data.len() && code.contains(data[k]) {
+        // Runs of code pointers; most words are none, and cost one test.
+        let mut k = 0;
+        while k < data.len() {
+            if !code.contains(data[k]) {
+                k += 1;
                 continue;
             }
+            let run_start = k;
+            while k < data.len() && code.contains(data[k]) {
+                k += 1;
+            }
             let run = &data[run_start..k];
-            run_start = k + 1;
             let n_inside = run.iter().filter(|&&v| inside(v)).count();
             if run.len() < TABLE_MIN || 2 * n_inside < run.len() {
                 continue;

@@ -72,26 +72,20 @@ unsafe fn fde_for(src: &Source, hdr: usize, pc: usize) -> Option<usize> {
     // SAFETY: all reads stay inside the object's CFI (lengths from the
     // headers, which the linker wrote).
     unsafe {
-        let mut r = Reader { p: hdr, src };
-        if r.u8() != 1 {
-            return None;
-        }
-        let ptr_enc = r.u8();
-        let count_enc = r.u8();
-        let table_enc = r.u8();
-        r.pointer(ptr_enc, hdr)?;
-        let count = r.pointer(count_enc, hdr)?;
-        // Every x86-64 linker writes datarel sdata4 pairs.
-        if table_enc != 0x3b || count == 0 {
-            return None;
-        }
-        let table = r.p;
+        // The object's search index narrows the search to one window of
+        // the table without reading it; else the header gives the table.
+        let (table, mut lo, mut hi) = match src.index().and_then(|ix| ix.narrow(hdr, pc)) {
+            Some(narrowed) => narrowed,
+            None => {
+                let (table, count) = search_table(src, hdr)?;
+                (table, 0, count)
+            }
+        };
         // Entry i's field (0: start pc, 1: FDE), relative to hdr.
         let field = |i: usize, f: usize| {
             let v = i32::from_le_bytes(src.bytes(table + i * 8 + f * 4));
             hdr.wrapping_add(v as isize as usize)
         };
-        let (mut lo, mut hi) = (0usize, count);
         while hi - lo > 1 {
             if (hi - lo) * 8 <= WINDOW {
                 // The rest of the search in one read.
@@ -105,6 +99,31 @@ unsafe fn fde_for(src: &Source, hdr: usize, pc: usize) -> Option<usize> {
             }
         }
         Some(field(lo, 1))
+    }
+}
+
+/// The .eh_frame_hdr search table: its first entry's address and its
+/// entry count.
+///
+/// # Safety
+/// As [`find_rules`].
+pub(super) unsafe fn search_table(src: &Source, hdr: usize) -> Option<(usize, usize)> {
+    // SAFETY: the header lies in the object's CFI.
+    unsafe {
+        let mut r = Reader { p: hdr, src };
+        if r.u8() != 1 {
+            return None;
+        }
+        let ptr_enc = r.u8();
+        let count_enc = r.u8();
+        let table_enc = r.u8();
+        r.pointer(ptr_enc, hdr)?;
+        let count = r.pointer(count_enc, hdr)?;
+        // Every x86-64 linker writes datarel sdata4 pairs.
+        if table_enc != 0x3b || count == 0 {
+            return None;
+        }
+        Some((r.p, count))
     }
 }
 

@@ -29,6 +29,7 @@ use super::objects::{self, Object};
 mod cfi;
 mod dwarf;
 mod row_cache;
+mod search_index;
 mod source;
 
 // DWARF register numbers of x86-64.
@@ -36,6 +37,7 @@ pub(crate) const RSP: u64 = 7;
 pub(crate) const RBP: u64 = 6;
 
 pub(crate) use cfi::{Cfa as CfaRule, Rule as RegRule, Rules as FrameRules, fde_covering};
+pub(crate) use search_index::{SearchIndex, build as build_search_index};
 
 /// The CFI rules in force at `pc`.
 ///

@@ -19,7 +19,7 @@
 //! before.
 use core::cell::{Cell, UnsafeCell};
 
-use super::super::objects::Object;
+use super::{super::objects::Object, search_index::SearchIndex};
 
 /// Bytes one pread brings: an FDE with its CFA program, or the last
 /// steps of the search table's binary search.
@@ -92,13 +92,23 @@ fn close(fd: i32) {
     }
 }
 
+/// Windows one step keeps: an FDE and its CIE lie apart (often the CIE at
+/// the start of .eh_frame), and a step reads each several times in turn.
+const WINDOWS: usize = 2;
+
 pub(crate) struct Source<'a> {
     /// The object read, and the walk's files; None: the mapping only.
     file: Option<(&'a Object, &'a WalkFiles)>,
-    buf: UnsafeCell<[u8; WINDOW]>,
-    /// The address `buf[0]` holds, and how many bytes it holds.
-    base: Cell<usize>,
-    len: Cell<usize>,
+    buf: UnsafeCell<[[u8; WINDOW]; WINDOWS]>,
+    /// The address each window's first byte holds, and how many bytes it
+    /// holds.
+    base: [Cell<usize>; WINDOWS],
+    len: [Cell<usize>; WINDOWS],
+    /// The window the next read replaces: not the one used last.
+    next: Cell<usize>,
+    /// Reads from the file so far.
+    #[cfg(test)]
+    reads: Cell<usize>,
 }
 
 impl<'a> Source<'a> {
@@ -106,10 +116,18 @@ impl<'a> Source<'a> {
     pub(crate) const fn memory() -> Self {
         Self {
             file: None,
-            buf: UnsafeCell::new([0; WINDOW]),
-            base: Cell::new(0),
-            len: Cell::new(0),
+            buf: UnsafeCell::new([[0; WINDOW]; WINDOWS]),
+            base: [const { Cell::new(0) }; WINDOWS],
+            len: [const { Cell::new(0) }; WINDOWS],
+            next: Cell::new(0),
+            #[cfg(test)]
+            reads: Cell::new(0),
         }
+    }
+
+    /// The search index of the object read from its file, if it has one.
+    pub(super) fn index(&self) -> Option<&'a SearchIndex> {
+        self.file?.0.cfi_file.as_ref()?.index.as_ref()
     }
 
     /// Reads `obj`'s CFI from its file, opened in `files` at the first read.
@@ -126,10 +144,10 @@ impl<'a> Source<'a> {
     /// mapping when the file cannot serve it).
     #[inline]
     pub(super) unsafe fn bytes<const N: usize>(&self, p: usize) -> [u8; N] {
-        if let Some(at) = self.offset_in_buf(p, N) {
+        if let Some((w, at)) = self.offset_in_buf(p, N) {
             // SAFETY: at + N <= len <= WINDOW; only this thread's Source.
             return unsafe {
-                (&(*self.buf.get()))[at..at + N]
+                (&(*self.buf.get())[w])[at..at + N]
                     .try_into()
                     .unwrap_unchecked()
             };
@@ -142,54 +160,81 @@ impl<'a> Source<'a> {
     /// [`WINDOW`]), so that they cost one pread.
     #[unsafe(link_section = ".text.hot.profalloc")]
     pub(super) fn prefetch(&self, p: usize, n: usize) {
-        if n <= WINDOW && !self.holds(p, n) {
+        if n <= WINDOW && self.holds(p, n).is_none() {
             self.fill(p);
         }
     }
 
-    fn holds(&self, p: usize, n: usize) -> bool {
-        let base = self.base.get();
-        p >= base && p.wrapping_add(n) <= base + self.len.get()
+    /// The window holding `p..p + n`, if one does.
+    fn holds(&self, p: usize, n: usize) -> Option<usize> {
+        (0..WINDOWS).find(|&w| {
+            let base = self.base[w].get();
+            p >= base && p.wrapping_add(n) <= base + self.len[w].get()
+        })
     }
 
-    /// Where `p..p + n` is in the buffer, after filling it from the file
-    /// if needed; None when the file cannot serve it.
+    /// Whether a read went to the file.
+    #[cfg(test)]
+    fn used_file(&self) -> bool {
+        self.len.iter().any(|l| l.get() > 0)
+    }
+
+    /// The window and offset where `p..p + n` is, after reading it from
+    /// the file if needed; None when the file cannot serve it.
     #[unsafe(link_section = ".text.hot.profalloc")]
-    fn offset_in_buf(&self, p: usize, n: usize) -> Option<usize> {
-        if !self.holds(p, n) && !self.fill(p) {
-            return None;
-        }
-        self.holds(p, n).then(|| p - self.base.get())
+    fn offset_in_buf(&self, p: usize, n: usize) -> Option<(usize, usize)> {
+        let w = match self.holds(p, n) {
+            Some(w) => w,
+            None if self.fill(p) => self.holds(p, n)?,
+            None => return None,
+        };
+        // The other window goes first (two windows: least recently used).
+        self.next.set((w + 1) % WINDOWS);
+        Some((w, p - self.base[w].get()))
     }
 
-    /// Fills the buffer from `p` on; false when the file does not hold `p`.
+    /// Fills a window from `p` on (the one not used last); false when the
+    /// file does not hold `p`.
     #[unsafe(link_section = ".text.hot.profalloc")]
     fn fill(&self, p: usize) -> bool {
+        let w = self.next.get();
+        // SAFETY: only this thread's Source; the window is not borrowed.
+        let got = self.read_file(p, unsafe { &mut (*self.buf.get())[w] });
+        self.base[w].set(p);
+        self.len[w].set(got);
+        got > 0
+    }
+
+    /// Reads the file's bytes from address `p` on into `buf` (as many as
+    /// the CFI segment holds); how many it read, 0 when the file cannot
+    /// serve `p`.
+    #[unsafe(link_section = ".text.hot.profalloc")]
+    pub(super) fn read_file(&self, p: usize, buf: &mut [u8]) -> usize {
         let Some((obj, files)) = self.file else {
-            return false;
+            return 0;
         };
         let Some(f) = obj.cfi_file else {
-            return false;
+            return 0;
         };
         if p < f.lo || p >= f.hi {
-            return false;
+            return 0;
         }
         let Some(fd) = files.fd(obj) else {
-            return false;
+            return 0;
         };
-        let want = WINDOW.min(f.hi - p);
-        // SAFETY: writes at most WINDOW bytes into this Source's buffer.
+        let want = buf.len().min(f.hi - p);
+        #[cfg(test)]
+        self.reads.set(self.reads.get() + 1);
+        // SAFETY: writes at most buf.len() bytes into buf.
         let got = keeping_errno(|| unsafe {
             libc::pread(
                 fd,
-                self.buf.get().cast(),
+                buf.as_mut_ptr().cast(),
                 want,
                 (f.offset + (p - f.lo)) as libc::off_t,
             )
         });
-        self.base.set(p);
-        self.len.set(got.max(0) as usize);
-        got > 0
+        got.max(0) as usize
     }
 }
 
@@ -236,10 +281,53 @@ mod tests {
             };
             assert_eq!(a, b, "rules at {pc:#x}");
             found += usize::from(a.is_some());
-            from_file += usize::from(file.len.get() > 0);
+            from_file += usize::from(file.used_file());
         }
         assert!(found > 100, "rules found at only {found} pcs");
         from_file
+    }
+
+    /// With the object's search index, a lookup reads the file three times
+    /// (the table's window, the FDE, its CIE) and finds the rules it finds
+    /// without, when the header and one read per halving of the table come
+    /// first (three times as many reads in the test program).
+    #[test]
+    fn the_search_index_spares_the_table_search() {
+        let indexed = *this_program();
+        assert!(
+            indexed.cfi_file.is_some_and(|f| f.index.is_some()),
+            "the test program has no search index"
+        );
+        let mut plain = indexed;
+        if let Some(f) = plain.cfi_file.as_mut() {
+            f.index = None;
+        }
+        let files = WalkFiles::new();
+        let (mut with, mut without, mut lookups, mut more) = (0, 0, 0, 0);
+        for pc in (indexed.start..indexed.end).step_by(997) {
+            let (a, b) = (Source::of(&indexed, &files), Source::of(&plain, &files));
+            // SAFETY: the object's CFI is mapped for the process's life.
+            let (ra, rb) = unsafe {
+                (
+                    find_rules(&a, indexed.eh_frame_hdr, pc),
+                    find_rules(&b, indexed.eh_frame_hdr, pc),
+                )
+            };
+            assert_eq!(ra, rb, "rules at {pc:#x}");
+            lookups += 1;
+            more += usize::from(a.reads.get() > 3);
+            with += a.reads.get();
+            without += b.reads.get();
+        }
+        // An FDE or CIE that crosses its window takes a read more.
+        assert!(
+            more * 100 <= lookups,
+            "{more} of {lookups} lookups took over 3 reads"
+        );
+        assert!(
+            with * 2 < without,
+            "{with} reads with the index, {without} without"
+        );
     }
 
     /// The rules read through the file are the rules read through the
