@@ -274,21 +274,67 @@ pub(crate) fn task_events(ring: &mut RingBuf<MapData>) -> Vec<TaskEvent> {
     events
 }
 
+/// Checks that the machine counts `event` before anything is loaded, so
+/// that a session that cannot sample fails with its one-line error alone
+/// (not after the unwind tables' preload has reported itself): opens, and
+/// closes, a disabled counter of it on CPU 0.
+pub(crate) fn check_event(event: Event) -> anyhow::Result<()> {
+    if event != Event::Cycles {
+        return Ok(());
+    }
+    // perf_event_attr, as far as this needs: type (0: hardware) and size
+    // (112 bytes, version 5) in the first word, config 0 (cycles), and the
+    // flags word with `disabled` set.
+    let mut attr = [0u64; 16];
+    attr[0] = 112 << 32;
+    attr[5] = 1;
+    // SAFETY: attr is a zeroed perf_event_attr of the size it states.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            attr.as_ptr(),
+            -1i32,
+            0i32,
+            -1i32,
+            0u64,
+        )
+    };
+    if fd < 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(unavailable(event, err.raw_os_error())
+            .unwrap_or_else(|| anyhow::anyhow!("opening a cycle counter: {err}")));
+    }
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(fd as i32) };
+    Ok(())
+}
+
+/// The message for `event` when the kernel refused it with `errno`, if
+/// that refusal means the machine has no such counter.
+fn unavailable(event: Event, errno: Option<i32>) -> Option<anyhow::Error> {
+    matches!(
+        (event, errno),
+        (
+            Event::Cycles,
+            Some(libc::ENOENT | libc::EOPNOTSUPP | libc::ENODEV | libc::EINVAL)
+        )
+    )
+    .then(|| {
+        anyhow::anyhow!(
+            "--event cycles is not available: this machine offers no hardware cycle counter \
+             (virtual machine without a PMU?); use --event cpu-clock"
+        )
+    })
+}
+
 /// Turns a failed perf-event attach into an actionable message.
 fn attach_error(err: &aya::programs::ProgramError, event: Event, cpu: u32) -> anyhow::Error {
     let io = match err {
         aya::programs::ProgramError::SyscallError(e) => e.io_error.raw_os_error(),
         _ => None,
     };
-    match (event, io) {
-        (Event::Cycles, Some(libc::ENOENT | libc::EOPNOTSUPP | libc::ENODEV | libc::EINVAL)) => {
-            anyhow::anyhow!(
-                "--event cycles is not available: this machine offers no hardware cycle counter \
-             (virtual machine without a PMU?); use --event cpu-clock"
-            )
-        }
-        _ => anyhow::anyhow!("attaching the sampler to CPU {cpu}: {err}"),
-    }
+    unavailable(event, io)
+        .unwrap_or_else(|| anyhow::anyhow!("attaching the sampler to CPU {cpu}: {err}"))
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use profiler_common::{
 use super::{
     Settings, Targets,
     report::{self, Stacks},
-    sampler::Sampler,
+    sampler::{self, Sampler},
     stats::{self, Counters, Sampling, Status},
     task_watch::TaskWatch,
     tasks::{Change, LiveProc, Tasks},
@@ -151,6 +151,7 @@ impl Session {
     /// Loads the programs, builds the targets' unwind tables (so that their
     /// first samples get complete stacks) and attaches the sampler.
     fn start(settings: &Settings) -> anyhow::Result<Self> {
+        sampler::check_event(settings.event)?;
         let mut ebpf = ebpf::load()?;
         ebpf::spawn_logger(&mut ebpf);
         let mut tables = Tables::with_options(&mut ebpf, &settings.unwind)?;
