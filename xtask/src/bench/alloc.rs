@@ -29,6 +29,9 @@
 //! build) as a column `before`, run in the same interleaving but not
 //! counted as a peer, and prints profalloc's ratios to it (a before/after
 //! comparison under the same conditions).
+//! `PROFALLOC_BENCH_BASELINE_ENV=NAME=VALUE,...` sets variables in that
+//! column's runs: with the same library and `PROFALLOC_SAMPLE_BYTES=0`, the
+//! ratios are what the always-on sampler costs each workload.
 use std::{
     io::Read as _,
     path::{Path, PathBuf},
@@ -48,6 +51,8 @@ struct Allocator {
     ours: bool,
     /// An older profalloc build to compare with (not a peer).
     baseline: bool,
+    /// Variables set in this allocator's runs.
+    env: Vec<(String, String)>,
 }
 
 /// Peers from Debian packages: (column name, package, library file prefix).
@@ -98,6 +103,19 @@ fn mapped_bytes(stderr: &str) -> Option<u64> {
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
+/// `NAME=VALUE,...` as pairs; empty for an empty string.
+fn baseline_env(spec: &str) -> anyhow::Result<Vec<(String, String)>> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .with_context(|| format!("PROFALLOC_BENCH_BASELINE_ENV: {kv:?} is not NAME=VALUE"))
+        })
+        .collect()
+}
+
 /// One run; Ok(None) when a real program did not run on our library.
 fn run_once(wl: &Workload, al: &Allocator) -> anyhow::Result<Option<Run>> {
     let mut cmd = Command::new(&wl.argv[0]);
@@ -109,6 +127,7 @@ fn run_once(wl: &Workload, al: &Allocator) -> anyhow::Result<Option<Run>> {
     if let Some(lib) = &al.lib {
         cmd.env("LD_PRELOAD", lib);
     }
+    cmd.envs(al.env.iter().map(|(k, v)| (k, v)));
     let profalloc = al.ours || al.baseline;
     if profalloc && wl.real {
         cmd.env("PROFALLOC_STATS", "1");
@@ -232,20 +251,24 @@ fn allocators() -> anyhow::Result<Vec<Allocator>> {
             lib: None,
             ours: false,
             baseline: false,
+            env: Vec::new(),
         },
         Allocator {
             name: "profalloc",
             lib: Some(util::target_dir().join("release/libprofalloc.so")),
             ours: true,
             baseline: false,
+            env: Vec::new(),
         },
     ];
     if let Some(before) = std::env::var_os("PROFALLOC_BENCH_BASELINE") {
+        let env = baseline_env(&std::env::var("PROFALLOC_BENCH_BASELINE_ENV").unwrap_or_default())?;
         all.push(Allocator {
             name: "before",
             lib: Some(before.into()),
             ours: false,
             baseline: true,
+            env,
         });
     }
     for (name, package, prefix) in PEERS {
@@ -254,6 +277,7 @@ fn allocators() -> anyhow::Result<Vec<Allocator>> {
             lib: Some(peer_lib(package, prefix)?),
             ours: false,
             baseline: false,
+            env: Vec::new(),
         });
     }
     let skip = std::env::var("PROFALLOC_BENCH_SKIP").unwrap_or_default();
@@ -472,6 +496,19 @@ fn print_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_baseline_environment_parses() {
+        assert_eq!(
+            baseline_env("PROFALLOC_SAMPLE_BYTES=0, A=b=c").unwrap(),
+            [
+                ("PROFALLOC_SAMPLE_BYTES".to_owned(), "0".to_owned()),
+                ("A".to_owned(), "b=c".to_owned())
+            ]
+        );
+        assert!(baseline_env("").unwrap().is_empty());
+        assert!(baseline_env("NOVALUE").is_err());
+    }
 
     #[test]
     fn the_exit_report_and_fields_parse() {
